@@ -1,0 +1,59 @@
+"""One rank's engine: the model loaded on this rank's device with the group's parallelism applied.
+
+The executors (local processes for the CLI, Ray actors for serving and batch jobs) create one ``Engine`` per
+rank through :func:`start_engine` and then call :meth:`Engine.generate` on every rank at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayxdit.config import EngineConfig
+from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.registry import load_adapter, resolve_dtype
+from rayxdit.parallel.mesh import ParallelState, build_parallel_state, init_distributed
+from rayxdit.request import GenerateRequest, GenerateResult
+
+
+def pick_device(local_index: int) -> torch.device:
+    """This rank's device: its GPU when there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_index % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class Engine:
+    """A loaded, parallelized model on one rank."""
+
+    def __init__(self, config: EngineConfig, state: ParallelState):
+        self.config = config
+        self.state = state
+        self.adapter: DiffusionAdapter = load_adapter(
+            config.model, state.device, resolve_dtype(config.dtype, state.device)
+        )
+        # Order matters: parallelism rewrites attention processors, and compile must see the final modules.
+        self.adapter.parallelize(state)
+        if config.compile:
+            self.adapter.compile()
+
+    def generate(
+        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+    ) -> GenerateResult | None:
+        """Collective: every rank of the group calls it with the same request; rank 0 gets the result."""
+        return self.adapter.generate(request, output=output, progress=progress)
+
+
+def start_engine(
+    config: EngineConfig,
+    rank: int,
+    init_method: str,
+    device: torch.device,
+    timeout_s: float = 300.0,
+) -> Engine:
+    """Join the group's process group, build the mesh, load the model: everything a rank does at start."""
+    world_size = config.parallel.world_size
+    init_distributed(rank, world_size, init_method, device, timeout_s)
+    state = build_parallel_state(config.parallel, device)
+    return Engine(config, state)

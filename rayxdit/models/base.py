@@ -1,0 +1,230 @@
+"""The model-independent half of the engine: request limits and the sharded denoising loop.
+
+A model adapter wraps one loaded diffusers pipeline and supplies the family-specific pieces (text encoding,
+latent layout, one transformer call, VAE decode, and how parallelism is applied to its plain model). The loop
+below is the same for every family:
+
+    encode (this rank's CFG branch) -> full initial noise, keep this rank's token shard
+    -> per step: predict the shard, exchange branches over the cfg group, scheduler step on the shard
+    -> gather the shards once -> decode on rank 0
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from rayxdit.parallel.cfg import CONDITIONAL, apply_guidance, branches_for_rank, exchange_branches
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
+from rayxdit.request import GenerateRequest, GenerateResult, RequestError
+
+SETTINGS_FILE = "rayxdit.json"
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with the model's defaults filled in and its limits checked."""
+
+    request: GenerateRequest
+    height: int
+    width: int
+    steps: int
+
+    @property
+    def batch(self) -> int:
+        return self.request.num_images
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Serving defaults and limits of one model; a ``rayxdit.json`` in the model directory overrides them."""
+
+    default_height: int = 1024
+    """Height when a request gives none."""
+    default_width: int = 1024
+    """Width when a request gives none."""
+    default_steps: int = 28
+    """Denoising steps when a request gives none."""
+    max_side: int = 2048
+    """Largest height or width accepted."""
+    size_multiple: int = 16
+    """Height and width must be multiples of this (VAE factor x patch size)."""
+    max_sequence_length: int = 512
+    """Text tokens fed to the transformer."""
+
+    def updated(self, overrides: dict[str, Any]) -> ModelLimits:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"{SETTINGS_FILE}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return ModelLimits(**{**self.__dict__, **overrides})
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        """Fill in defaults and check limits; raises :class:`RequestError` naming the field."""
+        height = request.height or self.default_height
+        width = request.width or self.default_width
+        for name, value in (("height", height), ("width", width)):
+            if value % self.size_multiple:
+                raise RequestError(f"{name}={value} must be a multiple of {self.size_multiple}", param="size")
+            if not self.size_multiple <= value <= self.max_side:
+                raise RequestError(
+                    f"{name}={value} is outside {self.size_multiple}..{self.max_side}", param="size"
+                )
+        return ResolvedRequest(request, height, width, request.steps or self.default_steps)
+
+    @classmethod
+    def for_pipeline(cls, family_defaults: ModelLimits, model_dir: str | None) -> ModelLimits:
+        if model_dir is None:
+            return family_defaults
+        path = Path(model_dir) / SETTINGS_FILE
+        return family_defaults.updated(json.loads(path.read_text())) if path.is_file() else family_defaults
+
+
+class DiffusionAdapter(ABC):
+    """One diffusers pipeline family, adapted to the sharded denoising loop."""
+
+    pipeline_class: ClassVar[str]
+    """The diffusers pipeline class name this adapter serves (the registry key)."""
+    family_limits: ClassVar[ModelLimits] = ModelLimits()
+    denoiser_subfolder: ClassVar[str] = "transformer"
+    """Where the denoiser's config.json lives in the pipeline directory."""
+
+    @classmethod
+    @abstractmethod
+    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
+        """Attention heads, read from the denoiser's config (no weights needed)."""
+
+    @classmethod
+    @abstractmethod
+    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
+        """Transformer blocks, read from the denoiser's config."""
+
+    def __init__(self, pipeline: Any, model_dir: str | None = None):
+        self.pipeline = pipeline
+        self.limits = ModelLimits.for_pipeline(self.family_limits, model_dir)
+        self.state = ParallelState.single(pipeline.device)
+
+    # ----- facts about the model --------------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return self.heads_in(self.transformer.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers_in(self.transformer.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    # ----- parallelism ------------------------------------------------------------------------------------
+    def parallelize(self, state: ParallelState) -> None:
+        """Apply the parallel methods of ``state`` to the plain model. Call once, before compiling."""
+        state.config.check_heads(self.num_heads)
+        state.config.check_layers(self.num_layers)
+        self.state = state
+        self._parallelize(state)
+
+    @abstractmethod
+    def _parallelize(self, state: ParallelState) -> None: ...
+
+    def compile(self) -> None:
+        """torch.compile the transformer's repeated blocks (regional: one compile per block type)."""
+        self.transformer.compile_repeated_blocks(fullgraph=True)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    # ----- request handling -------------------------------------------------------------------------------
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        """Fill in defaults and check the model's limits; raises :class:`RequestError`."""
+        return self.limits.resolve(request)
+
+    # ----- family-specific steps ----------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, req: ResolvedRequest, branch: int) -> Any:
+        """Text conditioning of ``branch`` (CONDITIONAL/UNCONDITIONAL), already sharded for this rank."""
+
+    @abstractmethod
+    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, Any]:
+        """The full initial noise ``[B, tokens, C]``, identical on every rank (seeded per image), and the
+        family's token positions for this rank's shard (passed back to :meth:`predict`)."""
+
+    @abstractmethod
+    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+        """A fresh scheduler for this request and its timesteps."""
+
+    @abstractmethod
+    def predict(
+        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Any, positions: Any, req: ResolvedRequest
+    ) -> torch.Tensor:
+        """The noise prediction of this rank's token shard."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
+        """Full latents -> PIL images."""
+
+    # ----- the loop ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+    ) -> GenerateResult | None:
+        """Run one request on every rank of the group together; rank 0 returns the result.
+
+        ``output="latent"`` returns the final latents instead of images (parity tests compare those).
+        """
+        state = self.state
+        req = self.resolve(request)
+        use_cfg = request.uses_true_cfg
+        timings: dict[str, float] = {}
+
+        start = _now(self.device)
+        branches = branches_for_rank(state.cfg, use_cfg)
+        conditions = {branch: self.encode(req, branch) for branch in branches}
+        timings["encode_s"] = _now(self.device) - start
+
+        start = _now(self.device)
+        latents, positions = self.initial_latents(req)
+        num_tokens = latents.shape[1]
+        token_sizes = split_sizes(num_tokens, state.sp.size)
+        latents = shard(latents, 1, state.sp.size, state.sp.index).contiguous()
+        scheduler, timesteps = self.make_scheduler(req, num_tokens)
+        for t in tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise", unit="step"):
+            predictions = {
+                branch: self.predict(latents, t, conditions[branch], positions, req) for branch in branches
+            }
+            if not use_cfg:
+                noise = predictions[CONDITIONAL]
+            elif state.cfg.size > 1:
+                noise = apply_guidance(
+                    *exchange_branches(predictions[branches[0]], state.cfg), request.true_cfg_scale
+                )
+            else:
+                noise = apply_guidance(predictions[0], predictions[1], request.true_cfg_scale)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        latents = gather_shards(latents, 1, state.sp, token_sizes)
+        timings["denoise_s"] = _now(self.device) - start
+
+        if not state.is_driver:
+            return None
+        if output == "latent":
+            return GenerateResult(latents=latents.cpu(), timings=timings)
+        start = _now(self.device)
+        images = self.decode(latents, req)
+        timings["decode_s"] = _now(self.device) - start
+        return GenerateResult(images=images, timings=timings)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,218 @@
+"""Flux (``FluxPipeline`` / ``FluxTransformer2DModel``): joint text+image attention, split by tokens.
+
+How the plain diffusers model is parallelized: every rank feeds the transformer its contiguous shard of the
+image tokens *and* of the text tokens (with the matching rows of ``img_ids``/``txt_ids``, so RoPE is sliced
+with the same index map). Every layer but attention is token-wise, so only the attention processors change:
+:func:`parallelize_flux` swaps them for one that runs sequence-parallel attention. Attention is invariant
+to the order of keys once RoPE is applied per token, so the global sequence may be laid out rank by rank
+(``[text_0, image_0, text_1, image_1, ...]``): exact, and text keys are counted exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.parallel.attention import SequenceParallelAttention
+from rayxdit.parallel.cfg import CONDITIONAL
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.parallel.sequence import shard, split_sizes
+
+
+class FluxSequenceParallelProcessor:
+    """diffusers' ``FluxAttnProcessor`` with its attention call replaced by sequence-parallel attention.
+
+    ``sequence_sizes`` (every sequence-parallel rank's joint text+image token count) arrives through the
+    model's ``joint_attention_kwargs``, which diffusers forwards to processors that name it.
+    """
+
+    def __init__(self, attention: SequenceParallelAttention):
+        self.attention = attention
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sequence_sizes: tuple[int, ...] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        assert attention_mask is None, "Flux attention is unmasked"
+        assert sequence_sizes is not None, (
+            "call the transformer with joint_attention_kwargs={'sequence_sizes': ...}"
+        )
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, D)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)  # (B, S_text + S_image, H, D)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = self.attention(query, key, value, sequence_sizes).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        text_len = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_len, hidden_states.shape[1] - text_len], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+
+
+def parallelize_flux(transformer: torch.nn.Module, state: ParallelState) -> None:
+    """Make every attention of a ``FluxTransformer2DModel`` sequence-parallel over ``state``'s ring x
+    ulysses group. The rest of the model is token-wise and runs unchanged on the shard."""
+    if state.sp.size == 1:
+        return
+    attention = SequenceParallelAttention(state)
+    for module in transformer.modules():
+        if isinstance(module, FluxAttention):
+            module.set_processor(FluxSequenceParallelProcessor(attention))
+
+
+@dataclass(frozen=True)
+class FluxCondition:
+    """One branch's text conditioning, sharded for this rank."""
+
+    prompt_embeds: torch.Tensor  # (B, text_local, joint_dim)
+    pooled: torch.Tensor  # (B, pooled_dim)
+    text_ids: torch.Tensor  # (text_local, 3)
+    text_sizes: tuple[int, ...]  # text tokens of every sequence-parallel rank
+
+
+@dataclass(frozen=True)
+class FluxPositions:
+    """This rank's image token positions for one request."""
+
+    image_ids: torch.Tensor  # (image_local, 3)
+    image_sizes: tuple[int, ...]  # image tokens of every sequence-parallel rank
+
+
+class FluxAdapter(DiffusionAdapter):
+    """``FluxPipeline``: Flux.1-dev/schnell and compatible checkpoints."""
+
+    pipeline_class = "FluxPipeline"
+    family_limits = ModelLimits()
+
+    @classmethod
+    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
+        return denoiser_config["num_attention_heads"]
+
+    @classmethod
+    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
+        return denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
+
+    def _parallelize(self, state: ParallelState) -> None:
+        parallelize_flux(self.transformer, state)
+
+    def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
+        request = req.request
+        prompt = request.prompt if branch == CONDITIONAL else request.negative_prompt
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=req.batch,
+            max_sequence_length=self.limits.max_sequence_length,
+        )
+        sp = self.state.sp
+        return FluxCondition(
+            prompt_embeds=shard(embeds, 1, sp.size, sp.index),
+            pooled=pooled,
+            text_ids=shard(text_ids, 0, sp.size, sp.index),
+            text_sizes=tuple(split_sizes(embeds.shape[1], sp.size)),
+        )
+
+    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
+        pipe = self.pipeline
+        seed = req.request.seed
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(req.batch)]
+        latents, image_ids = pipe.prepare_latents(
+            req.batch,
+            self.transformer.config.in_channels // 4,
+            req.height,
+            req.width,
+            self.transformer.dtype,
+            self.device,
+            generators,
+        )
+        sp = self.state.sp
+        positions = FluxPositions(
+            image_ids=shard(image_ids, 0, sp.size, sp.index),
+            image_sizes=tuple(split_sizes(latents.shape[1], sp.size)),
+        )
+        return latents, positions
+
+    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        config = scheduler.config
+        steps = req.steps
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(
+            num_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: FluxCondition,
+        positions: FluxPositions,
+        req: ResolvedRequest,
+    ) -> torch.Tensor:
+        batch = latents.shape[0]
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], req.request.guidance, device=self.device, dtype=torch.float32).expand(
+                batch
+            )
+        attention_kwargs = None
+        if self.state.sp.size > 1:
+            sizes = tuple(t + i for t, i in zip(cond.text_sizes, positions.image_sizes, strict=True))
+            attention_kwargs = {"sequence_sizes": sizes}
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep.expand(batch).to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.prompt_embeds,
+            txt_ids=cond.text_ids,
+            img_ids=positions.image_ids,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
+        pipe = self.pipeline
+        latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")

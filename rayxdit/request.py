@@ -1,0 +1,58 @@
+"""One generation request, as every layer (CLI, HTTP, batch, workers) passes it down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 200
+MAX_IMAGES = 8
+
+
+class GenerateRequest(BaseModel):
+    """Model-independent description of the images to make. Sizes and steps of ``None`` take the model's
+    defaults; model-specific limits (size multiples, the largest size) are checked by the model adapter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (true CFG)."
+    )
+    height: int | None = Field(default=None, ge=1, description="Image height in pixels.")
+    width: int | None = Field(default=None, ge=1, description="Image width in pixels.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Image i of the request uses seed + i.")
+    guidance: float = Field(default=3.5, ge=0.0, le=100.0, description="Distilled guidance (Flux.1-dev).")
+    true_cfg_scale: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=100.0,
+        description="True classifier-free guidance scale; > 1 with a negative prompt runs two branches.",
+    )
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images for this prompt.")
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve; ``param`` names the offending field (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class GenerateResult:
+    """What rank 0 returns: the images (or final latents) and where the time went."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)

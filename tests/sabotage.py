@@ -1,0 +1,27 @@
+"""Deliberate breakage, to prove that the parity tests can fail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+import rayxdit.parallel.attention as attention_module
+
+
+def wrong_merge(out, lse, block_out, block_lse):
+    """Averages partial attention outputs instead of weighting them by their softmax mass."""
+    return (out + block_out.float()) / 2, torch.logaddexp(lse, block_lse)
+
+
+@contextmanager
+def broken_ring_merge(active: bool = True) -> Iterator[None]:
+    """Within the block, ring attention merges its blocks with :func:`wrong_merge`."""
+    original = attention_module.merge_partial
+    if active:
+        attention_module.merge_partial = wrong_merge
+    try:
+        yield
+    finally:
+        attention_module.merge_partial = original

@@ -1,0 +1,85 @@
+"""The ``rayxdit`` command as a user runs it: a real subprocess, real PNG files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ARGS = [
+    "generate",
+    "--model",
+    "tiny-flux",
+    "--prompt",
+    "a red fox in the snow",
+    "--height",
+    "36",
+    "--width",
+    "40",
+    "--steps",
+    "3",
+    "--seed",
+    "3",
+]
+
+
+def rayxdit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rayxdit.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_parallel_png_equals_single_rank_png(tmp_path):
+    single, parallel = tmp_path / "single.png", tmp_path / "parallel.png"
+    done = rayxdit(*ARGS, "--out", str(single))
+    assert done.returncode == 0, done.stderr
+    done = rayxdit(*ARGS, "--parallel", "ulysses=2,ring=2", "--out", str(parallel))
+    assert done.returncode == 0, done.stderr
+    assert "ring=2,ulysses=2 on 4 rank(s)" in done.stderr
+    a = np.asarray(Image.open(single), dtype=np.int16)
+    b = np.asarray(Image.open(parallel), dtype=np.int16)
+    assert a.shape == b.shape == (36, 40, 3)
+    assert np.abs(a - b).max() <= 1, "parallel image differs from the single-rank image by more than 1/255"
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        ("ulysses=3", "ulysses=3 does not divide the model's 8 attention heads"),
+        ("zigzag=2", "unknown parallel method 'zigzag'"),
+        ("ring=2,ulysses=2,cfg=2,pipefusion=16", "pipefusion=16 exceeds the model's 4 transformer blocks"),
+        ("ring=128", "128 CPU ranks is more than this launcher starts"),
+        ("ring=two", "ring='two': the degree must be an integer"),
+    ],
+)
+def test_invalid_parallel_exits_with_one_clear_line(parallel, message, tmp_path):
+    done = rayxdit(*ARGS, "--parallel", parallel, "--out", str(tmp_path / "x.png"))
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_help_explains_every_flag():
+    done = rayxdit("generate", "--help")
+    assert done.returncode == 0
+    for flag in (
+        "--model",
+        "--prompt",
+        "--negative-prompt",
+        "--height",
+        "--width",
+        "--steps",
+        "--seed",
+        "--guidance",
+        "--true-cfg-scale",
+        "--parallel",
+        "--out",
+    ):
+        assert flag in done.stdout
+    assert "ulysses" in done.stdout and "ring" in done.stdout
