@@ -136,6 +136,86 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EPILOG = """examples:
+  rayxdit serve                                   # local Ray, tiny-flux on CPU, http://127.0.0.1:8000
+  rayxdit serve --config serve_configs/flux-dev-8gpu.yaml --host 0.0.0.0
+  rayxdit serve --address auto                    # join a running Ray cluster
+
+then:
+  curl -s http://127.0.0.1:8000/v1/generate -H 'Content-Type: application/json' \\
+       -d '{"prompt": "a red fox", "size": "128x128"}' -o fox.png
+"""
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the HTTP API (OpenAI images compatible) with Ray Serve",
+        description="Start Ray Serve with one deployment per replica pool and an HTTP router. Without "
+        "--config: a local Ray instance serving tiny-flux on CPU with pools of 2 and 4 ranks.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a Serve config YAML (the same file works with `serve run`); default: the built-in CPU demo",
+    )
+    parser.add_argument("--host", default=None, help="bind address (default: the config's, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. auto or ray://head:10001); default: start a local Ray instance",
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from rayxdit.serve.app import APP_NAME, DEFAULT_LOCAL_CONFIG, build_app, load_serve_file
+
+    http_options: dict = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise UsageError(f"--config: {args.config} does not exist")
+        try:
+            config, http_options = load_serve_file(args.config)
+        except ValueError as error:
+            raise UsageError(f"--config: {error}") from None
+    else:
+        config = DEFAULT_LOCAL_CONFIG
+    host = args.host or http_options.get("host") or config.host
+    port = args.port or http_options.get("port") or config.port
+    ray.init(address=args.address, logging_level="warning")
+    serve.start(http_options={**http_options, "host": host, "port": port})
+    print(
+        f"rayxdit: deploying {len(config.pools)} pool(s): "
+        + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.parallel})" for pool in config.pools),
+        file=sys.stderr,
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(
+        f"rayxdit: serving on http://{shown}:{port}  (docs: /docs; Ctrl-C stops)\n"
+        f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
+        f'-d \'{{"prompt": "a red fox"}}\' -o fox.png',
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
 
@@ -148,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_generate(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PARALLEL_AXES = ("cfg", "pipefusion", "ring", "ulysses")
 """Mesh axes, outermost first. Ulysses (an all-to-all per attention) is innermost so it lands on the
@@ -127,3 +130,128 @@ class EngineConfig:
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+class PoolConfig(BaseModel):
+    """One replica pool: a Serve deployment whose every replica owns a placement group of ``gpus`` bundles
+    and drives one worker group (one rank per bundle) that splits each image over ``parallel``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Deployment name, unique in the application (e.g. flux-dev-2gpu).")
+    model: str = Field(default="tiny-flux", description="Preset, local pipeline directory or hub id.")
+    model_name: str | None = Field(
+        default=None,
+        description="Name clients use in the API's `model` field; default: the model's last path part.",
+    )
+    parallel: str = Field(default="ulysses=2", description='Mesh degrees, e.g. "cfg=2,ulysses=2".')
+    accelerator: Literal["gpu", "cpu"] = Field(
+        default="gpu", description="gpu: one GPU per rank (NCCL); cpu: one CPU slot per rank (gloo)."
+    )
+    cpus_per_rank: float = Field(
+        default=1.0,
+        gt=0,
+        description="Logical CPUs reserved per rank (fractions let a CPU demo share cores).",
+    )
+    dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
+    compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
+    route_min_cost: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Requests costing at least this much (megapixel x steps x CFG factor x images) "
+        "prefer this pool; the pool with the highest threshold not above a request's cost wins.",
+    )
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor.")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(
+        default=1.0, gt=0, description="Autoscaling target of running + queued requests per replica."
+    )
+    upscale_delay_s: float = Field(
+        default=10.0, ge=0, description="Load must persist this long to add a replica."
+    )
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0, description="Idle this long before a replica is removed."
+    )
+    max_queued_requests: int = Field(
+        default=32, ge=-1, description="Requests waiting per caller before 429 (-1: unlimited)."
+    )
+    request_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="A request running longer marks the worker group hung; it is rebuilt.",
+    )
+    collective_timeout_s: float = Field(
+        default=300.0, gt=0, description="torch.distributed timeout: a rank stuck in a collective errors out."
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
+        default="STRICT_PACK", description="STRICT_PACK keeps a replica's ranks on one node (NVLink)."
+    )
+    health_check_period_s: float = Field(
+        default=10.0, gt=0, description="How often Serve checks each replica."
+    )
+
+    @field_validator("parallel")
+    @classmethod
+    def _valid_parallel(cls, value: str) -> str:
+        ParallelConfig.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> PoolConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"pool {self.name}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
+            )
+        return self
+
+    @property
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig.parse(self.parallel)
+
+    @property
+    def ranks(self) -> int:
+        return self.parallel_config.world_size
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, parallel=self.parallel_config, dtype=self.dtype, compile=self.compile
+        )
+
+
+class RouterConfig(BaseModel):
+    """The HTTP ingress."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer tokens accepted; empty: no authentication."
+    )
+    replicas: int = Field(
+        default=1, ge=1, description="Ingress replicas (image URLs live in the replica that made them)."
+    )
+    image_ttl_s: float = Field(
+        default=600.0, gt=0, description="How long response_format=url images stay fetchable."
+    )
+    max_stored_images: int = Field(default=256, ge=1, description="Images kept for response_format=url.")
+
+
+class ServeConfig(BaseModel):
+    """A whole rayxdit application: pools, router, HTTP address."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pools: list[PoolConfig] = Field(min_length=1, description="Replica pools, one Serve deployment each.")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    host: str = Field(default="127.0.0.1", description="HTTP bind address (rayxdit serve only).")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (rayxdit serve only).")
+
+    @model_validator(mode="after")
+    def _unique_pool_names(self) -> ServeConfig:
+        names = [pool.name for pool in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique: {names}")
+        return self

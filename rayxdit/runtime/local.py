@@ -44,7 +44,7 @@ def check_launchable(world_size: int) -> None:
         raise ConfigError(f"{world_size} CPU ranks is more than this launcher starts ({MAX_LOCAL_CPU_RANKS})")
 
 
-def _encode_images(result: GenerateResult) -> GenerateResult:
+def encode_images(result: GenerateResult) -> GenerateResult:
     """PNG bytes cross process boundaries more cheaply and safely than PIL objects."""
     encoded = []
     for image in result.images:
@@ -54,7 +54,7 @@ def _encode_images(result: GenerateResult) -> GenerateResult:
     return GenerateResult(images=encoded, latents=result.latents, timings=result.timings)
 
 
-def _decode_images(result: GenerateResult) -> GenerateResult:
+def decode_images(result: GenerateResult) -> GenerateResult:
     from PIL import Image
 
     result.images = [Image.open(io.BytesIO(data)) for data in result.images]
@@ -154,7 +154,7 @@ def _serve_requests(
 
     engine = start_engine(config, rank, init_method, pick_device(rank))
     results = [engine.generate(request, output=output, progress=progress) for request in requests]
-    return [_encode_images(result) for result in results] if rank == 0 else None
+    return [encode_images(result) for result in results] if rank == 0 else None
 
 
 def run_local_group(
@@ -173,4 +173,4 @@ def run_local_group(
         engine = start_engine(config, 0, "", pick_device(0))
         return [engine.generate(request, output=output, progress=progress) for request in requests]
     results = spawn_group(_serve_requests, world_size, (config, requests, output, progress), timeout_s)
-    return [_decode_images(result) for result in results]
+    return [decode_images(result) for result in results]

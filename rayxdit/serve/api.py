@@ -1,0 +1,115 @@
+"""HTTP schema: the OpenAI images API (``POST /v1/images/generations``) plus rayxdit's own fields, and the
+one error shape every failure uses: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayxdit.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest, RequestError
+
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``. OpenAI's fields keep their meaning; ``quality``, ``style``
+    and ``user`` are accepted and ignored so that OpenAI clients work unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw.", max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(
+        default=None, description="A name from GET /v1/models; default: the first model."
+    )
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images.")
+    size: str | None = Field(
+        default=None, description='"WIDTHxHEIGHT", e.g. "1024x1024"; default: the model\'s.'
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="How images come back."
+    )
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (rayxdit).")
+    seed: int | None = Field(default=None, ge=0, description="Random seed; image i uses seed + i (rayxdit).")
+    guidance: float = Field(default=3.5, ge=0, le=100, description="Distilled guidance (rayxdit).")
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="For true CFG."
+    )
+    true_cfg_scale: float = Field(
+        default=1.0, ge=1, le=100, description="True CFG scale (> 1 with a negative prompt)."
+    )
+    quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+
+    def to_generate_request(self, default_seed: int) -> GenerateRequest:
+        width = height = None
+        if self.size is not None:
+            match = SIZE_PATTERN.match(self.size)
+            if not match:
+                raise RequestError(
+                    f"size '{self.size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size"
+                )
+            width, height = int(match.group(1)), int(match.group(2))
+            if width == 0 or height == 0:
+                raise RequestError(f"size '{self.size}' has a zero side", "size")
+        if not self.prompt.strip():
+            raise RequestError("prompt is empty", "prompt")
+        try:
+            return GenerateRequest(
+                prompt=self.prompt,
+                negative_prompt=self.negative_prompt,
+                height=height,
+                width=width,
+                steps=self.steps,
+                seed=default_seed if self.seed is None else self.seed,
+                guidance=self.guidance,
+                true_cfg_scale=self.true_cfg_scale,
+                num_images=self.n,
+            )
+        except ValidationError as error:
+            raise request_error_from(error) from None
+
+
+_FIELD_TO_PARAM = {"num_images": "n", "height": "size", "width": "size"}
+
+
+def request_error_from(error: ValidationError) -> RequestError:
+    """The first problem of a pydantic error as a RequestError naming the API field."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = _FIELD_TO_PARAM.get(location[0], location[0]) if location else None
+    where = f"{param}: " if param else ""
+    return RequestError(f"{where}{first['msg']}", param)
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    rayxdit: dict[str, Any] = Field(
+        default_factory=dict, description="Which pool served the request, its cost and where the time went."
+    )
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_payload(
+    message: str, kind: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code)).model_dump()

@@ -1,0 +1,63 @@
+"""A pool replica: a Serve replica that owns a placement group of N bundles and drives one worker group.
+
+Serve creates the placement group (``placement_group_bundles``) and puts this actor in bundle 0; the rank
+actors are placed one per bundle. Requests run one at a time (collectives must be issued in the same order
+on every rank). When the group fails, the replica rebuilds it in the same placement group and retries the
+request once; ``check_health`` does the same for failures between requests, and raises (so that Serve
+replaces the whole replica) only when a rebuild fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from rayxdit.config import PoolConfig
+from rayxdit.request import GenerateRequest, GenerateResult
+from rayxdit.runtime.group import WorkerGroup, WorkerGroupError
+
+logger = logging.getLogger("ray.serve")
+
+
+class PoolUnavailableError(RuntimeError):
+    """The replica could not run the request even after rebuilding its worker group (HTTP 503)."""
+
+
+class PoolReplica:
+    def __init__(self, pool: PoolConfig):
+        self.pool = pool
+        replica = serve.get_replica_context().replica_tag
+        self.group = WorkerGroup(pool, name=f"{pool.name}-{replica}")
+        self.lock = asyncio.Lock()
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        async with self.lock:
+            for attempt in (1, 2):
+                try:
+                    if self.group.broken:
+                        await asyncio.to_thread(self.group.rebuild)
+                    result = await self.group.generate_async(request)
+                    result.timings["ranks"] = self.pool.ranks
+                    result.timings["attempts"] = attempt
+                    return result
+                except WorkerGroupError as error:
+                    logger.warning("%s (attempt %d)", error, attempt)
+                    last_error = error
+                except Exception as error:  # rebuild failed: let the health check replace the replica
+                    if not self.group.broken:
+                        raise
+                    last_error = error
+            raise PoolUnavailableError(f"{self.pool.name}: {last_error}")
+
+    async def check_health(self) -> None:
+        if self.lock.locked():
+            return  # a running request detects failures itself and rebuilds
+        if await self.group.healthy():
+            return
+        async with self.lock:
+            await asyncio.to_thread(self.group.rebuild)
+
+    def worker_pids(self) -> list[int]:
+        return list(self.group.pids())

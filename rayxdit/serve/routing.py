@@ -1,0 +1,55 @@
+"""Which pool serves a request: pure functions of the request's cost, the pools and their load.
+
+Cost is megapixels x steps x (2 with true CFG) x images: proportional to transformer work. Each pool
+declares the lowest cost it wants (``route_min_cost``); a request goes to the pool of its model with the
+highest threshold not above its cost, so cheap requests fill small pools (most images per GPU under load)
+and expensive ones get big pools (lowest latency). A pool that is saturated (as many requests in flight
+as it can run at its largest scale) or unavailable yields to the pool nearest in size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from rayxdit.config import PoolConfig
+from rayxdit.models.base import ResolvedRequest
+
+
+def request_cost(req: ResolvedRequest) -> float:
+    cfg_factor = 2 if req.request.uses_true_cfg else 1
+    return req.width * req.height / 1e6 * req.steps * cfg_factor * req.batch
+
+
+def preferred_pool(pools: Sequence[PoolConfig], cost: float) -> PoolConfig:
+    """The pool whose threshold is the highest not above ``cost`` (the cheapest pool if none is)."""
+    eligible = [pool for pool in pools if pool.route_min_cost <= cost]
+    if not eligible:
+        return min(pools, key=lambda pool: pool.route_min_cost)
+    return max(eligible, key=lambda pool: (pool.route_min_cost, pool.ranks))
+
+
+def candidate_order(pools: Sequence[PoolConfig], cost: float) -> list[PoolConfig]:
+    """The preferred pool first, then the others nearest in rank count (ties: the larger pool first)."""
+    first = preferred_pool(pools, cost)
+    rest = [pool for pool in pools if pool.name != first.name]
+    rest.sort(key=lambda pool: (abs(pool.ranks - first.ranks), -pool.ranks))
+    return [first, *rest]
+
+
+def pool_capacity(pool: PoolConfig) -> int:
+    """Requests a pool runs at once at its largest scale (each replica runs one at a time)."""
+    return pool.max_replicas
+
+
+def choose_pool(
+    pools: Sequence[PoolConfig],
+    cost: float,
+    in_flight: Mapping[str, int],
+    unavailable: frozenset[str] = frozenset(),
+) -> list[PoolConfig]:
+    """Pools to try, in order: unsaturated available pools by preference, then saturated ones (their
+    queues absorb the burst), unavailable ones never."""
+    order = [pool for pool in candidate_order(pools, cost) if pool.name not in unavailable]
+    free = [pool for pool in order if in_flight.get(pool.name, 0) < pool_capacity(pool)]
+    busy = [pool for pool in order if pool not in free]
+    return free + busy
