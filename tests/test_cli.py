@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -83,3 +84,44 @@ def test_help_explains_every_flag():
     ):
         assert flag in done.stdout
     assert "ulysses" in done.stdout and "ring" in done.stdout
+
+
+@pytest.mark.slow
+def test_serve_default_answers_curl_with_a_png(tmp_path):
+    """README's first command: `rayxdit serve` with no config (local Ray, tiny-flux on CPU)."""
+    import signal
+    import time
+
+    import requests
+
+    from rayxdit.runtime.local import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read back after the process ends
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rayxdit.cli", "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            if "serving on" in (tmp_path / "serve.log").read_text():
+                break
+            time.sleep(2)
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        response = requests.post(
+            f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a red fox"}, timeout=300
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "PNG" and image.size == (128, 128)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

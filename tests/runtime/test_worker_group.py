@@ -1,0 +1,86 @@
+"""A worker group on a real local Ray cluster with logical GPUs: ranks in a STRICT_PACK placement group,
+a gloo process group among them, parity with one process, and recovery from a dead and a hung rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from rayxdit.config import EngineConfig, PoolConfig
+from rayxdit.engine import Engine
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.request import GenerateRequest, RequestError
+from rayxdit.runtime.group import WorkerGroup, WorkerGroupError
+from rayxdit.runtime.local import decode_images
+from rayxdit.runtime.placement import pool_bundles
+
+pytestmark = pytest.mark.slow
+
+POOL = PoolConfig(
+    name="test", parallel="ulysses=2", request_timeout_s=20, collective_timeout_s=30, cpus_per_rank=0.5
+)
+REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def group():
+    ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, logging_level="warning")
+    pg = placement_group(pool_bundles(POOL), strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    group = WorkerGroup(POOL, placement_group=pg, name="test")
+    yield group
+    group.shutdown()
+    remove_placement_group(pg)
+    ray.shutdown()
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(decode_images(result).images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    image = Engine(EngineConfig(), ParallelState.single()).generate(REQUEST).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_ranks_get_their_own_logical_gpu_and_match_one_process(group, reference):
+    visible = ray.get(
+        [w.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")) for w in group.workers]
+    )
+    assert len(set(visible)) == 2 and all(v not in (None, "") for v in visible), visible
+    assert group.devices == ["cpu", "cpu"]  # logical GPUs only: the engine falls back to gloo on CPU
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+
+
+def test_bad_request_leaves_group_healthy(group):
+    with pytest.raises(RequestError, match="multiple of 4"):
+        group.generate(REQUEST.model_copy(update={"height": 37}))
+    assert not group.broken
+
+
+def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
+    generation = group.generation
+    ray.kill(group.workers[1], no_restart=True)
+    with pytest.raises(WorkerGroupError, match="rank"):
+        group.generate(REQUEST)
+    assert group.broken
+    group.rebuild()
+    assert group.generation == generation + 1
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+
+
+def test_hung_rank_times_out_and_rebuild_recovers(group, reference):
+    pid = group.pids()[1]
+    os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering: rank 0 waits in its first collective
+    try:
+        with pytest.raises(WorkerGroupError, match="hung"):
+            group.generate(REQUEST)
+    finally:
+        group.rebuild()  # kills the stopped process too
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1

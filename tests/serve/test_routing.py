@@ -1,0 +1,72 @@
+import pytest
+
+from rayxdit.config import PoolConfig
+from rayxdit.models.base import ModelLimits
+from rayxdit.request import GenerateRequest, RequestError
+from rayxdit.serve.api import ImageGenerationRequest
+from rayxdit.serve.routing import choose_pool, preferred_pool, request_cost
+
+POOLS = [
+    PoolConfig(name="p2", parallel="ulysses=2", route_min_cost=0, max_replicas=2),
+    PoolConfig(name="p4", parallel="ulysses=4", route_min_cost=40),
+    PoolConfig(name="p8", parallel="ulysses=8", route_min_cost=100),
+]
+
+
+def resolved(size=1024, steps=28, cfg=False, n=1):
+    request = GenerateRequest(
+        prompt="x",
+        height=size,
+        width=size,
+        steps=steps,
+        num_images=n,
+        negative_prompt="y" if cfg else None,
+        true_cfg_scale=4.0 if cfg else 1.0,
+    )
+    return ModelLimits().resolve(request)
+
+
+def test_cost_counts_pixels_steps_cfg_and_images():
+    assert request_cost(resolved()) == pytest.approx(1024 * 1024 / 1e6 * 28)
+    assert request_cost(resolved(cfg=True, n=2)) == pytest.approx(4 * 1024 * 1024 / 1e6 * 28)
+
+
+@pytest.mark.parametrize(
+    ("cost", "pool"), [(0.0, "p2"), (29.4, "p2"), (40.0, "p4"), (58.7, "p4"), (117.4, "p8")]
+)
+def test_thresholds_pick_the_pool(cost, pool):
+    assert preferred_pool(POOLS, cost).name == pool
+
+
+def test_saturated_pool_yields_to_the_nearest():
+    order = choose_pool(POOLS, 10.0, in_flight={"p2": 2})
+    assert [p.name for p in order] == ["p4", "p8", "p2"]
+    order = choose_pool(POOLS, 200.0, in_flight={"p8": 1}, unavailable=frozenset({"p4"}))
+    assert [p.name for p in order] == ["p2", "p8"]
+
+
+def test_missing_pool_size_falls_back_to_nearest():
+    only_small_and_big = [POOLS[0], POOLS[2]]
+    assert [p.name for p in choose_pool(only_small_and_big, 50.0, {})] == ["p2", "p8"]
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("1024", "not of the form WIDTHxHEIGHT"),
+        ("axb", "not of the form"),
+        ("0x0", "zero side"),
+        ("-5x5", "not of the form"),
+    ],
+)
+def test_size_parsing_errors_name_the_size(size, message):
+    with pytest.raises(RequestError, match=message) as error:
+        ImageGenerationRequest(prompt="x", size=size).to_generate_request(default_seed=0)
+    assert error.value.param == "size"
+
+
+def test_size_is_width_by_height():
+    request = ImageGenerationRequest(prompt="x", size="640x384", n=2, seed=9).to_generate_request(
+        default_seed=0
+    )
+    assert (request.width, request.height, request.num_images, request.seed) == (640, 384, 2, 9)

@@ -1,0 +1,245 @@
+"""The Serve application on a real local Ray cluster, driven over real HTTP.
+
+Pools ask for GPU bundles; ``ray.init(num_gpus=...)`` provides logical GPUs, so placement groups, bundles and
+CUDA_VISIBLE_DEVICES follow the GPU path while the ranks compute on CPU with gloo. One cluster and one
+application serve every test of this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import ray
+import requests
+from PIL import Image
+from ray import serve
+
+from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+from rayxdit.engine import Engine
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.request import GenerateRequest
+from rayxdit.runtime.local import free_port
+from rayxdit.serve.app import APP_NAME, build_app
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25, health_check_period_s=2)
+CONFIG = ServeConfig(
+    pools=[
+        PoolConfig(
+            name="tiny-2",
+            model_name="tiny",
+            parallel="ulysses=2",
+            route_min_cost=0.0,
+            max_replicas=2,
+            upscale_delay_s=1,
+            downscale_delay_s=5,
+            **COMMON,
+        ),
+        PoolConfig(
+            name="tiny-4", model_name="tiny", parallel="ulysses=2,ring=2", route_min_cost=0.05, **COMMON
+        ),
+        PoolConfig(
+            name="tiny-8", model_name="tiny", parallel="cfg=2,ring=2,ulysses=2", route_min_cost=0.2, **COMMON
+        ),
+        PoolConfig(
+            name="failover-2", model_name="tiny-failover", parallel="ring=2", request_timeout_s=120, **COMMON
+        ),
+    ],
+    router=RouterConfig(api_keys=[KEY]),
+)
+# Costs (megapixels x steps x CFG factor): 36x36x3 = 0.004 -> tiny-2; 128x128x4 = 0.066 -> tiny-4;
+# 256x256x4 with true CFG = 0.52 -> tiny-8.
+ROUTES = [
+    ("tiny-2", {"prompt": "a red cat", "size": "36x36", "steps": 3, "seed": 5}),
+    ("tiny-4", {"prompt": "a blue car", "size": "128x128", "steps": 4, "seed": 6}),
+    (
+        "tiny-8",
+        {
+            "prompt": "a tree",
+            "size": "256x256",
+            "steps": 4,
+            "seed": 7,
+            "negative_prompt": "dark",
+            "true_cfg_scale": 3.0,
+        },
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def url():
+    ray.init(num_cpus=32, num_gpus=24, include_dashboard=False, logging_level="warning")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
+
+
+def single_process_pixels(engine: Engine, body: dict) -> np.ndarray:
+    width, height = (int(v) for v in body["size"].split("x"))
+    request = GenerateRequest(
+        prompt=body["prompt"],
+        width=width,
+        height=height,
+        steps=body["steps"],
+        seed=body["seed"],
+        negative_prompt=body.get("negative_prompt"),
+        true_cfg_scale=body.get("true_cfg_scale", 1.0),
+    )
+    return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return np.asarray(image, dtype=np.int16)
+
+
+def post(url: str, body: dict, path: str = "/v1/images/generations", headers=AUTH, timeout=300):
+    return requests.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+@pytest.mark.parametrize(("pool", "body"), ROUTES, ids=[pool for pool, _ in ROUTES])
+def test_each_pool_returns_the_single_process_image(url, engine, pool, body):
+    response = post(url, {**body, "model": "tiny"})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["rayxdit"]["pool"] == pool, "routing did not follow the cost thresholds"
+    served = png_pixels(base64.b64decode(payload["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
+
+
+def test_png_endpoint_url_format_and_n(url):
+    response = post(url, {"prompt": "a fox", "size": "36x36", "steps": 2}, path="/v1/generate")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert png_pixels(response.content).shape == (36, 36, 3)
+    response = post(url, {"prompt": "a fox", "size": "40x36", "steps": 2, "n": 2, "response_format": "url"})
+    assert response.status_code == 200, response.text
+    links = [item["url"] for item in response.json()["data"]]
+    assert len(links) == 2
+    assert png_pixels(requests.get(links[1], timeout=30).content).shape == (36, 40, 3)
+
+
+def test_models_health_and_docs(url):
+    models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-failover"}
+    tiny = next(m for m in models["data"] if m["id"] == "tiny")
+    assert sorted(p["ranks"] for p in tiny["pools"]) == [2, 4, 8]
+    assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    assert requests.get(url + "/docs", timeout=30).status_code == 200
+    assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
+
+
+BAD = [
+    ({"prompt": "x", "size": "big"}, 400, "size"),
+    ({"prompt": "x", "size": "0x0"}, 400, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "size"),
+    ({"prompt": "x", "size": "37x36"}, 400, "size"),
+    ({"prompt": "x", "steps": 0}, 400, "steps"),
+    ({"prompt": "x", "steps": 100000}, 400, "steps"),
+    ({"prompt": "x", "steps": "many"}, 400, "steps"),
+    ({"prompt": "x", "n": 100}, 400, "n"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "   "}, 400, "prompt"),
+    ({"prompt": "x" * 5000}, 400, "prompt"),
+    ({"size": "36x36"}, 400, "prompt"),
+    ({"prompt": "x", "model": "dall-e-3"}, 400, "model"),
+    ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
+    ({"prompt": "x", "colour": "red"}, 400, "colour"),
+    ({"prompt": "x", "true_cfg_scale": -1}, 400, "true_cfg_scale"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_json_error(url, body, status, param):
+    response = post(url, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_invalid_json_and_auth_errors_then_service_still_serves(url):
+    response = requests.post(
+        url + "/v1/images/generations",
+        data="{not json",
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = post(url, {"prompt": "x"}, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert post(url, {"prompt": "still fine", "size": "36x36", "steps": 2}).status_code == 200
+
+
+def replicas(deployment: str) -> int:
+    status = serve.status().applications[APP_NAME].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_pool_scales_up_under_load_and_back_down(url):
+    assert replicas("tiny-2") == 1
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            post(url, {"prompt": "load", "size": "36x36", "steps": 20})
+
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(load)
+        deadline = time.monotonic() + 180
+        while replicas("tiny-2") < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        scaled_up = replicas("tiny-2")
+        stop.set()
+    assert scaled_up == 2, "tiny-2 did not scale up under load"
+    deadline = time.monotonic() + 120
+    while replicas("tiny-2") > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replicas("tiny-2") == 1, "tiny-2 did not scale back down when idle"
+
+
+def rank_actor(pool: str, rank: int):
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"rayxdit-{pool}-" in a["name"] and a["name"].endswith(f"rank{rank}")
+    ]
+    newest = max(names, key=lambda a: int(a["name"].rsplit("-g", 1)[1].split("-")[0]))
+    return ray.get_actor(newest["name"], namespace=newest["namespace"])
+
+
+def test_killing_a_rank_mid_request_fails_over_and_the_replica_recovers(url, engine):
+    body = {"model": "tiny-failover", "prompt": "a long one", "size": "256x256", "steps": 60, "seed": 3}
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(post, url, body)
+        time.sleep(3)
+        assert not in_flight.done(), "request finished before the kill: make it longer"
+        ray.kill(rank_actor("failover-2", 1), no_restart=True)
+        response = in_flight.result()
+    if response.status_code == 200:
+        assert response.json()["rayxdit"]["timings"]["attempts"] == 2
+    else:
+        assert response.status_code == 503 and response.json()["error"]["code"] == "worker_group_failed"
+    small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 4}
+    response = post(url, small)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
