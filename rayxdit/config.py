@@ -115,12 +115,16 @@ class EngineConfig:
     """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
     compile: bool = False
     """torch.compile the transformer blocks (GPU only pays; the first request of a shape compiles)."""
+    attention: str = "auto"
+    """Kernel of the sequence-parallel attention on GPU: auto, cudnn, flash or efficient."""
     pipefusion_patches: int = 0
     """PipeFusion: image patches per step (0: as many as stages)."""
     warmup_steps: int = 1
     """PipeFusion: synchronous steps before stale key/values are reused."""
 
     def __post_init__(self) -> None:
+        if self.attention not in ("auto", "cudnn", "flash", "efficient"):
+            raise ConfigError(f"attention={self.attention!r}: choose auto, cudnn, flash or efficient")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError(f"dtype={self.dtype!r}: choose auto, bfloat16, float16 or float32")
         if self.warmup_steps < 0:

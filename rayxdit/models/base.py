@@ -107,9 +107,9 @@ class DiffusionAdapter(ABC):
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
         """Transformer blocks, read from the denoiser's config."""
 
-    def __init__(self, pipeline: Any, model_dir: str | None = None):
+    def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         self.pipeline = pipeline
-        self.limits = ModelLimits.for_pipeline(self.family_limits, model_dir)
+        self.limits = limits or ModelLimits.for_pipeline(self.family_limits, model_dir)
         self.state = ParallelState.single(pipeline.device)
 
     # ----- facts about the model --------------------------------------------------------------------------
@@ -126,15 +126,16 @@ class DiffusionAdapter(ABC):
         return self.state.device
 
     # ----- parallelism ------------------------------------------------------------------------------------
-    def parallelize(self, state: ParallelState) -> None:
-        """Apply the parallel methods of ``state`` to the plain model. Call once, before compiling."""
+    def parallelize(self, state: ParallelState, attention: str = "auto") -> None:
+        """Apply the parallel methods of ``state`` to the plain model. Call once, before compiling.
+        ``attention`` picks the GPU kernel of sequence-parallel attention."""
         state.config.check_heads(self.num_heads)
         state.config.check_layers(self.num_layers)
         self.state = state
-        self._parallelize(state)
+        self._parallelize(state, attention)
 
     @abstractmethod
-    def _parallelize(self, state: ParallelState) -> None: ...
+    def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
     def compile(self) -> None:
         """torch.compile the transformer's repeated blocks (regional: one compile per block type)."""
@@ -174,25 +175,18 @@ class DiffusionAdapter(ABC):
         """Full latents -> PIL images."""
 
     # ----- the loop ---------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(
-        self, request: GenerateRequest, output: str = "pil", progress: bool = False
-    ) -> GenerateResult | None:
-        """Run one request on every rank of the group together; rank 0 returns the result.
+    def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
+        """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
+        branches = branches_for_rank(self.state.cfg, req.request.uses_true_cfg)
+        return {branch: self.encode(req, branch) for branch in branches}
 
-        ``output="latent"`` returns the final latents instead of images (parity tests compare those).
-        """
+    def denoise(
+        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool = False
+    ) -> torch.Tensor:
+        """The sharded denoising loop; returns the full final latents on every rank of the sp group."""
         state = self.state
-        req = self.resolve(request)
-        use_cfg = request.uses_true_cfg
-        timings: dict[str, float] = {}
-
-        start = _now(self.device)
-        branches = branches_for_rank(state.cfg, use_cfg)
-        conditions = {branch: self.encode(req, branch) for branch in branches}
-        timings["encode_s"] = _now(self.device) - start
-
-        start = _now(self.device)
+        request = req.request
+        branches = tuple(conditions)
         latents, positions = self.initial_latents(req)
         num_tokens = latents.shape[1]
         token_sizes = split_sizes(num_tokens, state.sp.size)
@@ -202,7 +196,7 @@ class DiffusionAdapter(ABC):
             predictions = {
                 branch: self.predict(latents, t, conditions[branch], positions, req) for branch in branches
             }
-            if not use_cfg:
+            if not request.uses_true_cfg:
                 noise = predictions[CONDITIONAL]
             elif state.cfg.size > 1:
                 noise = apply_guidance(
@@ -211,10 +205,25 @@ class DiffusionAdapter(ABC):
             else:
                 noise = apply_guidance(predictions[0], predictions[1], request.true_cfg_scale)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        latents = gather_shards(latents, 1, state.sp, token_sizes)
-        timings["denoise_s"] = _now(self.device) - start
+        return gather_shards(latents, 1, state.sp, token_sizes)
 
-        if not state.is_driver:
+    @torch.inference_mode()
+    def generate(
+        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+    ) -> GenerateResult | None:
+        """Run one request on every rank of the group together; rank 0 returns the result.
+
+        ``output="latent"`` returns the final latents instead of images (parity tests compare those).
+        """
+        req = self.resolve(request)
+        timings: dict[str, float] = {}
+        start = _now(self.device)
+        conditions = self.encode_branches(req)
+        timings["encode_s"] = _now(self.device) - start
+        start = _now(self.device)
+        latents = self.denoise(req, conditions, progress)
+        timings["denoise_s"] = _now(self.device) - start
+        if not self.state.is_driver:
             return None
         if output == "latent":
             return GenerateResult(latents=latents.cpu(), timings=timings)

@@ -80,15 +80,15 @@ class FluxSequenceParallelProcessor:
         return hidden_states, encoder_hidden_states
 
 
-def parallelize_flux(transformer: torch.nn.Module, state: ParallelState) -> None:
+def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attention: str = "auto") -> None:
     """Make every attention of a ``FluxTransformer2DModel`` sequence-parallel over ``state``'s ring x
     ulysses group. The rest of the model is token-wise and runs unchanged on the shard."""
     if state.sp.size == 1:
         return
-    attention = SequenceParallelAttention(state)
+    processor = FluxSequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
-            module.set_processor(FluxSequenceParallelProcessor(attention))
+            module.set_processor(processor)
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ class FluxAdapter(DiffusionAdapter):
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
         return denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
 
-    def _parallelize(self, state: ParallelState) -> None:
-        parallelize_flux(self.transformer, state)
+    def _parallelize(self, state: ParallelState, attention: str) -> None:
+        parallelize_flux(self.transformer, state, attention)
 
     def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
         request = req.request
@@ -136,6 +136,14 @@ class FluxAdapter(DiffusionAdapter):
             num_images_per_prompt=req.batch,
             max_sequence_length=self.limits.max_sequence_length,
         )
+        return self.condition(embeds, pooled, text_ids)
+
+    def condition(
+        self, embeds: torch.Tensor, pooled: torch.Tensor, text_ids: torch.Tensor | None = None
+    ) -> FluxCondition:
+        """This rank's shard of text embeddings ``[B, text, joint_dim]`` (T5) and pooled ``[B, dim]`` (CLIP)."""
+        if text_ids is None:
+            text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype)
         sp = self.state.sp
         return FluxCondition(
             prompt_embeds=shard(embeds, 1, sp.size, sp.index),

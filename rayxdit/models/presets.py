@@ -8,13 +8,18 @@ saved once with ``save_pretrained`` into the cache directory; every worker then 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from rayxdit.models.base import SETTINGS_FILE
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayxdit" / "presets"
 
@@ -109,92 +114,216 @@ def tiny_t5_tokenizer(max_length: int = 512):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def build_tiny_flux(path: Path) -> None:
-    """FluxPipeline: 2 double + 2 single blocks, 8 heads of 16 (ulysses up to 8), a 2x VAE, guidance
-    embeddings like Flux.1-dev, and 29 text tokens (odd, so text shards are uneven too)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+@dataclass(frozen=True)
+class FluxSizes:
+    """Every size that shapes a Flux pipeline: transformer, both text encoders, VAE, serving limits."""
 
-    clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=clip_tokenizer.model_max_length,
-                projection_dim=32,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                decoder_start_token_id=0,
-            )
-        )
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=8,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
-    )
-    pipeline = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=t5_tokenizer,
-        transformer=transformer,
-    )
-    pipeline.save_pretrained(path)
-    limits = dict(
+    transformer: dict[str, Any]
+    t5: dict[str, Any]
+    clip: dict[str, Any]
+    vae: dict[str, Any]
+    limits: dict[str, Any]
+    clip_max_length: int = 77
+
+
+TINY_FLUX = FluxSizes(
+    # 2 double + 2 single blocks, 8 heads of 16 (ulysses up to 8), guidance embeddings like Flux.1-dev.
+    transformer=dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=8,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    t5=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+    clip=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+    ),
+    vae=dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ),
+    # 29 text tokens: odd, so text shards are uneven too.
+    limits=dict(
         default_height=128,
         default_width=128,
         default_steps=8,
         max_side=512,
         size_multiple=4,
         max_sequence_length=29,
+    ),
+    clip_max_length=16,
+)
+
+FLUX_DEV = FluxSizes(
+    # black-forest-labs/FLUX.1-dev: 11.9B transformer, T5-XXL encoder (4.8B), CLIP-L, the 16-channel VAE.
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    t5=dict(
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+    ),
+    clip=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+    ),
+    vae=dict(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    limits=dict(
+        default_height=1024,
+        default_width=1024,
+        default_steps=28,
+        max_side=2048,
+        size_multiple=16,
+        max_sequence_length=512,
+    ),
+)
+
+
+def _random_init_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Deterministic random weights in place: N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                fan_in = math.prod(param.shape[1:])
+                param.normal_(0.0, fan_in**-0.5, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+
+
+def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype, seed: int):
+    """Build a module with random weights directly on ``device`` (no CPU copy of a 12B model) when it has
+    no buffers to preserve; otherwise build it on the CPU with its own init and move it."""
+    with torch.device("meta"):
+        module = factory()
+    if any(True for _ in module.buffers()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = factory()
+        return module.to(device=device, dtype=dtype)
+    module = module.to_empty(device=device).to(dtype)
+    _random_init_(module, torch.Generator(device).manual_seed(seed))
+    return module
+
+
+def build_flux_pipeline(
+    sizes: FluxSizes,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_text_encoders: bool = True,
+    with_vae: bool = True,
+    default_init: bool = False,
+):
+    """A ``FluxPipeline`` of the given sizes with seeded random weights, built on ``device``.
+
+    ``default_init`` keeps each module's own initialisation (seeded; used by the tiny preset, built on CPU);
+    otherwise weights are drawn on ``device`` so full-size models never pass through host memory.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    device = torch.device(device)
+    clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(sizes.clip_max_length), tiny_t5_tokenizer()
+    factories = {
+        "transformer": lambda: FluxTransformer2DModel(**sizes.transformer),
+    }
+    if with_text_encoders:
+        clip_config = CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            max_position_embeddings=sizes.clip_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **sizes.clip,
+        )
+        t5_config = T5Config(
+            vocab_size=max(len(t5_tokenizer), 32128 if sizes is FLUX_DEV else 0),
+            decoder_start_token_id=0,
+            **sizes.t5,
+        )
+        factories["text_encoder"] = lambda: CLIPTextModel(clip_config)
+        factories["text_encoder_2"] = lambda: T5EncoderModel(t5_config)
+    if with_vae:
+        factories["vae"] = lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(sizes.vae["block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(sizes.vae["block_out_channels"]),
+            **sizes.vae,
+        )
+    modules = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for seed, (name, factory) in enumerate(factories.items()):
+            if default_init:
+                modules[name] = factory().to(device=device, dtype=dtype)
+            else:
+                modules[name] = _build(factory, device, dtype, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
     )
-    (path / "rayxdit.json").write_text(json.dumps(limits, indent=2))
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=modules.get("vae"),
+        text_encoder=modules.get("text_encoder"),
+        tokenizer=clip_tokenizer if with_text_encoders else None,
+        text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=t5_tokenizer if with_text_encoders else None,
+        transformer=modules["transformer"],
+    )
+
+
+def build_tiny_flux(path: Path) -> None:
+    """The tiny Flux, saved with ``save_pretrained`` (plus its serving limits) into ``path``."""
+    build_flux_pipeline(TINY_FLUX, default_init=True).save_pretrained(path)
+    (path / SETTINGS_FILE).write_text(json.dumps(TINY_FLUX.limits, indent=2))
 
 
 PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux": build_tiny_flux}
-PRESET_VERSION = 1
+"""Presets saved to the cache once and loaded with ``from_pretrained``."""
+IN_MEMORY_PRESETS: dict[str, FluxSizes] = {"flux-dev-random": FLUX_DEV}
+"""Full-size architectures with random weights, built straight on the device (no checkpoint exists offline);
+for benchmarks: speed does not depend on weight values."""
+PRESET_VERSION = 2
 
 
 def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:

@@ -15,7 +15,7 @@ import torch
 from rayxdit.config import ConfigError
 from rayxdit.models.base import DiffusionAdapter, ModelLimits
 from rayxdit.models.flux import FluxAdapter
-from rayxdit.models.presets import PRESETS, materialize_preset
+from rayxdit.models.presets import IN_MEMORY_PRESETS, PRESETS, build_flux_pipeline, materialize_preset
 
 ADAPTERS: dict[str, type[DiffusionAdapter]] = {adapter.pipeline_class: adapter for adapter in (FluxAdapter,)}
 
@@ -35,11 +35,14 @@ def resolve_model(model: str) -> str:
     """A preset name becomes its (built once) directory; a directory or hub id is returned as is."""
     if model in PRESETS:
         return str(materialize_preset(model))
+    if model in IN_MEMORY_PRESETS:
+        return model
     if os.path.isdir(model):
         return model
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConfigError(
-            f"model '{model}' is neither a preset ({', '.join(PRESETS)}), a local directory, nor a hub id (org/name)"
+            f"model '{model}' is neither a preset ({', '.join([*PRESETS, *IN_MEMORY_PRESETS])}), "
+            "a local directory, nor a hub id (org/name)"
         )
     return model
 
@@ -59,6 +62,13 @@ def _read_json(location: str, filename: str) -> dict:
 
 
 def describe_model(model: str) -> ModelInfo:
+    if model in IN_MEMORY_PRESETS:
+        sizes = IN_MEMORY_PRESETS[model]
+        limits = ModelLimits().updated(sizes.limits)
+        config = sizes.transformer
+        return ModelInfo(
+            model, "FluxPipeline", FluxAdapter.heads_in(config), FluxAdapter.layers_in(config), limits
+        )
     location = resolve_model(model)
     pipeline_class = _read_json(location, "model_index.json").get("_class_name", "?")
     adapter = adapter_class(pipeline_class)
@@ -91,6 +101,11 @@ def load_adapter(model: str, device: torch.device, dtype: torch.dtype) -> Diffus
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    if model in IN_MEMORY_PRESETS:
+        sizes = IN_MEMORY_PRESETS[model]
+        pipeline = build_flux_pipeline(sizes, device, dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return FluxAdapter(pipeline, limits=ModelLimits().updated(sizes.limits))
     location = resolve_model(model)
     adapter = adapter_class(_read_json(location, "model_index.json").get("_class_name", "?"))
     pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)

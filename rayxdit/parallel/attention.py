@@ -22,25 +22,34 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from rayxdit.parallel.mesh import AxisGroup, ParallelState
 
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient")
+"""Kernels for the sequence-parallel attention blocks on GPU. ``auto``: cuDNN (Hopper-tuned) for 16-bit
+inputs, memory-efficient attention for float32. On CPU the fused CPU kernel is always used."""
+
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``[B, H, Sq, D]`` queries over ``[B, H, Sk, D]`` keys; returns the output and the
     float32 log-sum-exp of the scores, ``[B, H, Sq]``, which ring attention needs to merge blocks."""
+    batch, heads, seq, _ = q.shape
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None, scale=scale
         )
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, False, False, scale=scale
-        )[:2]
-    else:
+    elif q.dtype == torch.float32 or backend == "efficient":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, False, scale=scale
         )[:2]
-    return out, lse.float()
+    elif backend in ("auto", "cudnn"):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale
+        )[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale
+        )[:2]
+    return out, lse.reshape(batch, heads, seq).float()
 
 
 def merge_partial(
@@ -64,6 +73,7 @@ def ring_attention(
     ring: AxisGroup,
     block_sizes: Sequence[int],
     scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact attention of local queries over the keys of every ring rank, ``[B, H, S, D]`` in and out.
 
@@ -86,7 +96,7 @@ def ring_attention(
                     dist.P2POp(dist.irecv, incoming, ring.prev_rank, ring.group),
                 ]
             )
-        block_out, block_lse = attention_with_lse(q, kv[0], kv[1], scale)
+        block_out, block_lse = attention_with_lse(q, kv[0], kv[1], scale, backend)
         if out is None:
             out, lse = block_out.float(), block_lse
         else:
@@ -141,6 +151,7 @@ def usp_attention(
     ulysses: AxisGroup,
     ring: AxisGroup,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact attention over the whole sequence for this rank's token shard, ``[B, S_local, H, D]`` in and
     out. Ulysses runs inside ring: after the all-to-all a rank holds its ulysses group's tokens for a head
@@ -156,9 +167,9 @@ def usp_attention(
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if ring.size > 1:
         block_sizes = [sum(sizes[j * size_u : (j + 1) * size_u]) for j in range(ring.size)]
-        out = ring_attention(q, k, v, ring, block_sizes, scale)
+        out = ring_attention(q, k, v, ring, block_sizes, scale, backend)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = attention_with_lse(q, k, v, scale, backend)[0]
     if size_u > 1:
         return ulysses_gather_heads(out, ulysses, group_sizes)
     return out.transpose(1, 2)
@@ -180,12 +191,15 @@ def _usp_attention_op(
     ulysses_group: str,
     ring_group: str,
     scale: float,
+    backend: str,
 ) -> torch.Tensor:
-    return usp_attention(q, k, v, sizes, _axis_from_name(ulysses_group), _axis_from_name(ring_group), scale)
+    return usp_attention(
+        q, k, v, sizes, _axis_from_name(ulysses_group), _axis_from_name(ring_group), scale, backend
+    )
 
 
 @_usp_attention_op.register_fake
-def _(q, k, v, sizes, ulysses_group, ring_group, scale):
+def _(q, k, v, sizes, ulysses_group, ring_group, scale, backend):
     return torch.empty_like(q)
 
 
@@ -196,7 +210,10 @@ class SequenceParallelAttention:
     sequence-parallel rank; returns this rank's shard of the output.
     """
 
-    def __init__(self, state: ParallelState):
+    def __init__(self, state: ParallelState, backend: str = "auto"):
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: choose from {', '.join(ATTENTION_BACKENDS)}")
+        self.backend = backend
         self.ulysses = state.ulysses
         self.ring = state.ring
         self.sp_size = state.sp.size
@@ -217,4 +234,6 @@ class SequenceParallelAttention:
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
             ).transpose(1, 2)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return _usp_attention_op(q, k, v, list(sizes), self._ulysses_name, self._ring_name, scale)
+        return _usp_attention_op(
+            q, k, v, list(sizes), self._ulysses_name, self._ring_name, scale, self.backend
+        )

@@ -1,0 +1,394 @@
+"""Flux.1-dev denoising speed: one GPU (eager, compiled), diffusers' context parallelism, and rayxdit.
+
+Transformer only, as the issue's reference numbers: batch 1, 512 text tokens, 28 steps, random bf16 weights
+of the real architecture (speed does not depend on weight values). Every run goes through the same
+denoising loop (``DiffusionAdapter.denoise``); what differs is how the transformer is split:
+
+- ``single``: the plain diffusers model on one GPU (eager, or ``compile_repeated_blocks``);
+- ``diffusers``: diffusers' ``ContextParallelConfig`` (ring or ulysses) over the whole GPU group, eager;
+- ``rayxdit``: ``parallelize_flux`` over the mesh, compiled.
+
+Each job runs in fresh processes (one per GPU, NCCL); results are appended to a JSON list whose records
+carry the command, device, versions and the baseline measured in the same run.
+
+    python benchmarks/bench_flux.py --out benchmarks/results/flux-dev-2xh200.json
+    python benchmarks/bench_flux.py --preset tiny --steps 3 --resolutions 64 --out /tmp/smoke.json  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rayxdit.config import ParallelConfig  # noqa: E402
+from rayxdit.models.base import ModelLimits, ResolvedRequest  # noqa: E402
+from rayxdit.models.flux import FluxAdapter  # noqa: E402
+from rayxdit.models.presets import FLUX_DEV, TINY_FLUX, build_flux_pipeline  # noqa: E402
+from rayxdit.parallel.cfg import branches_for_rank  # noqa: E402
+from rayxdit.parallel.mesh import build_parallel_state, init_distributed  # noqa: E402
+from rayxdit.request import GenerateRequest  # noqa: E402
+from rayxdit.runtime.local import spawn_group  # noqa: E402
+
+PRESETS = {"flux-dev": FLUX_DEV, "tiny": TINY_FLUX}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model load in a fresh process group, timed at every resolution."""
+
+    impl: str  # single | diffusers | rayxdit
+    config: str  # mesh spec, or diffusers' "ring=2" / "ulysses=2"
+    compile: bool
+    cfg: bool = False  # true CFG (two branches per step)
+    attention: str = "auto"  # rayxdit: kernel of sequence-parallel attention; single: SDPA backend
+    gpus: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.impl}-{self.config}-{'compile' if self.compile else 'eager'}-{self.attention}{'-cfg' if self.cfg else ''}"
+
+
+@dataclass
+class Settings:
+    preset: str
+    resolutions: list[int]
+    steps: int
+    warmup_steps: int
+    dtype: str
+    workdir: str
+    extra: dict = field(default_factory=dict)
+
+
+def sdpa_context(attention: str):
+    """Pin plain SDPA (the single-GPU path) to one backend, or leave PyTorch's choice (``auto``)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }.get(attention)
+    return nullcontext() if chosen is None else sdpa_kernel([chosen])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_job(rank: int, world_size: int, init_method: str, job: Job, settings: Settings) -> list[dict]:
+    from rayxdit.engine import pick_device
+
+    device = pick_device(rank)
+    dtype = getattr(torch, settings.dtype)
+    sizes = PRESETS[settings.preset]
+    init_distributed(rank, world_size, init_method, device)
+    begin = time.perf_counter()
+    pipeline = build_flux_pipeline(sizes, device, dtype, with_text_encoders=False, with_vae=False)
+    adapter = FluxAdapter(pipeline, limits=ModelLimits().updated(sizes.limits))
+    if job.impl == "rayxdit":
+        adapter.parallelize(build_parallel_state(ParallelConfig.parse(job.config), device), job.attention)
+    elif job.impl == "diffusers":
+        from diffusers import ContextParallelConfig
+
+        degree_name, _, degree = job.config.partition("=")
+        adapter.transformer.set_attention_backend("_native_cudnn" if device.type == "cuda" else "native")
+        adapter.transformer.enable_parallelism(
+            config=ContextParallelConfig(**{f"{degree_name}_degree": int(degree)})
+        )
+    if job.compile:
+        adapter.compile()
+    load_s = time.perf_counter() - begin
+
+    records = []
+    for resolution in settings.resolutions:
+        request = GenerateRequest(
+            prompt="benchmark",
+            height=resolution,
+            width=resolution,
+            steps=settings.steps,
+            seed=0,
+            negative_prompt="negative" if job.cfg else None,
+            true_cfg_scale=4.0 if job.cfg else 1.0,
+        )
+        req = adapter.resolve(request)
+        text_tokens = sizes.limits["max_sequence_length"]
+        conditions = {}
+        for branch in branches_for_rank(adapter.state.cfg, job.cfg):
+            generator = torch.Generator(device).manual_seed(100 + branch)
+            embeds = torch.randn(
+                1,
+                text_tokens,
+                sizes.transformer["joint_attention_dim"],
+                generator=generator,
+                device=device,
+                dtype=dtype,
+            )
+            pooled = torch.randn(
+                1, sizes.transformer["pooled_projection_dim"], generator=generator, device=device, dtype=dtype
+            )
+            conditions[branch] = adapter.condition(embeds, pooled)
+        warm = ResolvedRequest(
+            request.model_copy(update={"steps": settings.warmup_steps}),
+            resolution,
+            resolution,
+            settings.warmup_steps,
+        )
+        with torch.inference_mode(), sdpa_context(job.attention if job.impl == "single" else "auto"):
+            begin = time.perf_counter()
+            adapter.denoise(warm, conditions)
+            _synchronize(device)
+            warmup_s = time.perf_counter() - begin
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            begin = time.perf_counter()
+            latents = adapter.denoise(req, conditions)
+            _synchronize(device)
+            seconds = time.perf_counter() - begin
+        peak = torch.tensor(
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0, device=device
+        )
+        if world_size > 1:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        if rank == 0:
+            path = Path(settings.workdir) / f"{job.key}-{resolution}.pt"
+            torch.save(latents.float().cpu(), path)
+            records.append(
+                {
+                    "impl": job.impl,
+                    "config": job.config,
+                    "gpus": job.gpus,
+                    "resolution": resolution,
+                    "steps": settings.steps,
+                    "cfg": job.cfg,
+                    "compile": job.compile,
+                    "attention": job.attention,
+                    "seconds": round(seconds, 4),
+                    "ms_per_step": round(1000 * seconds / settings.steps, 2),
+                    "peak_mem_gib": round(peak.item(), 2),
+                    "warmup_s": round(warmup_s, 1),
+                    "load_s": round(load_s, 1),
+                    "image_tokens": latents.shape[1],
+                    "text_tokens": text_tokens,
+                    "latents": str(path),
+                }
+            )
+        # A job's second resolution reuses the loaded (and compiled) model.
+    return records if rank == 0 else None
+
+
+def versions() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("diffusers", "transformers", "ray"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        info["rayxdit_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        info["rayxdit_commit"] = None
+    return info
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def default_jobs(gpus: int) -> list[Job]:
+    """Most informative first: a time budget cuts from the end."""
+    jobs = [Job("single", "single", compile=True)]
+    if gpus >= 2:
+        jobs += [
+            Job("rayxdit", "ring=2", compile=True, gpus=2),
+            Job("rayxdit", "ulysses=2", compile=True, gpus=2),
+            Job("rayxdit", "cfg=2", compile=True, cfg=True, gpus=2),
+            Job("single", "single", compile=True, cfg=True),
+            Job("diffusers", "ring=2", compile=False, gpus=2),
+            Job("diffusers", "ulysses=2", compile=False, gpus=2),
+        ]
+    if gpus >= 4:
+        jobs += [
+            Job("rayxdit", "ulysses=4", compile=True, gpus=4),
+            Job("rayxdit", "ulysses=2,ring=2", compile=True, gpus=4),
+            Job("rayxdit", "cfg=2,ring=2", compile=True, cfg=True, gpus=4),
+        ]
+    if gpus >= 8:
+        jobs += [
+            Job("rayxdit", "ulysses=8", compile=True, gpus=8),
+            Job("rayxdit", "ulysses=4,ring=2", compile=True, gpus=8),
+            Job("rayxdit", "ulysses=2,ring=4", compile=True, gpus=8),
+        ]
+    jobs.append(Job("single", "single", compile=False))
+    return jobs
+
+
+def parse_job(text: str) -> Job:
+    """``impl:config[:compile|eager][:cfg][:attention]``, e.g. ``rayxdit:ring=2:compile:cudnn``."""
+    impl, config, *flags = text.split(":")
+    compile_ = "eager" not in flags
+    cfg = "cfg" in flags
+    attention = next((f for f in flags if f in ("auto", "cudnn", "flash", "efficient")), "auto")
+    gpus = (
+        1
+        if impl == "single"
+        else (ParallelConfig.parse(config).world_size if impl == "rayxdit" else int(config.partition("=")[2]))
+    )
+    return Job(impl, config, compile_, cfg, attention, gpus)
+
+
+def add_comparisons(records: list[dict]) -> None:
+    """rel_err against the single-GPU eager output (else the first single-GPU output) of the same
+    resolution and CFG setting; speedups against the best single-GPU compiled time of this run."""
+    for record in records:
+        peers = [
+            r
+            for r in records
+            if r["resolution"] == record["resolution"] and r["cfg"] == record["cfg"] and r["impl"] == "single"
+        ]
+        reference = next((r for r in peers if not r["compile"]), peers[0] if peers else None)
+        if reference is not None and reference is not record:
+            ours, ref = torch.load(record["latents"]), torch.load(reference["latents"])
+            record["rel_err"] = float((ours - ref).norm() / ref.norm())
+            record["rel_err_reference"] = f"single {'compile' if reference['compile'] else 'eager'}"
+        else:
+            record["rel_err"] = 0.0 if reference is record else None
+        compiled = [r["seconds"] for r in peers if r["compile"]]
+        record["baseline_seconds"] = min(compiled) if compiled else None
+        record["speedup_vs_single_compile"] = (
+            round(record["baseline_seconds"] / record["seconds"], 3) if compiled else None
+        )
+
+
+def print_table(records: list[dict]) -> None:
+    header = (
+        f"{'impl':9} {'config':20} {'gpus':>4} {'res':>5} {'cfg':>3} {'comp':>4} {'attn':>6} "
+        f"{'seconds':>8} {'ms/step':>8} {'speedup':>7} {'rel_err':>9} {'mem GiB':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        speedup = f"{r['speedup_vs_single_compile']:.2f}x" if r.get("speedup_vs_single_compile") else "-"
+        rel = f"{r['rel_err']:.2e}" if r.get("rel_err") is not None else "-"
+        print(
+            f"{r['impl']:9} {r['config']:20} {r['gpus']:>4} {r['resolution']:>5} {'y' if r['cfg'] else 'n':>3} "
+            f"{'y' if r['compile'] else 'n':>4} {r['attention']:>6} {r['seconds']:8.3f} {r['ms_per_step']:8.1f} "
+            f"{speedup:>7} {rel:>9} {r['peak_mem_gib']:7.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="flux-dev")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (compiles)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--jobs",
+        nargs="*",
+        default=None,
+        help="impl:config[:eager][:cfg][:attention] (default: every job that fits the GPUs)",
+    )
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=1e9,
+        help="start no new job after this many seconds (the rest is reported as skipped)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write (a list of records)")
+    args = parser.parse_args(argv)
+
+    gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    jobs = [parse_job(j) for j in args.jobs] if args.jobs else default_jobs(max(gpus, 1 if gpus else 2))
+    if not torch.cuda.is_available():
+        gpus = max(job.gpus for job in jobs)
+    workdir = tempfile.mkdtemp(prefix="rayxdit-bench-")
+    settings = Settings(args.preset, args.resolutions, args.steps, args.warmup_steps, dtype, workdir)
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": device_name(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "dtype": dtype,
+        "batch": 1,
+    }
+    print(json.dumps(meta), flush=True)
+    started = time.perf_counter()
+    records: list[dict] = []
+    for job in jobs:
+        if job.gpus > gpus:
+            print(f"skip {job.key}: needs {job.gpus} GPUs", flush=True)
+            continue
+        if time.perf_counter() - started > args.time_budget_s:
+            print(f"skip {job.key}: time budget spent", flush=True)
+            continue
+        begin = time.perf_counter()
+        try:
+            result = (
+                spawn_group(_run_job, job.gpus, (job, settings), timeout_s=1800)
+                if job.gpus > 1
+                else _run_in_subprocess(job, settings)
+            )
+        except Exception as error:  # one failing job must not lose the others' numbers
+            print(f"FAILED {job.key}: {str(error)[-3000:]}", flush=True)
+            continue
+        for record in result:
+            print(
+                f"{job.key} {record['resolution']}px: {record['seconds']:.3f} s "
+                f"(warmup {record['warmup_s']} s, load {record['load_s']} s, job {time.perf_counter() - begin:.0f} s)",
+                flush=True,
+            )
+        records.extend(result)
+        _write(args.out, records, meta)
+    add_comparisons(records)
+    _write(args.out, records, meta)
+    print_table(records)
+    return 0
+
+
+def _run_in_subprocess(job: Job, settings: Settings) -> list[dict]:
+    """Single-GPU jobs also get a fresh process (a clean compile cache state and allocator)."""
+    return spawn_group(_run_job, 1, (job, settings), timeout_s=1800)
+
+
+def _write(path: Path, records: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**{k: v for k, v in record.items() if k != "latents"}, **meta} for record in records]
+    path.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
