@@ -10,6 +10,7 @@ to the order of keys once RoPE is applied per token, so the global sequence may 
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,11 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxSingleTransformerBlock,
+    _get_qkv_projections,
+)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
@@ -50,25 +55,40 @@ class FluxSequenceParallelProcessor:
         assert sequence_sizes is not None, (
             "call the transformer with joint_attention_kwargs={'sequence_sizes': ...}"
         )
+        query, key, value = self.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        hidden_states = self.attention(query, key, value, sequence_sizes).flatten(2, 3).to(query.dtype)
+        return self.output(attn, hidden_states, encoder_hidden_states)
+
+    @staticmethod
+    def project(
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``(B, S_text + S_image, H, D)``: projected, QK-normed, text first, RoPE applied."""
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, D)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         if attn.added_kv_proj_dim is not None:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)  # (B, S_text + S_image, H, D)
+            query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        return query, key, value
 
-        hidden_states = self.attention(query, key, value, sequence_sizes).flatten(2, 3).to(query.dtype)
-
+    @staticmethod
+    def output(
+        attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if encoder_hidden_states is None:
             return hidden_states
         text_len = encoder_hidden_states.shape[1]
@@ -80,15 +100,47 @@ class FluxSequenceParallelProcessor:
         return hidden_states, encoder_hidden_states
 
 
+def _overlapped_single_block_forward(
+    self: FluxSingleTransformerBlock,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxSingleTransformerBlock.forward`` with one change of order: the attention's first transfer is
+    started before the MLP branch, which does not depend on attention, so the MLP GEMM hides the transfer.
+    Same operations, same results."""
+    text_seq_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    processor: FluxSequenceParallelProcessor = self.attn.processor
+    sizes = joint_attention_kwargs["sequence_sizes"]
+    query, key, value = processor.project(self.attn, norm_hidden_states, None, image_rotary_emb)
+    pending = processor.attention.begin(query, key, value, sizes)
+    mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
+    attn_output = processor.attention.end(query, pending, sizes).flatten(2, 3).to(query.dtype)
+    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+    hidden_states = gate.unsqueeze(1) * self.proj_out(hidden_states)
+    hidden_states = residual + hidden_states
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
 def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attention: str = "auto") -> None:
     """Make every attention of a ``FluxTransformer2DModel`` sequence-parallel over ``state``'s ring x
-    ulysses group. The rest of the model is token-wise and runs unchanged on the shard."""
+    ulysses group. The rest of the model is token-wise and runs unchanged on the shard, except that single
+    blocks start their attention transfer before computing their (independent) MLP branch."""
     if state.sp.size == 1:
         return
     processor = FluxSequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
             module.set_processor(processor)
+        if isinstance(module, FluxSingleTransformerBlock):
+            module.forward = types.MethodType(_overlapped_single_block_forward, module)
 
 
 @dataclass(frozen=True)

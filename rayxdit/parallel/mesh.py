@@ -76,7 +76,11 @@ class AxisGroup:
 
     @property
     def prev_rank(self) -> int:
-        return self.ranks[(self.index - 1) % self.size]
+        return self.ranks[self.prev_index]
+
+    @property
+    def prev_index(self) -> int:
+        return (self.index - 1) % self.size
 
 
 @dataclass(frozen=True)
