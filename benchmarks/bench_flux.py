@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +71,62 @@ class Settings:
     warmup_steps: int
     dtype: str
     workdir: str
-    extra: dict = field(default_factory=dict)
+    profile_steps: int = 0
+
+
+KERNEL_CATEGORIES = (
+    ("nccl", ("nccl",)),
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "triton_tem", "cublas")),
+    ("copy", ("copy", "memcpy", "cat", "elementwise")),
+    ("triton", ("triton",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(needle in lowered for needle in needles):
+            return category
+    return "other"
+
+
+def profile_denoise(
+    adapter: FluxAdapter, req: ResolvedRequest, conditions: dict, device: torch.device
+) -> dict:
+    """GPU kernel time by category over ``req.steps`` steps, against the wall time of those steps: where
+    the time goes (compute vs communication) and how much of the communication is hidden."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        begin = time.perf_counter()
+        adapter.denoise(req, conditions)
+        _synchronize(device)
+        wall_ms = 1000 * (time.perf_counter() - begin)
+    totals: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_ms = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0)) / 1000
+        if device_ms <= 0 or event.key.startswith(
+            ("ProfilerStep", "aten::", "cuda", "rayxdit::", "Torch-Compiled")
+        ):
+            continue
+        category = kernel_category(event.key)
+        totals[category] = totals.get(category, 0.0) + device_ms
+        top[event.key[:90]] = device_ms
+    steps = req.steps
+    compute = sum(v for k, v in totals.items() if k != "nccl")
+    return {
+        "wall_ms_per_step": round(wall_ms / steps, 2),
+        "kernel_ms_per_step": {
+            k: round(v / steps, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+        },
+        "compute_ms_per_step": round(compute / steps, 2),
+        "exposed_ms_per_step": round((wall_ms - compute) / steps, 2),
+        "top_kernels_ms_per_step": {
+            k: round(v / steps, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]
+        },
+    }
 
 
 def sdpa_context(attention: str):
@@ -164,6 +219,13 @@ def _run_job(rank: int, world_size: int, init_method: str, job: Job, settings: S
             latents = adapter.denoise(req, conditions)
             _synchronize(device)
             seconds = time.perf_counter() - begin
+            profile = None
+            if settings.profile_steps and device.type == "cuda":
+                steps = settings.profile_steps
+                profiled = ResolvedRequest(
+                    request.model_copy(update={"steps": steps}), resolution, resolution, steps
+                )
+                profile = profile_denoise(adapter, profiled, conditions, device)
         peak = torch.tensor(
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0, device=device
         )
@@ -190,6 +252,7 @@ def _run_job(rank: int, world_size: int, init_method: str, job: Job, settings: S
                     "image_tokens": latents.shape[1],
                     "text_tokens": text_tokens,
                     "latents": str(path),
+                    **({"profile": profile} if profile else {}),
                 }
             )
         # A job's second resolution reuses the loaded (and compiled) model.
@@ -338,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         gpus = max(job.gpus for job in jobs)
     workdir = tempfile.mkdtemp(prefix="rayxdit-bench-")
-    settings = Settings(args.preset, args.resolutions, args.steps, args.warmup_steps, dtype, workdir)
+    settings = Settings(
+        args.preset, args.resolutions, args.steps, args.warmup_steps, dtype, workdir, args.profile_steps
+    )
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": device_name(),
@@ -379,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     add_comparisons(records)
     _write(args.out, records, meta)
     print_table(records)
+    for record in records:
+        if "profile" in record:
+            print(
+                f"profile {record['impl']} {record['config']} {record['resolution']}px: {json.dumps(record['profile'])}"
+            )
     return 0
 
 

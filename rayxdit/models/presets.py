@@ -180,6 +180,7 @@ FLUX_DEV = FluxSizes(
         axes_dims_rope=(16, 56, 56),
     ),
     t5=dict(
+        vocab_size=32128,
         d_model=4096,
         d_kv=64,
         d_ff=10240,
@@ -275,11 +276,9 @@ def build_flux_pipeline(
             pad_token_id=1,
             **sizes.clip,
         )
-        t5_config = T5Config(
-            vocab_size=max(len(t5_tokenizer), 32128 if sizes is FLUX_DEV else 0),
-            decoder_start_token_id=0,
-            **sizes.t5,
-        )
+        # Full-size presets keep T5's real vocabulary (its embedding is 0.13B parameters); tiny ones use the
+        # tokenizer's.
+        t5_config = T5Config(**{"vocab_size": len(t5_tokenizer), "decoder_start_token_id": 0, **sizes.t5})
         factories["text_encoder"] = lambda: CLIPTextModel(clip_config)
         factories["text_encoder_2"] = lambda: T5EncoderModel(t5_config)
     if with_vae:

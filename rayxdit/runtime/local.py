@@ -49,7 +49,7 @@ def encode_images(result: GenerateResult) -> GenerateResult:
     encoded = []
     for image in result.images:
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=1)  # ~5x faster than the default, ~20% larger
         encoded.append(buffer.getvalue())
     return GenerateResult(images=encoded, latents=result.latents, timings=result.timings)
 

@@ -6,6 +6,7 @@ and the OpenAPI docs at ``/docs``. Every error is ``{"error": {"message", "type"
 """
 
 import base64
+import json
 import secrets
 import time
 import uuid
@@ -208,6 +209,7 @@ class Router:
         self._authorize(request)
         result, info = await self._generate(body)
         headers = {
+            "X-Rayxdit-Timings": json.dumps(info["timings"]),
             "X-Rayxdit-Pool": info["pool"],
             "X-Rayxdit-Seed": str(info["seed"]),
             "X-Rayxdit-Cost": str(info["cost"]),
