@@ -387,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, profile this many steps on rank 0 (GPU kernel time by category)",
+    )
+    parser.add_argument(
         "--time-budget-s",
         type=float,
         default=1e9,
