@@ -138,8 +138,12 @@ class DiffusionAdapter(ABC):
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
     def compile(self) -> None:
-        """torch.compile the transformer's repeated blocks (regional: one compile per block type)."""
-        self.transformer.compile_repeated_blocks(fullgraph=True)
+        """torch.compile the transformer's repeated blocks (regional: one compile per block type).
+
+        Inductor's peak-memory reordering is off: it would move independent work (Flux's MLP branch) past the
+        end of an in-flight attention transfer, which is exactly the work meant to hide that transfer.
+        """
+        self.transformer.compile_repeated_blocks(fullgraph=True, options={"reorder_for_peak_memory": False})
 
     @property
     def transformer(self) -> torch.nn.Module:

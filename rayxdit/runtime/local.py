@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rayxdit.config import ConfigError, EngineConfig
+from rayxdit.imaging import encode_png
 from rayxdit.request import GenerateRequest, GenerateResult
 
 MAX_LOCAL_CPU_RANKS = 64
@@ -46,11 +47,7 @@ def check_launchable(world_size: int) -> None:
 
 def encode_images(result: GenerateResult) -> GenerateResult:
     """PNG bytes cross process boundaries more cheaply and safely than PIL objects."""
-    encoded = []
-    for image in result.images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)  # ~5x faster than the default, ~20% larger
-        encoded.append(buffer.getvalue())
+    encoded = [encode_png(image) for image in result.images]
     return GenerateResult(images=encoded, latents=result.latents, timings=result.timings)
 
 

@@ -1,0 +1,50 @@
+"""PNG encoding for responses, tuned for latency rather than size.
+
+Pillow's encoder tries every row filter and compresses everything; on a 1024x1024 image that costs 20 ms for
+a smooth picture and ~100 ms for a noisy one (zlib gains nothing there). Here rows are left unfiltered and a
+sample decides whether zlib is worth running at all, so encoding never dominates serving overhead.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SAMPLE_ROWS = 64
+WORTH_COMPRESSING = 0.9  # compressed/raw ratio of the sample below which zlib runs on the whole image
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """An 8-bit RGB (or grayscale/RGBA) PNG of ``image`` that any decoder reads."""
+    pixels = np.asarray(
+        image.convert("RGB")
+        if isinstance(image, Image.Image) and image.mode not in ("RGB", "RGBA", "L")
+        else image
+    )
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"encode_png takes 8-bit images, got {pixels.dtype}")
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    color_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter byte 0 (None) per row
+    rows[:, 1:] = pixels.reshape(height, -1)
+    raw = rows.tobytes()
+    sample = raw[: SAMPLE_ROWS * rows.shape[1]]
+    level = 1 if len(zlib.compress(sample, 1)) < WORTH_COMPRESSING * len(sample) else 0
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (
+        SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(raw, level))
+        + _chunk(b"IEND", b"")
+    )
