@@ -25,7 +25,7 @@ PARALLEL_HELP = """how to split ONE image over ranks, as method=degree pairs joi
 "cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; degree must divide
 the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional branch on two
 ranks; needs --negative-prompt and --true-cfg-scale > 1 to pay), pipefusion (transformer blocks as
-pipeline stages). Their product is the number of local processes started (one GPU each on a GPU machine).
+pipeline stages, image patches pipelined through them; combines with cfg and ulysses). Their product is the number of local processes started (one GPU each on a GPU machine).
 Default: one rank."""
 
 
@@ -77,6 +77,19 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
     parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=1,
+        help="PipeFusion: synchronous steps before patches reuse one-step-old keys/values; as many as --steps "
+        "makes PipeFusion exact (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--patches",
+        type=int,
+        default=0,
+        help="PipeFusion: image patches per step (default: one per stage)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("out.png"),
@@ -120,7 +133,14 @@ def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    config = EngineConfig(model=args.model, parallel=parallel, dtype=args.dtype, compile=args.compile)
+    config = EngineConfig(
+        model=args.model,
+        parallel=parallel,
+        dtype=args.dtype,
+        compile=args.compile,
+        pipefusion_patches=args.patches,
+        warmup_steps=args.warmup_steps,
+    )
     (result,) = run_local_group(config, [request], progress=True)
     paths = (
         [args.out]

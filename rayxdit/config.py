@@ -43,6 +43,11 @@ class ParallelConfig:
                 raise ConfigError(f"parallel degree {axis}={degree!r} must be a positive integer")
         if self.cfg > 2:
             raise ConfigError(f"cfg={self.cfg}: CFG parallelism has two branches, so cfg must be 1 or 2")
+        if self.pipefusion > 1 and self.ring > 1:
+            raise ConfigError(
+                f"pipefusion={self.pipefusion} with ring={self.ring}: inside a PipeFusion stage, split tokens with "
+                "ulysses (ring would have to circulate every layer's stale key/value buffer)"
+            )
 
     @property
     def world_size(self) -> int:

@@ -34,7 +34,7 @@ class Engine:
             config.model, state.device, resolve_dtype(config.dtype, state.device)
         )
         # Order matters: parallelism rewrites attention processors, and compile must see the final modules.
-        self.adapter.parallelize(state, config.attention)
+        self.adapter.parallelize(state, config.attention, config.pipefusion_patches, config.warmup_steps)
         if config.compile:
             self.adapter.compile()
 

@@ -52,7 +52,8 @@ def test_parallel_png_equals_single_rank_png(tmp_path):
     [
         ("ulysses=3", "ulysses=3 does not divide the model's 8 attention heads"),
         ("zigzag=2", "unknown parallel method 'zigzag'"),
-        ("ring=2,ulysses=2,cfg=2,pipefusion=16", "pipefusion=16 exceeds the model's 4 transformer blocks"),
+        ("ulysses=2,cfg=2,pipefusion=16", "pipefusion=16 exceeds the model's 4 transformer blocks"),
+        ("pipefusion=2,ring=2", "split tokens with ulysses"),
         ("ring=128", "128 CPU ranks is more than this launcher starts"),
         ("ring=two", "ring='two': the degree must be an integer"),
     ],

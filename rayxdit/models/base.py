@@ -111,6 +111,8 @@ class DiffusionAdapter(ABC):
         self.pipeline = pipeline
         self.limits = limits or ModelLimits.for_pipeline(self.family_limits, model_dir)
         self.state = ParallelState.single(pipeline.device)
+        self.pipefusion_patches = 0
+        self.warmup_steps = 1
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -126,12 +128,21 @@ class DiffusionAdapter(ABC):
         return self.state.device
 
     # ----- parallelism ------------------------------------------------------------------------------------
-    def parallelize(self, state: ParallelState, attention: str = "auto") -> None:
+    def parallelize(
+        self,
+        state: ParallelState,
+        attention: str = "auto",
+        pipefusion_patches: int = 0,
+        warmup_steps: int = 1,
+    ) -> None:
         """Apply the parallel methods of ``state`` to the plain model. Call once, before compiling.
-        ``attention`` picks the GPU kernel of sequence-parallel attention."""
+        ``attention`` picks the GPU kernel of sequence-parallel attention; ``pipefusion_patches`` (0: one per
+        stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion."""
         state.config.check_heads(self.num_heads)
         state.config.check_layers(self.num_layers)
         self.state = state
+        self.pipefusion_patches = pipefusion_patches
+        self.warmup_steps = warmup_steps
         self._parallelize(state, attention)
 
     @abstractmethod
@@ -143,7 +154,11 @@ class DiffusionAdapter(ABC):
         Inductor's peak-memory reordering is off: it would move independent work (Flux's MLP branch) past the
         end of an in-flight attention transfer, which is exactly the work meant to hide that transfer.
         """
-        self.transformer.compile_repeated_blocks(fullgraph=True, options={"reorder_for_peak_memory": False})
+        # PipeFusion's buffered attention runs outside the graph (one break per block).
+        fullgraph = self.state.pipefusion.size == 1
+        self.transformer.compile_repeated_blocks(
+            fullgraph=fullgraph, options={"reorder_for_peak_memory": False}
+        )
 
     @property
     def transformer(self) -> torch.nn.Module:

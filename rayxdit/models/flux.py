@@ -24,12 +24,14 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from tqdm.auto import tqdm
 
 from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
-from rayxdit.parallel.cfg import CONDITIONAL
+from rayxdit.parallel.cfg import CONDITIONAL, apply_guidance, exchange_branches
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.parallel.sequence import shard, split_sizes
+from rayxdit.parallel.pipefusion import WARMUP, KVBuffers, PatchAttention, PatchPlan, StageLink, stage_bounds
+from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
 
 
 class FluxSequenceParallelProcessor:
@@ -129,10 +131,59 @@ def _overlapped_single_block_forward(
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
+class FluxPatchProcessor:
+    """PipeFusion attention of one layer: this unit's fresh keys/values go into the layer's buffer of the
+    whole sequence, and queries attend to all of it (``patch_attention`` arrives via
+    ``joint_attention_kwargs``)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        patch_attention: PatchAttention | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        assert patch_attention is not None, (
+            "PipeFusion stages are called with joint_attention_kwargs['patch_attention']"
+        )
+        query, key, value = FluxSequenceParallelProcessor.project(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb
+        )
+        hidden_states = patch_attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        return FluxSequenceParallelProcessor.output(attn, hidden_states, encoder_hidden_states)
+
+
+def stage_blocks(transformer: torch.nn.Module, state: ParallelState) -> list[torch.nn.Module]:
+    """This PipeFusion stage's share of the blocks (double blocks first, then single, in model order)."""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    start, end = stage_bounds(len(blocks), state.pipefusion.size, state.pipefusion.index)
+    return blocks[start:end]
+
+
 def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attention: str = "auto") -> None:
-    """Make every attention of a ``FluxTransformer2DModel`` sequence-parallel over ``state``'s ring x
-    ulysses group. The rest of the model is token-wise and runs unchanged on the shard, except that single
-    blocks start their attention transfer before computing their (independent) MLP branch."""
+    """Apply ``state``'s parallelism to a ``FluxTransformer2DModel`` in place.
+
+    Sequence parallel (ring x ulysses): every attention becomes sequence-parallel; the rest of the model is
+    token-wise and runs unchanged on the shard, except that single blocks start their attention transfer
+    before computing their (independent) MLP branch. PipeFusion: the model keeps only this stage's blocks
+    (memory drops with the stage count) and their attention reads and writes per-layer buffers.
+    """
+    if state.pipefusion.size > 1:
+        kept = stage_blocks(transformer, state)
+        transformer.transformer_blocks = torch.nn.ModuleList(
+            [b for b in transformer.transformer_blocks if any(b is k for k in kept)]
+        )
+        transformer.single_transformer_blocks = torch.nn.ModuleList(
+            [b for b in transformer.single_transformer_blocks if any(b is k for k in kept)]
+        )
+        for layer, block in enumerate(kept):
+            block.attn.set_processor(FluxPatchProcessor(layer))
+        return
     if state.sp.size == 1:
         return
     processor = FluxSequenceParallelProcessor(SequenceParallelAttention(state, attention))
@@ -196,13 +247,20 @@ class FluxAdapter(DiffusionAdapter):
         """This rank's shard of text embeddings ``[B, text, joint_dim]`` (T5) and pooled ``[B, dim]`` (CLIP)."""
         if text_ids is None:
             text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype)
-        sp = self.state.sp
+        parts, index = self._token_split()
         return FluxCondition(
-            prompt_embeds=shard(embeds, 1, sp.size, sp.index),
+            prompt_embeds=shard(embeds, 1, parts, index),
             pooled=pooled,
-            text_ids=shard(text_ids, 0, sp.size, sp.index),
-            text_sizes=tuple(split_sizes(embeds.shape[1], sp.size)),
+            text_ids=shard(text_ids, 0, parts, index),
+            text_sizes=tuple(split_sizes(embeds.shape[1], parts)),
         )
+
+    def _token_split(self) -> tuple[int, int]:
+        """How sequences are cut for this rank up front: sequence-parallel shards, or (PipeFusion, which
+        picks tokens per unit of work) not at all."""
+        if self.state.pipefusion.size > 1:
+            return 1, 0
+        return self.state.sp.size, self.state.sp.index
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
@@ -217,10 +275,10 @@ class FluxAdapter(DiffusionAdapter):
             self.device,
             generators,
         )
-        sp = self.state.sp
+        parts, index = self._token_split()
         positions = FluxPositions(
-            image_ids=shard(image_ids, 0, sp.size, sp.index),
-            image_sizes=tuple(split_sizes(latents.shape[1], sp.size)),
+            image_ids=shard(image_ids, 0, parts, index),
+            image_sizes=tuple(split_sizes(latents.shape[1], parts)),
         )
         return latents, positions
 
@@ -269,6 +327,168 @@ class FluxAdapter(DiffusionAdapter):
             joint_attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0]
+
+    # ----- PipeFusion ------------------------------------------------------------------------------------
+    def denoise(
+        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool = False
+    ) -> torch.Tensor:
+        if self.state.pipefusion.size == 1:
+            return super().denoise(req, conditions, progress)
+        return self._denoise_pipefusion(req, conditions, progress)
+
+    def _stage_forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: FluxCondition,
+        positions: FluxPositions,
+        req: ResolvedRequest,
+        text_index: torch.Tensor,
+        image_index: torch.Tensor,
+        attention: PatchAttention,
+        link: StageLink,
+    ) -> torch.Tensor:
+        """This stage's blocks on one unit: latent rows in (first stage) or the previous stage's
+        ``[B, text + image, dim]`` activations; noise rows out (last stage) or activations."""
+        model = self.transformer
+        if link.is_first:
+            hidden = model.x_embedder(x)
+            encoder = model.context_embedder(cond.prompt_embeds.index_select(1, text_index))
+        else:
+            encoder, hidden = x.split_with_sizes([len(text_index), x.shape[1] - len(text_index)], dim=1)
+        batch = hidden.shape[0]
+        # The same casts as FluxTransformer2DModel.forward, so warm-up steps match one rank exactly.
+        time = (timestep.expand(batch).to(self.transformer.dtype) / 1000).to(hidden.dtype) * 1000
+        if model.config.guidance_embeds:
+            guidance = torch.full([1], req.request.guidance, device=self.device, dtype=torch.float32).expand(
+                batch
+            )
+            temb = model.time_text_embed(time, guidance.to(hidden.dtype) * 1000, cond.pooled)
+        else:
+            temb = model.time_text_embed(time, cond.pooled)
+        ids = torch.cat(
+            [cond.text_ids.index_select(0, text_index), positions.image_ids.index_select(0, image_index)]
+        )
+        rotary = model.pos_embed(ids)
+        # After parallelize_flux the model holds only this stage's blocks, in order.
+        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+            encoder, hidden = block(
+                hidden_states=hidden,
+                encoder_hidden_states=encoder,
+                temb=temb,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs={"patch_attention": attention},
+            )
+        if link.is_last:
+            return model.proj_out(model.norm_out(hidden, temb))
+        return torch.cat([encoder, hidden], dim=1)
+
+    def _denoise_pipefusion(
+        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool
+    ) -> torch.Tensor:
+        state, request = self.state, req.request
+        link = StageLink(state.pipefusion)
+        branches = tuple(conditions)
+        latents, positions = self.initial_latents(req)
+        text_len = next(iter(conditions.values())).prompt_embeds.shape[1]
+        plan = PatchPlan(
+            text_len, latents.shape[1], self.pipefusion_patches or state.pipefusion.size, state.sp.size
+        )
+        buffers = KVBuffers(text_len + latents.shape[1])
+        scheduler, timesteps = self.make_scheduler(req, latents.shape[1])
+        if scheduler.order != 1:
+            raise ValueError("PipeFusion steps patches one at a time: it needs a first-order scheduler")
+        warmup = max(1, self.warmup_steps)
+        width = self.transformer.inner_dim
+        device = self.device
+
+        def units(step: int) -> list[int]:
+            return [WARMUP] if step < warmup else list(range(plan.patches))
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        for step, t in enumerate(tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise")):
+            for unit in units(step):
+                text_index, image_index = (
+                    index(plan.text(unit, state.sp.index)),
+                    index(plan.image(unit, state.sp.index)),
+                )
+                if link.is_first and step > 0:
+                    # The last stage's update of these rows in the previous step; after warm-up, all rows
+                    # arrive at once before the first patch.
+                    previous = units(step - 1)
+                    needed = [unit] if previous == units(step) else previous if unit == 0 else []
+                    for done in needed:
+                        rows = index(plan.image(done, state.sp.index))
+                        latents[:, rows] = link.recv_prev(
+                            (latents.shape[0], len(rows), latents.shape[2]), latents
+                        )
+                attention_of = {
+                    branch: PatchAttention(
+                        buffers,
+                        branch,
+                        index(plan.group_canonical(unit, range(state.sp.size))),
+                        tuple(plan.sizes(unit)),
+                        state.ulysses,
+                    )
+                    for branch in branches
+                }
+                predictions = {}
+                for branch in branches:
+                    if link.is_first:
+                        x = latents.index_select(1, image_index)
+                    else:
+                        x = link.recv_prev(
+                            (latents.shape[0], len(text_index) + len(image_index), width), latents
+                        )
+                    out = self._stage_forward(
+                        x,
+                        t,
+                        conditions[branch],
+                        positions,
+                        req,
+                        text_index,
+                        image_index,
+                        attention_of[branch],
+                        link,
+                    )
+                    if link.is_last:
+                        predictions[branch] = out
+                    else:
+                        link.send_next(out)
+                if not link.is_last:
+                    continue
+                if not request.uses_true_cfg:
+                    noise = predictions[CONDITIONAL]
+                elif state.cfg.size > 1:
+                    noise = apply_guidance(
+                        *exchange_branches(predictions[branches[0]], state.cfg), request.true_cfg_scale
+                    )
+                else:
+                    noise = apply_guidance(predictions[0], predictions[1], request.true_cfg_scale)
+                # A first-order scheduler updates element-wise: step each unit's rows with this step's sigmas.
+                scheduler._step_index = step
+                rows = scheduler.step(noise, t, latents.index_select(1, image_index), return_dict=False)[0]
+                latents[:, image_index] = rows
+                link.send_next(rows)
+        if link.is_first:
+            for unit in units(len(timesteps) - 1):
+                rows = index(plan.image(unit, state.sp.index))
+                latents[:, rows] = link.recv_prev((latents.shape[0], len(rows), latents.shape[2]), latents)
+        link.drain()
+        # Every rank of this stage group now holds its own tokens' final rows; rank 0 (first stage) gathers.
+        mine = index(plan.image(WARMUP, state.sp.index))
+        gathered = gather_shards(
+            latents.index_select(1, mine),
+            1,
+            state.sp,
+            [len(plan.image(WARMUP, r)) for r in range(state.sp.size)],
+        )
+        order = torch.cat([index(plan.image(WARMUP, r)) for r in range(state.sp.size)])
+        final = torch.empty_like(latents)
+        final[:, order] = gathered
+        return final
 
     def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
         pipe = self.pipeline

@@ -42,11 +42,14 @@ def test_world_size_and_heads_errors_spell_out_the_product():
 
 
 def test_rank_layout_roundtrip_and_ulysses_innermost():
-    config = ParallelConfig(cfg=2, pipefusion=2, ring=2, ulysses=2)
+    config = ParallelConfig(cfg=2, pipefusion=2, ulysses=4)
     for rank in range(config.world_size):
         assert coords_rank(config, rank_coords(config, rank)) == rank
     assert rank_coords(config, 1) == {"cfg": 0, "pipefusion": 0, "ring": 0, "ulysses": 1}
+    assert rank_coords(config, 4) == {"cfg": 0, "pipefusion": 1, "ring": 0, "ulysses": 0}
     assert rank_coords(config, 8) == {"cfg": 1, "pipefusion": 0, "ring": 0, "ulysses": 0}
+    usp = ParallelConfig(ring=2, ulysses=2)
+    assert [rank_coords(usp, r)["ring"] for r in range(4)] == [0, 0, 1, 1]
 
 
 def test_axis_groups_partition_the_world():
