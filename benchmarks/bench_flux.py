@@ -293,12 +293,14 @@ def default_jobs(gpus: int) -> list[Job]:
     jobs = [Job("single", "single", compile=True)]
     if gpus >= 2:
         jobs += [
-            Job("rayxdit", "ring=2", compile=True, gpus=2),
             Job("rayxdit", "ulysses=2", compile=True, gpus=2),
+            Job("rayxdit", "ring=2", compile=True, gpus=2),
             Job("rayxdit", "cfg=2", compile=True, cfg=True, gpus=2, resolutions=(1024,)),
             Job("single", "single", compile=True, cfg=True, resolutions=(1024,)),
             Job("diffusers", "ring=2", compile=False, gpus=2),
             Job("diffusers", "ulysses=2", compile=False, gpus=2),
+            # PipeFusion: 2 stages, 2 patches, 1 synchronous warm-up step (then one-step-old keys/values).
+            Job("rayxdit", "pipefusion=2", compile=True, gpus=2),
         ]
     if gpus >= 4:
         jobs += [

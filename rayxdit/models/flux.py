@@ -30,7 +30,15 @@ from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL, apply_guidance, exchange_branches
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.parallel.pipefusion import WARMUP, KVBuffers, PatchAttention, PatchPlan, StageLink, stage_bounds
+from rayxdit.parallel.pipefusion import (
+    WARMUP,
+    PatchPlan,
+    StageLink,
+    allocate_kv_buffers,
+    patch_attention,
+    release_kv_buffers,
+    stage_bounds,
+)
 from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
 
 
@@ -132,12 +140,12 @@ def _overlapped_single_block_forward(
 
 
 class FluxPatchProcessor:
-    """PipeFusion attention of one layer: this unit's fresh keys/values go into the layer's buffer of the
-    whole sequence, and queries attend to all of it (``patch_attention`` arrives via
-    ``joint_attention_kwargs``)."""
+    """PipeFusion attention: this unit's fresh keys/values go into the layer's buffers of the whole
+    sequence (on the attention module), and queries attend to all of it. The unit arrives as
+    ``joint_attention_kwargs={"patch": {"branch", "positions", "sizes"}}``."""
 
-    def __init__(self, layer: int):
-        self.layer = layer
+    def __init__(self, ulysses_group: str):
+        self.ulysses_group = ulysses_group
 
     def __call__(
         self,
@@ -146,15 +154,24 @@ class FluxPatchProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        patch_attention: PatchAttention | None = None,
+        patch: dict[str, Any] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        assert patch_attention is not None, (
-            "PipeFusion stages are called with joint_attention_kwargs['patch_attention']"
-        )
+        assert patch is not None, "PipeFusion stages are called with joint_attention_kwargs={'patch': ...}"
         query, key, value = FluxSequenceParallelProcessor.project(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb
         )
-        hidden_states = patch_attention(self.layer, query, key, value).flatten(2, 3).to(query.dtype)
+        hidden_states = patch_attention(
+            query,
+            key,
+            value,
+            attn.rayxdit_keys,
+            attn.rayxdit_values,
+            patch["branch"],
+            patch["positions"],
+            list(patch["sizes"]),
+            self.ulysses_group,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         return FluxSequenceParallelProcessor.output(attn, hidden_states, encoder_hidden_states)
 
 
@@ -181,8 +198,11 @@ def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attenti
         transformer.single_transformer_blocks = torch.nn.ModuleList(
             [b for b in transformer.single_transformer_blocks if any(b is k for k in kept)]
         )
-        for layer, block in enumerate(kept):
-            block.attn.set_processor(FluxPatchProcessor(layer))
+        processor = FluxPatchProcessor(
+            state.ulysses.group.group_name if state.ulysses.group is not None else ""
+        )
+        for block in kept:
+            block.attn.set_processor(processor)
         return
     if state.sp.size == 1:
         return
@@ -336,6 +356,10 @@ class FluxAdapter(DiffusionAdapter):
             return super().denoise(req, conditions, progress)
         return self._denoise_pipefusion(req, conditions, progress)
 
+    def _blocks(self) -> list[torch.nn.Module]:
+        """After parallelize_flux the model holds only this stage's blocks, in order."""
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
     def _stage_forward(
         self,
         x: torch.Tensor,
@@ -345,7 +369,7 @@ class FluxAdapter(DiffusionAdapter):
         req: ResolvedRequest,
         text_index: torch.Tensor,
         image_index: torch.Tensor,
-        attention: PatchAttention,
+        unit: dict[str, Any],
         link: StageLink,
     ) -> torch.Tensor:
         """This stage's blocks on one unit: latent rows in (first stage) or the previous stage's
@@ -370,14 +394,13 @@ class FluxAdapter(DiffusionAdapter):
             [cond.text_ids.index_select(0, text_index), positions.image_ids.index_select(0, image_index)]
         )
         rotary = model.pos_embed(ids)
-        # After parallelize_flux the model holds only this stage's blocks, in order.
-        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        for block in self._blocks():
             encoder, hidden = block(
                 hidden_states=hidden,
                 encoder_hidden_states=encoder,
                 temb=temb,
                 image_rotary_emb=rotary,
-                joint_attention_kwargs={"patch_attention": attention},
+                joint_attention_kwargs={"patch": unit},
             )
         if link.is_last:
             return model.proj_out(model.norm_out(hidden, temb))
@@ -394,7 +417,17 @@ class FluxAdapter(DiffusionAdapter):
         plan = PatchPlan(
             text_len, latents.shape[1], self.pipefusion_patches or state.pipefusion.size, state.sp.size
         )
-        buffers = KVBuffers(text_len + latents.shape[1])
+        attentions = [block.attn for block in self._blocks()]
+        heads = self.transformer.config.num_attention_heads // state.ulysses.size
+        allocate_kv_buffers(
+            attentions,
+            len(branches),
+            latents.shape[0],
+            heads,
+            text_len + latents.shape[1],
+            self.transformer.config.attention_head_dim,
+            latents,
+        )
         scheduler, timesteps = self.make_scheduler(req, latents.shape[1])
         if scheduler.order != 1:
             raise ValueError("PipeFusion steps patches one at a time: it needs a first-order scheduler")
@@ -424,15 +457,9 @@ class FluxAdapter(DiffusionAdapter):
                         latents[:, rows] = link.recv_prev(
                             (latents.shape[0], len(rows), latents.shape[2]), latents
                         )
-                attention_of = {
-                    branch: PatchAttention(
-                        buffers,
-                        branch,
-                        index(plan.group_canonical(unit, range(state.sp.size))),
-                        tuple(plan.sizes(unit)),
-                        state.ulysses,
-                    )
-                    for branch in branches
+                unit_info = {
+                    "positions": index(plan.group_canonical(unit, range(state.sp.size))),
+                    "sizes": tuple(plan.sizes(unit)),
                 }
                 predictions = {}
                 for branch in branches:
@@ -450,7 +477,7 @@ class FluxAdapter(DiffusionAdapter):
                         req,
                         text_index,
                         image_index,
-                        attention_of[branch],
+                        {**unit_info, "branch": branches.index(branch)},
                         link,
                     )
                     if link.is_last:
@@ -477,6 +504,7 @@ class FluxAdapter(DiffusionAdapter):
                 rows = index(plan.image(unit, state.sp.index))
                 latents[:, rows] = link.recv_prev((latents.shape[0], len(rows), latents.shape[2]), latents)
         link.drain()
+        release_kv_buffers(attentions)
         # Every rank of this stage group now holds its own tokens' final rows; rank 0 (first stage) gathers.
         mine = index(plan.image(WARMUP, state.sp.index))
         gathered = gather_shards(

@@ -241,7 +241,8 @@ def usp_attention(
     return ring_attention(q.transpose(1, 2), kv, ring, block_sizes, scale, backend).transpose(1, 2)
 
 
-def _axis_from_name(name: str) -> AxisGroup:
+def axis_from_group_name(name: str) -> AxisGroup:
+    """The :class:`AxisGroup` of a process group known by name (``""``: a group of one)."""
     if not name:
         return AxisGroup(None, (0,), 0)
     group = _resolve_process_group(name)
@@ -264,7 +265,7 @@ def _usp_attention_op(
     backend: str,
 ) -> torch.Tensor:
     return usp_attention(
-        q, k, v, sizes, _axis_from_name(ulysses_group), _axis_from_name(ring_group), scale, backend
+        q, k, v, sizes, axis_from_group_name(ulysses_group), axis_from_group_name(ring_group), scale, backend
     )
 
 
@@ -277,14 +278,16 @@ def _(q, k, v, sizes, ulysses_group, ring_group, scale, backend):
 def _usp_begin_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: list[int], ulysses_group: str, ring_group: str
 ) -> list[torch.Tensor]:
-    pending, works = usp_begin(q, k, v, sizes, _axis_from_name(ulysses_group), _axis_from_name(ring_group))
+    pending, works = usp_begin(
+        q, k, v, sizes, axis_from_group_name(ulysses_group), axis_from_group_name(ring_group)
+    )
     _IN_FLIGHT[pending[-1].data_ptr()] = works
     return pending
 
 
 @_usp_begin_op.register_fake
 def _(q, k, v, sizes, ulysses_group, ring_group):
-    ulysses, ring = _axis_from_name(ulysses_group), _axis_from_name(ring_group)
+    ulysses, ring = axis_from_group_name(ulysses_group), axis_from_group_name(ring_group)
     ulysses_sizes, block_sizes = _group_sizes(sizes, ulysses, ring)
     batch, _, heads, head_dim = q.shape
     if ulysses.size > 1:
@@ -304,7 +307,7 @@ def _usp_end_op(
     backend: str,
 ) -> torch.Tensor:
     works = _IN_FLIGHT.pop(pending[-1].data_ptr())
-    ulysses, ring = _axis_from_name(ulysses_group), _axis_from_name(ring_group)
+    ulysses, ring = axis_from_group_name(ulysses_group), axis_from_group_name(ring_group)
     return usp_end(q, pending, works, sizes, ulysses, ring, scale, backend)
 
 

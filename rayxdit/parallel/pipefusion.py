@@ -15,13 +15,13 @@ written by index, so processing order never matters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rayxdit.parallel.attention import ulysses_gather_heads, ulysses_scatter_heads
+from rayxdit.parallel.attention import axis_from_group_name, ulysses_gather_heads, ulysses_scatter_heads
 from rayxdit.parallel.mesh import AxisGroup
 from rayxdit.parallel.sequence import split_sizes
 
@@ -78,51 +78,62 @@ class PatchPlan:
         return [len(self.canonical(unit, rank)) for rank in range(self.sp_size)]
 
 
-@dataclass
-class KVBuffers:
-    """Keys and values of the whole sequence for every attention layer of this stage, ``(B, H_local,
-    T + N, D)`` each, one set per CFG branch. Lives for one request."""
-
-    total_len: int
-    buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def update(self, key: tuple[int, int], positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write fresh ``(B, H_local, S, D)`` keys/values at canonical ``positions``; return the buffers."""
-        if key not in self.buffers:
-            batch, heads, _, head_dim = k.shape
-            shape = (batch, heads, self.total_len, head_dim)
-            self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
-        keys, values = self.buffers[key]
-        keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
-        return keys, values
+def allocate_kv_buffers(
+    modules: Sequence[torch.nn.Module],
+    branches: int,
+    batch: int,
+    heads: int,
+    total_len: int,
+    head_dim: int,
+    like: torch.Tensor,
+) -> None:
+    """Give every attention module of this stage fresh key/value buffers of the whole sequence,
+    ``(branches, B, H_local, T + N, D)``, for one request. They live on the module so that a compiled
+    block reads them like a parameter: no guard, no recompile per layer or per request."""
+    shape = (branches, batch, heads, total_len, head_dim)
+    for module in modules:
+        module.rayxdit_keys = like.new_zeros(shape)
+        module.rayxdit_values = like.new_zeros(shape)
 
 
-@dataclass(frozen=True)
-class PatchAttention:
-    """What one layer's attention needs to know about the current unit of work."""
+def release_kv_buffers(modules: Sequence[torch.nn.Module]) -> None:
+    for module in modules:
+        module.rayxdit_keys = module.rayxdit_values = None
 
-    buffers: KVBuffers
-    branch: int
-    positions: torch.Tensor  # canonical indices held by this rank's ulysses group, in order
-    sizes: tuple[int, ...]  # joint token count of every ulysses rank in this unit
-    ulysses: AxisGroup
 
-    @torch.compiler.disable
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``[B, S_local, H, D]`` q/k/v of this rank's tokens -> attention output of those tokens over the
-        whole sequence (fresh keys for this unit, buffered ones for the rest)."""
-        if self.ulysses.size > 1:
-            batch = q.shape[0]
-            qkv, _ = ulysses_scatter_heads(torch.cat([q, k, v]), self.ulysses, self.sizes)
-            q, k, v = qkv.permute(1, 2, 0, 3).split(batch)  # (B, H/U, S_group, D)
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        keys, values = self.buffers.update((layer, self.branch), self.positions, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values)
-        if self.ulysses.size > 1:
-            return ulysses_gather_heads(out, self.ulysses, self.sizes)
-        return out.transpose(1, 2)
+@torch.library.custom_op("rayxdit::patch_attention", mutates_args=("keys", "values"))
+def patch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    branch: int,
+    positions: torch.Tensor,
+    sizes: list[int],
+    ulysses_group: str,
+) -> torch.Tensor:
+    """``[B, S_local, H, D]`` q/k/v of this rank's tokens in one unit of work -> their attention over the
+    whole sequence: the unit's fresh keys/values are written into the layer's buffers at their canonical
+    ``positions`` (the ulysses group's tokens, after the all-to-all), the rest are what the buffers hold."""
+    ulysses = axis_from_group_name(ulysses_group)
+    if ulysses.size > 1:
+        batch = q.shape[0]
+        qkv, _ = ulysses_scatter_heads(torch.cat([q, k, v]), ulysses, sizes)
+        q, k, v = qkv.permute(1, 2, 0, 3).split(batch)  # (B, H/U, S_group, D)
+    else:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    keys[branch].index_copy_(2, positions, k)
+    values[branch].index_copy_(2, positions, v)
+    out = F.scaled_dot_product_attention(q, keys[branch], values[branch])
+    if ulysses.size > 1:
+        return ulysses_gather_heads(out, ulysses, sizes)
+    return out.transpose(1, 2).contiguous()
+
+
+@patch_attention.register_fake
+def _(q, k, v, keys, values, branch, positions, sizes, ulysses_group):
+    return torch.empty_like(q)
 
 
 class StageLink:
