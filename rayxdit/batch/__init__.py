@@ -1,0 +1,1 @@
+"""Batch dataset generation: ``python -m rayxdit.batch`` (see :mod:`rayxdit.batch.job`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from rayxdit.batch.job import main
+
+sys.exit(main())

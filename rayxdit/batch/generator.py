@@ -1,0 +1,73 @@
+"""The Ray Data actor: owns a placement group of N GPUs and the worker group in it, generates rows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from rayxdit.batch.manifest import SCHEMA, image_path, record, sha256_file, write_atomically
+from rayxdit.batch.rows import STATUS_FAILED, STATUS_OK
+from rayxdit.config import PoolConfig
+from rayxdit.request import GenerateRequest, RequestError
+from rayxdit.runtime.group import WorkerGroup, WorkerGroupError
+from rayxdit.runtime.placement import pool_bundles
+
+PLACEMENT_TIMEOUT_S = 1800
+
+
+class GroupGenerator:
+    """One member of the Ray Data actor pool. Its worker group lives in a placement group it creates (one
+    bundle per rank, STRICT_PACK), so the pool's size is counted in whole multi-GPU groups."""
+
+    def __init__(self, pool: PoolConfig, output: str, run_id: str, max_attempts: int):
+        self.pool = pool
+        self.output = Path(output)
+        self.run_id = run_id
+        self.max_attempts = max_attempts
+        self.placement = placement_group(pool_bundles(pool), strategy=pool.placement_strategy)
+        ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        self.group = WorkerGroup(pool, placement_group=self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self._generate(row) for row in batch.to_pylist()], schema=SCHEMA)
+
+    def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        request = GenerateRequest.model_validate_json(row["request"])
+        error = None
+        for attempt in range(1, self.max_attempts + 1):
+            begin = time.perf_counter()
+            try:
+                if self.group.broken:
+                    self.group.rebuild()
+                result = self.group.generate(request)
+            except RequestError as problem:  # the model rejected it: no point retrying
+                return record(row, self.run_id, status=STATUS_FAILED, error=str(problem), attempts=attempt)
+            except (WorkerGroupError, Exception) as problem:  # a rank died or hung: rebuild and retry
+                error = f"{type(problem).__name__}: {str(problem).strip().splitlines()[-1] if str(problem).strip() else ''}"
+                continue
+            path = image_path(self.output, row["id"])
+            write_atomically(path, result.images[0])
+            return record(
+                row,
+                self.run_id,
+                status=STATUS_OK,
+                path=str(path.relative_to(self.output)),
+                sha256=sha256_file(path),
+                seconds=round(time.perf_counter() - begin, 4),
+                ranks=self.pool.ranks,
+                attempts=attempt,
+            )
+        return record(row, self.run_id, status=STATUS_FAILED, error=error, attempts=self.max_attempts)
+
+    def __del__(self):
+        try:
+            self.group.shutdown()
+            remove_placement_group(self.placement)
+        except Exception:
+            pass

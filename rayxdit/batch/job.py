@@ -1,0 +1,252 @@
+"""``python -m rayxdit.batch``: generate a dataset of images from a table of prompts.
+
+    python -m rayxdit.batch --input prompts.jsonl --output out/ --model tiny-flux --accelerator cpu
+    ray job submit --working-dir . -- python -m rayxdit.batch --input prompts.parquet --output /data/out \\
+        --model black-forest-labs/FLUX.1-dev --parallel ulysses=2 --pools 4
+
+Ray Data reads and validates the rows (pyarrow), the driver plans what is left to do, and a pool of actors,
+each driving one multi-GPU worker group in its own placement group, generates the images. Finished rows
+stream back to the driver, which writes manifest parts as they come; a rerun of the same command after a
+crash or Ctrl-C continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "status", "error", "request")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rayxdit.batch",
+        description="Generate one image per input row with Ray Data; writes OUTPUT/images/<id>.png and "
+        "OUTPUT/manifest.parquet. Rerun the same command to resume after a crash or Ctrl-C.",
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="prompts: .parquet, .jsonl or .csv with a 'prompt' column "
+        "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="output directory (created if missing)")
+    parser.add_argument("--model", default="tiny-flux", help="preset, local pipeline directory or hub id")
+    parser.add_argument("--parallel", default="ulysses=2", help="how each image is split over a pool's ranks")
+    parser.add_argument("--pools", type=int, default=1, help="worker groups generating at once (default: 1)")
+    parser.add_argument(
+        "--accelerator",
+        choices=["gpu", "cpu"],
+        default=None,
+        help="gpu: one GPU per rank; cpu: gloo on CPU (default: gpu if the cluster has GPUs)",
+    )
+    parser.add_argument("--cpus-per-rank", type=float, default=1.0, help="logical CPUs reserved per rank")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=2,
+        help="tries per row when a worker group fails; then the row is recorded as failed",
+    )
+    parser.add_argument("--rows-per-part", type=int, default=16, help="finished rows per manifest part file")
+    parser.add_argument(
+        "--request-timeout-s", type=float, default=1800.0, help="a row running longer is a hang"
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local one)"
+    )
+    return parser
+
+
+def normalize_batch(batch, limits):
+    """Ray Data stage: raw input rows -> rows with id, seed, status (``invalid`` + reason when bad) and the
+    validated request."""
+    import pyarrow as pa
+
+    from rayxdit.batch.rows import normalize
+
+    rows = [normalize(row, limits) for row in batch.to_pylist()]
+    return pa.Table.from_pylist([{key: row[key] for key in ROW_COLUMNS} for row in rows], schema=row_schema())
+
+
+def row_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("negative_prompt", pa.string()),
+            ("seed", pa.int64()),
+            ("size", pa.string()),
+            ("steps", pa.int64()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("request", pa.string()),
+        ]
+    )
+
+
+def read_rows(path: str, limits) -> list[dict[str, Any]]:
+    """Every input row, normalized, in input order, each id once (duplicate rows would be the same image)."""
+    import ray.data
+
+    from rayxdit.batch.rows import input_format
+
+    kind = input_format(path)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # manifest in input order
+    reader = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}[kind]
+    dataset = reader(path).map_batches(normalize_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow")
+    seen: dict[str, dict[str, Any]] = {}
+    for row in dataset.iter_rows():
+        seen.setdefault(row["id"], dict(row))
+    return list(seen.values())
+
+
+def plan(rows: list[dict[str, Any]], output: Path, run_id: str) -> tuple[list, list, dict[str, int]]:
+    """Split rows into records settled now (done before, adopted, invalid) and rows left to generate."""
+    from rayxdit.batch.manifest import image_path, load_records, record, remove_partial_files, sha256_file
+    from rayxdit.batch.rows import STATUS_INVALID, STATUS_OK
+
+    remove_partial_files(output)
+    previous = load_records(output)
+    settled, pending = [], []
+    counts = {"done_before": 0, "adopted": 0, "invalid": 0}
+    for row in rows:
+        earlier = previous.get(row["id"])
+        path = image_path(output, row["id"])
+        if earlier is not None and (
+            (earlier["status"] == STATUS_OK and path.exists()) or earlier["status"] == STATUS_INVALID
+        ):
+            counts["done_before"] += 1
+        elif row["status"] == STATUS_INVALID:
+            settled.append(record(row, run_id, status=STATUS_INVALID, error=row["error"]))
+            counts["invalid"] += 1
+        elif path.exists():  # written before a crash took its manifest part: adopt it, do not redo it
+            settled.append(
+                record(
+                    row,
+                    run_id,
+                    status=STATUS_OK,
+                    path=str(path.relative_to(output)),
+                    sha256=sha256_file(path),
+                    recovered=True,
+                )
+            )
+            counts["adopted"] += 1
+        else:
+            pending.append(row)
+    return settled, pending, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import pyarrow as pa
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from rayxdit.batch.generator import GroupGenerator
+    from rayxdit.batch.manifest import consolidate, load_records, write_part
+    from rayxdit.batch.rows import STATUS_OK
+    from rayxdit.config import ConfigError, PoolConfig
+    from rayxdit.models.registry import describe_model
+
+    try:
+        pool = PoolConfig(
+            name="batch",
+            model=args.model,
+            parallel=args.parallel,
+            accelerator=args.accelerator or "gpu",
+            cpus_per_rank=args.cpus_per_rank,
+            dtype=args.dtype,
+            compile=args.compile,
+            request_timeout_s=args.request_timeout_s,
+        )
+        info = describe_model(args.model)
+        pool.parallel_config.check_heads(info.num_heads)
+    except (ConfigError, ValueError) as error:
+        print(f"rayxdit batch: error: {error}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address, logging_level="warning")
+    if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < pool.ranks:
+        pool = pool.model_copy(update={"accelerator": "cpu"})
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    begin = time.perf_counter()
+
+    rows = read_rows(args.input, info.limits)
+    settled, pending, counts = plan(rows, output, run_id)
+    write_part(output, settled, run_id)
+    print(
+        f"rayxdit batch: {len(rows)} rows; {counts['done_before']} done before, {counts['adopted']} adopted, "
+        f"{counts['invalid']} invalid, {len(pending)} to generate on {args.pools} x {pool.ranks} "
+        f"{pool.accelerator.upper()} rank(s) ({pool.parallel})",
+        flush=True,
+    )
+
+    generated = failed = 0
+    interrupted = False
+    if pending:
+        from rayxdit.batch.manifest import SCHEMA
+
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(pending, schema=row_schema())).map_batches(
+            GroupGenerator,
+            fn_constructor_kwargs={
+                "pool": pool,
+                "output": str(output),
+                "run_id": run_id,
+                "max_attempts": args.max_attempts,
+            },
+            concurrency=args.pools,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0.1,
+        )
+        buffer: list[dict[str, Any]] = []
+        progress = tqdm(total=len(pending), unit="img", desc="generate", dynamic_ncols=True)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for finished in batch.cast(SCHEMA).to_pylist():
+                    buffer.append(finished)
+                    generated += finished["status"] == STATUS_OK
+                    failed += finished["status"] != STATUS_OK
+                    progress.update(1)
+                    progress.set_postfix(ok=generated, failed=failed)
+                if len(buffer) >= args.rows_per_part:
+                    write_part(output, buffer, run_id)
+                    buffer = []
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            write_part(output, buffer, run_id)
+            progress.close()
+
+    best = load_records(output)
+    ordered = [best[row["id"]] for row in rows if row["id"] in best]
+    manifest = consolidate(output, ordered)
+    elapsed = time.perf_counter() - begin
+    missing = len(rows) - len(ordered)
+    print(
+        f"rayxdit batch: {generated} generated, {failed} failed, {counts['done_before']} done before, "
+        f"{counts['adopted']} adopted, {counts['invalid']} invalid; {generated / elapsed:.2f} images/s over "
+        f"{elapsed:.0f} s; manifest {manifest} ({len(ordered)} rows"
+        f"{f', {missing} still to do: rerun to resume' if missing else ''})",
+        flush=True,
+    )
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

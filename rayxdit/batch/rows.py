@@ -1,0 +1,120 @@
+"""Input rows: reading (parquet, jsonl, csv), stable ids and seeds, and validation before any GPU work.
+
+Pure functions over plain dicts so that they run the same in the driver, in Ray Data tasks and in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from rayxdit.models.base import ModelLimits
+from rayxdit.request import GenerateRequest, RequestError
+
+INPUT_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "guidance", "true_cfg_scale")
+SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+
+STATUS_OK, STATUS_FAILED, STATUS_INVALID = "ok", "failed", "invalid"
+"""``failed``: generation failed at run time (retried when the job is rerun); ``invalid``: the row itself
+is wrong (empty prompt, bad size): rerunning cannot help, so it is not retried."""
+
+
+def input_format(path: str) -> str:
+    for suffix, kind in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
+        if path.rstrip("/").lower().endswith(suffix):
+            return kind
+    raise ValueError(f"{path}: input must end in .parquet, .jsonl or .csv")
+
+
+def _clean(value: Any) -> Any:
+    """Missing values come as None, NaN or "" depending on the format: make them all None."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """The row's own ``id`` when it has one, else a digest of its content: stable across reruns and input
+    order, and identical rows (which would make identical images) share it, so they are generated once."""
+    given = _clean(row.get("id"))
+    if given is not None and str(given) != "":
+        return str(given)
+    content = json.dumps(
+        {key: _clean(row.get(key)) for key in INPUT_COLUMNS if key != "id"}, sort_keys=True, default=str
+    )
+    return "row-" + hashlib.sha256(content.encode()).hexdigest()[:20]
+
+
+def seed_for(identifier: str) -> int:
+    """A row without a seed gets one derived from its id, so a rerun reproduces its image."""
+    return int.from_bytes(hashlib.sha256(identifier.encode()).digest()[:8], "big") % (2**31)
+
+
+def file_stem(identifier: str) -> str:
+    """A file name for the id: the id itself when it is safe, else a readable prefix plus a digest."""
+    if SAFE_ID.match(identifier):
+        return identifier
+    prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", identifier)[:60]
+    return f"{prefix}-{hashlib.sha256(identifier.encode()).hexdigest()[:12]}"
+
+
+def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
+    """A row with its id and seed filled in, and ``status``/``error`` set to ``invalid`` with the reason
+    when the row cannot be generated. ``request`` holds the validated request as JSON otherwise."""
+    identifier = row_id(row)
+    seed = _clean(row.get("seed"))
+    out = {
+        "id": identifier,
+        "prompt": _clean(row.get("prompt")),
+        "negative_prompt": _clean(row.get("negative_prompt")),
+        "seed": int(seed) if seed is not None else seed_for(identifier),
+        "size": _clean(row.get("size")),
+        "steps": _clean(row.get("steps")),
+        "status": None,
+        "error": None,
+        "request": None,
+    }
+    try:
+        request = to_request(out, row, limits)
+        resolved = limits.resolve(request)
+    except RequestError as error:
+        out.update(status=STATUS_INVALID, error=str(error))
+        return out
+    out.update(
+        size=f"{resolved.width}x{resolved.height}", steps=resolved.steps, request=request.model_dump_json()
+    )
+    return out
+
+
+def to_request(out: dict[str, Any], row: dict[str, Any], limits: ModelLimits) -> GenerateRequest:
+    prompt = out["prompt"]
+    if prompt is None or not str(prompt).strip():
+        raise RequestError("prompt is empty", "prompt")
+    width = height = None
+    if out["size"] is not None:
+        match = SIZE.match(str(out["size"]))
+        if not match:
+            raise RequestError(f"size {out['size']!r} is not WIDTHxHEIGHT", "size")
+        width, height = int(match.group(1)), int(match.group(2))
+    try:
+        return GenerateRequest(
+            prompt=str(prompt),
+            negative_prompt=None if out["negative_prompt"] is None else str(out["negative_prompt"]),
+            width=width,
+            height=height,
+            steps=None if out["steps"] is None else int(out["steps"]),
+            seed=out["seed"],
+            guidance=float(_clean(row.get("guidance")) or 3.5),
+            true_cfg_scale=float(_clean(row.get("true_cfg_scale")) or 1.0),
+        )
+    except (ValidationError, ValueError) as error:
+        first = (
+            error.errors()[0] if isinstance(error, ValidationError) else {"loc": ("row",), "msg": str(error)}
+        )
+        field = str(first["loc"][0]) if first.get("loc") else "row"
+        raise RequestError(f"{field}: {first['msg']}", field) from None

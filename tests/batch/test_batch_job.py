@@ -1,0 +1,185 @@
+"""``python -m rayxdit.batch`` submitted with ``ray job submit`` to a real local Ray cluster (``ray start``
+with logical GPUs and token authentication, as a user would run it)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rayxdit.batch.rows import seed_for
+from rayxdit.config import EngineConfig
+from rayxdit.engine import Engine
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.request import GenerateRequest
+from rayxdit.runtime.local import free_port
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+JOB_FLAGS = [
+    "--model",
+    "tiny-flux",
+    "--parallel",
+    "ulysses=2",
+    "--accelerator",
+    "gpu",
+    "--cpus-per-rank",
+    "0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray")
+    token = home / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=8",
+            "--num-gpus=8",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def submit(
+    cluster, input_path: Path, output: Path, *extra: str, wait: bool = True
+) -> subprocess.CompletedProcess:
+    command = ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO)]
+    if not wait:
+        command.append("--no-wait")
+    command += [
+        "--",
+        sys.executable,
+        "-m",
+        "rayxdit.batch",
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+        *JOB_FLAGS,
+        *extra,
+    ]
+    return subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=900)
+
+
+def manifest(output: Path) -> list[dict]:
+    return pq.read_table(output / "manifest.parquet").to_pylist()
+
+
+def single_process(engine: Engine, row: dict) -> np.ndarray:
+    width, height = (int(v) for v in row["size"].split("x"))
+    request = GenerateRequest(
+        prompt=row["prompt"], width=width, height=height, steps=row["steps"], seed=row["seed"]
+    )
+    return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+
+def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path):
+    rows = [
+        {"id": "cat", "prompt": "a red cat", "size": "36x36", "steps": 3, "seed": 1},
+        {"id": "dog", "prompt": "a blue dog", "size": "40x36", "steps": 3, "seed": None},
+        {"id": "empty", "prompt": "", "size": "36x36", "steps": 3, "seed": 2},
+        {"id": "odd-size", "prompt": "a tree", "size": "37x36", "steps": 3, "seed": 3},
+        {"id": "huge", "prompt": "a tree", "size": "4096x4096", "steps": 3, "seed": 3},
+        {"id": "house", "prompt": "a house by the sea", "size": "36x40", "steps": 2, "seed": 4},
+    ]
+    input_path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), input_path)
+    done = submit(cluster, input_path, tmp_path / "out")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3 generated, 0 failed" in done.stdout and "3 invalid" in done.stdout
+
+    records = {r["id"]: r for r in manifest(tmp_path / "out")}
+    assert sorted(records) == sorted(r["id"] for r in rows)
+    assert {i for i, r in records.items() if r["status"] == "ok"} == {"cat", "dog", "house"}
+    assert "prompt is empty" in records["empty"]["error"]
+    assert "multiple of 4" in records["odd-size"]["error"] and "outside" in records["huge"]["error"]
+    images = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
+    assert images == ["cat.png", "dog.png", "house.png"]
+    assert records["dog"]["seed"] == seed_for("dog")  # no seed given: derived from the id
+
+    engine = Engine(EngineConfig(), ParallelState.single())
+    for identifier in ("cat", "dog", "house"):
+        record = records[identifier]
+        assert record["ranks"] == 2 and record["seconds"] > 0 and len(record["sha256"]) == 64
+        written = np.asarray(
+            Image.open(io.BytesIO((tmp_path / "out" / record["path"]).read_bytes())), dtype=np.int16
+        )
+        source = next(r for r in rows if r["id"] == identifier)
+        expected = single_process(engine, {**source, "seed": record["seed"]})
+        assert np.abs(written - expected).max() <= 1, identifier
+
+
+def test_stopping_the_job_midway_and_rerunning_completes_without_duplicates(cluster, tmp_path):
+    rows = [
+        {"id": f"p{i:02d}", "prompt": f"a photo of a cat number {i}", "size": "128x128", "steps": 12}
+        for i in range(14)
+    ]
+    input_path = tmp_path / "prompts.jsonl"
+    input_path.write_text("\n".join(json.dumps(r) for r in rows))
+    output = tmp_path / "out"
+    started = submit(cluster, input_path, output, "--rows-per-part", "1", wait=False)
+    assert started.returncode == 0, started.stderr
+    job_id = re.search(r"raysubmit_\w+", started.stdout + started.stderr).group(0)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((output / "images").glob("*.png"))) < 3:
+        time.sleep(0.5)
+    stopped = subprocess.run(
+        ["ray", "job", "stop", "--address", cluster["address"], job_id],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    first_run: set[str] = set()
+    while True:  # actors die with the driver, asynchronously: wait until nothing new appears
+        time.sleep(3)
+        now = {p.name for p in (output / "images").glob("*.png")}
+        if now == first_run:
+            break
+        first_run = now
+    assert 3 <= len(first_run) < len(rows), "the job was not stopped midway"
+
+    done = submit(cluster, input_path, output)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = manifest(output)
+    assert [r["id"] for r in records] == [r["id"] for r in rows]  # each row exactly once, in input order
+    assert all(r["status"] == "ok" for r in records)
+    images = sorted(p.name for p in (output / "images").iterdir())
+    assert images == sorted(f"{r['id']}.png" for r in rows)  # one image per row, no leftovers
+    regenerated = int(re.search(r"(\d+) generated", done.stdout).group(1))
+    assert regenerated == len(rows) - len(first_run), "images of the stopped run were made again"
