@@ -65,7 +65,9 @@ def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
         "max_queued_requests": pool.max_queued_requests,
         "autoscaling_config": {
             "min_replicas": pool.min_replicas,
-            "initial_replicas": max(pool.min_replicas, 1),
+            # A pool that may scale to zero also starts at zero: no GPU node is bought for it until a
+            # request needs it.
+            "initial_replicas": pool.min_replicas,
             "max_replicas": pool.max_replicas,
             "target_ongoing_requests": pool.target_ongoing_requests,
             "upscale_delay_s": pool.upscale_delay_s,

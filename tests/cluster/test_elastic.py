@@ -1,0 +1,214 @@
+"""Elastic scaling on a real multi-node Ray cluster on one machine.
+
+Ray's fake multi-node provider (``FakeMultiNodeProvider``, loaded as an ``external`` provider because the
+2.60 wheel lacks the ``fake_multinode`` defaults file) starts real raylets as "nodes" when the autoscaler
+(v2) asks for them. The cluster config is derived from ``cluster/aws-p5.yaml`` (same node types, GPU count
+and worker bounds; a short idle timeout) and the Serve config from ``serve_configs/flux-dev-8gpu.yaml``
+(same pools, sizes and bounds; tiny-flux instead of FLUX.1-dev, short delays).
+
+Shown: the head has no GPUs, so the 2-GPU pool's replica makes the autoscaler add an 8-GPU node; the
+8-GPU pool starts at zero replicas, a request for it leaves its placement group pending (STRICT_PACK, no
+node has 8 free GPUs) until the autoscaler adds a second 8-GPU node; when load stops the pool shrinks back
+to zero and the idle node is released.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import requests
+import yaml
+from ray import serve
+
+from rayxdit.runtime.local import free_port
+from rayxdit.serve.app import APP_NAME, build_app, load_serve_file
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
+DEADLINE_S = 300
+
+
+def fake_cluster_config(cloud: dict, gcs_address: str) -> dict:
+    """The cloud config's node types and bounds on Ray's fake multi-node provider."""
+    gpu_type = cloud["available_node_types"]["gpu8"]
+    return {
+        "cluster_name": "rayxdit-elastic-test",
+        "max_workers": cloud["max_workers"],
+        "upscaling_speed": cloud["upscaling_speed"],
+        "idle_timeout_minutes": 0.2,
+        "provider": {
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "gcs_address": gcs_address,
+            "head_node_id": FAKE_HEAD_NODE_ID,
+            "launch_multiple": True,
+            "disable_launch_config_check": True,
+            "disable_node_updaters": True,
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 4}, "node_config": {}, "max_workers": 0},
+            "gpu8": {
+                "resources": {"CPU": 8, "GPU": gpu_type["resources"]["GPU"]},
+                "node_config": {},
+                "min_workers": gpu_type["min_workers"],
+                "max_workers": gpu_type["max_workers"],
+            },
+        },
+        "head_node_type": "ray.head.default",
+        **{
+            key: []
+            for key in (
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+            )
+        },
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }
+
+
+def serve_config_for_test():
+    config, _ = load_serve_file(REPO / "serve_configs" / "flux-dev-8gpu.yaml")
+    thresholds = {2: 0.0, 4: 0.05, 8: 0.2}  # tiny-flux costs: 36x36x3 -> 2 GPUs, 256x256x4 -> 8 GPUs
+    pools = [
+        pool.model_copy(
+            update={
+                "model": "tiny-flux",
+                "compile": False,
+                "cpus_per_rank": 0.25,
+                "route_min_cost": thresholds[pool.ranks],
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 4,
+                "health_check_period_s": 2,
+            }
+        )
+        for pool in config.pools
+        if pool.ranks != 4  # kept out to fit the test's time bound on 2 cores
+    ]
+    return config.model_copy(update={"pools": pools})
+
+
+def gpu_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
+
+
+def running_replicas(deployment: str) -> int:
+    status = serve.status().applications[APP_NAME].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("elastic")
+    port = free_port()
+    config_path = home / "fake-cluster.yaml"
+    cloud = yaml.safe_load((REPO / "cluster" / "aws-p5.yaml").read_text())
+    config_path.write_text(yaml.safe_dump(fake_cluster_config(cloud, f"127.0.0.1:{port}")))
+    # Explicitly without token auth (loopback only): with ~/.ray/auth_token present, a plain `ray start`
+    # would require a token that this already-initialized driver process cannot pick up.
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_FAKE_CLUSTER": "1",
+        "RAY_enable_autoscaler_v2": "1",
+        "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+        "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--autoscaling-config={config_path}",
+            "--num-cpus=4",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+            f"--dashboard-port={free_port()}",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    ray.init(address=f"127.0.0.1:{port}", logging_level="warning")
+    http_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
+    try:
+        yield f"http://127.0.0.1:{http_port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_pools_and_nodes_scale_up_with_load_and_back_down(cluster):
+    assert gpu_nodes() == 0, "the head has no GPUs and no worker node should exist yet"
+    config = serve_config_for_test()
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    # The 2-GPU pool keeps one replica (min_replicas 1): its placement group needed a GPU node.
+    assert gpu_nodes() == 1 and running_replicas("flux-dev-2gpu") == 1
+    assert running_replicas("flux-dev-8gpu") == 0
+
+    small = {"model": "flux.1-dev", "prompt": "a small one", "size": "36x36", "steps": 3}
+    response = requests.post(cluster + "/v1/images/generations", json=small, timeout=DEADLINE_S)
+    assert response.status_code == 200 and response.json()["rayxdit"]["pool"] == "flux-dev-2gpu"
+
+    seen = {"pending": False, "max_gpu_nodes": 0}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen["max_gpu_nodes"] = max(seen["max_gpu_nodes"], gpu_nodes())
+            seen["pending"] |= any(
+                pg["state"] == "PENDING" for pg in ray.util.placement_group_table().values()
+            )
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    big = {"model": "flux.1-dev", "prompt": "a big one", "size": "256x256", "steps": 4}
+    try:
+        for _ in range(2):  # load on the 8-GPU pool: it scales from zero
+            response = requests.post(cluster + "/v1/images/generations", json=big, timeout=DEADLINE_S)
+            assert response.status_code == 200, response.text
+            assert response.json()["rayxdit"]["pool"] == "flux-dev-8gpu"
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen["pending"], "the 8-GPU replica's placement group was never pending"
+    assert seen["max_gpu_nodes"] == 2 and gpu_nodes() == 2, "the autoscaler did not add a second 8-GPU node"
+    assert running_replicas("flux-dev-8gpu") == 1
+
+    # Load stops: the 8-GPU pool drains to zero replicas, then its node idles out and is released.
+    wait_for(lambda: running_replicas("flux-dev-8gpu") == 0, "the 8-GPU pool to scale back to zero")
+    wait_for(lambda: gpu_nodes() == 1, "the idle 8-GPU node to be released")
+    assert running_replicas("flux-dev-2gpu") == 1
+    response = requests.post(cluster + "/v1/images/generations", json=small, timeout=DEADLINE_S)
+    assert response.status_code == 200
