@@ -77,6 +77,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA adapter in diffusers' format (directory, .safetensors file or hub id), optionally with a "
+        "scale; repeat for several. Fused into the weights on every rank before parallelism is applied.",
+    )
+    parser.add_argument(
         "--warmup-steps",
         type=int,
         default=1,
@@ -140,6 +148,7 @@ def _generate(args: argparse.Namespace) -> int:
         compile=args.compile,
         pipefusion_patches=args.patches,
         warmup_steps=args.warmup_steps,
+        loras=tuple(args.lora),
     )
     (result,) = run_local_group(config, [request], progress=True)
     paths = (

@@ -108,6 +108,17 @@ class ParallelConfig:
             )
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """``"path"`` or ``"path:0.8"`` -> (path, scale)."""
+    location, sep, scale = text.rpartition(":")
+    if sep and location and not scale.startswith(("/", "\\")):
+        try:
+            return location, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What one worker group loads and how it runs it."""
@@ -126,8 +137,13 @@ class EngineConfig:
     """PipeFusion: image patches per step (0: as many as stages)."""
     warmup_steps: int = 1
     """PipeFusion: synchronous steps before stale key/values are reused."""
+    loras: tuple[str, ...] = ()
+    """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
+    LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
 
     def __post_init__(self) -> None:
+        for lora in self.loras:
+            parse_lora(lora)
         if self.attention not in ("auto", "cudnn", "flash", "efficient"):
             raise ConfigError(f"attention={self.attention!r}: choose auto, cudnn, flash or efficient")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -164,6 +180,7 @@ class PoolConfig(BaseModel):
     )
     dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
     compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
     route_min_cost: float = Field(
         default=0.0,
         ge=0.0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rayxdit.config import EngineConfig
+from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.registry import load_adapter, resolve_dtype
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state, init_distributed
@@ -33,7 +33,9 @@ class Engine:
         self.adapter: DiffusionAdapter = load_adapter(
             config.model, state.device, resolve_dtype(config.dtype, state.device)
         )
-        # Order matters: parallelism rewrites attention processors, and compile must see the final modules.
+        # Order matters: LoRAs are fused into plain weights first, parallelism then rewrites attention
+        # processors, and compile must see the final modules.
+        self.adapter.load_loras([parse_lora(lora) for lora in config.loras])
         self.adapter.parallelize(state, config.attention, config.pipefusion_patches, config.warmup_steps)
         if config.compile:
             self.adapter.compile()

@@ -80,20 +80,13 @@ def normalize_batch(batch, limits):
 
 
 def row_schema():
+    """Normalized input rows: the manifest's input fields plus the validated request (JSON)."""
     import pyarrow as pa
 
+    from rayxdit.batch.manifest import SCHEMA
+
     return pa.schema(
-        [
-            ("id", pa.string()),
-            ("prompt", pa.string()),
-            ("negative_prompt", pa.string()),
-            ("seed", pa.int64()),
-            ("size", pa.string()),
-            ("steps", pa.int64()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("request", pa.string()),
-        ]
+        [SCHEMA.field(name) for name in ROW_COLUMNS if name != "request"] + [("request", pa.string())]
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from rayxdit.parallel.cfg import CONDITIONAL, apply_guidance, branches_for_rank, exchange_branches
+from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
 from rayxdit.request import GenerateRequest, GenerateResult, RequestError
@@ -127,6 +128,24 @@ class DiffusionAdapter(ABC):
     def device(self) -> torch.device:
         return self.state.device
 
+    # ----- adapters ---------------------------------------------------------------------------------------
+    def load_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Load LoRA adapters with diffusers' own loader and fuse them into the weights. Call before
+        :meth:`parallelize`: every parallel method then sees plain (fused) linear layers."""
+        if not loras:
+            return
+        names = []
+        for index, (location, _) in enumerate(loras):
+            path = Path(location)
+            kwargs = {"weight_name": path.name} if path.is_file() else {}
+            source = str(path.parent) if path.is_file() else location
+            name = f"lora{index}"
+            self.pipeline.load_lora_weights(source, adapter_name=name, **kwargs)
+            names.append(name)
+        self.pipeline.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        self.pipeline.fuse_lora(adapter_names=names)
+        self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
+
     # ----- parallelism ------------------------------------------------------------------------------------
     def parallelize(
         self,
@@ -215,14 +234,7 @@ class DiffusionAdapter(ABC):
             predictions = {
                 branch: self.predict(latents, t, conditions[branch], positions, req) for branch in branches
             }
-            if not request.uses_true_cfg:
-                noise = predictions[CONDITIONAL]
-            elif state.cfg.size > 1:
-                noise = apply_guidance(
-                    *exchange_branches(predictions[branches[0]], state.cfg), request.true_cfg_scale
-                )
-            else:
-                noise = apply_guidance(predictions[0], predictions[1], request.true_cfg_scale)
+            noise = guided_prediction(predictions, state.cfg, request.uses_true_cfg, request.true_cfg_scale)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return gather_shards(latents, 1, state.sp, token_sizes)
 

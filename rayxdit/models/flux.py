@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
-from rayxdit.parallel.cfg import CONDITIONAL, apply_guidance, exchange_branches
+from rayxdit.parallel.cfg import CONDITIONAL, guided_prediction
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.pipefusion import (
     WARMUP,
@@ -486,14 +486,9 @@ class FluxAdapter(DiffusionAdapter):
                         link.send_next(out)
                 if not link.is_last:
                     continue
-                if not request.uses_true_cfg:
-                    noise = predictions[CONDITIONAL]
-                elif state.cfg.size > 1:
-                    noise = apply_guidance(
-                        *exchange_branches(predictions[branches[0]], state.cfg), request.true_cfg_scale
-                    )
-                else:
-                    noise = apply_guidance(predictions[0], predictions[1], request.true_cfg_scale)
+                noise = guided_prediction(
+                    predictions, state.cfg, request.uses_true_cfg, request.true_cfg_scale
+                )
                 # A first-order scheduler updates element-wise: step each unit's rows with this step's sigmas.
                 scheduler._step_index = step
                 rows = scheduler.step(noise, t, latents.index_select(1, image_index), return_dict=False)[0]

@@ -34,3 +34,16 @@ def exchange_branches(prediction: torch.Tensor, cfg: AxisGroup) -> tuple[torch.T
 def apply_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
     """True classifier-free guidance, written as diffusers' Flux pipeline writes it (same rounding)."""
     return unconditional + scale * (conditional - unconditional)
+
+
+def guided_prediction(
+    predictions: dict[int, torch.Tensor], cfg: AxisGroup, use_cfg: bool, scale: float
+) -> torch.Tensor:
+    """The noise prediction to step with: this rank's branch predictions (from :func:`branches_for_rank`)
+    combined with the other cfg rank's, when CFG is on."""
+    if not use_cfg:
+        return predictions[CONDITIONAL]
+    if cfg.size > 1:
+        (mine,) = predictions.values()
+        return apply_guidance(*exchange_branches(mine, cfg), scale)
+    return apply_guidance(predictions[CONDITIONAL], predictions[UNCONDITIONAL], scale)
