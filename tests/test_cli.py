@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rayxdit.config import ParallelConfig
+
 ARGS = [
     "generate",
-    "--model",
-    "tiny-flux",
     "--prompt",
     "a red fox in the snow",
     "--height",
@@ -34,15 +34,18 @@ def rayxdit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_parallel_png_equals_single_rank_png(tmp_path):
-    single, parallel = tmp_path / "single.png", tmp_path / "parallel.png"
-    done = rayxdit(*ARGS, "--out", str(single))
+@pytest.mark.parametrize(
+    ("model", "parallel"), [("tiny-flux", "ulysses=2,ring=2"), ("tiny-sd3", "cfg=2,ulysses=2")]
+)
+def test_parallel_png_equals_single_rank_png(tmp_path, model, parallel):
+    single, parallel_png = tmp_path / "single.png", tmp_path / "parallel.png"
+    done = rayxdit(*ARGS, "--model", model, "--out", str(single))
     assert done.returncode == 0, done.stderr
-    done = rayxdit(*ARGS, "--parallel", "ulysses=2,ring=2", "--out", str(parallel))
+    done = rayxdit(*ARGS, "--model", model, "--parallel", parallel, "--out", str(parallel_png))
     assert done.returncode == 0, done.stderr
-    assert "ring=2,ulysses=2 on 4 rank(s)" in done.stderr
+    assert f"{ParallelConfig.parse(parallel)} on 4 rank(s)" in done.stderr
     a = np.asarray(Image.open(single), dtype=np.int16)
-    b = np.asarray(Image.open(parallel), dtype=np.int16)
+    b = np.asarray(Image.open(parallel_png), dtype=np.int16)
     assert a.shape == b.shape == (36, 40, 3)
     assert np.abs(a - b).max() <= 1, "parallel image differs from the single-rank image by more than 1/255"
 
@@ -59,7 +62,7 @@ def test_parallel_png_equals_single_rank_png(tmp_path):
     ],
 )
 def test_invalid_parallel_exits_with_one_clear_line(parallel, message, tmp_path):
-    done = rayxdit(*ARGS, "--parallel", parallel, "--out", str(tmp_path / "x.png"))
+    done = rayxdit(*ARGS, "--model", "tiny-flux", "--parallel", parallel, "--out", str(tmp_path / "x.png"))
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr

@@ -212,10 +212,19 @@ class DiffusionAdapter(ABC):
     def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
         """Full latents -> PIL images."""
 
+    # ----- classifier-free guidance ------------------------------------------------------------------------
+    def uses_cfg(self, request: GenerateRequest) -> bool:
+        """Whether this request runs two branches per step. Flux (guidance-distilled): only with a negative
+        prompt and ``true_cfg_scale > 1``; families trained with CFG override this."""
+        return request.uses_true_cfg
+
+    def cfg_scale(self, request: GenerateRequest) -> float:
+        return request.true_cfg_scale
+
     # ----- the loop ---------------------------------------------------------------------------------------
     def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
         """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
-        branches = branches_for_rank(self.state.cfg, req.request.uses_true_cfg)
+        branches = branches_for_rank(self.state.cfg, self.uses_cfg(req.request))
         return {branch: self.encode(req, branch) for branch in branches}
 
     def denoise(
@@ -234,7 +243,7 @@ class DiffusionAdapter(ABC):
             predictions = {
                 branch: self.predict(latents, t, conditions[branch], positions, req) for branch in branches
             }
-            noise = guided_prediction(predictions, state.cfg, request.uses_true_cfg, request.true_cfg_scale)
+            noise = guided_prediction(predictions, state.cfg, self.uses_cfg(request), self.cfg_scale(request))
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return gather_shards(latents, 1, state.sp, token_sizes)
 

@@ -487,7 +487,7 @@ class FluxAdapter(DiffusionAdapter):
                 if not link.is_last:
                     continue
                 noise = guided_prediction(
-                    predictions, state.cfg, request.uses_true_cfg, request.true_cfg_scale
+                    predictions, state.cfg, self.uses_cfg(request), self.cfg_scale(request)
                 )
                 # A first-order scheduler updates element-wise: step each unit's rows with this step's sigmas.
                 scheduler._step_index = step

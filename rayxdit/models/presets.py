@@ -317,7 +317,97 @@ def build_tiny_flux(path: Path) -> None:
     (path / SETTINGS_FILE).write_text(json.dumps(TINY_FLUX.limits, indent=2))
 
 
-PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux": build_tiny_flux}
+def build_tiny_sd3(path: Path) -> None:
+    """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
+    of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    clip = dict(
+        vocab_size=len(clip_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=clip_tokenizer.model_max_length,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=64,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+            )
+        )
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=8,
+            joint_attention_dim=64,
+            caption_projection_dim=64,
+            pooled_projection_dim=64,
+            out_channels=4,
+            pos_embed_max_size=64,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        )
+    StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+        transformer=transformer,
+    ).save_pretrained(path)
+    limits = dict(
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        max_side=256,
+        size_multiple=4,
+        max_sequence_length=13,
+    )
+    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+
+
+PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux": build_tiny_flux, "tiny-sd3": build_tiny_sd3}
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
 IN_MEMORY_PRESETS: dict[str, FluxSizes] = {"flux-dev-random": FLUX_DEV}
 """Full-size architectures with random weights, built straight on the device (no checkpoint exists offline);

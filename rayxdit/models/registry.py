@@ -16,8 +16,11 @@ from rayxdit.config import ConfigError
 from rayxdit.models.base import DiffusionAdapter, ModelLimits
 from rayxdit.models.flux import FluxAdapter
 from rayxdit.models.presets import IN_MEMORY_PRESETS, PRESETS, build_flux_pipeline, materialize_preset
+from rayxdit.models.sd3 import SD3Adapter
 
-ADAPTERS: dict[str, type[DiffusionAdapter]] = {adapter.pipeline_class: adapter for adapter in (FluxAdapter,)}
+ADAPTERS: dict[str, type[DiffusionAdapter]] = {
+    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter)
+}
 
 
 @dataclass(frozen=True)
