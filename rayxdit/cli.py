@@ -110,11 +110,12 @@ def _generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from rayxdit.config import EngineConfig, ParallelConfig
-    from rayxdit.models.registry import describe_model
     from rayxdit.request import GenerateRequest
-    from rayxdit.runtime.local import check_launchable, run_local_group
+    from rayxdit.runtime.local import check_launchable
 
+    # Cheap checks first: a bad --parallel fails before diffusers is even imported.
     parallel = ParallelConfig.parse(args.parallel)
+    check_launchable(parallel.world_size)
     try:
         request = GenerateRequest(
             prompt=args.prompt,
@@ -130,14 +131,17 @@ def _generate(args: argparse.Namespace) -> int:
     except ValidationError as error:
         first = error.errors()[0]
         raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    from rayxdit.models.registry import adapter_class, describe_model
+    from rayxdit.runtime.local import run_local_group
+
     info = describe_model(args.model)
     parallel.check_heads(info.num_heads)
     parallel.check_layers(info.num_layers)
     info.limits.resolve(request)
-    check_launchable(parallel.world_size)
-    if parallel.cfg > 1 and not request.uses_true_cfg:
+    if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
         print(
-            "note: cfg=2 without --negative-prompt and --true-cfg-scale > 1 computes the same branch twice",
+            "note: this request runs no CFG (Flux: add --negative-prompt and --true-cfg-scale > 1), so "
+            "both cfg ranks compute the same branch",
             file=sys.stderr,
         )
 

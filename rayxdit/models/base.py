@@ -213,12 +213,14 @@ class DiffusionAdapter(ABC):
         """Full latents -> PIL images."""
 
     # ----- classifier-free guidance ------------------------------------------------------------------------
-    def uses_cfg(self, request: GenerateRequest) -> bool:
+    @classmethod
+    def uses_cfg(cls, request: GenerateRequest) -> bool:
         """Whether this request runs two branches per step. Flux (guidance-distilled): only with a negative
         prompt and ``true_cfg_scale > 1``; families trained with CFG override this."""
         return request.uses_true_cfg
 
-    def cfg_scale(self, request: GenerateRequest) -> float:
+    @classmethod
+    def cfg_scale(cls, request: GenerateRequest) -> float:
         return request.true_cfg_scale
 
     # ----- the loop ---------------------------------------------------------------------------------------

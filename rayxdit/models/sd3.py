@@ -141,10 +141,12 @@ class SD3Adapter(DiffusionAdapter):
         parallelize_sd3(self.transformer, state, attention)
 
     # SD3 is trained with classifier-free guidance: `guidance` is its scale, on unless set to 1 or less.
-    def uses_cfg(self, request: GenerateRequest) -> bool:
+    @classmethod
+    def uses_cfg(cls, request: GenerateRequest) -> bool:
         return request.guidance > 1.0
 
-    def cfg_scale(self, request: GenerateRequest) -> float:
+    @classmethod
+    def cfg_scale(cls, request: GenerateRequest) -> float:
         return request.guidance
 
     @property

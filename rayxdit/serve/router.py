@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.models.base import ModelLimits
-from rayxdit.models.registry import describe_model
+from rayxdit.models.registry import adapter_class, describe_model
 from rayxdit.request import GenerateResult, RequestError
 from rayxdit.serve.api import (
     ImageData,
@@ -98,9 +98,9 @@ class Router:
         for pool in config.pools:
             self.pools_by_model[pool.served_model_name].append(pool)
         self.default_model = config.pools[0].served_model_name
-        self.limits: dict[str, ModelLimits] = {
-            name: describe_model(pools_[0].model).limits for name, pools_ in self.pools_by_model.items()
-        }
+        described = {name: describe_model(pools_[0].model) for name, pools_ in self.pools_by_model.items()}
+        self.limits: dict[str, ModelLimits] = {name: info.limits for name, info in described.items()}
+        self.families = {name: adapter_class(info.pipeline_class) for name, info in described.items()}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.images: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
@@ -134,7 +134,7 @@ class Router:
             resolved = self.limits[model].resolve(request)
         except RequestError as error:
             raise ApiError(400, str(error), "invalid_request_error", error.param) from None
-        cost = request_cost(resolved)
+        cost = request_cost(resolved, self.families[model].uses_cfg(request))
         for pool in choose_pool(self.pools_by_model[model], cost, self.in_flight):
             self.in_flight[pool.name] += 1
             try:

@@ -15,8 +15,9 @@ from rayxdit.config import PoolConfig
 from rayxdit.models.base import ResolvedRequest
 
 
-def request_cost(req: ResolvedRequest) -> float:
-    cfg_factor = 2 if req.request.uses_true_cfg else 1
+def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
+    """Megapixels x steps x (2 when the model runs CFG for this request) x images."""
+    cfg_factor = 2 if uses_cfg else 1
     return req.width * req.height / 1e6 * req.steps * cfg_factor * req.batch
 
 

@@ -27,8 +27,17 @@ def resolved(size=1024, steps=28, cfg=False, n=1):
 
 
 def test_cost_counts_pixels_steps_cfg_and_images():
-    assert request_cost(resolved()) == pytest.approx(1024 * 1024 / 1e6 * 28)
-    assert request_cost(resolved(cfg=True, n=2)) == pytest.approx(4 * 1024 * 1024 / 1e6 * 28)
+    assert request_cost(resolved(), uses_cfg=False) == pytest.approx(1024 * 1024 / 1e6 * 28)
+    assert request_cost(resolved(cfg=True, n=2), uses_cfg=True) == pytest.approx(4 * 1024 * 1024 / 1e6 * 28)
+
+
+def test_whether_a_request_runs_cfg_is_the_family_s_call():
+    from rayxdit.models.flux import FluxAdapter
+    from rayxdit.models.sd3 import SD3Adapter
+
+    plain = GenerateRequest(prompt="x", guidance=7.0)
+    assert not FluxAdapter.uses_cfg(plain) and SD3Adapter.uses_cfg(plain)
+    assert FluxAdapter.uses_cfg(plain.model_copy(update={"negative_prompt": "y", "true_cfg_scale": 4.0}))
 
 
 @pytest.mark.parametrize(
