@@ -137,6 +137,9 @@ class EngineConfig:
     """PipeFusion: image patches per step (0: as many as stages)."""
     warmup_steps: int = 1
     """PipeFusion: synchronous steps before stale key/values are reused."""
+    vae_parallel: bool = True
+    """Split the VAE decode into bands of rows over the sequence-parallel ranks (exact: halo exchange and
+    synchronized GroupNorm statistics). Off: rank 0 decodes alone."""
     loras: tuple[str, ...] = ()
     """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
     LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""

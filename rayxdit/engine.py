@@ -36,7 +36,9 @@ class Engine:
         # Order matters: LoRAs are fused into plain weights first, parallelism then rewrites attention
         # processors, and compile must see the final modules.
         self.adapter.load_loras([parse_lora(lora) for lora in config.loras])
-        self.adapter.parallelize(state, config.attention, config.pipefusion_patches, config.warmup_steps)
+        self.adapter.parallelize(
+            state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
+        )
         if config.compile:
             self.adapter.compile()
 

@@ -6,7 +6,7 @@ below is the same for every family:
 
     encode (this rank's CFG branch) -> full initial noise, keep this rank's token shard
     -> per step: predict the shard, exchange branches over the cfg group, scheduler step on the shard
-    -> gather the shards once -> decode on rank 0
+    -> gather the shards once -> decode (bands of rows over the sp group, or on rank 0 alone)
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
+from rayxdit.parallel.sequence import gather_shards, split_sizes
+from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
 from rayxdit.request import GenerateRequest, GenerateResult, RequestError
 
 SETTINGS_FILE = "rayxdit.json"
@@ -114,6 +115,7 @@ class DiffusionAdapter(ABC):
         self.state = ParallelState.single(pipeline.device)
         self.pipefusion_patches = 0
         self.warmup_steps = 1
+        self.vae_bands: RowBands | None = None
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -153,16 +155,20 @@ class DiffusionAdapter(ABC):
         attention: str = "auto",
         pipefusion_patches: int = 0,
         warmup_steps: int = 1,
+        vae_parallel: bool = True,
     ) -> None:
         """Apply the parallel methods of ``state`` to the plain model. Call once, before compiling.
         ``attention`` picks the GPU kernel of sequence-parallel attention; ``pipefusion_patches`` (0: one per
-        stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion."""
+        stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion;
+        ``vae_parallel`` splits the VAE decode into bands of rows over the sequence-parallel ranks."""
         state.config.check_heads(self.num_heads)
         state.config.check_layers(self.num_layers)
         self.state = state
         self.pipefusion_patches = pipefusion_patches
         self.warmup_steps = warmup_steps
         self._parallelize(state, attention)
+        if vae_parallel and state.pipefusion.size == 1 and self.supports_vae_bands:
+            self.vae_bands = parallelize_vae_decoder(self.pipeline.vae, state.sp)
 
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
@@ -209,8 +215,33 @@ class DiffusionAdapter(ABC):
         """The noise prediction of this rank's token shard."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
-        """Full latents -> PIL images."""
+    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+        """Full final latents (the loop's layout) -> the VAE decoder's input ``[B, C, H, W]``, unscaled."""
+
+    supports_vae_bands: ClassVar[bool] = True
+    """Whether the VAE is a 2D ``AutoencoderKL`` whose decode can be split into bands of rows."""
+
+    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list | None:
+        """Full latents -> PIL images on the driver (None elsewhere). With VAE bands, every rank of the
+        driver's sp group decodes its band of rows and the driver gathers them."""
+        vae = self.pipeline.vae
+        latents = self.vae_latents(latents, req).to(vae.dtype)
+        bands = self.vae_bands
+        if bands is not None and latents.shape[2] >= bands.axis.size:
+            rows = split_sizes(latents.shape[2], bands.axis.size)
+            start = sum(rows[: bands.axis.index])
+            image = decode_bands(vae, bands, latents[:, :, start : start + rows[bands.axis.index]], rows)
+        elif self.state.is_driver:
+            image = vae.decode(latents, return_dict=False)[0]
+        else:
+            return None
+        if not self.state.is_driver:
+            return None
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")
+
+    def decodes_here(self) -> bool:
+        """Whether this rank takes part in the decode: the driver, and its sp group under VAE bands."""
+        return self.state.is_driver or (self.vae_bands is not None and self.state.cfg.index == 0)
 
     # ----- classifier-free guidance ------------------------------------------------------------------------
     @classmethod
@@ -224,6 +255,15 @@ class DiffusionAdapter(ABC):
         return request.true_cfg_scale
 
     # ----- the loop ---------------------------------------------------------------------------------------
+    def token_sizes(self, num_tokens: int, positions: Any) -> list[int]:
+        """Tokens per rank of the sp group (contiguous shards in order). Even by default; families whose
+        layers need aligned shards (a UNet's strided convolutions) override it."""
+        return split_sizes(num_tokens, self.state.sp.size)
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input for this step: the latents, scaled where the scheduler wants it."""
+        return latents
+
     def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
         """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
         branches = branches_for_rank(self.state.cfg, self.uses_cfg(req.request))
@@ -238,12 +278,15 @@ class DiffusionAdapter(ABC):
         branches = tuple(conditions)
         latents, positions = self.initial_latents(req)
         num_tokens = latents.shape[1]
-        token_sizes = split_sizes(num_tokens, state.sp.size)
-        latents = shard(latents, 1, state.sp.size, state.sp.index).contiguous()
+        token_sizes = self.token_sizes(num_tokens, positions)
+        start = sum(token_sizes[: state.sp.index])
+        latents = latents[:, start : start + token_sizes[state.sp.index]].contiguous()
         scheduler, timesteps = self.make_scheduler(req, num_tokens)
         for t in tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise", unit="step"):
+            model_input = self.model_input(scheduler, latents, t)
             predictions = {
-                branch: self.predict(latents, t, conditions[branch], positions, req) for branch in branches
+                branch: self.predict(model_input, t, conditions[branch], positions, req)
+                for branch in branches
             }
             noise = guided_prediction(predictions, state.cfg, self.uses_cfg(request), self.cfg_scale(request))
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
@@ -265,14 +308,14 @@ class DiffusionAdapter(ABC):
         start = _now(self.device)
         latents = self.denoise(req, conditions, progress)
         timings["denoise_s"] = _now(self.device) - start
-        if not self.state.is_driver:
-            return None
         if output == "latent":
-            return GenerateResult(latents=latents.cpu(), timings=timings)
+            return GenerateResult(latents=latents.cpu(), timings=timings) if self.state.is_driver else None
+        if not self.decodes_here():
+            return None
         start = _now(self.device)
         images = self.decode(latents, req)
         timings["decode_s"] = _now(self.device) - start
-        return GenerateResult(images=images, timings=timings)
+        return GenerateResult(images=images, timings=timings) if self.state.is_driver else None
 
 
 def _now(device: torch.device) -> float:

@@ -513,9 +513,7 @@ class FluxAdapter(DiffusionAdapter):
         final[:, order] = gathered
         return final
 
-    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
+    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
         pipe = self.pipeline
         latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor

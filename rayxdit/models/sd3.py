@@ -258,10 +258,8 @@ class SD3Adapter(DiffusionAdapter):
             )
         return model.proj_out(model.norm_out(hidden, temb))
 
-    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list:
+    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
         pipe = self.pipeline
         scale = pipe.vae_scale_factor
         latents = self.unpack(latents, req.height // scale, req.width // scale)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
