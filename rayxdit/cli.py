@@ -25,7 +25,8 @@ PARALLEL_HELP = """how to split ONE image over ranks, as method=degree pairs joi
 "cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; degree must divide
 the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional branch on two
 ranks; needs --negative-prompt and --true-cfg-scale > 1 to pay), pipefusion (transformer blocks as
-pipeline stages, image patches pipelined through them; combines with cfg and ulysses). Their product is the number of local processes started (one GPU each on a GPU machine).
+pipeline stages, image patches pipelined through them; combines with cfg and ulysses; Flux only). For a
+UNet (SDXL), ring and ulysses split the image into bands of rows (patch parallelism). Their product is the number of local processes started (one GPU each on a GPU machine).
 Default: one rank."""
 
 
@@ -42,8 +43,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="tiny-flux",
-        help="built-in preset (tiny-flux: random weights, runs on CPU in seconds), a local diffusers "
-        "pipeline directory, or a hub id such as black-forest-labs/FLUX.1-dev (default: %(default)s)",
+        help="built-in preset (tiny-flux, tiny-sd3, tiny-sdxl: random weights, run on CPU in seconds), a "
+        "local diffusers pipeline directory, or a hub id such as black-forest-labs/FLUX.1-dev "
+        "(default: %(default)s)",
     )
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (true CFG)")
@@ -58,7 +60,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed+i (default: 0)")
     parser.add_argument(
-        "--guidance", type=float, default=3.5, help="distilled guidance of Flux.1-dev (default: %(default)s)"
+        "--guidance",
+        type=float,
+        default=3.5,
+        help="Flux.1-dev: distilled guidance; SD3 and SDXL: the CFG scale, two branches per step above 1 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--true-cfg-scale",
@@ -135,8 +141,7 @@ def _generate(args: argparse.Namespace) -> int:
     from rayxdit.runtime.local import run_local_group
 
     info = describe_model(args.model)
-    parallel.check_heads(info.num_heads)
-    parallel.check_layers(info.num_layers)
+    info.check_parallel(parallel)
     info.limits.resolve(request)
     if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
         print(

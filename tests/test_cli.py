@@ -17,7 +17,7 @@ ARGS = [
     "--prompt",
     "a red fox in the snow",
     "--height",
-    "36",
+    "40",
     "--width",
     "40",
     "--steps",
@@ -35,7 +35,8 @@ def rayxdit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("model", "parallel"), [("tiny-flux", "ulysses=2,ring=2"), ("tiny-sd3", "cfg=2,ulysses=2")]
+    ("model", "parallel"),
+    [("tiny-flux", "ulysses=2,ring=2"), ("tiny-sd3", "cfg=2,ulysses=2"), ("tiny-sdxl", "cfg=2,ring=2")],
 )
 def test_parallel_png_equals_single_rank_png(tmp_path, model, parallel):
     single, parallel_png = tmp_path / "single.png", tmp_path / "parallel.png"
@@ -46,7 +47,7 @@ def test_parallel_png_equals_single_rank_png(tmp_path, model, parallel):
     assert f"{ParallelConfig.parse(parallel)} on 4 rank(s)" in done.stderr
     a = np.asarray(Image.open(single), dtype=np.int16)
     b = np.asarray(Image.open(parallel_png), dtype=np.int16)
-    assert a.shape == b.shape == (36, 40, 3)
+    assert a.shape == b.shape == (40, 40, 3)
     assert np.abs(a - b).max() <= 1, "parallel image differs from the single-rank image by more than 1/255"
 
 
@@ -68,6 +69,14 @@ def test_invalid_parallel_exits_with_one_clear_line(parallel, message, tmp_path)
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_pipefusion_on_a_unet_is_refused_up_front(tmp_path):
+    done = rayxdit(
+        *ARGS, "--model", "tiny-sdxl", "--parallel", "pipefusion=2", "--out", str(tmp_path / "x.png")
+    )
+    assert done.returncode == 2
+    assert "PipeFusion is implemented for Flux" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_help_explains_every_flag():

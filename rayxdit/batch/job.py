@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout_s=args.request_timeout_s,
         )
         info = describe_model(args.model)
-        pool.parallel_config.check_heads(info.num_heads)
+        info.check_parallel(pool.parallel_config)
     except (ConfigError, ValueError) as error:
         print(f"rayxdit batch: error: {error}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from rayxdit.config import ConfigError, ParallelConfig
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
@@ -98,6 +99,8 @@ class DiffusionAdapter(ABC):
     family_limits: ClassVar[ModelLimits] = ModelLimits()
     denoiser_subfolder: ClassVar[str] = "transformer"
     """Where the denoiser's config.json lives in the pipeline directory."""
+    supports_pipefusion: ClassVar[bool] = False
+    """Whether the family implements PipeFusion (transformer blocks as pipeline stages)."""
 
     @classmethod
     @abstractmethod
@@ -161,8 +164,7 @@ class DiffusionAdapter(ABC):
         ``attention`` picks the GPU kernel of sequence-parallel attention; ``pipefusion_patches`` (0: one per
         stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion;
         ``vae_parallel`` splits the VAE decode into bands of rows over the sequence-parallel ranks."""
-        state.config.check_heads(self.num_heads)
-        state.config.check_layers(self.num_layers)
+        check_parallel(state.config, type(self), self.num_heads, self.num_layers)
         self.state = state
         self.pipefusion_patches = pipefusion_patches
         self.warmup_steps = warmup_steps
@@ -316,6 +318,19 @@ class DiffusionAdapter(ABC):
         images = self.decode(latents, req)
         timings["decode_s"] = _now(self.device) - start
         return GenerateResult(images=images, timings=timings) if self.state.is_driver else None
+
+
+def check_parallel(
+    config: ParallelConfig, adapter: type[DiffusionAdapter], num_heads: int, num_layers: int
+) -> None:
+    """Raise :class:`ConfigError` when ``config`` cannot split this model (read from its config alone)."""
+    config.check_heads(num_heads)
+    if config.pipefusion > 1 and not adapter.supports_pipefusion:
+        raise ConfigError(
+            f"pipefusion={config.pipefusion}: PipeFusion is implemented for Flux; split "
+            f"{adapter.pipeline_class} with cfg, ring and ulysses"
+        )
+    config.check_layers(num_layers)
 
 
 def _now(device: torch.device) -> float:

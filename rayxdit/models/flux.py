@@ -236,6 +236,7 @@ class FluxAdapter(DiffusionAdapter):
     """``FluxPipeline``: Flux.1-dev/schnell and compatible checkpoints."""
 
     pipeline_class = "FluxPipeline"
+    supports_pipefusion = True
     family_limits = ModelLimits()
 
     @classmethod

@@ -407,7 +407,88 @@ def build_tiny_sd3(path: Path) -> None:
     (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
 
 
-PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux": build_tiny_flux, "tiny-sd3": build_tiny_sd3}
+def build_tiny_sdxl(path: Path) -> None:
+    """StableDiffusionXLPipeline: SDXL's UNet layout in miniature (three levels, the first without attention,
+    two downsamplings, text-time added conditioning), 4 and 8 heads of 8, two CLIP encoders (32 + 32 = 64
+    cross-attention channels), a VAE of factor 2."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    clip = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),
+            cross_attention_dim=64,
+            norm_num_groups=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.13025,
+        )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        ),
+    ).save_pretrained(path)
+    limits = dict(default_height=64, default_width=64, default_steps=8, max_side=256, size_multiple=8)
+    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+
+
+PRESETS: dict[str, Callable[[Path], None]] = {
+    "tiny-flux": build_tiny_flux,
+    "tiny-sd3": build_tiny_sd3,
+    "tiny-sdxl": build_tiny_sdxl,
+}
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
 IN_MEMORY_PRESETS: dict[str, FluxSizes] = {"flux-dev-random": FLUX_DEV}
 """Full-size architectures with random weights, built straight on the device (no checkpoint exists offline);

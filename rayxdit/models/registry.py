@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from rayxdit.config import ConfigError
-from rayxdit.models.base import DiffusionAdapter, ModelLimits
+from rayxdit.config import ConfigError, ParallelConfig
+from rayxdit.models.base import DiffusionAdapter, ModelLimits, check_parallel
 from rayxdit.models.flux import FluxAdapter
 from rayxdit.models.presets import IN_MEMORY_PRESETS, PRESETS, build_flux_pipeline, materialize_preset
 from rayxdit.models.sd3 import SD3Adapter
+from rayxdit.models.sdxl import SDXLAdapter
 
 ADAPTERS: dict[str, type[DiffusionAdapter]] = {
-    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter)
+    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter, SDXLAdapter)
 }
 
 
@@ -32,6 +33,10 @@ class ModelInfo:
     num_heads: int
     num_layers: int
     limits: ModelLimits
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        """Raise :class:`ConfigError` when ``config`` cannot split this model."""
+        check_parallel(config, adapter_class(self.pipeline_class), self.num_heads, self.num_layers)
 
 
 def resolve_model(model: str) -> str:

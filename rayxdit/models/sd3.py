@@ -136,8 +136,6 @@ class SD3Adapter(DiffusionAdapter):
         return denoiser_config["num_layers"]
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:
-        if state.pipefusion.size > 1:
-            raise NotImplementedError("PipeFusion is implemented for Flux; use cfg, ring and ulysses for SD3")
         parallelize_sd3(self.transformer, state, attention)
 
     # SD3 is trained with classifier-free guidance: `guidance` is its scale, on unless set to 1 or less.

@@ -10,6 +10,7 @@ import io
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,12 +111,20 @@ def spawn_group(
         process.start()
     collected: dict[int, _Report] = {}
     try:
+        deadline = time.monotonic() + timeout_s
         while len(collected) < world_size:
             try:
-                report = reports.get(timeout=timeout_s)
+                report = reports.get(timeout=1.0)
             except queue.Empty:
                 missing = sorted(set(range(world_size)) - set(collected))
-                raise GroupError(f"no answer from ranks {missing} within {timeout_s:.0f} s") from None
+                # A rank that died without reporting (killed, or failed before its entry ran) never will.
+                dead = [rank for rank in missing if processes[rank].exitcode is not None]
+                if dead:
+                    codes = ", ".join(f"rank {rank}: exit code {processes[rank].exitcode}" for rank in dead)
+                    raise GroupError(f"ranks exited without a result ({codes})") from None
+                if time.monotonic() > deadline:
+                    raise GroupError(f"no answer from ranks {missing} within {timeout_s:.0f} s") from None
+                continue
             collected[report.rank] = report
             if report.error is not None:
                 # One failure strands the others in a collective until it times out: collect what the

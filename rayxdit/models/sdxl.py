@@ -1,0 +1,272 @@
+"""Stable Diffusion XL (``StableDiffusionXLPipeline`` / ``UNet2DConditionModel``): patch parallelism for a UNet.
+
+A UNet is convolutional, so its sequence parallelism is patch parallelism: every rank of the sp group holds a
+band of latent rows and runs the unchanged UNet on it, made exact by :mod:`rayxdit.parallel.spatial` (halo
+rows for every convolution, GroupNorm statistics over all bands). The transformer blocks' self-attention
+sees a band as a contiguous run of row-major tokens, so it runs as ring/Ulysses attention over the sp
+group; cross-attention to the text is local. Bands are aligned to the UNet's total downsampling so strided
+convolutions stay aligned: the latent rows are split in units of ``2 ** downsamplers`` rows.
+
+The loop keeps latents as tokens ``[B, H*W, C]`` (row-major), so a band is a contiguous token shard and the
+model-independent loop, scheduler and CFG parallelism apply unchanged. SDXL is trained with CFG: ``guidance``
+is its scale (on above 1); an absent negative prompt means zero embeddings, as diffusers does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.parallel.attention import SequenceParallelAttention
+from rayxdit.parallel.cfg import CONDITIONAL
+from rayxdit.parallel.mesh import ParallelState
+from rayxdit.parallel.sequence import split_sizes
+from rayxdit.parallel.spatial import RowBands, parallelize_bands
+from rayxdit.request import GenerateRequest, RequestError
+
+
+class BandSelfAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for a transformer block's self-attention on a band's tokens
+    ``[B, rows*W, C]``, as sequence-parallel attention. ``sizes`` (every band's tokens at this resolution) is
+    set by a hook on the enclosing ``Transformer2DModel``, which sees the band's ``[B, C, rows, W]``."""
+
+    def __init__(self, attention: SequenceParallelAttention):
+        self.attention = attention
+        self.sizes: list[int] = []
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        assert encoder_hidden_states is None and attention_mask is None, "self-attention only"
+        assert attn.group_norm is None and attn.spatial_norm is None and hidden_states.ndim == 3
+        batch = hidden_states.shape[0]
+        head_dim = attn.inner_dim // attn.heads
+        query, key, value = (
+            proj(hidden_states).view(batch, -1, attn.heads, head_dim)
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        out = self.attention(query, key, value, self.sizes, scale=attn.scale).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def parallelize_unet(unet: torch.nn.Module, state: ParallelState, attention: str = "auto") -> RowBands | None:
+    """Make a ``UNet2DConditionModel`` run on bands of latent rows over ``state``'s sp group. Returns the
+    bands, whose ``rows`` (at the latent resolution) the caller sets per request."""
+    if state.sp.size == 1:
+        return None
+    bands = RowBands(state.sp)
+    parallelize_bands(unet, state.sp)
+    kernel = SequenceParallelAttention(state, attention)
+    for transformer in unet.modules():
+        if not isinstance(transformer, Transformer2DModel):
+            continue
+        processor = BandSelfAttnProcessor(kernel)
+        for block in transformer.modules():
+            if isinstance(block, BasicTransformerBlock):
+                block.attn1.set_processor(processor)
+
+        def set_sizes(module, args, kwargs, processor=processor):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            processor.sizes = [rows * hidden.shape[3] for rows in bands.at(hidden.shape[2])]
+
+        transformer.register_forward_pre_hook(set_sizes, with_kwargs=True)
+    return bands
+
+
+@dataclass(frozen=True)
+class SDXLCondition:
+    prompt_embeds: torch.Tensor  # (B, 77, 2048): both CLIP encoders' penultimate states, concatenated
+    added: dict[str, torch.Tensor]  # text_embeds (pooled) and time_ids
+
+
+@dataclass(frozen=True)
+class SDXLBands:
+    rows: tuple[int, ...]  # latent rows per rank of the sp group
+    width: int  # latent columns
+
+
+class SDXLAdapter(DiffusionAdapter):
+    """``StableDiffusionXLPipeline``: SDXL base and its fine-tunes."""
+
+    pipeline_class = "StableDiffusionXLPipeline"
+    family_limits: ClassVar[ModelLimits] = ModelLimits(
+        default_steps=30, size_multiple=32, max_sequence_length=77
+    )
+    denoiser_subfolder = "unet"
+    supports_pipefusion = False
+
+    @classmethod
+    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
+        """The gcd of the attention head counts of every level with transformer blocks (Ulysses must divide
+        each). diffusers' SDXL config calls the head count ``attention_head_dim``."""
+        heads = denoiser_config.get("num_attention_heads") or denoiser_config["attention_head_dim"]
+        levels = len(denoiser_config["down_block_types"])
+        heads = [heads] * levels if isinstance(heads, int) else list(heads)
+        with_attention = [
+            h
+            for h, kind in zip(heads, denoiser_config["down_block_types"], strict=True)
+            if "CrossAttn" in kind
+        ]
+        return math.gcd(*with_attention) if with_attention else 0
+
+    @classmethod
+    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
+        return len(denoiser_config["down_block_types"])
+
+    def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
+        super().__init__(pipeline, model_dir, limits)
+        if pipeline.vae.dtype == torch.float16 and pipeline.vae.config.force_upcast:
+            pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers knows
+        self.unet_bands: RowBands | None = None
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def band_unit(self) -> int:
+        """Latent rows per alignment unit: every downsampling halves the rows, so bands keep multiples."""
+        return 2 ** sum(1 for block in self.transformer.down_blocks if block.downsamplers)
+
+    def _parallelize(self, state: ParallelState, attention: str) -> None:
+        self.unet_bands = parallelize_unet(self.transformer, state, attention)
+
+    def compile(self) -> None:
+        """torch.compile each transformer block (its attention is one custom op); the convolutions' halo
+        exchanges stay eager."""
+        for module in self.transformer.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.compile()
+
+    @classmethod
+    def uses_cfg(cls, request: GenerateRequest) -> bool:
+        return request.guidance > 1.0
+
+    @classmethod
+    def cfg_scale(cls, request: GenerateRequest) -> float:
+        return request.guidance
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        req = super().resolve(request)
+        if self.state.sp.size == 1:
+            return req
+        pixels = self.pipeline.vae_scale_factor * self.band_unit
+        if req.height % pixels:
+            raise RequestError(
+                f"height={req.height}: patch parallelism splits rows in bands of {pixels} px; use a multiple",
+                param="size",
+            )
+        if req.height // pixels < self.state.sp.size:
+            raise RequestError(
+                f"height={req.height} splits into {req.height // pixels} bands of {pixels} px, fewer than this group's "
+                f"{self.state.sp.size} patch-parallel ranks; use height >= {pixels * self.state.sp.size}",
+                param="size",
+            )
+        return req
+
+    def encode(self, req: ResolvedRequest, branch: int) -> SDXLCondition:
+        request = req.request
+        pipe = self.pipeline
+        unconditional = branch != CONDITIONAL
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=request.prompt,
+            device=self.device,
+            num_images_per_prompt=req.batch,
+            do_classifier_free_guidance=unconditional,
+            negative_prompt=request.negative_prompt,
+        )
+        if unconditional:
+            embeds, pooled = negative, negative_pooled
+        time_ids = pipe._get_add_time_ids(
+            (req.height, req.width),
+            (0, 0),
+            (req.height, req.width),
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        ).to(self.device)
+        return SDXLCondition(embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(req.batch, 1)})
+
+    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SDXLBands]:
+        # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
+        generators = [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
+        scale = self.pipeline.vae_scale_factor
+        shape = (req.batch, self.transformer.config.in_channels, req.height // scale, req.width // scale)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.transformer.dtype)
+        latents = noise * self.make_scheduler(req, 0)[0].init_noise_sigma
+        batch, channels, height, width = latents.shape
+        unit, parts = self.band_unit, self.state.sp.size
+        rows = [units * unit for units in split_sizes(height // unit, parts)] if parts > 1 else [height]
+        tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        return tokens, SDXLBands(tuple(rows), width)
+
+    def token_sizes(self, num_tokens: int, positions: SDXLBands) -> list[int]:
+        return [rows * positions.width for rows in positions.rows]
+
+    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+        scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(latents, timestep)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: SDXLCondition,
+        positions: SDXLBands,
+        req: ResolvedRequest,
+    ) -> torch.Tensor:
+        batch, tokens, channels = latents.shape
+        rows = tokens // positions.width
+        if self.unet_bands is not None:
+            self.unet_bands.rows = positions.rows
+        sample = latents.reshape(batch, rows, positions.width, channels).permute(0, 3, 1, 2)
+        noise = self.transformer(
+            sample,
+            timestep,
+            encoder_hidden_states=cond.prompt_embeds,
+            added_cond_kwargs=cond.added,
+            return_dict=False,
+        )[0]
+        return noise.permute(0, 2, 3, 1).reshape(batch, tokens, channels)
+
+    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+        pipe = self.pipeline
+        scale = pipe.vae_scale_factor
+        batch, _, channels = latents.shape
+        latents = latents.reshape(batch, req.height // scale, req.width // scale, channels).permute(
+            0, 3, 1, 2
+        )
+        config = pipe.vae.config
+        if (
+            getattr(config, "latents_mean", None) is not None
+            and getattr(config, "latents_std", None) is not None
+        ):
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor
