@@ -21,6 +21,8 @@ EXAMPLES = """examples:
       --negative-prompt "blurry" --true-cfg-scale 4 --parallel "cfg=2,ulysses=4" --compile --out cat.png
 """
 
+VIDEO_SUFFIXES = ("", ".png", ".apng", ".gif", ".mp4")
+
 PARALLEL_HELP = """how to split ONE image over ranks, as method=degree pairs joined by commas, e.g.
 "cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; degree must divide
 the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional branch on two
@@ -43,7 +45,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="tiny-flux",
-        help="built-in preset (tiny-flux, tiny-sd3, tiny-sdxl: random weights, run on CPU in seconds), a "
+        help="built-in preset (tiny-flux, tiny-sd3, tiny-sdxl, tiny-wan: random weights, run on CPU in "
+        "seconds), a "
         "local diffusers pipeline directory, or a hub id such as black-forest-labs/FLUX.1-dev "
         "(default: %(default)s)",
     )
@@ -63,7 +66,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--guidance",
         type=float,
         default=3.5,
-        help="Flux.1-dev: distilled guidance; SD3 and SDXL: the CFG scale, two branches per step above 1 "
+        help="Flux.1-dev: distilled guidance; SD3, SDXL and Wan: the CFG scale, two branches per step above 1 "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -73,7 +76,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="true classifier-free guidance; > 1 with --negative-prompt runs two branches per step "
         "(default: %(default)s, off)",
     )
-    parser.add_argument("--num-images", type=int, default=1, help="images for the prompt (default: 1)")
+    parser.add_argument(
+        "--num-images", type=int, default=1, help="images (or videos) for the prompt (default: 1)"
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="video models (Wan): frames per video, 1 + a multiple of 4; default: the model's (81 for Wan)",
+    )
+    parser.add_argument("--fps", type=int, default=16, help="video models: frames per second (default: 16)")
     parser.add_argument("--parallel", default="", help=PARALLEL_HELP)
     parser.add_argument(
         "--dtype",
@@ -107,7 +119,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         default=Path("out.png"),
-        help="where to write the PNG; with --num-images N, files get -0..-N-1 suffixes (default: out.png)",
+        help="where to write the PNG; with --num-images N, files get -0..-N-1 suffixes. Videos: .png "
+        "(animated PNG), .gif, .mp4 (needs imageio[ffmpeg]) or a path without suffix for a directory of "
+        "frames (default: out.png)",
     )
     parser.set_defaults(handler=_generate)
 
@@ -116,6 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from rayxdit.config import EngineConfig, ParallelConfig
+    from rayxdit.imaging import save_video
     from rayxdit.request import GenerateRequest
     from rayxdit.runtime.local import check_launchable
 
@@ -133,16 +148,20 @@ def _generate(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             true_cfg_scale=args.true_cfg_scale,
             num_images=args.num_images,
+            num_frames=args.frames,
         )
     except ValidationError as error:
         first = error.errors()[0]
-        raise UsageError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        field = {"num_frames": "frames"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UsageError(f"--{field.replace('_', '-')}: {first['msg']}") from None
     from rayxdit.models.registry import adapter_class, describe_model
     from rayxdit.runtime.local import run_local_group
 
     info = describe_model(args.model)
     info.check_parallel(parallel)
     info.limits.resolve(request)
+    if info.limits.max_frames > 1 and args.out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"--out {args.out}: a video goes to {', '.join(VIDEO_SUFFIXES[1:])} or a directory")
     if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
         print(
             "note: this request runs no CFG (Flux: add --negative-prompt and --true-cfg-scale > 1), so "
@@ -160,14 +179,18 @@ def _generate(args: argparse.Namespace) -> int:
         loras=tuple(args.lora),
     )
     (result,) = run_local_group(config, [request], progress=True)
+    videos = result.videos
     paths = (
         [args.out]
-        if len(result.images) == 1
-        else [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(result.images))]
+        if len(videos) == 1
+        else [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(videos))]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(result.images, paths, strict=True):
-        image.save(path)
+    for frames, path in zip(videos, paths, strict=True):
+        if result.frames_per_video == 1:
+            frames[0].save(path)
+        else:
+            save_video(frames, path, args.fps)
         print(path)
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
     print(f"{parallel} on {parallel.world_size} rank(s): {timings}", file=sys.stderr)

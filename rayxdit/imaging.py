@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -48,3 +49,40 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
         + _chunk(b"IDAT", zlib.compress(raw, level))
         + _chunk(b"IEND", b"")
     )
+
+
+def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Path]:
+    """Write one video's frames: ``.png``/``.apng`` as an animated PNG (lossless, one file, plays in
+    browsers), ``.gif``, ``.mp4`` (needs imageio with ffmpeg), or a directory of numbered PNG frames when
+    ``path`` has no suffix. Returns the files written."""
+    suffix = path.suffix.lower()
+    if not suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        written = [path / f"frame-{index:04d}.png" for index in range(len(frames))]
+        for frame, target in zip(frames, written, strict=True):
+            frame.save(target)
+        return written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".png", ".apng", ".gif"):
+        frames[0].save(
+            path,
+            format="PNG" if suffix != ".gif" else "GIF",
+            save_all=True,
+            append_images=frames[1:],
+            duration=round(1000 / fps),
+            loop=0,
+        )
+        return [path]
+    if suffix == ".mp4":
+        try:
+            import imageio.v2 as imageio
+        except ImportError:
+            raise ValueError(
+                "writing .mp4 needs imageio[ffmpeg] (pip install 'imageio[ffmpeg]'); "
+                "or write .png (animated) or a directory of frames"
+            ) from None
+        with imageio.get_writer(path, fps=fps) as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(frame.convert("RGB")))
+        return [path]
+    raise ValueError(f"{path}: write videos as .png (animated), .gif, .mp4 or a directory of frames")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
 MAX_IMAGES = 8
+MAX_FRAMES = 241
 
 
 class GenerateRequest(BaseModel):
@@ -34,7 +35,13 @@ class GenerateRequest(BaseModel):
         le=100.0,
         description="True classifier-free guidance scale; > 1 with a negative prompt runs two branches.",
     )
-    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images for this prompt.")
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images (or videos) for this prompt.")
+    num_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FRAMES,
+        description="Video models: frames per video (default: the model's).",
+    )
 
     @property
     def uses_true_cfg(self) -> bool:
@@ -54,5 +61,14 @@ class GenerateResult:
     """What rank 0 returns: the images (or final latents) and where the time went."""
 
     images: list[Image.Image] = field(default_factory=list)
+    """Every image; for a video model, every frame of every video in order."""
     latents: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    frames_per_video: int = 1
+    """Above 1, ``images`` holds videos of this many frames each."""
+
+    @property
+    def videos(self) -> list[list[Image.Image]]:
+        """The frames of each video (an image is a video of one frame)."""
+        step = self.frames_per_video
+        return [self.images[i : i + step] for i in range(0, len(self.images), step)]

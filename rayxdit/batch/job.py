@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         info = describe_model(args.model)
         info.check_parallel(pool.parallel_config)
+        if info.limits.max_frames > 1:
+            raise ConfigError(
+                f"{args.model} makes videos; the batch job writes images (use rayxdit generate)"
+            )
     except (ConfigError, ValueError) as error:
         print(f"rayxdit batch: error: {error}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ class ResolvedRequest:
     height: int
     width: int
     steps: int
+    frames: int = 1
 
     @property
     def batch(self) -> int:
@@ -62,6 +63,12 @@ class ModelLimits:
     """Height and width must be multiples of this (VAE factor x patch size)."""
     max_sequence_length: int = 512
     """Text tokens fed to the transformer."""
+    default_frames: int = 1
+    """Video models: frames when a request gives none (1: an image model)."""
+    max_frames: int = 1
+    """Video models: most frames accepted."""
+    frame_multiple: int = 1
+    """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
 
     def updated(self, overrides: dict[str, Any]) -> ModelLimits:
         known = {f.name for f in fields(self)}
@@ -81,7 +88,17 @@ class ModelLimits:
                 raise RequestError(
                     f"{name}={value} is outside {self.size_multiple}..{self.max_side}", param="size"
                 )
-        return ResolvedRequest(request, height, width, request.steps or self.default_steps)
+        frames = request.num_frames or self.default_frames
+        if self.max_frames == 1 and frames > 1:
+            raise RequestError(
+                f"num_frames={frames}: this model makes images, not videos", param="num_frames"
+            )
+        if frames > self.max_frames or (frames - 1) % self.frame_multiple:
+            raise RequestError(
+                f"num_frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
+                param="num_frames",
+            )
+        return ResolvedRequest(request, height, width, request.steps or self.default_steps, frames)
 
     @classmethod
     def for_pipeline(cls, family_defaults: ModelLimits, model_dir: str | None) -> ModelLimits:
@@ -317,7 +334,9 @@ class DiffusionAdapter(ABC):
         start = _now(self.device)
         images = self.decode(latents, req)
         timings["decode_s"] = _now(self.device) - start
-        return GenerateResult(images=images, timings=timings) if self.state.is_driver else None
+        if not self.state.is_driver:
+            return None
+        return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
 
 
 def check_parallel(

@@ -484,10 +484,78 @@ def build_tiny_sdxl(path: Path) -> None:
     (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
 
 
+def build_tiny_wan(path: Path) -> None:
+    """WanPipeline (Wan 2.1 text-to-video layout): 2 blocks of 8 heads of 8 with RMS QK-norm across heads and
+    3D rotary embeddings, a UMT5 text encoder, a causal 3D VAE (8x spatial, 4x temporal) and UniPC flow
+    sampling, as Wan ships it."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                decoder_start_token_id=0,
+            )
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=8,
+            attention_head_dim=8,
+            in_channels=8,
+            out_channels=8,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=8,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.1 * i - 0.35 for i in range(8)],
+            latents_std=[1.0 + 0.2 * i for i in range(8)],
+        )
+    WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        ),
+        transformer=transformer,
+    ).save_pretrained(path)
+    limits = dict(
+        default_height=48,
+        default_width=80,
+        default_frames=9,
+        max_frames=33,
+        default_steps=8,
+        max_side=256,
+        size_multiple=16,
+        max_sequence_length=16,
+    )
+    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+
+
 PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-flux": build_tiny_flux,
     "tiny-sd3": build_tiny_sd3,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-wan": build_tiny_wan,
 }
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
 IN_MEMORY_PRESETS: dict[str, FluxSizes] = {"flux-dev-random": FLUX_DEV}

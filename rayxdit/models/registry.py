@@ -18,9 +18,10 @@ from rayxdit.models.flux import FluxAdapter
 from rayxdit.models.presets import IN_MEMORY_PRESETS, PRESETS, build_flux_pipeline, materialize_preset
 from rayxdit.models.sd3 import SD3Adapter
 from rayxdit.models.sdxl import SDXLAdapter
+from rayxdit.models.wan import WanAdapter
 
 ADAPTERS: dict[str, type[DiffusionAdapter]] = {
-    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter, SDXLAdapter)
+    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter, SDXLAdapter, WanAdapter)
 }
 
 

@@ -49,7 +49,7 @@ def check_launchable(world_size: int) -> None:
 def encode_images(result: GenerateResult) -> GenerateResult:
     """PNG bytes cross process boundaries more cheaply and safely than PIL objects."""
     encoded = [encode_png(image) for image in result.images]
-    return GenerateResult(images=encoded, latents=result.latents, timings=result.timings)
+    return GenerateResult(encoded, result.latents, result.timings, result.frames_per_video)
 
 
 def decode_images(result: GenerateResult) -> GenerateResult:

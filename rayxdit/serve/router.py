@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayxdit.config import PoolConfig, ServeConfig
+from rayxdit.config import ConfigError, PoolConfig, ServeConfig
 from rayxdit.models.base import ModelLimits
 from rayxdit.models.registry import adapter_class, describe_model
 from rayxdit.request import GenerateResult, RequestError
@@ -100,6 +100,12 @@ class Router:
         self.default_model = config.pools[0].served_model_name
         described = {name: describe_model(pools_[0].model) for name, pools_ in self.pools_by_model.items()}
         self.limits: dict[str, ModelLimits] = {name: info.limits for name, info in described.items()}
+        videos = sorted(name for name, limits in self.limits.items() if limits.max_frames > 1)
+        if videos:
+            raise ConfigError(
+                f"{', '.join(videos)}: video models are not served by the images API yet; "
+                "use `rayxdit generate --model ... --out clip.mp4`"
+            )
         self.families = {name: adapter_class(info.pipeline_class) for name, info in described.items()}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.images: OrderedDict[str, tuple[bytes, float]] = OrderedDict()

@@ -17,6 +17,9 @@ SDXL (a UNet, split into bands of latent rows) runs at 40x40 px (20 latent rows 
 latents are in the Euler scheduler's sigma-scaled units (|latents| up to ~11), so its tolerance is 1e-4
 absolute, the same 1e-5 relative; observed <= 2.3e-5 for one rank and every parallel configuration alike
 (diffusers batches the CFG branches; GroupNorm sums over bands are reordered).
+
+Wan (text-to-video) runs 9 frames of 48x80 px: 45 video tokens; one rank is within 3e-6 of diffusers
+(the patch embedding as a linear map), tolerance 1e-5 as for the other transformers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from rayxdit.request import GenerateRequest
 from rayxdit.runtime.local import spawn_group
 from tests.sabotage import broken_ring_merge
 
-TOLERANCE = {"tiny-flux": 1e-5, "tiny-sd3": 1e-5, "tiny-sdxl": 1e-4}
+TOLERANCE = {"tiny-flux": 1e-5, "tiny-sd3": 1e-5, "tiny-sdxl": 1e-4, "tiny-wan": 1e-5}
 REQUESTS = {
     "tiny-flux": {
         "true-cfg": GenerateRequest(
@@ -79,6 +82,23 @@ REQUESTS = {
             prompt="a blue house by the sea", guidance=5.0, height=40, width=40, steps=3, seed=11
         ),
     },
+    # 9 frames of 48x80 px = 3 latent frames of 3x5 patch tokens: 45 video tokens, uneven at 2, 4 and 8.
+    "tiny-wan": {
+        "cfg": GenerateRequest(
+            prompt="a photo of a red cat",
+            negative_prompt="dark",
+            guidance=5.0,
+            height=48,
+            width=80,
+            num_frames=9,
+            steps=3,
+            seed=7,
+            num_images=2,
+        ),
+        "no-cfg": GenerateRequest(
+            prompt="a blue house", guidance=1.0, height=48, width=80, num_frames=9, steps=3, seed=11
+        ),
+    },
 }
 
 
@@ -102,6 +122,16 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             max_sequence_length=29,
             **common,
         ).images
+    if model == "tiny-wan":
+        common["num_videos_per_prompt"] = common.pop("num_images_per_prompt")
+        latents = adapter.pipeline(
+            request.prompt,
+            num_frames=request.num_frames,
+            guidance_scale=request.guidance,
+            max_sequence_length=16,
+            **common,
+        ).frames
+        return adapter.pack(latents)
     if model == "tiny-sdxl":
         latents = adapter.pipeline(request.prompt, guidance_scale=request.guidance, **common).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)  # the engine's row-major tokens
@@ -149,6 +179,9 @@ CONFIGS = {
         ("tiny-sdxl", "ulysses=2", False),
         ("tiny-sdxl", "ring=2", False),
         ("tiny-sdxl", "cfg=2", False),
+        ("tiny-wan", "ulysses=2", False),
+        ("tiny-wan", "ring=2", False),
+        ("tiny-wan", "cfg=2", False),
     ],
     4: [
         ("tiny-flux", "ulysses=4", False),
@@ -163,12 +196,15 @@ CONFIGS = {
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
         ("tiny-sdxl", "ulysses=2,ring=2", False),
+        ("tiny-wan", "ulysses=4", False),
+        ("tiny-wan", "ulysses=2,ring=2", False),
     ],
     8: [
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux", "cfg=2,pipefusion=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
     ],
 }
 
