@@ -103,6 +103,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "scale; repeat for several. Fused into the weights on every rank before parallelism is applied.",
     )
     parser.add_argument(
+        "--no-vae-parallel",
+        dest="vae_parallel",
+        action="store_false",
+        help="decode on rank 0 alone instead of in bands of rows over the sequence-parallel ranks (both "
+        "give the same image)",
+    )
+    parser.add_argument(
         "--warmup-steps",
         type=int,
         default=1,
@@ -177,6 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipefusion_patches=args.patches,
         warmup_steps=args.warmup_steps,
         loras=tuple(args.lora),
+        vae_parallel=args.vae_parallel,
     )
     (result,) = run_local_group(config, [request], progress=True)
     videos = result.videos

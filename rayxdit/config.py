@@ -184,6 +184,9 @@ class PoolConfig(BaseModel):
     dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
     compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
     loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
+    vae_parallel: bool = Field(
+        default=True, description="Split the VAE decode into bands of rows over the sequence-parallel ranks."
+    )
     route_min_cost: float = Field(
         default=0.0,
         ge=0.0,
@@ -247,7 +250,12 @@ class PoolConfig(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.model, parallel=self.parallel_config, dtype=self.dtype, compile=self.compile
+            model=self.model,
+            parallel=self.parallel_config,
+            dtype=self.dtype,
+            compile=self.compile,
+            vae_parallel=self.vae_parallel,
+            loras=tuple(self.loras),
         )
 
 

@@ -28,3 +28,15 @@ def test_flux_config_has_2_4_8_gpu_pools_that_fit_8_gpu_nodes():
     for pool in config.pools:
         assert pool.accelerator == "gpu" and pool.placement_strategy == "STRICT_PACK"
         pool.parallel_config.check_heads(24)  # FLUX.1-dev has 24 heads
+
+
+def test_pool_settings_reach_the_engine():
+    from rayxdit.config import PoolConfig
+
+    pool = PoolConfig(
+        name="p", parallel="ring=2", loras=["/loras/style:0.8"], vae_parallel=False, compile=True
+    )
+    engine = pool.engine_config()
+    assert engine.loras == ("/loras/style:0.8",)
+    assert engine.vae_parallel is False and engine.compile is True
+    assert engine.parallel == pool.parallel_config
