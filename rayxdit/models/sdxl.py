@@ -152,13 +152,6 @@ class SDXLAdapter(DiffusionAdapter):
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         self.unet_bands = parallelize_unet(self.transformer, state, attention)
 
-    def compile(self) -> None:
-        """torch.compile each transformer block (its attention is one custom op); the convolutions' halo
-        exchanges stay eager."""
-        for module in self.transformer.modules():
-            if isinstance(module, BasicTransformerBlock):
-                module.compile()
-
     @classmethod
     def uses_cfg(cls, request: GenerateRequest) -> bool:
         return request.guidance > 1.0

@@ -128,6 +128,7 @@ class WanAdapter(DiffusionAdapter):
         ]
 
     def compile(self) -> None:
+        """torch.compile every block of both experts (attention is one custom op: no graph breaks)."""
         for model in self.denoisers:
             model.compile_repeated_blocks(fullgraph=True)
 
