@@ -167,7 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
     info = describe_model(args.model)
     info.check_parallel(parallel)
     info.limits.resolve(request)
-    if info.limits.max_frames > 1 and args.out.suffix.lower() not in VIDEO_SUFFIXES:
+    if info.limits.makes_video and args.out.suffix.lower() not in VIDEO_SUFFIXES:
         raise UsageError(f"--out {args.out}: a video goes to {', '.join(VIDEO_SUFFIXES[1:])} or a directory")
     if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
         print(

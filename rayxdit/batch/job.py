@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         info = describe_model(args.model)
         info.check_parallel(pool.parallel_config)
-        if info.limits.max_frames > 1:
+        if info.limits.makes_video:
             raise ConfigError(
                 f"{args.model} makes videos; the batch job writes images (use rayxdit generate)"
             )

@@ -70,6 +70,10 @@ class ModelLimits:
     frame_multiple: int = 1
     """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
 
+    @property
+    def makes_video(self) -> bool:
+        return self.max_frames > 1
+
     def updated(self, overrides: dict[str, Any]) -> ModelLimits:
         known = {f.name for f in fields(self)}
         unknown = set(overrides) - known
@@ -89,7 +93,7 @@ class ModelLimits:
                     f"{name}={value} is outside {self.size_multiple}..{self.max_side}", param="size"
                 )
         frames = request.num_frames or self.default_frames
-        if self.max_frames == 1 and frames > 1:
+        if not self.makes_video and frames > 1:
             raise RequestError(
                 f"num_frames={frames}: this model makes images, not videos", param="num_frames"
             )
@@ -263,17 +267,25 @@ class DiffusionAdapter(ABC):
         return self.state.is_driver or (self.vae_bands is not None and self.state.cfg.index == 0)
 
     # ----- classifier-free guidance ------------------------------------------------------------------------
+    guidance_is_cfg: ClassVar[bool] = True
+    """Families trained with CFG (SD3, SDXL, Wan): ``guidance`` is the CFG scale, on above 1, and an absent
+    negative prompt is the family's empty one. Guidance-distilled Flux sets False: CFG only as true CFG."""
+
     @classmethod
     def uses_cfg(cls, request: GenerateRequest) -> bool:
-        """Whether this request runs two branches per step. Flux (guidance-distilled): only with a negative
-        prompt and ``true_cfg_scale > 1``; families trained with CFG override this."""
-        return request.uses_true_cfg
+        """Whether this request runs two branches per step."""
+        return request.guidance > 1.0 if cls.guidance_is_cfg else request.uses_true_cfg
 
     @classmethod
     def cfg_scale(cls, request: GenerateRequest) -> float:
-        return request.true_cfg_scale
+        return request.guidance if cls.guidance_is_cfg else request.true_cfg_scale
 
     # ----- the loop ---------------------------------------------------------------------------------------
+    @staticmethod
+    def noise_generators(req: ResolvedRequest) -> list[torch.Generator]:
+        """One CPU generator per image, seeded ``seed + i``: every rank draws the same full noise."""
+        return [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
+
     def token_sizes(self, num_tokens: int, positions: Any) -> list[int]:
         """Tokens per rank of the sp group (contiguous shards in order). Even by default; families whose
         layers need aligned shards (a UNet's strided convolutions) override it."""

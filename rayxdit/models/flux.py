@@ -237,6 +237,7 @@ class FluxAdapter(DiffusionAdapter):
 
     pipeline_class = "FluxPipeline"
     supports_pipefusion = True
+    guidance_is_cfg = False  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
     family_limits = ModelLimits()
 
     @classmethod
@@ -285,8 +286,6 @@ class FluxAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
-        seed = req.request.seed
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(req.batch)]
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,
@@ -294,7 +293,7 @@ class FluxAdapter(DiffusionAdapter):
             req.width,
             self.transformer.dtype,
             self.device,
-            generators,
+            self.noise_generators(req),
         )
         parts, index = self._token_split()
         positions = FluxPositions(

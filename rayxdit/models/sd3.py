@@ -31,7 +31,6 @@ from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import shard, shard_bounds, split_sizes
-from rayxdit.request import GenerateRequest
 
 
 class SD3SequenceParallelProcessor:
@@ -138,15 +137,6 @@ class SD3Adapter(DiffusionAdapter):
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_sd3(self.transformer, state, attention)
 
-    # SD3 is trained with classifier-free guidance: `guidance` is its scale, on unless set to 1 or less.
-    @classmethod
-    def uses_cfg(cls, request: GenerateRequest) -> bool:
-        return request.guidance > 1.0
-
-    @classmethod
-    def cfg_scale(cls, request: GenerateRequest) -> float:
-        return request.guidance
-
     @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
@@ -186,7 +176,6 @@ class SD3Adapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SD3Positions]:
         pipe = self.pipeline
-        generators = [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
         latents = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels,
@@ -194,7 +183,7 @@ class SD3Adapter(DiffusionAdapter):
             req.width,
             self.transformer.dtype,
             self.device,
-            generators,
+            self.noise_generators(req),
         )
         tokens = self.pack(latents)
         sp = self.state.sp

@@ -152,14 +152,6 @@ class SDXLAdapter(DiffusionAdapter):
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         self.unet_bands = parallelize_unet(self.transformer, state, attention)
 
-    @classmethod
-    def uses_cfg(cls, request: GenerateRequest) -> bool:
-        return request.guidance > 1.0
-
-    @classmethod
-    def cfg_scale(cls, request: GenerateRequest) -> float:
-        return request.guidance
-
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         req = super().resolve(request)
         if self.state.sp.size == 1:
@@ -202,10 +194,11 @@ class SDXLAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SDXLBands]:
         # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
-        generators = [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
         scale = self.pipeline.vae_scale_factor
         shape = (req.batch, self.transformer.config.in_channels, req.height // scale, req.width // scale)
-        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.transformer.dtype)
+        noise = randn_tensor(
+            shape, generator=self.noise_generators(req), device=self.device, dtype=self.transformer.dtype
+        )
         latents = noise * self.make_scheduler(req, 0)[0].init_noise_sigma
         batch, channels, height, width = latents.shape
         unit, parts = self.band_unit, self.state.sp.size

@@ -25,7 +25,6 @@ from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import shard_bounds, split_sizes
-from rayxdit.request import GenerateRequest
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,14 +131,6 @@ class WanAdapter(DiffusionAdapter):
         for model in self.denoisers:
             model.compile_repeated_blocks(fullgraph=True)
 
-    @classmethod
-    def uses_cfg(cls, request: GenerateRequest) -> bool:
-        return request.guidance > 1.0
-
-    @classmethod
-    def cfg_scale(cls, request: GenerateRequest) -> float:
-        return request.guidance
-
     def encode(self, req: ResolvedRequest, branch: int) -> WanCondition:
         request = req.request
         prompt = request.prompt if branch == CONDITIONAL else (request.negative_prompt or "")
@@ -173,7 +164,6 @@ class WanAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, WanPositions]:
         pipe = self.pipeline
-        generators = [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
         latents = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels,
@@ -182,7 +172,7 @@ class WanAdapter(DiffusionAdapter):
             req.frames,
             torch.float32,  # the scheduler runs in float32, as diffusers does
             self.device,
-            generators,
+            self.noise_generators(req),
         )
         tokens = self.pack(latents)
         sp = self.state.sp

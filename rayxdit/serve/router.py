@@ -100,7 +100,7 @@ class Router:
         self.default_model = config.pools[0].served_model_name
         described = {name: describe_model(pools_[0].model) for name, pools_ in self.pools_by_model.items()}
         self.limits: dict[str, ModelLimits] = {name: info.limits for name, info in described.items()}
-        videos = sorted(name for name, limits in self.limits.items() if limits.max_frames > 1)
+        videos = sorted(name for name, limits in self.limits.items() if limits.makes_video)
         if videos:
             raise ConfigError(
                 f"{', '.join(videos)}: video models are not served by the images API yet; "
