@@ -21,8 +21,6 @@ EXAMPLES = """examples:
       --negative-prompt "blurry" --true-cfg-scale 4 --parallel "cfg=2,ulysses=4" --compile --out cat.png
 """
 
-VIDEO_SUFFIXES = ("", ".png", ".apng", ".gif", ".mp4")
-
 PARALLEL_HELP = """how to split ONE image over ranks, as method=degree pairs joined by commas, e.g.
 "cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; degree must divide
 the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional branch on two
@@ -137,7 +135,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from rayxdit.config import EngineConfig, ParallelConfig
-    from rayxdit.imaging import save_video
+    from rayxdit.imaging import check_video_path, save_video
     from rayxdit.request import GenerateRequest
     from rayxdit.runtime.local import check_launchable
 
@@ -167,8 +165,11 @@ def _generate(args: argparse.Namespace) -> int:
     info = describe_model(args.model)
     info.check_parallel(parallel)
     info.limits.resolve(request)
-    if info.limits.makes_video and args.out.suffix.lower() not in VIDEO_SUFFIXES:
-        raise UsageError(f"--out {args.out}: a video goes to {', '.join(VIDEO_SUFFIXES[1:])} or a directory")
+    if info.limits.makes_video:
+        try:
+            check_video_path(args.out)
+        except ValueError as error:
+            raise UsageError(f"--out {error}") from None
     if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
         print(
             "note: this request runs no CFG (Flux: add --negative-prompt and --true-cfg-scale > 1), so "

@@ -51,10 +51,21 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     )
 
 
+VIDEO_SUFFIXES = ("", ".png", ".apng", ".gif", ".mp4")
+"""What :func:`save_video` writes; no suffix means a directory of frames."""
+
+
+def check_video_path(path: Path) -> None:
+    """Raise ``ValueError`` when :func:`save_video` cannot write ``path`` (check before generating)."""
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: a video goes to {', '.join(VIDEO_SUFFIXES[1:])} or a directory")
+
+
 def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Path]:
     """Write one video's frames: ``.png``/``.apng`` as an animated PNG (lossless, one file, plays in
     browsers), ``.gif``, ``.mp4`` (needs imageio with ffmpeg), or a directory of numbered PNG frames when
     ``path`` has no suffix. Returns the files written."""
+    check_video_path(path)
     suffix = path.suffix.lower()
     if not suffix:
         path.mkdir(parents=True, exist_ok=True)
@@ -73,16 +84,14 @@ def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Pat
             loop=0,
         )
         return [path]
-    if suffix == ".mp4":
-        try:
-            import imageio.v2 as imageio
-        except ImportError:
-            raise ValueError(
-                "writing .mp4 needs imageio[ffmpeg] (pip install 'imageio[ffmpeg]'); "
-                "or write .png (animated) or a directory of frames"
-            ) from None
-        with imageio.get_writer(path, fps=fps) as writer:
-            for frame in frames:
-                writer.append_data(np.asarray(frame.convert("RGB")))
-        return [path]
-    raise ValueError(f"{path}: write videos as .png (animated), .gif, .mp4 or a directory of frames")
+    try:
+        import imageio.v2 as imageio  # .mp4, the one suffix left
+    except ImportError:
+        raise ValueError(
+            "writing .mp4 needs imageio[ffmpeg] (pip install 'imageio[ffmpeg]'); "
+            "or write .png (animated) or a directory of frames"
+        ) from None
+    with imageio.get_writer(path, fps=fps) as writer:
+        for frame in frames:
+            writer.append_data(np.asarray(frame.convert("RGB")))
+    return [path]
