@@ -246,6 +246,40 @@ def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: 
     return module
 
 
+def _clip_config(sizes: dict[str, Any], tokenizer):
+    """A CLIP text encoder config of ``sizes`` for ``tokenizer`` (its vocabulary, length and special ids)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **sizes,
+    )
+
+
+def _vae_2d(sizes: dict[str, Any]):
+    """An RGB ``AutoencoderKL`` with one encoder and one decoder block per entry of ``block_out_channels``."""
+    from diffusers import AutoencoderKL
+
+    levels = len(sizes["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        **sizes,
+    )
+
+
+def _save_preset(pipeline, path: Path, limits: dict[str, Any]) -> None:
+    """``save_pretrained`` plus the preset's serving limits (``rayxdit.json``)."""
+    pipeline.save_pretrained(path)
+    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+
+
 def build_flux_pipeline(
     sizes: FluxSizes,
     device: torch.device | str = "cpu",
@@ -259,8 +293,8 @@ def build_flux_pipeline(
     ``default_init`` keeps each module's own initialisation (seeded; used by the tiny preset, built on CPU);
     otherwise weights are drawn on ``device`` so full-size models never pass through host memory.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     device = torch.device(device)
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(sizes.clip_max_length), tiny_t5_tokenizer()
@@ -268,27 +302,14 @@ def build_flux_pipeline(
         "transformer": lambda: FluxTransformer2DModel(**sizes.transformer),
     }
     if with_text_encoders:
-        clip_config = CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            max_position_embeddings=sizes.clip_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **sizes.clip,
-        )
+        clip_config = _clip_config(sizes.clip, clip_tokenizer)
         # Full-size presets keep T5's real vocabulary (its embedding is 0.13B parameters); tiny ones use the
         # tokenizer's.
         t5_config = T5Config(**{"vocab_size": len(t5_tokenizer), "decoder_start_token_id": 0, **sizes.t5})
         factories["text_encoder"] = lambda: CLIPTextModel(clip_config)
         factories["text_encoder_2"] = lambda: T5EncoderModel(t5_config)
     if with_vae:
-        factories["vae"] = lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(sizes.vae["block_out_channels"]),
-            up_block_types=("UpDecoderBlock2D",) * len(sizes.vae["block_out_channels"]),
-            **sizes.vae,
-        )
+        factories["vae"] = lambda: _vae_2d(sizes.vae)
     modules = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -313,38 +334,21 @@ def build_flux_pipeline(
 
 def build_tiny_flux(path: Path) -> None:
     """The tiny Flux, saved with ``save_pretrained`` (plus its serving limits) into ``path``."""
-    build_flux_pipeline(TINY_FLUX, default_init=True).save_pretrained(path)
-    (path / SETTINGS_FILE).write_text(json.dumps(TINY_FLUX.limits, indent=2))
+    _save_preset(build_flux_pipeline(TINY_FLUX, default_init=True), path, TINY_FLUX.limits)
 
 
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    clip = dict(
-        vocab_size=len(clip_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=clip_tokenizer.model_max_length,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    clip = _clip_config(TINY_FLUX.clip, clip_tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder = CLIPTextModelWithProjection(clip)
+        text_encoder_2 = CLIPTextModelWithProjection(clip)
         text_encoder_3 = T5EncoderModel(
             T5Config(
                 vocab_size=len(t5_tokenizer),
@@ -372,20 +376,8 @@ def build_tiny_sd3(path: Path) -> None:
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
-    StableDiffusion3Pipeline(
+        vae = _vae_2d(TINY_FLUX.vae)
+    pipeline = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
         text_encoder=text_encoder,
@@ -395,7 +387,7 @@ def build_tiny_sd3(path: Path) -> None:
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
         transformer=transformer,
-    ).save_pretrained(path)
+    )
     limits = dict(
         default_height=64,
         default_width=64,
@@ -404,38 +396,22 @@ def build_tiny_sd3(path: Path) -> None:
         size_multiple=4,
         max_sequence_length=13,
     )
-    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+    _save_preset(pipeline, path, limits)
 
 
 def build_tiny_sdxl(path: Path) -> None:
     """StableDiffusionXLPipeline: SDXL's UNet layout in miniature (three levels, the first without attention,
     two downsamplings, text-time added conditioning), 4 and 8 heads of 8, two CLIP encoders (32 + 32 = 64
     cross-attention channels), a VAE of factor 2."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
-    clip = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    clip = _clip_config(TINY_FLUX.clip, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder = CLIPTextModel(clip)
+        text_encoder_2 = CLIPTextModelWithProjection(clip)
         unet = UNet2DConditionModel(
             sample_size=32,
             in_channels=4,
@@ -453,19 +429,8 @@ def build_tiny_sdxl(path: Path) -> None:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.13025,
-        )
-    StableDiffusionXLPipeline(
+        vae = _vae_2d({**TINY_FLUX.vae, "shift_factor": None, "scaling_factor": 0.13025})
+    pipeline = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -479,9 +444,9 @@ def build_tiny_sdxl(path: Path) -> None:
             timestep_spacing="leading",
             steps_offset=1,
         ),
-    ).save_pretrained(path)
+    )
     limits = dict(default_height=64, default_width=64, default_steps=8, max_side=256, size_multiple=8)
-    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+    _save_preset(pipeline, path, limits)
 
 
 def build_tiny_wan(path: Path) -> None:
@@ -529,7 +494,7 @@ def build_tiny_wan(path: Path) -> None:
             latents_mean=[0.1 * i - 0.35 for i in range(8)],
             latents_std=[1.0 + 0.2 * i for i in range(8)],
         )
-    WanPipeline(
+    pipeline = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
@@ -537,7 +502,7 @@ def build_tiny_wan(path: Path) -> None:
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
         ),
         transformer=transformer,
-    ).save_pretrained(path)
+    )
     limits = dict(
         default_height=48,
         default_width=80,
@@ -548,7 +513,7 @@ def build_tiny_wan(path: Path) -> None:
         size_multiple=16,
         max_sequence_length=16,
     )
-    (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
+    _save_preset(pipeline, path, limits)
 
 
 PRESETS: dict[str, Callable[[Path], None]] = {
