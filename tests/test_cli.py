@@ -79,6 +79,18 @@ def test_pipefusion_on_a_unet_is_refused_up_front(tmp_path):
     assert "PipeFusion is implemented for Flux" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
+def test_request_the_parallel_model_refuses_exits_with_one_clear_line(tmp_path):
+    """A check only the loaded model can make (SDXL: a band of rows per rank) still ends in one line."""
+    out = tmp_path / "x.png"
+    done = rayxdit(
+        *ARGS[:3], "--model", "tiny-sdxl", "--height", "24", "--parallel", "ring=4", "--out", str(out)
+    )
+    assert done.returncode == 2, done.stderr
+    assert "fewer than this group's 4 patch-parallel ranks; use height >= 32" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
 def test_help_explains_every_flag():
     done = rayxdit("generate", "--help")
     assert done.returncode == 0

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from rayxdit.config import ConfigError, EngineConfig
 from rayxdit.imaging import encode_png
-from rayxdit.request import GenerateRequest, GenerateResult
+from rayxdit.request import GenerateRequest, GenerateResult, RequestError
 
 MAX_LOCAL_CPU_RANKS = 64
 
@@ -64,6 +64,7 @@ class _Report:
     rank: int
     value: Any = None
     error: str | None = None
+    rejected: RequestError | None = None  # the model refused the request: the caller's error, not a fault
 
 
 def _rank_entry(
@@ -81,6 +82,10 @@ def _rank_entry(
         torch.set_num_threads(threads)
         value = target(rank, world_size, init_method, *args)
         reports.put(_Report(rank, value if rank == 0 else None))
+    except RequestError as error:
+        reports.put(
+            _Report(rank, error=traceback.format_exc(), rejected=RequestError(str(error), error.param))
+        )
     except BaseException:
         reports.put(_Report(rank, error=traceback.format_exc()))
     finally:
@@ -91,7 +96,8 @@ def spawn_group(
     target: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 1800.0
 ) -> Any:
     """Run ``target(rank, world_size, init_method, *args)`` in ``world_size`` spawned processes and return
-    rank 0's return value. If any rank fails, raise :class:`GroupError` with every failed rank's traceback.
+    rank 0's return value. If any rank fails, raise :class:`GroupError` with every failed rank's traceback,
+    or the :class:`RequestError` of a request the model refused (every rank refuses it alike).
 
     ``target`` must be importable (a module-level function): spawned processes import it afresh.
     """
@@ -140,6 +146,9 @@ def spawn_group(
             if process.is_alive():
                 process.kill()
             process.join()
+    rejected = [report.rejected for report in collected.values() if report.rejected is not None]
+    if rejected:
+        raise rejected[0]
     failures = {rank: report.error for rank, report in collected.items() if report.error is not None}
     if failures:
         details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in sorted(failures.items()))
