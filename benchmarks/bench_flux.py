@@ -34,14 +34,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.models import FLUX_DEV  # noqa: E402
 from rayxdit.config import ParallelConfig  # noqa: E402
-from rayxdit.models.base import ModelLimits, ResolvedRequest  # noqa: E402
+from rayxdit.limits import ModelLimits, ResolvedRequest  # noqa: E402
 from rayxdit.models.flux import FluxAdapter  # noqa: E402
-from rayxdit.models.presets import FLUX_DEV, TINY_FLUX, build_flux_pipeline  # noqa: E402
+from rayxdit.models.presets import TINY_FLUX, build_flux_pipeline  # noqa: E402
 from rayxdit.parallel.cfg import branches_for_rank  # noqa: E402
-from rayxdit.parallel.mesh import build_parallel_state, init_distributed  # noqa: E402
+from rayxdit.parallel.mesh import build_parallel_state  # noqa: E402
 from rayxdit.request import GenerateRequest  # noqa: E402
-from rayxdit.runtime.local import spawn_group  # noqa: E402
+from rayxdit.runtime.local import LocalExecutor  # noqa: E402
 
 PRESETS = {"flux-dev": FLUX_DEV, "tiny": TINY_FLUX}
 
@@ -148,13 +149,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_job(rank: int, world_size: int, init_method: str, job: Job, settings: Settings) -> list[dict]:
-    from rayxdit.engine import pick_device
-
-    device = pick_device(rank)
+def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
+    """One job on one rank (the executor has joined the ranks in one process group)."""
+    rank, world_size = worker.rank, worker.world_size
+    device = torch.device(worker.device)
     dtype = getattr(torch, settings.dtype)
     sizes = PRESETS[settings.preset]
-    init_distributed(rank, world_size, init_method, device)
     begin = time.perf_counter()
     pipeline = build_flux_pipeline(sizes, device, dtype, with_text_encoders=False, with_vae=False)
     adapter = FluxAdapter(pipeline, limits=ModelLimits().updated(sizes.limits))
@@ -188,7 +188,7 @@ def _run_job(rank: int, world_size: int, init_method: str, job: Job, settings: S
         req = adapter.resolve(request)
         text_tokens = sizes.limits["max_sequence_length"]
         conditions = {}
-        for branch in branches_for_rank(adapter.state.cfg, job.cfg):
+        for branch in branches_for_rank(adapter.state.axis("cfg"), job.cfg):
             generator = torch.Generator(device).manual_seed(100 + branch)
             embeds = torch.randn(
                 1,
@@ -433,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         begin = time.perf_counter()
         try:
-            result = (
-                spawn_group(_run_job, job.gpus, (job, settings), timeout_s=1800)
-                if job.gpus > 1
-                else _run_in_subprocess(job, settings)
-            )
+            result = run_job(job, settings)
         except Exception as error:  # one failing job must not lose the others' numbers
             print(f"FAILED {job.key}: {str(error)[-3000:]}", flush=True)
             continue
@@ -460,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_in_subprocess(job: Job, settings: Settings) -> list[dict]:
-    """Single-GPU jobs also get a fresh process (a clean compile cache state and allocator)."""
-    return spawn_group(_run_job, 1, (job, settings), timeout_s=1800)
+def run_job(job: Job, settings: Settings) -> list[dict]:
+    """A job on fresh processes, one per GPU (single-GPU jobs too: a clean allocator and compile cache)."""
+    with LocalExecutor(job.gpus, in_process=False, call_timeout_s=1800) as executor:
+        return executor.collective_rpc(_run_job, (job, settings))[0]
 
 
 def _write(path: Path, records: list[dict], meta: dict) -> None:

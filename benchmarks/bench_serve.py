@@ -5,7 +5,7 @@ group), sends a warm-up request (torch.compile runs there), then times requests 
 response carries the engine's split (text encode, denoise, VAE decode, measured on rank 0); the serving
 overhead is what the client waited beyond it (HTTP, router, replica, Ray transfers, PNG encoding).
 
-    python benchmarks/bench_serve.py --model flux-dev-random --parallel ulysses=2 --compile \\
+    python benchmarks/bench_serve.py --model benchmarks.models:FLUX_DEV --parallel ulysses=2 --compile \\
         --out benchmarks/results/serve-flux-dev-2xh200.json
     python benchmarks/bench_serve.py --model tiny-flux --parallel ulysses=2 --accelerator cpu --size 128 \\
         --steps 4 --out /tmp/serve-smoke.json                                                    # CPU smoke
@@ -29,12 +29,22 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_flux import device_name, versions  # noqa: E402
 
+from benchmarks.models import FLUX_DEV_RANDOM  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="flux-dev-random")
+    parser.add_argument("--model", default=FLUX_DEV_RANDOM)
     parser.add_argument("--parallel", default="ulysses=2")
     parser.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
     parser.add_argument("--compile", action="store_true")
@@ -48,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from rayxdit.config import PoolConfig, ServeConfig
-    from rayxdit.runtime.local import free_port
     from rayxdit.serve.app import APP_NAME, build_app
 
     pool = PoolConfig(
@@ -59,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         cpus_per_rank=0.5,
         request_timeout_s=1800,
-        max_replicas=1,
     )
     ray.init(include_dashboard=False, logging_level="warning")
     port = free_port()

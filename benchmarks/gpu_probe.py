@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayxdit.parallel.attention import attention_with_lse
-from rayxdit.runtime.local import spawn_group
+from rayxdit.runtime.local import LocalExecutor
 
 HEADS, HEAD_DIM = 24, 128
 
@@ -77,14 +77,11 @@ def _with(context, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def _bandwidth(rank: int, world_size: int, init_method: str) -> list[str]:
+def _bandwidth(worker) -> list[str] | None:
     import torch.distributed as dist
 
-    from rayxdit.engine import pick_device
-    from rayxdit.parallel.mesh import init_distributed
-
-    device = pick_device(rank)
-    init_distributed(rank, world_size, init_method, device)
+    rank, world_size = worker.rank, worker.world_size
+    device = torch.device(worker.device)
     lines = []
     for tokens in (4608, 16896):
         x = torch.randn(tokens, HEADS * HEAD_DIM, device=device, dtype=torch.bfloat16)
@@ -117,8 +114,9 @@ def main() -> None:
     )
     attention_kernels()
     if torch.cuda.device_count() >= 2:
-        for line in spawn_group(_bandwidth, 2, timeout_s=300):
-            print(line, flush=True)
+        with LocalExecutor(2, call_timeout_s=300) as executor:
+            for line in executor.collective_rpc(_bandwidth)[0]:
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

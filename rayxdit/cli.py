@@ -131,19 +131,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_generate)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _request_from_args(args: argparse.Namespace):
+    """The request the flags describe; a bad value is a one-line usage error naming the flag."""
     from pydantic import ValidationError
 
-    from rayxdit.config import EngineConfig, ParallelConfig
-    from rayxdit.imaging import check_video_path, save_video
     from rayxdit.request import GenerateRequest
-    from rayxdit.runtime.local import check_launchable
 
-    # Cheap checks first: a bad --parallel fails before diffusers is even imported.
-    parallel = ParallelConfig.parse(args.parallel)
-    check_launchable(parallel.world_size)
     try:
-        request = GenerateRequest(
+        return GenerateRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             height=args.height,
@@ -159,24 +154,53 @@ def _generate(args: argparse.Namespace) -> int:
         first = error.errors()[0]
         field = {"num_frames": "frames"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UsageError(f"--{field.replace('_', '-')}: {first['msg']}") from None
-    from rayxdit.models.registry import adapter_class, describe_model
+
+
+def _write_outputs(result, out: Path, fps: int) -> None:
+    """One file per image or video: ``out``, or ``out-0``, ``out-1``... for several."""
+    from rayxdit.imaging import save_video
+
+    videos = result.videos
+    paths = (
+        [out]
+        if len(videos) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(videos))]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for frames, path in zip(videos, paths, strict=True):
+        if result.frames_per_video == 1:
+            frames[0].save(path)
+        else:
+            save_video(frames, path, fps)
+        print(path)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rayxdit.config import EngineConfig, ParallelConfig
+    from rayxdit.imaging import check_video_path
+    from rayxdit.runtime.local import check_launchable
+
+    # Cheap checks first: a bad --parallel fails before diffusers is even imported.
+    parallel = ParallelConfig.parse(args.parallel)
+    check_launchable(parallel.world_size)
+    request = _request_from_args(args)
+    from rayxdit.runtime.cards import model_card
     from rayxdit.runtime.local import run_local_group
 
-    info = describe_model(args.model)
-    info.check_parallel(parallel)
-    info.limits.resolve(request)
-    if info.limits.makes_video:
+    card = model_card(args.model)
+    card.check_parallel(parallel)
+    card.limits.resolve(request)
+    if card.limits.makes_video:
         try:
             check_video_path(args.out)
         except ValueError as error:
             raise UsageError(f"--out {error}") from None
-    if parallel.cfg > 1 and not adapter_class(info.pipeline_class).uses_cfg(request):
+    if parallel.cfg > 1 and not card.uses_cfg(request):
         print(
             "note: this request runs no CFG (Flux: add --negative-prompt and --true-cfg-scale > 1), so "
             "both cfg ranks compute the same branch",
             file=sys.stderr,
         )
-
     config = EngineConfig(
         model=args.model,
         parallel=parallel,
@@ -187,20 +211,9 @@ def _generate(args: argparse.Namespace) -> int:
         loras=tuple(args.lora),
         vae_parallel=args.vae_parallel,
     )
-    (result,) = run_local_group(config, [request], progress=True)
-    videos = result.videos
-    paths = (
-        [args.out]
-        if len(videos) == 1
-        else [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(videos))]
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for frames, path in zip(videos, paths, strict=True):
-        if result.frames_per_video == 1:
-            frames[0].save(path)
-        else:
-            save_video(frames, path, args.fps)
-        print(path)
+    (encoded,) = run_local_group(config, [request], progress=True)
+    result = encoded.decode()
+    _write_outputs(result, args.out, args.fps)
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
     print(f"{parallel} on {parallel.world_size} rank(s): {timings}", file=sys.stderr)
     return 0
@@ -248,21 +261,17 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from rayxdit.serve.app import APP_NAME, DEFAULT_LOCAL_CONFIG, build_app, load_serve_file
+    from rayxdit.runtime.executor import forwarded_env
+    from rayxdit.serve.app import APP_NAME, build_app, default_config, load_serve_file
 
-    http_options: dict = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise UsageError(f"--config: {args.config} does not exist")
-        try:
-            config, http_options = load_serve_file(args.config)
-        except ValueError as error:
-            raise UsageError(f"--config: {error}") from None
-    else:
-        config = DEFAULT_LOCAL_CONFIG
+    if args.config is not None and not args.config.is_file():
+        raise UsageError(f"--config: {args.config} does not exist")
+    config, http_options = load_serve_file(args.config) if args.config is not None else default_config()
     host = args.host or http_options.get("host") or config.host
     port = args.port or http_options.get("port") or config.port
-    ray.init(address=args.address, logging_level="warning")
+    # The job's environment reaches every Serve replica, and the executors forward it to the ranks: a gated
+    # model's HF_TOKEN works on a cluster joined with --address too.
+    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
     serve.start(http_options={**http_options, "host": host, "port": port})
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
@@ -305,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rayxdit.config import ConfigError
     from rayxdit.request import RequestError
-    from rayxdit.runtime.local import GroupError
+    from rayxdit.runtime.executor import GroupError
 
     parser = build_parser()
     args = parser.parse_args(argv)

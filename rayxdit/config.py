@@ -6,9 +6,10 @@ fails where it is written, not deep inside a collective.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +20,20 @@ closest GPUs; cfg (one small all-gather per step) is outermost."""
 
 class ConfigError(ValueError):
     """A configuration that cannot work, with a message that says what to change."""
+
+
+def describe_validation_error(error: Any) -> str:
+    """A pydantic ``ValidationError`` as one line naming where its first problem is, e.g.
+    ``pools[1].model: required, but missing``."""
+    first = error.errors()[0]
+    path = ""
+    for part in first.get("loc", ()):
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if first.get("type") == "missing":
+        message = "required, but missing"
+    else:
+        message = str(first.get("msg", error)).removeprefix("Value error, ")
+    return f"{path}: {message}" if path else message
 
 
 @dataclass(frozen=True)
@@ -123,8 +138,10 @@ def parse_lora(text: str) -> tuple[str, float]:
 class EngineConfig:
     """What one worker group loads and how it runs it."""
 
-    model: str = "tiny-flux"
-    """A built-in preset (``tiny-flux``), a local diffusers pipeline directory, or a hub id."""
+    model: str
+    """A built-in preset (``tiny-flux``), a local diffusers pipeline directory, a hub id, or
+    ``package.module:NAME`` (a pipeline recipe built in code). Required: a forgotten model must not
+    silently become a random-weight preset."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How each image is split over the group's ranks."""
     dtype: str = "auto"
@@ -160,14 +177,78 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+DEFAULT_DEPLOYMENT_CONFIG: dict[str, Any] = {
+    "autoscaling_config": {
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "target_ongoing_requests": 1.0,
+        "upscale_delay_s": 10.0,
+        "downscale_delay_s": 120.0,
+    },
+    "max_queued_requests": 32,
+    "health_check_period_s": 10.0,
+    # Rebuilding a worker group reloads the model: give check_health the time that takes.
+    "health_check_timeout_s": 600.0,
+    "graceful_shutdown_wait_loop_s": 2.0,
+}
+"""Serve options of every pool's deployment unless its ``deployment_config`` says otherwise. Besides these,
+``initial_replicas`` defaults to ``min_replicas`` (a pool that may scale to zero starts at zero: no GPU node
+is bought for it until a request needs it) and ``graceful_shutdown_timeout_s`` to the pool's
+``request_timeout_s`` (in-flight requests finish before a replica goes away on scale-down)."""
+
+RAYXDIT_DEPLOYMENT_KEYS = (
+    "name",
+    "placement_group_bundles",
+    "placement_group_strategy",
+    "max_ongoing_requests",
+)
+"""Serve options that follow from the pool itself and cannot be overridden: its name, one placement-group
+bundle per rank, and one request at a time per replica (collectives run in one order on every rank)."""
+
+
+def _merged(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``defaults``, nested dicts merged key by key."""
+    merged = copy.deepcopy(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_serve_options(pool: str, options: dict[str, Any]) -> None:
+    """Validate deployment options with Ray Serve's own schema (which ignores unknown keys: they are
+    refused here, since a misspelled option would otherwise be dropped silently)."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    def unknown(given: dict[str, Any], known: dict[str, Any], where: str) -> None:
+        extra = sorted(set(given) - set(known))
+        if extra:
+            raise ValueError(
+                f"pool {pool}: unknown Serve option(s) {', '.join(extra)} in {where}; known: {', '.join(sorted(known))}"
+            )
+
+    unknown(options, DeploymentSchema.model_fields, "deployment_config")
+    autoscaling = options.get("autoscaling_config")
+    if isinstance(autoscaling, dict):
+        unknown(autoscaling, AutoscalingConfig.model_fields, "deployment_config.autoscaling_config")
+        AutoscalingConfig.model_validate(autoscaling)
+    DeploymentSchema.model_validate({"name": pool, **options})
+
+
 class PoolConfig(BaseModel):
-    """One replica pool: a Serve deployment whose every replica owns a placement group of ``gpus`` bundles
+    """One replica pool: a Serve deployment whose every replica owns a placement group of ``ranks`` bundles
     and drives one worker group (one rank per bundle) that splits each image over ``parallel``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Deployment name, unique in the application (e.g. flux-dev-2gpu).")
-    model: str = Field(default="tiny-flux", description="Preset, local pipeline directory or hub id.")
+    model: str = Field(
+        description="Preset (e.g. tiny-flux), local pipeline directory, hub id, or package.module:NAME. "
+        "Required: a forgotten model must not silently serve a random-weight preset."
+    )
     model_name: str | None = Field(
         default=None,
         description="Name clients use in the API's `model` field; default: the model's last path part.",
@@ -193,20 +274,6 @@ class PoolConfig(BaseModel):
         description="Requests costing at least this much (megapixel x steps x CFG factor x images) "
         "prefer this pool; the pool with the highest threshold not above a request's cost wins.",
     )
-    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor.")
-    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
-    target_ongoing_requests: float = Field(
-        default=1.0, gt=0, description="Autoscaling target of running + queued requests per replica."
-    )
-    upscale_delay_s: float = Field(
-        default=10.0, ge=0, description="Load must persist this long to add a replica."
-    )
-    downscale_delay_s: float = Field(
-        default=120.0, ge=0, description="Idle this long before a replica is removed."
-    )
-    max_queued_requests: int = Field(
-        default=32, ge=-1, description="Requests waiting per caller before 429 (-1: unlimited)."
-    )
     request_timeout_s: float = Field(
         default=900.0,
         gt=0,
@@ -218,8 +285,14 @@ class PoolConfig(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
         default="STRICT_PACK", description="STRICT_PACK keeps a replica's ranks on one node (NVLink)."
     )
-    health_check_period_s: float = Field(
-        default=10.0, gt=0, description="How often Serve checks each replica."
+    deployment_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Serve deployment options, merged over DEFAULT_DEPLOYMENT_CONFIG and validated by "
+        "Serve's schema: autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
+        "upscale_delay_s, downscale_delay_s, ...), max_queued_requests, health_check_period_s, "
+        "graceful_shutdown_timeout_s, ray_actor_options (e.g. runtime_env), ...; num_replicas instead of "
+        "autoscaling_config for a fixed size. The name, placement group and max_ongoing_requests follow "
+        "from the pool.",
     )
 
     @field_validator("parallel")
@@ -229,12 +302,40 @@ class PoolConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _replica_bounds(self) -> PoolConfig:
-        if self.min_replicas > self.max_replicas:
+    def _valid_deployment_config(self) -> PoolConfig:
+        owned = sorted(set(self.deployment_config) & set(RAYXDIT_DEPLOYMENT_KEYS))
+        if owned:
             raise ValueError(
-                f"pool {self.name}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
+                f"pool {self.name}: deployment_config cannot set {', '.join(owned)}: the pool decides it"
             )
+        _check_serve_options(self.name, self.serve_options())
         return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """This pool's Serve options: ``deployment_config`` over the defaults (without the options that
+        follow from the pool's placement; see ``serve.app.pool_deployment_options``)."""
+        defaults = copy.deepcopy(DEFAULT_DEPLOYMENT_CONFIG)
+        defaults["graceful_shutdown_timeout_s"] = self.request_timeout_s
+        fixed_size = self.deployment_config.get("num_replicas") not in (None, "auto")
+        if fixed_size or self.deployment_config.get("autoscaling_config", {}) is None:
+            defaults.pop("autoscaling_config")
+        options = _merged(defaults, self.deployment_config)
+        autoscaling = options.get("autoscaling_config")
+        if isinstance(autoscaling, dict):
+            autoscaling.setdefault("initial_replicas", autoscaling.get("min_replicas", 1))
+        return options
+
+    @property
+    def min_replicas(self) -> int:
+        options = self.serve_options()
+        autoscaling = options.get("autoscaling_config")
+        return int(autoscaling.get("min_replicas", 1)) if autoscaling else int(options["num_replicas"])
+
+    @property
+    def max_replicas(self) -> int:
+        options = self.serve_options()
+        autoscaling = options.get("autoscaling_config")
+        return int(autoscaling.get("max_replicas", 1)) if autoscaling else int(options["num_replicas"])
 
     @property
     def parallel_config(self) -> ParallelConfig:

@@ -1,7 +1,7 @@
 """One rank's engine: the model loaded on this rank's device with the group's parallelism applied.
 
-The executors (local processes for the CLI, Ray actors for serving and batch jobs) create one ``Engine`` per
-rank through :func:`start_engine` and then call :meth:`Engine.generate` on every rank at once.
+Each rank's :class:`~rayxdit.runtime.worker.RankWorker` joins the process group, builds the mesh and creates
+one ``Engine``; the executor then calls :meth:`Engine.generate` on every rank at once.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.registry import load_adapter, resolve_dtype
-from rayxdit.parallel.mesh import ParallelState, build_parallel_state, init_distributed
+from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, GenerateResult
 
 
@@ -47,17 +47,3 @@ class Engine:
     ) -> GenerateResult | None:
         """Collective: every rank of the group calls it with the same request; rank 0 gets the result."""
         return self.adapter.generate(request, output=output, progress=progress)
-
-
-def start_engine(
-    config: EngineConfig,
-    rank: int,
-    init_method: str,
-    device: torch.device,
-    timeout_s: float = 300.0,
-) -> Engine:
-    """Join the group's process group, build the mesh, load the model: everything a rank does at start."""
-    world_size = config.parallel.world_size
-    init_distributed(rank, world_size, init_method, device, timeout_s)
-    state = build_parallel_state(config.parallel, device)
-    return Engine(config, state)

@@ -1,12 +1,19 @@
-"""One generation request, as every layer (CLI, HTTP, batch, workers) passes it down."""
+"""One generation request, as every layer (CLI, HTTP, batch, workers) passes it down, and its result.
+
+Imports neither torch nor PIL at run time: the HTTP ingress uses these types without the model stack.
+"""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
@@ -58,7 +65,7 @@ class RequestError(ValueError):
 
 @dataclass
 class GenerateResult:
-    """What rank 0 returns: the images (or final latents) and where the time went."""
+    """What rank 0 makes: the images (or final latents) and where the time went."""
 
     images: list[Image.Image] = field(default_factory=list)
     """Every image; for a video model, every frame of every video in order."""
@@ -72,3 +79,28 @@ class GenerateResult:
         """The frames of each video (an image is a video of one frame)."""
         step = self.frames_per_video
         return [self.images[i : i + step] for i in range(0, len(self.images), step)]
+
+    def encode(self) -> EncodedResult:
+        """The result with its images as PNG bytes, to cross process boundaries."""
+        from rayxdit.imaging import encode_png
+
+        return EncodedResult(
+            [encode_png(image) for image in self.images], self.latents, self.timings, self.frames_per_video
+        )
+
+
+@dataclass
+class EncodedResult:
+    """A :class:`GenerateResult` as it travels from rank 0 to its caller: images as PNG bytes (smaller and
+    safer to move than PIL objects; the HTTP API sends them as they are)."""
+
+    pngs: list[bytes] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    frames_per_video: int = 1
+
+    def decode(self) -> GenerateResult:
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(data)) for data in self.pngs]
+        return GenerateResult(images, self.latents, self.timings, self.frames_per_video)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from rayxdit.config import ParallelConfig
+from tests.helpers import free_port
 
 ARGS = [
     "generate",
@@ -111,15 +114,27 @@ def test_help_explains_every_flag():
     assert "ulysses" in done.stdout and "ring" in done.stdout
 
 
+RANK_ENV_PROBE = """
+import json, ray
+ray.init(address="auto", logging_level="error")
+names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("-rank1")]
+rank = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+probe = lambda self: (ray.get_runtime_context().runtime_env.get("env_vars", {}), __import__("os").environ)
+forwarded, environ = ray.get(rank.__ray_call__.remote(probe))
+print(json.dumps([forwarded.get("HF_TOKEN"), environ.get("HF_TOKEN")]))
+"""
+
+
 @pytest.mark.slow
 def test_serve_default_answers_curl_with_a_png(tmp_path):
-    """README's first command: `rayxdit serve` with no config (local Ray, tiny-flux on CPU)."""
+    """README's first command: `rayxdit serve` with no config (local Ray, tiny-flux on CPU). A gated
+    model's HF_TOKEN set for it reaches the rank actors, forwarded explicitly (the ranks' own Ray runtime
+    env holds it: inheriting the local raylet's environment would not put it there, nor on a cluster joined
+    with --address)."""
     import signal
     import time
 
     import requests
-
-    from rayxdit.runtime.local import free_port
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read back after the process ends
@@ -128,6 +143,7 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "HF_TOKEN": "hf_rayxdit_test_token"},
     )
     try:
         deadline = time.monotonic() + 300
@@ -143,6 +159,12 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
         assert response.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(response.content))
         assert image.format == "PNG" and image.size == (128, 128)
+        probe = subprocess.run(
+            [sys.executable, "-c", RANK_ENV_PROBE], capture_output=True, text=True, timeout=120
+        )
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        forwarded, seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert forwarded == seen == "hf_rayxdit_test_token"
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -1,46 +1,171 @@
-"""Data flows one way: cli/serve/batch -> runtime -> engine -> models -> parallel. Nothing imports upward,
-the engine layers never import Ray, and serving never touches process groups."""
+"""Data flows one way: cli/serve/batch -> runtime (executors) -> engine -> models -> parallel. Nothing imports
+upward, the engine layers never import Ray, the HTTP ingress never loads the model stack, and the layers
+above the runtime reach ranks only through an executor."""
 
 from __future__ import annotations
 
 import ast
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
-
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rayxdit"
 ABOVE_ENGINE = ("rayxdit.runtime", "rayxdit.serve", "rayxdit.batch", "rayxdit.cli")
+MODEL_STACK = ("torch", "diffusers", "transformers", "rayxdit.models", "rayxdit.engine", "rayxdit.parallel")
+TORCH_FREE = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "PIL",
+    "rayxdit.models",
+    "rayxdit.engine",
+    "rayxdit.parallel",
+)
+"""Shared modules the HTTP ingress imports: none of these at import time (a function may import what it
+alone needs, e.g. PoolConfig validating with Serve's schema, EncodedResult.decode opening PNGs)."""
 FORBIDDEN = {
     "parallel": ("ray", "rayxdit.models", "rayxdit.engine", *ABOVE_ENGINE),
     "models": ("ray", "rayxdit.engine", *ABOVE_ENGINE),
     "engine.py": ("ray", *ABOVE_ENGINE),
     "runtime": ("rayxdit.serve", "rayxdit.batch", "rayxdit.cli"),
-    "serve": ("torch.distributed", "rayxdit.parallel", "rayxdit.batch", "rayxdit.cli"),
-    "batch": ("torch.distributed", "rayxdit.parallel", "rayxdit.serve", "rayxdit.cli"),
+    "serve": (*MODEL_STACK, "rayxdit.batch", "rayxdit.cli"),
+    "batch": (*MODEL_STACK, "rayxdit.serve", "rayxdit.cli"),
+    "cli.py": ("rayxdit.models", "rayxdit.engine", "rayxdit.parallel"),
 }
+IMPORT_TIME_RULES = {"config.py": TORCH_FREE, "request.py": TORCH_FREE, "limits.py": TORCH_FREE}
+"""Rules on what a module imports when it is imported (not in functions, not for type checkers)."""
+ABOVE_THE_RUNTIME = ("cli.py", "serve", "batch")
+OTHER_PATHS_TO_RANKS = re.compile(
+    r"RankWorker|rayxdit\.runtime\.worker|rayxdit\.engine|multiprocessing|init_process_group|"
+    r"ray\.remote|__ray_call__|get_actor|start_engine"
+)
+"""What reaching ranks without an executor would look like in cli.py, serve/ and batch/."""
 
 
-def imported_modules(path: Path) -> set[str]:
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _executed_nodes(tree: ast.AST, at_import_only: bool) -> list[ast.AST]:
+    """The nodes that can run: ``if TYPE_CHECKING:`` bodies never do; with ``at_import_only``, function
+    bodies are left out too."""
+    kept: list[ast.AST] = []
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        kept.append(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test) in (
+                "TYPE_CHECKING",
+                "typing.TYPE_CHECKING",
+            ):
+                pending.extend(child.orelse)
+                continue
+            if at_import_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            pending.append(child)
+    return kept
+
+
+def imported_modules(path: Path, root: Path, at_import_only: bool = False) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved against its package."""
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _executed_nodes(ast.parse(path.read_text()), at_import_only):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[: len(package) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
-@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
-def test_layer_imports_nothing_above_it(layer):
-    root = PACKAGE / layer
-    files = [root] if root.suffix == ".py" else sorted(root.rglob("*.py"))
-    if not files or not files[0].exists():
-        pytest.skip(f"{layer} does not exist yet")
-    violations = []
-    for path in files:
-        for name in imported_modules(path):
-            for banned in FORBIDDEN[layer]:
-                if name == banned or name.startswith(banned + "."):
-                    violations.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
-    assert not violations, "\n".join(violations)
+def layer_files(root: Path, layer: str) -> list[Path]:
+    path = root / layer
+    if not path.exists():
+        raise AssertionError(
+            f"layer {layer} is missing from {root}: the layering rules name a layer that is gone"
+        )
+    return [path] if path.suffix == ".py" else sorted(path.rglob("*.py"))
+
+
+def violations(root: Path) -> list[str]:
+    """Every broken rule in the package at ``root``."""
+    found = []
+    for rules, at_import_only in ((FORBIDDEN, False), (IMPORT_TIME_RULES, True)):
+        for layer, banned in rules.items():
+            for path in layer_files(root, layer):
+                for name in imported_modules(path, root, at_import_only):
+                    if any(name == ban or name.startswith(ban + ".") for ban in banned):
+                        found.append(f"{path.relative_to(root.parent)} imports {name}")
+    for layer in ABOVE_THE_RUNTIME:
+        for path in layer_files(root, layer):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                match = OTHER_PATHS_TO_RANKS.search(line.split("#", 1)[0])
+                if match:
+                    found.append(
+                        f"{path.relative_to(root.parent)}:{number} reaches ranks without an executor ({match[0]})"
+                    )
+    return found
+
+
+def test_layers_import_nothing_above_them_and_reach_ranks_only_through_executors():
+    found = violations(PACKAGE)
+    assert not found, "\n".join(found)
+
+
+def test_a_planted_violation_of_each_rule_is_caught(tmp_path):
+    root = tmp_path / "rayxdit"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    plants = {
+        "serve/router.py": "import torch\n",
+        "serve/pool.py": "from ..models import registry\n",  # relative, and upward into the model stack
+        "batch/generator.py": "from rayxdit.runtime.worker import RankWorker\n",
+        "cli.py": "workers = ray.get_actor('rank0')\n",
+        "parallel/mesh.py": "from . import attention\nimport ray\n",
+        "limits.py": "from PIL import Image\n",
+    }
+    for name, line in plants.items():
+        path = root / name
+        path.write_text(path.read_text() + line)
+    found = "\n".join(violations(root))
+    for expected in (
+        "rayxdit/serve/router.py imports torch",
+        "rayxdit/serve/pool.py imports rayxdit.models",
+        "rayxdit/batch/generator.py:",
+        "reaches ranks without an executor (rayxdit.runtime.worker)",
+        "rayxdit/cli.py:",
+        "rayxdit/parallel/mesh.py imports ray",
+        "rayxdit/limits.py imports PIL",
+    ):
+        assert expected in found, f"{expected!r} not reported:\n{found}"
+    assert "mesh.py imports rayxdit.parallel.attention" not in found  # a sibling import is allowed
+    shutil.rmtree(root / "batch")
+    try:
+        violations(root)
+    except AssertionError as error:
+        assert "layer batch is missing" in str(error)
+    else:
+        raise AssertionError("a missing layer was not reported")
+
+
+def test_a_router_replica_imports_no_model_stack():
+    """What a router replica process imports: the ingress module, in a fresh interpreter."""
+    code = (
+        "import sys, rayxdit.serve.router\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'PIL')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(('rayxdit.models', "
+        "'rayxdit.engine', 'rayxdit.runtime', 'rayxdit.parallel'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

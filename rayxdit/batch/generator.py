@@ -15,8 +15,8 @@ from rayxdit.batch.manifest import SCHEMA, image_path, record, sha256_file, writ
 from rayxdit.batch.rows import STATUS_FAILED, STATUS_OK
 from rayxdit.config import PoolConfig
 from rayxdit.request import GenerateRequest, RequestError
-from rayxdit.runtime.group import WorkerGroup, WorkerGroupError
 from rayxdit.runtime.placement import pool_bundles
+from rayxdit.runtime.ray_executor import RayExecutor
 
 PLACEMENT_TIMEOUT_S = 1800
 
@@ -32,7 +32,8 @@ class GroupGenerator:
         self.max_attempts = max_attempts
         self.placement = placement_group(pool_bundles(pool), strategy=pool.placement_strategy)
         ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        self.group = WorkerGroup(pool, placement_group=self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
+        self.executor = RayExecutor.for_pool(pool, self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
+        self.executor.start()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self._generate(row) for row in batch.to_pylist()], schema=SCHEMA)
@@ -43,16 +44,16 @@ class GroupGenerator:
         for attempt in range(1, self.max_attempts + 1):
             begin = time.perf_counter()
             try:
-                if self.group.broken:
-                    self.group.rebuild()
-                result = self.group.generate(request)
+                if self.executor.broken:
+                    self.executor.rebuild()
+                result = self.executor.generate(request)
             except RequestError as problem:  # the model rejected it: no point retrying
                 return record(row, self.run_id, status=STATUS_FAILED, error=str(problem), attempts=attempt)
-            except (WorkerGroupError, Exception) as problem:  # a rank died or hung: rebuild and retry
+            except Exception as problem:  # a rank died or hung (GroupError), or a rebuild failed: retry
                 error = f"{type(problem).__name__}: {str(problem).strip().splitlines()[-1] if str(problem).strip() else ''}"
                 continue
             path = image_path(self.output, row["id"])
-            write_atomically(path, result.images[0])
+            write_atomically(path, result.pngs[0])
             return record(
                 row,
                 self.run_id,
@@ -67,7 +68,7 @@ class GroupGenerator:
 
     def __del__(self):
         try:
-            self.group.shutdown()
+            self.executor.shutdown()
             remove_placement_group(self.placement)
         except Exception:
             pass

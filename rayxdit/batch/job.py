@@ -142,18 +142,12 @@ def plan(rows: list[dict[str, Any]], output: Path, run_id: str) -> tuple[list, l
     return settled, pending, counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import pyarrow as pa
-    import ray
-    import ray.data
-    from tqdm.auto import tqdm
+def pool_from_args(args: argparse.Namespace):
+    """The worker groups' pool config and the model's card; ConfigError when they cannot work."""
+    from pydantic import ValidationError
 
-    from rayxdit.batch.generator import GroupGenerator
-    from rayxdit.batch.manifest import consolidate, load_records, write_part
-    from rayxdit.batch.rows import STATUS_OK
-    from rayxdit.config import ConfigError, PoolConfig
-    from rayxdit.models.registry import describe_model
+    from rayxdit.config import ConfigError, PoolConfig, describe_validation_error
+    from rayxdit.runtime.cards import model_card
 
     try:
         pool = PoolConfig(
@@ -166,16 +160,77 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             request_timeout_s=args.request_timeout_s,
         )
-        info = describe_model(args.model)
-        info.check_parallel(pool.parallel_config)
-        if info.limits.makes_video:
-            raise ConfigError(
-                f"{args.model} makes videos; the batch job writes images (use rayxdit generate)"
-            )
-    except (ConfigError, ValueError) as error:
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+    card = model_card(args.model)
+    card.check_parallel(pool.parallel_config)
+    if card.limits.makes_video:
+        raise ConfigError(f"{args.model} makes videos; the batch job writes images (use rayxdit generate)")
+    return pool, card
+
+
+def generate_pending(
+    pending: list[dict[str, Any]], pool, args, output: Path, run_id: str
+) -> tuple[int, int, bool]:
+    """Generate the pending rows on ``args.pools`` worker groups, writing manifest parts as rows finish.
+    Returns (generated, failed, interrupted)."""
+    import pyarrow as pa
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from rayxdit.batch.generator import GroupGenerator
+    from rayxdit.batch.manifest import SCHEMA, write_part
+    from rayxdit.batch.rows import STATUS_OK
+
+    dataset = ray.data.from_arrow(pa.Table.from_pylist(pending, schema=row_schema())).map_batches(
+        GroupGenerator,
+        fn_constructor_kwargs={
+            "pool": pool,
+            "output": str(output),
+            "run_id": run_id,
+            "max_attempts": args.max_attempts,
+        },
+        concurrency=args.pools,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.1,
+    )
+    generated = failed = 0
+    buffer: list[dict[str, Any]] = []
+    progress = tqdm(total=len(pending), unit="img", desc="generate", dynamic_ncols=True)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for finished in batch.cast(SCHEMA).to_pylist():
+                buffer.append(finished)
+                generated += finished["status"] == STATUS_OK
+                failed += finished["status"] != STATUS_OK
+                progress.update(1)
+                progress.set_postfix(ok=generated, failed=failed)
+            if len(buffer) >= args.rows_per_part:
+                write_part(output, buffer, run_id)
+                buffer = []
+    except KeyboardInterrupt:
+        return generated, failed, True
+    finally:
+        write_part(output, buffer, run_id)
+        progress.close()
+    return generated, failed, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import ray
+
+    from rayxdit.batch.manifest import consolidate, load_records, write_part
+    from rayxdit.config import ConfigError
+    from rayxdit.runtime.executor import forwarded_env
+
+    try:
+        pool, card = pool_from_args(args)
+    except ConfigError as error:
         print(f"rayxdit batch: error: {error}", file=sys.stderr)
         return 2
-    ray.init(address=args.address, logging_level="warning")
+    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
     if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < pool.ranks:
         pool = pool.model_copy(update={"accelerator": "cpu"})
     output = args.output.resolve()
@@ -183,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     begin = time.perf_counter()
 
-    rows = read_rows(args.input, info.limits)
+    rows = read_rows(args.input, card.limits)
     settled, pending, counts = plan(rows, output, run_id)
     write_part(output, settled, run_id)
     print(
@@ -192,43 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{pool.accelerator.upper()} rank(s) ({pool.parallel})",
         flush=True,
     )
-
-    generated = failed = 0
-    interrupted = False
-    if pending:
-        from rayxdit.batch.manifest import SCHEMA
-
-        dataset = ray.data.from_arrow(pa.Table.from_pylist(pending, schema=row_schema())).map_batches(
-            GroupGenerator,
-            fn_constructor_kwargs={
-                "pool": pool,
-                "output": str(output),
-                "run_id": run_id,
-                "max_attempts": args.max_attempts,
-            },
-            concurrency=args.pools,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=0.1,
-        )
-        buffer: list[dict[str, Any]] = []
-        progress = tqdm(total=len(pending), unit="img", desc="generate", dynamic_ncols=True)
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for finished in batch.cast(SCHEMA).to_pylist():
-                    buffer.append(finished)
-                    generated += finished["status"] == STATUS_OK
-                    failed += finished["status"] != STATUS_OK
-                    progress.update(1)
-                    progress.set_postfix(ok=generated, failed=failed)
-                if len(buffer) >= args.rows_per_part:
-                    write_part(output, buffer, run_id)
-                    buffer = []
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            write_part(output, buffer, run_id)
-            progress.close()
+    generated, failed, interrupted = (
+        generate_pending(pending, pool, args, output, run_id) if pending else (0, 0, False)
+    )
 
     best = load_records(output)
     ordered = [best[row["id"]] for row in rows if row["id"] in best]

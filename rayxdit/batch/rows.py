@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rayxdit.models.base import ModelLimits
+from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 
 INPUT_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "guidance", "true_cfg_scale")

@@ -11,105 +11,21 @@ below is the same for every family:
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from rayxdit.config import ConfigError, ParallelConfig
+from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
-from rayxdit.request import GenerateRequest, GenerateResult, RequestError
-
-SETTINGS_FILE = "rayxdit.json"
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with the model's defaults filled in and its limits checked."""
-
-    request: GenerateRequest
-    height: int
-    width: int
-    steps: int
-    frames: int = 1
-
-    @property
-    def batch(self) -> int:
-        return self.request.num_images
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """Serving defaults and limits of one model; a ``rayxdit.json`` in the model directory overrides them."""
-
-    default_height: int = 1024
-    """Height when a request gives none."""
-    default_width: int = 1024
-    """Width when a request gives none."""
-    default_steps: int = 28
-    """Denoising steps when a request gives none."""
-    max_side: int = 2048
-    """Largest height or width accepted."""
-    size_multiple: int = 16
-    """Height and width must be multiples of this (VAE factor x patch size)."""
-    max_sequence_length: int = 512
-    """Text tokens fed to the transformer."""
-    default_frames: int = 1
-    """Video models: frames when a request gives none (1: an image model)."""
-    max_frames: int = 1
-    """Video models: most frames accepted."""
-    frame_multiple: int = 1
-    """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
-
-    @property
-    def makes_video(self) -> bool:
-        return self.max_frames > 1
-
-    def updated(self, overrides: dict[str, Any]) -> ModelLimits:
-        known = {f.name for f in fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"{SETTINGS_FILE}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return ModelLimits(**{**self.__dict__, **overrides})
-
-    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        """Fill in defaults and check limits; raises :class:`RequestError` naming the field."""
-        height = request.height or self.default_height
-        width = request.width or self.default_width
-        for name, value in (("height", height), ("width", width)):
-            if value % self.size_multiple:
-                raise RequestError(f"{name}={value} must be a multiple of {self.size_multiple}", param="size")
-            if not self.size_multiple <= value <= self.max_side:
-                raise RequestError(
-                    f"{name}={value} is outside {self.size_multiple}..{self.max_side}", param="size"
-                )
-        frames = request.num_frames or self.default_frames
-        if not self.makes_video and frames > 1:
-            raise RequestError(
-                f"num_frames={frames}: this model makes images, not videos", param="num_frames"
-            )
-        if frames > self.max_frames or (frames - 1) % self.frame_multiple:
-            raise RequestError(
-                f"num_frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
-                param="num_frames",
-            )
-        return ResolvedRequest(request, height, width, request.steps or self.default_steps, frames)
-
-    @classmethod
-    def for_pipeline(cls, family_defaults: ModelLimits, model_dir: str | None) -> ModelLimits:
-        if model_dir is None:
-            return family_defaults
-        path = Path(model_dir) / SETTINGS_FILE
-        return family_defaults.updated(json.loads(path.read_text())) if path.is_file() else family_defaults
+from rayxdit.request import GenerateRequest, GenerateResult
 
 
 class DiffusionAdapter(ABC):
@@ -121,17 +37,18 @@ class DiffusionAdapter(ABC):
     denoiser_subfolder: ClassVar[str] = "transformer"
     """Where the denoiser's config.json lives in the pipeline directory."""
     supports_pipefusion: ClassVar[bool] = False
-    """Whether the family implements PipeFusion (transformer blocks as pipeline stages)."""
+    """Whether the family implements the PipeFusion stage hooks below (transformer blocks as pipeline
+    stages; the loop itself is shared: :mod:`rayxdit.models.pipefusion`)."""
 
     @classmethod
-    @abstractmethod
     def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
         """Attention heads, read from the denoiser's config (no weights needed)."""
+        return denoiser_config["num_attention_heads"]
 
     @classmethod
-    @abstractmethod
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
         """Transformer blocks, read from the denoiser's config."""
+        return denoiser_config["num_layers"]
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         self.pipeline = pipeline
@@ -185,13 +102,15 @@ class DiffusionAdapter(ABC):
         ``attention`` picks the GPU kernel of sequence-parallel attention; ``pipefusion_patches`` (0: one per
         stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion;
         ``vae_parallel`` splits the VAE decode into bands of rows over the sequence-parallel ranks."""
-        check_parallel(state.config, type(self), self.num_heads, self.num_layers)
+        check_parallel(
+            state.config, self.pipeline_class, self.supports_pipefusion, self.num_heads, self.num_layers
+        )
         self.state = state
         self.pipefusion_patches = pipefusion_patches
         self.warmup_steps = warmup_steps
         self._parallelize(state, attention)
-        if vae_parallel and state.pipefusion.size == 1 and self.supports_vae_bands:
-            self.vae_bands = parallelize_vae_decoder(self.pipeline.vae, state.sp)
+        if vae_parallel and state.axis("pipefusion").size == 1 and self.supports_vae_bands:
+            self.vae_bands = parallelize_vae_decoder(self.pipeline.vae, state.axis("sp"))
 
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
@@ -203,7 +122,7 @@ class DiffusionAdapter(ABC):
         end of an in-flight attention transfer, which is exactly the work meant to hide that transfer.
         """
         # PipeFusion's buffered attention runs outside the graph (one break per block).
-        fullgraph = self.state.pipefusion.size == 1
+        fullgraph = self.state.axis("pipefusion").size == 1
         self.transformer.compile_repeated_blocks(
             fullgraph=fullgraph, options={"reorder_for_peak_memory": False}
         )
@@ -264,7 +183,37 @@ class DiffusionAdapter(ABC):
 
     def decodes_here(self) -> bool:
         """Whether this rank takes part in the decode: the driver, and its sp group under VAE bands."""
-        return self.state.is_driver or (self.vae_bands is not None and self.state.cfg.index == 0)
+        return self.state.is_driver or (self.vae_bands is not None and self.state.axis("cfg").index == 0)
+
+    # ----- PipeFusion stage hooks (families with supports_pipefusion) ---------------------------------------
+    def pipefusion_attentions(self) -> list[torch.nn.Module]:
+        """The attention modules of this stage's blocks (they get per-request key/value buffers)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement PipeFusion")
+
+    def text_tokens(self, cond: Any) -> int:
+        """Text tokens of one branch's conditioning (the sequence is ``[text, image]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement PipeFusion")
+
+    @property
+    def stage_width(self) -> int:
+        """Width of the activations passed from stage to stage."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement PipeFusion")
+
+    def stage_forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Any,
+        positions: Any,
+        req: ResolvedRequest,
+        text_index: torch.Tensor,
+        image_index: torch.Tensor,
+        unit: dict[str, Any],
+        link: Any,
+    ) -> torch.Tensor:
+        """This stage's blocks on one unit of work: latent rows in (first stage) or the previous stage's
+        activations; noise rows out (last stage) or activations for the next stage."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement PipeFusion")
 
     # ----- classifier-free guidance ------------------------------------------------------------------------
     guidance_is_cfg: ClassVar[bool] = True
@@ -274,11 +223,24 @@ class DiffusionAdapter(ABC):
     @classmethod
     def uses_cfg(cls, request: GenerateRequest) -> bool:
         """Whether this request runs two branches per step."""
-        return request.guidance > 1.0 if cls.guidance_is_cfg else request.uses_true_cfg
+        return uses_cfg(cls.guidance_is_cfg, request)
 
     @classmethod
     def cfg_scale(cls, request: GenerateRequest) -> float:
-        return request.guidance if cls.guidance_is_cfg else request.true_cfg_scale
+        return cfg_scale(cls.guidance_is_cfg, request)
+
+    @classmethod
+    def card(cls, location: str, denoiser_config: dict[str, Any], limits: ModelLimits) -> ModelCard:
+        """The family's traits and this model's limits as plain data (see :class:`ModelCard`)."""
+        return ModelCard(
+            location=location,
+            pipeline_class=cls.pipeline_class,
+            num_heads=cls.heads_in(denoiser_config),
+            num_layers=cls.layers_in(denoiser_config),
+            limits=limits,
+            guidance_is_cfg=cls.guidance_is_cfg,
+            supports_pipefusion=cls.supports_pipefusion,
+        )
 
     # ----- the loop ---------------------------------------------------------------------------------------
     @staticmethod
@@ -289,7 +251,7 @@ class DiffusionAdapter(ABC):
     def token_sizes(self, num_tokens: int, positions: Any) -> list[int]:
         """Tokens per rank of the sp group (contiguous shards in order). Even by default; families whose
         layers need aligned shards (a UNet's strided convolutions) override it."""
-        return split_sizes(num_tokens, self.state.sp.size)
+        return split_sizes(num_tokens, self.state.axis("sp").size)
 
     def model_input(self, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The denoiser's input for this step: the latents, scaled where the scheduler wants it."""
@@ -297,21 +259,26 @@ class DiffusionAdapter(ABC):
 
     def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
         """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
-        branches = branches_for_rank(self.state.cfg, self.uses_cfg(req.request))
+        branches = branches_for_rank(self.state.axis("cfg"), self.uses_cfg(req.request))
         return {branch: self.encode(req, branch) for branch in branches}
 
     def denoise(
         self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool = False
     ) -> torch.Tensor:
-        """The sharded denoising loop; returns the full final latents on every rank of the sp group."""
+        """The sharded denoising loop (or, with pipefusion > 1, the PipeFusion loop); returns the full final
+        latents on every rank of the sp group."""
+        if self.state.axis("pipefusion").size > 1:
+            from rayxdit.models.pipefusion import PipeFusionLoop
+
+            return PipeFusionLoop(self, req, conditions).run(progress)
         state = self.state
         request = req.request
         branches = tuple(conditions)
         latents, positions = self.initial_latents(req)
         num_tokens = latents.shape[1]
         token_sizes = self.token_sizes(num_tokens, positions)
-        start = sum(token_sizes[: state.sp.index])
-        latents = latents[:, start : start + token_sizes[state.sp.index]].contiguous()
+        start = sum(token_sizes[: state.axis("sp").index])
+        latents = latents[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
         scheduler, timesteps = self.make_scheduler(req, num_tokens)
         for t in tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise", unit="step"):
             model_input = self.model_input(scheduler, latents, t)
@@ -319,9 +286,11 @@ class DiffusionAdapter(ABC):
                 branch: self.predict(model_input, t, conditions[branch], positions, req)
                 for branch in branches
             }
-            noise = guided_prediction(predictions, state.cfg, self.uses_cfg(request), self.cfg_scale(request))
+            noise = guided_prediction(
+                predictions, state.axis("cfg"), self.uses_cfg(request), self.cfg_scale(request)
+            )
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        return gather_shards(latents, 1, state.sp, token_sizes)
+        return gather_shards(latents, 1, state.axis("sp"), token_sizes)
 
     @torch.inference_mode()
     def generate(
@@ -349,19 +318,6 @@ class DiffusionAdapter(ABC):
         if not self.state.is_driver:
             return None
         return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
-
-
-def check_parallel(
-    config: ParallelConfig, adapter: type[DiffusionAdapter], num_heads: int, num_layers: int
-) -> None:
-    """Raise :class:`ConfigError` when ``config`` cannot split this model (read from its config alone)."""
-    config.check_heads(num_heads)
-    if config.pipefusion > 1 and not adapter.supports_pipefusion:
-        raise ConfigError(
-            f"pipefusion={config.pipefusion}: PipeFusion is implemented for Flux; split "
-            f"{adapter.pipeline_class} with cfg, ring and ulysses"
-        )
-    config.check_layers(num_layers)
 
 
 def _now(device: torch.device) -> float:

@@ -24,22 +24,14 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-from tqdm.auto import tqdm
 
-from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.models.base import DiffusionAdapter
 from rayxdit.parallel.attention import SequenceParallelAttention
-from rayxdit.parallel.cfg import CONDITIONAL, guided_prediction
+from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.parallel.pipefusion import (
-    WARMUP,
-    PatchPlan,
-    StageLink,
-    allocate_kv_buffers,
-    patch_attention,
-    release_kv_buffers,
-    stage_bounds,
-)
-from rayxdit.parallel.sequence import gather_shards, shard, split_sizes
+from rayxdit.parallel.pipefusion import StageLink, patch_attention, stage_bounds
+from rayxdit.parallel.sequence import shard, split_sizes
 
 
 class FluxSequenceParallelProcessor:
@@ -178,7 +170,7 @@ class FluxPatchProcessor:
 def stage_blocks(transformer: torch.nn.Module, state: ParallelState) -> list[torch.nn.Module]:
     """This PipeFusion stage's share of the blocks (double blocks first, then single, in model order)."""
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    start, end = stage_bounds(len(blocks), state.pipefusion.size, state.pipefusion.index)
+    start, end = stage_bounds(len(blocks), state.axis("pipefusion").size, state.axis("pipefusion").index)
     return blocks[start:end]
 
 
@@ -190,7 +182,7 @@ def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attenti
     before computing their (independent) MLP branch. PipeFusion: the model keeps only this stage's blocks
     (memory drops with the stage count) and their attention reads and writes per-layer buffers.
     """
-    if state.pipefusion.size > 1:
+    if state.axis("pipefusion").size > 1:
         kept = stage_blocks(transformer, state)
         transformer.transformer_blocks = torch.nn.ModuleList(
             [b for b in transformer.transformer_blocks if any(b is k for k in kept)]
@@ -199,12 +191,12 @@ def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attenti
             [b for b in transformer.single_transformer_blocks if any(b is k for k in kept)]
         )
         processor = FluxPatchProcessor(
-            state.ulysses.group.group_name if state.ulysses.group is not None else ""
+            state.axis("ulysses").group.group_name if state.axis("ulysses").group is not None else ""
         )
         for block in kept:
             block.attn.set_processor(processor)
         return
-    if state.sp.size == 1:
+    if state.axis("sp").size == 1:
         return
     processor = FluxSequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for module in transformer.modules():
@@ -239,10 +231,6 @@ class FluxAdapter(DiffusionAdapter):
     supports_pipefusion = True
     guidance_is_cfg = False  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
     family_limits = ModelLimits()
-
-    @classmethod
-    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_attention_heads"]
 
     @classmethod
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
@@ -280,9 +268,9 @@ class FluxAdapter(DiffusionAdapter):
     def _token_split(self) -> tuple[int, int]:
         """How sequences are cut for this rank up front: sequence-parallel shards, or (PipeFusion, which
         picks tokens per unit of work) not at all."""
-        if self.state.pipefusion.size > 1:
+        if self.state.axis("pipefusion").size > 1:
             return 1, 0
-        return self.state.sp.size, self.state.sp.index
+        return self.state.axis("sp").size, self.state.axis("sp").index
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
@@ -333,7 +321,7 @@ class FluxAdapter(DiffusionAdapter):
                 batch
             )
         attention_kwargs = None
-        if self.state.sp.size > 1:
+        if self.state.axis("sp").size > 1:
             sizes = tuple(t + i for t, i in zip(cond.text_sizes, positions.image_sizes, strict=True))
             attention_kwargs = {"sequence_sizes": sizes}
         return self.transformer(
@@ -348,19 +336,22 @@ class FluxAdapter(DiffusionAdapter):
             return_dict=False,
         )[0]
 
-    # ----- PipeFusion ------------------------------------------------------------------------------------
-    def denoise(
-        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool = False
-    ) -> torch.Tensor:
-        if self.state.pipefusion.size == 1:
-            return super().denoise(req, conditions, progress)
-        return self._denoise_pipefusion(req, conditions, progress)
-
-    def _blocks(self) -> list[torch.nn.Module]:
+    # ----- PipeFusion stage hooks (the loop: rayxdit.models.pipefusion) --------------------------------------
+    def pipefusion_blocks(self) -> list[torch.nn.Module]:
         """After parallelize_flux the model holds only this stage's blocks, in order."""
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
-    def _stage_forward(
+    def pipefusion_attentions(self) -> list[torch.nn.Module]:
+        return [block.attn for block in self.pipefusion_blocks()]
+
+    def text_tokens(self, cond: FluxCondition) -> int:
+        return cond.prompt_embeds.shape[1]
+
+    @property
+    def stage_width(self) -> int:
+        return self.transformer.inner_dim
+
+    def stage_forward(
         self,
         x: torch.Tensor,
         timestep: torch.Tensor,
@@ -394,7 +385,7 @@ class FluxAdapter(DiffusionAdapter):
             [cond.text_ids.index_select(0, text_index), positions.image_ids.index_select(0, image_index)]
         )
         rotary = model.pos_embed(ids)
-        for block in self._blocks():
+        for block in self.pipefusion_blocks():
             encoder, hidden = block(
                 hidden_states=hidden,
                 encoder_hidden_states=encoder,
@@ -405,113 +396,6 @@ class FluxAdapter(DiffusionAdapter):
         if link.is_last:
             return model.proj_out(model.norm_out(hidden, temb))
         return torch.cat([encoder, hidden], dim=1)
-
-    def _denoise_pipefusion(
-        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool
-    ) -> torch.Tensor:
-        state, request = self.state, req.request
-        link = StageLink(state.pipefusion)
-        branches = tuple(conditions)
-        latents, positions = self.initial_latents(req)
-        text_len = next(iter(conditions.values())).prompt_embeds.shape[1]
-        plan = PatchPlan(
-            text_len, latents.shape[1], self.pipefusion_patches or state.pipefusion.size, state.sp.size
-        )
-        attentions = [block.attn for block in self._blocks()]
-        heads = self.transformer.config.num_attention_heads // state.ulysses.size
-        allocate_kv_buffers(
-            attentions,
-            len(branches),
-            latents.shape[0],
-            heads,
-            text_len + latents.shape[1],
-            self.transformer.config.attention_head_dim,
-            latents,
-        )
-        scheduler, timesteps = self.make_scheduler(req, latents.shape[1])
-        if scheduler.order != 1:
-            raise ValueError("PipeFusion steps patches one at a time: it needs a first-order scheduler")
-        warmup = max(1, self.warmup_steps)
-        width = self.transformer.inner_dim
-        device = self.device
-
-        def units(step: int) -> list[int]:
-            return [WARMUP] if step < warmup else list(range(plan.patches))
-
-        def index(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        for step, t in enumerate(tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise")):
-            for unit in units(step):
-                text_index, image_index = (
-                    index(plan.text(unit, state.sp.index)),
-                    index(plan.image(unit, state.sp.index)),
-                )
-                if link.is_first and step > 0:
-                    # The last stage's update of these rows in the previous step; after warm-up, all rows
-                    # arrive at once before the first patch.
-                    previous = units(step - 1)
-                    needed = [unit] if previous == units(step) else previous if unit == 0 else []
-                    for done in needed:
-                        rows = index(plan.image(done, state.sp.index))
-                        latents[:, rows] = link.recv_prev(
-                            (latents.shape[0], len(rows), latents.shape[2]), latents
-                        )
-                unit_info = {
-                    "positions": index(plan.group_canonical(unit, range(state.sp.size))),
-                    "sizes": tuple(plan.sizes(unit)),
-                }
-                predictions = {}
-                for branch in branches:
-                    if link.is_first:
-                        x = latents.index_select(1, image_index)
-                    else:
-                        x = link.recv_prev(
-                            (latents.shape[0], len(text_index) + len(image_index), width), latents
-                        )
-                    out = self._stage_forward(
-                        x,
-                        t,
-                        conditions[branch],
-                        positions,
-                        req,
-                        text_index,
-                        image_index,
-                        {**unit_info, "branch": branches.index(branch)},
-                        link,
-                    )
-                    if link.is_last:
-                        predictions[branch] = out
-                    else:
-                        link.send_next(out)
-                if not link.is_last:
-                    continue
-                noise = guided_prediction(
-                    predictions, state.cfg, self.uses_cfg(request), self.cfg_scale(request)
-                )
-                # A first-order scheduler updates element-wise: step each unit's rows with this step's sigmas.
-                scheduler._step_index = step
-                rows = scheduler.step(noise, t, latents.index_select(1, image_index), return_dict=False)[0]
-                latents[:, image_index] = rows
-                link.send_next(rows)
-        if link.is_first:
-            for unit in units(len(timesteps) - 1):
-                rows = index(plan.image(unit, state.sp.index))
-                latents[:, rows] = link.recv_prev((latents.shape[0], len(rows), latents.shape[2]), latents)
-        link.drain()
-        release_kv_buffers(attentions)
-        # Every rank of this stage group now holds its own tokens' final rows; rank 0 (first stage) gathers.
-        mine = index(plan.image(WARMUP, state.sp.index))
-        gathered = gather_shards(
-            latents.index_select(1, mine),
-            1,
-            state.sp,
-            [len(plan.image(WARMUP, r)) for r in range(state.sp.size)],
-        )
-        order = torch.cat([index(plan.image(WARMUP, r)) for r in range(state.sp.size)])
-        final = torch.empty_like(latents)
-        final[:, order] = gathered
-        return final
 
     def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
         pipe = self.pipeline

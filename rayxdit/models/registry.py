@@ -1,21 +1,25 @@
 """One registry from a diffusers pipeline class to its adapter, and model loading.
 
-Adding a model family is one small adapter file plus one line in ``ADAPTERS``.
+Adding a model family is one small adapter file plus one line in ``ADAPTERS``. A model is named by a preset
+(``tiny-flux``), a local diffusers pipeline directory, a hub id (``org/name``), or ``package.module:NAME``: a
+:class:`~rayxdit.models.presets.FluxSizes` built in code on the device with random weights (no checkpoint;
+the benchmarks' full-size Flux.1-dev is ``benchmarks.models:FLUX_DEV``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rayxdit.config import ConfigError, ParallelConfig
-from rayxdit.models.base import DiffusionAdapter, ModelLimits, check_parallel
+from rayxdit.config import ConfigError
+from rayxdit.limits import ModelCard, ModelLimits
+from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.flux import FluxAdapter
-from rayxdit.models.presets import IN_MEMORY_PRESETS, PRESETS, build_flux_pipeline, materialize_preset
+from rayxdit.models.presets import PRESETS, FluxSizes, build_flux_pipeline, materialize_preset
 from rayxdit.models.sd3 import SD3Adapter
 from rayxdit.models.sdxl import SDXLAdapter
 from rayxdit.models.wan import WanAdapter
@@ -25,33 +29,32 @@ ADAPTERS: dict[str, type[DiffusionAdapter]] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What can be known about a model from its config files alone, before any weights load."""
-
-    location: str
-    pipeline_class: str
-    num_heads: int
-    num_layers: int
-    limits: ModelLimits
-
-    def check_parallel(self, config: ParallelConfig) -> None:
-        """Raise :class:`ConfigError` when ``config`` cannot split this model."""
-        check_parallel(config, adapter_class(self.pipeline_class), self.num_heads, self.num_layers)
+def built_in_code(model: str) -> FluxSizes | None:
+    """The :class:`FluxSizes` that ``package.module:NAME`` names, or None when ``model`` is not of that form."""
+    module_name, sep, attribute = model.partition(":")
+    if not sep or os.path.exists(model) or not module_name or not attribute:
+        return None
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(
+            f"model '{model}': cannot import {attribute} from {module_name} ({error})"
+        ) from None
+    if not isinstance(value, FluxSizes):
+        raise ConfigError(f"model '{model}' names a {type(value).__name__}, not a FluxSizes recipe")
+    return value
 
 
 def resolve_model(model: str) -> str:
     """A preset name becomes its (built once) directory; a directory or hub id is returned as is."""
     if model in PRESETS:
         return str(materialize_preset(model))
-    if model in IN_MEMORY_PRESETS:
-        return model
     if os.path.isdir(model):
         return model
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConfigError(
-            f"model '{model}' is neither a preset ({', '.join([*PRESETS, *IN_MEMORY_PRESETS])}), "
-            "a local directory, nor a hub id (org/name)"
+            f"model '{model}' is neither a preset ({', '.join(PRESETS)}), a local directory, a hub id "
+            "(org/name), nor package.module:NAME"
         )
     return model
 
@@ -70,22 +73,16 @@ def _read_json(location: str, filename: str) -> dict:
         raise ConfigError(f"cannot read {filename} of hub model '{location}': {error}") from None
 
 
-def describe_model(model: str) -> ModelInfo:
-    if model in IN_MEMORY_PRESETS:
-        sizes = IN_MEMORY_PRESETS[model]
-        limits = ModelLimits().updated(sizes.limits)
-        config = sizes.transformer
-        return ModelInfo(
-            model, "FluxPipeline", FluxAdapter.heads_in(config), FluxAdapter.layers_in(config), limits
-        )
+def describe_model(model: str) -> ModelCard:
+    """The model's :class:`ModelCard`, from its config files alone (no weights are loaded)."""
+    sizes = built_in_code(model)
+    if sizes is not None:
+        return FluxAdapter.card(model, sizes.transformer, ModelLimits().updated(sizes.limits))
     location = resolve_model(model)
-    pipeline_class = _read_json(location, "model_index.json").get("_class_name", "?")
-    adapter = adapter_class(pipeline_class)
-    transformer = _read_json(location, f"{adapter.denoiser_subfolder}/config.json")
+    adapter = adapter_class(_read_json(location, "model_index.json").get("_class_name", "?"))
+    denoiser = _read_json(location, f"{adapter.denoiser_subfolder}/config.json")
     limits = ModelLimits.for_pipeline(adapter.family_limits, location if os.path.isdir(location) else None)
-    return ModelInfo(
-        location, pipeline_class, adapter.heads_in(transformer), adapter.layers_in(transformer), limits
-    )
+    return adapter.card(model, denoiser, limits)
 
 
 def adapter_class(pipeline_class: str) -> type[DiffusionAdapter]:
@@ -103,15 +100,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_adapter(model: str, device: torch.device, dtype: torch.dtype) -> DiffusionAdapter:
-    """Load a pipeline with diffusers' own ``from_pretrained`` and wrap it in its family's adapter."""
+    """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
+    in its family's adapter."""
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    if model in IN_MEMORY_PRESETS:
-        sizes = IN_MEMORY_PRESETS[model]
+    sizes = built_in_code(model)
+    if sizes is not None:
         pipeline = build_flux_pipeline(sizes, device, dtype)
         pipeline.set_progress_bar_config(disable=True)
         return FluxAdapter(pipeline, limits=ModelLimits().updated(sizes.limits))

@@ -26,7 +26,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     retrieve_timesteps,
 )
 
-from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.models.base import DiffusionAdapter
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -98,7 +99,7 @@ class SD3SequenceParallelProcessor:
 def parallelize_sd3(transformer: torch.nn.Module, state: ParallelState, attention: str = "auto") -> None:
     """Make every attention of an ``SD3Transformer2DModel`` sequence-parallel over ``state``'s ring x
     ulysses group; the rest of the model is token-wise and runs unchanged on the shard."""
-    if state.sp.size == 1:
+    if state.axis("sp").size == 1:
         return
     processor = SD3SequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for module in transformer.modules():
@@ -126,14 +127,6 @@ class SD3Adapter(DiffusionAdapter):
     pipeline_class = "StableDiffusion3Pipeline"
     family_limits: ClassVar[ModelLimits] = ModelLimits(default_steps=28, max_sequence_length=256)
 
-    @classmethod
-    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_attention_heads"]
-
-    @classmethod
-    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_layers"]
-
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_sd3(self.transformer, state, attention)
 
@@ -153,7 +146,7 @@ class SD3Adapter(DiffusionAdapter):
             do_classifier_free_guidance=False,
             max_sequence_length=self.limits.max_sequence_length,
         )
-        sp = self.state.sp
+        sp = self.state.axis("sp")
         return SD3Condition(
             shard(embeds, 1, sp.size, sp.index), pooled, tuple(split_sizes(embeds.shape[1], sp.size))
         )
@@ -186,7 +179,7 @@ class SD3Adapter(DiffusionAdapter):
             self.noise_generators(req),
         )
         tokens = self.pack(latents)
-        sp = self.state.sp
+        sp = self.state.axis("sp")
         start, end = shard_bounds(tokens.shape[1], sp.size, sp.index)
         positions = SD3Positions(
             slice(start, end), tuple(split_sizes(tokens.shape[1], sp.size)), tuple(latents.shape[-2:])
@@ -236,7 +229,7 @@ class SD3Adapter(DiffusionAdapter):
         temb = model.time_text_embed(timestep.expand(batch), cond.pooled)
         encoder = model.context_embedder(cond.prompt_embeds)
         kwargs = None
-        if self.state.sp.size > 1:
+        if self.state.axis("sp").size > 1:
             joint = tuple(i + t for i, t in zip(positions.image_sizes, cond.text_sizes, strict=True))
             kwargs = {"sequence_sizes": joint, "image_sizes": positions.image_sizes}
         for block in model.transformer_blocks:

@@ -26,7 +26,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.models.base import DiffusionAdapter
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -73,10 +74,10 @@ class BandSelfAttnProcessor:
 def parallelize_unet(unet: torch.nn.Module, state: ParallelState, attention: str = "auto") -> RowBands | None:
     """Make a ``UNet2DConditionModel`` run on bands of latent rows over ``state``'s sp group. Returns the
     bands, whose ``rows`` (at the latent resolution) the caller sets per request."""
-    if state.sp.size == 1:
+    if state.axis("sp").size == 1:
         return None
-    bands = RowBands(state.sp)
-    parallelize_bands(unet, state.sp)
+    bands = RowBands(state.axis("sp"))
+    parallelize_bands(unet, state.axis("sp"))
     kernel = SequenceParallelAttention(state, attention)
     for transformer in unet.modules():
         if not isinstance(transformer, Transformer2DModel):
@@ -154,7 +155,7 @@ class SDXLAdapter(DiffusionAdapter):
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         req = super().resolve(request)
-        if self.state.sp.size == 1:
+        if self.state.axis("sp").size == 1:
             return req
         pixels = self.pipeline.vae_scale_factor * self.band_unit
         if req.height % pixels:
@@ -162,10 +163,11 @@ class SDXLAdapter(DiffusionAdapter):
                 f"height={req.height}: patch parallelism splits rows in bands of {pixels} px; use a multiple",
                 param="size",
             )
-        if req.height // pixels < self.state.sp.size:
+        ranks = self.state.axis("sp").size
+        if req.height // pixels < ranks:
             raise RequestError(
                 f"height={req.height} splits into {req.height // pixels} bands of {pixels} px, fewer than this group's "
-                f"{self.state.sp.size} patch-parallel ranks; use height >= {pixels * self.state.sp.size}",
+                f"{ranks} patch-parallel ranks; use height >= {pixels * ranks}",
                 param="size",
             )
         return req
@@ -201,7 +203,7 @@ class SDXLAdapter(DiffusionAdapter):
         )
         latents = noise * self.make_scheduler(req, 0)[0].init_noise_sigma
         batch, channels, height, width = latents.shape
-        unit, parts = self.band_unit, self.state.sp.size
+        unit, parts = self.band_unit, self.state.axis("sp").size
         rows = [units * unit for units in split_sizes(height // unit, parts)] if parts > 1 else [height]
         tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         return tokens, SDXLBands(tuple(rows), width)

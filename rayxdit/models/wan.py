@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
-from rayxdit.models.base import DiffusionAdapter, ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.models.base import DiffusionAdapter
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -68,7 +69,7 @@ def parallelize_wan(
 ) -> WanSequenceParallelProcessor | None:
     """Make the self-attention of every block of a ``WanTransformer3DModel`` sequence-parallel over
     ``state``'s sp group. Returns the shared processor, whose ``sizes`` the caller sets per request."""
-    if state.sp.size == 1:
+    if state.axis("sp").size == 1:
         return None
     processor = WanSequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for block in transformer.blocks:
@@ -104,14 +105,6 @@ class WanAdapter(DiffusionAdapter):
         frame_multiple=4,
     )
     supports_vae_bands = False  # a causal 3D VAE: rank 0 decodes
-
-    @classmethod
-    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_attention_heads"]
-
-    @classmethod
-    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_layers"]
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         super().__init__(pipeline, model_dir, limits)
@@ -175,7 +168,7 @@ class WanAdapter(DiffusionAdapter):
             self.noise_generators(req),
         )
         tokens = self.pack(latents)
-        sp = self.state.sp
+        sp = self.state.axis("sp")
         start, end = shard_bounds(tokens.shape[1], sp.size, sp.index)
         cos, sin = self.transformer.rope(latents)
         pt, ph, pw = self.patch_size

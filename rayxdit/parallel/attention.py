@@ -328,10 +328,12 @@ class SequenceParallelAttention:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {backend!r}: choose from {', '.join(ATTENTION_BACKENDS)}")
         self.backend = backend
-        self.sp_size = state.sp.size
+        self.sp_size = state.axis("sp").size
         # Process groups cross the custom-op boundary by name, which torch.compile can treat as a constant.
-        self._ulysses_name = state.ulysses.group.group_name if state.ulysses.group is not None else ""
-        self._ring_name = state.ring.group.group_name if state.ring.group is not None else ""
+        self._ulysses_name = (
+            state.axis("ulysses").group.group_name if state.axis("ulysses").group is not None else ""
+        )
+        self._ring_name = state.axis("ring").group.group_name if state.axis("ring").group is not None else ""
 
     def __call__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,11 @@ import torch.distributed as dist
 
 from rayxdit.config import PARALLEL_AXES, ParallelConfig
 
-AXES_WITH_SP = (*PARALLEL_AXES, "sp")
+FLATTENED_AXES: dict[str, tuple[str, ...]] = {"sp": ("ring", "ulysses")}
+"""Groups that span several mesh axes. ``sp`` (sequence parallel) is ring x ulysses: the ranks that share
+one image's tokens, ordered ring-major, ulysses-minor (the order in which token shards are laid out)."""
+MESH_AXES = (*PARALLEL_AXES, *FLATTENED_AXES)
+"""Every axis a :class:`ParallelState` holds a group for."""
 
 
 def rank_coords(config: ParallelConfig, rank: int) -> dict[str, int]:
@@ -40,12 +45,14 @@ def coords_rank(config: ParallelConfig, coords: dict[str, int]) -> int:
 
 
 def axis_groups(config: ParallelConfig, axis: str) -> list[list[int]]:
-    """Every group of ranks along ``axis`` (``"sp"`` is ring x ulysses), in a fixed order.
+    """Every group of ranks along ``axis`` (a mesh axis or a flattened one such as ``"sp"``), in a fixed order.
 
     Within a group, ranks are sorted, which for ``sp`` orders them ring-major, ulysses-minor: the order in
     which sequence shards are laid out.
     """
-    varying = ("ring", "ulysses") if axis == "sp" else (axis,)
+    if axis not in MESH_AXES:
+        raise ValueError(f"unknown mesh axis {axis!r}; axes: {', '.join(MESH_AXES)}")
+    varying = FLATTENED_AXES.get(axis, (axis,))
     fixed = [a for a in PARALLEL_AXES if a not in varying]
     groups = []
     for fixed_values in itertools.product(*(range(getattr(config, a)) for a in fixed)):
@@ -85,18 +92,23 @@ class AxisGroup:
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Everything a rank knows about the mesh. Built once per worker by :func:`build_parallel_state`;
-    passed explicitly to whoever needs a group (no process-global state, so two engines can coexist)."""
+    """Everything a rank knows about the mesh: its group along every axis, by name. Built once per worker by
+    :func:`build_parallel_state`; passed explicitly to whoever needs a group (no process-global state, so two
+    engines can coexist). A new axis is one entry in ``PARALLEL_AXES`` (or ``FLATTENED_AXES``), nothing here."""
 
     config: ParallelConfig
     rank: int
     device: torch.device
-    cfg: AxisGroup
-    pipefusion: AxisGroup
-    ring: AxisGroup
-    ulysses: AxisGroup
-    sp: AxisGroup
+    axes: Mapping[str, AxisGroup]
+    """This rank's group along each name of ``MESH_AXES``."""
     world: dist.ProcessGroup | None
+
+    def axis(self, name: str) -> AxisGroup:
+        """This rank's group along ``name`` (``"cfg"``, ``"pipefusion"``, ``"ring"``, ``"ulysses"``, ``"sp"``)."""
+        try:
+            return self.axes[name]
+        except KeyError:
+            raise KeyError(f"no mesh axis {name!r}; axes: {', '.join(self.axes)}") from None
 
     @property
     def world_size(self) -> int:
@@ -111,7 +123,7 @@ class ParallelState:
     def single(cls, device: torch.device | str = "cpu") -> ParallelState:
         """A one-rank state that needs no process group."""
         solo = AxisGroup(None, (0,), 0)
-        return cls(ParallelConfig(), 0, torch.device(device), solo, solo, solo, solo, solo, None)
+        return cls(ParallelConfig(), 0, torch.device(device), dict.fromkeys(MESH_AXES, solo), None)
 
 
 def build_parallel_state(config: ParallelConfig, device: torch.device) -> ParallelState:
@@ -123,39 +135,51 @@ def build_parallel_state(config: ParallelConfig, device: torch.device) -> Parall
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config.check_world_size(world_size)
     mine: dict[str, AxisGroup] = {}
-    for axis in AXES_WITH_SP:
+    for axis in MESH_AXES:
         for members in axis_groups(config, axis):
             # new_group is collective over the default group even for groups this rank is not in.
             group = dist.new_group(members) if len(members) > 1 else None
             if rank in members:
                 mine[axis] = AxisGroup(group, tuple(members), members.index(rank))
-    return ParallelState(config=config, rank=rank, device=device, world=dist.group.WORLD, **mine)
+    return ParallelState(config=config, rank=rank, device=device, axes=mine, world=dist.group.WORLD)
+
+
+def open_store(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS picks (``store.port``). The port is held from
+    the moment it is chosen, unlike a "free port" probed, closed and bound again later."""
+    return dist.TCPStore(
+        host,
+        0,
+        world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 def init_distributed(
     rank: int,
     world_size: int,
-    init_method: str,
     device: torch.device,
+    host: str,
+    port: int,
     timeout_s: float = 300.0,
+    store: dist.TCPStore | None = None,
 ) -> None:
-    """Join the default process group: NCCL when ``device`` is a GPU, gloo otherwise.
+    """Join the default process group through rank 0's store at ``host:port`` (rank 0 passes the ``store``
+    it opened with :func:`open_store`): NCCL when ``device`` is a GPU, gloo otherwise.
 
     ``timeout_s`` bounds every collective: a rank that stops answering turns into an error on the others
     instead of a hang, which is what lets a supervisor detect and rebuild a broken group.
     """
     if world_size == 1 or dist.is_initialized():
         return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
 
 
 def destroy_distributed() -> None:

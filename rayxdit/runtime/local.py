@@ -1,39 +1,37 @@
-"""Run a worker group as local processes (``torch.multiprocessing``): the CLI's executor, no Ray needed.
+"""The local executor: one spawned process per rank (``torch.multiprocessing``), no Ray needed.
 
-Each rank runs in a spawned process with its own device; rank 0 sends results back over a queue. A rank that
-fails reports its traceback, and the caller gets every rank's traceback in one error.
+The CLI, the tests and the benchmarks run ranks this way. Each rank process holds a
+:class:`~rayxdit.runtime.worker.RankWorker` and serves calls from two pipes: one for the group's calls, in
+order, and one for control calls (pings) answered by a second thread while a call runs. One rank runs in
+the calling process itself. A failing rank sends its traceback, and the caller gets every failed rank's
+traceback in one :class:`GroupError`.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
 import os
-import queue
-import socket
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
 from rayxdit.config import ConfigError, EngineConfig
-from rayxdit.imaging import encode_png
-from rayxdit.request import GenerateRequest, GenerateResult, RequestError
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError
+from rayxdit.runtime.executor import Executor, GroupError, Method
+from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 MAX_LOCAL_CPU_RANKS = 64
-
-
-class GroupError(RuntimeError):
-    """One or more ranks of a worker group failed; the message holds each rank's traceback."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LATE_REPORTS_S = 5.0
+"""After one rank fails, how long to wait for the others' reports (they usually fail in the same
+collective) before giving up on them."""
 
 
 def check_launchable(world_size: int) -> None:
@@ -46,130 +44,197 @@ def check_launchable(world_size: int) -> None:
         raise ConfigError(f"{world_size} CPU ranks is more than this launcher starts ({MAX_LOCAL_CPU_RANKS})")
 
 
-def encode_images(result: GenerateResult) -> GenerateResult:
-    """PNG bytes cross process boundaries more cheaply and safely than PIL objects."""
-    encoded = [encode_png(image) for image in result.images]
-    return GenerateResult(encoded, result.latents, result.timings, result.frames_per_video)
-
-
-def decode_images(result: GenerateResult) -> GenerateResult:
-    from PIL import Image
-
-    result.images = [Image.open(io.BytesIO(data)) for data in result.images]
-    return result
-
-
 @dataclass
-class _Report:
-    rank: int
+class _Reply:
     value: Any = None
     error: str | None = None
     rejected: RequestError | None = None  # the model refused the request: the caller's error, not a fault
 
 
-def _rank_entry(
+def _run(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> _Reply:
+    try:
+        function = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
+        return _Reply(value=function(*args, **kwargs))
+    except RequestError as error:
+        return _Reply(error=traceback.format_exc(), rejected=RequestError(str(error), error.param))
+    except BaseException:
+        return _Reply(error=traceback.format_exc())
+
+
+def _serve(worker: RankWorker, connection: Connection) -> None:
+    """Answer calls from ``connection`` until it closes or sends None."""
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        reply = _run(worker, *message)
+        try:
+            connection.send(reply)
+        except Exception:  # the value does not pickle: say so instead of leaving the caller waiting
+            connection.send(_Reply(error=traceback.format_exc()))
+
+
+def _rank_main(
     rank: int,
     world_size: int,
-    init_method: str,
     threads: int,
-    reports: mp.Queue,
-    target: Callable,
-    args: tuple,
+    env: dict[str, str],
+    calls: Connection,
+    control: Connection,
 ) -> None:
-    from rayxdit.parallel.mesh import destroy_distributed
-
+    torch.set_num_threads(threads)
+    worker = RankWorker(rank, world_size, device_index=rank, env=env)
+    threading.Thread(target=_serve, args=(worker, control), daemon=True, name="control").start()
     try:
-        torch.set_num_threads(threads)
-        value = target(rank, world_size, init_method, *args)
-        reports.put(_Report(rank, value if rank == 0 else None))
-    except RequestError as error:
-        reports.put(
-            _Report(rank, error=traceback.format_exc(), rejected=RequestError(str(error), error.param))
-        )
-    except BaseException:
-        reports.put(_Report(rank, error=traceback.format_exc()))
+        _serve(worker, calls)
     finally:
-        destroy_distributed()
+        worker.close()
 
 
-def spawn_group(
-    target: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 1800.0
-) -> Any:
-    """Run ``target(rank, world_size, init_method, *args)`` in ``world_size`` spawned processes and return
-    rank 0's return value. If any rank fails, raise :class:`GroupError` with every failed rank's traceback,
-    or the :class:`RequestError` of a request the model refused (every rank refuses it alike).
+class LocalExecutor(Executor):
+    """Ranks as local processes (one GPU each on a GPU machine, gloo on CPU). One rank runs in the calling
+    process unless ``in_process=False`` (benchmarks want a fresh process: clean allocator and compile
+    caches)."""
 
-    ``target`` must be importable (a module-level function): spawned processes import it afresh.
-    """
-    context = mp.get_context("spawn")
-    reports: mp.Queue = context.Queue()
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    threads = max(1, (os.cpu_count() or 1) // world_size)
-    processes = [
-        context.Process(
-            target=_rank_entry,
-            args=(rank, world_size, init_method, threads, reports, target, args),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    collected: dict[int, _Report] = {}
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(collected) < world_size:
-            try:
-                report = reports.get(timeout=1.0)
-            except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(collected))
-                # A rank that died without reporting (killed, or failed before its entry ran) never will.
-                dead = [rank for rank in missing if processes[rank].exitcode is not None]
-                if dead:
-                    codes = ", ".join(f"rank {rank}: exit code {processes[rank].exitcode}" for rank in dead)
-                    raise GroupError(f"ranks exited without a result ({codes})") from None
-                if time.monotonic() > deadline:
-                    raise GroupError(f"no answer from ranks {missing} within {timeout_s:.0f} s") from None
-                continue
-            collected[report.rank] = report
-            if report.error is not None:
-                # One failure strands the others in a collective until it times out: collect what the
-                # others report within a few seconds, then stop them.
-                for process in processes:
-                    process.join(timeout=5)
-                while not reports.empty():
-                    late = reports.get()
-                    collected[late.rank] = late
-                break
-    finally:
-        for process in processes:
+    def __init__(
+        self, world_size: int, config: EngineConfig | None = None, in_process: bool = True, **options: Any
+    ):
+        super().__init__(world_size, config, **options)
+        self.in_process = in_process and world_size == 1
+        self._processes: list[mp.Process] = []
+        self._calls: list[Connection] = []
+        self._controls: list[Connection] = []
+        self._local: RankWorker | None = None
+
+    def _launch(self) -> None:
+        if self.in_process:
+            self._local = RankWorker(0, 1, device_index=0)
+            return
+        context = mp.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        for rank in range(self.world_size):
+            calls, rank_calls = context.Pipe()
+            control, rank_control = context.Pipe()
+            process = context.Process(
+                target=_rank_main,
+                args=(rank, self.world_size, threads, self.env, rank_calls, rank_control),
+                daemon=True,
+                name=f"rayxdit-{self.name}-rank{rank}",
+            )
+            process.start()
+            rank_calls.close()
+            rank_control.close()
+            self._processes.append(process)
+            self._calls.append(calls)
+            self._controls.append(control)
+
+    def _kill(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        for process in self._processes:
             if process.is_alive():
                 process.kill()
+        for process in self._processes:
             process.join()
-    rejected = [report.rejected for report in collected.values() if report.rejected is not None]
-    if rejected:
-        raise rejected[0]
-    failures = {rank: report.error for rank, report in collected.items() if report.error is not None}
-    if failures:
-        details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in sorted(failures.items()))
-        raise GroupError(f"{len(failures)} of {world_size} ranks failed:\n{details}")
-    return collected[0].value
+        for connection in (*self._calls, *self._controls):
+            connection.close()
+        self._processes, self._calls, self._controls = [], [], []
 
+    def shutdown(self) -> None:
+        # A healthy group is asked to stop, so that ranks leave their process group; a broken one (ranks
+        # possibly stuck in a collective) is killed at once, as is whatever does not exit in time.
+        if not self.broken:
+            for connection in self._calls:
+                with contextlib.suppress(OSError):
+                    connection.send(None)
+            deadline = time.monotonic() + 5
+            for process in self._processes:
+                process.join(timeout=max(0.0, deadline - time.monotonic()))
+        super().shutdown()
 
-def _serve_requests(
-    rank: int,
-    world_size: int,
-    init_method: str,
-    config: EngineConfig,
-    requests: list[GenerateRequest],
-    output: str,
-    progress: bool,
-) -> list[GenerateResult] | None:
-    from rayxdit.engine import pick_device, start_engine
+    def pids(self) -> list[int]:
+        return [os.getpid()] if self._local is not None else [p.pid for p in self._processes]
 
-    engine = start_engine(config, rank, init_method, pick_device(rank))
-    results = [engine.generate(request, output=output, progress=progress) for request in requests]
-    return [encode_images(result) for result in results] if rank == 0 else None
+    def _call(
+        self, method: Method, args: tuple, kwargs: dict, timeout: float | None, ranks: Sequence[int]
+    ) -> list[Any]:
+        ranks = list(ranks)
+        if self._local is not None:
+            reply = _run(self._local, method, args, kwargs)
+            return [self._check({0: reply}, ranks)[0]]
+        pipes = self._controls if method in CONTROL_METHODS else self._calls
+        for rank in ranks:
+            pipes[rank].send((method, args, kwargs))
+        return self._check(self._collect(pipes, ranks, timeout), ranks)
+
+    def _collect(self, pipes: list[Connection], ranks: list[int], timeout: float | None) -> dict[int, _Reply]:
+        """Each rank's reply, until every rank answered, one failed (then the others get a few seconds to
+        report too), a rank process died, or ``timeout`` passed."""
+        replies: dict[int, _Reply] = {}
+        waiting = {pipes[rank]: rank for rank in ranks}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed_at: float | None = None
+        while waiting:
+            limit = deadline
+            if failed_at is not None:
+                limit = min(limit or float("inf"), failed_at + LATE_REPORTS_S)
+            remaining = None if limit is None else max(0.0, limit - time.monotonic())
+            sentinels = {self._processes[rank].sentinel: rank for rank in waiting.values()}
+            ready = wait([*waiting, *sentinels], timeout=remaining)
+            if not ready:
+                if failed_at is not None:
+                    break
+                missing = sorted(waiting.values())
+                raise GroupError(
+                    f"worker group {self.name}: no answer from ranks {missing} within {timeout:.0f} s (a rank hung)"
+                )
+            for handle in ready:
+                if handle in waiting:
+                    rank = waiting.pop(handle)
+                    try:
+                        replies[rank] = handle.recv()
+                    except (EOFError, OSError):
+                        replies[rank] = _Reply(error=f"rank {rank} closed its pipe")
+                elif sentinels[handle] in waiting.values():
+                    rank = sentinels[handle]
+                    if self._poll_reply(pipes[rank], replies, rank):
+                        waiting.pop(pipes[rank])
+                        continue
+                    code = self._processes[rank].exitcode
+                    replies[rank] = _Reply(error=f"rank {rank} exited without a result (exit code {code})")
+                    waiting.pop(pipes[rank])
+                if failed_at is None and any(reply.error for reply in replies.values()):
+                    failed_at = time.monotonic()
+        return replies
+
+    @staticmethod
+    def _poll_reply(pipe: Connection, replies: dict[int, _Reply], rank: int) -> bool:
+        """A rank may report and exit at once: read what it sent before declaring it dead."""
+        try:
+            if pipe.poll():
+                replies[rank] = pipe.recv()
+                return True
+        except (EOFError, OSError):
+            pass
+        return False
+
+    def _check(self, replies: dict[int, _Reply], ranks: list[int]) -> list[Any]:
+        rejected = [reply.rejected for reply in replies.values() if reply.rejected is not None]
+        if rejected:
+            raise rejected[0]
+        failures = {rank: reply.error for rank, reply in replies.items() if reply.error is not None}
+        if failures or len(replies) < len(ranks):
+            details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in sorted(failures.items()))
+            silent = sorted(set(ranks) - set(replies))
+            note = f"; no report from ranks {silent}" if silent else ""
+            raise GroupError(
+                f"worker group {self.name}: {len(failures)} of {len(ranks)} ranks failed{note}:\n{details}"
+            )
+        return [replies[rank].value for rank in ranks]
 
 
 def run_local_group(
@@ -177,15 +242,9 @@ def run_local_group(
     requests: list[GenerateRequest],
     output: str = "pil",
     progress: bool = False,
-    timeout_s: float = 1800.0,
-) -> list[GenerateResult]:
-    """Start ``config.parallel.world_size`` local ranks, run ``requests`` in order, return rank 0's results."""
-    world_size = config.parallel.world_size
-    check_launchable(world_size)
-    if world_size == 1:
-        from rayxdit.engine import pick_device, start_engine
-
-        engine = start_engine(config, 0, "", pick_device(0))
-        return [engine.generate(request, output=output, progress=progress) for request in requests]
-    results = spawn_group(_serve_requests, world_size, (config, requests, output, progress), timeout_s)
-    return [decode_images(result) for result in results]
+) -> list[EncodedResult]:
+    """Start ``config.parallel.world_size`` local ranks, run ``requests`` in order, stop the ranks; rank 0's
+    results."""
+    check_launchable(config.parallel.world_size)
+    with LocalExecutor(config.parallel.world_size, config) as executor:
+        return [executor.generate(request, output, progress) for request in requests]

@@ -109,6 +109,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class PoolUnavailableError(RuntimeError):
+    """A pool replica could not run a request even after rebuilding its worker group (HTTP 503). Defined
+    here, not beside the replica, so that the router can recognize it without importing the runtime."""
+
+
 def error_payload(
     message: str, kind: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

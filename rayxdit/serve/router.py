@@ -3,6 +3,10 @@
 Endpoints: ``POST /v1/images/generations`` (OpenAI images API), ``POST /v1/generate`` (returns the PNG
 itself), ``GET /v1/images/{id}.png`` (for ``response_format=url``), ``GET /v1/models``, ``GET /healthz``,
 and the OpenAPI docs at ``/docs``. Every error is ``{"error": {"message", "type", "param", "code"}}``.
+
+A router replica needs no GPU, no CPU reservation and no model stack: it imports neither torch nor
+diffusers, and learns each model's limits and traits from the :class:`ModelCard` the application builder
+hands it.
 """
 
 import base64
@@ -22,16 +26,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayxdit.config import ConfigError, PoolConfig, ServeConfig
-from rayxdit.models.base import ModelLimits
-from rayxdit.models.registry import adapter_class, describe_model
-from rayxdit.request import GenerateResult, RequestError
+from rayxdit.limits import ModelCard
+from rayxdit.request import EncodedResult, RequestError
 from rayxdit.serve.api import (
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    PoolUnavailableError,
     error_payload,
 )
-from rayxdit.serve.pool import PoolUnavailableError
 from rayxdit.serve.routing import choose_pool, request_cost
 
 RETRY_AFTER_S = 5
@@ -91,22 +94,21 @@ def request_error_from_validation(first: dict[str, Any]) -> RequestError:
 
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: ServeConfig, pools: dict[str, DeploymentHandle]):
+    def __init__(self, config: ServeConfig, pools: dict[str, DeploymentHandle], cards: dict[str, ModelCard]):
+        """``cards``: each served model name's card (see :func:`rayxdit.serve.app.build_app`)."""
         self.config = config
         self.handles = pools
         self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
         for pool in config.pools:
             self.pools_by_model[pool.served_model_name].append(pool)
         self.default_model = config.pools[0].served_model_name
-        described = {name: describe_model(pools_[0].model) for name, pools_ in self.pools_by_model.items()}
-        self.limits: dict[str, ModelLimits] = {name: info.limits for name, info in described.items()}
-        videos = sorted(name for name, limits in self.limits.items() if limits.makes_video)
+        self.cards = cards
+        videos = sorted(name for name, card in cards.items() if card.limits.makes_video)
         if videos:
             raise ConfigError(
                 f"{', '.join(videos)}: video models are not served by the images API yet; "
                 "use `rayxdit generate --model ... --out clip.mp4`"
             )
-        self.families = {name: adapter_class(info.pipeline_class) for name, info in described.items()}
         self.in_flight: dict[str, int] = defaultdict(int)
         self.images: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
@@ -125,7 +127,7 @@ class Router:
                 code="invalid_api_key",
             )
 
-    async def _generate(self, body: ImageGenerationRequest) -> tuple[GenerateResult, dict[str, Any]]:
+    async def _generate(self, body: ImageGenerationRequest) -> tuple[EncodedResult, dict[str, Any]]:
         model = body.model or self.default_model
         if model not in self.pools_by_model:
             raise ApiError(
@@ -137,10 +139,10 @@ class Router:
             )
         try:
             request = body.to_generate_request(default_seed=secrets.randbelow(2**31))
-            resolved = self.limits[model].resolve(request)
+            resolved = self.cards[model].limits.resolve(request)
         except RequestError as error:
             raise ApiError(400, str(error), "invalid_request_error", error.param) from None
-        cost = request_cost(resolved, self.families[model].uses_cfg(request))
+        cost = request_cost(resolved, self.cards[model].uses_cfg(request))
         for pool in choose_pool(self.pools_by_model[model], cost, self.in_flight):
             self.in_flight[pool.name] += 1
             try:
@@ -203,10 +205,10 @@ class Router:
         self._authorize(request)
         result, info = await self._generate(body)
         if body.response_format == "b64_json":
-            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.images]
+            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.pngs]
         else:
             base = str(request.base_url).rstrip("/")
-            data = [ImageData(url=f"{base}/v1/images/{self._store(png)}.png") for png in result.images]
+            data = [ImageData(url=f"{base}/v1/images/{self._store(png)}.png") for png in result.pngs]
         return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}}}})
@@ -220,7 +222,7 @@ class Router:
             "X-Rayxdit-Seed": str(info["seed"]),
             "X-Rayxdit-Cost": str(info["cost"]),
         }
-        return Response(result.images[0], media_type="image/png", headers=headers)
+        return Response(result.pngs[0], media_type="image/png", headers=headers)
 
     @app.get("/v1/images/{image_id}.png", responses={200: {"content": {"image/png": {}}}})
     async def stored_image(self, image_id: str) -> Response:
@@ -236,7 +238,7 @@ class Router:
         self._authorize(request)
         data = []
         for name, pools in self.pools_by_model.items():
-            limits = self.limits[name]
+            limits = self.cards[name].limits
             data.append(
                 {
                     "id": name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from rayxdit.config import PoolConfig
-from rayxdit.models.base import ResolvedRequest
+from rayxdit.limits import ResolvedRequest
 
 
 def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:

@@ -24,7 +24,7 @@ from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest
-from rayxdit.runtime.local import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path)
     assert images == ["cat.png", "dog.png", "house.png"]
     assert records["dog"]["seed"] == seed_for("dog")  # no seed given: derived from the id
 
-    engine = Engine(EngineConfig(), ParallelState.single())
+    engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
     for identifier in ("cat", "dog", "house"):
         record = records[identifier]
         assert record["ranks"] == 2 and record["seconds"] > 0 and len(record["sha256"]) == 64

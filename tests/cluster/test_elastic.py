@@ -26,8 +26,8 @@ import requests
 import yaml
 from ray import serve
 
-from rayxdit.runtime.local import free_port
 from rayxdit.serve.app import APP_NAME, build_app, load_serve_file
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -92,9 +92,15 @@ def serve_config_for_test():
                 "compile": False,
                 "cpus_per_rank": 0.25,
                 "route_min_cost": thresholds[pool.ranks],
-                "upscale_delay_s": 1,
-                "downscale_delay_s": 4,
-                "health_check_period_s": 2,
+                "deployment_config": {
+                    **pool.deployment_config,
+                    "autoscaling_config": {
+                        **pool.deployment_config["autoscaling_config"],
+                        "upscale_delay_s": 1,
+                        "downscale_delay_s": 4,
+                    },
+                    "health_check_period_s": 2,
+                },
             }
         )
         for pool in config.pools

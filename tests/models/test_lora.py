@@ -48,10 +48,12 @@ def latents(config: EngineConfig) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_lora_on_a_parallel_model_equals_one_rank_with_the_same_lora(lora_file):
-    plain = latents(EngineConfig())
-    single = latents(EngineConfig(loras=(f"{lora_file}:0.8",)))
+    plain = latents(EngineConfig(model="tiny-flux"))
+    single = latents(EngineConfig(model="tiny-flux", loras=(f"{lora_file}:0.8",)))
     assert (single - plain).abs().max().item() > 100 * TOLERANCE, "the LoRA did not change the output"
     parallel = latents(
-        EngineConfig(parallel=ParallelConfig.parse("ulysses=2,ring=2"), loras=(f"{lora_file}:0.8",))
+        EngineConfig(
+            model="tiny-flux", parallel=ParallelConfig.parse("ulysses=2,ring=2"), loras=(f"{lora_file}:0.8",)
+        )
     )
     assert (parallel - single).abs().max().item() <= TOLERANCE

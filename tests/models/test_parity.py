@@ -30,9 +30,9 @@ import torch
 from rayxdit.config import EngineConfig, ParallelConfig
 from rayxdit.engine import Engine
 from rayxdit.models.registry import load_adapter
-from rayxdit.parallel.mesh import ParallelState, build_parallel_state, init_distributed
+from rayxdit.parallel.mesh import ParallelState, build_parallel_state
 from rayxdit.request import GenerateRequest
-from rayxdit.runtime.local import spawn_group
+from tests.helpers import run_on_ranks
 from tests.sabotage import broken_ring_merge
 
 TOLERANCE = {"tiny-flux": 1e-5, "tiny-sd3": 1e-5, "tiny-sdxl": 1e-4, "tiny-wan": 1e-5}
@@ -150,9 +150,8 @@ def references() -> dict[tuple[str, str], torch.Tensor]:
     }
 
 
-def _run_configs(rank, world_size, init_method, configs):
+def _run_configs(worker, configs):
     """Each (model, parallel spec, sabotage) runs its model's requests on a fresh mesh in one process group."""
-    init_distributed(rank, world_size, init_method, torch.device("cpu"))
     latents = {}
     for model, spec, sabotage in configs:
         state = build_parallel_state(ParallelConfig.parse(spec), torch.device("cpu"))
@@ -228,7 +227,7 @@ def test_single_rank_engine_equals_diffusers_pipeline(references):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", sorted(CONFIGS))
 def test_parallel_configs_match_single_rank(world_size, references):
-    latents = spawn_group(_run_configs, world_size, (CONFIGS[world_size],), timeout_s=900)
+    latents = run_on_ranks(_run_configs, world_size, CONFIGS[world_size], timeout_s=900)
     for model, spec, sabotage in CONFIGS[world_size]:
         for request_name in REQUESTS[model]:
             error = max_error(

@@ -29,9 +29,9 @@ def psnr(a, b) -> float:
 
 @pytest.mark.slow
 def test_stale_keys_stay_close_to_single_rank():
-    reference = Engine(EngineConfig(), ParallelState.single()).generate(REQUEST).images[0]
-    config = EngineConfig(parallel=ParallelConfig.parse("pipefusion=2"), warmup_steps=1)
-    image = run_local_group(config, [REQUEST])[0].images[0]
+    reference = Engine(EngineConfig(model="tiny-flux"), ParallelState.single()).generate(REQUEST).images[0]
+    config = EngineConfig(model="tiny-flux", parallel=ParallelConfig.parse("pipefusion=2"), warmup_steps=1)
+    image = run_local_group(config, [REQUEST])[0].decode().images[0]
     quality = psnr(image, reference)
     assert MIN_PSNR_DB <= quality < float("inf"), f"PSNR {quality:.1f} dB"
 

@@ -13,24 +13,23 @@ import torch.nn.functional as F
 
 from rayxdit.config import ParallelConfig
 from rayxdit.parallel.attention import SequenceParallelAttention, attention_with_lse, merge_partial
-from rayxdit.parallel.mesh import build_parallel_state, init_distributed
-from rayxdit.runtime.local import spawn_group
+from rayxdit.parallel.mesh import build_parallel_state
+from tests.helpers import run_on_ranks
 from tests.sabotage import broken_ring_merge
 
 TOLERANCE = 1e-5
 BATCH, HEADS, HEAD_DIM = 2, 8, 16
 
 
-def _attention_cases(rank, world_size, init_method, cases):
-    init_distributed(rank, world_size, init_method, torch.device("cpu"))
+def _attention_cases(worker, cases):
     errors = {}
     for name, degrees, sizes, sabotage in cases:
         state = build_parallel_state(ParallelConfig(**degrees), torch.device("cpu"))
         generator = torch.Generator().manual_seed(len(name))
         q, k, v = (torch.randn(BATCH, sum(sizes), HEADS, HEAD_DIM, generator=generator) for _ in range(3))
         reference = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        start = sum(sizes[: state.sp.index])
-        local = slice(start, start + sizes[state.sp.index])
+        start = sum(sizes[: state.axis("sp").index])
+        local = slice(start, start + sizes[state.axis("sp").index])
         with broken_ring_merge(sabotage):
             out = SequenceParallelAttention(state)(q[:, local], k[:, local], v[:, local], sizes)
         error = torch.tensor((out - reference[:, local]).abs().max().item())
@@ -57,7 +56,7 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", sorted(CASES))
 def test_sequence_parallel_attention_matches_sdpa(world_size):
-    errors = spawn_group(_attention_cases, world_size, (CASES[world_size],), timeout_s=300)
+    errors = run_on_ranks(_attention_cases, world_size, CASES[world_size], timeout_s=300)
     for name, _, _, sabotage in CASES[world_size]:
         if sabotage:
             assert errors[name] > 100 * TOLERANCE, (

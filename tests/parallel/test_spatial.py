@@ -16,10 +16,10 @@ import torch.nn as nn
 from diffusers import AutoencoderKL
 
 from rayxdit.parallel import spatial
-from rayxdit.parallel.mesh import AxisGroup, init_distributed
+from rayxdit.parallel.mesh import AxisGroup
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_bands, parallelize_vae_decoder
-from rayxdit.runtime.local import spawn_group
+from tests.helpers import run_on_ranks
 
 TOLERANCE = 1e-5
 WORLD_SIZE = 3
@@ -67,8 +67,8 @@ def _zero_halos(active: bool):
         spatial.exchange_halos = original
 
 
-def _band_cases(rank, world_size, init_method):
-    init_distributed(rank, world_size, init_method, torch.device("cpu"))
+def _band_cases(worker):
+    rank, world_size = worker.rank, worker.world_size
     axis = AxisGroup(dist.new_group(list(range(world_size))), tuple(range(world_size)), rank)
     errors = {}
     with torch.inference_mode():
@@ -97,7 +97,7 @@ def _band_cases(rank, world_size, init_method):
 
 @pytest.mark.slow
 def test_bands_equal_the_whole_network():
-    errors = spawn_group(_band_cases, WORLD_SIZE, timeout_s=300)
+    errors = run_on_ranks(_band_cases, WORLD_SIZE, timeout_s=300)
     assert errors["vae decoder"] <= TOLERANCE, errors
     assert errors["strided convolutions"] <= TOLERANCE, errors
     assert errors["strided convolutions without halo"] > 100 * TOLERANCE, errors

@@ -2,15 +2,57 @@ from pathlib import Path
 
 import pytest
 
-from rayxdit.serve.app import DEFAULT_LOCAL_CONFIG, load_serve_file, pool_deployment_options
+from rayxdit.config import ConfigError, PoolConfig
+from rayxdit.serve.app import DEFAULT_CONFIG_FILE, default_config, load_serve_file, pool_deployment_options
 
 CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
 
 
-def test_local_yaml_is_the_embedded_default():
-    config, http_options = load_serve_file(CONFIGS / "local-cpu.yaml")
-    assert config == DEFAULT_LOCAL_CONFIG
-    assert http_options["port"] == DEFAULT_LOCAL_CONFIG.port
+def test_the_embedded_default_is_the_shipped_local_yaml():
+    """One file: the repository's serve_configs/ is the package's, and `rayxdit serve` reads it."""
+    assert (CONFIGS / "local-cpu.yaml").resolve() == DEFAULT_CONFIG_FILE.resolve()
+    config, http_options = default_config()
+    assert [pool.model for pool in config.pools] == ["tiny-flux", "tiny-flux"]
+    assert http_options["port"] == 8000
+
+
+def test_a_pool_without_model_is_refused_with_one_line(tmp_path):
+    text = (CONFIGS / "local-cpu.yaml").read_text().replace("          model: tiny-flux\n", "", 1)
+    path = tmp_path / "no-model.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_serve_file(path)
+    assert str(error.value) == f"{path}: pools[0].model: required, but missing"
+
+
+def test_serve_options_pass_through_and_are_validated_by_serve():
+    pool = PoolConfig(
+        name="p",
+        model="m",
+        deployment_config={
+            "autoscaling_config": {"max_replicas": 3, "downscale_delay_s": 7},
+            "health_check_period_s": 2,
+            "ray_actor_options": {"runtime_env": {"env_vars": {"A": "1"}}},
+        },
+    )
+    options = pool_deployment_options(pool)
+    assert (
+        options["autoscaling_config"]["max_replicas"] == 3
+        and options["autoscaling_config"]["min_replicas"] == 1
+    )
+    assert options["autoscaling_config"]["downscale_delay_s"] == 7 and options["health_check_period_s"] == 2
+    assert options["ray_actor_options"] == {"runtime_env": {"env_vars": {"A": "1"}}, "num_cpus": 0}
+    assert options["max_ongoing_requests"] == 1 and (pool.min_replicas, pool.max_replicas) == (1, 3)
+    fixed = PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})
+    assert "autoscaling_config" not in pool_deployment_options(fixed) and fixed.max_replicas == 2
+    for bad, message in [
+        ({"max_replica": 2}, "unknown Serve option"),
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "must be greater than or equal"),
+        ({"max_ongoing_requests": 4}, "the pool decides it"),
+        ({"health_check_period_s": "often"}, "health_check_period_s"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PoolConfig(name="b", model="m", deployment_config=bad)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -31,10 +73,13 @@ def test_flux_config_has_2_4_8_gpu_pools_that_fit_8_gpu_nodes():
 
 
 def test_pool_settings_reach_the_engine():
-    from rayxdit.config import PoolConfig
-
     pool = PoolConfig(
-        name="p", parallel="ring=2", loras=["/loras/style:0.8"], vae_parallel=False, compile=True
+        name="p",
+        model="tiny-flux",
+        parallel="ring=2",
+        loras=["/loras/style:0.8"],
+        vae_parallel=False,
+        compile=True,
     )
     engine = pool.engine_config()
     assert engine.loras == ("/loras/style:0.8",)

@@ -1,15 +1,21 @@
 import pytest
 
 from rayxdit.config import PoolConfig
-from rayxdit.models.base import ModelLimits
+from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
 from rayxdit.serve.routing import choose_pool, preferred_pool, request_cost
 
 POOLS = [
-    PoolConfig(name="p2", parallel="ulysses=2", route_min_cost=0, max_replicas=2),
-    PoolConfig(name="p4", parallel="ulysses=4", route_min_cost=40),
-    PoolConfig(name="p8", parallel="ulysses=8", route_min_cost=100),
+    PoolConfig(
+        name="p2",
+        model="m",
+        parallel="ulysses=2",
+        route_min_cost=0,
+        deployment_config={"autoscaling_config": {"max_replicas": 2}},
+    ),
+    PoolConfig(name="p4", model="m", parallel="ulysses=4", route_min_cost=40),
+    PoolConfig(name="p8", model="m", parallel="ulysses=8", route_min_cost=100),
 ]
 
 

@@ -24,14 +24,15 @@ from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest
-from rayxdit.runtime.local import free_port
 from rayxdit.serve.app import APP_NAME, build_app
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25, health_check_period_s=2)
+COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
+FAST_HEALTH = {"health_check_period_s": 2}
 CONFIG = ServeConfig(
     pools=[
         PoolConfig(
@@ -39,19 +40,35 @@ CONFIG = ServeConfig(
             model_name="tiny",
             parallel="ulysses=2",
             route_min_cost=0.0,
-            max_replicas=2,
-            upscale_delay_s=1,
-            downscale_delay_s=5,
+            deployment_config={
+                **FAST_HEALTH,
+                "autoscaling_config": {"max_replicas": 2, "upscale_delay_s": 1, "downscale_delay_s": 5},
+            },
             **COMMON,
         ),
         PoolConfig(
-            name="tiny-4", model_name="tiny", parallel="ulysses=2,ring=2", route_min_cost=0.05, **COMMON
+            name="tiny-4",
+            model_name="tiny",
+            parallel="ulysses=2,ring=2",
+            route_min_cost=0.05,
+            deployment_config=FAST_HEALTH,
+            **COMMON,
         ),
         PoolConfig(
-            name="tiny-8", model_name="tiny", parallel="cfg=2,ring=2,ulysses=2", route_min_cost=0.2, **COMMON
+            name="tiny-8",
+            model_name="tiny",
+            parallel="cfg=2,ring=2,ulysses=2",
+            route_min_cost=0.2,
+            deployment_config=FAST_HEALTH,
+            **COMMON,
         ),
         PoolConfig(
-            name="failover-2", model_name="tiny-failover", parallel="ring=2", request_timeout_s=120, **COMMON
+            name="failover-2",
+            model_name="tiny-failover",
+            parallel="ring=2",
+            request_timeout_s=120,
+            deployment_config=FAST_HEALTH,
+            **COMMON,
         ),
     ],
     router=RouterConfig(api_keys=[KEY]),

@@ -1,4 +1,4 @@
-"""A worker group on a real local Ray cluster with logical GPUs: ranks in a STRICT_PACK placement group,
+"""The Ray executor on a real local Ray cluster with logical GPUs: ranks in a STRICT_PACK placement group,
 a gloo process group among them, parity with one process, and recovery from a dead and a hung rank."""
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ from rayxdit.config import EngineConfig, PoolConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, RequestError
-from rayxdit.runtime.group import WorkerGroup, WorkerGroupError
-from rayxdit.runtime.local import decode_images
+from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.placement import pool_bundles
+from rayxdit.runtime.ray_executor import RayExecutor
 
 pytestmark = pytest.mark.slow
 
 POOL = PoolConfig(
-    name="test", parallel="ulysses=2", request_timeout_s=20, collective_timeout_s=30, cpus_per_rank=0.5
+    name="test",
+    model="tiny-flux",
+    parallel="ulysses=2",
+    request_timeout_s=20,
+    collective_timeout_s=30,
+    cpus_per_rank=0.5,
 )
 REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, seed=1)
 
@@ -32,7 +37,8 @@ def group():
     ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, logging_level="warning")
     pg = placement_group(pool_bundles(POOL), strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=60)
-    group = WorkerGroup(POOL, placement_group=pg, name="test")
+    group = RayExecutor.for_pool(POOL, placement_group=pg, name="test")
+    group.start()
     yield group
     group.shutdown()
     remove_placement_group(pg)
@@ -40,12 +46,12 @@ def group():
 
 
 def pixels(result) -> np.ndarray:
-    return np.asarray(decode_images(result).images[0], dtype=np.int16)
+    return np.asarray(result.decode().images[0], dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    image = Engine(EngineConfig(), ParallelState.single()).generate(REQUEST).images[0]
+    image = Engine(EngineConfig(model="tiny-flux"), ParallelState.single()).generate(REQUEST).images[0]
     return np.asarray(image, dtype=np.int16)
 
 
@@ -67,7 +73,7 @@ def test_bad_request_leaves_group_healthy(group):
 def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
     generation = group.generation
     ray.kill(group.workers[1], no_restart=True)
-    with pytest.raises(WorkerGroupError, match="rank"):
+    with pytest.raises(GroupError, match="rank"):
         group.generate(REQUEST)
     assert group.broken
     group.rebuild()
@@ -79,7 +85,7 @@ def test_hung_rank_times_out_and_rebuild_recovers(group, reference):
     pid = group.pids()[1]
     os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering: rank 0 waits in its first collective
     try:
-        with pytest.raises(WorkerGroupError, match="hung"):
+        with pytest.raises(GroupError, match="hung"):
             group.generate(REQUEST)
     finally:
         group.rebuild()  # kills the stopped process too

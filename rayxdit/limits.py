@@ -1,0 +1,153 @@
+"""What a model accepts and how it treats guidance, as plain data: no torch, no diffusers.
+
+A :class:`ModelCard` is read from a model's config files alone (no weights). The HTTP ingress, the batch
+driver and the CLI validate and price requests with it before any rank is involved; the model adapters use
+the same :class:`ModelLimits` and the same CFG rules, so the two sides cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rayxdit.config import ConfigError, ParallelConfig
+from rayxdit.request import GenerateRequest, RequestError
+
+SETTINGS_FILE = "rayxdit.json"
+"""A model directory may hold this file with serving defaults and limits (the fields of ModelLimits)."""
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with the model's defaults filled in and its limits checked."""
+
+    request: GenerateRequest
+    height: int
+    width: int
+    steps: int
+    frames: int = 1
+
+    @property
+    def batch(self) -> int:
+        return self.request.num_images
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Serving defaults and limits of one model; a ``rayxdit.json`` in the model directory overrides them."""
+
+    default_height: int = 1024
+    """Height when a request gives none."""
+    default_width: int = 1024
+    """Width when a request gives none."""
+    default_steps: int = 28
+    """Denoising steps when a request gives none."""
+    max_side: int = 2048
+    """Largest height or width accepted."""
+    size_multiple: int = 16
+    """Height and width must be multiples of this (VAE factor x patch size)."""
+    max_sequence_length: int = 512
+    """Text tokens fed to the transformer."""
+    default_frames: int = 1
+    """Video models: frames when a request gives none (1: an image model)."""
+    max_frames: int = 1
+    """Video models: most frames accepted."""
+    frame_multiple: int = 1
+    """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
+
+    @property
+    def makes_video(self) -> bool:
+        return self.max_frames > 1
+
+    def updated(self, overrides: dict[str, Any]) -> ModelLimits:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"{SETTINGS_FILE}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return ModelLimits(**{**self.__dict__, **overrides})
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        """Fill in defaults and check limits; raises :class:`RequestError` naming the field."""
+        height = request.height or self.default_height
+        width = request.width or self.default_width
+        for name, value in (("height", height), ("width", width)):
+            if value % self.size_multiple:
+                raise RequestError(f"{name}={value} must be a multiple of {self.size_multiple}", param="size")
+            if not self.size_multiple <= value <= self.max_side:
+                raise RequestError(
+                    f"{name}={value} is outside {self.size_multiple}..{self.max_side}", param="size"
+                )
+        frames = request.num_frames or self.default_frames
+        if not self.makes_video and frames > 1:
+            raise RequestError(
+                f"num_frames={frames}: this model makes images, not videos", param="num_frames"
+            )
+        if frames > self.max_frames or (frames - 1) % self.frame_multiple:
+            raise RequestError(
+                f"num_frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
+                param="num_frames",
+            )
+        return ResolvedRequest(request, height, width, request.steps or self.default_steps, frames)
+
+    @classmethod
+    def for_pipeline(cls, family_defaults: ModelLimits, model_dir: str | None) -> ModelLimits:
+        if model_dir is None:
+            return family_defaults
+        path = Path(model_dir) / SETTINGS_FILE
+        return family_defaults.updated(json.loads(path.read_text())) if path.is_file() else family_defaults
+
+
+def uses_cfg(guidance_is_cfg: bool, request: GenerateRequest) -> bool:
+    """Whether ``request`` runs two branches per step. Families trained with CFG (SD3, SDXL, Wan) take
+    ``guidance`` as the CFG scale, on above 1; guidance-distilled Flux runs CFG only as true CFG (a negative
+    prompt and ``true_cfg_scale > 1``)."""
+    return request.guidance > 1.0 if guidance_is_cfg else request.uses_true_cfg
+
+
+def cfg_scale(guidance_is_cfg: bool, request: GenerateRequest) -> float:
+    """The scale of the guidance formula for ``request`` (see :func:`uses_cfg`)."""
+    return request.guidance if guidance_is_cfg else request.true_cfg_scale
+
+
+def check_parallel(
+    config: ParallelConfig,
+    pipeline_class: str,
+    supports_pipefusion: bool,
+    num_heads: int,
+    num_layers: int,
+) -> None:
+    """Raise :class:`ConfigError` when ``config`` cannot split a model of these traits."""
+    config.check_heads(num_heads)
+    if config.pipefusion > 1 and not supports_pipefusion:
+        raise ConfigError(
+            f"pipefusion={config.pipefusion}: PipeFusion is implemented for Flux; split "
+            f"{pipeline_class} with cfg, ring and ulysses"
+        )
+    config.check_layers(num_layers)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything serving needs to know about one model, read from its config files (no weights, no torch):
+    its limits and its family's traits. Computed once where an application is built and handed to the HTTP
+    ingress as data, so a router replica never loads the model stack."""
+
+    location: str
+    """The preset name, directory or hub id the ranks load."""
+    pipeline_class: str
+    """The diffusers pipeline class (the adapter registry's key)."""
+    num_heads: int
+    num_layers: int
+    limits: ModelLimits = field(default_factory=ModelLimits)
+    guidance_is_cfg: bool = True
+    """``guidance`` is the CFG scale (SD3, SDXL, Wan); False for guidance-distilled Flux."""
+    supports_pipefusion: bool = False
+
+    def uses_cfg(self, request: GenerateRequest) -> bool:
+        return uses_cfg(self.guidance_is_cfg, request)
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        """Raise :class:`ConfigError` when ``config`` cannot split this model."""
+        check_parallel(config, self.pipeline_class, self.supports_pipefusion, self.num_heads, self.num_layers)

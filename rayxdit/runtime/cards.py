@@ -1,0 +1,16 @@
+"""Model cards for the layers above the engine (CLI, serving, batch): what a model accepts and how it is
+split, read from its config files without loading weights. The one place those layers learn about models,
+so the HTTP ingress never imports the model stack: the application builder reads each card once and hands
+it to the router as data."""
+
+from __future__ import annotations
+
+from rayxdit.limits import ModelCard
+
+
+def model_card(model: str) -> ModelCard:
+    """The card of ``model`` (a preset, directory, hub id or ``package.module:NAME``). Imports torch and
+    diffusers on first use; may read two small JSON files from a hub (with the forwarded ``HF_TOKEN``)."""
+    from rayxdit.models.registry import describe_model
+
+    return describe_model(model)

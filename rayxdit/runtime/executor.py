@@ -1,0 +1,266 @@
+"""The one interface through which the CLI, the Serve pools and the batch job drive a group of ranks.
+
+Like vLLM's executors (``vllm/v1/executor/abstract.py``): an :class:`Executor` starts one
+:class:`~rayxdit.runtime.worker.RankWorker` per rank and every per-rank operation is
+``collective_rpc(method, args)``: the same call on every rank at once, each rank's return value back in rank
+order. Two implementations differ only in where ranks live: :class:`~rayxdit.runtime.local.LocalExecutor`
+(spawned processes; the CLI, tests and benchmarks) and :class:`~rayxdit.runtime.ray_executor.RayExecutor`
+(Ray actors in a placement group; serving and batch).
+
+A group is *broken* after any rank dies, raises or hangs: its peers may be stuck in a collective with it,
+so nothing more runs on it until :meth:`Executor.rebuild` has replaced every rank. A request the model
+refuses (:class:`RequestError`, raised by every rank alike before any collective) leaves it usable.
+
+This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rayxdit.config import EngineConfig
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError
+
+logger = logging.getLogger("rayxdit.runtime")
+
+STARTUP_TIMEOUT_S = 1800.0
+"""Loading a model (and building a full-size recipe) on every rank may take this long."""
+PING_TIMEOUT_S = 10.0
+
+FORWARDED_ENV_NAMES = frozenset(
+    {
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "HF_ENDPOINT",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "TRANSFORMERS_VERBOSITY",
+        "XDG_CACHE_HOME",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    }
+)
+FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "RAYXDIT_")
+"""Environment every rank needs from its driver (as vLLM's Ray executor forwards ``HF_TOKEN``): gated models
+(FLUX.1-dev) need the token, caches and proxies must match, NCCL settings must reach the process that runs
+NCCL."""
+
+
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (default: this process's) that ranks must see."""
+    environ = dict(os.environ if environ is None else environ)
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in FORWARDED_ENV_NAMES or name.startswith(FORWARDED_ENV_PREFIXES)
+    }
+
+
+class GroupError(RuntimeError):
+    """The group failed (a rank died, raised, or hung) and must be rebuilt before the next call. The message
+    says which ranks and why, with their tracebacks where they are known."""
+
+
+Method = str | Callable[..., Any]
+"""A :class:`RankWorker` method name, or a picklable function called as ``fn(worker, *args, **kwargs)``."""
+
+
+class Executor(ABC):
+    """``world_size`` ranks driven together. Not thread-safe: the owner issues one call at a time (every
+    rank must issue its collectives in the same order), apart from the control methods
+    (:data:`~rayxdit.runtime.worker.CONTROL_METHODS`), which ranks answer while another call runs.
+
+    ``config`` None only joins the ranks in one process group (tests and benchmarks then run their own
+    functions through :meth:`collective_rpc`); otherwise every rank loads the model at start.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        config: EngineConfig | None = None,
+        *,
+        name: str = "group",
+        collective_timeout_s: float = 300.0,
+        call_timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        if config is not None:
+            config.parallel.check_world_size(world_size)
+        self.world_size = world_size
+        self.config = config
+        self.name = name
+        self.collective_timeout_s = collective_timeout_s
+        self.call_timeout_s = call_timeout_s
+        """Default bound of a call (None: wait as long as it takes); a call past it means a hung rank."""
+        self.env = forwarded_env() if env is None else env
+        self.generation = 0
+        self.broken = True
+        self.devices: list[str] = []
+
+    # ----- what an implementation provides ------------------------------------------------------------------
+    @abstractmethod
+    def _launch(self) -> None:
+        """Start one host (process, actor) per rank, each holding a ``RankWorker``."""
+
+    @abstractmethod
+    def _kill(self) -> None:
+        """Stop every rank's host at once, whatever it is doing."""
+
+    @abstractmethod
+    def _call(
+        self, method: Method, args: tuple, kwargs: dict, timeout: float | None, ranks: Sequence[int]
+    ) -> list[Any]:
+        """Run ``method`` on ``ranks`` and return their values in order. Raise :class:`RequestError` when the
+        ranks refused the request, :class:`GroupError` for any other failure, as soon as one rank fails."""
+
+    async def _call_async(
+        self, method: Method, args: tuple, kwargs: dict, timeout: float | None, ranks: Sequence[int]
+    ) -> list[Any]:
+        return await asyncio.to_thread(self._call, method, args, kwargs, timeout, ranks)
+
+    @abstractmethod
+    def pids(self) -> list[int]:
+        """Each rank's process id (for operators and fault-injection tests)."""
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every rank, rendezvous at rank 0's store, and load the model everywhere."""
+        self.generation += 1
+        begin = time.perf_counter()
+        self._launch()
+        everyone = range(self.world_size)
+        try:
+            host, port = "", 0
+            if self.world_size > 1:
+                (host, port) = self._call(
+                    "open_rendezvous",
+                    (self._rendezvous_host(), STARTUP_TIMEOUT_S),
+                    {},
+                    STARTUP_TIMEOUT_S,
+                    [0],
+                )[0]
+            self.devices = self._call(
+                "init_distributed", (host, port, self.collective_timeout_s), {}, STARTUP_TIMEOUT_S, everyone
+            )
+            if self.config is not None:
+                self._call("load", (self.config,), {}, STARTUP_TIMEOUT_S, everyone)
+        except BaseException:
+            self._kill()
+            self.broken = True
+            raise
+        self.broken = False
+        logger.info(
+            "worker group %s generation %d up in %.1f s on %s",
+            self.name,
+            self.generation,
+            time.perf_counter() - begin,
+            self.devices,
+        )
+
+    def _rendezvous_host(self) -> str | None:
+        """The address rank 0 listens on (None: rank 0 finds its own node's address)."""
+        return "127.0.0.1"
+
+    def shutdown(self) -> None:
+        """Stop every rank; the executor can be started again."""
+        self._kill()
+        self.broken = True
+
+    def rebuild(self) -> None:
+        """Replace every rank with a fresh one (a new generation) and load the model again."""
+        logger.warning("rebuilding worker group %s (generation %d)", self.name, self.generation)
+        self.shutdown()
+        self.start()
+
+    def __enter__(self) -> Executor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # ----- calls --------------------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise GroupError(f"worker group {self.name} is broken or not started; rebuild it first")
+
+    def _failed(self, error: BaseException) -> BaseException:
+        if isinstance(error, RequestError):
+            return error
+        self.broken = True
+        return error if isinstance(error, GroupError) else GroupError(f"worker group {self.name}: {error!r}")
+
+    def collective_rpc(
+        self,
+        method: Method,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Run ``method`` on every rank (or ``ranks``) at once; their return values in rank order. A rank
+        that fails marks the group broken and raises :class:`GroupError` (:class:`RequestError`, raised by
+        ranks that refuse a request, leaves it usable)."""
+        self._check_usable()
+        try:
+            return self._call(
+                method,
+                args,
+                kwargs or {},
+                timeout or self.call_timeout_s,
+                range(self.world_size) if ranks is None else ranks,
+            )
+        except Exception as error:
+            raise self._failed(error) from error
+
+    async def collective_rpc_async(
+        self,
+        method: Method,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """:meth:`collective_rpc` for asyncio owners (Serve replicas)."""
+        self._check_usable()
+        try:
+            return await self._call_async(
+                method,
+                args,
+                kwargs or {},
+                timeout or self.call_timeout_s,
+                range(self.world_size) if ranks is None else ranks,
+            )
+        except Exception as error:
+            raise self._failed(error) from error
+
+    def generate(
+        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+    ) -> EncodedResult:
+        """Run one request on every rank; rank 0's result (images as PNG bytes)."""
+        return self.collective_rpc("generate", (request, output, progress))[0]
+
+    async def generate_async(self, request: GenerateRequest, output: str = "pil") -> EncodedResult:
+        return (await self.collective_rpc_async("generate", (request, output)))[0]
+
+    async def healthy(self) -> bool:
+        """Every rank answers a ping in time (ranks answer while a request runs)."""
+        if self.broken:
+            return False
+        try:
+            await self._call_async("ping", (), {}, PING_TIMEOUT_S, range(self.world_size))
+        except Exception:
+            return False
+        return True

@@ -1,0 +1,144 @@
+"""The Ray executor: one rank actor per placement-group bundle (serving and batch jobs).
+
+As vLLM's Ray executor does, each rank is an actor pinned to bundle ``i`` of the placement group it is given,
+or of the one its caller runs in (``ray.util.get_current_placement_group()``: a Serve replica's own group),
+and the driver's ``HF_TOKEN``, caches, proxies and NCCL settings are forwarded to it. Rank actors are never
+restarted on their own (``max_restarts=0``): a dead rank leaves its peers stuck in collectives, so the whole
+group is rebuilt instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayxdit.config import EngineConfig, PoolConfig
+from rayxdit.request import RequestError
+from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
+from rayxdit.runtime.placement import rank_actor_options
+from rayxdit.runtime.worker import RankWorker
+
+
+class RayExecutor(Executor):
+    """Ranks as Ray actors, one per bundle of ``placement_group`` (default: the caller's own group)."""
+
+    def __init__(
+        self,
+        world_size: int,
+        config: EngineConfig | None,
+        rank_options: Sequence[dict[str, Any]],
+        placement_group: PlacementGroup | None = None,
+        **options: Any,
+    ):
+        super().__init__(world_size, config, **options)
+        self.rank_options = [dict(option) for option in rank_options]
+        self.placement_group = placement_group or ray.util.get_current_placement_group()
+        self.workers: list[ray.actor.ActorHandle] = []
+
+    @classmethod
+    def for_pool(
+        cls, pool: PoolConfig, placement_group: PlacementGroup | None = None, name: str | None = None
+    ) -> RayExecutor:
+        """The executor of one pool replica (or batch worker group): its ranks, model and timeouts."""
+        return cls(
+            pool.ranks,
+            pool.engine_config(),
+            [rank_actor_options(pool, rank) for rank in range(pool.ranks)],
+            placement_group,
+            name=name or pool.name,
+            collective_timeout_s=pool.collective_timeout_s,
+            call_timeout_s=pool.request_timeout_s,
+        )
+
+    def _rendezvous_host(self) -> str | None:
+        return None  # rank 0 listens on its own node's address
+
+    def _launch(self) -> None:
+        worker_class = ray.remote(RankWorker)
+        self.workers = []
+        for rank, options in enumerate(self.rank_options):
+            options = dict(options)
+            bundle = options.pop("placement_group_bundle_index", rank)
+            if self.placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=bundle
+                )
+            if self.env:
+                options["runtime_env"] = {"env_vars": dict(self.env)}
+            options["name"] = f"rayxdit-{self.name}-g{self.generation}-rank{rank}"
+            # Ray has set CUDA_VISIBLE_DEVICES to the bundle's GPU: the rank's device index is 0.
+            self.workers.append(worker_class.options(**options).remote(rank, self.world_size, 0))
+
+    def _kill(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        self.workers = []
+
+    def pids(self) -> list[int]:
+        return ray.get([worker.ping.remote() for worker in self.workers], timeout=PING_TIMEOUT_S)
+
+    def _submit(self, method: Method, args: tuple, kwargs: dict, ranks: Sequence[int]) -> list[ray.ObjectRef]:
+        if isinstance(method, str):
+            return [getattr(self.workers[rank], method).remote(*args, **kwargs) for rank in ranks]
+        return [self.workers[rank].__ray_call__.remote(method, *args, **kwargs) for rank in ranks]
+
+    def _rank_error(self, error: BaseException, rank: int) -> Exception:
+        cause = error.cause if isinstance(error, RayTaskError) else error
+        if isinstance(cause, RequestError):
+            return RequestError(str(cause), cause.param)
+        if isinstance(error, RayActorError):
+            return GroupError(f"worker group {self.name}: rank {rank} died")
+        if isinstance(error, RayTaskError):
+            lines = str(error).strip().splitlines()
+            return GroupError(
+                f"worker group {self.name}: rank {rank} failed: {lines[-1] if lines else error!r}"
+            )
+        return GroupError(f"worker group {self.name}: rank {rank}: {error!r}")
+
+    def _hung(self, ranks: Sequence[int], timeout: float | None) -> GroupError:
+        return GroupError(
+            f"worker group {self.name}: no answer from ranks {list(ranks)} within {timeout or 0:.0f} s (a rank hung)"
+        )
+
+    def _call(
+        self, method: Method, args: tuple, kwargs: dict, timeout: float | None, ranks: Sequence[int]
+    ) -> list[Any]:
+        ranks = list(ranks)
+        refs = self._submit(method, args, kwargs, ranks)
+        rank_of = {ref: rank for ref, rank in zip(refs, ranks, strict=True)}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(refs)
+        while pending:  # fail as soon as one rank fails, not when the slowest answers
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            if not ready:
+                raise self._hung([rank_of[ref] for ref in pending], timeout)
+            try:
+                ray.get(ready[0])
+            except Exception as error:
+                raise self._rank_error(error, rank_of[ready[0]]) from error
+        return ray.get(refs)
+
+    async def _call_async(
+        self, method: Method, args: tuple, kwargs: dict, timeout: float | None, ranks: Sequence[int]
+    ) -> list[Any]:
+        ranks = list(ranks)
+        futures = [asyncio.wrap_future(ref.future()) for ref in self._submit(method, args, kwargs, ranks)]
+        done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
+        for future, rank in zip(futures, ranks, strict=True):
+            if future in done and future.exception() is not None:
+                raise self._rank_error(future.exception(), rank) from future.exception()
+        if pending:
+            raise self._hung(
+                [rank for future, rank in zip(futures, ranks, strict=True) if future in pending], timeout
+            )
+        return [future.result() for future in futures]
