@@ -262,6 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from rayxdit.runtime.executor import forwarded_env
+    from rayxdit.runtime.ray_executor import check_placeable
     from rayxdit.serve.app import APP_NAME, build_app, default_config, load_serve_file
 
     if args.config is not None and not args.config.is_file():
@@ -272,6 +273,8 @@ def _serve(args: argparse.Namespace) -> int:
     # The job's environment reaches every Serve replica, and the executors forward it to the ranks: a gated
     # model's HF_TOKEN works on a cluster joined with --address too.
     ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
+    for pool in config.pools:
+        check_placeable(pool)  # a pool that can never be placed is refused now, not left pending
     serve.start(http_options={**http_options, "host": host, "port": port})
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
@@ -280,6 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
     print(
         f"rayxdit: serving on http://{shown}:{port}  (docs: /docs; Ctrl-C stops)\n"
         f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
@@ -290,8 +294,53 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:
+        print("rayxdit: stopping (in-flight requests are cancelled)", file=sys.stderr, flush=True)
     finally:
+        _quiet_shutdown(serve, ray)
+    return 0
+
+
+READY_TIMEOUT_S = 1800.0
+"""How long `rayxdit serve` waits for every model to have a ready replica (loading a large model)."""
+
+
+def _wait_until_ready(url: str, timeout_s: float) -> None:
+    """Poll the router's /readyz until it answers 200; say what is still loading every 30 s."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    began = last_note = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:  # 503: not ready yet
+            state = json.loads(error.read() or b"{}")
+            if time.monotonic() - last_note > 30:
+                waiting = [name for name, ready in state.get("models", {}).items() if not ready]
+                print(f"rayxdit: still loading {', '.join(waiting)}...", file=sys.stderr, flush=True)
+                last_note = time.monotonic()
+        except (urllib.error.URLError, OSError):
+            pass  # the proxy is not listening yet
+        if time.monotonic() - began > timeout_s:
+            raise UsageError(f"the application was not ready within {timeout_s:.0f} s (see the Ray logs)")
+        time.sleep(0.5)
+
+
+def _quiet_shutdown(serve, ray) -> None:
+    """Stop Serve and Ray without the tracebacks a Ctrl-C would otherwise print from Serve's shutdown."""
+    import contextlib
+    import logging
+
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception, KeyboardInterrupt):
         serve.shutdown()
+    with contextlib.suppress(Exception, KeyboardInterrupt):
         ray.shutdown()
 
 

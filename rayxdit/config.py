@@ -277,10 +277,17 @@ class PoolConfig(BaseModel):
     request_timeout_s: float = Field(
         default=900.0,
         gt=0,
-        description="A request running longer marks the worker group hung; it is rebuilt.",
+        description="Deadline of a request from its arrival (a request's own `timeout` may shorten it): "
+        "past it the ranks stop at the next step boundary and the client gets 504.",
     )
     collective_timeout_s: float = Field(
         default=300.0, gt=0, description="torch.distributed timeout: a rank stuck in a collective errors out."
+    )
+    cancel_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A cancelled request (or one past its deadline) must stop at a step boundary within "
+        "this long; otherwise its ranks count as hung and the worker group is rebuilt.",
     )
     placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
         default="STRICT_PACK", description="STRICT_PACK keeps a replica's ranks on one node (NVLink)."
@@ -369,12 +376,19 @@ class RouterConfig(BaseModel):
         default_factory=list, description="Bearer tokens accepted; empty: no authentication."
     )
     replicas: int = Field(
-        default=1, ge=1, description="Ingress replicas (image URLs live in the replica that made them)."
+        default=1,
+        ge=1,
+        description="Ingress replicas; interchangeable: load and stored images are shared by all of them.",
     )
     image_ttl_s: float = Field(
         default=600.0, gt=0, description="How long response_format=url images stay fetchable."
     )
-    max_stored_images: int = Field(default=256, ge=1, description="Images kept for response_format=url.")
+    max_stored_bytes: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="Bytes of response_format=url images kept (oldest dropped first); a 2048px noise-like "
+        "PNG is about 12 MB.",
+    )
 
 
 class ServeConfig(BaseModel):

@@ -11,6 +11,7 @@ import torch
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.registry import load_adapter, resolve_dtype
+from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, GenerateResult
 
@@ -43,7 +44,12 @@ class Engine:
             self.adapter.compile()
 
     def generate(
-        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+        self,
+        request: GenerateRequest,
+        output: str = "pil",
+        progress: bool = False,
+        control: StepControl = UNCONTROLLED,
     ) -> GenerateResult | None:
-        """Collective: every rank of the group calls it with the same request; rank 0 gets the result."""
-        return self.adapter.generate(request, output=output, progress=progress)
+        """Collective: every rank of the group calls it with the same request; rank 0 gets the result.
+        ``control`` may stop it at a step boundary (every rank alike)."""
+        return self.adapter.generate(request, output=output, progress=progress, control=control)

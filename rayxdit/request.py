@@ -63,6 +63,19 @@ class RequestError(ValueError):
         self.param = param
 
 
+CANCELLED, DEADLINE = "cancelled", "deadline"
+
+
+class RequestStopped(RuntimeError):
+    """Every rank stopped the request at the same step boundary: it was cancelled (the client went away, a
+    job was deleted) or its deadline passed. The group is left clean and usable."""
+
+    def __init__(self, reason: str = CANCELLED, step: int | None = None):
+        super().__init__(f"request {reason} at step {step}" if step is not None else f"request {reason}")
+        self.reason = reason
+        self.step = step
+
+
 @dataclass
 class GenerateResult:
     """What rank 0 makes: the images (or final latents) and where the time went."""

@@ -12,13 +12,14 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from rayxdit.batch.manifest import SCHEMA, image_path, record, sha256_file, write_atomically
-from rayxdit.batch.rows import STATUS_FAILED, STATUS_OK
+from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
 from rayxdit.config import PoolConfig
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.runtime.placement import pool_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
 
 PLACEMENT_TIMEOUT_S = 1800
+PLACEMENT_PREFIX = "rayxdit-batch-"
 
 
 class GroupGenerator:
@@ -30,7 +31,12 @@ class GroupGenerator:
         self.output = Path(output)
         self.run_id = run_id
         self.max_attempts = max_attempts
-        self.placement = placement_group(pool_bundles(pool), strategy=pool.placement_strategy)
+        # Named after the run, so that the driver can tell the user when a group waits for resources.
+        self.placement = placement_group(
+            pool_bundles(pool),
+            strategy=pool.placement_strategy,
+            name=f"{PLACEMENT_PREFIX}{run_id}-{uuid.uuid4().hex[:6]}",
+        )
         ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
         self.executor = RayExecutor.for_pool(pool, self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
         self.executor.start()
@@ -47,8 +53,8 @@ class GroupGenerator:
                 if self.executor.broken:
                     self.executor.rebuild()
                 result = self.executor.generate(request)
-            except RequestError as problem:  # the model rejected it: no point retrying
-                return record(row, self.run_id, status=STATUS_FAILED, error=str(problem), attempts=attempt)
+            except RequestError as problem:  # the loaded model refuses the row itself: retrying cannot help
+                return record(row, self.run_id, status=STATUS_INVALID, error=str(problem), attempts=attempt)
             except Exception as problem:  # a rank died or hung (GroupError), or a rebuild failed: retry
                 error = f"{type(problem).__name__}: {str(problem).strip().splitlines()[-1] if str(problem).strip() else ''}"
                 continue

@@ -22,6 +22,9 @@ from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+CPU_RANK_CPUS = 0.5
+"""Logical CPUs per rank on the CPU by default: ranks share cores anyway, and a 2-core machine then hosts a
+2-rank group with room left for Ray Data."""
 ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "status", "error", "request")
 
 
@@ -49,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="gpu: one GPU per rank; cpu: gloo on CPU (default: gpu if the cluster has GPUs)",
     )
-    parser.add_argument("--cpus-per-rank", type=float, default=1.0, help="logical CPUs reserved per rank")
+    parser.add_argument(
+        "--cpus-per-rank",
+        type=float,
+        default=None,
+        help=f"logical CPUs reserved per rank (default: 1 with GPUs, {CPU_RANK_CPUS} on the CPU, so that a "
+        "2-core machine hosts a 2-rank group)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument(
@@ -118,9 +127,9 @@ def plan(rows: list[dict[str, Any]], output: Path, run_id: str) -> tuple[list, l
     for row in rows:
         earlier = previous.get(row["id"])
         path = image_path(output, row["id"])
-        if earlier is not None and (
-            (earlier["status"] == STATUS_OK and path.exists()) or earlier["status"] == STATUS_INVALID
-        ):
+        if earlier is not None and earlier["status"] == STATUS_INVALID:
+            counts["invalid"] += 1  # the model refused it in an earlier run: still invalid, not retried
+        elif earlier is not None and earlier["status"] == STATUS_OK and path.exists():
             counts["done_before"] += 1
         elif row["status"] == STATUS_INVALID:
             settled.append(record(row, run_id, status=STATUS_INVALID, error=row["error"]))
@@ -155,7 +164,7 @@ def pool_from_args(args: argparse.Namespace):
             model=args.model,
             parallel=args.parallel,
             accelerator=args.accelerator or "gpu",
-            cpus_per_rank=args.cpus_per_rank,
+            cpus_per_rank=args.cpus_per_rank or (CPU_RANK_CPUS if args.accelerator == "cpu" else 1.0),
             dtype=args.dtype,
             compile=args.compile,
             request_timeout_s=args.request_timeout_s,
@@ -222,17 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from rayxdit.batch.manifest import consolidate, load_records, write_part
+    from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
     from rayxdit.config import ConfigError
     from rayxdit.runtime.executor import forwarded_env
+    from rayxdit.runtime.ray_executor import check_placeable
 
     try:
         pool, card = pool_from_args(args)
+        ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
+        if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < pool.ranks:
+            pool = pool.model_copy(
+                update={"accelerator": "cpu", "cpus_per_rank": args.cpus_per_rank or CPU_RANK_CPUS}
+            )
+        check_placeable(pool)
     except ConfigError as error:
         print(f"rayxdit batch: error: {error}", file=sys.stderr)
         return 2
-    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
-    if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < pool.ranks:
-        pool = pool.model_copy(update={"accelerator": "cpu"})
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -247,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{pool.accelerator.upper()} rank(s) ({pool.parallel})",
         flush=True,
     )
-    generated, failed, interrupted = (
-        generate_pending(pending, pool, args, output, run_id) if pending else (0, 0, False)
-    )
+    finished, interrupted = generate_pending(pending, pool, args, output, run_id) if pending else ({}, False)
+    generated, failed = finished.get(STATUS_OK, 0), finished.get(STATUS_FAILED, 0)
+    counts["invalid"] += finished.get(STATUS_INVALID, 0)
 
     best = load_records(output)
     ordered = [best[row["id"]] for row in rows if row["id"] in best]

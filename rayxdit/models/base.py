@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
+from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
@@ -57,6 +58,8 @@ class DiffusionAdapter(ABC):
         self.pipefusion_patches = 0
         self.warmup_steps = 1
         self.vae_bands: RowBands | None = None
+        self.control: StepControl = UNCONTROLLED
+        """The running request's step control (the loops check it at every step boundary)."""
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -280,7 +283,9 @@ class DiffusionAdapter(ABC):
         start = sum(token_sizes[: state.axis("sp").index])
         latents = latents[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
         scheduler, timesteps = self.make_scheduler(req, num_tokens)
-        for t in tqdm(timesteps, disable=not (progress and state.is_driver), desc="denoise", unit="step"):
+        show = progress and state.is_driver
+        for step, t in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):
+            self.control.check(step, len(timesteps))
             model_input = self.model_input(scheduler, latents, t)
             predictions = {
                 branch: self.predict(model_input, t, conditions[branch], positions, req)
@@ -294,19 +299,33 @@ class DiffusionAdapter(ABC):
 
     @torch.inference_mode()
     def generate(
-        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+        self,
+        request: GenerateRequest,
+        output: str = "pil",
+        progress: bool = False,
+        control: StepControl = UNCONTROLLED,
     ) -> GenerateResult | None:
         """Run one request on every rank of the group together; rank 0 returns the result.
 
         ``output="latent"`` returns the final latents instead of images (parity tests compare those).
+        ``control`` is checked at every step boundary: when the group agrees to stop, every rank raises
+        :class:`~rayxdit.request.RequestStopped` at the same step.
         """
         req = self.resolve(request)
+        self.control = control
+        try:
+            return self._generate(req, output, progress)
+        finally:
+            self.control = UNCONTROLLED
+
+    def _generate(self, req: ResolvedRequest, output: str, progress: bool) -> GenerateResult | None:
         timings: dict[str, float] = {}
         start = _now(self.device)
         conditions = self.encode_branches(req)
         timings["encode_s"] = _now(self.device) - start
         start = _now(self.device)
         latents = self.denoise(req, conditions, progress)
+        self.control.finish(req.steps)
         timings["denoise_s"] = _now(self.device) - start
         if output == "latent":
             return GenerateResult(latents=latents.cpu(), timings=timings) if self.state.is_driver else None

@@ -21,6 +21,7 @@ from rayxdit.limits import ResolvedRequest
 from rayxdit.parallel.cfg import guided_prediction
 from rayxdit.parallel.pipefusion import WARMUP, PatchPlan, StageLink, allocate_kv_buffers, release_kv_buffers
 from rayxdit.parallel.sequence import gather_shards
+from rayxdit.request import RequestStopped
 
 if TYPE_CHECKING:
     from rayxdit.models.base import DiffusionAdapter
@@ -129,6 +130,14 @@ class PipeFusionLoop:
         self.latents[:, image_index] = rows
         self.link.send_next(rows)
 
+    def settle(self, step: int) -> None:
+        """Before leaving the loop at ``step`` (its end, or a stop): the first stage takes the rows of the
+        previous step still in flight from the last stage, and every stage's sends complete, so nothing of
+        this request is left in a link for the next one to receive."""
+        if self.link.is_first and step > 0:
+            self.receive_rows(self.units(step - 1))
+        self.link.drain()
+
     def gathered(self) -> torch.Tensor:
         """Every rank of a stage group holds its own tokens' final rows: gather them in token order."""
         plan, sp = self.plan, self.sp
@@ -149,11 +158,14 @@ class PipeFusionLoop:
         show = progress and adapter.state.is_driver
         try:
             for step, timestep in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):
+                try:
+                    adapter.control.check(step, len(timesteps))
+                except RequestStopped:
+                    self.settle(step)
+                    raise
                 for unit in self.units(step):
                     self.run_unit(step, timestep, unit, scheduler)
-            if self.link.is_first:
-                self.receive_rows(self.units(len(timesteps) - 1))
-            self.link.drain()
+            self.settle(len(timesteps))
         finally:
             release_kv_buffers(self.attentions)
         return self.gathered()

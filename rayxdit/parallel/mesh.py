@@ -102,6 +102,9 @@ class ParallelState:
     axes: Mapping[str, AxisGroup]
     """This rank's group along each name of ``MESH_AXES``."""
     world: dist.ProcessGroup | None
+    control: dist.ProcessGroup | None = None
+    """Every rank, on CPU (gloo): for the host-side decisions all ranks must share at step boundaries
+    (stop a request, see ``parallel/control.py``) without touching the GPU stream."""
 
     def axis(self, name: str) -> AxisGroup:
         """This rank's group along ``name`` (``"cfg"``, ``"pipefusion"``, ``"ring"``, ``"ulysses"``, ``"sp"``)."""
@@ -126,22 +129,34 @@ class ParallelState:
         return cls(ParallelConfig(), 0, torch.device(device), dict.fromkeys(MESH_AXES, solo), None)
 
 
-def build_parallel_state(config: ParallelConfig, device: torch.device) -> ParallelState:
-    """Create every axis group. Collective: all ranks of the default group must call it together."""
+def build_parallel_state(
+    config: ParallelConfig, device: torch.device, timeout_s: float | None = None
+) -> ParallelState:
+    """Create every axis group. Collective: all ranks of the default group must call it together.
+
+    ``timeout_s`` bounds every collective of the new groups: subgroups do not inherit the default group's
+    timeout, and a frozen peer must turn into an error within it, not within torch's default (minutes)."""
     if not dist.is_initialized():
         if config.world_size != 1:
             raise RuntimeError(f"{config.describe()} needs torch.distributed to be initialized first")
         return ParallelState.single(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config.check_world_size(world_size)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     mine: dict[str, AxisGroup] = {}
     for axis in MESH_AXES:
         for members in axis_groups(config, axis):
             # new_group is collective over the default group even for groups this rank is not in.
-            group = dist.new_group(members) if len(members) > 1 else None
+            group = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
             if rank in members:
                 mine[axis] = AxisGroup(group, tuple(members), members.index(rank))
-    return ParallelState(config=config, rank=rank, device=device, axes=mine, world=dist.group.WORLD)
+    # One more collective call on every rank: the CPU group for shared decisions (gloo already is CPU).
+    control = (
+        dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    )
+    return ParallelState(
+        config=config, rank=rank, device=device, axes=mine, world=dist.group.WORLD, control=control
+    )
 
 
 def open_store(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:

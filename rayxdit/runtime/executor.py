@@ -9,7 +9,9 @@ order. Two implementations differ only in where ranks live: :class:`~rayxdit.run
 
 A group is *broken* after any rank dies, raises or hangs: its peers may be stuck in a collective with it,
 so nothing more runs on it until :meth:`Executor.rebuild` has replaced every rank. A request the model
-refuses (:class:`RequestError`, raised by every rank alike before any collective) leaves it usable.
+refuses (:class:`RequestError`, raised by every rank alike before any collective) leaves it usable, and so
+does a request stopped cleanly (:class:`RequestStopped`: cancelled or past its deadline, every rank at the
+same step boundary).
 
 This module imports neither torch nor Ray.
 """
@@ -20,12 +22,13 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from rayxdit.config import EngineConfig
-from rayxdit.request import EncodedResult, GenerateRequest, RequestError
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped
 
 logger = logging.getLogger("rayxdit.runtime")
 
@@ -94,6 +97,7 @@ class Executor(ABC):
         name: str = "group",
         collective_timeout_s: float = 300.0,
         call_timeout_s: float | None = None,
+        cancel_grace_s: float = 30.0,
         env: dict[str, str] | None = None,
     ):
         if config is not None:
@@ -104,6 +108,9 @@ class Executor(ABC):
         self.collective_timeout_s = collective_timeout_s
         self.call_timeout_s = call_timeout_s
         """Default bound of a call (None: wait as long as it takes); a call past it means a hung rank."""
+        self.cancel_grace_s = cancel_grace_s
+        """How long ranks may take to reach the step boundary where they stop a cancelled request (or one
+        past its deadline); beyond it they count as hung and the group is broken."""
         self.env = forwarded_env() if env is None else env
         self.generation = 0
         self.broken = True
@@ -178,6 +185,12 @@ class Executor(ABC):
         self._kill()
         self.broken = True
 
+    def abort(self) -> None:
+        """Kill every rank now, whatever it is doing (a hung group); a call in flight fails at once and the
+        group stays broken until :meth:`rebuild`."""
+        self.broken = True
+        self._kill()
+
     def rebuild(self) -> None:
         """Replace every rank with a fresh one (a new generation) and load the model again."""
         logger.warning("rebuilding worker group %s (generation %d)", self.name, self.generation)
@@ -197,7 +210,7 @@ class Executor(ABC):
             raise GroupError(f"worker group {self.name} is broken or not started; rebuild it first")
 
     def _failed(self, error: BaseException) -> BaseException:
-        if isinstance(error, RequestError):
+        if isinstance(error, (RequestError, RequestStopped)):
             return error
         self.broken = True
         return error if isinstance(error, GroupError) else GroupError(f"worker group {self.name}: {error!r}")
@@ -252,8 +265,49 @@ class Executor(ABC):
         """Run one request on every rank; rank 0's result (images as PNG bytes)."""
         return self.collective_rpc("generate", (request, output, progress))[0]
 
-    async def generate_async(self, request: GenerateRequest, output: str = "pil") -> EncodedResult:
-        return (await self.collective_rpc_async("generate", (request, output)))[0]
+    async def generate_async(
+        self,
+        request: GenerateRequest,
+        output: str = "pil",
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> EncodedResult:
+        """:meth:`generate` for asyncio owners (Serve replicas), stoppable: past ``deadline`` (seconds since
+        the epoch) every rank stops at a step boundary and :class:`RequestStopped` is raised; if the awaiting
+        task is cancelled (the client went away), the ranks are stopped the same way before the cancellation
+        propagates, so the group is clean (or, if they do not stop within ``cancel_grace_s``, broken) by the
+        time the caller can issue another call."""
+        request_id = request_id or uuid.uuid4().hex
+        timeout = self.call_timeout_s
+        if deadline is not None:
+            bound = max(0.0, deadline - time.time()) + self.cancel_grace_s
+            timeout = bound if timeout is None else min(timeout, bound)
+        call = asyncio.ensure_future(
+            self.collective_rpc_async(
+                "generate", (request, output, False, request_id, deadline), timeout=timeout
+            )
+        )
+        try:
+            return (await asyncio.shield(call))[0]
+        except asyncio.CancelledError:
+            await self._stop_call(call, request_id)
+            raise
+
+    async def _stop_call(self, call: asyncio.Future, request_id: str) -> None:
+        """Stop a call whose caller went away and wait until every rank has left it."""
+        try:
+            await self._call_async("cancel", (request_id,), {}, PING_TIMEOUT_S, range(self.world_size))
+            await asyncio.wait_for(asyncio.shield(call), self.cancel_grace_s)
+        except RequestStopped:
+            logger.info("worker group %s: request %s stopped on every rank", self.name, request_id)
+        except Exception as error:  # no clean stop in time, or a rank failed meanwhile
+            logger.warning(
+                "worker group %s: request %s did not stop cleanly (%r)", self.name, request_id, error
+            )
+            self.broken = True
+        finally:
+            if not call.done():
+                call.cancel()
 
     async def healthy(self) -> bool:
         """Every rank answers a ping in time (ranks answer while a request runs)."""

@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rayxdit.config import ConfigError, EngineConfig
-from rayxdit.request import EncodedResult, GenerateRequest, RequestError
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped
 from rayxdit.runtime.executor import Executor, GroupError, Method
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
@@ -48,7 +48,9 @@ def check_launchable(world_size: int) -> None:
 class _Reply:
     value: Any = None
     error: str | None = None
-    rejected: RequestError | None = None  # the model refused the request: the caller's error, not a fault
+    """A fault: the rank's traceback."""
+    expected: Exception | None = None
+    """Not a fault: the model refused the request (RequestError) or the group stopped it (RequestStopped)."""
 
 
 def _run(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> _Reply:
@@ -56,7 +58,9 @@ def _run(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> _Repl
         function = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
         return _Reply(value=function(*args, **kwargs))
     except RequestError as error:
-        return _Reply(error=traceback.format_exc(), rejected=RequestError(str(error), error.param))
+        return _Reply(expected=RequestError(str(error), error.param))
+    except RequestStopped as error:
+        return _Reply(expected=RequestStopped(error.reason, error.step))
     except BaseException:
         return _Reply(error=traceback.format_exc())
 
@@ -223,10 +227,13 @@ class LocalExecutor(Executor):
         return False
 
     def _check(self, replies: dict[int, _Reply], ranks: list[int]) -> list[Any]:
-        rejected = [reply.rejected for reply in replies.values() if reply.rejected is not None]
-        if rejected:
-            raise rejected[0]
         failures = {rank: reply.error for rank, reply in replies.items() if reply.error is not None}
+        expected = [reply.expected for reply in replies.values() if reply.expected is not None]
+        # A refused request is the caller's error even if a peer then failed; a stop is clean only if no
+        # rank failed.
+        refused = [error for error in expected if isinstance(error, RequestError)]
+        if refused or (expected and not failures):
+            raise (refused or expected)[0]
         if failures or len(replies) < len(ranks):
             details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in sorted(failures.items()))
             silent = sorted(set(ranks) - set(replies))

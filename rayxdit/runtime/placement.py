@@ -6,6 +6,8 @@ so it asks for no resources of its own; each rank actor takes exactly its bundle
 
 from __future__ import annotations
 
+import math
+
 from rayxdit.config import PoolConfig
 
 REPLICA_ACTOR_OPTIONS: dict[str, float] = {"num_cpus": 0}
@@ -36,7 +38,45 @@ def rank_actor_options(pool: PoolConfig, rank: int) -> dict:
         # collectives with it.
         "max_restarts": 0,
         "max_task_retries": 0,
-        # generate() blocks its thread for a whole request; ping() must still answer health checks.
-        "max_concurrency": 2,
         "placement_group_bundle_index": rank,
     }
+
+
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(resource, 0.0) >= amount for resource, amount in need.items() if amount > 0)
+
+
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for resource, amount in bundle.items():
+            total[resource] = total.get(resource, 0.0) + amount
+    return total
+
+
+def never_placeable(
+    pool: PoolConfig, nodes: list[dict[str, float]], node_types: list[dict[str, float]] | None = None
+) -> str | None:
+    """Why ``pool``'s placement group can never be placed (None when it can): no node can hold all its
+    bundles (STRICT_PACK) or some bundle (PACK), among the cluster's ``nodes`` (total resources of each) and,
+    with an autoscaler, the ``node_types`` it may add. A group that merely waits for busy resources is not
+    refused here."""
+    bundles = pool_bundles(pool)
+    candidates = [*nodes, *(node_types or [])]
+    if pool.placement_strategy == "STRICT_PACK":
+        need = _total(bundles)
+        if any(_fits(need, node) for node in candidates):
+            return None
+        what = f"{pool.ranks} ranks x {rank_resources(pool)} on one node (STRICT_PACK)"
+    else:
+        if all(any(_fits(bundle, node) for node in candidates) for bundle in bundles):
+            return None
+        what = f"ranks of {rank_resources(pool)} each"
+    largest = max(candidates, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
+    shown = {key: largest.get(key, 0.0) for key in ("CPU", "GPU")}
+    if pool.accelerator == "gpu" and shown["GPU"] < pool.ranks:
+        hint = "use fewer ranks, or the CPU (accelerator cpu; batch: --accelerator cpu)"
+    else:
+        fitting = max(0.25, math.floor(shown["CPU"] / pool.ranks * 4) / 4)
+        hint = f"set cpus_per_rank to {fitting:g} or less (batch: --cpus-per-rank {fitting:g}), or use fewer ranks"
+    return f"a worker group needs {what}, but the largest node has {shown}: {hint}"

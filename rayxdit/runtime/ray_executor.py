@@ -19,11 +19,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayxdit.config import EngineConfig, PoolConfig
-from rayxdit.request import RequestError
+from rayxdit.config import ConfigError, EngineConfig, PoolConfig
+from rayxdit.request import RequestError, RequestStopped
 from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
-from rayxdit.runtime.placement import rank_actor_options
-from rayxdit.runtime.worker import RankWorker
+from rayxdit.runtime.placement import never_placeable, rank_actor_options
+from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 
 class RayExecutor(Executor):
@@ -55,13 +55,16 @@ class RayExecutor(Executor):
             name=name or pool.name,
             collective_timeout_s=pool.collective_timeout_s,
             call_timeout_s=pool.request_timeout_s,
+            cancel_grace_s=pool.cancel_grace_s,
         )
 
     def _rendezvous_host(self) -> str | None:
         return None  # rank 0 listens on its own node's address
 
     def _launch(self) -> None:
-        worker_class = ray.remote(RankWorker)
+        # Calls run one at a time, in order (collectives must be issued in the same order on every rank),
+        # except control calls (ping, cancel, progress), answered by threads of their own while one runs.
+        worker_class = ray.remote(concurrency_groups={"control": 2})(RankWorker)
         self.workers = []
         for rank, options in enumerate(self.rank_options):
             options = dict(options)
@@ -85,14 +88,19 @@ class RayExecutor(Executor):
         return ray.get([worker.ping.remote() for worker in self.workers], timeout=PING_TIMEOUT_S)
 
     def _submit(self, method: Method, args: tuple, kwargs: dict, ranks: Sequence[int]) -> list[ray.ObjectRef]:
-        if isinstance(method, str):
-            return [getattr(self.workers[rank], method).remote(*args, **kwargs) for rank in ranks]
-        return [self.workers[rank].__ray_call__.remote(method, *args, **kwargs) for rank in ranks]
+        if not isinstance(method, str):
+            return [self.workers[rank].__ray_call__.remote(method, *args, **kwargs) for rank in ranks]
+        options = {"concurrency_group": "control"} if method in CONTROL_METHODS else {}
+        return [
+            getattr(self.workers[rank], method).options(**options).remote(*args, **kwargs) for rank in ranks
+        ]
 
     def _rank_error(self, error: BaseException, rank: int) -> Exception:
         cause = error.cause if isinstance(error, RayTaskError) else error
         if isinstance(cause, RequestError):
             return RequestError(str(cause), cause.param)
+        if isinstance(cause, RequestStopped):
+            return RequestStopped(cause.reason, cause.step)
         if isinstance(error, RayActorError):
             return GroupError(f"worker group {self.name}: rank {rank} died")
         if isinstance(error, RayTaskError):
@@ -123,7 +131,11 @@ class RayExecutor(Executor):
             try:
                 ray.get(ready[0])
             except Exception as error:
-                raise self._rank_error(error, rank_of[ready[0]]) from error
+                failure = self._rank_error(error, rank_of[ready[0]])
+                if isinstance(failure, (RequestError, RequestStopped)) and pending:
+                    # Not a fault: every rank leaves the call alike; return once they all have.
+                    ray.wait(pending, num_returns=len(pending), timeout=self.cancel_grace_s)
+                raise failure from error
         return ray.get(refs)
 
     async def _call_async(
@@ -131,14 +143,43 @@ class RayExecutor(Executor):
     ) -> list[Any]:
         ranks = list(ranks)
         futures = [asyncio.wrap_future(ref.future()) for ref in self._submit(method, args, kwargs, ranks)]
-        done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
-        for future, rank in zip(futures, ranks, strict=True):
-            if future in done and future.exception() is not None:
-                raise self._rank_error(future.exception(), rank) from future.exception()
-        if pending:
-            raise self._hung(
-                [rank for future, rank in zip(futures, ranks, strict=True) if future in pending], timeout
-            )
-        return [future.result() for future in futures]
+        rank_of = dict(zip(futures, ranks, strict=True))
+        try:
+            done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [future for future in futures if future in done and future.exception() is not None]
+            if failed:
+                failure = self._rank_error(failed[0].exception(), rank_of[failed[0]])
+                if isinstance(failure, (RequestError, RequestStopped)) and pending:
+                    # Not a fault: every rank leaves the call alike; return once they all have.
+                    await asyncio.wait(pending, timeout=self.cancel_grace_s)
+                raise failure from failed[0].exception()
+            if pending:
+                raise self._hung([rank_of[future] for future in futures if future in pending], timeout)
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
+
+
+def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """The total resources of every alive node of the connected cluster, and of every node type its
+    autoscaler may add (None when no autoscaler has published its config: the nodes are all there is)."""
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    try:
+        from ray._private.state import state  # the autoscaler's published cluster config (v2)
+
+        config = state.get_cluster_config()
+    except Exception:
+        config = None
+    if config is None:
+        return nodes, None
+    return nodes, [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+
+
+def check_placeable(pool: PoolConfig) -> None:
+    """Raise :class:`ConfigError` at once when ``pool``'s worker group can never be placed on this cluster
+    (instead of a placement group pending forever)."""
+    problem = never_placeable(pool, *cluster_nodes())
+    if problem:
+        raise ConfigError(f"pool {pool.name}: {problem}")

@@ -8,19 +8,25 @@ new operation (warm-up, cancel, metrics, profile) is one method here and works u
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 from rayxdit.config import EngineConfig
-from rayxdit.request import EncodedResult, GenerateRequest
+from rayxdit.request import CANCELLED, DEADLINE, EncodedResult, GenerateRequest, RequestStopped
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
 
     from rayxdit.engine import Engine
 
-CONTROL_METHODS = frozenset({"ping"})
-"""Methods a rank answers while another call runs (health checks must not wait for a request); every
-executor gives them a path of their own."""
+CONTROL_METHODS = frozenset({"ping", "cancel", "progress", "last_request"})
+"""Methods a rank answers while another call runs (a health check, a cancel or a progress poll must not
+wait for the request); every executor gives them a path of their own."""
+REMEMBERED_CANCELS = 256
+"""Cancelled request ids kept per rank: a cancel may arrive before its request does."""
 
 
 class RankWorker:
@@ -34,8 +40,13 @@ class RankWorker:
         self.world_size = world_size
         self.device_index = device_index
         self.device: str | None = None
+        self.collective_timeout_s: float | None = None
         self.engine: Engine | None = None
         self._store: TCPStore | None = None
+        self._lock = threading.Lock()  # cancel() and progress() run on another thread than generate()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._progress: dict[str, Any] | None = None
+        self._last: dict[str, Any] | None = None
 
     def open_rendezvous(self, host: str | None, timeout_s: float) -> tuple[str, int]:
         """Rank 0: the group's rendezvous store on a port the OS picks and this process holds from then on
@@ -57,6 +68,7 @@ class RankWorker:
         device = pick_device(self.device_index)
         init_distributed(self.rank, self.world_size, device, host, port, timeout_s, store=self._store)
         self.device = str(device)
+        self.collective_timeout_s = timeout_s
         return self.device
 
     def load(self, config: EngineConfig) -> None:
@@ -67,16 +79,78 @@ class RankWorker:
         from rayxdit.parallel.mesh import build_parallel_state
 
         device = torch.device(self.device or "cpu")
-        self.engine = Engine(config, build_parallel_state(config.parallel, device))
+        self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
 
     def generate(
-        self, request: GenerateRequest, output: str = "pil", progress: bool = False
+        self,
+        request: GenerateRequest,
+        output: str = "pil",
+        progress: bool = False,
+        request_id: str | None = None,
+        deadline: float | None = None,
     ) -> EncodedResult | None:
         """Collective: every rank gets the same request; rank 0 returns the PNG-encoded result (or, with
-        ``output="latent"``, the final latents), the others None."""
+        ``output="latent"``, the final latents), the others None.
+
+        The request can be cancelled by its ``request_id`` (:meth:`cancel`) and stops past ``deadline``
+        (seconds since the epoch): every rank raises :class:`~rayxdit.request.RequestStopped` at the same
+        step boundary, leaving the group clean. :meth:`progress` tells its step meanwhile."""
+        from rayxdit.parallel.control import StepControl
+
         assert self.engine is not None, "load() first"
-        result = self.engine.generate(request, output=output, progress=progress)
+        request_id = request_id or uuid.uuid4().hex  # every rank gets the same arguments, hence the same id
+        control = StepControl(
+            self.engine.state.control,
+            stop_reason=lambda: self._stop_reason(request_id, deadline),
+            on_step=lambda step, steps: self._record_progress(request_id, step, steps),
+        )
+        self._record_progress(request_id, 0, request.steps or 0)
+        try:
+            result = self.engine.generate(request, output=output, progress=progress, control=control)
+        except RequestStopped as stop:
+            self._finished(request_id, stop.reason, stop.step)
+            raise
+        except BaseException:
+            self._finished(request_id, "failed", None)
+            raise
+        self._finished(request_id, "done", request.steps)
         return result.encode() if result is not None else None
+
+    def cancel(self, request_id: str) -> None:
+        """Control: stop ``request_id`` at the next step boundary the group agrees on (also when it has not
+        started yet)."""
+        with self._lock:
+            self._cancelled[request_id] = None
+            while len(self._cancelled) > REMEMBERED_CANCELS:
+                self._cancelled.popitem(last=False)
+
+    def progress(self) -> dict[str, Any] | None:
+        """Control: the running request's id, step and step count (None when idle)."""
+        with self._lock:
+            return dict(self._progress) if self._progress is not None else None
+
+    def last_request(self) -> dict[str, Any] | None:
+        """Control: how the last request ended: its id, ``outcome`` (done, cancelled, deadline, failed) and
+        the step it stopped at."""
+        with self._lock:
+            return dict(self._last) if self._last is not None else None
+
+    def _finished(self, request_id: str, outcome: str, step: int | None) -> None:
+        with self._lock:
+            self._progress = None
+            self._last = {"request_id": request_id, "outcome": outcome, "step": step}
+
+    def _stop_reason(self, request_id: str, deadline: float | None) -> str | None:
+        with self._lock:
+            if request_id in self._cancelled:
+                return CANCELLED
+        if deadline is not None and time.time() > deadline:
+            return DEADLINE
+        return None
+
+    def _record_progress(self, request_id: str, step: int, steps: int) -> None:
+        with self._lock:
+            self._progress = {"request_id": request_id, "step": step, "steps": steps}
 
     def ping(self) -> int:
         """Liveness: the rank's process id."""

@@ -39,6 +39,13 @@ class ImageGenerationRequest(BaseModel):
     true_cfg_scale: float = Field(
         default=1.0, ge=1, le=100, description="True CFG scale (> 1 with a negative prompt)."
     )
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="Seconds after which the request is stopped and answered 504 (rayxdit); default and "
+        "upper bound: the pool's request_timeout_s.",
+    )
     quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")

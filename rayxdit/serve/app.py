@@ -36,6 +36,7 @@ from rayxdit.runtime.cards import model_card
 from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, pool_bundles
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.router import Router
+from rayxdit.serve.state import AppState
 
 APP_NAME = "rayxdit"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
@@ -74,8 +75,21 @@ def model_cards(config: ServeConfig) -> dict[str, ModelCard]:
 
 
 def build_app(config: ServeConfig) -> Application:
+    """The application: the shared state, one deployment per pool, the router in front."""
+    state = (
+        serve.deployment(AppState)
+        .options(
+            name="state",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=10000,
+            # Heartbeats every second from every pool replica: not worth an access-log line each.
+            logging_config={"enable_access_log": False},
+        )
+        .bind(config)
+    )
     pools = {
-        pool.name: serve.deployment(PoolReplica).options(**pool_deployment_options(pool)).bind(pool)
+        pool.name: serve.deployment(PoolReplica).options(**pool_deployment_options(pool)).bind(pool, state)
         for pool in config.pools
     }
     router = serve.deployment(Router).options(
@@ -84,7 +98,7 @@ def build_app(config: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
     )
-    return router.bind(config, pools, model_cards(config))
+    return router.bind(config, pools, model_cards(config), state)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

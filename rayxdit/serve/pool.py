@@ -2,61 +2,121 @@
 
 Serve creates the placement group (``placement_group_bundles``) and puts this actor in bundle 0; the
 executor places the rank actors one per bundle. Requests run one at a time (collectives must be issued in
-the same order on every rank). When the group fails, the replica rebuilds it in the same placement group and
-retries the request once; ``check_health`` does the same for failures between requests, and raises (so that
-Serve replaces the whole replica) only when a rebuild fails.
+the same order on every rank), and each runs as a job that holds the replica's lock until its ranks are
+done with it:
+
+- **Cancelled** (the client went away; Serve cancels the call): the job tells the ranks to stop, and they
+  agree to stop at the same step boundary; the lock is released only then, so the next request never runs
+  on ranks still busy with this one. Ranks that do not stop within ``cancel_grace_s`` mark the group
+  broken, and it is rebuilt before the next request.
+- **Past its deadline**: the ranks stop the same way and the caller gets :class:`RequestStopped`
+  (HTTP 504).
+- **A rank dies, raises or hangs**: the group is rebuilt in the same placement group and the request retried
+  once if its deadline allows, else :class:`PoolUnavailableError` (HTTP 503).
+
+``check_health`` pings every rank also while a request runs: a rank that stops answering (frozen, hung)
+gets the group killed at once, so the running request fails over instead of waiting for its timeouts.
+Between requests a failed group is rebuilt; Serve replaces the whole replica only when a rebuild fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import PoolConfig
-from rayxdit.request import EncodedResult, GenerateRequest
+from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.ray_executor import RayExecutor
 from rayxdit.serve.api import PoolUnavailableError
+from rayxdit.serve.state import HEARTBEAT_S
 
 logger = logging.getLogger("ray.serve")
 
 
 class PoolReplica:
-    def __init__(self, pool: PoolConfig):
+    async def __init__(self, pool: PoolConfig, state: DeploymentHandle):
         self.pool = pool
-        replica = serve.get_replica_context().replica_tag
-        self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{replica}")
-        self.executor.start()
+        self.replica = serve.get_replica_context().replica_tag
+        self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
+        await asyncio.to_thread(self.executor.start)
         self.lock = asyncio.Lock()
+        self.state = state
+        self.heartbeat = asyncio.create_task(self._heartbeat())
 
-    async def generate(self, request: GenerateRequest) -> EncodedResult:
+    async def _heartbeat(self) -> None:
+        """Tell the application's state every second that this replica is (or is not) ready."""
+        while True:
+            try:
+                await self.state.report.remote(self.pool.name, self.replica, not self.executor.broken)
+            except Exception as error:  # the state replica restarting: next beat
+                logger.debug("heartbeat of %s failed: %r", self.replica, error)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def generate(
+        self, request: GenerateRequest, request_id: str, deadline: float | None = None
+    ) -> EncodedResult:
+        """Run ``request`` on the worker group; ``deadline`` in seconds since the epoch."""
+        # The job runs in a fresh context, detached from this Serve request: when Serve cancels the request
+        # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
+        # mid-collective; the job instead stops them at a step boundary, all together.
+        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
+            raise
+
+    async def _run(self, request: GenerateRequest, request_id: str, deadline: float | None) -> EncodedResult:
         async with self.lock:
+            last_error: BaseException | None = None
             for attempt in (1, 2):
+                if attempt == 2 and deadline is not None and time.time() >= deadline:
+                    raise RequestStopped(DEADLINE)
                 try:
                     if self.executor.broken:
                         await asyncio.to_thread(self.executor.rebuild)
-                    result = await self.executor.generate_async(request)
+                    result = await self.executor.generate_async(
+                        request, request_id=request_id, deadline=deadline
+                    )
                     result.timings["ranks"] = self.pool.ranks
                     result.timings["attempts"] = attempt
                     return result
                 except GroupError as error:
-                    logger.warning("%s (attempt %d)", error, attempt)
+                    logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)
                     last_error = error
+                except (RequestStopped, asyncio.CancelledError):
+                    raise
                 except Exception as error:  # rebuild failed: let the health check replace the replica
                     if not self.executor.broken:
                         raise
+                    logger.warning("request %s: rebuilding failed: %r", request_id, error)
                     last_error = error
             raise PoolUnavailableError(f"{self.pool.name}: {last_error}")
 
     async def check_health(self) -> None:
+        healthy = await self.executor.healthy()
         if self.lock.locked():
-            return  # a running request detects failures itself and rebuilds
-        if await self.executor.healthy():
+            if not healthy and not self.executor.broken:
+                # A rank stopped answering mid-request: kill the group so the request fails over now.
+                logger.warning(
+                    "%s: a rank stopped answering during a request; killing the group", self.replica
+                )
+                self.executor.abort()
+            return
+        if healthy:
             return
         async with self.lock:
             await asyncio.to_thread(self.executor.rebuild)
 
     def worker_pids(self) -> list[int]:
         return self.executor.pids()
+
+    def generation(self) -> int:
+        """How many times this replica's worker group was started (1: never rebuilt)."""
+        return self.executor.generation

@@ -9,12 +9,15 @@ diffusers, and learns each model's limits and traits from the :class:`ModelCard`
 hands it.
 """
 
+import asyncio
 import base64
 import json
+import logging
+import re
 import secrets
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,8 +29,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayxdit.config import ConfigError, PoolConfig, ServeConfig
-from rayxdit.limits import ModelCard
-from rayxdit.request import EncodedResult, RequestError
+from rayxdit.limits import ModelCard, ResolvedRequest
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped
 from rayxdit.serve.api import (
     ImageData,
     ImageGenerationRequest,
@@ -35,9 +38,19 @@ from rayxdit.serve.api import (
     PoolUnavailableError,
     error_payload,
 )
-from rayxdit.serve.routing import choose_pool, request_cost
+from rayxdit.serve.routing import request_cost
 
 RETRY_AFTER_S = 5
+BACKSTOP_S = 5.0
+"""Beyond a request's deadline and its pool's cancel grace, how long the router still waits for the pool."""
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+logger = logging.getLogger("ray.serve")
+
+
+def request_id_of(request: Request) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 class ApiError(Exception):
@@ -94,23 +107,31 @@ def request_error_from_validation(first: dict[str, Any]) -> RequestError:
 
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: ServeConfig, pools: dict[str, DeploymentHandle], cards: dict[str, ModelCard]):
-        """``cards``: each served model name's card (see :func:`rayxdit.serve.app.build_app`)."""
+    def __init__(
+        self,
+        config: ServeConfig,
+        pools: dict[str, DeploymentHandle],
+        cards: dict[str, ModelCard],
+        state: DeploymentHandle,
+    ):
+        """``cards``: each served model name's card (see :func:`rayxdit.serve.app.build_app`); ``state``: the
+        application's shared state (load, stored images), the same for every router replica."""
         self.config = config
         self.handles = pools
+        self.state = state
+        self.pools = {pool.name: pool for pool in config.pools}
         self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
         for pool in config.pools:
             self.pools_by_model[pool.served_model_name].append(pool)
         self.default_model = config.pools[0].served_model_name
         self.cards = cards
+        self.replica = serve.get_replica_context().replica_tag
         videos = sorted(name for name, card in cards.items() if card.limits.makes_video)
         if videos:
             raise ConfigError(
                 f"{', '.join(videos)}: video models are not served by the images API yet; "
                 "use `rayxdit generate --model ... --out clip.mp4`"
             )
-        self.in_flight: dict[str, int] = defaultdict(int)
-        self.images: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
     # ----- helpers ----------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -127,7 +148,8 @@ class Router:
                 code="invalid_api_key",
             )
 
-    async def _generate(self, body: ImageGenerationRequest) -> tuple[EncodedResult, dict[str, Any]]:
+    def _validated(self, body: ImageGenerationRequest) -> tuple[str, GenerateRequest, ResolvedRequest]:
+        """The model, the request and its resolved sizes; ApiError 400 before any GPU work."""
         model = body.model or self.default_model
         if model not in self.pools_by_model:
             raise ApiError(
@@ -139,62 +161,100 @@ class Router:
             )
         try:
             request = body.to_generate_request(default_seed=secrets.randbelow(2**31))
-            resolved = self.cards[model].limits.resolve(request)
+            return model, request, self.cards[model].limits.resolve(request)
         except RequestError as error:
             raise ApiError(400, str(error), "invalid_request_error", error.param) from None
+
+    async def _generate(
+        self, body: ImageGenerationRequest, request_id: str
+    ) -> tuple[EncodedResult, dict[str, Any]]:
+        model, request, resolved = self._validated(body)
         cost = request_cost(resolved, self.cards[model].uses_cfg(request))
-        for pool in choose_pool(self.pools_by_model[model], cost, self.in_flight):
-            self.in_flight[pool.name] += 1
+        arrived = time.time()
+        tried: list[str] = []
+        while True:
+            longest = max(pool.request_timeout_s + pool.cancel_grace_s for pool in self.pools_by_model[model])
+            name = await self.state.route.remote(model, cost, request_id, longest + BACKSTOP_S, tried)
+            if name is None:
+                raise ApiError(
+                    429,
+                    f"all pools serving '{model}' are at capacity; retry later",
+                    "rate_limit_error",
+                    code="capacity",
+                )
+            pool = self.pools[name]
+            deadline = arrived + min(body.timeout or pool.request_timeout_s, pool.request_timeout_s)
             try:
-                result = await self.handles[pool.name].generate.remote(request)
+                result = await self._call_pool(pool, request, request_id, deadline)
+                break
             except (BackPressureError, DeploymentUnavailableError):
-                continue  # this pool is full or down: the next candidate takes it
-            except Exception as error:
-                raise self._map_pool_error(error) from None
+                tried.append(name)  # this pool is full or down: the next candidate takes it
             finally:
-                self.in_flight[pool.name] -= 1
-            info = {
-                "pool": pool.name,
-                "ranks": pool.ranks,
-                "cost": round(cost, 4),
-                "seed": request.seed,
-                "width": resolved.width,
-                "height": resolved.height,
-                "steps": resolved.steps,
-                "timings": result.timings,
-            }
-            return result, info
-        raise ApiError(
-            429,
-            f"all pools serving '{model}' are at capacity; retry later",
-            "rate_limit_error",
-            code="capacity",
-        )
+                await self.state.finish.remote(request_id)
+        info = {
+            "request_id": request_id,
+            "router": self.replica,
+            "pool": pool.name,
+            "ranks": pool.ranks,
+            "cost": round(cost, 4),
+            "seed": request.seed,
+            "width": resolved.width,
+            "height": resolved.height,
+            "steps": resolved.steps,
+            "timings": result.timings,
+        }
+        return result, info
+
+    async def _call_pool(
+        self, pool: PoolConfig, request: GenerateRequest, request_id: str, deadline: float
+    ) -> EncodedResult:
+        """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
+        a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound."""
+        response = self.handles[pool.name].generate.remote(request, request_id, deadline)
+        bound = max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
+        try:
+            return await asyncio.wait_for(response, timeout=bound)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise self._deadline_error(request_id) from None
+        except asyncio.CancelledError:  # the client went away: the pool stops the ranks
+            response.cancel()
+            raise
+        except (BackPressureError, DeploymentUnavailableError):
+            raise
+        except Exception as error:
+            raise self._map_pool_error(error, request_id) from None
 
     @staticmethod
-    def _map_pool_error(error: Exception) -> ApiError:
+    def _deadline_error(request_id: str) -> ApiError:
+        return ApiError(
+            504,
+            f"request {request_id} did not finish before its deadline; it was stopped (send a larger "
+            "'timeout', or retry later)",
+            "timeout_error",
+            code="deadline_exceeded",
+        )
+
+    def _map_pool_error(self, error: Exception, request_id: str) -> ApiError:
+        """What the client sees: the request's own problem (400), a deadline (504) or a failed group (503)
+        say what happened; anything else is a 500 naming the request id, details only in the log."""
         cause = getattr(error, "cause", None) or error
         if isinstance(cause, RequestError):
             return ApiError(400, str(cause), "invalid_request_error", cause.param)
+        if isinstance(cause, RequestStopped):
+            return self._deadline_error(request_id)
         if isinstance(cause, PoolUnavailableError):
+            logger.warning("request %s: %s", request_id, cause)
             return ApiError(
                 503,
-                f"generation failed and the worker group is being rebuilt: {cause}",
+                f"request {request_id} failed on a worker group, which is being rebuilt; retry",
                 "service_unavailable",
                 code="worker_group_failed",
             )
-        return ApiError(500, f"internal error: {str(cause).strip().splitlines()[-1]}", "server_error")
-
-    def _store(self, png: bytes) -> str:
-        now = time.monotonic()
-        while self.images and (
-            next(iter(self.images.values()))[1] < now
-            or len(self.images) >= self.config.router.max_stored_images
-        ):
-            self.images.popitem(last=False)
-        image_id = uuid.uuid4().hex
-        self.images[image_id] = (png, now + self.config.router.image_ttl_s)
-        return image_id
+        logger.error("request %s failed: %r", request_id, error)
+        return ApiError(
+            500, f"internal error in request {request_id}; the server log has the details", "server_error"
+        )
 
     # ----- endpoints ----------------------------------------------------------------------------------------
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
@@ -203,20 +263,32 @@ class Router:
     ) -> ImageGenerationResponse:
         """OpenAI-compatible image generation."""
         self._authorize(request)
-        result, info = await self._generate(body)
+        result, info = await self._generate(body, request_id_of(request))
         if body.response_format == "b64_json":
             data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.pngs]
         else:
             base = str(request.base_url).rstrip("/")
-            data = [ImageData(url=f"{base}/v1/images/{self._store(png)}.png") for png in result.pngs]
+            data = []
+            for png in result.pngs:
+                key = await self.state.put_image.remote(png)
+                if key is None:
+                    raise ApiError(
+                        400,
+                        "the image is larger than the router's image store (router.max_stored_bytes); "
+                        "use response_format=b64_json",
+                        "invalid_request_error",
+                        "response_format",
+                    )
+                data.append(ImageData(url=f"{base}/v1/images/{key}.png"))
         return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate_png(self, body: ImageGenerationRequest, request: Request) -> Response:
         """The first image as a PNG body (handy for curl -o); metadata in X-Rayxdit-* headers."""
         self._authorize(request)
-        result, info = await self._generate(body)
+        result, info = await self._generate(body, request_id_of(request))
         headers = {
+            "X-Request-Id": info["request_id"],
             "X-Rayxdit-Timings": json.dumps(info["timings"]),
             "X-Rayxdit-Pool": info["pool"],
             "X-Rayxdit-Seed": str(info["seed"]),
@@ -225,12 +297,13 @@ class Router:
         return Response(result.pngs[0], media_type="image/png", headers=headers)
 
     @app.get("/v1/images/{image_id}.png", responses={200: {"content": {"image/png": {}}}})
-    async def stored_image(self, image_id: str) -> Response:
-        """An image made with response_format=url (kept for router.image_ttl_s)."""
-        entry = self.images.get(image_id)
-        if entry is None or entry[1] < time.monotonic():
+    async def stored_image(self, image_id: str, request: Request) -> Response:
+        """An image made with response_format=url (kept router.image_ttl_s), from any router replica."""
+        self._authorize(request)
+        data = await self.state.get_image.remote(image_id)
+        if data is None:
             raise ApiError(404, f"image {image_id} not found or expired", "invalid_request_error", "image_id")
-        return Response(entry[0], media_type="image/png")
+        return Response(data, media_type="image/png")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -265,9 +338,12 @@ class Router:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness of the router, with requests in flight per pool."""
-        return {
-            "status": "ok",
-            "models": list(self.pools_by_model),
-            "in_flight": {pool.name: self.in_flight[pool.name] for pool in self.config.pools},
-        }
+        """Liveness of this router replica (answers without asking anyone else)."""
+        return {"status": "ok", "models": list(self.pools_by_model)}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 when every served model can take a request (a pool of it has a ready replica, or
+        all its pools scale from zero), else 503; with ready replicas and outstanding requests per pool."""
+        readiness = await self.state.readiness.remote()
+        return JSONResponse(readiness, status_code=200 if readiness["ready"] else 503)

@@ -3,13 +3,15 @@
 Cost is megapixels x steps x (2 with true CFG) x images: proportional to transformer work. Each pool
 declares the lowest cost it wants (``route_min_cost``); a request goes to the pool of its model with the
 highest threshold not above its cost, so cheap requests fill small pools (most images per GPU under load)
-and expensive ones get big pools (lowest latency). A pool that is saturated (as many requests in flight
-as it can run at its largest scale) or unavailable yields to the pool nearest in size.
+and expensive ones get big pools (lowest latency). A pool that is saturated (as many requests outstanding
+as it has ready replicas, each running one at a time) or unavailable yields to the pool nearest in size.
+Load is the whole application's (see ``serve/state.py``), not one router replica's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
@@ -37,20 +39,30 @@ def candidate_order(pools: Sequence[PoolConfig], cost: float) -> list[PoolConfig
     return [first, *rest]
 
 
-def pool_capacity(pool: PoolConfig) -> int:
-    """Requests a pool runs at once at its largest scale (each replica runs one at a time)."""
-    return pool.max_replicas
+@dataclass(frozen=True)
+class PoolLoad:
+    """One pool as the whole application sees it."""
+
+    ready_replicas: int = 0
+    """Replicas whose worker group is up (each runs one request at a time)."""
+    outstanding: int = 0
+    """Requests routed to the pool and not finished yet (running or queued), from every router replica."""
+
+    @property
+    def free(self) -> bool:
+        return self.outstanding < self.ready_replicas
 
 
 def choose_pool(
     pools: Sequence[PoolConfig],
     cost: float,
-    in_flight: Mapping[str, int],
+    loads: Mapping[str, PoolLoad],
     unavailable: frozenset[str] = frozenset(),
 ) -> list[PoolConfig]:
-    """Pools to try, in order: unsaturated available pools by preference, then saturated ones (their
-    queues absorb the burst), unavailable ones never."""
+    """Pools to try, in order: available pools with a free ready replica by preference, then the others
+    (their queues absorb the burst; a cold pool, with no ready replica, scales up for it), unavailable ones
+    never."""
     order = [pool for pool in candidate_order(pools, cost) if pool.name not in unavailable]
-    free = [pool for pool in order if in_flight.get(pool.name, 0) < pool_capacity(pool)]
+    free = [pool for pool in order if loads.get(pool.name, PoolLoad()).free]
     busy = [pool for pool in order if pool not in free]
     return free + busy

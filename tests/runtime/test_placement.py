@@ -7,7 +7,7 @@ def test_gpu_pool_has_one_gpu_bundle_per_rank():
     assert pool_bundles(pool) == [{"CPU": 1.0, "GPU": 1.0}] * 4
     options = rank_actor_options(pool, 3)
     assert options["num_gpus"] == 1.0 and options["placement_group_bundle_index"] == 3
-    assert options["max_restarts"] == 0 and options["max_concurrency"] == 2
+    assert options["max_restarts"] == 0 and options["max_task_retries"] == 0
 
 
 def test_cpu_pool_bundles_and_replica_fits_bundle_zero():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,8 +27,8 @@ POOL = PoolConfig(
     name="test",
     model="tiny-flux",
     parallel="ulysses=2",
-    request_timeout_s=20,
-    collective_timeout_s=30,
+    request_timeout_s=300,
+    collective_timeout_s=15,
     cpus_per_rank=0.5,
 )
 REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, seed=1)
@@ -81,12 +83,51 @@ def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
     assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
 
 
-def test_hung_rank_times_out_and_rebuild_recovers(group, reference):
+def test_a_rank_frozen_mid_request_is_detected_within_the_collective_timeout(group, reference):
+    """SIGSTOP one rank while the group is inside a request: its peer's next collective times out after
+    collective_timeout_s and the call fails at once (not after request_timeout_s); a rebuild recovers."""
+    long = REQUEST.model_copy(update={"height": 256, "width": 256, "steps": 30})
     pid = group.pids()[1]
-    os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering: rank 0 waits in its first collective
-    try:
-        with pytest.raises(GroupError, match="hung"):
-            group.generate(REQUEST)
-    finally:
-        group.rebuild()  # kills the stopped process too
+    with ThreadPoolExecutor(1) as runner:
+        running = runner.submit(group.generate, long)
+        deadline = time.monotonic() + 60
+        while (progress := group.collective_rpc("progress", ranks=[0])[0]) is None or progress["step"] < 1:
+            assert time.monotonic() < deadline and not running.done(), "the request never started"
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering: rank 0 waits in a collective
+        frozen = time.monotonic()
+        try:
+            with pytest.raises(GroupError, match="rank"):
+                running.result(timeout=POOL.request_timeout_s)
+            detected = time.monotonic() - frozen
+        finally:
+            group.rebuild()  # kills the stopped process too
+    assert detected <= POOL.collective_timeout_s + 10, f"noticed after {detected:.0f} s"
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+
+
+def test_cancel_stops_every_rank_at_one_step_and_leaves_the_group_usable(group, reference):
+    """Cancelled from another thread (as the Serve replica does when a client goes away): every rank
+    raises RequestStopped at the same step, the group is not broken, and the next request is right."""
+    import asyncio
+
+    long = REQUEST.model_copy(update={"height": 256, "width": 256, "steps": 30})
+    generation = group.generation
+
+    async def cancelled_mid_request() -> None:
+        task = asyncio.ensure_future(group.generate_async(long, request_id="to-cancel"))
+        while (progress := (await group.collective_rpc_async("progress", ranks=[0]))[0]) is None or progress[
+            "step"
+        ] < 2:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_mid_request())
+    assert not group.broken and group.generation == generation
+    assert group.collective_rpc("progress") == [None, None], "a rank is still busy with the cancelled request"
+    outcomes = group.collective_rpc("last_request")
+    assert [o["outcome"] for o in outcomes] == ["cancelled", "cancelled"], outcomes
+    assert outcomes[0]["step"] == outcomes[1]["step"] < long.steps - 10, f"not stopped early: {outcomes}"
     assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1

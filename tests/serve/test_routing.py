@@ -4,7 +4,7 @@ from rayxdit.config import PoolConfig
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
-from rayxdit.serve.routing import choose_pool, preferred_pool, request_cost
+from rayxdit.serve.routing import PoolLoad, choose_pool, preferred_pool, request_cost
 
 POOLS = [
     PoolConfig(
@@ -54,10 +54,18 @@ def test_thresholds_pick_the_pool(cost, pool):
 
 
 def test_saturated_pool_yields_to_the_nearest():
-    order = choose_pool(POOLS, 10.0, in_flight={"p2": 2})
-    assert [p.name for p in order] == ["p4", "p8", "p2"]
-    order = choose_pool(POOLS, 200.0, in_flight={"p8": 1}, unavailable=frozenset({"p4"}))
+    loads = {"p2": PoolLoad(ready_replicas=2, outstanding=2), "p4": PoolLoad(1, 0), "p8": PoolLoad(1, 0)}
+    assert [p.name for p in choose_pool(POOLS, 10.0, loads)] == ["p4", "p8", "p2"]
+    loads = {"p2": PoolLoad(1, 0), "p4": PoolLoad(1, 0), "p8": PoolLoad(1, 1)}
+    order = choose_pool(POOLS, 200.0, loads, unavailable=frozenset({"p4"}))
     assert [p.name for p in order] == ["p2", "p8"]
+
+
+def test_a_cold_pool_is_not_free_but_still_takes_requests_nobody_else_can():
+    """Capacity is the replicas that are up, not max_replicas: a pool scaled to zero is not free."""
+    warm_small = {"p2": PoolLoad(1, 0), "p8": PoolLoad(0, 0)}
+    assert [p.name for p in choose_pool(POOLS, 200.0, warm_small)][:1] == ["p2"]
+    assert [p.name for p in choose_pool([POOLS[2]], 200.0, warm_small)] == ["p8"]
 
 
 def test_missing_pool_size_falls_back_to_nearest():

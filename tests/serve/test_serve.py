@@ -2,16 +2,19 @@
 
 Pools ask for GPU bundles; ``ray.init(num_gpus=...)`` provides logical GPUs, so placement groups, bundles and
 CUDA_VISIBLE_DEVICES follow the GPU path while the ranks compute on CPU with gloo. One cluster and one
-application serve every test of this module.
+application (two router replicas) serve every test of this module.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -71,7 +74,7 @@ CONFIG = ServeConfig(
             **COMMON,
         ),
     ],
-    router=RouterConfig(api_keys=[KEY]),
+    router=RouterConfig(api_keys=[KEY], replicas=2),
 )
 # Costs (megapixels x steps x CFG factor): 36x36x3 = 0.004 -> tiny-2; 128x128x4 = 0.066 -> tiny-4;
 # 256x256x4 with true CFG = 0.52 -> tiny-8.
@@ -150,7 +153,7 @@ def test_png_endpoint_url_format_and_n(url):
     assert response.status_code == 200, response.text
     links = [item["url"] for item in response.json()["data"]]
     assert len(links) == 2
-    assert png_pixels(requests.get(links[1], timeout=30).content).shape == (36, 40, 3)
+    assert png_pixels(requests.get(links[1], headers=AUTH, timeout=30).content).shape == (36, 40, 3)
 
 
 def test_models_health_and_docs(url):
@@ -211,6 +214,8 @@ def replicas(deployment: str) -> int:
 
 
 def test_pool_scales_up_under_load_and_back_down(url):
+    """More clients than the application has ready replicas (3 pools of 1): requests queue at the preferred
+    pool, which scales up, and back down once idle."""
     assert replicas("tiny-2") == 1
     stop = threading.Event()
 
@@ -218,8 +223,8 @@ def test_pool_scales_up_under_load_and_back_down(url):
         while not stop.is_set():
             post(url, {"prompt": "load", "size": "36x36", "steps": 20})
 
-    with ThreadPoolExecutor(3) as pool:
-        for _ in range(3):
+    with ThreadPoolExecutor(5) as pool:
+        for _ in range(5):
             pool.submit(load)
         deadline = time.monotonic() + 180
         while replicas("tiny-2") < 2 and time.monotonic() < deadline:
@@ -260,3 +265,101 @@ def test_killing_a_rank_mid_request_fails_over_and_the_replica_recovers(url, eng
     assert response.status_code == 200, response.text
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
+
+
+def generation(pool: str) -> int:
+    """How many times the (single) replica of ``pool`` started its worker group."""
+    return serve.get_deployment_handle(pool, app_name=APP_NAME).generation.remote().result()
+
+
+def rank_progress(pool: str) -> dict | None:
+    """What rank 0 of ``pool`` is doing (its control thread answers while a request runs)."""
+    return ray.get(rank_actor(pool, 0).progress.options(concurrency_group="control").remote(), timeout=30)
+
+
+def send_and_abandon(url: str, body: dict) -> socket.socket:
+    """Send a request over a raw connection and return it (the caller closes it: the client goes away)."""
+    address = urlparse(url)
+    payload = json.dumps(body).encode()
+    client = socket.create_connection((address.hostname, address.port))
+    client.sendall(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return client
+
+
+def test_a_client_gone_mid_request_stops_the_ranks_and_later_requests_get_their_own_images(url, engine):
+    """The ranks stop at a step boundary, all together, as soon as the client is gone; the group is left
+    clean (no rebuild: its generation is unchanged), and five requests sent at once right after each get
+    exactly their own single-process image."""
+    pool, steps = "failover-2", 60
+    before = generation(pool)
+    abandoned = {
+        "model": "tiny-failover",
+        "prompt": "abandoned",
+        "size": "256x256",
+        "steps": steps,
+        "seed": 2,
+    }
+    client = send_and_abandon(url, abandoned)
+    deadline = time.monotonic() + 120
+    while (progress := rank_progress(pool)) is None or progress["step"] < 2:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.2)
+    client.close()
+    last_step = progress["step"]
+    while (progress := rank_progress(pool)) is not None:
+        last_step = progress["step"]
+        assert time.monotonic() < deadline, "the ranks went on with a request nobody waits for"
+        time.sleep(0.2)
+    assert last_step < steps - 10, f"the ranks ran to step {last_step} of {steps}: nothing stopped them"
+
+    bodies = [
+        {"model": "tiny-failover", "prompt": f"request {i}", "size": "36x36", "steps": 3, "seed": 40 + i}
+        for i in range(5)
+    ]
+    with ThreadPoolExecutor(5) as pool_of_clients:
+        responses = list(pool_of_clients.map(lambda body: post(url, body), bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+        assert np.abs(served - single_process_pixels(engine, body)).max() <= 1, body["seed"]
+    assert generation(pool) == before, "a clean stop must keep the worker group (designed: no rebuild)"
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_next_one_succeeds(url, engine):
+    slow = {"model": "tiny-failover", "prompt": "too slow", "size": "256x256", "steps": 60, "timeout": 2}
+    began = time.monotonic()
+    response = post(url, slow)
+    elapsed = time.monotonic() - began
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "deadline_exceeded"
+    assert elapsed < 2 + 20, f"504 after {elapsed:.1f} s: the ranks did not stop at the deadline"
+    small = {"model": "tiny-failover", "prompt": "in time", "size": "36x36", "steps": 3, "seed": 8}
+    response = post(url, small)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
+
+
+def test_image_urls_work_through_any_router_replica_and_need_the_key(url):
+    bodies = [
+        {"prompt": f"url {i}", "size": "36x36", "steps": 2, "seed": i, "response_format": "url"}
+        for i in range(20)
+    ]
+    with ThreadPoolExecutor(4) as clients:
+        responses = list(clients.map(lambda body: post(url, body), bodies))
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+    makers = {response.json()["rayxdit"]["router"] for response in responses}
+    assert len(makers) == 2, f"every URL was made by one router replica ({makers}): the test proves nothing"
+    links = [response.json()["data"][0]["url"] for response in responses]
+    for link in links:  # each fetch lands on either router replica
+        fetched = requests.get(link, headers=AUTH, timeout=30)
+        assert fetched.status_code == 200 and png_pixels(fetched.content).shape == (36, 36, 3), link
+    unauthorized = requests.get(links[0], timeout=30)
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["type"] == "authentication_error"
+    missing = requests.get(links[0].rsplit("/", 1)[0] + "/0123abcd.png", headers=AUTH, timeout=30)
+    assert missing.status_code == 404
