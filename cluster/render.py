@@ -160,6 +160,14 @@ def render(name: str) -> dict:
 
 
 KUBERAY_IMAGE = "ghcr.io/YOUR-ORG/rayxdit:0.1.0"  # built from cluster/Dockerfile
+READINESS_PROBE = {
+    # rayxdit's readiness: every served model has a ready replica (or scales from zero). Until then the pod
+    # takes no traffic from the serve Service.
+    "httpGet": {"path": "/readyz", "port": 8000},
+    "periodSeconds": 5,
+    "timeoutSeconds": 3,
+    "failureThreshold": 3,
+}
 
 
 def render_rayservice() -> dict:
@@ -197,6 +205,7 @@ def render_rayservice() -> dict:
                                     "name": "ray-head",
                                     "image": KUBERAY_IMAGE,
                                     "ports": ports,
+                                    "readinessProbe": READINESS_PROBE,
                                     "resources": {
                                         "limits": {"cpu": "16", "memory": "64Gi"},
                                         "requests": {"cpu": "16", "memory": "64Gi"},
@@ -219,6 +228,7 @@ def render_rayservice() -> dict:
                                     {
                                         "name": "ray-worker",
                                         "image": KUBERAY_IMAGE,
+                                        "readinessProbe": READINESS_PROBE,
                                         "resources": {
                                             "limits": {"cpu": "180", "memory": "1800Gi", "nvidia.com/gpu": 8},
                                             "requests": {

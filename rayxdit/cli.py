@@ -252,10 +252,18 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="Ray cluster to join (e.g. auto or ray://head:10001); default: start a local Ray instance",
     )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="what Ray Serve's controller, proxy and replicas print here (info: every request's access "
+        "log too); all of it is in Ray's log files anyway (default: %(default)s)",
+    )
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
     import time
 
     import ray
@@ -272,16 +280,22 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or http_options.get("port") or config.port
     # The job's environment reaches every Serve replica, and the executors forward it to the ranks: a gated
     # model's HF_TOKEN works on a cluster joined with --address too.
-    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
+    env = {**SERVE_ENV, **forwarded_env()}
+    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": env})
     for pool in config.pools:
         check_placeable(pool)  # a pool that can never be placed is refused now, not left pending
-    serve.start(http_options={**http_options, "host": host, "port": port})
+    logging_config = {
+        "log_level": args.log_level.upper(),
+        "enable_access_log": args.log_level in ("debug", "info"),
+    }
+    logging.getLogger("ray.serve").setLevel(args.log_level.upper())  # this process's own Serve messages
+    serve.start(http_options={**http_options, "host": host, "port": port}, logging_config=logging_config)
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
         + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.parallel})" for pool in config.pools),
         file=sys.stderr,
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=logging_config)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
     print(
@@ -297,10 +311,13 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("rayxdit: stopping (in-flight requests are cancelled)", file=sys.stderr, flush=True)
     finally:
-        _quiet_shutdown(serve, ray)
+        _stop(serve, ray, APP_NAME, joined=args.address is not None)
     return 0
 
 
+SERVE_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
+"""Serve's handles probe a replica's queue within 0.1 s and warn when it takes longer, which a busy machine
+(models loading on every core) does: the probe only orders replicas, so give it a second."""
 READY_TIMEOUT_S = 1800.0
 """How long `rayxdit serve` waits for every model to have a ready replica (loading a large model)."""
 
@@ -331,15 +348,15 @@ def _wait_until_ready(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _quiet_shutdown(serve, ray) -> None:
-    """Stop Serve and Ray without the tracebacks a Ctrl-C would otherwise print from Serve's shutdown."""
+def _stop(serve, ray, app_name: str, joined: bool) -> None:
+    """On a cluster joined with --address, remove this application (other applications and Serve itself
+    stay); a local Ray instance started here goes away whole, and with it every actor. Neither path asks
+    Serve's controller to kill itself, which is what made a normal Ctrl-C print a failed task."""
     import contextlib
-    import logging
 
-    for name in ("ray", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     with contextlib.suppress(Exception, KeyboardInterrupt):
-        serve.shutdown()
+        if joined:
+            serve.delete(app_name)
     with contextlib.suppress(Exception, KeyboardInterrupt):
         ray.shutdown()
 

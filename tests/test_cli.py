@@ -152,6 +152,8 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
                 break
             time.sleep(2)
         assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        readiness = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+        assert readiness.status_code == 200, "'serving on' was printed before the application was ready"
         response = requests.post(
             f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a red fox"}, timeout=300
         )
@@ -168,10 +170,22 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(timeout=60)
+            code = server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+            code = None
         log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert code == 0 and "rayxdit: stopping" in output, output[-3000:]
+    # A healthy run and a normal Ctrl-C print nothing a user must learn to ignore.
+    for noise in (
+        "Traceback",
+        "graceful_shutdown",
+        "FutureWarning",
+        "leaked semaphore",
+        "Failed to get queue",
+    ):
+        assert noise not in output, f"{noise!r} in the output of a healthy run:\n{output[-3000:]}"
 
 
 @pytest.mark.slow

@@ -180,16 +180,15 @@ def pool_from_args(args: argparse.Namespace):
 
 def generate_pending(
     pending: list[dict[str, Any]], pool, args, output: Path, run_id: str
-) -> tuple[int, int, bool]:
+) -> tuple[dict[str, int], bool]:
     """Generate the pending rows on ``args.pools`` worker groups, writing manifest parts as rows finish.
-    Returns (generated, failed, interrupted)."""
+    Returns the rows finished by status and whether Ctrl-C interrupted the run."""
     import pyarrow as pa
     import ray.data
     from tqdm.auto import tqdm
 
     from rayxdit.batch.generator import GroupGenerator
     from rayxdit.batch.manifest import SCHEMA, write_part
-    from rayxdit.batch.rows import STATUS_OK
 
     dataset = ray.data.from_arrow(pa.Table.from_pylist(pending, schema=row_schema())).map_batches(
         GroupGenerator,
@@ -199,31 +198,77 @@ def generate_pending(
             "run_id": run_id,
             "max_attempts": args.max_attempts,
         },
-        concurrency=args.pools,
+        compute=ray.data.ActorPoolStrategy(size=args.pools),
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0.1,
+        # The actor only drives its worker group, whose ranks hold the resources: asking for CPUs beside
+        # the group's placement group could leave the group unplaceable on a small machine.
+        num_cpus=0,
     )
-    generated = failed = 0
+    finished_by_status: dict[str, int] = {}
     buffer: list[dict[str, Any]] = []
     progress = tqdm(total=len(pending), unit="img", desc="generate", dynamic_ncols=True)
+    watcher = PlacementWatcher(run_id)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for finished in batch.cast(SCHEMA).to_pylist():
                 buffer.append(finished)
-                generated += finished["status"] == STATUS_OK
-                failed += finished["status"] != STATUS_OK
+                finished_by_status[finished["status"]] = finished_by_status.get(finished["status"], 0) + 1
                 progress.update(1)
-                progress.set_postfix(ok=generated, failed=failed)
+                progress.set_postfix(finished_by_status)
             if len(buffer) >= args.rows_per_part:
                 write_part(output, buffer, run_id)
                 buffer = []
     except KeyboardInterrupt:
-        return generated, failed, True
+        return finished_by_status, True
     finally:
+        watcher.stop()
         write_part(output, buffer, run_id)
         progress.close()
-    return generated, failed, False
+    return finished_by_status, False
+
+
+class PlacementWatcher:
+    """While the run lasts, say every ``period_s`` when one of its worker groups still waits for resources
+    (a cluster that is busy, or scaling up): a wait is never silent."""
+
+    def __init__(self, run_id: str, period_s: float = 30.0):
+        import threading
+
+        self.run_id = run_id
+        self.period_s = period_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="placement-watcher")
+        self.thread.start()
+
+    def _watch(self) -> None:
+        import ray
+
+        from rayxdit.batch.generator import PLACEMENT_PREFIX
+
+        began = time.monotonic()
+        while not self.done.wait(self.period_s):
+            try:
+                waiting = [
+                    entry
+                    for entry in ray.util.placement_group_table().values()
+                    if entry.get("name", "").startswith(f"{PLACEMENT_PREFIX}{self.run_id}")
+                    and entry.get("state") == "PENDING"
+                ]
+            except Exception:
+                continue
+            if waiting:
+                bundles = list(waiting[0].get("bundles", {}).values())
+                print(
+                    f"rayxdit batch: {len(waiting)} worker group(s) still waiting for resources after "
+                    f"{time.monotonic() - began:.0f} s (each needs {bundles}); free now: "
+                    f"{ray.available_resources()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{pool.accelerator.upper()} rank(s) ({pool.parallel})",
         flush=True,
     )
-    finished, interrupted = generate_pending(pending, pool, args, output, run_id) if pending else ({}, False)
+    finished, interrupted = ({}, False)
+    if pending:
+        finished, interrupted = generate_pending(pending, pool, args, output, run_id)
     generated, failed = finished.get(STATUS_OK, 0), finished.get(STATUS_FAILED, 0)
     counts["invalid"] += finished.get(STATUS_INVALID, 0)
 

@@ -74,13 +74,19 @@ def model_cards(config: ServeConfig) -> dict[str, ModelCard]:
     return cards
 
 
+def fixed_size(replicas: int) -> dict[str, int]:
+    """An autoscaling config that never scales: every deployment of the application has one, so that an
+    application-level autoscaling policy sees all of them (and Serve warns about none)."""
+    return {"min_replicas": replicas, "max_replicas": replicas, "initial_replicas": replicas}
+
+
 def build_app(config: ServeConfig) -> Application:
     """The application: the shared state, one deployment per pool, the router in front."""
     state = (
         serve.deployment(AppState)
         .options(
             name="state",
-            num_replicas=1,
+            autoscaling_config=fixed_size(1),
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=10000,
             # Heartbeats every second from every pool replica: not worth an access-log line each.
@@ -94,7 +100,7 @@ def build_app(config: ServeConfig) -> Application:
     }
     router = serve.deployment(Router).options(
         name="router",
-        num_replicas=config.router.replicas,
+        autoscaling_config=fixed_size(config.router.replicas),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
     )

@@ -1,0 +1,68 @@
+"""README's local batch command, exactly as written: a local Ray instance started by the job itself on a
+2-core machine, tiny-flux on the CPU. It must finish, reruns must skip what is settled (invalid rows too),
+and a pool this machine can never host must be refused at once with one line saying what to pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def batch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "rayxdit.batch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_the_readme_command_finishes_and_a_rerun_skips_settled_rows(tmp_path: Path):
+    rows = [
+        {"id": "fox", "prompt": "a red fox", "size": "36x36", "steps": 2, "seed": 1},
+        {"id": "owl", "prompt": "an owl at night", "size": "40x36", "steps": 2, "seed": 2},
+        {"id": "odd", "prompt": "a tree", "size": "37x36", "steps": 2},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in rows))
+    command = ["--input", str(prompts), "--output", str(tmp_path / "out"), "--accelerator", "cpu"]
+    done = batch(*command)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 generated, 0 failed" in done.stdout and "1 invalid" in done.stdout, done.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["fox.png", "owl.png"]
+    again = batch(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = again.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b0 generated, 0 failed, 2 done before, 0 adopted, 1 invalid", summary), summary
+
+
+def test_a_pool_the_machine_can_never_host_is_refused_at_once(tmp_path: Path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat"}))
+    began = time.monotonic()
+    done = batch(
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "out"),
+        "--accelerator",
+        "cpu",
+        "--cpus-per-rank",
+        "64",
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert time.monotonic() - began < 90
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rayxdit batch: error:")]
+    assert len(lines) == 1 and "needs 2 ranks x" in lines[0] and "--cpus-per-rank" in lines[0], done.stderr
+    assert not (tmp_path / "out" / "images").exists()
