@@ -271,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from rayxdit.runtime.executor import forwarded_env
     from rayxdit.runtime.ray_executor import check_placeable
-    from rayxdit.serve.app import APP_NAME, build_app, default_config, load_serve_file
+    from rayxdit.serve.app import APP_NAME, default_config, deploy, load_serve_file
 
     if args.config is not None and not args.config.is_file():
         raise UsageError(f"--config: {args.config} does not exist")
@@ -282,8 +282,11 @@ def _serve(args: argparse.Namespace) -> int:
     # model's HF_TOKEN works on a cluster joined with --address too.
     env = {**SERVE_ENV, **forwarded_env()}
     ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": env})
-    for pool in config.pools:
-        check_placeable(pool)  # a pool that can never be placed is refused now, not left pending
+    started_here = args.address is None and "RAY_ADDRESS" not in os.environ
+    for pool in config.pools:  # a pool that can never be placed is refused now, not left pending
+        warning = check_placeable(pool, started_here)
+        if warning:
+            print(f"rayxdit: warning: {warning} (unless an autoscaler adds such a node)", file=sys.stderr)
     logging_config = {
         "log_level": args.log_level.upper(),
         "enable_access_log": args.log_level in ("debug", "info"),
@@ -295,7 +298,9 @@ def _serve(args: argparse.Namespace) -> int:
         + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.parallel})" for pool in config.pools),
         file=sys.stderr,
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=logging_config)
+    # Serve's config path (as `serve deploy`): the one that carries the application-level autoscaling
+    # policy. The environment goes with the application: a config deploy does not inherit this job's.
+    deploy(config, runtime_env={"env_vars": env}, logging_config=logging_config, timeout_s=READY_TIMEOUT_S)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
     print(

@@ -271,8 +271,27 @@ class PoolConfig(BaseModel):
     route_min_cost: float = Field(
         default=0.0,
         ge=0.0,
-        description="Requests costing at least this much (megapixel x steps x CFG factor x images) "
-        "prefer this pool; the pool with the highest threshold not above a request's cost wins.",
+        description="Until the pools of a model are measured (and without a seconds_per_cost prior), "
+        "requests costing at least this much (megapixel x steps x CFG factor x images) prefer this pool; "
+        "the pool with the highest threshold not above a request's cost wins. Afterwards requests go "
+        "where they finish first.",
+    )
+    seconds_per_cost: float | None = Field(
+        default=None,
+        gt=0,
+        description="Prior of this pool's service time per cost unit (seconds per megapixel-step), used "
+        "for routing and autoscaling until the pool is measured (e.g. 0.09 for FLUX.1-dev on 2 H200).",
+    )
+    startup_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Prior of a replica's start-up (load, compile, warm-up) until one is measured: what "
+        "a request routed to a cold pool waits first.",
+    )
+    warmup_sizes: list[str] = Field(
+        default_factory=list,
+        description='Sizes ("WxH") a replica generates once before it reports ready, so that no user '
+        "request pays torch.compile (one compile per resolution).",
     )
     request_timeout_s: float = Field(
         default=900.0,
@@ -307,6 +326,15 @@ class PoolConfig(BaseModel):
     def _valid_parallel(cls, value: str) -> str:
         ParallelConfig.parse(value)
         return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _valid_sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            width, sep, height = size.lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+                raise ValueError(f"warmup size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
+        return sizes
 
     @model_validator(mode="after")
     def _valid_deployment_config(self) -> PoolConfig:
@@ -391,13 +419,31 @@ class RouterConfig(BaseModel):
     )
 
 
+class ElasticConfig(BaseModel):
+    """The application's one autoscaling policy (``rayxdit.serve.elastic``): all pools sized together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_ranks: int | None = Field(
+        default=None,
+        ge=1,
+        description="Ranks (GPUs) the pools may hold together; default: the cluster's GPUs, or with an "
+        "autoscaler the most it may have.",
+    )
+
+
 class ServeConfig(BaseModel):
-    """A whole rayxdit application: pools, router, HTTP address."""
+    """A whole rayxdit application: pools, router, HTTP address, autoscaling."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pools: list[PoolConfig] = Field(min_length=1, description="Replica pools, one Serve deployment each.")
     router: RouterConfig = Field(default_factory=RouterConfig)
+    elastic: ElasticConfig | None = Field(
+        default_factory=ElasticConfig,
+        description="One autoscaling policy sizing every pool within a shared budget; null: each pool "
+        "scales on its own (Serve's per-deployment policy on its deployment_config).",
+    )
     host: str = Field(default="127.0.0.1", description="HTTP bind address (rayxdit serve only).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (rayxdit serve only).")
 
@@ -406,4 +452,11 @@ class ServeConfig(BaseModel):
         names = [pool.name for pool in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
+        if self.elastic is not None:
+            fixed = [pool.name for pool in self.pools if "autoscaling_config" not in pool.serve_options()]
+            if fixed:
+                raise ValueError(
+                    f"pools {', '.join(fixed)} have a fixed num_replicas, which the elastic policy cannot size: "
+                    "give them autoscaling_config {min_replicas: N, max_replicas: N}, or set elastic: null"
+                )
         return self

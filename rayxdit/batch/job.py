@@ -288,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             pool = pool.model_copy(
                 update={"accelerator": "cpu", "cpus_per_rank": args.cpus_per_rank or CPU_RANK_CPUS}
             )
-        check_placeable(pool)
+        warning = check_placeable(pool, started_here=args.address is None and "RAY_ADDRESS" not in os.environ)
+        if warning:
+            print(
+                f"rayxdit batch: warning: {warning} (unless an autoscaler adds such a node)", file=sys.stderr
+            )
     except ConfigError as error:
         print(f"rayxdit batch: error: {error}", file=sys.stderr)
         return 2

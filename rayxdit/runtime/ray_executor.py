@@ -177,9 +177,13 @@ def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | No
     return nodes, [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
 
 
-def check_placeable(pool: PoolConfig) -> None:
-    """Raise :class:`ConfigError` at once when ``pool``'s worker group can never be placed on this cluster
-    (instead of a placement group pending forever)."""
-    problem = never_placeable(pool, *cluster_nodes())
-    if problem:
+def check_placeable(pool: PoolConfig, started_here: bool) -> str | None:
+    """Raise :class:`ConfigError` at once when ``pool``'s worker group can never be placed (instead of a
+    placement group pending forever): certain on a cluster this process started (``started_here``: no
+    autoscaler can add nodes) or one whose autoscaler published its node types. On any other cluster an
+    autoscaler may still add a node that fits: the problem is returned, for a warning."""
+    nodes, node_types = cluster_nodes()
+    problem = never_placeable(pool, nodes, node_types)
+    if problem and (started_here or node_types is not None):
         raise ConfigError(f"pool {pool.name}: {problem}")
+    return f"pool {pool.name}: {problem}" if problem else None

@@ -116,6 +116,67 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(config)
 
 
+ELASTIC_POLICY = "rayxdit.serve.elastic:ElasticPolicy"
+
+
+def application_document(
+    config: ServeConfig,
+    runtime_env: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The rayxdit application as a Serve config entry (what ``serve run``/``serve deploy`` read from YAML),
+    with the application-level autoscaling policy when ``config.elastic`` is set: the policy gets the same
+    args, from which it knows every pool."""
+    args = config.model_dump(mode="json")
+    document: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "rayxdit.serve.app:app_builder",
+        "args": args,
+    }
+    if config.elastic is not None:
+        document["autoscaling_policy"] = {"policy_function": ELASTIC_POLICY, "policy_kwargs": {"app": args}}
+    if runtime_env:
+        document["runtime_env"] = runtime_env
+    if logging_config:
+        document["logging_config"] = logging_config
+    return document
+
+
+def deploy(
+    config: ServeConfig,
+    runtime_env: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | None = None,
+    timeout_s: float = 1800.0,
+) -> None:
+    """Deploy the application the way ``serve deploy`` does, through Serve's config path: in Ray 2.60 the
+    only one that carries an application-level autoscaling policy. Serve must be started (``serve.start``).
+    Other applications declared on the cluster are kept as they are; waits until the application runs."""
+    import time
+
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    others = [
+        app["deployed_app_config"]
+        for name, app in client.get_serve_details().get("applications", {}).items()
+        if name != APP_NAME and app.get("deployed_app_config")
+    ]
+    document = {"applications": [*others, application_document(config, runtime_env, logging_config)]}
+    client.deploy_apps(ServeDeploySchema.model_validate(document))
+    began = time.monotonic()
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise ConfigError(f"deploying the application failed: {status.message}")
+        if time.monotonic() - began > timeout_s:
+            raise ConfigError(f"the application did not start within {timeout_s:.0f} s: {status}")
+        time.sleep(0.5)
+
+
 def load_serve_file(path: str | Path) -> tuple[ServeConfig, dict[str, Any]]:
     """Read a Serve config YAML written for ``serve run``: the rayxdit app's args and the http_options.
     Raises :class:`ConfigError` with one line naming the file and the offending field."""

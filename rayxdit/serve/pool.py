@@ -33,7 +33,8 @@ from rayxdit.config import PoolConfig
 from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.ray_executor import RayExecutor
-from rayxdit.serve.api import PoolUnavailableError
+from rayxdit.serve.api import PoolUnavailableError, engine_seconds
+from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 
 logger = logging.getLogger("ray.serve")
@@ -41,38 +42,62 @@ logger = logging.getLogger("ray.serve")
 
 class PoolReplica:
     async def __init__(self, pool: PoolConfig, state: DeploymentHandle):
+        began = time.monotonic()
         self.pool = pool
         self.replica = serve.get_replica_context().replica_tag
-        self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
-        await asyncio.to_thread(self.executor.start)
-        self.lock = asyncio.Lock()
         self.state = state
-        self.heartbeat = asyncio.create_task(self._heartbeat())
+        self.startup_s: float | None = None  # known once up: the state learns cold-start costs from it
+        self.service = ServiceFit()  # this replica's service time per request cost, for the policy
+        self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
+        self.lock = asyncio.Lock()
+        self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
+        await asyncio.to_thread(self.executor.start)
+        await self._warm_up()
+        self.startup_s = time.monotonic() - began
+
+    async def _warm_up(self) -> None:
+        """One short generation per ``warmup_sizes`` entry (torch.compile compiles per resolution), before
+        the replica reports ready: no user request pays it."""
+        for size in self.pool.warmup_sizes:
+            width, height = (int(side) for side in size.lower().split("x"))
+            begin = time.monotonic()
+            request = GenerateRequest(prompt="warm-up", width=width, height=height, steps=2)
+            await self.executor.generate_async(request, request_id=f"warm-up-{size}")
+            logger.info("%s: warmed up %s in %.1f s", self.replica, size, time.monotonic() - begin)
 
     async def _heartbeat(self) -> None:
-        """Tell the application's state every second that this replica is (or is not) ready."""
+        """Tell the application's state every second whether this replica is starting or ready."""
         while True:
+            ready = self.startup_s is not None and not self.executor.broken
             try:
-                await self.state.report.remote(self.pool.name, self.replica, not self.executor.broken)
+                await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s)
             except Exception as error:  # the state replica restarting: next beat
                 logger.debug("heartbeat of %s failed: %r", self.replica, error)
             await asyncio.sleep(HEARTBEAT_S)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics for the application's policy (0: not measured yet)."""
+        overhead, rate = self.service.fitted or (0.0, 0.0)
+        return {"seconds_per_cost": rate, "overhead_s": overhead, "mean_cost": self.service.mean_cost or 0.0}
+
     async def generate(
-        self, request: GenerateRequest, request_id: str, deadline: float | None = None
+        self, request: GenerateRequest, request_id: str, deadline: float | None = None, cost: float = 0.0
     ) -> EncodedResult:
-        """Run ``request`` on the worker group; ``deadline`` in seconds since the epoch."""
+        """Run ``request`` on the worker group; ``deadline`` in seconds since the epoch; ``cost`` (the
+        router's) teaches this replica's rate, reported to the autoscaling policy."""
         # The job runs in a fresh context, detached from this Serve request: when Serve cancels the request
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
-        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline))
+        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
             job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
             raise
 
-    async def _run(self, request: GenerateRequest, request_id: str, deadline: float | None) -> EncodedResult:
+    async def _run(
+        self, request: GenerateRequest, request_id: str, deadline: float | None, cost: float
+    ) -> EncodedResult:
         async with self.lock:
             last_error: BaseException | None = None
             for attempt in (1, 2):
@@ -86,6 +111,9 @@ class PoolReplica:
                     )
                     result.timings["ranks"] = self.pool.ranks
                     result.timings["attempts"] = attempt
+                    engine_s = engine_seconds(result.timings)
+                    if cost > 0 and engine_s:
+                        self.service.add(cost, engine_s)
                     return result
                 except GroupError as error:
                     logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -36,6 +37,7 @@ from rayxdit.serve.api import (
     ImageGenerationRequest,
     ImageGenerationResponse,
     PoolUnavailableError,
+    engine_seconds,
     error_payload,
 )
 from rayxdit.serve.routing import request_cost
@@ -59,6 +61,8 @@ class ApiError(Exception):
     ):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.retry_after: float | None = None
+        """Seconds for the Retry-After header of a 429 or 503 (default: RETRY_AFTER_S)."""
 
 
 app = FastAPI(
@@ -78,7 +82,8 @@ def _error(
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else {}
+    wait = math.ceil(error.retry_after or RETRY_AFTER_S)
+    headers = {"Retry-After": str(wait)} if error.status in (429, 503) else {}
     return _error(error.status, str(error), error.kind, error.param, error.code, **headers)
 
 
@@ -171,32 +176,35 @@ class Router:
         model, request, resolved = self._validated(body)
         cost = request_cost(resolved, self.cards[model].uses_cfg(request))
         arrived = time.time()
+        pools = self.pools_by_model[model]
+        longest = max(pool.request_timeout_s for pool in pools)
+        admission_deadline = arrived + min(body.timeout or longest, longest)
+        hold_s = longest + max(pool.cancel_grace_s for pool in pools) + BACKSTOP_S
         tried: list[str] = []
         while True:
-            longest = max(pool.request_timeout_s + pool.cancel_grace_s for pool in self.pools_by_model[model])
-            name = await self.state.route.remote(model, cost, request_id, longest + BACKSTOP_S, tried)
-            if name is None:
-                raise ApiError(
-                    429,
-                    f"all pools serving '{model}' are at capacity; retry later",
-                    "rate_limit_error",
-                    code="capacity",
-                )
-            pool = self.pools[name]
+            decision = await self.state.route.remote(
+                model, cost, request_id, admission_deadline, hold_s, tried
+            )
+            if decision["pool"] is None:
+                raise self._refusal(model, decision, request_id)
+            pool = self.pools[decision["pool"]]
             deadline = arrived + min(body.timeout or pool.request_timeout_s, pool.request_timeout_s)
+            result = None
             try:
-                result = await self._call_pool(pool, request, request_id, deadline)
+                result = await self._call_pool(pool, request, request_id, deadline, cost)
                 break
             except (BackPressureError, DeploymentUnavailableError):
-                tried.append(name)  # this pool is full or down: the next candidate takes it
+                tried.append(pool.name)  # this pool is full or down: the next candidate takes it
             finally:
-                await self.state.finish.remote(request_id)
+                engine_s = None if result is None else engine_seconds(result.timings)
+                await self.state.finish.remote(request_id, engine_s)
         info = {
             "request_id": request_id,
             "router": self.replica,
             "pool": pool.name,
             "ranks": pool.ranks,
             "cost": round(cost, 4),
+            "estimate_s": None if decision["estimate_s"] is None else round(decision["estimate_s"], 3),
             "seed": request.seed,
             "width": resolved.width,
             "height": resolved.height,
@@ -205,12 +213,33 @@ class Router:
         }
         return result, info
 
+    @staticmethod
+    def _refusal(model: str, decision: dict[str, Any], request_id: str) -> ApiError:
+        """429 before any GPU work: every pool is full or down, or none can finish before the deadline."""
+        wait = decision.get("retry_after_s")
+        if wait is None:
+            return ApiError(
+                429,
+                f"all pools serving '{model}' are full or unavailable; retry later",
+                "rate_limit_error",
+                code="capacity",
+            )
+        error = ApiError(
+            429,
+            f"no pool serving '{model}' can finish request {request_id} before its deadline (expected in "
+            f"{decision['estimate_s']:.0f} s); retry in {wait:.0f} s, or send a larger 'timeout'",
+            "rate_limit_error",
+            code="deadline_unreachable",
+        )
+        error.retry_after = wait
+        return error
+
     async def _call_pool(
-        self, pool: PoolConfig, request: GenerateRequest, request_id: str, deadline: float
+        self, pool: PoolConfig, request: GenerateRequest, request_id: str, deadline: float, cost: float
     ) -> EncodedResult:
         """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
         a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound."""
-        response = self.handles[pool.name].generate.remote(request, request_id, deadline)
+        response = self.handles[pool.name].generate.remote(request, request_id, deadline, cost)
         bound = max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
         try:
             return await asyncio.wait_for(response, timeout=bound)

@@ -1,20 +1,31 @@
 """Which pool serves a request: pure functions of the request's cost, the pools and their load.
 
-Cost is megapixels x steps x (2 with true CFG) x images: proportional to transformer work. Each pool
-declares the lowest cost it wants (``route_min_cost``); a request goes to the pool of its model with the
-highest threshold not above its cost, so cheap requests fill small pools (most images per GPU under load)
-and expensive ones get big pools (lowest latency). A pool that is saturated (as many requests outstanding
-as it has ready replicas, each running one at a time) or unavailable yields to the pool nearest in size.
-Load is the whole application's (see ``serve/state.py``), not one router replica's.
+A request goes where it **finishes first**: for every pool serving its model, the router estimates the
+wait for a replica (the work ahead of it, spread over the pool's ready replicas, or a replica's start-up
+when the pool is cold) plus its own service time (its cost times the pool's seconds per cost unit), and
+picks the earliest (ties: the smaller pool, which leaves large replicas free for the next request). Seconds
+per cost unit are learned online per pool from the engine timings every response carries; until a pool is
+measured its rate is extrapolated from a measured pool of the same model by GPU count, or taken from the
+pool's configured prior. With nothing known at all, the configured cost thresholds decide, as before
+(``route_min_cost``: cheap requests to small pools, expensive ones to big pools, free pools first).
+
+Cost is megapixels x steps x (2 with CFG) x images: proportional to transformer work. Load is the whole
+application's (``serve/state.py`` keeps it), never one router replica's. The fleet simulator
+(``benchmarks/simulate_fleet.py``) calls these same functions.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
+
+SCALING_EXPONENT = 0.85
+"""Before a pool is measured, n times the GPUs is taken as n**0.85 times as fast (2 GPUs: 1.80x). Measured
+on 2x H200 (benchmarks/results/flux-dev-2xh200.json): 1.58x at 1024px, 1.78x at 2048px, 1.98x with cfg=2."""
 
 
 def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
@@ -23,20 +34,65 @@ def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
     return req.width * req.height / 1e6 * req.steps * cfg_factor * req.batch
 
 
-def preferred_pool(pools: Sequence[PoolConfig], cost: float) -> PoolConfig:
-    """The pool whose threshold is the highest not above ``cost`` (the cheapest pool if none is)."""
-    eligible = [pool for pool in pools if pool.route_min_cost <= cost]
-    if not eligible:
-        return min(pools, key=lambda pool: pool.route_min_cost)
-    return max(eligible, key=lambda pool: (pool.route_min_cost, pool.ranks))
+class ServiceFit:
+    """A pool's service time as ``overhead_s + seconds_per_cost * cost``, fitted online by exponentially
+    weighted least squares: text encoding and decoding cost about the same for any request, the denoising
+    loop is proportional to its cost, and the newest requests weigh most (``forget`` per sample). With only
+    one cost seen so far, the fit is proportional."""
+
+    def __init__(self, forget: float = 0.9):
+        self.forget = forget
+        self.weight = self.cost = self.cost2 = self.seconds = self.cost_seconds = 0.0
+
+    def add(self, cost: float, seconds: float) -> None:
+        f = self.forget
+        self.weight = f * self.weight + 1.0
+        self.cost = f * self.cost + cost
+        self.cost2 = f * self.cost2 + cost * cost
+        self.seconds = f * self.seconds + seconds
+        self.cost_seconds = f * self.cost_seconds + cost * seconds
+
+    @property
+    def fitted(self) -> tuple[float, float] | None:
+        """``(overhead_s, seconds_per_cost)``, or None before any sample."""
+        if self.weight == 0 or self.cost <= 0:
+            return None
+        spread = self.weight * self.cost2 - self.cost**2
+        if spread > 1e-9 * self.weight * self.cost2:
+            slope = (self.weight * self.cost_seconds - self.cost * self.seconds) / spread
+            overhead = (self.seconds - slope * self.cost) / self.weight
+            if slope > 0 and overhead >= 0:
+                return overhead, slope
+        return 0.0, self.seconds / self.cost
+
+    @property
+    def mean_cost(self) -> float | None:
+        return self.cost / self.weight if self.weight else None
 
 
-def candidate_order(pools: Sequence[PoolConfig], cost: float) -> list[PoolConfig]:
-    """The preferred pool first, then the others nearest in rank count (ties: the larger pool first)."""
-    first = preferred_pool(pools, cost)
-    rest = [pool for pool in pools if pool.name != first.name]
-    rest.sort(key=lambda pool: (abs(pool.ranks - first.ranks), -pool.ranks))
-    return [first, *rest]
+@dataclass(frozen=True)
+class PoolSpec:
+    """What routing and autoscaling need to know about a pool (from its ``PoolConfig``)."""
+
+    name: str
+    model: str
+    ranks: int
+    route_min_cost: float = 0.0
+    seconds_per_cost: float | None = None
+    """Configured prior of the pool's service rate, until it is measured."""
+    startup_s: float = 60.0
+    """Configured prior of a replica's start-up (model load, warm-up), until one is measured."""
+
+    @classmethod
+    def of(cls, pool: PoolConfig) -> PoolSpec:
+        return cls(
+            pool.name,
+            pool.served_model_name,
+            pool.ranks,
+            pool.route_min_cost,
+            pool.seconds_per_cost,
+            pool.startup_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -45,24 +101,106 @@ class PoolLoad:
 
     ready_replicas: int = 0
     """Replicas whose worker group is up (each runs one request at a time)."""
+    starting_replicas: int = 0
+    """Replicas loading their model (or warming up)."""
     outstanding: int = 0
     """Requests routed to the pool and not finished yet (running or queued), from every router replica."""
+    outstanding_cost: float = 0.0
+    """Their total cost."""
+    seconds_per_cost: float | None = None
+    """Measured service rate (None: not measured yet)."""
+    overhead_s: float = 0.0
+    """Measured fixed part of a request's service time (text encoding, decoding)."""
+    startup_s: float | None = None
+    """Measured replica start-up (None: not measured yet)."""
 
     @property
     def free(self) -> bool:
         return self.outstanding < self.ready_replicas
 
 
-def choose_pool(
-    pools: Sequence[PoolConfig],
+def service_rates(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> dict[str, float] | None:
+    """Seconds per cost unit of each pool: measured where measured; else extrapolated from the measured
+    (or configured) pool of the same model nearest in GPU count; None if some pool's model has neither."""
+    known = {
+        pool.name: (loads.get(pool.name, PoolLoad()).seconds_per_cost or pool.seconds_per_cost)
+        for pool in pools
+    }
+    rates: dict[str, float] = {}
+    for pool in pools:
+        if known[pool.name]:
+            rates[pool.name] = known[pool.name]
+            continue
+        anchors = [other for other in pools if other.model == pool.model and known[other.name]]
+        if not anchors:
+            return None
+        anchor = min(anchors, key=lambda other: abs(math.log(other.ranks / pool.ranks)))
+        rates[pool.name] = known[anchor.name] * (anchor.ranks / pool.ranks) ** SCALING_EXPONENT
+    return rates
+
+
+def completion_estimate(pool: PoolSpec, load: PoolLoad, cost: float, seconds_per_cost: float) -> float:
+    """Seconds until a request of ``cost`` would finish on ``pool``: the wait for a replica plus its service
+    (the pool's measured overhead plus ``cost`` at ``seconds_per_cost``).
+
+    With ``n`` requests outstanding on ``c`` busy replicas, the running ones are half done on average, so
+    the work ahead is ``(n - c/2)`` mean requests spread over ``c`` replicas. A cold pool first needs a
+    replica (its start-up; half of it when one is already starting), then serves its queue in turn.
+    """
+    service = load.overhead_s + cost * seconds_per_cost
+    n, c = load.outstanding, load.ready_replicas
+    outstanding_work = n * load.overhead_s + load.outstanding_cost * seconds_per_cost
+    if c == 0:
+        startup = load.startup_s or pool.startup_s
+        return (startup / 2 if load.starting_replicas else startup) + outstanding_work + service
+    if n < c:
+        return service
+    return outstanding_work * (n - c / 2) / (n * c) + service
+
+
+def threshold_order(pools: Sequence[PoolSpec], cost: float, loads: Mapping[str, PoolLoad]) -> list[PoolSpec]:
+    """Routing by configured thresholds alone (nothing measured yet): the pool whose ``route_min_cost`` is
+    the highest not above ``cost`` first, then the others nearest in GPU count (ties: the larger), free pools
+    before busy ones."""
+    if not pools:
+        return []
+    eligible = [pool for pool in pools if pool.route_min_cost <= cost]
+    first = (
+        max(eligible, key=lambda pool: (pool.route_min_cost, pool.ranks))
+        if eligible
+        else min(pools, key=lambda pool: pool.route_min_cost)
+    )
+    order = [
+        first,
+        *sorted((p for p in pools if p is not first), key=lambda p: (abs(p.ranks - first.ranks), -p.ranks)),
+    ]
+    free = [pool for pool in order if loads.get(pool.name, PoolLoad()).free]
+    return free + [pool for pool in order if pool not in free]
+
+
+def route(
+    pools: Sequence[PoolSpec],
     cost: float,
     loads: Mapping[str, PoolLoad],
-    unavailable: frozenset[str] = frozenset(),
-) -> list[PoolConfig]:
-    """Pools to try, in order: available pools with a free ready replica by preference, then the others
-    (their queues absorb the burst; a cold pool, with no ready replica, scales up for it), unavailable ones
-    never."""
-    order = [pool for pool in candidate_order(pools, cost) if pool.name not in unavailable]
-    free = [pool for pool in order if loads.get(pool.name, PoolLoad()).free]
-    busy = [pool for pool in order if pool not in free]
-    return free + busy
+    exclude: frozenset[str] = frozenset(),
+) -> list[tuple[PoolSpec, float | None]]:
+    """The pools of one model to try, best first, each with its completion estimate (seconds; None while
+    nothing is known and thresholds decide). Excluded pools (full or down for this request) never."""
+    candidates = [pool for pool in pools if pool.name not in exclude]
+    rates = service_rates(pools, loads)
+    if rates is None:
+        return [(pool, None) for pool in threshold_order(candidates, cost, loads)]
+    estimates = [
+        (pool, completion_estimate(pool, loads.get(pool.name, PoolLoad()), cost, rates[pool.name]))
+        for pool in candidates
+    ]
+    return sorted(estimates, key=lambda item: (item[1], item[0].ranks))
+
+
+def retry_after(estimate: float | None, time_left: float) -> float | None:
+    """Admission control: None admits a request expected to finish in ``estimate`` seconds with
+    ``time_left`` before its deadline; otherwise the seconds after which its queue should have drained
+    enough for it (the ``Retry-After`` of a 429)."""
+    if estimate is None or estimate <= time_left:
+        return None
+    return float(max(1, math.ceil(estimate - time_left)))

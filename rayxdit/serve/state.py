@@ -2,10 +2,13 @@
 
 Router replicas are interchangeable, so what a later request needs lives here, not in one of them:
 
-- **Load.** Pool replicas report every second whether their worker group is up; routers ask here which
-  pool takes a request, and the choice (the pure ``routing.choose_pool`` over the whole application's
-  load) is admitted here at once, so two routers cannot both see the same free replica. Reservations end
-  when the router reports the request finished, or at their expiry if that router died.
+- **Load.** Pool replicas report every second whether they are starting or ready (and how long their
+  start took); routers ask here which pool takes a request, and the choice (the pure ``routing.route`` over
+  the whole application's load: where it finishes first) is admitted here at once, so two routers cannot
+  both see the same free replica. A request no pool can finish before its deadline is refused here, with
+  the wait after which it could. Reservations end when the router reports the request finished (with the
+  engine's time: each pool's seconds per cost unit are learned from them), or at their expiry if that
+  router died.
 - **Images** made with ``response_format=url``: kept for a TTL within a byte budget, retrievable through any
   router replica.
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
-from rayxdit.serve.routing import PoolLoad, choose_pool
+from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after, route
 
 HEARTBEAT_S = 1.0
 """How often pool replicas report."""
@@ -33,6 +36,13 @@ STALE_AFTER_S = 5.0
 class _Replica:
     ready: bool
     seen: float
+
+
+@dataclass
+class _Reservation:
+    pool: str
+    cost: float
+    expires: float
 
 
 class ImageStore:
@@ -68,64 +78,91 @@ class ImageStore:
 
 
 class AppState:
-    """Deployed once per application (``num_replicas: 1``); see the module docstring."""
+    """Deployed once per application (one replica); see the module docstring. Every method is ``async``
+    without awaiting anything: Serve runs them one at a time on the replica's event loop (it would run
+    plain methods concurrently in threads), so a routing decision and its admission are atomic."""
 
     def __init__(self, config: ServeConfig):
         self.pools: dict[str, PoolConfig] = {pool.name: pool for pool in config.pools}
-        self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
+        self.specs: dict[str, list[PoolSpec]] = defaultdict(list)
         for pool in config.pools:
-            self.pools_by_model[pool.served_model_name].append(pool)
+            self.specs[pool.served_model_name].append(PoolSpec.of(pool))
         self.replicas: dict[str, dict[str, _Replica]] = defaultdict(dict)
-        self.reservations: dict[str, tuple[str, float]] = {}  # request id -> (pool, expires at)
+        self.reservations: dict[str, _Reservation] = {}
+        self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
+        self.startups: dict[str, float] = {}
         router: RouterConfig = config.router
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
 
     # ----- load -----------------------------------------------------------------------------------------
-    def report(self, pool: str, replica: str, ready: bool) -> None:
-        """A pool replica's heartbeat."""
+    async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
+        """A pool replica's heartbeat: starting (``ready`` False) or ready, and once up, how long its start
+        took."""
         self.replicas[pool][replica] = _Replica(ready, time.monotonic())
+        if startup_s is not None:
+            self.startups[pool] = startup_s
 
-    def loads(self) -> dict[str, PoolLoad]:
-        """Every pool's ready replicas and outstanding requests, as of now."""
+    async def loads(self) -> dict[str, PoolLoad]:
+        """Every pool's replicas, outstanding requests and learned rates, as of now."""
+        return self._loads()
+
+    def _loads(self) -> dict[str, PoolLoad]:
         now = time.monotonic()
         for replicas in self.replicas.values():
             for name in [name for name, seen in replicas.items() if now - seen.seen > STALE_AFTER_S]:
                 del replicas[name]
-        for request_id in [rid for rid, (_, expires) in self.reservations.items() if expires < now]:
+        for request_id in [rid for rid, held in self.reservations.items() if held.expires < now]:
             del self.reservations[request_id]
-        outstanding: dict[str, int] = defaultdict(int)
-        for pool, _ in self.reservations.values():
-            outstanding[pool] += 1
-        return {
-            name: PoolLoad(
-                ready_replicas=sum(r.ready for r in self.replicas[name].values()),
-                outstanding=outstanding[name],
+        outstanding: dict[str, list[float]] = defaultdict(list)
+        for held in self.reservations.values():
+            outstanding[held.pool].append(held.cost)
+        loads = {}
+        for name in self.pools:
+            ready = sum(r.ready for r in self.replicas[name].values())
+            overhead, rate = self.fits[name].fitted or (0.0, None)
+            loads[name] = PoolLoad(
+                ready_replicas=ready,
+                starting_replicas=len(self.replicas[name]) - ready,
+                outstanding=len(outstanding[name]),
+                outstanding_cost=sum(outstanding[name]),
+                seconds_per_cost=rate,
+                overhead_s=overhead,
+                startup_s=self.startups.get(name),
             )
-            for name in self.pools
-        }
+        return loads
 
-    def route(
-        self, model: str, cost: float, request_id: str, hold_s: float, exclude: list[str]
-    ) -> str | None:
-        """The pool that takes the request (admitted at once, held ``hold_s`` at most), or None when every
-        pool of ``model`` is excluded (the router tried them: full or down)."""
-        order = choose_pool(self.pools_by_model[model], cost, self.loads(), frozenset(exclude))
+    async def route(
+        self, model: str, cost: float, request_id: str, deadline: float, hold_s: float, exclude: list[str]
+    ) -> dict[str, Any]:
+        """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once (held ``hold_s`` at most);
+        or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since
+        the epoch), or ``{"pool": None}`` when every pool of ``model`` is excluded (full or down)."""
+        order = route(self.specs[model], cost, self._loads(), frozenset(exclude))
         if not order:
-            return None
-        self.reservations[request_id] = (order[0].name, time.monotonic() + hold_s)
-        return order[0].name
+            return {"pool": None, "retry_after_s": None}
+        pool, estimate = order[0]
+        wait = retry_after(estimate, deadline - time.time())
+        if wait is not None:
+            return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
+        self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + hold_s)
+        return {"pool": pool.name, "estimate_s": estimate}
 
-    def finish(self, request_id: str) -> None:
-        self.reservations.pop(request_id, None)
+    async def finish(self, request_id: str, engine_s: float | None = None) -> None:
+        """The request left its pool; ``engine_s`` (the engine's encode + denoise + decode time) teaches the
+        pool's rate."""
+        held = self.reservations.pop(request_id, None)
+        if held is None or not engine_s or held.cost <= 0:
+            return
+        self.fits[held.pool].add(held.cost, engine_s)
 
-    def readiness(self) -> dict[str, Any]:
+    async def readiness(self) -> dict[str, Any]:
         """Per served model: whether it can take a request now. A model is ready when one of its pools has
         a ready replica, or when all its pools scale from zero (the first request starts one)."""
-        loads = self.loads()
+        loads = self._loads()
         models = {}
-        for model, pools in self.pools_by_model.items():
-            warm = any(loads[pool.name].ready_replicas for pool in pools)
-            models[model] = warm or all(pool.min_replicas == 0 for pool in pools)
+        for model, specs in self.specs.items():
+            warm = any(loads[spec.name].ready_replicas for spec in specs)
+            models[model] = warm or all(self.pools[spec.name].min_replicas == 0 for spec in specs)
         return {
             "ready": all(models.values()),
             "models": models,
@@ -133,8 +170,8 @@ class AppState:
         }
 
     # ----- images -----------------------------------------------------------------------------------------
-    def put_image(self, data: bytes) -> str | None:
+    async def put_image(self, data: bytes) -> str | None:
         return self.images.put(data)
 
-    def get_image(self, key: str) -> bytes | None:
+    async def get_image(self, key: str) -> bytes | None:
         return self.images.get(key)

@@ -47,6 +47,8 @@ def test_launcher_config_fits_the_serve_pools(path):
     at_max = sum(pool.max_replicas * pool.ranks for pool in serve_config.pools)
     assert sum(t["max_workers"] for t in gpu_types) * GPUS_PER_NODE >= at_max
     assert config["max_workers"] * GPUS_PER_NODE >= at_max
+    # The elastic policy's budget is exactly what the launcher may buy (it cannot see the autoscaler's limit).
+    assert serve_config.elastic.budget_ranks == config["max_workers"] * GPUS_PER_NODE
     assert all(pool.placement_strategy == "STRICT_PACK" for pool in serve_config.pools)
 
 

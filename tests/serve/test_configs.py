@@ -85,3 +85,29 @@ def test_pool_settings_reach_the_engine():
     assert engine.loras == ("/loras/style:0.8",)
     assert engine.vae_parallel is False and engine.compile is True
     assert engine.parallel == pool.parallel_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_carry_the_policy_rayxdit_serve_deploys(path):
+    """`serve run FILE` and `rayxdit serve --config FILE` must deploy the same application: the YAML's
+    application-level autoscaling policy is the one application_document builds, fed the same args."""
+    import yaml
+
+    from rayxdit.serve.app import application_document
+
+    config, _ = load_serve_file(path)
+    (declared,) = [
+        app for app in yaml.safe_load(path.read_text())["applications"] if app["name"] == "rayxdit"
+    ]
+    built = application_document(config)
+    assert declared["autoscaling_policy"]["policy_function"] == built["autoscaling_policy"]["policy_function"]
+    assert declared["autoscaling_policy"]["policy_kwargs"]["app"] == declared["args"]
+    assert config.model_validate(declared["args"]) == config
+
+
+def test_the_elastic_policy_refuses_pools_it_cannot_size():
+    from rayxdit.config import ServeConfig
+
+    with pytest.raises(ValueError, match="fixed num_replicas"):
+        ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})])
+    ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})], elastic=None)

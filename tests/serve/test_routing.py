@@ -1,21 +1,14 @@
 import pytest
 
-from rayxdit.config import PoolConfig
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
-from rayxdit.serve.routing import PoolLoad, choose_pool, preferred_pool, request_cost
+from rayxdit.serve.routing import PoolLoad, PoolSpec, request_cost, threshold_order
 
 POOLS = [
-    PoolConfig(
-        name="p2",
-        model="m",
-        parallel="ulysses=2",
-        route_min_cost=0,
-        deployment_config={"autoscaling_config": {"max_replicas": 2}},
-    ),
-    PoolConfig(name="p4", model="m", parallel="ulysses=4", route_min_cost=40),
-    PoolConfig(name="p8", model="m", parallel="ulysses=8", route_min_cost=100),
+    PoolSpec("p2", "m", 2, route_min_cost=0),
+    PoolSpec("p4", "m", 4, route_min_cost=40),
+    PoolSpec("p8", "m", 8, route_min_cost=100),
 ]
 
 
@@ -50,27 +43,38 @@ def test_whether_a_request_runs_cfg_is_the_family_s_call():
     ("cost", "pool"), [(0.0, "p2"), (29.4, "p2"), (40.0, "p4"), (58.7, "p4"), (117.4, "p8")]
 )
 def test_thresholds_pick_the_pool(cost, pool):
-    assert preferred_pool(POOLS, cost).name == pool
+    assert threshold_order(POOLS, cost, {})[0].name == pool
 
 
 def test_saturated_pool_yields_to_the_nearest():
-    loads = {"p2": PoolLoad(ready_replicas=2, outstanding=2), "p4": PoolLoad(1, 0), "p8": PoolLoad(1, 0)}
-    assert [p.name for p in choose_pool(POOLS, 10.0, loads)] == ["p4", "p8", "p2"]
-    loads = {"p2": PoolLoad(1, 0), "p4": PoolLoad(1, 0), "p8": PoolLoad(1, 1)}
-    order = choose_pool(POOLS, 200.0, loads, unavailable=frozenset({"p4"}))
+    loads = {
+        "p2": PoolLoad(ready_replicas=2, outstanding=2),
+        "p4": PoolLoad(ready_replicas=1, outstanding=0),
+        "p8": PoolLoad(ready_replicas=1, outstanding=0),
+    }
+    assert [p.name for p in threshold_order(POOLS, 10.0, loads)] == ["p4", "p8", "p2"]
+    loads = {
+        "p2": PoolLoad(ready_replicas=1, outstanding=0),
+        "p4": PoolLoad(ready_replicas=1, outstanding=0),
+        "p8": PoolLoad(ready_replicas=1, outstanding=1),
+    }
+    order = threshold_order([POOLS[0], POOLS[2]], 200.0, loads)
     assert [p.name for p in order] == ["p2", "p8"]
 
 
 def test_a_cold_pool_is_not_free_but_still_takes_requests_nobody_else_can():
     """Capacity is the replicas that are up, not max_replicas: a pool scaled to zero is not free."""
-    warm_small = {"p2": PoolLoad(1, 0), "p8": PoolLoad(0, 0)}
-    assert [p.name for p in choose_pool(POOLS, 200.0, warm_small)][:1] == ["p2"]
-    assert [p.name for p in choose_pool([POOLS[2]], 200.0, warm_small)] == ["p8"]
+    warm_small = {
+        "p2": PoolLoad(ready_replicas=1, outstanding=0),
+        "p8": PoolLoad(ready_replicas=0, outstanding=0),
+    }
+    assert [p.name for p in threshold_order(POOLS, 200.0, warm_small)][:1] == ["p2"]
+    assert [p.name for p in threshold_order([POOLS[2]], 200.0, warm_small)] == ["p8"]
 
 
 def test_missing_pool_size_falls_back_to_nearest():
     only_small_and_big = [POOLS[0], POOLS[2]]
-    assert [p.name for p in choose_pool(only_small_and_big, 50.0, {})] == ["p2", "p8"]
+    assert [p.name for p in threshold_order(only_small_and_big, 50.0, {})] == ["p2", "p8"]
 
 
 @pytest.mark.parametrize(

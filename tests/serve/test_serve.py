@@ -40,7 +40,7 @@ CONFIG = ServeConfig(
     pools=[
         PoolConfig(
             name="tiny-2",
-            model_name="tiny",
+            model_name="tiny-2",
             parallel="ulysses=2",
             route_min_cost=0.0,
             deployment_config={
@@ -51,7 +51,7 @@ CONFIG = ServeConfig(
         ),
         PoolConfig(
             name="tiny-4",
-            model_name="tiny",
+            model_name="tiny-4",
             parallel="ulysses=2,ring=2",
             route_min_cost=0.05,
             deployment_config=FAST_HEALTH,
@@ -59,7 +59,7 @@ CONFIG = ServeConfig(
         ),
         PoolConfig(
             name="tiny-8",
-            model_name="tiny",
+            model_name="tiny-8",
             parallel="cfg=2,ring=2,ulysses=2",
             route_min_cost=0.2,
             deployment_config=FAST_HEALTH,
@@ -75,9 +75,8 @@ CONFIG = ServeConfig(
         ),
     ],
     router=RouterConfig(api_keys=[KEY], replicas=2),
+    elastic=None,  # each pool scales on its own here; the elastic policy: tests/cluster/test_elastic.py
 )
-# Costs (megapixels x steps x CFG factor): 36x36x3 = 0.004 -> tiny-2; 128x128x4 = 0.066 -> tiny-4;
-# 256x256x4 with true CFG = 0.52 -> tiny-8.
 ROUTES = [
     ("tiny-2", {"prompt": "a red cat", "size": "36x36", "steps": 3, "seed": 5}),
     ("tiny-4", {"prompt": "a blue car", "size": "128x128", "steps": 4, "seed": 6}),
@@ -137,10 +136,11 @@ def post(url: str, body: dict, path: str = "/v1/images/generations", headers=AUT
 
 @pytest.mark.parametrize(("pool", "body"), ROUTES, ids=[pool for pool, _ in ROUTES])
 def test_each_pool_returns_the_single_process_image(url, engine, pool, body):
-    response = post(url, {**body, "model": "tiny"})
+    """Each pool (2, 4 and 8 ranks; here each serves a model of its own, so a request names its pool)."""
+    response = post(url, {**body, "model": pool})
     assert response.status_code == 200, response.text
     payload = response.json()
-    assert payload["rayxdit"]["pool"] == pool, "routing did not follow the cost thresholds"
+    assert payload["rayxdit"]["pool"] == pool
     served = png_pixels(base64.b64decode(payload["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
 
@@ -158,9 +158,9 @@ def test_png_endpoint_url_format_and_n(url):
 
 def test_models_health_and_docs(url):
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()
-    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-failover"}
-    tiny = next(m for m in models["data"] if m["id"] == "tiny")
-    assert sorted(p["ranks"] for p in tiny["pools"]) == [2, 4, 8]
+    assert {m["id"] for m in models["data"]} == {"tiny-2", "tiny-4", "tiny-8", "tiny-failover"}
+    ranks = {m["id"]: [pool["ranks"] for pool in m["pools"]] for m in models["data"]}
+    assert ranks == {"tiny-2": [2], "tiny-4": [4], "tiny-8": [8], "tiny-failover": [2]}
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(url + "/docs", timeout=30).status_code == 200
     assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
@@ -214,8 +214,8 @@ def replicas(deployment: str) -> int:
 
 
 def test_pool_scales_up_under_load_and_back_down(url):
-    """More clients than the application has ready replicas (3 pools of 1): requests queue at the preferred
-    pool, which scales up, and back down once idle."""
+    """Serve's per-pool autoscaling (elastic: null): more clients than the pool has replicas, it scales up,
+    and back down once idle."""
     assert replicas("tiny-2") == 1
     stop = threading.Event()
 
@@ -223,8 +223,8 @@ def test_pool_scales_up_under_load_and_back_down(url):
         while not stop.is_set():
             post(url, {"prompt": "load", "size": "36x36", "steps": 20})
 
-    with ThreadPoolExecutor(5) as pool:
-        for _ in range(5):
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
             pool.submit(load)
         deadline = time.monotonic() + 180
         while replicas("tiny-2") < 2 and time.monotonic() < deadline:
@@ -236,6 +236,24 @@ def test_pool_scales_up_under_load_and_back_down(url):
     while replicas("tiny-2") > 1 and time.monotonic() < deadline:
         time.sleep(1)
     assert replicas("tiny-2") == 1, "tiny-2 did not scale back down when idle"
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_next_one_succeeds(url, engine):
+    """The pool's first request: nothing is measured yet, so admission cannot foresee it and it runs; its
+    ranks stop at the deadline."""
+    slow = {"model": "tiny-failover", "prompt": "too slow", "size": "256x256", "steps": 60, "timeout": 2}
+    began = time.monotonic()
+    response = post(url, slow)
+    elapsed = time.monotonic() - began
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["type"] == "timeout_error" and error["code"] == "deadline_exceeded"
+    assert elapsed < 2 + 20, f"504 after {elapsed:.1f} s: the ranks did not stop at the deadline"
+    small = {"model": "tiny-failover", "prompt": "in time", "size": "36x36", "steps": 3, "seed": 8}
+    response = post(url, small)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
 
 
 def rank_actor(pool: str, rank: int):
@@ -329,22 +347,6 @@ def test_a_client_gone_mid_request_stops_the_ranks_and_later_requests_get_their_
     assert generation(pool) == before, "a clean stop must keep the worker group (designed: no rebuild)"
 
 
-def test_a_request_past_its_deadline_gets_504_and_the_next_one_succeeds(url, engine):
-    slow = {"model": "tiny-failover", "prompt": "too slow", "size": "256x256", "steps": 60, "timeout": 2}
-    began = time.monotonic()
-    response = post(url, slow)
-    elapsed = time.monotonic() - began
-    assert response.status_code == 504, response.text
-    error = response.json()["error"]
-    assert error["type"] == "timeout_error" and error["code"] == "deadline_exceeded"
-    assert elapsed < 2 + 20, f"504 after {elapsed:.1f} s: the ranks did not stop at the deadline"
-    small = {"model": "tiny-failover", "prompt": "in time", "size": "36x36", "steps": 3, "seed": 8}
-    response = post(url, small)
-    assert response.status_code == 200, response.text
-    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
-    assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
-
-
 def test_image_urls_work_through_any_router_replica_and_need_the_key(url):
     bodies = [
         {"prompt": f"url {i}", "size": "36x36", "steps": 2, "seed": i, "response_format": "url"}
@@ -363,3 +365,15 @@ def test_image_urls_work_through_any_router_replica_and_need_the_key(url):
     assert unauthorized.status_code == 401 and unauthorized.json()["error"]["type"] == "authentication_error"
     missing = requests.get(links[0].rsplit("/", 1)[0] + "/0123abcd.png", headers=AUTH, timeout=30)
     assert missing.status_code == 404
+
+
+def test_a_request_no_pool_can_finish_in_time_is_refused_before_any_gpu_work(url):
+    """Once the pool's rate is measured, a request whose expected completion is beyond its deadline gets
+    429 at once, with a Retry-After from the estimate, and never reaches the ranks."""
+    hopeless = {"model": "tiny-failover", "prompt": "hopeless", "size": "256x256", "steps": 60, "timeout": 1}
+    began = time.monotonic()
+    response = post(url, hopeless)
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "deadline_unreachable"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert time.monotonic() - began < 5 and rank_progress("failover-2") is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
@@ -19,6 +22,17 @@ POOLS = [
         deployment_config={"autoscaling_config": {"min_replicas": 0}},
     ),
 ]
+
+
+class Sync:
+    """The state's async methods, called one at a time as Serve calls them."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+
+    def __getattr__(self, name: str):
+        method = getattr(self.state, name)
+        return lambda *args, **kwargs: asyncio.run(method(*args, **kwargs))
 
 
 @pytest.fixture
@@ -40,14 +54,20 @@ def test_images_expire_and_the_oldest_go_first_beyond_the_byte_budget(clock):
 
 
 def test_load_is_shared_admitted_at_once_and_recovers_from_lost_routers(clock):
-    app = AppState(ServeConfig(pools=POOLS, router=RouterConfig()))
+    app = Sync(AppState(ServeConfig(pools=POOLS, router=RouterConfig())))
     app.report("small", "replica-a", ready=True)
-    # Two routers, one request each: the second sees the first's reservation and goes elsewhere.
-    assert app.route("m", 1.0, "r1", hold_s=60, exclude=[]) == "small"
+    later = time.time() + 600
+
+    def pool_for(request_id, exclude=()):
+        return app.route("m", 1.0, request_id, later, 60, list(exclude))["pool"]
+
+    # Nothing measured: the thresholds decide, free pools first. Two routers, one request each: the second
+    # sees the first's reservation.
+    assert pool_for("r1") == "small"
     assert app.loads()["small"].outstanding == 1
-    assert app.route("m", 1.0, "r2", hold_s=60, exclude=[]) == "small"  # nothing is free: preference
-    assert app.route("m", 1.0, "r3", hold_s=60, exclude=["small"]) == "big"
-    assert app.route("m", 1.0, "r4", hold_s=60, exclude=["small", "big"]) is None
+    assert pool_for("r2") == "small"  # nothing is free: preference
+    assert pool_for("r3", exclude=["small"]) == "big"
+    assert app.route("m", 1.0, "r4", later, 60, ["small", "big"]) == {"pool": None, "retry_after_s": None}
     app.finish("r1")
     assert app.loads()["small"].outstanding == 1
     clock[0] += 61  # r2's router died without finishing it: the reservation expires
@@ -56,19 +76,37 @@ def test_load_is_shared_admitted_at_once_and_recovers_from_lost_routers(clock):
     assert app.loads()["small"].ready_replicas == 0
 
 
+def test_rates_are_learned_from_finished_requests_and_admission_refuses_what_cannot_finish(clock):
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    app.report("small", "a", ready=True)
+    app.report("big", "b", ready=True, startup_s=30.0)
+    later = time.time() + 600
+    assert app.route("m", 10.0, "r1", later, 60, [])["estimate_s"] is None  # thresholds until measured
+    app.finish("r1", engine_s=20.0)  # 2 s per cost unit on the small pool
+    assert app.loads()["small"].seconds_per_cost == 2.0 and app.loads()["big"].startup_s == 30.0
+    # The big pool is extrapolated from it by GPU count (4 vs 2 ranks): it finishes first.
+    decision = app.route("m", 10.0, "r2", later, 60, [])
+    assert decision["pool"] == "big" and decision["estimate_s"] == pytest.approx(20.0 * 0.5**0.85)
+    app.finish("r2", engine_s=15.0)
+    assert app.loads()["big"].seconds_per_cost == 1.5
+    app.finish("r2", engine_s=100.0)  # finished twice (a retry): learned once
+    assert app.loads()["big"].seconds_per_cost == 1.5
+    refused = app.route("m", 100.0, "r3", time.time() + 30, 60, [])
+    assert refused["pool"] is None and refused["retry_after_s"] in (120.0, 121.0)  # 150 s expected, 30 s left
+    assert app.loads()["big"].outstanding == 0  # a refused request holds nothing
+
+
 def test_readiness_needs_a_ready_replica_unless_every_pool_scales_from_zero(clock):
-    app = AppState(ServeConfig(pools=POOLS))
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
     assert app.readiness()["ready"] is False
     app.report("small", "replica-a", ready=False)  # up, but its worker group is being rebuilt
     assert app.readiness()["ready"] is False
     app.report("small", "replica-a", ready=True)
-    assert app.readiness() == {
-        "ready": True,
-        "models": {"m": True},
-        "pools": {
-            "small": {"ready_replicas": 1, "outstanding": 0},
-            "big": {"ready_replicas": 0, "outstanding": 0},
-        },
-    }
-    cold = AppState(ServeConfig(pools=[POOLS[1]]))
+    readiness = app.readiness()
+    assert readiness["ready"] is True and readiness["models"] == {"m": True}
+    assert (
+        readiness["pools"]["small"]["ready_replicas"] == 1
+        and readiness["pools"]["big"]["ready_replicas"] == 0
+    )
+    cold = Sync(AppState(ServeConfig(pools=[POOLS[1]])))
     assert cold.readiness()["ready"] is True  # its only pool starts at zero: the first request starts it

@@ -1,0 +1,145 @@
+"""The elastic decisions as pure functions: where a request goes (earliest completion, admission) and how
+many replicas each pool gets within the shared budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayxdit.serve.elastic import PoolDemand, plan_replicas
+from rayxdit.serve.routing import (
+    PoolLoad,
+    PoolSpec,
+    ServiceFit,
+    completion_estimate,
+    retry_after,
+    route,
+    service_rates,
+)
+
+SMALL, MEDIUM, BIG = (
+    PoolSpec(f"p{n}", "flux", n, route_min_cost=c, startup_s=60) for n, c in ((2, 0), (4, 40), (8, 100))
+)
+POOLS = [SMALL, MEDIUM, BIG]
+# Seconds per megapixel-step, as measured (2 GPUs) and extrapolated (4, 8) for Flux.1-dev on H200.
+RATES = {"p2": 0.081, "p4": 0.045, "p8": 0.025}
+
+
+def loads(**per_pool: PoolLoad) -> dict[str, PoolLoad]:
+    return {
+        name: PoolLoad(**{**vars(load), "seconds_per_cost": load.seconds_per_cost or RATES[name]})
+        for name, load in per_pool.items()
+    }
+
+
+def test_an_idle_fleet_sends_a_request_where_it_finishes_first_and_ties_go_to_the_smaller_pool():
+    idle = loads(p2=PoolLoad(1), p4=PoolLoad(1), p8=PoolLoad(1))
+    order = route(POOLS, 29.4, idle)
+    assert [pool.name for pool, _ in order] == ["p8", "p4", "p2"]
+    assert order[0][1] == pytest.approx(29.4 * 0.025)
+    same_speed = {name: PoolLoad(1, seconds_per_cost=0.05) for name in RATES}
+    assert route(POOLS, 29.4, same_speed)[0][0].name == "p2"
+
+
+def test_queued_work_moves_requests_to_the_pool_that_finishes_them_first():
+    busy_big = loads(p2=PoolLoad(1), p4=PoolLoad(1), p8=PoolLoad(1, outstanding=3, outstanding_cost=3 * 29.4))
+    assert route(POOLS, 29.4, busy_big)[0][0].name == "p4"
+    # n=3 on c=1: the running one is half done: 2.5 requests ahead of it
+    assert completion_estimate(BIG, busy_big["p8"], 29.4, 0.025) == pytest.approx(29.4 * 0.025 * 3.5)
+
+
+def test_a_cold_pool_counts_its_start_up_and_half_of_it_while_one_starts():
+    cold = loads(p2=PoolLoad(1), p8=PoolLoad(0))
+    assert [pool.name for pool, _ in route([SMALL, BIG], 29.4, cold)] == ["p2", "p8"]
+    assert completion_estimate(BIG, cold["p8"], 29.4, 0.025) == pytest.approx(60 + 29.4 * 0.025)
+    starting = PoolLoad(0, starting_replicas=1, startup_s=20)
+    assert completion_estimate(BIG, starting, 29.4, 0.025) == pytest.approx(10 + 29.4 * 0.025)
+
+
+def test_rates_are_measured_else_extrapolated_by_gpus_else_thresholds_decide():
+    only_small = {"p2": PoolLoad(1, seconds_per_cost=0.08)}
+    rates = service_rates(POOLS, only_small)
+    assert rates["p2"] == 0.08 and rates["p8"] == pytest.approx(0.08 * (2 / 8) ** 0.85)
+    prior = [SMALL, PoolSpec("p8", "flux", 8, route_min_cost=100, seconds_per_cost=0.03)]
+    assert service_rates(prior, {})["p2"] == pytest.approx(0.03 * 4**0.85)
+    # Nothing measured, no prior: the thresholds route, free pools first.
+    order = route(POOLS, 50.0, {"p4": PoolLoad(1, outstanding=1), "p2": PoolLoad(1), "p8": PoolLoad(1)})
+    assert [(pool.name, estimate) for pool, estimate in order] == [("p2", None), ("p8", None), ("p4", None)]
+
+
+def test_admission_refuses_what_cannot_finish_before_its_deadline():
+    assert retry_after(10.0, 30.0) is None and retry_after(None, 0.0) is None
+    assert retry_after(42.2, 30.0) == 13.0
+
+
+def demand(spec: PoolSpec, replicas: int, outstanding: float, min_replicas: int = 0, max_replicas: int = 4):
+    return PoolDemand(spec, replicas, outstanding, min_replicas, max_replicas, RATES[spec.name], 29.4)
+
+
+def ranks_used(plan: dict[str, int]) -> int:
+    return sum(count * int(name[1:]) for name, count in plan.items())
+
+
+def test_light_load_gets_the_largest_replica_the_budget_holds():
+    plan = plan_replicas([demand(SMALL, 0, 0.4), demand(MEDIUM, 0, 0), demand(BIG, 0, 0, max_replicas=1)], 8)
+    assert plan == {"p2": 0, "p4": 0, "p8": 1}
+    two = plan_replicas([demand(SMALL, 0, 0), demand(MEDIUM, 0, 2), demand(BIG, 0, 0, max_replicas=1)], 8)
+    assert two == {"p2": 0, "p4": 2, "p8": 0}
+
+
+def test_a_burst_of_cheap_requests_moves_gpus_from_the_8_gpu_pool_to_2_gpu_pools():
+    before = plan_replicas(
+        [demand(SMALL, 0, 0), demand(MEDIUM, 0, 0), demand(BIG, 1, 0.5, max_replicas=1)], 8
+    )
+    assert before == {"p2": 0, "p4": 0, "p8": 1}
+    # Six requests arrive; the big replica's one finished: its GPUs go to as many small replicas as fit.
+    burst = plan_replicas([demand(SMALL, 0, 6), demand(MEDIUM, 0, 0), demand(BIG, 1, 0, max_replicas=1)], 8)
+    assert burst == {"p2": 4, "p4": 0, "p8": 0} and ranks_used(burst) == 8
+
+
+def test_a_busy_large_replica_is_kept_until_its_queue_is_absorbed():
+    busy = plan_replicas([demand(SMALL, 0, 6), demand(MEDIUM, 0, 0), demand(BIG, 1, 1, max_replicas=1)], 8)
+    assert busy == {"p2": 0, "p4": 0, "p8": 1}
+
+
+def test_idle_returns_the_gpus_down_to_the_minimums():
+    idle = plan_replicas([demand(SMALL, 4, 0, min_replicas=1), demand(MEDIUM, 0, 0), demand(BIG, 1, 0)], 64)
+    assert idle == {"p2": 1, "p4": 0, "p8": 0}
+
+
+@pytest.mark.parametrize("budget", [2, 6, 8, 14, 24, 64])
+@pytest.mark.parametrize("load", [0, 0.3, 1, 3, 7, 40])
+def test_the_budget_is_never_exceeded_and_bounds_hold(budget, load):
+    pools = [
+        demand(SMALL, 1, load * 0.6, min_replicas=1, max_replicas=8),
+        demand(MEDIUM, 2, load * 0.3, max_replicas=4),
+        demand(BIG, 0, load * 0.1, max_replicas=2),
+    ]
+    plan = plan_replicas(pools, budget)
+    assert ranks_used(plan) <= max(budget, 2)  # the minimum (one 2-GPU replica) alone may exceed it
+    for pool in pools:
+        assert pool.min_replicas <= plan[pool.spec.name] <= pool.max_replicas
+
+
+def test_two_models_share_the_budget_by_their_queues():
+    other = PoolSpec("q2", "sdxl", 2)
+    plan = plan_replicas(
+        [demand(SMALL, 0, 3), PoolDemand(other, 0, 1, 0, 4, 0.2, 10.0), demand(BIG, 0, 0, max_replicas=1)], 8
+    )
+    assert plan["q2"] >= 1 and plan["p2"] >= 2 and plan["p2"] * 2 + plan["q2"] * 2 + plan["p8"] * 8 <= 8
+
+
+def test_service_time_is_fitted_as_overhead_plus_rate_and_the_newest_samples_weigh_most():
+    fit = ServiceFit(forget=1.0)
+    assert fit.fitted is None
+    fit.add(10.0, 12.0)
+    assert fit.fitted == (0.0, 1.2)  # one cost seen: proportional
+    fit.add(1.0, 3.0)
+    overhead, rate = fit.fitted
+    assert overhead == pytest.approx(2.0) and rate == pytest.approx(1.0)
+    assert fit.mean_cost == pytest.approx(5.5)
+    forgetting = ServiceFit(forget=0.5)
+    for _ in range(20):
+        forgetting.add(10.0, 30.0)  # an old, slow regime...
+    for _ in range(20):
+        forgetting.add(10.0, 10.0)  # ...replaced by a fast one
+    assert forgetting.fitted[1] == pytest.approx(1.0, rel=1e-4)
