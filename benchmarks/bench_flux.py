@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import source_commit  # noqa: E402
 from benchmarks.models import FLUX_DEV  # noqa: E402
 from rayxdit.config import ParallelConfig  # noqa: E402
 from rayxdit.limits import ModelLimits, ResolvedRequest  # noqa: E402
@@ -270,15 +270,7 @@ def versions() -> dict:
         info["cuda"] = torch.version.cuda
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         info["cudnn"] = torch.backends.cudnn.version()
-    try:
-        info["rayxdit_commit"] = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        info["rayxdit_commit"] = None
+    info["rayxdit_commit"] = source_commit()
     return info
 
 

@@ -36,6 +36,8 @@ class RankWorker:
     def __init__(self, rank: int, world_size: int, device_index: int, env: dict[str, str] | None = None):
         # Forwarded by the executor (HF_TOKEN, HF_HOME, proxies, NCCL settings) before anything reads them.
         os.environ.update(env or {})
+        # transformers' import-time notices (e.g. no torchvision) are not for users, whoever started us.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.rank = rank
         self.world_size = world_size
         self.device_index = device_index

@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections import deque
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -38,6 +39,8 @@ from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 
 logger = logging.getLogger("ray.serve")
+RATE_WINDOW_S = 60.0
+"""The window of the request rate a replica reports to the autoscaling policy."""
 
 
 class PoolReplica:
@@ -48,6 +51,7 @@ class PoolReplica:
         self.state = state
         self.startup_s: float | None = None  # known once up: the state learns cold-start costs from it
         self.service = ServiceFit()  # this replica's service time per request cost, for the policy
+        self.finished: deque[float] = deque()  # when its recent requests finished: its request rate
         self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
         self.lock = asyncio.Lock()
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
@@ -78,7 +82,15 @@ class PoolReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics for the application's policy (0: not measured yet)."""
         overhead, rate = self.service.fitted or (0.0, 0.0)
-        return {"seconds_per_cost": rate, "overhead_s": overhead, "mean_cost": self.service.mean_cost or 0.0}
+        now = time.monotonic()
+        while self.finished and self.finished[0] < now - RATE_WINDOW_S:
+            self.finished.popleft()
+        return {
+            "seconds_per_cost": rate,
+            "overhead_s": overhead,
+            "mean_cost": self.service.mean_cost or 0.0,
+            "requests_per_s": len(self.finished) / RATE_WINDOW_S,
+        }
 
     async def generate(
         self, request: GenerateRequest, request_id: str, deadline: float | None = None, cost: float = 0.0
@@ -114,6 +126,7 @@ class PoolReplica:
                     engine_s = engine_seconds(result.timings)
                     if cost > 0 and engine_s:
                         self.service.add(cost, engine_s)
+                    self.finished.append(time.monotonic())
                     return result
                 except GroupError as error:
                     logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)

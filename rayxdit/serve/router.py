@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,6 +48,18 @@ BACKSTOP_S = 5.0
 """Beyond a request's deadline and its pool's cancel grace, how long the router still waits for the pool."""
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
+
+
+GONE_CHECK_S = 2.0
+"""How often a request waiting for its pool checks that the pool still has replicas."""
+
+
+class PoolGone(Exception):
+    """The pool a request waited for has no replica left; the request goes to another pool."""
+
+
+async def _awaited(response):
+    return await response
 
 
 def request_id_of(request: Request) -> str:
@@ -191,10 +204,12 @@ class Router:
             deadline = arrived + min(body.timeout or pool.request_timeout_s, pool.request_timeout_s)
             result = None
             try:
-                result = await self._call_pool(pool, request, request_id, deadline, cost)
+                result = await self._call_pool(
+                    pool, request, request_id, deadline, cost, decision.get("warm")
+                )
                 break
-            except (BackPressureError, DeploymentUnavailableError):
-                tried.append(pool.name)  # this pool is full or down: the next candidate takes it
+            except (BackPressureError, DeploymentUnavailableError, PoolGone):
+                tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             finally:
                 engine_s = None if result is None else engine_seconds(result.timings)
                 await self.state.finish.remote(request_id, engine_s)
@@ -235,24 +250,53 @@ class Router:
         return error
 
     async def _call_pool(
-        self, pool: PoolConfig, request: GenerateRequest, request_id: str, deadline: float, cost: float
+        self,
+        pool: PoolConfig,
+        request: GenerateRequest,
+        request_id: str,
+        deadline: float,
+        cost: float,
+        warm: bool | None = False,
     ) -> EncodedResult:
         """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
-        a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound."""
+        a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound.
+
+        A request still waiting for a pool that had replicas when it was routed (``warm``) but has none
+        now (the autoscaling policy gave its GPUs to other pools, or its replica died), or for a cold pool
+        that started no replica within twice its start-up prior, is taken back and raises
+        :class:`PoolGone`, for the caller to route it again."""
         response = self.handles[pool.name].generate.remote(request, request_id, deadline, cost)
-        bound = max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
+        answer = asyncio.ensure_future(_awaited(response))
+        began = time.monotonic()
+        bound = began + max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
         try:
-            return await asyncio.wait_for(response, timeout=bound)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise self._deadline_error(request_id) from None
+            while True:
+                remaining = bound - time.monotonic()
+                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(GONE_CHECK_S, remaining)))
+                if answer in done:
+                    return answer.result()
+                if time.monotonic() >= bound:
+                    response.cancel()
+                    raise self._deadline_error(request_id)
+                may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
+                if may_be_gone and await self.state.gone.remote(pool.name):
+                    response.cancel()
+                    raise PoolGone(pool.name)
         except asyncio.CancelledError:  # the client went away: the pool stops the ranks
             response.cancel()
             raise
-        except (BackPressureError, DeploymentUnavailableError):
+        except (BackPressureError, DeploymentUnavailableError, PoolGone, ApiError):
             raise
+        except RayActorError as error:  # the replica died with the request: another pool may take it
+            logger.warning(
+                "request %s: the %s replica died (%r); routing it again", request_id, pool.name, error
+            )
+            raise PoolGone(pool.name) from None
         except Exception as error:
             raise self._map_pool_error(error, request_id) from None
+        finally:
+            if not answer.done():
+                answer.cancel()
 
     @staticmethod
     def _deadline_error(request_id: str) -> ApiError:

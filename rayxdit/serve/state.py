@@ -137,7 +137,8 @@ class AppState:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once (held ``hold_s`` at most);
         or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since
         the epoch), or ``{"pool": None}`` when every pool of ``model`` is excluded (full or down)."""
-        order = route(self.specs[model], cost, self._loads(), frozenset(exclude))
+        loads = self._loads()
+        order = route(self.specs[model], cost, loads, frozenset(exclude))
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
@@ -145,7 +146,17 @@ class AppState:
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
         self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + hold_s)
-        return {"pool": pool.name, "estimate_s": estimate}
+        load = loads[pool.name]
+        return {
+            "pool": pool.name,
+            "estimate_s": estimate,
+            "warm": load.ready_replicas + load.starting_replicas > 0,
+        }
+
+    async def gone(self, pool: str) -> bool:
+        """Whether ``pool`` has no replica left, not even a starting one (its waiting requests should move)."""
+        load = self._loads()[pool]
+        return load.ready_replicas + load.starting_replicas == 0
 
     async def finish(self, request_id: str, engine_s: float | None = None) -> None:
         """The request left its pool; ``engine_s`` (the engine's encode + denoise + decode time) teaches the

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -53,6 +54,7 @@ CONFIG = ServeConfig(
             name="tiny-4",
             model_name="tiny-4",
             parallel="ulysses=2,ring=2",
+            warmup_sizes=["36x36"],
             route_min_cost=0.05,
             deployment_config=FAST_HEALTH,
             **COMMON,
@@ -132,6 +134,16 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 def post(url: str, body: dict, path: str = "/v1/images/generations", headers=AUTH, timeout=300):
     return requests.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+def test_a_replica_warms_up_before_it_takes_traffic(url):
+    """tiny-4 warms up 36x36 (as a compiled pool would compile there) before reporting ready: its ranks'
+    last request is the warm-up, not a user's."""
+    assert requests.get(url + "/readyz", timeout=30).status_code == 200
+    last = ray.get(
+        rank_actor("tiny-4", 0).last_request.options(concurrency_group="control").remote(), timeout=30
+    )
+    assert last == {"request_id": "warm-up-36x36", "outcome": "done", "step": 2}, last
 
 
 @pytest.mark.parametrize(("pool", "body"), ROUTES, ids=[pool for pool, _ in ROUTES])
@@ -377,3 +389,17 @@ def test_a_request_no_pool_can_finish_in_time_is_refused_before_any_gpu_work(url
     assert response.json()["error"]["code"] == "deadline_unreachable"
     assert int(response.headers["Retry-After"]) >= 1
     assert time.monotonic() - began < 5 and rank_progress("failover-2") is None
+
+
+def test_the_load_benchmark_runs_against_this_deployment(url, tmp_path):
+    """benchmarks/bench_load.py's CPU smoke test: its smoke workload, open loop, through the real script."""
+    from benchmarks import bench_load
+
+    out = tmp_path / "load.json"
+    workload = Path(bench_load.__file__).parent / "workloads" / "smoke.yaml"
+    code = bench_load.main(["--url", url, "--api-key", KEY, "--workload", str(workload), "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    summary = run["summary"]
+    assert code == 0 and summary["lost"] == 0 and summary["requests"] == 6, summary
+    assert summary["status"].get("200", 0) >= 4 and all(r["end_to_end_s"] > 0 for r in run["requests"])
+    assert set(summary["by_class"]) <= {"36x36x2", "40x36x3+cfg"}

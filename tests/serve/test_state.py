@@ -110,3 +110,15 @@ def test_readiness_needs_a_ready_replica_unless_every_pool_scales_from_zero(cloc
     )
     cold = Sync(AppState(ServeConfig(pools=[POOLS[1]])))
     assert cold.readiness()["ready"] is True  # its only pool starts at zero: the first request starts it
+
+
+def test_a_pool_left_without_replicas_is_gone_so_its_waiting_requests_move(clock):
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    later = time.time() + 600
+    cold = app.route("m", 1.0, "r1", later, 60, [])
+    assert cold["pool"] == "small" and cold["warm"] is False  # routed to a cold pool: it will start
+    app.report("small", "a", ready=True)
+    warm = app.route("m", 1.0, "r2", later, 60, [])
+    assert warm["warm"] is True and app.gone("small") is False
+    clock[0] += state_module.STALE_AFTER_S + 1  # its replica stopped reporting (scaled down, died)
+    assert app.gone("small") is True and app.gone("big") is True
