@@ -58,6 +58,9 @@ class PoolReplica:
         await asyncio.to_thread(self.executor.start)
         await self._warm_up()
         self.startup_s = time.monotonic() - began
+        # Ready in the shared state before Serve sees this replica up (not up to a heartbeat later): when
+        # Serve reports the application running, /readyz agrees.
+        await self._report()
 
     async def _warm_up(self) -> None:
         """One short generation per ``warmup_sizes`` entry (torch.compile compiles per resolution), before
@@ -72,12 +75,15 @@ class PoolReplica:
     async def _heartbeat(self) -> None:
         """Tell the application's state every second whether this replica is starting or ready."""
         while True:
-            ready = self.startup_s is not None and not self.executor.broken
-            try:
-                await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s)
-            except Exception as error:  # the state replica restarting: next beat
-                logger.debug("heartbeat of %s failed: %r", self.replica, error)
+            await self._report()
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def _report(self) -> None:
+        ready = self.startup_s is not None and not self.executor.broken
+        try:
+            await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s)
+        except Exception as error:  # the state replica restarting: the next beat tells it
+            logger.debug("heartbeat of %s failed: %r", self.replica, error)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics for the application's policy (0: not measured yet)."""
