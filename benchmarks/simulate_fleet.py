@@ -227,7 +227,8 @@ class Fleet:
         loads = {}
         for name, pool in self.pools.items():
             ready = sum(r.ready_at <= self.now and not r.draining for r in pool.replicas)
-            starting = sum(r.ready_at > self.now for r in pool.replicas)
+            # A replica waiting for GPUs has no process yet, so it does not report: not starting
+            starting = sum(self.now < r.ready_at < math.inf for r in pool.replicas)
             count, cost = pool.outstanding()
             overhead, rate = pool.fit.fitted or (0.0, None)
             loads[name] = PoolLoad(ready, starting, count, cost, rate, overhead, None)
@@ -237,7 +238,8 @@ class Fleet:
         specs = [pool.spec for pool in self.pools.values()]
         loads = self._loads()
         if self.policy == "load-aware + shared budget":
-            choice = route(specs, request.cost, loads, exclude)[0][0]
+            free = self.budget - self._gpus_held()
+            choice = route(specs, request.cost, loads, exclude, free)[0][0]
         elif self.policy == "static thresholds":
             choice = threshold_order(specs, request.cost, loads)[0]
         else:  # one pool

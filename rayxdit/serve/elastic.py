@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,21 +297,7 @@ class ElasticPolicy:
         self.last_plan: dict[str, int] | None = None
 
     def budget(self) -> float:
-        if self.budget_ranks is not None:
-            return float(self.budget_ranks)
-        import ray
-
-        if all(kind == "cpu" for kind in self.accelerators.values()):
-            return float("inf")  # CPU pools: Serve's placement decides; nothing to share
-        try:  # with an autoscaler: the most GPUs the cluster may have
-            from ray._private.state import state
-
-            most = state.get_max_resources_from_cluster_config()
-            if most and most.get("GPU"):
-                return float(most["GPU"])
-        except Exception:
-            pass
-        return float(ray.cluster_resources().get("GPU", 0.0))
+        return rank_budget(self.budget_ranks, self.accelerators.values())
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         demands = []
@@ -345,6 +331,27 @@ class ElasticPolicy:
             for deployment, context in contexts.items()
         }
         return decisions, {}
+
+
+def rank_budget(budget_ranks: int | None, accelerators: Iterable[str]) -> float:
+    """The ranks the pools share: ``budget_ranks`` when configured; infinite for CPU pools (Serve's
+    placement decides, nothing to share); else the most GPUs an autoscaler that published its node types
+    may reach, else the GPUs the cluster has now. Asks Ray (a call to the cluster): the caller caches."""
+    if budget_ranks is not None:
+        return float(budget_ranks)
+    if all(kind == "cpu" for kind in accelerators):
+        return math.inf
+    import ray
+
+    try:  # with an autoscaler: the most GPUs the cluster may have
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+        if most and most.get("GPU"):
+            return float(most["GPU"])
+    except Exception:
+        pass
+    return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def _mean_of(per_replica: Mapping[Any, float] | None) -> float | None:

@@ -183,18 +183,30 @@ def route(
     cost: float,
     loads: Mapping[str, PoolLoad],
     exclude: frozenset[str] = frozenset(),
+    free_ranks: float = math.inf,
 ) -> list[tuple[PoolSpec, float | None]]:
     """The pools of one model to try, best first, each with its completion estimate (seconds; None while
-    nothing is known and thresholds decide). Excluded pools (full or down for this request) never."""
+    nothing is known and thresholds decide). Excluded pools (full or down for this request) never.
+
+    ``free_ranks``: ranks of the shared budget that no replica holds. A cold pool whose replica would not
+    fit there comes last whatever its estimate: its start-up would first wait for other pools to drain (on
+    a full node under heavy load, never), and a queue sent there holds requests that a warm pool would
+    serve, and makes Serve start a replica the budget has no room for."""
     candidates = [pool for pool in pools if pool.name not in exclude]
+
+    def blocked(pool: PoolSpec) -> bool:
+        load = loads.get(pool.name, PoolLoad())
+        return load.ready_replicas + load.starting_replicas == 0 and pool.ranks > free_ranks
+
     rates = service_rates(pools, loads)
     if rates is None:
-        return [(pool, None) for pool in threshold_order(candidates, cost, loads)]
+        order = threshold_order(candidates, cost, loads)
+        return [(pool, None) for pool in sorted(order, key=blocked)]
     estimates = [
         (pool, completion_estimate(pool, loads.get(pool.name, PoolLoad()), cost, rates[pool.name]))
         for pool in candidates
     ]
-    return sorted(estimates, key=lambda item: (item[1], item[0].ranks))
+    return sorted(estimates, key=lambda item: (blocked(item[0]), item[1], item[0].ranks))
 
 
 def retry_after(estimate: float | None, time_left: float) -> float | None:

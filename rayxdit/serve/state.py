@@ -17,6 +17,8 @@ If this replica restarts, routing recovers within a heartbeat; stored images are
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 import uuid
 from collections import OrderedDict, defaultdict
@@ -24,12 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+from rayxdit.serve.elastic import rank_budget
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after, route
 
+logger = logging.getLogger("ray.serve")
 HEARTBEAT_S = 1.0
 """How often pool replicas report."""
 STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
+BUDGET_RECHECK_S = 30.0
+"""How often the shared budget of ranks is asked of the cluster again."""
 
 
 @dataclass
@@ -91,6 +97,13 @@ class AppState:
         self.reservations: dict[str, _Reservation] = {}
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
+        # Cold pools that the shared budget has no room for are routed to last (routing.route): only an
+        # elastic application shares a budget; pools that scale on their own compete in Serve's placement.
+        self.budget_ranks = config.elastic.budget_ranks if config.elastic else None
+        self.accelerators = [pool.accelerator for pool in config.pools]
+        self.shared_budget = config.elastic is not None
+        self.budget_checked = -math.inf
+        self.budget = math.inf
         router: RouterConfig = config.router
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
 
@@ -138,7 +151,7 @@ class AppState:
         or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since
         the epoch), or ``{"pool": None}`` when every pool of ``model`` is excluded (full or down)."""
         loads = self._loads()
-        order = route(self.specs[model], cost, loads, frozenset(exclude))
+        order = route(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
@@ -152,6 +165,26 @@ class AppState:
             "estimate_s": estimate,
             "warm": load.ready_replicas + load.starting_replicas > 0,
         }
+
+    def _free_ranks(self, loads: dict[str, PoolLoad]) -> float:
+        """Ranks of the shared budget that no replica (ready or starting) holds."""
+        if not self.shared_budget:
+            return math.inf
+        now = time.monotonic()
+        if now - self.budget_checked > BUDGET_RECHECK_S:  # an autoscaling cluster may have grown
+            self.budget_checked = now
+            try:
+                self.budget = rank_budget(self.budget_ranks, self.accelerators)
+            except Exception as error:  # not knowing the budget must not stop routing: no limit
+                logger.warning(
+                    "the shared budget of ranks is unknown (%r): cold pools are not held back", error
+                )
+                self.budget = math.inf
+        held = sum(
+            (load.ready_replicas + load.starting_replicas) * self.pools[name].ranks
+            for name, load in loads.items()
+        )
+        return self.budget - held
 
     async def gone(self, pool: str) -> bool:
         """Whether ``pool`` has no replica left, not even a starting one (its waiting requests should move)."""

@@ -59,6 +59,19 @@ def test_a_cold_pool_counts_its_start_up_and_half_of_it_while_one_starts():
     assert completion_estimate(BIG, starting, 29.4, 0.025) == pytest.approx(10 + 29.4 * 0.025)
 
 
+def test_a_cold_pool_the_budget_has_no_room_for_comes_last():
+    """On a full node, a long queue at the 2-GPU pool must not send requests to a cold 8-GPU pool: its
+    replica could not start until the small ones drained (the fleet simulator showed replicas thrashing)."""
+    queued = loads(p2=PoolLoad(4, outstanding=200, outstanding_cost=200 * 29.4), p8=PoolLoad(0))
+    assert route([SMALL, BIG], 29.4, queued)[0][0].name == "p8"  # the budget is not known: no limit
+    assert [pool.name for pool, _ in route([SMALL, BIG], 29.4, queued, free_ranks=0)] == ["p2", "p8"]
+    assert route([SMALL, BIG], 29.4, queued, free_ranks=8)[0][0].name == "p8"  # room for it
+    starting = {**queued, "p8": PoolLoad(0, starting_replicas=1, seconds_per_cost=RATES["p8"])}
+    assert route([SMALL, BIG], 29.4, starting, free_ranks=0)[0][0].name == "p8"  # its replica holds ranks
+    unmeasured = {"p2": PoolLoad(1, outstanding=3), "p8": PoolLoad(0)}
+    assert route([SMALL, BIG], 500.0, unmeasured, free_ranks=2)[0][0].name == "p2"  # thresholds too
+
+
 def test_rates_are_measured_else_extrapolated_by_gpus_else_thresholds_decide():
     only_small = {"p2": PoolLoad(1, seconds_per_cost=0.08)}
     rates = service_rates(POOLS, only_small)
