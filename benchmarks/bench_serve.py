@@ -9,6 +9,8 @@ overhead is what the client waited beyond it (HTTP, router, replica, Ray transfe
         --out benchmarks/results/serve-flux-dev-2xh200.json
     python benchmarks/bench_serve.py --model tiny-flux --parallel ulysses=2 --accelerator cpu --size 128 \\
         --steps 4 --out /tmp/serve-smoke.json                                                    # CPU smoke
+    python benchmarks/bench_serve.py --model flux-dev-random --parallel ulysses=1 --compile --metrics-ab \\
+        --out benchmarks/results/serve-flux-dev-1xh100.json          # one GPU: NVML, GPU-seconds, metrics cost
 """
 
 from __future__ import annotations
@@ -50,15 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=5, help="timed requests per phase (median)")
+    parser.add_argument(
+        "--metrics-ab",
+        action="store_true",
+        help="also serve with RAYXDIT_METRICS=0 (no rayxdit metrics, no NVML sampling), alternating phases, "
+        "and report what the metrics cost end to end",
+    )
+    parser.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=2,
+        help="with --metrics-ab: off/on phase pairs (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    import ray
-    from ray import serve
-
-    from rayxdit.config import PoolConfig, ServeConfig
-    from rayxdit.serve.app import APP_NAME, build_app
+    from rayxdit.config import PoolConfig
 
     pool = PoolConfig(
         name="bench",
@@ -69,11 +79,78 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_rank=0.5,
         request_timeout_s=1800,
     )
-    ray.init(include_dashboard=False, logging_level="warning")
+    # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
+    order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
+    phases = [serve_phase(pool, args, metrics_on) for metrics_on in order]
+    on = [run for phase in phases if phase["metrics"] for run in phase["runs"]]
+    off = [run for phase in phases if not phase["metrics"] for run in phase["runs"]]
+    median = {key: statistics.median(run[key] for run in on) for key in on[0]}
+    record = {
+        "impl": "rayxdit-serve",
+        "config": args.parallel,
+        "gpus": pool.ranks if args.accelerator == "gpu" else 0,
+        "resolution": args.size,
+        "steps": args.steps,
+        "cfg": False,
+        "compile": args.compile,
+        "model": args.model,
+        "seconds": median["end_to_end_s"],
+        "engine_seconds": median["engine_s"],
+        "gpu_seconds_per_request": median["gpu_seconds"],
+        "serving_overhead_s": round(median["overhead_s"], 4),
+        "serving_overhead_pct": round(100 * median["overhead_s"] / median["end_to_end_s"], 2),
+        "pipeline_split_s": {k: median[k] for k in ("encode_s", "denoise_s", "decode_s")},
+        "peak_memory_gib": median.get("peak_memory_gib"),
+        "phases": phases,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": device_name(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if off:
+        seconds_off = statistics.median(run["end_to_end_s"] for run in off)
+        record["metrics_overhead"] = {
+            "end_to_end_s_metrics_off": seconds_off,
+            "end_to_end_s_metrics_on": median["end_to_end_s"],
+            "pct": round(100 * (median["end_to_end_s"] - seconds_off) / seconds_off, 3),
+            "method": f"medians of {len(on)} requests with metrics and {len(off)} without "
+            f"(RAYXDIT_METRICS=0), {len(order)} phases alternating off/on, each a fresh deployment",
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps([record], indent=1))
+    print(
+        f"end to end {record['seconds']:.3f} s, engine {record['engine_seconds']:.3f} s "
+        f"(encode {median['encode_s']:.3f}, denoise {median['denoise_s']:.3f}, decode {median['decode_s']:.3f}), "
+        f"serving overhead {record['serving_overhead_s']:.3f} s = {record['serving_overhead_pct']:.1f}%, "
+        f"{record['gpu_seconds_per_request']:.3f} GPU-seconds per request"
+        + (f"; metrics cost {record['metrics_overhead']['pct']:+.2f}%" if off else "")
+    )
+    return 0
+
+
+def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
+    """A fresh Ray instance and deployment; a warm-up request (torch.compile runs there), then
+    ``args.requests`` timed ones, with NVML sampled meanwhile and Ray's exported metrics scraped after."""
+    import ray
+    from ray import serve
+
+    from rayxdit.config import ServeConfig
+    from rayxdit.runtime.telemetry import sample_gpu
+    from rayxdit.serve.app import APP_NAME, build_app
+
+    env = {"RAYXDIT_METRICS": "1" if metrics_on else "0"}
+    metrics_port = free_port()
+    ray.init(
+        include_dashboard=False,
+        logging_level="warning",
+        runtime_env={"env_vars": env},
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 1800})
     begin = time.perf_counter()
-    serve.run(build_app(ServeConfig(pools=[pool])), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(ServeConfig(pools=[pool], elastic=None)), name=APP_NAME, route_prefix="/")
     deploy_s = time.perf_counter() - begin
     url = f"http://127.0.0.1:{port}/v1/generate"
     body = {
@@ -82,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seed": 1,
     }
-    print(f"deployed in {deploy_s:.1f} s; warm-up request (compiles)...", flush=True)
+    print(f"metrics {'on' if metrics_on else 'off'}: deployed in {deploy_s:.1f} s; warm-up...", flush=True)
     begin = time.perf_counter()
-    warm = requests.post(url, json=body, timeout=1800)
-    warm.raise_for_status()
+    requests.post(url, json=body, timeout=1800).raise_for_status()
     warmup_s = time.perf_counter() - begin
+    gpus = [str(index) for index in range(pool.ranks)] if args.accelerator == "gpu" else []
+    sampler = NvmlSampler(gpus, sample_gpu)
     runs = []
     for index in range(args.requests):
         begin = time.perf_counter()
@@ -104,44 +182,79 @@ def main(argv: list[str] | None = None) -> int:
                 "denoise_s": round(timings["denoise_s"], 4),
                 "decode_s": round(timings["decode_s"], 4),
                 "overhead_s": round(end_to_end - engine, 4),
+                "gpu_seconds": float(response.headers["X-Rayxdit-Gpu-Seconds"]),
                 "png_bytes": len(response.content),
+                **({"peak_memory_gib": timings["peak_memory_gib"]} if "peak_memory_gib" in timings else {}),
             }
         )
         print(json.dumps(runs[-1]), flush=True)
+    nvml = sampler.stop()
+    exported = scrape_rayxdit(metrics_port) if metrics_on else {}
     serve.shutdown()
     ray.shutdown()
-
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    record = {
-        "impl": "rayxdit-serve",
-        "config": args.parallel,
-        "gpus": pool.ranks if args.accelerator == "gpu" else 0,
-        "resolution": args.size,
-        "steps": args.steps,
-        "cfg": False,
-        "compile": args.compile,
-        "model": args.model,
-        "seconds": median["end_to_end_s"],
-        "engine_seconds": median["engine_s"],
-        "serving_overhead_s": round(median["overhead_s"], 4),
-        "serving_overhead_pct": round(100 * median["overhead_s"] / median["end_to_end_s"], 2),
-        "pipeline_split_s": {k: median[k] for k in ("encode_s", "denoise_s", "decode_s")},
-        "runs": runs,
+    return {
+        "metrics": metrics_on,
         "deploy_s": round(deploy_s, 1),
         "warmup_request_s": round(warmup_s, 1),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": device_name(),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+        "nvml_during_requests": nvml,
+        "exported_metrics": exported,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps([record], indent=1))
-    print(
-        f"end to end {record['seconds']:.3f} s, engine {record['engine_seconds']:.3f} s "
-        f"(encode {median['encode_s']:.3f}, denoise {median['denoise_s']:.3f}, decode {median['decode_s']:.3f}), "
-        f"serving overhead {record['serving_overhead_s']:.3f} s = {record['serving_overhead_pct']:.1f}%"
-    )
-    return 0
+
+
+class NvmlSampler:
+    """The driver's own NVML view of the pool's GPUs while requests run (median and max per field)."""
+
+    def __init__(self, gpus: list[str], sample, period_s: float = 0.5):
+        import threading
+
+        self.gpus, self.sample, self.period_s = gpus, sample, period_s
+        self.samples: dict[str, list[dict[str, float]]] = {gpu: [] for gpu in gpus}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            for gpu in self.gpus:
+                self.samples[gpu].append(self.sample(gpu))
+
+    def stop(self) -> dict[str, dict[str, dict[str, float]]]:
+        self.stopped.set()
+        self.thread.join()
+        summary = {}
+        for gpu, samples in self.samples.items():
+            fields = sorted({name for sample in samples for name in sample})
+            summary[gpu] = {
+                name.removeprefix("rayxdit_gpu_"): {
+                    "median": statistics.median(values),
+                    "max": max(values),
+                    "samples": len(values),
+                }
+                for name in fields
+                if (values := [sample[name] for sample in samples if name in sample])
+            }
+        return summary
+
+
+def scrape_rayxdit(port: int, wait_s: float = 30.0) -> dict[str, float]:
+    """Ray's Prometheus endpoint after the requests: every rayxdit series summed by sample name (GPU gauges
+    from the ranks, request counters, GPU-seconds), once the GPU gauges have arrived."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + wait_s
+    totals: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        totals = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_rayxdit_"):
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        if "ray_rayxdit_images_total" in totals:
+            break
+        time.sleep(2)
+    return {name: round(value, 4) for name, value in sorted(totals.items())}
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ SERVE_EPILOG = """examples:
   rayxdit serve                                   # local Ray, tiny-flux on CPU, http://127.0.0.1:8000
   rayxdit serve --config serve_configs/flux-dev-8gpu.yaml --host 0.0.0.0
   rayxdit serve --address auto                    # join a running Ray cluster
+  rayxdit serve --metrics-port 8080               # Prometheus text at http://127.0.0.1:8080/metrics
 
 then:
   curl -s http://127.0.0.1:8000/v1/generate -H 'Content-Type: application/json' \\
@@ -253,6 +254,14 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="Ray cluster to join (e.g. auto or ray://head:10001); default: start a local Ray instance",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="expose Ray's Prometheus metrics (rayxdit_*, Serve's, Ray's) on http://HOST:N/metrics of the "
+        "local Ray instance; with --address, set it on the cluster instead: ray start --metrics-export-port N "
+        "(default: a port Ray picks, listed in its session files)",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -281,8 +290,14 @@ def _serve(args: argparse.Namespace) -> int:
     # The job's environment reaches every Serve replica, and the executors forward it to the ranks: a gated
     # model's HF_TOKEN works on a cluster joined with --address too.
     env = {**SERVE_ENV, **forwarded_env()}
-    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": env})
     started_here = args.address is None and "RAY_ADDRESS" not in os.environ
+    if args.metrics_port is not None and not started_here:
+        raise UsageError(
+            "--metrics-port applies to a Ray instance started here; on a cluster start each node with "
+            "`ray start --metrics-export-port N`"
+        )
+    metrics = {"_metrics_export_port": args.metrics_port} if args.metrics_port is not None else {}
+    ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": env}, **metrics)
     for pool in config.pools:  # a pool that can never be placed is refused now, not left pending
         warning = check_placeable(pool, started_here)
         if warning:
@@ -306,7 +321,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"rayxdit: serving on http://{shown}:{port}  (docs: /docs; Ctrl-C stops)\n"
         f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
-        f'-d \'{{"prompt": "a red fox"}}\' -o fox.png',
+        f'-d \'{{"prompt": "a red fox"}}\' -o fox.png'
+        + (f"\n  metrics: http://{shown}:{args.metrics_port}/metrics" if args.metrics_port else ""),
         file=sys.stderr,
         flush=True,
     )

@@ -102,6 +102,13 @@ class GenerateResult:
         )
 
 
+def engine_seconds(timings: dict[str, float]) -> float | None:
+    """The engine's time for a request (encode + denoise + decode): what a pool's service time is learned
+    from, and times its ranks, the request's GPU-seconds. None when a part is missing."""
+    parts = [timings.get(key) for key in ("encode_s", "denoise_s", "decode_s")]
+    return sum(parts) if all(part is not None for part in parts) else None
+
+
 @dataclass
 class EncodedResult:
     """A :class:`GenerateResult` as it travels from rank 0 to its caller: images as PNG bytes (smaller and

@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from rayxdit.batch.manifest import SCHEMA, image_path, record, sha256_file, write_atomically
 from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
 from rayxdit.config import PoolConfig
-from rayxdit.request import GenerateRequest, RequestError
+from rayxdit.request import GenerateRequest, RequestError, engine_seconds
 from rayxdit.runtime.placement import pool_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
 
@@ -67,6 +67,7 @@ class GroupGenerator:
                 path=str(path.relative_to(self.output)),
                 sha256=sha256_file(path),
                 seconds=round(time.perf_counter() - begin, 4),
+                gpu_seconds=round(self.pool.ranks * (engine_seconds(result.timings) or 0.0), 4),
                 ranks=self.pool.ranks,
                 attempts=attempt,
             )

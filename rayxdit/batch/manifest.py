@@ -35,6 +35,7 @@ SCHEMA = pa.schema(
         ("path", pa.string()),
         ("sha256", pa.string()),
         ("seconds", pa.float64()),
+        ("gpu_seconds", pa.float64()),
         ("ranks", pa.int64()),
         ("attempts", pa.int64()),
         ("recovered", pa.bool_()),

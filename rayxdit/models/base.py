@@ -320,6 +320,8 @@ class DiffusionAdapter(ABC):
 
     def _generate(self, req: ResolvedRequest, output: str, progress: bool) -> GenerateResult | None:
         timings: dict[str, float] = {}
+        if self.device.type == "cuda":  # this request's peak, reported with its timings
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = _now(self.device)
         conditions = self.encode_branches(req)
         timings["encode_s"] = _now(self.device) - start
@@ -336,6 +338,8 @@ class DiffusionAdapter(ABC):
         timings["decode_s"] = _now(self.device) - start
         if not self.state.is_driver:
             return None
+        if self.device.type == "cuda":
+            timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
 
 

@@ -73,7 +73,12 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 class GroupError(RuntimeError):
     """The group failed (a rank died, raised, or hung) and must be rebuilt before the next call. The message
-    says which ranks and why, with their tracebacks where they are known."""
+    says which ranks and why, with their tracebacks where they are known; ``cause`` is one word for
+    metrics: ``rank_died``, ``rank_hung`` or ``rank_error``."""
+
+    def __init__(self, message: str, cause: str = "rank_error"):
+        super().__init__(message)
+        self.cause = cause
 
 
 Method = str | Callable[..., Any]
@@ -114,6 +119,9 @@ class Executor(ABC):
         self.env = forwarded_env() if env is None else env
         self.generation = 0
         self.broken = True
+        self.broken_cause = "not_started"
+        """Why the group is (or last was) broken: not_started, rank_died, rank_hung, rank_error,
+        cancel_timeout (ranks did not stop a cancelled request in time), aborted (a failed health check)."""
         self.devices: list[str] = []
 
     # ----- what an implementation provides ------------------------------------------------------------------
@@ -189,11 +197,19 @@ class Executor(ABC):
         """Kill every rank now, whatever it is doing (a hung group); a call in flight fails at once and the
         group stays broken until :meth:`rebuild`."""
         self.broken = True
+        self.broken_cause = "aborted"
         self._kill()
 
-    def rebuild(self) -> None:
-        """Replace every rank with a fresh one (a new generation) and load the model again."""
-        logger.warning("rebuilding worker group %s (generation %d)", self.name, self.generation)
+    def rebuild(self, request_id: str | None = None) -> None:
+        """Replace every rank with a fresh one (a new generation) and load the model again; ``request_id``:
+        the request whose failure called for it (for the log)."""
+        logger.warning(
+            "rebuilding worker group %s (generation %d, %s%s)",
+            self.name,
+            self.generation,
+            self.broken_cause,
+            f", after request {request_id}" if request_id else "",
+        )
         self.shutdown()
         self.start()
 
@@ -213,7 +229,10 @@ class Executor(ABC):
         if isinstance(error, (RequestError, RequestStopped)):
             return error
         self.broken = True
-        return error if isinstance(error, GroupError) else GroupError(f"worker group {self.name}: {error!r}")
+        if not isinstance(error, GroupError):
+            error = GroupError(f"worker group {self.name}: {error!r}")
+        self.broken_cause = error.cause
+        return error
 
     def collective_rpc(
         self,
@@ -305,6 +324,7 @@ class Executor(ABC):
                 "worker group %s: request %s did not stop cleanly (%r)", self.name, request_id, error
             )
             self.broken = True
+            self.broken_cause = "cancel_timeout"
         finally:
             if not call.done():
                 call.cancel()

@@ -194,7 +194,8 @@ class LocalExecutor(Executor):
                     break
                 missing = sorted(waiting.values())
                 raise GroupError(
-                    f"worker group {self.name}: no answer from ranks {missing} within {timeout:.0f} s (a rank hung)"
+                    f"worker group {self.name}: no answer from ranks {missing} within {timeout:.0f} s (a rank hung)",
+                    cause="rank_hung",
                 )
             for handle in ready:
                 if handle in waiting:

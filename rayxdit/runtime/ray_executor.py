@@ -35,9 +35,12 @@ class RayExecutor(Executor):
         config: EngineConfig | None,
         rank_options: Sequence[dict[str, Any]],
         placement_group: PlacementGroup | None = None,
+        telemetry_pool: str | None = None,
         **options: Any,
     ):
+        """``telemetry_pool``: publish each rank's GPU (NVML) as gauges with this pool label."""
         super().__init__(world_size, config, **options)
+        self.telemetry_pool = telemetry_pool
         self.rank_options = [dict(option) for option in rank_options]
         self.placement_group = placement_group or ray.util.get_current_placement_group()
         self.workers: list[ray.actor.ActorHandle] = []
@@ -52,6 +55,7 @@ class RayExecutor(Executor):
             pool.engine_config(),
             [rank_actor_options(pool, rank) for rank in range(pool.ranks)],
             placement_group,
+            telemetry_pool=pool.name,
             name=name or pool.name,
             collective_timeout_s=pool.collective_timeout_s,
             call_timeout_s=pool.request_timeout_s,
@@ -77,7 +81,11 @@ class RayExecutor(Executor):
                 options["runtime_env"] = {"env_vars": dict(self.env)}
             options["name"] = f"rayxdit-{self.name}-g{self.generation}-rank{rank}"
             # Ray has set CUDA_VISIBLE_DEVICES to the bundle's GPU: the rank's device index is 0.
-            self.workers.append(worker_class.options(**options).remote(rank, self.world_size, 0))
+            self.workers.append(
+                worker_class.options(**options).remote(
+                    rank, self.world_size, 0, telemetry_pool=self.telemetry_pool
+                )
+            )
 
     def _kill(self) -> None:
         for worker in self.workers:
@@ -102,7 +110,7 @@ class RayExecutor(Executor):
         if isinstance(cause, RequestStopped):
             return RequestStopped(cause.reason, cause.step)
         if isinstance(error, RayActorError):
-            return GroupError(f"worker group {self.name}: rank {rank} died")
+            return GroupError(f"worker group {self.name}: rank {rank} died", cause="rank_died")
         if isinstance(error, RayTaskError):
             lines = str(error).strip().splitlines()
             return GroupError(
@@ -112,7 +120,8 @@ class RayExecutor(Executor):
 
     def _hung(self, ranks: Sequence[int], timeout: float | None) -> GroupError:
         return GroupError(
-            f"worker group {self.name}: no answer from ranks {list(ranks)} within {timeout or 0:.0f} s (a rank hung)"
+            f"worker group {self.name}: no answer from ranks {list(ranks)} within {timeout or 0:.0f} s (a rank hung)",
+            cause="rank_hung",
         )
 
     def _call(

@@ -33,7 +33,15 @@ class RankWorker:
     """One rank. Created by an executor inside the process or actor that owns the rank's device; by then Ray
     has set ``CUDA_VISIBLE_DEVICES`` (``device_index`` 0) or the local executor picks GPU ``rank``."""
 
-    def __init__(self, rank: int, world_size: int, device_index: int, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device_index: int,
+        env: dict[str, str] | None = None,
+        telemetry_pool: str | None = None,
+    ):
+        """``telemetry_pool``: under Ray, publish this rank's GPU as NVML gauges labelled with the pool."""
         # Forwarded by the executor (HF_TOKEN, HF_HOME, proxies, NCCL settings) before anything reads them.
         os.environ.update(env or {})
         # transformers' import-time notices (e.g. no torchvision) are not for users, whoever started us.
@@ -49,6 +57,8 @@ class RankWorker:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._progress: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
+        self.telemetry_pool = telemetry_pool
+        self.telemetry = None
 
     def open_rendezvous(self, host: str | None, timeout_s: float) -> tuple[str, int]:
         """Rank 0: the group's rendezvous store on a port the OS picks and this process holds from then on
@@ -71,6 +81,10 @@ class RankWorker:
         init_distributed(self.rank, self.world_size, device, host, port, timeout_s, store=self._store)
         self.device = str(device)
         self.collective_timeout_s = timeout_s
+        if self.telemetry_pool is not None and device.type == "cuda" and self.telemetry is None:
+            from rayxdit.runtime.telemetry import start_gpu_telemetry
+
+            self.telemetry = start_gpu_telemetry(self.device_index, self.telemetry_pool)
         return self.device
 
     def load(self, config: EngineConfig) -> None:
@@ -162,4 +176,6 @@ class RankWorker:
         """Leave the process group (the process or actor ends right after)."""
         from rayxdit.parallel.mesh import destroy_distributed
 
+        if self.telemetry is not None:
+            self.telemetry.stop()
         destroy_distributed()

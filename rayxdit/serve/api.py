@@ -121,13 +121,6 @@ class PoolUnavailableError(RuntimeError):
     here, not beside the replica, so that the router can recognize it without importing the runtime."""
 
 
-def engine_seconds(timings: dict[str, float]) -> float | None:
-    """The engine's time for a request (encode + denoise + decode), what a pool's service time is learned
-    from; None when a part is missing."""
-    parts = [timings.get(key) for key in ("encode_s", "denoise_s", "decode_s")]
-    return sum(parts) if all(part is not None for part in parts) else None
-
-
 def error_payload(
     message: str, kind: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

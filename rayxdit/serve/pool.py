@@ -31,10 +31,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import PoolConfig
-from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped
+from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped, engine_seconds
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.ray_executor import RayExecutor
-from rayxdit.serve.api import PoolUnavailableError, engine_seconds
+from rayxdit.serve import metrics
+from rayxdit.serve.api import PoolUnavailableError
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 
@@ -54,6 +55,8 @@ class PoolReplica:
         self.finished: deque[float] = deque()  # when its recent requests finished: its request rate
         self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
         self.lock = asyncio.Lock()
+        self.waiting = 0  # requests waiting for the lock (a gauge)
+        self.labels = {"model": pool.served_model_name, "pool": pool.name}
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
         await self._warm_up()
@@ -113,38 +116,69 @@ class PoolReplica:
             job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
             raise
 
+    async def _rebuild(self, request_id: str | None = None) -> None:
+        metrics.inc("rayxdit_group_rebuilds", pool=self.pool.name, cause=self.executor.broken_cause)
+        await asyncio.to_thread(self.executor.rebuild, request_id)
+
     async def _run(
         self, request: GenerateRequest, request_id: str, deadline: float | None, cost: float
     ) -> EncodedResult:
-        async with self.lock:
-            last_error: BaseException | None = None
-            for attempt in (1, 2):
-                if attempt == 2 and deadline is not None and time.time() >= deadline:
-                    raise RequestStopped(DEADLINE)
-                try:
-                    if self.executor.broken:
-                        await asyncio.to_thread(self.executor.rebuild)
-                    result = await self.executor.generate_async(
-                        request, request_id=request_id, deadline=deadline
-                    )
-                    result.timings["ranks"] = self.pool.ranks
-                    result.timings["attempts"] = attempt
-                    engine_s = engine_seconds(result.timings)
-                    if cost > 0 and engine_s:
-                        self.service.add(cost, engine_s)
-                    self.finished.append(time.monotonic())
-                    return result
-                except GroupError as error:
-                    logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)
-                    last_error = error
-                except (RequestStopped, asyncio.CancelledError):
+        arrived = time.monotonic()
+        self.waiting += 1
+        metrics.set_gauge("rayxdit_requests_waiting", self.waiting, pool=self.pool.name)
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+            metrics.set_gauge("rayxdit_requests_waiting", self.waiting, pool=self.pool.name)
+        metrics.observe("rayxdit_queue_wait_seconds", time.monotonic() - arrived, **self.labels)
+        metrics.set_gauge("rayxdit_requests_running", 1, pool=self.pool.name)
+        try:
+            return await self._attempts(request, request_id, deadline, cost)
+        finally:
+            metrics.set_gauge("rayxdit_requests_running", 0, pool=self.pool.name)
+            self.lock.release()
+
+    async def _attempts(
+        self, request: GenerateRequest, request_id: str, deadline: float | None, cost: float
+    ) -> EncodedResult:
+        """The request on the ranks, once more on a rebuilt group if the first attempt broke it."""
+        last_error: BaseException | None = None
+        for attempt in (1, 2):
+            if attempt == 2 and deadline is not None and time.time() >= deadline:
+                raise RequestStopped(DEADLINE)
+            began = time.monotonic()
+            try:
+                if self.executor.broken:
+                    await self._rebuild(request_id)
+                    began = time.monotonic()
+                result = await self.executor.generate_async(request, request_id=request_id, deadline=deadline)
+                engine_s = engine_seconds(result.timings)
+                result.timings["ranks"] = self.pool.ranks
+                result.timings["attempts"] = attempt
+                gpu_seconds = self.pool.ranks * (engine_s or time.monotonic() - began)
+                result.timings["gpu_seconds"] = round(gpu_seconds, 4)
+                metrics.inc("rayxdit_gpu_seconds", gpu_seconds, **self.labels)
+                metrics.inc("rayxdit_images", len(result.pngs), **self.labels)
+                metrics.record_engine_timings(*self.labels.values(), result.timings, request.steps or 0)
+                if cost > 0 and engine_s:
+                    self.service.add(cost, engine_s)
+                self.finished.append(time.monotonic())
+                return result
+            except GroupError as error:
+                # The GPUs were held whatever came of it: a failed attempt costs its wall time too.
+                wasted = self.pool.ranks * (time.monotonic() - began)
+                metrics.inc("rayxdit_gpu_seconds", wasted, **self.labels)
+                logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)
+                last_error = error
+            except (RequestStopped, asyncio.CancelledError):
+                raise
+            except Exception as error:  # rebuild failed: let the health check replace the replica
+                if not self.executor.broken:
                     raise
-                except Exception as error:  # rebuild failed: let the health check replace the replica
-                    if not self.executor.broken:
-                        raise
-                    logger.warning("request %s: rebuilding failed: %r", request_id, error)
-                    last_error = error
-            raise PoolUnavailableError(f"{self.pool.name}: {last_error}")
+                logger.warning("request %s: rebuilding failed: %r", request_id, error)
+                last_error = error
+        raise PoolUnavailableError(f"{self.pool.name}: {last_error}")
 
     async def check_health(self) -> None:
         healthy = await self.executor.healthy()
@@ -159,7 +193,7 @@ class PoolReplica:
         if healthy:
             return
         async with self.lock:
-            await asyncio.to_thread(self.executor.rebuild)
+            await self._rebuild()
 
     def worker_pids(self) -> list[int]:
         return self.executor.pids()

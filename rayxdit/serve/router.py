@@ -32,13 +32,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayxdit.config import ConfigError, PoolConfig, ServeConfig
 from rayxdit.limits import ModelCard, ResolvedRequest
-from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
+from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
     PoolUnavailableError,
-    engine_seconds,
     error_payload,
 )
 from rayxdit.serve.routing import request_cost
@@ -93,15 +93,53 @@ def _error(
     )
 
 
+@app.middleware("http")
+async def _observe(request: Request, call_next):
+    """Every generation request: its id (the client's ``X-Request-Id`` or a new one) in the response
+    headers and the log, and counted by status and error code with its end-to-end time."""
+    if request.method != "POST":
+        return await call_next(request)
+    began = time.monotonic()
+    request.state.request_id = request_id_of(request)
+    try:
+        response = await call_next(request)
+    except asyncio.CancelledError:  # the client went away (or Serve's request timeout fired)
+        _account(request, "499", "cancelled", time.monotonic() - began)
+        raise
+    response.headers["X-Request-Id"] = request.state.request_id
+    code = getattr(request.state, "error_code", None) or ("" if response.status_code < 400 else "error")
+    _account(request, str(response.status_code), code, time.monotonic() - began)
+    return response
+
+
+def _account(request: Request, status: str, code: str, seconds: float) -> None:
+    labels = getattr(request.state, "labels", None) or {"model": "", "pool": "", "size_class": ""}
+    metrics.inc("rayxdit_requests", **labels, status=status, code=code)
+    if status == "200":
+        metrics.observe("rayxdit_request_seconds", seconds, **labels)
+    logger.info(
+        "request %s: %s %s -> %s%s in %.3f s (pool %s)",
+        request.state.request_id,
+        request.method,
+        request.url.path,
+        status,
+        f" {code}" if code else "",
+        seconds,
+        labels["pool"] or "-",
+    )
+
+
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    request.state.error_code = error.code or error.kind
     wait = math.ceil(error.retry_after or RETRY_AFTER_S)
     headers = {"Retry-After": str(wait)} if error.status in (429, 503) else {}
     return _error(error.status, str(error), error.kind, error.param, error.code, **headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    request.state.error_code = "invalid_request"
     first = error.errors()[0]
     if first.get("type") == "json_invalid":
         return _error(400, f"request body is not valid JSON: {first.get('msg')}", "invalid_request_error")
@@ -110,7 +148,8 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    request.state.error_code = "http_error"
     return _error(error.status_code, str(error.detail), "invalid_request_error")
 
 
@@ -184,9 +223,15 @@ class Router:
             raise ApiError(400, str(error), "invalid_request_error", error.param) from None
 
     async def _generate(
-        self, body: ImageGenerationRequest, request_id: str
+        self, body: ImageGenerationRequest, http: Request
     ) -> tuple[EncodedResult, dict[str, Any]]:
+        request_id = http.state.request_id
+        served = body.model or self.default_model
+        # Only served names become label values (a client's typo must not make a new time series).
+        labels = {"model": served if served in self.pools_by_model else "", "pool": "", "size_class": ""}
+        http.state.labels = labels
         model, request, resolved = self._validated(body)
+        labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
         cost = request_cost(resolved, self.cards[model].uses_cfg(request))
         arrived = time.time()
         pools = self.pools_by_model[model]
@@ -201,6 +246,9 @@ class Router:
             if decision["pool"] is None:
                 raise self._refusal(model, decision, request_id)
             pool = self.pools[decision["pool"]]
+            labels["pool"] = pool.name
+            choice = "fallback" if tried else "first"
+            metrics.inc("rayxdit_routing_decisions", model=model, pool=pool.name, choice=choice)
             deadline = arrived + min(body.timeout or pool.request_timeout_s, pool.request_timeout_s)
             result = None
             try:
@@ -224,6 +272,7 @@ class Router:
             "width": resolved.width,
             "height": resolved.height,
             "steps": resolved.steps,
+            "gpu_seconds": result.timings.get("gpu_seconds"),
             "timings": result.timings,
         }
         return result, info
@@ -336,7 +385,7 @@ class Router:
     ) -> ImageGenerationResponse:
         """OpenAI-compatible image generation."""
         self._authorize(request)
-        result, info = await self._generate(body, request_id_of(request))
+        result, info = await self._generate(body, request)
         if body.response_format == "b64_json":
             data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.pngs]
         else:
@@ -359,9 +408,10 @@ class Router:
     async def generate_png(self, body: ImageGenerationRequest, request: Request) -> Response:
         """The first image as a PNG body (handy for curl -o); metadata in X-Rayxdit-* headers."""
         self._authorize(request)
-        result, info = await self._generate(body, request_id_of(request))
+        result, info = await self._generate(body, request)
         headers = {
             "X-Request-Id": info["request_id"],
+            "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),
             "X-Rayxdit-Timings": json.dumps(info["timings"]),
             "X-Rayxdit-Pool": info["pool"],
             "X-Rayxdit-Seed": str(info["seed"]),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+from rayxdit.serve import metrics
 from rayxdit.serve.elastic import rank_budget
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after, route
 
@@ -97,6 +98,7 @@ class AppState:
         self.reservations: dict[str, _Reservation] = {}
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
+        self.published: dict[str, tuple[int, int, int]] = {}
         # Cold pools that the shared budget has no room for are routed to last (routing.route): only an
         # elastic application shares a budget; pools that scale on their own compete in Serve's placement.
         self.budget_ranks = config.elastic.budget_ranks if config.elastic else None
@@ -142,7 +144,19 @@ class AppState:
                 overhead_s=overhead,
                 startup_s=self.startups.get(name),
             )
+        self._publish(loads)
         return loads
+
+    def _publish(self, loads: dict[str, PoolLoad]) -> None:
+        """The application-wide gauges of each pool (only what changed: this runs per routing decision)."""
+        for name, load in loads.items():
+            values = (load.outstanding, load.ready_replicas, load.starting_replicas)
+            if self.published.get(name) == values:
+                continue
+            self.published[name] = values
+            metrics.set_gauge("rayxdit_pool_outstanding", load.outstanding, pool=name)
+            metrics.set_gauge("rayxdit_pool_replicas", load.ready_replicas, pool=name, state="ready")
+            metrics.set_gauge("rayxdit_pool_replicas", load.starting_replicas, pool=name, state="starting")
 
     async def route(
         self, model: str, cost: float, request_id: str, deadline: float, hold_s: float, exclude: list[str]

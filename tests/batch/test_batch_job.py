@@ -134,7 +134,12 @@ def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path)
     engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
     for identifier in ("cat", "dog", "house"):
         record = records[identifier]
-        assert record["ranks"] == 2 and record["seconds"] > 0 and len(record["sha256"]) == 64
+        assert (
+            record["ranks"] == 2
+            and record["seconds"] > 0
+            and 0 < record["gpu_seconds"] <= 2 * record["seconds"]
+            and len(record["sha256"]) == 64
+        )
         written = np.asarray(
             Image.open(io.BytesIO((tmp_path / "out" / record["path"]).read_bytes())), dtype=np.int16
         )

@@ -96,9 +96,19 @@ ROUTES = [
 ]
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def url():
-    ray.init(num_cpus=32, num_gpus=24, include_dashboard=False, logging_level="warning")
+    ray.init(
+        num_cpus=32,
+        num_gpus=24,
+        include_dashboard=False,
+        logging_level="warning",
+        _metrics_export_port=METRICS_PORT,  # what `rayxdit serve --metrics-port` sets
+        _system_config={"metrics_report_interval_ms": 1000},  # the test waits less for its numbers
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
@@ -278,7 +288,29 @@ def rank_actor(pool: str, rank: int):
     return ray.get_actor(newest["name"], namespace=newest["namespace"])
 
 
-def test_killing_a_rank_mid_request_fails_over_and_the_replica_recovers(url, engine):
+def scrape() -> dict[tuple[str, frozenset], float]:
+    """Ray's Prometheus endpoint of this node, as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "rayxdit_" in sample.name
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name`` over every series (worker, replica) whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(value for (sample, keys), value in samples.items() if sample == name and wanted <= keys)
+
+
+def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, engine):
+    """A failover on a real cluster, three good requests and one bad one: the replica recovers, and the
+    scraped Prometheus text counts exactly what was sent, with the right labels."""
+    before = scrape()
     body = {"model": "tiny-failover", "prompt": "a long one", "size": "256x256", "steps": 60, "seed": 3}
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(post, url, body)
@@ -290,11 +322,61 @@ def test_killing_a_rank_mid_request_fails_over_and_the_replica_recovers(url, eng
         assert response.json()["rayxdit"]["timings"]["attempts"] == 2
     else:
         assert response.status_code == 503 and response.json()["error"]["code"] == "worker_group_failed"
+    failover_ok = response.status_code == 200
     small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 4}
     response = post(url, small)
     assert response.status_code == 200, response.text
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
+    gpu_seconds = response.json()["rayxdit"]["gpu_seconds"]
+    timings = response.json()["rayxdit"]["timings"]
+    assert gpu_seconds == pytest.approx(
+        2 * (timings["encode_s"] + timings["denoise_s"] + timings["decode_s"]), abs=1e-3
+    )
+    for seed in (5, 6):
+        response = post(
+            url, {**small, "seed": seed}, path="/v1/generate", headers={**AUTH, "X-Request-Id": f"m-{seed}"}
+        )
+        assert response.status_code == 200 and response.headers["X-Request-Id"] == f"m-{seed}"
+        gpu_seconds += float(response.headers["X-Rayxdit-Gpu-Seconds"])
+    bad = post(url, {**small, "size": "37x37"}, headers={**AUTH, "X-Request-Id": "m-bad"})
+    assert bad.status_code == 400 and bad.headers["X-Request-Id"] == "m-bad"
+
+    ok = 3 + failover_ok
+    pool = {"model": "tiny-failover", "pool": "failover-2"}
+    expected = {  # (sample, labels): how much it must have grown
+        ("ray_rayxdit_requests_total", (("status", "200"), *pool.items())): ok,
+        ("ray_rayxdit_requests_total", (("status", "200"), ("size_class", "<=512"), *pool.items())): ok,
+        ("ray_rayxdit_requests_total", (("status", "400"), ("code", "invalid_request_error"))): 1,
+        ("ray_rayxdit_request_seconds_count", tuple(pool.items())): ok,
+        ("ray_rayxdit_routing_decisions_total", (("choice", "first"), *pool.items())): 4,
+        ("ray_rayxdit_images_total", tuple(pool.items())): ok,
+        ("ray_rayxdit_stage_seconds_count", (("stage", "denoise"), *pool.items())): ok,
+        ("ray_rayxdit_step_seconds_count", tuple(pool.items())): ok,
+        ("ray_rayxdit_queue_wait_seconds_count", tuple(pool.items())): 4,
+        ("ray_rayxdit_group_rebuilds_total", (("pool", "failover-2"),)): 1,
+    }
+
+    def grown() -> dict:
+        after = scrape()
+        return {
+            key: total(after, key[0], **dict(key[1])) - total(before, key[0], **dict(key[1]))
+            for key in expected
+        }
+
+    deadline = time.monotonic() + 60  # Ray exports every second here; its agent may lag a few
+    while (seen := grown()) != expected and time.monotonic() < deadline:
+        time.sleep(2)
+    assert seen == expected
+    after = scrape()
+    counted = total(after, "ray_rayxdit_gpu_seconds_total", **pool) - total(
+        before, "ray_rayxdit_gpu_seconds_total", **pool
+    )
+    assert counted >= gpu_seconds - 0.01  # the 3 small requests, plus the failover's attempts
+    causes = {dict(keys)["cause"] for (name, keys), value in after.items() if name.endswith("rebuilds_total")}
+    assert causes <= {"rank_died", "aborted"}, causes  # the killed rank, seen by the call or the health check
+    assert any(name == "ray_rayxdit_pool_replicas" for name, _ in after)
+    assert any(name == "ray_rayxdit_requests_running" for name, _ in after)
 
 
 def generation(pool: str) -> int:
