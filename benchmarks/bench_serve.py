@@ -9,8 +9,8 @@ overhead is what the client waited beyond it (HTTP, router, replica, Ray transfe
         --out benchmarks/results/serve-flux-dev-2xh200.json
     python benchmarks/bench_serve.py --model tiny-flux --parallel ulysses=2 --accelerator cpu --size 128 \\
         --steps 4 --out /tmp/serve-smoke.json                                                    # CPU smoke
-    python benchmarks/bench_serve.py --model flux-dev-random --parallel ulysses=1 --compile --metrics-ab \\
-        --out benchmarks/results/serve-flux-dev-1xh100.json          # one GPU: NVML, GPU-seconds, metrics cost
+    python benchmarks/bench_serve.py --parallel ulysses=1 --compile --metrics-ab --requests 4 \\
+        --out benchmarks/results/serve-flux-dev-1xh200.json          # one GPU: NVML, GPU-seconds, metrics cost
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
         )
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
-    exported = scrape_rayxdit(metrics_port) if metrics_on else {}
+    exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
     serve.shutdown()
     ray.shutdown()
     return {
@@ -237,9 +237,9 @@ class NvmlSampler:
         return summary
 
 
-def scrape_rayxdit(port: int, wait_s: float = 30.0) -> dict[str, float]:
+def scrape_rayxdit(port: int, images: int, wait_s: float = 60.0) -> dict[str, float]:
     """Ray's Prometheus endpoint after the requests: every rayxdit series summed by sample name (GPU gauges
-    from the ranks, request counters, GPU-seconds), once the GPU gauges have arrived."""
+    from the ranks, request counters, GPU-seconds), once all ``images`` are counted (exports lag)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + wait_s
@@ -251,7 +251,7 @@ def scrape_rayxdit(port: int, wait_s: float = 30.0) -> dict[str, float]:
             for sample in family.samples:
                 if sample.name.startswith("ray_rayxdit_"):
                     totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-        if "ray_rayxdit_images_total" in totals:
+        if totals.get("ray_rayxdit_images_total", 0) >= images:
             break
         time.sleep(2)
     return {name: round(value, 4) for name, value in sorted(totals.items())}

@@ -26,15 +26,17 @@ GPU_METRICS = {
     "rayxdit_gpu_power_watts": "Board power draw (NVML).",
     "rayxdit_gpu_temperature_celsius": "GPU die temperature (NVML).",
     "rayxdit_gpu_sm_clock_mhz": "SM clock (NVML).",
-    "rayxdit_gpu_throttled": "1 while clocks are held down for a reason other than idling or an applications "
-    "clock setting (power cap, thermal, hardware slowdown), else 0 (NVML clock event reasons).",
+    "rayxdit_gpu_throttled": "1 while clocks are held down by heat or a hardware slowdown (thermal, HW "
+    "slowdown, power brake), else 0. Running at the power cap is not counted: a busy H200 sits there.",
     "rayxdit_gpu_clock_event_reasons": "NVML's clock event (throttle) reason bitmask, as is.",
     "rayxdit_gpu_ecc_uncorrected_errors": "Uncorrected ECC errors since the driver loaded (volatile counter).",
     "rayxdit_gpu_xid_errors": "Critical Xid events seen by this rank's sampler since it started.",
 }
 SAMPLE_PERIOD_S = 5.0
-# Clock event reasons that are not a problem: the GPU idles, or an operator set applications clocks.
-_BENIGN_REASONS = 0x1 | 0x2
+# Clock event reasons worth an alert: HW slowdown 0x8, SW thermal 0x20, HW thermal 0x40, HW power brake
+# 0x80. Not the software power cap (0x4): a saturated H200 runs at its 700 W cap with it set all the time
+# (measured: benchmarks/results/serve-flux-dev-1xh200.json), nor idling (0x1) or applications clocks (0x2).
+_TROUBLE_REASONS = 0x8 | 0x20 | 0x40 | 0x80
 
 
 def _nvml() -> Any | None:
@@ -102,7 +104,7 @@ def _sample(nvml: Any, handle: Any) -> dict[str, float]:
         ),
         "rayxdit_gpu_sm_clock_mhz": _field(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
         "rayxdit_gpu_clock_event_reasons": reasons,
-        "rayxdit_gpu_throttled": None if reasons is None else float(int(reasons) & ~_BENIGN_REASONS != 0),
+        "rayxdit_gpu_throttled": None if reasons is None else float(int(reasons) & _TROUBLE_REASONS != 0),
         "rayxdit_gpu_ecc_uncorrected_errors": _field(
             lambda: nvml.nvmlDeviceGetTotalEccErrors(
                 handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
