@@ -101,6 +101,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "scale; repeat for several. Fused into the weights on every rank before parallelism is applied.",
     )
     parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.0,
+        help="First-Block Cache (lossy): skip the transformer's other blocks on steps whose first block "
+        "changed by less than this, e.g. 0.08; the whole group decides together (default: 0, off)",
+    )
+    parser.add_argument(
         "--no-vae-parallel",
         dest="vae_parallel",
         action="store_false",
@@ -210,6 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         loras=tuple(args.lora),
         vae_parallel=args.vae_parallel,
+        cache_threshold=args.cache_threshold,
     )
     (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()

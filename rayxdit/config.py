@@ -157,6 +157,9 @@ class EngineConfig:
     vae_parallel: bool = True
     """Split the VAE decode into bands of rows over the sequence-parallel ranks (exact: halo exchange and
     synchronized GroupNorm statistics). Off: rank 0 decodes alone."""
+    cache_threshold: float = 0.0
+    """First-Block Cache (lossy, opt-in): steps whose first-block residual changed by less than this
+    (relative) reuse the other blocks' last residual; the decision is the whole group's. 0: off, exact."""
     loras: tuple[str, ...] = ()
     """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
     LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
@@ -168,6 +171,13 @@ class EngineConfig:
             raise ConfigError(f"attention={self.attention!r}: choose auto, cudnn, flash or efficient")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError(f"dtype={self.dtype!r}: choose auto, bfloat16, float16 or float32")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError(f"cache_threshold={self.cache_threshold}: use 0 (off) to 1")
+        if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
+            raise ConfigError(
+                "cache_threshold with pipefusion: PipeFusion's stale patches and step caching do not combine "
+                "exactly; use one of them"
+            )
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if self.pipefusion_patches < 0:
@@ -267,6 +277,14 @@ class PoolConfig(BaseModel):
     loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
     vae_parallel: bool = Field(
         default=True, description="Split the VAE decode into bands of rows over the sequence-parallel ranks."
+    )
+    cache_threshold: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="First-Block Cache threshold (lossy, opt-in; e.g. 0.08): steps whose first block changed "
+        "less than this reuse the other blocks' last residual. 0: off (exact). Requests may lower it or "
+        "send 0.",
     )
     route_min_cost: float = Field(
         default=0.0,
@@ -392,6 +410,7 @@ class PoolConfig(BaseModel):
             compile=self.compile,
             vae_parallel=self.vae_parallel,
             loras=tuple(self.loras),
+            cache_threshold=self.cache_threshold,
         )
 
 

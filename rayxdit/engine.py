@@ -40,6 +40,8 @@ class Engine:
         self.adapter.parallelize(
             state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
         )
+        if config.cache_threshold > 0:  # around the parallel blocks, outside what compile compiles
+            self.adapter.enable_step_cache(config.cache_threshold)
         if config.compile:
             self.adapter.compile()
 

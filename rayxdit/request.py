@@ -49,6 +49,13 @@ class GenerateRequest(BaseModel):
         le=MAX_FRAMES,
         description="Video models: frames per video (default: the model's).",
     )
+    cache_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="First-Block Cache threshold for this request where the model runs with step caching "
+        "(0: exact, no step skipped; default: the model's configured threshold).",
+    )
 
     @property
     def uses_true_cfg(self) -> bool:

@@ -20,13 +20,15 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from rayxdit.config import ConfigError
 from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
+from rayxdit.models.step_cache import FirstBlockCache, apply_first_block_cache
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
-from rayxdit.request import GenerateRequest, GenerateResult
+from rayxdit.request import GenerateRequest, GenerateResult, RequestError
 
 
 class DiffusionAdapter(ABC):
@@ -60,6 +62,8 @@ class DiffusionAdapter(ABC):
         self.vae_bands: RowBands | None = None
         self.control: StepControl = UNCONTROLLED
         """The running request's step control (the loops check it at every step boundary)."""
+        self.step_cache: FirstBlockCache | None = None
+        self.cache_threshold = 0.0
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -91,6 +95,31 @@ class DiffusionAdapter(ABC):
         self.pipeline.set_adapters(names, adapter_weights=[scale for _, scale in loras])
         self.pipeline.fuse_lora(adapter_names=names)
         self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
+
+    # ----- step caching -----------------------------------------------------------------------------------
+    def enable_step_cache(self, threshold: float) -> None:
+        """First-Block Cache around the transformer's blocks (``rayxdit.models.step_cache``), ``threshold``
+        by default; after :meth:`parallelize`, before :meth:`compile`."""
+        if not hasattr(self.transformer, "transformer_blocks") and not hasattr(self.transformer, "blocks"):
+            raise ConfigError(f"{self.pipeline_class}: step caching needs a transformer (this is a UNet)")
+        if self.state.axis("pipefusion").size > 1:
+            raise ConfigError("step caching and PipeFusion do not combine exactly; use one of them")
+        group = None
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            group = torch.distributed.group.WORLD  # cfg x sp: every rank of this worker group
+        self.step_cache = apply_first_block_cache(self.transformer, group)
+        self.cache_threshold = threshold
+
+    def _cache_threshold(self, request: GenerateRequest) -> float:
+        if request.cache_threshold is None:
+            return self.cache_threshold if self.step_cache is not None else 0.0
+        if request.cache_threshold > 0 and self.step_cache is None:
+            raise RequestError(
+                "cache_threshold: this model runs without step caching (set cache_threshold in its pool or "
+                "--cache-threshold to enable it)",
+                "cache_threshold",
+            )
+        return request.cache_threshold
 
     # ----- parallelism ------------------------------------------------------------------------------------
     def parallelize(
@@ -273,6 +302,8 @@ class DiffusionAdapter(ABC):
         if self.state.axis("pipefusion").size > 1:
             from rayxdit.models.pipefusion import PipeFusionLoop
 
+            self._cache_threshold(req.request)  # refuses a request that asks for step caching here
+
             return PipeFusionLoop(self, req, conditions).run(progress)
         state = self.state
         request = req.request
@@ -283,14 +314,18 @@ class DiffusionAdapter(ABC):
         start = sum(token_sizes[: state.axis("sp").index])
         latents = latents[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
         scheduler, timesteps = self.make_scheduler(req, num_tokens)
+        cache, threshold = self.step_cache, self._cache_threshold(request)
+        if cache is not None:
+            cache.start(threshold)
         show = progress and state.is_driver
         for step, t in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):
             self.control.check(step, len(timesteps))
             model_input = self.model_input(scheduler, latents, t)
-            predictions = {
-                branch: self.predict(model_input, t, conditions[branch], positions, req)
-                for branch in branches
-            }
+            predictions = {}
+            for index, branch in enumerate(branches):
+                if cache is not None:
+                    cache.begin(branch, first_of_step=index == 0)
+                predictions[branch] = self.predict(model_input, t, conditions[branch], positions, req)
             noise = guided_prediction(
                 predictions, state.axis("cfg"), self.uses_cfg(request), self.cfg_scale(request)
             )
@@ -329,6 +364,8 @@ class DiffusionAdapter(ABC):
         latents = self.denoise(req, conditions, progress)
         self.control.finish(req.steps)
         timings["denoise_s"] = _now(self.device) - start
+        if self.step_cache is not None and self.step_cache.active:
+            timings["cached_steps"] = self.step_cache.skipped_steps
         if output == "latent":
             return GenerateResult(latents=latents.cpu(), timings=timings) if self.state.is_driver else None
         if not self.decodes_here():

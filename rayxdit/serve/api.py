@@ -46,6 +46,13 @@ class ImageGenerationRequest(BaseModel):
         description="Seconds after which the request is stopped and answered 504 (rayxdit); default and "
         "upper bound: the pool's request_timeout_s.",
     )
+    cache_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="First-Block Cache threshold (rayxdit; lossy): only on pools configured with step caching; "
+        "0 turns it off for this request.",
+    )
     quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
@@ -74,6 +81,7 @@ class ImageGenerationRequest(BaseModel):
                 guidance=self.guidance,
                 true_cfg_scale=self.true_cfg_scale,
                 num_images=self.n,
+                cache_threshold=self.cache_threshold,
             )
         except ValidationError as error:
             raise request_error_from(error) from None
