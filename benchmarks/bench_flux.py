@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -58,10 +59,18 @@ class Job:
     attention: str = "auto"  # rayxdit: kernel of sequence-parallel attention; single: SDPA backend
     gpus: int = 1
     resolutions: tuple[int, ...] | None = None  # None: every resolution of the run
+    quantize: str | None = None  # fp8: torchao float8 in the transformer blocks (single or rayxdit)
+    cache: tuple[float, ...] = ()  # First-Block Cache thresholds, each timed on the same loaded model
 
     @property
     def key(self) -> str:
-        return f"{self.impl}-{self.config}-{'compile' if self.compile else 'eager'}-{self.attention}{'-cfg' if self.cfg else ''}"
+        extras = (f"-{self.quantize}" if self.quantize else "") + (
+            f"-cache{'+'.join(f'{c:g}' for c in self.cache)}" if self.cache else ""
+        )
+        return (
+            f"{self.impl}-{self.config}-{'compile' if self.compile else 'eager'}-{self.attention}"
+            f"{'-cfg' if self.cfg else ''}{extras}"
+        )
 
 
 @dataclass
@@ -73,6 +82,7 @@ class Settings:
     dtype: str
     workdir: str
     profile_steps: int = 0
+    repeats: int = 3
 
 
 KERNEL_CATEGORIES = (
@@ -158,8 +168,14 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
     begin = time.perf_counter()
     pipeline = build_flux_pipeline(sizes, device, dtype, with_text_encoders=False, with_vae=False)
     adapter = FluxAdapter(pipeline, limits=ModelLimits().updated(sizes.limits))
-    if job.impl == "rayxdit":
-        adapter.parallelize(build_parallel_state(ParallelConfig.parse(job.config), device), job.attention)
+    if job.quantize:
+        adapter.quantize(job.quantize)
+    if job.impl == "rayxdit" or job.cache:  # the cache lives on the adapter's mesh (one rank: trivial)
+        config = ParallelConfig.parse(job.config if job.impl == "rayxdit" else "")
+        # No VAE in this benchmark (the transformer loop alone): nothing to split.
+        adapter.parallelize(build_parallel_state(config, device), job.attention, vae_parallel=False)
+    if job.cache:
+        adapter.enable_step_cache(job.cache[0])
     elif job.impl == "diffusers":
         from diffusers import ContextParallelConfig
 
@@ -185,7 +201,6 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
             negative_prompt="negative" if job.cfg else None,
             true_cfg_scale=4.0 if job.cfg else 1.0,
         )
-        req = adapter.resolve(request)
         text_tokens = sizes.limits["max_sequence_length"]
         conditions = {}
         for branch in branches_for_rank(adapter.state.axis("cfg"), job.cfg):
@@ -215,10 +230,17 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
             warmup_s = time.perf_counter() - begin
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            begin = time.perf_counter()
-            latents = adapter.denoise(req, conditions)
-            _synchronize(device)
-            seconds = time.perf_counter() - begin
+            timed = {}  # threshold (None: no cache) -> (latents, seconds of each repeat, steps skipped)
+            for threshold in job.cache or (None,):
+                run = adapter.resolve(request.model_copy(update={"cache_threshold": threshold}))
+                repeats = []
+                for _ in range(settings.repeats):
+                    begin = time.perf_counter()
+                    latents = adapter.denoise(run, conditions)
+                    _synchronize(device)
+                    repeats.append(time.perf_counter() - begin)
+                skipped = adapter.step_cache.skipped_steps if threshold else None
+                timed[threshold] = (latents, repeats, skipped)
             profile = None
             if settings.profile_steps and device.type == "cuda":
                 steps = settings.profile_steps
@@ -231,9 +253,10 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
         )
         if world_size > 1:
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        if rank == 0:
-            path = Path(settings.workdir) / f"{job.key}-{resolution}.pt"
+        for threshold, (latents, repeats, skipped) in timed.items() if rank == 0 else ():
+            path = Path(settings.workdir) / f"{job.key}-{threshold}-{resolution}.pt"
             torch.save(latents.float().cpu(), path)
+            seconds = statistics.median(repeats)
             records.append(
                 {
                     "impl": job.impl,
@@ -244,7 +267,11 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
                     "cfg": job.cfg,
                     "compile": job.compile,
                     "attention": job.attention,
+                    "quantize": job.quantize,
+                    "cache_threshold": threshold,
+                    "cached_steps": skipped,
                     "seconds": round(seconds, 4),
+                    "repeats_s": [round(s, 4) for s in repeats],
                     "ms_per_step": round(1000 * seconds / settings.steps, 2),
                     "peak_mem_gib": round(peak.item(), 2),
                     "warmup_s": round(warmup_s, 1),
@@ -311,27 +338,34 @@ def default_jobs(gpus: int) -> list[Job]:
 
 
 def parse_job(text: str) -> Job:
-    """``impl:config[:compile|eager][:cfg][:attention]``, e.g. ``rayxdit:ring=2:compile:cudnn``."""
+    """``impl:config[:compile|eager][:cfg][:attention][:fp8][:cache=T1/T2...]``, e.g.
+    ``rayxdit:ring=2:compile:cudnn`` or ``single:single:fp8:cache=0.05/0.1``."""
     impl, config, *flags = text.split(":")
     compile_ = "eager" not in flags
     cfg = "cfg" in flags
+    quantize = "fp8" if "fp8" in flags else None
+    cache = next((tuple(float(t) for t in f[6:].split("/")) for f in flags if f.startswith("cache=")), ())
     attention = next((f for f in flags if f in ("auto", "cudnn", "flash", "efficient")), "auto")
     gpus = (
         1
         if impl == "single"
         else (ParallelConfig.parse(config).world_size if impl == "rayxdit" else int(config.partition("=")[2]))
     )
-    return Job(impl, config, compile_, cfg, attention, gpus)
+    return Job(impl, config, compile_, cfg, attention, gpus, quantize=quantize, cache=cache)
 
 
 def add_comparisons(records: list[dict]) -> None:
     """rel_err against the single-GPU eager output (else the first single-GPU output) of the same
     resolution and CFG setting; speedups against the best single-GPU compiled time of this run."""
     for record in records:
-        peers = [
+        peers = [  # the exact single-GPU runs: fp8 and cached ones are compared, never the baseline
             r
             for r in records
-            if r["resolution"] == record["resolution"] and r["cfg"] == record["cfg"] and r["impl"] == "single"
+            if r["resolution"] == record["resolution"]
+            and r["cfg"] == record["cfg"]
+            and r["impl"] == "single"
+            and not r.get("quantize")
+            and not r.get("cache_threshold")
         ]
         reference = next((r for r in peers if not r["compile"]), peers[0] if peers else None)
         if reference is not None and reference is not record:
@@ -357,8 +391,11 @@ def print_table(records: list[dict]) -> None:
     for r in records:
         speedup = f"{r['speedup_vs_single_compile']:.2f}x" if r.get("speedup_vs_single_compile") else "-"
         rel = f"{r['rel_err']:.2e}" if r.get("rel_err") is not None else "-"
+        variant = r["config"] + (f" {r['quantize']}" if r.get("quantize") else "")
+        if r.get("cache_threshold"):
+            variant += f" c{r['cache_threshold']:g}:{r['cached_steps']}"
         print(
-            f"{r['impl']:9} {r['config']:20} {r['gpus']:>4} {r['resolution']:>5} {'y' if r['cfg'] else 'n':>3} "
+            f"{r['impl']:9} {variant:20} {r['gpus']:>4} {r['resolution']:>5} {'y' if r['cfg'] else 'n':>3} "
             f"{'y' if r['compile'] else 'n':>4} {r['attention']:>6} {r['seconds']:8.3f} {r['ms_per_step']:8.1f} "
             f"{speedup:>7} {rel:>9} {r['peak_mem_gib']:7.1f}"
         )
@@ -372,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (compiles)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument(
         "--jobs",
@@ -402,7 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         gpus = max(job.gpus for job in jobs)
     workdir = tempfile.mkdtemp(prefix="rayxdit-bench-")
     settings = Settings(
-        args.preset, args.resolutions, args.steps, args.warmup_steps, dtype, workdir, args.profile_steps
+        args.preset,
+        args.resolutions,
+        args.steps,
+        args.warmup_steps,
+        dtype,
+        workdir,
+        args.profile_steps,
+        args.repeats,
     )
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -416,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta), flush=True)
     started = time.perf_counter()
     records: list[dict] = []
+    failed = []
     for job in jobs:
         if job.gpus > gpus:
             print(f"skip {job.key}: needs {job.gpus} GPUs", flush=True)
@@ -428,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_job(job, settings)
         except Exception as error:  # one failing job must not lose the others' numbers
             print(f"FAILED {job.key}: {str(error)[-3000:]}", flush=True)
+            failed.append(job.key)
             continue
         for record in result:
             print(
@@ -445,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"profile {record['impl']} {record['config']} {record['resolution']}px: {json.dumps(record['profile'])}"
             )
+    if failed:  # the numbers of the others are written; the run still says it is incomplete
+        print(f"{len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -101,6 +101,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "scale; repeat for several. Fused into the weights on every rank before parallelism is applied.",
     )
     parser.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: torchao float8 in the transformer blocks (lossy; needs torchao and an Ada/Hopper GPU)",
+    )
+    parser.add_argument(
         "--cache-threshold",
         type=float,
         default=0.0,
@@ -190,6 +196,11 @@ def _generate(args: argparse.Namespace) -> int:
     # Cheap checks first: a bad --parallel fails before diffusers is even imported.
     parallel = ParallelConfig.parse(args.parallel)
     check_launchable(parallel.world_size)
+    if args.quantize:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            raise UsageError("--quantize fp8 needs an NVIDIA GPU with float8 tensor cores (Ada or Hopper)")
     request = _request_from_args(args)
     from rayxdit.runtime.cards import model_card
     from rayxdit.runtime.local import run_local_group
@@ -218,11 +229,15 @@ def _generate(args: argparse.Namespace) -> int:
         loras=tuple(args.lora),
         vae_parallel=args.vae_parallel,
         cache_threshold=args.cache_threshold,
+        quantize=args.quantize,
     )
     (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()
     _write_outputs(result, args.out, args.fps)
-    timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
+    timings = ", ".join(
+        f"{k.removesuffix('_s')} {v:.2f} s" if k.endswith("_s") else f"{k.replace('_', ' ')} {v:g}"
+        for k, v in result.timings.items()
+    )
     print(f"{parallel} on {parallel.world_size} rank(s): {timings}", file=sys.stderr)
     return 0
 

@@ -157,6 +157,9 @@ class EngineConfig:
     vae_parallel: bool = True
     """Split the VAE decode into bands of rows over the sequence-parallel ranks (exact: halo exchange and
     synchronized GroupNorm statistics). Off: rank 0 decodes alone."""
+    quantize: str | None = None
+    """``fp8``: torchao float8 dynamic activations, per-row weight scales, in the transformer blocks' linear
+    layers (lossy, opt-in; Ada/Hopper GPUs). None: the model's dtype throughout."""
     cache_threshold: float = 0.0
     """First-Block Cache (lossy, opt-in): steps whose first-block residual changed by less than this
     (relative) reuse the other blocks' last residual; the decision is the whole group's. 0: off, exact."""
@@ -171,6 +174,8 @@ class EngineConfig:
             raise ConfigError(f"attention={self.attention!r}: choose auto, cudnn, flash or efficient")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError(f"dtype={self.dtype!r}: choose auto, bfloat16, float16 or float32")
+        if self.quantize not in (None, "fp8"):
+            raise ConfigError(f"quantize={self.quantize!r}: only fp8 is supported (or none)")
         if not 0.0 <= self.cache_threshold <= 1.0:
             raise ConfigError(f"cache_threshold={self.cache_threshold}: use 0 (off) to 1")
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
@@ -283,8 +288,13 @@ class PoolConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="First-Block Cache threshold (lossy, opt-in; e.g. 0.08): steps whose first block changed "
-        "less than this reuse the other blocks' last residual. 0: off (exact). Requests may lower it or "
-        "send 0.",
+        "less than this reuse the other blocks' last residual. 0: off (exact). A request may send its own "
+        "(0: exact for that request).",
+    )
+    quantize: Literal["fp8"] | None = Field(
+        default=None,
+        description="fp8: torchao float8 dynamic-activation quantization of the transformer blocks (lossy, "
+        "opt-in; GPUs with float8 tensor cores: Ada, Hopper). Default: none.",
     )
     route_min_cost: float = Field(
         default=0.0,
@@ -362,6 +372,12 @@ class PoolConfig(BaseModel):
                 f"pool {self.name}: deployment_config cannot set {', '.join(owned)}: the pool decides it"
             )
         _check_serve_options(self.name, self.serve_options())
+        if self.quantize and self.accelerator == "cpu":
+            raise ValueError(
+                f"pool {self.name}: quantize=fp8 needs GPUs with float8 tensor cores, not CPU ranks"
+            )
+        if self.cache_threshold > 0 and self.parallel_config.pipefusion > 1:
+            raise ValueError(f"pool {self.name}: cache_threshold with pipefusion: use one of them")
         return self
 
     def serve_options(self) -> dict[str, Any]:
@@ -411,6 +427,7 @@ class PoolConfig(BaseModel):
             vae_parallel=self.vae_parallel,
             loras=tuple(self.loras),
             cache_threshold=self.cache_threshold,
+            quantize=self.quantize,
         )
 
 

@@ -37,6 +37,8 @@ class Engine:
         # Order matters: LoRAs are fused into plain weights first, parallelism then rewrites attention
         # processors, and compile must see the final modules.
         self.adapter.load_loras([parse_lora(lora) for lora in config.loras])
+        if config.quantize:  # on plain fused weights, before parallelism rewrites the blocks
+            self.adapter.quantize(config.quantize)
         self.adapter.parallelize(
             state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
         )

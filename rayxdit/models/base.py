@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
-from rayxdit.models.step_cache import FirstBlockCache, apply_first_block_cache
+from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_block_cache
 from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
@@ -95,6 +95,45 @@ class DiffusionAdapter(ABC):
         self.pipeline.set_adapters(names, adapter_weights=[scale for _, scale in loras])
         self.pipeline.fuse_lora(adapter_names=names)
         self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
+
+    # ----- quantization -----------------------------------------------------------------------------------
+    def quantize(self, method: str) -> None:
+        """``fp8``: torchao's float8 dynamic activations with per-row weight scales for the linear layers of
+        the transformer blocks (embedders and the output projection stay in the model's dtype). Call before
+        :meth:`parallelize` and :meth:`compile`. Refused where the GPU has no float8 tensor cores."""
+        if method != "fp8":
+            raise ConfigError(f"quantize={method!r}: only fp8 is supported")
+        device = next(self.transformer.parameters()).device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            raise ConfigError(
+                f"quantize=fp8 needs an NVIDIA GPU with float8 tensor cores (Ada or Hopper, compute "
+                f"capability 8.9+); this rank runs on {where}"
+            )
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as error:
+            raise ConfigError(f"quantize=fp8 needs torchao: pip install 'rayxdit[fp8]' ({error})") from None
+        in_blocks = {
+            id(module)
+            for name in BLOCK_LISTS
+            if isinstance(blocks := getattr(self.transformer, name, None), torch.nn.ModuleList)
+            for module in blocks.modules()
+        }
+
+        def eligible(module: torch.nn.Module, _: str) -> bool:  # float8 GEMMs want multiples of 16
+            return (
+                isinstance(module, torch.nn.Linear)
+                and id(module) in in_blocks
+                and module.in_features % 16 == 0
+                and module.out_features % 16 == 0
+            )
+
+        quantize_(
+            self.transformer,
+            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            filter_fn=eligible,
+        )
 
     # ----- step caching -----------------------------------------------------------------------------------
     def enable_step_cache(self, threshold: float) -> None:
