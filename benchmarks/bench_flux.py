@@ -239,7 +239,8 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
                     latents = adapter.denoise(run, conditions)
                     _synchronize(device)
                     repeats.append(time.perf_counter() - begin)
-                skipped = adapter.step_cache.skipped_steps if threshold else None
+                cache = adapter.step_cache
+                skipped = (cache.skipped_steps, [round(c, 4) for c in cache.changes]) if threshold else None
                 timed[threshold] = (latents, repeats, skipped)
             profile = None
             if settings.profile_steps and device.type == "cuda":
@@ -269,7 +270,8 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
                     "attention": job.attention,
                     "quantize": job.quantize,
                     "cache_threshold": threshold,
-                    "cached_steps": skipped,
+                    "cached_steps": skipped[0] if skipped else None,
+                    "cache_changes": skipped[1] if skipped else None,
                     "seconds": round(seconds, 4),
                     "repeats_s": [round(s, 4) for s in repeats],
                     "ms_per_step": round(1000 * seconds / settings.steps, 2),

@@ -53,6 +53,8 @@ class FirstBlockCache:
         self.decides = False
         self.skip = False
         self.skipped_steps = 0
+        self.changes: list[float] = []
+        """This request's measured relative change at each decision (what a threshold is tuned from)."""
         self.previous: torch.Tensor | None = None  # head residual of the last computed step (deciding branch)
         self.head_output: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.tail_residual: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -66,6 +68,7 @@ class FirstBlockCache:
         self.threshold = threshold
         self.skip = False
         self.skipped_steps = 0
+        self.changes = []
         self.previous = None
         self.head_output.clear()
         self.tail_residual.clear()
@@ -131,6 +134,7 @@ class FirstBlockCache:
         changed, magnitude, contributors = sums.tolist()
         if contributors == 0 or magnitude == 0:
             return True
+        self.changes.append(changed / magnitude)
         return changed / magnitude > self.threshold
 
 
