@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
 
+TRUST_FACTOR = 4.0
+"""Admission refuses only on estimates within this factor of the largest request cost a pool has measured."""
 SCALING_EXPONENT = 0.85
 """Before a pool is measured, n times the GPUs is taken as n**0.85 times as fast (2 GPUs: 1.80x). Measured
 on 2x H200 (benchmarks/results/flux-dev-2xh200.json): 1.58x at 1024px, 1.78x at 2048px, 1.98x with cfg=2."""
@@ -43,8 +45,10 @@ class ServiceFit:
     def __init__(self, forget: float = 0.9):
         self.forget = forget
         self.weight = self.cost = self.cost2 = self.seconds = self.cost_seconds = 0.0
+        self.largest = 0.0
 
     def add(self, cost: float, seconds: float) -> None:
+        self.largest = max(self.largest, cost)
         f = self.forget
         self.weight = f * self.weight + 1.0
         self.cost = f * self.cost + cost
@@ -68,6 +72,13 @@ class ServiceFit:
     @property
     def mean_cost(self) -> float | None:
         return self.cost / self.weight if self.weight else None
+
+    @property
+    def trusted_cost(self) -> float:
+        """The largest request cost this fit's estimates may refuse a request on: TRUST_FACTOR times the
+        largest cost measured. Beyond it the fit is an extrapolation (small requests are mostly fixed
+        overhead: taken proportionally, they make a large request look many times slower than it is)."""
+        return TRUST_FACTOR * self.largest
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,8 @@ class PoolLoad:
     """Measured fixed part of a request's service time (text encoding, decoding)."""
     startup_s: float | None = None
     """Measured replica start-up (None: not measured yet)."""
+    trusted_cost: float = math.inf
+    """Requests up to this cost may be refused on this pool's estimate (see ``ServiceFit.trusted_cost``)."""
 
     @property
     def free(self) -> bool:
@@ -209,10 +222,13 @@ def route(
     return sorted(estimates, key=lambda item: (blocked(item[0]), item[1], item[0].ranks))
 
 
-def retry_after(estimate: float | None, time_left: float) -> float | None:
-    """Admission control: None admits a request expected to finish in ``estimate`` seconds with
-    ``time_left`` before its deadline; otherwise the seconds after which its queue should have drained
-    enough for it (the ``Retry-After`` of a 429)."""
-    if estimate is None or estimate <= time_left:
+def retry_after(
+    estimate: float | None, time_left: float, cost: float = 0.0, trusted_cost: float = math.inf
+) -> float | None:
+    """Admission control: None admits a request (of ``cost``) expected to finish in ``estimate`` seconds with
+    ``time_left`` before its deadline, and any request beyond the cost its pool's estimate can be trusted
+    for; otherwise the seconds after which its queue should have drained enough for it (the
+    ``Retry-After`` of a 429)."""
+    if estimate is None or estimate <= time_left or cost > trusted_cost:
         return None
     return float(max(1, math.ceil(estimate - time_left)))

@@ -121,6 +121,21 @@ class AppState:
         """Every pool's replicas, outstanding requests and learned rates, as of now."""
         return self._loads()
 
+    def _trusted_cost(self, name: str) -> float:
+        """Up to which request cost ``name``'s estimate may refuse a request: its own measurements' reach;
+        a configured prior is trusted; an extrapolation from the model's measured pools, as far as they."""
+        if name in self.fits and self.fits[name].weight:
+            return self.fits[name].trusted_cost
+        if self.pools[name].seconds_per_cost:
+            return math.inf
+        model = self.pools[name].served_model_name
+        reaches = [
+            self.fits[spec.name].trusted_cost
+            for spec in self.specs[model]
+            if spec.name in self.fits and self.fits[spec.name].weight
+        ]
+        return min(reaches) if reaches else math.inf
+
     def _loads(self) -> dict[str, PoolLoad]:
         now = time.monotonic()
         for replicas in self.replicas.values():
@@ -143,6 +158,7 @@ class AppState:
                 seconds_per_cost=rate,
                 overhead_s=overhead,
                 startup_s=self.startups.get(name),
+                trusted_cost=self._trusted_cost(name),
             )
         self._publish(loads)
         return loads
@@ -169,7 +185,7 @@ class AppState:
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
-        wait = retry_after(estimate, deadline - time.time())
+        wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
         self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + hold_s)
