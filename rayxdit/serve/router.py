@@ -63,7 +63,8 @@ async def _awaited(response):
 
 
 def request_id_of(request: Request) -> str:
-    """The client's ``X-Request-Id`` when it is a sane token, else a new one."""
+    """The request's id: its ``X-Request-Id`` (the client's, else the one Serve's proxy generated and put
+    there; the proxy echoes it in the response) when it is a sane token, else a new one."""
     given = request.headers.get("x-request-id", "")
     return given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
@@ -106,7 +107,8 @@ async def _observe(request: Request, call_next):
     except asyncio.CancelledError:  # the client went away (or Serve's request timeout fired)
         _account(request, "499", "cancelled", time.monotonic() - began)
         raise
-    response.headers["X-Request-Id"] = request.state.request_id
+    # No X-Request-Id header here: Serve's proxy adds one to every answer (the client's id, else the one it
+    # generated and handed on in the request's headers, which request_id_of takes).
     code = getattr(request.state, "error_code", None) or ("" if response.status_code < 400 else "error")
     _account(request, str(response.status_code), code, time.monotonic() - began)
     return response
@@ -410,7 +412,6 @@ class Router:
         self._authorize(request)
         result, info = await self._generate(body, request)
         headers = {
-            "X-Request-Id": info["request_id"],
             "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),
             "X-Rayxdit-Timings": json.dumps(info["timings"]),
             "X-Rayxdit-Pool": info["pool"],

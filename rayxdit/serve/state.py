@@ -240,7 +240,10 @@ class AppState:
         return {
             "ready": all(models.values()),
             "models": models,
-            "pools": {k: vars(v) for k, v in loads.items()},
+            "pools": {  # JSON: an unbounded trust (no measurement yet) is null
+                name: {k: (None if v == math.inf else v) for k, v in vars(load).items()}
+                for name, load in loads.items()
+            },
         }
 
     # ----- images -----------------------------------------------------------------------------------------

@@ -73,3 +73,21 @@ def test_gpu_probe_runs_at_tiny_shapes(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {r["probe"] for r in results} == {"attention", "gemm", "collective"}
     assert any(r["probe"] == "attention" and "ms" in r for r in results)
+
+
+def test_the_profile_breakdown_counts_each_kernel_once_and_exposed_time_is_never_negative():
+    # Two steps; a GEMM overlapping an all-to-all on another stream, then attention; 10 ms of wall per step.
+    kernels = [
+        ("nvjet_gemm", 0, 4000),
+        ("ncclDevKernel_AllToAll", 1000, 6000),
+        ("cudnn_attention", 4000, 7000),
+        ("nvjet_gemm", 10000, 14000),
+        ("ncclDevKernel_AllToAll", 11000, 16000),
+        ("cudnn_attention", 14000, 17000),
+    ]
+    profile = bench_flux.kernel_breakdown(kernels, wall_ms=20.0, steps=2)
+    assert profile["kernel_ms_per_step"] == {"nccl": 5.0, "gemm": 4.0, "attention": 3.0}
+    assert profile["compute_ms_per_step"] == 7.0 and profile["exposed_ms_per_step"] == 3.0
+    # Compute kernels overlapping each other (two streams) are not counted twice as busy time.
+    overlapped = bench_flux.kernel_breakdown([("gemm", 0, 8000), ("gemm", 0, 8000)], wall_ms=8.0, steps=1)
+    assert overlapped["compute_ms_per_step"] == 8.0 and overlapped["exposed_ms_per_step"] == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -108,6 +109,7 @@ def test_readiness_needs_a_ready_replica_unless_every_pool_scales_from_zero(cloc
     app.report("small", "replica-a", ready=True)
     readiness = app.readiness()
     assert readiness["ready"] is True and readiness["models"] == {"m": True}
+    json.dumps(readiness, allow_nan=False)  # /readyz answers it as JSON (an infinity there was a 500)
     assert (
         readiness["pools"]["small"]["ready_replicas"] == 1
         and readiness["pools"]["big"]["ready_replicas"] == 0
