@@ -301,6 +301,19 @@ def scrape() -> dict[tuple[str, frozenset], float]:
     }
 
 
+def settled_scrape(timeout_s: float = 60.0) -> dict[tuple[str, frozenset], float]:
+    """A scrape once earlier tests' numbers have all arrived (two scrapes 3 s apart agree): exports lag."""
+    deadline = time.monotonic() + timeout_s
+    previous = scrape()
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        current = scrape()
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def total(samples: dict, name: str, **labels: str) -> float:
     """The sum of ``name`` over every series (worker, replica) whose labels include ``labels``."""
     wanted = set(labels.items())
@@ -310,7 +323,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
 def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, engine):
     """A failover on a real cluster, three good requests and one bad one: the replica recovers, and the
     scraped Prometheus text counts exactly what was sent, with the right labels."""
-    before = scrape()
+    before = settled_scrape()
     body = {"model": "tiny-failover", "prompt": "a long one", "size": "256x256", "steps": 60, "seed": 3}
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(post, url, body)
