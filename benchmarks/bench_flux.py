@@ -341,6 +341,10 @@ def default_jobs(gpus: int) -> list[Job]:
             Job("single", "single", compile=True, cfg=True, resolutions=(1024,)),
             Job("diffusers", "ring=2", compile=False, gpus=2),
             Job("diffusers", "ulysses=2", compile=False, gpus=2),
+            # diffusers' context parallelism compiled too, where it compiles (a failure is reported, and the
+            # run exits non-zero after writing every other job's numbers)
+            Job("diffusers", "ring=2", compile=True, gpus=2),
+            Job("diffusers", "ulysses=2", compile=True, gpus=2),
             # PipeFusion: 2 stages, 2 patches, 1 synchronous warm-up step (then one-step-old keys/values).
             Job("rayxdit", "pipefusion=2", compile=True, gpus=2),
         ]
@@ -357,6 +361,15 @@ def default_jobs(gpus: int) -> list[Job]:
             Job("rayxdit", "ulysses=2,ring=4", compile=True, gpus=8),
         ]
     jobs.append(Job("single", "single", compile=False))
+    if torch.cuda.is_available():  # the speed stack (fp8: GPU only), alone and with the best exact split
+        # Thresholds for these random weights, whose first block changes 52-65% a step (a trained model's
+        # few percent would want ~0.05-0.2): benchmarks/results/speed-flux-dev-1xh200-1024-cache.json.
+        jobs += [
+            Job("single", "single", compile=True, quantize="fp8"),
+            Job("single", "single", compile=True, quantize="fp8", cache=(0.6, 0.7)),
+        ]
+        if gpus >= 2:
+            jobs.append(Job("rayxdit", "ulysses=2", compile=True, gpus=2, quantize="fp8", cache=(0.7,)))
     return jobs
 
 
