@@ -138,7 +138,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=Path("out.png"),
         help="where to write the PNG; with --num-images N, files get -0..-N-1 suffixes. Videos: .png "
-        "(animated PNG), .gif, .mp4 (needs imageio[ffmpeg]) or a path without suffix for a directory of "
+        "(animated PNG), .gif, .mp4 or a path without suffix for a directory of "
         "frames (default: out.png)",
     )
     parser.set_defaults(handler=_generate)

@@ -453,6 +453,18 @@ class RouterConfig(BaseModel):
         description="Bytes of response_format=url images kept (oldest dropped first); a 2048px noise-like "
         "PNG is about 12 MB.",
     )
+    job_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a finished job (a video, a background image request) and its result stay "
+        "fetchable.",
+    )
+    max_job_bytes: int = Field(
+        default=4 << 30,
+        ge=1 << 20,
+        description="Bytes of finished jobs' results kept (oldest finished dropped first); a Wan video of 81 "
+        "frames at 832x480 is about 60 MB of lossless frames.",
+    )
 
 
 class ElasticConfig(BaseModel):

@@ -7,12 +7,15 @@ sample decides whether zlib is worth running at all, so encoding never dominates
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from rayxdit.request import VIDEO_MEDIA_TYPES
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SAMPLE_ROWS = 64
@@ -51,6 +54,20 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     )
 
 
+def encode_video(frames: list[bytes], video_format: str, fps: int) -> bytes:
+    """One video from its frames as PNG bytes: ``mp4`` (H.264 through imageio's ffmpeg), ``png`` (an animated
+    PNG: lossless) or ``gif``. CPU work of a fraction of a second per frame: run it off the event loop."""
+    import tempfile
+
+    if video_format not in VIDEO_MEDIA_TYPES:
+        raise ValueError(f"format '{video_format}': one of {', '.join(VIDEO_MEDIA_TYPES)}")
+    images = [Image.open(io.BytesIO(frame)) for frame in frames]
+    with tempfile.TemporaryDirectory(prefix="rayxdit-video-") as folder:
+        path = Path(folder) / f"video.{video_format}"
+        save_video(images, path, fps)
+        return path.read_bytes()
+
+
 VIDEO_SUFFIXES = ("", ".png", ".apng", ".gif", ".mp4")
 """What :func:`save_video` writes; no suffix means a directory of frames."""
 
@@ -63,7 +80,7 @@ def check_video_path(path: Path) -> None:
 
 def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Path]:
     """Write one video's frames: ``.png``/``.apng`` as an animated PNG (lossless, one file, plays in
-    browsers), ``.gif``, ``.mp4`` (needs imageio with ffmpeg), or a directory of numbered PNG frames when
+    browsers), ``.gif``, ``.mp4`` (H.264, imageio's ffmpeg), or a directory of numbered PNG frames when
     ``path`` has no suffix. Returns the files written."""
     check_video_path(path)
     suffix = path.suffix.lower()
@@ -91,7 +108,9 @@ def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Pat
             "writing .mp4 needs imageio[ffmpeg] (pip install 'imageio[ffmpeg]'); "
             "or write .png (animated) or a directory of frames"
         ) from None
-    with imageio.get_writer(path, fps=fps) as writer:
+    # macro_block_size 1: H.264 needs even sides only (every video model's sizes are), and imageio must not
+    # rescale frames to multiples of 16.
+    with imageio.get_writer(path, fps=fps, macro_block_size=1) as writer:
         for frame in frames:
             writer.append_data(np.asarray(frame.convert("RGB")))
     return [path]

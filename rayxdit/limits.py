@@ -56,10 +56,18 @@ class ModelLimits:
     """Video models: most frames accepted."""
     frame_multiple: int = 1
     """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
+    fps: int = 16
+    """Video models: frames per second of the output (and of a request's ``seconds``)."""
 
     @property
     def makes_video(self) -> bool:
         return self.max_frames > 1
+
+    def frames_for(self, seconds: float) -> int:
+        """The frame count closest to ``seconds`` at :attr:`fps` that the model accepts (``1 + k x
+        frame_multiple``); may exceed :attr:`max_frames`, which :meth:`resolve` then refuses."""
+        frames = max(1, round(seconds * self.fps))
+        return 1 + self.frame_multiple * max(0, round((frames - 1) / self.frame_multiple))
 
     def updated(self, overrides: dict[str, Any]) -> ModelLimits:
         known = {f.name for f in fields(self)}

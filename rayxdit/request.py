@@ -19,6 +19,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_FRAMES = 241
+VIDEO_MEDIA_TYPES = {"mp4": "video/mp4", "png": "image/apng", "gif": "image/gif"}
+"""The formats a video is delivered in (``rayxdit.imaging.encode_video``), with the media type of each."""
 
 
 class GenerateRequest(BaseModel):

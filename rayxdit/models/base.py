@@ -403,6 +403,7 @@ class DiffusionAdapter(ABC):
         latents = self.denoise(req, conditions, progress)
         self.control.finish(req.steps)
         timings["denoise_s"] = _now(self.device) - start
+        timings["steps"] = req.steps  # the resolved count (a request may leave it to the model's default)
         if self.step_cache is not None and self.step_cache.active:
             timings["cached_steps"] = self.step_cache.skipped_steps
         if output == "latent":

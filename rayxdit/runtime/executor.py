@@ -329,6 +329,16 @@ class Executor(ABC):
             if not call.done():
                 call.cancel()
 
+    async def progress_async(self) -> dict[str, Any] | None:
+        """Rank 0's running request (its id, step and step count), None when idle or unreachable; answered
+        while the request runs, without touching it."""
+        if self.broken:
+            return None
+        try:
+            return (await self._call_async("progress", (), {}, PING_TIMEOUT_S, [0]))[0]
+        except Exception:
+            return None
+
     async def healthy(self) -> bool:
         """Every rank answers a ping in time (ranks answer while a request runs)."""
         if self.broken:

@@ -56,18 +56,14 @@ class ImageGenerationRequest(BaseModel):
     quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    background: bool = Field(
+        default=False,
+        description="Answer at once with a job to poll at GET /v1/images/generations/{id} (rayxdit; also "
+        "by the header 'Prefer: respond-async').",
+    )
 
     def to_generate_request(self, default_seed: int) -> GenerateRequest:
-        width = height = None
-        if self.size is not None:
-            match = SIZE_PATTERN.match(self.size)
-            if not match:
-                raise RequestError(
-                    f"size '{self.size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size"
-                )
-            width, height = int(match.group(1)), int(match.group(2))
-            if width == 0 or height == 0:
-                raise RequestError(f"size '{self.size}' has a zero side", "size")
+        width, height = parse_size(self.size)
         if not self.prompt.strip():
             raise RequestError("prompt is empty", "prompt")
         try:
@@ -87,7 +83,81 @@ class ImageGenerationRequest(BaseModel):
             raise request_error_from(error) from None
 
 
-_FIELD_TO_PARAM = {"num_images": "n", "height": "size", "width": "size"}
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WIDTHxHEIGHT"`` as (width, height); (None, None) for no size."""
+    if size is None:
+        return None, None
+    match = SIZE_PATTERN.match(size)
+    if not match:
+        raise RequestError(f"size '{size}' is not of the form WIDTHxHEIGHT, e.g. 1024x1024", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width == 0 or height == 0:
+        raise RequestError(f"size '{size}' has a zero side", "size")
+    return width, height
+
+
+class VideoGenerationRequest(BaseModel):
+    """Body of ``POST /v1/videos`` (JSON or a multipart form, as OpenAI's client sends it). OpenAI's fields
+    keep their meaning (``seconds``, ``size``); ``frames``, ``steps``, ``seed``, ``guidance`` and
+    ``negative_prompt`` are rayxdit's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to film.", max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(
+        default=None, description="A video model from GET /v1/models; default: the first one."
+    )
+    size: str | None = Field(default=None, description='"WIDTHxHEIGHT"; default: the model\'s.')
+    seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="Duration; becomes the nearest frame count the model takes at its fps. Not with frames.",
+    )
+    frames: int | None = Field(
+        default=None,
+        ge=1,
+        description="Frames (1 + a multiple of the model's frame_multiple); default: the model's.",
+    )
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="Random seed.")
+    guidance: float = Field(default=5.0, ge=0, le=100, description="CFG scale (on above 1).")
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="What to steer away from."
+    )
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="Seconds after which the job is stopped and fails with deadline_exceeded; default and "
+        "upper bound: the pool's request_timeout_s.",
+    )
+    user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+
+    def to_generate_request(self, default_seed: int, frames_for_seconds: Any) -> GenerateRequest:
+        """The request; ``frames_for_seconds``: the model's ``ModelLimits.frames_for``."""
+        width, height = parse_size(self.size)
+        if not self.prompt.strip():
+            raise RequestError("prompt is empty", "prompt")
+        if self.seconds is not None and self.frames is not None:
+            raise RequestError("give seconds or frames, not both", "seconds")
+        frames = self.frames if self.seconds is None else frames_for_seconds(self.seconds)
+        try:
+            return GenerateRequest(
+                prompt=self.prompt,
+                negative_prompt=self.negative_prompt,
+                height=height,
+                width=width,
+                steps=self.steps,
+                seed=default_seed if self.seed is None else self.seed,
+                guidance=self.guidance,
+                num_frames=frames,
+            )
+        except ValidationError as error:
+            raise request_error_from(error) from None
+
+
+_FIELD_TO_PARAM = {"num_images": "n", "height": "size", "width": "size", "num_frames": "frames"}
 
 
 def request_error_from(error: ValidationError) -> RequestError:

@@ -88,6 +88,12 @@ SERVING_METRICS = (
     ),
     MetricSpec("rayxdit_images", "counter", "Images (or videos) generated.", ("model", "pool")),
     MetricSpec(
+        "rayxdit_jobs",
+        "counter",
+        "Asynchronous jobs (videos, background images) by how they ended.",
+        ("model", "kind", "status"),
+    ),
+    MetricSpec(
         "rayxdit_gpu_seconds",
         "counter",
         "GPU-seconds consumed: ranks x engine wall time of each finished request (failed attempts too).",
@@ -154,8 +160,10 @@ def set_gauge(name: str, value: float, **tags: str) -> None:
         metric(name).set(value, tags=tags)
 
 
-def record_engine_timings(model: str, pool: str, timings: dict[str, Any], steps: int) -> None:
-    """The stage histograms and the per-step time of one finished request."""
+def record_engine_timings(model: str, pool: str, timings: dict[str, Any]) -> None:
+    """The stage histograms and the per-step time of one finished request (``timings["steps"]``: the
+    engine's resolved step count, also where the request left it to the model's default)."""
+    steps = timings.get("steps")
     for stage in ("encode", "denoise", "decode"):
         seconds = timings.get(f"{stage}_s")
         if seconds is not None:

@@ -42,6 +42,8 @@ from rayxdit.serve.state import HEARTBEAT_S
 logger = logging.getLogger("ray.serve")
 RATE_WINDOW_S = 60.0
 """The window of the request rate a replica reports to the autoscaling policy."""
+PROGRESS_EVERY_S = 0.5
+"""How often a job's progress (rank 0's step) is pushed to the application's state."""
 
 
 class PoolReplica:
@@ -102,19 +104,45 @@ class PoolReplica:
         }
 
     async def generate(
-        self, request: GenerateRequest, request_id: str, deadline: float | None = None, cost: float = 0.0
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        deadline: float | None = None,
+        cost: float = 0.0,
+        report_progress: bool = False,
     ) -> EncodedResult:
         """Run ``request`` on the worker group; ``deadline`` in seconds since the epoch; ``cost`` (the
-        router's) teaches this replica's rate, reported to the autoscaling policy."""
+        router's) teaches this replica's rate, reported to the autoscaling policy. ``report_progress``: the
+        request is a job (``request_id`` its id) whose progress the application's state shows."""
         # The job runs in a fresh context, detached from this Serve request: when Serve cancels the request
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
         job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
+        reporter = asyncio.create_task(self._report_progress(request_id)) if report_progress else None
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
             job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
             raise
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+
+    async def _report_progress(self, job_id: str) -> None:
+        """Push rank 0's step of ``job_id`` to the application's state while it runs."""
+        last = None
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            progress = await self.executor.progress_async() if self.lock.locked() else None
+            if not progress or progress.get("request_id") != job_id:
+                continue
+            where = (progress["step"], progress["steps"])
+            if where != last:
+                last = where
+                try:
+                    await self.state.job_progress.remote(job_id, *where)
+                except Exception as error:  # the state replica restarting: the next report tells it
+                    logger.debug("progress of %s not reported: %r", job_id, error)
 
     async def _rebuild(self, request_id: str | None = None) -> None:
         metrics.inc("rayxdit_group_rebuilds", pool=self.pool.name, cause=self.executor.broken_cause)
@@ -160,7 +188,7 @@ class PoolReplica:
                 result.timings["gpu_seconds"] = round(gpu_seconds, 4)
                 metrics.inc("rayxdit_gpu_seconds", gpu_seconds, **self.labels)
                 metrics.inc("rayxdit_images", len(result.pngs), **self.labels)
-                metrics.record_engine_timings(*self.labels.values(), result.timings, request.steps or 0)
+                metrics.record_engine_timings(self.labels["model"], self.labels["pool"], result.timings)
                 if cost > 0 and engine_s:
                     self.service.add(cost, engine_s)
                 self.finished.append(time.monotonic())

@@ -1,8 +1,16 @@
 """The HTTP ingress: validates every request before any GPU work, prices it, and sends it to a pool.
 
-Endpoints: ``POST /v1/images/generations`` (OpenAI images API), ``POST /v1/generate`` (returns the PNG
-itself), ``GET /v1/images/{id}.png`` (for ``response_format=url``), ``GET /v1/models``, ``GET /healthz``,
-and the OpenAPI docs at ``/docs``. Every error is ``{"error": {"message", "type", "param", "code"}}``.
+Endpoints: ``POST /v1/images/generations`` (OpenAI images API; with ``background`` a job to poll at
+``GET``/``DELETE /v1/images/generations/{id}``), ``POST /v1/generate`` (returns the PNG itself),
+``GET /v1/images/{id}.png`` (for ``response_format=url``), the OpenAI videos API (``POST /v1/videos``
+creates a job; ``GET /v1/videos``, ``GET``/``DELETE /v1/videos/{id}``, ``GET /v1/videos/{id}/content``),
+``GET /v1/models``, ``GET /healthz``, ``GET /readyz`` and the OpenAPI docs at ``/docs``. Every error is
+``{"error": {"message", "type", "param", "code"}}``.
+
+A job (a video, a background image request) is driven by the router replica that created it: it routes the
+request as any other, renews the job's lease in the shared state twice a second and learns there whether a
+``DELETE`` (through any replica) cancelled it, then stops the pool's ranks at their next step boundary. The
+pool pushes progress; the result goes to the shared state, so any replica answers for it.
 
 A router replica needs no GPU, no CPU reservation and no model stack: it imports neither torch nor
 diffusers, and learns each model's limits and traits from the :class:`ModelCard` the application builder
@@ -11,6 +19,8 @@ hands it.
 
 import asyncio
 import base64
+import contextvars
+import hashlib
 import json
 import logging
 import math
@@ -24,23 +34,34 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayxdit.config import ConfigError, PoolConfig, ServeConfig
+from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.limits import ModelCard, ResolvedRequest
-from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
+from rayxdit.request import (
+    VIDEO_MEDIA_TYPES,
+    EncodedResult,
+    GenerateRequest,
+    RequestError,
+    RequestStopped,
+    engine_seconds,
+)
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
     PoolUnavailableError,
+    VideoGenerationRequest,
     error_payload,
+    request_error_from,
 )
+from rayxdit.serve.jobs import CANCELLED, COMPLETED
 from rayxdit.serve.routing import request_cost
 
 RETRY_AFTER_S = 5
@@ -52,6 +73,9 @@ logger = logging.getLogger("ray.serve")
 
 GONE_CHECK_S = 2.0
 """How often a request waiting for its pool checks that the pool still has replicas."""
+RENEW_JOB_S = 0.5
+"""How often a job's driver renews its lease (and so how soon it sees a cancellation)."""
+MAX_FORM_FIELDS = 64
 
 
 class PoolGone(Exception):
@@ -110,14 +134,16 @@ async def _observe(request: Request, call_next):
     # No X-Request-Id header here: Serve's proxy adds one to every answer (the client's id, else the one it
     # generated and handed on in the request's headers, which request_id_of takes).
     code = getattr(request.state, "error_code", None) or ("" if response.status_code < 400 else "error")
-    _account(request, str(response.status_code), code, time.monotonic() - began)
+    seconds = None if getattr(request.state, "job", False) else time.monotonic() - began  # a job's answer
+    _account(request, str(response.status_code), code, seconds)
     return response
 
 
-def _account(request: Request, status: str, code: str, seconds: float) -> None:
+def _account(request: Request, status: str, code: str, seconds: float | None) -> None:
+    """``seconds`` None: the answer is a job, whose time says nothing of the generation's latency."""
     labels = getattr(request.state, "labels", None) or {"model": "", "pool": "", "size_class": ""}
     metrics.inc("rayxdit_requests", **labels, status=status, code=code)
-    if status == "200":
+    if status == "200" and seconds is not None:
         metrics.observe("rayxdit_request_seconds", seconds, **labels)
     logger.info(
         "request %s: %s %s -> %s%s in %.3f s (pool %s)",
@@ -126,7 +152,7 @@ def _account(request: Request, status: str, code: str, seconds: float) -> None:
         request.url.path,
         status,
         f" {code}" if code else "",
-        seconds,
+        seconds or 0.0,
         labels["pool"] or "-",
     )
 
@@ -182,15 +208,12 @@ class Router:
         self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
         for pool in config.pools:
             self.pools_by_model[pool.served_model_name].append(pool)
-        self.default_model = config.pools[0].served_model_name
         self.cards = cards
+        videos = [name for name in self.pools_by_model if cards[name].limits.makes_video]
+        images = [name for name in self.pools_by_model if name not in videos]
+        self.default_model = {"image": (images or videos)[0], "video": (videos or images)[0]}
         self.replica = serve.get_replica_context().replica_tag
-        videos = sorted(name for name, card in cards.items() if card.limits.makes_video)
-        if videos:
-            raise ConfigError(
-                f"{', '.join(videos)}: video models are not served by the images API yet; "
-                "use `rayxdit generate --model ... --out clip.mp4`"
-            )
+        self.jobs: set[asyncio.Task] = set()  # the jobs this replica drives (referenced until done)
 
     # ----- helpers ----------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -207,9 +230,20 @@ class Router:
                 code="invalid_api_key",
             )
 
-    def _validated(self, body: ImageGenerationRequest) -> tuple[str, GenerateRequest, ResolvedRequest]:
-        """The model, the request and its resolved sizes; ApiError 400 before any GPU work."""
-        model = body.model or self.default_model
+    @staticmethod
+    def _owner(request: Request) -> str:
+        """Whose jobs a caller sees: a digest of its API key (everyone's alike without keys)."""
+        token = request.headers.get("authorization", "").partition(" ")[2]
+        return hashlib.sha256(token.encode()).hexdigest()[:24] if token else ""
+
+    def _validated(
+        self, body: ImageGenerationRequest | VideoGenerationRequest, http: Request
+    ) -> tuple[str, GenerateRequest, ResolvedRequest]:
+        """The model, the request and its resolved sizes; ApiError 400 before any GPU work. Only served
+        names become metric labels (a client's typo must not make a new time series)."""
+        kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
+        model = body.model or self.default_model[kind]
+        http.state.labels = {"model": "", "pool": "", "size_class": ""}
         if model not in self.pools_by_model:
             raise ApiError(
                 400,
@@ -218,27 +252,83 @@ class Router:
                 "model",
                 "model_not_found",
             )
+        http.state.labels["model"] = model
+        limits = self.cards[model].limits
+        if limits.makes_video != (kind == "video"):
+            where = "POST /v1/videos" if limits.makes_video else "POST /v1/images/generations"
+            raise ApiError(
+                400,
+                f"model '{model}' makes {'videos' if limits.makes_video else 'images'}: use {where}",
+                "invalid_request_error",
+                "model",
+                "model_kind_mismatch",
+            )
+        seed = secrets.randbelow(2**31)
         try:
-            request = body.to_generate_request(default_seed=secrets.randbelow(2**31))
-            return model, request, self.cards[model].limits.resolve(request)
+            if isinstance(body, VideoGenerationRequest):
+                request = body.to_generate_request(seed, limits.frames_for)
+            else:
+                request = body.to_generate_request(seed)
+            resolved = limits.resolve(request)
         except RequestError as error:
-            raise ApiError(400, str(error), "invalid_request_error", error.param) from None
+            param = "frames" if error.param == "num_frames" else error.param
+            raise ApiError(400, str(error), "invalid_request_error", param) from None
+        http.state.labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
+        return model, request, resolved
+
+    async def _parsed(self, http: Request, schema: type[BaseModel]) -> Any:
+        """The body as ``schema``, from JSON or a form (OpenAI's client sends forms to some endpoints);
+        ApiError 400 for anything else."""
+        content_type = http.headers.get("content-type", "").lower()
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            try:
+                form = await http.form(max_fields=MAX_FORM_FIELDS)
+            except Exception as error:
+                raise ApiError(400, f"request form unreadable: {error}", "invalid_request_error") from None
+            data: Any = {name: value for name, value in form.items() if isinstance(value, str)}
+        else:
+            try:
+                data = json.loads(await http.body())
+            except ValueError as error:
+                raise ApiError(
+                    400, f"request body is not valid JSON: {error}", "invalid_request_error"
+                ) from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object", "invalid_request_error")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as error:
+            problem = request_error_from(error)
+            if error.errors()[0].get("type") == "extra_forbidden":
+                problem = RequestError(f"unknown field '{problem.param}'", problem.param)
+            raise ApiError(400, str(problem), "invalid_request_error", problem.param) from None
 
     async def _generate(
         self, body: ImageGenerationRequest, http: Request
     ) -> tuple[EncodedResult, dict[str, Any]]:
-        request_id = http.state.request_id
-        served = body.model or self.default_model
-        # Only served names become label values (a client's typo must not make a new time series).
-        labels = {"model": served if served in self.pools_by_model else "", "pool": "", "size_class": ""}
-        http.state.labels = labels
-        model, request, resolved = self._validated(body)
-        labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
+        model, request, resolved = self._validated(body, http)
+        return await self._run(
+            model, request, resolved, http.state.request_id, body.timeout, http.state.labels
+        )
+
+    async def _run(
+        self,
+        model: str,
+        request: GenerateRequest,
+        resolved: ResolvedRequest,
+        request_id: str,
+        timeout: float | None,
+        labels: dict[str, str],
+        report_progress: bool = False,
+    ) -> tuple[EncodedResult, dict[str, Any]]:
+        """Route a validated request and run it on a pool (another pool if the first is full or gone);
+        the result and what the response tells of it. ``labels``: the request's metric labels, its pool
+        filled in here."""
         cost = request_cost(resolved, self.cards[model].uses_cfg(request))
         arrived = time.time()
         pools = self.pools_by_model[model]
         longest = max(pool.request_timeout_s for pool in pools)
-        admission_deadline = arrived + min(body.timeout or longest, longest)
+        admission_deadline = arrived + min(timeout or longest, longest)
         hold_s = longest + max(pool.cancel_grace_s for pool in pools) + BACKSTOP_S
         tried: list[str] = []
         while True:
@@ -251,11 +341,11 @@ class Router:
             labels["pool"] = pool.name
             choice = "fallback" if tried else "first"
             metrics.inc("rayxdit_routing_decisions", model=model, pool=pool.name, choice=choice)
-            deadline = arrived + min(body.timeout or pool.request_timeout_s, pool.request_timeout_s)
+            deadline = arrived + min(timeout or pool.request_timeout_s, pool.request_timeout_s)
             result = None
             try:
                 result = await self._call_pool(
-                    pool, request, request_id, deadline, cost, decision.get("warm")
+                    pool, request, request_id, deadline, cost, decision.get("warm"), report_progress
                 )
                 break
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
@@ -274,6 +364,7 @@ class Router:
             "width": resolved.width,
             "height": resolved.height,
             "steps": resolved.steps,
+            **({"frames": resolved.frames} if resolved.frames > 1 else {}),
             "gpu_seconds": result.timings.get("gpu_seconds"),
             "timings": result.timings,
         }
@@ -308,6 +399,7 @@ class Router:
         deadline: float,
         cost: float,
         warm: bool | None = False,
+        report_progress: bool = False,
     ) -> EncodedResult:
         """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
         a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound.
@@ -316,7 +408,9 @@ class Router:
         now (the autoscaling policy gave its GPUs to other pools, or its replica died), or for a cold pool
         that started no replica within twice its start-up prior, is taken back and raises
         :class:`PoolGone`, for the caller to route it again."""
-        response = self.handles[pool.name].generate.remote(request, request_id, deadline, cost)
+        response = self.handles[pool.name].generate.remote(
+            request, request_id, deadline, cost, report_progress
+        )
         answer = asyncio.ensure_future(_awaited(response))
         began = time.monotonic()
         bound = began + max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
@@ -380,36 +474,249 @@ class Router:
             500, f"internal error in request {request_id}; the server log has the details", "server_error"
         )
 
+    # ----- jobs ---------------------------------------------------------------------------------------------
+    async def _start_job(
+        self,
+        kind: str,
+        http: Request,
+        model: str,
+        request: GenerateRequest,
+        resolved: ResolvedRequest,
+        timeout: float | None,
+        fields: dict[str, Any],
+        deliver: Any,
+    ) -> dict[str, Any]:
+        """Create a job in the shared state and drive it from this replica; the job object, at once.
+        ``deliver(result, info)`` gives what the state keeps of the result: ``(content, result)``."""
+        http.state.job = True
+        job = await self.state.create_job.remote(kind, self._owner(http), model, fields)
+        drive = self._drive(
+            job["id"], kind, model, request, resolved, timeout, dict(http.state.labels), deliver
+        )
+        # A fresh context: the job outlives this HTTP request, and must not be cancelled with it.
+        task = contextvars.Context().run(asyncio.create_task, drive)
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
+        logger.info("job %s: %s on %s created by request %s", job["id"], kind, model, http.state.request_id)
+        return job
+
+    async def _drive(
+        self,
+        job_id: str,
+        kind: str,
+        model: str,
+        request: GenerateRequest,
+        resolved: ResolvedRequest,
+        timeout: float | None,
+        labels: dict[str, str],
+        deliver: Any,
+    ) -> None:
+        """Run a job to its end: its lease renewed meanwhile; stopped when it is cancelled; its result or its
+        error stored in the shared state."""
+        run = asyncio.create_task(self._run(model, request, resolved, job_id, timeout, labels, True))
+        status = "failed"
+        began = time.monotonic()
+        try:
+            while not run.done():
+                await asyncio.wait({run}, timeout=RENEW_JOB_S)
+                if run.done():
+                    break
+                try:
+                    now = await self.state.renew_job.remote(job_id)
+                except Exception as error:  # the state replica restarting: the next renewal tells
+                    logger.debug("job %s: lease not renewed: %r", job_id, error)
+                    continue
+                if now in (None, CANCELLED):  # deleted through some router replica (or the state forgot it)
+                    run.cancel()  # the pool stops its ranks at their next step boundary
+                    await asyncio.wait({run})
+                    status = CANCELLED
+                    return
+            result, info = run.result()
+            content, shown = await deliver(result, info)
+            stored = await self.state.complete_job.remote(job_id, content, shown)
+            status = COMPLETED if stored else "failed"
+        except ApiError as error:
+            await self.state.fail_job.remote(job_id, error.code or error.kind, str(error))
+        except Exception as error:
+            logger.error("job %s failed: %r", job_id, error)
+            message = f"internal error in job {job_id}; the server log has the details"
+            await self.state.fail_job.remote(job_id, "server_error", message)
+        finally:
+            metrics.inc("rayxdit_jobs", model=model, kind=kind, status=status)
+            logger.info("job %s: %s after %.3f s", job_id, status, time.monotonic() - began)
+
+    async def _job_or_404(self, job_id: str, kind: str, http: Request) -> dict[str, Any]:
+        job = await self.state.get_job.remote(job_id, self._owner(http))
+        if job is None or not job["id"].startswith(f"{kind}_"):
+            raise ApiError(404, f"{kind} job {job_id} not found or expired", "invalid_request_error", "id")
+        return job
+
+    async def _cancel_job(self, job_id: str, kind: str, http: Request) -> dict[str, Any]:
+        await self._job_or_404(job_id, kind, http)
+        job = await self.state.cancel_job.remote(job_id, self._owner(http))
+        if job is None:
+            raise ApiError(404, f"{kind} job {job_id} not found or expired", "invalid_request_error", "id")
+        return job
+
+    async def _image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
+        if response_format == "b64_json":
+            return [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
+        data = []
+        for png in pngs:
+            key = await self.state.put_image.remote(png)
+            if key is None:
+                raise ApiError(
+                    400,
+                    "the image is larger than the router's image store (router.max_stored_bytes); "
+                    "use response_format=b64_json",
+                    "invalid_request_error",
+                    "response_format",
+                )
+            data.append(ImageData(url=f"{base_url}/v1/images/{key}.png"))
+        return data
+
     # ----- endpoints ----------------------------------------------------------------------------------------
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
     async def images_generations(
         self, body: ImageGenerationRequest, request: Request
-    ) -> ImageGenerationResponse:
-        """OpenAI-compatible image generation."""
+    ) -> ImageGenerationResponse | JSONResponse:
+        """OpenAI-compatible image generation. With ``background`` (or ``Prefer: respond-async``): 202 and a
+        job to poll at ``GET /v1/images/generations/{id}``, whose ``result`` is this response once done."""
         self._authorize(request)
+        base = str(request.base_url).rstrip("/")
+        if body.background or "respond-async" in request.headers.get("prefer", ""):
+            model, generate, resolved = self._validated(body, request)
+
+            async def deliver(result: EncodedResult, info: dict[str, Any]):
+                data = await self._image_data(result.pngs, body.response_format, base)
+                shown = ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
+                return [], shown.model_dump(exclude_none=True)
+
+            fields = {"prompt": body.prompt, "size": f"{resolved.width}x{resolved.height}", "n": body.n}
+            job = await self._start_job(
+                "image", request, model, generate, resolved, body.timeout, fields, deliver
+            )
+            location = f"{base}/v1/images/generations/{job['id']}"
+            return JSONResponse(job, status_code=202, headers={"Location": location})
         result, info = await self._generate(body, request)
-        if body.response_format == "b64_json":
-            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.pngs]
-        else:
-            base = str(request.base_url).rstrip("/")
-            data = []
-            for png in result.pngs:
-                key = await self.state.put_image.remote(png)
-                if key is None:
-                    raise ApiError(
-                        400,
-                        "the image is larger than the router's image store (router.max_stored_bytes); "
-                        "use response_format=b64_json",
-                        "invalid_request_error",
-                        "response_format",
-                    )
-                data.append(ImageData(url=f"{base}/v1/images/{key}.png"))
+        data = await self._image_data(result.pngs, body.response_format, base)
         return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
+
+    @app.get("/v1/images/generations/{job_id}")
+    async def image_job(self, job_id: str, request: Request) -> dict[str, Any]:
+        """A background image job: its status and progress; once completed, ``result`` holds the images."""
+        self._authorize(request)
+        return await self._job_or_404(job_id, "image", request)
+
+    @app.delete("/v1/images/generations/{job_id}")
+    async def delete_image_job(self, job_id: str, request: Request) -> dict[str, Any]:
+        """Cancel a background image job (its ranks stop at the next step boundary), or delete a finished
+        one."""
+        self._authorize(request)
+        return await self._cancel_job(job_id, "image", request)
+
+    @app.post(
+        "/v1/videos",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    media: {"schema": VideoGenerationRequest.model_json_schema()}
+                    for media in ("application/json", "multipart/form-data")
+                },
+            }
+        },
+    )
+    async def create_video(self, request: Request) -> dict[str, Any]:
+        """OpenAI-compatible video job: validated and priced now, answered at once with the job object
+        (``queued``); poll ``GET /v1/videos/{id}``, then fetch ``GET /v1/videos/{id}/content``."""
+        self._authorize(request)
+        body: VideoGenerationRequest = await self._parsed(request, VideoGenerationRequest)
+        model, generate, resolved = self._validated(body, request)
+        fps = self.cards[model].limits.fps
+        fields = {
+            "prompt": body.prompt,
+            "size": f"{resolved.width}x{resolved.height}",
+            "seconds": f"{resolved.frames / fps:g}",
+            "frames": resolved.frames,
+            "fps": fps,
+        }
+
+        async def deliver(result: EncodedResult, info: dict[str, Any]):
+            return result.pngs, {"rayxdit": info}
+
+        return await self._start_job(
+            "video", request, model, generate, resolved, body.timeout, fields, deliver
+        )
+
+    @app.get("/v1/videos")
+    async def list_videos(self, request: Request, limit: int = 100) -> dict[str, Any]:
+        """The caller's video jobs (those made with its API key), newest first."""
+        self._authorize(request)
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "limit must be within 1..1000", "invalid_request_error", "limit")
+        data = await self.state.list_jobs.remote(self._owner(request), "video", limit)
+        return {"object": "list", "data": data, "has_more": False}
+
+    @app.get("/v1/videos/{video_id}")
+    async def video(self, video_id: str, request: Request) -> dict[str, Any]:
+        """A video job: ``status`` (queued, in_progress, completed, failed, cancelled) and ``progress``."""
+        self._authorize(request)
+        return await self._job_or_404(video_id, "video", request)
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(self, video_id: str, request: Request) -> dict[str, Any]:
+        """Cancel a queued or running video job (its ranks stop at the next step boundary and its GPUs take
+        the next request), or delete a finished one with its content."""
+        self._authorize(request)
+        return await self._cancel_job(video_id, "video", request)
+
+    @app.get(
+        "/v1/videos/{video_id}/content",
+        responses={200: {"content": {media: {} for media in VIDEO_MEDIA_TYPES.values()}}},
+    )
+    async def video_content(
+        self, video_id: str, request: Request, format: str = "mp4", variant: str = "video"
+    ) -> Response:
+        """The finished video: ``format`` mp4 (default), png (animated, lossless) or gif; 409 until the job
+        has completed."""
+        self._authorize(request)
+        if format not in VIDEO_MEDIA_TYPES:
+            raise ApiError(
+                400,
+                f"format must be one of {', '.join(VIDEO_MEDIA_TYPES)}",
+                "invalid_request_error",
+                "format",
+            )
+        if variant != "video":
+            raise ApiError(400, "only variant=video is served", "invalid_request_error", "variant")
+        await self._job_or_404(video_id, "video", request)
+        found = await self.state.job_content.remote(video_id, self._owner(request))
+        if found is None:
+            raise ApiError(404, f"video job {video_id} not found or expired", "invalid_request_error", "id")
+        job, frames = found
+        if job["status"] != COMPLETED:
+            raise ApiError(
+                409,
+                f"video {video_id} is {job['status']} ({job['progress']}%): its content exists once it has "
+                "completed",
+                "invalid_request_error",
+                "id",
+                "job_not_completed",
+            )
+        from rayxdit.imaging import encode_video  # PIL and imageio: loaded by the first video served
+
+        data = await asyncio.to_thread(encode_video, frames, format, job["fps"])
+        return Response(data, media_type=VIDEO_MEDIA_TYPES[format])
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate_png(self, body: ImageGenerationRequest, request: Request) -> Response:
         """The first image as a PNG body (handy for curl -o); metadata in X-Rayxdit-* headers."""
         self._authorize(request)
+        if body.background:
+            raise ApiError(
+                400, "background jobs: POST /v1/images/generations", "invalid_request_error", "background"
+            )
         result, info = await self._generate(body, request)
         headers = {
             "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),
@@ -445,6 +752,17 @@ class Router:
                     "max_side": limits.max_side,
                     "size_multiple": limits.size_multiple,
                     "default_steps": limits.default_steps,
+                    "kind": "video" if limits.makes_video else "image",
+                    **(
+                        {
+                            "default_frames": limits.default_frames,
+                            "max_frames": limits.max_frames,
+                            "frame_multiple": limits.frame_multiple,
+                            "fps": limits.fps,
+                        }
+                        if limits.makes_video
+                        else {}
+                    ),
                     "pools": [
                         {
                             "name": pool.name,

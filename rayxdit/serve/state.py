@@ -11,8 +11,12 @@ Router replicas are interchangeable, so what a later request needs lives here, n
   router died.
 - **Images** made with ``response_format=url``: kept for a TTL within a byte budget, retrievable through any
   router replica.
+- **Jobs** (videos, background images; ``rayxdit.serve.jobs``): their status, progress (pushed by the pool
+  replica running them, from rank 0's step counter), cancellation and results, kept for a TTL within a
+  byte budget, seen alike by every router replica.
 
-If this replica restarts, routing recovers within a heartbeat; stored images are lost (clients get 404).
+If this replica restarts, routing recovers within a heartbeat; stored images and jobs are lost (clients get
+404; a job's driver then stops it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve import metrics
 from rayxdit.serve.elastic import rank_budget
+from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after, route
 
 logger = logging.getLogger("ray.serve")
@@ -108,6 +113,7 @@ class AppState:
         self.budget = math.inf
         router: RouterConfig = config.router
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
+        self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
@@ -252,3 +258,33 @@ class AppState:
 
     async def get_image(self, key: str) -> bytes | None:
         return self.images.get(key)
+
+    # ----- jobs (see rayxdit.serve.jobs for their life cycle) ---------------------------------------------
+    async def create_job(self, kind: str, owner: str, model: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return self.jobs.create(kind, owner, model, fields)
+
+    async def renew_job(self, job_id: str) -> str | None:
+        return self.jobs.renew(job_id)
+
+    async def job_progress(self, job_id: str, step: int, steps: int) -> None:
+        self.jobs.progress(job_id, step, steps)
+
+    async def complete_job(
+        self, job_id: str, content: list[bytes], result: dict[str, Any] | None = None
+    ) -> bool:
+        return self.jobs.complete(job_id, content, result)
+
+    async def fail_job(self, job_id: str, code: str, message: str) -> None:
+        self.jobs.fail(job_id, code, message)
+
+    async def cancel_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        return self.jobs.cancel(job_id, owner)
+
+    async def get_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        return self.jobs.get(job_id, owner)
+
+    async def job_content(self, job_id: str, owner: str) -> tuple[dict[str, Any], list[bytes]] | None:
+        return self.jobs.content(job_id, owner)
+
+    async def list_jobs(self, owner: str, kind: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self.jobs.list(owner, kind, limit)

@@ -111,3 +111,11 @@ def test_the_elastic_policy_refuses_pools_it_cannot_size():
     with pytest.raises(ValueError, match="fixed num_replicas"):
         ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})])
     ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})], elastic=None)
+
+
+def test_wan_config_fits_8_gpu_nodes_and_wan_14b_heads():
+    config, _ = load_serve_file(CONFIGS / "wan-8gpu.yaml")
+    for pool in config.pools:
+        assert pool.accelerator == "gpu" and pool.placement_strategy == "STRICT_PACK" and pool.ranks <= 8
+        pool.parallel_config.check_heads(40)  # Wan 2.1 14B has 40 heads
+        assert pool.request_timeout_s >= 1800, "a 720p video job takes many minutes"

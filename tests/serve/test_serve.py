@@ -75,6 +75,15 @@ CONFIG = ServeConfig(
             deployment_config=FAST_HEALTH,
             **COMMON,
         ),
+        PoolConfig(
+            name="wan-2",
+            model="tiny-wan",
+            parallel="ulysses=2",
+            accelerator="gpu",
+            cpus_per_rank=0.25,
+            request_timeout_s=300,
+            deployment_config=FAST_HEALTH,
+        ),
     ],
     router=RouterConfig(api_keys=[KEY], replicas=2),
     elastic=None,  # each pool scales on its own here; the elastic policy: tests/cluster/test_elastic.py
@@ -180,9 +189,11 @@ def test_png_endpoint_url_format_and_n(url):
 
 def test_models_health_and_docs(url):
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()
-    assert {m["id"] for m in models["data"]} == {"tiny-2", "tiny-4", "tiny-8", "tiny-failover"}
+    assert {m["id"] for m in models["data"]} == {"tiny-2", "tiny-4", "tiny-8", "tiny-failover", "tiny-wan"}
     ranks = {m["id"]: [pool["ranks"] for pool in m["pools"]] for m in models["data"]}
-    assert ranks == {"tiny-2": [2], "tiny-4": [4], "tiny-8": [8], "tiny-failover": [2]}
+    assert ranks == {"tiny-2": [2], "tiny-4": [4], "tiny-8": [8], "tiny-failover": [2], "tiny-wan": [2]}
+    kinds = {m["id"]: m["kind"] for m in models["data"]}
+    assert kinds["tiny-wan"] == "video" and kinds["tiny-2"] == "image"
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(url + "/docs", timeout=30).status_code == 200
     assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
@@ -500,3 +511,159 @@ def test_the_load_benchmark_runs_against_this_deployment(url, tmp_path):
     assert code == 0 and summary["lost"] == 0 and summary["requests"] == 6, summary
     assert summary["status"].get("200", 0) >= 4 and all(r["end_to_end_s"] > 0 for r in run["requests"])
     assert set(summary["by_class"]) <= {"36x36x2", "40x36x3+cfg"}
+
+
+# ----- asynchronous jobs: the video API and background images ---------------------------------------------
+VIDEO = {"model": "tiny-wan", "prompt": "a red fox", "size": "160x96", "frames": 17, "steps": 100, "seed": 3}
+LONG_VIDEO = {**VIDEO, "size": "224x128", "frames": 33, "steps": 200, "seed": 4}
+
+
+@pytest.fixture(scope="module")
+def video_frames() -> list[np.ndarray]:
+    """VIDEO's frames made by one process (no parallelism, no Ray)."""
+    engine = Engine(EngineConfig(model="tiny-wan"), ParallelState.single())
+    request = GenerateRequest(
+        prompt=VIDEO["prompt"], width=160, height=96, num_frames=17, steps=100, seed=3, guidance=5.0
+    )
+    return [np.asarray(frame, dtype=np.int16) for frame in engine.generate(request).images]
+
+
+def apng_frames(data: bytes) -> list[np.ndarray]:
+    animation = Image.open(io.BytesIO(data))
+    frames = []
+    for index in range(animation.n_frames):
+        animation.seek(index)
+        frames.append(np.asarray(animation.convert("RGB"), dtype=np.int16))
+    return frames
+
+
+def poll_job(url: str, path: str, until: set[str], timeout_s: float = 240) -> list[dict]:
+    """Every state the job was seen in (polled every 0.1 s) until its status is one of ``until``."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = requests.get(url + path, headers=AUTH, timeout=30).json()
+        seen.append(job)
+        if job["status"] in until:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"job never reached {until}: last seen {seen[-1] if seen else None}")
+
+
+def test_a_video_job_runs_to_completion_with_growing_progress_and_the_single_process_frames(
+    url, video_frames
+):
+    created = requests.post(url + "/v1/videos", json=VIDEO, headers=AUTH, timeout=30)
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["object"] == "video" and job["status"] in ("queued", "in_progress")
+    assert (job["size"], job["frames"], job["model"]) == ("160x96", 17, "tiny-wan")
+    seen = poll_job(url, f"/v1/videos/{job['id']}", {"completed", "failed"})
+    assert seen[-1]["status"] == "completed", seen[-1]
+    progress = [state["progress"] for state in seen]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert any(0 < value < 100 for value in progress), f"no progress from the ranks' steps: {progress}"
+    listed = requests.get(url + "/v1/videos", headers=AUTH, timeout=30).json()
+    assert job["id"] in [entry["id"] for entry in listed["data"]]
+
+    lossless = requests.get(url + f"/v1/videos/{job['id']}/content?format=png", headers=AUTH, timeout=60)
+    assert lossless.status_code == 200 and lossless.headers["content-type"] == "image/apng"
+    frames = apng_frames(lossless.content)
+    assert len(frames) == len(video_frames) == 17
+    for index, (served, single) in enumerate(zip(frames, video_frames, strict=True)):
+        assert served.shape == single.shape == (96, 160, 3)
+        assert np.abs(served - single).max() <= 1, f"frame {index} differs from one process's"
+
+    import imageio.v3 as iio
+
+    mp4 = requests.get(url + f"/v1/videos/{job['id']}/content", headers=AUTH, timeout=60)
+    assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
+    decoded = iio.imread(mp4.content, extension=".mp4")
+    assert decoded.shape == (17, 96, 160, 3)
+    assert np.abs(decoded.astype(np.int16) - np.stack(video_frames)).mean() < 12, "H.264 is lossy, not wrong"
+
+
+def test_deleting_a_running_video_job_stops_its_ranks_and_the_next_job_gets_its_frames(url, video_frames):
+    before = generation("wan-2")
+    job = requests.post(url + "/v1/videos", json=LONG_VIDEO, headers=AUTH, timeout=30).json()
+    path = f"/v1/videos/{job['id']}"
+    running = poll_job(url, path, {"in_progress", "completed", "failed"})[-1]
+    assert running["status"] == "in_progress", running
+    early = requests.get(url + path + "/content", headers=AUTH, timeout=30)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "job_not_completed"
+    deleted = requests.delete(url + path, headers=AUTH, timeout=30)
+    assert deleted.status_code == 200 and deleted.json()["status"] == "cancelled"
+    stopped = time.monotonic()
+    while rank_progress("wan-2") is not None:  # the ranks leave the job at a step boundary
+        assert time.monotonic() - stopped < 15, "the ranks kept running a cancelled job"
+        time.sleep(0.1)
+    last = ray.get(rank_actor("wan-2", 0).last_request.options(concurrency_group="control").remote())
+    assert last["request_id"] == job["id"] and last["outcome"] == "cancelled" and last["step"] < 200
+    assert requests.get(url + path, headers=AUTH, timeout=30).json()["status"] == "cancelled"
+    assert requests.get(url + path + "/content", headers=AUTH, timeout=30).status_code == 409
+
+    again = requests.post(url + "/v1/videos", json=VIDEO, headers=AUTH, timeout=30).json()
+    assert poll_job(url, f"/v1/videos/{again['id']}", {"completed", "failed"})[-1]["status"] == "completed"
+    content = requests.get(url + f"/v1/videos/{again['id']}/content?format=png", headers=AUTH, timeout=60)
+    for served, single in zip(apng_frames(content.content), video_frames, strict=True):
+        assert np.abs(served - single).max() <= 1
+    assert generation("wan-2") == before, "a clean stop needs no rebuild"
+    gone = requests.delete(url + f"/v1/videos/{again['id']}", headers=AUTH, timeout=30).json()
+    assert gone["deleted"] is True
+    assert requests.get(url + f"/v1/videos/{again['id']}", headers=AUTH, timeout=30).status_code == 404
+
+
+VIDEO_BAD = [
+    ({**VIDEO, "size": "37x37"}, "size"),
+    ({**VIDEO, "frames": 10}, "frames"),
+    ({**VIDEO, "frames": 1000}, "frames"),
+    ({**VIDEO, "seconds": 1}, "seconds"),  # with frames
+    ({**VIDEO, "steps": 0}, "steps"),
+    ({**VIDEO, "prompt": " "}, "prompt"),
+    ({**VIDEO, "model": "tiny-2"}, "model"),  # an image model
+    ({**VIDEO, "model": "nope"}, "model"),
+    ({**VIDEO, "fps": 30}, "fps"),
+]
+
+
+def test_video_api_refuses_bad_input_unknown_ids_and_wrong_kinds(url):
+    for body, param in VIDEO_BAD:
+        response = requests.post(url + "/v1/videos", json=body, headers=AUTH, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.json())
+    not_json = requests.post(
+        url + "/v1/videos", data=b"{", headers={**AUTH, "Content-Type": "application/json"}, timeout=30
+    )
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    video_on_images = post(url, {"model": "tiny-wan", "prompt": "x"})
+    assert video_on_images.status_code == 400 and video_on_images.json()["error"]["param"] == "model"
+    for path in ("/v1/videos/video_0123", "/v1/videos/video_0123/content", "/v1/images/generations/image_1"):
+        missing = requests.get(url + path, headers=AUTH, timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "id", path
+    assert requests.delete(url + "/v1/videos/video_0123", headers=AUTH, timeout=30).status_code == 404
+    assert requests.get(url + "/v1/videos", timeout=30).status_code == 401
+    bad_format = requests.get(url + "/v1/videos/video_0123/content?format=avi", headers=AUTH, timeout=30)
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "format"
+    # OpenAI's client sends a multipart form; seconds becomes frames at the model's fps (0.5 s: 9 frames).
+    form = {"model": "tiny-wan", "prompt": "a fox", "seconds": "0.5", "size": "80x48", "steps": "2"}
+    created = requests.post(url + "/v1/videos", files={k: (None, v) for k, v in form.items()}, headers=AUTH)
+    assert created.status_code == 200, created.text
+    assert created.json()["frames"] == 9 and created.json()["seconds"] == "0.5625"
+    done = poll_job(url, f"/v1/videos/{created.json()['id']}", {"completed", "failed"})[-1]
+    assert done["status"] == "completed", done
+
+
+def test_a_background_image_request_is_a_job_whose_result_is_the_single_process_image(url, engine):
+    body = {"model": "tiny-2", "prompt": "a green owl", "size": "36x36", "steps": 3, "seed": 11}
+    accepted = post(url, {**body, "background": True})
+    assert accepted.status_code == 202, accepted.text
+    job = accepted.json()
+    assert job["object"] == "image.generation.job" and accepted.headers["location"].endswith(job["id"])
+    done = poll_job(url, f"/v1/images/generations/{job['id']}", {"completed", "failed"})[-1]
+    assert done["status"] == "completed" and done["progress"] == 100, done
+    (image,) = done["result"]["data"]
+    served = png_pixels(base64.b64decode(image["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
+    by_header = post(url, body, headers={**AUTH, "Prefer": "respond-async"})
+    assert by_header.status_code == 202 and by_header.json()["id"].startswith("image_")
+    poll_job(url, f"/v1/images/generations/{by_header.json()['id']}", {"completed", "failed"})

@@ -1,0 +1,243 @@
+"""Asynchronous jobs (videos, background images) as plain data: their life cycle, progress and results.
+
+A job is created ``queued`` by the router replica that took the request, which then drives it (routes it,
+calls the pool) and holds a *lease* on it: it renews the lease every fraction of a second, and learns from
+the renewal whether the job was cancelled meanwhile (through any router replica). A job whose lease lapses
+(its router replica died) fails with ``driver_lost`` instead of staying ``in_progress`` forever.
+
+::
+
+    queued ──▶ in_progress ──▶ completed
+       │            │      └──▶ failed
+       └────────────┴────────▶ cancelled   (DELETE while queued or running: the ranks stop at a step boundary)
+
+Finished jobs and their results are kept ``ttl_s`` seconds within ``max_bytes``: beyond the budget the
+oldest finished jobs go first (a client then gets 404, as after the TTL). Progress only grows: it comes from
+rank 0's step counter, capped at 99 until the result is stored. No Ray, no torch: the application's state
+replica holds one :class:`JobStore`, and tests drive it with their own clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
+    "queued",
+    "in_progress",
+    "completed",
+    "failed",
+    "cancelled",
+)
+UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
+LEASE_S = 30.0
+"""A job's driver (a router replica) not heard from for this long is gone: the job fails."""
+
+
+@dataclass
+class Job:
+    """One job. ``kind``: ``video`` or ``image``; ``owner``: who may see it (a digest of the caller's API key,
+    empty without keys); ``content``: the result's bytes (PNG frames of a video, PNGs of images), stored once
+    completed; ``result``: what the job object shows of it (e.g. the images' response)."""
+
+    id: str
+    kind: str
+    owner: str
+    model: str
+    created_at: float
+    fields: dict[str, Any] = field(default_factory=dict)
+    """What the job object echoes of the request (size, frames, seconds...)."""
+    status: str = QUEUED
+    progress: int = 0
+    completed_at: float | None = None
+    error: dict[str, str] | None = None
+    content: list[bytes] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    lease_expires: float = math.inf
+    finished_at: float | None = None
+    """Monotonic time it finished (for the TTL)."""
+    bytes: int = 0
+    """What its result holds in memory: the content and the shown result (base64 images, say)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in UNFINISHED
+
+    def public(self, expires_after_s: float) -> dict[str, Any]:
+        """The job object clients see (no content)."""
+        view = {
+            "id": self.id,
+            "object": "video" if self.kind == "video" else "image.generation.job",
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": int(self.created_at),
+            "completed_at": None if self.completed_at is None else int(self.completed_at),
+            "expires_at": None if self.completed_at is None else int(self.completed_at + expires_after_s),
+            "model": self.model,
+            **self.fields,
+            "error": self.error,
+        }
+        if self.result is not None:
+            view["result"] = self.result
+        return view
+
+
+class JobStore:
+    """Every job of the application by id (see the module docstring). Methods take ``now`` (monotonic
+    seconds) for tests; wall-clock times shown to clients come from ``time.time()``."""
+
+    def __init__(self, ttl_s: float, max_bytes: int, lease_s: float = LEASE_S):
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.lease_s = lease_s
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _now(now: float | None) -> float:
+        return time.monotonic() if now is None else now
+
+    def create(
+        self, kind: str, owner: str, model: str, fields: dict[str, Any], now: float | None = None
+    ) -> dict[str, Any]:
+        """A new queued job, leased to its creator; the job object."""
+        now = self._now(now)
+        self._expire(now)
+        job = Job(
+            id=f"{kind}_{uuid.uuid4().hex}",
+            kind=kind,
+            owner=owner,
+            model=model,
+            created_at=time.time(),
+            fields=dict(fields),
+            lease_expires=now + self.lease_s,
+        )
+        self.jobs[job.id] = job
+        return job.public(self.ttl_s)
+
+    def renew(self, job_id: str, now: float | None = None) -> str | None:
+        """The driver's heartbeat: extends the lease; the job's status (``cancelled``: stop it), None if gone."""
+        now = self._now(now)
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if not job.finished:
+            job.lease_expires = now + self.lease_s
+        return job.status
+
+    def progress(self, job_id: str, step: int, steps: int, now: float | None = None) -> None:
+        """Rank 0 is at ``step`` of ``steps``: the job runs; its progress grows (never shrinks), below 100."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished or steps <= 0:
+            return
+        job.status = IN_PROGRESS
+        job.progress = max(job.progress, min(99, math.floor(100 * step / steps)))
+
+    def complete(
+        self,
+        job_id: str,
+        content: list[bytes],
+        result: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Store the result; False (and the job failed) when it alone exceeds the byte budget, or nothing
+        happens because the job was cancelled meanwhile."""
+        now = self._now(now)
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            return False
+        size = sum(len(part) for part in content) + (len(json.dumps(result)) if result else 0)
+        if size > self.max_bytes:
+            self._finish(
+                job,
+                FAILED,
+                now,
+                {
+                    "code": "result_too_large",
+                    "message": f"the result ({size} bytes) exceeds the router's store "
+                    f"(router.max_stored_bytes = {self.max_bytes})",
+                },
+            )
+            return False
+        self._expire(now, room=size)
+        job.content, job.result, job.bytes = content, result, size
+        self.bytes += size
+        self._finish(job, COMPLETED, now)
+        job.progress = 100
+        return True
+
+    def fail(self, job_id: str, code: str, message: str, now: float | None = None) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and not job.finished:
+            self._finish(job, FAILED, self._now(now), {"code": code, "message": message})
+
+    def cancel(self, job_id: str, owner: str, now: float | None = None) -> dict[str, Any] | None:
+        """DELETE: an unfinished job is cancelled (its driver stops the ranks on its next renewal); a
+        finished one is deleted with its result. The job object (``deleted`` true for the latter), None if
+        unknown."""
+        now = self._now(now)
+        job = self.get_job(job_id, owner, now)
+        if job is None:
+            return None
+        if job.finished:
+            self._drop(job_id)
+            return {**job.public(self.ttl_s), "deleted": True}
+        self._finish(job, CANCELLED, now)
+        return {**job.public(self.ttl_s), "deleted": False}
+
+    def get_job(self, job_id: str, owner: str, now: float | None = None) -> Job | None:
+        """The job if it exists and belongs to ``owner`` (others' jobs do not exist for a caller)."""
+        self._expire(self._now(now))
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
+
+    def get(self, job_id: str, owner: str, now: float | None = None) -> dict[str, Any] | None:
+        job = self.get_job(job_id, owner, now)
+        return None if job is None else job.public(self.ttl_s)
+
+    def content(self, job_id: str, owner: str, now: float | None = None) -> tuple[dict, list[bytes]] | None:
+        """The job object and its stored result (empty until completed), None if unknown."""
+        job = self.get_job(job_id, owner, now)
+        return None if job is None else (job.public(self.ttl_s), job.content)
+
+    def list(self, owner: str, kind: str, limit: int = 100, now: float | None = None) -> list[dict[str, Any]]:
+        """``owner``'s jobs of ``kind``, newest first."""
+        self._expire(self._now(now))
+        mine = [job for job in reversed(self.jobs.values()) if job.owner == owner and job.kind == kind]
+        return [job.public(self.ttl_s) for job in mine[:limit]]
+
+    # ----- internals -------------------------------------------------------------------------------------
+    def _finish(self, job: Job, status: str, now: float, error: dict[str, str] | None = None) -> None:
+        job.status, job.error = status, error
+        job.completed_at = time.time()
+        job.finished_at = now
+        self.jobs.move_to_end(job.id)  # finished jobs are evicted in the order they finished
+
+    def _drop(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id)
+        self.bytes -= job.bytes
+
+    def _expire(self, now: float, room: int = 0) -> None:
+        """Fail jobs whose driver is gone; drop finished jobs past the TTL, or the oldest finished ones
+        while ``room`` more bytes would not fit."""
+        for job in list(self.jobs.values()):
+            if not job.finished and job.lease_expires < now:
+                self._finish(
+                    job,
+                    FAILED,
+                    now,
+                    {
+                        "code": "driver_lost",
+                        "message": "the router replica driving this job stopped; create it again",
+                    },
+                )
+        finished = [job for job in self.jobs.values() if job.finished]
+        for job in finished:
+            assert job.finished_at is not None
+            if job.finished_at + self.ttl_s < now or (self.bytes + room > self.max_bytes and job.bytes):
+                self._drop(job.id)
