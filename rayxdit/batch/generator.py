@@ -11,9 +11,10 @@ import pyarrow as pa
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from rayxdit.batch.manifest import SCHEMA, image_path, record, sha256_file, write_atomically
+from rayxdit.batch.manifest import SCHEMA, output_path, record, sha256_file, write_atomically
 from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
 from rayxdit.config import PoolConfig
+from rayxdit.imaging import encode_video
 from rayxdit.request import GenerateRequest, RequestError, engine_seconds
 from rayxdit.runtime.placement import pool_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
@@ -26,8 +27,10 @@ class GroupGenerator:
     """One member of the Ray Data actor pool. Its worker group lives in a placement group it creates (one
     bundle per rank, STRICT_PACK), so the pool's size is counted in whole multi-GPU groups."""
 
-    def __init__(self, pool: PoolConfig, output: str, run_id: str, max_attempts: int):
+    def __init__(self, pool: PoolConfig, output: str, run_id: str, max_attempts: int, fps: int | None = None):
+        """``fps``: the model makes videos, written as MP4 at this rate."""
         self.pool = pool
+        self.fps = fps
         self.output = Path(output)
         self.run_id = run_id
         self.max_attempts = max_attempts
@@ -58,8 +61,11 @@ class GroupGenerator:
             except Exception as problem:  # a rank died or hung (GroupError), or a rebuild failed: retry
                 error = f"{type(problem).__name__}: {str(problem).strip().splitlines()[-1] if str(problem).strip() else ''}"
                 continue
-            path = image_path(self.output, row["id"])
-            write_atomically(path, result.pngs[0])
+            path = output_path(self.output, row["id"], video=self.fps is not None)
+            if self.fps is None:
+                write_atomically(path, result.pngs[0])
+            else:
+                write_atomically(path, encode_video(result.pngs, "mp4", self.fps))
             return record(
                 row,
                 self.run_id,

@@ -25,14 +25,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 CPU_RANK_CPUS = 0.5
 """Logical CPUs per rank on the CPU by default: ranks share cores anyway, and a 2-core machine then hosts a
 2-rank group with room left for Ray Data."""
-ROW_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "status", "error", "request")
+ROW_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "size",
+    "steps",
+    "frames",
+    "status",
+    "error",
+    "request",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rayxdit.batch",
-        description="Generate one image per input row with Ray Data; writes OUTPUT/images/<id>.png and "
-        "OUTPUT/manifest.parquet. Rerun the same command to resume after a crash or Ctrl-C.",
+        description="Generate one image per input row with Ray Data (one video with a video model); writes "
+        "OUTPUT/images/<id>.png (OUTPUT/videos/<id>.mp4) and OUTPUT/manifest.parquet. Rerun the same command "
+        "to resume after a crash or Ctrl-C.",
         epilog=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="prompts: .parquet, .jsonl or .csv with a 'prompt' column "
-        "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale",
+        "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale; for video "
+        "models (Wan) also frames",
     )
     parser.add_argument("--output", required=True, type=Path, help="output directory (created if missing)")
     parser.add_argument("--model", default="tiny-flux", help="preset, local pipeline directory or hub id")
@@ -115,9 +128,12 @@ def read_rows(path: str, limits) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def plan(rows: list[dict[str, Any]], output: Path, run_id: str) -> tuple[list, list, dict[str, int]]:
-    """Split rows into records settled now (done before, adopted, invalid) and rows left to generate."""
-    from rayxdit.batch.manifest import image_path, load_records, record, remove_partial_files, sha256_file
+def plan(
+    rows: list[dict[str, Any]], output: Path, run_id: str, video: bool = False
+) -> tuple[list, list, dict[str, int]]:
+    """Split rows into records settled now (done before, adopted, invalid) and rows left to generate;
+    ``video``: the rows' results are videos."""
+    from rayxdit.batch.manifest import load_records, output_path, record, remove_partial_files, sha256_file
     from rayxdit.batch.rows import STATUS_INVALID, STATUS_OK
 
     remove_partial_files(output)
@@ -126,7 +142,7 @@ def plan(rows: list[dict[str, Any]], output: Path, run_id: str) -> tuple[list, l
     counts = {"done_before": 0, "adopted": 0, "invalid": 0}
     for row in rows:
         earlier = previous.get(row["id"])
-        path = image_path(output, row["id"])
+        path = output_path(output, row["id"], video)
         if earlier is not None and earlier["status"] == STATUS_INVALID:
             counts["invalid"] += 1  # the model refused it in an earlier run: still invalid, not retried
         elif earlier is not None and earlier["status"] == STATUS_OK and path.exists():
@@ -173,13 +189,11 @@ def pool_from_args(args: argparse.Namespace):
         raise ConfigError(describe_validation_error(error)) from None
     card = model_card(args.model)
     card.check_parallel(pool.parallel_config)
-    if card.limits.makes_video:
-        raise ConfigError(f"{args.model} makes videos; the batch job writes images (use rayxdit generate)")
     return pool, card
 
 
 def generate_pending(
-    pending: list[dict[str, Any]], pool, args, output: Path, run_id: str
+    pending: list[dict[str, Any]], pool, args, output: Path, run_id: str, fps: int | None = None
 ) -> tuple[dict[str, int], bool]:
     """Generate the pending rows on ``args.pools`` worker groups, writing manifest parts as rows finish.
     Returns the rows finished by status and whether Ctrl-C interrupted the run."""
@@ -197,6 +211,7 @@ def generate_pending(
             "output": str(output),
             "run_id": run_id,
             "max_attempts": args.max_attempts,
+            "fps": fps,
         },
         compute=ray.data.ActorPoolStrategy(size=args.pools),
         batch_size=1,
@@ -207,7 +222,8 @@ def generate_pending(
     )
     finished_by_status: dict[str, int] = {}
     buffer: list[dict[str, Any]] = []
-    progress = tqdm(total=len(pending), unit="img", desc="generate", dynamic_ncols=True)
+    unit = "img" if fps is None else "video"
+    progress = tqdm(total=len(pending), unit=unit, desc="generate", dynamic_ncols=True)
     watcher = PlacementWatcher(run_id)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -302,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
 
     rows = read_rows(args.input, card.limits)
-    settled, pending, counts = plan(rows, output, run_id)
+    video = card.limits.makes_video
+    settled, pending, counts = plan(rows, output, run_id, video)
     write_part(output, settled, run_id)
     print(
         f"rayxdit batch: {len(rows)} rows; {counts['done_before']} done before, {counts['adopted']} adopted, "
@@ -312,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     finished, interrupted = ({}, False)
     if pending:
-        finished, interrupted = generate_pending(pending, pool, args, output, run_id)
+        fps = card.limits.fps if video else None
+        finished, interrupted = generate_pending(pending, pool, args, output, run_id, fps)
     generated, failed = finished.get(STATUS_OK, 0), finished.get(STATUS_FAILED, 0)
     counts["invalid"] += finished.get(STATUS_INVALID, 0)
 
@@ -323,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = len(rows) - len(ordered)
     print(
         f"rayxdit batch: {generated} generated, {failed} failed, {counts['done_before']} done before, "
-        f"{counts['adopted']} adopted, {counts['invalid']} invalid; {generated / elapsed:.2f} images/s over "
+        f"{counts['adopted']} adopted, {counts['invalid']} invalid; "
+        f"{generated / elapsed:.2f} {'videos' if video else 'images'}/s over "
         f"{elapsed:.0f} s; manifest {manifest} ({len(ordered)} rows"
         f"{f', {missing} still to do: rerun to resume' if missing else ''})",
         flush=True,

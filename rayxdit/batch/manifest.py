@@ -1,6 +1,7 @@
 """The output directory: images plus a parquet manifest, written so that a crash loses nothing.
 
     OUTPUT/images/<id>.png         written to a temporary name, then renamed: present means complete
+    OUTPUT/videos/<id>.mp4         (video models) likewise
     OUTPUT/manifest/part-*.parquet  one file per batch of finished rows, also renamed into place
     OUTPUT/manifest.parquet         every run ends by merging the parts: one row per input id
 
@@ -30,6 +31,7 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("size", pa.string()),
         ("steps", pa.int64()),
+        ("frames", pa.int64()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("path", pa.string()),
@@ -45,7 +47,10 @@ SCHEMA = pa.schema(
 PRIORITY = {STATUS_OK: 2, STATUS_INVALID: 1, STATUS_FAILED: 0}
 
 
-def image_path(output: Path, identifier: str) -> Path:
+def output_path(output: Path, identifier: str, video: bool = False) -> Path:
+    """Where a row's result goes: ``images/<id>.png``, or for a video model ``videos/<id>.mp4``."""
+    if video:
+        return output / "videos" / f"{file_stem(identifier)}.mp4"
     return output / "images" / f"{file_stem(identifier)}.png"
 
 
@@ -58,7 +63,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def remove_partial_files(output: Path) -> None:
     """Temporary files a killed run left behind (their final names were never written)."""
-    for folder in (output / "images", output / "manifest", output):
+    for folder in (output / "images", output / "videos", output / "manifest", output):
         if folder.is_dir():
             for leftover in folder.glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)

@@ -15,7 +15,17 @@ from pydantic import ValidationError
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 
-INPUT_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "size", "steps", "guidance", "true_cfg_scale")
+INPUT_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "size",
+    "steps",
+    "guidance",
+    "true_cfg_scale",
+    "frames",
+)
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 
@@ -44,9 +54,11 @@ def row_id(row: dict[str, Any]) -> str:
     given = _clean(row.get("id"))
     if given is not None and str(given) != "":
         return str(given)
-    content = json.dumps(
-        {key: _clean(row.get(key)) for key in INPUT_COLUMNS if key != "id"}, sort_keys=True, default=str
-    )
+    # Columns a row leaves out stay out of the digest: ids of rows written before a column existed hold.
+    fields = {key: _clean(row.get(key)) for key in INPUT_COLUMNS if key != "id"}
+    if fields["frames"] is None:
+        del fields["frames"]
+    content = json.dumps(fields, sort_keys=True, default=str)
     return "row-" + hashlib.sha256(content.encode()).hexdigest()[:20]
 
 
@@ -75,6 +87,7 @@ def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
         "seed": int(seed) if seed is not None else seed_for(identifier),
         "size": _clean(row.get("size")),
         "steps": _clean(row.get("steps")),
+        "frames": _clean(row.get("frames")),
         "status": None,
         "error": None,
         "request": None,
@@ -86,7 +99,10 @@ def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
         out.update(status=STATUS_INVALID, error=str(error))
         return out
     out.update(
-        size=f"{resolved.width}x{resolved.height}", steps=resolved.steps, request=request.model_dump_json()
+        size=f"{resolved.width}x{resolved.height}",
+        steps=resolved.steps,
+        frames=resolved.frames if limits.makes_video else None,
+        request=request.model_dump_json(),
     )
     return out
 
@@ -111,6 +127,7 @@ def to_request(out: dict[str, Any], row: dict[str, Any], limits: ModelLimits) ->
             seed=out["seed"],
             guidance=float(_clean(row.get("guidance")) or 3.5),
             true_cfg_scale=float(_clean(row.get("true_cfg_scale")) or 1.0),
+            num_frames=None if out["frames"] is None else int(out["frames"]),
         )
     except (ValidationError, ValueError) as error:
         first = (

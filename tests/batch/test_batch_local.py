@@ -66,3 +66,35 @@ def test_a_pool_the_machine_can_never_host_is_refused_at_once(tmp_path: Path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("rayxdit batch: error:")]
     assert len(lines) == 1 and "needs 2 ranks x" in lines[0] and "--cpus-per-rank" in lines[0], done.stderr
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_video_rows_become_mp4_files_and_a_rerun_regenerates_none(tmp_path: Path):
+    import imageio.v3 as iio
+
+    rows = [
+        {"id": "fox", "prompt": "a red fox", "size": "80x48", "steps": 2, "frames": 5, "seed": 1},
+        {"id": "owl", "prompt": "an owl", "size": "64x48", "steps": 2, "frames": 9, "seed": 2},
+        {"id": "odd", "prompt": "a tree", "size": "80x48", "steps": 2, "frames": 6},
+    ]
+    prompts = tmp_path / "videos.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "out"
+    command = ["--input", str(prompts), "--output", str(out), "--accelerator", "cpu", "--model", "tiny-wan"]
+    done = batch(*command)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 generated, 0 failed" in done.stdout and "1 invalid" in done.stdout, done.stdout
+    videos = {path.name: path for path in (out / "videos").iterdir()}
+    assert sorted(videos) == ["fox.mp4", "owl.mp4"]
+    assert iio.imread(videos["fox.mp4"], extension=".mp4").shape == (5, 48, 80, 3)
+    assert iio.imread(videos["owl.mp4"], extension=".mp4").shape == (9, 48, 64, 3)
+    import pyarrow.parquet as pq
+
+    manifest = {row["id"]: row for row in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert manifest["fox"]["frames"] == 5 and manifest["fox"]["path"] == "videos/fox.mp4"
+    assert manifest["odd"]["status"] == "invalid" and "num_frames=6" in manifest["odd"]["error"]
+    written = {name: path.stat().st_mtime_ns for name, path in videos.items()}
+    again = batch(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = again.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b0 generated, 0 failed, 2 done before, 0 adopted, 1 invalid", summary), summary
+    assert {name: path.stat().st_mtime_ns for name, path in videos.items()} == written
