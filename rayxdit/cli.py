@@ -341,10 +341,21 @@ def _serve(args: argparse.Namespace) -> int:
     deploy(config, runtime_env={"env_vars": env}, logging_config=logging_config, timeout_s=READY_TIMEOUT_S)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
+    from rayxdit.runtime.cards import model_card
+
+    if all(model_card(pool.model).limits.makes_video for pool in config.pools):
+        example = (
+            f"  curl -s http://{shown}:{port}/v1/videos -H 'Content-Type: application/json' "
+            f'-d \'{{"prompt": "a red fox", "frames": 9}}\'   # then GET /v1/videos/<id>, .../content'
+        )
+    else:
+        example = (
+            f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
+            f'-d \'{{"prompt": "a red fox"}}\' -o fox.png'
+        )
     print(
         f"rayxdit: serving on http://{shown}:{port}  (docs: /docs; Ctrl-C stops)\n"
-        f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
-        f'-d \'{{"prompt": "a red fox"}}\' -o fox.png'
+        + example
         + (f"\n  metrics: http://{shown}:{args.metrics_port}/metrics" if args.metrics_port else ""),
         file=sys.stderr,
         flush=True,
