@@ -84,6 +84,26 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="video models (Wan): frames per video, 1 + a multiple of 4; default: the model's (81 for Wan)",
     )
     parser.add_argument("--fps", type=int, default=16, help="video models: frames per second (default: 16)")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="Flux: start from this image (img2img); the size defaults to the image's, fitted to the model",
+    )
+    parser.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="with --image: inpaint, repainting where the mask is white and keeping where it is black "
+        "(the image's size)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=0.6,
+        help="with --image: how much of it is noised away, 0..1; the last steps x strength steps run "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--parallel", default="", help=PARALLEL_HELP)
     parser.add_argument(
         "--dtype",
@@ -162,11 +182,52 @@ def _request_from_args(args: argparse.Namespace):
             true_cfg_scale=args.true_cfg_scale,
             num_images=args.num_images,
             num_frames=args.frames,
+            image=_read_image(args.image, "image"),
+            mask=_read_image(args.mask, "mask"),
+            strength=args.strength,
         )
     except ValidationError as error:
         first = error.errors()[0]
         field = {"num_frames": "frames"}.get(str(first["loc"][0]), str(first["loc"][0]))
         raise UsageError(f"--{field.replace('_', '-')}: {first['msg']}") from None
+
+
+def _read_image(path: Path | None, option: str) -> bytes | None:
+    """An input image's bytes, checked as the HTTP API checks uploads."""
+    from rayxdit.request import RequestError
+    from rayxdit.uploads import inspect_image
+
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+        inspect_image(data, option)
+    except OSError as error:
+        raise UsageError(f"--{option} {path}: {error.strerror}") from None
+    except RequestError as error:
+        raise UsageError(f"--{option} {path}: {str(error).split(': ', 1)[-1]}") from None
+    return data
+
+
+def _fit_to_image(request, limits):
+    """An edit without --width/--height takes the input image's size (as the HTTP API does)."""
+    import io
+
+    from PIL import Image
+
+    from rayxdit.uploads import check_mask, size_for
+
+    if request.image is None:
+        return request
+    with Image.open(io.BytesIO(request.image)) as image:
+        image_size = image.size
+    if request.mask is not None:
+        with Image.open(io.BytesIO(request.mask)) as mask:
+            check_mask(mask.size, image_size)
+    if request.width is not None or request.height is not None:
+        return request
+    width, height = size_for(image_size, limits)
+    return request.model_copy(update={"width": width, "height": height})
 
 
 def _write_outputs(result, out: Path, fps: int) -> None:
@@ -207,6 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     card = model_card(args.model)
     card.check_parallel(parallel)
+    request = _fit_to_image(request, card.limits)
     card.limits.resolve(request)
     if card.limits.makes_video:
         try:

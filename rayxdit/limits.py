@@ -58,6 +58,8 @@ class ModelLimits:
     """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
     fps: int = 16
     """Video models: frames per second of the output (and of a request's ``seconds``)."""
+    image_inputs: bool = False
+    """Whether the family starts from input images (img2img, inpainting); set by the adapter."""
 
     @property
     def makes_video(self) -> bool:
@@ -97,7 +99,16 @@ class ModelLimits:
                 f"num_frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
                 param="num_frames",
             )
-        return ResolvedRequest(request, height, width, request.steps or self.default_steps, frames)
+        steps = request.steps or self.default_steps
+        if request.image is not None:
+            if not self.image_inputs:
+                raise RequestError("image: this model takes no input images", "image")
+            if int(steps * request.strength) < 1:
+                raise RequestError(
+                    f"strength={request.strength} x steps={steps} leaves no denoising step: raise either",
+                    "strength",
+                )
+        return ResolvedRequest(request, height, width, steps, frames)
 
     @classmethod
     def for_pipeline(cls, family_defaults: ModelLimits, model_dir: str | None) -> ModelLimits:

@@ -9,7 +9,7 @@ import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,9 @@ class GenerateRequest(BaseModel):
     """Model-independent description of the images to make. Sizes and steps of ``None`` take the model's
     defaults; model-specific limits (size multiples, the largest size) are checked by the model adapter."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Input images travel as their encoded bytes (PNG, JPEG, WebP): small, and the same on every rank; in
+    # JSON (the batch job's rows) as base64.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     negative_prompt: str | None = Field(
@@ -58,10 +60,33 @@ class GenerateRequest(BaseModel):
         description="First-Block Cache threshold for this request where the model runs with step caching "
         "(0: exact, no step skipped; default: the model's configured threshold).",
     )
+    image: bytes | None = Field(
+        default=None,
+        description="An input image (encoded: PNG, JPEG, WebP) to start from (img2img), resized to the "
+        "request's size.",
+    )
+    mask: bytes | None = Field(
+        default=None,
+        description="With ``image``: where to repaint (white) and what to keep (black), as diffusers' "
+        "inpainting pipelines take it.",
+    )
+    strength: float = Field(
+        default=0.6,
+        ge=0.0,
+        le=1.0,
+        description="With ``image``: how much of it is noised away (1: all of it; the last ``steps x "
+        "strength`` steps of the schedule run).",
+    )
 
     @property
     def uses_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
+
+    @model_validator(mode="after")
+    def _mask_needs_an_image(self) -> GenerateRequest:
+        if self.mask is not None and self.image is None:
+            raise ValueError("mask: an inpainting mask needs an image")
+        return self
 
 
 class RequestError(ValueError):

@@ -207,3 +207,48 @@ def test_wan_video_parallel_equals_single_rank(tmp_path):
         frame_b = np.asarray(animation.convert("RGB"), dtype=np.int16)
         assert frame_a.shape == frame_b.shape == (48, 80, 3)
         assert np.abs(frame_a - frame_b).max() <= 1, f"frame {index} differs by more than 1/255"
+
+
+@pytest.mark.slow
+def test_inpainting_from_the_cli_equals_the_single_process_engine(tmp_path):
+    """--image/--mask/--strength on 2 ranks give the in-process engine's image; the size defaults to the
+    input image's; a file that is not an image is refused with one line."""
+    from rayxdit.config import EngineConfig
+    from rayxdit.engine import Engine
+    from rayxdit.parallel.mesh import ParallelState
+    from rayxdit.request import GenerateRequest
+
+    source, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(source)
+    Image.fromarray(np.where(np.arange(44) < 20, 255, 0).astype(np.uint8)[None].repeat(36, 0)).save(mask)
+    edit = [
+        "generate",
+        "--prompt",
+        "a field",
+        "--image",
+        str(source),
+        "--mask",
+        str(mask),
+        "--strength",
+        "0.9",
+    ]
+    done = rayxdit(*edit, "--steps", "4", "--parallel", "ulysses=2", "--out", str(tmp_path / "out.png"))
+    assert done.returncode == 0, done.stderr
+    served = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.int16)
+    request = GenerateRequest(
+        prompt="a field",
+        image=source.read_bytes(),
+        mask=mask.read_bytes(),
+        strength=0.9,
+        width=44,
+        height=36,
+        steps=4,
+    )
+    single = Engine(EngineConfig(model="tiny-flux"), ParallelState.single()).generate(request).images[0]
+    assert served.shape == (36, 44, 3)
+    assert np.abs(served - np.asarray(single, dtype=np.int16)).max() <= 1
+    (tmp_path / "text.png").write_text("not an image")
+    bad = rayxdit("generate", "--prompt", "x", "--image", str(tmp_path / "text.png"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "rayxdit generate: error: --image"
+    )

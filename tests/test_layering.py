@@ -34,7 +34,12 @@ FORBIDDEN = {
     "batch": (*MODEL_STACK, "rayxdit.serve", "rayxdit.cli"),
     "cli.py": ("rayxdit.models", "rayxdit.engine", "rayxdit.parallel"),
 }
-IMPORT_TIME_RULES = {"config.py": TORCH_FREE, "request.py": TORCH_FREE, "limits.py": TORCH_FREE}
+IMPORT_TIME_RULES = {
+    "config.py": TORCH_FREE,
+    "request.py": TORCH_FREE,
+    "limits.py": TORCH_FREE,
+    "uploads.py": TORCH_FREE,
+}
 """Rules on what a module imports when it is imported (not in functions, not for type checkers)."""
 ABOVE_THE_RUNTIME = ("cli.py", "serve", "batch")
 OTHER_PATHS_TO_RANKS = re.compile(

@@ -11,13 +11,18 @@ below is the same for every family:
 
 from __future__ import annotations
 
+import io
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
+from PIL import Image
 from tqdm.auto import tqdm
 
 from rayxdit.config import ConfigError
@@ -29,6 +34,21 @@ from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
 from rayxdit.request import GenerateRequest, GenerateResult, RequestError
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An input image's bytes (PNG, JPEG, WebP...) as RGB pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+@dataclass
+class SourceImage:
+    """A request's input image in the loop's latent layout, full size (every rank alike): the encoded
+    image's latents (``[B, tokens, C]``) and, for inpainting, the mask per latent (1: repaint, 0: keep)."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class DiffusionAdapter(ABC):
@@ -64,6 +84,8 @@ class DiffusionAdapter(ABC):
         """The running request's step control (the loops check it at every step boundary)."""
         self.step_cache: FirstBlockCache | None = None
         self.cache_threshold = 0.0
+        self.source: SourceImage | None = None
+        """The running request's input image, set by :meth:`initial_latents` (img2img, inpainting)."""
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -215,7 +237,68 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, Any]:
         """The full initial noise ``[B, tokens, C]``, identical on every rank (seeded per image), and the
-        family's token positions for this rank's shard (passed back to :meth:`predict`)."""
+        family's token positions for this rank's shard (passed back to :meth:`predict`). With an input
+        image, also sets :attr:`source` (drawing from the same generators in diffusers' order: the image's
+        latent sample first, then the noise)."""
+
+    def encode_source(self, req: ResolvedRequest, generators: list[torch.Generator]) -> SourceImage:
+        """The request's image (and mask) as diffusers' img2img and inpainting pipelines prepare them:
+        resized to the request's size, one latent sample drawn with the first image's generator (diffusers
+        encodes the one input image once and repeats it; before the noise is drawn), in the loop's layout.
+        The mask is binarized and resized to the latents (nearest), 1 where the image is repainted."""
+        pipe = self.pipeline
+        request = req.request
+        pixels = pipe.image_processor.preprocess(
+            decode_image(request.image), height=req.height, width=req.width
+        )
+        vae = pipe.vae
+        sample = retrieve_latents(vae.encode(pixels.to(self.device, vae.dtype)), generator=generators[0])
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        clean = ((sample - shift) * vae.config.scaling_factor).to(self.transformer.dtype)
+        clean = clean.repeat(req.batch, 1, 1, 1)
+        mask = None
+        if request.mask is not None:
+            processor = VaeImageProcessor(
+                vae_scale_factor=pipe.image_processor.config.vae_scale_factor,
+                vae_latent_channels=clean.shape[1],
+                do_normalize=False,
+                do_binarize=True,
+                do_convert_grayscale=True,
+            )
+            repaint = processor.preprocess(decode_image(request.mask), height=req.height, width=req.width)
+            repaint = torch.nn.functional.interpolate(repaint, size=clean.shape[-2:]).to(clean)
+            mask = self.latent_tokens(repaint.repeat(req.batch, clean.shape[1], 1, 1))
+        return SourceImage(self.latent_tokens(clean), mask)
+
+    def latent_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[B, C, H, W]`` in the loop's layout ``[B, tokens, C']`` (families that take input
+        images)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no input images")
+
+    def strength_schedule(self, scheduler: Any, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+        """The tail of the schedule an img2img request runs (diffusers' ``get_timesteps``): the last
+        ``int(steps x strength)`` steps; the scheduler starts there."""
+        steps = len(timesteps)
+        start = int(max(steps - min(steps * strength, steps), 0))
+        scheduler.set_begin_index(start * scheduler.order)
+        return timesteps[start * scheduler.order :]
+
+    def noised(self, scheduler: Any, clean: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor):
+        """``clean`` latents noised to ``timestep`` (flow matching: the straight line towards ``noise``)."""
+        return scheduler.scale_noise(clean, timestep, noise)
+
+    def first_latents(
+        self,
+        scheduler: Any,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        noise: torch.Tensor,
+        masked: bool,
+        strength: float,
+    ) -> torch.Tensor:
+        """Where an img2img (or, ``masked``, inpainting) request's loop starts: the image noised to its
+        first step."""
+        return self.noised(scheduler, image, timestep, noise)
 
     @abstractmethod
     def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
@@ -342,17 +425,31 @@ class DiffusionAdapter(ABC):
             from rayxdit.models.pipefusion import PipeFusionLoop
 
             self._cache_threshold(req.request)  # refuses a request that asks for step caching here
+            if req.request.image is not None:
+                raise RequestError("image: input images are not implemented for PipeFusion", "image")
 
             return PipeFusionLoop(self, req, conditions).run(progress)
         state = self.state
         request = req.request
         branches = tuple(conditions)
+        self.source = None
         latents, positions = self.initial_latents(req)
         num_tokens = latents.shape[1]
         token_sizes = self.token_sizes(num_tokens, positions)
         start = sum(token_sizes[: state.axis("sp").index])
-        latents = latents[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
+
+        def local(full: torch.Tensor) -> torch.Tensor:  # this rank's token shard of a full [B, tokens, C]
+            return full[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
+
+        latents = local(latents)
         scheduler, timesteps = self.make_scheduler(req, num_tokens)
+        image = mask = noise = None
+        if self.source is not None:  # img2img: start from the image, noised to the first step run
+            noise, image = latents, local(self.source.latents)
+            mask = None if self.source.mask is None else local(self.source.mask)
+            timesteps = self.strength_schedule(scheduler, timesteps, request.strength)
+            first = timesteps[:1].repeat(latents.shape[0])
+            latents = self.first_latents(scheduler, image, first, noise, mask is not None, request.strength)
         cache, threshold = self.step_cache, self._cache_threshold(request)
         if cache is not None:
             cache.start(threshold)
@@ -365,10 +462,16 @@ class DiffusionAdapter(ABC):
                 if cache is not None:
                     cache.begin(branch, first_of_step=index == 0)
                 predictions[branch] = self.predict(model_input, t, conditions[branch], positions, req)
-            noise = guided_prediction(
+            noise_prediction = guided_prediction(
                 predictions, state.axis("cfg"), self.uses_cfg(request), self.cfg_scale(request)
             )
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            latents = scheduler.step(noise_prediction, t, latents, return_dict=False)[0]
+            if mask is not None:  # inpainting: what is kept is the image, noised to where the loop is
+                kept = image
+                if step < len(timesteps) - 1:
+                    kept = self.noised(scheduler, image, timesteps[step + 1 : step + 2], noise)
+                latents = (1 - mask) * kept + mask * latents
+        self.source = None
         return gather_shards(latents, 1, state.axis("sp"), token_sizes)
 
     @torch.inference_mode()

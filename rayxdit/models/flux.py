@@ -230,7 +230,7 @@ class FluxAdapter(DiffusionAdapter):
     pipeline_class = "FluxPipeline"
     supports_pipefusion = True
     guidance_is_cfg = False  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
-    family_limits = ModelLimits()
+    family_limits = ModelLimits(image_inputs=True)
 
     @classmethod
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
@@ -274,6 +274,9 @@ class FluxAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
+        generators = self.noise_generators(req)
+        if req.request.image is not None:
+            self.source = self.encode_source(req, generators)
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,
@@ -281,7 +284,7 @@ class FluxAdapter(DiffusionAdapter):
             req.width,
             self.transformer.dtype,
             self.device,
-            self.noise_generators(req),
+            generators,
         )
         parts, index = self._token_split()
         positions = FluxPositions(
@@ -289,6 +292,10 @@ class FluxAdapter(DiffusionAdapter):
             image_sizes=tuple(split_sizes(latents.shape[1], parts)),
         )
         return latents, positions
+
+    def latent_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = latents.shape
+        return self.pipeline._pack_latents(latents, batch, channels, height, width)
 
     def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)

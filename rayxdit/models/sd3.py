@@ -125,7 +125,9 @@ class SD3Adapter(DiffusionAdapter):
     """``StableDiffusion3Pipeline``: SD3-medium, SD3.5 medium/large."""
 
     pipeline_class = "StableDiffusion3Pipeline"
-    family_limits: ClassVar[ModelLimits] = ModelLimits(default_steps=28, max_sequence_length=256)
+    family_limits: ClassVar[ModelLimits] = ModelLimits(
+        default_steps=28, max_sequence_length=256, image_inputs=True
+    )
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_sd3(self.transformer, state, attention)
@@ -151,6 +153,9 @@ class SD3Adapter(DiffusionAdapter):
             shard(embeds, 1, sp.size, sp.index), pooled, tuple(split_sizes(embeds.shape[1], sp.size))
         )
 
+    def latent_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pack(latents)
+
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, h*w, p*p*C]``, the inverse of the model's unpatchify."""
         batch, channels, height, width = latents.shape
@@ -169,6 +174,9 @@ class SD3Adapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SD3Positions]:
         pipe = self.pipeline
+        generators = self.noise_generators(req)
+        if req.request.image is not None:
+            self.source = self.encode_source(req, generators)
         latents = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels,
@@ -176,7 +184,7 @@ class SD3Adapter(DiffusionAdapter):
             req.width,
             self.transformer.dtype,
             self.device,
-            self.noise_generators(req),
+            generators,
         )
         tokens = self.pack(latents)
         sp = self.state.axis("sp")

@@ -112,7 +112,7 @@ class SDXLAdapter(DiffusionAdapter):
 
     pipeline_class = "StableDiffusionXLPipeline"
     family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_steps=30, size_multiple=32, max_sequence_length=77
+        default_steps=30, size_multiple=32, max_sequence_length=77, image_inputs=True
     )
     denoiser_subfolder = "unet"
     supports_pipefusion = False
@@ -198,15 +198,45 @@ class SDXLAdapter(DiffusionAdapter):
         # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
         scale = self.pipeline.vae_scale_factor
         shape = (req.batch, self.transformer.config.in_channels, req.height // scale, req.width // scale)
-        noise = randn_tensor(
-            shape, generator=self.noise_generators(req), device=self.device, dtype=self.transformer.dtype
-        )
-        latents = noise * self.make_scheduler(req, 0)[0].init_noise_sigma
+        generators = self.noise_generators(req)
+        if req.request.image is not None:
+            self.source = self.encode_source(req, generators)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.transformer.dtype)
+        # An input image's noise is scaled where it is added to the image (first_latents).
+        latents = noise if self.source else noise * self.make_scheduler(req, 0)[0].init_noise_sigma
         batch, channels, height, width = latents.shape
         unit, parts = self.band_unit, self.state.axis("sp").size
         rows = [units * unit for units in split_sizes(height // unit, parts)] if parts > 1 else [height]
         tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         return tokens, SDXLBands(tuple(rows), width)
+
+    def latent_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = latents.shape
+        return latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+
+    def strength_schedule(self, scheduler: Any, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+        # StableDiffusionXLImg2ImgPipeline.get_timesteps rounds the steps run down (Flux's rounds the start).
+        steps = len(timesteps)
+        start = max(steps - min(int(steps * strength), steps), 0)
+        scheduler.set_begin_index(start * scheduler.order)
+        return timesteps[start * scheduler.order :]
+
+    def noised(self, scheduler: Any, clean: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor):
+        return scheduler.add_noise(clean, noise, timestep)
+
+    def first_latents(
+        self,
+        scheduler: Any,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        noise: torch.Tensor,
+        masked: bool,
+        strength: float,
+    ) -> torch.Tensor:
+        # StableDiffusionXLInpaintPipeline starts a full-strength repaint from pure noise, as text-to-image.
+        if masked and strength == 1.0:
+            return noise * scheduler.init_noise_sigma
+        return super().first_latents(scheduler, image, timestep, noise, masked, strength)
 
     def token_sizes(self, num_tokens: int, positions: SDXLBands) -> list[int]:
         return [rows * positions.width for rows in positions.rows]

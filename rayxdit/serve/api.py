@@ -83,6 +83,28 @@ class ImageGenerationRequest(BaseModel):
             raise request_error_from(error) from None
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """The form fields of ``POST /v1/images/edits`` (OpenAI's; the files ``image`` and ``mask`` come
+    beside them): those of generations plus ``strength``. OpenAI's output options (``background``,
+    ``input_fidelity``, ``output_format``...) are accepted and ignored so that its client works unchanged."""
+
+    strength: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="How much of the image is noised away (1: all; the last steps x strength steps run).",
+    )
+    background: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    input_fidelity: str | None = Field(
+        default=None, description="Accepted for OpenAI compatibility; ignored."
+    )
+    output_format: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: int | None = Field(
+        default=None, description="Accepted for OpenAI compatibility; ignored."
+    )
+    stream: bool = Field(default=False, description="Streaming is not offered: false only.")
+
+
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WIDTHxHEIGHT"`` as (width, height); (None, None) for no size."""
     if size is None:

@@ -54,6 +54,7 @@ from rayxdit.request import (
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageGenerationResponse,
     PoolUnavailableError,
@@ -63,6 +64,7 @@ from rayxdit.serve.api import (
 )
 from rayxdit.serve.jobs import CANCELLED, COMPLETED
 from rayxdit.serve.routing import request_cost
+from rayxdit.uploads import MAX_UPLOAD_BYTES, check_mask, inspect_image, size_for
 
 RETRY_AFTER_S = 5
 BACKSTOP_S = 5.0
@@ -73,6 +75,8 @@ logger = logging.getLogger("ray.serve")
 
 GONE_CHECK_S = 2.0
 """How often a request waiting for its pool checks that the pool still has replicas."""
+MAX_EDIT_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + (1 << 20)
+"""An edit's whole body: an image, a mask and the form fields."""
 RENEW_JOB_S = 0.5
 """How often a job's driver renews its lease (and so how soon it sees a cancellation)."""
 MAX_FORM_FIELDS = 64
@@ -237,10 +241,14 @@ class Router:
         return hashlib.sha256(token.encode()).hexdigest()[:24] if token else ""
 
     def _validated(
-        self, body: ImageGenerationRequest | VideoGenerationRequest, http: Request
+        self,
+        body: ImageGenerationRequest | VideoGenerationRequest,
+        http: Request,
+        inputs: dict[str, Any] | None = None,
     ) -> tuple[str, GenerateRequest, ResolvedRequest]:
-        """The model, the request and its resolved sizes; ApiError 400 before any GPU work. Only served
-        names become metric labels (a client's typo must not make a new time series)."""
+        """The model, the request (with ``inputs``: checked input images and their fields) and its resolved
+        sizes; ApiError 400 before any GPU work. Only served names become metric labels (a client's typo
+        must not make a new time series)."""
         kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
         model = body.model or self.default_model[kind]
         http.state.labels = {"model": "", "pool": "", "size_class": ""}
@@ -269,6 +277,11 @@ class Router:
                 request = body.to_generate_request(seed, limits.frames_for)
             else:
                 request = body.to_generate_request(seed)
+            if inputs:
+                try:
+                    request = GenerateRequest.model_validate({**request.model_dump(), **inputs})
+                except ValidationError as error:
+                    raise request_error_from(error) from None
             resolved = limits.resolve(request)
         except RequestError as error:
             param = "frames" if error.param == "num_frames" else error.param
@@ -708,6 +721,95 @@ class Router:
 
         data = await asyncio.to_thread(encode_video, frames, format, job["fps"])
         return Response(data, media_type=VIDEO_MEDIA_TYPES[format])
+
+    async def _upload(self, file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
+        """An uploaded image's bytes and size, read within MAX_UPLOAD_BYTES and decoded once off the event
+        loop; ApiError 400 for anything that is not a usable image."""
+        if isinstance(file, str):
+            raise ApiError(
+                400, f"{param}: send it as a file part of the form", "invalid_request_error", param
+            )
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        try:
+            return data, await asyncio.to_thread(inspect_image, data, param)
+        except RequestError as error:
+            raise ApiError(400, str(error), "invalid_request_error", error.param) from None
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImageGenerationResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": ImageEditRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def images_edits(self, request: Request) -> ImageGenerationResponse:
+        """OpenAI-compatible image edits (a multipart form, as OpenAI's client sends it): ``image`` (one file)
+        and the prompt make an img2img request; a ``mask`` (white: repaint, black: keep; the image's size)
+        makes it inpainting. ``size`` defaults to the image's, fitted to the model's limits."""
+        self._authorize(request)
+        request.state.labels = {"model": "", "pool": "", "size_class": ""}
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(
+                400,
+                "send a multipart form with an 'image' file, as OpenAI's client does",
+                "invalid_request_error",
+            )
+        if int(request.headers.get("content-length") or 0) > MAX_EDIT_BODY_BYTES:
+            raise ApiError(
+                400,
+                f"the request is larger than {MAX_EDIT_BODY_BYTES} bytes (each image at most {MAX_UPLOAD_BYTES})",
+                "invalid_request_error",
+                "image",
+            )
+        try:
+            form = await request.form(max_files=8, max_fields=MAX_FORM_FIELDS)
+        except Exception as error:
+            raise ApiError(400, f"request form unreadable: {error}", "invalid_request_error") from None
+        images = form.getlist("image") + form.getlist("image[]")
+        if len(images) != 1:
+            raise ApiError(
+                400,
+                f"image: send one input image ({len(images)} sent)",
+                "invalid_request_error",
+                "image",
+            )
+        fields = {
+            name: value
+            for name, value in form.multi_items()
+            if isinstance(value, str) and name not in ("image", "image[]", "mask")
+        }
+        try:
+            body = ImageEditRequest.model_validate(fields)
+        except ValidationError as error:
+            problem = request_error_from(error)
+            if error.errors()[0].get("type") == "extra_forbidden":
+                problem = RequestError(f"unknown field '{problem.param}'", problem.param)
+            raise ApiError(400, str(problem), "invalid_request_error", problem.param) from None
+        if body.stream:
+            raise ApiError(400, "stream: streaming is not offered", "invalid_request_error", "stream")
+        image, image_size = await self._upload(images[0], "image")
+        mask = None
+        if form.get("mask") is not None:
+            mask, mask_size = await self._upload(form["mask"], "mask")
+            try:
+                check_mask(mask_size, image_size)
+            except RequestError as error:
+                raise ApiError(400, str(error), "invalid_request_error", "mask") from None
+        model = body.model or self.default_model["image"]
+        if body.size is None and model in self.cards:
+            width, height = size_for(image_size, self.cards[model].limits)
+            body = body.model_copy(update={"size": f"{width}x{height}"})
+        inputs = {"image": image, "mask": mask, "strength": body.strength}
+        model, generate, resolved = self._validated(body, request, inputs)
+        result, info = await self._run(
+            model, generate, resolved, request.state.request_id, body.timeout, request.state.labels
+        )
+        base = str(request.base_url).rstrip("/")
+        data = await self._image_data(result.pngs, body.response_format, base)
+        return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
 
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate_png(self, body: ImageGenerationRequest, request: Request) -> Response:

@@ -667,3 +667,91 @@ def test_a_background_image_request_is_a_job_whose_result_is_the_single_process_
     by_header = post(url, body, headers={**AUTH, "Prefer": "respond-async"})
     assert by_header.status_code == 202 and by_header.json()["id"].startswith("image_")
     poll_job(url, f"/v1/images/generations/{by_header.json()['id']}", {"completed", "failed"})
+
+
+# ----- image inputs: /v1/images/edits ---------------------------------------------------------------------
+def random_png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def left_half_mask(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(
+        np.where(np.arange(width) < width // 2, 255, 0).astype(np.uint8)[None].repeat(height, 0)
+    ).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_openai_client_edits_an_image_and_the_pool_gives_the_single_process_result(url, engine, tmp_path):
+    from openai import OpenAI
+
+    source = random_png(40, 36, seed=1)
+    (tmp_path / "source.png").write_bytes(source)
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    with open(tmp_path / "source.png", "rb") as image:
+        edited = client.images.edit(
+            model="tiny-2",
+            image=image,
+            prompt="a watercolor",
+            extra_body={"strength": 0.75, "steps": 4, "seed": 12},
+        )
+    served = png_pixels(base64.b64decode(edited.data[0].b64_json))
+    assert served.shape == (36, 40, 3), "the size defaults to the input image's"
+    request = GenerateRequest(
+        prompt="a watercolor", image=source, strength=0.75, width=40, height=36, steps=4, seed=12
+    )
+    single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert np.abs(served - single).max() <= 1
+    plain = single_process_pixels(engine, {"prompt": "a watercolor", "size": "40x36", "steps": 4, "seed": 12})
+    assert np.abs(served - plain).max() > 10, "the input image must matter"
+
+    mask = left_half_mask(40, 36)
+    inpainted = requests.post(
+        url + "/v1/images/edits",
+        files={"image": ("a.png", source), "mask": ("m.png", mask)},
+        data={"model": "tiny-2", "prompt": "a field", "strength": "1", "steps": "3", "seed": "4"},
+        headers=AUTH,
+        timeout=120,
+    )
+    assert inpainted.status_code == 200, inpainted.text
+    request = GenerateRequest(
+        prompt="a field", image=source, mask=mask, strength=1.0, width=40, height=36, steps=3, seed=4
+    )
+    single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    served = png_pixels(base64.b64decode(inpainted.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single).max() <= 1
+
+
+def test_edits_refuse_bad_uploads_before_any_gpu_work(url):
+    source = random_png(40, 36, seed=1)
+    form = {"model": "tiny-2", "prompt": "x", "steps": "2"}
+
+    def edit(files, data=form, **headers):
+        return requests.post(
+            url + "/v1/images/edits", files=files, data=data, headers={**AUTH, **headers}, timeout=60
+        )
+
+    cases = [
+        ({"image": ("a.png", b"not an image")}, form, "image"),
+        ({"image": ("a.png", b"")}, form, "image"),
+        ({"image": ("a.png", source), "mask": ("m.png", left_half_mask(36, 36))}, form, "mask"),
+        ({"image": ("a.png", source)}, {**form, "strength": "1.5"}, "strength"),
+        ({"image": ("a.png", source)}, {**form, "strength": "0.1"}, "strength"),  # 2 x 0.1 < 1 step
+        ({"image": ("a.png", source)}, {**form, "model": "tiny-wan"}, "model"),
+        ({"image": ("a.png", source)}, {**form, "size": "37x36"}, "size"),
+        ({"image": ("a.png", source), "image[]": ("b.png", source)}, form, "image"),
+        ({"mask": ("m.png", source)}, form, "image"),
+        ({"image": ("a.png", source)}, {**form, "stream": "true"}, "stream"),
+        ({"image": ("a.png", source)}, {**form, "colour": "red"}, "colour"),
+    ]
+    for files, data, param in cases:
+        response = edit(files, data)
+        assert response.status_code == 400, (param, response.text)
+        assert response.json()["error"]["param"] == param, (param, response.json())
+    huge = edit({"image": ("a.png", b"\x00" * (41 << 20))})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "image"
+    as_json = requests.post(url + "/v1/images/edits", json={"prompt": "x"}, headers=AUTH, timeout=30)
+    assert as_json.status_code == 400 and "multipart" in as_json.json()["error"]["message"]
