@@ -59,7 +59,10 @@ class ModelLimits:
     fps: int = 16
     """Video models: frames per second of the output (and of a request's ``seconds``)."""
     image_inputs: bool = False
-    """Whether the family starts from input images (img2img, inpainting); set by the adapter."""
+    """Whether the family takes input images (img2img, inpainting, Kontext's references); set by the adapter."""
+    kontext_auto_resize: bool | None = None
+    """Kontext models (else None): resize a reference image to the nearest resolution Kontext was trained at
+    (diffusers' default), or keep its size (False)."""
 
     @property
     def makes_video(self) -> bool:
@@ -103,7 +106,9 @@ class ModelLimits:
         if request.image is not None:
             if not self.image_inputs:
                 raise RequestError("image: this model takes no input images", "image")
-            if int(steps * request.strength) < 1:
+            if self.kontext_auto_resize is not None and request.mask is not None:
+                raise RequestError("mask: Kontext edits follow the prompt, without a mask", "mask")
+            if self.kontext_auto_resize is None and int(steps * request.strength) < 1:
                 raise RequestError(
                     f"strength={request.strength} x steps={steps} leaves no denoising step: raise either",
                     "strength",

@@ -44,6 +44,14 @@ def inspect_image(
     return width, height
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of an image already checked by :func:`inspect_image`."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
 def size_for(image_size: tuple[int, int], limits: ModelLimits) -> tuple[int, int]:
     """The output size of an edit that names none: the input image's, scaled down to fit the model's
     largest side and rounded down to its size multiple."""

@@ -33,6 +33,9 @@ ROW_COLUMNS = (
     "size",
     "steps",
     "frames",
+    "image",
+    "mask",
+    "strength",
     "status",
     "error",
     "request",
@@ -52,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="prompts: .parquet, .jsonl or .csv with a 'prompt' column "
-        "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale; for video "
-        "models (Wan) also frames",
+        "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale; image and "
+        "mask (paths under the input's directory, or URLs) and strength for img2img and inpainting; for "
+        "video models (Wan) frames",
     )
     parser.add_argument("--output", required=True, type=Path, help="output directory (created if missing)")
     parser.add_argument("--model", default="tiny-flux", help="preset, local pipeline directory or hub id")
@@ -90,14 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def normalize_batch(batch, limits):
+def normalize_batch(batch, limits, base_dir=None):
     """Ray Data stage: raw input rows -> rows with id, seed, status (``invalid`` + reason when bad) and the
-    validated request."""
+    validated request (input images read from ``base_dir``, the input file's directory)."""
     import pyarrow as pa
 
     from rayxdit.batch.rows import normalize
 
-    rows = [normalize(row, limits) for row in batch.to_pylist()]
+    rows = [normalize(row, limits, base_dir) for row in batch.to_pylist()]
     return pa.Table.from_pylist([{key: row[key] for key in ROW_COLUMNS} for row in rows], schema=row_schema())
 
 
@@ -121,7 +125,11 @@ def read_rows(path: str, limits) -> list[dict[str, Any]]:
     kind = input_format(path)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # manifest in input order
     reader = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}[kind]
-    dataset = reader(path).map_batches(normalize_batch, fn_kwargs={"limits": limits}, batch_format="pyarrow")
+    # Paths in image/mask columns are relative to the input file's directory (on a local or mounted disk).
+    base_dir = None if "://" in path else Path(path).resolve().parent
+    dataset = reader(path).map_batches(
+        normalize_batch, fn_kwargs={"limits": limits, "base_dir": base_dir}, batch_format="pyarrow"
+    )
     seen: dict[str, dict[str, Any]] = {}
     for row in dataset.iter_rows():
         seen.setdefault(row["id"], dict(row))

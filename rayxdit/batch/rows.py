@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,9 +27,16 @@ INPUT_COLUMNS = (
     "guidance",
     "true_cfg_scale",
     "frames",
+    "image",
+    "mask",
+    "strength",
 )
+LATER_COLUMNS = ("frames", "image", "mask", "strength")
+"""Columns added after the first release: left out of a row's digest when empty, so ids stay stable."""
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+URL_TIMEOUT_S = 30.0
+"""How long an ``image`` URL may take to fetch."""
 
 STATUS_OK, STATUS_FAILED, STATUS_INVALID = "ok", "failed", "invalid"
 """``failed``: generation failed at run time (retried when the job is rerun); ``invalid``: the row itself
@@ -56,8 +65,9 @@ def row_id(row: dict[str, Any]) -> str:
         return str(given)
     # Columns a row leaves out stay out of the digest: ids of rows written before a column existed hold.
     fields = {key: _clean(row.get(key)) for key in INPUT_COLUMNS if key != "id"}
-    if fields["frames"] is None:
-        del fields["frames"]
+    for key in LATER_COLUMNS:
+        if fields[key] is None:
+            del fields[key]
     content = json.dumps(fields, sort_keys=True, default=str)
     return "row-" + hashlib.sha256(content.encode()).hexdigest()[:20]
 
@@ -75,9 +85,36 @@ def file_stem(identifier: str) -> str:
     return f"{prefix}-{hashlib.sha256(identifier.encode()).hexdigest()[:12]}"
 
 
-def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
+def read_input_image(location: str, base_dir: Path | None, param: str) -> bytes:
+    """An ``image``/``mask`` cell's bytes: an http(s) URL, or a path relative to the input file's directory
+    (never outside it); checked as the HTTP API checks uploads."""
+    from rayxdit.uploads import MAX_UPLOAD_BYTES, inspect_image
+
+    if location.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(location, timeout=URL_TIMEOUT_S) as response:
+                data = response.read(MAX_UPLOAD_BYTES + 1)
+        except Exception as error:
+            raise RequestError(f"{param}: {location} could not be fetched ({error})", param) from None
+    else:
+        if base_dir is None:
+            raise RequestError(f"{param}: a path needs an input file on a local or mounted disk", param)
+        root = base_dir.resolve()
+        path = (root / location).resolve()
+        if not path.is_relative_to(root):
+            raise RequestError(f"{param}: {location} is outside the input's directory {root}", param)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise RequestError(f"{param}: {location}: {error.strerror}", param) from None
+    inspect_image(data, param)
+    return data
+
+
+def normalize(row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = None) -> dict[str, Any]:
     """A row with its id and seed filled in, and ``status``/``error`` set to ``invalid`` with the reason
-    when the row cannot be generated. ``request`` holds the validated request as JSON otherwise."""
+    when the row cannot be generated. ``request`` holds the validated request as JSON otherwise (with
+    the row's input image and mask, read from ``base_dir`` or their URLs)."""
     identifier = row_id(row)
     seed = _clean(row.get("seed"))
     out = {
@@ -88,12 +125,15 @@ def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
         "size": _clean(row.get("size")),
         "steps": _clean(row.get("steps")),
         "frames": _clean(row.get("frames")),
+        "image": _clean(row.get("image")),
+        "mask": _clean(row.get("mask")),
+        "strength": _clean(row.get("strength")),
         "status": None,
         "error": None,
         "request": None,
     }
     try:
-        request = to_request(out, row, limits)
+        request = to_request(out, row, limits, base_dir)
         resolved = limits.resolve(request)
     except RequestError as error:
         out.update(status=STATUS_INVALID, error=str(error))
@@ -107,16 +147,30 @@ def normalize(row: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
     return out
 
 
-def to_request(out: dict[str, Any], row: dict[str, Any], limits: ModelLimits) -> GenerateRequest:
+def to_request(
+    out: dict[str, Any], row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = None
+) -> GenerateRequest:
+    from rayxdit.uploads import check_mask, image_size, size_for
+
     prompt = out["prompt"]
     if prompt is None or not str(prompt).strip():
         raise RequestError("prompt is empty", "prompt")
+    image = mask = None
+    if out["image"] is not None:
+        image = read_input_image(str(out["image"]), base_dir, "image")
+    if out["mask"] is not None:
+        if image is None:
+            raise RequestError("mask: an inpainting mask needs an image", "mask")
+        mask = read_input_image(str(out["mask"]), base_dir, "mask")
+        check_mask(image_size(mask), image_size(image))
     width = height = None
     if out["size"] is not None:
         match = SIZE.match(str(out["size"]))
         if not match:
             raise RequestError(f"size {out['size']!r} is not WIDTHxHEIGHT", "size")
         width, height = int(match.group(1)), int(match.group(2))
+    elif image is not None:  # an edit takes its image's size, as over HTTP
+        width, height = size_for(image_size(image), limits)
     try:
         return GenerateRequest(
             prompt=str(prompt),
@@ -128,6 +182,9 @@ def to_request(out: dict[str, Any], row: dict[str, Any], limits: ModelLimits) ->
             guidance=float(_clean(row.get("guidance")) or 3.5),
             true_cfg_scale=float(_clean(row.get("true_cfg_scale")) or 1.0),
             num_frames=None if out["frames"] is None else int(out["frames"]),
+            image=image,
+            mask=mask,
+            strength=0.6 if out["strength"] is None else float(out["strength"]),
         )
     except (ValidationError, ValueError) as error:
         first = (

@@ -220,8 +220,9 @@ class FluxCondition:
 class FluxPositions:
     """This rank's image token positions for one request."""
 
-    image_ids: torch.Tensor  # (image_local, 3)
-    image_sizes: tuple[int, ...]  # image tokens of every sequence-parallel rank
+    image_ids: torch.Tensor  # (image_local, 3): this rank's latents, then its reference tokens (Kontext)
+    image_sizes: tuple[int, ...]  # image-stream tokens of every sequence-parallel rank
+    reference: torch.Tensor | None = None  # (B, reference_local, C): Kontext's reference image, this shard
 
 
 class FluxAdapter(DiffusionAdapter):
@@ -331,8 +332,11 @@ class FluxAdapter(DiffusionAdapter):
         if self.state.axis("sp").size > 1:
             sizes = tuple(t + i for t, i in zip(cond.text_sizes, positions.image_sizes, strict=True))
             attention_kwargs = {"sequence_sizes": sizes}
+        hidden = latents
+        if positions.reference is not None:  # Kontext: the reference tokens follow, predictions are dropped
+            hidden = torch.cat([latents, positions.reference.to(latents.dtype)], dim=1)
         return self.transformer(
-            hidden_states=latents,
+            hidden_states=hidden,
             timestep=timestep.expand(batch).to(latents.dtype) / 1000,
             guidance=guidance,
             pooled_projections=cond.pooled,
@@ -341,7 +345,7 @@ class FluxAdapter(DiffusionAdapter):
             img_ids=positions.image_ids,
             joint_attention_kwargs=attention_kwargs,
             return_dict=False,
-        )[0]
+        )[0][:, : latents.shape[1]]
 
     # ----- PipeFusion stage hooks (the loop: rayxdit.models.pipefusion) --------------------------------------
     def pipefusion_blocks(self) -> list[torch.nn.Module]:
@@ -408,3 +412,77 @@ class FluxAdapter(DiffusionAdapter):
         pipe = self.pipeline
         latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
+class FluxKontextAdapter(FluxAdapter):
+    """``FluxKontextPipeline`` (FLUX.1-Kontext): an edit's reference image is encoded once (its latent mean,
+    no randomness) and its tokens join the image stream after the noisy latents, with position ids in a
+    second frame (first coordinate 1); the predictions of the reference tokens are dropped. Under sequence
+    parallelism each rank holds a shard of both, so ring and Ulysses attention see every token once."""
+
+    pipeline_class = "FluxKontextPipeline"
+    supports_pipefusion = False
+    family_limits = ModelLimits(image_inputs=True, kontext_auto_resize=True)
+
+    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
+        pipe = self.pipeline
+        latents, _, latent_ids, _ = pipe.prepare_latents(
+            None,
+            req.batch,
+            self.transformer.config.in_channels // 4,
+            req.height,
+            req.width,
+            self.transformer.dtype,
+            self.device,
+            self.noise_generators(req),
+        )
+        parts, index = self._token_split()
+        if req.request.image is None:
+            return latents, FluxPositions(
+                shard(latent_ids, 0, parts, index), tuple(split_sizes(latents.shape[1], parts))
+            )
+        reference, reference_ids = self.encode_reference(req)
+        return latents, FluxPositions(
+            image_ids=torch.cat(
+                [shard(latent_ids, 0, parts, index), shard(reference_ids, 0, parts, index)], dim=0
+            ),
+            image_sizes=tuple(
+                a + b
+                for a, b in zip(
+                    split_sizes(latents.shape[1], parts), split_sizes(reference.shape[1], parts), strict=True
+                )
+            ),
+            reference=shard(reference, 1, parts, index),
+        )
+
+    def encode_reference(self, req: ResolvedRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference image's packed latents ``[B, tokens, C]`` and position ids, as
+        ``FluxKontextPipeline`` prepares them (resized to a Kontext resolution of the same aspect ratio
+        unless the model's ``kontext_auto_resize`` is False)."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import (
+            PREFERRED_KONTEXT_RESOLUTIONS,
+            retrieve_latents,
+        )
+
+        from rayxdit.models.base import decode_image
+
+        pipe = self.pipeline
+        image = decode_image(req.request.image)
+        height, width = pipe.image_processor.get_default_height_width(image)
+        if self.limits.kontext_auto_resize:
+            _, width, height = min(
+                (abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS
+            )
+        multiple = pipe.vae_scale_factor * 2
+        height, width = height // multiple * multiple, width // multiple * multiple
+        pixels = pipe.image_processor.preprocess(
+            pipe.image_processor.resize(image, height, width), height, width
+        )
+        vae = pipe.vae
+        latents = retrieve_latents(vae.encode(pixels.to(self.device, vae.dtype)), sample_mode="argmax")
+        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(self.transformer.dtype)
+        latents = latents.repeat(req.batch, 1, 1, 1)
+        channels, rows, columns = latents.shape[1:]
+        ids = pipe._prepare_latent_image_ids(req.batch, rows // 2, columns // 2, self.device, latents.dtype)
+        ids[..., 0] = 1
+        return pipe._pack_latents(latents, req.batch, channels, rows, columns), ids

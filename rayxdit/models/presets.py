@@ -285,6 +285,17 @@ def build_tiny_flux(path: Path) -> None:
     _save_preset(build_flux_pipeline(TINY_FLUX, default_init=True), path, TINY_FLUX.limits)
 
 
+def build_tiny_flux_kontext(path: Path) -> None:
+    """tiny-flux's components as a ``FluxKontextPipeline`` (FLUX.1-Kontext's architecture is Flux's): edits
+    whose reference image joins the sequence. Its references keep their own size (Kontext's preferred
+    resolutions are about a megapixel: too many tokens for a CPU test)."""
+    from diffusers import FluxKontextPipeline
+
+    flux = build_flux_pipeline(TINY_FLUX, default_init=True)
+    limits = {**TINY_FLUX.limits, "kontext_auto_resize": False}
+    _save_preset(FluxKontextPipeline(**flux.components), path, limits)
+
+
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
@@ -466,6 +477,7 @@ def build_tiny_wan(path: Path) -> None:
 
 PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-flux": build_tiny_flux,
+    "tiny-flux-kontext": build_tiny_flux_kontext,
     "tiny-sd3": build_tiny_sd3,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-wan": build_tiny_wan,

@@ -18,14 +18,15 @@ import torch
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelCard, ModelLimits
 from rayxdit.models.base import DiffusionAdapter
-from rayxdit.models.flux import FluxAdapter
+from rayxdit.models.flux import FluxAdapter, FluxKontextAdapter
 from rayxdit.models.presets import PRESETS, FluxSizes, build_flux_pipeline, materialize_preset
 from rayxdit.models.sd3 import SD3Adapter
 from rayxdit.models.sdxl import SDXLAdapter
 from rayxdit.models.wan import WanAdapter
 
 ADAPTERS: dict[str, type[DiffusionAdapter]] = {
-    adapter.pipeline_class: adapter for adapter in (FluxAdapter, SD3Adapter, SDXLAdapter, WanAdapter)
+    adapter.pipeline_class: adapter
+    for adapter in (FluxAdapter, FluxKontextAdapter, SD3Adapter, SDXLAdapter, WanAdapter)
 }
 
 

@@ -25,7 +25,8 @@ Flux, SD3 and SDXL also start from an input image (img2img, e.g. strength 0.7: t
 and repaint a masked half of one (inpainting), against ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``
 ``StableDiffusion3Img2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline`` and
 ``StableDiffusionXLInpaintPipeline`` (SD3 inpainting against one rank: diffusers' needs a 16-channel
-transformer): the image's latents and the mask are sharded like the noise.
+transformer): the image's latents and the mask are sharded like the noise. A Kontext edit's reference tokens
+(``FluxKontextPipeline``) are sharded beside the noisy ones.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ from rayxdit.request import GenerateRequest
 from tests.helpers import run_on_ranks
 from tests.sabotage import broken_ring_merge
 
-TOLERANCE = {"tiny-flux": 1e-5, "tiny-sd3": 1e-5, "tiny-sdxl": 1e-4, "tiny-wan": 1e-5}
+TOLERANCE = {
+    "tiny-flux": 1e-5,
+    "tiny-flux-kontext": 1e-5,
+    "tiny-sd3": 1e-5,
+    "tiny-sdxl": 1e-4,
+    "tiny-wan": 1e-5,
+}
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -92,6 +99,20 @@ REQUESTS = {
             width=36,
             steps=4,
             seed=9,
+            num_images=2,
+        ),
+    },
+    # The reference (52x44 px: 143 tokens) joins the 81 noisy tokens; uneven at 2, 4 and 8 ranks.
+    "tiny-flux-kontext": {
+        "edit": GenerateRequest(
+            prompt="make it blue",
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            image=SOURCE,
+            height=36,
+            width=36,
+            steps=3,
+            seed=13,
             num_images=2,
         ),
     },
@@ -206,6 +227,17 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         num_images_per_prompt=request.num_images,
         output_type="latent",
     )
+    if model == "tiny-flux-kontext":
+        return adapter.pipeline(
+            prompt=request.prompt,
+            image=Image.open(io.BytesIO(request.image)).convert("RGB"),
+            true_cfg_scale=request.true_cfg_scale,
+            guidance_scale=request.guidance,
+            max_sequence_length=29,
+            max_area=request.height * request.width,  # the requested size, as the engine takes it
+            _auto_resize=False,  # the preset's kontext_auto_resize
+            **common,
+        ).images
     if model == "tiny-sdxl" and request.image is not None:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
@@ -316,6 +348,9 @@ CONFIGS = {
         ("tiny-flux", "cfg=2", False),
         ("tiny-flux", "ring=2", True),  # a broken ring merge must be caught
         ("tiny-flux", "pipefusion=2", False),
+        ("tiny-flux-kontext", "ulysses=2", False),
+        ("tiny-flux-kontext", "ring=2", False),
+        ("tiny-flux-kontext", "cfg=2", False),
         ("tiny-sd3", "ulysses=2", False),
         ("tiny-sd3", "ring=2", False),
         ("tiny-sd3", "cfg=2", False),
@@ -335,6 +370,7 @@ CONFIGS = {
         ("tiny-flux", "pipefusion=4", False),
         ("tiny-flux", "pipefusion=2,cfg=2", False),
         ("tiny-flux", "pipefusion=2,ulysses=2", False),
+        ("tiny-flux-kontext", "ulysses=2,ring=2", False),
         ("tiny-sd3", "ulysses=4", False),
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
@@ -345,6 +381,7 @@ CONFIGS = {
     8: [
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux", "cfg=2,pipefusion=2,ulysses=2", False),
+        ("tiny-flux-kontext", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),

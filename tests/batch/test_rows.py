@@ -1,0 +1,62 @@
+"""Input rows with images (img2img, inpainting): read from the input's directory, checked before any GPU
+work, the size taken from the image when the row gives none."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from rayxdit.batch.rows import normalize, row_id
+from rayxdit.limits import ModelLimits
+from rayxdit.request import GenerateRequest
+
+FLUX = ModelLimits(image_inputs=True)
+
+
+def write_png(path, width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def test_an_image_row_carries_its_image_and_takes_its_size(tmp_path):
+    source = write_png(tmp_path / "in" / "cat.png", 72, 40)
+    mask = write_png(tmp_path / "in" / "cat-mask.png", 72, 40)
+    row = normalize(
+        {"prompt": "a cat", "image": "in/cat.png", "mask": "in/cat-mask.png", "strength": 0.8}, FLUX, tmp_path
+    )
+    assert row["status"] is None, row["error"]
+    request = GenerateRequest.model_validate_json(row["request"])  # base64 in JSON, bytes again here
+    assert (request.image, request.mask, request.strength) == (source, mask, 0.8)
+    assert row["size"] == "64x32", "the image's size, rounded down to the model's multiple of 16"
+
+
+def test_bad_image_rows_are_invalid_with_the_reason(tmp_path):
+    write_png(tmp_path / "cat.png", 64, 32)
+    write_png(tmp_path / "small-mask.png", 32, 32)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path.parent / "outside.png").write_bytes((tmp_path / "cat.png").read_bytes())
+    cases = {
+        "../outside.png": "outside the input's directory",
+        "missing.png": "No such file",
+        "notes.png": "not an image",
+    }
+    for location, reason in cases.items():
+        row = normalize({"prompt": "x", "image": location}, FLUX, tmp_path)
+        assert row["status"] == "invalid" and reason in row["error"], (location, row["error"])
+    mismatched = normalize({"prompt": "x", "image": "cat.png", "mask": "small-mask.png"}, FLUX, tmp_path)
+    assert mismatched["status"] == "invalid" and "differs from the image" in mismatched["error"]
+    video = ModelLimits(max_frames=81, frame_multiple=4)  # a model without image inputs
+    refused = normalize({"prompt": "x", "image": "cat.png"}, video, tmp_path)
+    assert refused["status"] == "invalid" and "takes no input images" in refused["error"]
+
+
+def test_rows_without_the_new_columns_keep_their_ids():
+    """Ids are digests of the row: columns added later (frames, image, mask, strength) stay out of it when
+    empty, so outputs written by earlier versions are still found."""
+    assert row_id({"prompt": "a cat", "seed": 1}) == row_id({"prompt": "a cat", "seed": 1, "image": None})
+    assert row_id({"prompt": "a cat"}) != row_id({"prompt": "a cat", "image": "cat.png"})
