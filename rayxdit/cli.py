@@ -98,6 +98,22 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "(the image's size)",
     )
     parser.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="LOCATION",
+        help="Flux: load this FluxControlNetModel (directory, hub id, or the tiny-flux-controlnet preset) "
+        "beside the model; --control-image conditions on it",
+    )
+    parser.add_argument(
+        "--control-image", type=Path, default=None, help="with --controlnet: its conditioning image"
+    )
+    parser.add_argument(
+        "--controlnet-scale",
+        type=float,
+        default=1.0,
+        help="with --controlnet: the weight of its residuals (default: %(default)s)",
+    )
+    parser.add_argument(
         "--strength",
         type=float,
         default=0.6,
@@ -170,6 +186,8 @@ def _request_from_args(args: argparse.Namespace):
 
     from rayxdit.request import GenerateRequest
 
+    if args.control_image is not None and not args.controlnet:
+        raise UsageError("--control-image needs --controlnet (the ControlNet that reads it)")
     try:
         return GenerateRequest(
             prompt=args.prompt,
@@ -185,6 +203,9 @@ def _request_from_args(args: argparse.Namespace):
             image=_read_image(args.image, "image"),
             mask=_read_image(args.mask, "mask"),
             strength=args.strength,
+            control_image=_read_image(args.control_image, "control-image"),
+            controlnet=args.controlnet if args.control_image is not None else None,
+            controlnet_scale=args.controlnet_scale,
         )
     except ValidationError as error:
         first = error.errors()[0]
@@ -292,6 +313,7 @@ def _generate(args: argparse.Namespace) -> int:
         vae_parallel=args.vae_parallel,
         cache_threshold=args.cache_threshold,
         quantize=args.quantize,
+        controlnets=(args.controlnet,) if args.controlnet else (),
     )
     (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()

@@ -166,8 +166,15 @@ class EngineConfig:
     loras: tuple[str, ...] = ()
     """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
     LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
+    controlnets: tuple[str, ...] = ()
+    """ControlNets loaded beside the model (Flux: ``FluxControlNetModel`` directories, hub ids or the
+    ``tiny-flux-controlnet`` preset), parallelized like it; a request names one by this string."""
 
     def __post_init__(self) -> None:
+        if self.controlnets and self.parallel.pipefusion > 1:
+            raise ConfigError(
+                "controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses"
+            )
         for lora in self.loras:
             parse_lora(lora)
         if self.attention not in ("auto", "cudnn", "flash", "efficient"):
@@ -280,6 +287,11 @@ class PoolConfig(BaseModel):
     dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
     compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
     loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
+    controlnets: list[str] = Field(
+        default_factory=list,
+        description="ControlNets loaded beside the model (Flux): directories, hub ids or tiny-flux-controlnet; "
+        "requests name one in 'controlnet'. Pools serving one model must load the same ones.",
+    )
     vae_parallel: bool = Field(
         default=True, description="Split the VAE decode into bands of rows over the sequence-parallel ranks."
     )
@@ -426,6 +438,7 @@ class PoolConfig(BaseModel):
             compile=self.compile,
             vae_parallel=self.vae_parallel,
             loras=tuple(self.loras),
+            controlnets=tuple(self.controlnets),
             cache_threshold=self.cache_threshold,
             quantize=self.quantize,
         )
@@ -500,6 +513,12 @@ class ServeConfig(BaseModel):
         names = [pool.name for pool in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
+        controlnets: dict[str, list[str]] = {}
+        for pool in self.pools:  # any pool of a model may take a request naming one of its ControlNets
+            if controlnets.setdefault(pool.served_model_name, pool.controlnets) != pool.controlnets:
+                raise ValueError(
+                    f"pools serving '{pool.served_model_name}' load different controlnets: give them the same list"
+                )
         if self.elastic is not None:
             fixed = [pool.name for pool in self.pools if "autoscaling_config" not in pool.serve_options()]
             if fixed:

@@ -10,7 +10,7 @@ import torch
 
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
-from rayxdit.models.registry import load_adapter, resolve_dtype
+from rayxdit.models.registry import load_adapter, load_controlnets, resolve_dtype
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, GenerateResult
@@ -37,6 +37,9 @@ class Engine:
         # Order matters: LoRAs are fused into plain weights first, parallelism then rewrites attention
         # processors, and compile must see the final modules.
         self.adapter.load_loras([parse_lora(lora) for lora in config.loras])
+        if config.controlnets:  # parallelized with the model below
+            device, dtype = state.device, resolve_dtype(config.dtype, state.device)
+            self.adapter.attach_controlnets(load_controlnets(config.controlnets, device, dtype))
         if config.quantize:  # on plain fused weights, before parallelism rewrites the blocks
             self.adapter.quantize(config.quantize)
         self.adapter.parallelize(

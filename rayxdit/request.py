@@ -78,6 +78,19 @@ class GenerateRequest(BaseModel):
         "strength`` steps of the schedule run).",
     )
 
+    control_image: bytes | None = Field(
+        default=None,
+        description="A ControlNet's conditioning image (edges, depth...), resized to the request's size.",
+    )
+    controlnet: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Which of the model's ControlNets reads ``control_image`` (default: its only one).",
+    )
+    controlnet_scale: float = Field(
+        default=1.0, ge=0.0, le=4.0, description="``controlnet_conditioning_scale``: the residuals' weight."
+    )
+
     @property
     def uses_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
@@ -86,6 +99,8 @@ class GenerateRequest(BaseModel):
     def _mask_needs_an_image(self) -> GenerateRequest:
         if self.mask is not None and self.image is None:
             raise ValueError("mask: an inpainting mask needs an image")
+        if self.controlnet is not None and self.control_image is None:
+            raise ValueError("controlnet: name a ControlNet together with a control_image")
         return self
 
 

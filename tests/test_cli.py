@@ -210,9 +210,10 @@ def test_wan_video_parallel_equals_single_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_inpainting_from_the_cli_equals_the_single_process_engine(tmp_path):
-    """--image/--mask/--strength on 2 ranks give the in-process engine's image; the size defaults to the
-    input image's; a file that is not an image is refused with one line."""
+def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(tmp_path):
+    """--image/--mask/--strength and --controlnet/--control-image on 2 ranks give the in-process engine's
+    image; an edit's size defaults to the input image's; a file that is not an image is refused with one
+    line."""
     from rayxdit.config import EngineConfig
     from rayxdit.engine import Engine
     from rayxdit.parallel.mesh import ParallelState
@@ -246,6 +247,33 @@ def test_inpainting_from_the_cli_equals_the_single_process_engine(tmp_path):
     )
     single = Engine(EngineConfig(model="tiny-flux"), ParallelState.single()).generate(request).images[0]
     assert served.shape == (36, 44, 3)
+    assert np.abs(served - np.asarray(single, dtype=np.int16)).max() <= 1
+    control = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(control)
+    conditioned = ["generate", "--prompt", "a house", "--controlnet", "tiny-flux-controlnet", "--steps", "3"]
+    conditioned += [
+        "--control-image",
+        str(control),
+        "--width",
+        "44",
+        "--height",
+        "36",
+        "--parallel",
+        "ring=2",
+    ]
+    done = rayxdit(*conditioned, "--out", str(tmp_path / "controlled.png"))
+    assert done.returncode == 0, done.stderr
+    served = np.asarray(Image.open(tmp_path / "controlled.png").convert("RGB"), dtype=np.int16)
+    request = GenerateRequest(
+        prompt="a house",
+        control_image=control.read_bytes(),
+        controlnet="tiny-flux-controlnet",
+        width=44,
+        height=36,
+        steps=3,
+    )
+    config = EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",))
+    single = Engine(config, ParallelState.single()).generate(request).images[0]
     assert np.abs(served - np.asarray(single, dtype=np.int16)).max() <= 1
     (tmp_path / "text.png").write_text("not an image")
     bad = rayxdit("generate", "--prompt", "x", "--image", str(tmp_path / "text.png"))

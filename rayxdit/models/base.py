@@ -118,6 +118,10 @@ class DiffusionAdapter(ABC):
         self.pipeline.fuse_lora(adapter_names=names)
         self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
 
+    def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
+        """ControlNets by name, parallelized with the model (call before :meth:`parallelize`)."""
+        raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux")
+
     # ----- quantization -----------------------------------------------------------------------------------
     def quantize(self, method: str) -> None:
         """``fp8``: torchao's float8 dynamic activations with per-row weight scales for the linear layers of
@@ -278,10 +282,14 @@ class DiffusionAdapter(ABC):
     def strength_schedule(self, scheduler: Any, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
         """The tail of the schedule an img2img request runs (diffusers' ``get_timesteps``): the last
         ``int(steps x strength)`` steps; the scheduler starts there."""
-        steps = len(timesteps)
-        start = int(max(steps - min(steps * strength, steps), 0))
+        start = self.first_step(len(timesteps), strength)
         scheduler.set_begin_index(start * scheduler.order)
         return timesteps[start * scheduler.order :]
+
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
+        """The schedule's first step an img2img request runs (diffusers' Flux and SD3 pipelines)."""
+        return int(max(steps - min(steps * strength, steps), 0))
 
     def noised(self, scheduler: Any, clean: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor):
         """``clean`` latents noised to ``timestep`` (flow matching: the straight line towards ``noise``)."""

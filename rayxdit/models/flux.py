@@ -25,6 +25,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
+from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -32,17 +33,20 @@ from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.pipefusion import StageLink, patch_attention, stage_bounds
 from rayxdit.parallel.sequence import shard, split_sizes
+from rayxdit.request import GenerateRequest, RequestError
 
 
 class FluxSequenceParallelProcessor:
     """diffusers' ``FluxAttnProcessor`` with its attention call replaced by sequence-parallel attention.
 
     ``sequence_sizes`` (every sequence-parallel rank's joint text+image token count) arrives through the
-    model's ``joint_attention_kwargs``, which diffusers forwards to processors that name it.
+    model's ``joint_attention_kwargs``, which diffusers forwards to processors that name it; models that do
+    not forward them (``FluxControlNetModel``) get them set on the processor (:attr:`sequence_sizes`).
     """
 
     def __init__(self, attention: SequenceParallelAttention):
         self.attention = attention
+        self.sequence_sizes: tuple[int, ...] | None = None
 
     def __call__(
         self,
@@ -54,6 +58,7 @@ class FluxSequenceParallelProcessor:
         sequence_sizes: tuple[int, ...] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         assert attention_mask is None, "Flux attention is unmasked"
+        sequence_sizes = sequence_sizes or self.sequence_sizes
         assert sequence_sizes is not None, (
             "call the transformer with joint_attention_kwargs={'sequence_sizes': ...}"
         )
@@ -118,7 +123,7 @@ def _overlapped_single_block_forward(
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     processor: FluxSequenceParallelProcessor = self.attn.processor
-    sizes = joint_attention_kwargs["sequence_sizes"]
+    sizes = (joint_attention_kwargs or {}).get("sequence_sizes") or processor.sequence_sizes
     query, key, value = processor.project(self.attn, norm_hidden_states, None, image_rotary_emb)
     pending = processor.attention.begin(query, key, value, sizes)
     mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
@@ -174,13 +179,16 @@ def stage_blocks(transformer: torch.nn.Module, state: ParallelState) -> list[tor
     return blocks[start:end]
 
 
-def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attention: str = "auto") -> None:
+def parallelize_flux(
+    transformer: torch.nn.Module, state: ParallelState, attention: str = "auto"
+) -> FluxSequenceParallelProcessor | None:
     """Apply ``state``'s parallelism to a ``FluxTransformer2DModel`` in place.
 
     Sequence parallel (ring x ulysses): every attention becomes sequence-parallel; the rest of the model is
     token-wise and runs unchanged on the shard, except that single blocks start their attention transfer
     before computing their (independent) MLP branch. PipeFusion: the model keeps only this stage's blocks
-    (memory drops with the stage count) and their attention reads and writes per-layer buffers.
+    (memory drops with the stage count) and their attention reads and writes per-layer buffers. Returns the
+    sequence-parallel processor (None without sequence parallelism).
     """
     if state.axis("pipefusion").size > 1:
         kept = stage_blocks(transformer, state)
@@ -204,6 +212,7 @@ def parallelize_flux(transformer: torch.nn.Module, state: ParallelState, attenti
             module.set_processor(processor)
         if isinstance(module, FluxSingleTransformerBlock):
             module.forward = types.MethodType(_overlapped_single_block_forward, module)
+    return processor
 
 
 @dataclass(frozen=True)
@@ -223,6 +232,7 @@ class FluxPositions:
     image_ids: torch.Tensor  # (image_local, 3): this rank's latents, then its reference tokens (Kontext)
     image_sizes: tuple[int, ...]  # image-stream tokens of every sequence-parallel rank
     reference: torch.Tensor | None = None  # (B, reference_local, C): Kontext's reference image, this shard
+    control: torch.Tensor | None = None  # (B, image_local, C): a ControlNet's control image, this shard
 
 
 class FluxAdapter(DiffusionAdapter):
@@ -239,6 +249,62 @@ class FluxAdapter(DiffusionAdapter):
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_flux(self.transformer, state, attention)
+        # The same blocks: the same sequence parallelism (a ControlNet does not forward attention kwargs:
+        # its processors are told the sequence sizes before each call).
+        self.controlnet_processors = [
+            parallelize_flux(net, state, attention) for net in self.controlnets.values()
+        ]
+
+    controlnets: dict[str, torch.nn.Module] = {}  # noqa: RUF012 - replaced per instance by attach_controlnets
+
+    def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
+        for name, net in nets.items():
+            if getattr(net, "input_hint_block", None) is not None or getattr(net, "union", False):
+                raise ConfigError(
+                    f"controlnet '{name}': XLabs (input hint) and Union ControlNets are not supported yet; "
+                    "InstantX-style FluxControlNetModel checkpoints are"
+                )
+        self.controlnets = dict(nets)
+
+    def controlnet_for(self, request: GenerateRequest) -> str:
+        """The name of the ControlNet that reads the request's control image; RequestError if none fits."""
+        if not self.controlnets:
+            raise RequestError("control_image: this model runs without ControlNets", "control_image")
+        if request.controlnet is None and len(self.controlnets) > 1:
+            raise RequestError(f"controlnet: name one of {', '.join(self.controlnets)}", "controlnet")
+        name = request.controlnet or next(iter(self.controlnets))
+        if name not in self.controlnets:
+            raise RequestError(
+                f"controlnet '{name}' is not loaded here; loaded: {', '.join(self.controlnets)}", "controlnet"
+            )
+        if request.image is not None:
+            raise RequestError("control_image: ControlNets with an input image are not implemented", "image")
+        return name
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        if request.control_image is not None:
+            self.controlnet_for(request)
+        return super().resolve(request)
+
+    def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
+        conditions = super().encode_branches(req)
+        if req.request.control_image is not None:  # diffusers runs the ControlNet on the prompt alone
+            self.control_condition = conditions.get(CONDITIONAL) or self.encode(req, CONDITIONAL)
+        return conditions
+
+    def encode_control(self, req: ResolvedRequest, generators: list[torch.Generator]) -> torch.Tensor:
+        """The control image as ``FluxControlNetPipeline`` prepares it for an InstantX ControlNet: resized,
+        one latent sample per image from its generator (before the noise), packed like the latents."""
+        from rayxdit.models.base import decode_image
+
+        pipe = self.pipeline
+        pixels = pipe.image_processor.preprocess(
+            decode_image(req.request.control_image), height=req.height, width=req.width
+        )
+        pixels = pixels.repeat_interleave(req.batch, dim=0).to(self.device, pipe.vae.dtype)
+        sample = pipe.vae.encode(pixels).latent_dist.sample(generators)
+        latents = (sample - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        return self.latent_tokens(latents.to(self.transformer.dtype))
 
     def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
         request = req.request
@@ -278,6 +344,9 @@ class FluxAdapter(DiffusionAdapter):
         generators = self.noise_generators(req)
         if req.request.image is not None:
             self.source = self.encode_source(req, generators)
+        control = None
+        if req.request.control_image is not None:
+            control = self.encode_control(req, generators)
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,
@@ -291,6 +360,7 @@ class FluxAdapter(DiffusionAdapter):
         positions = FluxPositions(
             image_ids=shard(image_ids, 0, parts, index),
             image_sizes=tuple(split_sizes(latents.shape[1], parts)),
+            control=None if control is None else shard(control, 1, parts, index),
         )
         return latents, positions
 
@@ -322,30 +392,75 @@ class FluxAdapter(DiffusionAdapter):
         positions: FluxPositions,
         req: ResolvedRequest,
     ) -> torch.Tensor:
-        batch = latents.shape[0]
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], req.request.guidance, device=self.device, dtype=torch.float32).expand(
-                batch
-            )
         attention_kwargs = None
         if self.state.axis("sp").size > 1:
             sizes = tuple(t + i for t, i in zip(cond.text_sizes, positions.image_sizes, strict=True))
             attention_kwargs = {"sequence_sizes": sizes}
+        residuals = {}
+        if positions.control is not None:
+            residuals = self.control_residuals(latents, timestep, positions, req, attention_kwargs)
         hidden = latents
         if positions.reference is not None:  # Kontext: the reference tokens follow, predictions are dropped
             hidden = torch.cat([latents, positions.reference.to(latents.dtype)], dim=1)
         return self.transformer(
-            hidden_states=hidden,
-            timestep=timestep.expand(batch).to(latents.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.prompt_embeds,
-            txt_ids=cond.text_ids,
-            img_ids=positions.image_ids,
-            joint_attention_kwargs=attention_kwargs,
-            return_dict=False,
+            hidden,
+            **self._model_inputs(self.transformer, latents, timestep, cond, positions, req, attention_kwargs),
+            **residuals,
         )[0][:, : latents.shape[1]]
+
+    def _model_inputs(
+        self,
+        model: torch.nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: FluxCondition,
+        positions: FluxPositions,
+        req: ResolvedRequest,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """What a Flux transformer (or ControlNet) takes beside the hidden states, for this shard."""
+        batch = latents.shape[0]
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full([batch], req.request.guidance, device=self.device, dtype=torch.float32)
+        return {
+            "timestep": timestep.expand(batch).to(latents.dtype) / 1000,
+            "guidance": guidance,
+            "pooled_projections": cond.pooled,
+            "encoder_hidden_states": cond.prompt_embeds,
+            "txt_ids": cond.text_ids,
+            "img_ids": positions.image_ids,
+            "joint_attention_kwargs": attention_kwargs,
+            "return_dict": False,
+        }
+
+    def control_residuals(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        positions: FluxPositions,
+        req: ResolvedRequest,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The ControlNet's per-block residuals for this shard (per token: they stay local), computed as
+        ``FluxControlNetPipeline`` does, on the prompt's conditioning for either CFG branch."""
+        net = self.controlnets[self.controlnet_for(req.request)]
+        for processor in self.controlnet_processors:
+            if processor is not None:
+                processor.sequence_sizes = attention_kwargs["sequence_sizes"] if attention_kwargs else None
+        blocks, singles = net(
+            latents,
+            controlnet_cond=positions.control.to(latents.dtype),
+            conditioning_scale=req.request.controlnet_scale,
+            **self._model_inputs(
+                net, latents, timestep, self.control_condition, positions, req, attention_kwargs
+            ),
+        )
+        return {
+            "controlnet_block_samples": blocks,
+            "controlnet_single_block_samples": singles,
+            "controlnet_blocks_repeat": False,
+        }
 
     # ----- PipeFusion stage hooks (the loop: rayxdit.models.pipefusion) --------------------------------------
     def pipefusion_blocks(self) -> list[torch.nn.Module]:

@@ -296,6 +296,23 @@ def build_tiny_flux_kontext(path: Path) -> None:
     _save_preset(FluxKontextPipeline(**flux.components), path, limits)
 
 
+def build_tiny_flux_controlnet(path: Path) -> None:
+    """A ``FluxControlNetModel`` (InstantX layout: the control image's latents added to the input) for
+    tiny-flux: one double and one single block of its size. diffusers zero-initializes the ControlNet's
+    output and input projections (training starts from "no effect"); here they are random, seeded, so that
+    the control image visibly matters and a test can tell whether it was used."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(5)
+    config = {**TINY_FLUX.transformer, "num_layers": 1, "num_single_layers": 1}
+    controlnet = FluxControlNetModel(**config)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                parameter.normal_(0.0, 0.05)
+    controlnet.save_pretrained(path)
+
+
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
@@ -483,6 +500,8 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-wan": build_tiny_wan,
 }
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
+CONTROLNET_PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux-controlnet": build_tiny_flux_controlnet}
+"""ControlNet presets (a model directory each, not a pipeline)."""
 PRESET_VERSION = 2
 
 
@@ -490,16 +509,17 @@ def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:
     """Build preset ``name`` into the cache once and return its directory. Safe when many workers race:
     each builds into its own temporary directory and the first atomic rename wins."""
     target = cache_dir / f"{name}-v{PRESET_VERSION}"
-    if (target / "model_index.json").is_file():
+    marker = "config.json" if name in CONTROLNET_PRESETS else "model_index.json"
+    if (target / marker).is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
-        PRESETS[name](staging)
+        {**PRESETS, **CONTROLNET_PRESETS}[name](staging)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

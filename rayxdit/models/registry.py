@@ -19,7 +19,13 @@ from rayxdit.config import ConfigError
 from rayxdit.limits import ModelCard, ModelLimits
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.flux import FluxAdapter, FluxKontextAdapter
-from rayxdit.models.presets import PRESETS, FluxSizes, build_flux_pipeline, materialize_preset
+from rayxdit.models.presets import (
+    CONTROLNET_PRESETS,
+    PRESETS,
+    FluxSizes,
+    build_flux_pipeline,
+    materialize_preset,
+)
 from rayxdit.models.sd3 import SD3Adapter
 from rayxdit.models.sdxl import SDXLAdapter
 from rayxdit.models.wan import WanAdapter
@@ -84,6 +90,22 @@ def describe_model(model: str) -> ModelCard:
     denoiser = _read_json(location, f"{adapter.denoiser_subfolder}/config.json")
     limits = ModelLimits.for_pipeline(adapter.family_limits, location if os.path.isdir(location) else None)
     return adapter.card(model, denoiser, limits)
+
+
+def load_controlnets(
+    locations: tuple[str, ...], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.nn.Module]:
+    """Each ControlNet by the name requests use (its location), loaded with diffusers' ``from_pretrained``."""
+    from diffusers import FluxControlNetModel
+
+    nets = {}
+    for location in locations:
+        path = str(materialize_preset(location)) if location in CONTROLNET_PRESETS else location
+        try:
+            nets[location] = FluxControlNetModel.from_pretrained(path, torch_dtype=dtype).to(device)
+        except OSError as error:
+            raise ConfigError(f"controlnet '{location}': {error}") from None
+    return nets
 
 
 def adapter_class(pipeline_class: str) -> type[DiffusionAdapter]:

@@ -214,12 +214,10 @@ class SDXLAdapter(DiffusionAdapter):
         batch, channels, height, width = latents.shape
         return latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
 
-    def strength_schedule(self, scheduler: Any, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
         # StableDiffusionXLImg2ImgPipeline.get_timesteps rounds the steps run down (Flux's rounds the start).
-        steps = len(timesteps)
-        start = max(steps - min(int(steps * strength), steps), 0)
-        scheduler.set_begin_index(start * scheduler.order)
-        return timesteps[start * scheduler.order :]
+        return max(steps - min(int(steps * strength), steps), 0)
 
     def noised(self, scheduler: Any, clean: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor):
         return scheduler.add_noise(clean, noise, timestep)

@@ -61,6 +61,17 @@ class ImageGenerationRequest(BaseModel):
         description="Answer at once with a job to poll at GET /v1/images/generations/{id} (rayxdit; also "
         "by the header 'Prefer: respond-async').",
     )
+    control_image: str | None = Field(
+        default=None,
+        description="A ControlNet's conditioning image, base64 (or a data: URL) (rayxdit; edits take it as "
+        "a file).",
+    )
+    controlnet: str | None = Field(
+        default=None, description="Which ControlNet of the model (GET /v1/models); default: its only one."
+    )
+    controlnet_scale: float = Field(
+        default=1.0, ge=0, le=4, description="controlnet_conditioning_scale (rayxdit)."
+    )
 
     def to_generate_request(self, default_seed: int) -> GenerateRequest:
         width, height = parse_size(self.size)

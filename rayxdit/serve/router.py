@@ -317,9 +317,9 @@ class Router:
             raise ApiError(400, str(problem), "invalid_request_error", problem.param) from None
 
     async def _generate(
-        self, body: ImageGenerationRequest, http: Request
+        self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None = None
     ) -> tuple[EncodedResult, dict[str, Any]]:
-        model, request, resolved = self._validated(body, http)
+        model, request, resolved = self._validated(body, http, inputs)
         return await self._run(
             model, request, resolved, http.state.request_id, body.timeout, http.state.labels
         )
@@ -597,8 +597,9 @@ class Router:
         job to poll at ``GET /v1/images/generations/{id}``, whose ``result`` is this response once done."""
         self._authorize(request)
         base = str(request.base_url).rstrip("/")
+        inputs = await self._control_inputs(body)
         if body.background or "respond-async" in request.headers.get("prefer", ""):
-            model, generate, resolved = self._validated(body, request)
+            model, generate, resolved = self._validated(body, request, inputs)
 
             async def deliver(result: EncodedResult, info: dict[str, Any]):
                 data = await self._image_data(result.pngs, body.response_format, base)
@@ -611,7 +612,7 @@ class Router:
             )
             location = f"{base}/v1/images/generations/{job['id']}"
             return JSONResponse(job, status_code=202, headers={"Location": location})
-        result, info = await self._generate(body, request)
+        result, info = await self._generate(body, request, inputs)
         data = await self._image_data(result.pngs, body.response_format, base)
         return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
 
@@ -722,6 +723,60 @@ class Router:
         data = await asyncio.to_thread(encode_video, frames, format, job["fps"])
         return Response(data, media_type=VIDEO_MEDIA_TYPES[format])
 
+    async def _control_inputs(self, body: ImageGenerationRequest, upload: Any = None) -> dict[str, Any]:
+        """A request's ControlNet fields, checked before any GPU work: the control image (``upload``, a
+        form's file, or the body's base64) decodes, and the model's pools load the named ControlNet."""
+        data = None
+        if upload is not None:
+            data, _ = await self._upload(upload, "control_image")
+        elif body.control_image is not None:
+            encoded = (
+                body.control_image.split(",", 1)[1]
+                if body.control_image.startswith("data:")
+                else body.control_image
+            )
+            try:
+                data = base64.b64decode(encoded, validate=True)
+                await asyncio.to_thread(inspect_image, data, "control_image")
+            except RequestError as error:
+                raise ApiError(400, str(error), "invalid_request_error", error.param) from None
+            except ValueError:
+                raise ApiError(
+                    400, "control_image: not base64", "invalid_request_error", "control_image"
+                ) from None
+        if data is None:
+            if body.controlnet is not None:
+                raise ApiError(
+                    400, "controlnet: send a control_image with it", "invalid_request_error", "controlnet"
+                )
+            return {}
+        model = body.model or self.default_model["image"]
+        inputs = {
+            "control_image": data,
+            "controlnet": body.controlnet,
+            "controlnet_scale": body.controlnet_scale,
+        }
+        if model not in self.pools_by_model:
+            return inputs  # _validated answers the unknown model
+        loaded = self.pools_by_model[model][0].controlnets
+        if not loaded:
+            raise ApiError(
+                400,
+                f"control_image: model '{model}' is served without ControlNets",
+                "invalid_request_error",
+                "control_image",
+            )
+        name = body.controlnet or (loaded[0] if len(loaded) == 1 else None)
+        if name not in loaded:
+            raise ApiError(
+                400,
+                f"controlnet: {'name one' if name is None else repr(name) + ' is not one'} of this model's "
+                f"ControlNets ({', '.join(loaded)})",
+                "invalid_request_error",
+                "controlnet",
+            )
+        return {**inputs, "controlnet": name}
+
     async def _upload(self, file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
         """An uploaded image's bytes and size, read within MAX_UPLOAD_BYTES and decoded once off the event
         loop; ApiError 400 for anything that is not a usable image."""
@@ -779,7 +834,7 @@ class Router:
         fields = {
             name: value
             for name, value in form.multi_items()
-            if isinstance(value, str) and name not in ("image", "image[]", "mask")
+            if isinstance(value, str) and name not in ("image", "image[]", "mask", "control_image")
         }
         try:
             body = ImageEditRequest.model_validate(fields)
@@ -803,6 +858,7 @@ class Router:
             width, height = size_for(image_size, self.cards[model].limits)
             body = body.model_copy(update={"size": f"{width}x{height}"})
         inputs = {"image": image, "mask": mask, "strength": body.strength}
+        inputs |= await self._control_inputs(body, form.get("control_image"))
         model, generate, resolved = self._validated(body, request, inputs)
         result, info = await self._run(
             model, generate, resolved, request.state.request_id, body.timeout, request.state.labels
@@ -819,7 +875,7 @@ class Router:
             raise ApiError(
                 400, "background jobs: POST /v1/images/generations", "invalid_request_error", "background"
             )
-        result, info = await self._generate(body, request)
+        result, info = await self._generate(body, request, await self._control_inputs(body))
         headers = {
             "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),
             "X-Rayxdit-Timings": json.dumps(info["timings"]),
@@ -855,6 +911,7 @@ class Router:
                     "size_multiple": limits.size_multiple,
                     "default_steps": limits.default_steps,
                     "kind": "video" if limits.makes_video else "image",
+                    "controlnets": pools[0].controlnets,
                     **(
                         {
                             "default_frames": limits.default_frames,

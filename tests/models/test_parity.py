@@ -48,6 +48,7 @@ from tests.sabotage import broken_ring_merge
 
 TOLERANCE = {
     "tiny-flux": 1e-5,
+    "tiny-flux-controlnet": 1e-5,
     "tiny-flux-kontext": 1e-5,
     "tiny-sd3": 1e-5,
     "tiny-sdxl": 1e-4,
@@ -64,6 +65,7 @@ def _png(pixels: np.ndarray) -> bytes:
 _RANDOM = np.random.default_rng(3)
 SOURCE = _png(_RANDOM.integers(0, 256, (44, 52, 3), dtype=np.uint8))
 """An input image of another size than the requests' (the pipelines resize it)."""
+CONTROL = _png(_RANDOM.integers(0, 256, (36, 36, 3), dtype=np.uint8))
 HALF_MASK = _png(np.where(np.arange(36)[None, :] < 18, 255, 0).astype(np.uint8).repeat(36, 0))
 """Repaint the left half, keep the right."""
 REQUESTS = {
@@ -99,6 +101,22 @@ REQUESTS = {
             width=36,
             steps=4,
             seed=9,
+            num_images=2,
+        ),
+    },
+    # tiny-flux with a ControlNet beside it (its residuals per token, the control image sharded like the
+    # latents); under true CFG both branches take the residuals computed on the prompt, as diffusers does.
+    "tiny-flux-controlnet": {
+        "control": GenerateRequest(
+            prompt="a house",
+            negative_prompt="dark",
+            true_cfg_scale=2.0,
+            control_image=CONTROL,
+            controlnet_scale=0.8,
+            height=36,
+            width=36,
+            steps=3,
+            seed=21,
             num_images=2,
         ),
     },
@@ -215,9 +233,16 @@ REQUESTS = {
 }
 
 
+def engine_config(model: str, **options) -> EngineConfig:
+    """A test model's engine: a preset, or tiny-flux with its ControlNet."""
+    if model == "tiny-flux-controlnet":
+        return EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",), **options)
+    return EngineConfig(model=model, **options)
+
+
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
     """The final latents of diffusers' own pipeline, in the engine's latent layout."""
-    adapter = load_adapter(model, torch.device("cpu"), torch.float32)
+    adapter = load_adapter(engine_config(model).model, torch.device("cpu"), torch.float32)
     common = dict(
         negative_prompt=request.negative_prompt,
         height=request.height,
@@ -227,6 +252,21 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         num_images_per_prompt=request.num_images,
         output_type="latent",
     )
+    if model == "tiny-flux-controlnet":
+        from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+        from rayxdit.models.presets import materialize_preset
+
+        net = FluxControlNetModel.from_pretrained(materialize_preset("tiny-flux-controlnet"))
+        return FluxControlNetPipeline.from_pipe(adapter.pipeline, controlnet=net)(
+            request.prompt,
+            control_image=Image.open(io.BytesIO(request.control_image)).convert("RGB"),
+            controlnet_conditioning_scale=request.controlnet_scale,
+            true_cfg_scale=request.true_cfg_scale,
+            guidance_scale=request.guidance,
+            max_sequence_length=29,
+            **common,
+        ).images
     if model == "tiny-flux-kontext":
         return adapter.pipeline(
             prompt=request.prompt,
@@ -260,7 +300,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         ).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)
     if model == "tiny-sd3" and request.mask is not None:
-        return Engine(EngineConfig(model=model), ParallelState.single()).generate(request, "latent").latents
+        return Engine(engine_config(model), ParallelState.single()).generate(request, "latent").latents
     if model == "tiny-sd3" and request.image is not None:
         from diffusers import StableDiffusion3Img2ImgPipeline
 
@@ -330,7 +370,7 @@ def _run_configs(worker, configs):
     for model, spec, sabotage in configs:
         state = build_parallel_state(ParallelConfig.parse(spec), torch.device("cpu"))
         # Warm-up longer than any request: PipeFusion then never uses stale keys/values and must be exact.
-        engine = Engine(EngineConfig(model=model, parallel=state.config, warmup_steps=100), state)
+        engine = Engine(engine_config(model, parallel=state.config, warmup_steps=100), state)
         with broken_ring_merge(sabotage):
             for request_name, request in REQUESTS[model].items():
                 if request.image is not None and state.config.pipefusion > 1:
@@ -348,6 +388,9 @@ CONFIGS = {
         ("tiny-flux", "cfg=2", False),
         ("tiny-flux", "ring=2", True),  # a broken ring merge must be caught
         ("tiny-flux", "pipefusion=2", False),
+        ("tiny-flux-controlnet", "ulysses=2", False),
+        ("tiny-flux-controlnet", "ring=2", False),
+        ("tiny-flux-controlnet", "cfg=2", False),
         ("tiny-flux-kontext", "ulysses=2", False),
         ("tiny-flux-kontext", "ring=2", False),
         ("tiny-flux-kontext", "cfg=2", False),
@@ -371,6 +414,7 @@ CONFIGS = {
         ("tiny-flux", "pipefusion=2,cfg=2", False),
         ("tiny-flux", "pipefusion=2,ulysses=2", False),
         ("tiny-flux-kontext", "ulysses=2,ring=2", False),
+        ("tiny-flux-controlnet", "cfg=2,ulysses=2", False),
         ("tiny-sd3", "ulysses=4", False),
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
@@ -382,6 +426,7 @@ CONFIGS = {
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux", "cfg=2,pipefusion=2,ulysses=2", False),
         ("tiny-flux-kontext", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-flux-controlnet", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
@@ -396,7 +441,7 @@ def max_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_single_rank_engine_equals_diffusers_pipeline(references):
     for model, requests in REQUESTS.items():
-        engine = Engine(EngineConfig(model=model), ParallelState.single())
+        engine = Engine(engine_config(model), ParallelState.single())
         for name, request in requests.items():
             latents = engine.generate(request, output="latent").latents
             if model == "tiny-flux":

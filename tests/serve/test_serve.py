@@ -43,6 +43,7 @@ CONFIG = ServeConfig(
             name="tiny-2",
             model_name="tiny-2",
             parallel="ulysses=2",
+            controlnets=["tiny-flux-controlnet"],
             route_min_cost=0.0,
             deployment_config={
                 **FAST_HEALTH,
@@ -755,3 +756,50 @@ def test_edits_refuse_bad_uploads_before_any_gpu_work(url):
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "image"
     as_json = requests.post(url + "/v1/images/edits", json={"prompt": "x"}, headers=AUTH, timeout=30)
     assert as_json.status_code == 400 and "multipart" in as_json.json()["error"]["message"]
+
+
+def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(url):
+    control = random_png(40, 36, seed=7)
+    body = {
+        "model": "tiny-2",
+        "prompt": "a house",
+        "size": "40x36",
+        "steps": 3,
+        "seed": 2,
+        "control_image": base64.b64encode(control).decode(),
+        "controlnet_scale": 0.7,
+    }
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    engine = Engine(
+        EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",)), ParallelState.single()
+    )
+    request = GenerateRequest(
+        prompt="a house",
+        width=40,
+        height=36,
+        steps=3,
+        seed=2,
+        control_image=control,
+        controlnet="tiny-flux-controlnet",
+        controlnet_scale=0.7,
+    )
+    single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert np.abs(served - single).max() <= 1
+    without = np.asarray(engine.generate(request.model_copy(update={"controlnet_scale": 0.0})).images[0])
+    assert np.abs(served - without.astype(np.int16)).max() > 10, "the control image must matter"
+    models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
+    assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
+    for bad, param in (
+        ({**body, "controlnet": "canny"}, "controlnet"),
+        ({**body, "model": "tiny-4"}, "control_image"),  # served without ControlNets
+        ({**body, "control_image": "not base64!"}, "control_image"),
+        ({**body, "control_image": base64.b64encode(b"text").decode()}, "control_image"),
+        (
+            {k: v for k, v in body.items() if k != "control_image"} | {"controlnet": "tiny-flux-controlnet"},
+            "controlnet",
+        ),
+    ):
+        refused = post(url, bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (param, refused.text)
