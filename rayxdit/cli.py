@@ -114,6 +114,22 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="with --controlnet: the weight of its residuals (default: %(default)s)",
     )
     parser.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="LOCATION",
+        help="Flux: load this IP-Adapter (XLabs layout: a directory or hub id with ip_adapter.safetensors and "
+        "image_encoder/, or the tiny-flux-ip-adapter preset); --ip-adapter-image prompts with an image",
+    )
+    parser.add_argument(
+        "--ip-adapter-image", type=Path, default=None, help="with --ip-adapter: the image prompt"
+    )
+    parser.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=1.0,
+        help="with --ip-adapter: the image prompt's weight (default: %(default)s)",
+    )
+    parser.add_argument(
         "--strength",
         type=float,
         default=0.6,
@@ -188,6 +204,8 @@ def _request_from_args(args: argparse.Namespace):
 
     if args.control_image is not None and not args.controlnet:
         raise UsageError("--control-image needs --controlnet (the ControlNet that reads it)")
+    if args.ip_adapter_image is not None and not args.ip_adapter:
+        raise UsageError("--ip-adapter-image needs --ip-adapter")
     try:
         return GenerateRequest(
             prompt=args.prompt,
@@ -206,6 +224,8 @@ def _request_from_args(args: argparse.Namespace):
             control_image=_read_image(args.control_image, "control-image"),
             controlnet=args.controlnet if args.control_image is not None else None,
             controlnet_scale=args.controlnet_scale,
+            ip_adapter_image=_read_image(args.ip_adapter_image, "ip-adapter-image"),
+            ip_adapter_scale=args.ip_adapter_scale,
         )
     except ValidationError as error:
         first = error.errors()[0]
@@ -314,6 +334,7 @@ def _generate(args: argparse.Namespace) -> int:
         cache_threshold=args.cache_threshold,
         quantize=args.quantize,
         controlnets=(args.controlnet,) if args.controlnet else (),
+        ip_adapter=args.ip_adapter,
     )
     (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()

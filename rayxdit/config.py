@@ -166,6 +166,12 @@ class EngineConfig:
     loras: tuple[str, ...] = ()
     """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
     LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
+    ip_adapter: str | None = None
+    """A Flux IP-Adapter (XLabs layout: a directory or hub id with ``ip_adapter.safetensors``, or the
+    ``tiny-flux-ip-adapter`` preset), loaded with diffusers' ``load_ip_adapter``."""
+    ip_adapter_image_encoder: str | None = None
+    """The IP-Adapter's CLIP image encoder (default: its ``image_encoder/`` folder), e.g.
+    ``openai/clip-vit-large-patch14`` for XLabs' Flux IP-Adapter."""
     controlnets: tuple[str, ...] = ()
     """ControlNets loaded beside the model (Flux: ``FluxControlNetModel`` directories, hub ids or the
     ``tiny-flux-controlnet`` preset), parallelized like it; a request names one by this string."""
@@ -287,6 +293,14 @@ class PoolConfig(BaseModel):
     dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
     compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
     loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
+    ip_adapter: str | None = Field(
+        default=None,
+        description="A Flux IP-Adapter (directory or hub id with ip_adapter.safetensors, or tiny-flux-ip-adapter); "
+        "requests then take ip_adapter_image.",
+    )
+    ip_adapter_image_encoder: str | None = Field(
+        default=None, description="Its CLIP image encoder (default: the adapter's image_encoder/ folder)."
+    )
     controlnets: list[str] = Field(
         default_factory=list,
         description="ControlNets loaded beside the model (Flux): directories, hub ids or tiny-flux-controlnet; "
@@ -439,6 +453,8 @@ class PoolConfig(BaseModel):
             vae_parallel=self.vae_parallel,
             loras=tuple(self.loras),
             controlnets=tuple(self.controlnets),
+            ip_adapter=self.ip_adapter,
+            ip_adapter_image_encoder=self.ip_adapter_image_encoder,
             cache_threshold=self.cache_threshold,
             quantize=self.quantize,
         )
@@ -513,11 +529,13 @@ class ServeConfig(BaseModel):
         names = [pool.name for pool in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
-        controlnets: dict[str, list[str]] = {}
-        for pool in self.pools:  # any pool of a model may take a request naming one of its ControlNets
-            if controlnets.setdefault(pool.served_model_name, pool.controlnets) != pool.controlnets:
+        adapters: dict[str, tuple] = {}
+        for pool in self.pools:  # any pool of a model may take a request for its ControlNets or IP-Adapter
+            loaded = (pool.controlnets, pool.ip_adapter, pool.ip_adapter_image_encoder)
+            if adapters.setdefault(pool.served_model_name, loaded) != loaded:
                 raise ValueError(
-                    f"pools serving '{pool.served_model_name}' load different controlnets: give them the same list"
+                    f"pools serving '{pool.served_model_name}' load different controlnets or IP-Adapters: give "
+                    "them the same"
                 )
         if self.elastic is not None:
             fixed = [pool.name for pool in self.pools if "autoscaling_config" not in pool.serve_options()]

@@ -91,6 +91,13 @@ class GenerateRequest(BaseModel):
         default=1.0, ge=0.0, le=4.0, description="``controlnet_conditioning_scale``: the residuals' weight."
     )
 
+    ip_adapter_image: bytes | None = Field(
+        default=None, description="An IP-Adapter's image prompt (the model's pool must load an IP-Adapter)."
+    )
+    ip_adapter_scale: float = Field(
+        default=1.0, ge=0.0, le=4.0, description="The weight of the IP-Adapter's attention."
+    )
+
     @property
     def uses_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None

@@ -118,6 +118,10 @@ class DiffusionAdapter(ABC):
         self.pipeline.fuse_lora(adapter_names=names)
         self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
 
+    def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
+        """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""
+        raise ConfigError(f"{self.pipeline_class}: IP-Adapters are implemented for Flux")
+
     def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
         """ControlNets by name, parallelized with the model (call before :meth:`parallelize`)."""
         raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux")

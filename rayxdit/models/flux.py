@@ -10,6 +10,7 @@ to the order of keys once RoPE is applied per token, so the global sequence may 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
+    FluxIPAdapterAttnProcessor,
     FluxSingleTransformerBlock,
     _get_qkv_projections,
 )
@@ -74,10 +76,23 @@ class FluxSequenceParallelProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v ``(B, S_text + S_image, H, D)``: projected, QK-normed, text first, RoPE applied."""
+        return FluxSequenceParallelProcessor.project_all(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb
+        )[:3]
+
+    @staticmethod
+    def project_all(
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project`'s q, k, v and the image tokens' QK-normed queries before RoPE (an IP-Adapter's)."""
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        image_query = query
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         if attn.added_kv_proj_dim is not None:
@@ -90,7 +105,7 @@ class FluxSequenceParallelProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        return query, key, value
+        return query, key, value, image_query
 
     @staticmethod
     def output(
@@ -105,6 +120,51 @@ class FluxSequenceParallelProcessor:
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+
+class FluxSequenceParallelIPProcessor(torch.nn.Module):
+    """An IP-Adapter block's attention under sequence parallelism (in place of diffusers'
+    ``FluxIPAdapterAttnProcessor``, whose weights and scale it keeps): the joint attention is the sequence-
+    parallel one; the image prompt's attention (this shard's image queries over the IP tokens, which are few
+    and replicated on every rank) needs no communication, so it runs on the shard as diffusers runs it."""
+
+    def __init__(self, main: FluxSequenceParallelProcessor, ip: torch.nn.Module):
+        super().__init__()
+        self.main = main
+        self.ip = ip
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sequence_sizes: tuple[int, ...] | None = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        assert attention_mask is None and ip_adapter_masks is None, "Flux attention is unmasked"
+        sizes = sequence_sizes or self.main.sequence_sizes
+        query, key, value, image_query = self.main.project_all(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb
+        )
+        joint = self.main.attention(query, key, value, sizes).flatten(2, 3).to(query.dtype)
+        hidden_states, encoder_hidden_states = self.main.output(attn, joint, encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        image_prompt = torch.zeros_like(hidden_states)
+        for states, scale, to_k, to_v in zip(
+            ip_hidden_states or [], self.ip.scale, self.ip.to_k_ip, self.ip.to_v_ip, strict=False
+        ):
+            ip_key = to_k(states).view(batch, -1, attn.heads, attn.head_dim)
+            ip_value = to_v(states).view(batch, -1, attn.heads, attn.head_dim)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                image_query.transpose(1, 2), ip_key.transpose(1, 2), ip_value.transpose(1, 2)
+            ).transpose(1, 2)
+            image_prompt += scale * attended.reshape(batch, -1, attn.heads * attn.head_dim).to(
+                image_query.dtype
+            )
+        return hidden_states, encoder_hidden_states, image_prompt
 
 
 def _overlapped_single_block_forward(
@@ -208,7 +268,9 @@ def parallelize_flux(
         return
     processor = FluxSequenceParallelProcessor(SequenceParallelAttention(state, attention))
     for module in transformer.modules():
-        if isinstance(module, FluxAttention):
+        if isinstance(module, FluxAttention) and isinstance(module.processor, FluxIPAdapterAttnProcessor):
+            module.set_processor(FluxSequenceParallelIPProcessor(processor, module.processor))
+        elif isinstance(module, FluxAttention):
             module.set_processor(processor)
         if isinstance(module, FluxSingleTransformerBlock):
             module.forward = types.MethodType(_overlapped_single_block_forward, module)
@@ -223,6 +285,7 @@ class FluxCondition:
     pooled: torch.Tensor  # (B, pooled_dim)
     text_ids: torch.Tensor  # (text_local, 3)
     text_sizes: tuple[int, ...]  # text tokens of every sequence-parallel rank
+    ip_embeds: list[torch.Tensor] | None = None  # IP-Adapter image embeddings (replicated), this branch's
 
 
 @dataclass(frozen=True)
@@ -316,7 +379,42 @@ class FluxAdapter(DiffusionAdapter):
             num_images_per_prompt=req.batch,
             max_sequence_length=self.limits.max_sequence_length,
         )
-        return self.condition(embeds, pooled, text_ids)
+        condition = self.condition(embeds, pooled, text_ids)
+        if request.ip_adapter_image is None:
+            return condition
+        return dataclasses.replace(condition, ip_embeds=self.image_prompt(req, branch))
+
+    # ----- IP-Adapter ------------------------------------------------------------------------------------
+    def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
+        """diffusers' ``load_ip_adapter`` (XLabs layout: ``ip_adapter.safetensors``; the CLIP image encoder
+        from ``image_encoder`` or the adapter's ``image_encoder/`` folder); before :meth:`parallelize`,
+        which keeps its weights in sequence-parallel processors."""
+        self.pipeline.load_ip_adapter(
+            location,
+            weight_name="ip_adapter.safetensors",
+            image_encoder_pretrained_model_name_or_path=image_encoder or f"{location}/image_encoder",
+            image_encoder_dtype=self.transformer.dtype,
+        )
+        self.pipeline.image_encoder.to(self.device)
+
+    def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
+        """The IP-Adapter's image embeddings of one branch, as ``FluxPipeline`` makes them: the request's
+        image for the prompt, an all-black image of the output's size for the negative branch."""
+        from rayxdit.models.base import decode_image
+
+        pipe = self.pipeline
+        if pipe.image_encoder is None:
+            raise RequestError("ip_adapter_image: this model runs without an IP-Adapter", "ip_adapter_image")
+        for processor in pipe.transformer.attn_processors.values():
+            ip = getattr(processor, "ip", processor)
+            if isinstance(ip, FluxIPAdapterAttnProcessor):
+                ip.scale = [req.request.ip_adapter_scale] * len(ip.scale)
+        if branch == CONDITIONAL:
+            image = decode_image(req.request.ip_adapter_image)
+        else:
+            image = np.zeros((req.width, req.height, 3), dtype=np.uint8)
+        adapters = pipe.transformer.encoder_hid_proj.num_ip_adapters
+        return pipe.prepare_ip_adapter_image_embeds([image] * adapters, None, self.device, req.batch)
 
     def condition(
         self, embeds: torch.Tensor, pooled: torch.Tensor, text_ids: torch.Tensor | None = None
@@ -402,11 +500,15 @@ class FluxAdapter(DiffusionAdapter):
         hidden = latents
         if positions.reference is not None:  # Kontext: the reference tokens follow, predictions are dropped
             hidden = torch.cat([latents, positions.reference.to(latents.dtype)], dim=1)
-        return self.transformer(
-            hidden,
-            **self._model_inputs(self.transformer, latents, timestep, cond, positions, req, attention_kwargs),
-            **residuals,
-        )[0][:, : latents.shape[1]]
+        inputs = self._model_inputs(
+            self.transformer, latents, timestep, cond, positions, req, attention_kwargs
+        )
+        if cond.ip_embeds is not None:  # the transformer projects them into each IP block's tokens
+            inputs["joint_attention_kwargs"] = {
+                **(attention_kwargs or {}),
+                "ip_adapter_image_embeds": cond.ip_embeds,
+            }
+        return self.transformer(hidden, **inputs, **residuals)[0][:, : latents.shape[1]]
 
     def _model_inputs(
         self,

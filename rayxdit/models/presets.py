@@ -313,6 +313,46 @@ def build_tiny_flux_controlnet(path: Path) -> None:
     controlnet.save_pretrained(path)
 
 
+def build_tiny_flux_ip_adapter(path: Path) -> None:
+    """An IP-Adapter for tiny-flux in XLabs' layout (``ip_adapter.safetensors``: the image projection and each
+    double block's image-prompt key/value projections) with a tiny CLIP image encoder in ``image_encoder/``;
+    random, seeded weights large enough that the image prompt visibly matters."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(6)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        )
+    )
+    encoder.save_pretrained(path / "image_encoder")
+    sizes = TINY_FLUX.transformer
+    inner = sizes["num_attention_heads"] * sizes["attention_head_dim"]
+    cross, tokens = sizes["joint_attention_dim"], 4
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape) * 0.2
+
+    weights = {
+        "image_proj.proj.weight": random(tokens * cross, encoder.config.projection_dim),
+        "image_proj.proj.bias": random(tokens * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    for block in range(sizes["num_layers"]):
+        for name in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{block}.{name}.weight"] = random(inner, cross)
+            weights[f"ip_adapter.{block}.{name}.bias"] = random(inner)
+    save_file(weights, str(path / "ip_adapter.safetensors"))
+
+
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
@@ -502,6 +542,8 @@ PRESETS: dict[str, Callable[[Path], None]] = {
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
 CONTROLNET_PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux-controlnet": build_tiny_flux_controlnet}
 """ControlNet presets (a model directory each, not a pipeline)."""
+IP_ADAPTER_PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux-ip-adapter": build_tiny_flux_ip_adapter}
+"""IP-Adapter presets (weights plus their image encoder)."""
 PRESET_VERSION = 2
 
 
@@ -509,13 +551,16 @@ def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:
     """Build preset ``name`` into the cache once and return its directory. Safe when many workers race:
     each builds into its own temporary directory and the first atomic rename wins."""
     target = cache_dir / f"{name}-v{PRESET_VERSION}"
-    marker = "config.json" if name in CONTROLNET_PRESETS else "model_index.json"
+    marker = {
+        **dict.fromkeys(CONTROLNET_PRESETS, "config.json"),
+        **dict.fromkeys(IP_ADAPTER_PRESETS, "ip_adapter.safetensors"),
+    }.get(name, "model_index.json")
     if (target / marker).is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
-        {**PRESETS, **CONTROLNET_PRESETS}[name](staging)
+        {**PRESETS, **CONTROLNET_PRESETS, **IP_ADAPTER_PRESETS}[name](staging)
         try:
             staging.rename(target)
         except OSError:

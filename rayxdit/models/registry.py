@@ -21,6 +21,7 @@ from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.flux import FluxAdapter, FluxKontextAdapter
 from rayxdit.models.presets import (
     CONTROLNET_PRESETS,
+    IP_ADAPTER_PRESETS,
     PRESETS,
     FluxSizes,
     build_flux_pipeline,
@@ -106,6 +107,11 @@ def load_controlnets(
         except OSError as error:
             raise ConfigError(f"controlnet '{location}': {error}") from None
     return nets
+
+
+def ip_adapter_location(location: str) -> str:
+    """An IP-Adapter preset's (built once) directory; a directory or hub id as is."""
+    return str(materialize_preset(location)) if location in IP_ADAPTER_PRESETS else location
 
 
 def adapter_class(pipeline_class: str) -> type[DiffusionAdapter]:

@@ -72,6 +72,14 @@ class ImageGenerationRequest(BaseModel):
     controlnet_scale: float = Field(
         default=1.0, ge=0, le=4, description="controlnet_conditioning_scale (rayxdit)."
     )
+    ip_adapter_image: str | None = Field(
+        default=None,
+        description="An IP-Adapter's image prompt, base64 (or a data: URL) (rayxdit; edits take it as a file); "
+        "on models whose pools load an IP-Adapter.",
+    )
+    ip_adapter_scale: float = Field(
+        default=1.0, ge=0, le=4, description="The image prompt's weight (rayxdit)."
+    )
 
     def to_generate_request(self, default_seed: int) -> GenerateRequest:
         width, height = parse_size(self.size)

@@ -597,7 +597,7 @@ class Router:
         job to poll at ``GET /v1/images/generations/{id}``, whose ``result`` is this response once done."""
         self._authorize(request)
         base = str(request.base_url).rstrip("/")
-        inputs = await self._control_inputs(body)
+        inputs = await self._conditioning_inputs(body)
         if body.background or "respond-async" in request.headers.get("prefer", ""):
             model, generate, resolved = self._validated(body, request, inputs)
 
@@ -723,27 +723,45 @@ class Router:
         data = await asyncio.to_thread(encode_video, frames, format, job["fps"])
         return Response(data, media_type=VIDEO_MEDIA_TYPES[format])
 
+    async def _image_field(self, encoded: str | None, upload: Any, param: str) -> bytes | None:
+        """An image field: a form's file (``upload``) or base64 (a data: URL too), checked as uploads are."""
+        if upload is not None:
+            return (await self._upload(upload, param))[0]
+        if encoded is None:
+            return None
+        try:
+            data = base64.b64decode(
+                encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded, validate=True
+            )
+            await asyncio.to_thread(inspect_image, data, param)
+        except RequestError as error:
+            raise ApiError(400, str(error), "invalid_request_error", error.param) from None
+        except ValueError:
+            raise ApiError(400, f"{param}: not base64", "invalid_request_error", param) from None
+        return data
+
+    async def _conditioning_inputs(self, body: ImageGenerationRequest, form: Any = None) -> dict[str, Any]:
+        """A request's ControlNet and IP-Adapter fields, checked before any GPU work (see
+        :meth:`_control_inputs`); the model's pools must load an IP-Adapter for an image prompt."""
+        inputs = await self._control_inputs(body, None if form is None else form.get("control_image"))
+        upload = None if form is None else form.get("ip_adapter_image")
+        image_prompt = await self._image_field(body.ip_adapter_image, upload, "ip_adapter_image")
+        if image_prompt is None:
+            return inputs
+        model = body.model or self.default_model["image"]
+        if model in self.pools_by_model and not self.pools_by_model[model][0].ip_adapter:
+            raise ApiError(
+                400,
+                f"ip_adapter_image: model '{model}' is served without an IP-Adapter",
+                "invalid_request_error",
+                "ip_adapter_image",
+            )
+        return {**inputs, "ip_adapter_image": image_prompt, "ip_adapter_scale": body.ip_adapter_scale}
+
     async def _control_inputs(self, body: ImageGenerationRequest, upload: Any = None) -> dict[str, Any]:
         """A request's ControlNet fields, checked before any GPU work: the control image (``upload``, a
         form's file, or the body's base64) decodes, and the model's pools load the named ControlNet."""
-        data = None
-        if upload is not None:
-            data, _ = await self._upload(upload, "control_image")
-        elif body.control_image is not None:
-            encoded = (
-                body.control_image.split(",", 1)[1]
-                if body.control_image.startswith("data:")
-                else body.control_image
-            )
-            try:
-                data = base64.b64decode(encoded, validate=True)
-                await asyncio.to_thread(inspect_image, data, "control_image")
-            except RequestError as error:
-                raise ApiError(400, str(error), "invalid_request_error", error.param) from None
-            except ValueError:
-                raise ApiError(
-                    400, "control_image: not base64", "invalid_request_error", "control_image"
-                ) from None
+        data = await self._image_field(body.control_image, upload, "control_image")
         if data is None:
             if body.controlnet is not None:
                 raise ApiError(
@@ -834,7 +852,8 @@ class Router:
         fields = {
             name: value
             for name, value in form.multi_items()
-            if isinstance(value, str) and name not in ("image", "image[]", "mask", "control_image")
+            if isinstance(value, str)
+            and name not in ("image", "image[]", "mask", "control_image", "ip_adapter_image")
         }
         try:
             body = ImageEditRequest.model_validate(fields)
@@ -858,7 +877,7 @@ class Router:
             width, height = size_for(image_size, self.cards[model].limits)
             body = body.model_copy(update={"size": f"{width}x{height}"})
         inputs = {"image": image, "mask": mask, "strength": body.strength}
-        inputs |= await self._control_inputs(body, form.get("control_image"))
+        inputs |= await self._conditioning_inputs(body, form)
         model, generate, resolved = self._validated(body, request, inputs)
         result, info = await self._run(
             model, generate, resolved, request.state.request_id, body.timeout, request.state.labels
@@ -875,7 +894,7 @@ class Router:
             raise ApiError(
                 400, "background jobs: POST /v1/images/generations", "invalid_request_error", "background"
             )
-        result, info = await self._generate(body, request, await self._control_inputs(body))
+        result, info = await self._generate(body, request, await self._conditioning_inputs(body))
         headers = {
             "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),
             "X-Rayxdit-Timings": json.dumps(info["timings"]),
@@ -912,6 +931,7 @@ class Router:
                     "default_steps": limits.default_steps,
                     "kind": "video" if limits.makes_video else "image",
                     "controlnets": pools[0].controlnets,
+                    "ip_adapter": pools[0].ip_adapter,
                     **(
                         {
                             "default_frames": limits.default_frames,

@@ -49,6 +49,7 @@ from tests.sabotage import broken_ring_merge
 TOLERANCE = {
     "tiny-flux": 1e-5,
     "tiny-flux-controlnet": 1e-5,
+    "tiny-flux-ip-adapter": 1e-5,
     "tiny-flux-kontext": 1e-5,
     "tiny-sd3": 1e-5,
     "tiny-sdxl": 1e-4,
@@ -117,6 +118,22 @@ REQUESTS = {
             width=36,
             steps=3,
             seed=21,
+            num_images=2,
+        ),
+    },
+    # tiny-flux with an IP-Adapter: its image-prompt tokens are replicated, the attention over them local to
+    # each shard's queries; the negative branch of true CFG takes a black image prompt, as diffusers does.
+    "tiny-flux-ip-adapter": {
+        "image-prompt": GenerateRequest(
+            prompt="a portrait",
+            negative_prompt="dark",
+            true_cfg_scale=2.0,
+            ip_adapter_image=SOURCE,
+            ip_adapter_scale=0.8,
+            height=36,
+            width=36,
+            steps=3,
+            seed=17,
             num_images=2,
         ),
     },
@@ -237,6 +254,8 @@ def engine_config(model: str, **options) -> EngineConfig:
     """A test model's engine: a preset, or tiny-flux with its ControlNet."""
     if model == "tiny-flux-controlnet":
         return EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",), **options)
+    if model == "tiny-flux-ip-adapter":
+        return EngineConfig(model="tiny-flux", ip_adapter="tiny-flux-ip-adapter", **options)
     return EngineConfig(model=model, **options)
 
 
@@ -262,6 +281,26 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             request.prompt,
             control_image=Image.open(io.BytesIO(request.control_image)).convert("RGB"),
             controlnet_conditioning_scale=request.controlnet_scale,
+            true_cfg_scale=request.true_cfg_scale,
+            guidance_scale=request.guidance,
+            max_sequence_length=29,
+            **common,
+        ).images
+    if model == "tiny-flux-ip-adapter":
+        from rayxdit.models.presets import materialize_preset
+
+        location = materialize_preset("tiny-flux-ip-adapter")
+        pipeline = adapter.pipeline
+        pipeline.load_ip_adapter(
+            str(location),
+            weight_name="ip_adapter.safetensors",
+            image_encoder_pretrained_model_name_or_path=str(location / "image_encoder"),
+            image_encoder_dtype=torch.float32,
+        )
+        pipeline.set_ip_adapter_scale(request.ip_adapter_scale)
+        return pipeline(
+            request.prompt,
+            ip_adapter_image=Image.open(io.BytesIO(request.ip_adapter_image)).convert("RGB"),
             true_cfg_scale=request.true_cfg_scale,
             guidance_scale=request.guidance,
             max_sequence_length=29,
@@ -391,6 +430,9 @@ CONFIGS = {
         ("tiny-flux-controlnet", "ulysses=2", False),
         ("tiny-flux-controlnet", "ring=2", False),
         ("tiny-flux-controlnet", "cfg=2", False),
+        ("tiny-flux-ip-adapter", "ulysses=2", False),
+        ("tiny-flux-ip-adapter", "ring=2", False),
+        ("tiny-flux-ip-adapter", "cfg=2", False),
         ("tiny-flux-kontext", "ulysses=2", False),
         ("tiny-flux-kontext", "ring=2", False),
         ("tiny-flux-kontext", "cfg=2", False),
@@ -415,6 +457,7 @@ CONFIGS = {
         ("tiny-flux", "pipefusion=2,ulysses=2", False),
         ("tiny-flux-kontext", "ulysses=2,ring=2", False),
         ("tiny-flux-controlnet", "cfg=2,ulysses=2", False),
+        ("tiny-flux-ip-adapter", "ulysses=2,ring=2", False),
         ("tiny-sd3", "ulysses=4", False),
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
@@ -427,6 +470,7 @@ CONFIGS = {
         ("tiny-flux", "cfg=2,pipefusion=2,ulysses=2", False),
         ("tiny-flux-kontext", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux-controlnet", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-flux-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),

@@ -44,6 +44,7 @@ CONFIG = ServeConfig(
             model_name="tiny-2",
             parallel="ulysses=2",
             controlnets=["tiny-flux-controlnet"],
+            ip_adapter="tiny-flux-ip-adapter",
             route_min_cost=0.0,
             deployment_config={
                 **FAST_HEALTH,
@@ -803,3 +804,37 @@ def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(u
     ):
         refused = post(url, bad)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (param, refused.text)
+
+
+def test_an_image_prompt_gets_the_single_process_image_and_a_model_without_an_ip_adapter_a_400(url):
+    prompt_image = random_png(48, 40, seed=9)
+    body = {
+        "model": "tiny-2",
+        "prompt": "a portrait",
+        "size": "36x36",
+        "steps": 3,
+        "seed": 8,
+        "ip_adapter_image": base64.b64encode(prompt_image).decode(),
+        "ip_adapter_scale": 0.9,
+    }
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    engine = Engine(
+        EngineConfig(model="tiny-flux", ip_adapter="tiny-flux-ip-adapter"), ParallelState.single()
+    )
+    request = GenerateRequest(
+        prompt="a portrait",
+        width=36,
+        height=36,
+        steps=3,
+        seed=8,
+        ip_adapter_image=prompt_image,
+        ip_adapter_scale=0.9,
+    )
+    single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert np.abs(served - single).max() <= 1
+    plain = np.asarray(engine.generate(request.model_copy(update={"ip_adapter_scale": 0.0})).images[0])
+    assert np.abs(served - plain.astype(np.int16)).max() > 10, "the image prompt must matter"
+    refused = post(url, {**body, "model": "tiny-4"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "ip_adapter_image"
