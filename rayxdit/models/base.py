@@ -259,11 +259,7 @@ class DiffusionAdapter(ABC):
         pixels = pipe.image_processor.preprocess(
             decode_image(request.image), height=req.height, width=req.width
         )
-        vae = pipe.vae
-        sample = retrieve_latents(vae.encode(pixels.to(self.device, vae.dtype)), generator=generators[0])
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        clean = ((sample - shift) * vae.config.scaling_factor).to(self.transformer.dtype)
-        clean = clean.repeat(req.batch, 1, 1, 1)
+        clean = self.encode_pixels(pixels, generators[0]).repeat(req.batch, 1, 1, 1)
         mask = None
         if request.mask is not None:
             processor = VaeImageProcessor(
@@ -413,6 +409,25 @@ class DiffusionAdapter(ABC):
     def noise_generators(req: ResolvedRequest) -> list[torch.Generator]:
         """One CPU generator per image, seeded ``seed + i``: every rank draws the same full noise."""
         return [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
+
+    def generators_after_source(self, req: ResolvedRequest) -> list[torch.Generator]:
+        """The request's noise generators, once its input image (img2img, inpainting) has drawn its latent
+        sample from them and set :attr:`source`: diffusers draws that sample before the noise."""
+        generators = self.noise_generators(req)
+        if req.request.image is not None:
+            self.source = self.encode_source(req, generators)
+        return generators
+
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: Any = None, sample_mode: str = "sample"
+    ) -> torch.Tensor:
+        """Preprocessed pixels ``[B, 3, H, W]`` -> VAE latents, shifted and scaled as the denoiser takes them
+        (a sample drawn with ``generator``: one or one per image; ``argmax``: the mean)."""
+        vae = self.pipeline.vae
+        encoded = vae.encode(pixels.to(self.device, vae.dtype))
+        latents = retrieve_latents(encoded, generator=generator, sample_mode=sample_mode)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.transformer.dtype)
 
     def token_sizes(self, num_tokens: int, positions: Any) -> list[int]:
         """Tokens per rank of the sp group (contiguous shards in order). Even by default; families whose

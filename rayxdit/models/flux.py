@@ -364,10 +364,7 @@ class FluxAdapter(DiffusionAdapter):
         pixels = pipe.image_processor.preprocess(
             decode_image(req.request.control_image), height=req.height, width=req.width
         )
-        pixels = pixels.repeat_interleave(req.batch, dim=0).to(self.device, pipe.vae.dtype)
-        sample = pipe.vae.encode(pixels).latent_dist.sample(generators)
-        latents = (sample - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        return self.latent_tokens(latents.to(self.transformer.dtype))
+        return self.latent_tokens(self.encode_pixels(pixels.repeat_interleave(req.batch, dim=0), generators))
 
     def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
         request = req.request
@@ -439,9 +436,7 @@ class FluxAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
-        generators = self.noise_generators(req)
-        if req.request.image is not None:
-            self.source = self.encode_source(req, generators)
+        generators = self.generators_after_source(req)
         control = None
         if req.request.control_image is not None:
             control = self.encode_control(req, generators)
@@ -676,10 +671,7 @@ class FluxKontextAdapter(FluxAdapter):
         """The reference image's packed latents ``[B, tokens, C]`` and position ids, as
         ``FluxKontextPipeline`` prepares them (resized to a Kontext resolution of the same aspect ratio
         unless the model's ``kontext_auto_resize`` is False)."""
-        from diffusers.pipelines.flux.pipeline_flux_kontext import (
-            PREFERRED_KONTEXT_RESOLUTIONS,
-            retrieve_latents,
-        )
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
         from rayxdit.models.base import decode_image
 
@@ -695,10 +687,7 @@ class FluxKontextAdapter(FluxAdapter):
         pixels = pipe.image_processor.preprocess(
             pipe.image_processor.resize(image, height, width), height, width
         )
-        vae = pipe.vae
-        latents = retrieve_latents(vae.encode(pixels.to(self.device, vae.dtype)), sample_mode="argmax")
-        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(self.transformer.dtype)
-        latents = latents.repeat(req.batch, 1, 1, 1)
+        latents = self.encode_pixels(pixels, sample_mode="argmax").repeat(req.batch, 1, 1, 1)
         channels, rows, columns = latents.shape[1:]
         ids = pipe._prepare_latent_image_ids(req.batch, rows // 2, columns // 2, self.device, latents.dtype)
         ids[..., 0] = 1

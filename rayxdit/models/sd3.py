@@ -174,9 +174,7 @@ class SD3Adapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SD3Positions]:
         pipe = self.pipeline
-        generators = self.noise_generators(req)
-        if req.request.image is not None:
-            self.source = self.encode_source(req, generators)
+        generators = self.generators_after_source(req)
         latents = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels,

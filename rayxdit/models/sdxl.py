@@ -198,9 +198,7 @@ class SDXLAdapter(DiffusionAdapter):
         # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
         scale = self.pipeline.vae_scale_factor
         shape = (req.batch, self.transformer.config.in_channels, req.height // scale, req.width // scale)
-        generators = self.noise_generators(req)
-        if req.request.image is not None:
-            self.source = self.encode_source(req, generators)
+        generators = self.generators_after_source(req)
         noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.transformer.dtype)
         # An input image's noise is scaled where it is added to the image (first_latents).
         latents = noise if self.source else noise * self.make_scheduler(req, 0)[0].init_noise_sigma
