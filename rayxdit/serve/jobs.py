@@ -176,12 +176,14 @@ class JobStore:
         if job is not None and not job.finished:
             self._finish(job, FAILED, self._now(now), {"code": code, "message": message})
 
-    def cancel(self, job_id: str, owner: str, now: float | None = None) -> dict[str, Any] | None:
+    def cancel(
+        self, job_id: str, owner: str, kind: str | None = None, now: float | None = None
+    ) -> dict[str, Any] | None:
         """DELETE: an unfinished job is cancelled (its driver stops the ranks on its next renewal); a
         finished one is deleted with its result. The job object (``deleted`` true for the latter), None if
-        unknown."""
+        unknown (to ``owner``, or not of ``kind``)."""
         now = self._now(now)
-        job = self.get_job(job_id, owner, now)
+        job = self.get_job(job_id, owner, kind, now)
         if job is None:
             return None
         if job.finished:
@@ -190,19 +192,28 @@ class JobStore:
         self._finish(job, CANCELLED, now)
         return {**job.public(self.ttl_s), "deleted": False}
 
-    def get_job(self, job_id: str, owner: str, now: float | None = None) -> Job | None:
-        """The job if it exists and belongs to ``owner`` (others' jobs do not exist for a caller)."""
+    def get_job(
+        self, job_id: str, owner: str, kind: str | None = None, now: float | None = None
+    ) -> Job | None:
+        """The job if it exists, belongs to ``owner`` (others' jobs do not exist for a caller) and, when
+        given, is of ``kind`` (a video's endpoints do not reach an image job)."""
         self._expire(self._now(now))
         job = self.jobs.get(job_id)
-        return job if job is not None and job.owner == owner else None
+        if job is None or job.owner != owner or kind not in (None, job.kind):
+            return None
+        return job
 
-    def get(self, job_id: str, owner: str, now: float | None = None) -> dict[str, Any] | None:
-        job = self.get_job(job_id, owner, now)
+    def get(
+        self, job_id: str, owner: str, kind: str | None = None, now: float | None = None
+    ) -> dict[str, Any] | None:
+        job = self.get_job(job_id, owner, kind, now)
         return None if job is None else job.public(self.ttl_s)
 
-    def content(self, job_id: str, owner: str, now: float | None = None) -> tuple[dict, list[bytes]] | None:
+    def content(
+        self, job_id: str, owner: str, kind: str | None = None, now: float | None = None
+    ) -> tuple[dict, list[bytes]] | None:
         """The job object and its stored result (empty until completed), None if unknown."""
-        job = self.get_job(job_id, owner, now)
+        job = self.get_job(job_id, owner, kind, now)
         return None if job is None else (job.public(self.ttl_s), job.content)
 
     def list(self, owner: str, kind: str, limit: int = 100, now: float | None = None) -> list[dict[str, Any]]:

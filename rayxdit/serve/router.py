@@ -294,10 +294,7 @@ class Router:
         ApiError 400 for anything else."""
         content_type = http.headers.get("content-type", "").lower()
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            try:
-                form = await http.form(max_fields=MAX_FORM_FIELDS)
-            except Exception as error:
-                raise ApiError(400, f"request form unreadable: {error}", "invalid_request_error") from None
+            form = await self._form(http)
             data: Any = {name: value for name, value in form.items() if isinstance(value, str)}
         else:
             try:
@@ -308,12 +305,23 @@ class Router:
                 ) from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_request_error")
+        return self._validated_body(schema, data)
+
+    @staticmethod
+    async def _form(http: Request, max_files: int = 1000) -> Any:
+        """The request's form (at most ``max_files`` files); ApiError 400 when it cannot be read."""
+        try:
+            return await http.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+        except Exception as error:
+            raise ApiError(400, f"request form unreadable: {error}", "invalid_request_error") from None
+
+    @staticmethod
+    def _validated_body(schema: type[BaseModel], data: dict[str, Any]) -> Any:
+        """``data`` as ``schema``; the first problem as the 400 FastAPI's own bodies get."""
         try:
             return schema.model_validate(data)
         except ValidationError as error:
-            problem = request_error_from(error)
-            if error.errors()[0].get("type") == "extra_forbidden":
-                problem = RequestError(f"unknown field '{problem.param}'", problem.param)
+            problem = request_error_from_validation(error.errors()[0])
             raise ApiError(400, str(problem), "invalid_request_error", problem.param) from None
 
     async def _generate(
@@ -558,18 +566,13 @@ class Router:
             metrics.inc("rayxdit_jobs", model=model, kind=kind, status=status)
             logger.info("job %s: %s after %.3f s", job_id, status, time.monotonic() - began)
 
-    async def _job_or_404(self, job_id: str, kind: str, http: Request) -> dict[str, Any]:
-        job = await self.state.get_job.remote(job_id, self._owner(http))
-        if job is None or not job["id"].startswith(f"{kind}_"):
+    async def _job_or_404(self, job_id: str, kind: str, http: Request, action: str = "get_job") -> Any:
+        """The caller's job of ``kind`` through the state's ``action`` (get_job, cancel_job, job_content);
+        404 when it does not exist for the caller."""
+        found = await getattr(self.state, action).remote(job_id, self._owner(http), kind)
+        if found is None:
             raise ApiError(404, f"{kind} job {job_id} not found or expired", "invalid_request_error", "id")
-        return job
-
-    async def _cancel_job(self, job_id: str, kind: str, http: Request) -> dict[str, Any]:
-        await self._job_or_404(job_id, kind, http)
-        job = await self.state.cancel_job.remote(job_id, self._owner(http))
-        if job is None:
-            raise ApiError(404, f"{kind} job {job_id} not found or expired", "invalid_request_error", "id")
-        return job
+        return found
 
     async def _image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
         if response_format == "b64_json":
@@ -627,7 +630,7 @@ class Router:
         """Cancel a background image job (its ranks stop at the next step boundary), or delete a finished
         one."""
         self._authorize(request)
-        return await self._cancel_job(job_id, "image", request)
+        return await self._job_or_404(job_id, "image", request, "cancel_job")
 
     @app.post(
         "/v1/videos",
@@ -683,7 +686,7 @@ class Router:
         """Cancel a queued or running video job (its ranks stop at the next step boundary and its GPUs take
         the next request), or delete a finished one with its content."""
         self._authorize(request)
-        return await self._cancel_job(video_id, "video", request)
+        return await self._job_or_404(video_id, "video", request, "cancel_job")
 
     @app.get(
         "/v1/videos/{video_id}/content",
@@ -704,11 +707,7 @@ class Router:
             )
         if variant != "video":
             raise ApiError(400, "only variant=video is served", "invalid_request_error", "variant")
-        await self._job_or_404(video_id, "video", request)
-        found = await self.state.job_content.remote(video_id, self._owner(request))
-        if found is None:
-            raise ApiError(404, f"video job {video_id} not found or expired", "invalid_request_error", "id")
-        job, frames = found
+        job, frames = await self._job_or_404(video_id, "video", request, "job_content")
         if job["status"] != COMPLETED:
             raise ApiError(
                 409,
@@ -837,10 +836,7 @@ class Router:
                 "invalid_request_error",
                 "image",
             )
-        try:
-            form = await request.form(max_files=8, max_fields=MAX_FORM_FIELDS)
-        except Exception as error:
-            raise ApiError(400, f"request form unreadable: {error}", "invalid_request_error") from None
+        form = await self._form(request, max_files=8)
         images = form.getlist("image") + form.getlist("image[]")
         if len(images) != 1:
             raise ApiError(
@@ -855,13 +851,7 @@ class Router:
             if isinstance(value, str)
             and name not in ("image", "image[]", "mask", "control_image", "ip_adapter_image")
         }
-        try:
-            body = ImageEditRequest.model_validate(fields)
-        except ValidationError as error:
-            problem = request_error_from(error)
-            if error.errors()[0].get("type") == "extra_forbidden":
-                problem = RequestError(f"unknown field '{problem.param}'", problem.param)
-            raise ApiError(400, str(problem), "invalid_request_error", problem.param) from None
+        body: ImageEditRequest = self._validated_body(ImageEditRequest, fields)
         if body.stream:
             raise ApiError(400, "stream: streaming is not offered", "invalid_request_error", "stream")
         image, image_size = await self._upload(images[0], "image")

@@ -277,14 +277,16 @@ class AppState:
     async def fail_job(self, job_id: str, code: str, message: str) -> None:
         self.jobs.fail(job_id, code, message)
 
-    async def cancel_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
-        return self.jobs.cancel(job_id, owner)
+    async def cancel_job(self, job_id: str, owner: str, kind: str) -> dict[str, Any] | None:
+        return self.jobs.cancel(job_id, owner, kind)
 
-    async def get_job(self, job_id: str, owner: str) -> dict[str, Any] | None:
-        return self.jobs.get(job_id, owner)
+    async def get_job(self, job_id: str, owner: str, kind: str) -> dict[str, Any] | None:
+        return self.jobs.get(job_id, owner, kind)
 
-    async def job_content(self, job_id: str, owner: str) -> tuple[dict[str, Any], list[bytes]] | None:
-        return self.jobs.content(job_id, owner)
+    async def job_content(
+        self, job_id: str, owner: str, kind: str
+    ) -> tuple[dict[str, Any], list[bytes]] | None:
+        return self.jobs.content(job_id, owner, kind)
 
     async def list_jobs(self, owner: str, kind: str, limit: int = 100) -> list[dict[str, Any]]:
         return self.jobs.list(owner, kind, limit)

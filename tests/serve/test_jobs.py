@@ -77,3 +77,12 @@ def test_seconds_become_the_nearest_frame_count_the_model_takes(seconds, frames)
     wan = ModelLimits(default_frames=81, max_frames=241, frame_multiple=4, fps=16)
     assert wan.frames_for(seconds) == frames
     assert (frames - 1) % 4 == 0
+
+
+def test_a_jobs_kind_is_part_of_its_address():
+    """A video's endpoints do not reach an image job (nor cancel it), and the other way round."""
+    store = JobStore(ttl_s=100, max_bytes=1000)
+    job = store.create("image", "", "m", {})
+    assert store.get(job["id"], "", "video") is None and store.cancel(job["id"], "", "video") is None
+    assert store.content(job["id"], "", "video") is None
+    assert store.get(job["id"], "", "image")["status"] == QUEUED
