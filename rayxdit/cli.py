@@ -252,22 +252,12 @@ def _read_image(path: Path | None, option: str) -> bytes | None:
 
 def _fit_to_image(request, limits):
     """An edit without --width/--height takes the input image's size (as the HTTP API does)."""
-    import io
-
-    from PIL import Image
-
-    from rayxdit.uploads import check_mask, size_for
+    from rayxdit.uploads import edit_size, image_size
 
     if request.image is None:
         return request
-    with Image.open(io.BytesIO(request.image)) as image:
-        image_size = image.size
-    if request.mask is not None:
-        with Image.open(io.BytesIO(request.mask)) as mask:
-            check_mask(mask.size, image_size)
-    if request.width is not None or request.height is not None:
-        return request
-    width, height = size_for(image_size, limits)
+    mask_size = None if request.mask is None else image_size(request.mask)
+    width, height = edit_size(image_size(request.image), mask_size, request.width, request.height, limits)
     return request.model_copy(update={"width": width, "height": height})
 
 

@@ -62,6 +62,22 @@ def size_for(image_size: tuple[int, int], limits: ModelLimits) -> tuple[int, int
     return fitted[0], fitted[1]
 
 
+def edit_size(
+    image_size: tuple[int, int],
+    mask_size: tuple[int, int] | None,
+    width: int | None,
+    height: int | None,
+    limits: ModelLimits,
+) -> tuple[int | None, int | None]:
+    """An edit's output size: the one it names (``width``/``height``), else its image's, fitted to the model
+    (:func:`size_for`); :class:`RequestError` when its mask does not cover the image."""
+    if mask_size is not None:
+        check_mask(mask_size, image_size)
+    if width is not None or height is not None:
+        return width, height
+    return size_for(image_size, limits)
+
+
 def check_mask(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
     """A mask must cover the image pixel for pixel (as OpenAI's edits API requires)."""
     if mask_size != image_size:

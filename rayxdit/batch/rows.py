@@ -150,7 +150,7 @@ def normalize(row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = 
 def to_request(
     out: dict[str, Any], row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = None
 ) -> GenerateRequest:
-    from rayxdit.uploads import check_mask, image_size, size_for
+    from rayxdit.uploads import edit_size, image_size
 
     prompt = out["prompt"]
     if prompt is None or not str(prompt).strip():
@@ -162,15 +162,15 @@ def to_request(
         if image is None:
             raise RequestError("mask: an inpainting mask needs an image", "mask")
         mask = read_input_image(str(out["mask"]), base_dir, "mask")
-        check_mask(image_size(mask), image_size(image))
     width = height = None
     if out["size"] is not None:
         match = SIZE.match(str(out["size"]))
         if not match:
             raise RequestError(f"size {out['size']!r} is not WIDTHxHEIGHT", "size")
         width, height = int(match.group(1)), int(match.group(2))
-    elif image is not None:  # an edit takes its image's size, as over HTTP
-        width, height = size_for(image_size(image), limits)
+    if image is not None:  # an edit takes its image's size, as over HTTP; its mask must cover the image
+        mask_size = None if mask is None else image_size(mask)
+        width, height = edit_size(image_size(image), mask_size, width, height, limits)
     try:
         return GenerateRequest(
             prompt=str(prompt),
