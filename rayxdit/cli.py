@@ -88,7 +88,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--image",
         type=Path,
         default=None,
-        help="Flux: start from this image (img2img); the size defaults to the image's, fitted to the model",
+        help="Flux, SD3, SDXL: start from this image (img2img; a Kontext model edits it); the size defaults to "
+        "the image's, fitted to the model",
     )
     parser.add_argument(
         "--mask",
@@ -99,26 +100,44 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--controlnet",
-        default=None,
+        action="append",
+        default=[],
         metavar="LOCATION",
-        help="Flux: load this FluxControlNetModel (directory, hub id, or the tiny-flux-controlnet preset) "
-        "beside the model; --control-image conditions on it",
+        help="load this ControlNet beside the model (Flux: FluxControlNetModel, union ones too; SDXL: "
+        "ControlNetModel; a directory, hub id, or the tiny-flux-controlnet / tiny-sdxl-controlnet presets); "
+        "repeat for several, each reading the --control-image of the same position",
     )
     parser.add_argument(
-        "--control-image", type=Path, default=None, help="with --controlnet: its conditioning image"
+        "--control-image",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --controlnet: a conditioning image; repeat for several ControlNets (residuals summed)",
     )
     parser.add_argument(
         "--controlnet-scale",
         type=float,
-        default=1.0,
-        help="with --controlnet: the weight of its residuals (default: %(default)s)",
+        action="append",
+        default=[],
+        help="with --controlnet: the weight of its residuals, once for all or once per control image "
+        "(default: 1.0)",
+    )
+    parser.add_argument(
+        "--control-mode",
+        type=int,
+        action="append",
+        default=[],
+        help="union ControlNets: what the control image shows (the checkpoint's numbering), once for all or "
+        "once per control image",
     )
     parser.add_argument(
         "--ip-adapter",
         default=None,
         metavar="LOCATION",
-        help="Flux: load this IP-Adapter (XLabs layout: a directory or hub id with ip_adapter.safetensors and "
-        "image_encoder/, or the tiny-flux-ip-adapter preset); --ip-adapter-image prompts with an image",
+        help="load this IP-Adapter (Flux: XLabs layout, ip_adapter.safetensors; SDXL: h94/IP-Adapter layout, "
+        "ip-adapter_sdxl.safetensors, e.g. h94/IP-Adapter/sdxl_models; a directory, hub path or weights "
+        "file with image_encoder/ beside it, or the tiny-flux-ip-adapter / tiny-sdxl-ip-adapter presets); "
+        "--ip-adapter-image prompts with an image",
     )
     parser.add_argument(
         "--ip-adapter-image", type=Path, default=None, help="with --ip-adapter: the image prompt"
@@ -200,12 +219,22 @@ def _request_from_args(args: argparse.Namespace):
     """The request the flags describe; a bad value is a one-line usage error naming the flag."""
     from pydantic import ValidationError
 
-    from rayxdit.request import GenerateRequest
+    from rayxdit.request import GenerateRequest, RequestError, pair_controls
 
-    if args.control_image is not None and not args.controlnet:
+    if args.control_image and not args.controlnet:
         raise UsageError("--control-image needs --controlnet (the ControlNet that reads it)")
     if args.ip_adapter_image is not None and not args.ip_adapter:
         raise UsageError("--ip-adapter-image needs --ip-adapter")
+    try:
+        controls = pair_controls(
+            [_read_image(path, "control-image") for path in args.control_image],
+            args.controlnet if len(args.controlnet) > 1 else [],
+            args.controlnet_scale,
+            args.control_mode,
+            tuple(args.controlnet),
+        )
+    except RequestError as error:
+        raise UsageError(f"--{(error.param or 'control_image').replace('_', '-')}: {error}") from None
     try:
         return GenerateRequest(
             prompt=args.prompt,
@@ -221,9 +250,7 @@ def _request_from_args(args: argparse.Namespace):
             image=_read_image(args.image, "image"),
             mask=_read_image(args.mask, "mask"),
             strength=args.strength,
-            control_image=_read_image(args.control_image, "control-image"),
-            controlnet=args.controlnet if args.control_image is not None else None,
-            controlnet_scale=args.controlnet_scale,
+            controls=controls,
             ip_adapter_image=_read_image(args.ip_adapter_image, "ip-adapter-image"),
             ip_adapter_scale=args.ip_adapter_scale,
         )
@@ -323,7 +350,7 @@ def _generate(args: argparse.Namespace) -> int:
         vae_parallel=args.vae_parallel,
         cache_threshold=args.cache_threshold,
         quantize=args.quantize,
-        controlnets=(args.controlnet,) if args.controlnet else (),
+        controlnets=tuple(args.controlnet),
         ip_adapter=args.ip_adapter,
     )
     (encoded,) = run_local_group(config, [request], progress=True)

@@ -106,7 +106,7 @@ class ModelLimits:
         if request.image is not None:
             if not self.image_inputs:
                 raise RequestError("image: this model takes no input images", "image")
-            if request.control_image is not None:
+            if request.controls:
                 raise RequestError(
                     "control_image: ControlNets with an input image (img2img) are not implemented yet",
                     "image",

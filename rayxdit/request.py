@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,8 +19,103 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_FRAMES = 241
+MAX_CONTROLS = 4
+"""ControlNet inputs per request (diffusers' MultiControlNet sums their residuals)."""
+MAX_CONTROL_SCALE = 4.0
+MAX_CONTROL_MODE = 31
 VIDEO_MEDIA_TYPES = {"mp4": "video/mp4", "png": "image/apng", "gif": "image/gif"}
 """The formats a video is delivered in (``rayxdit.imaging.encode_video``), with the media type of each."""
+
+
+class ControlInput(BaseModel):
+    """One ControlNet's input: which of the model's ControlNets reads which conditioning image, and how
+    strongly (``controlnet_conditioning_scale``). Several make a MultiControlNet: their residuals add up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    image: bytes = Field(
+        description="The conditioning image (edges, depth...), resized to the request's size."
+    )
+    controlnet: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Which of the model's ControlNets reads ``image`` (default: its only one).",
+    )
+    scale: float = Field(
+        default=1.0, ge=0.0, le=MAX_CONTROL_SCALE, description="The weight of its residuals."
+    )
+    mode: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_CONTROL_MODE,
+        description="A union ControlNet's control mode (what ``image`` shows: canny, depth...; the "
+        "checkpoint's numbering). Required by union ControlNets, refused by the others.",
+    )
+
+
+def pair_controls(
+    images: list[bytes],
+    names: list[str],
+    scales: list[float],
+    modes: list[int],
+    loaded: tuple[str, ...] | None = None,
+) -> tuple[ControlInput, ...]:
+    """Control images paired with the ControlNets that read them, as the HTTP API and the CLI take them
+    (diffusers' lists): one name, scale and mode per image, or one for all; no name means the model's only
+    ControlNet (``loaded``: the ControlNets the model loads, None where not known here). Raises
+    :class:`RequestError`."""
+    if not images:
+        for values, param in ((names, "controlnet"), (modes, "control_mode")):
+            if values:
+                raise RequestError(f"{param}: send a control_image with it", param)
+        return ()
+    if len(images) > MAX_CONTROLS:
+        raise RequestError(
+            f"control_image: at most {MAX_CONTROLS} ControlNet inputs ({len(images)} sent)", "control_image"
+        )
+    if loaded is not None and not loaded:
+        raise RequestError("control_image: this model is served without ControlNets", "control_image")
+
+    def per_image(values: list, param: str, default: Any) -> list:
+        if len(values) in (0, 1):
+            return [values[0] if values else default] * len(images)
+        if len(values) != len(images):
+            raise RequestError(
+                f"{param}: give one for all control images or one per image ({len(values)} for "
+                f"{len(images)})",
+                param,
+            )
+        return list(values)
+
+    if not names and loaded is not None and len(loaded) > 1:
+        raise RequestError(f"controlnet: name one of {', '.join(loaded)}", "controlnet")
+    if len(names) == 1 and len(images) > 1 and loaded is not None and len(loaded) > 1:
+        raise RequestError("controlnet: name the ControlNet of each control image", "controlnet")
+    chosen = per_image(names, "controlnet", None if loaded is None else loaded[0])
+    for name in chosen:
+        if loaded is not None and name not in loaded:
+            raise RequestError(
+                f"controlnet: '{name}' is not one of this model's ControlNets ({', '.join(loaded)})",
+                "controlnet",
+            )
+    for scale in scales:
+        if not 0.0 <= scale <= MAX_CONTROL_SCALE:
+            raise RequestError(
+                f"controlnet_scale={scale} is outside 0..{MAX_CONTROL_SCALE}", "controlnet_scale"
+            )
+    for mode in modes:
+        if not 0 <= mode <= MAX_CONTROL_MODE:
+            raise RequestError(f"control_mode={mode} is outside 0..{MAX_CONTROL_MODE}", "control_mode")
+    return tuple(
+        ControlInput(image=image, controlnet=name, scale=scale, mode=mode)
+        for image, name, scale, mode in zip(
+            images,
+            chosen,
+            per_image(scales, "controlnet_scale", 1.0),
+            per_image(modes, "control_mode", None),
+            strict=True,
+        )
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -78,17 +173,10 @@ class GenerateRequest(BaseModel):
         "strength`` steps of the schedule run).",
     )
 
-    control_image: bytes | None = Field(
-        default=None,
-        description="A ControlNet's conditioning image (edges, depth...), resized to the request's size.",
-    )
-    controlnet: str | None = Field(
-        default=None,
-        max_length=512,
-        description="Which of the model's ControlNets reads ``control_image`` (default: its only one).",
-    )
-    controlnet_scale: float = Field(
-        default=1.0, ge=0.0, le=4.0, description="``controlnet_conditioning_scale``: the residuals' weight."
+    controls: tuple[ControlInput, ...] = Field(
+        default=(),
+        max_length=MAX_CONTROLS,
+        description="ControlNet inputs (several: a MultiControlNet, their residuals summed).",
     )
 
     ip_adapter_image: bytes | None = Field(
@@ -106,8 +194,6 @@ class GenerateRequest(BaseModel):
     def _mask_needs_an_image(self) -> GenerateRequest:
         if self.mask is not None and self.image is None:
             raise ValueError("mask: an inpainting mask needs an image")
-        if self.controlnet is not None and self.control_image is None:
-            raise ValueError("controlnet: name a ControlNet together with a control_image")
         return self
 
 

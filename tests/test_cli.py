@@ -217,7 +217,7 @@ def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(
     from rayxdit.config import EngineConfig
     from rayxdit.engine import Engine
     from rayxdit.parallel.mesh import ParallelState
-    from rayxdit.request import GenerateRequest
+    from rayxdit.request import ControlInput, GenerateRequest
 
     source, mask = tmp_path / "source.png", tmp_path / "mask.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(source)
@@ -266,8 +266,7 @@ def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(
     served = np.asarray(Image.open(tmp_path / "controlled.png").convert("RGB"), dtype=np.int16)
     request = GenerateRequest(
         prompt="a house",
-        control_image=control.read_bytes(),
-        controlnet="tiny-flux-controlnet",
+        controls=(ControlInput(image=control.read_bytes(), controlnet="tiny-flux-controlnet"),),
         width=44,
         height=36,
         steps=3,

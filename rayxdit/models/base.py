@@ -33,13 +33,29 @@ from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import gather_shards, split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
-from rayxdit.request import GenerateRequest, GenerateResult, RequestError
+from rayxdit.request import ControlInput, GenerateRequest, GenerateResult, RequestError
 
 
 def decode_image(data: bytes) -> Image.Image:
     """An input image's bytes (PNG, JPEG, WebP...) as RGB pixels."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
+
+
+def ip_adapter_weights(location: str, default_weight: str) -> tuple[str, str, str]:
+    """Where an IP-Adapter's weights are, as diffusers' ``load_ip_adapter`` takes it: (directory or hub id,
+    subfolder, weight file name). ``location`` is a weights file (``dir/ip-adapter.safetensors``), a
+    directory or hub id holding ``default_weight``, or a hub file or folder path
+    (``h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors``, ``h94/IP-Adapter/sdxl_models``)."""
+    path = Path(location)
+    if path.is_file():
+        return str(path.parent), "", path.name
+    if path.is_dir() or location.count("/") <= 1:
+        return location, "", default_weight
+    repo, rest = "/".join(location.split("/")[:2]), location.split("/")[2:]
+    if rest[-1].endswith((".safetensors", ".bin")):
+        return repo, "/".join(rest[:-1]), rest[-1]
+    return repo, "/".join(rest), default_weight
 
 
 @dataclass
@@ -120,11 +136,27 @@ class DiffusionAdapter(ABC):
 
     def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
         """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""
-        raise ConfigError(f"{self.pipeline_class}: IP-Adapters are implemented for Flux")
+        raise ConfigError(f"{self.pipeline_class}: IP-Adapters are implemented for Flux and SDXL")
+
+    controlnets: dict[str, torch.nn.Module] = {}  # noqa: RUF012 - replaced per instance by attach_controlnets
+    """The ControlNets loaded beside the model, by the name requests use."""
 
     def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
         """ControlNets by name, parallelized with the model (call before :meth:`parallelize`)."""
-        raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux")
+        raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux and SDXL")
+
+    def controlnet_for(self, control: ControlInput) -> str:
+        """The name of the ControlNet that reads ``control``'s image; RequestError if none fits."""
+        if not self.controlnets:
+            raise RequestError("control_image: this model runs without ControlNets", "control_image")
+        if control.controlnet is None and len(self.controlnets) > 1:
+            raise RequestError(f"controlnet: name one of {', '.join(self.controlnets)}", "controlnet")
+        name = control.controlnet or next(iter(self.controlnets))
+        if name not in self.controlnets:
+            raise RequestError(
+                f"controlnet '{name}' is not loaded here; loaded: {', '.join(self.controlnets)}", "controlnet"
+            )
+        return name
 
     # ----- quantization -----------------------------------------------------------------------------------
     def quantize(self, method: str) -> None:
@@ -235,6 +267,12 @@ class DiffusionAdapter(ABC):
     # ----- request handling -------------------------------------------------------------------------------
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         """Fill in defaults and check the model's limits; raises :class:`RequestError`."""
+        for control in request.controls:
+            net = self.controlnets[self.controlnet_for(control)]
+            if control.mode is not None and not getattr(net, "union", False):
+                raise RequestError("control_mode: only union ControlNets take a mode", "control_mode")
+        if request.ip_adapter_image is not None and getattr(self.pipeline, "image_encoder", None) is None:
+            raise RequestError("ip_adapter_image: this model runs without an IP-Adapter", "ip_adapter_image")
         return self.limits.resolve(request)
 
     # ----- family-specific steps ----------------------------------------------------------------------------

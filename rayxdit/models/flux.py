@@ -29,7 +29,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
-from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -295,7 +295,7 @@ class FluxPositions:
     image_ids: torch.Tensor  # (image_local, 3): this rank's latents, then its reference tokens (Kontext)
     image_sizes: tuple[int, ...]  # image-stream tokens of every sequence-parallel rank
     reference: torch.Tensor | None = None  # (B, reference_local, C): Kontext's reference image, this shard
-    control: torch.Tensor | None = None  # (B, image_local, C): a ControlNet's control image, this shard
+    controls: tuple[torch.Tensor, ...] = ()  # (B, image_local, C) each: the control images, this shard
 
 
 class FluxAdapter(DiffusionAdapter):
@@ -314,57 +314,73 @@ class FluxAdapter(DiffusionAdapter):
         parallelize_flux(self.transformer, state, attention)
         # The same blocks: the same sequence parallelism (a ControlNet does not forward attention kwargs:
         # its processors are told the sequence sizes before each call).
-        self.controlnet_processors = [
-            parallelize_flux(net, state, attention) for net in self.controlnets.values()
-        ]
-
-    controlnets: dict[str, torch.nn.Module] = {}  # noqa: RUF012 - replaced per instance by attach_controlnets
+        self.controlnet_processors = {
+            name: parallelize_flux(net, state, attention) for name, net in self.controlnets.items()
+        }
 
     def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
+        from diffusers import FluxControlNetModel
+
         for name, net in nets.items():
-            if getattr(net, "input_hint_block", None) is not None or getattr(net, "union", False):
+            if not isinstance(net, FluxControlNetModel):
                 raise ConfigError(
-                    f"controlnet '{name}': XLabs (input hint) and Union ControlNets are not supported yet; "
-                    "InstantX-style FluxControlNetModel checkpoints are"
+                    f"controlnet '{name}' is a {type(net).__name__}; Flux takes FluxControlNetModel"
+                )
+            if net.input_hint_block is not None:
+                raise ConfigError(
+                    f"controlnet '{name}': XLabs ControlNets (an input hint block) are not supported; "
+                    "InstantX-style FluxControlNetModel checkpoints (union ones too) are"
                 )
         self.controlnets = dict(nets)
 
-    def controlnet_for(self, request: GenerateRequest) -> str:
-        """The name of the ControlNet that reads the request's control image; RequestError if none fits."""
-        if not self.controlnets:
-            raise RequestError("control_image: this model runs without ControlNets", "control_image")
-        if request.controlnet is None and len(self.controlnets) > 1:
-            raise RequestError(f"controlnet: name one of {', '.join(self.controlnets)}", "controlnet")
-        name = request.controlnet or next(iter(self.controlnets))
-        if name not in self.controlnets:
-            raise RequestError(
-                f"controlnet '{name}' is not loaded here; loaded: {', '.join(self.controlnets)}", "controlnet"
-            )
-        if request.image is not None:
-            raise RequestError("control_image: ControlNets with an input image are not implemented", "image")
-        return name
+    def _union_mode(
+        self, mode: int, latents: torch.Tensor, inputs: dict[str, Any], sizes: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]:
+        """A union ControlNet prepends its mode's embedding to the text as one token (and repeats the first
+        text id: Flux's text ids are all zeros). Under sequence parallelism that token must be in the
+        sequence once: the sp group's first rank holds it; the others pass an empty mode and one text id
+        fewer, which the net's repeat restores. Returns the mode, the text ids and the sequence sizes."""
+        first = self.state.axis("sp").index == 0
+        modes = torch.full((latents.shape[0], int(first)), mode, dtype=torch.long, device=self.device)
+        text_ids = inputs["txt_ids"] if first else inputs["txt_ids"][1:]
+        return modes, text_ids, None if sizes is None else (sizes[0] + 1, *sizes[1:])
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        if request.control_image is not None:
-            self.controlnet_for(request)
-        return super().resolve(request)
+        req = super().resolve(request)  # every control names a loaded ControlNet
+        for control in request.controls:
+            name = self.controlnet_for(control)
+            modes = self.controlnets[name].config.num_mode
+            if modes is not None and not (control.mode is not None and 0 <= control.mode < modes):
+                raise RequestError(
+                    f"control_mode: '{name}' is a union ControlNet: say what the control image shows, "
+                    f"0..{modes - 1} in the checkpoint's numbering (got {control.mode})",
+                    "control_mode",
+                )
+        return req
 
     def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
         conditions = super().encode_branches(req)
-        if req.request.control_image is not None:  # diffusers runs the ControlNet on the prompt alone
+        if req.request.controls:  # diffusers runs the ControlNets on the prompt alone
             self.control_condition = conditions.get(CONDITIONAL) or self.encode(req, CONDITIONAL)
         return conditions
 
-    def encode_control(self, req: ResolvedRequest, generators: list[torch.Generator]) -> torch.Tensor:
-        """The control image as ``FluxControlNetPipeline`` prepares it for an InstantX ControlNet: resized,
-        one latent sample per image from its generator (before the noise), packed like the latents."""
+    def encode_control(
+        self, req: ResolvedRequest, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, ...]:
+        """The control images as ``FluxControlNetPipeline`` prepares them for InstantX ControlNets: resized,
+        one latent sample per image from its generator (each control image in turn, before the noise),
+        packed like the latents."""
         from rayxdit.models.base import decode_image
 
         pipe = self.pipeline
-        pixels = pipe.image_processor.preprocess(
-            decode_image(req.request.control_image), height=req.height, width=req.width
-        )
-        return self.latent_tokens(self.encode_pixels(pixels.repeat_interleave(req.batch, dim=0), generators))
+        encoded = []
+        for control in req.request.controls:
+            pixels = pipe.image_processor.preprocess(
+                decode_image(control.image), height=req.height, width=req.width
+            )
+            latents = self.encode_pixels(pixels.repeat_interleave(req.batch, dim=0), generators)
+            encoded.append(self.latent_tokens(latents))
+        return tuple(encoded)
 
     def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
         request = req.request
@@ -383,13 +399,17 @@ class FluxAdapter(DiffusionAdapter):
 
     # ----- IP-Adapter ------------------------------------------------------------------------------------
     def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
-        """diffusers' ``load_ip_adapter`` (XLabs layout: ``ip_adapter.safetensors``; the CLIP image encoder
-        from ``image_encoder`` or the adapter's ``image_encoder/`` folder); before :meth:`parallelize`,
-        which keeps its weights in sequence-parallel processors."""
+        """diffusers' ``load_ip_adapter`` (XLabs layout: ``ip_adapter.safetensors``, located as
+        :func:`ip_adapter_weights` says; the CLIP image encoder from ``image_encoder`` or the weights'
+        ``image_encoder/`` folder); before :meth:`parallelize`, which keeps its weights in sequence-parallel
+        processors."""
+        source, subfolder, weight_name = ip_adapter_weights(location, "ip_adapter.safetensors")
         self.pipeline.load_ip_adapter(
-            location,
-            weight_name="ip_adapter.safetensors",
-            image_encoder_pretrained_model_name_or_path=image_encoder or f"{location}/image_encoder",
+            source,
+            weight_name=weight_name,
+            subfolder=subfolder,
+            image_encoder_pretrained_model_name_or_path=image_encoder or source,
+            image_encoder_subfolder="" if image_encoder else f"{subfolder}/image_encoder".lstrip("/"),
             image_encoder_dtype=self.transformer.dtype,
         )
         self.pipeline.image_encoder.to(self.device)
@@ -437,9 +457,7 @@ class FluxAdapter(DiffusionAdapter):
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
         generators = self.generators_after_source(req)
-        control = None
-        if req.request.control_image is not None:
-            control = self.encode_control(req, generators)
+        controls = self.encode_control(req, generators)
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,
@@ -453,7 +471,7 @@ class FluxAdapter(DiffusionAdapter):
         positions = FluxPositions(
             image_ids=shard(image_ids, 0, parts, index),
             image_sizes=tuple(split_sizes(latents.shape[1], parts)),
-            control=None if control is None else shard(control, 1, parts, index),
+            controls=tuple(shard(control, 1, parts, index) for control in controls),
         )
         return latents, positions
 
@@ -490,7 +508,7 @@ class FluxAdapter(DiffusionAdapter):
             sizes = tuple(t + i for t, i in zip(cond.text_sizes, positions.image_sizes, strict=True))
             attention_kwargs = {"sequence_sizes": sizes}
         residuals = {}
-        if positions.control is not None:
+        if positions.controls:
             residuals = self.control_residuals(latents, timestep, positions, req, attention_kwargs)
         hidden = latents
         if positions.reference is not None:  # Kontext: the reference tokens follow, predictions are dropped
@@ -539,20 +557,32 @@ class FluxAdapter(DiffusionAdapter):
         req: ResolvedRequest,
         attention_kwargs: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """The ControlNet's per-block residuals for this shard (per token: they stay local), computed as
-        ``FluxControlNetPipeline`` does, on the prompt's conditioning for either CFG branch."""
-        net = self.controlnets[self.controlnet_for(req.request)]
-        for processor in self.controlnet_processors:
-            if processor is not None:
-                processor.sequence_sizes = attention_kwargs["sequence_sizes"] if attention_kwargs else None
-        blocks, singles = net(
-            latents,
-            controlnet_cond=positions.control.to(latents.dtype),
-            conditioning_scale=req.request.controlnet_scale,
-            **self._model_inputs(
+        """The ControlNets' per-block residuals for this shard (per token: they stay local), computed as
+        ``FluxControlNetPipeline`` does, on the prompt's conditioning for either CFG branch; several are
+        summed as ``FluxMultiControlNetModel`` sums them."""
+        blocks = singles = None
+        first = True
+        for control, image in zip(req.request.controls, positions.controls, strict=True):
+            name = self.controlnet_for(control)
+            net = self.controlnets[name]
+            inputs = self._model_inputs(
                 net, latents, timestep, self.control_condition, positions, req, attention_kwargs
-            ),
-        )
+            )
+            sizes = attention_kwargs["sequence_sizes"] if attention_kwargs else None
+            mode = None
+            if net.union:
+                mode, inputs["txt_ids"], sizes = self._union_mode(control.mode, latents, inputs, sizes)
+            if self.controlnet_processors[name] is not None:
+                self.controlnet_processors[name].sequence_sizes = sizes
+            net_blocks, net_singles = net(
+                latents,
+                controlnet_cond=image.to(latents.dtype),
+                controlnet_mode=mode,
+                conditioning_scale=control.scale,
+                **inputs,
+            )
+            blocks, singles = _summed(blocks, net_blocks, first), _summed(singles, net_singles, first)
+            first = False
         return {
             "controlnet_block_samples": blocks,
             "controlnet_single_block_samples": singles,
@@ -624,6 +654,16 @@ class FluxAdapter(DiffusionAdapter):
         pipe = self.pipeline
         latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
+def _summed(total: list | None, residuals: list | None, first: bool) -> list | None:
+    """ControlNet residuals added up as ``FluxMultiControlNetModel`` does (a net without some kind of block
+    leaves the sum as it was)."""
+    if first:
+        return residuals
+    if total is None or residuals is None:
+        return total
+    return [a + b for a, b in zip(total, residuals, strict=False)]
 
 
 class FluxKontextAdapter(FluxAdapter):

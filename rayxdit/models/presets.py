@@ -299,17 +299,15 @@ def build_tiny_flux_kontext(path: Path) -> None:
 def build_tiny_flux_controlnet(path: Path) -> None:
     """A ``FluxControlNetModel`` (InstantX layout: the control image's latents added to the input) for
     tiny-flux: one double and one single block of its size. diffusers zero-initializes the ControlNet's
-    output and input projections (training starts from "no effect"); here they are random, seeded, so that
-    the control image visibly matters and a test can tell whether it was used."""
+    output and input projections; here they are random (:func:`_randomize_zero_init`)."""
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(5)
     config = {**TINY_FLUX.transformer, "num_layers": 1, "num_single_layers": 1}
     controlnet = FluxControlNetModel(**config)
-    with torch.no_grad():
-        for name, parameter in controlnet.named_parameters():
-            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
-                parameter.normal_(0.0, 0.05)
+    _randomize_zero_init(
+        controlnet, ("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")
+    )
     controlnet.save_pretrained(path)
 
 
@@ -318,9 +316,24 @@ def build_tiny_flux_ip_adapter(path: Path) -> None:
     double block's image-prompt key/value projections) with a tiny CLIP image encoder in ``image_encoder/``;
     random, seeded weights large enough that the image prompt visibly matters."""
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(6)
+    sizes = TINY_FLUX.transformer
+    inner = sizes["num_attention_heads"] * sizes["attention_head_dim"]
+    weights = _tiny_image_projection(path, sizes["joint_attention_dim"])
+    cross = sizes["joint_attention_dim"]
+    for block in range(sizes["num_layers"]):
+        for name in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{block}.{name}.weight"] = torch.randn(inner, cross) * 0.2
+            weights[f"ip_adapter.{block}.{name}.bias"] = torch.randn(inner) * 0.2
+    save_file(weights, str(path / "ip_adapter.safetensors"))
+
+
+def _tiny_image_projection(path: Path, cross_attention_dim: int) -> dict[str, torch.Tensor]:
+    """A tiny CLIP image encoder saved in ``path/image_encoder`` and the weights of an IP-Adapter's image
+    projection onto 4 tokens of ``cross_attention_dim`` (random, large enough to matter)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
             hidden_size=32,
@@ -333,24 +346,78 @@ def build_tiny_flux_ip_adapter(path: Path) -> None:
         )
     )
     encoder.save_pretrained(path / "image_encoder")
-    sizes = TINY_FLUX.transformer
-    inner = sizes["num_attention_heads"] * sizes["attention_head_dim"]
-    cross, tokens = sizes["joint_attention_dim"], 4
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape) * 0.2
-
-    weights = {
-        "image_proj.proj.weight": random(tokens * cross, encoder.config.projection_dim),
-        "image_proj.proj.bias": random(tokens * cross),
-        "image_proj.norm.weight": torch.ones(cross),
-        "image_proj.norm.bias": torch.zeros(cross),
+    tokens = 4
+    return {
+        "image_proj.proj.weight": torch.randn(tokens * cross_attention_dim, encoder.config.projection_dim)
+        * 0.2,
+        "image_proj.proj.bias": torch.randn(tokens * cross_attention_dim) * 0.2,
+        "image_proj.norm.weight": torch.ones(cross_attention_dim),
+        "image_proj.norm.bias": torch.zeros(cross_attention_dim),
     }
-    for block in range(sizes["num_layers"]):
-        for name in ("to_k_ip", "to_v_ip"):
-            weights[f"ip_adapter.{block}.{name}.weight"] = random(inner, cross)
-            weights[f"ip_adapter.{block}.{name}.bias"] = random(inner)
-    save_file(weights, str(path / "ip_adapter.safetensors"))
+
+
+def build_tiny_flux_controlnet_union(path: Path) -> None:
+    """tiny-flux-controlnet as a union ControlNet (InstantX's Union layout: 4 control modes, the mode's
+    embedding a text token of its own)."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(8)
+    controlnet = FluxControlNetModel(
+        **{**TINY_FLUX.transformer, "num_layers": 1, "num_single_layers": 1, "num_mode": 4}
+    )
+    _randomize_zero_init(
+        controlnet, ("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")
+    )
+    controlnet.save_pretrained(path)
+
+
+def _randomize_zero_init(net: torch.nn.Module, prefixes: tuple[str, ...], std: float = 0.05) -> None:
+    """diffusers zero-initializes a ControlNet's output (and input) projections so that training starts from
+    "no effect"; a tiny preset's are random, seeded, so that a control image visibly matters and a test can
+    tell whether it was used."""
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if name.startswith(prefixes):
+                parameter.normal_(0.0, std)
+
+
+def build_tiny_sdxl_controlnet(path: Path) -> None:
+    """A ``ControlNetModel`` for tiny-sdxl, made as diffusers makes one from a UNet (``from_unet``: its
+    encoder half, weights copied), with a conditioning embedding that downsamples the control image by the
+    tiny VAE's factor 2."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(9)
+    unet = UNet2DConditionModel.from_pretrained(materialize_preset("tiny-sdxl") / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    _randomize_zero_init(
+        controlnet, ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+    )
+    controlnet.save_pretrained(path)
+
+
+def build_tiny_sdxl_ip_adapter(path: Path) -> None:
+    """An IP-Adapter for tiny-sdxl in h94/IP-Adapter's layout (``ip-adapter_sdxl.safetensors``: the image
+    projection, and image-prompt key/value projections for every cross-attention, numbered as diffusers'
+    loader reads them) with a tiny CLIP image encoder in ``image_encoder/``."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(10)
+    unet = UNet2DConditionModel.from_pretrained(materialize_preset("tiny-sdxl") / "unet")
+    cross = unet.config.cross_attention_dim
+    weights = _tiny_image_projection(path, cross)
+    key_id = 1  # diffusers' numbering: odd ids, in the order of the UNet's processors, cross-attention only
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        channels = unet.config.block_out_channels
+        level = int(name.split(".")[1]) if not name.startswith("mid_block") else -1
+        hidden = list(reversed(channels))[level] if name.startswith("up_blocks") else channels[level]
+        for projection in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{key_id}.{projection}.weight"] = torch.randn(hidden, cross) * 0.2
+        key_id += 2
+    save_file(weights, str(path / "ip-adapter_sdxl.safetensors"))
 
 
 def build_tiny_sd3(path: Path) -> None:
@@ -540,9 +607,16 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-wan": build_tiny_wan,
 }
 """Presets saved to the cache once and loaded with ``from_pretrained``."""
-CONTROLNET_PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux-controlnet": build_tiny_flux_controlnet}
+CONTROLNET_PRESETS: dict[str, Callable[[Path], None]] = {
+    "tiny-flux-controlnet": build_tiny_flux_controlnet,
+    "tiny-flux-controlnet-union": build_tiny_flux_controlnet_union,
+    "tiny-sdxl-controlnet": build_tiny_sdxl_controlnet,
+}
 """ControlNet presets (a model directory each, not a pipeline)."""
-IP_ADAPTER_PRESETS: dict[str, Callable[[Path], None]] = {"tiny-flux-ip-adapter": build_tiny_flux_ip_adapter}
+IP_ADAPTER_PRESETS: dict[str, Callable[[Path], None]] = {
+    "tiny-flux-ip-adapter": build_tiny_flux_ip_adapter,
+    "tiny-sdxl-ip-adapter": build_tiny_sdxl_ip_adapter,
+}
 """IP-Adapter presets (weights plus their image encoder)."""
 PRESET_VERSION = 2
 
@@ -553,7 +627,8 @@ def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:
     target = cache_dir / f"{name}-v{PRESET_VERSION}"
     marker = {
         **dict.fromkeys(CONTROLNET_PRESETS, "config.json"),
-        **dict.fromkeys(IP_ADAPTER_PRESETS, "ip_adapter.safetensors"),
+        "tiny-flux-ip-adapter": "ip_adapter.safetensors",
+        "tiny-sdxl-ip-adapter": "ip-adapter_sdxl.safetensors",
     }.get(name, "model_index.json")
     if (target / marker).is_file():
         return target

@@ -96,14 +96,21 @@ def describe_model(model: str) -> ModelCard:
 def load_controlnets(
     locations: tuple[str, ...], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.nn.Module]:
-    """Each ControlNet by the name requests use (its location), loaded with diffusers' ``from_pretrained``."""
-    from diffusers import FluxControlNetModel
+    """Each ControlNet by the name requests use (its location), loaded with diffusers' ``from_pretrained`` as
+    the class its config names (``FluxControlNetModel`` for Flux, ``ControlNetModel`` for SDXL)."""
+    from diffusers import ControlNetModel, FluxControlNetModel
 
+    classes = {cls.__name__: cls for cls in (FluxControlNetModel, ControlNetModel)}
     nets = {}
     for location in locations:
         path = str(materialize_preset(location)) if location in CONTROLNET_PRESETS else location
+        kind = _read_json(path, "config.json").get("_class_name", "?")
+        if kind not in classes:
+            raise ConfigError(
+                f"controlnet '{location}' is a {kind}; supported: {', '.join(classes)} (diffusers' layout)"
+            )
         try:
-            nets[location] = FluxControlNetModel.from_pretrained(path, torch_dtype=dtype).to(device)
+            nets[location] = classes[kind].from_pretrained(path, torch_dtype=dtype).to(device)
         except OSError as error:
             raise ConfigError(f"controlnet '{location}': {error}") from None
     return nets

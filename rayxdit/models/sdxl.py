@@ -20,14 +20,16 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import EulerDiscreteScheduler
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
-from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -98,13 +100,16 @@ def parallelize_unet(unet: torch.nn.Module, state: ParallelState, attention: str
 @dataclass(frozen=True)
 class SDXLCondition:
     prompt_embeds: torch.Tensor  # (B, 77, 2048): both CLIP encoders' penultimate states, concatenated
-    added: dict[str, torch.Tensor]  # text_embeds (pooled) and time_ids
+    added: dict[str, torch.Tensor]  # text_embeds (pooled), time_ids and (IP-Adapter) image_embeds
 
 
 @dataclass(frozen=True)
 class SDXLBands:
     rows: tuple[int, ...]  # latent rows per rank of the sp group
     width: int  # latent columns
+    controls: tuple[
+        torch.Tensor, ...
+    ] = ()  # (B, 3, band pixel rows, W px) each: this band of the control images
 
 
 class SDXLAdapter(DiffusionAdapter):
@@ -140,6 +145,7 @@ class SDXLAdapter(DiffusionAdapter):
         if pipeline.vae.dtype == torch.float16 and pipeline.vae.config.force_upcast:
             pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers knows
         self.unet_bands: RowBands | None = None
+        self.controlnet_bands: dict[str, RowBands | None] = {}
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -152,6 +158,108 @@ class SDXLAdapter(DiffusionAdapter):
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         self.unet_bands = parallelize_unet(self.transformer, state, attention)
+        # A ControlNet is the UNet's encoder half: the same patch parallelism, on the same bands (its
+        # conditioning embedding's convolutions run on the control image's band of pixel rows).
+        self.controlnet_bands = {
+            name: parallelize_unet(net, state, attention) for name, net in self.controlnets.items()
+        }
+
+    # ----- ControlNet and IP-Adapter -----------------------------------------------------------------------
+    def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
+        from diffusers import ControlNetModel
+
+        for name, net in nets.items():
+            if not isinstance(net, ControlNetModel):
+                raise ConfigError(
+                    f"controlnet '{name}' is a {type(net).__name__}; SDXL takes ControlNetModel"
+                )
+            if net.config.global_pool_conditions:
+                raise ConfigError(
+                    f"controlnet '{name}' pools its conditions over the whole image (global_pool_conditions): "
+                    "not exact on bands of rows"
+                )
+        self.controlnets = dict(nets)
+
+    def control_bands(self, req: ResolvedRequest, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """This rank's band of each control image, as ``StableDiffusionXLControlNetPipeline`` prepares
+        them (resized to the request's size, in 0..1, one per image of the batch): the pixel rows under its
+        band of latent rows."""
+        from rayxdit.models.base import decode_image
+
+        processor = VaeImageProcessor(
+            vae_scale_factor=self.pipeline.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        scale, index = self.pipeline.vae_scale_factor, self.state.axis("sp").index
+        start, end = sum(rows[:index]) * scale, sum(rows[: index + 1]) * scale
+        bands = []
+        for control in req.request.controls:
+            net = self.controlnets[self.controlnet_for(control)]
+            pixels = processor.preprocess(decode_image(control.image), height=req.height, width=req.width)
+            pixels = pixels.repeat_interleave(req.batch, dim=0)[:, :, start:end]
+            bands.append(pixels.to(self.device, net.dtype))
+        return tuple(bands)
+
+    def control_residuals(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: SDXLCondition,
+        positions: SDXLBands,
+        req: ResolvedRequest,
+    ) -> dict[str, Any]:
+        """The ControlNets' residuals for this band (per position: local), summed as
+        ``MultiControlNetModel`` sums them; each branch runs them on its own conditioning, as diffusers."""
+        down = mid = None
+        for control, image in zip(req.request.controls, positions.controls, strict=True):
+            name = self.controlnet_for(control)
+            if self.controlnet_bands.get(name) is not None:
+                self.controlnet_bands[name].rows = positions.rows
+            net_down, net_mid = self.controlnets[name](
+                sample,
+                timestep,
+                encoder_hidden_states=cond.prompt_embeds,
+                controlnet_cond=image,
+                conditioning_scale=control.scale,
+                added_cond_kwargs=cond.added,
+                return_dict=False,
+            )
+            down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
+            mid = net_mid if mid is None else mid + net_mid
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
+        """diffusers' ``load_ip_adapter`` (h94/IP-Adapter's layout: see :func:`ip_adapter_weights`; the CLIP
+        image encoder from ``image_encoder`` or the weights' ``image_encoder/`` folder). Its processors sit
+        on the cross-attention, which is local to a band (the image-prompt tokens are replicated): exact
+        under patch parallelism as it comes."""
+        source, subfolder, weight_name = ip_adapter_weights(location, "ip-adapter_sdxl.safetensors")
+        pipe = self.pipeline
+        if image_encoder is not None:
+            from transformers import CLIPVisionModelWithProjection
+
+            encoder = CLIPVisionModelWithProjection.from_pretrained(
+                image_encoder, dtype=self.transformer.dtype
+            )
+            pipe.register_modules(image_encoder=encoder)
+        pipe.load_ip_adapter(
+            source,
+            subfolder=subfolder,
+            weight_name=weight_name,
+            image_encoder_folder=None if image_encoder is not None else "image_encoder",
+        )
+        pipe.image_encoder.to(self.device, self.transformer.dtype)
+
+    def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
+        """The IP-Adapter's image embeddings of one branch, as ``StableDiffusionXLPipeline`` makes them (the
+        negative branch's: zeros, or for IP-Adapter Plus the embedding of a black image)."""
+        from rayxdit.models.base import decode_image
+
+        pipe = self.pipeline
+        pipe.set_ip_adapter_scale(req.request.ip_adapter_scale)
+        adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers)
+        image = decode_image(req.request.ip_adapter_image)
+        embeds = pipe.prepare_ip_adapter_image_embeds([image] * adapters, None, self.device, req.batch, True)
+        return [both.chunk(2)[1 if branch == CONDITIONAL else 0] for both in embeds]
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         req = super().resolve(request)
@@ -192,7 +300,10 @@ class SDXLAdapter(DiffusionAdapter):
             dtype=embeds.dtype,
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
-        return SDXLCondition(embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(req.batch, 1)})
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(req.batch, 1)}
+        if request.ip_adapter_image is not None:
+            added["image_embeds"] = self.image_prompt(req, branch)
+        return SDXLCondition(embeds, added)
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SDXLBands]:
         # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
@@ -206,7 +317,7 @@ class SDXLAdapter(DiffusionAdapter):
         unit, parts = self.band_unit, self.state.axis("sp").size
         rows = [units * unit for units in split_sizes(height // unit, parts)] if parts > 1 else [height]
         tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        return tokens, SDXLBands(tuple(rows), width)
+        return tokens, SDXLBands(tuple(rows), width, self.control_bands(req, rows))
 
     def latent_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = latents.shape
@@ -259,12 +370,16 @@ class SDXLAdapter(DiffusionAdapter):
         if self.unet_bands is not None:
             self.unet_bands.rows = positions.rows
         sample = latents.reshape(batch, rows, positions.width, channels).permute(0, 3, 1, 2)
+        residuals = {}
+        if positions.controls:
+            residuals = self.control_residuals(sample, timestep, cond, positions, req)
         noise = self.transformer(
             sample,
             timestep,
             encoder_hidden_states=cond.prompt_embeds,
             added_cond_kwargs=cond.added,
             return_dict=False,
+            **residuals,
         )[0]
         return noise.permute(0, 2, 3, 1).reshape(batch, tokens, channels)
 

@@ -61,16 +61,23 @@ class ImageGenerationRequest(BaseModel):
         description="Answer at once with a job to poll at GET /v1/images/generations/{id} (rayxdit; also "
         "by the header 'Prefer: respond-async').",
     )
-    control_image: str | None = Field(
+    control_image: str | list[str] | None = Field(
         default=None,
-        description="A ControlNet's conditioning image, base64 (or a data: URL) (rayxdit; edits take it as "
-        "a file).",
+        description="A ControlNet's conditioning image, base64 (or a data: URL), or a list of them: several "
+        "ControlNets at once, their residuals summed (rayxdit; edits take them as files).",
     )
-    controlnet: str | None = Field(
-        default=None, description="Which ControlNet of the model (GET /v1/models); default: its only one."
+    controlnet: str | list[str] | None = Field(
+        default=None,
+        description="Which ControlNet of the model (GET /v1/models) reads the control image; a list: one per "
+        "image. Default: the model's only one.",
     )
-    controlnet_scale: float = Field(
-        default=1.0, ge=0, le=4, description="controlnet_conditioning_scale (rayxdit)."
+    controlnet_scale: float | list[float] = Field(
+        default=1.0,
+        description="controlnet_conditioning_scale, 0..4: one for all control images or one each (rayxdit).",
+    )
+    control_mode: int | list[int] | None = Field(
+        default=None,
+        description="Union ControlNets: what each control image shows (the checkpoint's numbering) (rayxdit).",
     )
     ip_adapter_image: str | None = Field(
         default=None,

@@ -50,6 +50,7 @@ from rayxdit.request import (
     RequestError,
     RequestStopped,
     engine_seconds,
+    pair_controls,
 )
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
@@ -88,6 +89,13 @@ class PoolGone(Exception):
 
 async def _awaited(response):
     return await response
+
+
+def _listed(value: Any) -> list:
+    """A field that takes one value or a list of them, as a list (none: empty)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def request_id_of(request: Request) -> str:
@@ -742,7 +750,8 @@ class Router:
     async def _conditioning_inputs(self, body: ImageGenerationRequest, form: Any = None) -> dict[str, Any]:
         """A request's ControlNet and IP-Adapter fields, checked before any GPU work (see
         :meth:`_control_inputs`); the model's pools must load an IP-Adapter for an image prompt."""
-        inputs = await self._control_inputs(body, None if form is None else form.get("control_image"))
+        uploads = [] if form is None else form.getlist("control_image") + form.getlist("control_image[]")
+        inputs = await self._control_inputs(body, uploads)
         upload = None if form is None else form.get("ip_adapter_image")
         image_prompt = await self._image_field(body.ip_adapter_image, upload, "ip_adapter_image")
         if image_prompt is None:
@@ -757,42 +766,31 @@ class Router:
             )
         return {**inputs, "ip_adapter_image": image_prompt, "ip_adapter_scale": body.ip_adapter_scale}
 
-    async def _control_inputs(self, body: ImageGenerationRequest, upload: Any = None) -> dict[str, Any]:
-        """A request's ControlNet fields, checked before any GPU work: the control image (``upload``, a
-        form's file, or the body's base64) decodes, and the model's pools load the named ControlNet."""
-        data = await self._image_field(body.control_image, upload, "control_image")
-        if data is None:
-            if body.controlnet is not None:
-                raise ApiError(
-                    400, "controlnet: send a control_image with it", "invalid_request_error", "controlnet"
-                )
-            return {}
+    async def _control_inputs(self, body: ImageGenerationRequest, uploads: list[Any]) -> dict[str, Any]:
+        """A request's ControlNet fields, checked before any GPU work: every control image (``uploads``, a
+        form's files, or the body's base64) decodes, and pairs with a ControlNet the model's pools load
+        (:func:`~rayxdit.request.pair_controls`)."""
+        if uploads:
+            images = [await self._image_field(None, upload, "control_image") for upload in uploads]
+        else:
+            images = [
+                await self._image_field(data, None, "control_image") for data in _listed(body.control_image)
+            ]
         model = body.model or self.default_model["image"]
-        inputs = {
-            "control_image": data,
-            "controlnet": body.controlnet,
-            "controlnet_scale": body.controlnet_scale,
-        }
-        if model not in self.pools_by_model:
-            return inputs  # _validated answers the unknown model
-        loaded = self.pools_by_model[model][0].controlnets
-        if not loaded:
-            raise ApiError(
-                400,
-                f"control_image: model '{model}' is served without ControlNets",
-                "invalid_request_error",
-                "control_image",
+        # An unknown model: _validated answers it; here the names are checked where the pools are known.
+        loaded = self.pools_by_model[model][0].controlnets if model in self.pools_by_model else None
+        try:
+            controls = pair_controls(
+                images,
+                _listed(body.controlnet),
+                _listed(body.controlnet_scale),
+                _listed(body.control_mode),
+                None if loaded is None else tuple(loaded),
             )
-        name = body.controlnet or (loaded[0] if len(loaded) == 1 else None)
-        if name not in loaded:
-            raise ApiError(
-                400,
-                f"controlnet: {'name one' if name is None else repr(name) + ' is not one'} of this model's "
-                f"ControlNets ({', '.join(loaded)})",
-                "invalid_request_error",
-                "controlnet",
-            )
-        return {**inputs, "controlnet": name}
+        except RequestError as error:
+            message = str(error).replace("this model", f"model '{model}'")
+            raise ApiError(400, message, "invalid_request_error", error.param) from None
+        return {"controls": controls} if controls else {}
 
     async def _upload(self, file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
         """An uploaded image's bytes and size, read within MAX_UPLOAD_BYTES and decoded once off the event
@@ -845,12 +843,15 @@ class Router:
                 "invalid_request_error",
                 "image",
             )
-        fields = {
-            name: value
-            for name, value in form.multi_items()
-            if isinstance(value, str)
-            and name not in ("image", "image[]", "mask", "control_image", "ip_adapter_image")
-        }
+        fields: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            key = name.removesuffix("[]")
+            if not isinstance(value, str) or key in ("image", "mask", "control_image", "ip_adapter_image"):
+                continue
+            if key in fields and key in ("controlnet", "controlnet_scale", "control_mode"):
+                fields[key] = [*_listed(fields[key]), value]  # one per control image, in their order
+            else:
+                fields[key] = value
         body: ImageEditRequest = self._validated_body(ImageEditRequest, fields)
         if body.stream:
             raise ApiError(400, "stream: streaming is not offered", "invalid_request_error", "stream")

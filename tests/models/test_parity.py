@@ -40,19 +40,23 @@ from PIL import Image
 
 from rayxdit.config import EngineConfig, ParallelConfig
 from rayxdit.engine import Engine
+from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state
-from rayxdit.request import GenerateRequest
+from rayxdit.request import ControlInput, GenerateRequest
 from tests.helpers import run_on_ranks
 from tests.sabotage import broken_ring_merge
 
 TOLERANCE = {
     "tiny-flux": 1e-5,
     "tiny-flux-controlnet": 1e-5,
+    "tiny-flux-controlnets": 1e-5,
     "tiny-flux-ip-adapter": 1e-5,
     "tiny-flux-kontext": 1e-5,
     "tiny-sd3": 1e-5,
     "tiny-sdxl": 1e-4,
+    "tiny-sdxl-controlnet": 1e-4,
+    "tiny-sdxl-ip-adapter": 1e-4,
     "tiny-wan": 1e-5,
 }
 
@@ -67,6 +71,7 @@ _RANDOM = np.random.default_rng(3)
 SOURCE = _png(_RANDOM.integers(0, 256, (44, 52, 3), dtype=np.uint8))
 """An input image of another size than the requests' (the pipelines resize it)."""
 CONTROL = _png(_RANDOM.integers(0, 256, (36, 36, 3), dtype=np.uint8))
+CONTROL_2 = _png(_RANDOM.integers(0, 256, (30, 50, 3), dtype=np.uint8))
 HALF_MASK = _png(np.where(np.arange(36)[None, :] < 18, 255, 0).astype(np.uint8).repeat(36, 0))
 """Repaint the left half, keep the right."""
 REQUESTS = {
@@ -112,13 +117,29 @@ REQUESTS = {
             prompt="a house",
             negative_prompt="dark",
             true_cfg_scale=2.0,
-            control_image=CONTROL,
-            controlnet_scale=0.8,
+            controls=(ControlInput(image=CONTROL, scale=0.8),),
             height=36,
             width=36,
             steps=3,
             seed=21,
             num_images=2,
+        ),
+    },
+    # tiny-flux with a union ControlNet (its mode's embedding one more text token, held by the first rank of
+    # the sp group) and a plain one at once: their residuals summed, as FluxMultiControlNetModel sums them.
+    "tiny-flux-controlnets": {
+        "union-and-plain": GenerateRequest(
+            prompt="a house",
+            negative_prompt="dark",
+            true_cfg_scale=2.0,
+            controls=(
+                ControlInput(image=CONTROL, controlnet="tiny-flux-controlnet-union", scale=0.8, mode=2),
+                ControlInput(image=CONTROL_2, controlnet="tiny-flux-controlnet", scale=0.5),
+            ),
+            height=36,
+            width=36,
+            steps=3,
+            seed=23,
         ),
     },
     # tiny-flux with an IP-Adapter: its image-prompt tokens are replicated, the attention over them local to
@@ -230,6 +251,36 @@ REQUESTS = {
             num_images=2,
         ),
     },
+    # tiny-sdxl with its ControlNet (the UNet's encoder half, on the same bands; the control images' bands
+    # of pixel rows under them), read twice at once (MultiControlNetModel: residuals summed).
+    "tiny-sdxl-controlnet": {
+        "two-controls": GenerateRequest(
+            prompt="a house",
+            negative_prompt="dark",
+            guidance=5.0,
+            controls=(ControlInput(image=CONTROL, scale=0.8), ControlInput(image=CONTROL_2, scale=0.5)),
+            height=40,
+            width=40,
+            steps=3,
+            seed=21,
+            num_images=2,
+        ),
+    },
+    # tiny-sdxl with an IP-Adapter: its processors sit on the cross-attention, local to a band; the negative
+    # branch's image embeddings are zeros, as diffusers makes them.
+    "tiny-sdxl-ip-adapter": {
+        "image-prompt": GenerateRequest(
+            prompt="a portrait",
+            negative_prompt="dark",
+            guidance=5.0,
+            ip_adapter_image=SOURCE,
+            ip_adapter_scale=0.8,
+            height=40,
+            width=40,
+            steps=3,
+            seed=17,
+        ),
+    },
     # 9 frames of 48x80 px = 3 latent frames of 3x5 patch tokens: 45 video tokens, uneven at 2, 4 and 8.
     "tiny-wan": {
         "cfg": GenerateRequest(
@@ -251,12 +302,19 @@ REQUESTS = {
 
 
 def engine_config(model: str, **options) -> EngineConfig:
-    """A test model's engine: a preset, or tiny-flux with its ControlNet."""
-    if model == "tiny-flux-controlnet":
-        return EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",), **options)
-    if model == "tiny-flux-ip-adapter":
-        return EngineConfig(model="tiny-flux", ip_adapter="tiny-flux-ip-adapter", **options)
+    """A test model's engine: a preset, or a preset with ControlNets or an IP-Adapter beside it."""
+    if model == "tiny-flux-controlnets":
+        nets = ("tiny-flux-controlnet-union", "tiny-flux-controlnet")
+        return EngineConfig(model="tiny-flux", controlnets=nets, **options)
+    if model.endswith("-ip-adapter"):
+        return EngineConfig(model=model.removesuffix("-ip-adapter"), ip_adapter=model, **options)
+    if model.endswith("-controlnet"):
+        return EngineConfig(model=model.removesuffix("-controlnet"), controlnets=(model,), **options)
     return EngineConfig(model=model, **options)
+
+
+def _image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
@@ -271,24 +329,54 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         num_images_per_prompt=request.num_images,
         output_type="latent",
     )
-    if model == "tiny-flux-controlnet":
-        from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    if model in ("tiny-flux-controlnet", "tiny-flux-controlnets"):
+        from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 
-        from rayxdit.models.presets import materialize_preset
-
-        net = FluxControlNetModel.from_pretrained(materialize_preset("tiny-flux-controlnet"))
-        return FluxControlNetPipeline.from_pipe(adapter.pipeline, controlnet=net)(
+        nets = [
+            FluxControlNetModel.from_pretrained(materialize_preset(name))
+            for name in engine_config(model).controlnets
+        ]
+        controls = request.controls
+        several = len(controls) > 1
+        return FluxControlNetPipeline.from_pipe(
+            adapter.pipeline, controlnet=FluxMultiControlNetModel(nets) if several else nets[0]
+        )(
             request.prompt,
-            control_image=Image.open(io.BytesIO(request.control_image)).convert("RGB"),
-            controlnet_conditioning_scale=request.controlnet_scale,
+            control_image=[_image(c.image) for c in controls] if several else _image(controls[0].image),
+            control_mode=[c.mode for c in controls] if several else controls[0].mode,
+            controlnet_conditioning_scale=[c.scale for c in controls] if several else controls[0].scale,
             true_cfg_scale=request.true_cfg_scale,
             guidance_scale=request.guidance,
             max_sequence_length=29,
             **common,
         ).images
-    if model == "tiny-flux-ip-adapter":
-        from rayxdit.models.presets import materialize_preset
+    if model == "tiny-sdxl-controlnet":
+        from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionXLControlNetPipeline
 
+        net = ControlNetModel.from_pretrained(materialize_preset(model))
+        latents = StableDiffusionXLControlNetPipeline.from_pipe(
+            adapter.pipeline, controlnet=MultiControlNetModel([net] * len(request.controls))
+        )(
+            request.prompt,
+            image=[_image(c.image) for c in request.controls],
+            controlnet_conditioning_scale=[c.scale for c in request.controls],
+            guidance_scale=request.guidance,
+            **common,
+        ).images
+        return latents.permute(0, 2, 3, 1).flatten(1, 2)
+    if model == "tiny-sdxl-ip-adapter":
+        adapter.pipeline.load_ip_adapter(
+            str(materialize_preset(model)), subfolder="", weight_name="ip-adapter_sdxl.safetensors"
+        )
+        adapter.pipeline.set_ip_adapter_scale(request.ip_adapter_scale)
+        latents = adapter.pipeline(
+            request.prompt,
+            ip_adapter_image=_image(request.ip_adapter_image),
+            guidance_scale=request.guidance,
+            **common,
+        ).images
+        return latents.permute(0, 2, 3, 1).flatten(1, 2)
+    if model == "tiny-flux-ip-adapter":
         location = materialize_preset("tiny-flux-ip-adapter")
         pipeline = adapter.pipeline
         pipeline.load_ip_adapter(
@@ -430,6 +518,9 @@ CONFIGS = {
         ("tiny-flux-controlnet", "ulysses=2", False),
         ("tiny-flux-controlnet", "ring=2", False),
         ("tiny-flux-controlnet", "cfg=2", False),
+        ("tiny-flux-controlnets", "ulysses=2", False),
+        ("tiny-flux-controlnets", "ring=2", False),
+        ("tiny-flux-controlnets", "cfg=2", False),
         ("tiny-flux-ip-adapter", "ulysses=2", False),
         ("tiny-flux-ip-adapter", "ring=2", False),
         ("tiny-flux-ip-adapter", "cfg=2", False),
@@ -442,6 +533,12 @@ CONFIGS = {
         ("tiny-sdxl", "ulysses=2", False),
         ("tiny-sdxl", "ring=2", False),
         ("tiny-sdxl", "cfg=2", False),
+        ("tiny-sdxl-controlnet", "ulysses=2", False),
+        ("tiny-sdxl-controlnet", "ring=2", False),
+        ("tiny-sdxl-controlnet", "cfg=2", False),
+        ("tiny-sdxl-ip-adapter", "ulysses=2", False),
+        ("tiny-sdxl-ip-adapter", "ring=2", False),
+        ("tiny-sdxl-ip-adapter", "cfg=2", False),
         ("tiny-wan", "ulysses=2", False),
         ("tiny-wan", "ring=2", False),
         ("tiny-wan", "cfg=2", False),
@@ -457,11 +554,14 @@ CONFIGS = {
         ("tiny-flux", "pipefusion=2,ulysses=2", False),
         ("tiny-flux-kontext", "ulysses=2,ring=2", False),
         ("tiny-flux-controlnet", "cfg=2,ulysses=2", False),
+        ("tiny-flux-controlnets", "ulysses=2,ring=2", False),
         ("tiny-flux-ip-adapter", "ulysses=2,ring=2", False),
         ("tiny-sd3", "ulysses=4", False),
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
         ("tiny-sdxl", "ulysses=2,ring=2", False),
+        ("tiny-sdxl-controlnet", "ring=4", False),
+        ("tiny-sdxl-ip-adapter", "cfg=2,ulysses=2", False),
         ("tiny-wan", "ulysses=4", False),
         ("tiny-wan", "ulysses=2,ring=2", False),
     ],
@@ -473,6 +573,9 @@ CONFIGS = {
         ("tiny-flux-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-flux-controlnets", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sdxl-controlnet", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
     ],
 }

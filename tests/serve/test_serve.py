@@ -27,7 +27,7 @@ from ray import serve
 from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.request import GenerateRequest
+from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
 from tests.helpers import free_port
 
@@ -782,14 +782,29 @@ def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(u
         height=36,
         steps=3,
         seed=2,
-        control_image=control,
-        controlnet="tiny-flux-controlnet",
-        controlnet_scale=0.7,
+        controls=(ControlInput(image=control, scale=0.7),),
     )
     single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
     assert np.abs(served - single).max() <= 1
-    without = np.asarray(engine.generate(request.model_copy(update={"controlnet_scale": 0.0})).images[0])
+    unscaled = (ControlInput(image=control, scale=0.0),)
+    without = np.asarray(engine.generate(request.model_copy(update={"controls": unscaled})).images[0])
     assert np.abs(served - without.astype(np.int16)).max() > 10, "the control image must matter"
+    # Two control images at once (a MultiControlNet of the pool's one ControlNet): residuals summed.
+    second = random_png(24, 30, seed=8)
+    both = post(
+        url,
+        {
+            **body,
+            "control_image": [body["control_image"], base64.b64encode(second).decode()],
+            "controlnet_scale": [0.7, 0.4],
+        },
+    )
+    assert both.status_code == 200, both.text
+    two = (ControlInput(image=control, scale=0.7), ControlInput(image=second, scale=0.4))
+    single = engine.generate(request.model_copy(update={"controls": two})).images[0]
+    served_both = png_pixels(base64.b64decode(both.json()["data"][0]["b64_json"]))
+    assert np.abs(served_both - np.asarray(single, dtype=np.int16)).max() <= 1
+    assert np.abs(served_both - served).max() > 10, "the second control image must matter"
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
     for bad, param in (
@@ -801,6 +816,12 @@ def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(u
             {k: v for k, v in body.items() if k != "control_image"} | {"controlnet": "tiny-flux-controlnet"},
             "controlnet",
         ),
+        (
+            {**body, "control_image": [body["control_image"]] * 2, "controlnet_scale": [1, 1, 1]},
+            "controlnet_scale",
+        ),
+        ({**body, "control_image": [body["control_image"]] * 5}, "control_image"),  # at most 4
+        ({**body, "controlnet_scale": 5}, "controlnet_scale"),
     ):
         refused = post(url, bad)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (param, refused.text)
