@@ -167,14 +167,17 @@ class EngineConfig:
     """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
     LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
     ip_adapter: str | None = None
-    """A Flux IP-Adapter (XLabs layout: a directory or hub id with ``ip_adapter.safetensors``, or the
-    ``tiny-flux-ip-adapter`` preset), loaded with diffusers' ``load_ip_adapter``."""
+    """An IP-Adapter, loaded with diffusers' ``load_ip_adapter``: Flux's in XLabs' layout
+    (``ip_adapter.safetensors``), SDXL's in h94/IP-Adapter's (``ip-adapter_sdxl.safetensors``); a directory or
+    hub id holding it, a hub folder or file path (``h94/IP-Adapter/sdxl_models``), a weights file, or the
+    ``tiny-flux-ip-adapter`` / ``tiny-sdxl-ip-adapter`` presets."""
     ip_adapter_image_encoder: str | None = None
     """The IP-Adapter's CLIP image encoder (default: its ``image_encoder/`` folder), e.g.
     ``openai/clip-vit-large-patch14`` for XLabs' Flux IP-Adapter."""
     controlnets: tuple[str, ...] = ()
-    """ControlNets loaded beside the model (Flux: ``FluxControlNetModel`` directories, hub ids or the
-    ``tiny-flux-controlnet`` preset), parallelized like it; a request names one by this string."""
+    """ControlNets loaded beside the model (Flux: ``FluxControlNetModel``, union ones too; SDXL:
+    ``ControlNetModel``; directories, hub ids or the ``tiny-flux-controlnet``, ``tiny-flux-controlnet-union``
+    and ``tiny-sdxl-controlnet`` presets), parallelized like it; a request names one by this string."""
 
     def __post_init__(self) -> None:
         if self.controlnets and self.parallel.pipefusion > 1:
@@ -295,16 +298,18 @@ class PoolConfig(BaseModel):
     loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
     ip_adapter: str | None = Field(
         default=None,
-        description="A Flux IP-Adapter (directory or hub id with ip_adapter.safetensors, or tiny-flux-ip-adapter); "
-        "requests then take ip_adapter_image.",
+        description="An IP-Adapter (Flux: XLabs layout, ip_adapter.safetensors; SDXL: h94 layout, "
+        "ip-adapter_sdxl.safetensors; a directory, hub id or path, weights file, or tiny-flux-ip-adapter / "
+        "tiny-sdxl-ip-adapter); requests then take ip_adapter_image.",
     )
     ip_adapter_image_encoder: str | None = Field(
         default=None, description="Its CLIP image encoder (default: the adapter's image_encoder/ folder)."
     )
     controlnets: list[str] = Field(
         default_factory=list,
-        description="ControlNets loaded beside the model (Flux): directories, hub ids or tiny-flux-controlnet; "
-        "requests name one in 'controlnet'. Pools serving one model must load the same ones.",
+        description="ControlNets loaded beside the model (Flux or SDXL): directories, hub ids or the "
+        "tiny-flux-controlnet, tiny-flux-controlnet-union and tiny-sdxl-controlnet presets; requests name one in "
+        "'controlnet'. Pools serving one model must load the same ones.",
     )
     vae_parallel: bool = Field(
         default=True, description="Split the VAE decode into bands of rows over the sequence-parallel ranks."

@@ -36,6 +36,11 @@ ROW_COLUMNS = (
     "image",
     "mask",
     "strength",
+    "control_image",
+    "controlnet",
+    "controlnet_scale",
+    "ip_adapter_image",
+    "ip_adapter_scale",
     "status",
     "error",
     "request",
@@ -56,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="prompts: .parquet, .jsonl or .csv with a 'prompt' column "
         "and optional id, seed, size (WxH), steps, negative_prompt, guidance, true_cfg_scale; image and "
-        "mask (paths under the input's directory, or URLs) and strength for img2img and inpainting; for "
-        "video models (Wan) frames",
+        "mask (paths under the input's directory, or URLs) and strength for img2img and inpainting; "
+        "control_image (a path or URL), controlnet and controlnet_scale with --controlnet; ip_adapter_image "
+        "and ip_adapter_scale with --ip-adapter; for video models (Wan) frames",
     )
     parser.add_argument("--output", required=True, type=Path, help="output directory (created if missing)")
     parser.add_argument("--model", default="tiny-flux", help="preset, local pipeline directory or hub id")
@@ -75,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"logical CPUs reserved per rank (default: 1 with GPUs, {CPU_RANK_CPUS} on the CPU, so that a "
         "2-core machine hosts a 2-rank group)",
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="LOCATION",
+        help="load this ControlNet beside the model (Flux or SDXL; repeat for several); rows name it in "
+        "'controlnet' (default: the only one)",
+    )
+    parser.add_argument(
+        "--ip-adapter", default=None, metavar="LOCATION", help="load this IP-Adapter (Flux or SDXL)"
+    )
+    parser.add_argument(
+        "--ip-adapter-image-encoder",
+        default=None,
+        metavar="LOCATION",
+        help="the IP-Adapter's CLIP image encoder (default: its image_encoder/ folder)",
     )
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
@@ -94,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def normalize_batch(batch, limits, base_dir=None):
+def normalize_batch(batch, limits, base_dir=None, controlnets=(), ip_adapter=False):
     """Ray Data stage: raw input rows -> rows with id, seed, status (``invalid`` + reason when bad) and the
     validated request (input images read from ``base_dir``, the input file's directory)."""
     import pyarrow as pa
 
     from rayxdit.batch.rows import normalize
 
-    rows = [normalize(row, limits, base_dir) for row in batch.to_pylist()]
+    rows = [normalize(row, limits, base_dir, controlnets, ip_adapter) for row in batch.to_pylist()]
     return pa.Table.from_pylist([{key: row[key] for key in ROW_COLUMNS} for row in rows], schema=row_schema())
 
 
@@ -116,7 +139,9 @@ def row_schema():
     )
 
 
-def read_rows(path: str, limits) -> list[dict[str, Any]]:
+def read_rows(
+    path: str, limits, controlnets: tuple[str, ...] = (), ip_adapter: bool = False
+) -> list[dict[str, Any]]:
     """Every input row, normalized, in input order, each id once (duplicate rows would be the same image)."""
     import ray.data
 
@@ -128,7 +153,14 @@ def read_rows(path: str, limits) -> list[dict[str, Any]]:
     # Paths in image/mask columns are relative to the input file's directory (on a local or mounted disk).
     base_dir = None if "://" in path else Path(path).resolve().parent
     dataset = reader(path).map_batches(
-        normalize_batch, fn_kwargs={"limits": limits, "base_dir": base_dir}, batch_format="pyarrow"
+        normalize_batch,
+        fn_kwargs={
+            "limits": limits,
+            "base_dir": base_dir,
+            "controlnets": controlnets,
+            "ip_adapter": ip_adapter,
+        },
+        batch_format="pyarrow",
     )
     seen: dict[str, dict[str, Any]] = {}
     for row in dataset.iter_rows():
@@ -192,6 +224,9 @@ def pool_from_args(args: argparse.Namespace):
             dtype=args.dtype,
             compile=args.compile,
             request_timeout_s=args.request_timeout_s,
+            controlnets=args.controlnet,
+            ip_adapter=args.ip_adapter,
+            ip_adapter_image_encoder=args.ip_adapter_image_encoder,
         )
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
@@ -325,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     begin = time.perf_counter()
 
-    rows = read_rows(args.input, card.limits)
+    rows = read_rows(args.input, card.limits, tuple(pool.controlnets), pool.ip_adapter is not None)
     video = card.limits.makes_video
     settled, pending, counts = plan(rows, output, run_id, video)
     write_part(output, settled, run_id)

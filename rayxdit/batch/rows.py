@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from rayxdit.limits import ModelLimits
-from rayxdit.request import GenerateRequest, RequestError
+from rayxdit.request import GenerateRequest, RequestError, pair_controls
 
 INPUT_COLUMNS = (
     "id",
@@ -30,8 +30,23 @@ INPUT_COLUMNS = (
     "image",
     "mask",
     "strength",
+    "control_image",
+    "controlnet",
+    "controlnet_scale",
+    "ip_adapter_image",
+    "ip_adapter_scale",
 )
-LATER_COLUMNS = ("frames", "image", "mask", "strength")
+LATER_COLUMNS = (
+    "frames",
+    "image",
+    "mask",
+    "strength",
+    "control_image",
+    "controlnet",
+    "controlnet_scale",
+    "ip_adapter_image",
+    "ip_adapter_scale",
+)
 """Columns added after the first release: left out of a row's digest when empty, so ids stay stable."""
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
@@ -86,7 +101,7 @@ def file_stem(identifier: str) -> str:
 
 
 def read_input_image(location: str, base_dir: Path | None, param: str) -> bytes:
-    """An ``image``/``mask`` cell's bytes: an http(s) URL, or a path relative to the input file's directory
+    """An ``image``/``mask``/``control_image``/``ip_adapter_image`` cell's bytes: an http(s) URL, or a path relative to the input file's directory
     (never outside it); checked as the HTTP API checks uploads."""
     from rayxdit.uploads import MAX_UPLOAD_BYTES, inspect_image
 
@@ -111,10 +126,17 @@ def read_input_image(location: str, base_dir: Path | None, param: str) -> bytes:
     return data
 
 
-def normalize(row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = None) -> dict[str, Any]:
+def normalize(
+    row: dict[str, Any],
+    limits: ModelLimits,
+    base_dir: Path | None = None,
+    controlnets: tuple[str, ...] = (),
+    ip_adapter: bool = False,
+) -> dict[str, Any]:
     """A row with its id and seed filled in, and ``status``/``error`` set to ``invalid`` with the reason
     when the row cannot be generated. ``request`` holds the validated request as JSON otherwise (with
-    the row's input image and mask, read from ``base_dir`` or their URLs)."""
+    the row's input images, read from ``base_dir`` or their URLs). ``controlnets`` and ``ip_adapter``: what
+    the job's model loads beside it (a row's ``controlnet`` must name one of them)."""
     identifier = row_id(row)
     seed = _clean(row.get("seed"))
     out = {
@@ -128,12 +150,14 @@ def normalize(row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = 
         "image": _clean(row.get("image")),
         "mask": _clean(row.get("mask")),
         "strength": _clean(row.get("strength")),
+        **{key: _clean(row.get(key)) for key in INPUT_COLUMNS[INPUT_COLUMNS.index("control_image") :]},
         "status": None,
         "error": None,
         "request": None,
     }
     try:
         request = to_request(out, row, limits, base_dir)
+        request = with_adapter_inputs(request, out, base_dir, controlnets, ip_adapter)
         resolved = limits.resolve(request)
     except RequestError as error:
         out.update(status=STATUS_INVALID, error=str(error))
@@ -145,6 +169,46 @@ def normalize(row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = 
         request=request.model_dump_json(),
     )
     return out
+
+
+def with_adapter_inputs(
+    request: GenerateRequest,
+    out: dict[str, Any],
+    base_dir: Path | None,
+    controlnets: tuple[str, ...],
+    ip_adapter: bool,
+) -> GenerateRequest:
+    """``request`` with the row's ControlNet input (``control_image``, read like ``image``; ``controlnet``,
+    ``controlnet_scale``) and IP-Adapter image prompt (``ip_adapter_image``, ``ip_adapter_scale``)."""
+    update: dict[str, Any] = {}
+    if out["control_image"] is not None or out["controlnet"] is not None:
+        images = []
+        if out["control_image"] is not None:
+            images = [read_input_image(str(out["control_image"]), base_dir, "control_image")]
+        update["controls"] = pair_controls(
+            images,
+            [] if out["controlnet"] is None else [str(out["controlnet"])],
+            [] if out["controlnet_scale"] is None else [float(out["controlnet_scale"])],
+            [],
+            controlnets,
+        )
+    if out["ip_adapter_image"] is not None:
+        if not ip_adapter:
+            raise RequestError(
+                "ip_adapter_image: this job loads no IP-Adapter (--ip-adapter)", "ip_adapter_image"
+            )
+        update["ip_adapter_image"] = read_input_image(
+            str(out["ip_adapter_image"]), base_dir, "ip_adapter_image"
+        )
+        scale = out["ip_adapter_scale"]
+        update["ip_adapter_scale"] = 1.0 if scale is None else float(scale)
+    if not update:
+        return request
+    try:
+        return GenerateRequest.model_validate({**request.model_dump(), **update})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise RequestError(f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
 
 
 def to_request(

@@ -422,7 +422,8 @@ def build_tiny_sdxl_ip_adapter(path: Path) -> None:
 
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
-    of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens."""
+    of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens, and SD3's 16 latent
+    channels (diffusers' SD3 inpainting takes 16-channel transformers only)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -447,19 +448,19 @@ def build_tiny_sd3(path: Path) -> None:
         transformer = SD3Transformer2DModel(
             sample_size=32,
             patch_size=2,
-            in_channels=4,
+            in_channels=16,
             num_layers=2,
             attention_head_dim=8,
             num_attention_heads=8,
             joint_attention_dim=64,
             caption_projection_dim=64,
             pooled_projection_dim=64,
-            out_channels=4,
+            out_channels=16,
             pos_embed_max_size=64,
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
-        vae = _vae_2d(TINY_FLUX.vae)
+        vae = _vae_2d({**TINY_FLUX.vae, "latent_channels": 16})  # as SD3's: 16 latent channels
     pipeline = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
@@ -618,7 +619,7 @@ IP_ADAPTER_PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-sdxl-ip-adapter": build_tiny_sdxl_ip_adapter,
 }
 """IP-Adapter presets (weights plus their image encoder)."""
-PRESET_VERSION = 2
+PRESET_VERSION = 3
 
 
 def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:

@@ -23,7 +23,7 @@ from rayxdit.batch.rows import seed_for
 from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.request import GenerateRequest
+from rayxdit.request import ControlInput, GenerateRequest
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,8 @@ JOB_FLAGS = [
     "gpu",
     "--cpus-per-rank",
     "0.25",
+    "--controlnet",
+    "tiny-flux-controlnet",
 ]
 
 
@@ -99,10 +101,19 @@ def manifest(output: Path) -> list[dict]:
     return pq.read_table(output / "manifest.parquet").to_pylist()
 
 
-def single_process(engine: Engine, row: dict) -> np.ndarray:
+def single_process(engine: Engine, row: dict, base_dir: Path | None = None) -> np.ndarray:
     width, height = (int(v) for v in row["size"].split("x"))
+    controls = ()
+    if row.get("control_image"):
+        image = (base_dir / row["control_image"]).read_bytes()
+        controls = (ControlInput(image=image, scale=row["controlnet_scale"]),)
     request = GenerateRequest(
-        prompt=row["prompt"], width=width, height=height, steps=row["steps"], seed=row["seed"]
+        prompt=row["prompt"],
+        width=width,
+        height=height,
+        steps=row["steps"],
+        seed=row["seed"],
+        controls=controls,
     )
     return np.asarray(engine.generate(request).images[0], dtype=np.int16)
 
@@ -115,24 +126,39 @@ def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path)
         {"id": "odd-size", "prompt": "a tree", "size": "37x36", "steps": 3, "seed": 3},
         {"id": "huge", "prompt": "a tree", "size": "4096x4096", "steps": 3, "seed": 3},
         {"id": "house", "prompt": "a house by the sea", "size": "36x40", "steps": 2, "seed": 4},
+        # A ControlNet row: its control image a path under the input's directory.
+        {
+            "id": "edges",
+            "prompt": "a house",
+            "size": "36x36",
+            "steps": 2,
+            "seed": 5,
+            "control_image": "edges.png",
+            "controlnet_scale": 0.7,
+        },
     ]
+    edges = np.random.default_rng(5).integers(0, 256, (36, 36, 3), dtype=np.uint8)
+    Image.fromarray(edges).save(tmp_path / "edges.png")
     input_path = tmp_path / "prompts.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), input_path)
+    columns = dict.fromkeys(key for row in rows for key in row)  # pyarrow takes its columns from row 0
+    pq.write_table(pa.Table.from_pylist([{**columns, **row} for row in rows]), input_path)
     done = submit(cluster, input_path, tmp_path / "out")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "3 generated, 0 failed" in done.stdout and "3 invalid" in done.stdout
+    assert "4 generated, 0 failed" in done.stdout and "3 invalid" in done.stdout
 
     records = {r["id"]: r for r in manifest(tmp_path / "out")}
     assert sorted(records) == sorted(r["id"] for r in rows)
-    assert {i for i, r in records.items() if r["status"] == "ok"} == {"cat", "dog", "house"}
+    assert {i for i, r in records.items() if r["status"] == "ok"} == {"cat", "dog", "house", "edges"}
     assert "prompt is empty" in records["empty"]["error"]
     assert "multiple of 4" in records["odd-size"]["error"] and "outside" in records["huge"]["error"]
     images = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
-    assert images == ["cat.png", "dog.png", "house.png"]
+    assert images == ["cat.png", "dog.png", "edges.png", "house.png"]
     assert records["dog"]["seed"] == seed_for("dog")  # no seed given: derived from the id
+    assert (records["edges"]["control_image"], records["edges"]["controlnet_scale"]) == ("edges.png", 0.7)
 
-    engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
-    for identifier in ("cat", "dog", "house"):
+    config = EngineConfig(model="tiny-flux", controlnets=("tiny-flux-controlnet",))
+    engine = Engine(config, ParallelState.single())
+    for identifier in ("cat", "dog", "house", "edges"):
         record = records[identifier]
         assert (
             record["ranks"] == 2
@@ -144,7 +170,7 @@ def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path)
             Image.open(io.BytesIO((tmp_path / "out" / record["path"]).read_bytes())), dtype=np.int16
         )
         source = next(r for r in rows if r["id"] == identifier)
-        expected = single_process(engine, {**source, "seed": record["seed"]})
+        expected = single_process(engine, {**source, "seed": record["seed"]}, tmp_path)
         assert np.abs(written - expected).max() <= 1, identifier
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from rayxdit.batch.rows import normalize, row_id
 from rayxdit.limits import ModelLimits
-from rayxdit.request import GenerateRequest
+from rayxdit.request import ControlInput, GenerateRequest
 
 FLUX = ModelLimits(image_inputs=True)
 
@@ -60,3 +60,34 @@ def test_rows_without_the_new_columns_keep_their_ids():
     empty, so outputs written by earlier versions are still found."""
     assert row_id({"prompt": "a cat", "seed": 1}) == row_id({"prompt": "a cat", "seed": 1, "image": None})
     assert row_id({"prompt": "a cat"}) != row_id({"prompt": "a cat", "image": "cat.png"})
+
+
+def test_control_and_image_prompt_columns_become_the_requests_inputs(tmp_path):
+    edges = write_png(tmp_path / "edges.png", 40, 40)
+    face = write_png(tmp_path / "face.png", 24, 24)
+    row = normalize(
+        {
+            "prompt": "a house",
+            "control_image": "edges.png",
+            "controlnet_scale": 0.5,
+            "ip_adapter_image": "face.png",
+        },
+        FLUX,
+        tmp_path,
+        controlnets=("canny",),
+        ip_adapter=True,
+    )
+    assert row["status"] is None, row["error"]
+    request = GenerateRequest.model_validate_json(row["request"])
+    assert request.controls == (ControlInput(image=edges, controlnet="canny", scale=0.5),)
+    assert (request.ip_adapter_image, request.ip_adapter_scale) == (face, 1.0)
+    cases = [
+        ({"control_image": "edges.png"}, (), False, "without ControlNets"),
+        ({"control_image": "edges.png", "controlnet": "depth"}, ("canny",), False, "not one of"),
+        ({"controlnet": "canny"}, ("canny",), False, "send a control_image"),
+        ({"control_image": "edges.png", "controlnet_scale": 9}, ("canny",), False, "outside 0..4"),
+        ({"ip_adapter_image": "face.png"}, (), False, "no IP-Adapter"),
+    ]
+    for fields, nets, ip_adapter, reason in cases:
+        bad = normalize({"prompt": "x", **fields}, FLUX, tmp_path, controlnets=nets, ip_adapter=ip_adapter)
+        assert bad["status"] == "invalid" and reason in bad["error"], (fields, bad["error"])

@@ -22,11 +22,16 @@ Wan (text-to-video) runs 9 frames of 48x80 px: 45 video tokens; one rank is with
 (the patch embedding as a linear map), tolerance 1e-5 as for the other transformers.
 
 Flux, SD3 and SDXL also start from an input image (img2img, e.g. strength 0.7: the last 5 of 6 steps for Flux, with CFG)
-and repaint a masked half of one (inpainting), against ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``
-``StableDiffusion3Img2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline`` and
-``StableDiffusionXLInpaintPipeline`` (SD3 inpainting against one rank: diffusers' needs a 16-channel
-transformer): the image's latents and the mask are sharded like the noise. A Kontext edit's reference tokens
-(``FluxKontextPipeline``) are sharded beside the noisy ones.
+and repaint a masked half of one (inpainting), against ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
+``StableDiffusion3Img2ImgPipeline``, ``StableDiffusion3InpaintPipeline``, ``StableDiffusionXLImg2ImgPipeline``
+and ``StableDiffusionXLInpaintPipeline``: the image's latents and the mask are sharded like the noise. A
+Kontext edit's reference tokens (``FluxKontextPipeline``) are sharded beside the noisy ones.
+
+ControlNets: Flux's (``FluxControlNetPipeline``; a union and a plain one at once through
+``FluxMultiControlNetModel``) and SDXL's (``StableDiffusionXLControlNetPipeline`` with ``MultiControlNetModel``,
+two control images) have per-token (per-position) residuals that stay on their rank. IP-Adapters (diffusers'
+``load_ip_adapter`` on ``FluxPipeline`` and ``StableDiffusionXLPipeline``): the image-prompt tokens are
+replicated. SDXL's ControlNet and IP-Adapter are within 2e-5 at one rank, as SDXL alone.
 """
 
 from __future__ import annotations
@@ -197,8 +202,6 @@ REQUESTS = {
             steps=5,
             seed=3,
         ),
-        # diffusers' SD3 inpainting takes 16-channel transformers only: the tiny one has 4, so this one is
-        # checked against the engine's own single rank (the masking code is Flux's, checked against diffusers).
         "inpaint": GenerateRequest(
             prompt="a green field",
             image=SOURCE,
@@ -426,17 +429,18 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             **common,
         ).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)
-    if model == "tiny-sd3" and request.mask is not None:
-        return Engine(engine_config(model), ParallelState.single()).generate(request, "latent").latents
     if model == "tiny-sd3" and request.image is not None:
-        from diffusers import StableDiffusion3Img2ImgPipeline
+        from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
-        latents = StableDiffusion3Img2ImgPipeline.from_pipe(adapter.pipeline)(
+        pipeline_class = StableDiffusion3InpaintPipeline if request.mask else StableDiffusion3Img2ImgPipeline
+        extra = {} if request.mask is None else {"mask_image": Image.open(io.BytesIO(request.mask))}
+        latents = pipeline_class.from_pipe(adapter.pipeline)(
             request.prompt,
-            image=Image.open(io.BytesIO(request.image)).convert("RGB"),
+            image=_image(request.image),
             strength=request.strength,
             guidance_scale=request.guidance,
             max_sequence_length=13,
+            **extra,
             **common,
         ).images
         return adapter.pack(latents)
