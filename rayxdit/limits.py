@@ -106,11 +106,8 @@ class ModelLimits:
         if request.image is not None:
             if not self.image_inputs:
                 raise RequestError("image: this model takes no input images", "image")
-            if request.controls:
-                raise RequestError(
-                    "control_image: ControlNets with an input image (img2img) are not implemented yet",
-                    "image",
-                )
+            if request.controls and self.kontext_auto_resize is not None:
+                raise RequestError("control_image: Kontext edits take no ControlNet", "control_image")
             if self.kontext_auto_resize is not None and request.mask is not None:
                 raise RequestError("mask: Kontext edits follow the prompt, without a mask", "mask")
             if self.kontext_auto_resize is None and int(steps * request.strength) < 1:

@@ -456,8 +456,12 @@ class FluxAdapter(DiffusionAdapter):
 
     def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
-        generators = self.generators_after_source(req)
+        # diffusers' ControlNet pipelines draw the control images' samples first, then the input image's
+        # (img2img, inpainting), then the noise.
+        generators = self.noise_generators(req)
         controls = self.encode_control(req, generators)
+        if req.request.image is not None:
+            self.source = self.encode_source(req, generators)
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,

@@ -129,6 +129,20 @@ REQUESTS = {
             seed=21,
             num_images=2,
         ),
+        # With an input image to repaint (FluxControlNetInpaintPipeline): the control image's sample is drawn
+        # first, then the input image's, then the noise.
+        "control-inpaint": GenerateRequest(
+            prompt="a watercolor",
+            image=SOURCE,
+            mask=HALF_MASK,
+            strength=0.7,
+            controls=(ControlInput(image=CONTROL, scale=0.8),),
+            height=36,
+            width=36,
+            steps=6,
+            seed=5,
+            num_images=2,
+        ),
     },
     # tiny-flux with a union ControlNet (its mode's embedding one more text token, held by the first rank of
     # the sp group) and a plain one at once: their residuals summed, as FluxMultiControlNetModel sums them.
@@ -268,6 +282,18 @@ REQUESTS = {
             seed=21,
             num_images=2,
         ),
+        "control-img2img": GenerateRequest(
+            prompt="a watercolor",
+            negative_prompt="dark",
+            guidance=5.0,
+            image=SOURCE,
+            strength=0.6,
+            controls=(ControlInput(image=CONTROL, scale=0.8),),
+            height=40,
+            width=40,
+            steps=5,
+            seed=3,
+        ),
     },
     # tiny-sdxl with an IP-Adapter: its processors sit on the cross-attention, local to a band; the negative
     # branch's image embeddings are zeros, as diffusers makes them.
@@ -332,6 +358,22 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         num_images_per_prompt=request.num_images,
         output_type="latent",
     )
+    if model in ("tiny-flux-controlnet", "tiny-flux-controlnets") and request.image is not None:
+        from diffusers import FluxControlNetInpaintPipeline, FluxControlNetModel
+
+        net = FluxControlNetModel.from_pretrained(materialize_preset(model))
+        (control,) = request.controls
+        return FluxControlNetInpaintPipeline.from_pipe(adapter.pipeline, controlnet=net)(
+            request.prompt,
+            image=_image(request.image),
+            mask_image=Image.open(io.BytesIO(request.mask)),
+            control_image=_image(control.image),
+            strength=request.strength,
+            controlnet_conditioning_scale=control.scale,
+            guidance_scale=request.guidance,
+            max_sequence_length=29,
+            **{key: value for key, value in common.items() if key != "negative_prompt"},  # no true CFG
+        ).images
     if model in ("tiny-flux-controlnet", "tiny-flux-controlnets"):
         from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 
@@ -353,6 +395,24 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             max_sequence_length=29,
             **common,
         ).images
+    if model == "tiny-sdxl-controlnet" and request.image is not None:
+        from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
+
+        net = ControlNetModel.from_pretrained(materialize_preset(model))
+        (control,) = request.controls
+        latents = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(adapter.pipeline, controlnet=net)(
+            request.prompt,
+            # SDXL's img2img keeps the input's size: resize it as the engine does
+            image=adapter.pipeline.image_processor.preprocess(
+                _image(request.image), height=request.height, width=request.width
+            ),
+            control_image=_image(control.image),
+            strength=request.strength,
+            controlnet_conditioning_scale=control.scale,
+            guidance_scale=request.guidance,
+            **common,
+        ).images
+        return latents.permute(0, 2, 3, 1).flatten(1, 2)
     if model == "tiny-sdxl-controlnet":
         from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionXLControlNetPipeline
 

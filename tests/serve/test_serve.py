@@ -805,6 +805,30 @@ def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(u
     served_both = png_pixels(base64.b64decode(both.json()["data"][0]["b64_json"]))
     assert np.abs(served_both - np.asarray(single, dtype=np.int16)).max() <= 1
     assert np.abs(served_both - served).max() > 10, "the second control image must matter"
+    # The same two as files of an edit (ControlNet with img2img), their scales as repeated form fields.
+    source = random_png(40, 36, seed=1)
+    edit = requests.post(
+        url + "/v1/images/edits",
+        files=[
+            ("image", ("a.png", source)),
+            ("control_image", ("c.png", control)),
+            ("control_image", ("d.png", second)),
+        ],
+        data=[
+            *{
+                k: str(v) for k, v in body.items() if k.startswith(("model", "prompt", "steps", "seed"))
+            }.items(),
+            ("strength", "0.8"),
+            ("controlnet_scale", "0.7"),
+            ("controlnet_scale", "0.4"),
+        ],
+        headers=AUTH,
+        timeout=120,
+    )
+    assert edit.status_code == 200, edit.text
+    single = engine.generate(request.model_copy(update={"controls": two, "image": source, "strength": 0.8}))
+    served_edit = png_pixels(base64.b64decode(edit.json()["data"][0]["b64_json"]))
+    assert np.abs(served_edit - np.asarray(single.images[0], dtype=np.int16)).max() <= 1
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
     for bad, param in (
