@@ -234,7 +234,8 @@ def _request_from_args(args: argparse.Namespace):
             tuple(args.controlnet),
         )
     except RequestError as error:
-        raise UsageError(f"--{(error.param or 'control_image').replace('_', '-')}: {error}") from None
+        param = error.param or "control_image"
+        raise UsageError(f"--{param.replace('_', '-')}: {str(error).removeprefix(param + ': ')}") from None
     try:
         return GenerateRequest(
             prompt=args.prompt,

@@ -48,7 +48,7 @@ from rayxdit.engine import Engine
 from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state
-from rayxdit.request import ControlInput, GenerateRequest
+from rayxdit.request import ControlInput, GenerateRequest, RequestError
 from tests.helpers import run_on_ranks
 from tests.sabotage import broken_ring_merge
 
@@ -678,3 +678,31 @@ def test_parallel_configs_match_single_rank(world_size, references):
                 assert error > 100 * tolerance, f"{label}: broken merge not detected ({error:.2e})"
             else:
                 assert error <= tolerance, f"{label}: max error {error:.2e} > {tolerance}"
+
+
+def test_control_inputs_a_model_cannot_take_are_refused_before_any_step():
+    engine = Engine(engine_config("tiny-flux-controlnets"), ParallelState.single())
+    base = GenerateRequest(prompt="a house", height=36, width=36, steps=2)
+    union, plain = "tiny-flux-controlnet-union", "tiny-flux-controlnet"
+    cases = {
+        "control_mode": [
+            (ControlInput(image=CONTROL, controlnet=union),),  # a union ControlNet needs its mode
+            (ControlInput(image=CONTROL, controlnet=union, mode=4),),  # it has 4: 0..3
+            (ControlInput(image=CONTROL, controlnet=plain, mode=1),),  # no union ControlNet here
+        ],
+        "controlnet": [
+            (ControlInput(image=CONTROL),),  # two are loaded: which one?
+            (ControlInput(image=CONTROL, controlnet="canny"),),
+        ],
+    }
+    for param, variants in cases.items():
+        for controls in variants:
+            with pytest.raises(RequestError) as refused:
+                engine.generate(base.model_copy(update={"controls": controls}), output="latent")
+            assert refused.value.param == param, (controls, str(refused.value))
+    with pytest.raises(RequestError, match="without an IP-Adapter"):
+        engine.generate(base.model_copy(update={"ip_adapter_image": SOURCE}), output="latent")
+    kontext = Engine(EngineConfig(model="tiny-flux-kontext"), ParallelState.single())
+    with pytest.raises(RequestError, match="without ControlNets"):
+        edit = base.model_copy(update={"image": SOURCE, "controls": (ControlInput(image=CONTROL),)})
+        kontext.generate(edit, output="latent")
