@@ -20,31 +20,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rayxdit.batch.rows import RECORDED_COLUMNS
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CPU_RANK_CPUS = 0.5
 """Logical CPUs per rank on the CPU by default: ranks share cores anyway, and a 2-core machine then hosts a
 2-rank group with room left for Ray Data."""
-ROW_COLUMNS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "size",
-    "steps",
-    "frames",
-    "image",
-    "mask",
-    "strength",
-    "control_image",
-    "controlnet",
-    "controlnet_scale",
-    "ip_adapter_image",
-    "ip_adapter_scale",
-    "status",
-    "error",
-    "request",
-)
+ROW_COLUMNS = (*RECORDED_COLUMNS, "status", "error", "request")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,25 +17,6 @@ from pydantic import ValidationError
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError, pair_controls
 
-INPUT_COLUMNS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "size",
-    "steps",
-    "guidance",
-    "true_cfg_scale",
-    "frames",
-    "image",
-    "mask",
-    "strength",
-    "control_image",
-    "controlnet",
-    "controlnet_scale",
-    "ip_adapter_image",
-    "ip_adapter_scale",
-)
 LATER_COLUMNS = (
     "frames",
     "image",
@@ -48,6 +29,19 @@ LATER_COLUMNS = (
     "ip_adapter_scale",
 )
 """Columns added after the first release: left out of a row's digest when empty, so ids stay stable."""
+INPUT_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "size",
+    "steps",
+    "guidance",
+    "true_cfg_scale",
+    *LATER_COLUMNS,
+)
+RECORDED_COLUMNS = tuple(name for name in INPUT_COLUMNS if name not in ("guidance", "true_cfg_scale"))
+"""The input columns a manifest records (guidance and the CFG scale live in the row's request)."""
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 URL_TIMEOUT_S = 30.0

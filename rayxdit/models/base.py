@@ -141,9 +141,25 @@ class DiffusionAdapter(ABC):
     controlnets: dict[str, torch.nn.Module] = {}  # noqa: RUF012 - replaced per instance by attach_controlnets
     """The ControlNets loaded beside the model, by the name requests use."""
 
+    controlnet_class: ClassVar[str | None] = None
+    """diffusers' ControlNet class the family takes (None: no ControlNets)."""
+
     def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
         """ControlNets by name, parallelized with the model (call before :meth:`parallelize`)."""
-        raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux and SDXL")
+        if self.controlnet_class is None:
+            raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux and SDXL")
+        for name, net in nets.items():
+            if type(net).__name__ != self.controlnet_class:
+                raise ConfigError(
+                    f"controlnet '{name}' is a {type(net).__name__}; {self.pipeline_class} takes "
+                    f"{self.controlnet_class}"
+                )
+            self.check_controlnet(name, net)
+        self.controlnets = dict(nets)
+
+    def check_controlnet(self, name: str, net: torch.nn.Module) -> None:
+        """Refuse (ConfigError) a ControlNet of the right class that this family cannot run exactly."""
+        return  # by default every ControlNet of the family's class runs exactly
 
     def controlnet_for(self, control: ControlInput) -> str:
         """The name of the ControlNet that reads ``control``'s image; RequestError if none fits."""

@@ -318,20 +318,14 @@ class FluxAdapter(DiffusionAdapter):
             name: parallelize_flux(net, state, attention) for name, net in self.controlnets.items()
         }
 
-    def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
-        from diffusers import FluxControlNetModel
+    controlnet_class = "FluxControlNetModel"
 
-        for name, net in nets.items():
-            if not isinstance(net, FluxControlNetModel):
-                raise ConfigError(
-                    f"controlnet '{name}' is a {type(net).__name__}; Flux takes FluxControlNetModel"
-                )
-            if net.input_hint_block is not None:
-                raise ConfigError(
-                    f"controlnet '{name}': XLabs ControlNets (an input hint block) are not supported; "
-                    "InstantX-style FluxControlNetModel checkpoints (union ones too) are"
-                )
-        self.controlnets = dict(nets)
+    def check_controlnet(self, name: str, net: torch.nn.Module) -> None:
+        if net.input_hint_block is not None:
+            raise ConfigError(
+                f"controlnet '{name}': XLabs ControlNets (an input hint block) are not supported; "
+                "InstantX-style FluxControlNetModel checkpoints (union ones too) are"
+            )
 
     def _union_mode(
         self, mode: int, latents: torch.Tensor, inputs: dict[str, Any], sizes: tuple[int, ...] | None

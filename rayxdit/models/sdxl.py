@@ -165,20 +165,14 @@ class SDXLAdapter(DiffusionAdapter):
         }
 
     # ----- ControlNet and IP-Adapter -----------------------------------------------------------------------
-    def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
-        from diffusers import ControlNetModel
+    controlnet_class = "ControlNetModel"
 
-        for name, net in nets.items():
-            if not isinstance(net, ControlNetModel):
-                raise ConfigError(
-                    f"controlnet '{name}' is a {type(net).__name__}; SDXL takes ControlNetModel"
-                )
-            if net.config.global_pool_conditions:
-                raise ConfigError(
-                    f"controlnet '{name}' pools its conditions over the whole image (global_pool_conditions): "
-                    "not exact on bands of rows"
-                )
-        self.controlnets = dict(nets)
+    def check_controlnet(self, name: str, net: torch.nn.Module) -> None:
+        if net.config.global_pool_conditions:
+            raise ConfigError(
+                f"controlnet '{name}' pools its conditions over the whole image (global_pool_conditions): "
+                "not exact on bands of rows"
+            )
 
     def control_bands(self, req: ResolvedRequest, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """This rank's band of each control image, as ``StableDiffusionXLControlNetPipeline`` prepares

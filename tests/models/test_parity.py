@@ -43,7 +43,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rayxdit.config import EngineConfig, ParallelConfig
+from rayxdit.config import ConfigError, EngineConfig, ParallelConfig
 from rayxdit.engine import Engine
 from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
@@ -706,3 +706,7 @@ def test_control_inputs_a_model_cannot_take_are_refused_before_any_step():
     with pytest.raises(RequestError, match="without ControlNets"):
         edit = base.model_copy(update={"image": SOURCE, "controls": (ControlInput(image=CONTROL),)})
         kontext.generate(edit, output="latent")
+    with pytest.raises(
+        ConfigError, match="tiny-flux-controlnet' is a FluxControlNetModel; StableDiffusionXL"
+    ):
+        Engine(EngineConfig(model="tiny-sdxl", controlnets=("tiny-flux-controlnet",)), ParallelState.single())
