@@ -285,9 +285,8 @@ class DiffusionAdapter(ABC):
         """Fill in defaults and check the model's limits; raises :class:`RequestError`."""
         nets = [self.controlnets[self.controlnet_for(control)] for control in request.controls]
         modes = [control.mode for control in request.controls if control.mode is not None]
-        if modes and not any(
-            getattr(net, "union", False) for net in nets
-        ):  # others ignore it, as in diffusers
+        # A mode goes to every ControlNet of the request, as in diffusers; only union ones read it.
+        if modes and not any(getattr(net, "union", False) for net in nets):
             raise RequestError("control_mode: only union ControlNets take a mode", "control_mode")
         if request.ip_adapter_image is not None and getattr(self.pipeline, "image_encoder", None) is None:
             raise RequestError("ip_adapter_image: this model runs without an IP-Adapter", "ip_adapter_image")

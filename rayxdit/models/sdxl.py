@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
-from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
+from rayxdit.models.base import DiffusionAdapter, decode_image, ip_adapter_weights
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -107,9 +107,8 @@ class SDXLCondition:
 class SDXLBands:
     rows: tuple[int, ...]  # latent rows per rank of the sp group
     width: int  # latent columns
-    controls: tuple[
-        torch.Tensor, ...
-    ] = ()  # (B, 3, band pixel rows, W px) each: this band of the control images
+    # This rank's band of each control image: (B, 3, band rows x VAE factor, width in pixels) each.
+    controls: tuple[torch.Tensor, ...] = ()
 
 
 class SDXLAdapter(DiffusionAdapter):
@@ -178,8 +177,6 @@ class SDXLAdapter(DiffusionAdapter):
         """This rank's band of each control image, as ``StableDiffusionXLControlNetPipeline`` prepares
         them (resized to the request's size, in 0..1, one per image of the batch): the pixel rows under its
         band of latent rows."""
-        from rayxdit.models.base import decode_image
-
         processor = VaeImageProcessor(
             vae_scale_factor=self.pipeline.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
@@ -245,9 +242,7 @@ class SDXLAdapter(DiffusionAdapter):
 
     def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
         """The IP-Adapter's image embeddings of one branch, as ``StableDiffusionXLPipeline`` makes them (the
-        negative branch's: zeros, or for IP-Adapter Plus the embedding of a black image)."""
-        from rayxdit.models.base import decode_image
-
+        negative branch's: zeros, or for IP-Adapter Plus the encoder's states of an all-zero image)."""
         pipe = self.pipeline
         pipe.set_ip_adapter_scale(req.request.ip_adapter_scale)
         adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers)
