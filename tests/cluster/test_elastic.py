@@ -49,7 +49,7 @@ def fake_cluster_config(cloud: dict, gcs_address: str) -> dict:
         "cluster_name": "rayxdit-elastic-test",
         "max_workers": cloud["max_workers"],
         "upscaling_speed": cloud["upscaling_speed"],
-        "idle_timeout_minutes": 0.2,
+        "idle_timeout_minutes": 0.1,
         "provider": {
             "type": "external",
             "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
@@ -106,7 +106,7 @@ def serve_config_for_test():
                         **pool.deployment_config["autoscaling_config"],
                         "upscale_delay_s": 1,
                         # The 8-GPU replica outlives the load's ups and downs (production: 600 s).
-                        "downscale_delay_s": 30 if pool.ranks == 8 else 4,
+                        "downscale_delay_s": 15 if pool.ranks == 8 else 4,
                     },
                     "health_check_period_s": 2,
                 },
@@ -177,8 +177,7 @@ def cluster(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
     try:
         yield f"http://127.0.0.1:{http_port}"
-    finally:
-        serve.shutdown()
+    finally:  # the whole cluster goes: no graceful Serve shutdown first (it waits on every replica)
         ray.shutdown()
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
