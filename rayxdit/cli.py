@@ -43,10 +43,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="tiny-flux",
-        help="built-in preset (tiny-flux, tiny-sd3, tiny-sdxl, tiny-wan: random weights, run on CPU in "
-        "seconds), a "
-        "local diffusers pipeline directory, or a hub id such as black-forest-labs/FLUX.1-dev "
-        "(default: %(default)s)",
+        help="built-in preset (tiny-flux, tiny-flux-kontext, tiny-sd3, tiny-sdxl, tiny-wan: random weights, "
+        "run on CPU in seconds), a local diffusers pipeline directory, or a hub id such as "
+        "black-forest-labs/FLUX.1-dev (default: %(default)s)",
     )
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (true CFG)")
