@@ -387,7 +387,7 @@ class FluxAdapter(DiffusionAdapter):
             max_sequence_length=self.limits.max_sequence_length,
         )
         condition = self.condition(embeds, pooled, text_ids)
-        if request.ip_adapter_image is None:
+        if getattr(self.pipeline, "image_encoder", None) is None:
             return condition
         return dataclasses.replace(condition, ip_embeds=self.image_prompt(req, branch))
 
@@ -410,17 +410,18 @@ class FluxAdapter(DiffusionAdapter):
 
     def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
         """The IP-Adapter's image embeddings of one branch, as ``FluxPipeline`` makes them: the request's
-        image for the prompt, an all-black image of the output's size for the negative branch."""
+        image for the prompt, an all-black image of the output's size for the negative branch. A request
+        without an image prompt gets the black image's at scale 0: the adapter then adds exactly zero, as if
+        it were not loaded (diffusers' IP processors fail without image embeddings once they are)."""
         from rayxdit.models.base import decode_image
 
         pipe = self.pipeline
-        if pipe.image_encoder is None:
-            raise RequestError("ip_adapter_image: this model runs without an IP-Adapter", "ip_adapter_image")
+        prompted = req.request.ip_adapter_image is not None
         for processor in pipe.transformer.attn_processors.values():
             ip = getattr(processor, "ip", processor)
             if isinstance(ip, FluxIPAdapterAttnProcessor):
-                ip.scale = [req.request.ip_adapter_scale] * len(ip.scale)
-        if branch == CONDITIONAL:
+                ip.scale = [req.request.ip_adapter_scale if prompted else 0.0] * len(ip.scale)
+        if branch == CONDITIONAL and prompted:
             image = decode_image(req.request.ip_adapter_image)
         else:
             image = np.zeros((req.width, req.height, 3), dtype=np.uint8)

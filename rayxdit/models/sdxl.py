@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
@@ -31,7 +32,7 @@ from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, decode_image, ip_adapter_weights
 from rayxdit.parallel.attention import SequenceParallelAttention
-from rayxdit.parallel.cfg import CONDITIONAL
+from rayxdit.parallel.cfg import CONDITIONAL, UNCONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import split_sizes
 from rayxdit.parallel.spatial import RowBands, parallelize_bands
@@ -242,11 +243,17 @@ class SDXLAdapter(DiffusionAdapter):
 
     def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
         """The IP-Adapter's image embeddings of one branch, as ``StableDiffusionXLPipeline`` makes them (the
-        negative branch's: zeros, or for IP-Adapter Plus the encoder's states of an all-zero image)."""
+        negative branch's: zeros, or for IP-Adapter Plus the encoder's states of an all-zero image). A request
+        without an image prompt gets the negative embeddings at scale 0: the adapter then adds exactly zero,
+        as if it were not loaded (diffusers' UNet refuses to run without image embeddings once it is)."""
         pipe = self.pipeline
-        pipe.set_ip_adapter_scale(req.request.ip_adapter_scale)
+        request = req.request
+        prompted = request.ip_adapter_image is not None
+        pipe.set_ip_adapter_scale(request.ip_adapter_scale if prompted else 0.0)
+        if not prompted:
+            branch = UNCONDITIONAL
         adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers)
-        image = decode_image(req.request.ip_adapter_image)
+        image = decode_image(request.ip_adapter_image) if prompted else np.zeros((64, 64, 3), np.uint8)
         embeds = pipe.prepare_ip_adapter_image_embeds([image] * adapters, None, self.device, req.batch, True)
         return [both.chunk(2)[1 if branch == CONDITIONAL else 0] for both in embeds]
 
@@ -290,7 +297,7 @@ class SDXLAdapter(DiffusionAdapter):
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(req.batch, 1)}
-        if request.ip_adapter_image is not None:
+        if getattr(self.pipeline, "image_encoder", None) is not None:  # an IP-Adapter's UNet wants them
             added["image_embeds"] = self.image_prompt(req, branch)
         return SDXLCondition(embeds, added)
 

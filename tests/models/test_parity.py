@@ -707,3 +707,15 @@ def test_control_inputs_a_model_cannot_take_are_refused_before_any_step():
         ConfigError, match="tiny-flux-controlnet' is a FluxControlNetModel; StableDiffusionXL"
     ):
         Engine(EngineConfig(model="tiny-sdxl", controlnets=("tiny-flux-controlnet",)), ParallelState.single())
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sdxl"])
+def test_a_model_with_an_ip_adapter_serves_requests_without_an_image_prompt_as_without_it(model):
+    """A pool loads its IP-Adapter for every request: one without an image prompt must be the plain model's
+    (diffusers' SDXL UNet refuses to run without image embeddings once an adapter is loaded)."""
+    request = next(iter(REQUESTS[model].values()))
+    plain = Engine(engine_config(model), ParallelState.single()).generate(request, output="latent")
+    adapted = Engine(engine_config(f"{model}-ip-adapter"), ParallelState.single())
+    assert torch.equal(adapted.generate(request, output="latent").latents, plain.latents)
+    prompted = adapted.generate(request.model_copy(update={"ip_adapter_image": SOURCE}), output="latent")
+    assert max_error(prompted.latents, plain.latents) > 100 * TOLERANCE[model], "the image prompt must matter"
