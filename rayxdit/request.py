@@ -95,7 +95,7 @@ def pair_controls(
     for name in chosen:
         if loaded is not None and name not in loaded:
             raise RequestError(
-                f"controlnet: '{name}' is not one of this model's ControlNets ({', '.join(loaded)})",
+                f"controlnet: '{name}' is not loaded by this model (it loads {', '.join(loaded)})",
                 "controlnet",
             )
     for scale in scales:

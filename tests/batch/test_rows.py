@@ -83,7 +83,7 @@ def test_control_and_image_prompt_columns_become_the_requests_inputs(tmp_path):
     assert (request.ip_adapter_image, request.ip_adapter_scale) == (face, 1.0)
     cases = [
         ({"control_image": "edges.png"}, (), False, "without ControlNets"),
-        ({"control_image": "edges.png", "controlnet": "depth"}, ("canny",), False, "not one of"),
+        ({"control_image": "edges.png", "controlnet": "depth"}, ("canny",), False, "not loaded by"),
         ({"controlnet": "canny"}, ("canny",), False, "send a control_image"),
         ({"control_image": "edges.png", "controlnet_scale": 9}, ("canny",), False, "outside 0..4"),
         ({"ip_adapter_image": "face.png"}, (), False, "no IP-Adapter"),
