@@ -94,7 +94,13 @@ def submit(
         *JOB_FLAGS,
         *extra,
     ]
-    return subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=900)
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=900)
+        # Right after `ray start` the job server may have no dashboard agent yet; Ray says to try again.
+        if "No available agent to submit job" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def manifest(output: Path) -> list[dict]:
