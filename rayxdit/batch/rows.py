@@ -150,8 +150,7 @@ def normalize(
         "request": None,
     }
     try:
-        request = to_request(out, row, limits, base_dir)
-        request = with_adapter_inputs(request, out, base_dir, controlnets, ip_adapter)
+        request = to_request(out, row, limits, base_dir, controlnets, ip_adapter)
         resolved = limits.resolve(request)
     except RequestError as error:
         out.update(status=STATUS_INVALID, error=str(error))
@@ -165,15 +164,12 @@ def normalize(
     return out
 
 
-def with_adapter_inputs(
-    request: GenerateRequest,
-    out: dict[str, Any],
-    base_dir: Path | None,
-    controlnets: tuple[str, ...],
-    ip_adapter: bool,
-) -> GenerateRequest:
-    """``request`` with the row's ControlNet input (``control_image``, read like ``image``; ``controlnet``,
-    ``controlnet_scale``) and IP-Adapter image prompt (``ip_adapter_image``, ``ip_adapter_scale``)."""
+def adapter_inputs(
+    out: dict[str, Any], base_dir: Path | None, controlnets: tuple[str, ...], ip_adapter: bool
+) -> dict[str, Any]:
+    """The request fields of the row's ControlNet input (``control_image``, read like ``image``;
+    ``controlnet``, ``controlnet_scale``) and IP-Adapter image prompt (``ip_adapter_image``,
+    ``ip_adapter_scale``)."""
     update: dict[str, Any] = {}
     if out["control_image"] is not None or out["controlnet"] is not None:
         images = []
@@ -182,7 +178,7 @@ def with_adapter_inputs(
         update["controls"] = pair_controls(
             images,
             [] if out["controlnet"] is None else [str(out["controlnet"])],
-            [] if out["controlnet_scale"] is None else [float(out["controlnet_scale"])],
+            [] if out["controlnet_scale"] is None else [_number(out["controlnet_scale"], "controlnet_scale")],
             [],
             controlnets,
         )
@@ -195,18 +191,24 @@ def with_adapter_inputs(
             str(out["ip_adapter_image"]), base_dir, "ip_adapter_image"
         )
         scale = out["ip_adapter_scale"]
-        update["ip_adapter_scale"] = 1.0 if scale is None else float(scale)
-    if not update:
-        return request
+        update["ip_adapter_scale"] = 1.0 if scale is None else _number(scale, "ip_adapter_scale")
+    return update
+
+
+def _number(value: Any, param: str) -> float:
     try:
-        return GenerateRequest.model_validate({**request.model_dump(), **update})
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise RequestError(f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
+        return float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{param}: {value!r} is not a number", param) from None
 
 
 def to_request(
-    out: dict[str, Any], row: dict[str, Any], limits: ModelLimits, base_dir: Path | None = None
+    out: dict[str, Any],
+    row: dict[str, Any],
+    limits: ModelLimits,
+    base_dir: Path | None = None,
+    controlnets: tuple[str, ...] = (),
+    ip_adapter: bool = False,
 ) -> GenerateRequest:
     from rayxdit.uploads import edit_size, image_size
 
@@ -229,6 +231,7 @@ def to_request(
     if image is not None:  # an edit takes its image's size, as over HTTP; its mask must cover the image
         mask_size = None if mask is None else image_size(mask)
         width, height = edit_size(image_size(image), mask_size, width, height, limits)
+    inputs = adapter_inputs(out, base_dir, controlnets, ip_adapter)
     try:
         return GenerateRequest(
             prompt=str(prompt),
@@ -243,6 +246,7 @@ def to_request(
             image=image,
             mask=mask,
             strength=0.6 if out["strength"] is None else float(out["strength"]),
+            **inputs,
         )
     except (ValidationError, ValueError) as error:
         first = (

@@ -87,6 +87,7 @@ def test_control_and_image_prompt_columns_become_the_requests_inputs(tmp_path):
         ({"controlnet": "canny"}, ("canny",), False, "send a control_image"),
         ({"control_image": "edges.png", "controlnet_scale": 9}, ("canny",), False, "outside 0..4"),
         ({"ip_adapter_image": "face.png"}, (), False, "no IP-Adapter"),
+        ({"control_image": "edges.png", "controlnet_scale": "strong"}, ("canny",), False, "not a number"),
     ]
     for fields, nets, ip_adapter, reason in cases:
         bad = normalize({"prompt": "x", **fields}, FLUX, tmp_path, controlnets=nets, ip_adapter=ip_adapter)
