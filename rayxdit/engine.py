@@ -10,7 +10,7 @@ import torch
 
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
-from rayxdit.models.registry import ip_adapter_location, load_adapter, load_controlnets, resolve_dtype
+from rayxdit.models.registry import component_location, load_adapter, load_controlnets, resolve_dtype
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, GenerateResult
@@ -42,7 +42,7 @@ class Engine:
             self.adapter.attach_controlnets(load_controlnets(config.controlnets, device, dtype))
         if config.ip_adapter:  # its attention processors, kept by parallelize below
             self.adapter.load_ip_adapter(
-                ip_adapter_location(config.ip_adapter), config.ip_adapter_image_encoder
+                component_location(config.ip_adapter), config.ip_adapter_image_encoder
             )
         if config.quantize:  # on plain fused weights, before parallelism rewrites the blocks
             self.adapter.quantize(config.quantize)

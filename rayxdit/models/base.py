@@ -138,6 +138,11 @@ class DiffusionAdapter(ABC):
         """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""
         raise ConfigError(f"{self.pipeline_class}: IP-Adapters are implemented for Flux and SDXL")
 
+    @property
+    def ip_adapter_loaded(self) -> bool:
+        """Whether an IP-Adapter is loaded (diffusers registers its image encoder with the pipeline)."""
+        return getattr(self.pipeline, "image_encoder", None) is not None
+
     controlnets: dict[str, torch.nn.Module] = {}  # noqa: RUF012 - replaced per instance by attach_controlnets
     """The ControlNets loaded beside the model, by the name requests use."""
 
@@ -288,7 +293,7 @@ class DiffusionAdapter(ABC):
         # A mode goes to every ControlNet of the request, as in diffusers; only union ones read it.
         if modes and not any(getattr(net, "union", False) for net in nets):
             raise RequestError("control_mode: only union ControlNets take a mode", "control_mode")
-        if request.ip_adapter_image is not None and getattr(self.pipeline, "image_encoder", None) is None:
+        if request.ip_adapter_image is not None and not self.ip_adapter_loaded:
             raise RequestError("ip_adapter_image: this model runs without an IP-Adapter", "ip_adapter_image")
         return self.limits.resolve(request)
 

@@ -387,7 +387,7 @@ class FluxAdapter(DiffusionAdapter):
             max_sequence_length=self.limits.max_sequence_length,
         )
         condition = self.condition(embeds, pooled, text_ids)
-        if getattr(self.pipeline, "image_encoder", None) is None:
+        if not self.ip_adapter_loaded:
             return condition
         return dataclasses.replace(condition, ip_embeds=self.image_prompt(req, branch))
 

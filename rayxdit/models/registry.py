@@ -103,7 +103,7 @@ def load_controlnets(
     classes = {cls.__name__: cls for cls in (FluxControlNetModel, ControlNetModel)}
     nets = {}
     for location in locations:
-        path = str(materialize_preset(location)) if location in CONTROLNET_PRESETS else location
+        path = component_location(location)
         kind = _read_json(path, "config.json").get("_class_name", "?")
         if kind not in classes:
             raise ConfigError(
@@ -116,9 +116,11 @@ def load_controlnets(
     return nets
 
 
-def ip_adapter_location(location: str) -> str:
-    """An IP-Adapter preset's (built once) directory; a directory or hub id as is."""
-    return str(materialize_preset(location)) if location in IP_ADAPTER_PRESETS else location
+def component_location(location: str) -> str:
+    """A ControlNet or IP-Adapter preset's (built once) directory; a directory, hub id or path as is."""
+    if location in CONTROLNET_PRESETS or location in IP_ADAPTER_PRESETS:
+        return str(materialize_preset(location))
+    return location
 
 
 def adapter_class(pipeline_class: str) -> type[DiffusionAdapter]:

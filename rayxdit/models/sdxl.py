@@ -297,7 +297,7 @@ class SDXLAdapter(DiffusionAdapter):
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(req.batch, 1)}
-        if getattr(self.pipeline, "image_encoder", None) is not None:  # an IP-Adapter's UNet wants them
+        if self.ip_adapter_loaded:  # a UNet with an IP-Adapter wants image embeddings on every call
             added["image_embeds"] = self.image_prompt(req, branch)
         return SDXLCondition(embeds, added)
 
