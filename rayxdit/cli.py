@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from rayxdit.config import add_engine_arguments
+
 # Third-party import-time chatter (e.g. transformers noting that torchvision is absent) is not for users.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -20,15 +22,6 @@ EXAMPLES = """examples:
   rayxdit generate --model black-forest-labs/FLUX.1-dev --prompt "a cat" --steps 28 \\
       --negative-prompt "blurry" --true-cfg-scale 4 --parallel "cfg=2,ulysses=4" --compile --out cat.png
 """
-
-PARALLEL_HELP = """how to split ONE image over ranks, as method=degree pairs joined by commas, e.g.
-"cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; degree must divide
-the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional branch on two
-ranks; needs --negative-prompt and --true-cfg-scale > 1 to pay), pipefusion (transformer blocks as
-pipeline stages, image patches pipelined through them; combines with cfg and ulysses; Flux only). For a
-UNet (SDXL), ring and ulysses split the image into bands of rows (patch parallelism). Their product is the number of local processes started (one GPU each on a GPU machine).
-Default: one rank."""
-
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -40,12 +33,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        default="tiny-flux",
-        help="built-in preset (tiny-flux, tiny-flux-kontext, tiny-sd3, tiny-sdxl, tiny-wan: random weights, "
-        "run on CPU in seconds), a local diffusers pipeline directory, or a hub id such as "
-        "black-forest-labs/FLUX.1-dev (default: %(default)s)",
+    add_engine_arguments(
+        parser.add_argument_group(
+            "engine (how the model is loaded and split; the same options as a pool's and the batch job's)"
+        ),
+        defaults={"model": "tiny-flux"},
     )
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (true CFG)")
@@ -98,15 +90,6 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "(the image's size)",
     )
     parser.add_argument(
-        "--controlnet",
-        action="append",
-        default=[],
-        metavar="LOCATION",
-        help="load this ControlNet beside the model (Flux: FluxControlNetModel, union ones too; SDXL: "
-        "ControlNetModel; a directory, hub id, or the tiny-flux-controlnet / tiny-sdxl-controlnet presets); "
-        "repeat for several, each reading the --control-image of the same position",
-    )
-    parser.add_argument(
         "--control-image",
         type=Path,
         action="append",
@@ -130,15 +113,6 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "once per control image",
     )
     parser.add_argument(
-        "--ip-adapter",
-        default=None,
-        metavar="LOCATION",
-        help="load this IP-Adapter (Flux: XLabs layout, ip_adapter.safetensors; SDXL: h94/IP-Adapter layout, "
-        "ip-adapter_sdxl.safetensors, e.g. h94/IP-Adapter/sdxl_models; a directory, hub path or weights "
-        "file with image_encoder/ beside it, or the tiny-flux-ip-adapter / tiny-sdxl-ip-adapter presets); "
-        "--ip-adapter-image prompts with an image",
-    )
-    parser.add_argument(
         "--ip-adapter-image", type=Path, default=None, help="with --ip-adapter: the image prompt"
     )
     parser.add_argument(
@@ -153,55 +127,6 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         default=0.6,
         help="with --image: how much of it is noised away, 0..1; the last steps x strength steps run "
         "(default: %(default)s)",
-    )
-    parser.add_argument("--parallel", default="", help=PARALLEL_HELP)
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        help="weights and activations; auto = bfloat16 on GPU, float32 on CPU",
-    )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
-    parser.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="LoRA adapter in diffusers' format (directory, .safetensors file or hub id), optionally with a "
-        "scale; repeat for several. Fused into the weights on every rank before parallelism is applied.",
-    )
-    parser.add_argument(
-        "--quantize",
-        choices=["fp8"],
-        default=None,
-        help="fp8: torchao float8 in the transformer blocks (lossy; needs torchao and an Ada/Hopper GPU)",
-    )
-    parser.add_argument(
-        "--cache-threshold",
-        type=float,
-        default=0.0,
-        help="First-Block Cache (lossy): skip the transformer's other blocks on steps whose first block "
-        "changed by less than this, e.g. 0.08; the whole group decides together (default: 0, off)",
-    )
-    parser.add_argument(
-        "--no-vae-parallel",
-        dest="vae_parallel",
-        action="store_false",
-        help="decode on rank 0 alone instead of in bands of rows over the sequence-parallel ranks (both "
-        "give the same image)",
-    )
-    parser.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=1,
-        help="PipeFusion: synchronous steps before patches reuse one-step-old keys/values; as many as --steps "
-        "makes PipeFusion exact (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--patches",
-        type=int,
-        default=0,
-        help="PipeFusion: image patches per step (default: one per stage)",
     )
     parser.add_argument(
         "--out",
@@ -220,17 +145,17 @@ def _request_from_args(args: argparse.Namespace):
 
     from rayxdit.request import GenerateRequest, RequestError, pair_controls
 
-    if args.control_image and not args.controlnet:
+    if args.control_image and not args.controlnets:
         raise UsageError("--control-image needs --controlnet (the ControlNet that reads it)")
     if args.ip_adapter_image is not None and not args.ip_adapter:
         raise UsageError("--ip-adapter-image needs --ip-adapter")
     try:
         controls = pair_controls(
             [_read_image(path, "control-image") for path in args.control_image],
-            args.controlnet if len(args.controlnet) > 1 else [],
+            args.controlnets if len(args.controlnets) > 1 else [],
             args.controlnet_scale,
             args.control_mode,
-            tuple(args.controlnet),
+            tuple(args.controlnets),
         )
     except RequestError as error:
         param = error.param or "control_image"
@@ -308,14 +233,15 @@ def _write_outputs(result, out: Path, fps: int) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from rayxdit.config import EngineConfig, ParallelConfig
+    from rayxdit.config import engine_config_from_args
     from rayxdit.imaging import check_video_path
     from rayxdit.runtime.local import check_launchable
 
     # Cheap checks first: a bad --parallel fails before diffusers is even imported.
-    parallel = ParallelConfig.parse(args.parallel)
+    config = engine_config_from_args(args)
+    parallel = config.parallel
     check_launchable(parallel.world_size)
-    if args.quantize:
+    if config.quantize:
         import torch
 
         if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
@@ -324,7 +250,7 @@ def _generate(args: argparse.Namespace) -> int:
     from rayxdit.runtime.cards import model_card
     from rayxdit.runtime.local import run_local_group
 
-    card = model_card(args.model)
+    card = model_card(config.model)
     card.check_parallel(parallel)
     request = _fit_to_image(request, card.limits)
     card.limits.resolve(request)
@@ -339,20 +265,6 @@ def _generate(args: argparse.Namespace) -> int:
             "both cfg ranks compute the same branch",
             file=sys.stderr,
         )
-    config = EngineConfig(
-        model=args.model,
-        parallel=parallel,
-        dtype=args.dtype,
-        compile=args.compile,
-        pipefusion_patches=args.patches,
-        warmup_steps=args.warmup_steps,
-        loras=tuple(args.lora),
-        vae_parallel=args.vae_parallel,
-        cache_threshold=args.cache_threshold,
-        quantize=args.quantize,
-        controlnets=tuple(args.controlnet),
-        ip_adapter=args.ip_adapter,
-    )
     (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()
     _write_outputs(result, args.out, args.fps)
@@ -455,7 +367,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve.start(http_options={**http_options, "host": host, "port": port}, logging_config=logging_config)
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
-        + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.parallel})" for pool in config.pools),
+        + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.engine.parallel})" for pool in config.pools),
         file=sys.stderr,
     )
     # Serve's config path (as `serve deploy`): the one that carries the application-level autoscaling
@@ -465,7 +377,7 @@ def _serve(args: argparse.Namespace) -> int:
     _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
     from rayxdit.runtime.cards import model_card
 
-    if all(model_card(pool.model).limits.makes_video for pool in config.pools):
+    if all(model_card(pool.engine.model).limits.makes_video for pool in config.pools):
         example = (
             f"  curl -s http://{shown}:{port}/v1/videos -H 'Content-Type: application/json' "
             f'-d \'{{"prompt": "a red fox", "frames": 9}}\'   # then GET /v1/videos/<id>, .../content'

@@ -7,11 +7,18 @@ fails where it is written, not deep inside a collective.
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 PARALLEL_AXES = ("cfg", "pipefusion", "ring", "ulysses")
 """Mesh axes, outermost first. Ulysses (an all-to-all per attention) is innermost so it lands on the
@@ -28,6 +35,8 @@ def describe_validation_error(error: Any) -> str:
     first = error.errors()[0]
     path = ""
     for part in first.get("loc", ()):
+        if part == "engine":  # engine options are written flat in a pool (or nested: either finds them)
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     if first.get("type") == "missing":
         message = "required, but missing"
@@ -134,78 +143,219 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """What one worker group loads and how it runs it."""
+PARALLEL_HELP = (
+    "how to split ONE image over ranks, as method=degree pairs joined by commas, e.g. "
+    '"cfg=2,ring=2,ulysses=2" (8 ranks). Methods: ulysses (all-to-all over attention heads; the degree must '
+    "divide the model's heads), ring (key/values passed rank to rank), cfg (conditional and unconditional "
+    "branch on two ranks; pays only with CFG: Flux needs a negative prompt and true_cfg_scale > 1), "
+    "pipefusion (transformer blocks as pipeline stages, image patches pipelined through them; combines "
+    "with cfg and ulysses; Flux only). For a UNet (SDXL), ring and ulysses split the image into bands of "
+    "rows (patch parallelism). Their product is the number of ranks (one GPU each)"
+)
 
-    model: str
-    """A built-in preset (``tiny-flux``), a local diffusers pipeline directory, a hub id, or
-    ``package.module:NAME`` (a pipeline recipe built in code). Required: a forgotten model must not
-    silently become a random-weight preset."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """How each image is split over the group's ranks."""
-    dtype: str = "auto"
-    """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
-    compile: bool = False
-    """torch.compile the transformer blocks (GPU only pays; the first request of a shape compiles)."""
-    attention: str = "auto"
-    """Kernel of the sequence-parallel attention on GPU: auto, cudnn, flash or efficient."""
-    pipefusion_patches: int = 0
-    """PipeFusion: image patches per step (0: as many as stages)."""
-    warmup_steps: int = 1
-    """PipeFusion: synchronous steps before stale key/values are reused."""
-    vae_parallel: bool = True
-    """Split the VAE decode into bands of rows over the sequence-parallel ranks (exact: halo exchange and
-    synchronized GroupNorm statistics). Off: rank 0 decodes alone."""
-    quantize: str | None = None
-    """``fp8``: torchao float8 dynamic activations, per-row weight scales, in the transformer blocks' linear
-    layers (lossy, opt-in; Ada/Hopper GPUs). None: the model's dtype throughout."""
-    cache_threshold: float = 0.0
-    """First-Block Cache (lossy, opt-in): steps whose first-block residual changed by less than this
-    (relative) reuse the other blocks' last residual; the decision is the whole group's. 0: off, exact."""
-    loras: tuple[str, ...] = ()
-    """LoRA adapters, each ``PATH_OR_HUB_ID[:SCALE]`` (a directory or ``.safetensors`` file in diffusers'
-    LoRA format); loaded on every rank before parallelism is applied, then fused into the weights."""
-    ip_adapter: str | None = None
-    """An IP-Adapter, loaded with diffusers' ``load_ip_adapter``: Flux's in XLabs' layout
-    (``ip_adapter.safetensors``), SDXL's in h94/IP-Adapter's (``ip-adapter_sdxl.safetensors``); a directory or
-    hub id holding it, a hub folder or file path (``h94/IP-Adapter/sdxl_models``), a weights file, or the
-    ``tiny-flux-ip-adapter`` / ``tiny-sdxl-ip-adapter`` presets."""
-    ip_adapter_image_encoder: str | None = None
-    """The IP-Adapter's CLIP image encoder (default: its ``image_encoder/`` folder), e.g.
-    ``openai/clip-vit-large-patch14`` for XLabs' Flux IP-Adapter."""
-    controlnets: tuple[str, ...] = ()
-    """ControlNets loaded beside the model (Flux: ``FluxControlNetModel``, union ones too; SDXL:
-    ``ControlNetModel``; directories, hub ids or the ``tiny-flux-controlnet``, ``tiny-flux-controlnet-union``
-    and ``tiny-sdxl-controlnet`` presets), parallelized like it; a request names one by this string."""
 
-    def __post_init__(self) -> None:
-        if self.controlnets and self.parallel.pipefusion > 1:
-            raise ConfigError(
-                "controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses"
-            )
-        for lora in self.loras:
+def _option(flag: str, metavar: str | None = None) -> dict[str, Any]:
+    """How an :class:`EngineConfig` field is spelled on the command line (``rayxdit generate`` and the batch
+    job take every field; see :func:`add_engine_arguments`)."""
+    return {"flag": flag, **({"metavar": metavar} if metavar else {})}
+
+
+class EngineConfig(BaseModel):
+    """What one worker group loads and how it runs it: the only declaration of the engine's options.
+
+    Every field is reachable, unchanged, from ``rayxdit generate`` (:func:`add_engine_arguments` makes a
+    flag of each), from a Serve pool (flat in the pool, as ``parallel: ulysses=2``, or nested under
+    ``engine:``) and from the batch job; ``tests/test_config.py`` fails for a field that is not."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        description="A built-in preset (tiny-flux, tiny-flux-kontext, tiny-sd3, tiny-sdxl, tiny-wan: random "
+        "weights, run on CPU in seconds), a local diffusers pipeline directory, a hub id such as "
+        "black-forest-labs/FLUX.1-dev, or package.module:NAME (a pipeline recipe built in code). Required in "
+        "a pool: a forgotten model must not silently become a random-weight preset.",
+        json_schema_extra=_option("--model", "MODEL"),
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description=PARALLEL_HELP + ".",
+        json_schema_extra=_option("--parallel", "METHOD=DEGREE,..."),
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weights and activations: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or "
+        "float32.",
+        json_schema_extra=_option("--dtype"),
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the transformer blocks (GPU only pays; the first request of a shape "
+        "compiles: list its sizes in a pool's warmup_sizes).",
+        json_schema_extra=_option("--compile"),
+    )
+    attention: Literal["auto", "cudnn", "flash", "efficient"] = Field(
+        default="auto",
+        description="Kernel of the sequence-parallel attention on GPU: auto, cudnn, flash or efficient.",
+        json_schema_extra=_option("--attention"),
+    )
+    pipefusion_patches: int = Field(
+        default=0,
+        ge=0,
+        description="PipeFusion: image patches per step (0: one per stage).",
+        json_schema_extra=_option("--patches", "N"),
+    )
+    warmup_steps: int = Field(
+        default=1,
+        ge=0,
+        description="PipeFusion: synchronous steps before patches reuse one-step-old keys/values; as many as "
+        "the request's steps makes PipeFusion exact.",
+        json_schema_extra=_option("--warmup-steps", "N"),
+    )
+    vae_parallel: bool = Field(
+        default=True,
+        description="Split the VAE decode into bands of rows over the sequence-parallel ranks (exact: halo "
+        "exchange and synchronized GroupNorm statistics). Off: rank 0 decodes alone (the same image).",
+        json_schema_extra=_option("--no-vae-parallel"),
+    )
+    quantize: Literal["fp8"] | None = Field(
+        default=None,
+        description="fp8: torchao float8 dynamic activations with per-row weight scales in the transformer "
+        "blocks' linear layers (lossy, opt-in; needs torchao and an Ada/Hopper GPU). Default: the model's "
+        "dtype throughout.",
+        json_schema_extra=_option("--quantize"),
+    )
+    cache_threshold: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="First-Block Cache (lossy, opt-in; e.g. 0.08): steps whose first-block residual changed "
+        "by less than this (relative) reuse the other blocks' last residual; the whole group decides "
+        "together. 0: off, exact. A request may send its own (0: exact for that request).",
+        json_schema_extra=_option("--cache-threshold", "T"),
+    )
+    loras: tuple[str, ...] = Field(
+        default=(),
+        description="LoRA adapters, each PATH_OR_HUB_ID[:SCALE] (a directory or .safetensors file in "
+        "diffusers' LoRA format); loaded on every rank before parallelism is applied, then fused into the "
+        "weights. Repeat the flag for several.",
+        json_schema_extra=_option("--lora", "PATH[:SCALE]"),
+    )
+    ip_adapter: str | None = Field(
+        default=None,
+        description="An IP-Adapter, loaded with diffusers' load_ip_adapter: Flux's in XLabs' layout "
+        "(ip_adapter.safetensors), SDXL's in h94/IP-Adapter's (ip-adapter_sdxl.safetensors); a directory or "
+        "hub id holding it, a hub folder or file path (h94/IP-Adapter/sdxl_models), a weights file, or the "
+        "tiny-flux-ip-adapter / tiny-sdxl-ip-adapter presets. Requests then take ip_adapter_image.",
+        json_schema_extra=_option("--ip-adapter", "LOCATION"),
+    )
+    ip_adapter_image_encoder: str | None = Field(
+        default=None,
+        description="The IP-Adapter's CLIP image encoder (default: its image_encoder/ folder), e.g. "
+        "openai/clip-vit-large-patch14 for XLabs' Flux IP-Adapter.",
+        json_schema_extra=_option("--ip-adapter-image-encoder", "LOCATION"),
+    )
+    controlnets: tuple[str, ...] = Field(
+        default=(),
+        description="ControlNets loaded beside the model (Flux: FluxControlNetModel, union ones too; SDXL: "
+        "ControlNetModel; directories, hub ids or the tiny-flux-controlnet, tiny-flux-controlnet-union and "
+        "tiny-sdxl-controlnet presets), parallelized like it; a request names one by this string. Repeat the "
+        "flag for several.",
+        json_schema_extra=_option("--controlnet", "LOCATION"),
+    )
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _parsed_parallel(cls, value: Any) -> Any:
+        return ParallelConfig.parse(value) if isinstance(value, str) else value
+
+    @field_serializer("parallel")
+    def _parallel_text(self, value: ParallelConfig) -> str:
+        return str(value)
+
+    @field_validator("loras")
+    @classmethod
+    def _valid_loras(cls, loras: tuple[str, ...]) -> tuple[str, ...]:
+        for lora in loras:
             parse_lora(lora)
-        if self.attention not in ("auto", "cudnn", "flash", "efficient"):
-            raise ConfigError(f"attention={self.attention!r}: choose auto, cudnn, flash or efficient")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype={self.dtype!r}: choose auto, bfloat16, float16 or float32")
-        if self.quantize not in (None, "fp8"):
-            raise ConfigError(f"quantize={self.quantize!r}: only fp8 is supported (or none)")
-        if not 0.0 <= self.cache_threshold <= 1.0:
-            raise ConfigError(f"cache_threshold={self.cache_threshold}: use 0 (off) to 1")
+        return loras
+
+    @model_validator(mode="after")
+    def _combinable(self) -> EngineConfig:
+        if self.controlnets and self.parallel.pipefusion > 1:
+            raise ValueError("controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses")
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
-            raise ConfigError(
+            raise ValueError(
                 "cache_threshold with pipefusion: PipeFusion's stale patches and step caching do not combine "
                 "exactly; use one of them"
             )
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.pipefusion_patches < 0:
-            raise ConfigError(f"pipefusion_patches={self.pipefusion_patches} must be >= 0")
+        return self
 
-    def replace(self, **changes: object) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with ``changes``, validated like a new config."""
+        return type(self).model_validate({**dict(self), **changes})
+
+
+ENGINE_FIELDS = tuple(EngineConfig.model_fields)
+
+
+def add_engine_arguments(parser: Any, defaults: dict[str, Any] | None = None, config: type = EngineConfig) -> None:
+    """A flag on ``parser`` (an ``argparse`` parser or group) for every field of ``config``, its help the
+    field's description; ``defaults`` overrides a field's default for this command (e.g. the batch job's
+    ``parallel``). Read them back with :func:`engine_config_from_args`."""
+    defaults = defaults or {}
+    for name, info in config.model_fields.items():
+        extra = info.json_schema_extra or {}
+        flag = extra.get("flag") or "--" + name.replace("_", "-")
+        default = defaults.get(name, None if info.is_required() else info.get_default(call_default_factory=True))
+        shown = "" if default in (None, (), "") else f" (default: {default})"
+        options: dict[str, Any] = {"dest": name, "help": (info.description or "") + shown}
+        if "metavar" in extra:
+            options["metavar"] = extra["metavar"]
+        annotation = info.annotation
+        choices = _literal_choices(annotation)
+        if annotation is bool:
+            options["action"] = "store_false" if default else "store_true"
+            options.pop("metavar", None)
+            options["help"] = ("turn off: " if default else "") + (info.description or "")
+        elif _is_sequence(annotation):
+            options.update(action="append", default=list(default or ()))
+        elif choices:
+            options.update(choices=choices, default=default)
+        elif annotation in (int, float):
+            options.update(type=annotation, default=default)
+        else:  # str, str | None, ParallelConfig (parsed from its text by the config)
+            options["default"] = str(default) if isinstance(default, ParallelConfig) else default
+            if info.is_required() and name not in defaults:
+                options["required"] = True
+        parser.add_argument(flag, **options)
+
+
+def engine_config_from_args(args: Any, config: type = EngineConfig) -> EngineConfig:
+    """The engine config the flags of :func:`add_engine_arguments` describe; :class:`ConfigError` naming the
+    flag when a value is wrong."""
+    values = {name: getattr(args, name) for name in config.model_fields if hasattr(args, name)}
+    try:
+        return config.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first.get("loc") else ""
+        message = describe_validation_error(error).removeprefix(f"{name}: ")
+        if name in config.model_fields:
+            flag = (config.model_fields[name].json_schema_extra or {}).get("flag", name)
+            raise ConfigError(f"{flag}: {message}") from None
+        raise ConfigError(message) from None
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    """The choices of ``Literal[...]`` or ``Literal[...] | None`` (None: not a literal)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if get_origin(candidate) is Literal:
+            return list(get_args(candidate))
+    return None
+
+
+def _is_sequence(annotation: Any) -> bool:
+    return get_origin(annotation) in (tuple, list)
 
 
 DEFAULT_DEPLOYMENT_CONFIG: dict[str, Any] = {
@@ -269,22 +419,21 @@ def _check_serve_options(pool: str, options: dict[str, Any]) -> None:
     DeploymentSchema.model_validate({"name": pool, **options})
 
 
-class PoolConfig(BaseModel):
-    """One replica pool: a Serve deployment whose every replica owns a placement group of ``ranks`` bundles
-    and drives one worker group (one rank per bundle) that splits each image over ``parallel``."""
+class WorkerGroupConfig(BaseModel):
+    """One worker group, as the runtime starts it: an engine on ``ranks`` ranks (one per placement-group
+    bundle), what each rank reserves, how its ranks are placed, and the bounds of its calls. Serve pools
+    (:class:`PoolConfig`) and the batch job's groups are both one of these.
+
+    The engine's options may be written flat (``model: tiny-flux``, ``parallel: ulysses=2``), as pools have
+    always been written, or nested under ``engine:``; either way they are validated once, as
+    :class:`EngineConfig`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    DEFAULT_PARALLEL: ClassVar[str] = "ulysses=2"
+    """A worker group without ``parallel`` splits each image over two ranks."""
 
-    name: str = Field(description="Deployment name, unique in the application (e.g. flux-dev-2gpu).")
-    model: str = Field(
-        description="Preset (e.g. tiny-flux), local pipeline directory, hub id, or package.module:NAME. "
-        "Required: a forgotten model must not silently serve a random-weight preset."
-    )
-    model_name: str | None = Field(
-        default=None,
-        description="Name clients use in the API's `model` field; default: the model's last path part.",
-    )
-    parallel: str = Field(default="ulysses=2", description='Mesh degrees, e.g. "cfg=2,ulysses=2".')
+    name: str = Field(default="group", description="Names the group's rank actors, logs and metrics.")
+    engine: EngineConfig = Field(description="The model and how it runs (the fields of EngineConfig).")
     accelerator: Literal["gpu", "cpu"] = Field(
         default="gpu", description="gpu: one GPU per rank (NCCL); cpu: one CPU slot per rank (gloo)."
     )
@@ -293,39 +442,73 @@ class PoolConfig(BaseModel):
         gt=0,
         description="Logical CPUs reserved per rank (fractions let a CPU demo share cores).",
     )
-    dtype: str = Field(default="auto", description="auto, bfloat16, float16 or float32.")
-    compile: bool = Field(default=False, description="torch.compile the transformer blocks.")
-    loras: list[str] = Field(default_factory=list, description="LoRA adapters, PATH[:SCALE] each.")
-    ip_adapter: str | None = Field(
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
+        default="STRICT_PACK", description="STRICT_PACK keeps a group's ranks on one node (NVLink)."
+    )
+    request_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Deadline of a request from its arrival (a request's own `timeout` may shorten it): "
+        "past it the ranks stop at the next step boundary and the client gets 504.",
+    )
+    collective_timeout_s: float = Field(
+        default=300.0, gt=0, description="torch.distributed timeout: a rank stuck in a collective errors out."
+    )
+    cancel_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A cancelled request (or one past its deadline) must stop at a step boundary within "
+        "this long; otherwise its ranks count as hung and the worker group is rebuilt.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_fields_gathered(cls, data: Any) -> Any:
+        """Engine options written flat go into ``engine`` (each may be written once, flat or nested)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        engine = data.get("engine", {})
+        if isinstance(engine, EngineConfig):
+            engine = dict(engine)
+        elif not isinstance(engine, dict):
+            return data  # pydantic says what is wrong with it
+        engine = dict(engine)
+        for name in ENGINE_FIELDS:
+            if name in data:
+                if name in engine:
+                    raise ValueError(f"{name} is given both flat and under engine: write it once")
+                engine[name] = data.pop(name)
+        engine.setdefault("parallel", cls.DEFAULT_PARALLEL)
+        data["engine"] = engine
+        return data
+
+    @model_validator(mode="after")
+    def _engine_fits_the_accelerator(self) -> WorkerGroupConfig:
+        if self.engine.quantize and self.accelerator == "cpu":
+            raise ValueError(f"{self.name}: quantize=fp8 needs GPUs with float8 tensor cores, not CPU ranks")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        return self.engine.parallel.world_size
+
+    def updated(self, **changes: Any) -> WorkerGroupConfig:
+        """A copy with ``changes`` (engine options among them, flat), validated like a new config."""
+        data = self.model_dump()
+        engine = {**data.pop("engine"), **{k: changes.pop(k) for k in list(changes) if k in ENGINE_FIELDS}}
+        return type(self).model_validate({**data, **changes, "engine": engine})
+
+
+class PoolConfig(WorkerGroupConfig):
+    """One replica pool: a Serve deployment whose every replica owns a placement group of ``ranks`` bundles
+    and drives one worker group (:class:`WorkerGroupConfig`: the engine and its ranks), plus what routing
+    needs to know before the pool is measured and the pool's Serve options."""
+
+    name: str = Field(description="Deployment name, unique in the application (e.g. flux-dev-2gpu).")
+    model_name: str | None = Field(
         default=None,
-        description="An IP-Adapter (Flux: XLabs layout, ip_adapter.safetensors; SDXL: h94 layout, "
-        "ip-adapter_sdxl.safetensors; a directory, hub id or path, weights file, or tiny-flux-ip-adapter / "
-        "tiny-sdxl-ip-adapter); requests then take ip_adapter_image.",
-    )
-    ip_adapter_image_encoder: str | None = Field(
-        default=None, description="Its CLIP image encoder (default: the adapter's image_encoder/ folder)."
-    )
-    controlnets: list[str] = Field(
-        default_factory=list,
-        description="ControlNets loaded beside the model (Flux or SDXL): directories, hub ids or the "
-        "tiny-flux-controlnet, tiny-flux-controlnet-union and tiny-sdxl-controlnet presets; requests name one in "
-        "'controlnet'. Pools serving one model must load the same ones.",
-    )
-    vae_parallel: bool = Field(
-        default=True, description="Split the VAE decode into bands of rows over the sequence-parallel ranks."
-    )
-    cache_threshold: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="First-Block Cache threshold (lossy, opt-in; e.g. 0.08): steps whose first block changed "
-        "less than this reuse the other blocks' last residual. 0: off (exact). A request may send its own "
-        "(0: exact for that request).",
-    )
-    quantize: Literal["fp8"] | None = Field(
-        default=None,
-        description="fp8: torchao float8 dynamic-activation quantization of the transformer blocks (lossy, "
-        "opt-in; GPUs with float8 tensor cores: Ada, Hopper). Default: none.",
+        description="Name clients use in the API's `model` field; default: the model's last path part.",
     )
     route_min_cost: float = Field(
         default=0.0,
@@ -352,24 +535,6 @@ class PoolConfig(BaseModel):
         description='Sizes ("WxH") a replica generates once before it reports ready, so that no user '
         "request pays torch.compile (one compile per resolution).",
     )
-    request_timeout_s: float = Field(
-        default=900.0,
-        gt=0,
-        description="Deadline of a request from its arrival (a request's own `timeout` may shorten it): "
-        "past it the ranks stop at the next step boundary and the client gets 504.",
-    )
-    collective_timeout_s: float = Field(
-        default=300.0, gt=0, description="torch.distributed timeout: a rank stuck in a collective errors out."
-    )
-    cancel_grace_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="A cancelled request (or one past its deadline) must stop at a step boundary within "
-        "this long; otherwise its ranks count as hung and the worker group is rebuilt.",
-    )
-    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
-        default="STRICT_PACK", description="STRICT_PACK keeps a replica's ranks on one node (NVLink)."
-    )
     deployment_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve deployment options, merged over DEFAULT_DEPLOYMENT_CONFIG and validated by "
@@ -379,12 +544,6 @@ class PoolConfig(BaseModel):
         "autoscaling_config for a fixed size. The name, placement group and max_ongoing_requests follow "
         "from the pool.",
     )
-
-    @field_validator("parallel")
-    @classmethod
-    def _valid_parallel(cls, value: str) -> str:
-        ParallelConfig.parse(value)
-        return value
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -403,12 +562,6 @@ class PoolConfig(BaseModel):
                 f"pool {self.name}: deployment_config cannot set {', '.join(owned)}: the pool decides it"
             )
         _check_serve_options(self.name, self.serve_options())
-        if self.quantize and self.accelerator == "cpu":
-            raise ValueError(
-                f"pool {self.name}: quantize=fp8 needs GPUs with float8 tensor cores, not CPU ranks"
-            )
-        if self.cache_threshold > 0 and self.parallel_config.pipefusion > 1:
-            raise ValueError(f"pool {self.name}: cache_threshold with pipefusion: use one of them")
         return self
 
     def serve_options(self) -> dict[str, Any]:
@@ -438,31 +591,8 @@ class PoolConfig(BaseModel):
         return int(autoscaling.get("max_replicas", 1)) if autoscaling else int(options["num_replicas"])
 
     @property
-    def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig.parse(self.parallel)
-
-    @property
-    def ranks(self) -> int:
-        return self.parallel_config.world_size
-
-    @property
     def served_model_name(self) -> str:
-        return self.model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            parallel=self.parallel_config,
-            dtype=self.dtype,
-            compile=self.compile,
-            vae_parallel=self.vae_parallel,
-            loras=tuple(self.loras),
-            controlnets=tuple(self.controlnets),
-            ip_adapter=self.ip_adapter,
-            ip_adapter_image_encoder=self.ip_adapter_image_encoder,
-            cache_threshold=self.cache_threshold,
-            quantize=self.quantize,
-        )
+        return self.model_name or self.engine.model.rstrip("/").rsplit("/", 1)[-1]
 
 
 class RouterConfig(BaseModel):
@@ -536,7 +666,8 @@ class ServeConfig(BaseModel):
             raise ValueError(f"pool names must be unique: {names}")
         adapters: dict[str, tuple] = {}
         for pool in self.pools:  # any pool of a model may take a request for its ControlNets or IP-Adapter
-            loaded = (pool.controlnets, pool.ip_adapter, pool.ip_adapter_image_encoder)
+            engine = pool.engine
+            loaded = (engine.controlnets, engine.ip_adapter, engine.ip_adapter_image_encoder)
             if adapters.setdefault(pool.served_model_name, loaded) != loaded:
                 raise ValueError(
                     f"pools serving '{pool.served_model_name}' load different controlnets or IP-Adapters: give "

@@ -13,10 +13,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from rayxdit.batch.manifest import SCHEMA, output_path, record, sha256_file, write_atomically
 from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
-from rayxdit.config import PoolConfig
+from rayxdit.config import WorkerGroupConfig
 from rayxdit.imaging import encode_video
 from rayxdit.request import GenerateRequest, RequestError, engine_seconds
-from rayxdit.runtime.placement import pool_bundles
+from rayxdit.runtime.placement import group_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
 
 PLACEMENT_TIMEOUT_S = 1800
@@ -25,23 +25,23 @@ PLACEMENT_PREFIX = "rayxdit-batch-"
 
 class GroupGenerator:
     """One member of the Ray Data actor pool. Its worker group lives in a placement group it creates (one
-    bundle per rank, STRICT_PACK), so the pool's size is counted in whole multi-GPU groups."""
+    bundle per rank, STRICT_PACK), so the actor pool's size is counted in whole multi-GPU groups."""
 
-    def __init__(self, pool: PoolConfig, output: str, run_id: str, max_attempts: int, fps: int | None = None):
+    def __init__(self, group: WorkerGroupConfig, output: str, run_id: str, max_attempts: int, fps: int | None = None):
         """``fps``: the model makes videos, written as MP4 at this rate."""
-        self.pool = pool
+        self.group = group
         self.fps = fps
         self.output = Path(output)
         self.run_id = run_id
         self.max_attempts = max_attempts
         # Named after the run, so that the driver can tell the user when a group waits for resources.
         self.placement = placement_group(
-            pool_bundles(pool),
-            strategy=pool.placement_strategy,
+            group_bundles(group),
+            strategy=group.placement_strategy,
             name=f"{PLACEMENT_PREFIX}{run_id}-{uuid.uuid4().hex[:6]}",
         )
         ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        self.executor = RayExecutor.for_pool(pool, self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
+        self.executor = RayExecutor.for_group(group, self.placement, name=f"batch-{uuid.uuid4().hex[:6]}")
         self.executor.start()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -73,8 +73,8 @@ class GroupGenerator:
                 path=str(path.relative_to(self.output)),
                 sha256=sha256_file(path),
                 seconds=round(time.perf_counter() - begin, 4),
-                gpu_seconds=round(self.pool.ranks * (engine_seconds(result.timings) or 0.0), 4),
-                ranks=self.pool.ranks,
+                gpu_seconds=round(self.group.ranks * (engine_seconds(result.timings) or 0.0), 4),
+                ranks=self.group.ranks,
                 attempts=attempt,
             )
         return record(row, self.run_id, status=STATUS_FAILED, error=error, attempts=self.max_attempts)

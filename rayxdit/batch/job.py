@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayxdit.batch.rows import RECORDED_COLUMNS
+from rayxdit.config import WorkerGroupConfig, add_engine_arguments
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -49,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         "and ip_adapter_scale with --ip-adapter; for video models (Wan) frames",
     )
     parser.add_argument("--output", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument("--model", default="tiny-flux", help="preset, local pipeline directory or hub id")
-    parser.add_argument("--parallel", default="ulysses=2", help="how each image is split over a pool's ranks")
     parser.add_argument("--pools", type=int, default=1, help="worker groups generating at once (default: 1)")
     parser.add_argument(
         "--accelerator",
@@ -65,25 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"logical CPUs reserved per rank (default: 1 with GPUs, {CPU_RANK_CPUS} on the CPU, so that a "
         "2-core machine hosts a 2-rank group)",
     )
-    parser.add_argument(
-        "--controlnet",
-        action="append",
-        default=[],
-        metavar="LOCATION",
-        help="load this ControlNet beside the model (Flux or SDXL; repeat for several); rows name it in "
-        "'controlnet' (default: the only one)",
+    add_engine_arguments(
+        parser.add_argument_group("engine (how each worker group loads and runs the model)"),
+        defaults={"model": "tiny-flux", "parallel": WorkerGroupConfig.DEFAULT_PARALLEL},
     )
-    parser.add_argument(
-        "--ip-adapter", default=None, metavar="LOCATION", help="load this IP-Adapter (Flux or SDXL)"
-    )
-    parser.add_argument(
-        "--ip-adapter-image-encoder",
-        default=None,
-        metavar="LOCATION",
-        help="the IP-Adapter's CLIP image encoder (default: its image_encoder/ folder)",
-    )
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument(
         "--max-attempts",
         type=int,
@@ -190,36 +174,39 @@ def plan(
     return settled, pending, counts
 
 
-def pool_from_args(args: argparse.Namespace):
-    """The worker groups' pool config and the model's card; ConfigError when they cannot work."""
+def group_from_args(args: argparse.Namespace) -> WorkerGroupConfig:
+    """The worker groups' config: the engine the flags describe, on the accelerator asked for;
+    :class:`ConfigError` naming the flag when it cannot work."""
     from pydantic import ValidationError
 
-    from rayxdit.config import ConfigError, PoolConfig, describe_validation_error
-    from rayxdit.runtime.cards import model_card
+    from rayxdit.config import ConfigError, describe_validation_error, engine_config_from_args
 
+    engine = engine_config_from_args(args)
     try:
-        pool = PoolConfig(
+        return WorkerGroupConfig(
             name="batch",
-            model=args.model,
-            parallel=args.parallel,
+            engine=engine,
             accelerator=args.accelerator or "gpu",
             cpus_per_rank=args.cpus_per_rank or (CPU_RANK_CPUS if args.accelerator == "cpu" else 1.0),
-            dtype=args.dtype,
-            compile=args.compile,
             request_timeout_s=args.request_timeout_s,
-            controlnets=args.controlnet,
-            ip_adapter=args.ip_adapter,
-            ip_adapter_image_encoder=args.ip_adapter_image_encoder,
         )
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
-    card = model_card(args.model)
-    card.check_parallel(pool.parallel_config)
-    return pool, card
+
+
+def group_and_card(args: argparse.Namespace):
+    """The worker groups' config and the model's card (read from its config files); ConfigError when the
+    model cannot be split as asked."""
+    from rayxdit.runtime.cards import model_card
+
+    group = group_from_args(args)
+    card = model_card(group.engine.model)
+    card.check_parallel(group.engine.parallel)
+    return group, card
 
 
 def generate_pending(
-    pending: list[dict[str, Any]], pool, args, output: Path, run_id: str, fps: int | None = None
+    pending: list[dict[str, Any]], group: WorkerGroupConfig, args, output: Path, run_id: str, fps: int | None = None
 ) -> tuple[dict[str, int], bool]:
     """Generate the pending rows on ``args.pools`` worker groups, writing manifest parts as rows finish.
     Returns the rows finished by status and whether Ctrl-C interrupted the run."""
@@ -233,7 +220,7 @@ def generate_pending(
     dataset = ray.data.from_arrow(pa.Table.from_pylist(pending, schema=row_schema())).map_batches(
         GroupGenerator,
         fn_constructor_kwargs={
-            "pool": pool,
+            "group": group,
             "output": str(output),
             "run_id": run_id,
             "max_attempts": args.max_attempts,
@@ -324,13 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     from rayxdit.runtime.ray_executor import check_placeable
 
     try:
-        pool, card = pool_from_args(args)
+        group, card = group_and_card(args)
         ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
-        if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < pool.ranks:
-            pool = pool.model_copy(
-                update={"accelerator": "cpu", "cpus_per_rank": args.cpus_per_rank or CPU_RANK_CPUS}
-            )
-        warning = check_placeable(pool, started_here=args.address is None and "RAY_ADDRESS" not in os.environ)
+        if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < group.ranks:
+            group = group.updated(accelerator="cpu", cpus_per_rank=args.cpus_per_rank or CPU_RANK_CPUS)
+        warning = check_placeable(group, started_here=args.address is None and "RAY_ADDRESS" not in os.environ)
         if warning:
             print(
                 f"rayxdit batch: warning: {warning} (unless an autoscaler adds such a node)", file=sys.stderr
@@ -343,20 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     begin = time.perf_counter()
 
-    rows = read_rows(args.input, card.limits, tuple(pool.controlnets), pool.ip_adapter is not None)
+    rows = read_rows(args.input, card.limits, group.engine.controlnets, group.engine.ip_adapter is not None)
     video = card.limits.makes_video
     settled, pending, counts = plan(rows, output, run_id, video)
     write_part(output, settled, run_id)
     print(
         f"rayxdit batch: {len(rows)} rows; {counts['done_before']} done before, {counts['adopted']} adopted, "
-        f"{counts['invalid']} invalid, {len(pending)} to generate on {args.pools} x {pool.ranks} "
-        f"{pool.accelerator.upper()} rank(s) ({pool.parallel})",
+        f"{counts['invalid']} invalid, {len(pending)} to generate on {args.pools} x {group.ranks} "
+        f"{group.accelerator.upper()} rank(s) ({group.engine.parallel})",
         flush=True,
     )
     finished, interrupted = ({}, False)
     if pending:
         fps = card.limits.fps if video else None
-        finished, interrupted = generate_pending(pending, pool, args, output, run_id, fps)
+        finished, interrupted = generate_pending(pending, group, args, output, run_id, fps)
     generated, failed = finished.get(STATUS_OK, 0), finished.get(STATUS_FAILED, 0)
     counts["invalid"] += finished.get(STATUS_INVALID, 0)
 

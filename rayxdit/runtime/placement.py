@@ -1,6 +1,6 @@
-"""Placement as a pure function of a pool's config: bundles, strategy, actor options, rank -> bundle.
+"""Placement as a pure function of a worker group's config: bundles, strategy, actor options, rank -> bundle.
 
-A replica's placement group holds one bundle per rank. Serve puts the replica actor itself into bundle 0,
+A group's placement group (a Serve replica's, or one the batch job creates) holds one bundle per rank. Serve puts the replica actor itself into bundle 0,
 so it asks for no resources of its own; each rank actor takes exactly its bundle.
 """
 
@@ -8,29 +8,29 @@ from __future__ import annotations
 
 import math
 
-from rayxdit.config import PoolConfig
+from rayxdit.config import WorkerGroupConfig
 
 REPLICA_ACTOR_OPTIONS: dict[str, float] = {"num_cpus": 0}
 """The replica only drives its ranks; it must fit in bundle 0 beside rank 0."""
 
 
-def rank_resources(pool: PoolConfig) -> dict[str, float]:
-    """What one rank needs: a GPU (and CPU slots) on GPU pools, CPU slots on CPU pools."""
-    resources = {"CPU": pool.cpus_per_rank}
-    if pool.accelerator == "gpu":
+def rank_resources(group: WorkerGroupConfig) -> dict[str, float]:
+    """What one rank needs: a GPU (and CPU slots) on GPU groups, CPU slots on CPU groups."""
+    resources = {"CPU": group.cpus_per_rank}
+    if group.accelerator == "gpu":
         resources["GPU"] = 1.0
     return resources
 
 
-def pool_bundles(pool: PoolConfig) -> list[dict[str, float]]:
+def group_bundles(group: WorkerGroupConfig) -> list[dict[str, float]]:
     """One bundle per rank; with STRICT_PACK they land on one node, so ulysses stays on NVLink."""
-    return [rank_resources(pool) for _ in range(pool.ranks)]
+    return [rank_resources(group) for _ in range(group.ranks)]
 
 
-def rank_actor_options(pool: PoolConfig, rank: int) -> dict:
+def rank_actor_options(group: WorkerGroupConfig, rank: int) -> dict:
     """Ray actor options for ``rank`` (bundle ``rank``; the strategy object is added by the caller, which
     knows the placement group)."""
-    resources = rank_resources(pool)
+    resources = rank_resources(group)
     return {
         "num_cpus": resources["CPU"],
         "num_gpus": resources.get("GPU", 0.0),
@@ -55,28 +55,28 @@ def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
 
 
 def never_placeable(
-    pool: PoolConfig, nodes: list[dict[str, float]], node_types: list[dict[str, float]] | None = None
+    group: WorkerGroupConfig, nodes: list[dict[str, float]], node_types: list[dict[str, float]] | None = None
 ) -> str | None:
-    """Why ``pool``'s placement group can never be placed (None when it can): no node can hold all its
+    """Why ``group``'s placement group can never be placed (None when it can): no node can hold all its
     bundles (STRICT_PACK) or some bundle (PACK), among the cluster's ``nodes`` (total resources of each) and,
     with an autoscaler, the ``node_types`` it may add. A group that merely waits for busy resources is not
     refused here."""
-    bundles = pool_bundles(pool)
+    bundles = group_bundles(group)
     candidates = [*nodes, *(node_types or [])]
-    if pool.placement_strategy == "STRICT_PACK":
+    if group.placement_strategy == "STRICT_PACK":
         need = _total(bundles)
         if any(_fits(need, node) for node in candidates):
             return None
-        what = f"{pool.ranks} ranks x {rank_resources(pool)} on one node (STRICT_PACK)"
+        what = f"{group.ranks} ranks x {rank_resources(group)} on one node (STRICT_PACK)"
     else:
         if all(any(_fits(bundle, node) for node in candidates) for bundle in bundles):
             return None
-        what = f"ranks of {rank_resources(pool)} each"
+        what = f"ranks of {rank_resources(group)} each"
     largest = max(candidates, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
     shown = {key: largest.get(key, 0.0) for key in ("CPU", "GPU")}
-    if pool.accelerator == "gpu" and shown["GPU"] < pool.ranks:
+    if group.accelerator == "gpu" and shown["GPU"] < group.ranks:
         hint = "use fewer ranks, or the CPU (accelerator cpu; batch: --accelerator cpu)"
     else:
-        fitting = max(0.25, math.floor(shown["CPU"] / pool.ranks * 4) / 4)
+        fitting = max(0.25, math.floor(shown["CPU"] / group.ranks * 4) / 4)
         hint = f"set cpus_per_rank to {fitting:g} or less (batch: --cpus-per-rank {fitting:g}), or use fewer ranks"
     return f"a worker group needs {what}, but the largest node has {shown}: {hint}"

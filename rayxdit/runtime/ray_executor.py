@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayxdit.config import ConfigError, EngineConfig, PoolConfig
+from rayxdit.config import ConfigError, EngineConfig, WorkerGroupConfig
 from rayxdit.request import RequestError, RequestStopped
 from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
 from rayxdit.runtime.placement import never_placeable, rank_actor_options
@@ -46,20 +46,21 @@ class RayExecutor(Executor):
         self.workers: list[ray.actor.ActorHandle] = []
 
     @classmethod
-    def for_pool(
-        cls, pool: PoolConfig, placement_group: PlacementGroup | None = None, name: str | None = None
+    def for_group(
+        cls, group: WorkerGroupConfig, placement_group: PlacementGroup | None = None, name: str | None = None
     ) -> RayExecutor:
-        """The executor of one pool replica (or batch worker group): its ranks, model and timeouts."""
+        """The executor of one worker group (a pool replica's, a batch actor's): its ranks, engine and
+        timeouts; its telemetry labelled with the group's name."""
         return cls(
-            pool.ranks,
-            pool.engine_config(),
-            [rank_actor_options(pool, rank) for rank in range(pool.ranks)],
+            group.ranks,
+            group.engine,
+            [rank_actor_options(group, rank) for rank in range(group.ranks)],
             placement_group,
-            telemetry_pool=pool.name,
-            name=name or pool.name,
-            collective_timeout_s=pool.collective_timeout_s,
-            call_timeout_s=pool.request_timeout_s,
-            cancel_grace_s=pool.cancel_grace_s,
+            telemetry_pool=group.name,
+            name=name or group.name,
+            collective_timeout_s=group.collective_timeout_s,
+            call_timeout_s=group.request_timeout_s,
+            cancel_grace_s=group.cancel_grace_s,
         )
 
     def _rendezvous_host(self) -> str | None:
@@ -171,28 +172,17 @@ class RayExecutor(Executor):
                     future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
 
 
-def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """The total resources of every alive node of the connected cluster, and of every node type its
-    autoscaler may add (None when no autoscaler has published its config: the nodes are all there is)."""
-    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
-    try:
-        from ray._private.state import state  # the autoscaler's published cluster config (v2)
-
-        config = state.get_cluster_config()
-    except Exception:
-        config = None
-    if config is None:
-        return nodes, None
-    return nodes, [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of every alive node of the connected cluster (Ray's public ``ray.nodes()``)."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
 
 
-def check_placeable(pool: PoolConfig, started_here: bool) -> str | None:
-    """Raise :class:`ConfigError` at once when ``pool``'s worker group can never be placed (instead of a
+def check_placeable(group: WorkerGroupConfig, started_here: bool) -> str | None:
+    """Raise :class:`ConfigError` at once when ``group`` can never be placed (instead of a
     placement group pending forever): certain on a cluster this process started (``started_here``: no
-    autoscaler can add nodes) or one whose autoscaler published its node types. On any other cluster an
-    autoscaler may still add a node that fits: the problem is returned, for a warning."""
-    nodes, node_types = cluster_nodes()
-    problem = never_placeable(pool, nodes, node_types)
-    if problem and (started_here or node_types is not None):
-        raise ConfigError(f"pool {pool.name}: {problem}")
-    return f"pool {pool.name}: {problem}" if problem else None
+    autoscaler can add nodes). On a cluster joined by address an autoscaler may still add a node that fits:
+    the problem is returned, for a warning."""
+    problem = never_placeable(group, cluster_nodes())
+    if problem and started_here:
+        raise ConfigError(f"worker group {group.name}: {problem}")
+    return f"worker group {group.name}: {problem}" if problem else None

@@ -33,7 +33,7 @@ from ray.serve import Application
 from rayxdit.config import ConfigError, PoolConfig, ServeConfig, describe_validation_error
 from rayxdit.limits import ModelCard
 from rayxdit.runtime.cards import model_card
-from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, pool_bundles
+from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, group_bundles
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.router import Router
 from rayxdit.serve.state import AppState
@@ -53,7 +53,7 @@ def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
     return {
         **pool.serve_options(),
         "name": pool.name,
-        "placement_group_bundles": pool_bundles(pool),
+        "placement_group_bundles": group_bundles(pool),
         "placement_group_strategy": pool.placement_strategy,
         "ray_actor_options": {**pool.serve_options().get("ray_actor_options", {}), **REPLICA_ACTOR_OPTIONS},
         "max_ongoing_requests": 1,
@@ -66,9 +66,9 @@ def model_cards(config: ServeConfig) -> dict[str, ModelCard]:
     cards: dict[str, ModelCard] = {}
     for pool in config.pools:
         name = pool.served_model_name
-        card = cards.setdefault(name, model_card(pool.model))
+        card = cards.setdefault(name, model_card(pool.engine.model))
         try:
-            card.check_parallel(pool.parallel_config)
+            card.check_parallel(pool.engine.parallel)
         except ConfigError as error:
             raise ConfigError(f"pool {pool.name}: {error}") from None
     return cards

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -293,11 +294,10 @@ class ElasticPolicy:
         config = ServeConfig.model_validate(app)
         self.specs = {pool.name: PoolSpec.of(pool) for pool in config.pools}
         self.accelerators = {pool.name: pool.accelerator for pool in config.pools}
-        self.budget_ranks = config.elastic.budget_ranks if config.elastic else None
+        self.budget = BudgetCache(
+            config.elastic.budget_ranks if config.elastic else None, self.accelerators.values()
+        )
         self.last_plan: dict[str, int] | None = None
-
-    def budget(self) -> float:
-        return rank_budget(self.budget_ranks, self.accelerators.values())
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         demands = []
@@ -335,23 +335,40 @@ class ElasticPolicy:
 
 def rank_budget(budget_ranks: int | None, accelerators: Iterable[str]) -> float:
     """The ranks the pools share: ``budget_ranks`` when configured; infinite for CPU pools (Serve's
-    placement decides, nothing to share); else the most GPUs an autoscaler that published its node types
-    may reach, else the GPUs the cluster has now. Asks Ray (a call to the cluster): the caller caches."""
+    placement decides, nothing to share); else the GPUs the cluster has now (``ray.cluster_resources``).
+    On an autoscaling cluster, set ``elastic.budget_ranks`` to the most GPUs it may reach (the shipped
+    cluster and Serve configs do). Asks Ray (a call to the cluster): callers cache it
+    (:class:`BudgetCache`)."""
     if budget_ranks is not None:
         return float(budget_ranks)
     if all(kind == "cpu" for kind in accelerators):
         return math.inf
     import ray
 
-    try:  # with an autoscaler: the most GPUs the cluster may have
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
-        if most and most.get("GPU"):
-            return float(most["GPU"])
-    except Exception:
-        pass
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+class BudgetCache:
+    """:func:`rank_budget`, asked of the cluster at most every ``period_s`` (an autoscaling cluster may
+    grow; every autoscaling tick and routing decision reads it). Not knowing it is no limit."""
+
+    def __init__(self, budget_ranks: int | None, accelerators: Iterable[str], period_s: float = 30.0):
+        self.budget_ranks = budget_ranks
+        self.accelerators = tuple(accelerators)
+        self.period_s = period_s
+        self.checked = -math.inf
+        self.value = math.inf
+
+    def __call__(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if now - self.checked >= self.period_s:
+            self.checked = now
+            try:
+                self.value = rank_budget(self.budget_ranks, self.accelerators)
+            except Exception as error:
+                logger.warning("the shared budget of ranks is unknown (%r): no limit assumed", error)
+                self.value = math.inf
+        return self.value
 
 
 def _mean_of(per_replica: Mapping[Any, float] | None) -> float | None:

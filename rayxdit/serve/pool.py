@@ -55,7 +55,7 @@ class PoolReplica:
         self.startup_s: float | None = None  # known once up: the state learns cold-start costs from it
         self.service = ServiceFit()  # this replica's service time per request cost, for the policy
         self.finished: deque[float] = deque()  # when its recent requests finished: its request rate
-        self.executor = RayExecutor.for_pool(pool, name=f"{pool.name}-{self.replica}")
+        self.executor = RayExecutor.for_group(pool, name=f"{pool.name}-{self.replica}")
         self.lock = asyncio.Lock()
         self.waiting = 0  # requests waiting for the lock (a gauge)
         self.labels = {"model": pool.served_model_name, "pool": pool.name}

@@ -937,7 +937,7 @@ class Router:
                         {
                             "name": pool.name,
                             "ranks": pool.ranks,
-                            "parallel": pool.parallel,
+                            "parallel": str(pool.engine.parallel),
                             "route_min_cost": pool.route_min_cost,
                             "min_replicas": pool.min_replicas,
                             "max_replicas": pool.max_replicas,

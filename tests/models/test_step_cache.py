@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayxdit.config import ConfigError, EngineConfig, ParallelConfig
+from rayxdit.config import EngineConfig, ParallelConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state
 from rayxdit.request import GenerateRequest, RequestError
@@ -132,7 +132,7 @@ def test_requests_cannot_turn_on_a_cache_the_model_runs_without_and_pipefusion_r
     exact = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
     with pytest.raises(RequestError, match="cache_threshold"):
         exact.generate(REQUESTS["tiny-flux"]["plain"].model_copy(update={"cache_threshold": 0.2}))
-    with pytest.raises(ConfigError, match="pipefusion"):
+    with pytest.raises(ValueError, match="pipefusion"):
         EngineConfig(model="tiny-flux", parallel=ParallelConfig.parse("pipefusion=2"), cache_threshold=0.2)
 
 

@@ -13,17 +13,17 @@ import pytest
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from rayxdit.config import EngineConfig, PoolConfig
+from rayxdit.config import EngineConfig, WorkerGroupConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.runtime.executor import GroupError
-from rayxdit.runtime.placement import pool_bundles
+from rayxdit.runtime.placement import group_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
 
 pytestmark = pytest.mark.slow
 
-POOL = PoolConfig(
+POOL = WorkerGroupConfig(
     name="test",
     model="tiny-flux",
     parallel="ulysses=2",
@@ -37,9 +37,9 @@ REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, s
 @pytest.fixture(scope="module")
 def group():
     ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, logging_level="warning")
-    pg = placement_group(pool_bundles(POOL), strategy="STRICT_PACK")
+    pg = placement_group(group_bundles(POOL), strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=60)
-    group = RayExecutor.for_pool(POOL, placement_group=pg, name="test")
+    group = RayExecutor.for_group(POOL, placement_group=pg, name="test")
     group.start()
     yield group
     group.shutdown()

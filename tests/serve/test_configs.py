@@ -12,7 +12,7 @@ def test_the_embedded_default_is_the_shipped_local_yaml():
     """One file: the repository's serve_configs/ is the package's, and `rayxdit serve` reads it."""
     assert (CONFIGS / "local-cpu.yaml").resolve() == DEFAULT_CONFIG_FILE.resolve()
     config, http_options = default_config()
-    assert [pool.model for pool in config.pools] == ["tiny-flux", "tiny-flux"]
+    assert [pool.engine.model for pool in config.pools] == ["tiny-flux", "tiny-flux"]
     assert http_options["port"] == 8000
 
 
@@ -69,22 +69,7 @@ def test_flux_config_has_2_4_8_gpu_pools_that_fit_8_gpu_nodes():
     assert sorted(pool.ranks for pool in config.pools) == [2, 4, 8]
     for pool in config.pools:
         assert pool.accelerator == "gpu" and pool.placement_strategy == "STRICT_PACK"
-        pool.parallel_config.check_heads(24)  # FLUX.1-dev has 24 heads
-
-
-def test_pool_settings_reach_the_engine():
-    pool = PoolConfig(
-        name="p",
-        model="tiny-flux",
-        parallel="ring=2",
-        loras=["/loras/style:0.8"],
-        vae_parallel=False,
-        compile=True,
-    )
-    engine = pool.engine_config()
-    assert engine.loras == ("/loras/style:0.8",)
-    assert engine.vae_parallel is False and engine.compile is True
-    assert engine.parallel == pool.parallel_config
+        pool.engine.parallel.check_heads(24)  # FLUX.1-dev has 24 heads
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -117,5 +102,5 @@ def test_wan_config_fits_8_gpu_nodes_and_wan_14b_heads():
     config, _ = load_serve_file(CONFIGS / "wan-8gpu.yaml")
     for pool in config.pools:
         assert pool.accelerator == "gpu" and pool.placement_strategy == "STRICT_PACK" and pool.ranks <= 8
-        pool.parallel_config.check_heads(40)  # Wan 2.1 14B has 40 heads
+        pool.engine.parallel.check_heads(40)  # Wan 2.1 14B has 40 heads
         assert pool.request_timeout_s >= 1800, "a 720p video job takes many minutes"
