@@ -23,6 +23,7 @@ EXAMPLES = """examples:
       --negative-prompt "blurry" --true-cfg-scale 4 --parallel "cfg=2,ulysses=4" --compile --out cat.png
 """
 
+
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",

@@ -282,7 +282,9 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _combinable(self) -> EngineConfig:
         if self.controlnets and self.parallel.pipefusion > 1:
-            raise ValueError("controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses")
+            raise ValueError(
+                "controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses"
+            )
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
             raise ValueError(
                 "cache_threshold with pipefusion: PipeFusion's stale patches and step caching do not combine "
@@ -298,7 +300,9 @@ class EngineConfig(BaseModel):
 ENGINE_FIELDS = tuple(EngineConfig.model_fields)
 
 
-def add_engine_arguments(parser: Any, defaults: dict[str, Any] | None = None, config: type = EngineConfig) -> None:
+def add_engine_arguments(
+    parser: Any, defaults: dict[str, Any] | None = None, config: type = EngineConfig
+) -> None:
     """A flag on ``parser`` (an ``argparse`` parser or group) for every field of ``config``, its help the
     field's description; ``defaults`` overrides a field's default for this command (e.g. the batch job's
     ``parallel``). Read them back with :func:`engine_config_from_args`."""
@@ -306,7 +310,9 @@ def add_engine_arguments(parser: Any, defaults: dict[str, Any] | None = None, co
     for name, info in config.model_fields.items():
         extra = info.json_schema_extra or {}
         flag = extra.get("flag") or "--" + name.replace("_", "-")
-        default = defaults.get(name, None if info.is_required() else info.get_default(call_default_factory=True))
+        default = defaults.get(
+            name, None if info.is_required() else info.get_default(call_default_factory=True)
+        )
         shown = "" if default in (None, (), "") else f" (default: {default})"
         options: dict[str, Any] = {"dest": name, "help": (info.description or "") + shown}
         if "metavar" in extra:

@@ -27,7 +27,9 @@ class GroupGenerator:
     """One member of the Ray Data actor pool. Its worker group lives in a placement group it creates (one
     bundle per rank, STRICT_PACK), so the actor pool's size is counted in whole multi-GPU groups."""
 
-    def __init__(self, group: WorkerGroupConfig, output: str, run_id: str, max_attempts: int, fps: int | None = None):
+    def __init__(
+        self, group: WorkerGroupConfig, output: str, run_id: str, max_attempts: int, fps: int | None = None
+    ):
         """``fps``: the model makes videos, written as MP4 at this rate."""
         self.group = group
         self.fps = fps

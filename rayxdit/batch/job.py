@@ -206,7 +206,12 @@ def group_and_card(args: argparse.Namespace):
 
 
 def generate_pending(
-    pending: list[dict[str, Any]], group: WorkerGroupConfig, args, output: Path, run_id: str, fps: int | None = None
+    pending: list[dict[str, Any]],
+    group: WorkerGroupConfig,
+    args,
+    output: Path,
+    run_id: str,
+    fps: int | None = None,
 ) -> tuple[dict[str, int], bool]:
     """Generate the pending rows on ``args.pools`` worker groups, writing manifest parts as rows finish.
     Returns the rows finished by status and whether Ctrl-C interrupted the run."""
@@ -315,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
         if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < group.ranks:
             group = group.updated(accelerator="cpu", cpus_per_rank=args.cpus_per_rank or CPU_RANK_CPUS)
-        warning = check_placeable(group, started_here=args.address is None and "RAY_ADDRESS" not in os.environ)
+        warning = check_placeable(
+            group, started_here=args.address is None and "RAY_ADDRESS" not in os.environ
+        )
         if warning:
             print(
                 f"rayxdit batch: warning: {warning} (unless an autoscaler adds such a node)", file=sys.stderr

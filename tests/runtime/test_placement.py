@@ -11,7 +11,9 @@ def test_gpu_group_has_one_gpu_bundle_per_rank():
 
 
 def test_cpu_group_bundles_and_replica_fits_bundle_zero():
-    group = WorkerGroupConfig(name="p", model="tiny-flux", parallel="ring=2", accelerator="cpu", cpus_per_rank=0.25)
+    group = WorkerGroupConfig(
+        name="p", model="tiny-flux", parallel="ring=2", accelerator="cpu", cpus_per_rank=0.25
+    )
     assert group_bundles(group) == [{"CPU": 0.25}, {"CPU": 0.25}]
     assert rank_actor_options(group, 0)["num_gpus"] == 0.0
     # Serve places the replica actor in bundle 0 next to rank 0: together they must fit.
