@@ -38,9 +38,11 @@ sys.path.insert(0, str(REPO))
 from benchmarks import source_commit  # noqa: E402
 from benchmarks.models import FLUX_DEV  # noqa: E402
 from rayxdit.config import ParallelConfig  # noqa: E402
+from rayxdit.engine import denoise  # noqa: E402
 from rayxdit.limits import ModelLimits, ResolvedRequest  # noqa: E402
 from rayxdit.models.flux import FluxAdapter  # noqa: E402
 from rayxdit.models.presets import TINY_FLUX, build_flux_pipeline  # noqa: E402
+from rayxdit.models.running import RunningRequest  # noqa: E402
 from rayxdit.parallel.cfg import branches_for_rank  # noqa: E402
 from rayxdit.parallel.mesh import build_parallel_state  # noqa: E402
 from rayxdit.request import GenerateRequest  # noqa: E402
@@ -103,6 +105,11 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def running(adapter: FluxAdapter, req: ResolvedRequest) -> RunningRequest:
+    """``req`` as the engine runs it: with the step-cache threshold it asks for (or the adapter's)."""
+    return RunningRequest(req, cache_threshold=adapter.cache_threshold_for(req.request))
+
+
 def profile_denoise(
     adapter: FluxAdapter, req: ResolvedRequest, conditions: dict, device: torch.device
 ) -> dict:
@@ -112,7 +119,7 @@ def profile_denoise(
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         begin = time.perf_counter()
-        adapter.denoise(req, conditions)
+        denoise(adapter, running(adapter, req), conditions)
         _synchronize(device)
         wall_ms = 1000 * (time.perf_counter() - begin)
     from torch.autograd import DeviceType
@@ -246,18 +253,20 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
         )
         with torch.inference_mode(), sdpa_context(job.attention if job.impl == "single" else "auto"):
             begin = time.perf_counter()
-            adapter.denoise(warm, conditions)
+            denoise(adapter, running(adapter, warm), conditions)
             _synchronize(device)
             warmup_s = time.perf_counter() - begin
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timed = {}  # threshold (None: no cache) -> (latents, seconds of each repeat, steps skipped)
             for threshold in job.cache or (None,):
-                run = adapter.resolve(request.model_copy(update={"cache_threshold": threshold}))
+                run = running(
+                    adapter, adapter.resolve(request.model_copy(update={"cache_threshold": threshold}))
+                )
                 repeats = []
                 for _ in range(settings.repeats):
                     begin = time.perf_counter()
-                    latents = adapter.denoise(run, conditions)
+                    latents = denoise(adapter, run, conditions)
                     _synchronize(device)
                     repeats.append(time.perf_counter() - begin)
                 cache = adapter.step_cache

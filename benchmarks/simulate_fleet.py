@@ -1,9 +1,10 @@
 """A discrete-event simulation of a rayxdit fleet, to compare pool policies at loads no test can reach.
 
-It calls the production decisions unchanged: ``rayxdit.serve.routing.route`` (where a request finishes
-first, from loads built exactly as the application's state builds them, service times learned online with
-``ServiceFit``) and ``rayxdit.serve.elastic.plan_replicas`` (the application-level autoscaling policy). The
-rest is a model of the machinery around them, and says so:
+It calls the production decisions unchanged, by name from the same tables the application uses
+(``rayxdit.serve.policies``): a routing policy (``finish_first``: where a request finishes first, from loads
+built exactly as the application's state builds them, service times learned online with ``ServiceFit``;
+``thresholds``: the configured cost thresholds) and, for elastic fleets, an autoscaling policy
+(``load_aware``). The rest is a model of the machinery around them, and says so:
 
 - **Service times** per (GPUs, resolution) for Flux.1-dev, 28 steps, on H200, from the committed results
   (``SERVICE_TABLE``; each row says whether it was measured, in which file, or extrapolated and how). A
@@ -42,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
-from rayxdit.serve.elastic import PoolDemand, plan_replicas  # noqa: E402
-from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, route, threshold_order  # noqa: E402
+from rayxdit.serve.policies import AUTOSCALING_POLICIES, ROUTING_POLICIES  # noqa: E402
+from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit  # noqa: E402
+from rayxdit.serve.sizing import PoolDemand  # noqa: E402
 
 STEPS = 28
 SERVICE_TABLE = {
@@ -154,6 +156,8 @@ class Fleet:
         self.gpu_seconds: dict[str, float] = {}
         self.replica_starts = 0
         self.pools: dict[str, Pool] = {}
+        self.routing = ROUTING_POLICIES["finish_first" if policy == ELASTIC else "thresholds"]
+        self.sizing = AUTOSCALING_POLICIES["load_aware"]() if policy == ELASTIC else None
         if policy == "all-2gpu":
             self._static({2: budget // 2})
         elif policy == "all-8gpu":
@@ -236,14 +240,8 @@ class Fleet:
 
     def _route(self, request: Request, exclude: frozenset[str] = frozenset()) -> Pool:
         specs = [pool.spec for pool in self.pools.values()]
-        loads = self._loads()
-        if self.policy == "load-aware + shared budget":
-            free = self.budget - self._gpus_held()
-            choice = route(specs, request.cost, loads, exclude, free)[0][0]
-        elif self.policy == "static thresholds":
-            choice = threshold_order(specs, request.cost, loads)[0]
-        else:  # one pool
-            choice = specs[0]
+        free = self.budget - self._gpus_held()
+        choice = self.routing(specs, request.cost, self._loads(), exclude, free)[0][0]
         return self.pools[choice.name]
 
     def _dispatch(self, pool: Pool) -> None:
@@ -299,7 +297,7 @@ class Fleet:
                     throughput=self._rate(pool),
                 )
             )
-        plan = plan_replicas(demands, self.budget)
+        plan = self.sizing(demands, self.budget, self.now)
         for pool in self.pools.values():
             target = plan[pool.spec.name]
             if not pool.replicas and pool.queue:  # Serve's cold-start path: a queue always gets a replica
@@ -412,7 +410,8 @@ def simulate(
     }
 
 
-POLICIES = ("all-2gpu", "all-8gpu", "static thresholds", "load-aware + shared budget")
+ELASTIC = "load-aware + shared budget"
+POLICIES = ("all-2gpu", "all-8gpu", "static thresholds", ELASTIC)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -637,10 +637,29 @@ class RouterConfig(BaseModel):
     )
 
 
+class RoutingConfig(BaseModel):
+    """Which pool takes a request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field(
+        default="finish_first",
+        description="A routing policy of rayxdit.serve.policies.ROUTING_POLICIES: finish_first (where the "
+        "request finishes first, from measured service times and load; thresholds until measured) or "
+        "thresholds (route_min_cost alone).",
+    )
+
+
 class ElasticConfig(BaseModel):
     """The application's one autoscaling policy (``rayxdit.serve.elastic``): all pools sized together."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field(
+        default="load_aware",
+        description="A sizing policy of rayxdit.serve.policies.AUTOSCALING_POLICIES: load_aware (replicas for "
+        "the outstanding requests in the most efficient pools, spare GPUs upgrading them to larger ones).",
+    )
 
     budget_ranks: int | None = Field(
         default=None,
@@ -657,6 +676,7 @@ class ServeConfig(BaseModel):
 
     pools: list[PoolConfig] = Field(min_length=1, description="Replica pools, one Serve deployment each.")
     router: RouterConfig = Field(default_factory=RouterConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     elastic: ElasticConfig | None = Field(
         default_factory=ElasticConfig,
         description="One autoscaling policy sizing every pool within a shared budget; null: each pool "

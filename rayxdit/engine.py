@@ -1,19 +1,36 @@
-"""One rank's engine: the model loaded on this rank's device with the group's parallelism applied.
+"""One rank's engine: the model loaded on this rank's device with the group's parallelism applied, and the
+run of one request through it.
 
 Each rank's :class:`~rayxdit.runtime.worker.RankWorker` joins the process group, builds the mesh and creates
-one ``Engine``; the executor then calls :meth:`Engine.generate` on every rank at once.
+one ``Engine``; the executor then calls :meth:`Engine.generate` on every rank at once. A request runs as
+
+    resolve -> RunningRequest (its own state) -> prepare the shared modules -> encode this rank's branches
+    -> the denoising loop (standard, or PipeFusion's) -> decode (bands of rows over the sp group, or rank 0)
 """
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import torch
 
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.loop import StandardLoop
+from rayxdit.models.pipefusion import PipeFusionLoop
 from rayxdit.models.registry import component_location, load_adapter, load_controlnets, resolve_dtype
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, GenerateResult
+
+ADD_ON_ORDER = ("loras", "controlnets", "ip_adapter", "quantize", "parallelize", "cache_threshold", "compile")
+"""The order in which :class:`Engine` applies the engine's options to the plain model, and why: LoRAs are
+fused into plain weights first (every parallel method then sees plain linear layers); ControlNets and the
+IP-Adapter join before parallelism, which parallelizes them with the model and keeps the IP-Adapter's
+weights in its processors; fp8 quantizes the fused weights before parallelism rewrites the blocks; the step
+cache wraps the parallel blocks, outside what compile compiles; compile sees the final modules."""
 
 
 def pick_device(local_index: int) -> torch.device:
@@ -25,35 +42,38 @@ def pick_device(local_index: int) -> torch.device:
     return torch.device("cpu")
 
 
+def denoise(adapter: DiffusionAdapter, req: RunningRequest, conditions: dict[int, Any]) -> torch.Tensor:
+    """The denoising loop the adapter's layout calls for (PipeFusion's with pipefusion stages, else the
+    standard sharded loop); the full final latents."""
+    loop = PipeFusionLoop if adapter.state.axis("pipefusion").size > 1 else StandardLoop
+    return loop(adapter, req, conditions).run()
+
+
 class Engine:
     """A loaded, parallelized model on one rank."""
 
     def __init__(self, config: EngineConfig, state: ParallelState):
         self.config = config
         self.state = state
-        self.adapter: DiffusionAdapter = load_adapter(
-            config.model, state.device, resolve_dtype(config.dtype, state.device)
-        )
-        # Order matters: LoRAs are fused into plain weights first, parallelism then rewrites attention
-        # processors, and compile must see the final modules.
-        self.adapter.load_loras([parse_lora(lora) for lora in config.loras])
-        if config.controlnets:  # parallelized with the model below
-            device, dtype = state.device, resolve_dtype(config.dtype, state.device)
-            self.adapter.attach_controlnets(load_controlnets(config.controlnets, device, dtype))
-        if config.ip_adapter:  # its attention processors, kept by parallelize below
-            self.adapter.load_ip_adapter(
-                component_location(config.ip_adapter), config.ip_adapter_image_encoder
-            )
-        if config.quantize:  # on plain fused weights, before parallelism rewrites the blocks
-            self.adapter.quantize(config.quantize)
-        self.adapter.parallelize(
+        device, dtype = state.device, resolve_dtype(config.dtype, state.device)
+        adapter = self.adapter = load_adapter(config.model, device, dtype)
+        # In ADD_ON_ORDER.
+        adapter.load_loras([parse_lora(lora) for lora in config.loras])
+        if config.controlnets:
+            adapter.attach_controlnets(load_controlnets(config.controlnets, device, dtype))
+        if config.ip_adapter:
+            adapter.load_ip_adapter(component_location(config.ip_adapter), config.ip_adapter_image_encoder)
+        if config.quantize:
+            adapter.quantize(config.quantize)
+        adapter.parallelize(
             state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
         )
-        if config.cache_threshold > 0:  # around the parallel blocks, outside what compile compiles
-            self.adapter.enable_step_cache(config.cache_threshold)
+        if config.cache_threshold > 0:
+            adapter.enable_step_cache(config.cache_threshold)
         if config.compile:
-            self.adapter.compile()
+            adapter.compile()
 
+    @torch.inference_mode()
     def generate(
         self,
         request: GenerateRequest,
@@ -61,6 +81,49 @@ class Engine:
         progress: bool = False,
         control: StepControl = UNCONTROLLED,
     ) -> GenerateResult | None:
-        """Collective: every rank of the group calls it with the same request; rank 0 gets the result.
-        ``control`` may stop it at a step boundary (every rank alike)."""
-        return self.adapter.generate(request, output=output, progress=progress, control=control)
+        """Collective: every rank of the group calls it with the same request; rank 0 returns the result.
+
+        ``output="latent"`` returns the final latents instead of images (parity tests compare those).
+        ``control`` is checked at every step boundary: when the group agrees to stop, every rank raises
+        :class:`~rayxdit.request.RequestStopped` at the same step.
+        """
+        adapter = self.adapter
+        req = RunningRequest(
+            adapter.resolve(request),
+            control=control,
+            progress=progress,
+            cache_threshold=adapter.cache_threshold_for(request),
+        )
+        adapter.prepare(req)
+        device = self.state.device
+        timings: dict[str, float] = {}
+        if device.type == "cuda":  # this request's peak, reported with its timings
+            torch.cuda.reset_peak_memory_stats(device)
+        start = _now(device)
+        conditions = adapter.encode_branches(req)
+        timings["encode_s"] = _now(device) - start
+        start = _now(device)
+        latents = denoise(adapter, req, conditions)
+        control.finish(req.steps)
+        timings["denoise_s"] = _now(device) - start
+        timings["steps"] = req.steps  # the resolved count (a request may leave it to the model's default)
+        if adapter.step_cache is not None and adapter.step_cache.active:
+            timings["cached_steps"] = adapter.step_cache.skipped_steps
+        if output == "latent":
+            return GenerateResult(latents=latents.cpu(), timings=timings) if self.state.is_driver else None
+        if not adapter.decodes_here():
+            return None
+        start = _now(device)
+        images = adapter.decode(latents, req)
+        timings["decode_s"] = _now(device) - start
+        if not self.state.is_driver:
+            return None
+        if device.type == "cuda":
+            timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayxdit.request import VIDEO_MEDIA_TYPES
+from rayxdit.request import VIDEO_MEDIA_TYPES, EncodedResult, GenerateResult
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SAMPLE_ROWS = 64
@@ -51,6 +51,16 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
         + _chunk(b"IHDR", header)
         + _chunk(b"IDAT", zlib.compress(raw, level))
         + _chunk(b"IEND", b"")
+    )
+
+
+def encode_result(result: GenerateResult) -> EncodedResult:
+    """A result with its images as PNG bytes, to cross process boundaries (rank 0 to its caller)."""
+    return EncodedResult(
+        [encode_png(image) for image in result.images],
+        result.latents,
+        result.timings,
+        result.frames_per_video,
     )
 
 

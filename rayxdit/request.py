@@ -9,7 +9,7 @@ import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -186,6 +186,13 @@ class GenerateRequest(BaseModel):
         default=1.0, ge=0.0, le=4.0, description="The weight of the IP-Adapter's attention."
     )
 
+    @field_validator("prompt")
+    @classmethod
+    def _visible_prompt(cls, prompt: str) -> str:
+        if not any(char.isprintable() and not char.isspace() for char in prompt):
+            raise ValueError("the prompt is empty (only spaces or control characters)")
+        return prompt
+
     @property
     def uses_true_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
@@ -234,14 +241,6 @@ class GenerateResult:
         """The frames of each video (an image is a video of one frame)."""
         step = self.frames_per_video
         return [self.images[i : i + step] for i in range(0, len(self.images), step)]
-
-    def encode(self) -> EncodedResult:
-        """The result with its images as PNG bytes, to cross process boundaries."""
-        from rayxdit.imaging import encode_png
-
-        return EncodedResult(
-            [encode_png(image) for image in self.images], self.latents, self.timings, self.frames_per_video
-        )
 
 
 def engine_seconds(timings: dict[str, float]) -> float | None:

@@ -123,6 +123,75 @@ def violations(root: Path) -> list[str]:
     return found
 
 
+def module_graph(root: Path) -> dict[str, set[str]]:
+    """Which package modules each package module imports: every import, at import time or in a function,
+    for type checkers too (an import a function makes, or one only a type checker reads, still ties the
+    two modules together)."""
+    files = {module_name(path, root): path for path in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            for target in targets:
+                # the module itself, not a name inside it: the longest prefix that is a module here
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    imported.add(target)
+        graph[name] = imported
+    return graph
+
+
+def import_circles(root: Path) -> list[list[str]]:
+    """Every circle of imports among the package's modules (a module importing back into one that imports
+    it, directly or through others), each as the modules around it."""
+    graph = module_graph(root)
+    circles, state, stack = [], {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        stack.append(module)
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == "open":
+                circles.append([*stack[stack.index(other) :], other])
+            elif other not in state:
+                visit(other)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return circles
+
+
+def test_no_module_imports_back_into_one_that_imports_it():
+    circles = import_circles(PACKAGE)
+    assert not circles, "\n".join(" -> ".join(circle) for circle in circles)
+
+
+def test_a_planted_import_circle_is_caught(tmp_path):
+    root = tmp_path / "rayxdit"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    # A lazy import inside a function closes the circle as surely as one at the top.
+    request = root / "request.py"
+    request.write_text(
+        request.read_text() + "\n\ndef _planted():\n    from rayxdit.imaging import encode_png\n"
+    )
+    circles = [" -> ".join(circle) for circle in import_circles(root)]
+    assert circles == ["rayxdit.request -> rayxdit.imaging -> rayxdit.request"], circles
+
+
 def test_layers_import_nothing_above_them_and_reach_ranks_only_through_executors():
     found = violations(PACKAGE)
     assert not found, "\n".join(found)

@@ -1,21 +1,19 @@
-"""The model-independent half of the engine: request limits and the sharded denoising loop.
+"""What every model family provides to the engine: :class:`DiffusionAdapter`, the hooks of the loop.
 
 A model adapter wraps one loaded diffusers pipeline and supplies the family-specific pieces (text encoding,
-latent layout, one transformer call, VAE decode, and how parallelism is applied to its plain model). The loop
-below is the same for every family:
+latent layout, one transformer call, VAE decode, and how parallelism is applied to its plain model). The
+loops that call them are the same for every family and live beside it: the standard sharded loop
+(``models/loop.py``) and PipeFusion's (``models/pipefusion.py``); the engine picks one.
 
-    encode (this rank's CFG branch) -> full initial noise, keep this rank's token shard
-    -> per step: predict the shard, exchange branches over the cfg group, scheduler step on the shard
-    -> gather the shards once -> decode (bands of rows over the sp group, or on rank 0 alone)
+Every hook takes the :class:`~rayxdit.models.running.RunningRequest`: what belongs to one request lives
+there, never on the adapter, which holds only the model, its add-ons and its parallel layout.
 """
 
 from __future__ import annotations
 
 import io
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,17 +21,16 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 from PIL import Image
-from tqdm.auto import tqdm
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
+from rayxdit.models.running import RunningRequest, SourceImage
 from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_block_cache
-from rayxdit.parallel.cfg import branches_for_rank, guided_prediction
-from rayxdit.parallel.control import UNCONTROLLED, StepControl
+from rayxdit.parallel.cfg import branches_for_rank
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.parallel.sequence import gather_shards, split_sizes
+from rayxdit.parallel.sequence import split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
-from rayxdit.request import ControlInput, GenerateRequest, GenerateResult, RequestError
+from rayxdit.request import ControlInput, GenerateRequest, RequestError
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -56,15 +53,6 @@ def ip_adapter_weights(location: str, default_weight: str) -> tuple[str, str, st
     if rest[-1].endswith((".safetensors", ".bin")):
         return repo, "/".join(rest[:-1]), rest[-1]
     return repo, "/".join(rest), default_weight
-
-
-@dataclass
-class SourceImage:
-    """A request's input image in the loop's latent layout, full size (every rank alike): the encoded
-    image's latents (``[B, tokens, C]``) and, for inpainting, the mask per latent (1: repaint, 0: keep)."""
-
-    latents: torch.Tensor
-    mask: torch.Tensor | None = None
 
 
 class DiffusionAdapter(ABC):
@@ -96,12 +84,9 @@ class DiffusionAdapter(ABC):
         self.pipefusion_patches = 0
         self.warmup_steps = 1
         self.vae_bands: RowBands | None = None
-        self.control: StepControl = UNCONTROLLED
-        """The running request's step control (the loops check it at every step boundary)."""
         self.step_cache: FirstBlockCache | None = None
         self.cache_threshold = 0.0
-        self.source: SourceImage | None = None
-        """The running request's input image, set by :meth:`initial_latents` (img2img, inpainting)."""
+        """The step cache's threshold for requests that send none (see :meth:`cache_threshold_for`)."""
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property
@@ -232,7 +217,9 @@ class DiffusionAdapter(ABC):
         self.step_cache = apply_first_block_cache(self.transformer, group)
         self.cache_threshold = threshold
 
-    def _cache_threshold(self, request: GenerateRequest) -> float:
+    def cache_threshold_for(self, request: GenerateRequest) -> float:
+        """The First-Block Cache threshold ``request`` runs with (0: exact); RequestError when it asks for
+        caching on a model that runs without it."""
         if request.cache_threshold is None:
             return self.cache_threshold if self.step_cache is not None else 0.0
         if request.cache_threshold > 0 and self.step_cache is None:
@@ -299,17 +286,17 @@ class DiffusionAdapter(ABC):
 
     # ----- family-specific steps ----------------------------------------------------------------------------
     @abstractmethod
-    def encode(self, req: ResolvedRequest, branch: int) -> Any:
+    def encode(self, req: RunningRequest, branch: int) -> Any:
         """Text conditioning of ``branch`` (CONDITIONAL/UNCONDITIONAL), already sharded for this rank."""
 
     @abstractmethod
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, Any]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, Any]:
         """The full initial noise ``[B, tokens, C]``, identical on every rank (seeded per image), and the
         family's token positions for this rank's shard (passed back to :meth:`predict`). With an input
-        image, also sets :attr:`source` (drawing from the same generators in diffusers' order: the image's
+        image, also sets ``req.source`` (drawing from the same generators in diffusers' order: the image's
         latent sample first, then the noise)."""
 
-    def encode_source(self, req: ResolvedRequest, generators: list[torch.Generator]) -> SourceImage:
+    def encode_source(self, req: RunningRequest, generators: list[torch.Generator]) -> SourceImage:
         """The request's image (and mask) as diffusers' img2img and inpainting pipelines prepare them:
         resized to the request's size, one latent sample drawn with the first image's generator (diffusers
         encodes the one input image once and repeats it; before the noise is drawn), in the loop's layout.
@@ -369,23 +356,23 @@ class DiffusionAdapter(ABC):
         return self.noised(scheduler, image, timestep, noise)
 
     @abstractmethod
-    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+    def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         """A fresh scheduler for this request and its timesteps."""
 
     @abstractmethod
     def predict(
-        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Any, positions: Any, req: ResolvedRequest
+        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Any, positions: Any, req: RunningRequest
     ) -> torch.Tensor:
         """The noise prediction of this rank's token shard."""
 
     @abstractmethod
-    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, req: RunningRequest) -> torch.Tensor:
         """Full final latents (the loop's layout) -> the VAE decoder's input ``[B, C, H, W]``, unscaled."""
 
     supports_vae_bands: ClassVar[bool] = True
     """Whether the VAE is a 2D ``AutoencoderKL`` whose decode can be split into bands of rows."""
 
-    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list | None:
+    def decode(self, latents: torch.Tensor, req: RunningRequest) -> list | None:
         """Full latents -> PIL images on the driver (None elsewhere). With VAE bands, every rank of the
         driver's sp group decodes its band of rows and the driver gathers them."""
         vae = self.pipeline.vae
@@ -427,7 +414,7 @@ class DiffusionAdapter(ABC):
         timestep: torch.Tensor,
         cond: Any,
         positions: Any,
-        req: ResolvedRequest,
+        req: RunningRequest,
         text_index: torch.Tensor,
         image_index: torch.Tensor,
         unit: dict[str, Any],
@@ -466,16 +453,16 @@ class DiffusionAdapter(ABC):
 
     # ----- the loop ---------------------------------------------------------------------------------------
     @staticmethod
-    def noise_generators(req: ResolvedRequest) -> list[torch.Generator]:
+    def noise_generators(req: RunningRequest) -> list[torch.Generator]:
         """One CPU generator per image, seeded ``seed + i``: every rank draws the same full noise."""
         return [torch.Generator("cpu").manual_seed(req.request.seed + i) for i in range(req.batch)]
 
-    def generators_after_source(self, req: ResolvedRequest) -> list[torch.Generator]:
+    def generators_after_source(self, req: RunningRequest) -> list[torch.Generator]:
         """The request's noise generators, once its input image (img2img, inpainting) has drawn its latent
-        sample from them and set :attr:`source`: diffusers draws that sample before the noise."""
+        sample from them and set ``req.source``: diffusers draws that sample before the noise."""
         generators = self.noise_generators(req)
         if req.request.image is not None:
-            self.source = self.encode_source(req, generators)
+            req.source = self.encode_source(req, generators)
         return generators
 
     def encode_pixels(
@@ -498,119 +485,13 @@ class DiffusionAdapter(ABC):
         """The denoiser's input for this step: the latents, scaled where the scheduler wants it."""
         return latents
 
-    def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
+    def prepare(self, req: RunningRequest) -> None:
+        """Set what a request changes on the model's shared modules before its first call (an IP-Adapter's
+        scale, which diffusers' processors read from themselves): every request sets it anew, so none sees
+        another's. Families with such knobs override it."""
+        return
+
+    def encode_branches(self, req: RunningRequest) -> dict[int, Any]:
         """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
         branches = branches_for_rank(self.state.axis("cfg"), self.uses_cfg(req.request))
         return {branch: self.encode(req, branch) for branch in branches}
-
-    def denoise(
-        self, req: ResolvedRequest, conditions: dict[int, Any], progress: bool = False
-    ) -> torch.Tensor:
-        """The sharded denoising loop (or, with pipefusion > 1, the PipeFusion loop); returns the full final
-        latents on every rank of the sp group."""
-        if self.state.axis("pipefusion").size > 1:
-            from rayxdit.models.pipefusion import PipeFusionLoop
-
-            self._cache_threshold(req.request)  # refuses a request that asks for step caching here
-            if req.request.image is not None:
-                raise RequestError("image: input images are not implemented for PipeFusion", "image")
-
-            return PipeFusionLoop(self, req, conditions).run(progress)
-        state = self.state
-        request = req.request
-        branches = tuple(conditions)
-        self.source = None
-        latents, positions = self.initial_latents(req)
-        num_tokens = latents.shape[1]
-        token_sizes = self.token_sizes(num_tokens, positions)
-        start = sum(token_sizes[: state.axis("sp").index])
-
-        def local(full: torch.Tensor) -> torch.Tensor:  # this rank's token shard of a full [B, tokens, C]
-            return full[:, start : start + token_sizes[state.axis("sp").index]].contiguous()
-
-        latents = local(latents)
-        scheduler, timesteps = self.make_scheduler(req, num_tokens)
-        image = mask = noise = None
-        if self.source is not None:  # img2img: start from the image, noised to the first step run
-            noise, image = latents, local(self.source.latents)
-            mask = None if self.source.mask is None else local(self.source.mask)
-            timesteps = self.strength_schedule(scheduler, timesteps, request.strength)
-            first = timesteps[:1].repeat(latents.shape[0])
-            latents = self.first_latents(scheduler, image, first, noise, mask is not None, request.strength)
-        cache, threshold = self.step_cache, self._cache_threshold(request)
-        if cache is not None:
-            cache.start(threshold)
-        show = progress and state.is_driver
-        for step, t in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):
-            self.control.check(step, len(timesteps))
-            model_input = self.model_input(scheduler, latents, t)
-            predictions = {}
-            for index, branch in enumerate(branches):
-                if cache is not None:
-                    cache.begin(branch, first_of_step=index == 0)
-                predictions[branch] = self.predict(model_input, t, conditions[branch], positions, req)
-            noise_prediction = guided_prediction(
-                predictions, state.axis("cfg"), self.uses_cfg(request), self.cfg_scale(request)
-            )
-            latents = scheduler.step(noise_prediction, t, latents, return_dict=False)[0]
-            if mask is not None:  # inpainting: what is kept is the image, noised to where the loop is
-                kept = image
-                if step < len(timesteps) - 1:
-                    kept = self.noised(scheduler, image, timesteps[step + 1 : step + 2], noise)
-                latents = (1 - mask) * kept + mask * latents
-        self.source = None
-        return gather_shards(latents, 1, state.axis("sp"), token_sizes)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        request: GenerateRequest,
-        output: str = "pil",
-        progress: bool = False,
-        control: StepControl = UNCONTROLLED,
-    ) -> GenerateResult | None:
-        """Run one request on every rank of the group together; rank 0 returns the result.
-
-        ``output="latent"`` returns the final latents instead of images (parity tests compare those).
-        ``control`` is checked at every step boundary: when the group agrees to stop, every rank raises
-        :class:`~rayxdit.request.RequestStopped` at the same step.
-        """
-        req = self.resolve(request)
-        self.control = control
-        try:
-            return self._generate(req, output, progress)
-        finally:
-            self.control = UNCONTROLLED
-
-    def _generate(self, req: ResolvedRequest, output: str, progress: bool) -> GenerateResult | None:
-        timings: dict[str, float] = {}
-        if self.device.type == "cuda":  # this request's peak, reported with its timings
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = _now(self.device)
-        conditions = self.encode_branches(req)
-        timings["encode_s"] = _now(self.device) - start
-        start = _now(self.device)
-        latents = self.denoise(req, conditions, progress)
-        self.control.finish(req.steps)
-        timings["denoise_s"] = _now(self.device) - start
-        timings["steps"] = req.steps  # the resolved count (a request may leave it to the model's default)
-        if self.step_cache is not None and self.step_cache.active:
-            timings["cached_steps"] = self.step_cache.skipped_steps
-        if output == "latent":
-            return GenerateResult(latents=latents.cpu(), timings=timings) if self.state.is_driver else None
-        if not self.decodes_here():
-            return None
-        start = _now(self.device)
-        images = self.decode(latents, req)
-        timings["decode_s"] = _now(self.device) - start
-        if not self.state.is_driver:
-            return None
-        if self.device.type == "cuda":
-            timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -30,6 +30,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -310,6 +311,12 @@ class FluxAdapter(DiffusionAdapter):
     def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
         return denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
 
+    def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
+        super().__init__(pipeline, model_dir, limits)
+        self.controlnet_processors: dict[str, FluxSequenceParallelProcessor | None] = {}
+        """Each ControlNet's sequence-parallel processor (None without sequence parallelism): the net does
+        not forward attention kwargs, so each call's sequence sizes are handed to it just before the call."""
+
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_flux(self.transformer, state, attention)
         # The same blocks: the same sequence parallelism (a ControlNet does not forward attention kwargs:
@@ -352,14 +359,14 @@ class FluxAdapter(DiffusionAdapter):
                 )
         return req
 
-    def encode_branches(self, req: ResolvedRequest) -> dict[int, Any]:
+    def encode_branches(self, req: RunningRequest) -> dict[int, Any]:
         conditions = super().encode_branches(req)
         if req.request.controls:  # diffusers runs the ControlNets on the prompt alone
-            self.control_condition = conditions.get(CONDITIONAL) or self.encode(req, CONDITIONAL)
+            req.control_condition = conditions.get(CONDITIONAL) or self.encode(req, CONDITIONAL)
         return conditions
 
     def encode_control(
-        self, req: ResolvedRequest, generators: list[torch.Generator]
+        self, req: RunningRequest, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, ...]:
         """The control images as ``FluxControlNetPipeline`` prepares them for InstantX ControlNets: resized,
         one latent sample per image from its generator (each control image in turn, before the noise),
@@ -376,7 +383,7 @@ class FluxAdapter(DiffusionAdapter):
             encoded.append(self.latent_tokens(latents))
         return tuple(encoded)
 
-    def encode(self, req: ResolvedRequest, branch: int) -> FluxCondition:
+    def encode(self, req: RunningRequest, branch: int) -> FluxCondition:
         request = req.request
         prompt = request.prompt if branch == CONDITIONAL else request.negative_prompt
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
@@ -408,7 +415,18 @@ class FluxAdapter(DiffusionAdapter):
         )
         self.pipeline.image_encoder.to(self.device)
 
-    def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
+    def prepare(self, req: RunningRequest) -> None:
+        """The IP-Adapter's scale, which its processors read from themselves: the request's with an image
+        prompt, else 0 (see :meth:`image_prompt`)."""
+        if not self.ip_adapter_loaded:
+            return
+        prompted = req.request.ip_adapter_image is not None
+        for processor in self.transformer.attn_processors.values():
+            ip = getattr(processor, "ip", processor)
+            if isinstance(ip, FluxIPAdapterAttnProcessor):
+                ip.scale = [req.request.ip_adapter_scale if prompted else 0.0] * len(ip.scale)
+
+    def image_prompt(self, req: RunningRequest, branch: int) -> list[torch.Tensor]:
         """The IP-Adapter's image embeddings of one branch, as ``FluxPipeline`` makes them: the request's
         image for the prompt, an all-black image of the output's size for the negative branch. A request
         without an image prompt gets the black image's at scale 0: the adapter then adds exactly zero, as if
@@ -417,10 +435,6 @@ class FluxAdapter(DiffusionAdapter):
 
         pipe = self.pipeline
         prompted = req.request.ip_adapter_image is not None
-        for processor in pipe.transformer.attn_processors.values():
-            ip = getattr(processor, "ip", processor)
-            if isinstance(ip, FluxIPAdapterAttnProcessor):
-                ip.scale = [req.request.ip_adapter_scale if prompted else 0.0] * len(ip.scale)
         if branch == CONDITIONAL and prompted:
             image = decode_image(req.request.ip_adapter_image)
         else:
@@ -449,14 +463,14 @@ class FluxAdapter(DiffusionAdapter):
             return 1, 0
         return self.state.axis("sp").size, self.state.axis("sp").index
 
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
         # diffusers' ControlNet pipelines draw the control images' samples first, then the input image's
         # (img2img, inpainting), then the noise.
         generators = self.noise_generators(req)
         controls = self.encode_control(req, generators)
         if req.request.image is not None:
-            self.source = self.encode_source(req, generators)
+            req.source = self.encode_source(req, generators)
         latents, image_ids = pipe.prepare_latents(
             req.batch,
             self.transformer.config.in_channels // 4,
@@ -478,7 +492,7 @@ class FluxAdapter(DiffusionAdapter):
         batch, channels, height, width = latents.shape
         return self.pipeline._pack_latents(latents, batch, channels, height, width)
 
-    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+    def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         config = scheduler.config
         steps = req.steps
@@ -500,7 +514,7 @@ class FluxAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: FluxCondition,
         positions: FluxPositions,
-        req: ResolvedRequest,
+        req: RunningRequest,
     ) -> torch.Tensor:
         attention_kwargs = None
         if self.state.axis("sp").size > 1:
@@ -529,7 +543,7 @@ class FluxAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: FluxCondition,
         positions: FluxPositions,
-        req: ResolvedRequest,
+        req: RunningRequest,
         attention_kwargs: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """What a Flux transformer (or ControlNet) takes beside the hidden states, for this shard."""
@@ -553,7 +567,7 @@ class FluxAdapter(DiffusionAdapter):
         latents: torch.Tensor,
         timestep: torch.Tensor,
         positions: FluxPositions,
-        req: ResolvedRequest,
+        req: RunningRequest,
         attention_kwargs: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """The ControlNets' per-block residuals for this shard (per token: they stay local), computed as
@@ -565,7 +579,7 @@ class FluxAdapter(DiffusionAdapter):
             name = self.controlnet_for(control)
             net = self.controlnets[name]
             inputs = self._model_inputs(
-                net, latents, timestep, self.control_condition, positions, req, attention_kwargs
+                net, latents, timestep, req.control_condition, positions, req, attention_kwargs
             )
             sizes = attention_kwargs["sequence_sizes"] if attention_kwargs else None
             mode = None
@@ -609,7 +623,7 @@ class FluxAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: FluxCondition,
         positions: FluxPositions,
-        req: ResolvedRequest,
+        req: RunningRequest,
         text_index: torch.Tensor,
         image_index: torch.Tensor,
         unit: dict[str, Any],
@@ -649,7 +663,7 @@ class FluxAdapter(DiffusionAdapter):
             return model.proj_out(model.norm_out(hidden, temb))
         return torch.cat([encoder, hidden], dim=1)
 
-    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, req: RunningRequest) -> torch.Tensor:
         pipe = self.pipeline
         latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
@@ -675,7 +689,7 @@ class FluxKontextAdapter(FluxAdapter):
     supports_pipefusion = False
     family_limits = ModelLimits(image_inputs=True, kontext_auto_resize=True)
 
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, FluxPositions]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline
         latents, _, latent_ids, _ = pipe.prepare_latents(
             None,
@@ -706,7 +720,7 @@ class FluxKontextAdapter(FluxAdapter):
             reference=shard(reference, 1, parts, index),
         )
 
-    def encode_reference(self, req: ResolvedRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_reference(self, req: RunningRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference image's packed latents ``[B, tokens, C]`` and position ids, as
         ``FluxKontextPipeline`` prepares them (resized to a Kontext resolution of the same aspect ratio
         unless the model's ``kontext_auto_resize`` is False)."""

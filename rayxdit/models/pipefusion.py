@@ -12,25 +12,25 @@ them. Every rank of a stage group ends holding its own tokens' final rows; they 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from rayxdit.limits import ResolvedRequest
+from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.cfg import guided_prediction
 from rayxdit.parallel.pipefusion import WARMUP, PatchPlan, StageLink, allocate_kv_buffers, release_kv_buffers
 from rayxdit.parallel.sequence import gather_shards
-from rayxdit.request import RequestStopped
-
-if TYPE_CHECKING:
-    from rayxdit.models.base import DiffusionAdapter
+from rayxdit.request import RequestError, RequestStopped
 
 
 class PipeFusionLoop:
     """One request's PipeFusion denoising on this rank (one stage of one pipeline)."""
 
-    def __init__(self, adapter: DiffusionAdapter, req: ResolvedRequest, conditions: dict[int, Any]):
+    def __init__(self, adapter: DiffusionAdapter, req: RunningRequest, conditions: dict[int, Any]):
+        if req.request.image is not None:
+            raise RequestError("image: input images are not implemented for PipeFusion", "image")
         self.adapter = adapter
         self.req = req
         self.conditions = conditions
@@ -149,17 +149,17 @@ class PipeFusionLoop:
         final[:, order] = gathered
         return final
 
-    def run(self, progress: bool = False) -> torch.Tensor:
+    def run(self) -> torch.Tensor:
         """Denoise; the full final latents on every rank."""
         adapter = self.adapter
         scheduler, timesteps = adapter.make_scheduler(self.req, self.latents.shape[1])
         if scheduler.order != 1:
             raise ValueError("PipeFusion steps patches one at a time: it needs a first-order scheduler")
-        show = progress and adapter.state.is_driver
+        show = self.req.progress and adapter.state.is_driver
         try:
             for step, timestep in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):
                 try:
-                    adapter.control.check(step, len(timesteps))
+                    self.req.control.check(step, len(timesteps))
                 except RequestStopped:
                     self.settle(step)
                     raise

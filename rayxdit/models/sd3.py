@@ -26,8 +26,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     retrieve_timesteps,
 )
 
-from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -136,7 +137,7 @@ class SD3Adapter(DiffusionAdapter):
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
 
-    def encode(self, req: ResolvedRequest, branch: int) -> SD3Condition:
+    def encode(self, req: RunningRequest, branch: int) -> SD3Condition:
         request = req.request
         prompt = request.prompt if branch == CONDITIONAL else (request.negative_prompt or "")
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
@@ -172,7 +173,7 @@ class SD3Adapter(DiffusionAdapter):
         tokens = tokens.reshape(batch, height // p, width // p, p, p, channels)
         return torch.einsum("nhwpqc->nchpwq", tokens).reshape(batch, channels, height, width)
 
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SD3Positions]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, SD3Positions]:
         pipe = self.pipeline
         generators = self.generators_after_source(req)
         latents = pipe.prepare_latents(
@@ -192,7 +193,7 @@ class SD3Adapter(DiffusionAdapter):
         )
         return tokens, positions
 
-    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+    def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
@@ -227,7 +228,7 @@ class SD3Adapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: SD3Condition,
         positions: SD3Positions,
-        req: ResolvedRequest,
+        req: RunningRequest,
     ) -> torch.Tensor:
         model = self.transformer
         batch = latents.shape[0]
@@ -244,7 +245,7 @@ class SD3Adapter(DiffusionAdapter):
             )
         return model.proj_out(model.norm_out(hidden, temb))
 
-    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, req: RunningRequest) -> torch.Tensor:
         pipe = self.pipeline
         scale = pipe.vae_scale_factor
         latents = self.unpack(latents, req.height // scale, req.width // scale)

@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, decode_image, ip_adapter_weights
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL, UNCONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -174,7 +175,7 @@ class SDXLAdapter(DiffusionAdapter):
                 "not exact on bands of rows"
             )
 
-    def control_bands(self, req: ResolvedRequest, rows: list[int]) -> tuple[torch.Tensor, ...]:
+    def control_bands(self, req: RunningRequest, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """This rank's band of each control image, as ``StableDiffusionXLControlNetPipeline`` prepares
         them (resized to the request's size, in 0..1, one per image of the batch): the pixel rows under its
         band of latent rows."""
@@ -197,7 +198,7 @@ class SDXLAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: SDXLCondition,
         positions: SDXLBands,
-        req: ResolvedRequest,
+        req: RunningRequest,
     ) -> dict[str, Any]:
         """The ControlNets' residuals for this band (per position: local), summed as
         ``MultiControlNetModel`` sums them; each branch runs them on its own conditioning, as diffusers."""
@@ -241,7 +242,14 @@ class SDXLAdapter(DiffusionAdapter):
         )
         pipe.image_encoder.to(self.device, self.transformer.dtype)
 
-    def image_prompt(self, req: ResolvedRequest, branch: int) -> list[torch.Tensor]:
+    def prepare(self, req: RunningRequest) -> None:
+        """The IP-Adapter's scale, which diffusers' processors read from themselves: the request's with an
+        image prompt, else 0 (see :meth:`image_prompt`)."""
+        if self.ip_adapter_loaded:
+            prompted = req.request.ip_adapter_image is not None
+            self.pipeline.set_ip_adapter_scale(req.request.ip_adapter_scale if prompted else 0.0)
+
+    def image_prompt(self, req: RunningRequest, branch: int) -> list[torch.Tensor]:
         """The IP-Adapter's image embeddings of one branch, as ``StableDiffusionXLPipeline`` makes them (the
         negative branch's: zeros, or for IP-Adapter Plus the encoder's states of an all-zero image). A request
         without an image prompt gets the negative embeddings at scale 0: the adapter then adds exactly zero,
@@ -249,7 +257,6 @@ class SDXLAdapter(DiffusionAdapter):
         pipe = self.pipeline
         request = req.request
         prompted = request.ip_adapter_image is not None
-        pipe.set_ip_adapter_scale(request.ip_adapter_scale if prompted else 0.0)
         if not prompted:
             branch = UNCONDITIONAL
         adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers)
@@ -276,7 +283,7 @@ class SDXLAdapter(DiffusionAdapter):
             )
         return req
 
-    def encode(self, req: ResolvedRequest, branch: int) -> SDXLCondition:
+    def encode(self, req: RunningRequest, branch: int) -> SDXLCondition:
         request = req.request
         pipe = self.pipeline
         unconditional = branch != CONDITIONAL
@@ -301,14 +308,14 @@ class SDXLAdapter(DiffusionAdapter):
             added["image_embeds"] = self.image_prompt(req, branch)
         return SDXLCondition(embeds, added)
 
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, SDXLBands]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, SDXLBands]:
         # diffusers' prepare_latents, scaled by this request's scheduler (the pipeline's own has no timesteps)
         scale = self.pipeline.vae_scale_factor
         shape = (req.batch, self.transformer.config.in_channels, req.height // scale, req.width // scale)
         generators = self.generators_after_source(req)
         noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.transformer.dtype)
         # An input image's noise is scaled where it is added to the image (first_latents).
-        latents = noise if self.source else noise * self.make_scheduler(req, 0)[0].init_noise_sigma
+        latents = noise if req.source else noise * self.make_scheduler(req, 0)[0].init_noise_sigma
         batch, channels, height, width = latents.shape
         unit, parts = self.band_unit, self.state.axis("sp").size
         rows = [units * unit for units in split_sizes(height // unit, parts)] if parts > 1 else [height]
@@ -344,7 +351,7 @@ class SDXLAdapter(DiffusionAdapter):
     def token_sizes(self, num_tokens: int, positions: SDXLBands) -> list[int]:
         return [rows * positions.width for rows in positions.rows]
 
-    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+    def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device)
         scheduler.set_begin_index(0)
@@ -359,7 +366,7 @@ class SDXLAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: SDXLCondition,
         positions: SDXLBands,
-        req: ResolvedRequest,
+        req: RunningRequest,
     ) -> torch.Tensor:
         batch, tokens, channels = latents.shape
         rows = tokens // positions.width
@@ -379,7 +386,7 @@ class SDXLAdapter(DiffusionAdapter):
         )[0]
         return noise.permute(0, 2, 3, 1).reshape(batch, tokens, channels)
 
-    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, req: RunningRequest) -> torch.Tensor:
         pipe = self.pipeline
         scale = pipe.vae_scale_factor
         batch, _, channels = latents.shape

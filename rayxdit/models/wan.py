@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
-from rayxdit.limits import ModelLimits, ResolvedRequest
+from rayxdit.limits import ModelLimits
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
 from rayxdit.parallel.mesh import ParallelState
@@ -124,7 +125,7 @@ class WanAdapter(DiffusionAdapter):
         for model in self.denoisers:
             model.compile_repeated_blocks(fullgraph=True)
 
-    def encode(self, req: ResolvedRequest, branch: int) -> WanCondition:
+    def encode(self, req: RunningRequest, branch: int) -> WanCondition:
         request = req.request
         prompt = request.prompt if branch == CONDITIONAL else (request.negative_prompt or "")
         embeds, _ = self.pipeline.encode_prompt(
@@ -155,7 +156,7 @@ class WanAdapter(DiffusionAdapter):
         tokens = tokens.reshape(batch, f, h, w, pt, ph, pw, -1)
         return tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def initial_latents(self, req: ResolvedRequest) -> tuple[torch.Tensor, WanPositions]:
+    def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, WanPositions]:
         pipe = self.pipeline
         latents = pipe.prepare_latents(
             req.batch,
@@ -176,7 +177,7 @@ class WanAdapter(DiffusionAdapter):
         sizes = tuple(split_sizes(tokens.shape[1], sp.size))
         return tokens, WanPositions((cos[:, start:end], sin[:, start:end]), sizes, grid)
 
-    def make_scheduler(self, req: ResolvedRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
+    def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
         scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
         scheduler.set_timesteps(req.steps, device=self.device)
         scheduler.set_begin_index(0)
@@ -196,7 +197,7 @@ class WanAdapter(DiffusionAdapter):
         timestep: torch.Tensor,
         cond: WanCondition,
         positions: WanPositions,
-        req: ResolvedRequest,
+        req: RunningRequest,
     ) -> torch.Tensor:
         model = self._denoiser_at(timestep)
         for processor in self.processors:
@@ -216,7 +217,7 @@ class WanAdapter(DiffusionAdapter):
         hidden = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         return model.proj_out(hidden)
 
-    def vae_latents(self, latents: torch.Tensor, req: ResolvedRequest) -> torch.Tensor:
+    def vae_latents(self, latents: torch.Tensor, req: RunningRequest) -> torch.Tensor:
         pipe = self.pipeline
         vae = pipe.vae
         scale = pipe.vae_scale_factor_spatial
@@ -229,7 +230,7 @@ class WanAdapter(DiffusionAdapter):
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
         return latents * std + mean
 
-    def decode(self, latents: torch.Tensor, req: ResolvedRequest) -> list | None:
+    def decode(self, latents: torch.Tensor, req: RunningRequest) -> list | None:
         """Rank 0 decodes the whole video; the frames of every video, in order."""
         if not self.state.is_driver:
             return None

@@ -123,6 +123,8 @@ class Executor(ABC):
         """Why the group is (or last was) broken: not_started, rank_died, rank_hung, rank_error,
         cancel_timeout (ranks did not stop a cancelled request in time), aborted (a failed health check)."""
         self.devices: list[str] = []
+        self.timeline: dict[str, float] = {}
+        """Seconds of each stage of the last start (see :meth:`start`)."""
 
     # ----- what an implementation provides ------------------------------------------------------------------
     @abstractmethod
@@ -151,9 +153,12 @@ class Executor(ABC):
 
     # ----- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start every rank, rendezvous at rank 0's store, and load the model everywhere."""
+        """Start every rank, rendezvous at rank 0's store, and load the model everywhere. How long each
+        stage took is kept in :attr:`timeline` (seconds by stage: ``processes``, ``rendezvous``,
+        ``weights``), for the start-up reports of pools and benchmarks."""
         self.generation += 1
         begin = time.perf_counter()
+        timeline: dict[str, float] = {}
         self._launch()
         everyone = range(self.world_size)
         try:
@@ -166,22 +171,29 @@ class Executor(ABC):
                     STARTUP_TIMEOUT_S,
                     [0],
                 )[0]
+            timeline["processes"] = time.perf_counter() - begin  # ranks up, their imports done
+            mark = time.perf_counter()
             self.devices = self._call(
                 "init_distributed", (host, port, self.collective_timeout_s), {}, STARTUP_TIMEOUT_S, everyone
             )
+            timeline["rendezvous"] = time.perf_counter() - mark  # the process group (NCCL, gloo)
             if self.config is not None:
+                mark = time.perf_counter()
                 self._call("load", (self.config,), {}, STARTUP_TIMEOUT_S, everyone)
+                timeline["weights"] = time.perf_counter() - mark  # model built, loaded, parallelized
         except BaseException:
             self._kill()
             self.broken = True
             raise
         self.broken = False
+        self.timeline = {stage: round(seconds, 3) for stage, seconds in timeline.items()}
         logger.info(
-            "worker group %s generation %d up in %.1f s on %s",
+            "worker group %s generation %d up in %.1f s on %s (%s)",
             self.name,
             self.generation,
             time.perf_counter() - begin,
             self.devices,
+            ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.timeline.items()),
         )
 
     def _rendezvous_host(self) -> str | None:

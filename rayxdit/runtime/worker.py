@@ -111,6 +111,7 @@ class RankWorker:
         The request can be cancelled by its ``request_id`` (:meth:`cancel`) and stops past ``deadline``
         (seconds since the epoch): every rank raises :class:`~rayxdit.request.RequestStopped` at the same
         step boundary, leaving the group clean. :meth:`progress` tells its step meanwhile."""
+        from rayxdit.imaging import encode_result
         from rayxdit.parallel.control import StepControl
 
         assert self.engine is not None, "load() first"
@@ -130,7 +131,7 @@ class RankWorker:
             self._finished(request_id, "failed", None)
             raise
         self._finished(request_id, "done", request.steps)
-        return result.encode() if result is not None else None
+        return encode_result(result) if result is not None else None
 
     def cancel(self, request_id: str) -> None:
         """Control: stop ``request_id`` at the next step boundary the group agrees on (also when it has not

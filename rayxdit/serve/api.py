@@ -15,9 +15,10 @@ SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``. OpenAI's fields keep their meaning; ``quality``, ``style``
-    and ``user`` are accepted and ignored so that OpenAI clients work unchanged."""
+    and ``user`` are accepted and ignored so that OpenAI clients work unchanged. JSON is read strictly (a
+    number sent as a string is refused); forms, whose fields are all text, are read with conversions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="What to draw.", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
@@ -90,8 +91,6 @@ class ImageGenerationRequest(BaseModel):
 
     def to_generate_request(self, default_seed: int) -> GenerateRequest:
         width, height = parse_size(self.size)
-        if not self.prompt.strip():
-            raise RequestError("prompt is empty", "prompt")
         try:
             return GenerateRequest(
                 prompt=self.prompt,
@@ -147,9 +146,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 class VideoGenerationRequest(BaseModel):
     """Body of ``POST /v1/videos`` (JSON or a multipart form, as OpenAI's client sends it). OpenAI's fields
     keep their meaning (``seconds``, ``size``); ``frames``, ``steps``, ``seed``, ``guidance`` and
-    ``negative_prompt`` are rayxdit's."""
+    ``negative_prompt`` are rayxdit's. JSON is read strictly, forms with conversions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(description="What to film.", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
@@ -185,8 +184,6 @@ class VideoGenerationRequest(BaseModel):
     def to_generate_request(self, default_seed: int, frames_for_seconds: Any) -> GenerateRequest:
         """The request; ``frames_for_seconds``: the model's ``ModelLimits.frames_for``."""
         width, height = parse_size(self.size)
-        if not self.prompt.strip():
-            raise RequestError("prompt is empty", "prompt")
         if self.seconds is not None and self.frames is not None:
             raise RequestError("give seconds or frames, not both", "seconds")
         frames = self.frames if self.seconds is None else frames_for_seconds(self.seconds)
@@ -240,6 +237,38 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+RETRY_AFTER_S = 5
+"""The Retry-After of a 429 or 503 that knows no better wait."""
+
+
+class ApiError(Exception):
+    """An answer other than 200, raised anywhere in the ingress and rendered as the one error shape (with
+    ``Retry-After`` on 429 and 503)."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.retry_after: float | None = None
+        """Seconds for the Retry-After header of a 429 or 503 (default: RETRY_AFTER_S)."""
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 ``invalid_request_error``: the request itself is wrong, before any GPU work."""
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def request_error_from_validation(first: dict[str, Any]) -> RequestError:
+    """A pydantic (or FastAPI) validation problem as a RequestError naming the body's field."""
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not location:
+        return RequestError(f"request body: {first.get('msg')}")
+    if first.get("type") == "extra_forbidden":
+        return RequestError(f"unknown field '{location[0]}'", location[0])
+    return RequestError(f"{location[0]}: {first.get('msg')}", location[0])
 
 
 class PoolUnavailableError(RuntimeError):

@@ -34,6 +34,7 @@ from rayxdit.config import ConfigError, PoolConfig, ServeConfig, describe_valida
 from rayxdit.limits import ModelCard
 from rayxdit.runtime.cards import model_card
 from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, group_bundles
+from rayxdit.serve.policies import check_policies
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.router import Router
 from rayxdit.serve.state import AppState
@@ -82,6 +83,7 @@ def fixed_size(replicas: int) -> dict[str, int]:
 
 def build_app(config: ServeConfig) -> Application:
     """The application: the shared state, one deployment per pool, the router in front."""
+    check_policies(config)
     state = (
         serve.deployment(AppState)
         .options(

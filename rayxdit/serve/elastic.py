@@ -1,31 +1,11 @@
-"""One autoscaling policy for the whole application: every pool's replica count decided together, within
-one budget of ranks (GPUs).
+"""The application's autoscaling policy as Serve 2.60 calls it: a thin adapter from Serve's per-deployment
+contexts to the pure sizing policy the application's config names (``elastic.policy``, from
+``serve/policies.py``'s table), within the shared budget of ranks.
 
-The principle: every request that wants to run should have a replica, and spare ranks buy speed.
-
-1. **A queue keeps its pool.** A pool with requests waiting for it keeps its replicas (up to as many as it
-   has requests), so a large replica is only given up once the small ones have absorbed its queue; a
-   replica merely running a request may be given up (Serve lets it finish first). Unless keeping it blocks
-   what the demand needs (on a full node, a lone large replica under a growing queue keeps the small ones
-   that would absorb it from starting): then it goes, and the routers re-route its queue. Every pool keeps
-   its ``min_replicas``.
-2. **Concurrency first.** Each model wants as many replicas as it has requests outstanding (averaged by
-   Serve over the look-back window, rounded; at least one while it has any traffic), and at least enough
-   of its most efficient pool to serve its measured request rate at 80% utilization (so a steady stream
-   that happens to show few requests at each tick still gets the replicas it keeps busy). Missing
-   replicas are added in the pool that does the most work per rank (the smallest, by measurement), for as
-   many requests as the budget allows: under heavy load, many small replicas, the most images per GPU.
-3. **Then latency.** Spare ranks upgrade planned replicas to larger pools, best gain per extra rank first
-   (the time a typical request saves, from each pool's measured seconds per cost unit): under light load a
-   single request gets the largest replica the budget holds, the lowest latency.
-4. **Idle returns it all**: no traffic, no replicas beyond the minimums.
-5. **No flapping.** The configuration in place stays unless the ideal one completes the current demand's
-   requests 15% faster on average (requests sent to the replica that finishes each first): every change
-   costs replica start-ups.
-
-``plan_replicas`` is a pure function (the fleet simulator calls it too); :class:`ElasticPolicy` is the thin
-adapter Serve 2.60 calls as the application's ``autoscaling_policy``, after which Serve applies each pool's
-own ``upscale_delay_s``/``downscale_delay_s`` and bounds.
+Serve instantiates :class:`ElasticPolicy` once with ``policy_kwargs`` (the application's own args) when
+the application's config sets ``autoscaling_policy: {policy_function: "rayxdit.serve.elastic:ElasticPolicy"}``
+(``rayxdit serve`` and the shipped configs do), and calls it every autoscaling tick; Serve then applies each
+pool's own ``upscale_delay_s``/``downscale_delay_s`` and bounds.
 """
 
 from __future__ import annotations
@@ -33,249 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rayxdit.serve.routing import SCALING_EXPONENT, PoolLoad, PoolSpec, service_rates
+from rayxdit.config import ServeConfig
+from rayxdit.serve.policies import autoscaling_policy
+from rayxdit.serve.routing import PoolSpec
+from rayxdit.serve.sizing import PoolDemand
 
-EPSILON = 1e-6
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class PoolDemand:
-    """One pool at one autoscaling decision."""
-
-    spec: PoolSpec
-    replicas: int
-    """The current target."""
-    outstanding: float
-    """Requests running or queued at the pool (Serve's total_num_requests, averaged over its look-back)."""
-    queued: float = 0.0
-    """Of those, requests waiting for a replica of this pool (Serve's total_queued_requests)."""
-    min_replicas: int = 0
-    max_replicas: int = 1
-    seconds_per_cost: float | None = None
-    """Measured service rate (None: not measured yet)."""
-    overhead_s: float = 0.0
-    """Measured fixed part of a request's service time."""
-    mean_cost: float | None = None
-    """Measured mean cost of the pool's recent requests."""
-    throughput: float = 0.0
-    """Requests the pool finished per second recently (all its replicas)."""
-
-
-def _typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
-    """Each pool's service time of a typical request of its model: its rate (measured, else extrapolated,
-    else relative to one rank) times the model's mean request cost (1 if unmeasured)."""
-    specs = [pool.spec for pool in pools]
-    loads = {pool.spec.name: PoolLoad(seconds_per_cost=pool.seconds_per_cost) for pool in pools}
-    rates = service_rates(specs, loads) or {s.name: s.ranks**-SCALING_EXPONENT for s in specs}
-    costs: dict[str, list[float]] = defaultdict(list)
-    for pool in pools:
-        if pool.mean_cost:
-            costs[pool.spec.model].append(pool.mean_cost)
-    mean_cost = {model: sum(values) / len(values) for model, values in costs.items()}
-    return {
-        pool.spec.name: pool.overhead_s + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
-        for pool in pools
-    }
-
-
-TARGET_UTILIZATION = 0.8
-"""Replicas are sized to be this busy at the current request rate: queues stay short (at 0.9 and above a
-queue's wait grows several-fold)."""
-QUEUE_KEEPS_POOL = 0.5
-"""Requests waiting for a pool (averaged) from which on its replicas are kept."""
-
-
-def wanted_replicas(members: Sequence[PoolDemand], seconds: Mapping[str, float]) -> int:
-    """Replicas a model wants: as many as its outstanding requests (averaged, rounded), and enough of its
-    most efficient pool to serve its request rate at TARGET_UTILIZATION; at least one while it has any."""
-    outstanding = sum(pool.outstanding for pool in members)
-    rate = sum(pool.throughput for pool in members)
-    if outstanding <= EPSILON and rate <= EPSILON:
-        return 0
-    efficient = min(members, key=lambda pool: seconds[pool.spec.name] * pool.spec.ranks)
-    by_rate = math.ceil(rate * seconds[efficient.spec.name] / TARGET_UTILIZATION - EPSILON)
-    return max(1, round(outstanding), by_rate)
-
-
-def mean_completion(
-    counts: Mapping[str, int], models: Mapping[str, Sequence[PoolDemand]], seconds: Mapping[str, float]
-) -> float:
-    """How good a configuration is for the current demand: the mean completion time of each model's wanted
-    requests, each sent to the replica that finishes it first (so a lone fast replica wins for one request,
-    and many small ones win once requests queue)."""
-    total = count = 0.0
-    for members in models.values():
-        wanted = wanted_replicas(members, seconds)
-        replicas = [seconds[m.spec.name] for m in members for _ in range(counts[m.spec.name])]
-        if not wanted:
-            continue
-        if not replicas:
-            return math.inf
-        busy = [0.0] * len(replicas)
-        for _ in range(wanted):
-            best = min(range(len(replicas)), key=lambda i: busy[i] + replicas[i])
-            busy[best] += replicas[best]
-            total += busy[best]
-            count += 1
-    return total / count if count else 0.0
-
-
-HYSTERESIS = 0.15
-"""A configuration is replaced only by one expected to complete requests this much faster: every change
-costs replica start-ups (minutes for a large model), so near-equal plans must not flap."""
-
-
-def plan_replicas(pools: Sequence[PoolDemand], budget: float) -> dict[str, int]:
-    """Replicas per pool (by pool name) for ``budget`` ranks; never more ranks than ``budget`` unless the
-    pools' minimums alone exceed it (then exactly the minimums). The current configuration stays unless the
-    ideal one is :data:`HYSTERESIS` better for the current demand; idle models return to their minimums."""
-    by_name = {pool.spec.name: pool for pool in pools}
-    models: dict[str, list[PoolDemand]] = defaultdict(list)
-    for pool in pools:
-        models[pool.spec.model].append(pool)
-
-    def ranks(plan: Mapping[str, int]) -> int:
-        return sum(max(by_name[n].min_replicas, count) * by_name[n].spec.ranks for n, count in plan.items())
-
-    def bounded(plan: Mapping[str, int]) -> dict[str, int]:
-        return {n: min(by_name[n].max_replicas, max(by_name[n].min_replicas, c)) for n, c in plan.items()}
-
-    seconds = _typical_seconds(pools)
-    kept = _kept(by_name, ranks, budget)
-    ideal = bounded(_ideal(by_name, models, seconds, kept, ranks, budget))
-    # Keeping a queued pool may block what the demand needs (on a full node, the small replicas that would
-    # absorb a big one's growing queue cannot start while it holds the GPUs): then the queue goes instead,
-    # re-routed by the routers once its pool is gone.
-    unblocked = bounded(_ideal(by_name, models, seconds, dict.fromkeys(by_name, 0), ranks, budget))
-    if _better(unblocked, ideal, models, seconds, ranks):
-        ideal, kept = unblocked, dict.fromkeys(by_name, 0)
-    current = {name: pool.replicas for name, pool in by_name.items()}
-    for members in models.values():  # an idle model returns its replicas whatever the rest does
-        if not wanted_replicas(members, seconds):
-            for member in members:
-                current[member.spec.name] = ideal[member.spec.name]
-    current = bounded(current)
-    stable = ranks(current) <= budget and all(current[n] >= kept[n] for n in by_name)
-    if stable and not _better(ideal, current, models, seconds, ranks):
-        return current
-    return ideal
-
-
-def _capacity_shortfall(counts: Mapping[str, int], models, seconds) -> float:
-    """How far a configuration's throughput falls short of each model's request rate at
-    TARGET_UTILIZATION (0: every model is served with headroom)."""
-    shortfall = 0.0
-    for members in models.values():
-        rate = sum(pool.throughput for pool in members)
-        capacity = sum(counts[m.spec.name] / seconds[m.spec.name] for m in members)
-        shortfall += max(0.0, rate - capacity * TARGET_UTILIZATION)
-    return shortfall
-
-
-def _better(candidate: Mapping[str, int], current: Mapping[str, int], models, seconds, ranks) -> bool:
-    """Whether ``candidate`` is worth a change from ``current``: it serves the request rate where the
-    current one cannot; or, both able (or both not), it completes the demand's requests HYSTERESIS faster,
-    or about as fast (within 5%) on a quarter fewer ranks (idle ranks go back, and a surge can start
-    replicas on them without draining any)."""
-    short_candidate = _capacity_shortfall(candidate, models, seconds)
-    short_current = _capacity_shortfall(current, models, seconds)
-    if short_current > EPSILON and short_candidate < (1 - HYSTERESIS) * short_current:
-        return True
-    if short_candidate > short_current + EPSILON:
-        return False
-    faster = mean_completion(candidate, models, seconds)
-    now = mean_completion(current, models, seconds)
-    if faster < (1 - HYSTERESIS) * now:
-        return True
-    return ranks(candidate) <= 0.75 * ranks(current) and faster <= 1.05 * now
-
-
-def _kept(by_name: Mapping[str, PoolDemand], ranks, budget: float) -> dict[str, int]:
-    """Replicas of pools with a queue of their own, up to as many as their requests (fewer, largest first,
-    if the budget shrank below them)."""
-    # A cold pool with requests waiting gets a replica from Serve anyway (its cold-start path overrides
-    # any policy): plan with it rather than against it.
-    kept = {
-        name: max(1, min(pool.replicas, math.ceil(pool.outstanding - EPSILON)))
-        if pool.queued >= QUEUE_KEEPS_POOL
-        else 0
-        for name, pool in by_name.items()
-    }
-    while ranks(kept) > budget:
-        busy = [name for name in kept if kept[name] > by_name[name].min_replicas and kept[name] > 0]
-        if not busy:
-            break
-        kept[max(busy, key=lambda name: by_name[name].spec.ranks)] -= 1
-    return kept
-
-
-def _trimmed(assign: dict[str, int], planned: Mapping[str, list[str]], models, seconds) -> dict[str, int]:
-    """Drop planned replicas that upgrades made unnecessary (smallest first): a model needs a replica per
-    outstanding request and capacity for its request rate at TARGET_UTILIZATION, no more. Ranks left free
-    cost nothing on an autoscaling cloud and let the next surge start replicas without draining any."""
-    for model, names in planned.items():
-        members = models[model]
-        outstanding = round(sum(pool.outstanding for pool in members))
-        rate = sum(pool.throughput for pool in members)
-        for name in sorted(names, key=lambda n: seconds[n], reverse=True):
-            trial = {**assign, name: assign[name] - 1}
-            replicas = sum(trial[m.spec.name] for m in members)
-            capacity = sum(trial[m.spec.name] / seconds[m.spec.name] for m in members)
-            if replicas >= max(1, outstanding) and capacity * TARGET_UTILIZATION >= rate:
-                assign = trial
-    return assign
-
-
-def _ideal(by_name, models, seconds, kept, ranks, budget: float) -> dict[str, int]:
-    """The configuration the demand calls for, from the kept replicas: one replica per wanted request in
-    each model's most efficient pool with room (while the budget lasts), then upgrades of those replicas to
-    larger pools, best latency gain per extra rank first."""
-    assign = dict(kept)
-    need = {
-        model: max(0, wanted_replicas(members, seconds) - sum(kept[m.spec.name] for m in members))
-        for model, members in models.items()
-    }
-    planned: dict[str, list[str]] = defaultdict(list)  # model -> pools of its planned (movable) replicas
-    while any(need.values()):
-        model = max(need, key=lambda m: need[m])
-        options = sorted(
-            (pool for pool in models[model] if assign[pool.spec.name] < pool.max_replicas),
-            key=lambda pool: (seconds[pool.spec.name] * pool.spec.ranks, pool.spec.ranks),
-        )
-        placed = False
-        for pool in options:
-            trial = {**assign, pool.spec.name: assign[pool.spec.name] + 1}
-            if ranks(trial) <= budget:
-                assign, placed = trial, True
-                planned[model].append(pool.spec.name)
-                break
-        need[model] = need[model] - 1 if placed else 0
-    while True:
-        best = None
-        for model, names in planned.items():
-            for index, source in enumerate(names):
-                for target in models[model]:
-                    name = target.spec.name
-                    if target.spec.ranks <= by_name[source].spec.ranks or assign[name] >= target.max_replicas:
-                        continue
-                    trial = {**assign, source: assign[source] - 1, name: assign[name] + 1}
-                    extra = ranks(trial) - ranks(assign)
-                    gain = seconds[source] - seconds[name]
-                    if ranks(trial) > budget or gain <= 0:
-                        continue
-                    score = math.inf if extra <= 0 else gain / extra
-                    if best is None or score > best[0]:
-                        best = (score, model, index, name, trial)
-        if best is None:
-            return _trimmed(assign, planned, models, seconds)
-        _, model, index, name, assign = best
-        planned[model][index] = name
 
 
 class ElasticPolicy:
@@ -283,20 +29,18 @@ class ElasticPolicy:
     once with ``policy_kwargs`` and calls it every autoscaling tick with every deployment's context).
 
     ``app``: the application's own args (the ``ServeConfig``), from which it knows every pool's size (also
-    of pools with no replica) and the budget (``elastic.budget_ranks``; default: the most GPUs an
-    autoscaler that published its node types may reach, else the GPUs the cluster has now: set it on
-    autoscaling clusters). Pools report their measured rate and mean request cost as custom
+    of pools with no replica), the sizing policy (``elastic.policy``) and the budget
+    (``elastic.budget_ranks``; default: the GPUs the cluster has now: set it on autoscaling clusters). Pools report their measured rate and mean request cost as custom
     autoscaling metrics; the router and state deployments keep their fixed size."""
 
     def __init__(self, app: dict[str, Any]):
-        from rayxdit.config import ServeConfig
-
         config = ServeConfig.model_validate(app)
         self.specs = {pool.name: PoolSpec.of(pool) for pool in config.pools}
         self.accelerators = {pool.name: pool.accelerator for pool in config.pools}
         self.budget = BudgetCache(
             config.elastic.budget_ranks if config.elastic else None, self.accelerators.values()
         )
+        self.policy = autoscaling_policy(config.elastic.policy if config.elastic else "load_aware")
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
@@ -321,7 +65,7 @@ class ElasticPolicy:
                 )
             )
         budget = self.budget()
-        plan = plan_replicas(demands, budget)
+        plan = self.policy(demands, budget, time.monotonic())
         if plan != self.last_plan:
             demand = {d.spec.name: round(d.outstanding, 2) for d in demands}
             logger.info("elastic plan %s within %s ranks (outstanding %s)", plan, budget, demand)

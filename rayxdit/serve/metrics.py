@@ -106,6 +106,14 @@ SERVING_METRICS = (
         ("pool", "cause"),
     ),
     MetricSpec(
+        "rayxdit_replica_start_seconds",
+        "histogram",
+        "Seconds of each stage of a pool replica's start: processes (rank processes up, imports done), "
+        "rendezvous (process group), weights (model built and parallelized), warm_up, total.",
+        ("pool", "stage"),
+        (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+    ),
+    MetricSpec(
         "rayxdit_requests_running",
         "gauge",
         "Requests running on a pool replica's ranks (0 or 1 per replica).",

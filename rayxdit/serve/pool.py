@@ -59,23 +59,38 @@ class PoolReplica:
         self.lock = asyncio.Lock()
         self.waiting = 0  # requests waiting for the lock (a gauge)
         self.labels = {"model": pool.served_model_name, "pool": pool.name}
+        self.timeline: dict[str, float] = {}
+        """Seconds of each stage of this replica's start (see :meth:`startup`)."""
+        self.warmed_up: list[str] = []
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
-        await self._warm_up()
+        warm_up = await self._warm_up()
         self.startup_s = time.monotonic() - began
+        self.timeline = {**self.executor.timeline, "warm_up": warm_up, "total": round(self.startup_s, 3)}
+        for stage, seconds in self.timeline.items():
+            metrics.observe("rayxdit_replica_start_seconds", seconds, pool=pool.name, stage=stage)
+        logger.info("%s: started in %.1f s (%s)", self.replica, self.startup_s, self.timeline)
         # Ready in the shared state before Serve sees this replica up (not up to a heartbeat later): when
         # Serve reports the application running, /readyz agrees.
         await self._report()
 
-    async def _warm_up(self) -> None:
+    async def _warm_up(self) -> float:
         """One short generation per ``warmup_sizes`` entry (torch.compile compiles per resolution), before
-        the replica reports ready: no user request pays it."""
+        the replica reports ready: no user request pays it. Returns the seconds it took."""
+        began = time.monotonic()
         for size in self.pool.warmup_sizes:
             width, height = (int(side) for side in size.lower().split("x"))
             begin = time.monotonic()
             request = GenerateRequest(prompt="warm-up", width=width, height=height, steps=2)
             await self.executor.generate_async(request, request_id=f"warm-up-{size}")
+            self.warmed_up.append(size)
             logger.info("%s: warmed up %s in %.1f s", self.replica, size, time.monotonic() - begin)
+        return round(time.monotonic() - began, 3)
+
+    def startup(self) -> dict[str, object]:
+        """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
+        ``warm_up``, ``total``) and the sizes it warmed up, all before it reported ready."""
+        return {"timeline": self.timeline, "warmed_up": list(self.warmed_up)}
 
     async def _heartbeat(self) -> None:
         """Tell the application's state every second whether this replica is starting or ready."""

@@ -31,17 +31,16 @@ from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve import metrics
-from rayxdit.serve.elastic import rank_budget
+from rayxdit.serve.elastic import BudgetCache
 from rayxdit.serve.jobs import JobStore
-from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after, route
+from rayxdit.serve.policies import routing_policy
+from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
 
 logger = logging.getLogger("ray.serve")
 HEARTBEAT_S = 1.0
 """How often pool replicas report."""
 STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
-BUDGET_RECHECK_S = 30.0
-"""How often the shared budget of ranks is asked of the cluster again."""
 
 
 @dataclass
@@ -104,13 +103,14 @@ class AppState:
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
         self.published: dict[str, tuple[int, int, int]] = {}
+        self.route_policy = routing_policy(config.routing.policy)
         # Cold pools that the shared budget has no room for are routed to last (routing.route): only an
         # elastic application shares a budget; pools that scale on their own compete in Serve's placement.
-        self.budget_ranks = config.elastic.budget_ranks if config.elastic else None
-        self.accelerators = [pool.accelerator for pool in config.pools]
-        self.shared_budget = config.elastic is not None
-        self.budget_checked = -math.inf
-        self.budget = math.inf
+        self.budget = (
+            BudgetCache(config.elastic.budget_ranks, [pool.accelerator for pool in config.pools])
+            if config.elastic is not None
+            else None
+        )
         router: RouterConfig = config.router
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
@@ -187,7 +187,7 @@ class AppState:
         or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since
         the epoch), or ``{"pool": None}`` when every pool of ``model`` is excluded (full or down)."""
         loads = self._loads()
-        order = route(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
+        order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
@@ -204,23 +204,13 @@ class AppState:
 
     def _free_ranks(self, loads: dict[str, PoolLoad]) -> float:
         """Ranks of the shared budget that no replica (ready or starting) holds."""
-        if not self.shared_budget:
+        if self.budget is None:
             return math.inf
-        now = time.monotonic()
-        if now - self.budget_checked > BUDGET_RECHECK_S:  # an autoscaling cluster may have grown
-            self.budget_checked = now
-            try:
-                self.budget = rank_budget(self.budget_ranks, self.accelerators)
-            except Exception as error:  # not knowing the budget must not stop routing: no limit
-                logger.warning(
-                    "the shared budget of ranks is unknown (%r): cold pools are not held back", error
-                )
-                self.budget = math.inf
         held = sum(
             (load.ready_replicas + load.starting_replicas) * self.pools[name].ranks
             for name, load in loads.items()
         )
-        return self.budget - held
+        return self.budget() - held
 
     async def gone(self, pool: str) -> bool:
         """Whether ``pool`` has no replica left, not even a starting one (its waiting requests should move)."""

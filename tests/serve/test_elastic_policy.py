@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from rayxdit.serve.elastic import PoolDemand, plan_replicas
 from rayxdit.serve.routing import (
     PoolLoad,
     PoolSpec,
@@ -15,6 +14,7 @@ from rayxdit.serve.routing import (
     route,
     service_rates,
 )
+from rayxdit.serve.sizing import PoolDemand, plan_replicas
 
 SMALL, MEDIUM, BIG = (
     PoolSpec(f"p{n}", "flux", n, route_min_cost=c, startup_s=60) for n, c in ((2, 0), (4, 40), (8, 100))

@@ -158,13 +158,16 @@ def post(url: str, body: dict, path: str = "/v1/images/generations", headers=AUT
 
 
 def test_a_replica_warms_up_before_it_takes_traffic(url):
-    """tiny-4 warms up 36x36 (as a compiled pool would compile there) before reporting ready: its ranks'
-    last request is the warm-up, not a user's."""
+    """tiny-4 warms up 36x36 (as a compiled pool would compile there) as part of its start, before it
+    reports ready; its start's timeline names every stage."""
     assert requests.get(url + "/readyz", timeout=30).status_code == 200
-    last = ray.get(
-        rank_actor("tiny-4", 0).last_request.options(concurrency_group="control").remote(), timeout=30
+    started = serve.get_deployment_handle("tiny-4", app_name=APP_NAME).startup.remote().result()
+    assert started["warmed_up"] == ["36x36"], started
+    timeline = started["timeline"]
+    assert set(timeline) == {"processes", "rendezvous", "weights", "warm_up", "total"}, timeline
+    assert (
+        timeline["warm_up"] > 0 and sum(v for k, v in timeline.items() if k != "total") <= timeline["total"]
     )
-    assert last == {"request_id": "warm-up-36x36", "outcome": "done", "step": 2}, last
 
 
 @pytest.mark.parametrize(("pool", "body"), ROUTES, ids=[pool for pool, _ in ROUTES])
@@ -201,45 +204,13 @@ def test_models_health_and_docs(url):
     assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
 
 
-BAD = [
-    ({"prompt": "x", "size": "big"}, 400, "size"),
-    ({"prompt": "x", "size": "0x0"}, 400, "size"),
-    ({"prompt": "x", "size": "4096x4096"}, 400, "size"),
-    ({"prompt": "x", "size": "37x36"}, 400, "size"),
-    ({"prompt": "x", "steps": 0}, 400, "steps"),
-    ({"prompt": "x", "steps": 100000}, 400, "steps"),
-    ({"prompt": "x", "steps": "many"}, 400, "steps"),
-    ({"prompt": "x", "n": 100}, 400, "n"),
-    ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": "   "}, 400, "prompt"),
-    ({"prompt": "x" * 5000}, 400, "prompt"),
-    ({"size": "36x36"}, 400, "prompt"),
-    ({"prompt": "x", "model": "dall-e-3"}, 400, "model"),
-    ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
-    ({"prompt": "x", "colour": "red"}, 400, "colour"),
-    ({"prompt": "x", "true_cfg_scale": -1}, 400, "true_cfg_scale"),
-]
-
-
-@pytest.mark.parametrize(("body", "status", "param"), BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
-def test_bad_input_gets_a_json_error(url, body, status, param):
-    response = post(url, body)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
-
-
-def test_invalid_json_and_auth_errors_then_service_still_serves(url):
-    response = requests.post(
-        url + "/v1/images/generations",
-        data="{not json",
-        headers={**AUTH, "Content-Type": "application/json"},
-        timeout=30,
-    )
-    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        response = post(url, {"prompt": "x"}, headers=headers)
-        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+def test_refusals_through_serve_are_json_and_the_service_still_serves(url):
+    """Every refusal is tested on the ingress alone (tests/serve/test_ingress.py); here one of each kind
+    through Serve's proxy and the deployed router."""
+    bad = post(url, {"prompt": "x", "size": "37x36"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+    unauthorized = post(url, {"prompt": "x"}, headers={})
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["type"] == "authentication_error"
     assert post(url, {"prompt": "still fine", "size": "36x36", "steps": 2}).status_code == 200
 
 
@@ -251,7 +222,10 @@ def replicas(deployment: str) -> int:
 def test_pool_scales_up_under_load_and_back_down(url):
     """Serve's per-pool autoscaling (elastic: null): more clients than the pool has replicas, it scales up,
     and back down once idle."""
-    assert replicas("tiny-2") == 1
+    deadline = time.monotonic() + 120  # an earlier test's load may have scaled it up: it scales down first
+    while replicas("tiny-2") != 1:
+        assert time.monotonic() < deadline, "tiny-2 never settled at one replica"
+        time.sleep(1)
     stop = threading.Event()
 
     def load():
@@ -274,9 +248,20 @@ def test_pool_scales_up_under_load_and_back_down(url):
 
 
 def test_a_request_past_its_deadline_gets_504_and_the_next_one_succeeds(url, engine):
-    """The pool's first request: nothing is measured yet, so admission cannot foresee it and it runs; its
-    ranks stop at the deadline."""
-    slow = {"model": "tiny-failover", "prompt": "too slow", "size": "256x256", "steps": 60, "timeout": 2}
+    """A request admission lets through (larger than anything the pool has measured, so its estimate is
+    not trusted to refuse it) but whose steps take longer than its 2 s deadline: 504 at the deadline, and
+    the ranks stop at their next step boundary."""
+    trusted = requests.get(url + "/readyz", headers=AUTH, timeout=30).json()["pools"]["failover-2"]
+    steps, side = 60, 256
+    while trusted["trusted_cost"] is not None and side * side / 1e6 * steps <= trusted["trusted_cost"]:
+        side *= 2
+    slow = {
+        "model": "tiny-failover",
+        "prompt": "too slow",
+        "size": f"{side}x{side}",
+        "steps": steps,
+        "timeout": 2,
+    }
     began = time.monotonic()
     response = post(url, slow)
     elapsed = time.monotonic() - began
@@ -344,11 +329,10 @@ def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, eng
         assert not in_flight.done(), "request finished before the kill: make it longer"
         ray.kill(rank_actor("failover-2", 1), no_restart=True)
         response = in_flight.result()
-    if response.status_code == 200:
-        assert response.json()["rayxdit"]["timings"]["attempts"] == 2
-    else:
-        assert response.status_code == 503 and response.json()["error"]["code"] == "worker_group_failed"
-    failover_ok = response.status_code == 200
+    # The replica rebuilds its group in the same placement group and runs the request again (its deadline
+    # allows it): the client sees a 200, from the second attempt.
+    assert response.status_code == 200, response.text
+    assert response.json()["rayxdit"]["timings"]["attempts"] == 2
     small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 4}
     response = post(url, small)
     assert response.status_code == 200, response.text
@@ -368,7 +352,7 @@ def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, eng
     bad = post(url, {**small, "size": "37x37"}, headers={**AUTH, "X-Request-Id": "m-bad"})
     assert bad.status_code == 400 and bad.headers["X-Request-Id"] == "m-bad"
 
-    ok = 3 + failover_ok
+    ok = 4
     pool = {"model": "tiny-failover", "pool": "failover-2"}
     expected = {  # (sample, labels): how much it must have grown
         ("ray_rayxdit_requests_total", (("status", "200"), *pool.items())): ok,
@@ -399,8 +383,13 @@ def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, eng
         before, "ray_rayxdit_gpu_seconds_total", **pool
     )
     assert counted >= gpu_seconds - 0.01  # the 3 small requests, plus the failover's attempts
-    causes = {dict(keys)["cause"] for (name, keys), value in after.items() if name.endswith("rebuilds_total")}
-    assert causes <= {"rank_died", "aborted"}, causes  # the killed rank, seen by the call or the health check
+    causes = {
+        dict(keys)["cause"]
+        for (name, keys), value in after.items()
+        if name.endswith("rebuilds_total") and dict(keys)["pool"] == "failover-2" and value > 0
+    }
+    # The killed rank, seen by the call (rank_died) or first by the health check (aborted).
+    assert causes and causes <= {"rank_died", "aborted"}, causes
     assert any(name == "ray_rayxdit_pool_replicas" for name, _ in after)
     assert any(name == "ray_rayxdit_requests_running" for name, _ in after)
 
@@ -615,37 +604,13 @@ def test_deleting_a_running_video_job_stops_its_ranks_and_the_next_job_gets_its_
     assert requests.get(url + f"/v1/videos/{again['id']}", headers=AUTH, timeout=30).status_code == 404
 
 
-VIDEO_BAD = [
-    ({**VIDEO, "size": "37x37"}, "size"),
-    ({**VIDEO, "frames": 10}, "frames"),
-    ({**VIDEO, "frames": 1000}, "frames"),
-    ({**VIDEO, "seconds": 1}, "seconds"),  # with frames
-    ({**VIDEO, "steps": 0}, "steps"),
-    ({**VIDEO, "prompt": " "}, "prompt"),
-    ({**VIDEO, "model": "tiny-2"}, "model"),  # an image model
-    ({**VIDEO, "model": "nope"}, "model"),
-    ({**VIDEO, "fps": 30}, "fps"),
-]
-
-
-def test_video_api_refuses_bad_input_unknown_ids_and_wrong_kinds(url):
-    for body, param in VIDEO_BAD:
-        response = requests.post(url + "/v1/videos", json=body, headers=AUTH, timeout=30)
-        assert response.status_code == 400, (body, response.text)
-        assert response.json()["error"]["param"] == param, (body, response.json())
-    not_json = requests.post(
-        url + "/v1/videos", data=b"{", headers={**AUTH, "Content-Type": "application/json"}, timeout=30
-    )
-    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
-    video_on_images = post(url, {"model": "tiny-wan", "prompt": "x"})
-    assert video_on_images.status_code == 400 and video_on_images.json()["error"]["param"] == "model"
+def test_video_jobs_unknown_ids_and_a_form_made_job(url):
+    """Unknown ids get 404 from the shared state; OpenAI's client's form makes a job (bad video input is
+    refused on the ingress alone: tests/serve/test_ingress.py)."""
     for path in ("/v1/videos/video_0123", "/v1/videos/video_0123/content", "/v1/images/generations/image_1"):
         missing = requests.get(url + path, headers=AUTH, timeout=30)
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "id", path
     assert requests.delete(url + "/v1/videos/video_0123", headers=AUTH, timeout=30).status_code == 404
-    assert requests.get(url + "/v1/videos", timeout=30).status_code == 401
-    bad_format = requests.get(url + "/v1/videos/video_0123/content?format=avi", headers=AUTH, timeout=30)
-    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "format"
     # OpenAI's client sends a multipart form; seconds becomes frames at the model's fps (0.5 s: 9 frames).
     form = {"model": "tiny-wan", "prompt": "a fox", "seconds": "0.5", "size": "80x48", "steps": "2"}
     created = requests.post(url + "/v1/videos", files={k: (None, v) for k, v in form.items()}, headers=AUTH)
@@ -727,39 +692,7 @@ def test_openai_client_edits_an_image_and_the_pool_gives_the_single_process_resu
     assert np.abs(served - single).max() <= 1
 
 
-def test_edits_refuse_bad_uploads_before_any_gpu_work(url):
-    source = random_png(40, 36, seed=1)
-    form = {"model": "tiny-2", "prompt": "x", "steps": "2"}
-
-    def edit(files, data=form, **headers):
-        return requests.post(
-            url + "/v1/images/edits", files=files, data=data, headers={**AUTH, **headers}, timeout=60
-        )
-
-    cases = [
-        ({"image": ("a.png", b"not an image")}, form, "image"),
-        ({"image": ("a.png", b"")}, form, "image"),
-        ({"image": ("a.png", source), "mask": ("m.png", left_half_mask(36, 36))}, form, "mask"),
-        ({"image": ("a.png", source)}, {**form, "strength": "1.5"}, "strength"),
-        ({"image": ("a.png", source)}, {**form, "strength": "0.1"}, "strength"),  # 2 x 0.1 < 1 step
-        ({"image": ("a.png", source)}, {**form, "model": "tiny-wan"}, "model"),
-        ({"image": ("a.png", source)}, {**form, "size": "37x36"}, "size"),
-        ({"image": ("a.png", source), "image[]": ("b.png", source)}, form, "image"),
-        ({"mask": ("m.png", source)}, form, "image"),
-        ({"image": ("a.png", source)}, {**form, "stream": "true"}, "stream"),
-        ({"image": ("a.png", source)}, {**form, "colour": "red"}, "colour"),
-    ]
-    for files, data, param in cases:
-        response = edit(files, data)
-        assert response.status_code == 400, (param, response.text)
-        assert response.json()["error"]["param"] == param, (param, response.json())
-    huge = edit({"image": ("a.png", b"\x00" * (41 << 20))})
-    assert huge.status_code == 400 and huge.json()["error"]["param"] == "image"
-    as_json = requests.post(url + "/v1/images/edits", json={"prompt": "x"}, headers=AUTH, timeout=30)
-    assert as_json.status_code == 400 and "multipart" in as_json.json()["error"]["message"]
-
-
-def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(url):
+def test_a_controlnet_request_gets_the_single_process_image(url):
     control = random_png(40, 36, seed=7)
     body = {
         "model": "tiny-2",
@@ -831,27 +764,9 @@ def test_a_controlnet_request_gets_the_single_process_image_and_bad_ones_a_400(u
     assert np.abs(served_edit - np.asarray(single.images[0], dtype=np.int16)).max() <= 1
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
-    for bad, param in (
-        ({**body, "controlnet": "canny"}, "controlnet"),
-        ({**body, "model": "tiny-4"}, "control_image"),  # served without ControlNets
-        ({**body, "control_image": "not base64!"}, "control_image"),
-        ({**body, "control_image": base64.b64encode(b"text").decode()}, "control_image"),
-        (
-            {k: v for k, v in body.items() if k != "control_image"} | {"controlnet": "tiny-flux-controlnet"},
-            "controlnet",
-        ),
-        (
-            {**body, "control_image": [body["control_image"]] * 2, "controlnet_scale": [1, 1, 1]},
-            "controlnet_scale",
-        ),
-        ({**body, "control_image": [body["control_image"]] * 5}, "control_image"),  # at most 4
-        ({**body, "controlnet_scale": 5}, "controlnet_scale"),
-    ):
-        refused = post(url, bad)
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (param, refused.text)
 
 
-def test_an_image_prompt_gets_the_single_process_image_and_a_model_without_an_ip_adapter_a_400(url):
+def test_an_image_prompt_gets_the_single_process_image(url):
     prompt_image = random_png(48, 40, seed=9)
     body = {
         "model": "tiny-2",
@@ -881,5 +796,3 @@ def test_an_image_prompt_gets_the_single_process_image_and_a_model_without_an_ip
     assert np.abs(served - single).max() <= 1
     plain = np.asarray(engine.generate(request.model_copy(update={"ip_adapter_scale": 0.0})).images[0])
     assert np.abs(served - plain.astype(np.int16)).max() > 10, "the image prompt must matter"
-    refused = post(url, {**body, "model": "tiny-4"})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "ip_adapter_image"

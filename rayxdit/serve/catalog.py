@@ -1,0 +1,95 @@
+"""What the ingress knows of the models it serves: each model's card and pools, the default model of each
+kind, and the ``GET /v1/models`` listing. Plain data, built once per router replica from the application's
+config and the cards the builder read (no torch, no weights)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from rayxdit.config import PoolConfig, ServeConfig
+from rayxdit.limits import ModelCard
+from rayxdit.serve.api import invalid
+
+
+class Catalog:
+    """The served models, by the name clients use."""
+
+    def __init__(self, config: ServeConfig, cards: dict[str, ModelCard]):
+        self.pools: dict[str, PoolConfig] = {pool.name: pool for pool in config.pools}
+        self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
+        for pool in config.pools:
+            self.pools_by_model[pool.served_model_name].append(pool)
+        self.cards = cards
+        videos = [name for name in self.pools_by_model if cards[name].limits.makes_video]
+        images = [name for name in self.pools_by_model if name not in videos]
+        self.default_model = {"image": (images or videos)[0], "video": (videos or images)[0]}
+
+    def model_named(self, requested: str | None, kind: str) -> str:
+        """The served model a request names (``kind``'s default when it names none); 400 when it is not
+        served here or makes the other kind of output."""
+        model = requested or self.default_model[kind]
+        if model not in self.pools_by_model:
+            raise invalid(
+                f"model '{model}' is not served here; available: {', '.join(self.pools_by_model)}",
+                "model",
+                "model_not_found",
+            )
+        makes_video = self.cards[model].limits.makes_video
+        if makes_video != (kind == "video"):
+            where = "POST /v1/videos" if makes_video else "POST /v1/images/generations"
+            raise invalid(
+                f"model '{model}' makes {'videos' if makes_video else 'images'}: use {where}",
+                "model",
+                "model_kind_mismatch",
+            )
+        return model
+
+    def engine_of(self, model: str | None, kind: str = "image"):
+        """The engine options every pool of ``model`` shares (its ControlNets and IP-Adapter); None for a
+        model not served here (:meth:`model_named` answers that)."""
+        pools = self.pools_by_model.get(model or self.default_model[kind])
+        return pools[0].engine if pools else None
+
+    def listing(self) -> dict[str, Any]:
+        """``GET /v1/models``: each model with its limits, adapters and pools."""
+        data = []
+        for name, pools in self.pools_by_model.items():
+            limits = self.cards[name].limits
+            video = (
+                {
+                    "default_frames": limits.default_frames,
+                    "max_frames": limits.max_frames,
+                    "frame_multiple": limits.frame_multiple,
+                    "fps": limits.fps,
+                }
+                if limits.makes_video
+                else {}
+            )
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "owned_by": "rayxdit",
+                    "default_size": f"{limits.default_width}x{limits.default_height}",
+                    "max_side": limits.max_side,
+                    "size_multiple": limits.size_multiple,
+                    "default_steps": limits.default_steps,
+                    "kind": "video" if limits.makes_video else "image",
+                    "controlnets": list(pools[0].engine.controlnets),
+                    "ip_adapter": pools[0].engine.ip_adapter,
+                    **video,
+                    "pools": [
+                        {
+                            "name": pool.name,
+                            "ranks": pool.ranks,
+                            "parallel": str(pool.engine.parallel),
+                            "route_min_cost": pool.route_min_cost,
+                            "min_replicas": pool.min_replicas,
+                            "max_replicas": pool.max_replicas,
+                        }
+                        for pool in pools
+                    ],
+                }
+            )
+        return {"object": "list", "data": data}

@@ -1,0 +1,218 @@
+"""Running a validated request on a pool: where it goes (the application's state decides and admits it),
+the call to the pool's replica with its deadline and a backstop, failover to another pool when one is
+full, down or gone, and what the client is told when it fails.
+
+The state decides with the routing policy the application's config names (``serve/policies.py``); the
+dispatcher only carries the decision out, and tells the state when the request left its pool (with the
+engine's time, from which the pool's service rate is learned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from rayxdit.config import PoolConfig
+from rayxdit.limits import ResolvedRequest
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
+from rayxdit.serve import metrics
+from rayxdit.serve.api import ApiError, PoolUnavailableError, invalid
+from rayxdit.serve.catalog import Catalog
+from rayxdit.serve.routing import request_cost
+
+logger = logging.getLogger("ray.serve")
+BACKSTOP_S = 5.0
+"""Beyond a request's deadline and its pool's cancel grace, how long the router still waits for the pool."""
+GONE_CHECK_S = 2.0
+"""How often a request waiting for its pool checks that the pool still has replicas."""
+
+
+class PoolGone(Exception):
+    """The pool a request waited for has no replica left; the request goes to another pool."""
+
+
+async def _awaited(response):
+    return await response
+
+
+def deadline_error(request_id: str) -> ApiError:
+    return ApiError(
+        504,
+        f"request {request_id} did not finish before its deadline; it was stopped (send a larger "
+        "'timeout', or retry later)",
+        "timeout_error",
+        code="deadline_exceeded",
+    )
+
+
+def refusal(model: str, decision: dict[str, Any], request_id: str) -> ApiError:
+    """429 before any GPU work: every pool is full or down, or none can finish before the deadline."""
+    wait = decision.get("retry_after_s")
+    if wait is None:
+        return ApiError(
+            429,
+            f"all pools serving '{model}' are full or unavailable; retry later",
+            "rate_limit_error",
+            code="capacity",
+        )
+    error = ApiError(
+        429,
+        f"no pool serving '{model}' can finish request {request_id} before its deadline (expected in "
+        f"{decision['estimate_s']:.0f} s); retry in {wait:.0f} s, or send a larger 'timeout'",
+        "rate_limit_error",
+        code="deadline_unreachable",
+    )
+    error.retry_after = wait
+    return error
+
+
+def pool_error(error: Exception, request_id: str) -> ApiError:
+    """What the client sees of a pool's failure: the request's own problem (400), a deadline (504) or a
+    failed group (503) say what happened; anything else is a 500 naming the request id, details only in
+    the log."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, RequestError):
+        return invalid(str(cause), cause.param)
+    if isinstance(cause, RequestStopped):
+        return deadline_error(request_id)
+    if isinstance(cause, PoolUnavailableError):
+        logger.warning("request %s: %s", request_id, cause)
+        return ApiError(
+            503,
+            f"request {request_id} failed on a worker group, which is being rebuilt; retry",
+            "service_unavailable",
+            code="worker_group_failed",
+        )
+    logger.error("request %s failed: %r", request_id, error)
+    return ApiError(
+        500, f"internal error in request {request_id}; the server log has the details", "server_error"
+    )
+
+
+class Dispatcher:
+    """Runs requests on the application's pools, for one router replica."""
+
+    def __init__(
+        self, catalog: Catalog, handles: dict[str, DeploymentHandle], state: DeploymentHandle, replica: str
+    ):
+        self.catalog = catalog
+        self.handles = handles
+        self.state = state
+        self.replica = replica
+
+    async def run(
+        self,
+        model: str,
+        request: GenerateRequest,
+        resolved: ResolvedRequest,
+        request_id: str,
+        timeout: float | None,
+        labels: dict[str, str],
+        report_progress: bool = False,
+    ) -> tuple[EncodedResult, dict[str, Any]]:
+        """Route a validated request and run it on a pool (another pool if the first is full or gone);
+        the result and what the response tells of it. ``labels``: the request's metric labels, its pool
+        filled in here."""
+        cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(request))
+        arrived = time.time()
+        pools = self.catalog.pools_by_model[model]
+        longest = max(pool.request_timeout_s for pool in pools)
+        admission_deadline = arrived + min(timeout or longest, longest)
+        hold_s = longest + max(pool.cancel_grace_s for pool in pools) + BACKSTOP_S
+        tried: list[str] = []
+        while True:
+            decision = await self.state.route.remote(
+                model, cost, request_id, admission_deadline, hold_s, tried
+            )
+            if decision["pool"] is None:
+                raise refusal(model, decision, request_id)
+            pool = self.catalog.pools[decision["pool"]]
+            labels["pool"] = pool.name
+            choice = "fallback" if tried else "first"
+            metrics.inc("rayxdit_routing_decisions", model=model, pool=pool.name, choice=choice)
+            deadline = arrived + min(timeout or pool.request_timeout_s, pool.request_timeout_s)
+            result = None
+            try:
+                result = await self._call_pool(
+                    pool, request, request_id, deadline, cost, decision.get("warm"), report_progress
+                )
+                break
+            except (BackPressureError, DeploymentUnavailableError, PoolGone):
+                tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
+            finally:
+                engine_s = None if result is None else engine_seconds(result.timings)
+                await self.state.finish.remote(request_id, engine_s)
+        info = {
+            "request_id": request_id,
+            "router": self.replica,
+            "pool": pool.name,
+            "ranks": pool.ranks,
+            "cost": round(cost, 4),
+            "estimate_s": None if decision["estimate_s"] is None else round(decision["estimate_s"], 3),
+            "seed": request.seed,
+            "width": resolved.width,
+            "height": resolved.height,
+            "steps": resolved.steps,
+            **({"frames": resolved.frames} if resolved.frames > 1 else {}),
+            "gpu_seconds": result.timings.get("gpu_seconds"),
+            "timings": result.timings,
+        }
+        return result, info
+
+    async def _call_pool(
+        self,
+        pool: PoolConfig,
+        request: GenerateRequest,
+        request_id: str,
+        deadline: float,
+        cost: float,
+        warm: bool | None = False,
+        report_progress: bool = False,
+    ) -> EncodedResult:
+        """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
+        a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound.
+
+        A request still waiting for a pool that had replicas when it was routed (``warm``) but has none
+        now (the autoscaling policy gave its GPUs to other pools, or its replica died), or for a cold pool
+        that started no replica within twice its start-up prior, is taken back and raises
+        :class:`PoolGone`, for the caller to route it again."""
+        response = self.handles[pool.name].generate.remote(
+            request, request_id, deadline, cost, report_progress
+        )
+        answer = asyncio.ensure_future(_awaited(response))
+        began = time.monotonic()
+        bound = began + max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
+        try:
+            while True:
+                remaining = bound - time.monotonic()
+                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(GONE_CHECK_S, remaining)))
+                if answer in done:
+                    return answer.result()
+                if time.monotonic() >= bound:
+                    response.cancel()
+                    raise deadline_error(request_id)
+                may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
+                if may_be_gone and await self.state.gone.remote(pool.name):
+                    response.cancel()
+                    raise PoolGone(pool.name)
+        except asyncio.CancelledError:  # the client went away: the pool stops the ranks
+            response.cancel()
+            raise
+        except (BackPressureError, DeploymentUnavailableError, PoolGone, ApiError):
+            raise
+        except RayActorError as error:  # the replica died with the request: another pool may take it
+            logger.warning(
+                "request %s: the %s replica died (%r); routing it again", request_id, pool.name, error
+            )
+            raise PoolGone(pool.name) from None
+        except Exception as error:
+            raise pool_error(error, request_id) from None
+        finally:
+            if not answer.done():
+                answer.cancel()

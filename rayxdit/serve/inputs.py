@@ -1,0 +1,234 @@
+"""Reading and checking what a client sent, before any GPU work: bodies (JSON or forms), uploaded and base64
+images, ControlNet and IP-Adapter fields, and the request they make with the model's defaults and limits.
+
+Every problem is an :class:`~rayxdit.serve.api.ApiError` 400 naming the field. Images are decoded off the
+event loop, within the upload bounds of :mod:`rayxdit.uploads`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from rayxdit.limits import ResolvedRequest
+from rayxdit.request import GenerateRequest, RequestError, pair_controls
+from rayxdit.serve import metrics
+from rayxdit.serve.api import (
+    ApiError,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    VideoGenerationRequest,
+    invalid,
+    request_error_from,
+    request_error_from_validation,
+)
+from rayxdit.serve.catalog import Catalog
+from rayxdit.uploads import MAX_UPLOAD_BYTES, check_mask, inspect_image, size_for
+
+MAX_EDIT_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + (1 << 20)
+"""An edit's whole body: an image, a mask and the form fields."""
+MAX_FORM_FIELDS = 64
+LISTED_EDIT_FIELDS = ("controlnet", "controlnet_scale", "control_mode")
+"""Form fields an edit may repeat, one per control image (in their order)."""
+IMAGE_PARTS = ("image", "mask", "control_image", "ip_adapter_image")
+"""Form parts that are files, not fields."""
+
+
+def listed(value: Any) -> list:
+    """A field that takes one value or a list of them, as a list (none: empty)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def from_request_error(error: RequestError) -> ApiError:
+    return invalid(str(error), error.param)
+
+
+def validated_body(schema: type[BaseModel], data: dict[str, Any], form: bool = False) -> Any:
+    """``data`` as ``schema`` (JSON strictly; a ``form``'s text fields converted); the first problem as the
+    400 FastAPI's own bodies get."""
+    try:
+        return schema.model_validate(data, strict=not form)
+    except ValidationError as error:
+        problem = request_error_from_validation(error.errors()[0])
+        raise from_request_error(problem) from None
+
+
+async def read_form(http: Request, max_files: int = 1000) -> Any:
+    """The request's form (at most ``max_files`` files); 400 when it cannot be read."""
+    try:
+        return await http.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    except Exception as error:
+        raise invalid(f"request form unreadable: {error}") from None
+
+
+async def read_body(http: Request, schema: type[BaseModel]) -> Any:
+    """The body as ``schema``, from JSON or a form (OpenAI's client sends forms to some endpoints); 400
+    for anything else."""
+    content_type = http.headers.get("content-type", "").lower()
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await read_form(http)
+        data: Any = {name: value for name, value in form.items() if isinstance(value, str)}
+        return validated_body(schema, data, form=True)
+    try:
+        data = json.loads(await http.body())
+    except ValueError as error:
+        raise invalid(f"request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise invalid("request body must be a JSON object")
+    return validated_body(schema, data)
+
+
+async def upload(file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
+    """An uploaded image's bytes and size, read within MAX_UPLOAD_BYTES and decoded once off the event
+    loop; 400 for anything that is not a usable image."""
+    if isinstance(file, str):
+        raise invalid(f"{param}: send it as a file part of the form", param)
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    try:
+        return data, await asyncio.to_thread(inspect_image, data, param)
+    except RequestError as error:
+        raise from_request_error(error) from None
+
+
+async def image_field(encoded: str | None, file: Any, param: str) -> bytes | None:
+    """An image field: a form's file, or base64 (a data: URL too), checked as uploads are."""
+    if file is not None:
+        return (await upload(file, param))[0]
+    if encoded is None:
+        return None
+    try:
+        data = base64.b64decode(
+            encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded, validate=True
+        )
+        await asyncio.to_thread(inspect_image, data, param)
+    except RequestError as error:
+        raise from_request_error(error) from None
+    except ValueError:
+        raise invalid(f"{param}: not base64", param) from None
+    return data
+
+
+async def control_inputs(catalog: Catalog, body: ImageGenerationRequest, files: list[Any]) -> dict[str, Any]:
+    """A request's ControlNet fields: every control image (``files``, a form's, or the body's base64)
+    decodes, and pairs with a ControlNet the model's pools load (:func:`~rayxdit.request.pair_controls`)."""
+    if files:
+        images = [await image_field(None, file, "control_image") for file in files]
+    else:
+        images = [await image_field(data, None, "control_image") for data in listed(body.control_image)]
+    engine = catalog.engine_of(body.model)
+    try:
+        controls = pair_controls(
+            images,
+            listed(body.controlnet),
+            listed(body.controlnet_scale),
+            listed(body.control_mode),
+            None if engine is None else tuple(engine.controlnets),
+        )
+    except RequestError as error:
+        model = body.model or catalog.default_model["image"]
+        raise invalid(str(error).replace("this model", f"model '{model}'"), error.param) from None
+    return {"controls": controls} if controls else {}
+
+
+async def conditioning_inputs(
+    catalog: Catalog, body: ImageGenerationRequest, form: Any = None
+) -> dict[str, Any]:
+    """A request's ControlNet and IP-Adapter fields (see :func:`control_inputs`); the model's pools must
+    load an IP-Adapter for an image prompt."""
+    files = [] if form is None else form.getlist("control_image") + form.getlist("control_image[]")
+    inputs = await control_inputs(catalog, body, files)
+    file = None if form is None else form.get("ip_adapter_image")
+    image_prompt = await image_field(body.ip_adapter_image, file, "ip_adapter_image")
+    if image_prompt is None:
+        return inputs
+    engine = catalog.engine_of(body.model)
+    if engine is not None and not engine.ip_adapter:
+        model = body.model or catalog.default_model["image"]
+        raise invalid(
+            f"ip_adapter_image: model '{model}' is served without an IP-Adapter", "ip_adapter_image"
+        )
+    return {**inputs, "ip_adapter_image": image_prompt, "ip_adapter_scale": body.ip_adapter_scale}
+
+
+def validated_request(
+    catalog: Catalog,
+    body: ImageGenerationRequest | VideoGenerationRequest,
+    http: Request,
+    inputs: dict[str, Any] | None = None,
+) -> tuple[str, GenerateRequest, ResolvedRequest]:
+    """The model, the request (with ``inputs``: checked input images and their fields) and its resolved
+    sizes; 400 before any GPU work. Sets the request's metric labels; only served names become labels (a
+    client's typo must not make a new time series)."""
+    kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
+    http.state.labels = {"model": "", "pool": "", "size_class": ""}
+    model = catalog.model_named(body.model, kind)
+    http.state.labels["model"] = model
+    limits = catalog.cards[model].limits
+    seed = secrets.randbelow(2**31)
+    try:
+        if isinstance(body, VideoGenerationRequest):
+            request = body.to_generate_request(seed, limits.frames_for)
+        else:
+            request = body.to_generate_request(seed)
+        if inputs:
+            try:
+                request = GenerateRequest.model_validate({**request.model_dump(), **inputs})
+            except ValidationError as error:
+                raise request_error_from(error) from None
+        resolved = limits.resolve(request)
+    except RequestError as error:
+        param = "frames" if error.param == "num_frames" else error.param
+        raise invalid(str(error), param) from None
+    http.state.labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
+    return model, request, resolved
+
+
+async def edit_inputs(catalog: Catalog, http: Request) -> tuple[ImageEditRequest, dict[str, Any]]:
+    """``POST /v1/images/edits``: the form's fields and its checked images (the input image, a mask of its
+    size, control images, an image prompt); the size defaults to the image's, fitted to the model."""
+    if not http.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise invalid("send a multipart form with an 'image' file, as OpenAI's client does")
+    if int(http.headers.get("content-length") or 0) > MAX_EDIT_BODY_BYTES:
+        raise invalid(
+            f"the request is larger than {MAX_EDIT_BODY_BYTES} bytes (each image at most {MAX_UPLOAD_BYTES})",
+            "image",
+        )
+    form = await read_form(http, max_files=8)
+    images = form.getlist("image") + form.getlist("image[]")
+    if len(images) != 1:
+        raise invalid(f"image: send one input image ({len(images)} sent)", "image")
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        key = name.removesuffix("[]")
+        if not isinstance(value, str) or key in IMAGE_PARTS:
+            continue
+        if key in fields and key in LISTED_EDIT_FIELDS:
+            fields[key] = [*listed(fields[key]), value]
+        else:
+            fields[key] = value
+    body: ImageEditRequest = validated_body(ImageEditRequest, fields, form=True)
+    if body.stream:
+        raise invalid("stream: streaming is not offered", "stream")
+    image, image_size = await upload(images[0], "image")
+    mask = None
+    if form.get("mask") is not None:
+        mask, mask_size = await upload(form["mask"], "mask")
+        try:
+            check_mask(mask_size, image_size)
+        except RequestError as error:
+            raise invalid(str(error), "mask") from None
+    model = body.model or catalog.default_model["image"]
+    if body.size is None and model in catalog.cards:
+        width, height = size_for(image_size, catalog.cards[model].limits)
+        body = body.model_copy(update={"size": f"{width}x{height}"})
+    inputs = {"image": image, "mask": mask, "strength": body.strength}
+    inputs |= await conditioning_inputs(catalog, body, form)
+    return body, inputs

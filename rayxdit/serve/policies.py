@@ -1,0 +1,76 @@
+"""The decisions' tables: every routing and autoscaling policy by the name an application's config gives it.
+
+A policy is a pure function of plain data (``serve/routing.py``, ``serve/sizing.py``), unit-tested alone.
+The application's state routes with ``ROUTING_POLICIES[config.routing.policy]``, Serve's autoscaling hook
+sizes the pools with ``AUTOSCALING_POLICIES[config.elastic.policy]`` (``serve/elastic.py``), and the fleet simulator
+(``benchmarks/simulate_fleet.py``) runs the same entries: a new policy is one function and one line here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from rayxdit.config import ConfigError, ServeConfig
+from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
+from rayxdit.serve.sizing import PoolDemand, plan_replicas
+
+RoutingPolicy = Callable[
+    [Sequence[PoolSpec], float, Mapping[str, PoolLoad], frozenset, float], list[tuple[PoolSpec, float | None]]
+]
+"""``(pools of the model, request cost, loads, excluded pool names, free ranks of the shared budget)`` ->
+the pools to try, best first, each with its completion estimate (None where it has none)."""
+
+AutoscalingPolicy = Callable[[Sequence[PoolDemand], float, float], dict[str, int]]
+"""``(every pool's demand, the budget of ranks, now in seconds)`` -> replicas per pool name. Made fresh per
+application by its table entry's factory (a policy may remember past decisions)."""
+
+
+def by_thresholds(
+    pools: Sequence[PoolSpec],
+    cost: float,
+    loads: Mapping[str, PoolLoad],
+    exclude: frozenset = frozenset(),
+    free_ranks: float = math.inf,
+) -> list[tuple[PoolSpec, float | None]]:
+    """Static routing by the pools' configured ``route_min_cost`` thresholds, whatever is measured: cheap
+    requests to small pools, expensive ones to big pools, free pools first."""
+    candidates = [pool for pool in pools if pool.name not in exclude]
+    return [(pool, None) for pool in threshold_order(candidates, cost, loads)]
+
+
+ROUTING_POLICIES: dict[str, RoutingPolicy] = {
+    "finish_first": route,
+    "thresholds": by_thresholds,
+}
+"""Routing policies by name (``routing.policy`` in the application's config)."""
+
+
+def _load_aware() -> AutoscalingPolicy:
+    return lambda demands, budget, now: plan_replicas(demands, budget)
+
+
+AUTOSCALING_POLICIES: dict[str, Callable[[], AutoscalingPolicy]] = {
+    "load_aware": _load_aware,
+}
+"""Autoscaling policies by name (``elastic.policy`` in the application's config), each a factory of the
+policy one application runs."""
+
+
+def routing_policy(name: str) -> RoutingPolicy:
+    if name not in ROUTING_POLICIES:
+        raise ConfigError(f"routing.policy '{name}' is not one of {', '.join(ROUTING_POLICIES)}")
+    return ROUTING_POLICIES[name]
+
+
+def autoscaling_policy(name: str) -> AutoscalingPolicy:
+    if name not in AUTOSCALING_POLICIES:
+        raise ConfigError(f"elastic.policy '{name}' is not one of {', '.join(AUTOSCALING_POLICIES)}")
+    return AUTOSCALING_POLICIES[name]()
+
+
+def check_policies(config: ServeConfig) -> None:
+    """Refuse (ConfigError, one line) an application whose config names a policy no table holds."""
+    routing_policy(config.routing.policy)
+    if config.elastic is not None:
+        autoscaling_policy(config.elastic.policy)

@@ -1,0 +1,237 @@
+"""The HTTP ingress alone, over real HTTP (uvicorn on a local port), without Ray: everything it refuses, it
+refuses before any pool is reached. The ingress here has no dispatcher and no state, so a request that got
+past validation would fail with a 500, not the 4xx these tests expect."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import uvicorn
+from PIL import Image
+
+from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+from rayxdit.serve.app import model_cards
+from rayxdit.serve.catalog import Catalog
+from rayxdit.serve.router import Ingress, build_ingress_app
+from tests.helpers import free_port
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+COMMON = dict(model="tiny-flux", accelerator="cpu", cpus_per_rank=0.25)
+CONFIG = ServeConfig(
+    pools=[
+        PoolConfig(
+            name="tiny-2",
+            model_name="tiny-2",
+            parallel="ulysses=2",
+            controlnets=["tiny-flux-controlnet"],
+            ip_adapter="tiny-flux-ip-adapter",
+            **COMMON,
+        ),
+        PoolConfig(name="tiny-4", model_name="tiny-4", parallel="ulysses=2,ring=2", **COMMON),
+        PoolConfig(name="wan-2", model="tiny-wan", parallel="ulysses=2", accelerator="cpu"),
+    ],
+    router=RouterConfig(api_keys=[KEY]),
+    elastic=None,
+)
+
+
+@pytest.fixture(scope="module")
+def url():
+    catalog = Catalog(CONFIG, model_cards(CONFIG))
+    app = build_ingress_app(Ingress(CONFIG, catalog, dispatcher=None, state=None, replica="ingress-test"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the ingress did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def post(url: str, body, path: str = "/v1/images/generations", headers=AUTH, **options):
+    return requests.post(url + path, json=body, headers=headers, timeout=60, **options)
+
+
+def random_png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def left_half_mask(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(
+        np.where(np.arange(width) < width // 2, 255, 0).astype(np.uint8)[None].repeat(height, 0)
+    ).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_refused(response, param: str | None, status: int = 400, kind: str = "invalid_request_error"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+BAD = [
+    ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "size": "0x0"}, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, "size"),
+    ({"prompt": "x", "size": "37x36"}, "size"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "steps": 100000}, "steps"),
+    ({"prompt": "x", "steps": "many"}, "steps"),
+    ({"prompt": "x", "n": 100}, "n"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "\x00\x00"}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"prompt": "x" * (10 << 20)}, "prompt"),
+    ({"size": "36x36"}, "prompt"),
+    ({"prompt": "x", "model": "dall-e-3"}, "model"),
+    ({"prompt": "x", "model": "tiny-wan"}, "model"),
+    ({"prompt": "x", "response_format": "jpeg"}, "response_format"),
+    ({"prompt": "x", "colour": "red"}, "colour"),
+    ({"prompt": "x", "true_cfg_scale": -1}, "true_cfg_scale"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD, ids=[f"{param}{i}" for i, (_, param) in enumerate(BAD)])
+def test_bad_input_gets_a_json_400_naming_the_field(url, body, param):
+    for path in ("/v1/images/generations", "/v1/generate"):
+        assert_refused(post(url, body, path), param)
+
+
+def test_bodies_that_are_no_json_object_get_a_json_400(url):
+    for data, content_type in (
+        ("{not json", "application/json"),
+        ("[1, 2]", "application/json"),
+        ('"a prompt"', "application/json"),
+        ('{"prompt": "x"}', "text/plain"),
+        ("", "application/json"),
+    ):
+        response = requests.post(
+            url + "/v1/images/generations",
+            data=data,
+            headers={**AUTH, "Content-Type": content_type},
+            timeout=30,
+        )
+        assert_refused(response, None)
+
+
+def test_a_missing_or_wrong_key_gets_401(url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = post(url, {"prompt": "x"}, headers=headers)
+        assert_refused(response, None, 401, "authentication_error")
+    for path in ("/v1/models", "/v1/videos", "/v1/images/0123.png", "/v1/videos/video_1"):
+        assert requests.get(url + path, timeout=30).status_code == 401, path
+
+
+VIDEO = {"model": "tiny-wan", "prompt": "a fox", "size": "80x48", "frames": 9, "steps": 2, "seed": 1}
+VIDEO_BAD = [
+    ({**VIDEO, "size": "37x37"}, "size"),
+    ({**VIDEO, "frames": 10}, "frames"),
+    ({**VIDEO, "frames": 1000}, "frames"),
+    ({**VIDEO, "seconds": 1}, "seconds"),  # with frames
+    ({**VIDEO, "steps": 0}, "steps"),
+    ({**VIDEO, "prompt": " "}, "prompt"),
+    ({**VIDEO, "model": "tiny-2"}, "model"),  # an image model
+    ({**VIDEO, "model": "nope"}, "model"),
+    ({**VIDEO, "fps": 30}, "fps"),
+]
+
+
+def test_the_video_api_refuses_bad_input(url):
+    for body, param in VIDEO_BAD:
+        assert_refused(post(url, body, "/v1/videos"), param)
+    not_json = requests.post(
+        url + "/v1/videos", data=b"{", headers={**AUTH, "Content-Type": "application/json"}, timeout=30
+    )
+    assert_refused(not_json, None)
+    form = {k: (None, str(v)) for k, v in {**VIDEO, "frames": 10}.items()}
+    assert_refused(requests.post(url + "/v1/videos", files=form, headers=AUTH, timeout=30), "frames")
+    bad_format = requests.get(url + "/v1/videos/video_0123/content?format=avi", headers=AUTH, timeout=30)
+    assert_refused(bad_format, "format")
+    assert_refused(requests.get(url + "/v1/videos?limit=0", headers=AUTH, timeout=30), "limit")
+
+
+def test_edits_refuse_bad_uploads(url):
+    source = random_png(40, 36, seed=1)
+    form = {"model": "tiny-2", "prompt": "x", "steps": "2"}
+
+    def edit(files, data=form):
+        return requests.post(url + "/v1/images/edits", files=files, data=data, headers=AUTH, timeout=60)
+
+    cases = [
+        ({"image": ("a.png", b"not an image")}, form, "image"),
+        ({"image": ("a.png", b"")}, form, "image"),
+        ({"image": ("a.png", source), "mask": ("m.png", left_half_mask(36, 36))}, form, "mask"),
+        ({"image": ("a.png", source)}, {**form, "strength": "1.5"}, "strength"),
+        ({"image": ("a.png", source)}, {**form, "strength": "0.1"}, "strength"),  # 2 x 0.1 < 1 step
+        ({"image": ("a.png", source)}, {**form, "model": "tiny-wan"}, "model"),
+        ({"image": ("a.png", source)}, {**form, "size": "37x36"}, "size"),
+        ({"image": ("a.png", source), "image[]": ("b.png", source)}, form, "image"),
+        ({"mask": ("m.png", source)}, form, "image"),
+        ({"image": ("a.png", source)}, {**form, "stream": "true"}, "stream"),
+        ({"image": ("a.png", source)}, {**form, "colour": "red"}, "colour"),
+        ({"image": ("a.png", source), "control_image": ("c.png", b"text")}, form, "control_image"),
+    ]
+    for files, data, param in cases:
+        assert_refused(edit(files, data), param)
+    assert_refused(edit({"image": ("a.png", b"\x00" * (41 << 20))}), "image")
+    as_json = requests.post(url + "/v1/images/edits", json={"prompt": "x"}, headers=AUTH, timeout=30)
+    assert "multipart" in assert_refused(as_json, None)["message"]
+
+
+def test_controlnet_and_image_prompt_fields_are_checked_against_the_pools(url):
+    control = base64.b64encode(random_png(40, 36, seed=7)).decode()
+    body = {"model": "tiny-2", "prompt": "a house", "size": "40x36", "steps": 3, "control_image": control}
+    for bad, param in (
+        ({**body, "controlnet": "canny"}, "controlnet"),
+        ({**body, "model": "tiny-4"}, "control_image"),  # served without ControlNets
+        ({**body, "control_image": "not base64!"}, "control_image"),
+        ({**body, "control_image": base64.b64encode(b"text").decode()}, "control_image"),
+        ({k: v for k, v in body.items() if k != "control_image"} | {"controlnet": "x"}, "controlnet"),
+        ({**body, "control_image": [control] * 2, "controlnet_scale": [1, 1, 1]}, "controlnet_scale"),
+        ({**body, "control_image": [control] * 5}, "control_image"),  # at most 4
+        ({**body, "controlnet_scale": 5}, "controlnet_scale"),
+        ({**body, "control_image": None, "ip_adapter_image": control, "model": "tiny-4"}, "ip_adapter_image"),
+    ):
+        assert_refused(post(url, bad), param)
+
+
+def test_models_health_and_docs_answer_without_any_pool(url):
+    models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
+    assert {m["id"]: [p["ranks"] for p in m["pools"]] for m in models} == {
+        "tiny-2": [2],
+        "tiny-4": [4],
+        "tiny-wan": [2],
+    }
+    assert {m["id"]: m["kind"] for m in models}["tiny-wan"] == "video"
+    assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
+    assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    assert requests.get(url + "/docs", timeout=30).status_code == 200
+    assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]
+
+
+def test_json_numbers_sent_as_strings_are_refused_but_form_fields_convert(url):
+    assert_refused(post(url, {"prompt": "x", "steps": "7"}), "steps")
+    assert_refused(post(url, {"prompt": "x", "guidance": "3"}), "guidance")
+    assert_refused(post(url, {**VIDEO, "frames": "9", "size": "37x37"}, "/v1/videos"), "frames")
+    # A form's fields are text: "7" is 7 there (and the size is what this form gets wrong).
+    form = {k: (None, str(v)) for k, v in {**VIDEO, "size": "37x37"}.items()}
+    assert_refused(requests.post(url + "/v1/videos", files=form, headers=AUTH, timeout=30), "size")
