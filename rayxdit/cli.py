@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,9 +56,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--guidance",
         type=float,
-        default=3.5,
+        default=None,
         help="Flux.1-dev: distilled guidance; SD3, SDXL and Wan: the CFG scale, two branches per step above 1 "
-        "(default: %(default)s)",
+        "(default: the model's: Flux 3.5, SD3 7, SDXL 5, Wan 5)",
     )
     parser.add_argument(
         "--true-cfg-scale",
@@ -260,7 +261,7 @@ def _generate(args: argparse.Namespace) -> int:
             check_video_path(args.out)
         except ValueError as error:
             raise UsageError(f"--out {error}") from None
-    if parallel.cfg > 1 and not card.uses_cfg(request):
+    if parallel.cfg > 1 and not card.uses_cfg(card.limits.resolve(request).request):
         print(
             "note: this request runs no CFG (Flux: add --negative-prompt and --true-cfg-scale > 1), so "
             "both cfg ranks compute the same branch",
@@ -348,14 +349,22 @@ def _serve(args: argparse.Namespace) -> int:
     # The job's environment reaches every Serve replica, and the executors forward it to the ranks: a gated
     # model's HF_TOKEN works on a cluster joined with --address too.
     env = {**SERVE_ENV, **forwarded_env()}
-    started_here = args.address is None and "RAY_ADDRESS" not in os.environ
+    started_here = args.address is None and not os.environ.get("RAY_ADDRESS")  # Ray reads "" as unset too
     if args.metrics_port is not None and not started_here:
         raise UsageError(
             "--metrics-port applies to a Ray instance started here; on a cluster start each node with "
             "`ray start --metrics-export-port N`"
         )
     metrics = {"_metrics_export_port": args.metrics_port} if args.metrics_port is not None else {}
+    if started_here:
+        # Serve's controller warns of replicas that take more than 30 s to start: on a small machine a pool
+        # replica loading its model does, by design (the local Ray instance inherits this environment).
+        slowest = max(pool.startup_s for pool in config.pools)
+        os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", str(int(max(120, 2 * slowest))))
     ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": env}, **metrics)
+    # systemd, docker and Kubernetes stop a service with SIGTERM: stop as Ctrl-C does (this replaces the
+    # crash report ray.init installs for it).
+    signal.signal(signal.SIGTERM, _interrupt)
     for pool in config.pools:  # a pool that can never be placed is refused now, not left pending
         warning = check_placeable(pool, started_here)
         if warning:
@@ -378,15 +387,23 @@ def _serve(args: argparse.Namespace) -> int:
     _wait_until_ready(f"http://{shown}:{port}/readyz", timeout_s=READY_TIMEOUT_S)
     from rayxdit.runtime.cards import model_card
 
+    key = " -H 'Authorization: Bearer YOUR_KEY'" if config.router.api_keys else ""
     if all(model_card(pool.engine.model).limits.makes_video for pool in config.pools):
         example = (
-            f"  curl -s http://{shown}:{port}/v1/videos -H 'Content-Type: application/json' "
+            f"  curl -s http://{shown}:{port}/v1/videos -H 'Content-Type: application/json'{key} "
             f'-d \'{{"prompt": "a red fox", "frames": 9}}\'   # then GET /v1/videos/<id>, .../content'
         )
     else:
         example = (
-            f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json' "
+            f"  curl -s http://{shown}:{port}/v1/generate -H 'Content-Type: application/json'{key} "
             f'-d \'{{"prompt": "a red fox"}}\' -o fox.png'
+        )
+    if key:
+        example += "\n  (YOUR_KEY: one of the config's router.api_keys)"
+    if started_here:
+        example += (
+            "\n  Ray CLI on this instance (ray list actors, ray job submit): set RAY_AUTH_MODE=token"
+            " and RAY_ADDRESS=" + ray.get_runtime_context().gcs_address
         )
     print(
         f"rayxdit: serving on http://{shown}:{port}  (docs: /docs; Ctrl-C stops)\n"
@@ -401,8 +418,14 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("rayxdit: stopping (in-flight requests are cancelled)", file=sys.stderr, flush=True)
     finally:
-        _stop(serve, ray, APP_NAME, joined=args.address is not None)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _stop(serve, ray, APP_NAME, joined=not started_here)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the serve loop stops the application and Ray, and says so."""
+    raise KeyboardInterrupt
 
 
 SERVE_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}

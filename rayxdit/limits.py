@@ -58,6 +58,9 @@ class ModelLimits:
     """Video models: ``frames - 1`` must be a multiple of this (the VAE's temporal factor)."""
     fps: int = 16
     """Video models: frames per second of the output (and of a request's ``seconds``)."""
+    default_guidance: float = 3.5
+    """``guidance`` when a request gives none: one default per model, whatever path the request takes
+    (HTTP, CLI, batch). Flux.1-dev's distilled guidance; the CFG scale of SD3, SDXL and Wan."""
     image_inputs: bool = False
     """Whether the family takes input images (img2img, inpainting, Kontext's references); set by the adapter."""
     kontext_auto_resize: bool | None = None
@@ -94,12 +97,10 @@ class ModelLimits:
                 )
         frames = request.num_frames or self.default_frames
         if not self.makes_video and frames > 1:
-            raise RequestError(
-                f"num_frames={frames}: this model makes images, not videos", param="num_frames"
-            )
+            raise RequestError(f"frames={frames}: this model makes images, not videos", param="num_frames")
         if frames > self.max_frames or (frames - 1) % self.frame_multiple:
             raise RequestError(
-                f"num_frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
+                f"frames={frames} must be 1 + a multiple of {self.frame_multiple}, at most {self.max_frames}",
                 param="num_frames",
             )
         steps = request.steps or self.default_steps
@@ -115,6 +116,8 @@ class ModelLimits:
                     f"strength={request.strength} x steps={steps} leaves no denoising step: raise either",
                     "strength",
                 )
+        if request.guidance is None:
+            request = request.model_copy(update={"guidance": self.default_guidance})
         return ResolvedRequest(request, height, width, steps, frames)
 
     @classmethod
@@ -125,16 +128,29 @@ class ModelLimits:
         return family_defaults.updated(json.loads(path.read_text())) if path.is_file() else family_defaults
 
 
-def uses_cfg(guidance_is_cfg: bool, request: GenerateRequest) -> bool:
+def guidance_of(request: GenerateRequest, default_guidance: float | None) -> float:
+    """The request's guidance, or the model's default when it gives none."""
+    if request.guidance is not None:
+        return request.guidance
+    if default_guidance is None:
+        raise ValueError("the request's guidance is the model's default: resolve the request first")
+    return default_guidance
+
+
+def uses_cfg(guidance_is_cfg: bool, request: GenerateRequest, default_guidance: float | None = None) -> bool:
     """Whether ``request`` runs two branches per step. Families trained with CFG (SD3, SDXL, Wan) take
     ``guidance`` as the CFG scale, on above 1; guidance-distilled Flux runs CFG only as true CFG (a negative
     prompt and ``true_cfg_scale > 1``)."""
-    return request.guidance > 1.0 if guidance_is_cfg else request.uses_true_cfg
+    if not guidance_is_cfg:
+        return request.uses_true_cfg
+    return guidance_of(request, default_guidance) > 1.0
 
 
-def cfg_scale(guidance_is_cfg: bool, request: GenerateRequest) -> float:
+def cfg_scale(
+    guidance_is_cfg: bool, request: GenerateRequest, default_guidance: float | None = None
+) -> float:
     """The scale of the guidance formula for ``request`` (see :func:`uses_cfg`)."""
-    return request.guidance if guidance_is_cfg else request.true_cfg_scale
+    return guidance_of(request, default_guidance) if guidance_is_cfg else request.true_cfg_scale
 
 
 def check_parallel(
@@ -172,7 +188,7 @@ class ModelCard:
     supports_pipefusion: bool = False
 
     def uses_cfg(self, request: GenerateRequest) -> bool:
-        return uses_cfg(self.guidance_is_cfg, request)
+        return uses_cfg(self.guidance_is_cfg, request, self.limits.default_guidance)
 
     def check_parallel(self, config: ParallelConfig) -> None:
         """Raise :class:`ConfigError` when ``config`` cannot split this model."""

@@ -124,7 +124,9 @@ class GenerateRequest(BaseModel):
 
     # Input images travel as their encoded bytes (PNG, JPEG, WebP): small, and the same on every rank; in
     # JSON (the batch job's rows) as base64.
-    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64", allow_inf_nan=False
+    )
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     negative_prompt: str | None = Field(
@@ -134,7 +136,13 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(default=None, ge=1, description="Image width in pixels.")
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
     seed: int = Field(default=0, ge=0, lt=2**63, description="Image i of the request uses seed + i.")
-    guidance: float = Field(default=3.5, ge=0.0, le=100.0, description="Distilled guidance (Flux.1-dev).")
+    guidance: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="Flux.1-dev: the distilled guidance; SD3, SDXL and Wan: the CFG scale (on above 1). Default: "
+        "the model's (its limits' default_guidance: Flux 3.5, SD3 7, SDXL 5, Wan 5).",
+    )
     true_cfg_scale: float = Field(
         default=1.0,
         ge=1.0,

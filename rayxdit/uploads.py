@@ -8,6 +8,7 @@ upload it checks.
 from __future__ import annotations
 
 import io
+import re
 
 from rayxdit.limits import ModelLimits
 from rayxdit.request import RequestError
@@ -30,7 +31,7 @@ def inspect_image(
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
             width, height = image.size
             if width * height > max_pixels:
                 raise RequestError(
@@ -39,7 +40,11 @@ def inspect_image(
             image.load()
     except RequestError:
         raise
-    except Exception:  # not an image, truncated, a decompression bomb
+    except Image.DecompressionBombError as error:  # its header claims far more pixels than Pillow opens
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(claimed[1])} pixels" if claimed else "its size"
+        raise RequestError(f"{param}: {size} is more than the {max_pixels} pixels accepted", param) from None
+    except Exception:  # not an image, truncated
         raise RequestError(f"{param}: not an image this server reads (PNG, JPEG, WebP)", param) from None
     return width, height
 

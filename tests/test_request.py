@@ -1,10 +1,11 @@
-"""The request's own rules: how control images pair with ControlNets (HTTP and CLI alike)."""
+"""The request's own rules: how control images pair with ControlNets (HTTP and CLI alike), what an empty
+prompt is, and where an absent guidance comes from."""
 
 from __future__ import annotations
 
 import pytest
 
-from rayxdit.request import MAX_CONTROLS, ControlInput, RequestError, pair_controls
+from rayxdit.request import MAX_CONTROLS, ControlInput, GenerateRequest, RequestError, pair_controls
 
 A, B = b"image a", b"image b"
 
@@ -44,3 +45,26 @@ def test_bad_control_pairings_name_the_field(images, names, scales, modes, loade
     with pytest.raises(RequestError) as refused:
         pair_controls(images, names, scales, modes, loaded)
     assert refused.value.param == param, str(refused.value)
+
+
+def test_one_guidance_default_per_model_whatever_the_path():
+    """A request that leaves guidance out gets its model's default when resolved (the CLI, HTTP and the
+    batch job all resolve through ModelLimits), so the same prompt and seed make the same image."""
+    from rayxdit.limits import ModelLimits
+    from rayxdit.models.wan import WanAdapter
+
+    request = GenerateRequest(prompt="a fox")
+    assert request.guidance is None
+    assert WanAdapter.family_limits.resolve(request).request.guidance == 5.0
+    assert ModelLimits().resolve(request).request.guidance == 3.5
+    assert ModelLimits().resolve(request.model_copy(update={"guidance": 2.0})).request.guidance == 2.0
+    assert WanAdapter.uses_cfg(request) and WanAdapter.cfg_scale(request) == 5.0
+
+
+def test_prompts_of_only_spaces_or_control_characters_are_empty():
+    from pydantic import ValidationError
+
+    for prompt in ("   ", "\x00\x00", "\t\n\x1b"):
+        with pytest.raises(ValidationError, match="empty"):
+            GenerateRequest(prompt=prompt)
+    assert GenerateRequest(prompt=" a\x00b ").prompt == " a\x00b "

@@ -166,6 +166,7 @@ def plan(
                     path=str(path.relative_to(output)),
                     sha256=sha256_file(path),
                     recovered=True,
+                    attempts=1,  # it was made once; its time, GPU-seconds and ranks died with its manifest part
                 )
             )
             counts["adopted"] += 1

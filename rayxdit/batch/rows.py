@@ -240,7 +240,7 @@ def to_request(
             height=height,
             steps=None if out["steps"] is None else int(out["steps"]),
             seed=out["seed"],
-            guidance=float(_clean(row.get("guidance")) or 3.5),
+            guidance=None if _clean(row.get("guidance")) is None else float(row["guidance"]),
             true_cfg_scale=float(_clean(row.get("true_cfg_scale")) or 1.0),
             num_frames=None if out["frames"] is None else int(out["frames"]),
             image=image,

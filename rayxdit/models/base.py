@@ -432,11 +432,11 @@ class DiffusionAdapter(ABC):
     @classmethod
     def uses_cfg(cls, request: GenerateRequest) -> bool:
         """Whether this request runs two branches per step."""
-        return uses_cfg(cls.guidance_is_cfg, request)
+        return uses_cfg(cls.guidance_is_cfg, request, cls.family_limits.default_guidance)
 
     @classmethod
     def cfg_scale(cls, request: GenerateRequest) -> float:
-        return cfg_scale(cls.guidance_is_cfg, request)
+        return cfg_scale(cls.guidance_is_cfg, request, cls.family_limits.default_guidance)
 
     @classmethod
     def card(cls, location: str, denoiser_config: dict[str, Any], limits: ModelLimits) -> ModelCard:

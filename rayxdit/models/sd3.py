@@ -127,7 +127,7 @@ class SD3Adapter(DiffusionAdapter):
 
     pipeline_class = "StableDiffusion3Pipeline"
     family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_steps=28, max_sequence_length=256, image_inputs=True
+        default_steps=28, max_sequence_length=256, image_inputs=True, default_guidance=7.0
     )
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:

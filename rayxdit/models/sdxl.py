@@ -118,7 +118,7 @@ class SDXLAdapter(DiffusionAdapter):
 
     pipeline_class = "StableDiffusionXLPipeline"
     family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_steps=30, size_multiple=32, max_sequence_length=77, image_inputs=True
+        default_steps=30, size_multiple=32, max_sequence_length=77, image_inputs=True, default_guidance=5.0
     )
     denoiser_subfolder = "unet"
     supports_pipefusion = False

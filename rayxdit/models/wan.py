@@ -98,6 +98,7 @@ class WanAdapter(DiffusionAdapter):
         default_height=480,
         default_width=832,
         default_steps=50,
+        default_guidance=5.0,
         max_side=1280,
         size_multiple=16,
         max_sequence_length=512,

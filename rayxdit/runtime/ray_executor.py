@@ -153,6 +153,8 @@ class RayExecutor(Executor):
     ) -> list[Any]:
         ranks = list(ranks)
         futures = [asyncio.wrap_future(ref.future()) for ref in self._submit(method, args, kwargs, ranks)]
+        for future in futures:  # every rank's error is read here or dropped on purpose, never left unread
+            future.add_done_callback(_read_error)
         rank_of = dict(zip(futures, ranks, strict=True))
         try:
             done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
@@ -170,6 +172,13 @@ class RayExecutor(Executor):
             for future in futures:
                 if not future.done():
                     future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
+
+
+def _read_error(future: asyncio.Future) -> None:
+    """Mark a rank's error as read: after the first rank's error decides a call, the others' (the same
+    stop, or the same failure) are expected; unread, asyncio would print each with a traceback."""
+    if not future.cancelled():
+        future.exception()
 
 
 def cluster_nodes() -> list[dict[str, float]]:

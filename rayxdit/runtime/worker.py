@@ -46,6 +46,9 @@ class RankWorker:
         os.environ.update(env or {})
         # transformers' import-time notices (e.g. no torchvision) are not for users, whoever started us.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if telemetry_pool is not None:  # a serving or batch rank: its output is a log, not a terminal
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         self.rank = rank
         self.world_size = world_size
         self.device_index = device_index
@@ -95,6 +98,12 @@ class RankWorker:
         from rayxdit.parallel.mesh import build_parallel_state
 
         device = torch.device(self.device or "cpu")
+        if self.telemetry_pool is not None:  # no loading bars in a serving or batch log
+            import diffusers.utils.logging
+            import transformers.utils.logging
+
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
         self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
 
     def generate(

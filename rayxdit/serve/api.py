@@ -18,7 +18,7 @@ class ImageGenerationRequest(BaseModel):
     and ``user`` are accepted and ignored so that OpenAI clients work unchanged. JSON is read strictly (a
     number sent as a string is refused); forms, whose fields are all text, are read with conversions."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(description="What to draw.", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
@@ -33,7 +33,13 @@ class ImageGenerationRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (rayxdit).")
     seed: int | None = Field(default=None, ge=0, description="Random seed; image i uses seed + i (rayxdit).")
-    guidance: float = Field(default=3.5, ge=0, le=100, description="Distilled guidance (rayxdit).")
+    guidance: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Flux.1-dev: distilled guidance; SD3, SDXL: the CFG scale (rayxdit). Default: the model's "
+        "(GET /v1/models: default_guidance).",
+    )
     negative_prompt: str | None = Field(
         default=None, max_length=MAX_PROMPT_CHARS, description="For true CFG."
     )
@@ -148,7 +154,7 @@ class VideoGenerationRequest(BaseModel):
     keep their meaning (``seconds``, ``size``); ``frames``, ``steps``, ``seed``, ``guidance`` and
     ``negative_prompt`` are rayxdit's. JSON is read strictly, forms with conversions."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(description="What to film.", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
@@ -168,7 +174,9 @@ class VideoGenerationRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Random seed.")
-    guidance: float = Field(default=5.0, ge=0, le=100, description="CFG scale (on above 1).")
+    guidance: float | None = Field(
+        default=None, ge=0, le=100, description="CFG scale (on above 1); default: the model's (Wan: 5)."
+    )
     negative_prompt: str | None = Field(
         default=None, max_length=MAX_PROMPT_CHARS, description="What to steer away from."
     )
@@ -237,6 +245,15 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+SHOWN_ID_CHARS = 64
+"""An id longer than this is cut short where an answer repeats it."""
+
+
+def shown_id(text: str) -> str:
+    """``text`` as an answer may repeat it: at most SHOWN_ID_CHARS characters."""
+    return text if len(text) <= SHOWN_ID_CHARS else text[:SHOWN_ID_CHARS] + "..."
 
 
 RETRY_AFTER_S = 5

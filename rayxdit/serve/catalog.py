@@ -75,6 +75,7 @@ class Catalog:
                     "max_side": limits.max_side,
                     "size_multiple": limits.size_multiple,
                     "default_steps": limits.default_steps,
+                    "default_guidance": limits.default_guidance,
                     "kind": "video" if limits.makes_video else "image",
                     "controlnets": list(pools[0].engine.controlnets),
                     "ip_adapter": pools[0].engine.ip_adapter,

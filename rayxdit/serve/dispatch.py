@@ -10,6 +10,7 @@ engine's time, from which the pool's service rate is learned).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -25,12 +26,15 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
+from rayxdit.serve.tasks import detached, quiet
 
 logger = logging.getLogger("ray.serve")
-BACKSTOP_S = 5.0
-"""Beyond a request's deadline and its pool's cancel grace, how long the router still waits for the pool."""
-GONE_CHECK_S = 2.0
-"""How often a request waiting for its pool checks that the pool still has replicas."""
+DEADLINE_SLACK_S = 0.25
+"""How long past a request's deadline the router still waits for its pool's answer (one already on its way)
+before it answers 504 itself; the pool's ranks stop at their next step boundary in the background."""
+RENEW_S = 2.0
+"""How often a request waiting for its pool renews its reservation in the shared state (which also says
+whether the pool still has replicas)."""
 
 
 class PoolGone(Exception):
@@ -119,17 +123,14 @@ class Dispatcher:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
         filled in here."""
-        cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(request))
+        cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = time.time()
         pools = self.catalog.pools_by_model[model]
         longest = max(pool.request_timeout_s for pool in pools)
         admission_deadline = arrived + min(timeout or longest, longest)
-        hold_s = longest + max(pool.cancel_grace_s for pool in pools) + BACKSTOP_S
         tried: list[str] = []
         while True:
-            decision = await self.state.route.remote(
-                model, cost, request_id, admission_deadline, hold_s, tried
-            )
+            decision = await self.state.route.remote(model, cost, request_id, admission_deadline, tried)
             if decision["pool"] is None:
                 raise refusal(model, decision, request_id)
             pool = self.catalog.pools[decision["pool"]]
@@ -146,8 +147,15 @@ class Dispatcher:
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             finally:
+                # However the request ended (an answer, an error, its deadline, the client gone), it leaves
+                # the pool's count now: detached, so that a cancelled request still reports it.
                 engine_s = None if result is None else engine_seconds(result.timings)
-                await self.state.finish.remote(request_id, engine_s)
+                release = detached(
+                    lambda engine_s=engine_s: self.state.finish.remote(request_id, engine_s),
+                    f"releasing request {request_id}",
+                )
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(release)
         info = {
             "request_id": request_id,
             "router": self.replica,
@@ -175,30 +183,37 @@ class Dispatcher:
         warm: bool | None = False,
         report_progress: bool = False,
     ) -> EncodedResult:
-        """The pool's answer. Its ranks stop at ``deadline``; should that not come back in time (a rebuild,
-        a hang), the call is abandoned at ``deadline + cancel_grace_s + BACKSTOP_S``: the client's bound.
+        """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
+        the pool stops its ranks at their next step boundary, in the background, before its next request.
 
-        A request still waiting for a pool that had replicas when it was routed (``warm``) but has none
-        now (the autoscaling policy gave its GPUs to other pools, or its replica died), or for a cold pool
-        that started no replica within twice its start-up prior, is taken back and raises
-        :class:`PoolGone`, for the caller to route it again."""
+        While it waits, the request renews its reservation in the shared state. A request still waiting for
+        a pool that had replicas when it was routed (``warm``) but has none now (the autoscaling policy gave
+        its GPUs to other pools, or its replica died), or for a cold pool that started no replica within
+        twice its start-up prior, is taken back and raises :class:`PoolGone`, for the caller to route it
+        again."""
         response = self.handles[pool.name].generate.remote(
             request, request_id, deadline, cost, report_progress
         )
         answer = asyncio.ensure_future(_awaited(response))
+        answer.add_done_callback(quiet)
         began = time.monotonic()
-        bound = began + max(0.0, deadline - time.time()) + pool.cancel_grace_s + BACKSTOP_S
+        bound = began + max(0.0, deadline - time.time()) + DEADLINE_SLACK_S
         try:
             while True:
                 remaining = bound - time.monotonic()
-                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(GONE_CHECK_S, remaining)))
+                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(RENEW_S, remaining)))
                 if answer in done:
                     return answer.result()
                 if time.monotonic() >= bound:
                     response.cancel()
                     raise deadline_error(request_id)
+                try:
+                    gone = await self.state.renew.remote(request_id, pool.name, cost)
+                except Exception as error:  # the state replica restarting: the next renewal tells
+                    logger.info("request %s: reservation not renewed (%r)", request_id, error)
+                    continue
                 may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
-                if may_be_gone and await self.state.gone.remote(pool.name):
+                if may_be_gone and gone:
                     response.cancel()
                     raise PoolGone(pool.name)
         except asyncio.CancelledError:  # the client went away: the pool stops the ranks

@@ -20,9 +20,10 @@ from ray.serve.handle import DeploymentHandle
 from rayxdit.limits import ResolvedRequest
 from rayxdit.request import EncodedResult, GenerateRequest
 from rayxdit.serve import metrics
-from rayxdit.serve.api import ApiError
+from rayxdit.serve.api import ApiError, shown_id
 from rayxdit.serve.dispatch import Dispatcher
 from rayxdit.serve.jobs import CANCELLED, COMPLETED
+from rayxdit.serve.tasks import quiet
 
 logger = logging.getLogger("ray.serve")
 RENEW_JOB_S = 0.5
@@ -59,6 +60,7 @@ class JobDriver:
         # A fresh context: the job outlives the HTTP request that created it, and must not be cancelled
         # with it.
         task = contextvars.Context().run(asyncio.create_task, drive)
+        task.add_done_callback(quiet)
         self.running.add(task)
         task.add_done_callback(self.running.discard)
         logger.info("job %s: %s on %s created by request %s", job["id"], kind, model, request_id)
@@ -80,6 +82,7 @@ class JobDriver:
         run = asyncio.create_task(
             self.dispatcher.run(model, request, resolved, job_id, timeout, labels, report_progress=True)
         )
+        run.add_done_callback(quiet)  # a cancelled run may end in the pool call's cancellation error
         status = "failed"
         began = time.monotonic()
         try:
@@ -102,19 +105,28 @@ class JobDriver:
             stored = await self.state.complete_job.remote(job_id, content, shown)
             status = COMPLETED if stored else "failed"
         except ApiError as error:
-            await self.state.fail_job.remote(job_id, error.code or error.kind, str(error))
+            await self._fail(job_id, error.code or error.kind, str(error))
         except Exception as error:
             logger.error("job %s failed: %r", job_id, error)
-            message = f"internal error in job {job_id}; the server log has the details"
-            await self.state.fail_job.remote(job_id, "server_error", message)
+            await self._fail(
+                job_id, "server_error", f"internal error in job {job_id}; the server log has the details"
+            )
         finally:
             metrics.inc("rayxdit_jobs", model=model, kind=kind, status=status)
             logger.info("job %s: %s after %.3f s", job_id, status, time.monotonic() - began)
+
+    async def _fail(self, job_id: str, code: str, message: str) -> None:
+        try:
+            await self.state.fail_job.remote(job_id, code, message)
+        except Exception as error:  # the state replica restarted and lost the job: nobody can see it now
+            logger.warning("job %s: its failure (%s) not stored: %r", job_id, code, error)
 
     async def find(self, job_id: str, kind: str, owner: str, action: str = "get_job") -> Any:
         """The caller's job of ``kind`` through the state's ``action`` (get_job, cancel_job, job_content);
         404 when it does not exist for the caller."""
         found = await getattr(self.state, action).remote(job_id, owner, kind)
         if found is None:
-            raise ApiError(404, f"{kind} job {job_id} not found or expired", "invalid_request_error", "id")
+            raise ApiError(
+                404, f"{kind} job {shown_id(job_id)} not found or expired", "invalid_request_error", "id"
+            )
         return found

@@ -38,6 +38,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import PoolUnavailableError
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
+from rayxdit.serve.tasks import quiet
 
 logger = logging.getLogger("ray.serve")
 RATE_WINDOW_S = 60.0
@@ -133,6 +134,7 @@ class PoolReplica:
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
         job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
+        job.add_done_callback(quiet)  # a job cancelled with its caller ends in an error nobody reads
         reporter = asyncio.create_task(self._report_progress(request_id)) if report_progress else None
         try:
             return await asyncio.shield(job)

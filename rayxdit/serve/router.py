@@ -52,6 +52,7 @@ from rayxdit.serve.api import (
     error_payload,
     invalid,
     request_error_from_validation,
+    shown_id,
 )
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import Dispatcher
@@ -61,6 +62,22 @@ from rayxdit.serve.jobs import COMPLETED
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 << 10
+"""Bounds of a request's headers (count, and bytes of names and values together): beyond them, 431 before
+anything reads them further. A browser sends about 20 headers of a few KB."""
+
+
+class QueueingIsExpected(logging.Filter):
+    """Serve's handle warns when it has retried to find a pool replica for a request many times; here
+    that is the design (each pool replica runs one request at a time and the others queue at the handle),
+    so the warning is kept at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Failed to route request after"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logger.isEnabledFor(logging.DEBUG)
+        return True
 
 
 def request_id_of(request: Request) -> str:
@@ -90,13 +107,16 @@ class Ingress:
         self.replica = replica
         self.jobs = JobDriver(state, dispatcher) if dispatcher is not None else None
 
-    def authorize(self, request: Request) -> None:
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries one of the API keys (always, without keys)."""
         keys = self.config.router.api_keys
         if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, key) for key in keys):
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and any(secrets.compare_digest(token, key) for key in keys)
+
+    def authorize(self, request: Request) -> None:
+        if not self.authorized(request):
             raise ApiError(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -172,8 +192,19 @@ def _error(
 
 
 async def _observe(request: Request, call_next):
-    """Every generation request: its id (the client's ``X-Request-Id`` or a new one) in the response
-    headers and the log, and counted by status and error code with its end-to-end time."""
+    """Every request's headers within bounds (431 beyond them); every generation request: its id (the
+    client's ``X-Request-Id`` or a new one) in the response headers and the log, and counted by status and
+    error code with its end-to-end time."""
+    raw = request.headers.raw
+    size = sum(len(name) + len(value) for name, value in raw)
+    if len(raw) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+        return _error(
+            431,
+            f"request headers too large: {len(raw)} headers, {size} bytes (at most {MAX_HEADERS} and "
+            f"{MAX_HEADER_BYTES})",
+            "invalid_request_error",
+            code="headers_too_large",
+        )
     if request.method != "POST":
         return await call_next(request)
     began = time.monotonic()
@@ -213,6 +244,8 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     request.state.error_code = error.code or error.kind
     wait = math.ceil(error.retry_after or RETRY_AFTER_S)
     headers = {"Retry-After": str(wait)} if error.status in (429, 503) else {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="rayxdit"'
     return _error(error.status, str(error), error.kind, error.param, error.code, **headers)
 
 
@@ -323,7 +356,9 @@ async def stored_image(ingress: IngressOf, image_id: str, request: Request) -> R
     ingress.authorize(request)
     data = await ingress.state.get_image.remote(image_id)
     if data is None:
-        raise ApiError(404, f"image {image_id} not found or expired", "invalid_request_error", "image_id")
+        raise ApiError(
+            404, f"image {shown_id(image_id)} not found or expired", "invalid_request_error", "image_id"
+        )
     return Response(data, media_type="image/png")
 
 
@@ -403,7 +438,7 @@ async def video_content(
     if job["status"] != COMPLETED:
         raise ApiError(
             409,
-            f"video {video_id} is {job['status']} ({job['progress']}%): its content exists once it has "
+            f"video {shown_id(video_id)} is {job['status']} ({job['progress']}%): its content exists once it has "
             "completed",
             "invalid_request_error",
             "id",
@@ -429,11 +464,14 @@ async def healthz(ingress: IngressOf) -> dict[str, Any]:
 
 
 @api.get("/readyz")
-async def readyz(ingress: IngressOf) -> JSONResponse:
+async def readyz(ingress: IngressOf, request: Request) -> JSONResponse:
     """Readiness: 200 when every served model can take a request (a pool of it has a ready replica, or
-    all its pools scale from zero), else 503; with ready replicas and outstanding requests per pool."""
+    all its pools scale from zero), else 503. A probe without a key gets the status alone; with an API key
+    (or without keys configured), also each model's readiness and each pool's replicas, outstanding
+    requests and learned rates."""
     readiness = await ingress.state.readiness.remote()
-    return JSONResponse(readiness, status_code=200 if readiness["ready"] else 503)
+    shown = readiness if ingress.authorized(request) else {"ready": readiness["ready"]}
+    return JSONResponse(shown, status_code=200 if readiness["ready"] else 503)
 
 
 def build_ingress_app(ingress: Ingress) -> FastAPI:
@@ -466,6 +504,7 @@ class Router:
         """``cards``: each served model name's card (see :func:`rayxdit.serve.app.build_app`); ``state``: the
         application's shared state (load, stored images, jobs), the same for every router replica."""
         replica = serve.get_replica_context().replica_tag
+        logging.getLogger("ray.serve").addFilter(QueueingIsExpected())
         catalog = Catalog(config, cards)
         self.ingress = Ingress(config, catalog, Dispatcher(catalog, pools, state, replica), state, replica)
 

@@ -6,9 +6,10 @@ Router replicas are interchangeable, so what a later request needs lives here, n
   start took); routers ask here which pool takes a request, and the choice (the pure ``routing.route`` over
   the whole application's load: where it finishes first) is admitted here at once, so two routers cannot
   both see the same free replica. A request no pool can finish before its deadline is refused here, with
-  the wait after which it could. Reservations end when the router reports the request finished (with the
-  engine's time: each pool's seconds per cost unit are learned from them), or at their expiry if that
-  router died.
+  the wait after which it could. A reservation is a lease: the router renews it while it waits for the
+  pool (every two seconds; :meth:`AppState.renew`), and it ends when the router reports the request
+  finished, however it ended (with the engine's time when it ran: each pool's seconds per cost unit are
+  learned from them), or ``LEASE_S`` after its last renewal if that router died.
 - **Images** made with ``response_format=url``: kept for a TTL within a byte budget, retrievable through any
   router replica.
 - **Jobs** (videos, background images; ``rayxdit.serve.jobs``): their status, progress (pushed by the pool
@@ -41,6 +42,8 @@ HEARTBEAT_S = 1.0
 """How often pool replicas report."""
 STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
+LEASE_S = 15.0
+"""A reservation not renewed for this long is dropped: its router died (routers renew every 2 s)."""
 
 
 @dataclass
@@ -100,6 +103,9 @@ class AppState:
             self.specs[pool.served_model_name].append(PoolSpec.of(pool))
         self.replicas: dict[str, dict[str, _Replica]] = defaultdict(dict)
         self.reservations: dict[str, _Reservation] = {}
+        self.finished: OrderedDict[str, float] = OrderedDict()
+        """Requests finished within the last LEASE_S (by id, when): a renewal already on its way when its
+        request finished must not bring the reservation back."""
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
         self.published: dict[str, tuple[int, int, int]] = {}
@@ -181,11 +187,12 @@ class AppState:
             metrics.set_gauge("rayxdit_pool_replicas", load.starting_replicas, pool=name, state="starting")
 
     async def route(
-        self, model: str, cost: float, request_id: str, deadline: float, hold_s: float, exclude: list[str]
+        self, model: str, cost: float, request_id: str, deadline: float, exclude: list[str]
     ) -> dict[str, Any]:
-        """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once (held ``hold_s`` at most);
-        or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since
-        the epoch), or ``{"pool": None}`` when every pool of ``model`` is excluded (full or down)."""
+        """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once (a lease of ``LEASE_S``,
+        renewed by the router); or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before
+        ``deadline`` (seconds since the epoch), or ``{"pool": None}`` when every pool of ``model`` is
+        excluded (full or down)."""
         loads = self._loads()
         order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
@@ -194,7 +201,8 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + hold_s)
+        self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S)
+        self.finished.pop(request_id, None)  # routed again (failover): it holds capacity again
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -212,22 +220,35 @@ class AppState:
         )
         return self.budget() - held
 
-    async def gone(self, pool: str) -> bool:
-        """Whether ``pool`` has no replica left, not even a starting one (its waiting requests should move)."""
-        load = self._loads()[pool]
-        return load.ready_replicas + load.starting_replicas == 0
+    async def renew(self, request_id: str, pool: str, cost: float) -> bool:
+        """A router still waits for ``request_id`` on ``pool``: its reservation lives another ``LEASE_S``
+        (made anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not
+        even a starting one (its waiting requests should move)."""
+        if request_id not in self.finished:
+            self.reservations[request_id] = _Reservation(pool, cost, time.monotonic() + LEASE_S)
+        return self.gone_now(pool)
+
+    def gone_now(self, pool: str) -> bool:
+        """Whether ``pool`` has no replica left, not even a starting one."""
+        now = time.monotonic()
+        return not any(now - seen.seen <= STALE_AFTER_S for seen in self.replicas[pool].values())
 
     async def finish(self, request_id: str, engine_s: float | None = None) -> None:
         """The request left its pool; ``engine_s`` (the engine's encode + denoise + decode time) teaches the
         pool's rate."""
         held = self.reservations.pop(request_id, None)
+        now = time.monotonic()
+        self.finished[request_id] = now
+        while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
+            self.finished.popitem(last=False)
         if held is None or not engine_s or held.cost <= 0:
             return
         self.fits[held.pool].add(held.cost, engine_s)
 
     async def readiness(self) -> dict[str, Any]:
         """Per served model: whether it can take a request now. A model is ready when one of its pools has
-        a ready replica, or when all its pools scale from zero (the first request starts one)."""
+        a ready replica, or when all its pools scale from zero (the first request starts one). With each
+        pool's replicas, outstanding requests and learned rates (the router shows those to API keys only)."""
         loads = self._loads()
         models = {}
         for model, specs in self.specs.items():

@@ -235,3 +235,54 @@ def test_json_numbers_sent_as_strings_are_refused_but_form_fields_convert(url):
     # A form's fields are text: "7" is 7 there (and the size is what this form gets wrong).
     form = {k: (None, str(v)) for k, v in {**VIDEO, "size": "37x37"}.items()}
     assert_refused(requests.post(url + "/v1/videos", files=form, headers=AUTH, timeout=30), "size")
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (the pixels are not there)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_messages_name_the_real_reason_and_the_field(url):
+    nan = requests.post(
+        url + "/v1/images/generations",
+        data='{"prompt": "x", "guidance": NaN}',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert "finite" in assert_refused(nan, "guidance")["message"]
+    frames = assert_refused(post(url, {**VIDEO, "frames": 10}, "/v1/videos"), "frames")
+    assert "num_frames" not in frames["message"] and "frames=10" in frames["message"]
+    form = {"model": "tiny-2", "prompt": "x", "steps": "2"}
+    for side in (16000, 40000):  # a header too large for any decoder, refused by its claimed size
+        began = time.monotonic()
+        response = requests.post(
+            url + "/v1/images/edits",
+            files={"image": ("a.png", png_header_claiming(side, side))},
+            data=form,
+            headers=AUTH,
+            timeout=30,
+        )
+        message = assert_refused(response, "image")["message"]
+        assert f"{side * side} pixels is more than" in message and time.monotonic() - began < 1
+
+
+def test_401_names_its_scheme_and_oversized_headers_get_431(url):
+    response = post(url, {"prompt": "x"}, headers={})
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    many = {f"X-Filler-{i}": "x" for i in range(200)}
+    assert_refused(post(url, {"prompt": "x"}, headers={**AUTH, **many}), None, 431)
+    huge = {"X-Filler": "x" * (256 << 10)}
+    assert_refused(post(url, {"prompt": "x"}, headers={**AUTH, **huge}), None, 431)
+    assert requests.get(url + "/healthz", headers=huge, timeout=30).status_code == 431

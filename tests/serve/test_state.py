@@ -60,7 +60,7 @@ def test_load_is_shared_admitted_at_once_and_recovers_from_lost_routers(clock):
     later = time.time() + 600
 
     def pool_for(request_id, exclude=()):
-        return app.route("m", 1.0, request_id, later, 60, list(exclude))["pool"]
+        return app.route("m", 1.0, request_id, later, list(exclude))["pool"]
 
     # Nothing measured: the thresholds decide, free pools first. Two routers, one request each: the second
     # sees the first's reservation.
@@ -68,10 +68,14 @@ def test_load_is_shared_admitted_at_once_and_recovers_from_lost_routers(clock):
     assert app.loads()["small"].outstanding == 1
     assert pool_for("r2") == "small"  # nothing is free: preference
     assert pool_for("r3", exclude=["small"]) == "big"
-    assert app.route("m", 1.0, "r4", later, 60, ["small", "big"]) == {"pool": None, "retry_after_s": None}
+    assert app.route("m", 1.0, "r4", later, ["small", "big"]) == {"pool": None, "retry_after_s": None}
     app.finish("r1")
     assert app.loads()["small"].outstanding == 1
-    clock[0] += 61  # r2's router died without finishing it: the reservation expires
+    clock[0] += state_module.LEASE_S - 1  # r2's router renews its lease while it waits...
+    app.renew("r2", "small", 1.0)
+    clock[0] += state_module.LEASE_S - 1
+    assert app.loads()["small"].outstanding == 1  # r2, renewed
+    clock[0] += 2  # ...then dies: nobody renews, the reservation lapses
     assert app.loads()["small"].outstanding == 0
     clock[0] += state_module.STALE_AFTER_S  # the replica stopped reporting: gone
     assert app.loads()["small"].ready_replicas == 0
@@ -82,22 +86,22 @@ def test_rates_are_learned_from_finished_requests_and_admission_refuses_what_can
     app.report("small", "a", ready=True)
     app.report("big", "b", ready=True, startup_s=30.0)
     later = time.time() + 600
-    assert app.route("m", 10.0, "r1", later, 60, [])["estimate_s"] is None  # thresholds until measured
+    assert app.route("m", 10.0, "r1", later, [])["estimate_s"] is None  # thresholds until measured
     app.finish("r1", engine_s=20.0)  # 2 s per cost unit on the small pool
     assert app.loads()["small"].seconds_per_cost == 2.0 and app.loads()["big"].startup_s == 30.0
     # The big pool is extrapolated from it by GPU count (4 vs 2 ranks): it finishes first.
-    decision = app.route("m", 10.0, "r2", later, 60, [])
+    decision = app.route("m", 10.0, "r2", later, [])
     assert decision["pool"] == "big" and decision["estimate_s"] == pytest.approx(20.0 * 0.5**0.85)
     app.finish("r2", engine_s=15.0)
     assert app.loads()["big"].seconds_per_cost == 1.5
     app.finish("r2", engine_s=100.0)  # finished twice (a retry): learned once
     assert app.loads()["big"].seconds_per_cost == 1.5
-    refused = app.route("m", 30.0, "r3", time.time() + 30, 60, [])
+    refused = app.route("m", 30.0, "r3", time.time() + 30, [])
     assert refused["pool"] is None and refused["retry_after_s"] in (15.0, 16.0)  # 45 s expected, 30 s left
     assert app.loads()["big"].outstanding == 0  # a refused request holds nothing
     # Ten times the largest cost measured is an extrapolation: never a reason to refuse (small requests are
     # mostly overhead; taken proportionally they would make this one look far slower than it is).
-    admitted = app.route("m", 100.0, "r4", time.time() + 30, 60, [])
+    admitted = app.route("m", 100.0, "r4", time.time() + 30, [])
     assert admitted["pool"] == "big" and admitted["estimate_s"] == pytest.approx(150.0)
 
 
@@ -121,10 +125,24 @@ def test_readiness_needs_a_ready_replica_unless_every_pool_scales_from_zero(cloc
 def test_a_pool_left_without_replicas_is_gone_so_its_waiting_requests_move(clock):
     app = Sync(AppState(ServeConfig(pools=POOLS)))
     later = time.time() + 600
-    cold = app.route("m", 1.0, "r1", later, 60, [])
+    cold = app.route("m", 1.0, "r1", later, [])
     assert cold["pool"] == "small" and cold["warm"] is False  # routed to a cold pool: it will start
     app.report("small", "a", ready=True)
-    warm = app.route("m", 1.0, "r2", later, 60, [])
-    assert warm["warm"] is True and app.gone("small") is False
+    warm = app.route("m", 1.0, "r2", later, [])
+    assert warm["warm"] is True and app.renew("r2", "small", 1.0) is False
     clock[0] += state_module.STALE_AFTER_S + 1  # its replica stopped reporting (scaled down, died)
-    assert app.gone("small") is True and app.gone("big") is True
+    assert app.renew("r2", "small", 1.0) is True and app.renew("r1", "big", 1.0) is True
+
+
+def test_a_lease_renewed_after_a_state_restart_counts_the_request_again(clock):
+    """The state replica restarted (its reservations lost): the next renewal of a request still waiting
+    makes its reservation anew, so admission sees it again within one renewal."""
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    app.report("small", "a", ready=True)
+    assert app.loads()["small"].outstanding == 0
+    app.renew("r1", "small", 2.0)
+    assert app.loads()["small"].outstanding == 1 and app.loads()["small"].outstanding_cost == 2.0
+    app.finish("r1")
+    assert app.loads()["small"].outstanding == 0
+    app.renew("r1", "small", 2.0)  # a renewal already on its way when r1 finished
+    assert app.loads()["small"].outstanding == 0, "a finished request came back"
