@@ -100,6 +100,9 @@ class PoolReplica:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _report(self) -> None:
+        # Ray's metrics agent drops a gauge not set for two report intervals: set them every heartbeat.
+        metrics.set_gauge("rayxdit_requests_waiting", self.waiting, pool=self.pool.name)
+        metrics.set_gauge("rayxdit_requests_running", int(self.lock.locked()), pool=self.pool.name)
         ready = self.startup_s is not None and not self.executor.broken
         try:
             await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s)

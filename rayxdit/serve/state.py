@@ -42,6 +42,9 @@ HEARTBEAT_S = 1.0
 """How often pool replicas report."""
 STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
+GAUGE_REFRESH_S = 1.0
+"""Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
+gauge not set for two report intervals."""
 LEASE_S = 15.0
 """A reservation not renewed for this long is dropped: its router died (routers renew every 2 s)."""
 
@@ -109,6 +112,7 @@ class AppState:
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
         self.published: dict[str, tuple[int, int, int]] = {}
+        self.published_at = -math.inf
         self.route_policy = routing_policy(config.routing.policy)
         # Cold pools that the shared budget has no room for are routed to last (routing.route): only an
         # elastic application shares a budget; pools that scale on their own compete in Serve's placement.
@@ -128,6 +132,10 @@ class AppState:
         self.replicas[pool][replica] = _Replica(ready, time.monotonic())
         if startup_s is not None:
             self.startups[pool] = startup_s
+        if time.monotonic() - self.published_at >= GAUGE_REFRESH_S:  # gauges fade unless set again
+            self.published_at = time.monotonic()
+            self.published.clear()
+            self._loads()
 
     async def loads(self) -> dict[str, PoolLoad]:
         """Every pool's replicas, outstanding requests and learned rates, as of now."""
