@@ -1,28 +1,38 @@
-"""A discrete-event simulation of a rayxdit fleet, to compare pool policies at loads no test can reach.
+"""A discrete-event simulation of a rayxdit fleet, to compare pool layouts and policies at loads no test can
+reach, in every scaling scenario the measurements allow.
 
-It calls the production decisions unchanged, by name from the same tables the application uses
-(``rayxdit.serve.policies``): a routing policy (``finish_first``: where a request finishes first, from loads
-built exactly as the application's state builds them, service times learned online with ``ServiceFit``;
-``thresholds``: the configured cost thresholds) and, for elastic fleets, an autoscaling policy
-(``load_aware``). The rest is a model of the machinery around them, and says so:
+It calls the production decisions unchanged, by name from the tables the application uses
+(``rayxdit.serve.policies``): a routing policy (``finish_first``: where a request finishes first, from
+loads built as the application's state builds them, service times learned online with ``ServiceFit``;
+``thresholds``: the configured cost thresholds), admission (``routing.retry_after``: a request that would
+miss its deadline is refused at once, 429, and counts as not good) and, for elastic fleets, a sizing policy
+(``cost_aware``, or the older ``load_aware`` for comparison). The rest is a model of the machinery around
+them, and says so:
 
-- **Service times** per (GPUs, resolution) for Flux.1-dev, 28 steps, on H200, from the committed results
-  (``SERVICE_TABLE``; each row says whether it was measured, in which file, or extrapolated and how). A
+- **Service times** per (GPUs, resolution) for Flux.1-dev, 28 steps, compiled: the single-GPU H200 times
+  measured (``benchmarks/results/flux-dev-2xh200.json``) divided by a *scenario*'s speedup, since no 4- or
+  8-GPU run exists yet: ``compounded`` (our measured 1->2 GPU speedup, 1.576x at 1024px and 1.780x at
+  2048px, compounded for 4 and 8), ``xdit-h100`` (xDiT's published H100 figures: 1 GPU 4.30 s, Ring-2
+  2.60 s, Ulysses-4 1.63 s; 8 GPUs: its 2->4 step again), ``seeds`` (1.7x, 3.4x, 5.8x on 2, 4, 8 GPUs). A
   request of other steps scales per step; true CFG runs both branches (no cfg axis in these pools); text
   encoding and VAE decoding add the measured ``OVERHEAD_S``.
+- **Clients** want an answer within ``SLO_FACTOR`` times their request's single-GPU time and send that as
+  the request's ``timeout``: a request that ends within it is *good*; one refused by admission is not.
 - **Replicas** run one request at a time; a pool's queue is FIFO; a new replica waits for free GPUs, then
   ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
   ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of
   agreeing decisions, as Serve applies an application-level policy's decisions.
 
-Policies on one 8-GPU node and on a 64-GPU fleet, open-loop Poisson arrivals at 20% to 120% of capacity
-(capacity: the fleet as 2-GPU replicas, its most images per GPU, on the request mix):
+Fleets of 8 and 64 GPUs; open-loop Poisson arrivals at 20% to 120% of capacity (the fleet as 2-GPU replicas,
+its most images per GPU in the measured scenario, on the request mix), and four shapes of varying load:
+``alternating`` (20% and 80%, 30 minutes each), ``diurnal`` (a day's swing from 10% to 90% and back,
+compressed to the window), ``burst`` (30%, with ten minutes at 110%).
 
-- ``all-2gpu``, ``all-8gpu``: every GPU in replicas of one size, least-loaded routing;
-- ``static thresholds``: per 8 GPUs one 4-GPU and two 2-GPU replicas, routed by cost thresholds;
-- ``load-aware + shared budget``: pools of 2, 4 and 8 GPUs sized by the elastic policy, routed by
-  completion estimates.
+- static layouts: ``all-2gpu``, ``all-4gpu``, ``all-8gpu`` (least-loaded routing within one pool), ``static
+  thresholds`` (per 8 GPUs one 4-GPU and two 2-GPU replicas, routed by cost thresholds);
+- ``elastic`` (cost_aware) and ``elastic load_aware``: pools of 2, 4 and 8 GPUs sized within the shared
+  budget, routed where they finish first.
 
     python benchmarks/simulate_fleet.py --out benchmarks/results/simulate-fleet.json
 """
@@ -36,6 +46,7 @@ import math
 import random
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,20 +55,44 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
 from rayxdit.serve.policies import AUTOSCALING_POLICIES, ROUTING_POLICIES  # noqa: E402
-from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit  # noqa: E402
+from rayxdit.serve.routing import (  # noqa: E402
+    PoolLoad,
+    PoolSpec,
+    ServiceFit,
+    completion_estimate,
+    retry_after,
+    service_rates,
+)
 from rayxdit.serve.sizing import PoolDemand  # noqa: E402
 
 STEPS = 28
-SERVICE_TABLE = {
-    # (gpus, resolution): (seconds for the 28-step transformer loop, where the number comes from)
-    (1, 1024): (3.736, "measured: benchmarks/results/flux-dev-2xh200.json, single GPU compiled"),
-    (1, 2048): (19.831, "measured: benchmarks/results/flux-dev-2xh200.json, single GPU compiled"),
-    (2, 1024): (2.371, "measured: benchmarks/results/flux-dev-2xh200.json, rayxdit ulysses=2"),
-    (2, 2048): (11.140, "measured: benchmarks/results/flux-dev-2xh200.json, rayxdit ulysses=2"),
-    (4, 1024): (2.371 / 1.576, "extrapolated: the measured 1->2 GPU speedup (1.576x) again for 2->4"),
-    (4, 2048): (11.140 / 1.780, "extrapolated: the measured 1->2 GPU speedup (1.780x) again for 2->4"),
-    (8, 1024): (2.371 / 1.576**2, "extrapolated: the measured 1->2 GPU speedup twice more for 2->8"),
-    (8, 2048): (11.140 / 1.780**2, "extrapolated: the measured 1->2 GPU speedup twice more for 2->8"),
+SINGLE_GPU_S = {
+    # resolution: (seconds of the 28-step transformer loop on one H200, compiled; where it comes from)
+    1024: (3.736, "measured: benchmarks/results/flux-dev-2xh200.json, single GPU compiled"),
+    2048: (19.831, "measured: benchmarks/results/flux-dev-2xh200.json, single GPU compiled"),
+}
+SCENARIOS = {
+    # name: ({resolution: {gpus: speedup over one GPU}}, where the speedups come from)
+    "compounded": (
+        {
+            1024: {1: 1.0, 2: 1.576, 4: 1.576**2, 8: 1.576**3},
+            2048: {1: 1.0, 2: 1.780, 4: 1.780**2, 8: 1.780**3},
+        },
+        "our measured 1->2 GPU speedup (benchmarks/results/flux-dev-2xh200.json: 1.576x at 1024px, "
+        "1.780x at 2048px, rayxdit ulysses=2) compounded for 4 and 8 GPUs",
+    ),
+    "xdit-h100": (
+        {
+            res: {1: 1.0, 2: 4.30 / 2.60, 4: 4.30 / 1.63, 8: 4.30 / 1.63 * (2.60 / 1.63)}
+            for res in (1024, 2048)
+        },
+        "xDiT's published H100 figures (Flux.1-dev 1024px 28 steps, compiled: 1 GPU 4.30 s, Ring-2 2.60 s, "
+        "Ulysses-4 1.63 s); 8 GPUs: the 2->4 step again (not published); the same at 2048px",
+    ),
+    "seeds": (
+        {res: {1: 1.0, 2: 1.7, 4: 3.4, 8: 5.8} for res in (1024, 2048)},
+        "the seeds' figures: 1.7x, 3.4x, 5.8x on 2, 4, 8 GPUs, at both resolutions",
+    ),
 }
 OVERHEAD_S = {
     1024: (0.153, "measured: benchmarks/results/serve-flux-dev-2xh200.json, encode 0.045 + decode 0.108"),
@@ -69,15 +104,17 @@ MIX = [  # (weight, resolution, steps, true CFG)
     (0.2, 1024, 28, True),
 ]
 SLO_FACTOR = 2.0
-"""A request is good if it ends within twice its time on one GPU (compiled)."""
+"""A request is good if it ends within twice its time on one GPU (compiled); its client sends that as its
+``timeout``, so admission refuses it at once when no pool can finish it in time."""
 TICK_S, LOOK_BACK_S, UPSCALE_DELAY_S, DOWNSCALE_DELAY_S = 2.0, 30.0, 5.0, 30.0
 POOL_SIZES = (2, 4, 8)
 THRESHOLDS = {2: 0.0, 4: 45.0, 8: 100.0}
 """As in serve_configs/flux-dev-8gpu.yaml."""
 
 
-def service_s(gpus: int, resolution: int, steps: int, cfg: bool) -> float:
-    loop = SERVICE_TABLE[(gpus, resolution)][0] * steps / STEPS
+def service_s(scenario: str, gpus: int, resolution: int, steps: int, cfg: bool) -> float:
+    speedup = SCENARIOS[scenario][0][resolution][gpus]
+    loop = SINGLE_GPU_S[resolution][0] / speedup * steps / STEPS
     return loop * (2 if cfg else 1) + OVERHEAD_S[resolution][0]
 
 
@@ -93,6 +130,7 @@ class Request:
     cfg: bool
     start: float = -1.0
     end: float = -1.0
+    shed: bool = False
 
     @property
     def cost(self) -> float:
@@ -100,7 +138,7 @@ class Request:
 
     @property
     def slo(self) -> float:
-        return SLO_FACTOR * service_s(1, self.resolution, self.steps, self.cfg)
+        return SLO_FACTOR * service_s("compounded", 1, self.resolution, self.steps, self.cfg)
 
 
 @dataclass
@@ -146,8 +184,8 @@ class Pool:
 class Fleet:
     """One simulation: pools, replicas, queues, the clock."""
 
-    def __init__(self, policy: str, budget: int, startup_s: float, seed: int):
-        self.policy, self.budget, self.startup_s = policy, budget, startup_s
+    def __init__(self, policy: str, budget: int, startup_s: float, seed: int, scenario: str = "compounded"):
+        self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
         self.rng = random.Random(seed)
         self.now = 0.0
         self.events: list = []
@@ -155,16 +193,16 @@ class Fleet:
         self.done: list[Request] = []
         self.gpu_seconds: dict[str, float] = {}
         self.replica_starts = 0
+        self.held_gpu_seconds = 0.0  # GPUs held by replicas (starting or ready), integrated over time
+        self.held_since = 0.0
+        self.arrived: deque[float] = deque()  # arrival times of the last minute
         self.pools: dict[str, Pool] = {}
-        self.routing = ROUTING_POLICIES["finish_first" if policy == ELASTIC else "thresholds"]
-        self.sizing = AUTOSCALING_POLICIES["load_aware"]() if policy == ELASTIC else None
-        if policy == "all-2gpu":
-            self._static({2: budget // 2})
-        elif policy == "all-8gpu":
-            self._static({8: budget // 8})
-        elif policy == "static thresholds":
-            self._static({2: 2 * (budget // 8), 4: budget // 8})
-        else:  # load-aware + shared budget: every size, sized by the policy, one 2-GPU replica to start
+        layout, routing, sizing = LAYOUTS[policy]
+        self.routing = ROUTING_POLICIES[routing]
+        self.sizing = AUTOSCALING_POLICIES[sizing]() if sizing else None
+        if layout:
+            self._static({gpus: count * budget // 8 for gpus, count in layout.items()})
+        else:  # elastic: every size, sized by the policy, one 2-GPU replica to start
             for gpus in POOL_SIZES:
                 self._pool(gpus, 0, budget // gpus, startup_s)
             self._add_replica(self.pools["p2"], ready_at=0.0)
@@ -199,9 +237,28 @@ class Fleet:
             getattr(self, f"_on_{kind}")(data)
 
     def _on_arrival(self, request: Request) -> None:
+        self.arrived.append(self.now)
         pool = self._route(request)
+        if self._refused(pool, request):
+            request.shed = True
+            return
         pool.enqueue(request)
         self._dispatch(pool)
+
+    def _refused(self, pool: Pool, request: Request) -> bool:
+        """Admission as the application's state decides it: the request's completion estimate on its pool
+        (from the fleet's learned rates, whichever policy routed it) against the time its client gives it;
+        only within the reach of the pool's measurements (``trusted_cost``)."""
+        loads = self._loads()
+        rates = service_rates([p.spec for p in self.pools.values()], loads)
+        if rates is None:
+            return False
+        estimate = completion_estimate(pool.spec, loads[pool.spec.name], request.cost, rates[pool.spec.name])
+        return retry_after(estimate, request.slo, request.cost, self._trusted(pool)) is not None
+
+    def _trusted(self, pool: Pool) -> float:
+        measured = [p.fit.trusted_cost for p in self.pools.values() if p.fit.weight]
+        return pool.fit.trusted_cost if pool.fit.weight else (min(measured) if measured else math.inf)
 
     def _on_done(self, replica: Replica) -> None:
         request = replica.request
@@ -212,6 +269,7 @@ class Fleet:
         pool.finished.append(self.now)
         replica.request = None
         if replica.draining:
+            self._account_held()
             pool.replicas.remove(replica)
             self._start_waiting()
             self._reroute_if_gone(pool)
@@ -252,7 +310,9 @@ class Fleet:
                 request = pool.dequeue()
                 request.start = self.now
                 replica.request = request
-                seconds = service_s(replica.gpus, request.resolution, request.steps, request.cfg)
+                seconds = service_s(
+                    self.scenario, replica.gpus, request.resolution, request.steps, request.cfg
+                )
                 self.gpu_seconds[pool.spec.name] = (
                     self.gpu_seconds.get(pool.spec.name, 0.0) + seconds * replica.gpus
                 )
@@ -262,7 +322,13 @@ class Fleet:
     def _gpus_held(self) -> int:
         return sum(r.gpus for pool in self.pools.values() for r in pool.replicas if r.ready_at < math.inf)
 
+    def _account_held(self) -> None:
+        """Integrate the GPUs replicas hold up to now (call before any change of them)."""
+        self.held_gpu_seconds += self._gpus_held() * (self.now - self.held_since)
+        self.held_since = self.now
+
     def _add_replica(self, pool: Pool, ready_at: float = math.inf) -> None:
+        self._account_held()
         pool.replicas.append(Replica(pool.spec.name, pool.spec.ranks, ready_at))
         self.replica_starts += ready_at > 0
         self._start_waiting()
@@ -272,6 +338,7 @@ class Fleet:
         for pool in self.pools.values():
             for replica in pool.replicas:
                 if replica.ready_at == math.inf and self._gpus_held() + replica.gpus <= self.budget:
+                    self._account_held()
                     replica.ready_at = self.now + self.startup_s
                     self._push(replica.ready_at, "ready", replica)
 
@@ -282,11 +349,10 @@ class Fleet:
             pool.demand += alpha * (pool.outstanding()[0] - pool.demand)
             pool.waiting += alpha * (len(pool.queue) - pool.waiting)
             overhead, rate = pool.fit.fitted or (0.0, None)
-            current = sum(not r.draining for r in pool.replicas)
             demands.append(
                 PoolDemand(
                     pool.spec,
-                    replicas=current,
+                    replicas=pool.decision,  # Serve hands the policy its last target
                     outstanding=pool.demand,
                     queued=pool.waiting,
                     min_replicas=pool.min_replicas,
@@ -295,6 +361,8 @@ class Fleet:
                     overhead_s=overhead,
                     mean_cost=pool.fit.mean_cost,
                     throughput=self._rate(pool),
+                    startup_s=self.startup_s,  # as its replicas measure it
+                    arrivals=self._arrival_rate(),  # as the application's state counts them
                 )
             )
         plan = self.sizing(demands, self.budget, self.now)
@@ -313,6 +381,12 @@ class Fleet:
             for _ in range(current - target):
                 self._remove_replica(pool)
 
+    def _arrival_rate(self) -> float:
+        """Requests arrived (refused ones too) per second over the last minute."""
+        while self.arrived and self.arrived[0] < self.now - 60.0:
+            self.arrived.popleft()
+        return len(self.arrived) / 60.0
+
     def _rate(self, pool: Pool) -> float:
         """Requests finished per second over the last minute (as replicas report it)."""
         while pool.finished and pool.finished[0] < self.now - 60.0:
@@ -324,6 +398,7 @@ class Fleet:
         live = [r for r in pool.replicas if not r.draining]
         victim = min(live, key=lambda r: (r.ready_at < math.inf, r.request is not None))
         if victim.request is None:
+            self._account_held()
             pool.replicas.remove(victim)
             self._start_waiting()
             self._reroute_if_gone(pool)
@@ -342,8 +417,9 @@ class Fleet:
 
 
 def capacity_per_s(budget: int) -> float:
-    """Images per second of the fleet as 2-GPU replicas (its most per GPU) on the mix."""
-    mean = sum(weight * service_s(2, res, steps, cfg) for weight, res, steps, cfg in MIX)
+    """Images per second of the fleet as 2-GPU replicas on the mix, in the measured (compounded) scenario:
+    the load unit of every scenario, so that a load means the same arrivals in each."""
+    mean = sum(weight * service_s("compounded", 2, res, steps, cfg) for weight, res, steps, cfg in MIX)
     return (budget // 2) / mean
 
 
@@ -364,23 +440,46 @@ def workload(rate, duration: float, seed: int) -> list[Request]:
         requests.append(Request(now, resolution, steps, cfg))
 
 
-ALTERNATING_PERIOD_S = 1800.0
-"""The changing scenario, a day's swing with headroom: 20% and 80% of capacity, 30 minutes each, in turn."""
+PHASE_S = 1800.0
+"""The alternating load's phases: 20% and 80% of capacity, 30 minutes each, in turn."""
 
 
-def alternating(capacity: float):
-    return lambda t: capacity * (0.2 if int(t // ALTERNATING_PERIOD_S) % 2 == 0 else 0.8)
+def varying_load(name: str, capacity: float, duration: float):
+    """The arrival rate of a varying load over time, and how many times it changes phase."""
+    if name == "alternating":
+        return (lambda t: capacity * (0.2 if int(t // PHASE_S) % 2 == 0 else 0.8)), int(duration // PHASE_S)
+    if name == "diurnal":  # a day from 10% up to 90% and back, compressed into the window
+        return (lambda t: capacity * (0.5 - 0.4 * math.cos(2 * math.pi * t / duration))), 2
+    if name == "burst":  # steady 30%, ten minutes at 110% in the middle
+        middle = duration / 2
+        return (lambda t: capacity * (1.1 if middle <= t < middle + 600 else 0.3)), 2
+    raise ValueError(f"unknown load {name!r}")
+
+
+VARYING = ("alternating", "diurnal", "burst")
 
 
 def simulate(
-    policy: str, budget: int, load, duration: float, warmup: float, startup: float, seed: int
+    policy: str,
+    budget: int,
+    load,
+    duration: float,
+    warmup: float,
+    startup: float,
+    seed: int,
+    scenario: str = "compounded",
 ) -> dict:
-    """One run; ``load`` is a fraction of capacity, or "alternating" (20% and 80% in turn)."""
-    fleet = Fleet(policy, budget, startup, seed)
+    """One run; ``load`` is a fraction of capacity, or a name of VARYING."""
+    fleet = Fleet(policy, budget, startup, seed, scenario)
     capacity = capacity_per_s(budget)
-    rate = alternating(capacity) if load == "alternating" else load * capacity
+    phase_changes = 0
+    if isinstance(load, str):
+        rate, phase_changes = varying_load(load, capacity, duration)
+    else:
+        rate = load * capacity
     requests = workload(rate, duration, seed)
     fleet.run(requests, until=duration * 3)
+    fleet._account_held()
     counted = [r for r in requests if r.arrival >= warmup]
     finished = [r for r in counted if r.end >= 0]
     latencies = sorted(r.end - r.arrival for r in finished)
@@ -393,25 +492,57 @@ def simulate(
         )
 
     window = duration - warmup
+    good = sum(r.end - r.arrival <= r.slo for r in finished)
+    hours = fleet.now / 3600
     return {
+        "scenario": scenario,
+        "startup_s": startup,
         "policy": policy,
         "gpus": budget,
         "offered_load": load,
         "requests": len(counted),
         "finished": len(finished),
+        "shed": sum(r.shed for r in counted),
         "p50_s": q(0.5),
         "p95_s": q(0.95),
         "p99_s": q(0.99),
         "throughput_per_s": round(len(finished) / window, 4),
-        "goodput_per_s": round(sum(r.end - r.arrival <= r.slo for r in finished) / window, 4),
-        "good_fraction": round(sum(r.end - r.arrival <= r.slo for r in finished) / max(1, len(counted)), 4),
+        "goodput_per_s": round(good / window, 4),
+        "good_fraction": round(good / max(1, len(counted)), 4),
+        "goodput_per_gpu_hour": round(
+            good / max(1e-9, fleet.held_gpu_seconds / 3600) * (window / fleet.now), 2
+        ),
         "gpu_seconds_by_pool": {k: round(v, 1) for k, v in sorted(fleet.gpu_seconds.items())},
         "replica_starts": fleet.replica_starts,
+        "replica_starts_per_hour": round(fleet.replica_starts / hours, 2),
+        **(
+            {
+                "starts_per_phase_change_per_8_gpus": round(
+                    fleet.replica_starts / phase_changes / (budget / 8), 2
+                )
+            }
+            if phase_changes
+            else {}
+        ),
     }
 
 
-ELASTIC = "load-aware + shared budget"
-POLICIES = ("all-2gpu", "all-8gpu", "static thresholds", ELASTIC)
+ELASTIC = "elastic"
+LAYOUTS: dict[str, tuple[dict[int, int] | None, str, str | None]] = {
+    # name: (static replicas per GPU count, per 8 GPUs; or None: elastic), routing policy, sizing policy
+    "all-2gpu": ({2: 4}, "thresholds", None),
+    "all-4gpu": ({4: 2}, "thresholds", None),
+    "all-8gpu": ({8: 1}, "thresholds", None),
+    "static thresholds": ({2: 2, 4: 1}, "thresholds", None),
+    ELASTIC: (None, "finish_first", "cost_aware"),
+    "elastic load_aware": (None, "finish_first", "load_aware"),
+}
+POLICIES = tuple(LAYOUTS)
+STATIC = tuple(name for name, (layout, _, _) in LAYOUTS.items() if layout)
+
+
+def _run(job: tuple) -> dict:
+    return simulate(*job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,46 +552,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fleets", type=int, nargs="+", default=[8, 64], help="GPUs of each fleet")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
+    parser.add_argument("--varying", nargs="*", default=list(VARYING), choices=VARYING, help="varying loads")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--startup-s", type=float, nargs="+", default=[60.0, 180.0], help="replica start-ups")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--duration-s", type=float, default=7200.0, help="simulated arrivals window")
     parser.add_argument("--warmup-s", type=float, default=600.0, help="arrivals before this are not counted")
-    parser.add_argument("--startup-s", type=float, default=60.0, help="a replica's load and warm-up")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument(
-        "--no-alternating", dest="alternating", action="store_false", help="skip that scenario"
-    )
+    parser.add_argument("--workers", type=int, default=2, help="simulations run at once (processes)")
     args = parser.parse_args(argv)
-    results = []
-    for budget in args.fleets:
-        for load in [*args.loads, *(["alternating"] if args.alternating else [])]:
-            for policy in POLICIES:
-                result = simulate(
-                    policy, budget, load, args.duration_s, args.warmup_s, args.startup_s, args.seed
-                )
-                results.append(result)
-                shown = load if isinstance(load, str) else f"{load:.0%}"
-                print(
-                    f"{budget:3d} GPUs load {shown} {policy:27s} p50 {result['p50_s']} p99 {result['p99_s']} "
-                    f"goodput {result['goodput_per_s']}/s ({result['good_fraction']:.0%})",
-                    flush=True,
-                )
-    commit = source_commit()
+    jobs = [
+        (policy, budget, load, args.duration_s, args.warmup_s, startup, args.seed, scenario)
+        for scenario in args.scenarios
+        for startup in args.startup_s
+        for budget in args.fleets
+        for load in [*args.loads, *args.varying]
+        for policy in args.policies
+    ]
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            results = list(pool.map(_run, jobs, chunksize=1))
+    else:
+        results = [_run(job) for job in jobs]
+    for result in results:
+        load = result["offered_load"]
+        shown = load if isinstance(load, str) else f"{load:.0%}"
+        print(
+            f"{result['scenario']:10s} {result['startup_s']:4.0f}s {result['gpus']:3d} GPUs {shown:>11s} "
+            f"{result['policy']:18s} p50 {result['p50_s']} p99 {result['p99_s']} good {result['good_fraction']:.3f} "
+            f"starts/h {result['replica_starts_per_hour']}",
+            flush=True,
+        )
     document = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": "simulation (no device): service times from the table below",
-        "commit": commit or None,
-        "service_table": {
-            f"{g}gpu-{r}px": {"seconds": round(s, 4), "source": src}
-            for (g, r), (s, src) in SERVICE_TABLE.items()
+        "device": "simulation (no device): service times from the scenarios below",
+        "commit": source_commit() or None,
+        "single_gpu_s": {f"{r}px": {"seconds": s, "source": src} for r, (s, src) in SINGLE_GPU_S.items()},
+        "scenarios": {
+            name: {
+                "speedups": {
+                    f"{r}px": {str(g): round(x, 3) for g, x in by_gpus.items()}
+                    for r, by_gpus in table.items()
+                },
+                "source": source,
+            }
+            for name, (table, source) in SCENARIOS.items()
         },
         "overhead": {f"{r}px": {"seconds": s, "source": src} for r, (s, src) in OVERHEAD_S.items()},
         "mix": [{"weight": w, "resolution": r, "steps": s, "cfg": c} for w, r, s, c in MIX],
-        "slo": f"{SLO_FACTOR}x the request's single-GPU compiled time",
+        "slo": f"{SLO_FACTOR}x the request's single-GPU compiled time, sent as its timeout (admission refuses "
+        "what would miss it; refused requests count as not good)",
         "autoscaler": {
             "tick_s": TICK_S,
             "look_back_s": LOOK_BACK_S,
             "upscale_delay_s": UPSCALE_DELAY_S,
             "downscale_delay_s": DOWNSCALE_DELAY_S,
-            "startup_s": args.startup_s,
         },
         "capacity_per_s": {str(b): round(capacity_per_s(b), 4) for b in args.fleets},
         "results": results,

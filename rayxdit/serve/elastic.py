@@ -62,6 +62,7 @@ class ElasticPolicy:
                     _mean_of(metrics.get("overhead_s")) or 0.0,
                     _mean_of(metrics.get("mean_cost")),
                     sum((metrics.get("requests_per_s") or {}).values()),
+                    _mean_of(metrics.get("startup_s")) or spec.startup_s,
                 )
             )
         budget = self.budget()

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from rayxdit.config import ConfigError, ServeConfig
+from rayxdit.serve.layouts import CostAwarePolicy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
 from rayxdit.serve.sizing import PoolDemand, plan_replicas
 
@@ -51,6 +52,7 @@ def _load_aware() -> AutoscalingPolicy:
 
 
 AUTOSCALING_POLICIES: dict[str, Callable[[], AutoscalingPolicy]] = {
+    "cost_aware": CostAwarePolicy,
     "load_aware": _load_aware,
 }
 """Autoscaling policies by name (``elastic.policy`` in the application's config), each a factory of the

@@ -120,6 +120,7 @@ class PoolReplica:
             "overhead_s": overhead,
             "mean_cost": self.service.mean_cost or 0.0,
             "requests_per_s": len(self.finished) / RATE_WINDOW_S,
+            "startup_s": self.startup_s or 0.0,
         }
 
     async def generate(

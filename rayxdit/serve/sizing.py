@@ -62,9 +62,14 @@ class PoolDemand:
     """Measured mean cost of the pool's recent requests."""
     throughput: float = 0.0
     """Requests the pool finished per second recently (all its replicas)."""
+    startup_s: float = 60.0
+    """How long a replica of the pool takes to start (measured by its replicas, else the pool's prior)."""
+    arrivals: float | None = None
+    """Requests per second arriving for the pool's model, refused ones included, as the application's state
+    counts them (None: unknown; a policy then infers it from what the pools finish and hold)."""
 
 
-def _typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
+def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
     """Each pool's service time of a typical request of its model: its rate (measured, else extrapolated,
     else relative to one rank) times the model's mean request cost (1 if unmeasured)."""
     specs = [pool.spec for pool in pools]
@@ -143,7 +148,7 @@ def plan_replicas(pools: Sequence[PoolDemand], budget: float) -> dict[str, int]:
     def bounded(plan: Mapping[str, int]) -> dict[str, int]:
         return {n: min(by_name[n].max_replicas, max(by_name[n].min_replicas, c)) for n, c in plan.items()}
 
-    seconds = _typical_seconds(pools)
+    seconds = typical_seconds(pools)
     kept = _kept(by_name, ranks, budget)
     ideal = bounded(_ideal(by_name, models, seconds, kept, ranks, budget))
     # Keeping a queued pool may block what the demand needs (on a full node, the small replicas that would

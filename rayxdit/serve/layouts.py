@@ -1,0 +1,266 @@
+"""The ``cost_aware`` sizing policy: the layout of replicas that serves the expected demand best, changed
+only when the change pays for what it costs.
+
+A *layout* is a replica count per pool. For each model it is judged on the demand expected from now on:
+
+- **Demand**: the model's arrival rate, from what its pools finish per second plus the growth of their
+  queues, smoothed fast on the way up (an overload must be met within a minute) and slowly on the way down
+  (a lull of a few minutes is no reason to give up the replicas a busy hour needs).
+- **Capacity and latency**: each pool's replicas serve a typical request in the pool's measured time; a
+  layout's capacity is the sum of its replicas' rates, and its expected response time is an M/M/c
+  estimate: Erlang C's queueing delay over all its replicas, plus a service time between the fastest
+  replica's (a light load always finds it free, as finish-first routing sends it there) and the
+  capacity-weighted one (a heavy load keeps every replica busy). A layout over ``MAX_UTILIZATION`` is not
+  a candidate: it would queue into collapse.
+- **The best layout** is the one with the lowest expected response time, fewer GPUs on a tie; with no
+  layout under ``MAX_UTILIZATION`` (overload), the one of the most capacity: admission then refuses what
+  would miss its deadline (``routing.retry_after``), so the admitted requests stay good.
+- **Changing costs.** A change starts replicas that serve nothing for their start-up (measured per pool:
+  ``PoolDemand.startup_s``), and where the budget has no room for them until other replicas go, the
+  demand meanwhile runs on what is left. The change happens when the latency it saves over
+  ``HORIZON_STARTUPS`` start-ups exceeds the latency the transition adds; a layout that cannot carry the
+  demand is left at once. After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis:
+  a slow alternation of load causes one change per phase, not a change at every tick).
+
+Multiple models share the budget in proportion to the GPUs their demand needs, each at least one replica
+of its smallest pool while it has traffic. Everything here is a pure function of plain data except
+:class:`CostAwarePolicy`, which remembers the smoothed demand and the time of the last change (the fleet
+simulator and Serve's hook run the same object).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rayxdit.serve.sizing import EPSILON, PoolDemand, typical_seconds
+
+MAX_UTILIZATION = 0.85
+"""A layout busier than this at the expected demand is not a candidate (queues grow without bound near 1)."""
+HORIZON_STARTUPS = 10.0
+"""A change must pay for itself within this many start-ups of its slowest new replica."""
+DWELL_STARTUPS = 3.0
+"""After a change, hold the layout this many start-ups (unless it cannot carry the demand)."""
+RISE_S, FALL_S = 20.0, 300.0
+"""Time constants of the demand estimate going up and going down."""
+MIN_GAIN = 0.1
+"""A change must also save at least this fraction of the expected response time."""
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``servers`` and ``offered`` load (Erlangs)."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    term, total = 1.0, 1.0
+    for k in range(1, servers):
+        term *= offered / k
+        total += term
+    term *= offered / servers
+    last = term * servers / (servers - offered)
+    return last / (total + last)
+
+
+def capacity(counts: Mapping[str, int], seconds: Mapping[str, float]) -> float:
+    """Typical requests per second the replicas of ``counts`` serve together."""
+    return sum(count / seconds[name] for name, count in counts.items() if count > 0)
+
+
+def response_time(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float) -> float:
+    """Expected seconds from arrival to answer of a typical request with ``arrivals`` per second on the
+    replicas of ``counts`` (infinite when they cannot carry it below MAX_UTILIZATION)."""
+    servers = sum(count for count in counts.values() if count > 0)
+    if servers == 0:
+        return math.inf if arrivals > EPSILON else 0.0
+    rate = capacity(counts, seconds)
+    fastest = min(seconds[name] for name, count in counts.items() if count > 0)
+    utilization = arrivals / rate
+    if utilization >= MAX_UTILIZATION:
+        return math.inf
+    waiting = erlang_c(servers, arrivals * servers / rate) / max(rate - arrivals, EPSILON)
+    service = (1 - utilization) * fastest + utilization * servers / rate
+    return waiting + service
+
+
+def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]:
+    """Every layout of one model's pools within ``ranks`` and each pool's bounds: any count of the larger
+    pools, the smallest pool filling what is left (up to its maximum)."""
+    ordered = sorted(members, key=lambda pool: pool.spec.ranks)
+    smallest, larger = ordered[0], ordered[1:]
+    choices = [range(pool.min_replicas, pool.max_replicas + 1) for pool in larger]
+    found = []
+    for combination in itertools.product(*choices):
+        used = sum(count * pool.spec.ranks for count, pool in zip(combination, larger, strict=True))
+        if used > ranks and any(combination):
+            continue
+        room = max(0, int((ranks - used) // smallest.spec.ranks))
+        fill = max(smallest.min_replicas, min(smallest.max_replicas, room))
+        counts = {pool.spec.name: count for count, pool in zip(combination, larger, strict=True)}
+        counts[smallest.spec.name] = fill
+        found.append(counts)
+    return found or [{pool.spec.name: pool.min_replicas for pool in members}]
+
+
+def best_layout(
+    members: Sequence[PoolDemand], seconds: Mapping[str, float], arrivals: float, ranks: float
+) -> dict[str, int]:
+    """The layout of one model with the lowest expected response time at ``arrivals`` per second within
+    ``ranks`` (fewer ranks on a tie); in an overload, the one of the most capacity. No demand: minimums."""
+    if arrivals <= EPSILON:
+        return {pool.spec.name: pool.min_replicas for pool in members}
+    by_name = {pool.spec.name: pool for pool in members}
+
+    def ranks_of(counts: Mapping[str, int]) -> int:
+        return sum(count * by_name[name].spec.ranks for name, count in counts.items())
+
+    candidates = layouts(members, ranks)
+    feasible = [c for c in candidates if response_time(c, seconds, arrivals) < math.inf]
+    if not feasible:
+        return max(candidates, key=lambda c: (capacity(c, seconds), -ranks_of(c)))
+    return min(feasible, key=lambda c: (round(response_time(c, seconds, arrivals), 3), ranks_of(c)))
+
+
+def transition_cost(
+    current: Mapping[str, int],
+    target: Mapping[str, int],
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    free_ranks: float,
+) -> float:
+    """Request-seconds of latency a change from ``current`` to ``target`` adds while its new replicas
+    start: replicas that go stop serving at once; those that come serve after their start-up, and where the
+    free ranks cannot hold them they wait for the leaving ones. Meanwhile the demand runs on what stays (an
+    overload there costs every arrival its whole start-up)."""
+    by_name = {pool.spec.name: pool for pool in members}
+    staying = {name: min(count, target.get(name, 0)) for name, count in current.items()}
+    added = {name: max(0, count - current.get(name, 0)) for name, count in target.items()}
+    if not any(added.values()):
+        return 0.0  # only removals: nothing waits
+    startup = max(by_name[name].startup_s for name, count in added.items() if count)
+    added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
+    if added_ranks <= free_ranks:
+        return 0.0  # the new replicas start beside the old ones, which go once they are up
+    during = response_time(staying, seconds, arrivals)
+    before = response_time(current, seconds, arrivals)
+    if during < math.inf:
+        return arrivals * startup * max(0.0, during - max(before, 0.0) if before < math.inf else during)
+    # What stays cannot carry the demand: the shortfall piles up for the start-up and waits half of it.
+    shortfall = max(0.0, arrivals - capacity(staying, seconds))
+    return shortfall * startup * startup / 2 + arrivals * startup * min(seconds.values())
+
+
+def ranks_of(counts: Mapping[str, int], members: Sequence[PoolDemand]) -> int:
+    by_name = {pool.spec.name: pool for pool in members}
+    return sum(count * by_name[name].spec.ranks for name, count in counts.items())
+
+
+def shares(models: Mapping[str, Sequence[PoolDemand]], seconds, arrivals: Mapping[str, float], budget: float):
+    """Ranks of the budget each model may lay out: in proportion to the ranks its demand keeps busy on its
+    most efficient pool (at MAX_UTILIZATION), at least one replica of its smallest pool while it has any
+    demand; all of it when only one model has demand."""
+    needs = {}
+    for model, members in models.items():
+        if arrivals[model] <= EPSILON:
+            needs[model] = 0.0
+            continue
+        efficient = min(members, key=lambda pool: seconds[pool.spec.name] * pool.spec.ranks)
+        busy = arrivals[model] * seconds[efficient.spec.name] * efficient.spec.ranks / MAX_UTILIZATION
+        needs[model] = max(busy, min(pool.spec.ranks for pool in members))
+    minimums = {
+        model: sum(pool.min_replicas * pool.spec.ranks for pool in members)
+        for model, members in models.items()
+    }
+    spare = budget - sum(minimums[model] for model in models if needs[model] == 0)
+    total = sum(needs.values())
+    return {
+        model: (spare * needs[model] / total if needs[model] else minimums[model])
+        if total
+        else minimums[model]
+        for model in models
+    }
+
+
+@dataclass
+class CostAwarePolicy:
+    """The ``cost_aware`` entry of ``serve/policies.py``: one object per application (or simulated fleet),
+    called every autoscaling tick with every pool's demand, the budget and the time."""
+
+    demand: dict[str, float] = field(default_factory=dict)
+    """Smoothed arrivals per second, by model."""
+    outstanding: dict[str, float] = field(default_factory=dict)
+    last_tick: float | None = None
+    changed_at: dict[str, float] = field(default_factory=dict)
+    """When each model's layout last changed."""
+
+    def arrivals(self, model: str, members: Sequence[PoolDemand], now: float) -> float:
+        """The model's smoothed arrival rate: as the application's state counts it (refused requests too),
+        else what its pools finish plus the growth of what they hold."""
+        holding = sum(pool.outstanding for pool in members)
+        elapsed = None if self.last_tick is None else max(EPSILON, now - self.last_tick)
+        counted = [pool.arrivals for pool in members if pool.arrivals is not None]
+        if counted:
+            observed = max(counted)
+        else:
+            finished = sum(pool.throughput for pool in members)
+            growth = 0.0 if elapsed is None else (holding - self.outstanding.get(model, holding)) / elapsed
+            observed = max(0.0, finished + growth)
+            if holding > EPSILON and observed <= EPSILON:
+                observed = holding / max(1.0, elapsed or 1.0)  # queued before anything finished
+        self.outstanding[model] = holding
+        previous = self.demand.get(model)
+        if previous is None or elapsed is None:
+            self.demand[model] = observed
+        else:
+            constant = RISE_S if observed > previous else FALL_S
+            weight = 1 - math.exp(-elapsed / constant)
+            self.demand[model] = previous + weight * (observed - previous)
+        return self.demand[model]
+
+    def __call__(self, pools: Sequence[PoolDemand], budget: float, now: float) -> dict[str, int]:
+        seconds = typical_seconds(pools)
+        models: dict[str, list[PoolDemand]] = defaultdict(list)
+        for pool in pools:
+            models[pool.spec.model].append(pool)
+        arrivals = {model: self.arrivals(model, members, now) for model, members in models.items()}
+        self.last_tick = now
+        share = shares(models, seconds, arrivals, budget)
+        used = sum(pool.replicas * pool.spec.ranks for pool in pools)  # the targets in place
+        plan: dict[str, int] = {}
+        for model, members in models.items():
+            current = {pool.spec.name: pool.replicas for pool in members}
+            target = best_layout(members, seconds, arrivals[model], share[model])
+            plan.update(
+                self._decide(model, members, current, target, seconds, arrivals[model], budget - used, now)
+            )
+        return plan
+
+    def _decide(self, model, members, current, target, seconds, arrivals, free_ranks, now) -> dict[str, int]:
+        """``target`` if the change pays for itself (or ``current`` cannot carry the demand), else
+        ``current``."""
+        if target == current:
+            return current
+        before = response_time(current, seconds, arrivals)
+        after = response_time(target, seconds, arrivals)
+        if arrivals <= EPSILON and not any(current.values()):
+            return target
+        if before == math.inf or free_ranks < 0:
+            # Overloaded, no replica, or more than the budget holds (some would never start): change now.
+            self.changed_at[model] = now
+            return target
+        startup = max(pool.startup_s for pool in members)
+        if now - self.changed_at.get(model, -math.inf) < DWELL_STARTUPS * startup:
+            return current
+        if arrivals <= EPSILON:  # idle: return the replicas (nothing waits for them)
+            self.changed_at[model] = now
+            return target
+        gain = arrivals * (before - after) * HORIZON_STARTUPS * startup
+        cost = transition_cost(current, target, members, seconds, arrivals, free_ranks)
+        if after < (1 - MIN_GAIN) * before and gain > cost:
+            self.changed_at[model] = now
+            return target
+        return current
