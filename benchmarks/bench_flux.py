@@ -18,6 +18,7 @@ carry the command, device, versions and the baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -106,8 +107,10 @@ def kernel_category(name: str) -> str:
 
 
 def running(adapter: FluxAdapter, req: ResolvedRequest) -> RunningRequest:
-    """``req`` as the engine runs it: with the step-cache threshold it asks for (or the adapter's)."""
-    return RunningRequest(req, cache_threshold=adapter.cache_threshold_for(req.request))
+    """``req`` as the engine runs it: the model's defaults filled in (guidance), with the step-cache
+    threshold it asks for (or the adapter's)."""
+    resolved = dataclasses.replace(req, request=adapter.limits.resolve(req.request).request)
+    return RunningRequest(resolved, cache_threshold=adapter.cache_threshold_for(req.request))
 
 
 def profile_denoise(

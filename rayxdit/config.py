@@ -656,9 +656,12 @@ class ElasticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field(
-        default="load_aware",
-        description="A sizing policy of rayxdit.serve.policies.AUTOSCALING_POLICIES: load_aware (replicas for "
-        "the outstanding requests in the most efficient pools, spare GPUs upgrading them to larger ones).",
+        default="cost_aware",
+        description="A sizing policy of rayxdit.serve.policies.AUTOSCALING_POLICIES: cost_aware (the layout of "
+        "replicas with the lowest expected response time for the smoothed arrival rate, changed only when the "
+        "change pays for its replicas' start-up; rayxdit.serve.layouts) or load_aware (the previous policy: "
+        "replicas for the outstanding requests in the most efficient pools, spare GPUs upgrading them to "
+        "larger ones; rayxdit.serve.sizing).",
     )
 
     budget_ranks: int | None = Field(

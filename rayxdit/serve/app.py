@@ -37,7 +37,7 @@ from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, group_bundles
 from rayxdit.serve.policies import check_policies
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.router import Router
-from rayxdit.serve.state import AppState
+from rayxdit.serve.state import STATE_DEPLOYMENT, AppState
 
 APP_NAME = "rayxdit"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
@@ -87,7 +87,7 @@ def build_app(config: ServeConfig) -> Application:
     state = (
         serve.deployment(AppState)
         .options(
-            name="state",
+            name=STATE_DEPLOYMENT,
             autoscaling_config=fixed_size(1),
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=10000,

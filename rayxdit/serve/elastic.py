@@ -11,15 +11,16 @@ pool's own ``upscale_delay_s``/``downscale_delay_s`` and bounds.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from rayxdit.config import ServeConfig
+from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
 from rayxdit.serve.sizing import PoolDemand
+from rayxdit.serve.state import ARRIVALS_METRIC, STATE_DEPLOYMENT
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,6 +45,7 @@ class ElasticPolicy:
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
+        arrivals = arrivals_by_model(contexts)
         demands = []
         for deployment, context in contexts.items():
             spec = self.specs.get(deployment.name)
@@ -63,6 +65,7 @@ class ElasticPolicy:
                     _mean_of(metrics.get("mean_cost")),
                     sum((metrics.get("requests_per_s") or {}).values()),
                     _mean_of(metrics.get("startup_s")) or spec.startup_s,
+                    arrivals.get(spec.model),
                 )
             )
         budget = self.budget()
@@ -78,42 +81,19 @@ class ElasticPolicy:
         return decisions, {}
 
 
-def rank_budget(budget_ranks: int | None, accelerators: Iterable[str]) -> float:
-    """The ranks the pools share: ``budget_ranks`` when configured; infinite for CPU pools (Serve's
-    placement decides, nothing to share); else the GPUs the cluster has now (``ray.cluster_resources``).
-    On an autoscaling cluster, set ``elastic.budget_ranks`` to the most GPUs it may reach (the shipped
-    cluster and Serve configs do). Asks Ray (a call to the cluster): callers cache it
-    (:class:`BudgetCache`)."""
-    if budget_ranks is not None:
-        return float(budget_ranks)
-    if all(kind == "cpu" for kind in accelerators):
-        return math.inf
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
-class BudgetCache:
-    """:func:`rank_budget`, asked of the cluster at most every ``period_s`` (an autoscaling cluster may
-    grow; every autoscaling tick and routing decision reads it). Not knowing it is no limit."""
-
-    def __init__(self, budget_ranks: int | None, accelerators: Iterable[str], period_s: float = 30.0):
-        self.budget_ranks = budget_ranks
-        self.accelerators = tuple(accelerators)
-        self.period_s = period_s
-        self.checked = -math.inf
-        self.value = math.inf
-
-    def __call__(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        if now - self.checked >= self.period_s:
-            self.checked = now
-            try:
-                self.value = rank_budget(self.budget_ranks, self.accelerators)
-            except Exception as error:
-                logger.warning("the shared budget of ranks is unknown (%r): no limit assumed", error)
-                self.value = math.inf
-        return self.value
+def arrivals_by_model(contexts: Mapping[Any, Any]) -> dict[str, float]:
+    """Each model's arrivals per second as the application's state counts them (its custom autoscaling
+    metrics ``arrivals_per_s.<model>``); empty before the state has reported."""
+    for deployment, context in contexts.items():
+        if deployment.name != STATE_DEPLOYMENT:
+            continue
+        prefix = f"{ARRIVALS_METRIC}."
+        return {
+            name.removeprefix(prefix): sum((per_replica or {}).values())
+            for name, per_replica in (context.aggregated_metrics or {}).items()
+            if name.startswith(prefix)
+        }
+    return {}
 
 
 def _mean_of(per_replica: Mapping[Any, float] | None) -> float | None:

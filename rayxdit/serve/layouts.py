@@ -46,6 +46,8 @@ DWELL_STARTUPS = 3.0
 """After a change, hold the layout this many start-ups (unless it cannot carry the demand)."""
 RISE_S, FALL_S = 20.0, 300.0
 """Time constants of the demand estimate going up and going down."""
+IDLE_S = 60.0
+"""A model with no arrival and nothing outstanding for this long has no demand: its replicas go back."""
 MIN_GAIN = 0.1
 """A change must also save at least this fraction of the expected response time."""
 
@@ -196,6 +198,8 @@ class CostAwarePolicy:
     last_tick: float | None = None
     changed_at: dict[str, float] = field(default_factory=dict)
     """When each model's layout last changed."""
+    busy_at: dict[str, float] = field(default_factory=dict)
+    """When each model last had an arrival or something outstanding."""
 
     def arrivals(self, model: str, members: Sequence[PoolDemand], now: float) -> float:
         """The model's smoothed arrival rate: as the application's state counts it (refused requests too),
@@ -212,6 +216,11 @@ class CostAwarePolicy:
             if holding > EPSILON and observed <= EPSILON:
                 observed = holding / max(1.0, elapsed or 1.0)  # queued before anything finished
         self.outstanding[model] = holding
+        if observed > EPSILON or holding > EPSILON:
+            self.busy_at[model] = now
+        elif now - self.busy_at.get(model, now) >= IDLE_S:
+            self.demand[model] = 0.0  # idle, not a lull: nothing to keep replicas for
+            return 0.0
         previous = self.demand.get(model)
         if previous is None or elapsed is None:
             self.demand[model] = observed

@@ -38,7 +38,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import PoolUnavailableError
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
-from rayxdit.serve.tasks import quiet
+from rayxdit.serve.tasks import keep_cancellations_quiet, quiet
 
 logger = logging.getLogger("ray.serve")
 RATE_WINDOW_S = 60.0
@@ -50,6 +50,7 @@ PROGRESS_EVERY_S = 0.5
 class PoolReplica:
     async def __init__(self, pool: PoolConfig, state: DeploymentHandle):
         began = time.monotonic()
+        keep_cancellations_quiet()
         self.pool = pool
         self.replica = serve.get_replica_context().replica_tag
         self.state = state

@@ -59,6 +59,7 @@ from rayxdit.serve.dispatch import Dispatcher
 from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, validated_request
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
+from rayxdit.serve.tasks import keep_cancellations_quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -505,6 +506,7 @@ class Router:
         application's shared state (load, stored images, jobs), the same for every router replica."""
         replica = serve.get_replica_context().replica_tag
         logging.getLogger("ray.serve").addFilter(QueueingIsExpected())
+        keep_cancellations_quiet()
         catalog = Catalog(config, cards)
         self.ingress = Ingress(config, catalog, Dispatcher(catalog, pools, state, replica), state, replica)
 

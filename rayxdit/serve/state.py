@@ -26,13 +26,13 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve import metrics
-from rayxdit.serve.elastic import BudgetCache
+from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
@@ -42,6 +42,11 @@ HEARTBEAT_S = 1.0
 """How often pool replicas report."""
 STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
+STATE_DEPLOYMENT = "state"
+"""The name of the application's state deployment."""
+ARRIVALS_WINDOW_S = 60.0
+ARRIVALS_METRIC = "arrivals_per_s"
+"""The state's custom autoscaling metric, one per model (``arrivals_per_s.<model>``)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
@@ -106,6 +111,8 @@ class AppState:
             self.specs[pool.served_model_name].append(PoolSpec.of(pool))
         self.replicas: dict[str, dict[str, _Replica]] = defaultdict(dict)
         self.reservations: dict[str, _Reservation] = {}
+        self.arrived: dict[str, deque[float]] = defaultdict(deque)
+        """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
         self.finished: OrderedDict[str, float] = OrderedDict()
         """Requests finished within the last LEASE_S (by id, when): a renewal already on its way when its
         request finished must not bring the reservation back."""
@@ -201,6 +208,7 @@ class AppState:
         renewed by the router); or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before
         ``deadline`` (seconds since the epoch), or ``{"pool": None}`` when every pool of ``model`` is
         excluded (full or down)."""
+        self.arrived[model].append(time.monotonic())
         loads = self._loads()
         order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
@@ -252,6 +260,18 @@ class AppState:
         if held is None or not engine_s or held.cost <= 0:
             return
         self.fits[held.pool].add(held.cost, engine_s)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook: each model's arrivals per second (``arrivals_per_s.<model>``), refused requests
+        included, which the pools alone cannot see; the sizing policy reads them."""
+        now = time.monotonic()
+        rates = {}
+        for model in self.specs:
+            times = self.arrived[model]
+            while times and times[0] < now - ARRIVALS_WINDOW_S:
+                times.popleft()
+            rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / ARRIVALS_WINDOW_S
+        return rates
 
     async def readiness(self) -> dict[str, Any]:
         """Per served model: whether it can take a request now. A model is ready when one of its pools has

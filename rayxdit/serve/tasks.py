@@ -35,3 +35,26 @@ def quiet(future: asyncio.Future) -> None:
     prints it with a traceback when the future is collected)."""
     if not future.cancelled():
         future.exception()
+
+
+class ExpectedCancellations(logging.Filter):
+    """Keeps asyncio's "Task exception was never retrieved" report of a cancelled call (a request whose
+    client went away, a job deleted: Serve cancels the calls it had under way, its own queue-length probes
+    among them, and leaves their tasks unread) out of the log, in favour of the one line the request's end
+    already logs. Every other asyncio error passes."""
+
+    CANCELLATIONS = ("TaskCancelledError", "RequestCancelledError", "CancelledError")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None and isinstance(record.args, dict):  # the loop's context: {"exception": ...}
+            error = record.args.get("exception")
+        name = type(error).__name__ if error is not None else ""
+        return not (name in self.CANCELLATIONS or any(name.endswith(f"({c})") for c in self.CANCELLATIONS))
+
+
+def keep_cancellations_quiet() -> None:
+    """Install :class:`ExpectedCancellations` on asyncio's logger of this process (once)."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, ExpectedCancellations) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(ExpectedCancellations())

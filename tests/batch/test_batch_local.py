@@ -91,7 +91,7 @@ def test_video_rows_become_mp4_files_and_a_rerun_regenerates_none(tmp_path: Path
 
     manifest = {row["id"]: row for row in pq.read_table(out / "manifest.parquet").to_pylist()}
     assert manifest["fox"]["frames"] == 5 and manifest["fox"]["path"] == "videos/fox.mp4"
-    assert manifest["odd"]["status"] == "invalid" and "num_frames=6" in manifest["odd"]["error"]
+    assert manifest["odd"]["status"] == "invalid" and "frames=6" in manifest["odd"]["error"]
     # A rerun plans with the same function the job calls (a second full run costs a Ray start here; the
     # image test above reruns the whole command): nothing is left to generate, the videos are kept.
     from rayxdit.batch.job import plan

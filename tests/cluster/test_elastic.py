@@ -92,8 +92,8 @@ def fake_cluster_config(cloud: dict, gcs_address: str) -> dict:
 def serve_config_for_test():
     config, _ = load_serve_file(REPO / "serve_configs" / "flux-dev-8gpu.yaml")
     pools = [
-        pool.model_copy(
-            update={
+        pool.updated(
+            **{
                 "model": "tiny-flux",
                 "compile": False,
                 "cpus_per_rank": 0.25,

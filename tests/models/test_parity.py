@@ -348,6 +348,7 @@ def _image(data: bytes) -> Image.Image:
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
     """The final latents of diffusers' own pipeline, in the engine's latent layout."""
     adapter = load_adapter(engine_config(model).model, torch.device("cpu"), torch.float32)
+    guidance = adapter.limits.resolve(request).request.guidance  # the model's default when it sends none
     common = dict(
         negative_prompt=request.negative_prompt,
         height=request.height,
@@ -369,7 +370,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             control_image=_image(control.image),
             strength=request.strength,
             controlnet_conditioning_scale=control.scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             **{key: value for key, value in common.items() if key != "negative_prompt"},  # no true CFG
         ).images
@@ -390,7 +391,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             control_mode=[c.mode for c in controls] if several else controls[0].mode,
             controlnet_conditioning_scale=[c.scale for c in controls] if several else controls[0].scale,
             true_cfg_scale=request.true_cfg_scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             **common,
         ).images
@@ -408,7 +409,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             control_image=_image(control.image),
             strength=request.strength,
             controlnet_conditioning_scale=control.scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             **common,
         ).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)
@@ -422,7 +423,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             request.prompt,
             image=[_image(c.image) for c in request.controls],
             controlnet_conditioning_scale=[c.scale for c in request.controls],
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             **common,
         ).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)
@@ -434,7 +435,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         latents = adapter.pipeline(
             request.prompt,
             ip_adapter_image=_image(request.ip_adapter_image),
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             **common,
         ).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)
@@ -452,7 +453,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             request.prompt,
             ip_adapter_image=Image.open(io.BytesIO(request.ip_adapter_image)).convert("RGB"),
             true_cfg_scale=request.true_cfg_scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             **common,
         ).images
@@ -461,7 +462,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             prompt=request.prompt,
             image=Image.open(io.BytesIO(request.image)).convert("RGB"),
             true_cfg_scale=request.true_cfg_scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             max_area=request.height * request.width,  # the requested size, as the engine takes it
             _auto_resize=False,  # the preset's kontext_auto_resize
@@ -483,7 +484,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             request.prompt,
             image=image,
             strength=request.strength,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             **extra,
             **common,
         ).images
@@ -497,7 +498,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             request.prompt,
             image=_image(request.image),
             strength=request.strength,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=13,
             **extra,
             **common,
@@ -513,7 +514,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             image=Image.open(io.BytesIO(request.image)).convert("RGB"),
             strength=request.strength,
             true_cfg_scale=request.true_cfg_scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             **extra,
             **common,
@@ -522,7 +523,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         return adapter.pipeline(
             request.prompt,
             true_cfg_scale=request.true_cfg_scale,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=29,
             **common,
         ).images
@@ -531,16 +532,16 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
         latents = adapter.pipeline(
             request.prompt,
             num_frames=request.num_frames,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             max_sequence_length=16,
             **common,
         ).frames
         return adapter.pack(latents)
     if model == "tiny-sdxl":
-        latents = adapter.pipeline(request.prompt, guidance_scale=request.guidance, **common).images
+        latents = adapter.pipeline(request.prompt, guidance_scale=guidance, **common).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)  # the engine's row-major tokens
     latents = adapter.pipeline(
-        request.prompt, guidance_scale=request.guidance, max_sequence_length=13, **common
+        request.prompt, guidance_scale=guidance, max_sequence_length=13, **common
     ).images
     return adapter.pack(latents)
 
