@@ -200,6 +200,9 @@ class CostAwarePolicy:
     """When each model's layout last changed."""
     busy_at: dict[str, float] = field(default_factory=dict)
     """When each model last had an arrival or something outstanding."""
+    planned: dict[str, int] = field(default_factory=dict)
+    """This policy's last decision per pool: what it holds to (Serve applies a decision only after the pool's
+    upscale/downscale delay, so the targets it reports lag behind, and returning those would undo it)."""
 
     def arrivals(self, model: str, members: Sequence[PoolDemand], now: float) -> float:
         """The model's smoothed arrival rate: as the application's state counts it (refused requests too),
@@ -238,14 +241,16 @@ class CostAwarePolicy:
         arrivals = {model: self.arrivals(model, members, now) for model, members in models.items()}
         self.last_tick = now
         share = shares(models, seconds, arrivals, budget)
-        used = sum(pool.replicas * pool.spec.ranks for pool in pools)  # the targets in place
+        current_of = {pool.spec.name: self.planned.get(pool.spec.name, pool.replicas) for pool in pools}
+        used = sum(current_of[pool.spec.name] * pool.spec.ranks for pool in pools)  # the targets in place
         plan: dict[str, int] = {}
         for model, members in models.items():
-            current = {pool.spec.name: pool.replicas for pool in members}
+            current = {pool.spec.name: current_of[pool.spec.name] for pool in members}
             target = best_layout(members, seconds, arrivals[model], share[model])
             plan.update(
                 self._decide(model, members, current, target, seconds, arrivals[model], budget - used, now)
             )
+        self.planned.update(plan)
         return plan
 
     def _decide(self, model, members, current, target, seconds, arrivals, free_ranks, now) -> dict[str, int]:
@@ -261,12 +266,12 @@ class CostAwarePolicy:
             # Overloaded, no replica, or more than the budget holds (some would never start): change now.
             self.changed_at[model] = now
             return target
+        if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
+            self.changed_at[model] = now
+            return target
         startup = max(pool.startup_s for pool in members)
         if now - self.changed_at.get(model, -math.inf) < DWELL_STARTUPS * startup:
             return current
-        if arrivals <= EPSILON:  # idle: return the replicas (nothing waits for them)
-            self.changed_at[model] = now
-            return target
         gain = arrivals * (before - after) * HORIZON_STARTUPS * startup
         cost = transition_cost(current, target, members, seconds, arrivals, free_ranks)
         if after < (1 - MIN_GAIN) * before and gain > cost:

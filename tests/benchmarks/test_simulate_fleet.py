@@ -20,7 +20,14 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     results = {(r["policy"], r["offered_load"]): r for r in document["results"]}
     assert {policy for policy, _ in results} == set(simulate_fleet.POLICIES)
     for result in results.values():
-        assert {"scenario", "startup_s", "p50_s", "p99_s", "good_fraction", "goodput_per_gpu_hour"} <= result.keys()
+        assert {
+            "scenario",
+            "startup_s",
+            "p50_s",
+            "p99_s",
+            "good_fraction",
+            "goodput_per_gpu_hour",
+        } <= result.keys()
         assert result["finished"] + result["shed"] <= result["requests"]
         assert result["p50_s"] <= result["p99_s"]
     light = results[("elastic", 0.2)]

@@ -1,0 +1,95 @@
+"""The cost_aware sizing policy as plain functions and one stateful object (serve/layouts.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rayxdit.serve.layouts import (
+    DWELL_STARTUPS,
+    IDLE_S,
+    CostAwarePolicy,
+    best_layout,
+    erlang_c,
+    response_time,
+    transition_cost,
+)
+from rayxdit.serve.routing import PoolSpec
+from rayxdit.serve.sizing import PoolDemand
+
+SECONDS = {"p2": 2.5, "p4": 1.6, "p8": 1.0}
+"""A typical request on each pool: 8 GPUs are 2.5x as fast as 2, so they serve 0.62x as much per GPU."""
+
+
+def pools(replicas=(1, 0, 0), throughput=0.0, arrivals=None, startup_s=60.0) -> list[PoolDemand]:
+    return [
+        PoolDemand(
+            PoolSpec(f"p{gpus}", "flux", gpus, startup_s=startup_s),
+            replicas=count,
+            outstanding=0.0,
+            max_replicas=8 // gpus,
+            seconds_per_cost=SECONDS[f"p{gpus}"],  # mean cost 1: these are the typical request's seconds
+            mean_cost=1.0,
+            throughput=throughput,
+            startup_s=startup_s,
+            arrivals=arrivals,
+        )
+        for gpus, count in zip((2, 4, 8), replicas, strict=True)
+    ]
+
+
+def test_erlang_c_matches_the_textbook_values():
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: the chance to wait is the utilization
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(4, 0.0) == 0.0 and erlang_c(4, 4.0) == 1.0
+
+
+def test_light_load_gets_the_fastest_replica_and_heavy_load_the_most_capacity():
+    members = pools()
+    assert best_layout(members, SECONDS, arrivals=0.1, ranks=8) == {"p2": 0, "p4": 0, "p8": 1}
+    heavy = best_layout(members, SECONDS, arrivals=1.2, ranks=8)
+    assert heavy == {"p2": 4, "p4": 0, "p8": 0}  # 1.6/s capacity: anything larger is beyond 85% busy
+    assert response_time({"p8": 1}, SECONDS, 1.2) == math.inf
+    assert best_layout(members, SECONDS, arrivals=0.0, ranks=8) == {"p2": 0, "p4": 0, "p8": 0}
+
+
+def test_a_change_that_must_wait_for_gpus_costs_the_start_up():
+    members = pools()
+    # Room to start the new replica beside the old ones: nothing waits.
+    assert transition_cost({"p2": 1}, {"p2": 1, "p8": 1}, members, SECONDS, 0.2, free_ranks=8) == 0
+    # A full budget: the 2-GPU replicas go first and the demand waits out the start-up.
+    full = transition_cost({"p2": 4, "p8": 0}, {"p2": 0, "p8": 1}, members, SECONDS, 0.2, free_ranks=0)
+    assert full > 0.2 * 60 * 60 / 2 * 0.99
+
+
+def test_the_policy_holds_its_decision_while_serve_applies_it_and_returns_gpus_when_idle():
+    policy = CostAwarePolicy()
+    first = policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=0.0)
+    assert first == {"p2": 0, "p4": 0, "p8": 1}  # light load, a change that pays
+    # Serve still reports the old target (its upscale delay): the policy keeps to its own decision.
+    assert policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=2.0) == first
+    # Heavier load within the dwell after a change: held, unless the layout cannot carry it.
+    assert policy(pools((0, 0, 1), arrivals=0.5), budget=8, now=30.0) == first
+    # An overload is met within a minute (the demand estimate rises with a 20 s time constant).
+    plans = [policy(pools((0, 0, 1), arrivals=2.0), budget=8, now=32.0 + 2 * tick) for tick in range(30)]
+    assert plans[-1] == {"p2": 4, "p4": 0, "p8": 0} and plans[0] == first
+    # No arrival and nothing outstanding for IDLE_S: the replicas go back, dwell or not.
+    for now in (100.0, 100.0 + IDLE_S / 2, 101.0 + IDLE_S):
+        plan = policy(pools((4, 0, 0), arrivals=0.0), budget=8, now=now)
+    assert plan == {"p2": 0, "p4": 0, "p8": 0}
+
+
+def test_a_slow_alternation_changes_the_layout_once_per_phase():
+    policy = CostAwarePolicy()
+    changes, plan, now = 0, None, 0.0
+    for phase in range(4):
+        rate = 0.15 if phase % 2 == 0 else 1.1
+        for _ in range(int(1800 / 2)):
+            current = plan or {"p2": 1, "p4": 0, "p8": 0}
+            replicas = tuple(current[name] for name in ("p2", "p4", "p8"))
+            new = policy(pools(replicas, arrivals=rate), budget=8, now=now)
+            changes += plan is not None and new != plan
+            plan, now = new, now + 2.0
+    assert changes <= 4, f"{changes} changes over 4 phases"
+    assert now > DWELL_STARTUPS * 60
