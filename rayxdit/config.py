@@ -663,6 +663,12 @@ class ElasticConfig(BaseModel):
         "replicas for the outstanding requests in the most efficient pools, spare GPUs upgrading them to "
         "larger ones; rayxdit.serve.sizing).",
     )
+    policy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Knobs of the sizing policy, passed to it as they are: cost_aware takes idle_s (seconds "
+        "without a request before a model's replicas go back; 60), dwell_startups (start-ups a new layout is "
+        "held; 3) and horizon_startups (start-ups within which a change must pay for itself; 10).",
+    )
 
     budget_ranks: int | None = Field(
         default=None,

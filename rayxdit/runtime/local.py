@@ -1,4 +1,4 @@
-"""The local executor: one spawned process per rank (``torch.multiprocessing``), no Ray needed.
+"""The local executor: one process per rank (``torch.multiprocessing``), no Ray needed.
 
 The CLI, the tests and the benchmarks run ranks this way. Each rank process holds a
 :class:`~rayxdit.runtime.worker.RankWorker` and serves calls from two pipes: one for the group's calls, in
@@ -29,6 +29,19 @@ from rayxdit.runtime.executor import Executor, GroupError, Method
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 MAX_LOCAL_CPU_RANKS = 64
+PRELOADED = ("torch", "diffusers", "transformers", "rayxdit.engine", "rayxdit.runtime.worker")
+"""What a rank needs and takes seconds to import: imported once, by the server process every rank forks
+from (``forkserver``), not by each rank. The server imports nothing else and never touches a GPU, so a fork
+of it starts as clean as a spawned process (no CUDA context, no allocator or compile state)."""
+
+
+def rank_context():
+    """The multiprocessing context of rank processes: forks of a server that has imported the model stack."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOADED))
+    return context
+
+
 LATE_REPORTS_S = 5.0
 """After one rank fails, how long to wait for the others' reports (they usually fail in the same
 collective) before giving up on them."""
@@ -117,7 +130,7 @@ class LocalExecutor(Executor):
         if self.in_process:
             self._local = RankWorker(0, 1, device_index=0)
             return
-        context = mp.get_context("spawn")
+        context = rank_context()
         threads = max(1, (os.cpu_count() or 1) // self.world_size)
         for rank in range(self.world_size):
             calls, rank_calls = context.Pipe()

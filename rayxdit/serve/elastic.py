@@ -15,12 +15,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from rayxdit.config import ServeConfig
+from rayxdit.config import ElasticConfig, ServeConfig
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
 from rayxdit.serve.sizing import PoolDemand
-from rayxdit.serve.state import ARRIVALS_METRIC, STATE_DEPLOYMENT
+from rayxdit.serve.state import ARRIVALS_METRIC, QUIET_METRIC, STATE_DEPLOYMENT
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,11 +41,12 @@ class ElasticPolicy:
         self.budget = BudgetCache(
             config.elastic.budget_ranks if config.elastic else None, self.accelerators.values()
         )
-        self.policy = autoscaling_policy(config.elastic.policy if config.elastic else "load_aware")
+        elastic = config.elastic or ElasticConfig()
+        self.policy = autoscaling_policy(elastic.policy, elastic.policy_options)
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
-        arrivals = arrivals_by_model(contexts)
+        arrivals, quiet = state_metrics(contexts)
         demands = []
         for deployment, context in contexts.items():
             spec = self.specs.get(deployment.name)
@@ -66,6 +67,7 @@ class ElasticPolicy:
                     sum((metrics.get("requests_per_s") or {}).values()),
                     _mean_of(metrics.get("startup_s")) or spec.startup_s,
                     arrivals.get(spec.model),
+                    quiet.get(spec.model),
                 )
             )
         budget = self.budget()
@@ -81,19 +83,18 @@ class ElasticPolicy:
         return decisions, {}
 
 
-def arrivals_by_model(contexts: Mapping[Any, Any]) -> dict[str, float]:
-    """Each model's arrivals per second as the application's state counts them (its custom autoscaling
-    metrics ``arrivals_per_s.<model>``); empty before the state has reported."""
+def state_metrics(contexts: Mapping[Any, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each model's arrivals per second and seconds since its last arrival, as the application's state
+    reports them (its custom autoscaling metrics); empty before the state has reported."""
+    found: dict[str, dict[str, float]] = {ARRIVALS_METRIC: {}, QUIET_METRIC: {}}
     for deployment, context in contexts.items():
         if deployment.name != STATE_DEPLOYMENT:
             continue
-        prefix = f"{ARRIVALS_METRIC}."
-        return {
-            name.removeprefix(prefix): sum((per_replica or {}).values())
-            for name, per_replica in (context.aggregated_metrics or {}).items()
-            if name.startswith(prefix)
-        }
-    return {}
+        for name, per_replica in (context.aggregated_metrics or {}).items():
+            metric, _, model = name.partition(".")
+            if metric in found and per_replica:
+                found[metric][model] = max(per_replica.values())
+    return found[ARRIVALS_METRIC], found[QUIET_METRIC]
 
 
 def _mean_of(per_replica: Mapping[Any, float] | None) -> float | None:

@@ -190,7 +190,15 @@ def shares(models: Mapping[str, Sequence[PoolDemand]], seconds, arrivals: Mappin
 @dataclass
 class CostAwarePolicy:
     """The ``cost_aware`` entry of ``serve/policies.py``: one object per application (or simulated fleet),
-    called every autoscaling tick with every pool's demand, the budget and the time."""
+    called every autoscaling tick with every pool's demand, the budget and the time. Its knobs come from
+    the application's ``elastic.policy_options``."""
+
+    idle_s: float = IDLE_S
+    """A model with no arrival and nothing outstanding for this long returns its replicas."""
+    dwell_startups: float = DWELL_STARTUPS
+    """After a change, hold the layout this many start-ups (unless it cannot carry the demand)."""
+    horizon_startups: float = HORIZON_STARTUPS
+    """A change must pay for itself within this many start-ups."""
 
     demand: dict[str, float] = field(default_factory=dict)
     """Smoothed arrivals per second, by model."""
@@ -219,9 +227,12 @@ class CostAwarePolicy:
             if holding > EPSILON and observed <= EPSILON:
                 observed = holding / max(1.0, elapsed or 1.0)  # queued before anything finished
         self.outstanding[model] = holding
-        if observed > EPSILON or holding > EPSILON:
+        quiet = [pool.quiet_s for pool in members if pool.quiet_s is not None]
+        if quiet and holding <= EPSILON:  # the state knows when the last request came
+            self.busy_at[model] = max(self.busy_at.get(model, -math.inf), now - min(quiet))
+        elif observed > EPSILON or holding > EPSILON:
             self.busy_at[model] = now
-        elif now - self.busy_at.get(model, now) >= IDLE_S:
+        if holding <= EPSILON and now - self.busy_at.get(model, now) >= self.idle_s:
             self.demand[model] = 0.0  # idle, not a lull: nothing to keep replicas for
             return 0.0
         previous = self.demand.get(model)
@@ -270,9 +281,9 @@ class CostAwarePolicy:
             self.changed_at[model] = now
             return target
         startup = max(pool.startup_s for pool in members)
-        if now - self.changed_at.get(model, -math.inf) < DWELL_STARTUPS * startup:
+        if now - self.changed_at.get(model, -math.inf) < self.dwell_startups * startup:
             return current
-        gain = arrivals * (before - after) * HORIZON_STARTUPS * startup
+        gain = arrivals * (before - after) * self.horizon_startups * startup
         cost = transition_cost(current, target, members, seconds, arrivals, free_ranks)
         if after < (1 - MIN_GAIN) * before and gain > cost:
             self.changed_at[model] = now

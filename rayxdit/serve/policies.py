@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rayxdit.config import ConfigError, ServeConfig
 from rayxdit.serve.layouts import CostAwarePolicy
@@ -47,16 +48,18 @@ ROUTING_POLICIES: dict[str, RoutingPolicy] = {
 """Routing policies by name (``routing.policy`` in the application's config)."""
 
 
-def _load_aware() -> AutoscalingPolicy:
+def _load_aware(**options: Any) -> AutoscalingPolicy:
+    if options:
+        raise ConfigError(f"elastic.policy_options: load_aware takes none ({', '.join(options)} given)")
     return lambda demands, budget, now: plan_replicas(demands, budget)
 
 
-AUTOSCALING_POLICIES: dict[str, Callable[[], AutoscalingPolicy]] = {
+AUTOSCALING_POLICIES: dict[str, Callable[..., AutoscalingPolicy]] = {
     "cost_aware": CostAwarePolicy,
     "load_aware": _load_aware,
 }
 """Autoscaling policies by name (``elastic.policy`` in the application's config), each a factory of the
-policy one application runs."""
+policy one application runs, called with the config's ``elastic.policy_options``."""
 
 
 def routing_policy(name: str) -> RoutingPolicy:
@@ -65,14 +68,17 @@ def routing_policy(name: str) -> RoutingPolicy:
     return ROUTING_POLICIES[name]
 
 
-def autoscaling_policy(name: str) -> AutoscalingPolicy:
+def autoscaling_policy(name: str, options: Mapping[str, Any] | None = None) -> AutoscalingPolicy:
     if name not in AUTOSCALING_POLICIES:
         raise ConfigError(f"elastic.policy '{name}' is not one of {', '.join(AUTOSCALING_POLICIES)}")
-    return AUTOSCALING_POLICIES[name]()
+    try:
+        return AUTOSCALING_POLICIES[name](**(options or {}))
+    except TypeError as error:
+        raise ConfigError(f"elastic.policy_options for {name}: {error}") from None
 
 
 def check_policies(config: ServeConfig) -> None:
     """Refuse (ConfigError, one line) an application whose config names a policy no table holds."""
     routing_policy(config.routing.policy)
     if config.elastic is not None:
-        autoscaling_policy(config.elastic.policy)
+        autoscaling_policy(config.elastic.policy, config.elastic.policy_options)

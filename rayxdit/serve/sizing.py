@@ -67,6 +67,8 @@ class PoolDemand:
     arrivals: float | None = None
     """Requests per second arriving for the pool's model, refused ones included, as the application's state
     counts them (None: unknown; a policy then infers it from what the pools finish and hold)."""
+    quiet_s: float | None = None
+    """Seconds since the model's last request arrived, as the application's state knows it (None: unknown)."""
 
 
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:

@@ -45,8 +45,9 @@ STALE_AFTER_S = 5.0
 STATE_DEPLOYMENT = "state"
 """The name of the application's state deployment."""
 ARRIVALS_WINDOW_S = 60.0
-ARRIVALS_METRIC = "arrivals_per_s"
-"""The state's custom autoscaling metric, one per model (``arrivals_per_s.<model>``)."""
+ARRIVALS_METRIC, QUIET_METRIC = "arrivals_per_s", "quiet_s"
+"""The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
+second over the last minute, refused ones too; ``quiet_s.<model>``: seconds since its last arrival)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
@@ -111,6 +112,8 @@ class AppState:
             self.specs[pool.served_model_name].append(PoolSpec.of(pool))
         self.replicas: dict[str, dict[str, _Replica]] = defaultdict(dict)
         self.reservations: dict[str, _Reservation] = {}
+        self.started = time.monotonic()
+        self.last_arrival: dict[str, float] = {}
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
         """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
         self.finished: OrderedDict[str, float] = OrderedDict()
@@ -209,6 +212,7 @@ class AppState:
         ``deadline`` (seconds since the epoch), or ``{"pool": None}`` when every pool of ``model`` is
         excluded (full or down)."""
         self.arrived[model].append(time.monotonic())
+        self.last_arrival[model] = time.monotonic()
         loads = self._loads()
         order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
@@ -262,8 +266,8 @@ class AppState:
         self.fits[held.pool].add(held.cost, engine_s)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's hook: each model's arrivals per second (``arrivals_per_s.<model>``), refused requests
-        included, which the pools alone cannot see; the sizing policy reads them."""
+        """Serve's hook: each model's arrivals per second, refused requests included (which the pools alone
+        cannot see), and seconds since its last arrival; the sizing policy reads them."""
         now = time.monotonic()
         rates = {}
         for model in self.specs:
@@ -271,6 +275,8 @@ class AppState:
             while times and times[0] < now - ARRIVALS_WINDOW_S:
                 times.popleft()
             rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / ARRIVALS_WINDOW_S
+            last = self.last_arrival.get(model)
+            rates[f"{QUIET_METRIC}.{model}"] = now - last if last is not None else now - self.started
         return rates
 
     async def readiness(self) -> dict[str, Any]:

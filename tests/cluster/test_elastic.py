@@ -115,7 +115,9 @@ def serve_config_for_test():
         for pool in config.pools
         if pool.ranks != 4  # kept out to fit the test's time bound on 2 cores
     ]
-    return config.model_copy(update={"pools": pools})
+    # The replicas of a model go back 10 s after its last request (production: 60 s).
+    elastic = config.elastic.model_copy(update={"policy_options": {"idle_s": 10.0}})
+    return config.model_copy(update={"pools": pools, "elastic": elastic})
 
 
 def gpu_nodes() -> int:
