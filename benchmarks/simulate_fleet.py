@@ -363,6 +363,7 @@ class Fleet:
                     throughput=self._rate(pool),
                     startup_s=self.startup_s,  # as its replicas measure it
                     arrivals=self._arrival_rate(),  # as the application's state counts them
+                    quiet_s=self.now - (self.arrived[-1] if self.arrived else 0.0),
                 )
             )
         plan = self.sizing(demands, self.budget, self.now)

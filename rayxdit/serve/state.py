@@ -44,7 +44,7 @@ STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
 STATE_DEPLOYMENT = "state"
 """The name of the application's state deployment."""
-ARRIVALS_WINDOW_S = 60.0
+ARRIVALS_WINDOW_S = 20.0
 ARRIVALS_METRIC, QUIET_METRIC = "arrivals_per_s", "quiet_s"
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
 second over the last minute, refused ones too; ``quiet_s.<model>``: seconds since its last arrival)."""

@@ -105,6 +105,8 @@ def serve_config_for_test():
                     "autoscaling_config": {
                         **pool.deployment_config["autoscaling_config"],
                         "upscale_delay_s": 1,
+                        # Two cores start the rank processes: at most two 2-GPU replicas (production: 12).
+                        **({"max_replicas": 2} if pool.ranks == 2 else {}),
                         # The 8-GPU replica outlives the load's ups and downs (production: 600 s).
                         "downscale_delay_s": 15 if pool.ranks == 8 else 4,
                     },

@@ -5,21 +5,18 @@ past validation would fail with a 500, not the 4xx these tests expect."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 
-import numpy as np
 import pytest
 import requests
 import uvicorn
-from PIL import Image
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve.app import model_cards
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.router import Ingress, build_ingress_app
-from tests.helpers import free_port
+from tests.helpers import free_port, left_half_mask, random_png
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -61,21 +58,6 @@ def url():
 
 def post(url: str, body, path: str = "/v1/images/generations", headers=AUTH, **options):
     return requests.post(url + path, json=body, headers=headers, timeout=60, **options)
-
-
-def random_png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def left_half_mask(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(
-        np.where(np.arange(width) < width // 2, 255, 0).astype(np.uint8)[None].repeat(height, 0)
-    ).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def assert_refused(response, param: str | None, status: int = 400, kind: str = "invalid_request_error"):

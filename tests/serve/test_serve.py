@@ -29,7 +29,7 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import free_port
+from tests.helpers import free_port, left_half_mask, random_png
 
 pytestmark = pytest.mark.slow
 
@@ -641,21 +641,6 @@ def test_a_background_image_request_is_a_job_whose_result_is_the_single_process_
 
 
 # ----- image inputs: /v1/images/edits ---------------------------------------------------------------------
-def random_png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def left_half_mask(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(
-        np.where(np.arange(width) < width // 2, 255, 0).astype(np.uint8)[None].repeat(height, 0)
-    ).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_openai_client_edits_an_image_and_the_pool_gives_the_single_process_result(url, engine, tmp_path):
     from openai import OpenAI
 
