@@ -162,6 +162,8 @@ class Executor(ABC):
         self._launch()
         everyone = range(self.world_size)
         try:
+            if self.config is not None:
+                self._call("import_engine", (), {}, STARTUP_TIMEOUT_S, everyone)
             host, port = "", 0
             if self.world_size > 1:
                 (host, port) = self._call(
@@ -171,7 +173,7 @@ class Executor(ABC):
                     STARTUP_TIMEOUT_S,
                     [0],
                 )[0]
-            timeline["processes"] = time.perf_counter() - begin  # ranks up, their imports done
+            timeline["processes"] = time.perf_counter() - begin  # ranks up, the model stack imported
             mark = time.perf_counter()
             self.devices = self._call(
                 "init_distributed", (host, port, self.collective_timeout_s), {}, STARTUP_TIMEOUT_S, everyone

@@ -63,6 +63,12 @@ class RankWorker:
         self.telemetry_pool = telemetry_pool
         self.telemetry = None
 
+    def import_engine(self) -> None:
+        """Import the model stack (torch, diffusers, the model families): seconds of a rank's start that
+        belong to its process, not to the rendezvous that follows (a rank forked from a server that did it
+        already finds it done)."""
+        import rayxdit.engine  # noqa: F401
+
     def open_rendezvous(self, host: str | None, timeout_s: float) -> tuple[str, int]:
         """Rank 0: the group's rendezvous store on a port the OS picks and this process holds from then on
         (nothing can take it between choosing and binding). ``host`` None: this node's Ray address."""

@@ -61,11 +61,12 @@ CONFIG = ServeConfig(
             deployment_config=FAST_HEALTH,
             **COMMON,
         ),
-        PoolConfig(
-            name="tiny-8",
-            model_name="tiny-8",
-            parallel="cfg=2,ring=2,ulysses=2",
-            route_min_cost=0.2,
+        PoolConfig(  # engine options written flat in the pool, as a YAML would (PipeFusion is lossy)
+            name="pipefusion-2",
+            model_name="tiny-pipefusion",
+            parallel="pipefusion=2",
+            warmup_steps=0,
+            pipefusion_patches=4,
             deployment_config=FAST_HEALTH,
             **COMMON,
         ),
@@ -92,14 +93,13 @@ CONFIG = ServeConfig(
 )
 ROUTES = [
     ("tiny-2", {"prompt": "a red cat", "size": "36x36", "steps": 3, "seed": 5}),
-    ("tiny-4", {"prompt": "a blue car", "size": "128x128", "steps": 4, "seed": 6}),
     (
-        "tiny-8",
+        "tiny-4",
         {
-            "prompt": "a tree",
-            "size": "256x256",
+            "prompt": "a blue car",
+            "size": "128x128",
             "steps": 4,
-            "seed": 7,
+            "seed": 6,
             "negative_prompt": "dark",
             "true_cfg_scale": 3.0,
         },
@@ -172,7 +172,9 @@ def test_a_replica_warms_up_before_it_takes_traffic(url):
 
 @pytest.mark.parametrize(("pool", "body"), ROUTES, ids=[pool for pool, _ in ROUTES])
 def test_each_pool_returns_the_single_process_image(url, engine, pool, body):
-    """Each pool (2, 4 and 8 ranks; here each serves a model of its own, so a request names its pool)."""
+    """Each pool (2 and 4 ranks, with and without true CFG; here each serves a model of its own, so a
+    request names its pool; 8-rank pools: tests/cluster/test_elastic.py, 8-rank parity:
+    tests/models/test_parity.py)."""
     response = post(url, {**body, "model": pool})
     assert response.status_code == 200, response.text
     payload = response.json()
@@ -194,9 +196,21 @@ def test_png_endpoint_url_format_and_n(url):
 
 def test_models_health_and_docs(url):
     models = requests.get(url + "/v1/models", headers=AUTH, timeout=30).json()
-    assert {m["id"] for m in models["data"]} == {"tiny-2", "tiny-4", "tiny-8", "tiny-failover", "tiny-wan"}
+    assert {m["id"] for m in models["data"]} == {
+        "tiny-2",
+        "tiny-4",
+        "tiny-pipefusion",
+        "tiny-failover",
+        "tiny-wan",
+    }
     ranks = {m["id"]: [pool["ranks"] for pool in m["pools"]] for m in models["data"]}
-    assert ranks == {"tiny-2": [2], "tiny-4": [4], "tiny-8": [8], "tiny-failover": [2], "tiny-wan": [2]}
+    assert ranks == {
+        "tiny-2": [2],
+        "tiny-4": [4],
+        "tiny-pipefusion": [2],
+        "tiny-failover": [2],
+        "tiny-wan": [2],
+    }
     kinds = {m["id"]: m["kind"] for m in models["data"]}
     assert kinds["tiny-wan"] == "video" and kinds["tiny-2"] == "image"
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
@@ -933,3 +947,27 @@ def test_probes_see_a_bare_status_and_answers_cut_long_ids_short(url):
     long_id = "x" * 10_000
     missing = requests.get(url + f"/v1/videos/{long_id}", headers=AUTH, timeout=30)
     assert missing.status_code == 404 and len(missing.json()["error"]["message"]) < 200
+
+
+def test_a_pool_with_engine_options_written_flat_serves_what_the_cli_makes(url, tmp_path):
+    """The PipeFusion pool sets parallel, warmup_steps and pipefusion_patches flat, as a pool YAML does: over
+    HTTP it answers with the image `rayxdit generate` writes with the same flags (PipeFusion with stale
+    patches is lossy, so the reference is the same method, not one rank)."""
+    import subprocess
+    import sys
+
+    body = {"model": "tiny-pipefusion", "prompt": "a lighthouse", "size": "64x64", "steps": 4, "seed": 3}
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    out = tmp_path / "cli.png"
+    flags = ["--parallel", "pipefusion=2", "--warmup-steps", "0", "--patches", "4"]
+    request = ["--prompt", "a lighthouse", "--height", "64", "--width", "64", "--steps", "4", "--seed", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rayxdit.cli", "generate", *request, *flags, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert np.abs(served - png_pixels(out.read_bytes())).max() <= 1
