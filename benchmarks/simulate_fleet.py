@@ -513,6 +513,7 @@ def simulate(
         "goodput_per_gpu_hour": round(
             good / max(1e-9, fleet.held_gpu_seconds / 3600) * (window / fleet.now), 2
         ),
+        "good_fraction_by_class": good_by_class(counted),
         "gpu_seconds_by_pool": {k: round(v, 1) for k, v in sorted(fleet.gpu_seconds.items())},
         "replica_starts": fleet.replica_starts,
         "replica_starts_per_hour": round(fleet.replica_starts / hours, 2),
@@ -526,6 +527,20 @@ def simulate(
             else {}
         ),
     }
+
+
+def request_class(request: Request) -> str:
+    return f"{request.resolution}px" + (" cfg" if request.cfg else "")
+
+
+def good_by_class(requests: list[Request]) -> dict[str, float]:
+    """The good fraction of each kind of request of the mix: where a fleet's goodput comes from (under
+    overload a shared queue admits the lenient-deadline large requests that crowd out the small ones)."""
+    by_class: dict[str, list[bool]] = {}
+    for request in requests:
+        good = request.end >= 0 and request.end - request.arrival <= request.slo
+        by_class.setdefault(request_class(request), []).append(good)
+    return {name: round(sum(flags) / len(flags), 4) for name, flags in sorted(by_class.items())}
 
 
 ELASTIC = "elastic"
