@@ -40,17 +40,35 @@ DELIBERATE = (429, 504)
 """Answers a client is meant to get under overload: refused before any GPU work, or stopped at a deadline."""
 
 
+def phases(workload: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """(start, end, arrivals per second) of each phase of the workload: its ``phases`` in turn (a varying
+    load, e.g. light and heavy alternating), else one phase of ``rate_per_s`` for ``duration_s``."""
+    if "phases" not in workload:
+        return [(0.0, float(workload["duration_s"]), float(workload["rate_per_s"]))]
+    spans, start = [], 0.0
+    for phase in workload["phases"]:
+        end = start + float(phase["duration_s"])
+        spans.append((start, end, float(phase["rate_per_s"])))
+        start = end
+    return spans
+
+
+def phase_of(at: float, spans: list[tuple[float, float, float]]) -> int:
+    return next((index for index, (_, end, _) in enumerate(spans) if at < end), len(spans) - 1)
+
+
 def arrivals(workload: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
-    """(seconds after the start, request body) for every request: Poisson arrivals at ``rate_per_s`` plus
-    the bursts, bounded by ``duration_s`` and ``max_requests``; seeded, so a run is repeatable."""
+    """(seconds after the start, request body) for every request: Poisson arrivals at each phase's rate
+    plus the bursts, bounded by the phases' end and ``max_requests``; seeded, so a run is repeatable."""
     rng = random.Random(workload.get("seed", 0))
     times: list[float] = []
-    now = 0.0
-    while True:
-        now += rng.expovariate(workload["rate_per_s"])
-        if now > workload["duration_s"]:
-            break
-        times.append(now)
+    for start, end, rate in phases(workload):
+        now = start
+        while rate > 0:
+            now += rng.expovariate(rate)
+            if now > end:
+                break
+            times.append(now)
     for burst in workload.get("bursts", []):
         times += [float(burst["at_s"])] * int(burst["requests"])
     times = sorted(times)[: workload["max_requests"]]
@@ -111,7 +129,33 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))], 4)
 
 
-def summarize(records: list[dict[str, Any]], slo_s: float, wall_s: float) -> dict[str, Any]:
+def by_phase(records: list[dict[str, Any]], spans: list[tuple[float, float, float]]) -> list[dict[str, Any]]:
+    """Each phase's requests (by arrival), what answered 200 and its latency percentiles."""
+    found = []
+    for index, (start, end, rate) in enumerate(spans):
+        mine = [r for r in records if phase_of(r["arrival_s"], spans) == index]
+        latencies = [r["end_to_end_s"] for r in mine if r["status"] == 200]
+        found.append(
+            {
+                "start_s": start,
+                "end_s": end,
+                "rate_per_s": rate,
+                "requests": len(mine),
+                "ok": len(latencies),
+                "p50_s": percentile(latencies, 0.5),
+                "p99_s": percentile(latencies, 0.99),
+                "pools": {
+                    pool: sum(r.get("pool") == pool for r in mine)
+                    for pool in sorted({r["pool"] for r in mine if r.get("pool")})
+                },
+            }
+        )
+    return found
+
+
+def summarize(
+    records: list[dict[str, Any]], slo_s: float, wall_s: float, spans: list | None = None
+) -> dict[str, Any]:
     ok = [r for r in records if r["status"] == 200]
     classes = sorted({r["class"] for r in records})
     by_class = {}
@@ -142,6 +186,7 @@ def summarize(records: list[dict[str, Any]], slo_s: float, wall_s: float) -> dic
             pool: sum(r.get("pool") == pool for r in ok) for pool in sorted({r.get("pool") for r in ok})
         },
         "by_class": by_class,
+        **({"by_phase": by_phase(records, spans)} if spans and len(spans) > 1 else {}),
         "wall_s": round(wall_s, 1),
     }
 
@@ -171,7 +216,8 @@ def run_workload(url: str, workload: dict[str, Any], api_key: str | None, sample
         records = list(clients.map(lambda item: timed(*item), schedule))
     wall = time.perf_counter() - begin
     done.set()
-    return {"summary": summarize(records, workload["slo_s"], wall), "requests": records, "replicas": samples}
+    summary = summarize(records, workload["slo_s"], wall, phases(workload))
+    return {"summary": summary, "requests": records, "replicas": samples}
 
 
 def replica_counts(app_name: str) -> dict[str, int]:
@@ -179,6 +225,31 @@ def replica_counts(app_name: str) -> dict[str, int]:
 
     deployments = serve.status().applications[app_name].deployments
     return {name: status.replica_states.get("RUNNING", 0) for name, status in deployments.items()}
+
+
+def static_layout(config, layout: str):
+    """``config`` with a fixed number of replicas per pool (``POOL=N,...``; pools not named: none) and no
+    elastic policy: the static fleet an elastic one is compared with."""
+    counts = {}
+    for item in layout.split(","):
+        name, _, count = item.partition("=")
+        counts[name.strip()] = int(count)
+    names = {pool.name for pool in config.pools}
+    if unknown := set(counts) - names:
+        raise SystemExit(
+            f"--static-layout names no pool of the config: {sorted(unknown)} (pools: {sorted(names)})"
+        )
+    pools = []
+    for pool in config.pools:
+        count = counts.get(pool.name, 0)
+        if count == 0:
+            continue
+        scaling = {**pool.deployment_config.get("autoscaling_config", {}), "min_replicas": count}
+        scaling["max_replicas"] = count
+        pools.append(
+            pool.updated(deployment_config={**pool.deployment_config, "autoscaling_config": scaling})
+        )
+    return config.model_copy(update={"pools": pools, "elastic": None})
 
 
 def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,7 +270,9 @@ def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[s
     url = f"http://127.0.0.1:{port}"
     results = []
     variants = [("elastic", config)]
-    if args.baseline:
+    if args.static_layout:
+        variants.append((f"static {args.static_layout}", static_layout(config, args.static_layout)))
+    elif args.baseline:
         variants.append(("per-pool autoscaling", config.model_copy(update={"elastic": None})))
     try:
         for label, variant in variants:
@@ -233,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-baseline", dest="baseline", action="store_false", help="skip the per-pool autoscaling run"
+    )
+    parser.add_argument(
+        "--static-layout",
+        default=None,
+        metavar="POOL=N[,POOL=N]",
+        help="the baseline run: this fixed layout (replicas per pool, no autoscaling) instead of per-pool "
+        "autoscaling",
     )
     args = parser.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
