@@ -557,6 +557,52 @@ POLICIES = tuple(LAYOUTS)
 STATIC = tuple(name for name, (layout, _, _) in LAYOUTS.items() if layout)
 
 
+def compare(results: list[dict]) -> list[dict]:
+    """For every (scenario, start-up, fleet, load): the elastic fleet against the best static layout (the
+    one of the highest good fraction, the lower p99 on a tie), and whether it meets the bars the elastic
+    policy is held to: good fraction at least the best's - 0.01; where the best's is >= 0.9, p99 at most
+    1.1x its p99 (steady loads); p50 at least 30% below the best's (varying loads)."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for result in results:
+        key = (result["scenario"], result["startup_s"], result["gpus"], result["offered_load"])
+        cells.setdefault(key, {})[result["policy"]] = result
+    rows = []
+    for (scenario, startup, gpus, load), by_policy in cells.items():
+        statics = [by_policy[name] for name in STATIC if name in by_policy]
+        elastic = by_policy.get(ELASTIC)
+        if not statics or elastic is None:
+            continue
+        best = max(statics, key=lambda r: (r["good_fraction"], -(r["p99_s"] or math.inf)))
+        good_ok = elastic["good_fraction"] >= best["good_fraction"] - 0.01
+        if isinstance(load, str):
+            latency_ok = (elastic["p50_s"] or math.inf) <= 0.7 * (best["p50_s"] or math.inf)
+        else:
+            latency_ok = best["good_fraction"] < 0.9 or (elastic["p99_s"] or math.inf) <= 1.1 * best["p99_s"]
+        rows.append(
+            {
+                "scenario": scenario,
+                "startup_s": startup,
+                "gpus": gpus,
+                "offered_load": load,
+                "best_static": best["policy"],
+                "best_good_fraction": best["good_fraction"],
+                "elastic_good_fraction": elastic["good_fraction"],
+                "best_p50_s": best["p50_s"],
+                "elastic_p50_s": elastic["p50_s"],
+                "best_p99_s": best["p99_s"],
+                "elastic_p99_s": elastic["p99_s"],
+                "goodput_bar_met": good_ok,
+                "latency_bar_met": latency_ok,
+                **(
+                    {"starts_per_phase_change_per_8_gpus": elastic["starts_per_phase_change_per_8_gpus"]}
+                    if "starts_per_phase_change_per_8_gpus" in elastic
+                    else {}
+                ),
+            }
+        )
+    return rows
+
+
 def _run(job: tuple) -> dict:
     return simulate(*job)
 
@@ -599,6 +645,17 @@ def main(argv: list[str] | None = None) -> int:
             f"starts/h {result['replica_starts_per_hour']}",
             flush=True,
         )
+    comparison = compare(results)
+    met = sum(row["goodput_bar_met"] and row["latency_bar_met"] for row in comparison)
+    print(f"elastic meets both bars in {met} of {len(comparison)} cells", flush=True)
+    for row in comparison:
+        if not (row["goodput_bar_met"] and row["latency_bar_met"]):
+            print(
+                f"  missed: {row['scenario']} {row['startup_s']:.0f}s {row['gpus']} GPUs {row['offered_load']}: "
+                f"good {row['elastic_good_fraction']} vs {row['best_static']} {row['best_good_fraction']}, "
+                f"p50 {row['elastic_p50_s']} vs {row['best_p50_s']}, p99 {row['elastic_p99_s']} vs {row['best_p99_s']}",
+                flush=True,
+            )
     document = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": "simulation (no device): service times from the scenarios below",
@@ -626,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "capacity_per_s": {str(b): round(capacity_per_s(b), 4) for b in args.fleets},
         "results": results,
+        "comparison": comparison,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1))

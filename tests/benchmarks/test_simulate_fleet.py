@@ -37,3 +37,12 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     assert heavy["good_fraction"] >= results[("all-2gpu", 1.0)]["good_fraction"] - 0.01
     assert heavy["replica_starts_per_hour"] <= 4, "the policy reshapes without end"
     assert "starts_per_phase_change_per_8_gpus" in results[("elastic", "alternating")]
+    by_class = light["good_fraction_by_class"]
+    assert set(by_class) == {"1024px", "1024px cfg", "2048px"} and all(0 <= v <= 1 for v in by_class.values())
+    # The bars the elastic fleet is held to, one row per cell, against the best static layout of that cell.
+    rows = {row["offered_load"]: row for row in document["comparison"]}
+    assert set(rows) == {0.2, 1.0, "alternating"}
+    assert rows[0.2]["best_static"] in simulate_fleet.STATIC and rows[0.2]["goodput_bar_met"]
+    assert rows[1.0]["best_good_fraction"] == max(
+        results[(name, 1.0)]["good_fraction"] for name in simulate_fleet.STATIC
+    )
