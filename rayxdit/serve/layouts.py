@@ -17,10 +17,13 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   would miss its deadline (``routing.retry_after``), so the admitted requests stay good.
 - **Changing costs.** A change starts replicas that serve nothing for their start-up (measured per pool:
   ``PoolDemand.startup_s``), and where the budget has no room for them until other replicas go, the
-  demand meanwhile runs on what is left. The change happens when the latency it saves over
-  ``HORIZON_STARTUPS`` start-ups exceeds the latency the transition adds; a layout that cannot carry the
-  demand is left at once. After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis:
-  a slow alternation of load causes one change per phase, not a change at every tick).
+  demand meanwhile runs on what is left. The change to the best layout happens when the latency it saves
+  over ``HORIZON_STARTUPS`` start-ups exceeds the latency its transition adds; where it does not, a step
+  on the way may (on a full fleet, a quarter of the 2-GPU replicas becoming 8-GPU ones while the rest
+  carry the load, where swapping every replica at once would leave the demand waiting out a start-up):
+  the step of the best net gain is taken. A layout that cannot carry the demand is left at once. After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow
+  alternation of load causes one change per phase, or two where the first is partial, not a change at
+  every tick).
 
 Multiple models share the budget in proportion to the GPUs their demand needs, each at least one replica
 of its smallest pool while it has traffic. Everything here is a pure function of plain data except
@@ -72,16 +75,19 @@ def capacity(counts: Mapping[str, int], seconds: Mapping[str, float]) -> float:
     return sum(count / seconds[name] for name, count in counts.items() if count > 0)
 
 
-def response_time(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float) -> float:
+def response_time(
+    counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float, limit: float = MAX_UTILIZATION
+) -> float:
     """Expected seconds from arrival to answer of a typical request with ``arrivals`` per second on the
-    replicas of ``counts`` (infinite when they cannot carry it below MAX_UTILIZATION)."""
+    replicas of ``counts`` (infinite when they cannot carry it below ``limit`` utilization: a candidate
+    must stay below MAX_UTILIZATION; the layout in place is judged up to 1, where its queue grows)."""
     servers = sum(count for count in counts.values() if count > 0)
     if servers == 0:
         return math.inf if arrivals > EPSILON else 0.0
     rate = capacity(counts, seconds)
     fastest = min(seconds[name] for name, count in counts.items() if count > 0)
     utilization = arrivals / rate
-    if utilization >= MAX_UTILIZATION:
+    if utilization >= limit:
         return math.inf
     waiting = erlang_c(servers, arrivals * servers / rate) / max(rate - arrivals, EPSILON)
     service = (1 - utilization) * fastest + utilization * servers / rate
@@ -147,13 +153,60 @@ def transition_cost(
     added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
     if added_ranks <= free_ranks:
         return 0.0  # the new replicas start beside the old ones, which go once they are up
-    during = response_time(staying, seconds, arrivals)
-    before = response_time(current, seconds, arrivals)
+    during = response_time(staying, seconds, arrivals, limit=1.0)
+    before = response_time(current, seconds, arrivals, limit=1.0)
     if during < math.inf:
         return arrivals * startup * max(0.0, during - max(before, 0.0) if before < math.inf else during)
     # What stays cannot carry the demand: the shortfall piles up for the start-up and waits half of it.
     shortfall = max(0.0, arrivals - capacity(staying, seconds))
     return shortfall * startup * startup / 2 + arrivals * startup * min(seconds.values())
+
+
+def toward(current: Mapping[str, int], target: Mapping[str, int], candidate: Mapping[str, int]) -> bool:
+    """Whether ``candidate`` lies between ``current`` and ``target`` in every pool: a step on the way."""
+    return all(
+        min(current.get(name, 0), target.get(name, 0))
+        <= candidate.get(name, 0)
+        <= max(current.get(name, 0), target.get(name, 0))
+        for name in {*current, *target, *candidate}
+    )
+
+
+def best_move(
+    current: Mapping[str, int],
+    target: Mapping[str, int],
+    candidates: Sequence[Mapping[str, int]],
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    free_ranks: float,
+    horizon_startups: float = HORIZON_STARTUPS,
+) -> tuple[dict[str, int], float]:
+    """The change to make from ``current``, and its net gain in request-seconds (the latency it saves for
+    ``arrivals`` over ``horizon_startups`` start-ups, less :func:`transition_cost`): ``target`` itself if
+    that pays; else the step on the way to it (a layout between the two in every pool) that gains the
+    most, as when a full fleet turns a quarter of its small replicas into large ones while the rest carry
+    the load. Only changes that save at least ``MIN_GAIN`` of the expected response time count; none pays:
+    ``current`` with a net of 0."""
+    before = response_time(current, seconds, arrivals, limit=1.0)
+    startup = max(pool.startup_s for pool in members)
+
+    def net(candidate: Mapping[str, int]) -> float:
+        after = response_time(candidate, seconds, arrivals)
+        if not after < (1 - MIN_GAIN) * before:
+            return -math.inf
+        gain = arrivals * (before - after) * horizon_startups * startup
+        return gain - transition_cost(current, candidate, members, seconds, arrivals, free_ranks)
+
+    direct = net(target)
+    if direct > 0:
+        return dict(target), direct
+    best, best_net = dict(current), 0.0
+    steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
+    for candidate in steps:
+        if (gained := net(candidate)) > best_net:
+            best, best_net = dict(candidate), gained
+    return best, best_net
 
 
 def ranks_of(counts: Mapping[str, int], members: Sequence[PoolDemand]) -> int:
@@ -257,22 +310,25 @@ class CostAwarePolicy:
         plan: dict[str, int] = {}
         for model, members in models.items():
             current = {pool.spec.name: current_of[pool.spec.name] for pool in members}
-            target = best_layout(members, seconds, arrivals[model], share[model])
             plan.update(
-                self._decide(model, members, current, target, seconds, arrivals[model], budget - used, now)
+                self._decide(
+                    model, members, current, share[model], seconds, arrivals[model], budget - used, now
+                )
             )
         self.planned.update(plan)
         return plan
 
-    def _decide(self, model, members, current, target, seconds, arrivals, free_ranks, now) -> dict[str, int]:
-        """``target`` if the change pays for itself (or ``current`` cannot carry the demand), else
-        ``current``."""
+    def _decide(self, model, members, current, ranks, seconds, arrivals, free_ranks, now) -> dict[str, int]:
+        """The layout to hold from now: the best one at once where ``current`` cannot carry the demand (or
+        there is none), else the move of the best net gain if one pays for itself, else ``current``."""
+        target = best_layout(members, seconds, arrivals, ranks)
         if target == current:
             return current
-        before = response_time(current, seconds, arrivals)
-        after = response_time(target, seconds, arrivals)
         if arrivals <= EPSILON and not any(current.values()):
             return target
+        # The layout in place is left at once only when its queue grows (utilization 1), not when an
+        # estimate near MAX_UTILIZATION wavers: that would flip a layout sized close to it back and forth.
+        before = response_time(current, seconds, arrivals, limit=1.0)
         if before == math.inf or free_ranks < 0:
             # Overloaded, no replica, or more than the budget holds (some would never start): change now.
             self.changed_at[model] = now
@@ -283,9 +339,17 @@ class CostAwarePolicy:
         startup = max(pool.startup_s for pool in members)
         if now - self.changed_at.get(model, -math.inf) < self.dwell_startups * startup:
             return current
-        gain = arrivals * (before - after) * self.horizon_startups * startup
-        cost = transition_cost(current, target, members, seconds, arrivals, free_ranks)
-        if after < (1 - MIN_GAIN) * before and gain > cost:
+        move, net = best_move(
+            current,
+            target,
+            layouts(members, ranks),
+            members,
+            seconds,
+            arrivals,
+            free_ranks,
+            self.horizon_startups,
+        )
+        if net > 0:
             self.changed_at[model] = now
-            return target
+            return move
         return current

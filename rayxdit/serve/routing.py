@@ -42,13 +42,20 @@ class ServiceFit:
     loop is proportional to its cost, and the newest requests weigh most (``forget`` per sample). With only
     one cost seen so far, the fit is proportional."""
 
+    MEAN_FORGET = 0.99
+    """The request mix changes slowly and varies a lot from one request to the next (a 2048px image costs
+    four 1024px ones): its mean cost is averaged over about a hundred requests, not ten."""
+
     def __init__(self, forget: float = 0.9):
         self.forget = forget
         self.weight = self.cost = self.cost2 = self.seconds = self.cost_seconds = 0.0
         self.largest = 0.0
+        self.mix_weight = self.mix_cost = 0.0
 
     def add(self, cost: float, seconds: float) -> None:
         self.largest = max(self.largest, cost)
+        self.mix_weight = self.MEAN_FORGET * self.mix_weight + 1.0
+        self.mix_cost = self.MEAN_FORGET * self.mix_cost + cost
         f = self.forget
         self.weight = f * self.weight + 1.0
         self.cost = f * self.cost + cost
@@ -71,7 +78,8 @@ class ServiceFit:
 
     @property
     def mean_cost(self) -> float | None:
-        return self.cost / self.weight if self.weight else None
+        """The mean cost of the requests this pool serves, over about its last hundred (``MEAN_FORGET``)."""
+        return self.mix_cost / self.mix_weight if self.mix_weight else None
 
     @property
     def trusted_cost(self) -> float:

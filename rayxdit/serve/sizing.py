@@ -73,15 +73,24 @@ class PoolDemand:
 
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
     """Each pool's service time of a typical request of its model: its rate (measured, else extrapolated,
-    else relative to one rank) times the model's mean request cost (1 if unmeasured)."""
+    else relative to one rank) times the model's mean request cost (1 if unmeasured). The model's mean is
+    its pools' means weighted by the requests each finishes: routing sends the large requests to the large
+    pools, so each pool's own mean is not the model's."""
     specs = [pool.spec for pool in pools]
     loads = {pool.spec.name: PoolLoad(seconds_per_cost=pool.seconds_per_cost) for pool in pools}
     rates = service_rates(specs, loads) or {s.name: s.ranks**-SCALING_EXPONENT for s in specs}
-    costs: dict[str, list[float]] = defaultdict(list)
+    costs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for pool in pools:
         if pool.mean_cost:
-            costs[pool.spec.model].append(pool.mean_cost)
-    mean_cost = {model: sum(values) / len(values) for model, values in costs.items()}
+            costs[pool.spec.model].append((pool.mean_cost, pool.throughput))
+    mean_cost = {}
+    for model, values in costs.items():
+        weight = sum(throughput for _, throughput in values)
+        mean_cost[model] = (
+            sum(cost * throughput for cost, throughput in values) / weight
+            if weight > EPSILON
+            else sum(cost for cost, _ in values) / len(values)
+        )
     return {
         pool.spec.name: pool.overhead_s + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
         for pool in pools

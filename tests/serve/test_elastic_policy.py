@@ -185,7 +185,13 @@ def test_service_time_is_fitted_as_overhead_plus_rate_and_the_newest_samples_wei
     fit.add(1.0, 3.0)
     overhead, rate = fit.fitted
     assert overhead == pytest.approx(2.0) and rate == pytest.approx(1.0)
-    assert fit.mean_cost == pytest.approx(5.5)
+    assert fit.mean_cost == pytest.approx((0.99 * 10 + 1) / 1.99)
+    # The mean cost of the mix looks at about a hundred requests: ten large ones after 90 small ones move it
+    # to about a third of the way, not (as the fit's ten-sample memory would) most of the way.
+    mix = ServiceFit()
+    for cost in [1.0] * 90 + [4.0] * 10:
+        mix.add(cost, cost)
+    assert 1.3 < mix.mean_cost < 1.6
     forgetting = ServiceFit(forget=0.5)
     for _ in range(20):
         forgetting.add(10.0, 30.0)  # an old, slow regime...

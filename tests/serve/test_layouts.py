@@ -11,8 +11,11 @@ from rayxdit.serve.layouts import (
     IDLE_S,
     CostAwarePolicy,
     best_layout,
+    best_move,
     erlang_c,
+    layouts,
     response_time,
+    toward,
     transition_cost,
 )
 from rayxdit.serve.routing import PoolSpec
@@ -93,3 +96,57 @@ def test_a_slow_alternation_changes_the_layout_once_per_phase():
             plan, now = new, now + 2.0
     assert changes <= 4, f"{changes} changes over 4 phases"
     assert now > DWELL_STARTUPS * 60
+
+
+def fleet(replicas: dict[str, int], arrivals: float | None = None, budget: int = 64) -> list[PoolDemand]:
+    return [
+        PoolDemand(
+            PoolSpec(name, "flux", gpus, startup_s=60.0),
+            replicas=replicas.get(name, 0),
+            outstanding=0.0,
+            max_replicas=budget // gpus,
+            seconds_per_cost=SECONDS[name],
+            mean_cost=1.0,
+            startup_s=60.0,
+            arrivals=arrivals,
+        )
+        for name, gpus in (("p2", 2), ("p4", 4), ("p8", 8))
+    ]
+
+
+def test_a_full_fleet_moves_part_of_the_way_when_swapping_everything_would_stall_the_demand():
+    """64 GPUs as 2-GPU replicas at a light 1.6 requests/s: one 8-GPU replica each would serve it faster,
+    but swapping all of them at once leaves the demand waiting out a start-up; turning some 2-GPU replicas
+    into 8-GPU ones while the rest carry the load pays at once."""
+    current = {"p2": 32, "p4": 0, "p8": 0}
+    members = fleet(current)
+    target = best_layout(members, SECONDS, arrivals=1.6, ranks=64)
+    assert target["p8"] >= 6 and target["p2"] == 0
+    direct = 1.6 * (response_time(current, SECONDS, 1.6) - response_time(target, SECONDS, 1.6)) * 600
+    assert direct < transition_cost(current, target, members, SECONDS, 1.6, free_ranks=0)
+    move, net = best_move(current, target, layouts(members, 64), members, SECONDS, 1.6, free_ranks=0)
+    assert net > 0 and toward(current, target, move)
+    assert 0 < move["p8"] < target["p8"] and 0 < move["p2"] < 32
+    # What stays carries the demand below MAX_UTILIZATION: nothing waits for the new replicas.
+    staying = {"p2": move["p2"]}
+    assert response_time(staying, SECONDS, 1.6) < math.inf
+    # The policy takes the step, then (after the dwell) goes on toward the best layout.
+    policy = CostAwarePolicy()
+    policy.changed_at["flux"] = -math.inf
+    first = policy(fleet(current, arrivals=1.6), budget=64, now=0.0)
+    assert first != current and first["p8"] > 0
+
+
+def test_a_layout_near_max_utilization_is_not_left_at_once():
+    """Sixteen 4-GPU replicas at 88% of their capacity: no longer a candidate (above MAX_UTILIZATION), but
+    their queue does not grow, so they are changed only if a change pays, within the dwell rules; at 100%
+    they are left at once."""
+    current = {"p2": 0, "p4": 16, "p8": 0}
+    capacity = 16 / SECONDS["p4"]
+    assert response_time(current, SECONDS, 0.88 * capacity) == math.inf
+    assert response_time(current, SECONDS, 0.88 * capacity, limit=1.0) < math.inf
+    policy = CostAwarePolicy()
+    policy.changed_at["flux"] = 0.0  # a change was just made: within the dwell
+    assert policy(fleet(current, arrivals=0.88 * capacity), budget=64, now=10.0) == current
+    policy.demand.clear()
+    assert policy(fleet(current, arrivals=1.05 * capacity), budget=64, now=12.0) != current
