@@ -514,6 +514,7 @@ def simulate(
             good / max(1e-9, fleet.held_gpu_seconds / 3600) * (window / fleet.now), 2
         ),
         "good_fraction_by_class": good_by_class(counted),
+        **({"by_phase": by_phase(counted)} if load == "alternating" else {}),
         "gpu_seconds_by_pool": {k: round(v, 1) for k, v in sorted(fleet.gpu_seconds.items())},
         "replica_starts": fleet.replica_starts,
         "replica_starts_per_hour": round(fleet.replica_starts / hours, 2),
@@ -541,6 +542,22 @@ def good_by_class(requests: list[Request]) -> dict[str, float]:
         good = request.end >= 0 and request.end - request.arrival <= request.slo
         by_class.setdefault(request_class(request), []).append(good)
     return {name: round(sum(flags) / len(flags), 4) for name, flags in sorted(by_class.items())}
+
+
+def by_phase(requests: list[Request]) -> dict[str, dict]:
+    """The alternating load's light (20%) and heavy (80%) phases apart: where the elastic fleet gains (large
+    replicas in the light phase) and where it pays (the start-ups when the heavy phase comes)."""
+    found = {}
+    for name, parity in (("light", 0), ("heavy", 1)):
+        mine = [r for r in requests if int(r.arrival // PHASE_S) % 2 == parity]
+        latencies = sorted(r.end - r.arrival for r in mine if r.end >= 0)
+        good = sum(r.end >= 0 and r.end - r.arrival <= r.slo for r in mine)
+        found[name] = {
+            "requests": len(mine),
+            "p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
+            "good_fraction": round(good / max(1, len(mine)), 4),
+        }
+    return found
 
 
 ELASTIC = "elastic"

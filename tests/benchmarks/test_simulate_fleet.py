@@ -36,7 +36,11 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     heavy = results[("elastic", 1.0)]
     assert heavy["good_fraction"] >= results[("all-2gpu", 1.0)]["good_fraction"] - 0.01
     assert heavy["replica_starts_per_hour"] <= 4, "the policy reshapes without end"
-    assert "starts_per_phase_change_per_8_gpus" in results[("elastic", "alternating")]
+    alternating = results[("elastic", "alternating")]
+    assert "starts_per_phase_change_per_8_gpus" in alternating
+    light_phase, heavy_phase = alternating["by_phase"]["light"], alternating["by_phase"]["heavy"]
+    assert light_phase["requests"] + heavy_phase["requests"] == alternating["requests"]
+    assert heavy_phase["requests"] > 2 * light_phase["requests"]  # 80% against 20% of capacity
     by_class = light["good_fraction_by_class"]
     assert set(by_class) == {"1024px", "1024px cfg", "2048px"} and all(0 <= v <= 1 for v in by_class.values())
     # The bars the elastic fleet is held to, one row per cell, against the best static layout of that cell.
