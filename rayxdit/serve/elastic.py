@@ -11,6 +11,7 @@ pool's own ``upscale_delay_s``/``downscale_delay_s`` and bounds.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -57,14 +58,14 @@ class ElasticPolicy:
                 PoolDemand(
                     spec,
                     context.target_num_replicas,
-                    float(context.total_num_requests or 0.0),
-                    float(context.total_queued_requests or 0.0),
+                    _count(context.total_num_requests),
+                    _count(context.total_queued_requests),
                     context.capacity_adjusted_min_replicas,
                     context.capacity_adjusted_max_replicas,
                     _mean_of(metrics.get("seconds_per_cost")),
                     _mean_of(metrics.get("overhead_s")) or 0.0,
                     _mean_of(metrics.get("mean_cost")),
-                    sum((metrics.get("requests_per_s") or {}).values()),
+                    _sum_of(metrics.get("requests_per_s")),
                     _mean_of(metrics.get("startup_s")) or spec.startup_s,
                     arrivals.get(spec.model),
                     quiet.get(spec.model),
@@ -92,12 +93,26 @@ def state_metrics(contexts: Mapping[Any, Any]) -> tuple[dict[str, float], dict[s
             continue
         for name, per_replica in (context.aggregated_metrics or {}).items():
             metric, _, model = name.partition(".")
-            if metric in found and per_replica:
-                found[metric][model] = max(per_replica.values())
+            values = [value for value in (per_replica or {}).values() if _finite(value)]
+            if metric in found and values:
+                found[metric][model] = max(values)
     return found[ARRIVALS_METRIC], found[QUIET_METRIC]
+
+
+def _finite(value: Any) -> bool:
+    """Serve hands a metric with no sample in its window as NaN: such a value says nothing."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _sum_of(per_replica: Mapping[Any, float] | None) -> float:
+    return sum(value for value in (per_replica or {}).values() if _finite(value))
+
+
+def _count(value: Any) -> float:
+    return float(value) if _finite(value) else 0.0
 
 
 def _mean_of(per_replica: Mapping[Any, float] | None) -> float | None:
     """The mean of the replicas' positive reports (0 means "not measured yet")."""
-    values = [value for value in (per_replica or {}).values() if value and value > 0]
+    values = [value for value in (per_replica or {}).values() if _finite(value) and value > 0]
     return sum(values) / len(values) if values else None

@@ -268,19 +268,22 @@ class CostAwarePolicy:
     def arrivals(self, model: str, members: Sequence[PoolDemand], now: float) -> float:
         """The model's smoothed arrival rate: as the application's state counts it (refused requests too),
         else what its pools finish plus the growth of what they hold."""
-        holding = sum(pool.outstanding for pool in members)
+        holding = sum(pool.outstanding for pool in members if math.isfinite(pool.outstanding))
         elapsed = None if self.last_tick is None else max(EPSILON, now - self.last_tick)
-        counted = [pool.arrivals for pool in members if pool.arrivals is not None]
+        # A report without a sample (NaN) says nothing: it must not turn every estimate into NaN.
+        counted = [
+            pool.arrivals for pool in members if pool.arrivals is not None and math.isfinite(pool.arrivals)
+        ]
         if counted:
             observed = max(counted)
         else:
-            finished = sum(pool.throughput for pool in members)
+            finished = sum(pool.throughput for pool in members if math.isfinite(pool.throughput))
             growth = 0.0 if elapsed is None else (holding - self.outstanding.get(model, holding)) / elapsed
             observed = max(0.0, finished + growth)
             if holding > EPSILON and observed <= EPSILON:
                 observed = holding / max(1.0, elapsed or 1.0)  # queued before anything finished
         self.outstanding[model] = holding
-        quiet = [pool.quiet_s for pool in members if pool.quiet_s is not None]
+        quiet = [pool.quiet_s for pool in members if pool.quiet_s is not None and math.isfinite(pool.quiet_s)]
         if quiet and holding <= EPSILON:  # the state knows when the last request came
             self.busy_at[model] = max(self.busy_at.get(model, -math.inf), now - min(quiet))
         elif observed > EPSILON or holding > EPSILON:

@@ -150,3 +150,31 @@ def test_a_layout_near_max_utilization_is_not_left_at_once():
     assert policy(fleet(current, arrivals=0.88 * capacity), budget=64, now=10.0) == current
     policy.demand.clear()
     assert policy(fleet(current, arrivals=1.05 * capacity), budget=64, now=12.0) != current
+
+
+def test_reports_without_samples_leave_the_plan_whole():
+    """Serve hands a custom metric with no sample in its window as NaN (seen at shutdown): the policy must
+    plan from what it knows, not turn every estimate into NaN and fail the controller's loop."""
+    policy = CostAwarePolicy()
+    policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=0.0)
+    nan = float("nan")
+    broken = [
+        PoolDemand(
+            pool.spec,
+            pool.replicas,
+            nan,
+            nan,
+            0,
+            pool.max_replicas,
+            pool.seconds_per_cost,
+            0.0,
+            pool.mean_cost,
+            nan,
+            pool.startup_s,
+            nan,
+            nan,
+        )
+        for pool in pools((1, 0, 0))
+    ]
+    plan = policy(broken, budget=8, now=2.0)
+    assert all(isinstance(count, int) and count >= 0 for count in plan.values()), plan
