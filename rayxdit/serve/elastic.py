@@ -44,6 +44,7 @@ class ElasticPolicy:
         )
         elastic = config.elastic or ElasticConfig()
         self.policy = autoscaling_policy(elastic.policy, elastic.policy_options)
+        self.policy_name = elastic.policy
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
@@ -72,7 +73,13 @@ class ElasticPolicy:
                 )
             )
         budget = self.budget()
-        plan = self.policy(demands, budget, time.monotonic())
+        try:
+            plan = self.policy(demands, budget, time.monotonic())
+        except Exception:  # a policy's bug must not stop Serve's control loop: keep the replicas in place
+            logger.exception(
+                "elastic policy %s failed on %s within %s ranks", self.policy_name, demands, budget
+            )
+            plan = {d.spec.name: d.replicas for d in demands}
         if plan != self.last_plan:
             demand = {d.spec.name: round(d.outstanding, 2) for d in demands}
             logger.info("elastic plan %s within %s ranks (outstanding %s)", plan, budget, demand)

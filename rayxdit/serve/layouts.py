@@ -301,6 +301,8 @@ class CostAwarePolicy:
         return self.demand[model]
 
     def __call__(self, pools: Sequence[PoolDemand], budget: float, now: float) -> dict[str, int]:
+        # No accelerator bounds CPU pools (their budget is infinite): the pools' own maximums do.
+        budget = min(budget, sum(pool.max_replicas * pool.spec.ranks for pool in pools))
         seconds = typical_seconds(pools)
         models: dict[str, list[PoolDemand]] = defaultdict(list)
         for pool in pools:

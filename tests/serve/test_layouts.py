@@ -178,3 +178,12 @@ def test_reports_without_samples_leave_the_plan_whole():
     ]
     plan = policy(broken, budget=8, now=2.0)
     assert all(isinstance(count, int) and count >= 0 for count in plan.values()), plan
+
+
+def test_an_unbounded_budget_is_bounded_by_the_pools_maximums():
+    """CPU pools have no accelerator to count: the budget is infinite (``rayxdit serve``'s default) and the
+    plan stays within what the pools may hold."""
+    policy = CostAwarePolicy()
+    plan = policy(pools((1, 0, 0), arrivals=0.5), budget=math.inf, now=0.0)
+    assert all(isinstance(count, int) for count in plan.values())
+    assert plan["p2"] <= 4 and plan["p4"] <= 2 and plan["p8"] <= 1 and any(plan.values())
