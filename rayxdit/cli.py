@@ -414,7 +414,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         while True:
-            time.sleep(3600)
+            # Short sleeps: a signal the kernel hands to one of Ray's threads only sets a flag that the main
+            # thread reads when it wakes; one long sleep left Ctrl-C/SIGTERM unanswered (seen in a test run).
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("rayxdit: stopping (in-flight requests are cancelled)", file=sys.stderr, flush=True)
     finally:
