@@ -209,11 +209,6 @@ def best_move(
     return best, best_net
 
 
-def ranks_of(counts: Mapping[str, int], members: Sequence[PoolDemand]) -> int:
-    by_name = {pool.spec.name: pool for pool in members}
-    return sum(count * by_name[name].spec.ranks for name, count in counts.items())
-
-
 def shares(models: Mapping[str, Sequence[PoolDemand]], seconds, arrivals: Mapping[str, float], budget: float):
     """Ranks of the budget each model may lay out: in proportion to the ranks its demand keeps busy on its
     most efficient pool (at MAX_UTILIZATION), at least one replica of its smallest pool while it has any
