@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 from collections.abc import Callable
@@ -43,3 +44,43 @@ def left_half_mask(width: int, height: int) -> bytes:
         np.where(np.arange(width) < width // 2, 255, 0).astype(np.uint8)[None].repeat(height, 0)
     ).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def private_ray_temp_dir() -> str:
+    """A fresh directory for a ``ray start`` cluster's sessions, short enough for Ray's socket paths
+    (Unix sockets: at most 107 characters)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+
+
+def stop_ray_cluster(gcs_port: int, timeout_s: float = 30) -> None:
+    """Stop the Ray cluster whose GCS listens on ``gcs_port``, and only it: its GCS, every process started
+    against it (raylets of every node, dashboards, monitors) and all of their descendants (agents,
+    workers). ``ray stop --force`` would stop every Ray cluster of this user on the machine, also one that
+    another test worker runs at the same time."""
+    import psutil
+
+    markers = (f"--gcs_server_port={gcs_port}", f":{gcs_port}")
+
+    def started_against_it(process: psutil.Process) -> bool:
+        try:
+            return any(
+                arg.startswith(markers[0]) or (arg.startswith("--") and arg.endswith(markers[1]))
+                for arg in process.cmdline()
+            )
+        except psutil.Error:
+            return False
+
+    roots = [p for p in psutil.process_iter() if started_against_it(p)]
+    doomed: dict[int, psutil.Process] = {}
+    for root in roots:
+        try:
+            for process in [root, *root.children(recursive=True)]:
+                doomed[process.pid] = process
+        except psutil.Error:
+            continue
+    for process in doomed.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(list(doomed.values()), timeout=timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,8 +122,8 @@ def test_help_explains_every_flag():
 
 
 RANK_ENV_PROBE = """
-import json, ray
-ray.init(address="auto", logging_level="error")
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="error")
 names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("-rank1")]
 rank = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 probe = lambda self: (ray.get_runtime_context().runtime_env.get("env_vars", {}), __import__("os").environ)
@@ -167,8 +168,14 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
         assert response.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(response.content))
         assert image.format == "PNG" and image.size == (128, 128)
+        # Join this instance as the startup message says ("auto" could find another test's instance).
+        address = re.search(r"RAY_ADDRESS=(\S+)", (tmp_path / "serve.log").read_text()).group(1)
         probe = subprocess.run(
-            [sys.executable, "-c", RANK_ENV_PROBE], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", RANK_ENV_PROBE, address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
         )
         assert probe.returncode == 0, probe.stderr[-2000:]
         forwarded, seen = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
-from tests.helpers import free_port
+from tests.helpers import free_port, private_ray_temp_dir, stop_ray_cluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -54,13 +55,17 @@ def cluster(tmp_path_factory):
         "TRANSFORMERS_VERBOSITY": "error",
     }
     env.pop("RAY_ADDRESS", None)
-    dashboard = free_port()
+    temp_dir = private_ray_temp_dir()
+    dashboard, gcs = free_port(), free_port()
     subprocess.run(
         [
             "ray",
             "start",
             "--head",
-            f"--port={free_port()}",
+            # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must not
+            # find this cluster through /tmp/ray/ray_current_cluster and join it.
+            f"--temp-dir={temp_dir}",
+            f"--port={gcs}",
             f"--dashboard-port={dashboard}",
             "--num-cpus=8",
             "--num-gpus=8",
@@ -73,7 +78,8 @@ def cluster(tmp_path_factory):
         timeout=180,
     )
     yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_ray_cluster(gcs)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(

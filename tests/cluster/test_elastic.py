@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -34,7 +35,7 @@ from PIL import Image
 from ray import serve
 
 from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
-from tests.helpers import free_port
+from tests.helpers import free_port, private_ray_temp_dir, stop_ray_cluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -159,11 +160,15 @@ def cluster(tmp_path_factory):
         "TRANSFORMERS_VERBOSITY": "error",
     }
     env.pop("RAY_ADDRESS", None)
+    temp_dir = private_ray_temp_dir()
     subprocess.run(
         [
             "ray",
             "start",
             "--head",
+            # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must not
+            # find this cluster through /tmp/ray/ray_current_cluster and join it.
+            f"--temp-dir={temp_dir}",
             f"--port={port}",
             f"--autoscaling-config={config_path}",
             "--num-cpus=4",
@@ -183,7 +188,8 @@ def cluster(tmp_path_factory):
         yield f"http://127.0.0.1:{http_port}"
     finally:  # the whole cluster goes: no graceful Serve shutdown first (it waits on every replica)
         ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_cluster(port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def mixed_request(index: int) -> dict:

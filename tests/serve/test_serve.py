@@ -802,11 +802,16 @@ def test_an_image_prompt_gets_the_single_process_image(url):
 
 
 # ----- honest counts, bounded answers, quiet logs -----------------------------------------------------------
-def wait_idle(pool: str, timeout_s: float = 180) -> None:
-    """Until ``pool``'s rank 0 runs nothing."""
+def wait_idle(pool: str, timeout_s: float = 180, settled_s: float = 1.0) -> None:
+    """Until ``pool``'s rank 0 has run nothing for ``settled_s`` (not a gap between two queued requests)."""
     deadline = time.monotonic() + timeout_s
-    while rank_progress(pool) is not None:
+    idle_since = None
+    while idle_since is None or time.monotonic() - idle_since < settled_s:
         assert time.monotonic() < deadline, f"{pool} never went idle"
+        if rank_progress(pool) is not None:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
         time.sleep(0.2)
 
 
