@@ -11,6 +11,14 @@ overhead is what the client waited beyond it (HTTP, router, replica, Ray transfe
         --steps 4 --out /tmp/serve-smoke.json                                                    # CPU smoke
     python benchmarks/bench_serve.py --parallel ulysses=1 --compile --metrics-ab --requests 4 \\
         --out benchmarks/results/serve-flux-dev-1xh200.json          # one GPU: NVML, GPU-seconds, metrics cost
+    python benchmarks/bench_serve.py --parallel ulysses=1 --compile --restarts 3 --requests 3 \\
+        --out benchmarks/results/serve-restart-flux-dev-1xh200.json   # a replica restarted on a warm node
+
+With ``--restarts N`` the pool warms its size up as part of its start (``warmup_sizes``: torch.compile runs
+before the replica reports ready), and after the timed requests the replica is killed N times: each time Serve starts a new one on the same
+node. The record holds every start's stage timeline (cold: the first on this node; warm: the restarts), the
+seconds from each kill until the new replica answers, and the first request after each restart against the
+steady requests (equal: it compiled nothing).
 """
 
 from __future__ import annotations
@@ -65,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="with --metrics-ab: off/on phase pairs (default: %(default)s)",
     )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        help="warm the size up at start, then kill the replica this many times and time each restart on "
+        "this (warm) node (median reported; default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -78,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         cpus_per_rank=0.5,
         request_timeout_s=1800,
+        warmup_sizes=[f"{args.size}x{args.size}"] if args.restarts else [],
     )
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
@@ -107,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    restart = phases[-1].get("restart")
+    if restart:
+        record["restart"] = restart
     if off:
         seconds_off = statistics.median(run["end_to_end_s"] for run in off)
         record["metrics_overhead"] = {
@@ -125,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['gpu_seconds_per_request']:.3f} GPU-seconds per request"
         + (f"; metrics cost {record['metrics_overhead']['pct']:+.2f}%" if off else "")
     )
+    if restart:
+        print(
+            f"restart (median of {len(restart['warm'])}): ready {restart['kill_to_ready_s']:.1f} s after the "
+            f"kill, replica start {restart['warm_start_s']:.1f} s (cold {restart['cold']['timeline']['total']:.1f}"
+            f" s); first request after it {restart['first_request_s']:.2f} s vs {restart['steady_request_s']:.2f}"
+            f" s steady"
+        )
     return 0
 
 
@@ -190,6 +216,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
     exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
+    restart = restart_phase(pool, port, body, runs, args.restarts) if args.restarts else None
     serve.shutdown()
     ray.shutdown()
     return {
@@ -199,7 +226,62 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
         "runs": runs,
         "nvml_during_requests": nvml,
         "exported_metrics": exported,
+        **({"restart": restart} if restart else {}),
     }
+
+
+def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int) -> dict:
+    """Kill the pool's replica ``restarts`` times; each time Serve starts a new one on the same node (the
+    inductor cache and the page cache warm). Times each kill until the new replica answers (Serve routes to
+    a replica only once its start, warm-up included, is done), then one request."""
+    from ray import serve
+
+    from rayxdit.serve.app import APP_NAME
+
+    handle = serve.get_deployment_handle(pool.name, app_name=APP_NAME)
+    cold = handle.startup.remote().result()
+    warm, kill_to_ready, first_request = [], [], []
+    for index in range(restarts):
+        begin = time.perf_counter()
+        kill_replica(pool.name)
+        # The handle holds the call until a replica runs; one sent before Serve saw the kill fails: again.
+        while True:
+            try:
+                warm.append(handle.startup.remote().result(timeout_s=1800))
+                break
+            except Exception:  # the killed replica's, until Serve has noticed
+                if time.perf_counter() - begin > 1800:
+                    raise
+                time.sleep(0.2)
+        kill_to_ready.append(round(time.perf_counter() - begin, 2))
+        assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
+        begin = time.perf_counter()
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        requests.post(url, json={**body, "seed": 100 + index}, timeout=1800).raise_for_status()
+        first_request.append(round(time.perf_counter() - begin, 3))
+        print(f"restart {index + 1}: ready after {kill_to_ready[-1]} s, {warm[-1]}", flush=True)
+    return {
+        "kill_to_ready_s": statistics.median(kill_to_ready),
+        "warm_start_s": statistics.median(start["timeline"]["total"] for start in warm),
+        "first_request_s": statistics.median(first_request),
+        "steady_request_s": statistics.median(run["end_to_end_s"] for run in runs),
+        "cold": cold,
+        "warm": warm,
+        "each_kill_to_ready_s": kill_to_ready,
+        "each_first_request_s": first_request,
+    }
+
+
+def kill_replica(deployment: str) -> None:
+    """Kill the one running replica of ``deployment`` (its rank actors die with it, their owner)."""
+    import ray
+
+    (replica,) = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]
+    ]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
 class NvmlSampler:

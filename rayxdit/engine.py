@@ -56,7 +56,9 @@ class Engine:
         self.config = config
         self.state = state
         device, dtype = state.device, resolve_dtype(config.dtype, state.device)
+        began = time.perf_counter()
         adapter = self.adapter = load_adapter(config.model, device, dtype)
+        built = _now(device)
         # In ADD_ON_ORDER.
         adapter.load_loras([parse_lora(lora) for lora in config.loras])
         if config.controlnets:
@@ -72,6 +74,9 @@ class Engine:
             adapter.enable_step_cache(config.cache_threshold)
         if config.compile:
             adapter.compile()
+        self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
+        """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
+        (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache; compile is lazy)."""
 
     @torch.inference_mode()
     def generate(

@@ -125,6 +125,8 @@ class Executor(ABC):
         self.devices: list[str] = []
         self.timeline: dict[str, float] = {}
         """Seconds of each stage of the last start (see :meth:`start`)."""
+        self.load_parts: dict[str, float] = {}
+        """Rank 0's split of the last start's ``weights`` stage (``model``, ``add_ons``)."""
 
     # ----- what an implementation provides ------------------------------------------------------------------
     @abstractmethod
@@ -181,8 +183,9 @@ class Executor(ABC):
             timeline["rendezvous"] = time.perf_counter() - mark  # the process group (NCCL, gloo)
             if self.config is not None:
                 mark = time.perf_counter()
-                self._call("load", (self.config,), {}, STARTUP_TIMEOUT_S, everyone)
+                parts = self._call("load", (self.config,), {}, STARTUP_TIMEOUT_S, everyone)
                 timeline["weights"] = time.perf_counter() - mark  # model built, loaded, parallelized
+                self.load_parts = parts[0]
         except BaseException:
             self._kill()
             self.broken = True

@@ -96,8 +96,9 @@ class RankWorker:
             self.telemetry = start_gpu_telemetry(self.device_index, self.telemetry_pool)
         return self.device
 
-    def load(self, config: EngineConfig) -> None:
-        """Collective: build the mesh and load the model with its parallelism applied."""
+    def load(self, config: EngineConfig) -> dict[str, float]:
+        """Collective: build the mesh and load the model with its parallelism applied. Returns the seconds
+        of its parts (:attr:`Engine.load_seconds`)."""
         import torch
 
         from rayxdit.engine import Engine
@@ -111,6 +112,7 @@ class RankWorker:
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
         self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
+        return self.engine.load_seconds
 
     def generate(
         self,

@@ -91,8 +91,13 @@ class PoolReplica:
 
     def startup(self) -> dict[str, object]:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
-        ``warm_up``, ``total``) and the sizes it warmed up, all before it reported ready."""
-        return {"timeline": self.timeline, "warmed_up": list(self.warmed_up)}
+        ``warm_up``, ``total``), rank 0's split of ``weights`` (``model``: read or built on the device;
+        ``add_ons``) and the sizes it warmed up, all before it reported ready."""
+        return {
+            "timeline": self.timeline,
+            "weights": self.executor.load_parts,
+            "warmed_up": list(self.warmed_up),
+        }
 
     async def _heartbeat(self) -> None:
         """Tell the application's state every second whether this replica is starting or ready."""

@@ -74,7 +74,7 @@ CONFIG = ServeConfig(
             name="failover-2",
             model_name="tiny-failover",
             parallel="ring=2",
-            request_timeout_s=120,
+            request_timeout_s=300,  # a failed first attempt, a rebuild and a second one fit, on a busy machine
             deployment_config=FAST_HEALTH,
             **COMMON,
         ),
@@ -165,6 +165,8 @@ def test_a_replica_warms_up_before_it_takes_traffic(url):
     assert started["warmed_up"] == ["36x36"], started
     timeline = started["timeline"]
     assert set(timeline) == {"processes", "rendezvous", "weights", "warm_up", "total"}, timeline
+    assert set(started["weights"]) == {"model", "add_ons"}
+    assert sum(started["weights"].values()) <= timeline["weights"], (started, timeline)
     assert (
         timeline["warm_up"] > 0 and sum(v for k, v in timeline.items() if k != "total") <= timeline["total"]
     )
@@ -829,7 +831,7 @@ def seconds_until_nothing_outstanding(url: str, within_s: float) -> float:
 
 def test_disconnects_and_deadlines_leave_nothing_counted_and_admission_still_admits(url, engine):
     """50 clients that go away at varying points of their request (queued, early steps, later steps) and 10
-    that hit their deadline: once the ranks are idle, /readyz counts 0 outstanding within 5 s, and a
+    that hit their deadline: once the ranks are idle, /readyz counts 0 outstanding within 8 s, and a
     request with a deadline it can meet is admitted, with the right image."""
     body = {"model": "tiny-failover", "prompt": "gone", "size": "64x64", "steps": 12}
     rng = np.random.default_rng(0)
@@ -848,7 +850,9 @@ def test_disconnects_and_deadlines_leave_nothing_counted_and_admission_still_adm
     # Each is stopped at its deadline (504) or, once the pool's rate is known, refused up front (429).
     assert {answer.status_code for answer in answers} <= {504, 429}, [answer.text for answer in answers]
     wait_idle("failover-2")
-    assert seconds_until_nothing_outstanding(url, within_s=5) <= 5
+    # A phantom (a request counted after its client left) would stay until its lease lapses (LEASE_S, 15 s)
+    # or for ever; a released one goes within seconds, also with the other test worker loading the cores.
+    assert seconds_until_nothing_outstanding(url, within_s=8) <= 8
     fine = {"model": "tiny-failover", "prompt": "fine", "size": "36x36", "steps": 3, "seed": 9, "timeout": 60}
     response = post(url, fine)
     assert response.status_code == 200, response.text
