@@ -80,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         help="warm the size up at start, then kill the replica this many times and time each restart on "
         "this (warm) node (median reported; default: %(default)s)",
     )
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="with --restarts: empty this node's compile caches (inductor, Triton) before each restart, as "
+        "on a node the replica never ran on; restarts alternate between the cluster's compile-artifact "
+        "store emptied too (compile from scratch) and kept (compile from the artifacts)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if restart:
         print(
-            f"restart (median of {len(restart['warm'])}): ready {restart['kill_to_ready_s']:.1f} s after the "
+            f"restart (median of {len(restart['restarts'])}): ready {restart['kill_to_ready_s']:.1f} s after the "
             f"kill, replica start {restart['warm_start_s']:.1f} s (cold {restart['cold']['timeline']['total']:.1f}"
             f" s); first request after it {restart['first_request_s']:.2f} s vs {restart['steady_request_s']:.2f}"
             f" s steady"
@@ -216,7 +223,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
     exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
-    restart = restart_phase(pool, port, body, runs, args.restarts) if args.restarts else None
+    restart = restart_phase(pool, port, body, runs, args.restarts, args.cold_cache) if args.restarts else None
     serve.shutdown()
     ray.shutdown()
     return {
@@ -230,46 +237,89 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
     }
 
 
-def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int) -> dict:
+def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, cold_cache: bool) -> dict:
     """Kill the pool's replica ``restarts`` times; each time Serve starts a new one on the same node (the
-    inductor cache and the page cache warm). Times each kill until the new replica answers (Serve routes to
-    a replica only once its start, warm-up included, is done), then one request."""
+    inductor cache and the page cache warm, unless ``cold_cache``). Times each kill until the new replica
+    answers (Serve routes to a replica only once its start, warm-up included, is done), then one request."""
     from ray import serve
 
     from rayxdit.serve.app import APP_NAME
 
     handle = serve.get_deployment_handle(pool.name, app_name=APP_NAME)
     cold = handle.startup.remote().result()
-    warm, kill_to_ready, first_request = [], [], []
+    each: list[dict] = []
     for index in range(restarts):
+        mode = "warm node"
+        if cold_cache:
+            from_artifacts = index % 2 == 1
+            mode = "cold cache, artifacts" if from_artifacts else "cold cache, no artifacts"
+        if cold_cache:
+            empty_compile_caches(keep_artifact_store=from_artifacts)
         begin = time.perf_counter()
         kill_replica(pool.name)
         # The handle holds the call until a replica runs; one sent before Serve saw the kill fails: again.
         while True:
             try:
-                warm.append(handle.startup.remote().result(timeout_s=1800))
+                started = handle.startup.remote().result(timeout_s=1800)
                 break
             except Exception:  # the killed replica's, until Serve has noticed
                 if time.perf_counter() - begin > 1800:
                     raise
                 time.sleep(0.2)
-        kill_to_ready.append(round(time.perf_counter() - begin, 2))
+        kill_to_ready = round(time.perf_counter() - begin, 2)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
         begin = time.perf_counter()
         url = f"http://127.0.0.1:{port}/v1/generate"
         requests.post(url, json={**body, "seed": 100 + index}, timeout=1800).raise_for_status()
-        first_request.append(round(time.perf_counter() - begin, 3))
-        print(f"restart {index + 1}: ready after {kill_to_ready[-1]} s, {warm[-1]}", flush=True)
-    return {
-        "kill_to_ready_s": statistics.median(kill_to_ready),
-        "warm_start_s": statistics.median(start["timeline"]["total"] for start in warm),
-        "first_request_s": statistics.median(first_request),
-        "steady_request_s": statistics.median(run["end_to_end_s"] for run in runs),
-        "cold": cold,
-        "warm": warm,
-        "each_kill_to_ready_s": kill_to_ready,
-        "each_first_request_s": first_request,
+        each.append(
+            {
+                "mode": mode,
+                "kill_to_ready_s": kill_to_ready,
+                "first_request_s": round(time.perf_counter() - begin, 3),
+                **started,
+            }
+        )
+        print(f"restart {index + 1} ({mode}): ready after {kill_to_ready} s, {started}", flush=True)
+    by_mode = {
+        mode: {
+            "kill_to_ready_s": statistics.median(r["kill_to_ready_s"] for r in runs_of_mode),
+            "start_s": statistics.median(r["timeline"]["total"] for r in runs_of_mode),
+            "warm_up_s": statistics.median(r["timeline"]["warm_up"] for r in runs_of_mode),
+            "first_request_s": statistics.median(r["first_request_s"] for r in runs_of_mode),
+            "restarts": len(runs_of_mode),
+        }
+        for mode in dict.fromkeys(r["mode"] for r in each)
+        if (runs_of_mode := [r for r in each if r["mode"] == mode])
     }
+    return {
+        "kill_to_ready_s": statistics.median(r["kill_to_ready_s"] for r in each),
+        "warm_start_s": statistics.median(r["timeline"]["total"] for r in each),
+        "first_request_s": statistics.median(r["first_request_s"] for r in each),
+        "steady_request_s": statistics.median(run["end_to_end_s"] for run in runs),
+        "by_mode": by_mode,
+        "cold": cold,
+        "restarts": each,
+    }
+
+
+def empty_compile_caches(keep_artifact_store: bool) -> None:
+    """This node's inductor and Triton caches emptied (a node the replica never ran on); the cluster's
+    compile-artifact store too unless ``keep_artifact_store``."""
+    import contextlib
+    import os
+    import shutil
+
+    import ray
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from rayxdit.runtime.compile_artifacts import STORE_NAME, STORE_NAMESPACE
+
+    triton = os.environ.get("TRITON_CACHE_DIR", os.path.join(Path.home(), ".triton", "cache"))
+    for path in (cache_dir(), triton):
+        shutil.rmtree(path, ignore_errors=True)
+    if not keep_artifact_store:
+        with contextlib.suppress(ValueError):  # none yet
+            ray.kill(ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE))
 
 
 def kill_replica(deployment: str) -> None:

@@ -466,6 +466,12 @@ class WorkerGroupConfig(BaseModel):
         description="A cancelled request (or one past its deadline) must stop at a step boundary within "
         "this long; otherwise its ranks count as hung and the worker group is rebuilt.",
     )
+    share_compile_artifacts: bool = Field(
+        default=True,
+        description="With compile: before warming up, the ranks load the compile artifacts another replica "
+        "of the same engine published (a node with a cold compile cache then compiles as a warm one does); "
+        "after, they publish theirs if none were there.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ SECONDS_PER_FILE = {
     "tests/batch/test_batch_local.py": 100,
     "tests/benchmarks/test_bench_serve.py": 90,
     "tests/runtime/test_ray_executor.py": 55,
+    "tests/runtime/test_compile_artifacts.py": 40,
     "tests/models/test_step_cache.py": 25,
 }
 

@@ -186,6 +186,34 @@ class RankWorker:
         with self._lock:
             self._progress = {"request_id": request_id, "step": step, "steps": steps}
 
+    def compile_artifacts(self) -> tuple[str, bytes] | None:
+        """This rank's fingerprint and torch.compile's artifacts made or loaded in this process (the
+        "mega-cache" blob), or None when it compiled nothing."""
+        import torch
+
+        saved = torch.compiler.save_cache_artifacts()
+        return (self._artifact_fingerprint(), saved[0]) if saved is not None and saved[0] else None
+
+    def load_compile_artifacts(self, blobs: dict[str, bytes]) -> bool:
+        """Unpack the blob made for this rank's fingerprint into the node's compile caches (the compile that
+        follows finds its graphs and kernels there). False when ``blobs`` holds none for it."""
+        import torch
+
+        blob = blobs.get(self._artifact_fingerprint())
+        if blob is None:
+            return False
+        torch.compiler.load_cache_artifacts(blob)
+        return True
+
+    def _artifact_fingerprint(self) -> str:
+        """What compiled artifacts depend on beyond the engine's configuration: this rank's place in the
+        group (its shards' shapes), torch's version and the device."""
+        import torch
+
+        device = torch.device(self.device or "cpu")
+        kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return f"rank {self.rank}/{self.world_size}|torch {torch.__version__}|{kind}"
+
     def ping(self) -> int:
         """Liveness: the rank's process id."""
         return os.getpid()

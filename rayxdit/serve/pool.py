@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import PoolConfig
 from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped, engine_seconds
+from rayxdit.runtime.compile_artifacts import load_artifacts, publish_artifacts
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.ray_executor import RayExecutor
 from rayxdit.serve import metrics
@@ -66,15 +67,35 @@ class PoolReplica:
         self.warmed_up: list[str] = []
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
+        sharing = pool.engine.compile and pool.share_compile_artifacts and bool(pool.warmup_sizes)
+        artifacts = {"compile_artifacts": await self._share_artifacts(load_artifacts)} if sharing else {}
         warm_up = await self._warm_up()
+        if sharing:
+            artifacts["compile_artifacts"] += await self._share_artifacts(publish_artifacts)
         self.startup_s = time.monotonic() - began
-        self.timeline = {**self.executor.timeline, "warm_up": warm_up, "total": round(self.startup_s, 3)}
+        self.timeline = {
+            **self.executor.timeline,
+            **artifacts,
+            "warm_up": warm_up,
+            "total": round(self.startup_s, 3),
+        }
         for stage, seconds in self.timeline.items():
             metrics.observe("rayxdit_replica_start_seconds", seconds, pool=pool.name, stage=stage)
         logger.info("%s: started in %.1f s (%s)", self.replica, self.startup_s, self.timeline)
         # Ready in the shared state before Serve sees this replica up (not up to a heartbeat later): when
         # Serve reports the application running, /readyz agrees.
         await self._report()
+
+    async def _share_artifacts(self, share) -> float:
+        """Load (before the warm-up) or publish (after it) the cluster's compile artifacts of this engine;
+        returns the seconds it took. A store that fails costs a compile from scratch, never the start."""
+        began = time.monotonic()
+        try:
+            done = await share(self.executor, self.pool.engine)
+            logger.info("%s: %s: %s", self.replica, share.__name__, done)
+        except Exception as error:
+            logger.warning("%s: %s failed (compiling without them): %r", self.replica, share.__name__, error)
+        return round(time.monotonic() - began, 3)
 
     async def _warm_up(self) -> float:
         """One short generation per ``warmup_sizes`` entry (torch.compile compiles per resolution), before
@@ -91,7 +112,7 @@ class PoolReplica:
 
     def startup(self) -> dict[str, object]:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
-        ``warm_up``, ``total``), rank 0's split of ``weights`` (``model``: read or built on the device;
+        ``compile_artifacts`` when it compiles and warms up, ``warm_up``, ``total``), rank 0's split of ``weights`` (``model``: read or built on the device;
         ``add_ons``) and the sizes it warmed up, all before it reported ready."""
         return {
             "timeline": self.timeline,

@@ -15,7 +15,18 @@ pytestmark = pytest.mark.slow
 def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart(tmp_path):
     out = tmp_path / "serve.json"
     argv = ["--model", "tiny-flux", "--parallel", "ulysses=2", "--accelerator", "cpu", "--size", "64"]
-    argv += ["--steps", "2", "--requests", "2", "--metrics-ab", "--ab-rounds", "1", "--restarts", "1"]
+    argv += [
+        "--steps",
+        "2",
+        "--requests",
+        "2",
+        "--metrics-ab",
+        "--ab-rounds",
+        "1",
+        "--restarts",
+        "1",
+        "--cold-cache",
+    ]
     argv += ["--out", str(out)]
     assert bench_serve.main(argv) == 0
 
@@ -28,9 +39,10 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
     assert record["gpu_seconds_per_request"] == pytest.approx(2 * record["engine_seconds"], rel=0.05)
     # The restart: the killed replica's successor started (warm-up included) before it answered.
     restart = record["restart"]
-    (warm,) = restart["warm"]
+    (warm,) = restart["restarts"]
+    assert warm["mode"] == "cold cache, no artifacts" and list(restart["by_mode"]) == [warm["mode"]]
     assert warm["warmed_up"] == ["64x64"] and set(warm["weights"]) == {"model", "add_ons"}
-    assert 0 < warm["timeline"]["total"] < restart["kill_to_ready_s"]
+    assert 0 < warm["timeline"]["total"] < warm["kill_to_ready_s"]
     assert restart["cold"]["timeline"]["warm_up"] > 0 and restart["first_request_s"] > 0
     # The metrics-on phase exported rayxdit's counters (warm-up + 2 requests); the off phase nothing.
     assert on["exported_metrics"]["ray_rayxdit_images_total"] == 3

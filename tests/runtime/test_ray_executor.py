@@ -131,3 +131,17 @@ def test_cancel_stops_every_rank_at_one_step_and_leaves_the_group_usable(group, 
     assert [o["outcome"] for o in outcomes] == ["cancelled", "cancelled"], outcomes
     assert outcomes[0]["step"] == outcomes[1]["step"] < long.steps - 10, f"not stopped early: {outcomes}"
     assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+
+
+def test_the_compile_artifact_store_is_one_per_cluster_and_drops_the_oldest_engine_past_its_budget(group):
+    from rayxdit.runtime.compile_artifacts import ArtifactStore, artifact_store
+
+    assert artifact_store()._actor_id == artifact_store()._actor_id  # every replica finds the same one
+    store = ArtifactStore.remote(budget_bytes=10)
+    ray.get(store.put.remote("engine-a", {"rank 0/2": b"aaaa", "rank 1/2": b"bb"}))
+    ray.get(store.put.remote("engine-b", {"rank 0/1": b"ccc"}))
+    assert ray.get(store.get.remote("engine-a")) == {"rank 0/2": b"aaaa", "rank 1/2": b"bb"}  # now the newest
+    ray.get(store.put.remote("engine-c", {"rank 0/1": b"dddd"}))  # 13 bytes: engine-b, least recent, goes
+    assert ray.get(store.get.remote("engine-b")) == {}
+    assert ray.get(store.get.remote("engine-a")) and ray.get(store.get.remote("engine-c"))
+    ray.kill(store)
