@@ -254,7 +254,8 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
             from_artifacts = index % 2 == 1
             mode = "cold cache, artifacts" if from_artifacts else "cold cache, no artifacts"
         if cold_cache:
-            empty_compile_caches(keep_artifact_store=from_artifacts)
+            dirs = cold.get("compile", {}).get("cache", {}).get("dirs", [])  # none without compile
+            empty_compile_caches(dirs, keep_artifact_store=from_artifacts)
         begin = time.perf_counter()
         kill_replica(pool.name)
         # The handle holds the call until a replica runs; one sent before Serve saw the kill fails: again.
@@ -302,20 +303,18 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
     }
 
 
-def empty_compile_caches(keep_artifact_store: bool) -> None:
-    """This node's inductor and Triton caches emptied (a node the replica never ran on); the cluster's
-    compile-artifact store too unless ``keep_artifact_store``."""
+def empty_compile_caches(dirs: list[str], keep_artifact_store: bool) -> None:
+    """This node's compile caches (``dirs``: inductor's and Triton's, as the replica reported them)
+    emptied, as on a node the replica never ran on; the cluster's compile-artifact store too unless
+    ``keep_artifact_store``."""
     import contextlib
-    import os
     import shutil
 
     import ray
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     from rayxdit.runtime.compile_artifacts import STORE_NAME, STORE_NAMESPACE
 
-    triton = os.environ.get("TRITON_CACHE_DIR", os.path.join(Path.home(), ".triton", "cache"))
-    for path in (cache_dir(), triton):
+    for path in dirs:
         shutil.rmtree(path, ignore_errors=True)
     if not keep_artifact_store:
         with contextlib.suppress(ValueError):  # none yet

@@ -61,7 +61,13 @@ class ArtifactStore:
 def artifact_store() -> ray.actor.ActorHandle:
     """The cluster's store, started by the first replica that asks (it outlives every replica)."""
     return ArtifactStore.options(
-        name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True
+        name=STORE_NAME,
+        namespace=STORE_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        # Not in the placement group of the replica that asks first (Serve's capture it children, as the rank
+        # actors must be): that group goes with the replica, and would take the store with it.
+        scheduling_strategy="DEFAULT",
     ).remote()
 
 

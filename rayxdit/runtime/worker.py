@@ -205,6 +205,18 @@ class RankWorker:
         torch.compiler.load_cache_artifacts(blob)
         return True
 
+    def compile_cache(self) -> dict[str, Any]:
+        """torch.compile's cache counters in this process (``fxgraph_cache_hit``/``_miss``, ...: whether its
+        graphs were compiled or found compiled) and where this node keeps the caches (inductor's, Triton's)."""
+        from torch._dynamo.utils import counters
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        triton = os.environ.get("TRITON_CACHE_DIR") or os.path.join(cache_dir(), "triton")
+        return {
+            "counters": {name: count for name, count in counters["inductor"].items() if "cache" in name},
+            "dirs": [cache_dir(), triton],
+        }
+
     def _artifact_fingerprint(self) -> str:
         """What compiled artifacts depend on beyond the engine's configuration: this rank's place in the
         group (its shards' shapes), torch's version and the device."""

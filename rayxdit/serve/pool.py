@@ -68,10 +68,22 @@ class PoolReplica:
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
         sharing = pool.engine.compile and pool.share_compile_artifacts and bool(pool.warmup_sizes)
-        artifacts = {"compile_artifacts": await self._share_artifacts(load_artifacts)} if sharing else {}
+        self.compile_report: dict[str, object] = {}
+        """With compile and a warm-up: ranks that loaded the cluster's artifacts, bytes published, and rank
+        0's compile-cache counters after the warm-up (hits: found compiled; misses: compiled here)."""
+        artifacts = {}
+        if sharing:
+            artifacts["compile_artifacts"] = await self._share_artifacts(load_artifacts, "loaded_ranks")
         warm_up = await self._warm_up()
         if sharing:
-            artifacts["compile_artifacts"] += await self._share_artifacts(publish_artifacts)
+            artifacts["compile_artifacts"] += await self._share_artifacts(
+                publish_artifacts, "published_bytes"
+            )
+        if pool.engine.compile and pool.warmup_sizes:
+            try:
+                self.compile_report["cache"] = (await self.executor.collective_rpc_async("compile_cache"))[0]
+            except Exception as error:  # a report, never a reason to fail the start
+                logger.warning("%s: no compile-cache report: %r", self.replica, error)
         self.startup_s = time.monotonic() - began
         self.timeline = {
             **self.executor.timeline,
@@ -86,12 +98,13 @@ class PoolReplica:
         # Serve reports the application running, /readyz agrees.
         await self._report()
 
-    async def _share_artifacts(self, share) -> float:
-        """Load (before the warm-up) or publish (after it) the cluster's compile artifacts of this engine;
-        returns the seconds it took. A store that fails costs a compile from scratch, never the start."""
+    async def _share_artifacts(self, share, report: str) -> float:
+        """Load (before the warm-up) or publish (after it) the cluster's compile artifacts of this engine,
+        its outcome kept under ``report``; returns the seconds it took. A store that fails costs a compile
+        from scratch, never the start."""
         began = time.monotonic()
         try:
-            done = await share(self.executor, self.pool.engine)
+            self.compile_report[report] = done = await share(self.executor, self.pool.engine)
             logger.info("%s: %s: %s", self.replica, share.__name__, done)
         except Exception as error:
             logger.warning("%s: %s failed (compiling without them): %r", self.replica, share.__name__, error)
@@ -112,12 +125,14 @@ class PoolReplica:
 
     def startup(self) -> dict[str, object]:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
-        ``compile_artifacts`` when it compiles and warms up, ``warm_up``, ``total``), rank 0's split of ``weights`` (``model``: read or built on the device;
-        ``add_ons``) and the sizes it warmed up, all before it reported ready."""
+        ``compile_artifacts`` when it compiles and warms up, ``warm_up``, ``total``), rank 0's split of
+        ``weights`` (``model``: read or built on the device; ``add_ons``), the sizes it warmed up, all before
+        it reported ready, and with compile what the compile found cached (``compile``)."""
         return {
             "timeline": self.timeline,
             "weights": self.executor.load_parts,
             "warmed_up": list(self.warmed_up),
+            **({"compile": self.compile_report} if self.compile_report else {}),
         }
 
     async def _heartbeat(self) -> None:

@@ -3,6 +3,7 @@ a gloo process group among them, parity with one process, and recovery from a de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -145,3 +146,46 @@ def test_the_compile_artifact_store_is_one_per_cluster_and_drops_the_oldest_engi
     assert ray.get(store.get.remote("engine-b")) == {}
     assert ray.get(store.get.remote("engine-a")) and ray.get(store.get.remote("engine-c"))
     ray.kill(store)
+
+
+def test_the_artifact_store_outlives_the_placement_group_of_the_replica_that_started_it(group):
+    """A Serve replica's children land in its placement group (the ranks must); the store must not, or
+    it goes with the first replica that asked for it (seen on a GPU: every restart found an empty store)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rayxdit.runtime.compile_artifacts import STORE_NAME, STORE_NAMESPACE, artifact_store
+
+    with contextlib.suppress(ValueError):  # another test's: this one must be made by the replica below
+        ray.kill(ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE))
+    wait_until(lambda: STORE_NAME not in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)})
+
+    @ray.remote(num_cpus=0.01)
+    class Replica:
+        async def publish(self) -> None:
+            await artifact_store().put.remote("engine", {"rank 0/1": b"compiled"})
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    capture = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    replica = Replica.options(scheduling_strategy=capture).remote()
+    ray.get(replica.publish.remote())
+    remove_placement_group(pg)  # as Serve does when the replica goes
+    wait_until(lambda: gone(replica))
+    assert ray.get(artifact_store().get.remote("engine")) == {"rank 0/1": b"compiled"}
+
+
+def gone(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
+def wait_until(predicate, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
