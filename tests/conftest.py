@@ -39,6 +39,7 @@ SECONDS_PER_FILE = {  # on 2 cores, measured; an unlisted file counts as short
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(session, config, items):
     for item in items:
         path = item.nodeid.split("::")[0]
