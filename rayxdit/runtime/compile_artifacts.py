@@ -48,6 +48,10 @@ class ArtifactStore:
             self.blobs.move_to_end(engine_key)
         return dict(self.blobs.get(engine_key, {}))
 
+    def fingerprints(self, engine_key: str) -> set[str]:
+        """The ranks whose blobs the store holds for ``engine_key`` (without sending the blobs)."""
+        return set(self.blobs.get(engine_key, {}))
+
     def put(self, engine_key: str, blobs: dict[str, bytes]) -> None:
         self.blobs[engine_key] = {**self.blobs.get(engine_key, {}), **blobs}
         self.blobs.move_to_end(engine_key)
@@ -92,12 +96,11 @@ async def publish_artifacts(executor: Executor, engine: EngineConfig) -> int:
     Returns the bytes published (0: nothing new)."""
     store = artifact_store()
     key = engine_key(engine)
-    held = await store.get.remote(key)
+    held = await store.fingerprints.remote(key)
     made = await executor.collective_rpc_async("compile_artifacts", ())
     new = {fingerprint: blob for fingerprint, blob in filter(None, made) if fingerprint not in held}
+    published = sum(map(len, new.values()))
     if new:
         await store.put.remote(key, new)
-        logger.info(
-            "published compile artifacts of %d rank(s) (%d bytes)", len(new), sum(map(len, new.values()))
-        )
-    return sum(map(len, new.values()))
+        logger.info("published compile artifacts of %d rank(s) (%d bytes)", len(new), published)
+    return published

@@ -141,6 +141,7 @@ def test_the_compile_artifact_store_is_one_per_cluster_and_drops_the_oldest_engi
     store = ArtifactStore.remote(budget_bytes=10)
     ray.get(store.put.remote("engine-a", {"rank 0/2": b"aaaa", "rank 1/2": b"bb"}))
     ray.get(store.put.remote("engine-b", {"rank 0/1": b"ccc"}))
+    assert ray.get(store.fingerprints.remote("engine-a")) == {"rank 0/2", "rank 1/2"}
     assert ray.get(store.get.remote("engine-a")) == {"rank 0/2": b"aaaa", "rank 1/2": b"bb"}  # now the newest
     ray.get(store.put.remote("engine-c", {"rank 0/1": b"dddd"}))  # 13 bytes: engine-b, least recent, goes
     assert ray.get(store.get.remote("engine-b")) == {}
