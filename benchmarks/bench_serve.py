@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
-    phases = [serve_phase(pool, args, metrics_on) for metrics_on in order]
+    # The restarts run once, in the last phase (the one whose record is kept).
+    phases = [
+        serve_phase(pool, args, metrics_on, restarts=args.restarts if index == len(order) - 1 else 0)
+        for index, metrics_on in enumerate(order)
+    ]
     on = [run for phase in phases if phase["metrics"] for run in phase["runs"]]
     off = [run for phase in phases if not phase["metrics"] for run in phase["runs"]]
     median = {key: statistics.median(run[key] for run in on) for key in on[0]}
@@ -161,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
+def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int) -> dict:
     """A fresh Ray instance and deployment; a warm-up request (torch.compile runs there), then
-    ``args.requests`` timed ones, with NVML sampled meanwhile and Ray's exported metrics scraped after."""
+    ``args.requests`` timed ones, with NVML sampled meanwhile and Ray's exported metrics scraped after; then
+    ``restarts`` replica restarts, timed."""
     import ray
     from ray import serve
 
@@ -223,7 +228,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool) -> dict:
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
     exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
-    restart = restart_phase(pool, port, body, runs, args.restarts, args.cold_cache) if args.restarts else None
+    restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
     serve.shutdown()
     ray.shutdown()
     return {

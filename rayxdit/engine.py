@@ -17,9 +17,10 @@ import torch
 
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.catalog import component_location
 from rayxdit.models.loop import StandardLoop
 from rayxdit.models.pipefusion import PipeFusionLoop
-from rayxdit.models.registry import component_location, load_adapter, load_controlnets, resolve_dtype
+from rayxdit.models.registry import load_adapter, load_controlnets, resolve_dtype
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState

@@ -179,7 +179,7 @@ class ModelCard:
     location: str
     """The preset name, directory or hub id the ranks load."""
     pipeline_class: str
-    """The diffusers pipeline class (the adapter registry's key)."""
+    """The diffusers pipeline class (the key of `rayxdit.models.families.FAMILIES`)."""
     num_heads: int
     num_layers: int
     limits: ModelLimits = field(default_factory=ModelLimits)

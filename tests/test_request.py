@@ -55,7 +55,7 @@ def test_one_guidance_default_per_model_whatever_the_path():
 
     request = GenerateRequest(prompt="a fox")
     assert request.guidance is None
-    assert WanAdapter.family_limits.resolve(request).request.guidance == 5.0
+    assert WanAdapter.family.limits.resolve(request).request.guidance == 5.0
     assert ModelLimits().resolve(request).request.guidance == 3.5
     assert ModelLimits().resolve(request.model_copy(update={"guidance": 2.0})).request.guidance == 2.0
     assert WanAdapter.uses_cfg(request) and WanAdapter.cfg_scale(request) == 5.0

@@ -23,7 +23,8 @@ from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 from PIL import Image
 
 from rayxdit.config import ConfigError
-from rayxdit.limits import ModelCard, ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
+from rayxdit.limits import ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
+from rayxdit.models.families import Family
 from rayxdit.models.running import RunningRequest, SourceImage
 from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_block_cache
 from rayxdit.parallel.cfg import branches_for_rank
@@ -58,28 +59,12 @@ def ip_adapter_weights(location: str, default_weight: str) -> tuple[str, str, st
 class DiffusionAdapter(ABC):
     """One diffusers pipeline family, adapted to the sharded denoising loop."""
 
-    pipeline_class: ClassVar[str]
-    """The diffusers pipeline class name this adapter serves (the registry key)."""
-    family_limits: ClassVar[ModelLimits] = ModelLimits()
-    denoiser_subfolder: ClassVar[str] = "transformer"
-    """Where the denoiser's config.json lives in the pipeline directory."""
-    supports_pipefusion: ClassVar[bool] = False
-    """Whether the family implements the PipeFusion stage hooks below (transformer blocks as pipeline
-    stages; the loop itself is shared: :mod:`rayxdit.models.pipefusion`)."""
-
-    @classmethod
-    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
-        """Attention heads, read from the denoiser's config (no weights needed)."""
-        return denoiser_config["num_attention_heads"]
-
-    @classmethod
-    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
-        """Transformer blocks, read from the denoiser's config."""
-        return denoiser_config["num_layers"]
+    family: ClassVar[Family]
+    """The family's traits as plain data (pipeline class, defaults, heads and blocks): :mod:`rayxdit.models.families`."""
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         self.pipeline = pipeline
-        self.limits = limits or ModelLimits.for_pipeline(self.family_limits, model_dir)
+        self.limits = limits or ModelLimits.for_pipeline(self.family.limits, model_dir)
         self.state = ParallelState.single(pipeline.device)
         self.pipefusion_patches = 0
         self.warmup_steps = 1
@@ -91,11 +76,11 @@ class DiffusionAdapter(ABC):
     # ----- facts about the model --------------------------------------------------------------------------
     @property
     def num_heads(self) -> int:
-        return self.heads_in(self.transformer.config)
+        return self.family.heads_in(self.transformer.config)
 
     @property
     def num_layers(self) -> int:
-        return self.layers_in(self.transformer.config)
+        return self.family.layers_in(self.transformer.config)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +106,7 @@ class DiffusionAdapter(ABC):
 
     def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
         """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""
-        raise ConfigError(f"{self.pipeline_class}: IP-Adapters are implemented for Flux and SDXL")
+        raise ConfigError(f"{self.family.pipeline_class}: IP-Adapters are implemented for Flux and SDXL")
 
     @property
     def ip_adapter_loaded(self) -> bool:
@@ -137,11 +122,11 @@ class DiffusionAdapter(ABC):
     def attach_controlnets(self, nets: dict[str, torch.nn.Module]) -> None:
         """ControlNets by name, parallelized with the model (call before :meth:`parallelize`)."""
         if self.controlnet_class is None:
-            raise ConfigError(f"{self.pipeline_class}: ControlNets are implemented for Flux and SDXL")
+            raise ConfigError(f"{self.family.pipeline_class}: ControlNets are implemented for Flux and SDXL")
         for name, net in nets.items():
             if type(net).__name__ != self.controlnet_class:
                 raise ConfigError(
-                    f"controlnet '{name}' is a {type(net).__name__}; {self.pipeline_class} takes "
+                    f"controlnet '{name}' is a {type(net).__name__}; {self.family.pipeline_class} takes "
                     f"{self.controlnet_class}"
                 )
             self.check_controlnet(name, net)
@@ -208,7 +193,9 @@ class DiffusionAdapter(ABC):
         """First-Block Cache around the transformer's blocks (``rayxdit.models.step_cache``), ``threshold``
         by default; after :meth:`parallelize`, before :meth:`compile`."""
         if not hasattr(self.transformer, "transformer_blocks") and not hasattr(self.transformer, "blocks"):
-            raise ConfigError(f"{self.pipeline_class}: step caching needs a transformer (this is a UNet)")
+            raise ConfigError(
+                f"{self.family.pipeline_class}: step caching needs a transformer (this is a UNet)"
+            )
         if self.state.axis("pipefusion").size > 1:
             raise ConfigError("step caching and PipeFusion do not combine exactly; use one of them")
         group = None
@@ -244,7 +231,11 @@ class DiffusionAdapter(ABC):
         stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion;
         ``vae_parallel`` splits the VAE decode into bands of rows over the sequence-parallel ranks."""
         check_parallel(
-            state.config, self.pipeline_class, self.supports_pipefusion, self.num_heads, self.num_layers
+            state.config,
+            self.family.pipeline_class,
+            self.family.supports_pipefusion,
+            self.num_heads,
+            self.num_layers,
         )
         self.state = state
         self.pipefusion_patches = pipefusion_patches
@@ -425,31 +416,14 @@ class DiffusionAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not implement PipeFusion")
 
     # ----- classifier-free guidance ------------------------------------------------------------------------
-    guidance_is_cfg: ClassVar[bool] = True
-    """Families trained with CFG (SD3, SDXL, Wan): ``guidance`` is the CFG scale, on above 1, and an absent
-    negative prompt is the family's empty one. Guidance-distilled Flux sets False: CFG only as true CFG."""
-
     @classmethod
     def uses_cfg(cls, request: GenerateRequest) -> bool:
         """Whether this request runs two branches per step."""
-        return uses_cfg(cls.guidance_is_cfg, request, cls.family_limits.default_guidance)
+        return uses_cfg(cls.family.guidance_is_cfg, request, cls.family.limits.default_guidance)
 
     @classmethod
     def cfg_scale(cls, request: GenerateRequest) -> float:
-        return cfg_scale(cls.guidance_is_cfg, request, cls.family_limits.default_guidance)
-
-    @classmethod
-    def card(cls, location: str, denoiser_config: dict[str, Any], limits: ModelLimits) -> ModelCard:
-        """The family's traits and this model's limits as plain data (see :class:`ModelCard`)."""
-        return ModelCard(
-            location=location,
-            pipeline_class=cls.pipeline_class,
-            num_heads=cls.heads_in(denoiser_config),
-            num_layers=cls.layers_in(denoiser_config),
-            limits=limits,
-            guidance_is_cfg=cls.guidance_is_cfg,
-            supports_pipefusion=cls.supports_pipefusion,
-        )
+        return cfg_scale(cls.family.guidance_is_cfg, request, cls.family.limits.default_guidance)
 
     # ----- the loop ---------------------------------------------------------------------------------------
     @staticmethod

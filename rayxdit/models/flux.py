@@ -30,6 +30,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
+from rayxdit.models.families import FLUX, FLUX_KONTEXT
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
@@ -302,14 +303,7 @@ class FluxPositions:
 class FluxAdapter(DiffusionAdapter):
     """``FluxPipeline``: Flux.1-dev/schnell and compatible checkpoints."""
 
-    pipeline_class = "FluxPipeline"
-    supports_pipefusion = True
-    guidance_is_cfg = False  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
-    family_limits = ModelLimits(image_inputs=True)
-
-    @classmethod
-    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
+    family = FLUX
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         super().__init__(pipeline, model_dir, limits)
@@ -685,9 +679,7 @@ class FluxKontextAdapter(FluxAdapter):
     second frame (first coordinate 1); the predictions of the reference tokens are dropped. Under sequence
     parallelism each rank holds a shard of both, so ring and Ulysses attention see every token once."""
 
-    pipeline_class = "FluxKontextPipeline"
-    supports_pipefusion = False
-    family_limits = ModelLimits(image_inputs=True, kontext_auto_resize=True)
+    family = FLUX_KONTEXT
 
     def initial_latents(self, req: RunningRequest) -> tuple[torch.Tensor, FluxPositions]:
         pipe = self.pipeline

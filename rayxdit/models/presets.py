@@ -15,11 +15,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rayxdit.limits import SETTINGS_FILE
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayxdit" / "presets"
 
@@ -168,6 +169,8 @@ TINY_FLUX = FluxSizes(
 
 def _random_init_(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Deterministic random weights in place: N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
+    import torch
+
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim >= 2:
@@ -182,6 +185,8 @@ def _random_init_(module: torch.nn.Module, generator: torch.Generator) -> None:
 def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype, seed: int):
     """Build a module with random weights directly on ``device`` (no CPU copy of a 12B model) when it has
     no buffers to preserve; otherwise build it on the CPU with its own init and move it."""
+    import torch
+
     with torch.device("meta"):
         module = factory()
     if any(True for _ in module.buffers()):
@@ -231,7 +236,7 @@ def _save_preset(pipeline, path: Path, limits: dict[str, Any]) -> None:
 def build_flux_pipeline(
     sizes: FluxSizes,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     with_text_encoders: bool = True,
     with_vae: bool = True,
     default_init: bool = False,
@@ -241,10 +246,11 @@ def build_flux_pipeline(
     ``default_init`` keeps each module's own initialisation (seeded; used by the tiny preset, built on CPU);
     otherwise weights are drawn on ``device`` so full-size models never pass through host memory.
     """
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    device = torch.device(device)
+    device, dtype = torch.device(device), dtype or torch.float32
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(sizes.clip_max_length), tiny_t5_tokenizer()
     factories = {
         "transformer": lambda: FluxTransformer2DModel(**sizes.transformer),
@@ -300,6 +306,7 @@ def build_tiny_flux_controlnet(path: Path) -> None:
     """A ``FluxControlNetModel`` (InstantX layout: the control image's latents added to the input) for
     tiny-flux: one double and one single block of its size. diffusers zero-initializes the ControlNet's
     output and input projections; here they are random (:func:`_randomize_zero_init`)."""
+    import torch
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(5)
@@ -315,6 +322,7 @@ def build_tiny_flux_ip_adapter(path: Path) -> None:
     """An IP-Adapter for tiny-flux in XLabs' layout (``ip_adapter.safetensors``: the image projection and each
     double block's image-prompt key/value projections) with a tiny CLIP image encoder in ``image_encoder/``;
     random, seeded weights large enough that the image prompt visibly matters."""
+    import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(6)
@@ -332,6 +340,7 @@ def build_tiny_flux_ip_adapter(path: Path) -> None:
 def _tiny_image_projection(path: Path, cross_attention_dim: int) -> dict[str, torch.Tensor]:
     """A tiny CLIP image encoder saved in ``path/image_encoder`` and the weights of an IP-Adapter's image
     projection onto 4 tokens of ``cross_attention_dim`` (random, large enough to matter)."""
+    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     encoder = CLIPVisionModelWithProjection(
@@ -359,6 +368,7 @@ def _tiny_image_projection(path: Path, cross_attention_dim: int) -> dict[str, to
 def build_tiny_flux_controlnet_union(path: Path) -> None:
     """tiny-flux-controlnet as a union ControlNet (InstantX's Union layout: 4 control modes, the mode's
     embedding a text token of its own)."""
+    import torch
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(8)
@@ -375,6 +385,8 @@ def _randomize_zero_init(net: torch.nn.Module, prefixes: tuple[str, ...], std: f
     """diffusers zero-initializes a ControlNet's output (and input) projections so that training starts from
     "no effect"; a tiny preset's are random, seeded, so that a control image visibly matters and a test can
     tell whether it was used."""
+    import torch
+
     with torch.no_grad():
         for name, parameter in net.named_parameters():
             if name.startswith(prefixes):
@@ -385,6 +397,7 @@ def build_tiny_sdxl_controlnet(path: Path) -> None:
     """A ``ControlNetModel`` for tiny-sdxl, made as diffusers makes one from a UNet (``from_unet``: its
     encoder half, weights copied), with a conditioning embedding that downsamples the control image by the
     tiny VAE's factor 2."""
+    import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(9)
@@ -400,6 +413,7 @@ def build_tiny_sdxl_ip_adapter(path: Path) -> None:
     """An IP-Adapter for tiny-sdxl in h94/IP-Adapter's layout (``ip-adapter_sdxl.safetensors``: the image
     projection, and image-prompt key/value projections for every cross-attention, numbered as diffusers'
     loader reads them) with a tiny CLIP image encoder in ``image_encoder/``."""
+    import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
@@ -424,6 +438,7 @@ def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens, and SD3's 16 latent
     channels (diffusers' SD3 inpainting takes 16-channel transformers only)."""
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -487,6 +502,7 @@ def build_tiny_sdxl(path: Path) -> None:
     """StableDiffusionXLPipeline: SDXL's UNet layout in miniature (three levels, the first without attention,
     two downsamplings, text-time added conditioning), 4 and 8 heads of 8, two CLIP encoders (32 + 32 = 64
     cross-attention channels), a VAE of factor 2."""
+    import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -537,6 +553,7 @@ def build_tiny_wan(path: Path) -> None:
     """WanPipeline (Wan 2.1 text-to-video layout): 2 blocks of 8 heads of 8 with RMS QK-norm across heads and
     3D rotary embeddings, a UMT5 text encoder, a causal 3D VAE (8x spatial, 4x temporal) and UniPC flow
     sampling, as Wan ships it."""
+    import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 

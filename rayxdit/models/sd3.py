@@ -15,7 +15,7 @@ attention processors change. Three SD3 specifics:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     retrieve_timesteps,
 )
 
-from rayxdit.limits import ModelLimits
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.families import SD3
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
@@ -125,10 +125,7 @@ class SD3Positions:
 class SD3Adapter(DiffusionAdapter):
     """``StableDiffusion3Pipeline``: SD3-medium, SD3.5 medium/large."""
 
-    pipeline_class = "StableDiffusion3Pipeline"
-    family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_steps=28, max_sequence_length=256, image_inputs=True, default_guidance=7.0
-    )
+    family = SD3
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:
         parallelize_sd3(self.transformer, state, attention)

@@ -14,9 +14,8 @@ is its scale (on above 1); an absent negative prompt means zero embeddings, as d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, decode_image, ip_adapter_weights
+from rayxdit.models.families import SDXL
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL, UNCONDITIONAL
@@ -116,30 +116,7 @@ class SDXLBands:
 class SDXLAdapter(DiffusionAdapter):
     """``StableDiffusionXLPipeline``: SDXL base and its fine-tunes."""
 
-    pipeline_class = "StableDiffusionXLPipeline"
-    family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_steps=30, size_multiple=32, max_sequence_length=77, image_inputs=True, default_guidance=5.0
-    )
-    denoiser_subfolder = "unet"
-    supports_pipefusion = False
-
-    @classmethod
-    def heads_in(cls, denoiser_config: dict[str, Any]) -> int:
-        """The gcd of the attention head counts of every level with transformer blocks (Ulysses must divide
-        each). diffusers' SDXL config calls the head count ``attention_head_dim``."""
-        heads = denoiser_config.get("num_attention_heads") or denoiser_config["attention_head_dim"]
-        levels = len(denoiser_config["down_block_types"])
-        heads = [heads] * levels if isinstance(heads, int) else list(heads)
-        with_attention = [
-            h
-            for h, kind in zip(heads, denoiser_config["down_block_types"], strict=True)
-            if "CrossAttn" in kind
-        ]
-        return math.gcd(*with_attention) if with_attention else 0
-
-    @classmethod
-    def layers_in(cls, denoiser_config: dict[str, Any]) -> int:
-        return len(denoiser_config["down_block_types"])
+    family = SDXL
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         super().__init__(pipeline, model_dir, limits)

@@ -14,7 +14,7 @@ branches. The VAE is causal 3D, so rank 0 decodes the whole video.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv
 
 from rayxdit.limits import ModelLimits
 from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.families import WAN
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL
@@ -93,19 +94,7 @@ class WanPositions:
 class WanAdapter(DiffusionAdapter):
     """``WanPipeline``: Wan 2.1 and Wan 2.2 text-to-video."""
 
-    pipeline_class = "WanPipeline"
-    family_limits: ClassVar[ModelLimits] = ModelLimits(
-        default_height=480,
-        default_width=832,
-        default_steps=50,
-        default_guidance=5.0,
-        max_side=1280,
-        size_multiple=16,
-        max_sequence_length=512,
-        default_frames=81,
-        max_frames=241,
-        frame_multiple=4,
-    )
+    family = WAN
     supports_vae_bands = False  # a causal 3D VAE: rank 0 decodes
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):

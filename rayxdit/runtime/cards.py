@@ -9,8 +9,9 @@ from rayxdit.limits import ModelCard
 
 
 def model_card(model: str) -> ModelCard:
-    """The card of ``model`` (a preset, directory, hub id or ``package.module:NAME``). Imports torch and
-    diffusers on first use; may read two small JSON files from a hub (with the forwarded ``HF_TOKEN``)."""
-    from rayxdit.models.registry import describe_model
+    """The card of ``model`` (a preset, directory, hub id or ``package.module:NAME``), from its config files
+    (torch-free; building a preset the first time on a machine imports the model stack). May read two small
+    JSON files from a hub (with the forwarded ``HF_TOKEN``)."""
+    from rayxdit.models.catalog import describe_model
 
     return describe_model(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -906,6 +907,23 @@ def log_tail(since: dict[Path, int]) -> str:
     return "\n".join(text)
 
 
+RAY_ROUTER_CANCEL_RACE = re.compile(
+    r"Unexpected error in _fulfill_pending_requests\.\nTraceback \(most recent call last\):\n"
+    r"(?:[ \t][^\n]*\n)+(?:asyncio\.exceptions\.)?InvalidStateError: invalid state"
+)
+"""Ray Serve 2.60's handle router, seen once in this test's 20 abandoned requests: in
+``_fulfill_next_pending_request`` it cancels the routing task of the request it is about to assign, which
+(``Task.cancel`` cancels the future a task awaits) can cancel that request's future between the ``done()``
+check and ``set_result``; the InvalidStateError is logged and routing carries on. The request was one whose
+client had gone (499), and the requests after it were served, so it is upstream noise, not a rayxdit
+traceback; any other traceback still fails the test."""
+
+
+def our_tracebacks(text: str) -> str:
+    """The log text less the known upstream traceback above."""
+    return RAY_ROUTER_CANCEL_RACE.sub("(Ray Serve's cancelled-request race, see RAY_ROUTER_CANCEL_RACE)", text)
+
+
 def log_sizes() -> dict[Path, int]:
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # the session's log directory
     return {
@@ -943,7 +961,7 @@ def test_cancellations_and_a_state_restart_log_no_traceback(url):
     wait_idle("failover-2")
     wait_idle("wan-2")
     time.sleep(3)  # the log monitor's lag
-    text = log_tail(before)
+    text = our_tracebacks(log_tail(before))
     assert "Traceback" not in text and "never retrieved" not in text, text[text.find("Traceback") - 2000 :][
         :6000
     ]

@@ -1,0 +1,142 @@
+"""What each model family is, as plain data: the diffusers pipeline class it serves, its serving defaults, where
+its denoiser's config lives and how attention heads and blocks are read from that config.
+
+Torch-free on purpose: the layers above the engine (the CLI, the Serve application builder, the batch
+driver) learn a model's :class:`~rayxdit.limits.ModelCard` from two small JSON files, and refuse a bad
+``--parallel`` in a fraction of a second instead of after importing torch, diffusers and transformers (~5 s
+a process). Each adapter names its family (``family = FLUX``) and takes these traits from it, so they are
+written once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayxdit.limits import ModelCard, ModelLimits
+
+
+def transformer_heads(denoiser_config: dict[str, Any]) -> int:
+    """Attention heads of a transformer denoiser."""
+    return denoiser_config["num_attention_heads"]
+
+
+def transformer_blocks(denoiser_config: dict[str, Any]) -> int:
+    """Transformer blocks of a denoiser with one kind of block."""
+    return denoiser_config["num_layers"]
+
+
+def flux_blocks(denoiser_config: dict[str, Any]) -> int:
+    """Flux's double-stream plus single-stream blocks."""
+    return denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
+
+
+def unet_heads(denoiser_config: dict[str, Any]) -> int:
+    """The gcd of the attention head counts of every UNet level with transformer blocks (Ulysses must divide
+    each). diffusers' SDXL config calls the head count ``attention_head_dim``."""
+    heads = denoiser_config.get("num_attention_heads") or denoiser_config["attention_head_dim"]
+    levels = denoiser_config["down_block_types"]
+    heads = [heads] * len(levels) if isinstance(heads, int) else list(heads)
+    with_attention = [h for h, kind in zip(heads, levels, strict=True) if "CrossAttn" in kind]
+    return math.gcd(*with_attention) if with_attention else 0
+
+
+def unet_levels(denoiser_config: dict[str, Any]) -> int:
+    """A UNet's down levels (what stands in for blocks in its card)."""
+    return len(denoiser_config["down_block_types"])
+
+
+@dataclass(frozen=True)
+class Family:
+    """One diffusers pipeline family and the adapter that serves it."""
+
+    pipeline_class: str
+    """The diffusers pipeline class name (``model_index.json``'s ``_class_name``)."""
+    adapter: str
+    """The adapter class as ``module:Class``, imported when a model of the family is loaded."""
+    limits: ModelLimits = field(default_factory=ModelLimits)
+    """The family's serving defaults; a model directory's ``rayxdit.json`` overrides them."""
+    denoiser_subfolder: str = "transformer"
+    """Where the denoiser's config.json lives in the pipeline directory."""
+    supports_pipefusion: bool = False
+    """Whether the adapter implements the PipeFusion stage hooks (transformer blocks as pipeline stages)."""
+    guidance_is_cfg: bool = True
+    """Families trained with CFG (SD3, SDXL, Wan): ``guidance`` is the CFG scale, on above 1, and an absent
+    negative prompt is the family's empty one. Guidance-distilled Flux: CFG only as true CFG."""
+    heads_in: Callable[[dict[str, Any]], int] = transformer_heads
+    """Attention heads, read from the denoiser's config (no weights needed)."""
+    layers_in: Callable[[dict[str, Any]], int] = transformer_blocks
+    """Blocks, read from the denoiser's config."""
+
+    def card(self, location: str, denoiser_config: dict[str, Any], limits: ModelLimits) -> ModelCard:
+        """The family's traits and one model's limits as plain data (see :class:`ModelCard`)."""
+        return ModelCard(
+            location=location,
+            pipeline_class=self.pipeline_class,
+            num_heads=self.heads_in(denoiser_config),
+            num_layers=self.layers_in(denoiser_config),
+            limits=limits,
+            guidance_is_cfg=self.guidance_is_cfg,
+            supports_pipefusion=self.supports_pipefusion,
+        )
+
+    def adapter_class(self) -> type:
+        """The adapter class (imports torch, diffusers and the family's pipeline modules)."""
+        module_name, _, class_name = self.adapter.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+FLUX = Family(
+    "FluxPipeline",
+    "rayxdit.models.flux:FluxAdapter",
+    ModelLimits(image_inputs=True),
+    supports_pipefusion=True,
+    guidance_is_cfg=False,  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
+    layers_in=flux_blocks,
+)
+FLUX_KONTEXT = Family(
+    "FluxKontextPipeline",
+    "rayxdit.models.flux:FluxKontextAdapter",
+    ModelLimits(image_inputs=True, kontext_auto_resize=True),
+    guidance_is_cfg=False,
+    layers_in=flux_blocks,
+)
+SD3 = Family(
+    "StableDiffusion3Pipeline",
+    "rayxdit.models.sd3:SD3Adapter",
+    ModelLimits(default_steps=28, max_sequence_length=256, image_inputs=True, default_guidance=7.0),
+)
+SDXL = Family(
+    "StableDiffusionXLPipeline",
+    "rayxdit.models.sdxl:SDXLAdapter",
+    ModelLimits(
+        default_steps=30, size_multiple=32, max_sequence_length=77, image_inputs=True, default_guidance=5.0
+    ),
+    denoiser_subfolder="unet",
+    heads_in=unet_heads,
+    layers_in=unet_levels,
+)
+WAN = Family(
+    "WanPipeline",
+    "rayxdit.models.wan:WanAdapter",
+    ModelLimits(
+        default_height=480,
+        default_width=832,
+        default_steps=50,
+        default_guidance=5.0,
+        max_side=1280,
+        size_multiple=16,
+        max_sequence_length=512,
+        default_frames=81,
+        max_frames=241,
+        frame_multiple=4,
+    ),
+)
+
+FAMILIES: dict[str, Family] = {
+    family.pipeline_class: family for family in (FLUX, FLUX_KONTEXT, SD3, SDXL, WAN)
+}
+"""Every supported pipeline class and its family: adding a family is an adapter file plus one entry here."""
