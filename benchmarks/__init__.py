@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def source_commit() -> str | None:
     """The commit the measured code comes from, with ``-dirty`` when the package or the benchmark scripts
-    differ from it (results and notebooks do not count): a result must name the code that produced it."""
+    differ from it (results and notebooks do not count): a result must name the code that produced it.
+    ``RAYXDIT_SOURCE_COMMIT`` names it where the tree is a copy without its own history (the GPU machines
+    receive the working tree, not the repository's current .git)."""
+    if os.environ.get("RAYXDIT_SOURCE_COMMIT"):
+        return os.environ["RAYXDIT_SOURCE_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30

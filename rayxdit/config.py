@@ -472,6 +472,12 @@ class WorkerGroupConfig(BaseModel):
         "of the same engine published (a node with a cold compile cache then compiles as a warm one does); "
         "after, they publish theirs if none were there.",
     )
+    fork_ranks: bool = Field(
+        default=True,
+        description="Under Ray: each rank runs in a process forked from its node's fork server, which "
+        "imported torch and the model stack once (a rank starts in about a second instead of re-importing "
+        "them); false: each rank in its own actor process.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -10,13 +10,10 @@ traceback in one :class:`GroupError`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import time
-import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -24,19 +21,18 @@ import torch
 import torch.multiprocessing as mp
 
 from rayxdit.config import ConfigError, EngineConfig
-from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped
+from rayxdit.request import EncodedResult, GenerateRequest, RequestError
 from rayxdit.runtime.executor import Executor, GroupError, Method
+from rayxdit.runtime.rank_process import PRELOADED, Reply, run_call, serve_calls
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 MAX_LOCAL_CPU_RANKS = 64
-PRELOADED = ("torch", "diffusers", "transformers", "rayxdit.engine", "rayxdit.runtime.worker")
-"""What a rank needs and takes seconds to import: imported once, by the server process every rank forks
-from (``forkserver``), not by each rank. The server imports nothing else and never touches a GPU, so a fork
-of it starts as clean as a spawned process (no CUDA context, no allocator or compile state)."""
 
 
 def rank_context():
-    """The multiprocessing context of rank processes: forks of a server that has imported the model stack."""
+    """The multiprocessing context of rank processes: forks of a server that has imported the model stack
+    (:data:`~rayxdit.runtime.rank_process.PRELOADED`). The server imports nothing else and never touches a GPU,
+    so a fork of it starts as clean as a spawned process (no CUDA context, no allocator or compile state)."""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOADED))
     return context
@@ -57,43 +53,6 @@ def check_launchable(world_size: int) -> None:
         raise ConfigError(f"{world_size} CPU ranks is more than this launcher starts ({MAX_LOCAL_CPU_RANKS})")
 
 
-@dataclass
-class _Reply:
-    value: Any = None
-    error: str | None = None
-    """A fault: the rank's traceback."""
-    expected: Exception | None = None
-    """Not a fault: the model refused the request (RequestError) or the group stopped it (RequestStopped)."""
-
-
-def _run(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> _Reply:
-    try:
-        function = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
-        return _Reply(value=function(*args, **kwargs))
-    except RequestError as error:
-        return _Reply(expected=RequestError(str(error), error.param))
-    except RequestStopped as error:
-        return _Reply(expected=RequestStopped(error.reason, error.step))
-    except BaseException:
-        return _Reply(error=traceback.format_exc())
-
-
-def _serve(worker: RankWorker, connection: Connection) -> None:
-    """Answer calls from ``connection`` until it closes or sends None."""
-    while True:
-        try:
-            message = connection.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        reply = _run(worker, *message)
-        try:
-            connection.send(reply)
-        except Exception:  # the value does not pickle: say so instead of leaving the caller waiting
-            connection.send(_Reply(error=traceback.format_exc()))
-
-
 def _rank_main(
     rank: int,
     world_size: int,
@@ -104,9 +63,9 @@ def _rank_main(
 ) -> None:
     torch.set_num_threads(threads)
     worker = RankWorker(rank, world_size, device_index=rank, env=env)
-    threading.Thread(target=_serve, args=(worker, control), daemon=True, name="control").start()
+    threading.Thread(target=serve_calls, args=(worker, control), daemon=True, name="control").start()
     try:
-        _serve(worker, calls)
+        serve_calls(worker, calls)
     finally:
         worker.close()
 
@@ -181,17 +140,17 @@ class LocalExecutor(Executor):
     ) -> list[Any]:
         ranks = list(ranks)
         if self._local is not None:
-            reply = _run(self._local, method, args, kwargs)
+            reply = run_call(self._local, method, args, kwargs)
             return [self._check({0: reply}, ranks)[0]]
         pipes = self._controls if method in CONTROL_METHODS else self._calls
         for rank in ranks:
             pipes[rank].send((method, args, kwargs))
         return self._check(self._collect(pipes, ranks, timeout), ranks)
 
-    def _collect(self, pipes: list[Connection], ranks: list[int], timeout: float | None) -> dict[int, _Reply]:
+    def _collect(self, pipes: list[Connection], ranks: list[int], timeout: float | None) -> dict[int, Reply]:
         """Each rank's reply, until every rank answered, one failed (then the others get a few seconds to
         report too), a rank process died, or ``timeout`` passed."""
-        replies: dict[int, _Reply] = {}
+        replies: dict[int, Reply] = {}
         waiting = {pipes[rank]: rank for rank in ranks}
         deadline = None if timeout is None else time.monotonic() + timeout
         failed_at: float | None = None
@@ -216,21 +175,21 @@ class LocalExecutor(Executor):
                     try:
                         replies[rank] = handle.recv()
                     except (EOFError, OSError):
-                        replies[rank] = _Reply(error=f"rank {rank} closed its pipe")
+                        replies[rank] = Reply(error=f"rank {rank} closed its pipe")
                 elif sentinels[handle] in waiting.values():
                     rank = sentinels[handle]
                     if self._poll_reply(pipes[rank], replies, rank):
                         waiting.pop(pipes[rank])
                         continue
                     code = self._processes[rank].exitcode
-                    replies[rank] = _Reply(error=f"rank {rank} exited without a result (exit code {code})")
+                    replies[rank] = Reply(error=f"rank {rank} exited without a result (exit code {code})")
                     waiting.pop(pipes[rank])
                 if failed_at is None and any(reply.error for reply in replies.values()):
                     failed_at = time.monotonic()
         return replies
 
     @staticmethod
-    def _poll_reply(pipe: Connection, replies: dict[int, _Reply], rank: int) -> bool:
+    def _poll_reply(pipe: Connection, replies: dict[int, Reply], rank: int) -> bool:
         """A rank may report and exit at once: read what it sent before declaring it dead."""
         try:
             if pipe.poll():
@@ -240,7 +199,7 @@ class LocalExecutor(Executor):
             pass
         return False
 
-    def _check(self, replies: dict[int, _Reply], ranks: list[int]) -> list[Any]:
+    def _check(self, replies: dict[int, Reply], ranks: list[int]) -> list[Any]:
         failures = {rank: reply.error for rank, reply in replies.items() if reply.error is not None}
         expected = [reply.expected for reply in replies.values() if reply.expected is not None]
         # A refused request is the caller's error even if a peer then failed; a stop is clean only if no

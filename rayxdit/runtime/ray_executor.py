@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayxdit.config import ConfigError, EngineConfig, WorkerGroupConfig
 from rayxdit.request import RequestError, RequestStopped
 from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
+from rayxdit.runtime.forked import ForkedRank
 from rayxdit.runtime.placement import never_placeable, rank_actor_options
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
@@ -36,11 +37,14 @@ class RayExecutor(Executor):
         rank_options: Sequence[dict[str, Any]],
         placement_group: PlacementGroup | None = None,
         telemetry_pool: str | None = None,
+        fork_ranks: bool = True,
         **options: Any,
     ):
-        """``telemetry_pool``: publish each rank's GPU (NVML) as gauges with this pool label."""
+        """``telemetry_pool``: publish each rank's GPU (NVML) as gauges with this pool label. ``fork_ranks``:
+        each rank's work runs in a child of its node's fork server (:mod:`rayxdit.runtime.forked`)."""
         super().__init__(world_size, config, **options)
         self.telemetry_pool = telemetry_pool
+        self.fork_ranks = fork_ranks
         self.rank_options = [dict(option) for option in rank_options]
         self.placement_group = placement_group or ray.util.get_current_placement_group()
         self.workers: list[ray.actor.ActorHandle] = []
@@ -57,6 +61,7 @@ class RayExecutor(Executor):
             [rank_actor_options(group, rank) for rank in range(group.ranks)],
             placement_group,
             telemetry_pool=group.name,
+            fork_ranks=group.fork_ranks,
             name=name or group.name,
             collective_timeout_s=group.collective_timeout_s,
             call_timeout_s=group.request_timeout_s,
@@ -69,7 +74,8 @@ class RayExecutor(Executor):
     def _launch(self) -> None:
         # Calls run one at a time, in order (collectives must be issued in the same order on every rank),
         # except control calls (ping, cancel, progress), answered by threads of their own while one runs.
-        worker_class = ray.remote(concurrency_groups={"control": 2})(RankWorker)
+        rank_class = ForkedRank if self.fork_ranks else RankWorker
+        worker_class = ray.remote(concurrency_groups={"control": 2})(rank_class)
         self.workers = []
         for rank, options in enumerate(self.rank_options):
             options = dict(options)
@@ -98,6 +104,8 @@ class RayExecutor(Executor):
 
     def _submit(self, method: Method, args: tuple, kwargs: dict, ranks: Sequence[int]) -> list[ray.ObjectRef]:
         if not isinstance(method, str):
+            if self.fork_ranks:  # the function runs in the forked rank, with its RankWorker
+                return [self.workers[rank].call.remote(method, args, kwargs) for rank in ranks]
             return [self.workers[rank].__ray_call__.remote(method, *args, **kwargs) for rank in ranks]
         options = {"concurrency_group": "control"} if method in CONTROL_METHODS else {}
         return [

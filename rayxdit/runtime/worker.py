@@ -40,8 +40,11 @@ class RankWorker:
         device_index: int,
         env: dict[str, str] | None = None,
         telemetry_pool: str | None = None,
+        publish_telemetry: bool = True,
     ):
-        """``telemetry_pool``: under Ray, publish this rank's GPU as NVML gauges labelled with the pool."""
+        """``telemetry_pool``: a serving or batch rank of this pool; under Ray it publishes its GPU as NVML
+        gauges labelled with the pool, unless ``publish_telemetry`` is False (a forked rank: the Ray actor
+        beside it publishes them)."""
         # Forwarded by the executor (HF_TOKEN, HF_HOME, proxies, NCCL settings) before anything reads them.
         os.environ.update(env or {})
         # transformers' import-time notices (e.g. no torchvision) are not for users, whoever started us.
@@ -61,6 +64,7 @@ class RankWorker:
         self._progress: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
         self.telemetry_pool = telemetry_pool
+        self.publish_telemetry = publish_telemetry
         self.telemetry = None
 
     def import_engine(self) -> None:
@@ -90,7 +94,8 @@ class RankWorker:
         init_distributed(self.rank, self.world_size, device, host, port, timeout_s, store=self._store)
         self.device = str(device)
         self.collective_timeout_s = timeout_s
-        if self.telemetry_pool is not None and device.type == "cuda" and self.telemetry is None:
+        publish = self.publish_telemetry and self.telemetry_pool is not None
+        if publish and device.type == "cuda" and self.telemetry is None:
             from rayxdit.runtime.telemetry import start_gpu_telemetry
 
             self.telemetry = start_gpu_telemetry(self.device_index, self.telemetry_pool)

@@ -73,6 +73,46 @@ def test_bad_request_leaves_group_healthy(group):
     assert not group.broken
 
 
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pid: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while not process_gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} still alive after {within_s:.0f} s"
+        time.sleep(0.1)
+
+
+def test_a_forked_rank_lives_and_dies_with_its_actor(group, reference):
+    """Each rank's work runs in a child of the node's fork server (rayxdit.runtime.forked): the rank actor's
+    own process never imports torch; the actor's death ends the child, a stopped one too, and the child's
+    death is the actor's (Ray reports the rank dead, the group is rebuilt as before)."""
+    actor = ray.get(
+        [
+            w.__ray_call__.remote(lambda self: (os.getpid(), "torch" in __import__("sys").modules))
+            for w in group.workers
+        ]
+    )
+    children = group.pids()
+    assert [imported for _, imported in actor] == [False, False]
+    assert not {pid for pid, _ in actor} & set(children), "the ranks run in the actor processes"
+    os.kill(children[1], signal.SIGSTOP)  # a stopped child cannot act on its lifeline: the server kills it
+    ray.kill(group.workers[1], no_restart=True)
+    wait_gone(children[1], within_s=10)
+    os.kill(children[0], signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(group.workers[0].ping.remote(), timeout=30)
+    group.rebuild()
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+    assert set(group.pids()).isdisjoint(children)
+
+
 def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
     generation = group.generation
     ray.kill(group.workers[1], no_restart=True)

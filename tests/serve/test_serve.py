@@ -343,12 +343,16 @@ def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, eng
     """A failover on a real cluster, three good requests and one bad one: the replica recovers, and the
     scraped Prometheus text counts exactly what was sent, with the right labels."""
     before = settled_scrape()
-    body = {"model": "tiny-failover", "prompt": "a long one", "size": "256x256", "steps": 60, "seed": 3}
+    # ~3 s on two CPU ranks: killed at its first step, far from its end; its second attempt is short.
+    body = {"model": "tiny-failover", "prompt": "a long one", "size": "128x128", "steps": 40, "seed": 3}
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(post, url, body)
-        time.sleep(3)
-        assert not in_flight.done(), "request finished before the kill: make it longer"
+        deadline = time.monotonic() + 120
+        while (progress := rank_progress("failover-2")) is None or progress["step"] < 1:
+            assert time.monotonic() < deadline and not in_flight.done(), "the request never started"
+            time.sleep(0.05)
         ray.kill(rank_actor("failover-2", 1), no_restart=True)
+        assert progress["step"] < 30, "the request was near its end when its rank was killed: make it longer"
         response = in_flight.result()
     # The replica rebuilds its group in the same placement group and runs the request again (its deadline
     # allows it): the client sees a 200, from the second attempt.

@@ -1,0 +1,358 @@
+"""Ray rank actors whose rank runs in a process forked from a per-node server that imported the model stack.
+
+Most of a Ray rank's start is importing torch, diffusers, transformers and the model families (~6 CPU-seconds
+on a laptop core, 12-25 s on the H200 host), paid again by every rank of every replica start and rebuild.
+Here it is paid once per node: :class:`NodeForkServer`, one detached actor per node and code version, keeps a
+**fork server** process that has imported :data:`~rayxdit.runtime.rank_process.PRELOADED`; each rank actor
+(:class:`ForkedRank`) asks it for a child and forwards every call there, over the local executor's protocol
+(:mod:`rayxdit.runtime.rank_process`). The server never touches a GPU (as the local executor's forkserver),
+so the child starts as clean as a spawned process; it takes the rank actor's environment (Ray's
+``CUDA_VISIBLE_DEVICES`` included) before anything reads it, and writes to the rank actor's log files.
+
+Lifetimes, so that a rank still lives and dies as one Ray actor:
+
+- the rank actor dies (``ray.kill``, a crash): the child's lifeline socket closes and it exits at once; the
+  server, which watches the same actor, kills it too (which reaches a stopped process as well);
+- the child dies: the rank actor exits at once, and Ray reports the rank dead as before (``rank_died``);
+- the server process exits with its actor, or after :data:`IDLE_EXIT_S` without children, and the actor
+  with it (the next rank on the node starts a new pair, paying the import once).
+
+The server is keyed by the code it runs (interpreter, import path, runtime environment, the newest change
+to rayxdit's files): a new version deployed onto a running cluster gets its own server, never forks of the old
+code. ``fork_ranks: false`` in a pool (or a batch job's group) runs each rank in its own actor process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from rayxdit.runtime.rank_process import PRELOADED, Reply, serve_calls
+from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
+
+IDLE_EXIT_S = 900.0
+"""A fork server with no living child exits after this long (its memory back; the next rank pays the import)."""
+SERVER_START_TIMEOUT_S = 600.0
+"""How long a fork server may take to import the model stack (a cold node's disk, a network file system)."""
+_PID = struct.Struct("!i")
+
+
+class RankFailed(RuntimeError):
+    """A call failed in the forked rank; the message is its traceback there."""
+
+
+# ----- the fork server (its own process: python -m rayxdit.runtime.forked SOCKET) ------------------------------
+def serve_forks(path: str) -> None:
+    """Import the model stack, then fork one rank per request on the UNIX socket ``path`` until stdin closes
+    (the :class:`NodeForkServer` actor that started this process is gone) or :data:`IDLE_EXIT_S` pass without
+    a child. Single-threaded, as a process that forks must be."""
+    for module in PRELOADED:
+        importlib.import_module(module)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener.bind(path)
+    listener.listen(64)
+    print("ready", flush=True)
+    os.dup2(2, 1)  # nobody reads the pipe after this line: what the server prints goes to the actor's log
+    children: dict[socket.socket, int] = {}  # each child's watch on its rank actor -> the child's pid
+    idle_since = time.monotonic()
+    while True:
+        readable, _, _ = select.select([listener, sys.stdin, *children], [], [], 5.0)
+        _reap()
+        if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
+            return  # the actor that owns this server is gone
+        for watch in [ready for ready in readable if ready in children]:
+            if not watch.recv(1):  # the rank actor is gone: so is its child, even a stopped one
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(children[watch], signal.SIGKILL)
+                watch.close()
+                del children[watch]
+        if listener in readable:
+            connection, _ = listener.accept()
+            try:
+                with connection:
+                    watch, pid = _fork_rank(connection, listener, children)
+                if watch is not None:
+                    children[watch] = pid
+            except Exception:  # one failed request (a fork refused, a peer gone) is that request's failure
+                import traceback
+
+                traceback.print_exc()
+        if children:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+            return
+
+
+def _reap() -> None:
+    """Collect exited children (their pids stay reserved until then, so a SIGKILL never hits a stranger)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_rank(
+    connection: socket.socket, listener: socket.socket, children: dict[socket.socket, int]
+) -> tuple[socket.socket | None, int]:
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 6)
+    if len(fds) != 6:
+        for fd in fds:
+            os.close(fd)
+        return None, 0
+    stdout, stderr, calls, control, lifeline, watch = fds
+    pid = os.fork()
+    if pid == 0:  # the rank
+        code = 1
+        try:
+            listener.close()
+            for other in children:
+                other.close()
+            os.close(watch)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+            for fd in (devnull, stdout, stderr):
+                os.close(fd)
+            _run_rank(pickle.loads(message), calls, control, lifeline)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for fd in (stdout, stderr, calls, control, lifeline):
+        os.close(fd)
+    connection.sendall(_PID.pack(pid))
+    return socket.socket(fileno=watch), pid
+
+
+def _run_rank(request: dict[str, Any], calls: int, control: int, lifeline: int) -> None:
+    """The forked rank: the rank actor's environment, a RankWorker, calls served until the actor goes."""
+    os.environ.clear()
+    os.environ.update(request["env"])
+    line = socket.socket(fileno=lifeline)
+    threading.Thread(target=_exit_when_closed, args=(line,), daemon=True, name="lifeline").start()
+    import torch
+
+    torch.set_num_threads(request["threads"])
+    worker = RankWorker(
+        request["rank"],
+        request["world_size"],
+        request["device_index"],
+        telemetry_pool=request["telemetry_pool"],
+        publish_telemetry=False,  # the rank actor publishes (this process is not a Ray worker)
+    )
+    threading.Thread(
+        target=serve_calls, args=(worker, Connection(control)), daemon=True, name="control"
+    ).start()
+    try:
+        serve_calls(worker, Connection(calls))
+    finally:
+        worker.close()
+
+
+def _exit_when_closed(line: socket.socket) -> None:
+    """Block until the peer closes ``line`` (its process died), then end this process at once."""
+    try:
+        while line.recv(1):
+            pass
+    except OSError:
+        pass
+    os._exit(1)
+
+
+# ----- the node's fork server, as a Ray actor ----------------------------------------------------------------
+class NodeForkServer:
+    """Owns one node's fork server process (started on the first request, again after an idle exit)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._path = os.path.join(tempfile.gettempdir(), f"rayxdit-forks-{os.getpid()}.sock")
+
+    def address(self) -> str:
+        """The server's socket path, once it has imported the model stack."""
+        if self._process is None or self._process.poll() is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "rayxdit.runtime.forked", self._path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            line = self._process.stdout.readline()
+            if line.strip() != b"ready":
+                code = self._process.wait(timeout=30)
+                raise RuntimeError(
+                    f"the fork server exited with code {code} before it was ready (see this log)"
+                )
+            threading.Thread(target=self._exit_with, args=(self._process,), daemon=True).start()
+        return self._path
+
+    @staticmethod
+    def _exit_with(process: subprocess.Popen) -> None:
+        """The server gone (idle, or a crash): this actor goes too, and the next rank on the node starts a
+        new pair (a rank that asked in between retries once)."""
+        process.wait()
+        os._exit(0)
+
+
+def code_version() -> str:
+    """What a fork server's children run: the interpreter, the import path, this actor's runtime environment
+    and the newest change to rayxdit's files (a redeploy onto a running cluster gets a server of its own)."""
+    import ray
+
+    package = Path(__file__).resolve().parents[1]
+    newest = max(path.stat().st_mtime_ns for path in package.rglob("*.py"))
+    described = json.dumps(
+        [sys.executable, sys.path, ray.get_runtime_context().runtime_env, newest], sort_keys=True, default=str
+    )
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def fork_server_address() -> str:
+    """The socket of this node's fork server for this code (started, detached, if there is none)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    name = f"rayxdit-forks-{node[:16]}-{code_version()}"
+    for attempt in range(2):
+        server = (
+            ray.remote(NodeForkServer)
+            .options(
+                name=name,
+                namespace="rayxdit",
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_restarts=0,
+                # On this node, and outside the asking replica's placement group (Serve captures a replica's
+                # children into its group; the server must outlive the replica).
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            )
+            .remote()
+        )
+        try:
+            return ray.get(server.address.remote(), timeout=SERVER_START_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# ----- the rank actor ----------------------------------------------------------------------------------------
+class ForkedRank:
+    """A rank as a Ray actor (placement, GPU, name, death as before) whose work runs in a forked child. Every
+    :class:`RankWorker` method is forwarded: control methods (:data:`CONTROL_METHODS`) on a connection of their
+    own, answered while a call runs."""
+
+    def __init__(self, rank: int, world_size: int, device_index: int, telemetry_pool: str | None = None):
+        self.rank = rank
+        self.device_index = device_index
+        self.telemetry_pool = telemetry_pool
+        self.telemetry = None
+        calls, child_calls = socket.socketpair()
+        control, child_control = socket.socketpair()
+        self._lifeline, child_lifeline = socket.socketpair()
+        self._watched, server_watch = socket.socketpair()
+        request = {
+            "rank": rank,
+            "world_size": world_size,
+            "device_index": device_index,
+            "telemetry_pool": telemetry_pool,
+            "env": dict(os.environ),
+            "threads": max(1, int(float(os.environ.get("OMP_NUM_THREADS") or 1))),
+        }
+        ends = (child_calls, child_control, child_lifeline, server_watch)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.connect(fork_server_address())
+            socket.send_fds(server, [pickle.dumps(request)], [1, 2, *(end.fileno() for end in ends)])
+            reply = b""
+            while len(reply) < _PID.size:
+                chunk = server.recv(_PID.size - len(reply))
+                if not chunk:
+                    raise RuntimeError("the node's fork server closed the connection without forking a rank")
+                reply += chunk
+        for end in ends:
+            end.close()
+        self.pid = _PID.unpack(reply)[0]
+        self._calls = Connection(calls.detach())
+        self._control = Connection(control.detach())
+        self._locks = {"calls": threading.Lock(), "control": threading.Lock()}
+        # The child gone (killed, crashed): this actor goes too, and Ray reports the rank dead.
+        threading.Thread(target=_exit_when_closed, args=(self._lifeline,), daemon=True, name="child").start()
+
+    def _forward(self, method: Any, args: tuple, kwargs: dict) -> Any:
+        path = "control" if method in CONTROL_METHODS else "calls"
+        connection = self._control if path == "control" else self._calls
+        with self._locks[path]:
+            try:
+                connection.send((method, args, kwargs))
+                reply: Reply = connection.recv()
+            except (EOFError, OSError):
+                os._exit(1)  # the child died mid-call: die with it (the lifeline thread may not have yet)
+        if reply.expected is not None:
+            raise reply.expected
+        if reply.error is not None:
+            raise RankFailed(reply.error)
+        return reply.value
+
+    def call(self, function: Any, args: tuple, kwargs: dict) -> Any:
+        """``function(worker, *args, **kwargs)`` in the rank (``collective_rpc`` with a function)."""
+        return self._forward(function, args, kwargs)
+
+    def open_rendezvous(self, host: str | None, timeout_s: float) -> tuple[str, int]:
+        import ray
+
+        return self._forward("open_rendezvous", (host or ray.util.get_node_ip_address(), timeout_s), {})
+
+    def init_distributed(self, host: str, port: int, timeout_s: float) -> str:
+        device = self._forward("init_distributed", (host, port, timeout_s), {})
+        if self.telemetry_pool is not None and device.startswith("cuda") and self.telemetry is None:
+            from rayxdit.runtime.telemetry import start_gpu_telemetry
+
+            self.telemetry = start_gpu_telemetry(self.device_index, self.telemetry_pool)
+        return device
+
+
+def _forwarder(method: str):
+    def forward(self: ForkedRank, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(method, args, kwargs)
+
+    forward.__name__ = method
+    forward.__doc__ = getattr(RankWorker, method).__doc__
+    return forward
+
+
+for _method in [name for name in vars(RankWorker) if not name.startswith("_")]:
+    if callable(getattr(RankWorker, _method)) and not hasattr(ForkedRank, _method):
+        setattr(ForkedRank, _method, _forwarder(_method))
+
+
+if __name__ == "__main__":
+    serve_forks(sys.argv[1])

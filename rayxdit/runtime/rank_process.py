@@ -1,0 +1,62 @@
+"""A rank in a process of its own, answering calls that arrive over a connection (a pipe or a socket): the
+protocol the local executor's spawned ranks and the Ray executor's forked ranks share. Torch-free, so the
+side that sends the calls need not import the model stack to read the replies."""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from rayxdit.request import RequestError, RequestStopped
+
+if TYPE_CHECKING:
+    from rayxdit.runtime.executor import Method
+    from rayxdit.runtime.worker import RankWorker
+
+PRELOADED = ("torch", "diffusers", "transformers", "rayxdit.engine", "rayxdit.runtime.worker")
+"""What a rank needs and takes seconds to import: imported once by a server process that ranks are forked
+from (the local executor's forkserver, a node's :mod:`fork server <rayxdit.runtime.forked>`), not by each
+rank."""
+
+
+@dataclass
+class Reply:
+    """A rank's answer to one call."""
+
+    value: Any = None
+    error: str | None = None
+    """A fault: the rank's traceback."""
+    expected: Exception | None = None
+    """Not a fault: the model refused the request (RequestError) or the group stopped it (RequestStopped)."""
+
+
+def run_call(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> Reply:
+    """Run one call on ``worker``; every outcome becomes a :class:`Reply`."""
+    try:
+        function = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
+        return Reply(value=function(*args, **kwargs))
+    except RequestError as error:
+        return Reply(expected=RequestError(str(error), error.param))
+    except RequestStopped as error:
+        return Reply(expected=RequestStopped(error.reason, error.step))
+    except BaseException:
+        return Reply(error=traceback.format_exc())
+
+
+def serve_calls(worker: RankWorker, connection: Connection) -> None:
+    """Answer calls from ``connection`` until it closes or sends None."""
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        reply = run_call(worker, *message)
+        try:
+            connection.send(reply)
+        except Exception:  # the value does not pickle: say so instead of leaving the caller waiting
+            connection.send(Reply(error=traceback.format_exc()))
