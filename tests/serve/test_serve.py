@@ -925,7 +925,9 @@ traceback; any other traceback still fails the test."""
 
 def our_tracebacks(text: str) -> str:
     """The log text less the known upstream traceback above."""
-    return RAY_ROUTER_CANCEL_RACE.sub("(Ray Serve's cancelled-request race, see RAY_ROUTER_CANCEL_RACE)", text)
+    return RAY_ROUTER_CANCEL_RACE.sub(
+        "(Ray Serve's cancelled-request race, see RAY_ROUTER_CANCEL_RACE)", text
+    )
 
 
 def log_sizes() -> dict[Path, int]:
