@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from rayxdit.runtime.rank_process import PRELOADED, Reply, serve_calls
+from rayxdit.runtime.rank_process import FORK_SAFE_ENV, PRELOADED, Reply, check_fork_safe, serve_calls
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 IDLE_EXIT_S = 900.0
@@ -62,6 +62,7 @@ def serve_forks(path: str) -> None:
     """Import the model stack, then fork one rank per request on the UNIX socket ``path`` until stdin closes
     (the :class:`NodeForkServer` actor that started this process is gone) or :data:`IDLE_EXIT_S` pass without
     a child. Single-threaded, as a process that forks must be."""
+    os.environ.update(FORK_SAFE_ENV)  # before torch is imported: see FORK_SAFE_ENV
     for module in PRELOADED:
         importlib.import_module(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,6 +160,7 @@ def _run_rank(request: dict[str, Any], calls: int, control: int, lifeline: int) 
     threading.Thread(target=_exit_when_closed, args=(line,), daemon=True, name="lifeline").start()
     import torch
 
+    check_fork_safe()
     torch.set_num_threads(request["threads"])
     worker = RankWorker(
         request["rank"],
@@ -197,7 +199,11 @@ class NodeForkServer:
     def address(self) -> str:
         """The server's socket path, once it has imported the model stack."""
         if self._process is None or self._process.poll() is not None:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+            env = {
+                **os.environ,
+                **FORK_SAFE_ENV,
+                "PYTHONPATH": os.pathsep.join(path for path in sys.path if path),
+            }
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "rayxdit.runtime.forked", self._path],
                 stdin=subprocess.PIPE,

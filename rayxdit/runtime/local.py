@@ -23,7 +23,14 @@ import torch.multiprocessing as mp
 from rayxdit.config import ConfigError, EngineConfig
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError
 from rayxdit.runtime.executor import Executor, GroupError, Method
-from rayxdit.runtime.rank_process import PRELOADED, Reply, run_call, serve_calls
+from rayxdit.runtime.rank_process import (
+    FORK_SAFE_ENV,
+    PRELOADED,
+    Reply,
+    check_fork_safe,
+    run_call,
+    serve_calls,
+)
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 MAX_LOCAL_CPU_RANKS = 64
@@ -33,6 +40,9 @@ def rank_context():
     """The multiprocessing context of rank processes: forks of a server that has imported the model stack
     (:data:`~rayxdit.runtime.rank_process.PRELOADED`). The server imports nothing else and never touches a GPU,
     so a fork of it starts as clean as a spawned process (no CUDA context, no allocator or compile state)."""
+    # The forkserver starts with this process's environment: it must import the model stack fork-safely.
+    for name, value in FORK_SAFE_ENV.items():
+        os.environ.setdefault(name, value)
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOADED))
     return context
@@ -61,6 +71,7 @@ def _rank_main(
     calls: Connection,
     control: Connection,
 ) -> None:
+    check_fork_safe()
     torch.set_num_threads(threads)
     worker = RankWorker(rank, world_size, device_index=rank, env=env)
     threading.Thread(target=serve_calls, args=(worker, control), daemon=True, name="control").start()

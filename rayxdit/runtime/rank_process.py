@@ -20,6 +20,22 @@ PRELOADED = ("torch", "diffusers", "transformers", "rayxdit.engine", "rayxdit.ru
 """What a rank needs and takes seconds to import: imported once by a server process that ranks are forked
 from (the local executor's forkserver, a node's :mod:`fork server <rayxdit.runtime.forked>`), not by each
 rank."""
+FORK_SAFE_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+"""The environment a fork server imports :data:`PRELOADED` in. diffusers asks ``torch.accelerator.is_available()``
+at import (``diffusers.utils.torch_utils``); torch answers through the CUDA runtime, which forbids CUDA in
+every process forked after it ("Cannot re-initialize CUDA in forked subprocess", seen on the H200). Asked
+through NVML instead, the server stays fork-safe and each rank initializes CUDA itself."""
+
+
+def check_fork_safe() -> None:
+    """In a forked rank: fail with the reason when the server it was forked from initialized CUDA."""
+    import torch
+
+    if torch.cuda._is_in_bad_fork():
+        raise RuntimeError(
+            "this rank was forked from a process that had initialized CUDA: its server must import the model "
+            f"stack with {FORK_SAFE_ENV} set (rayxdit.runtime.rank_process.FORK_SAFE_ENV)"
+        )
 
 
 @dataclass
