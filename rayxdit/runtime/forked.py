@@ -194,7 +194,9 @@ class NodeForkServer:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
-        self._path = os.path.join(tempfile.gettempdir(), f"rayxdit-forks-{os.getpid()}.sock")
+        # In a directory only this user can enter (mkdtemp: mode 0700): whoever can connect can have code
+        # run as this user, so no other local user may reach the socket.
+        self._path = os.path.join(tempfile.mkdtemp(prefix="rayxdit-forks-"), "server.sock")
 
     def address(self) -> str:
         """The server's socket path, once it has imported the model stack."""

@@ -101,6 +101,13 @@ def test_a_forked_rank_lives_and_dies_with_its_actor(group, reference):
     )
     children = group.pids()
     assert [imported for _, imported in actor] == [False, False]
+    servers = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("rayxdit-forks-")
+    ]
+    for server in servers:  # whoever reaches a server's socket can have code run: its owner alone may
+        address = ray.get(ray.get_actor(server["name"], namespace=server["namespace"]).address.remote())
+        assert os.stat(os.path.dirname(address)).st_mode & 0o777 == 0o700, address
+    assert servers, "no node fork server: the ranks were not forked"
     assert not {pid for pid, _ in actor} & set(children), "the ranks run in the actor processes"
     os.kill(children[1], signal.SIGSTOP)  # a stopped child cannot act on its lifeline: the server kills it
     ray.kill(group.workers[1], no_restart=True)
