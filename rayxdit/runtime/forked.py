@@ -51,6 +51,7 @@ IDLE_EXIT_S = 900.0
 SERVER_START_TIMEOUT_S = 600.0
 """How long a fork server may take to import the model stack (a cold node's disk, a network file system)."""
 _PID = struct.Struct("!i")
+_LENGTH = struct.Struct("!I")
 
 
 class RankFailed(RuntimeError):
@@ -73,16 +74,18 @@ def serve_forks(path: str) -> None:
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after this line: what the server prints goes to the actor's log
     children: dict[socket.socket, int] = {}  # each child's watch on its rank actor -> the child's pid
+    living: set[int] = set()  # children not reaped yet: their pids cannot have gone to another process
     idle_since = time.monotonic()
     while True:
         readable, _, _ = select.select([listener, sys.stdin, *children], [], [], 5.0)
-        _reap()
+        living -= _reap()
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
             return  # the actor that owns this server is gone
         for watch in [ready for ready in readable if ready in children]:
             if not watch.recv(1):  # the rank actor is gone: so is its child, even a stopped one
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(children[watch], signal.SIGKILL)
+                if children[watch] in living:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(children[watch], signal.SIGKILL)
                 watch.close()
                 del children[watch]
         if listener in readable:
@@ -92,6 +95,7 @@ def serve_forks(path: str) -> None:
                     watch, pid = _fork_rank(connection, listener, children)
                 if watch is not None:
                     children[watch] = pid
+                    living.add(pid)
             except Exception:  # one failed request (a fork refused, a peer gone) is that request's failure
                 import traceback
 
@@ -102,25 +106,39 @@ def serve_forks(path: str) -> None:
             return
 
 
-def _reap() -> None:
-    """Collect exited children (their pids stay reserved until then, so a SIGKILL never hits a stranger)."""
+def _reap() -> set[int]:
+    """Collect exited children; their pids (free from now on) are returned. Until then a child's pid stays
+    reserved, so a SIGKILL sent to an unreaped child never hits another process."""
+    reaped = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
 
 
 def _fork_rank(
     connection: socket.socket, listener: socket.socket, children: dict[socket.socket, int]
 ) -> tuple[socket.socket | None, int]:
-    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 6)
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 6)
     if len(fds) != 6:
         for fd in fds:
             os.close(fd)
         return None, 0
+    try:
+        while len(message) < _LENGTH.size or len(message) < _LENGTH.size + _LENGTH.unpack_from(message)[0]:
+            part = connection.recv(1 << 16)  # a stream socket may deliver a long request in parts
+            if not part:
+                raise ConnectionError("the rank actor went away mid-request")
+            message += part
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    message = message[_LENGTH.size :]
     stdout, stderr, calls, control, lifeline, watch = fds
     pid = os.fork()
     if pid == 0:  # the rank
@@ -299,7 +317,10 @@ class ForkedRank:
         ends = (child_calls, child_control, child_lifeline, server_watch)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.connect(fork_server_address())
-            socket.send_fds(server, [pickle.dumps(request)], [1, 2, *(end.fileno() for end in ends)])
+            payload = pickle.dumps(request)
+            data = _LENGTH.pack(len(payload)) + payload
+            sent = socket.send_fds(server, [data], [1, 2, *(end.fileno() for end in ends)])
+            server.sendall(data[sent:])  # a stream socket may take a long request in parts
             reply = b""
             while len(reply) < _PID.size:
                 chunk = server.recv(_PID.size - len(reply))
