@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -208,7 +209,7 @@ def _exit_when_closed(line: socket.socket) -> None:
 
 # ----- the node's fork server, as a Ray actor ----------------------------------------------------------------
 class NodeForkServer:
-    """Owns one node's fork server process (started on the first request, again after an idle exit)."""
+    """Owns one node's fork server process, started on the first request; the actor ends with it."""
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
@@ -239,11 +240,11 @@ class NodeForkServer:
             threading.Thread(target=self._exit_with, args=(self._process,), daemon=True).start()
         return self._path
 
-    @staticmethod
-    def _exit_with(process: subprocess.Popen) -> None:
-        """The server gone (idle, or a crash): this actor goes too, and the next rank on the node starts a
-        new pair (a rank that asked in between retries once)."""
+    def _exit_with(self, process: subprocess.Popen) -> None:
+        """The server gone (idle, or a crash): this actor goes too, its socket's directory with it, and the
+        next rank on the node starts a new pair (a rank that asked in between retries once)."""
         process.wait()
+        shutil.rmtree(os.path.dirname(self._path), ignore_errors=True)
         os._exit(0)
 
 
