@@ -72,6 +72,13 @@ def serve_forks(path: str) -> None:
         os.unlink(path)
     listener.bind(path)
     listener.listen(64)
+    try:
+        _serve_requests(listener)
+    finally:  # the socket's private directory goes with the server (its actor may have been killed)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def _serve_requests(listener: socket.socket) -> None:
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after this line: what the server prints goes to the actor's log
     children: dict[socket.socket, int] = {}  # each child's watch on its rank actor -> the child's pid
