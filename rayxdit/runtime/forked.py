@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from rayxdit.runtime.rank_process import FORK_SAFE_ENV, PRELOADED, Reply, check_fork_safe, serve_calls
+from rayxdit.runtime.rank_process import FORK_SAFE_ENV, PRELOADED, Reply, check_fork_safe, serve_rank
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 IDLE_EXIT_S = 900.0
@@ -195,13 +195,7 @@ def _run_rank(request: dict[str, Any], calls: int, control: int, lifeline: int) 
         telemetry_pool=request["telemetry_pool"],
         publish_telemetry=False,  # the rank actor publishes (this process is not a Ray worker)
     )
-    threading.Thread(
-        target=serve_calls, args=(worker, Connection(control)), daemon=True, name="control"
-    ).start()
-    try:
-        serve_calls(worker, Connection(calls))
-    finally:
-        worker.close()
+    serve_rank(worker, Connection(calls), Connection(control))
 
 
 def _exit_when_closed(line: socket.socket) -> None:
@@ -226,7 +220,7 @@ class NodeForkServer:
 
     def address(self) -> str:
         """The server's socket path, once it has imported the model stack."""
-        if self._process is None or self._process.poll() is not None:
+        if self._process is None:  # once: the actor ends with its server (see _exit_with)
             env = {
                 **os.environ,
                 **FORK_SAFE_ENV,

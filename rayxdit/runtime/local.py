@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -29,7 +28,7 @@ from rayxdit.runtime.rank_process import (
     Reply,
     check_fork_safe,
     run_call,
-    serve_calls,
+    serve_rank,
 )
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
@@ -73,12 +72,7 @@ def _rank_main(
 ) -> None:
     check_fork_safe()
     torch.set_num_threads(threads)
-    worker = RankWorker(rank, world_size, device_index=rank, env=env)
-    threading.Thread(target=serve_calls, args=(worker, control), daemon=True, name="control").start()
-    try:
-        serve_calls(worker, calls)
-    finally:
-        worker.close()
+    serve_rank(RankWorker(rank, world_size, device_index=rank, env=env), calls, control)
 
 
 class LocalExecutor(Executor):

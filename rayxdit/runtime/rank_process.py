@@ -5,6 +5,7 @@ side that sends the calls need not import the model stack to read the replies.""
 from __future__ import annotations
 
 import functools
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -76,3 +77,13 @@ def serve_calls(worker: RankWorker, connection: Connection) -> None:
             connection.send(reply)
         except Exception:  # the value does not pickle: say so instead of leaving the caller waiting
             connection.send(Reply(error=traceback.format_exc()))
+
+
+def serve_rank(worker: RankWorker, calls: Connection, control: Connection) -> None:
+    """Serve a rank's calls in order from ``calls`` and its control calls from ``control`` on a thread of
+    their own (answered while a call runs), until ``calls`` closes; then the worker leaves its group."""
+    threading.Thread(target=serve_calls, args=(worker, control), daemon=True, name="control").start()
+    try:
+        serve_calls(worker, calls)
+    finally:
+        worker.close()
