@@ -88,7 +88,10 @@ def build_app(config: ServeConfig) -> Application:
         serve.deployment(AppState)
         .options(
             name=STATE_DEPLOYMENT,
-            autoscaling_config=fixed_size(1),
+            # Its metrics are its own windows already (arrivals over 20 s, seconds since the last arrival):
+            # Serve's default 30 s mean on top would read a model's quiet seconds ~15 s short and delay
+            # idle replicas' return by as much; the window's maximum is the quiet time as it is now.
+            autoscaling_config={**fixed_size(1), "aggregation_function": "max"},
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=10000,
             # Heartbeats every second from every pool replica: not worth an access-log line each.

@@ -106,10 +106,12 @@ def serve_config_for_test():
                     "autoscaling_config": {
                         **pool.deployment_config["autoscaling_config"],
                         "upscale_delay_s": 1,
+                        # What the policy reads of the pools' load: a 3 s window (production: 30 s).
+                        "look_back_period_s": 3,
                         # Two cores start the rank processes: at most two 2-GPU replicas (production: 12).
                         **({"max_replicas": 2} if pool.ranks == 2 else {}),
                         # The 8-GPU replica outlives the load's ups and downs (production: 600 s).
-                        "downscale_delay_s": 15 if pool.ranks == 8 else 4,
+                        "downscale_delay_s": 5 if pool.ranks == 8 else 4,
                     },
                     "health_check_period_s": 2,
                 },
@@ -118,8 +120,8 @@ def serve_config_for_test():
         for pool in config.pools
         if pool.ranks != 4  # kept out to fit the test's time bound on 2 cores
     ]
-    # The replicas of a model go back 10 s after its last request (production: 60 s).
-    elastic = config.elastic.model_copy(update={"policy_options": {"idle_s": 10.0}})
+    # The replicas of a model go back 5 s after its last request (production: 60 s).
+    elastic = config.elastic.model_copy(update={"policy_options": {"idle_s": 5.0}})
     return config.model_copy(update={"pools": pools, "elastic": elastic})
 
 
@@ -157,6 +159,9 @@ def cluster(tmp_path_factory):
         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        # Replicas and handles report their load every second (production: 10 s).
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }
     env.pop("RAY_ADDRESS", None)
