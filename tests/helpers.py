@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,22 @@ def run_on_ranks(function: Callable[..., Any], world_size: int, *args: Any, time
     ``function`` must be importable: spawned processes import it afresh."""
     with LocalExecutor(world_size, call_timeout_s=timeout_s) as executor:
         return executor.collective_rpc(function, args)[0]
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """This process's environment with ``variables`` set, for what starts inside the block (processes
+    inherit it), restored after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def random_png(width: int, height: int, seed: int) -> bytes:

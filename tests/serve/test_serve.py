@@ -30,7 +30,7 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import free_port, left_half_mask, random_png
+from tests.helpers import environment, free_port, left_half_mask, random_png
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,10 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
 FAST_HEALTH = {"health_check_period_s": 2}
+FAST_METRICS = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
 CONFIG = ServeConfig(
     pools=[
         PoolConfig(
@@ -49,7 +53,13 @@ CONFIG = ServeConfig(
             route_min_cost=0.0,
             deployment_config={
                 **FAST_HEALTH,
-                "autoscaling_config": {"max_replicas": 2, "upscale_delay_s": 1, "downscale_delay_s": 5},
+                # Load read over a 3 s window (production: 30 s), so that it scales within seconds.
+                "autoscaling_config": {
+                    "max_replicas": 2,
+                    "upscale_delay_s": 1,
+                    "downscale_delay_s": 5,
+                    "look_back_period_s": 3,
+                },
             },
             **COMMON,
         ),
@@ -113,20 +123,22 @@ METRICS_PORT = free_port()
 
 @pytest.fixture(scope="module")
 def url():
-    ray.init(
-        num_cpus=32,
-        num_gpus=24,
-        include_dashboard=False,
-        logging_level="warning",
-        _metrics_export_port=METRICS_PORT,  # what `rayxdit serve --metrics-port` sets
-        _system_config={"metrics_report_interval_ms": 1000},  # the test waits less for its numbers
-    )
+    # Replicas and handles report their load every second (production: 10 s); the instance's processes
+    # inherit it from this process's environment, which gets it only while they start.
+    with environment(FAST_METRICS):
+        ray.init(
+            num_cpus=32,
+            num_gpus=24,
+            include_dashboard=False,
+            logging_level="warning",
+            _metrics_export_port=METRICS_PORT,  # what `rayxdit serve --metrics-port` sets
+            _system_config={"metrics_report_interval_ms": 1000},  # the test waits less for its numbers
+        )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    ray.shutdown()  # the instance goes whole: Serve's graceful shutdown would wait on every replica first
 
 
 @pytest.fixture(scope="module")
