@@ -188,7 +188,7 @@ def test_job_writes_one_image_and_one_manifest_row_per_prompt(cluster, tmp_path)
 
 def test_stopping_the_job_midway_and_rerunning_completes_without_duplicates(cluster, tmp_path):
     rows = [
-        {"id": f"p{i:02d}", "prompt": f"a photo of a cat number {i}", "size": "128x128", "steps": 12}
+        {"id": f"p{i:02d}", "prompt": f"a photo of a cat number {i}", "size": "128x128", "steps": 6}
         for i in range(14)
     ]
     input_path = tmp_path / "prompts.jsonl"
