@@ -229,8 +229,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int)
     nvml = sampler.stop()
     exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
     restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
-    # The phase's Ray instance goes whole (its processes killed, the GPUs' memory with them): Serve's graceful
-    # shutdown would first wait on every replica (7 s on 2 cores) for nothing the next phase needs.
+    serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
     ray.shutdown()
     return {
         "metrics": metrics_on,

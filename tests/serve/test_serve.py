@@ -138,7 +138,8 @@ def url():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    ray.shutdown()  # the instance goes whole: Serve's graceful shutdown would wait on every replica first
+    serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
