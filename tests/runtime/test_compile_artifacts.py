@@ -18,6 +18,8 @@ import json, os, sys
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = sys.argv[1]
 import torch
 from torch._dynamo.utils import counters
+# Scalar C++ kernels: probing the CPU's vector instruction sets compiles test programs (~4 s a process).
+torch._inductor.config.cpp.vec_isa_ok = False
 from rayxdit.runtime.worker import RankWorker
 
 worker = RankWorker(0, 1, 0)
