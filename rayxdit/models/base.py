@@ -247,17 +247,17 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
-    def compile(self) -> None:
+    def compile(self, backend: str = "inductor") -> None:
         """torch.compile the transformer's repeated blocks (regional: one compile per block type).
 
         Inductor's peak-memory reordering is off: it would move independent work (Flux's MLP branch) past the
         end of an in-flight attention transfer, which is exactly the work meant to hide that transfer.
+        ``backend`` other than inductor (``eager``) lets a test count what dynamo traces without compiling.
         """
         # PipeFusion's buffered attention runs outside the graph (one break per block).
         fullgraph = self.state.axis("pipefusion").size == 1
-        self.transformer.compile_repeated_blocks(
-            fullgraph=fullgraph, options={"reorder_for_peak_memory": False}
-        )
+        options = {"options": {"reorder_for_peak_memory": False}} if backend == "inductor" else {}
+        self.transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=backend, **options)
 
     @property
     def transformer(self) -> torch.nn.Module:

@@ -300,6 +300,19 @@ class FluxPositions:
     controls: tuple[torch.Tensor, ...] = ()  # (B, image_local, C) each: the control images, this shard
 
 
+def _standard_strides(forward):
+    """A single-stream block's bound ``forward``, its (text, image) outputs given the strides of a fresh
+    tensor: diffusers' block returns views of its joined sequence, whose stride along the batch reads the
+    joined length even at batch 1 (where ``contiguous()`` keeps it). Inside the graph: a view at batch 1, at
+    larger batches a copy inductor writes from the block's last kernel."""
+
+    def forward_with_standard_strides(*args, **kwargs):
+        text, image = forward(*args, **kwargs)
+        return text.contiguous().view(text.shape), image.contiguous().view(image.shape)
+
+    return forward_with_standard_strides
+
+
 class FluxAdapter(DiffusionAdapter):
     """``FluxPipeline``: Flux.1-dev/schnell and compatible checkpoints."""
 
@@ -318,6 +331,15 @@ class FluxAdapter(DiffusionAdapter):
         self.controlnet_processors = {
             name: parallelize_flux(net, state, attention) for name, net in self.controlnets.items()
         }
+
+    def compile(self, backend: str = "inductor") -> None:
+        """As the base class, with every single-stream block returning its streams in standard strides: else
+        every block but the first sees other strides than the first (which gets the double-stream blocks'
+        output), and dynamo traces and compiles the block type twice: a third graph, a third of the compile
+        and of a warm restart's warm-up."""
+        for block in self.transformer.single_transformer_blocks:
+            block.forward = _standard_strides(block.forward)  # the bound one: maybe the overlapped forward
+        super().compile(backend)
 
     controlnet_class = "FluxControlNetModel"
 

@@ -110,10 +110,10 @@ class WanAdapter(DiffusionAdapter):
             p for m in self.denoisers if (p := parallelize_wan(m, state, attention)) is not None
         ]
 
-    def compile(self) -> None:
+    def compile(self, backend: str = "inductor") -> None:
         """torch.compile every block of both experts (attention is one custom op: no graph breaks)."""
         for model in self.denoisers:
-            model.compile_repeated_blocks(fullgraph=True)
+            model.compile_repeated_blocks(fullgraph=True, backend=backend)
 
     def encode(self, req: RunningRequest, branch: int) -> WanCondition:
         request = req.request
