@@ -301,14 +301,17 @@ class FluxPositions:
 
 
 def _standard_strides(forward):
-    """A single-stream block's bound ``forward``, its (text, image) outputs given the strides of a fresh
-    tensor: diffusers' block returns views of its joined sequence, whose stride along the batch reads the
-    joined length even at batch 1 (where ``contiguous()`` keeps it). Inside the graph: a view at batch 1, at
-    larger batches a copy inductor writes from the block's last kernel."""
+    """A single-stream block's bound ``forward``, its (text, image) outputs fresh tensors of standard strides:
+    diffusers' block returns views of its joined sequence, whose stride along the batch reads the joined
+    length even at batch 1 (where ``contiguous()`` keeps the view, and where inductor returned the view for
+    a reshaped one too). Inductor writes both clones from the block's last kernel instead of the joined
+    sequence."""
 
     def forward_with_standard_strides(*args, **kwargs):
         text, image = forward(*args, **kwargs)
-        return text.contiguous().view(text.shape), image.contiguous().view(image.shape)
+        return text.clone(memory_format=torch.contiguous_format), image.clone(
+            memory_format=torch.contiguous_format
+        )
 
     return forward_with_standard_strides
 
