@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -30,20 +29,12 @@ def run_on_ranks(function: Callable[..., Any], world_size: int, *args: Any, time
         return executor.collective_rpc(function, args)[0]
 
 
-@contextlib.contextmanager
-def environment(variables: dict[str, str]):
-    """This process's environment with ``variables`` set, for what starts inside the block (processes
-    inherit it), restored after."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+FAST_SERVE_METRICS = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
+"""Serve replicas and handles report their load every second (production: 10 s), for tests that watch a
+pool scale: set in the environment the Ray instance's processes start with."""
 
 
 def random_png(width: int, height: int, seed: int) -> bytes:

@@ -35,7 +35,7 @@ from PIL import Image
 from ray import serve
 
 from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
-from tests.helpers import free_port, private_ray_temp_dir, stop_ray_cluster
+from tests.helpers import FAST_SERVE_METRICS, free_port, private_ray_temp_dir, stop_ray_cluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -159,9 +159,7 @@ def cluster(tmp_path_factory):
         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        # Replicas and handles report their load every second (production: 10 s).
-        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+        **FAST_SERVE_METRICS,
         "TRANSFORMERS_VERBOSITY": "error",
     }
     env.pop("RAY_ADDRESS", None)

@@ -30,7 +30,7 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import environment, free_port, left_half_mask, random_png
+from tests.helpers import FAST_SERVE_METRICS, free_port, left_half_mask, random_png
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,6 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
 FAST_HEALTH = {"health_check_period_s": 2}
-FAST_METRICS = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-}
 CONFIG = ServeConfig(
     pools=[
         PoolConfig(
@@ -123,9 +119,10 @@ METRICS_PORT = free_port()
 
 @pytest.fixture(scope="module")
 def url():
-    # Replicas and handles report their load every second (production: 10 s); the instance's processes
-    # inherit it from this process's environment, which gets it only while they start.
-    with environment(FAST_METRICS):
+    # The instance's processes inherit this process's environment, which has it only while they start.
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FAST_SERVE_METRICS.items():
+            patch.setenv(name, value)
         ray.init(
             num_cpus=32,
             num_gpus=24,
