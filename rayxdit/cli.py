@@ -52,6 +52,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="denoising steps; default: the model's (28 for Flux)"
     )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="the sampler: euler, heun, dpm++2m, unipc (flow models: Flux, SD3, Wan; Flux without heun); "
+        "euler, dpm++2m, dpm++2m-karras, unipc, ddim (SDXL); default: the checkpoint's own",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed+i (default: 0)")
     parser.add_argument(
         "--guidance",
@@ -170,6 +176,7 @@ def _request_from_args(args: argparse.Namespace):
             width=args.width,
             steps=args.steps,
             seed=args.seed,
+            scheduler=args.scheduler,
             guidance=args.guidance,
             true_cfg_scale=args.true_cfg_scale,
             num_images=args.num_images,

@@ -66,6 +66,12 @@ class ModelLimits:
     kontext_auto_resize: bool | None = None
     """Kontext models (else None): resize a reference image to the nearest resolution Kontext was trained at
     (diffusers' default), or keep its size (False)."""
+    schedulers: tuple[str, ...] = ()
+    """Samplers a request may name (``scheduler``, from :mod:`rayxdit.schedulers`); set from the checkpoint's
+    scheduler config, a ``rayxdit.json`` may narrow the list."""
+    default_scheduler: str | None = None
+    """The name of the checkpoint's own sampler, which a request naming none runs (None: a scheduler of
+    the checkpoint's that is not in the list; it still runs by default)."""
 
     @property
     def makes_video(self) -> bool:
@@ -82,6 +88,8 @@ class ModelLimits:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"{SETTINGS_FILE}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if isinstance(overrides.get("schedulers"), list):  # JSON has no tuples
+            overrides = {**overrides, "schedulers": tuple(overrides["schedulers"])}
         return ModelLimits(**{**self.__dict__, **overrides})
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
@@ -104,6 +112,13 @@ class ModelLimits:
                 param="num_frames",
             )
         steps = request.steps or self.default_steps
+        if request.scheduler is not None and request.scheduler not in self.schedulers:
+            choices = ", ".join(self.schedulers) or "none"
+            raise RequestError(
+                f"scheduler '{request.scheduler}' is not offered for this model; choose one of: {choices} "
+                "(or send none: the checkpoint's own)",
+                "scheduler",
+            )
         if request.image is not None:
             if not self.image_inputs:
                 raise RequestError("image: this model takes no input images", "image")

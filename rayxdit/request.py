@@ -150,6 +150,13 @@ class GenerateRequest(BaseModel):
         description="True classifier-free guidance scale; > 1 with a negative prompt runs two branches.",
     )
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images (or videos) for this prompt.")
+    scheduler: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="The sampler (GET /v1/models lists each model's ``schedulers``); default: the "
+        "checkpoint's own.",
+    )
     num_frames: int | None = Field(
         default=None,
         ge=1,

@@ -40,6 +40,7 @@ SCHEMA = pa.schema(
         ("controlnet_scale", pa.float64()),
         ("ip_adapter_image", pa.string()),
         ("ip_adapter_scale", pa.float64()),
+        ("scheduler", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("path", pa.string()),

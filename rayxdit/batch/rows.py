@@ -27,6 +27,7 @@ LATER_COLUMNS = (
     "controlnet_scale",
     "ip_adapter_image",
     "ip_adapter_scale",
+    "scheduler",
 )
 """Columns added after the first release: left out of a row's digest when empty, so ids stay stable."""
 INPUT_COLUMNS = (
@@ -239,6 +240,7 @@ def to_request(
             width=width,
             height=height,
             steps=None if out["steps"] is None else int(out["steps"]),
+            scheduler=None if out["scheduler"] is None else str(out["scheduler"]),
             seed=out["seed"],
             guidance=None if _clean(row.get("guidance")) is None else float(row["guidance"]),
             true_cfg_scale=float(_clean(row.get("true_cfg_scale")) or 1.0),

@@ -11,12 +11,14 @@ there, never on the adapter, which holds only the model, its add-ons and its par
 
 from __future__ import annotations
 
+import inspect
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import diffusers
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
@@ -32,6 +34,25 @@ from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
 from rayxdit.request import ControlInput, GenerateRequest, RequestError
+from rayxdit.schedulers import SAMPLERS, options_from, sampler
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's config as its ``scheduler_config.json`` holds it (the class name included)."""
+    return {**scheduler.config, "_class_name": type(scheduler).__name__}
+
+
+def begin_at(scheduler: Any, index: int) -> None:
+    """Start ``scheduler`` at step ``index`` of its schedule (DDIM has no index to set: it reads the
+    timestep it is given)."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
+
+
+def steps_alone(scheduler: Any) -> bool:
+    """Whether ``scheduler`` steps without history and with one model call per step (PipeFusion steps each
+    patch of the image apart, so it needs one)."""
+    return any(entry.single_step and entry.scheduler_class == type(scheduler).__name__ for entry in SAMPLERS)
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -64,7 +85,10 @@ class DiffusionAdapter(ABC):
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         self.pipeline = pipeline
-        self.limits = limits or ModelLimits.for_pipeline(self.family.limits, model_dir)
+        denoiser = getattr(pipeline, self.family.denoiser_subfolder)
+        self.limits = limits or self.family.limits_for(
+            dict(denoiser.config), scheduler_config(pipeline.scheduler), model_dir
+        )
         self.state = ParallelState.single(pipeline.device)
         self.pipefusion_patches = 0
         self.warmup_steps = 1
@@ -321,7 +345,7 @@ class DiffusionAdapter(ABC):
         """The tail of the schedule an img2img request runs (diffusers' ``get_timesteps``): the last
         ``int(steps x strength)`` steps; the scheduler starts there."""
         start = self.first_step(len(timesteps), strength)
-        scheduler.set_begin_index(start * scheduler.order)
+        begin_at(scheduler, start * scheduler.order)
         return timesteps[start * scheduler.order :]
 
     @staticmethod
@@ -330,8 +354,24 @@ class DiffusionAdapter(ABC):
         return int(max(steps - min(steps * strength, steps), 0))
 
     def noised(self, scheduler: Any, clean: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor):
-        """``clean`` latents noised to ``timestep`` (flow matching: the straight line towards ``noise``)."""
-        return scheduler.scale_noise(clean, timestep, noise)
+        """``clean`` latents noised to ``timestep`` (flow matching: the straight line towards ``noise``; the
+        multistep solvers' ``add_noise`` draws the same line on their flow sigmas)."""
+        if hasattr(scheduler, "scale_noise"):
+            return scheduler.scale_noise(clean, timestep, noise)
+        return scheduler.add_noise(clean, noise, timestep)
+
+    def new_scheduler(self, req: RunningRequest) -> Any:
+        """A fresh scheduler for one request: the checkpoint's own, or the sampler the request names
+        (:mod:`rayxdit.schedulers`), built from the checkpoint's config."""
+        own = self.pipeline.scheduler
+        if req.request.scheduler is None:
+            return type(own).from_config(own.config)
+        entry = sampler(req.request.scheduler, self.family.prediction)
+        scheduler_class = getattr(diffusers, entry.scheduler_class)
+        # Only the options this class has: diffusers warns of every other key, on every request.
+        accepted = inspect.signature(scheduler_class.__init__).parameters
+        config = {key: value for key, value in own.config.items() if key in accepted}
+        return scheduler_class.from_config(config, **options_from(scheduler_config(own), entry))
 
     def first_latents(
         self,

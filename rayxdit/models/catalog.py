@@ -42,6 +42,11 @@ def built_in_code(model: str) -> FluxSizes | None:
     return value
 
 
+def built_in_limits(sizes: FluxSizes) -> ModelLimits:
+    """The limits of a Flux built in code: Flux's, what its transformer says it is, then the recipe's own."""
+    return FLUX.limits_for(sizes.transformer, sizes.scheduler, None).updated(sizes.limits)
+
+
 def resolve_model(model: str) -> str:
     """A preset name becomes its (built once) directory; a directory or hub id is returned as is."""
     if model in PRESETS:
@@ -74,11 +79,12 @@ def describe_model(model: str) -> ModelCard:
     """The model's :class:`ModelCard`, from its config files alone (no weights are loaded)."""
     sizes = built_in_code(model)
     if sizes is not None:
-        return FLUX.card(model, sizes.transformer, ModelLimits().updated(sizes.limits))
+        return FLUX.card(model, sizes.transformer, built_in_limits(sizes))
     location = resolve_model(model)
     family = family_of(read_model_json(location, "model_index.json").get("_class_name", "?"))
     denoiser = read_model_json(location, f"{family.denoiser_subfolder}/config.json")
-    limits = ModelLimits.for_pipeline(family.limits, location if os.path.isdir(location) else None)
+    scheduler = read_model_json(location, "scheduler/scheduler_config.json")
+    limits = family.limits_for(denoiser, scheduler, location if os.path.isdir(location) else None)
     return family.card(model, denoiser, limits)
 
 

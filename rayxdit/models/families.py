@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayxdit.limits import ModelCard, ModelLimits
+from rayxdit.schedulers import FLOW, NOISE, offered, own_sampler
 
 
 def transformer_heads(denoiser_config: dict[str, Any]) -> int:
@@ -49,6 +50,18 @@ def unet_levels(denoiser_config: dict[str, Any]) -> int:
     return len(denoiser_config["down_block_types"])
 
 
+def no_checkpoint_defaults(denoiser_config: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def flux_checkpoint_defaults(denoiser_config: dict[str, Any]) -> dict[str, Any]:
+    """A Flux without guidance embeddings is timestep-distilled (FLUX.1-schnell): 4 steps, 256 text tokens,
+    no guidance; with them it is guidance-distilled (FLUX.1-dev: the family's 28 steps, 512 tokens, 3.5)."""
+    if denoiser_config.get("guidance_embeds", True):
+        return {}
+    return {"default_steps": 4, "max_sequence_length": 256, "default_guidance": 0.0}
+
+
 @dataclass(frozen=True)
 class Family:
     """One diffusers pipeline family and the adapter that serves it."""
@@ -70,6 +83,26 @@ class Family:
     """Attention heads, read from the denoiser's config (no weights needed)."""
     layers_in: Callable[[dict[str, Any]], int] = transformer_blocks
     """Blocks, read from the denoiser's config."""
+    prediction: str = FLOW
+    """What the denoiser predicts (a flow velocity, or noise): which samplers fit it."""
+    excluded_samplers: tuple[str, ...] = ()
+    """Samplers of its prediction kind that its pipeline cannot step (see :mod:`rayxdit.schedulers`)."""
+    checkpoint_defaults: Callable[[dict[str, Any]], dict[str, Any]] = no_checkpoint_defaults
+    """Serving defaults a checkpoint implies by what it is (read from the denoiser's config)."""
+
+    def limits_for(
+        self, denoiser_config: dict[str, Any], scheduler_config: dict[str, Any], model_dir: str | None
+    ) -> ModelLimits:
+        """One model's limits: the family's defaults, then what its checkpoint says it is (its samplers, a
+        distilled model's steps), then its directory's ``rayxdit.json``. The ingress (through the card) and
+        the ranks (through the adapter) both compute them here."""
+        samplers = offered(self.prediction, scheduler_config)
+        facts = {
+            "schedulers": tuple(name for name in samplers if name not in self.excluded_samplers),
+            "default_scheduler": own_sampler(self.prediction, scheduler_config),
+            **self.checkpoint_defaults(denoiser_config),
+        }
+        return ModelLimits.for_pipeline(self.limits.updated(facts), model_dir)
 
     def card(self, location: str, denoiser_config: dict[str, Any], limits: ModelLimits) -> ModelCard:
         """The family's traits and one model's limits as plain data (see :class:`ModelCard`)."""
@@ -89,6 +122,8 @@ class Family:
         return getattr(importlib.import_module(module_name), class_name)
 
 
+FLUX_SAMPLERS_EXCLUDED = ("heun",)
+"""Flux's pipelines hand the scheduler custom sigmas, which flow-matching Heun's ``set_timesteps`` refuses."""
 FLUX = Family(
     "FluxPipeline",
     "rayxdit.models.flux:FluxAdapter",
@@ -96,6 +131,8 @@ FLUX = Family(
     supports_pipefusion=True,
     guidance_is_cfg=False,  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
     layers_in=flux_blocks,
+    excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
+    checkpoint_defaults=flux_checkpoint_defaults,
 )
 FLUX_KONTEXT = Family(
     "FluxKontextPipeline",
@@ -103,6 +140,7 @@ FLUX_KONTEXT = Family(
     ModelLimits(image_inputs=True, kontext_auto_resize=True),
     guidance_is_cfg=False,
     layers_in=flux_blocks,
+    excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
 )
 SD3 = Family(
     "StableDiffusion3Pipeline",
@@ -118,6 +156,7 @@ SDXL = Family(
     denoiser_subfolder="unet",
     heads_in=unet_heads,
     layers_in=unet_levels,
+    prediction=NOISE,
 )
 WAN = Family(
     "WanPipeline",

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttention,
@@ -29,7 +28,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
-from rayxdit.models.base import DiffusionAdapter, ip_adapter_weights
+from rayxdit.models.base import DiffusionAdapter, begin_at, ip_adapter_weights
 from rayxdit.models.families import FLUX, FLUX_KONTEXT
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -512,9 +511,11 @@ class FluxAdapter(DiffusionAdapter):
         return self.pipeline._pack_latents(latents, batch, channels, height, width)
 
     def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = self.new_scheduler(req)
         config = scheduler.config
         steps = req.steps
+        # As FluxPipeline: custom sigmas unless the scheduler makes flow sigmas itself; the shift from the
+        # resolution (FlowMatchEuler ignores it without dynamic shifting; the solvers refuse it then).
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
         mu = calculate_shift(
             num_tokens,
@@ -523,8 +524,9 @@ class FluxAdapter(DiffusionAdapter):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
+        shift = {"mu": mu} if config.get("use_dynamic_shifting") or sigmas is not None else {}
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, **shift)
+        begin_at(scheduler, 0)
         return scheduler, timesteps
 
     def predict(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.base import DiffusionAdapter, steps_alone
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.cfg import guided_prediction
 from rayxdit.parallel.pipefusion import WARMUP, PatchPlan, StageLink, allocate_kv_buffers, release_kv_buffers
@@ -153,8 +153,12 @@ class PipeFusionLoop:
         """Denoise; the full final latents on every rank."""
         adapter = self.adapter
         scheduler, timesteps = adapter.make_scheduler(self.req, self.latents.shape[1])
-        if scheduler.order != 1:
-            raise ValueError("PipeFusion steps patches one at a time: it needs a first-order scheduler")
+        if not steps_alone(scheduler):
+            raise RequestError(
+                f"scheduler: PipeFusion steps each patch of the image apart; {type(scheduler).__name__} "
+                "keeps a history of steps (or calls the model twice a step): use 'euler'",
+                "scheduler",
+            )
         show = self.req.progress and adapter.state.is_driver
         try:
             for step, timestep in enumerate(tqdm(timesteps, disable=not show, desc="denoise", unit="step")):

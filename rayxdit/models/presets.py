@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +115,16 @@ def tiny_t5_tokenizer(max_length: int = 512):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
+FLUX_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+"""FLUX.1-dev's scheduler config (the sizes built in code take it; ``base_shift``/``max_shift`` as default)."""
+
+
 @dataclass(frozen=True)
 class FluxSizes:
     """Every size that shapes a Flux pipeline: transformer, both text encoders, VAE, serving limits."""
@@ -125,6 +135,8 @@ class FluxSizes:
     vae: dict[str, Any]
     limits: dict[str, Any]
     clip_max_length: int = 77
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULER))
+    """The scheduler config (``_class_name`` and options); FLUX.1-dev's by default."""
 
 
 TINY_FLUX = FluxSizes(
@@ -272,9 +284,8 @@ def build_flux_pipeline(
                 modules[name] = factory().to(device=device, dtype=dtype)
             else:
                 modules[name] = _build(factory, device, dtype, seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
-    )
+    options = {key: value for key, value in sizes.scheduler.items() if key != "_class_name"}
+    scheduler = FlowMatchEulerDiscreteScheduler(**options)
     return FluxPipeline(
         scheduler=scheduler,
         vae=modules.get("vae"),
@@ -286,9 +297,23 @@ def build_flux_pipeline(
     )
 
 
+TINY_FLUX_SCHNELL = replace(
+    TINY_FLUX,
+    # FLUX.1-schnell's shape: no guidance embeddings (timestep-distilled), no dynamic shifting.
+    transformer={**TINY_FLUX.transformer, "guidance_embeds": False},
+    scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0, "use_dynamic_shifting": False},
+    limits={},  # no rayxdit.json: its steps, text length and guidance come from what the checkpoint is
+)
+
+
 def build_tiny_flux(path: Path) -> None:
     """The tiny Flux, saved with ``save_pretrained`` (plus its serving limits) into ``path``."""
     _save_preset(build_flux_pipeline(TINY_FLUX, default_init=True), path, TINY_FLUX.limits)
+
+
+def build_tiny_flux_schnell(path: Path) -> None:
+    """A FLUX.1-schnell-shaped tiny Flux, saved without a ``rayxdit.json``."""
+    build_flux_pipeline(TINY_FLUX_SCHNELL, default_init=True).save_pretrained(path)
 
 
 def build_tiny_flux_kontext(path: Path) -> None:
@@ -619,6 +644,7 @@ def build_tiny_wan(path: Path) -> None:
 
 PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-flux": build_tiny_flux,
+    "tiny-flux-schnell": build_tiny_flux_schnell,
     "tiny-flux-kontext": build_tiny_flux_kontext,
     "tiny-sd3": build_tiny_sd3,
     "tiny-sdxl": build_tiny_sdxl,

@@ -11,10 +11,10 @@ import os
 import torch
 
 from rayxdit.config import ConfigError
-from rayxdit.limits import ModelLimits
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.catalog import (
     built_in_code,
+    built_in_limits,
     component_location,
     family_of,
     read_model_json,
@@ -66,7 +66,7 @@ def load_adapter(model: str, device: torch.device, dtype: torch.dtype) -> Diffus
     if sizes is not None:
         pipeline = build_flux_pipeline(sizes, device, dtype)
         pipeline.set_progress_bar_config(disable=True)
-        return FLUX.adapter_class()(pipeline, limits=ModelLimits().updated(sizes.limits))
+        return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
     location = resolve_model(model)
     adapter = family_of(read_model_json(location, "model_index.json").get("_class_name", "?")).adapter_class()
     pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)

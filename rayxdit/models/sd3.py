@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     calculate_shift,
     retrieve_timesteps,
 )
 
-from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.base import DiffusionAdapter, begin_at
 from rayxdit.models.families import SD3
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -191,7 +190,7 @@ class SD3Adapter(DiffusionAdapter):
         return tokens, positions
 
     def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = self.new_scheduler(req)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             kwargs["mu"] = calculate_shift(
@@ -202,7 +201,7 @@ class SD3Adapter(DiffusionAdapter):
                 scheduler.config.get("max_shift", 1.16),
             )
         timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device, sigmas=None, **kwargs)
-        scheduler.set_begin_index(0)
+        begin_at(scheduler, 0)
         return scheduler, timesteps
 
     def _embed_patches(self, tokens: torch.Tensor, positions: SD3Positions) -> torch.Tensor:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
@@ -29,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
-from rayxdit.models.base import DiffusionAdapter, decode_image, ip_adapter_weights
+from rayxdit.models.base import DiffusionAdapter, begin_at, decode_image, ip_adapter_weights
 from rayxdit.models.families import SDXL
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -329,9 +328,9 @@ class SDXLAdapter(DiffusionAdapter):
         return [rows * positions.width for rows in positions.rows]
 
     def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
-        scheduler = EulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = self.new_scheduler(req)
         timesteps, _ = retrieve_timesteps(scheduler, req.steps, self.device)
-        scheduler.set_begin_index(0)
+        begin_at(scheduler, 0)
         return scheduler, timesteps
 
     def model_input(self, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
 from rayxdit.limits import ModelLimits
-from rayxdit.models.base import DiffusionAdapter
+from rayxdit.models.base import DiffusionAdapter, begin_at
 from rayxdit.models.families import WAN
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -168,9 +168,9 @@ class WanAdapter(DiffusionAdapter):
         return tokens, WanPositions((cos[:, start:end], sin[:, start:end]), sizes, grid)
 
     def make_scheduler(self, req: RunningRequest, num_tokens: int) -> tuple[Any, torch.Tensor]:
-        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        scheduler = self.new_scheduler(req)
         scheduler.set_timesteps(req.steps, device=self.device)
-        scheduler.set_begin_index(0)
+        begin_at(scheduler, 0)
         return scheduler, scheduler.timesteps
 
     def _denoiser_at(self, timestep: torch.Tensor) -> torch.nn.Module:

@@ -32,6 +32,12 @@ class ImageGenerationRequest(BaseModel):
         default="b64_json", description="How images come back."
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (rayxdit).")
+    scheduler: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The sampler, one of the model's (GET /v1/models: schedulers); default: the checkpoint's "
+        "own (rayxdit).",
+    )
     seed: int | None = Field(default=None, ge=0, description="Random seed; image i uses seed + i (rayxdit).")
     guidance: float | None = Field(
         default=None,
@@ -109,6 +115,7 @@ class ImageGenerationRequest(BaseModel):
                 true_cfg_scale=self.true_cfg_scale,
                 num_images=self.n,
                 cache_threshold=self.cache_threshold,
+                scheduler=self.scheduler,
             )
         except ValidationError as error:
             raise request_error_from(error) from None
@@ -173,6 +180,11 @@ class VideoGenerationRequest(BaseModel):
         description="Frames (1 + a multiple of the model's frame_multiple); default: the model's.",
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    scheduler: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The sampler, one of the model's (GET /v1/models: schedulers); default: the checkpoint's own.",
+    )
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Random seed.")
     guidance: float | None = Field(
         default=None, ge=0, le=100, description="CFG scale (on above 1); default: the model's (Wan: 5)."
@@ -205,6 +217,7 @@ class VideoGenerationRequest(BaseModel):
                 seed=default_seed if self.seed is None else self.seed,
                 guidance=self.guidance,
                 num_frames=frames,
+                scheduler=self.scheduler,
             )
         except ValidationError as error:
             raise request_error_from(error) from None

@@ -76,6 +76,8 @@ class Catalog:
                     "size_multiple": limits.size_multiple,
                     "default_steps": limits.default_steps,
                     "default_guidance": limits.default_guidance,
+                    "schedulers": list(limits.schedulers),
+                    "default_scheduler": limits.default_scheduler,
                     "kind": "video" if limits.makes_video else "image",
                     "controlnets": list(pools[0].engine.controlnets),
                     "ip_adapter": pools[0].engine.ip_adapter,

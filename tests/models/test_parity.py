@@ -329,8 +329,84 @@ REQUESTS = {
 }
 
 
+# Every offered sampler (``scheduler``, rayxdit/schedulers.py) but each checkpoint's own, which the requests
+# above run; a model key ending in SAMPLERS is its preset. 3 steps each: the multistep solvers' second
+# order takes over at the second step, Heun calls the model twice a step.
+SAMPLERS = "+samplers"
+
+
+def _named(scheduler: str, **fields) -> GenerateRequest:
+    return GenerateRequest(prompt="a photo of a red cat", steps=3, seed=31, scheduler=scheduler, **fields)
+
+
+_FLUX_SIZE, _SDXL_SIZE, _WAN_SIZE = (
+    dict(height=36, width=36),
+    dict(height=40, width=40),
+    dict(height=48, width=80),
+)
+REQUESTS.update(
+    {
+        "tiny-flux" + SAMPLERS: {
+            "dpm++2m": _named("dpm++2m", negative_prompt="dark", true_cfg_scale=3.0, **_FLUX_SIZE),
+            "unipc": _named("unipc", num_images=2, **_FLUX_SIZE),
+        },
+        "tiny-sd3" + SAMPLERS: {
+            name: _named(name, negative_prompt="dark", guidance=4.0, **_FLUX_SIZE)
+            for name in ("heun", "dpm++2m", "unipc")
+        },
+        "tiny-sdxl" + SAMPLERS: {
+            **{
+                name: _named(name, negative_prompt="dark", guidance=5.0, **_SDXL_SIZE)
+                for name in ("dpm++2m", "dpm++2m-karras", "unipc", "ddim")
+            },
+            # img2img: the solver's add_noise starts the loop, its begin index set past the skipped steps
+            "dpm++2m-img2img": _named("dpm++2m", image=SOURCE, strength=0.7, guidance=5.0, **_SDXL_SIZE),
+        },
+        "tiny-wan" + SAMPLERS: {
+            name: _named(name, negative_prompt="dark", guidance=5.0, num_frames=9, **_WAN_SIZE)
+            for name in ("euler", "heun", "dpm++2m")
+        },
+    }
+)
+# Twice the family's: Heun calls the model twice a step, and SD3's one-rank difference from diffusers
+# (1.7e-6 a call, see above) accumulates to 1.0e-5 over Heun's 5 calls.
+TOLERANCE.update(
+    {model + SAMPLERS: 2 * TOLERANCE[model] for model in ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")}
+)
+
+
+def reference_scheduler(model: str, own, name: str):
+    """The sampler ``name`` made as a diffusers user would, from the checkpoint's scheduler config (written
+    out here, not read from rayxdit's table, so the table is checked too)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    config = own.config
+    if model == "tiny-sdxl":
+        return {
+            "dpm++2m": lambda: DPMSolverMultistepScheduler.from_config(config),
+            "dpm++2m-karras": lambda: DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
+            "unipc": lambda: UniPCMultistepScheduler.from_config(config),
+            "ddim": lambda: DDIMScheduler.from_config(config, clip_sample=False),
+        }[name]()
+    shift = config.get("shift", config.get("flow_shift"))
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    return {
+        "euler": lambda: FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift),
+        "heun": lambda: FlowMatchHeunDiscreteScheduler.from_config(config, shift=shift),
+        "dpm++2m": lambda: DPMSolverMultistepScheduler.from_config(config, **flow),
+        "unipc": lambda: UniPCMultistepScheduler.from_config(config, **flow),
+    }[name]()
+
+
 def engine_config(model: str, **options) -> EngineConfig:
     """A test model's engine: a preset, or a preset with ControlNets or an IP-Adapter beside it."""
+    model = model.removesuffix(SAMPLERS)
     if model == "tiny-flux-controlnets":
         nets = ("tiny-flux-controlnet-union", "tiny-flux-controlnet")
         return EngineConfig(model="tiny-flux", controlnets=nets, **options)
@@ -347,7 +423,10 @@ def _image(data: bytes) -> Image.Image:
 
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
     """The final latents of diffusers' own pipeline, in the engine's latent layout."""
+    model = model.removesuffix(SAMPLERS)
     adapter = load_adapter(engine_config(model).model, torch.device("cpu"), torch.float32)
+    if request.scheduler is not None:
+        adapter.pipeline.scheduler = reference_scheduler(model, adapter.pipeline.scheduler, request.scheduler)
     guidance = adapter.limits.resolve(request).request.guidance  # the model's default when it sends none
     common = dict(
         negative_prompt=request.negative_prompt,
@@ -566,6 +645,12 @@ def _run_configs(worker, configs):
             for request_name, request in REQUESTS[model].items():
                 if request.image is not None and state.config.pipefusion > 1:
                     continue  # input images are not implemented for PipeFusion (refused with a 400)
+                if request.scheduler not in (None, "euler") and state.config.pipefusion > 1:
+                    try:  # PipeFusion steps each patch apart: a solver with a history is refused
+                        engine.generate(request, output="latent")
+                    except RequestError as error:
+                        latents[(model, spec, sabotage, request_name)] = error.param
+                    continue
                 result = engine.generate(request, output="latent")
                 if result is not None:
                     latents[(model, spec, sabotage, request_name)] = result.latents
@@ -606,6 +691,11 @@ CONFIGS = {
         ("tiny-wan", "ulysses=2", False),
         ("tiny-wan", "ring=2", False),
         ("tiny-wan", "cfg=2", False),
+        ("tiny-flux" + SAMPLERS, "ulysses=2", False),
+        ("tiny-flux" + SAMPLERS, "pipefusion=2", False),  # refused: no single-step sampler among them
+        ("tiny-sd3" + SAMPLERS, "ring=2", False),
+        ("tiny-sdxl" + SAMPLERS, "cfg=2", False),
+        ("tiny-wan" + SAMPLERS, "ulysses=2", False),
     ],
     4: [
         ("tiny-flux", "ulysses=4", False),
@@ -626,6 +716,10 @@ CONFIGS = {
         ("tiny-sdxl-controlnet", "ring=4", False),
         ("tiny-wan", "ulysses=4", False),
         ("tiny-wan", "ulysses=2,ring=2", False),
+        ("tiny-flux" + SAMPLERS, "cfg=2,ring=2", False),
+        ("tiny-sd3" + SAMPLERS, "ulysses=2,ring=2", False),
+        ("tiny-sdxl" + SAMPLERS, "ring=4", False),
+        ("tiny-wan" + SAMPLERS, "cfg=2,ulysses=2", False),
     ],
     8: [
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
@@ -639,6 +733,10 @@ CONFIGS = {
         ("tiny-sdxl-controlnet", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
+        *(
+            (model + SAMPLERS, "cfg=2,ring=2,ulysses=2", False)
+            for model in ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
+        ),
     ],
 }
 
@@ -666,6 +764,10 @@ def test_parallel_configs_match_single_rank(world_size, references):
     for model, spec, sabotage in CONFIGS[world_size]:
         for request_name, request in REQUESTS[model].items():
             if request.image is not None and "pipefusion" in spec:
+                continue
+            if request.scheduler not in (None, "euler") and "pipefusion" in spec:
+                refused = latents[(model, spec, sabotage, request_name)]
+                assert refused == "scheduler", f"{model} {spec} / {request_name}: not refused ({refused!r})"
                 continue
             error = max_error(
                 latents[(model, spec, sabotage, request_name)], references[(model, request_name)]
@@ -720,3 +822,23 @@ def test_a_model_with_an_ip_adapter_serves_requests_without_an_image_prompt_as_w
     assert torch.equal(adapted.generate(request, output="latent").latents, plain.latents)
     prompted = adapted.generate(request.model_copy(update={"ip_adapter_image": SOURCE}), output="latent")
     assert max_error(prompted.latents, plain.latents) > 100 * TOLERANCE[model], "the image prompt must matter"
+
+
+def test_a_schnell_shaped_checkpoint_runs_with_its_own_defaults_as_diffusers_does():
+    """No guidance embeddings and no rayxdit.json: 4 steps, 256 text tokens and no guidance, as FLUX.1-schnell
+    is run with diffusers' FluxPipeline."""
+    engine = Engine(EngineConfig(model="tiny-flux-schnell"), ParallelState.single())
+    request = GenerateRequest(prompt="a photo of a red cat", height=32, width=32, seed=3)
+    latents = engine.generate(request, output="latent").latents
+    pipeline = load_adapter("tiny-flux-schnell", torch.device("cpu"), torch.float32).pipeline
+    reference = pipeline(
+        request.prompt,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        max_sequence_length=256,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+    ).images
+    assert torch.equal(latents, reference)

@@ -89,6 +89,10 @@ BAD = [
     ({"prompt": "x", "response_format": "jpeg"}, "response_format"),
     ({"prompt": "x", "colour": "red"}, "colour"),
     ({"prompt": "x", "true_cfg_scale": -1}, "true_cfg_scale"),
+    ({"prompt": "x", "scheduler": "heun"}, "scheduler"),  # Flux's pipeline cannot step Heun
+    ({"prompt": "x", "scheduler": "euler_a"}, "scheduler"),
+    ({"prompt": "x", "scheduler": ""}, "scheduler"),
+    ({"prompt": "x", "scheduler": 3}, "scheduler"),
 ]
 
 
@@ -134,6 +138,7 @@ VIDEO_BAD = [
     ({**VIDEO, "model": "tiny-2"}, "model"),  # an image model
     ({**VIDEO, "model": "nope"}, "model"),
     ({**VIDEO, "fps": 30}, "fps"),
+    ({**VIDEO, "scheduler": "ddim"}, "scheduler"),  # SDXL's, not a flow model's
 ]
 
 
@@ -205,6 +210,9 @@ def test_models_health_and_docs_answer_without_any_pool(url):
     }
     assert {m["id"]: m["kind"] for m in models}["tiny-wan"] == "video"
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
+    samplers = {m["id"]: (m["schedulers"], m["default_scheduler"]) for m in models}
+    assert samplers["tiny-2"] == (["euler", "dpm++2m", "unipc"], "euler")
+    assert samplers["tiny-wan"] == (["euler", "heun", "dpm++2m", "unipc"], "unipc")
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(url + "/docs", timeout=30).status_code == 200
     assert "/v1/images/generations" in requests.get(url + "/openapi.json", timeout=30).json()["paths"]

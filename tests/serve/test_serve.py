@@ -109,6 +109,7 @@ ROUTES = [
             "seed": 6,
             "negative_prompt": "dark",
             "true_cfg_scale": 3.0,
+            "scheduler": "dpm++2m",
         },
     ),
 ]
@@ -154,6 +155,7 @@ def single_process_pixels(engine: Engine, body: dict) -> np.ndarray:
         seed=body["seed"],
         negative_prompt=body.get("negative_prompt"),
         true_cfg_scale=body.get("true_cfg_scale", 1.0),
+        scheduler=body.get("scheduler"),
     )
     return np.asarray(engine.generate(request).images[0], dtype=np.int16)
 
@@ -995,17 +997,21 @@ def test_probes_see_a_bare_status_and_answers_cut_long_ids_short(url):
 def test_a_pool_with_engine_options_written_flat_serves_what_the_cli_makes(url, tmp_path):
     """The PipeFusion pool sets parallel, warmup_steps and pipefusion_patches flat, as a pool YAML does: over
     HTTP it answers with the image `rayxdit generate` writes with the same flags (PipeFusion with stale
-    patches is lossy, so the reference is the same method, not one rank)."""
+    patches is lossy, so the reference is the same method, not one rank). A sampler with a history of steps
+    cannot step PipeFusion's patches apart: a 400 naming the field, and the pool still serves."""
     import subprocess
     import sys
 
     body = {"model": "tiny-pipefusion", "prompt": "a lighthouse", "size": "64x64", "steps": 4, "seed": 3}
-    response = post(url, body)
+    refused = post(url, {**body, "scheduler": "unipc"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "scheduler", refused.text
+    response = post(url, {**body, "scheduler": "euler"})
     assert response.status_code == 200, response.text
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     out = tmp_path / "cli.png"
     flags = ["--parallel", "pipefusion=2", "--warmup-steps", "0", "--patches", "4"]
     request = ["--prompt", "a lighthouse", "--height", "64", "--width", "64", "--steps", "4", "--seed", "3"]
+    request += ["--scheduler", "euler"]
     done = subprocess.run(
         [sys.executable, "-m", "rayxdit.cli", "generate", *request, *flags, "--out", str(out)],
         capture_output=True,
