@@ -341,10 +341,13 @@ class DiffusionAdapter(ABC):
         images)."""
         raise NotImplementedError(f"{type(self).__name__} takes no input images")
 
-    def strength_schedule(self, scheduler: Any, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    def strength_schedule(
+        self, scheduler: Any, timesteps: torch.Tensor, steps: int, strength: float
+    ) -> torch.Tensor:
         """The tail of the schedule an img2img request runs (diffusers' ``get_timesteps``): the last
-        ``int(steps x strength)`` steps; the scheduler starts there."""
-        start = self.first_step(len(timesteps), strength)
+        ``int(steps x strength)`` of its ``steps`` steps; the scheduler starts there. Counted in steps, not
+        timesteps: Heun has two timesteps a step, PLMS one more at the start."""
+        start = self.first_step(steps, strength)
         begin_at(scheduler, start * scheduler.order)
         return timesteps[start * scheduler.order :]
 

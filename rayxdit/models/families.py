@@ -158,6 +158,24 @@ SDXL = Family(
     layers_in=unet_levels,
     prediction=NOISE,
 )
+SD15 = Family(
+    "StableDiffusionPipeline",
+    "rayxdit.models.sdxl:SD15Adapter",
+    ModelLimits(
+        default_height=512,
+        default_width=512,
+        default_steps=50,
+        max_side=1024,
+        size_multiple=8,
+        max_sequence_length=77,
+        image_inputs=True,
+        default_guidance=7.5,
+    ),
+    denoiser_subfolder="unet",
+    heads_in=unet_heads,
+    layers_in=unet_levels,
+    prediction=NOISE,  # SD 2.x's v-prediction is in its scheduler config, which every sampler keeps
+)
 WAN = Family(
     "WanPipeline",
     "rayxdit.models.wan:WanAdapter",
@@ -176,6 +194,6 @@ WAN = Family(
 )
 
 FAMILIES: dict[str, Family] = {
-    family.pipeline_class: family for family in (FLUX, FLUX_KONTEXT, SD3, SDXL, WAN)
+    family.pipeline_class: family for family in (FLUX, FLUX_KONTEXT, SD3, SDXL, SD15, WAN)
 }
 """Every supported pipeline class and its family: adding a family is an adapter file plus one entry here."""

@@ -48,7 +48,7 @@ class StandardLoop:
         if req.source is not None:  # img2img: start from the image, noised to the first step run
             noise, image = latents, local(req.source.latents)
             mask = None if req.source.mask is None else local(req.source.mask)
-            timesteps = adapter.strength_schedule(scheduler, timesteps, request.strength)
+            timesteps = adapter.strength_schedule(scheduler, timesteps, req.steps, request.strength)
             first = timesteps[:1].repeat(latents.shape[0])
             latents = adapter.first_latents(
                 scheduler, image, first, noise, mask is not None, request.strength

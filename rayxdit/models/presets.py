@@ -574,6 +574,52 @@ def build_tiny_sdxl(path: Path) -> None:
     _save_preset(pipeline, path, limits)
 
 
+def build_tiny_sd15(path: Path) -> None:
+    """StableDiffusionPipeline (SD 1.5's layout in miniature): a UNet of three levels, attention in the first
+    two and plain convolutions at the bottom as SD 1.5 has them, 4 heads, 1x1-convolution projections around
+    its transformer blocks, one CLIP encoder, a VAE of factor 2 and SD 1.5's own PNDM (PLMS) scheduler."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(_clip_config(TINY_FLUX.clip, tokenizer))
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            attention_head_dim=4,  # diffusers' name for SD 1.5's head count
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        )
+        vae = _vae_2d({**TINY_FLUX.vae, "shift_factor": None, "scaling_factor": 0.18215})
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    limits = dict(default_height=64, default_width=64, default_steps=8, max_side=256, size_multiple=8)
+    _save_preset(pipeline, path, limits)
+
+
 def build_tiny_wan(path: Path) -> None:
     """WanPipeline (Wan 2.1 text-to-video layout): 2 blocks of 8 heads of 8 with RMS QK-norm across heads and
     3D rotary embeddings, a UMT5 text encoder, a causal 3D VAE (8x spatial, 4x temporal) and UniPC flow
@@ -648,6 +694,7 @@ PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-flux-kontext": build_tiny_flux_kontext,
     "tiny-sd3": build_tiny_sd3,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sd15": build_tiny_sd15,
     "tiny-wan": build_tiny_wan,
 }
 """Presets saved to the cache once and loaded with ``from_pretrained``."""

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from rayxdit.config import ConfigError
 from rayxdit.limits import ModelLimits, ResolvedRequest
 from rayxdit.models.base import DiffusionAdapter, begin_at, decode_image, ip_adapter_weights
-from rayxdit.models.families import SDXL
+from rayxdit.models.families import SD15, SDXL
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
 from rayxdit.parallel.cfg import CONDITIONAL, UNCONDITIONAL
@@ -116,6 +116,8 @@ class SDXLAdapter(DiffusionAdapter):
     """``StableDiffusionXLPipeline``: SDXL base and its fine-tunes."""
 
     family = SDXL
+    ip_adapter_weight = "ip-adapter_sdxl.safetensors"
+    """The weights file :meth:`load_ip_adapter` looks for in a directory (h94/IP-Adapter's names)."""
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         super().__init__(pipeline, model_dir, limits)
@@ -201,7 +203,7 @@ class SDXLAdapter(DiffusionAdapter):
         image encoder from ``image_encoder`` or the weights' ``image_encoder/`` folder). Its processors sit
         on the cross-attention, which is local to a band (the image-prompt tokens are replicated): exact
         under patch parallelism as it comes."""
-        source, subfolder, weight_name = ip_adapter_weights(location, "ip-adapter_sdxl.safetensors")
+        source, subfolder, weight_name = ip_adapter_weights(location, self.ip_adapter_weight)
         pipe = self.pipeline
         if image_encoder is not None:
             from transformers import CLIPVisionModelWithProjection
@@ -378,3 +380,28 @@ class SDXLAdapter(DiffusionAdapter):
             std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
             return latents * std / config.scaling_factor + mean
         return latents / config.scaling_factor
+
+
+class SD15Adapter(SDXLAdapter):
+    """``StableDiffusionPipeline``: Stable Diffusion 1.x and 2.x and their fine-tunes. The same UNet, patch
+    parallelism and loop as SDXL's; one CLIP text encoder and no added (text-time) conditioning. An absent
+    negative prompt is the empty prompt's embeddings, as diffusers encodes it. The seeds' advice stands:
+    these models are small, so pools of 1 GPU or ``cfg=2`` are what pays; patch parallelism works too."""
+
+    family = SD15
+    ip_adapter_weight = "ip-adapter_sd15.safetensors"
+
+    def encode(self, req: RunningRequest, branch: int) -> SDXLCondition:
+        request = req.request
+        unconditional = branch != CONDITIONAL
+        embeds, negative = self.pipeline.encode_prompt(
+            request.prompt,
+            self.device,
+            req.batch,
+            unconditional,
+            negative_prompt=request.negative_prompt,
+        )
+        added = {}
+        if self.ip_adapter_loaded:
+            added["image_embeds"] = self.image_prompt(req, branch)
+        return SDXLCondition(negative if unconditional else embeds, added)

@@ -60,6 +60,7 @@ TOLERANCE = {
     "tiny-flux-kontext": 1e-5,
     "tiny-sd3": 1e-5,
     "tiny-sdxl": 1e-4,
+    "tiny-sd15": 1e-4,
     "tiny-sdxl-controlnet": 1e-4,
     "tiny-sdxl-ip-adapter": 1e-4,
     "tiny-wan": 1e-5,
@@ -267,6 +268,34 @@ REQUESTS = {
             num_images=2,
         ),
     },
+    # SD 1.5's layout: the UNet of SDXL's loop without text-time conditioning, an absent negative prompt is
+    # the empty prompt's embeddings, PNDM (PLMS) as SD 1.5 ships it. 40x40 px: 5 bands of 4 latent rows.
+    "tiny-sd15": {
+        "cfg": GenerateRequest(
+            prompt="a photo of a red cat",
+            negative_prompt="dark",
+            guidance=7.0,
+            height=40,
+            width=40,
+            steps=3,
+            seed=7,
+            num_images=2,
+        ),
+        "empty-negative": GenerateRequest(
+            prompt="a blue house", guidance=7.0, height=40, width=40, steps=3, seed=11
+        ),
+        "img2img": GenerateRequest(
+            prompt="a watercolor",
+            negative_prompt="dark",
+            guidance=7.0,
+            image=SOURCE,
+            strength=0.6,
+            height=40,
+            width=40,
+            steps=5,
+            seed=3,
+        ),
+    },
     # tiny-sdxl with its ControlNet (the UNet's encoder half, on the same bands; the control images' bands
     # of pixel rows under them), read twice at once (MultiControlNetModel: residuals summed).
     "tiny-sdxl-controlnet": {
@@ -351,8 +380,12 @@ REQUESTS.update(
             "unipc": _named("unipc", num_images=2, **_FLUX_SIZE),
         },
         "tiny-sd3" + SAMPLERS: {
-            name: _named(name, negative_prompt="dark", guidance=4.0, **_FLUX_SIZE)
-            for name in ("heun", "dpm++2m", "unipc")
+            **{
+                name: _named(name, negative_prompt="dark", guidance=4.0, **_FLUX_SIZE)
+                for name in ("heun", "dpm++2m", "unipc")
+            },
+            # img2img counts its start in steps, not timesteps (Heun has two a step)
+            "heun-img2img": _named("heun", image=SOURCE, strength=0.6, guidance=4.0, **_FLUX_SIZE),
         },
         "tiny-sdxl" + SAMPLERS: {
             **{
@@ -547,11 +580,19 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             _auto_resize=False,  # the preset's kontext_auto_resize
             **common,
         ).images
-    if model == "tiny-sdxl" and request.image is not None:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    if model in ("tiny-sdxl", "tiny-sd15") and request.image is not None:
+        from diffusers import (
+            StableDiffusionImg2ImgPipeline,
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+        )
 
         pipeline_class = (
-            StableDiffusionXLInpaintPipeline if request.mask else StableDiffusionXLImg2ImgPipeline
+            StableDiffusionImg2ImgPipeline
+            if model == "tiny-sd15"
+            else StableDiffusionXLInpaintPipeline
+            if request.mask
+            else StableDiffusionXLImg2ImgPipeline
         )
         extra = {} if request.mask is None else {"mask_image": Image.open(io.BytesIO(request.mask))}
         image = Image.open(io.BytesIO(request.image)).convert("RGB")
@@ -616,7 +657,7 @@ def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
             **common,
         ).frames
         return adapter.pack(latents)
-    if model == "tiny-sdxl":
+    if model in ("tiny-sdxl", "tiny-sd15"):
         latents = adapter.pipeline(request.prompt, guidance_scale=guidance, **common).images
         return latents.permute(0, 2, 3, 1).flatten(1, 2)  # the engine's row-major tokens
     latents = adapter.pipeline(
@@ -682,6 +723,8 @@ CONFIGS = {
         ("tiny-sdxl", "ulysses=2", False),
         ("tiny-sdxl", "ring=2", False),
         ("tiny-sdxl", "cfg=2", False),
+        ("tiny-sd15", "cfg=2", False),
+        ("tiny-sd15", "ring=2", False),
         ("tiny-sdxl-controlnet", "ulysses=2", False),
         ("tiny-sdxl-controlnet", "ring=2", False),
         ("tiny-sdxl-controlnet", "cfg=2", False),
@@ -713,6 +756,7 @@ CONFIGS = {
         ("tiny-sd3", "ulysses=2,ring=2", False),
         ("tiny-sdxl", "ring=4", False),
         ("tiny-sdxl", "ulysses=2,ring=2", False),
+        ("tiny-sd15", "cfg=2,ring=2", False),
         ("tiny-sdxl-controlnet", "ring=4", False),
         ("tiny-wan", "ulysses=4", False),
         ("tiny-wan", "ulysses=2,ring=2", False),
@@ -729,6 +773,7 @@ CONFIGS = {
         ("tiny-flux-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sd3", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sd15", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux-controlnets", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl-controlnet", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
