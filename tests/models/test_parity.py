@@ -778,10 +778,10 @@ CONFIGS = {
         ("tiny-sdxl-controlnet", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
-        *(
-            (model + SAMPLERS, "cfg=2,ring=2,ulysses=2", False)
-            for model in ("tiny-flux", "tiny-sd3", "tiny-sdxl", "tiny-wan")
-        ),
+        # Every sampler class once at 8 ranks (gloo is slowest there): SD3's are the flow ones (Flux's and Wan's
+        # differ only in the shift they are given, checked at 2 and 4), SDXL's the noise ones.
+        ("tiny-sd3" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sdxl" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
     ],
 }
 

@@ -38,6 +38,7 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
 FAST_HEALTH = {"health_check_period_s": 2}
+SD15 = {**COMMON, "model": "tiny-sd15"}
 CONFIG = ServeConfig(
     pools=[
         PoolConfig(
@@ -84,6 +85,15 @@ CONFIG = ServeConfig(
             request_timeout_s=300,  # a failed first attempt, a rebuild and a second one fit, on a busy machine
             deployment_config=FAST_HEALTH,
             **COMMON,
+        ),
+        # SD 1.5's layout on one GPU and CFG-parallel on two (what pays for a small UNet).
+        PoolConfig(name="sd15-1", model_name="tiny-sd15", deployment_config=FAST_HEALTH, **SD15),
+        PoolConfig(
+            name="sd15-cfg2",
+            model_name="tiny-sd15-cfg2",
+            parallel="cfg=2",
+            deployment_config=FAST_HEALTH,
+            **SD15,
         ),
         PoolConfig(
             name="wan-2",
@@ -198,6 +208,21 @@ def test_each_pool_returns_the_single_process_image(url, engine, pool, body):
     assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
 
 
+@pytest.mark.parametrize("pool", ["tiny-sd15", "tiny-sd15-cfg2"])
+def test_sd15_on_one_gpu_and_cfg_parallel_returns_the_single_process_image(url, pool):
+    body = {"prompt": "a red cat", "negative_prompt": "dark", "guidance": 7.0, "size": "40x40", "steps": 3}
+    response = post(url, {**body, "model": pool, "seed": 5, "scheduler": "dpm++2m"})
+    assert response.status_code == 200, response.text
+    assert response.json()["rayxdit"]["ranks"] == (2 if pool.endswith("cfg2") else 1)
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    request = GenerateRequest(
+        prompt="a red cat", negative_prompt="dark", guidance=7.0, height=40, width=40, steps=3, seed=5
+    )
+    engine = Engine(EngineConfig(model="tiny-sd15"), ParallelState.single())
+    expected = engine.generate(request.model_copy(update={"scheduler": "dpm++2m"})).images[0]
+    assert np.abs(served - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
 def test_png_endpoint_url_format_and_n(url):
     response = post(url, {"prompt": "a fox", "size": "36x36", "steps": 2}, path="/v1/generate")
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
@@ -217,6 +242,8 @@ def test_models_health_and_docs(url):
         "tiny-pipefusion",
         "tiny-failover",
         "tiny-wan",
+        "tiny-sd15",
+        "tiny-sd15-cfg2",
     }
     ranks = {m["id"]: [pool["ranks"] for pool in m["pools"]] for m in models["data"]}
     assert ranks == {
@@ -225,6 +252,8 @@ def test_models_health_and_docs(url):
         "tiny-pipefusion": [2],
         "tiny-failover": [2],
         "tiny-wan": [2],
+        "tiny-sd15": [1],
+        "tiny-sd15-cfg2": [2],
     }
     kinds = {m["id"]: m["kind"] for m in models["data"]}
     assert kinds["tiny-wan"] == "video" and kinds["tiny-2"] == "image"
