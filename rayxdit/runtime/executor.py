@@ -46,6 +46,8 @@ FORWARDED_ENV_NAMES = frozenset(
         "HF_ENDPOINT",
         "HF_HUB_ENABLE_HF_TRANSFER",
         "TRANSFORMERS_VERBOSITY",
+        "PYTORCH_CUDA_ALLOC_CONF",  # the caching allocator's options (expandable_segments...), read at
+        "PYTORCH_ALLOC_CONF",  # the rank's first CUDA allocation; the second is torch >= 2.9's name
         "XDG_CACHE_HOME",
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -58,7 +60,7 @@ FORWARDED_ENV_NAMES = frozenset(
 FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "RAYXDIT_")
 """Environment every rank needs from its driver (as vLLM's Ray executor forwards ``HF_TOKEN``): gated models
 (FLUX.1-dev) need the token, caches and proxies must match, NCCL settings must reach the process that runs
-NCCL."""
+NCCL, the allocator's options the process that allocates."""
 
 
 def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
