@@ -87,7 +87,9 @@ CONFIG = ServeConfig(
             **COMMON,
         ),
         # SD 1.5's layout on one GPU and CFG-parallel on two (what pays for a small UNet).
-        PoolConfig(name="sd15-1", model_name="tiny-sd15", deployment_config=FAST_HEALTH, **SD15),
+        PoolConfig(
+            name="sd15-1", model_name="tiny-sd15", parallel="single", deployment_config=FAST_HEALTH, **SD15
+        ),
         PoolConfig(
             name="sd15-cfg2",
             model_name="tiny-sd15-cfg2",
