@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import resource
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -92,3 +93,11 @@ def stop_ray_cluster(gcs_port: int, timeout_s: float = 30) -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(list(doomed.values()), timeout=timeout_s)
+
+
+def cap_address_space(pid: int, headroom_bytes: int) -> None:
+    """Let process ``pid`` map only ``headroom_bytes`` more than it has now: a real allocation failure for
+    whatever needs more (how a GPU's memory runs out, on a CPU)."""
+    with open(f"/proc/{pid}/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.prlimit(pid, resource.RLIMIT_AS, (size + headroom_bytes, resource.RLIM_INFINITY))

@@ -76,7 +76,8 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 class GroupError(RuntimeError):
     """The group failed (a rank died, raised, or hung) and must be rebuilt before the next call. The message
     says which ranks and why, with their tracebacks where they are known; ``cause`` is one word for
-    metrics: ``rank_died``, ``rank_hung`` or ``rank_error``."""
+    metrics: ``rank_died``, ``rank_hung``, ``rank_error`` or ``out_of_memory`` (a rank could not allocate
+    what the request needs: retrying it on the same ranks would fail the same way)."""
 
     def __init__(self, message: str, cause: str = "rank_error"):
         super().__init__(message)

@@ -58,6 +58,13 @@ _LENGTH = struct.Struct("!I")
 class RankFailed(RuntimeError):
     """A call failed in the forked rank; the message is its traceback there."""
 
+    def __init__(self, traceback_text: str, out_of_memory: bool = False):
+        super().__init__(traceback_text)
+        self.out_of_memory = out_of_memory
+
+    def __reduce__(self):  # Ray pickles it back to the driver with both fields
+        return type(self), (str(self), self.out_of_memory)
+
 
 # ----- the fork server (its own process: python -m rayxdit.runtime.forked SOCKET) ------------------------------
 def serve_forks(path: str) -> None:
@@ -350,7 +357,7 @@ class ForkedRank:
         if reply.expected is not None:
             raise reply.expected
         if reply.error is not None:
-            raise RankFailed(reply.error)
+            raise RankFailed(reply.error, reply.out_of_memory)
         return reply.value
 
     def call(self, function: Any, args: tuple, kwargs: dict) -> Any:

@@ -24,6 +24,7 @@ from rayxdit.request import EncodedResult, GenerateRequest, RequestError
 from rayxdit.runtime.executor import Executor, GroupError, Method
 from rayxdit.runtime.rank_process import (
     FORK_SAFE_ENV,
+    OUT_OF_MEMORY,
     PRELOADED,
     Reply,
     check_fork_safe,
@@ -216,8 +217,10 @@ class LocalExecutor(Executor):
             details = "\n".join(f"--- rank {rank} ---\n{error}" for rank, error in sorted(failures.items()))
             silent = sorted(set(ranks) - set(replies))
             note = f"; no report from ranks {silent}" if silent else ""
+            starved = any(reply.out_of_memory for reply in replies.values())
             raise GroupError(
-                f"worker group {self.name}: {len(failures)} of {len(ranks)} ranks failed{note}:\n{details}"
+                f"worker group {self.name}: {len(failures)} of {len(ranks)} ranks failed{note}:\n{details}",
+                cause=OUT_OF_MEMORY if starved else "rank_error",
             )
         return [replies[rank].value for rank in ranks]
 

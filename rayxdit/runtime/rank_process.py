@@ -39,6 +39,18 @@ def check_fork_safe() -> None:
         )
 
 
+OUT_OF_MEMORY = "out_of_memory"
+"""A group's failure cause when a rank could not allocate memory (GPU or host)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: ``torch.OutOfMemoryError`` on a GPU, the CPU allocator's
+    RuntimeError on a host (told apart by name and message: this module imports no torch)."""
+    return type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 @dataclass
 class Reply:
     """A rank's answer to one call."""
@@ -48,6 +60,8 @@ class Reply:
     """A fault: the rank's traceback."""
     expected: Exception | None = None
     """Not a fault: the model refused the request (RequestError) or the group stopped it (RequestStopped)."""
+    out_of_memory: bool = False
+    """The fault was an allocation failure: the request needs more memory than the rank has."""
 
 
 def run_call(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> Reply:
@@ -59,8 +73,8 @@ def run_call(worker: RankWorker, method: Method, args: tuple, kwargs: dict) -> R
         return Reply(expected=RequestError(str(error), error.param))
     except RequestStopped as error:
         return Reply(expected=RequestStopped(error.reason, error.step))
-    except BaseException:
-        return Reply(error=traceback.format_exc())
+    except BaseException as error:
+        return Reply(error=traceback.format_exc(), out_of_memory=is_out_of_memory(error))
 
 
 def serve_calls(worker: RankWorker, connection: Connection) -> None:

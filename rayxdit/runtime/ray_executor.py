@@ -24,6 +24,7 @@ from rayxdit.request import RequestError, RequestStopped
 from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
 from rayxdit.runtime.forked import ForkedRank
 from rayxdit.runtime.placement import never_placeable, rank_actor_options
+from rayxdit.runtime.rank_process import OUT_OF_MEMORY, is_out_of_memory
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
 
@@ -122,8 +123,11 @@ class RayExecutor(Executor):
             return GroupError(f"worker group {self.name}: rank {rank} died", cause="rank_died")
         if isinstance(error, RayTaskError):
             lines = str(error).strip().splitlines()
+            # An allocation failure in a forked rank (RankFailed) or in the actor itself
+            starved = getattr(cause, "out_of_memory", False) or is_out_of_memory(cause)
             return GroupError(
-                f"worker group {self.name}: rank {rank} failed: {lines[-1] if lines else error!r}"
+                f"worker group {self.name}: rank {rank} failed: {lines[-1] if lines else error!r}",
+                cause=OUT_OF_MEMORY if starved else "rank_error",
             )
         return GroupError(f"worker group {self.name}: rank {rank}: {error!r}")
 

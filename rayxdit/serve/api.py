@@ -301,6 +301,11 @@ def request_error_from_validation(first: dict[str, Any]) -> RequestError:
     return RequestError(f"{location[0]}: {first.get('msg')}", location[0])
 
 
+class PoolOutOfMemoryError(RuntimeError):
+    """A request needed more memory than its pool's ranks have (HTTP 507): not retried, since the same
+    ranks would fail the same way; the group is rebuilt before the pool's next request."""
+
+
 class PoolUnavailableError(RuntimeError):
     """A pool replica could not run a request even after rebuilding its worker group (HTTP 503). Defined
     here, not beside the replica, so that the router can recognize it without importing the runtime."""

@@ -23,7 +23,7 @@ from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
 from rayxdit.serve import metrics
-from rayxdit.serve.api import ApiError, PoolUnavailableError, invalid
+from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import detached, quiet
@@ -85,6 +85,15 @@ def pool_error(error: Exception, request_id: str) -> ApiError:
         return invalid(str(cause), cause.param)
     if isinstance(cause, RequestStopped):
         return deadline_error(request_id)
+    if isinstance(cause, PoolOutOfMemoryError):
+        logger.warning("request %s: %s", request_id, cause)
+        return ApiError(
+            507,
+            f"request {request_id} needs more memory than this pool's ranks have; ask for a smaller size, "
+            "fewer images or frames, or send it to a pool with more ranks",
+            "insufficient_storage",
+            code="out_of_memory",
+        )
     if isinstance(cause, PoolUnavailableError):
         logger.warning("request %s: %s", request_id, cause)
         return ApiError(

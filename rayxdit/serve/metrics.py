@@ -102,7 +102,7 @@ SERVING_METRICS = (
     MetricSpec(
         "rayxdit_group_rebuilds",
         "counter",
-        "Worker groups rebuilt, by cause: rank_died, rank_hung, rank_error, cancel_timeout.",
+        "Worker groups rebuilt, by cause: rank_died, rank_hung, rank_error, out_of_memory, cancel_timeout.",
         ("pool", "cause"),
     ),
     MetricSpec(

@@ -13,6 +13,8 @@ done with it:
   (HTTP 504).
 - **A rank dies, raises or hangs**: the group is rebuilt in the same placement group and the request retried
   once if its deadline allows, else :class:`PoolUnavailableError` (HTTP 503).
+- **A rank runs out of memory**: the request is not retried (the same ranks would run out again):
+  :class:`PoolOutOfMemoryError` (HTTP 507 ``out_of_memory``) at once; the group is rebuilt before the next.
 
 ``check_health`` pings every rank also while a request runs: a rank that stops answering (frozen, hung)
 gets the group killed at once, so the running request fails over instead of waiting for its timeouts.
@@ -34,9 +36,10 @@ from rayxdit.config import PoolConfig
 from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped, engine_seconds
 from rayxdit.runtime.compile_artifacts import load_artifacts, publish_artifacts
 from rayxdit.runtime.executor import GroupError
+from rayxdit.runtime.rank_process import OUT_OF_MEMORY
 from rayxdit.runtime.ray_executor import RayExecutor
 from rayxdit.serve import metrics
-from rayxdit.serve.api import PoolUnavailableError
+from rayxdit.serve.api import PoolOutOfMemoryError, PoolUnavailableError
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 from rayxdit.serve.tasks import keep_cancellations_quiet, quiet
@@ -261,6 +264,8 @@ class PoolReplica:
                 wasted = self.pool.ranks * (time.monotonic() - began)
                 metrics.inc("rayxdit_gpu_seconds", wasted, **self.labels)
                 logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)
+                if error.cause == OUT_OF_MEMORY:  # the same ranks would run out again: no second attempt
+                    raise PoolOutOfMemoryError(f"{self.pool.name}: {error}") from None
                 last_error = error
             except (RequestStopped, asyncio.CancelledError):
                 raise

@@ -21,6 +21,7 @@ from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.placement import group_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
+from tests.helpers import cap_address_space
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +127,27 @@ def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
     with pytest.raises(GroupError, match="rank"):
         group.generate(REQUEST)
     assert group.broken
+    group.rebuild()
+    assert group.generation == generation + 1
+    assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
+
+
+def test_a_rank_out_of_memory_fails_its_request_as_such_at_once_and_the_rebuilt_group_serves(
+    group, reference
+):
+    """The ranks' memory capped 300 MB above their use, then a request needing far more (8 images of 512x512
+    px): the allocation fails in the ranks, the group reports ``out_of_memory`` (the serving layer answers
+    507 and does not retry it on the same ranks) within seconds, not at a collective's timeout; the rebuilt
+    group's processes have no cap and serve the right image."""
+    generation = group.generation
+    for pid in group.pids():
+        cap_address_space(pid, 300 << 20)
+    big = REQUEST.model_copy(update={"height": 512, "width": 512, "num_images": 8, "steps": 2})
+    began = time.monotonic()
+    with pytest.raises(GroupError, match="can't allocate memory") as failed:
+        group.generate(big)
+    assert failed.value.cause == "out_of_memory" and group.broken_cause == "out_of_memory"
+    assert time.monotonic() - began < 30
     group.rebuild()
     assert group.generation == generation + 1
     assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1

@@ -30,7 +30,7 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import FAST_SERVE_METRICS, free_port, left_half_mask, random_png
+from tests.helpers import FAST_SERVE_METRICS, cap_address_space, free_port, left_half_mask, random_png
 
 pytestmark = pytest.mark.slow
 
@@ -470,6 +470,29 @@ def generation(pool: str) -> int:
 def rank_progress(pool: str) -> dict | None:
     """What rank 0 of ``pool`` is doing (its control thread answers while a request runs)."""
     return ray.get(rank_actor(pool, 0).progress.options(concurrency_group="control").remote(), timeout=30)
+
+
+def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, engine):
+    """The pool's ranks capped (prlimit) 300 MB above their use: a request needing far more fails with a
+    real allocation failure, answered 507 ``out_of_memory`` in one attempt (no rebuild loop); the next
+    request runs on a rebuilt group and gets its single-process image."""
+    pool = "failover-2"
+    before = generation(pool)
+    pids = serve.get_deployment_handle(pool, app_name=APP_NAME).worker_pids.remote().result()
+    for pid in pids:
+        cap_address_space(pid, 300 << 20)
+    big = {"model": "tiny-failover", "prompt": "too big", "size": "512x512", "n": 8, "steps": 2, "seed": 1}
+    began = time.monotonic()
+    response = post(url, big)
+    assert response.status_code == 507, response.text
+    assert response.json()["error"]["code"] == "out_of_memory" and time.monotonic() - began < 60
+    assert generation(pool) == before, "retried on a rebuilt group: it would run out again"
+    small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 8}
+    response = post(url, small)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
+    assert generation(pool) == before + 1
 
 
 def send_and_abandon(url: str, body: dict) -> socket.socket:
