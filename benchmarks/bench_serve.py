@@ -105,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
     # The restarts run once, in the last phase (the one whose record is kept).
-    phases = [
-        serve_phase(pool, args, metrics_on, restarts=args.restarts if index == len(order) - 1 else 0)
-        for index, metrics_on in enumerate(order)
-    ]
+    try:
+        phases = [
+            serve_phase(pool, args, metrics_on, restarts=args.restarts if index == len(order) - 1 else 0)
+            for index, metrics_on in enumerate(order)
+        ]
+    finally:
+        leave_no_ray_behind()
     on = [run for phase in phases if phase["metrics"] for run in phase["runs"]]
     off = [run for phase in phases if not phase["metrics"] for run in phase["runs"]]
     median = {key: statistics.median(run[key] for run in on) for key in on[0]}
@@ -163,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
             f" s steady"
         )
     return 0
+
+
+def leave_no_ray_behind() -> None:
+    """After a phase that failed midway: its Serve and Ray instance go, so that the next user of this
+    process (another benchmark, the next test module) can start its own."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int) -> dict:
@@ -266,16 +280,19 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
             dirs = cold.get("compile", {}).get("cache", {}).get("dirs", [])  # none without compile
             empty_compile_caches(dirs, keep_artifact_store=from_artifacts)
         begin = time.perf_counter()
-        kill_replica(pool.name)
-        # The handle holds the call until a replica runs; one sent before Serve saw the kill fails: again.
+        killed = kill_replica(pool.name)
+        # The handle holds the call until a replica runs. The kill takes a moment: until it lands the killed
+        # replica may still answer (seen on 2 cores), and a call sent before Serve saw it die fails: again.
         while True:
             try:
                 started = handle.startup.remote().result(timeout_s=1800)
-                break
+                if started["replica"] != killed:
+                    break
             except Exception:  # the killed replica's, until Serve has noticed
-                if time.perf_counter() - begin > 1800:
-                    raise
-                time.sleep(0.2)
+                pass
+            if time.perf_counter() - begin > 1800:
+                raise TimeoutError(f"no replica of {pool.name} replaced {killed} within 1800 s")
+            time.sleep(0.2)
         kill_to_ready = round(time.perf_counter() - begin, 2)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
         begin = time.perf_counter()
@@ -330,8 +347,8 @@ def empty_compile_caches(dirs: list[str], keep_artifact_store: bool) -> None:
             ray.kill(ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE))
 
 
-def kill_replica(deployment: str) -> None:
-    """Kill the one running replica of ``deployment`` (its rank actors die with it, their owner)."""
+def kill_replica(deployment: str) -> str:
+    """Kill the one running replica of ``deployment`` (its rank actors die with it, their owner); its id."""
     import ray
 
     (replica,) = [
@@ -340,6 +357,7 @@ def kill_replica(deployment: str) -> None:
         if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]
     ]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    return replica["name"].rsplit("#", 1)[-1]
 
 
 class NvmlSampler:

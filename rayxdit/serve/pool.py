@@ -130,8 +130,9 @@ class PoolReplica:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
         ``compile_artifacts`` when it compiles and warms up, ``warm_up``, ``total``), rank 0's split of
         ``weights`` (``model``: read or built on the device; ``add_ons``), the sizes it warmed up, all before
-        it reported ready, and with compile what the compile found cached (``compile``)."""
+        it reported ready, and with compile what the compile found cached (``compile``); ``replica``: its id."""
         return {
+            "replica": self.replica,
             "timeline": self.timeline,
             "weights": self.executor.load_parts,
             "warmed_up": list(self.warmed_up),
