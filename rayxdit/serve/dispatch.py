@@ -41,6 +41,11 @@ class PoolGone(Exception):
     """The pool a request waited for has no replica left; the request goes to another pool."""
 
 
+class ReplicaDied(PoolGone):
+    """The replica running the request died with it. The pool may have others, or a replacement starting
+    (Serve starts one at once): the request is routed again with the pool still a candidate, once."""
+
+
 async def _awaited(response):
     return await response
 
@@ -138,6 +143,7 @@ class Dispatcher:
         longest = max(pool.request_timeout_s for pool in pools)
         admission_deadline = arrived + min(timeout or longest, longest)
         tried: list[str] = []
+        lost_a_replica: set[str] = set()
         while True:
             decision = await self.state.route.remote(model, cost, request_id, admission_deadline, tried)
             if decision["pool"] is None:
@@ -153,6 +159,10 @@ class Dispatcher:
                     pool, request, request_id, deadline, cost, decision.get("warm"), report_progress
                 )
                 break
+            except ReplicaDied:
+                if pool.name in lost_a_replica:
+                    tried.append(pool.name)
+                lost_a_replica.add(pool.name)
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             finally:
@@ -230,11 +240,11 @@ class Dispatcher:
             raise
         except (BackPressureError, DeploymentUnavailableError, PoolGone, ApiError):
             raise
-        except RayActorError as error:  # the replica died with the request: another pool may take it
+        except RayActorError as error:  # the replica died with the request: route it again
             logger.warning(
                 "request %s: the %s replica died (%r); routing it again", request_id, pool.name, error
             )
-            raise PoolGone(pool.name) from None
+            raise ReplicaDied(pool.name) from None
         except Exception as error:
             raise pool_error(error, request_id) from None
         finally:

@@ -495,6 +495,25 @@ def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, 
     assert generation(pool) == before + 1
 
 
+def test_a_request_sent_as_its_pools_only_replica_dies_gets_the_replacements_image(url, engine):
+    """The replica is killed (its ranks with it) and a request sent at once: the router's handle may still
+    send it to the dead replica. The request is routed again with the same pool a candidate (once), and the
+    replacement Serve starts answers it; before, the pool was excluded and the client got 429 ``capacity``
+    for a pool whose new replica was starting (seen with bench_serve's restart on a clean clone)."""
+    pool = "failover-2"
+    (replica,) = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::") and f"#{pool}#" in actor["name"]
+    ]
+    body = {"model": "tiny-failover", "prompt": "replaced", "size": "36x36", "steps": 3, "seed": 12}
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
+
+
 def send_and_abandon(url: str, body: dict) -> socket.socket:
     """Send a request over a raw connection and return it (the caller closes it: the client goes away)."""
     address = urlparse(url)
