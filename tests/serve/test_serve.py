@@ -495,10 +495,10 @@ def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, 
     assert generation(pool) == before + 1
 
 
-def test_a_request_sent_as_its_pools_only_replica_dies_gets_the_replacements_image(url, engine):
-    """The replica is killed (its ranks with it) and a request sent at once: the router's handle may still
-    send it to the dead replica. The request is routed again with the same pool a candidate (once), and the
-    replacement Serve starts answers it; before, the pool was excluded and the client got 429 ``capacity``
+def test_a_request_whose_pools_only_replica_dies_with_it_gets_the_replacements_image(url, engine):
+    """The pool's only replica (a Serve replica: its ranks go with it) is killed while it runs a request:
+    the request is routed again with the same pool a candidate (once), and the replacement Serve starts
+    answers it with the right image. Before, the pool was excluded and the client got 429 ``capacity``
     for a pool whose new replica was starting (seen with bench_serve's restart on a clean clone)."""
     pool = "failover-2"
     (replica,) = [
@@ -506,9 +506,15 @@ def test_a_request_sent_as_its_pools_only_replica_dies_gets_the_replacements_ima
         for actor in ray.util.list_named_actors(all_namespaces=True)
         if actor["name"].startswith("SERVE_REPLICA::") and f"#{pool}#" in actor["name"]
     ]
-    body = {"model": "tiny-failover", "prompt": "replaced", "size": "36x36", "steps": 3, "seed": 12}
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    response = post(url, body)
+    body = {"model": "tiny-failover", "prompt": "replaced", "size": "128x128", "steps": 40, "seed": 12}
+    with ThreadPoolExecutor(1) as client:
+        in_flight = client.submit(post, url, body)
+        deadline = time.monotonic() + 120
+        while (progress := rank_progress(pool)) is None or progress["step"] < 1:
+            assert time.monotonic() < deadline and not in_flight.done(), "the request never started"
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        response = in_flight.result()
     assert response.status_code == 200, response.text
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
