@@ -37,13 +37,21 @@ RENEW_S = 2.0
 whether the pool still has replicas)."""
 
 
+REPLICA_LOSSES_RETRIED = 3
+"""A request whose replica died is routed again with that pool still a candidate this many times."""
+REPLICA_LOSS_PAUSE_S = 1.0
+"""The pause before routing it again: Serve's handles learn of a dead replica within about a second, and
+until they do they may pick it again."""
+
+
 class PoolGone(Exception):
     """The pool a request waited for has no replica left; the request goes to another pool."""
 
 
 class ReplicaDied(PoolGone):
     """The replica running the request died with it. The pool may have others, or a replacement starting
-    (Serve starts one at once): the request is routed again with the pool still a candidate, once."""
+    (Serve starts one at once): the request is routed again with the pool still a candidate
+    (:data:`REPLICA_LOSSES_RETRIED` times, :data:`REPLICA_LOSS_PAUSE_S` apart)."""
 
 
 async def _awaited(response):
@@ -143,7 +151,7 @@ class Dispatcher:
         longest = max(pool.request_timeout_s for pool in pools)
         admission_deadline = arrived + min(timeout or longest, longest)
         tried: list[str] = []
-        lost_a_replica: set[str] = set()
+        losses: dict[str, int] = {}  # replicas of each pool that died with this request
         while True:
             decision = await self.state.route.remote(model, cost, request_id, admission_deadline, tried)
             if decision["pool"] is None:
@@ -155,14 +163,19 @@ class Dispatcher:
             deadline = arrived + min(timeout or pool.request_timeout_s, pool.request_timeout_s)
             result = None
             try:
+                # After its replica died the pool may be down to a replacement not yet started, whose
+                # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
+                warm = decision.get("warm") and not losses.get(pool.name)
                 result = await self._call_pool(
-                    pool, request, request_id, deadline, cost, decision.get("warm"), report_progress
+                    pool, request, request_id, deadline, cost, warm, report_progress
                 )
                 break
             except ReplicaDied:
-                if pool.name in lost_a_replica:
+                losses[pool.name] = losses.get(pool.name, 0) + 1
+                if losses[pool.name] > REPLICA_LOSSES_RETRIED:
                     tried.append(pool.name)
-                lost_a_replica.add(pool.name)
+                else:  # give the handles a moment to learn of the death (else they may pick it again)
+                    await asyncio.sleep(REPLICA_LOSS_PAUSE_S)
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             finally:
