@@ -11,6 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rayxdit.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest, RequestError
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+SCHEDULER_FIELD = Field(
+    default=None,
+    max_length=64,
+    description="The sampler, one of the model's (GET /v1/models: schedulers); default: the checkpoint's own "
+    "(rayxdit).",
+)
+"""The ``scheduler`` field of the images and videos APIs, declared once."""
 
 
 class ImageGenerationRequest(BaseModel):
@@ -32,12 +39,7 @@ class ImageGenerationRequest(BaseModel):
         default="b64_json", description="How images come back."
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (rayxdit).")
-    scheduler: str | None = Field(
-        default=None,
-        max_length=64,
-        description="The sampler, one of the model's (GET /v1/models: schedulers); default: the checkpoint's "
-        "own (rayxdit).",
-    )
+    scheduler: str | None = SCHEDULER_FIELD
     seed: int | None = Field(default=None, ge=0, description="Random seed; image i uses seed + i (rayxdit).")
     guidance: float | None = Field(
         default=None,
@@ -180,11 +182,7 @@ class VideoGenerationRequest(BaseModel):
         description="Frames (1 + a multiple of the model's frame_multiple); default: the model's.",
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
-    scheduler: str | None = Field(
-        default=None,
-        max_length=64,
-        description="The sampler, one of the model's (GET /v1/models: schedulers); default: the checkpoint's own.",
-    )
+    scheduler: str | None = SCHEDULER_FIELD
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Random seed.")
     guidance: float | None = Field(
         default=None, ge=0, le=100, description="CFG scale (on above 1); default: the model's (Wan: 5)."
