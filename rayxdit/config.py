@@ -240,6 +240,34 @@ class EngineConfig(BaseModel):
         "weights. Repeat the flag for several.",
         json_schema_extra=_option("--lora", "PATH[:SCALE]"),
     )
+    lora_sources: tuple[str, ...] = Field(
+        default=(),
+        description="Directories of LoRA adapters requests may name (loras: [{name, scale}]): an adapter is "
+        "its .safetensors file's path below a directory, without the suffix (or a folder holding diffusers' "
+        "pytorch_lora_weights.safetensors), in any layout diffusers' loaders read. Read on first use, fused "
+        "into the weights for the requests naming them and taken out exactly. Repeat the flag for several.",
+        json_schema_extra=_option("--lora-source", "DIR"),
+    )
+    lora_max_rank: int = Field(
+        default=128,
+        ge=1,
+        le=4096,
+        description="The highest adapter rank served from lora_sources (a higher one is refused with a 400).",
+        json_schema_extra=_option("--lora-max-rank", "R"),
+    )
+    lora_resident: int = Field(
+        default=8,
+        ge=1,
+        description="Adapters from lora_sources kept on each GPU (least recently used leave first).",
+        json_schema_extra=_option("--lora-resident", "N"),
+    )
+    lora_host_cache_gib: float = Field(
+        default=4.0,
+        ge=0.0,
+        description="Host memory for adapters read from lora_sources, per rank process (least recently used "
+        "leave first; 0: read from disk on every device miss).",
+        json_schema_extra=_option("--lora-host-cache-gib", "GIB"),
+    )
     ip_adapter: str | None = Field(
         default=None,
         description="An IP-Adapter, loaded with diffusers' load_ip_adapter: Flux's in XLabs' layout "
@@ -284,6 +312,11 @@ class EngineConfig(BaseModel):
         if self.controlnets and self.parallel.pipefusion > 1:
             raise ValueError(
                 "controlnets with pipefusion: split a pool with ControlNets by cfg, ring or ulysses"
+            )
+        if self.lora_sources and self.quantize:
+            raise ValueError(
+                "lora_sources with quantize: adapters are fused into the weights, which fp8 stores quantized; "
+                "serve adapters from a pool without quantize"
             )
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
             raise ValueError(

@@ -19,19 +19,32 @@ from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.catalog import component_location
 from rayxdit.models.loop import StandardLoop
+from rayxdit.models.lora import LoraWeights
 from rayxdit.models.pipefusion import PipeFusionLoop
 from rayxdit.models.registry import load_adapter, load_controlnets, resolve_dtype
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.request import GenerateRequest, GenerateResult
+from rayxdit.request import GenerateRequest, GenerateResult, RequestError
 
-ADD_ON_ORDER = ("loras", "controlnets", "ip_adapter", "quantize", "parallelize", "cache_threshold", "compile")
+ADD_ON_ORDER = (
+    "loras",
+    "lora_sources",
+    "controlnets",
+    "ip_adapter",
+    "quantize",
+    "parallelize",
+    "cache_threshold",
+    "compile",
+)
 """The order in which :class:`Engine` applies the engine's options to the plain model, and why: LoRAs are
 fused into plain weights first (every parallel method then sees plain linear layers); ControlNets and the
 IP-Adapter join before parallelism, which parallelizes them with the model and keeps the IP-Adapter's
 weights in its processors; fp8 quantizes the fused weights before parallelism rewrites the blocks; the step
-cache wraps the parallel blocks, outside what compile compiles; compile sees the final modules."""
+cache wraps the parallel blocks, outside what compile compiles; compile sees the final modules. Adapters from
+``lora_sources`` are per request: the layers they may update are recorded after the load-time LoRAs are fused
+(their exact copies include those) and before parallelism (a PipeFusion stage then knows which blocks it
+dropped); each request's are fused into the weights right after it is resolved (``models/lora.py``)."""
 
 
 def pick_device(local_index: int) -> torch.device:
@@ -62,6 +75,20 @@ class Engine:
         built = _now(device)
         # In ADD_ON_ORDER.
         adapter.load_loras([parse_lora(lora) for lora in config.loras])
+        self.loras = (
+            LoraWeights(
+                adapter.pipeline,
+                adapter.lora_components,
+                config.lora_sources,
+                config.lora_max_rank,
+                config.lora_resident,
+                int(config.lora_host_cache_gib * 2**30),
+                device,
+                dtype,
+            )
+            if config.lora_sources
+            else None
+        )
         if config.controlnets:
             adapter.attach_controlnets(load_controlnets(config.controlnets, device, dtype))
         if config.ip_adapter:
@@ -94,15 +121,24 @@ class Engine:
         :class:`~rayxdit.request.RequestStopped` at the same step.
         """
         adapter = self.adapter
+        resolved = adapter.resolve(request)
+        timings: dict[str, float] = {}
+        if self.loras is not None:
+            started = time.perf_counter()
+            if self.loras.apply(request.loras):
+                timings["lora_swap_s"] = round(_now(self.state.device) - started, 4)
+        elif request.loras:
+            raise RequestError(
+                "loras: this model is served without LoRA sources (set lora_sources in its pool)", "loras"
+            )
         req = RunningRequest(
-            adapter.resolve(request),
+            resolved,
             control=control,
             progress=progress,
             cache_threshold=adapter.cache_threshold_for(request),
         )
         adapter.prepare(req)
         device = self.state.device
-        timings: dict[str, float] = {}
         if device.type == "cuda":  # this request's peak, reported with its timings
             torch.cuda.reset_peak_memory_stats(device)
         start = _now(device)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rayxdit.loras import MAX_LORA_NAME, MAX_LORA_SCALE, MAX_LORAS, LoraNameError, check_lora_name
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -51,6 +53,31 @@ class ControlInput(BaseModel):
         description="A union ControlNet's control mode (what ``image`` shows: canny, depth...; the "
         "checkpoint's numbering). Required by union ControlNets, refused by the others.",
     )
+
+
+class LoraChoice(BaseModel):
+    """One adapter a request stacks on the model: a name below its pool's ``lora_sources`` and a scale (the
+    weight diffusers' ``set_adapters`` gives it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_LORA_NAME,
+        description="The adapter, by its path below the pool's lora_sources without .safetensors "
+        "(GET /v1/models lists them).",
+    )
+    scale: float = Field(
+        default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="The weight of its update."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _adapter_name(cls, name: str) -> str:
+        try:
+            return check_lora_name(name)
+        except LoraNameError as error:
+            raise ValueError(str(error)) from None
 
 
 def pair_controls(
@@ -194,6 +221,13 @@ class GenerateRequest(BaseModel):
         description="ControlNet inputs (several: a MultiControlNet, their residuals summed).",
     )
 
+    loras: tuple[LoraChoice, ...] = Field(
+        default=(),
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters for this request, at most {MAX_LORAS}, stacked (their updates summed); the "
+        "model's pool must serve them (lora_sources).",
+    )
+
     ip_adapter_image: bytes | None = Field(
         default=None, description="An IP-Adapter's image prompt (the model's pool must load an IP-Adapter)."
     )
@@ -216,6 +250,9 @@ class GenerateRequest(BaseModel):
     def _mask_needs_an_image(self) -> GenerateRequest:
         if self.mask is not None and self.image is None:
             raise ValueError("mask: an inpainting mask needs an image")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) < len(names):
+            raise ValueError("loras: an adapter is named twice (give it one scale)")
         return self
 
 

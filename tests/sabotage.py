@@ -25,3 +25,23 @@ def broken_ring_merge(active: bool = True) -> Iterator[None]:
         yield
     finally:
         attention_module.merge_partial = original
+
+
+@contextmanager
+def adapters_on_one_rank(active: bool = True) -> Iterator[None]:
+    """Per-request LoRA adapters reach the weights of rank 0 only: every other rank keeps the plain model."""
+    from rayxdit.models.lora import LoraWeights
+
+    original = LoraWeights.apply
+
+    def rank_zero_only(self, choices, clock=None):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return False
+        return original(self, choices, clock)
+
+    if active:
+        LoraWeights.apply = rank_zero_only
+    try:
+        yield
+    finally:
+        LoraWeights.apply = original

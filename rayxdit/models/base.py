@@ -128,6 +128,13 @@ class DiffusionAdapter(ABC):
         self.pipeline.fuse_lora(adapter_names=names)
         self.pipeline.unload_lora_weights()  # the fused weights stay; the PEFT wrappers go
 
+    @property
+    def lora_components(self) -> list[str]:
+        """The pipeline's components adapters from ``lora_sources`` may update: its denoisers (Wan 2.2 has
+        two)."""
+        names = [self.family.denoiser_subfolder, "transformer_2"]
+        return [name for name in dict.fromkeys(names) if getattr(self.pipeline, name, None) is not None]
+
     def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
         """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""
         raise ConfigError(f"{self.family.pipeline_class}: IP-Adapters are implemented for Flux and SDXL")

@@ -37,6 +37,7 @@ replicated. SDXL's ControlNet and IP-Adapter are within 2e-5 at one rank, as SDX
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,9 +49,10 @@ from rayxdit.engine import Engine
 from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state
-from rayxdit.request import ControlInput, GenerateRequest, RequestError
+from rayxdit.request import ControlInput, GenerateRequest, LoraChoice, RequestError
 from tests.helpers import run_on_ranks
-from tests.sabotage import broken_ring_merge
+from tests.lora_files import lora_source
+from tests.sabotage import adapters_on_one_rank, broken_ring_merge
 
 TOLERANCE = {
     "tiny-flux": 1e-5,
@@ -408,6 +410,38 @@ TOLERANCE.update(
 )
 
 
+# LoRA adapters per request (``loras``, rayxdit/models/lora.py) against diffusers' own adapters (peft layers
+# beside the weights, chosen with ``set_adapters``): stacked (with CFG), none, one; in this order, so every
+# request after the first swaps the weights and the plain one must find them as loaded. A model key ending in
+# LORAS is its preset served with the test adapters (tests/lora_files.py) as lora_sources.
+LORAS = "+loras"
+LORA_SABOTAGE = "adapters on one rank"
+
+
+def _adapted(model: str, *adapters: tuple[str, float], **fields) -> GenerateRequest:
+    chosen = tuple(LoraChoice(name=f"{model}/{name}", scale=scale) for name, scale in adapters)
+    return GenerateRequest(prompt="a photo of a red cat", steps=3, seed=41, loras=chosen, **fields)
+
+
+REQUESTS.update(
+    {
+        model + LORAS: {
+            "stacked": _adapted(
+                model, ("ink", 0.8), ("styles/sketch", 1.5), negative_prompt="dark", **cfg, **size
+            ),
+            "plain": _adapted(model, **size),
+            "ink": _adapted(model, ("ink", 0.8), **size),
+        }
+        for model, size, cfg in (
+            ("tiny-flux", _FLUX_SIZE, dict(true_cfg_scale=3.0)),
+            ("tiny-sdxl", _SDXL_SIZE, dict(guidance=5.0)),
+            ("tiny-wan", dict(num_frames=9, **_WAN_SIZE), dict(guidance=5.0)),
+        )
+    }
+)
+TOLERANCE.update({model + LORAS: TOLERANCE[model] for model in ("tiny-flux", "tiny-sdxl", "tiny-wan")})
+
+
 def reference_scheduler(model: str, own, name: str):
     """The sampler ``name`` made as a diffusers user would, from the checkpoint's scheduler config (written
     out here, not read from rayxdit's table, so the table is checked too)."""
@@ -438,8 +472,11 @@ def reference_scheduler(model: str, own, name: str):
 
 
 def engine_config(model: str, **options) -> EngineConfig:
-    """A test model's engine: a preset, or a preset with ControlNets or an IP-Adapter beside it."""
+    """A test model's engine: a preset, or a preset with ControlNets or an IP-Adapter beside it, or serving
+    the test LoRA adapters."""
     model = model.removesuffix(SAMPLERS)
+    if model.endswith(LORAS):
+        return EngineConfig(model=model.removesuffix(LORAS), lora_sources=(lora_source(),), **options)
     if model == "tiny-flux-controlnets":
         nets = ("tiny-flux-controlnet-union", "tiny-flux-controlnet")
         return EngineConfig(model="tiny-flux", controlnets=nets, **options)
@@ -456,8 +493,15 @@ def _image(data: bytes) -> Image.Image:
 
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
     """The final latents of diffusers' own pipeline, in the engine's latent layout."""
-    model = model.removesuffix(SAMPLERS)
+    model = model.removesuffix(SAMPLERS).removesuffix(LORAS)
     adapter = load_adapter(engine_config(model).model, torch.device("cpu"), torch.float32)
+    for lora in request.loras:
+        path = Path(lora_source()) / f"{lora.name}.safetensors"
+        adapter.pipeline.load_lora_weights(path.parent, weight_name=path.name, adapter_name=lora.name)
+    if request.loras:
+        adapter.pipeline.set_adapters(
+            [lora.name for lora in request.loras], [lora.scale for lora in request.loras]
+        )
     if request.scheduler is not None:
         adapter.pipeline.scheduler = reference_scheduler(model, adapter.pipeline.scheduler, request.scheduler)
     guidance = adapter.limits.resolve(request).request.guidance  # the model's default when it sends none
@@ -682,7 +726,7 @@ def _run_configs(worker, configs):
         state = build_parallel_state(ParallelConfig.parse(spec), torch.device("cpu"))
         # Warm-up longer than any request: PipeFusion then never uses stale keys/values and must be exact.
         engine = Engine(engine_config(model, parallel=state.config, warmup_steps=100), state)
-        with broken_ring_merge(sabotage):
+        with broken_ring_merge(sabotage is True), adapters_on_one_rank(sabotage == LORA_SABOTAGE):
             for request_name, request in REQUESTS[model].items():
                 if request.image is not None and state.config.pipefusion > 1:
                     continue  # input images are not implemented for PipeFusion (refused with a 400)
@@ -738,6 +782,17 @@ CONFIGS = {
         ("tiny-sd3" + SAMPLERS, "ring=2", False),
         ("tiny-sdxl" + SAMPLERS, "cfg=2", False),
         ("tiny-wan" + SAMPLERS, "ulysses=2", False),
+        ("tiny-flux" + LORAS, "ulysses=2", False),
+        ("tiny-flux" + LORAS, "ring=2", False),
+        ("tiny-flux" + LORAS, "cfg=2", False),
+        ("tiny-flux" + LORAS, "pipefusion=2", False),  # each stage updates its own blocks only
+        ("tiny-flux" + LORAS, "ulysses=2", LORA_SABOTAGE),  # an adapter on one rank must be caught
+        ("tiny-sdxl" + LORAS, "ulysses=2", False),
+        ("tiny-sdxl" + LORAS, "ring=2", False),  # 3x3 convolutions' updates under halo exchange
+        ("tiny-sdxl" + LORAS, "cfg=2", False),
+        ("tiny-wan" + LORAS, "ulysses=2", False),
+        ("tiny-wan" + LORAS, "ring=2", False),
+        ("tiny-wan" + LORAS, "cfg=2", False),
     ],
     4: [
         ("tiny-flux", "ulysses=4", False),
@@ -763,6 +818,10 @@ CONFIGS = {
         # ones (Flux's and Wan's differ in the shift they are given, checked at 2 ranks), SDXL's the noise ones.
         ("tiny-sd3" + SAMPLERS, "ulysses=2,ring=2", False),
         ("tiny-sdxl" + SAMPLERS, "ring=4", False),
+        ("tiny-flux" + LORAS, "ulysses=2,ring=2", False),
+        ("tiny-flux" + LORAS, "pipefusion=2,cfg=2", False),
+        ("tiny-sdxl" + LORAS, "ring=4", False),
+        ("tiny-wan" + LORAS, "cfg=2,ulysses=2", False),
     ],
     8: [
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
@@ -780,6 +839,9 @@ CONFIGS = {
         # every sampler class once, as at 4 ranks
         ("tiny-sd3" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-flux" + LORAS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sdxl" + LORAS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-wan" + LORAS, "cfg=2,ring=2,ulysses=2", False),
     ],
 }
 
@@ -815,9 +877,11 @@ def test_parallel_configs_match_single_rank(world_size, references):
             error = max_error(
                 latents[(model, spec, sabotage, request_name)], references[(model, request_name)]
             )
-            label = f"{model} {spec}{' with a broken ring merge' if sabotage else ''} / {request_name}"
+            label = f"{model} {spec}{' sabotaged' if sabotage else ''} / {request_name}"
             tolerance = TOLERANCE[model]
-            if sabotage:
+            if sabotage == LORA_SABOTAGE and not request.loras:
+                assert error <= tolerance, f"{label}: max error {error:.2e} > {tolerance}"
+            elif sabotage:
                 assert error > 100 * tolerance, f"{label}: broken merge not detected ({error:.2e})"
             else:
                 assert error <= tolerance, f"{label}: max error {error:.2e} > {tolerance}"
