@@ -745,13 +745,13 @@ class ServeConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique: {names}")
         adapters: dict[str, tuple] = {}
-        for pool in self.pools:  # any pool of a model may take a request for its ControlNets or IP-Adapter
+        for pool in self.pools:  # any pool of a model may take a request for its adapters
             engine = pool.engine
-            loaded = (engine.controlnets, engine.ip_adapter, engine.ip_adapter_image_encoder)
+            loaded = (engine.controlnets, engine.ip_adapter, engine.ip_adapter_image_encoder, engine.lora_sources)
             if adapters.setdefault(pool.served_model_name, loaded) != loaded:
                 raise ValueError(
-                    f"pools serving '{pool.served_model_name}' load different controlnets or IP-Adapters: give "
-                    "them the same"
+                    f"pools serving '{pool.served_model_name}' load different controlnets, IP-Adapters or "
+                    "lora_sources: give them the same"
                 )
         if self.elastic is not None:
             fixed = [pool.name for pool in self.pools if "autoscaling_config" not in pool.serve_options()]

@@ -250,10 +250,15 @@ class GenerateRequest(BaseModel):
     def _mask_needs_an_image(self) -> GenerateRequest:
         if self.mask is not None and self.image is None:
             raise ValueError("mask: an inpainting mask needs an image")
-        names = [lora.name for lora in self.loras]
-        if len(set(names)) < len(names):
-            raise ValueError("loras: an adapter is named twice (give it one scale)")
         return self
+
+    @field_validator("loras")
+    @classmethod
+    def _each_adapter_once(cls, loras: tuple[LoraChoice, ...]) -> tuple[LoraChoice, ...]:
+        names = [lora.name for lora in loras]
+        if len(set(names)) < len(names):
+            raise ValueError("an adapter is named twice (give it one scale)")
+        return loras
 
 
 class RequestError(ValueError):

@@ -3,12 +3,14 @@ one error shape every failure uses: ``{"error": {"message", "type", "param", "co
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rayxdit.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest, RequestError
+from rayxdit.loras import MAX_LORAS
+from rayxdit.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest, LoraChoice, RequestError
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SCHEDULER_FIELD = Field(
@@ -18,6 +20,23 @@ SCHEDULER_FIELD = Field(
     "(rayxdit).",
 )
 """The ``scheduler`` field of the images and videos APIs, declared once."""
+LORAS_FIELD = Field(
+    default_factory=list,
+    max_length=MAX_LORAS,
+    description=f"LoRA adapters, at most {MAX_LORAS}, stacked: [{{\"name\": ..., \"scale\": 0.8}}] with names "
+    "from GET /v1/models (loras) (rayxdit; forms: the list as JSON text, or loras[0][name]...).",
+)
+"""The ``loras`` field of the images and videos APIs, declared once."""
+
+
+def _loras_from_text(value: Any) -> Any:
+    """A form's ``loras`` (JSON text) as the list JSON bodies send."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("loras: send a JSON list of {name, scale}") from None
+    return value
 
 
 class ImageGenerationRequest(BaseModel):
@@ -40,6 +59,7 @@ class ImageGenerationRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (rayxdit).")
     scheduler: str | None = SCHEDULER_FIELD
+    loras: list[LoraChoice] = LORAS_FIELD
     seed: int | None = Field(default=None, ge=0, description="Random seed; image i uses seed + i (rayxdit).")
     guidance: float | None = Field(
         default=None,
@@ -103,6 +123,8 @@ class ImageGenerationRequest(BaseModel):
         default=1.0, ge=0, le=4, description="The image prompt's weight (rayxdit)."
     )
 
+    _loras_text = field_validator("loras", mode="before")(_loras_from_text)
+
     def to_generate_request(self, default_seed: int) -> GenerateRequest:
         width, height = parse_size(self.size)
         try:
@@ -118,6 +140,7 @@ class ImageGenerationRequest(BaseModel):
                 num_images=self.n,
                 cache_threshold=self.cache_threshold,
                 scheduler=self.scheduler,
+                loras=tuple(self.loras),
             )
         except ValidationError as error:
             raise request_error_from(error) from None
@@ -183,6 +206,7 @@ class VideoGenerationRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps.")
     scheduler: str | None = SCHEDULER_FIELD
+    loras: list[LoraChoice] = LORAS_FIELD
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Random seed.")
     guidance: float | None = Field(
         default=None, ge=0, le=100, description="CFG scale (on above 1); default: the model's (Wan: 5)."
@@ -198,6 +222,8 @@ class VideoGenerationRequest(BaseModel):
         "upper bound: the pool's request_timeout_s.",
     )
     user: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+
+    _loras_text = field_validator("loras", mode="before")(_loras_from_text)
 
     def to_generate_request(self, default_seed: int, frames_for_seconds: Any) -> GenerateRequest:
         """The request; ``frames_for_seconds``: the model's ``ModelLimits.frames_for``."""
@@ -216,6 +242,7 @@ class VideoGenerationRequest(BaseModel):
                 guidance=self.guidance,
                 num_frames=frames,
                 scheduler=self.scheduler,
+                loras=tuple(self.loras),
             )
         except ValidationError as error:
             raise request_error_from(error) from None

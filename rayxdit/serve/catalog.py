@@ -9,6 +9,7 @@ from typing import Any
 
 from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.limits import ModelCard
+from rayxdit.loras import list_loras
 from rayxdit.serve.api import invalid
 
 
@@ -81,6 +82,7 @@ class Catalog:
                     "kind": "video" if limits.makes_video else "image",
                     "controlnets": list(pools[0].engine.controlnets),
                     "ip_adapter": pools[0].engine.ip_adapter,
+                    "loras": list_loras(pools[0].engine.lora_sources),
                     **video,
                     "pools": [
                         {

@@ -1,5 +1,5 @@
 """Reading and checking what a client sent, before any GPU work: bodies (JSON or forms), uploaded and base64
-images, ControlNet and IP-Adapter fields, and the request they make with the model's defaults and limits.
+images, ControlNet, IP-Adapter and LoRA fields, and the request they make with the model's defaults and limits.
 
 Every problem is an :class:`~rayxdit.serve.api.ApiError` 400 naming the field. Images are decoded off the
 event loop, within the upload bounds of :mod:`rayxdit.uploads`.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import re
 import secrets
 from typing import Any
 
@@ -17,6 +19,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from rayxdit.limits import ResolvedRequest
+from rayxdit.loras import LoraNameError, find_lora
 from rayxdit.request import GenerateRequest, RequestError, pair_controls
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
@@ -158,6 +161,42 @@ async def conditioning_inputs(
     return {**inputs, "ip_adapter_image": image_prompt, "ip_adapter_scale": body.ip_adapter_scale}
 
 
+def check_loras(catalog: Catalog, model: str, request: GenerateRequest) -> None:
+    """Refuse (RequestError) adapters the model's pools do not serve: none configured, or a name none of its
+    sources holds (where this process sees the sources; else the ranks answer the same 400)."""
+    if not request.loras:
+        return
+    sources = catalog.engine_of(model).lora_sources
+    if not sources:
+        raise RequestError(f"loras: model '{model}' is served without LoRA adapters", "loras")
+    if not any(os.path.isdir(source) for source in sources):
+        return
+    for lora in request.loras:
+        try:
+            find_lora(sources, lora.name)
+        except LoraNameError as error:
+            raise RequestError(f"loras: {error}", "loras") from None
+
+
+def flattened_loras(fields: dict[str, Any]) -> dict[str, Any]:
+    """A form's ``loras[0][name]``, ``loras[0][scale]``... (how OpenAI's client sends a list of objects in a
+    form) as one ``loras`` list; other fields as they are."""
+    items: dict[int, dict[str, Any]] = {}
+    rest = {}
+    for key, value in fields.items():
+        match = _FLAT_LORA.fullmatch(key)
+        if match:
+            items.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        else:
+            rest[key] = value
+    if items:
+        rest["loras"] = [items[index] for index in sorted(items)]
+    return rest
+
+
+_FLAT_LORA = re.compile(r"loras\[(\d{1,2})\]\[(name|scale)\]")
+
+
 def validated_request(
     catalog: Catalog,
     body: ImageGenerationRequest | VideoGenerationRequest,
@@ -184,6 +223,7 @@ def validated_request(
             except ValidationError as error:
                 raise request_error_from(error) from None
         resolved = limits.resolve(request)
+        check_loras(catalog, model, request)
     except RequestError as error:
         param = "frames" if error.param == "num_frames" else error.param
         raise invalid(str(error), param) from None
@@ -214,7 +254,7 @@ async def edit_inputs(catalog: Catalog, http: Request) -> tuple[ImageEditRequest
             fields[key] = [*listed(fields[key]), value]
         else:
             fields[key] = value
-    body: ImageEditRequest = validated_body(ImageEditRequest, fields, form=True)
+    body: ImageEditRequest = validated_body(ImageEditRequest, flattened_loras(fields), form=True)
     if body.stream:
         raise invalid("stream: streaming is not offered", "stream")
     image, image_size = await upload(images[0], "image")

@@ -5,8 +5,10 @@ past validation would fail with a 500, not the 4xx these tests expect."""
 from __future__ import annotations
 
 import base64
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -18,6 +20,16 @@ from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.router import Ingress, build_ingress_app
 from tests.helpers import free_port, left_half_mask, random_png
 
+def _adapter_files() -> str:
+    """A LoRA source as the ingress sees one: it only looks whether a name's file is there."""
+    root = Path(tempfile.mkdtemp(prefix="rayxdit-ingress-loras-"))
+    (root / "styles").mkdir()
+    for name in ("ink.safetensors", "styles/sketch.safetensors", "notes.txt"):
+        (root / name).write_bytes(b"")
+    return str(root)
+
+
+LORA_SOURCE = _adapter_files()
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMMON = dict(model="tiny-flux", accelerator="cpu", cpus_per_rank=0.25)
@@ -29,6 +41,7 @@ CONFIG = ServeConfig(
             parallel="ulysses=2",
             controlnets=["tiny-flux-controlnet"],
             ip_adapter="tiny-flux-ip-adapter",
+            lora_sources=[LORA_SOURCE],
             **COMMON,
         ),
         PoolConfig(name="tiny-4", model_name="tiny-4", parallel="ulysses=2,ring=2", **COMMON),
@@ -93,6 +106,16 @@ BAD = [
     ({"prompt": "x", "scheduler": "euler_a"}, "scheduler"),
     ({"prompt": "x", "scheduler": ""}, "scheduler"),
     ({"prompt": "x", "scheduler": 3}, "scheduler"),
+    ({"prompt": "x", "loras": [{"name": "../ink"}]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "/etc/passwd"}]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "https://example.com/ink"}]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "notes"}]}, "loras"),  # no such adapter in the sources
+    ({"prompt": "x", "loras": [{"name": "ink", "scale": 99}]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "ink"}, {"name": "ink"}]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "ink"}] + [{"name": f"a{i}"} for i in range(4)]}, "loras"),
+    ({"prompt": "x", "loras": [{"name": "ink", "weight": 1}]}, "loras"),
+    ({"prompt": "x", "loras": "ink"}, "loras"),
+    ({"prompt": "x", "model": "tiny-4", "loras": [{"name": "ink"}]}, "loras"),  # served without adapters
 ]
 
 
@@ -176,6 +199,10 @@ def test_edits_refuse_bad_uploads(url):
         ({"image": ("a.png", source)}, {**form, "stream": "true"}, "stream"),
         ({"image": ("a.png", source)}, {**form, "colour": "red"}, "colour"),
         ({"image": ("a.png", source), "control_image": ("c.png", b"text")}, form, "control_image"),
+        ({"image": ("a.png", source)}, {**form, "loras[0][name]": "nope"}, "loras"),  # OpenAI's client
+        ({"image": ("a.png", source)}, {**form, "loras[0][name]": "ink", "loras[0][scale]": "x"}, "loras"),
+        ({"image": ("a.png", source)}, {**form, "loras": '[{"name": "../ink"}]'}, "loras"),
+        ({"image": ("a.png", source)}, {**form, "loras": "[{"}, "loras"),
     ]
     for files, data, param in cases:
         assert_refused(edit(files, data), param)
@@ -210,6 +237,7 @@ def test_models_health_and_docs_answer_without_any_pool(url):
     }
     assert {m["id"]: m["kind"] for m in models}["tiny-wan"] == "video"
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
+    assert {m["id"]: m["loras"] for m in models} == {"tiny-2": ["ink", "styles/sketch"], "tiny-4": [], "tiny-wan": []}
     samplers = {m["id"]: (m["schedulers"], m["default_scheduler"]) for m in models}
     assert samplers["tiny-2"] == (["euler", "dpm++2m", "unipc"], "euler")
     assert samplers["tiny-wan"] == (["euler", "heun", "dpm++2m", "unipc"], "unipc")
