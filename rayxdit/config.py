@@ -747,7 +747,12 @@ class ServeConfig(BaseModel):
         adapters: dict[str, tuple] = {}
         for pool in self.pools:  # any pool of a model may take a request for its adapters
             engine = pool.engine
-            loaded = (engine.controlnets, engine.ip_adapter, engine.ip_adapter_image_encoder, engine.lora_sources)
+            loaded = (
+                engine.controlnets,
+                engine.ip_adapter,
+                engine.ip_adapter_image_encoder,
+                engine.lora_sources,
+            )
             if adapters.setdefault(pool.served_model_name, loaded) != loaded:
                 raise ValueError(
                     f"pools serving '{pool.served_model_name}' load different controlnets, IP-Adapters or "

@@ -25,6 +25,7 @@ ADAPTERS = {
             ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "proj_mlp"),
         ),
         "styles/sketch": (2, 2, ("ff.net.2", "ff_context.net.0.proj", "proj_out", "attn.to_q")),
+        "glow": (8, 4, ("norm1.linear", "attn.to_k", "x_embedder", "ff.net.0.proj")),
     },
     "tiny-sdxl": {
         "ink": (4, 8, ("attn1.to_q", "attn2.to_k", "attn1.to_out.0", "conv1", "proj_in")),
@@ -76,11 +77,16 @@ def _write(root: Path) -> None:
             )
 
 
+def lora_source_path() -> str:
+    """Where :func:`lora_source` writes the adapters (named by this file's contents), without writing them."""
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return str(Path(tempfile.gettempdir()) / f"rayxdit-test-loras-{version}")
+
+
 def lora_source() -> str:
     """The directory holding the test adapters (written on first use, atomically, so concurrent test and rank
     processes agree)."""
-    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    root = Path(tempfile.gettempdir()) / f"rayxdit-test-loras-{version}"
+    root = Path(lora_source_path())
     if not root.is_dir():
         staging = Path(tempfile.mkdtemp(prefix="rayxdit-test-loras-"))
         _write(staging)

@@ -23,7 +23,7 @@ SCHEDULER_FIELD = Field(
 LORAS_FIELD = Field(
     default_factory=list,
     max_length=MAX_LORAS,
-    description=f"LoRA adapters, at most {MAX_LORAS}, stacked: [{{\"name\": ..., \"scale\": 0.8}}] with names "
+    description=f'LoRA adapters, at most {MAX_LORAS}, stacked: [{{"name": ..., "scale": 0.8}}] with names '
     "from GET /v1/models (loras) (rayxdit; forms: the list as JSON text, or loras[0][name]...).",
 )
 """The ``loras`` field of the images and videos APIs, declared once."""

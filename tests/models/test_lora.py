@@ -4,15 +4,19 @@ parity tests). The LoRA must also change the output, or the test would pass with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rayxdit.config import EngineConfig, ParallelConfig
 from rayxdit.engine import Engine
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.request import GenerateRequest
+from rayxdit.request import GenerateRequest, LoraChoice, RequestError
 from rayxdit.runtime.local import run_local_group
+from tests.lora_files import lora_source
 
 TOLERANCE = 1e-5
 REQUEST = GenerateRequest(prompt="a photo of a red cat", height=36, width=36, steps=3, seed=2)
@@ -40,10 +44,10 @@ def lora_file(tmp_path_factory) -> str:
     return str(folder / "pytorch_lora_weights.safetensors")
 
 
-def latents(config: EngineConfig) -> torch.Tensor:
+def latents(config: EngineConfig, request: GenerateRequest = REQUEST) -> torch.Tensor:
     if config.parallel.world_size == 1:
-        return Engine(config, ParallelState.single()).generate(REQUEST, output="latent").latents
-    return run_local_group(config, [REQUEST], output="latent")[0].latents
+        return Engine(config, ParallelState.single()).generate(request, output="latent").latents
+    return run_local_group(config, [request], output="latent")[0].latents
 
 
 @pytest.mark.slow
@@ -57,3 +61,77 @@ def test_lora_on_a_parallel_model_equals_one_rank_with_the_same_lora(lora_file):
         )
     )
     assert (parallel - single).abs().max().item() <= TOLERANCE
+
+
+# ----- adapters per request (lora_sources) ------------------------------------------------------------------
+def _choose(*adapters: tuple[str, float]) -> GenerateRequest:
+    chosen = tuple(LoraChoice(name=f"tiny-flux/{name}", scale=scale) for name, scale in adapters)
+    return REQUEST.model_copy(update={"loras": chosen, "steps": 2})
+
+
+def test_a_hundred_swaps_leave_the_weights_bit_identical_and_requests_equal_loras_fused_at_load():
+    """Per-request adapters are fused with diffusers' own arithmetic: a request equals a model that fused
+    the same adapters at load bit for bit; after 100 swaps between adapters (stacked too), with requests
+    between them, the plain model's weights are bit-identical to a fresh load."""
+    source = lora_source()
+    engine = Engine(
+        EngineConfig(model="tiny-flux", lora_sources=(source,), lora_resident=2), ParallelState.single()
+    )
+    loaded = {key: value.clone() for key, value in engine.adapter.transformer.state_dict().items()}
+    plain = engine.generate(_choose(), output="latent").latents
+    stacked = (("ink", 0.8), ("glow", -1.5))
+    fused = latents(
+        EngineConfig(
+            model="tiny-flux",
+            loras=tuple(f"{source}/tiny-flux/{name}.safetensors:{scale}" for name, scale in stacked),
+        ),
+        _choose(),
+    )
+    assert (fused - plain).abs().max().item() > 100 * TOLERANCE, "the adapters did not change the output"
+    assert torch.equal(engine.generate(_choose(*stacked), output="latent").latents, fused)
+    choices = [(("ink", 0.8),), (("styles/sketch", 1.0),), stacked, (), (("glow", 2.0),)]
+    for index in range(100):
+        engine.loras.apply(_choose(*choices[index % len(choices)]).loras)
+        if index % 25 == 0:
+            engine.generate(_choose(*choices[(index + 1) % len(choices)]), output="latent")
+    assert torch.equal(engine.generate(_choose(*stacked), output="latent").latents, fused)
+    assert torch.equal(engine.generate(_choose(), output="latent").latents, plain)
+    after = engine.adapter.transformer.state_dict()
+    assert all(torch.equal(loaded[key], after[key]) for key in loaded)
+    # Three adapters through a device cache of two: read from disk once each, then from host memory.
+    assert len(engine.loras.resident_names) == 2
+    assert engine.loras.counts["disk_loads"] == 3 and engine.loras.counts["host_hits"] > 0
+
+
+def test_adapters_that_do_not_fit_are_refused_naming_loras_and_the_model_still_serves(tmp_path):
+    source = Path(lora_source())
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    (own / "escape.safetensors").symlink_to(source / "tiny-flux" / "ink.safetensors")
+    weights = load_file(source / "tiny-flux" / "ink.safetensors")
+    key = next(k for k in weights if k.endswith("lora_A.weight"))
+    magnitude = {key.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(weights[key].shape[1])}
+    save_file({**weights, **magnitude}, own / "dora.safetensors")
+    engine = Engine(
+        EngineConfig(model="tiny-flux", lora_sources=(str(own), str(source)), lora_max_rank=4),
+        ParallelState.single(),
+    )
+    plain = engine.generate(_choose(), output="latent").latents
+    for name, reason in (
+        ("tiny-wan/ink", "does not have"),  # another model's adapter
+        ("tiny-sdxl/ink", "adapts unet"),
+        ("tiny-flux/glow", "rank 8"),  # above lora_max_rank
+        ("garbage", "is not a LoRA"),
+        ("dora", "lora_magnitude_vector"),
+        ("escape", "links out"),
+        ("tiny-flux/nope", "no adapter"),
+    ):
+        request = REQUEST.model_copy(update={"loras": (LoraChoice(name=name),), "steps": 2})
+        with pytest.raises(RequestError, match=reason) as refused:
+            engine.generate(request, output="latent")
+        assert refused.value.param == "loras"
+    assert torch.equal(engine.generate(_choose(), output="latent").latents, plain)
+    plain_model = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
+    with pytest.raises(RequestError, match="without LoRA sources"):
+        plain_model.generate(_choose(("ink", 1.0)), output="latent")

@@ -20,6 +20,7 @@ from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.router import Ingress, build_ingress_app
 from tests.helpers import free_port, left_half_mask, random_png
 
+
 def _adapter_files() -> str:
     """A LoRA source as the ingress sees one: it only looks whether a name's file is there."""
     root = Path(tempfile.mkdtemp(prefix="rayxdit-ingress-loras-"))
@@ -237,7 +238,11 @@ def test_models_health_and_docs_answer_without_any_pool(url):
     }
     assert {m["id"]: m["kind"] for m in models}["tiny-wan"] == "video"
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
-    assert {m["id"]: m["loras"] for m in models} == {"tiny-2": ["ink", "styles/sketch"], "tiny-4": [], "tiny-wan": []}
+    assert {m["id"]: m["loras"] for m in models} == {
+        "tiny-2": ["ink", "styles/sketch"],
+        "tiny-4": [],
+        "tiny-wan": [],
+    }
     samplers = {m["id"]: (m["schedulers"], m["default_scheduler"]) for m in models}
     assert samplers["tiny-2"] == (["euler", "dpm++2m", "unipc"], "euler")
     assert samplers["tiny-wan"] == (["euler", "heun", "dpm++2m", "unipc"], "unipc")

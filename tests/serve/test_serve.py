@@ -31,6 +31,7 @@ from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
 from tests.helpers import FAST_SERVE_METRICS, cap_address_space, free_port, left_half_mask, random_png
+from tests.lora_files import lora_source, lora_source_path
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +65,7 @@ CONFIG = ServeConfig(
             name="tiny-4",
             model_name="tiny-4",
             parallel="ulysses=2,ring=2",
+            lora_sources=[lora_source_path()],  # written by the url fixture
             warmup_sizes=["36x36"],
             route_min_cost=0.05,
             deployment_config=FAST_HEALTH,
@@ -145,6 +147,7 @@ def url():
             _system_config={"metrics_report_interval_ms": 1000},  # the test waits less for its numbers
         )
     port = free_port()
+    lora_source()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -1101,3 +1104,35 @@ def test_a_pool_with_engine_options_written_flat_serves_what_the_cli_makes(url, 
     )
     assert done.returncode == 0, done.stderr
     assert np.abs(served - png_pixels(out.read_bytes())).max() <= 1
+
+
+def test_loras_per_request_equal_the_model_fused_at_load_and_leave_it_plain(url):
+    """tiny-4 (ulysses=2,ring=2) serves three adapters per request: one, another, none, two stacked, ...;
+    each image equals the one a single process makes with those adapters fused at load (what `rayxdit
+    generate --lora` runs), and the plain requests between them equal the plain model. An adapter of another
+    model (its file is in the source, so only the ranks can tell) is a 400 naming loras, and the pool still
+    serves."""
+    source = lora_source()
+    body = {"model": "tiny-4", "prompt": "a red cat", "size": "36x36", "steps": 3, "seed": 8}
+    ink, sketch, glow = ("ink", 0.8), ("styles/sketch", 1.0), ("glow", 1.2)
+    sequence = [(ink,), (sketch,), (), (ink, glow), (glow,), (ink,), ()]
+    expected = {}
+    for choice in dict.fromkeys(sequence):
+        fused = tuple(f"{source}/tiny-flux/{name}.safetensors:{scale}" for name, scale in choice)
+        engine = Engine(EngineConfig(model="tiny-flux", loras=fused), ParallelState.single())
+        expected[choice] = single_process_pixels(engine, body)
+    for choice in (ink,), (sketch,), (ink, glow), (glow,):
+        assert np.abs(expected[choice] - expected[()]).max() > 20, f"{choice} does not change the image"
+    for choice in sequence:
+        loras = [{"name": f"tiny-flux/{name}", "scale": scale} for name, scale in choice]
+        response = post(url, {**body, "loras": loras})
+        assert response.status_code == 200, response.text
+        served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+        assert np.abs(served - expected[choice]).max() <= 1, choice
+    refused = post(url, {**body, "loras": [{"name": "tiny-wan/ink"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "loras", refused.text
+    assert "does not have" in refused.json()["error"]["message"]
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
+    assert np.abs(served - expected[()]).max() <= 1
