@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         help="prompts: .parquet, .jsonl or .csv with a 'prompt' column "
-        "and optional id, seed, size (WxH), steps, scheduler, negative_prompt, guidance, true_cfg_scale; image and "
+        "and optional id, seed, size (WxH), steps, scheduler, loras (JSON or name:scale,...; with --lora-source), negative_prompt, guidance, true_cfg_scale; image and "
         "mask (paths under the input's directory, or URLs) and strength for img2img and inpainting; "
         "control_image (a path or URL), controlnet and controlnet_scale with --controlnet; ip_adapter_image "
         "and ip_adapter_scale with --ip-adapter; for video models (Wan) frames",

@@ -41,6 +41,7 @@ SCHEMA = pa.schema(
         ("ip_adapter_image", pa.string()),
         ("ip_adapter_scale", pa.float64()),
         ("scheduler", pa.string()),
+        ("loras", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("path", pa.string()),

@@ -28,6 +28,7 @@ LATER_COLUMNS = (
     "ip_adapter_image",
     "ip_adapter_scale",
     "scheduler",
+    "loras",
 )
 """Columns added after the first release: left out of a row's digest when empty, so ids stay stable."""
 INPUT_COLUMNS = (
@@ -150,6 +151,8 @@ def normalize(
         "error": None,
         "request": None,
     }
+    if out["loras"] is not None and not isinstance(out["loras"], str):  # a parquet list of structs
+        out["loras"] = json.dumps([dict(item) for item in out["loras"]], default=float)
     try:
         request = to_request(out, row, limits, base_dir, controlnets, ip_adapter)
         resolved = limits.resolve(request)
@@ -196,6 +199,27 @@ def adapter_inputs(
     return update
 
 
+def parse_loras(cell: Any) -> tuple[dict[str, Any], ...]:
+    """A row's ``loras`` cell as the request's list: JSON as the HTTP API takes it (``[{"name": "ink",
+    "scale": 0.8}]``) or, friendlier in a CSV, ``ink:0.8,styles/sketch`` (no scale: 1)."""
+    if cell is None:
+        return ()
+    text = str(cell).strip()
+    if text.startswith("["):
+        try:
+            chosen = json.loads(text)
+        except ValueError as error:
+            raise RequestError(f"loras: {text[:60]!r} is not JSON ({error})", "loras") from None
+        if not isinstance(chosen, list):
+            raise RequestError("loras: a JSON list of {name, scale}", "loras")
+        return tuple(chosen)
+    chosen = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        name, sep, scale = part.rpartition(":")
+        chosen.append({"name": name, "scale": _number(scale, "loras")} if sep else {"name": part})
+    return tuple(chosen)
+
+
 def _number(value: Any, param: str) -> float:
     try:
         return float(value)
@@ -233,6 +257,7 @@ def to_request(
         mask_size = None if mask is None else image_size(mask)
         width, height = edit_size(image_size(image), mask_size, width, height, limits)
     inputs = adapter_inputs(out, base_dir, controlnets, ip_adapter)
+    loras = parse_loras(out["loras"])
     try:
         return GenerateRequest(
             prompt=str(prompt),
@@ -248,6 +273,7 @@ def to_request(
             image=image,
             mask=mask,
             strength=0.6 if out["strength"] is None else float(out["strength"]),
+            loras=loras,
             **inputs,
         )
     except (ValidationError, ValueError) as error:

@@ -92,3 +92,22 @@ def test_control_and_image_prompt_columns_become_the_requests_inputs(tmp_path):
     for fields, nets, ip_adapter, reason in cases:
         bad = normalize({"prompt": "x", **fields}, FLUX, tmp_path, controlnets=nets, ip_adapter=ip_adapter)
         assert bad["status"] == "invalid" and reason in bad["error"], (fields, bad["error"])
+
+
+def test_a_loras_column_becomes_the_requests_adapters_in_json_or_csv_form():
+    cells = {
+        '[{"name": "ink", "scale": 0.8}, {"name": "styles/sketch"}]': (("ink", 0.8), ("styles/sketch", 1.0)),
+        "ink:0.8, styles/sketch": (("ink", 0.8), ("styles/sketch", 1.0)),
+        "ink:-1.5": (("ink", -1.5),),
+    }
+    for cell, expected in cells.items():
+        row = normalize({"prompt": "a cat", "loras": cell}, FLUX)
+        assert row["status"] is None, row["error"]
+        request = GenerateRequest.model_validate_json(row["request"])
+        assert tuple((lora.name, lora.scale) for lora in request.loras) == expected
+    listed = normalize({"prompt": "a cat", "loras": [{"name": "ink", "scale": 0.5}]}, FLUX)  # parquet structs
+    assert listed["status"] is None and listed["loras"] == '[{"name": "ink", "scale": 0.5}]', listed
+    for cell in ("../ink", "ink:lots", "[{", "a,b,c,d,e", "ink,ink", '{"name": "ink"}'):
+        row = normalize({"prompt": "a cat", "loras": cell}, FLUX)
+        assert row["status"] == "invalid" and row["error"].startswith("loras"), (cell, row["error"])
+    assert row_id({"prompt": "a cat"}) == row_id({"prompt": "a cat", "loras": None})
