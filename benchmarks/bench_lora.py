@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     swaps = [timed(lambda i=i: loras.apply([LoraChoice(name=ADAPTERS[i % 2])])) for i in range(args.swaps)]
     for name in ADAPTERS:  # the third is read from disk once; cycling three through two slots then always
         loras.apply([LoraChoice(name=name)])  # misses on the GPU and hits in host memory
-    hits_before = loras.counts["host_hits"]
+    hits_before = loras.counts["host_loads"]
     host_loads = [
         timed(lambda i=i: loras.apply([LoraChoice(name=ADAPTERS[i % 3])])) for i in range(args.swaps)
     ]
-    host_hits = loras.counts["host_hits"] - hits_before
+    host_hits = loras.counts["host_loads"] - hits_before
     stacked = request_seconds("ink", "glow")
     after_swaps = request_seconds("ink")
     plain_again = request_seconds()

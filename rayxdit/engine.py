@@ -124,9 +124,13 @@ class Engine:
         resolved = adapter.resolve(request)
         timings: dict[str, float] = {}
         if self.loras is not None:
-            started = time.perf_counter()
+            started, before = time.perf_counter(), dict(self.loras.counts)
             if self.loras.apply(request.loras):
                 timings["lora_swap_s"] = round(_now(self.state.device) - started, 4)
+            for source in ("device", "host", "disk"):
+                key = f"{source}_loads"
+                timings[f"lora_{key}"] = self.loras.counts[key] - before[key]
+            timings["lora_resident_bytes"] = self.loras.resident_bytes
         elif request.loras:
             raise RequestError(
                 "loras: this model is served without LoRA sources (set lora_sources in its pool)", "loras"

@@ -89,3 +89,9 @@ def list_loras(sources: tuple[str, ...] | list[str], at_most: int = LISTED_AT_MO
                 if len(names) >= at_most:
                     return sorted(names)
     return sorted(names)
+
+
+def adapter_set_key(names: list[str] | tuple[str, ...]) -> str:
+    """The id Serve's multiplexed routing knows a request's adapters by (its ``multiplexed_model_id``): a
+    replica that served the same set last holds them on its GPUs, fused or a swap away."""
+    return "+".join(names)

@@ -222,7 +222,8 @@ class LoraWeights:
         :meth:`apply` restores every touched weight first)."""
         self.on_device: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.on_host: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self.counts = {"host_hits": 0, "device_hits": 0, "disk_loads": 0, "swaps": 0}
+        self.counts = {"device_loads": 0, "host_loads": 0, "disk_loads": 0, "swaps": 0}
+        """Adapters requests needed, by where they were found (device, host memory, disk), and swaps."""
         self.swap_seconds = 0.0
 
     # ----- adapters -----------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ class LoraWeights:
         on a miss). Raises :class:`RequestError`."""
         if name in self.on_device:
             self.on_device.move_to_end(name)
-            self.counts["device_hits"] += 1
+            self.counts["device_loads"] += 1
             return self.on_device[name]
         read = self.on_host.pop(name, None)
         if read is None:
@@ -243,7 +244,7 @@ class LoraWeights:
             self.check(read)
             self.counts["disk_loads"] += 1
         else:
-            self.counts["host_hits"] += 1
+            self.counts["host_loads"] += 1
         self._keep_on_host(read)
         placed = LoraAdapter(
             name, {key: layer.to(self.device, self.dtype) for key, layer in read.layers.items()}
@@ -299,6 +300,7 @@ class LoraWeights:
             for name, _ in wanted:  # keep them the most recently used
                 if name in self.on_device:
                     self.on_device.move_to_end(name)
+                    self.counts["device_loads"] += 1
             return False
         adapters = [(self.adapter(name), scale) for name, scale in wanted]
         started = clock() if clock else 0.0
@@ -320,6 +322,12 @@ class LoraWeights:
         if clock:
             self.swap_seconds += clock() - started
         return True
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this rank holds for adapters: those on the device and the exact copies of touched weights."""
+        adapters = sum(adapter.nbytes for adapter in self.on_device.values())
+        return adapters + sum(original.nbytes for original in self.originals.values())
 
     @property
     def resident_names(self) -> list[str]:

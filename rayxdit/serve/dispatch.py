@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
+from rayxdit.loras import adapter_set_key
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
 from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
@@ -223,9 +224,12 @@ class Dispatcher:
         its GPUs to other pools, or its replica died), or for a cold pool that started no replica within
         twice its start-up prior, is taken back and raises :class:`PoolGone`, for the caller to route it
         again."""
-        response = self.handles[pool.name].generate.remote(
-            request, request_id, deadline, cost, report_progress
-        )
+        handle = self.handles[pool.name]
+        if request.loras:  # Serve prefers a replica that served these adapters last (they are on its GPUs)
+            handle = handle.options(
+                multiplexed_model_id=adapter_set_key([lora.name for lora in request.loras])
+            )
+        response = handle.generate.remote(request, request_id, deadline, cost, report_progress)
         answer = asyncio.ensure_future(_awaited(response))
         answer.add_done_callback(quiet)
         began = time.monotonic()

@@ -114,6 +114,27 @@ SERVING_METRICS = (
         (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
     ),
     MetricSpec(
+        "rayxdit_lora_loads",
+        "counter",
+        "Adapters a request needed (lora_sources), by where they were: device (resident on the GPUs), host "
+        "(host memory, copied to the GPUs) or disk (read from its source).",
+        ("model", "pool", "source"),
+    ),
+    MetricSpec(
+        "rayxdit_lora_swap_seconds",
+        "histogram",
+        "Seconds a request spent bringing the weights to its adapters (restore and fuse; loads included).",
+        ("model", "pool"),
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+    ),
+    MetricSpec(
+        "rayxdit_lora_resident_bytes",
+        "gauge",
+        "Bytes of adapters resident on each GPU of a pool replica (with the exact copies of the weights "
+        "they touched).",
+        ("pool",),
+    ),
+    MetricSpec(
         "rayxdit_requests_running",
         "gauge",
         "Requests running on a pool replica's ranks (0 or 1 per replica).",
@@ -178,3 +199,15 @@ def record_engine_timings(model: str, pool: str, timings: dict[str, Any]) -> Non
             observe("rayxdit_stage_seconds", seconds, model=model, pool=pool, stage=stage)
     if timings.get("denoise_s") is not None and steps:
         observe("rayxdit_step_seconds", timings["denoise_s"] / steps, model=model, pool=pool)
+    for source in ("device", "host", "disk"):
+        inc(
+            "rayxdit_lora_loads",
+            timings.get(f"lora_{source}_loads", 0),
+            model=model,
+            pool=pool,
+            source=source,
+        )
+    if timings.get("lora_swap_s") is not None:
+        observe("rayxdit_lora_swap_seconds", timings["lora_swap_s"], model=model, pool=pool)
+    if timings.get("lora_resident_bytes") is not None:
+        set_gauge("rayxdit_lora_resident_bytes", timings["lora_resident_bytes"], pool=pool)

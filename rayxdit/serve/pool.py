@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import PoolConfig
+from rayxdit.loras import adapter_set_key
 from rayxdit.request import DEADLINE, EncodedResult, GenerateRequest, RequestStopped, engine_seconds
 from rayxdit.runtime.compile_artifacts import load_artifacts, publish_artifacts
 from rayxdit.runtime.executor import GroupError
@@ -68,6 +69,15 @@ class PoolReplica:
         self.timeline: dict[str, float] = {}
         """Seconds of each stage of this replica's start (see :meth:`startup`)."""
         self.warmed_up: list[str] = []
+
+        async def adapters_served(key: str) -> str:  # the ranks load them; Serve learns where they are
+            return key
+
+        # Serve's multiplexed routing then prefers this replica for requests naming the adapter sets it served
+        # last, as many as its ranks keep on their GPUs.
+        self.note_adapters = serve.multiplexed(max_num_models_per_replica=pool.engine.lora_resident)(
+            adapters_served
+        )
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
         sharing = pool.engine.compile and pool.share_compile_artifacts and bool(pool.warmup_sizes)
@@ -183,6 +193,8 @@ class PoolReplica:
         # The job runs in a fresh context, detached from this Serve request: when Serve cancels the request
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
+        if request.loras:
+            await self.note_adapters(adapter_set_key([lora.name for lora in request.loras]))
         job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
         job.add_done_callback(quiet)  # a job cancelled with its caller ends in an error nobody reads
         reporter = asyncio.create_task(self._report_progress(request_id)) if report_progress else None

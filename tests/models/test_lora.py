@@ -100,7 +100,7 @@ def test_a_hundred_swaps_leave_the_weights_bit_identical_and_requests_equal_lora
     assert all(torch.equal(loaded[key], after[key]) for key in loaded)
     # Three adapters through a device cache of two: read from disk once each, then from host memory.
     assert len(engine.loras.resident_names) == 2
-    assert engine.loras.counts["disk_loads"] == 3 and engine.loras.counts["host_hits"] > 0
+    assert engine.loras.counts["disk_loads"] == 3 and engine.loras.counts["host_loads"] > 0
 
 
 def test_adapters_that_do_not_fit_are_refused_naming_loras_and_the_model_still_serves(tmp_path):
