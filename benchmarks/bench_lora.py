@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(config, ParallelState.single())
     print(f"engine ready in {time.perf_counter() - began:.1f} s on {device_name()}", flush=True)
     parameters = write_adapters(engine, folder, args.rank)
+    print(f"adapters written ({parameters / 1e6:.0f} M parameters each)", flush=True)
     request = GenerateRequest(
         prompt="a lighthouse at dusk", height=args.size, width=args.size, steps=args.steps
     )
@@ -132,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     def request_seconds(*names: str) -> list[float]:
         return [timed(lambda: run(*names)) for _ in range(args.repeats)]
 
-    run()  # compiles the plain model
+    def say(what: str, values) -> None:
+        print(f"{time.perf_counter() - began:7.1f} s  {what}: {values}", flush=True)
+
+    say("first plain request (compiles)", round(timed(run), 3))
     graphs_compiled = unique_graphs()
     plain = request_seconds()
+    say("plain", plain)
     first = timed(lambda: run("ink"))  # read from disk, copied to the GPU, fused
+    say("first with an adapter", round(first, 3))
     resident = request_seconds("ink")
+    say("resident adapter", resident)
     run("sketch")  # both resident now
     loras = engine.loras
     swaps = [timed(lambda i=i: loras.apply([LoraChoice(name=ADAPTERS[i % 2])])) for i in range(args.swaps)]
+    say("swaps", swaps)
     for name in ADAPTERS:  # the third is read from disk once; cycling three through two slots then always
         loras.apply([LoraChoice(name=name)])  # misses on the GPU and hits in host memory
     hits_before = loras.counts["host_loads"]
@@ -147,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         timed(lambda i=i: loras.apply([LoraChoice(name=ADAPTERS[i % 3])])) for i in range(args.swaps)
     ]
     host_hits = loras.counts["host_loads"] - hits_before
+    say("host loads", host_loads)
     stacked = request_seconds("ink", "glow")
     after_swaps = request_seconds("ink")
     plain_again = request_seconds()
     graphs_after = unique_graphs()
+    say("stacked, after swaps, plain again", (stacked, after_swaps, plain_again))
     loras.apply([])
     exact = all(
         torch.equal(loras.targets[key].module().weight, original) for key, original in loras.originals.items()
