@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_flux import device_name, versions
 from rayxdit.config import EngineConfig
-from rayxdit.engine import Engine
+from rayxdit.engine import Engine, pick_device
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest, LoraChoice
 
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         lora_resident=2,  # three adapters through two slots: the third is a host load
     )
     began = time.perf_counter()
-    engine = Engine(config, ParallelState.single())
+    # The GPU when there is one (ParallelState.single() alone is the CPU: the tests' default).
+    engine = Engine(config, ParallelState.single(pick_device(0)))
     print(f"engine ready in {time.perf_counter() - began:.1f} s on {device_name()}", flush=True)
     parameters = write_adapters(engine, folder, args.rank)
     print(f"adapters written ({parameters / 1e6:.0f} M parameters each)", flush=True)
