@@ -5,7 +5,7 @@ A pool of ``--replicas`` 2-GPU replicas (Flux.1-dev, 1024px, 28 steps, compiled:
 measured in ``benchmarks/results/flux-dev-2xh200.json`` over the measured 1->2 GPU speedup, plus text
 encoding and decoding, as ``simulate_fleet.py`` has it) runs one request at a time, as production pools do
 (``max_ongoing_requests: 1``). Every request names one of ``--adapters`` adapters, drawn Zipf(``--zipf``)
-by popularity. A replica keeps ``lora_resident`` adapters on its GPUs and as many again in host memory
+by popularity. A replica keeps ``--resident`` adapters on its GPUs (``lora_resident``) and ``--host`` in host memory
 (least recently used leave first), and its weights hold the adapter it ran last. Before a request runs, its
 replica brings the weights to its adapter:
 
@@ -13,8 +13,9 @@ replica brings the weights to its adapter:
 - ``swap_s`` when the adapter is on the GPUs (a *device hit*);
 - ``host_s`` when it is in host memory, ``disk_s`` when it must be read (a *miss*).
 
-The three costs are read from the LoRA benchmark's JSON (``--costs``, measured on one H200), or the
-acceptance bounds of issue 27 where no measurement is given (the JSON names which).
+The three costs are read from the LoRA benchmark's JSON (``--costs FILE``, measured on one H200), or taken
+from a named scenario: ``estimated`` (from bandwidths: no GPU measurement yet) or ``bounds`` (issue 27's
+acceptance bounds); the JSON names which.
 
 Routing is a model of Ray Serve's, which production uses unchanged (``rayxdit/serve/dispatch.py`` sends a
 request's adapter set as its ``multiplexed_model_id``; ``rayxdit/serve/pool.py`` registers each replica's sets
@@ -48,15 +49,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import source_commit
 from benchmarks.simulate_fleet import service_s
+from rayxdit.serve.routing import ADAPTER_PATIENCE_S, adapter_tiers
 
-DEFAULT_COSTS = {"swap_s": 0.05, "host_s": 1.0, "disk_s": 3.0}
-"""Issue 27's acceptance bounds (swap <= 50 ms, host load <= 1 s) and a 3 s read of a 0.5 GB adapter."""
-POLICIES = ("adapter-blind", "serve-multiplexed")
+COST_SCENARIOS = {
+    "estimated": (
+        {"swap_s": 0.04, "host_s": 0.1, "disk_s": 0.3},
+        "estimated from bandwidths, not measured (a rank-64 Flux.1-dev adapter, 0.52 GB, on one H200): a swap "
+        "restores ~23 GB of touched weights and adds the new updates on the GPU (~4.8 TB/s); a host load adds a "
+        "0.52 GB copy over PCIe (~10 GB/s from pageable memory); a disk load adds a cold read (~3 GB/s NVMe). "
+        "Parsing the file is 33 ms on the 2-core development machine (safetensors maps it)",
+    ),
+    "bounds": (
+        {"swap_s": 0.05, "host_s": 1.0, "disk_s": 3.0},
+        "issue 27's acceptance bounds (swap <= 50 ms, host load <= 1 s) and a 3 s read: the worst the bounds allow",
+    ),
+}
+POLICIES = ("adapter-blind", "serve-multiplexed", "adapter-aware")
+ROUTING_TASKS = 64
+"""Pending requests Serve's router routes at once (the rest wait their turn, in order)."""
 
 
 @dataclass
 class Replica:
     resident: int
+    host_capacity: int
     device: OrderedDict = field(default_factory=OrderedDict)
     host: OrderedDict = field(default_factory=OrderedDict)
     served: OrderedDict = field(default_factory=OrderedDict)
@@ -74,10 +90,14 @@ class Replica:
             where, seconds = "host", costs["host_s"]
         else:
             where, seconds = "disk", costs["disk_s"]
-        for cache in (self.device, self.host, self.served):
+        for cache, capacity in (
+            (self.device, self.resident),
+            (self.host, self.host_capacity),
+            (self.served, self.resident),
+        ):
             cache[adapter] = True
             cache.move_to_end(adapter)
-            while len(cache) > self.resident:
+            while len(cache) > capacity:
                 cache.popitem(last=False)
         self.applied = adapter
         return where, seconds
@@ -97,16 +117,18 @@ def simulate(
     adapters: int,
     exponent: float,
     resident: int,
+    host: int,
     costs: dict[str, float],
     duration: float,
     warmup: float,
     seed: int,
+    patience: float = ADAPTER_PATIENCE_S,
 ) -> dict:
     service = service_s("compounded", 2, 1024, 28, False)
     rate = load * replicas / service
     rng = random.Random(seed)
     draw = zipf_sampler(adapters, exponent, random.Random(seed + 1))
-    pool = [Replica(resident) for _ in range(replicas)]
+    pool = [Replica(resident, host) for _ in range(replicas)]
     events: list = []
     sequence = itertools.count()
     waiting: deque = deque()
@@ -120,18 +142,31 @@ def simulate(
             places[where] += 1
         heapq.heappush(events, (now + seconds + service, next(sequence), "done", (replica, arrival)))
 
-    def choose(adapter: int) -> Replica | None:
-        free = [replica for replica in pool if not replica.busy]
-        if not free:
-            return None
-        if policy == "serve-multiplexed":
-            holders = [replica for replica in free if adapter in replica.served]
-            if holders:
-                return rng.choice(holders)
+    def tiers(adapter: int, waited: float) -> list[list[int]]:
+        everyone = list(range(len(pool)))
+        if policy == "adapter-blind":
+            return [everyone]
+        if policy == "serve-multiplexed":  # holders, else the replicas with the fewest ids (all, once warm)
+            holders = [i for i in everyone if adapter in pool[i].served]
             fewest = min(len(replica.served) for replica in pool)
-            fewest_free = [replica for replica in free if len(replica.served) == fewest]
-            return rng.choice(fewest_free or free)
-        return rng.choice(free)
+            return [holders, [i for i in everyone if len(pool[i].served) == fewest], everyone]
+        # adapter-aware: the production decision, on the same view Serve's router has
+        named = [(str(i), frozenset(str(key) for key in replica.served)) for i, replica in enumerate(pool)]
+        return [[int(name) for name in tier] for tier in adapter_tiers(named, str(adapter), waited, patience)]
+
+    def match(now: float) -> None:
+        """Pending requests, oldest first, to free replicas of their first tier that has one (Serve's router
+        routes at most ROUTING_TASKS of them at once)."""
+        for entry in list(itertools.islice(waiting, ROUTING_TASKS)):
+            arrival, adapter = entry
+            for tier in tiers(adapter, now - arrival):
+                free = [i for i in tier if not pool[i].busy]
+                if free:
+                    waiting.remove(entry)
+                    start(pool[rng.choice(free)], arrival, adapter, now)
+                    break
+            if all(replica.busy for replica in pool):
+                return
 
     now = 0.0
     heapq.heappush(events, (rng.expovariate(rate), next(sequence), "arrival", None))
@@ -140,21 +175,15 @@ def simulate(
         if now > duration:
             break
         if kind == "arrival":
-            adapter = draw()
-            replica = choose(adapter)
-            if replica is None:
-                waiting.append((now, adapter))
-            else:
-                start(replica, now, adapter, now)
+            waiting.append((now, draw()))
+            heapq.heappush(events, (now + patience, next(sequence), "patience", None))
             heapq.heappush(events, (now + rng.expovariate(rate), next(sequence), "arrival", None))
-        else:
+        elif kind == "done":
             replica, arrival = data
             replica.busy = False
             if arrival >= warmup:
                 latencies.append(now - arrival)
-            if waiting:
-                queued_at, adapter = waiting.popleft()
-                start(replica, queued_at, adapter, now)
+        match(now)
     latencies.sort()
     started = sum(places.values())
 
@@ -184,15 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
     parser.add_argument("--resident", type=int, default=8, help="adapters kept on each replica's GPUs")
+    parser.add_argument(
+        "--host",
+        type=int,
+        default=64,
+        help="adapters kept in each replica's host memory (64 x 0.5 GB: 32 GB)",
+    )
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--hours", type=float, default=4.0, help="simulated time per run")
     parser.add_argument("--seeds", type=int, default=3, help="runs per point (their medians are reported)")
-    parser.add_argument("--costs", help="bench_lora.py's JSON (measured swap, host load, disk read)")
+    parser.add_argument(
+        "--costs",
+        default="estimated",
+        help=f"bench_lora.py's JSON (measured swap, host load, disk read) or one of {', '.join(COST_SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=ADAPTER_PATIENCE_S,
+        help="seconds a request waits for its adapters' replicas",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    costs, source = dict(DEFAULT_COSTS), "issue 27's acceptance bounds (no measurement given)"
-    if args.costs:
+    if args.costs in COST_SCENARIOS:
+        costs, source = COST_SCENARIOS[args.costs]
+    else:
         measured = json.loads(Path(args.costs).read_text())
         costs = {
             "swap_s": measured["swap_median_s"],
@@ -214,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.adapters,
                     args.zipf,
                     args.resident,
+                    args.host,
                     costs,
                     duration,
                     duration / 10,
                     seed,
+                    args.patience,
                 )
                 for seed in range(args.seeds)
             ]
@@ -251,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         "adapters": args.adapters,
         "zipf": args.zipf,
         "resident": args.resident,
+        "host": args.host,
         "service_s": round(service_s("compounded", 2, 1024, 28, False), 3),
         "costs": costs,
         "costs_source": source,
+        "patience_s": args.patience,
         "hours": args.hours,
         "seeds": args.seeds,
         "results": results,

@@ -36,6 +36,7 @@ from rayxdit.runtime.cards import model_card
 from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, group_bundles
 from rayxdit.serve.policies import check_policies
 from rayxdit.serve.pool import PoolReplica
+from rayxdit.serve.replica_router import ROUTER_CLASS
 from rayxdit.serve.router import Router
 from rayxdit.serve.state import STATE_DEPLOYMENT, AppState
 
@@ -58,6 +59,12 @@ def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
         "placement_group_strategy": pool.placement_strategy,
         "ray_actor_options": {**pool.serve_options().get("ray_actor_options", {}), **REPLICA_ACTOR_OPTIONS},
         "max_ongoing_requests": 1,
+        # Pools serving adapters per request route to where a request's adapters are (serve/replica_router.py).
+        **(
+            {"request_router_config": {"request_router_class": ROUTER_CLASS}}
+            if pool.engine.lora_sources
+            else {}
+        ),
     }
 
 

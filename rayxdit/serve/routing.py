@@ -16,6 +16,7 @@ application's (``serve/state.py`` keeps it), never one router replica's. The fle
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -240,3 +241,46 @@ def retry_after(
     if estimate is None or estimate <= time_left or cost > trusted_cost:
         return None
     return float(max(1, math.ceil(estimate - time_left)))
+
+
+ADAPTER_PATIENCE_S = 0.3
+"""How long a request naming adapters waits for a replica that holds them (or is their home) before any free
+replica may take it: about what a miss costs, a rank-64 Flux.1-dev adapter read from disk and fused (estimated
+from bandwidths, ~0.3 s; benchmarks/simulate_adapters.py: waiting 1 s, Serve's own wait for a multiplexed
+model, made the 80%-load p99 worse than 0.3 s)."""
+ADAPTER_HOMES = 2
+"""Replicas an adapter set calls home (rendezvous hashing): where it goes when no replica holds it yet, so
+that each set settles on few replicas and each replica's GPUs hold few sets."""
+
+
+def _affinity(key: str, replica: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def adapter_tiers(
+    replicas: Sequence[tuple[str, frozenset[str]]],
+    key: str | None,
+    waited_s: float,
+    patience_s: float = ADAPTER_PATIENCE_S,
+    homes: int = ADAPTER_HOMES,
+) -> list[list[str]]:
+    """Which of a pool's replicas may take a request, best tier first (each replica is ``(id, adapter sets
+    it holds)``; the router takes the least busy free replica of the first tier that has one, and asks
+    again later when none does).
+
+    A request without adapters (``key`` None) may go anywhere. One naming adapter set ``key`` goes to a
+    replica holding it, then to one of its ``homes`` (the replicas ranked first for ``key`` by rendezvous
+    hashing: stable as replicas come and go, the same in every router process); for ``patience_s`` it waits
+    for those rather than make another replica load the adapters, then any replica may take it (those
+    first)."""
+    everyone = [replica for replica, _ in replicas]
+    if key is None:
+        return [everyone]
+    holders = [replica for replica, held in replicas if key in held]
+    home = sorted(everyone, key=lambda replica: _affinity(key, replica), reverse=True)[:homes]
+    preferred = [holders, [replica for replica in home if replica not in holders]]
+    if waited_s < patience_s:
+        return [tier for tier in preferred if tier]
+    rest = [replica for replica in everyone if replica not in holders and replica not in home]
+    return [tier for tier in (*preferred, rest) if tier]

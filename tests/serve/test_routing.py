@@ -3,7 +3,7 @@ import pytest
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
-from rayxdit.serve.routing import PoolLoad, PoolSpec, request_cost, threshold_order
+from rayxdit.serve.routing import PoolLoad, PoolSpec, adapter_tiers, request_cost, threshold_order
 
 POOLS = [
     PoolSpec("p2", "m", 2, route_min_cost=0),
@@ -97,3 +97,27 @@ def test_size_is_width_by_height():
         default_seed=0
     )
     assert (request.width, request.height, request.num_images, request.seed) == (640, 384, 2, 9)
+
+
+def test_adapter_tiers_prefer_holders_then_homes_and_open_up_after_the_patience():
+    replicas = [(f"r{i}", frozenset({"ink"} if i == 3 else ())) for i in range(6)]
+    everyone = [name for name, _ in replicas]
+    assert adapter_tiers(replicas, None, 0.0) == [everyone]  # no adapters: anywhere
+    early = adapter_tiers(replicas, "ink", 0.0, patience_s=1.0, homes=2)
+    ink_homes = adapter_tiers([(name, frozenset()) for name in everyone], "ink", 0.0, homes=2)[0]
+    assert early == [["r3"], [name for name in ink_homes if name != "r3"]], "holders, then homes, only"
+    late = adapter_tiers(replicas, "ink", 1.5, patience_s=1.0, homes=2)
+    assert late[:2] == early and sorted(name for tier in late for name in tier) == everyone
+    # Homes are the same in every process and stay put when another replica joins or leaves.
+    homes = adapter_tiers(replicas, "glow", 0.0, homes=2)[0]
+    assert adapter_tiers(replicas, "glow", 0.0, homes=2)[0] == homes
+    fewer = [replica for replica in replicas if replica[0] not in homes[1:]]
+    assert adapter_tiers(fewer, "glow", 0.0, homes=2)[0][0] == homes[0]
+    assert adapter_tiers([*replicas, ("r9", frozenset())], "glow", 0.0, homes=2)[0] in (
+        homes,
+        ["r9", homes[0]],
+        [homes[0], "r9"],
+    )
+    # Sets spread: 200 adapter sets over 6 replicas, none gets more than twice its share as a first home.
+    firsts = [adapter_tiers(replicas, f"set{i}", 0.0, homes=1)[0][0] for i in range(200)]
+    assert max(firsts.count(name) for name in everyone) < 2 * 200 / 6
