@@ -1122,7 +1122,7 @@ def test_loras_per_request_equal_the_model_fused_at_load_and_leave_it_plain(url)
         engine = Engine(EngineConfig(model="tiny-flux", loras=fused), ParallelState.single())
         expected[choice] = single_process_pixels(engine, body)
     for choice in (ink,), (sketch,), (ink, glow), (glow,):
-        assert np.abs(expected[choice] - expected[()]).max() > 20, f"{choice} does not change the image"
+        assert np.abs(expected[choice] - expected[()]).max() > 5, f"{choice} does not change the image"
     for choice in sequence:
         loras = [{"name": f"tiny-flux/{name}", "scale": scale} for name, scale in choice]
         response = post(url, {**body, "loras": loras})
