@@ -64,7 +64,8 @@ COST_SCENARIOS = {
         "issue 27's acceptance bounds (swap <= 50 ms, host load <= 1 s) and a 3 s read: the worst the bounds allow",
     ),
 }
-POLICIES = ("adapter-blind", "serve-multiplexed", "adapter-aware")
+POLICIES = ("adapter-blind", "serve-multiplexed", "adapter-aware", "no-adapters")
+"""``no-adapters``: the same requests with nothing to load (blind routing, every cost 0): the floor."""
 ROUTING_TASKS = 64
 """Pending requests Serve's router routes at once (the rest wait their turn, in order)."""
 
@@ -129,6 +130,8 @@ def simulate(
     rng = random.Random(seed)
     draw = zipf_sampler(adapters, exponent, random.Random(seed + 1))
     pool = [Replica(resident, host) for _ in range(replicas)]
+    if policy == "no-adapters":
+        costs = dict.fromkeys(costs, 0.0)
     events: list = []
     sequence = itertools.count()
     waiting: deque = deque()
@@ -144,7 +147,7 @@ def simulate(
 
     def tiers(adapter: int, waited: float) -> list[list[int]]:
         everyone = list(range(len(pool)))
-        if policy == "adapter-blind":
+        if policy in ("adapter-blind", "no-adapters"):
             return [everyone]
         if policy == "serve-multiplexed":  # holders, else the replicas with the fewest ids (all, once warm)
             holders = [i for i in everyone if adapter in pool[i].served]
@@ -283,12 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     for load in args.loads:
         by = {r["policy"]: r for r in results if r["load"] == load}
         comparison[f"{load:g}"] = {
-            "p99_ratio_multiplexed_over_blind": round(
-                by["serve-multiplexed"]["p99_s"] / by["adapter-blind"]["p99_s"], 3
-            ),
-            "p50_ratio_multiplexed_over_blind": round(
-                by["serve-multiplexed"]["p50_s"] / by["adapter-blind"]["p50_s"], 3
-            ),
+            f"{stat}_ratio_{policy}_over_blind": round(
+                by[policy][f"{stat}_s"] / by["adapter-blind"][f"{stat}_s"], 3
+            )
+            for policy in ("serve-multiplexed", "adapter-aware", "no-adapters")
+            for stat in ("p50", "p99")
         }
     record = {
         "command": " ".join(
