@@ -217,6 +217,8 @@ class LoraWeights:
                     self.targets[f"{component}.{name}"] = _Target(module.weight.shape, weakref.ref(module))
         self.originals: dict[str, torch.Tensor] = {}
         """Exact copies of the weights adapters have touched, taken before the first update."""
+        self.dirty: set[str] = set()
+        """The weights the applied adapters changed (the next change restores only these)."""
         self.applied: tuple[tuple[str, float], ...] | None = ()
         """The adapters (name, scale) in the weights now; None when an update failed midway (the next
         :meth:`apply` restores every touched weight first)."""
@@ -304,11 +306,14 @@ class LoraWeights:
             return False
         adapters = [(self.adapter(name), scale) for name, scale in wanted]
         started = clock() if clock else 0.0
+        # Unknown after a failed update (None): every weight ever touched goes back.
+        dirty = self.originals.keys() if self.applied is None else self.dirty
         self.applied = None
-        for key, original in self.originals.items():
-            module = self.targets[key].module()
-            if module is not None:
-                module.weight.copy_(original)
+        restore = [(self.targets[key].module(), self.originals[key]) for key in dirty]
+        restore = [(module.weight, original) for module, original in restore if module is not None]
+        if restore:  # one batch of copies: no launch per layer
+            torch._foreach_copy_([weight for weight, _ in restore], [original for _, original in restore])
+        self.dirty = set()
         for adapter, scale in adapters:
             for key, layer in adapter.layers.items():
                 module = self.targets[key].module()
@@ -316,6 +321,7 @@ class LoraWeights:
                     continue
                 if key not in self.originals:
                     self.originals[key] = module.weight.detach().clone()
+                self.dirty.add(key)
                 module.weight.add_(layer.delta(module.weight.shape, scale).to(module.weight.dtype))
         self.applied = wanted
         self.counts["swaps"] += 1
