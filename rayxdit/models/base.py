@@ -130,10 +130,10 @@ class DiffusionAdapter(ABC):
 
     @property
     def lora_components(self) -> list[str]:
-        """The pipeline's components adapters from ``lora_sources`` may update: its denoisers (Wan 2.2 has
-        two)."""
-        names = [self.family.denoiser_subfolder, "transformer_2"]
-        return [name for name in dict.fromkeys(names) if getattr(self.pipeline, name, None) is not None]
+        """The pipeline's components adapters from ``lora_sources`` may update: those diffusers loads LoRA
+        layers into for this pipeline (the denoisers; Flux's CLIP and SDXL's two text encoders)."""
+        loadable = getattr(type(self.pipeline), "_lora_loadable_modules", [self.family.denoiser_subfolder])
+        return [name for name in loadable if getattr(self.pipeline, name, None) is not None]
 
     def load_ip_adapter(self, location: str, image_encoder: str | None) -> None:
         """An IP-Adapter's weights and image encoder (call before :meth:`parallelize`)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +99,20 @@ def _unpack(loaded: object) -> tuple[dict, dict | None, dict | None]:
     return loaded[0], None, loaded[1]
 
 
-def read_lora(pipeline_class: type, path: Path, name: str, components: Sequence[str]) -> LoraAdapter:
+def read_lora(
+    pipeline_class: type, path: Path, name: str, components: Sequence[str], layers_known: Collection[str] = ()
+) -> LoraAdapter:
     """Adapter ``name`` from the weights file ``path`` in any layout diffusers' loaders for
     ``pipeline_class`` read (diffusers', Kohya's, XLabs', BFL's...), with the ranks and alphas diffusers
-    would give its peft layers. Only ``components`` (the denoisers) may be adapted. CPU tensors as saved.
-    Raises :class:`RequestError` naming the adapter."""
+    would give its peft layers. Only ``components`` (the denoisers and text encoders) may be adapted. A text
+    encoder's layers are named as in ``layers_known`` (transformers' CLIP may or may not nest them under
+    ``text_model``). CPU tensors as saved. Raises :class:`RequestError` naming the adapter."""
     from diffusers.loaders.peft import _create_lora_config  # diffusers is pinned to 0.42.x (pyproject)
-    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
     from peft.utils.other import get_pattern_key
 
     kwargs: dict = {"weight_name": path.name, "return_lora_metadata": True}
@@ -127,7 +134,11 @@ def read_lora(pipeline_class: type, path: Path, name: str, components: Sequence[
         if not part:
             continue
         seen += len(part)
-        if "lora_A" not in next(iter(part)):
+        text_encoder = component.startswith("text_encoder")
+        if text_encoder:  # as diffusers loads a text encoder's layers
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            part = {_text_model_key(component, key, layers_known): value for key, value in part.items()}
+        elif "lora_A" not in next(iter(part)):
             part = convert_unet_state_dict_to_peft(part)
         odd = [
             key for key in part if (".lora_A." not in key and ".lora_B." not in key) or key.endswith(".bias")
@@ -138,8 +149,10 @@ def read_lora(pipeline_class: type, path: Path, name: str, components: Sequence[
                 "LoRA layers are)",
                 PARAM,
             )
-        ranks = {
-            f"^{key}": value.shape[1] for key, value in part.items() if "lora_B" in key and value.ndim > 1
+        ranks = {  # keyed as diffusers keys them for each kind of component
+            (key if text_encoder else f"^{key}"): value.shape[1]
+            for key, value in part.items()
+            if "lora_B" in key and value.ndim > 1
         }
         component_alphas = {
             key.removeprefix(prefix): value for key, value in (alphas or {}).items() if key.startswith(prefix)
@@ -149,7 +162,9 @@ def read_lora(pipeline_class: type, path: Path, name: str, components: Sequence[
             if metadata
             else None
         )
-        config = _create_lora_config(part, component_alphas or None, component_metadata, ranks)
+        config = _create_lora_config(
+            part, component_alphas or None, component_metadata, ranks, is_unet=not text_encoder
+        )
         for key, down in part.items():
             if ".lora_A." not in key:
                 continue
@@ -172,6 +187,16 @@ def read_lora(pipeline_class: type, path: Path, name: str, components: Sequence[
     if not layers:
         raise RequestError(f"loras: '{name}' holds no LoRA layers", PARAM)
     return LoraAdapter(name, layers)
+
+
+def _text_model_key(component: str, key: str, layers_known: Collection[str]) -> str:
+    """``key`` with or without CLIP's ``text_model.`` prefix, whichever names a layer the model has (older
+    checkpoints nest it, recent transformers flatten the model)."""
+    module = key.split(".lora_")[0]
+    for candidate in (module, module.removeprefix("text_model."), f"text_model.{module}"):
+        if f"{component}.{candidate}" in layers_known:
+            return key.replace(module, candidate, 1)
+    return key
 
 
 @dataclass(frozen=True)
@@ -242,7 +267,7 @@ class LoraWeights:
                 path = find_lora(self.sources, name)
             except LoraNameError as error:
                 raise RequestError(f"loras: {error}", PARAM) from None
-            read = read_lora(self.pipeline_class, path, name, self.components)
+            read = read_lora(self.pipeline_class, path, name, self.components, self.targets)
             self.check(read)
             self.counts["disk_loads"] += 1
         else:

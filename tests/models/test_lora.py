@@ -135,3 +135,49 @@ def test_adapters_that_do_not_fit_are_refused_naming_loras_and_the_model_still_s
     plain_model = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
     with pytest.raises(RequestError, match="without LoRA sources"):
         plain_model.generate(_choose(("ink", 1.0)), output="latent")
+
+
+def test_a_kohya_adapter_updates_both_sdxl_text_encoders_as_its_alphas_say(tmp_path):
+    """Kohya's layout (``lora_te1_text_model_...``, ``lora_down``/``lora_up``, an ``alpha`` per layer), converted
+    by diffusers' own loaders: the request's text encoders get ``W += up @ down x alpha / rank x scale`` (here
+    written out by hand), both of SDXL's, and a plain request after it sees them as loaded."""
+    engine = Engine(EngineConfig(model="tiny-sdxl", lora_sources=(str(tmp_path),)), ParallelState.single())
+    pipeline = engine.adapter.pipeline
+    generator = torch.Generator().manual_seed(5)
+    weights, updates = {}, []
+    for prefix, encoder in (("lora_te1", pipeline.text_encoder), ("lora_te2", pipeline.text_encoder_2)):
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+            ):
+                key = f"{prefix}_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
+                down, up = (
+                    torch.randn(2, module.in_features, generator=generator),
+                    torch.randn(module.out_features, 2, generator=generator),
+                )
+                weights |= {
+                    f"{key}.lora_down.weight": down,
+                    f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": torch.tensor(1.0),
+                }
+                updates.append((module, up @ down * (1.0 / 2) * 0.7))
+    save_file(weights, tmp_path / "kohya-te.safetensors")
+    request = GenerateRequest(
+        prompt="a red cat", negative_prompt="dark", guidance=5.0, height=40, width=40, steps=2, seed=4
+    )
+    plain = engine.generate(request, output="latent").latents
+    chosen = request.model_copy(update={"loras": (LoraChoice(name="kohya-te", scale=0.7),)})
+    adapted = engine.generate(chosen, output="latent").latents
+    assert (adapted - plain).abs().max().item() > 1e-3, "the text encoders' adapter did not change the output"
+    assert torch.equal(engine.generate(request, output="latent").latents, plain)
+    by_hand = Engine(EngineConfig(model="tiny-sdxl"), ParallelState.single())
+    named = dict(by_hand.adapter.pipeline.text_encoder.named_modules()) | {
+        f"2.{name}": module for name, module in by_hand.adapter.pipeline.text_encoder_2.named_modules()
+    }
+    own = {id(module): name for name, module in pipeline.text_encoder.named_modules()} | {
+        id(module): f"2.{name}" for name, module in pipeline.text_encoder_2.named_modules()
+    }
+    with torch.no_grad():
+        for module, update in updates:
+            named[own[id(module)]].weight.add_(update)
+    assert (by_hand.generate(request, output="latent").latents - adapted).abs().max().item() <= 1e-6
