@@ -491,7 +491,9 @@ def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, 
     response = post(url, big)
     assert response.status_code == 507, response.text
     assert response.json()["error"]["code"] == "out_of_memory" and time.monotonic() - began < 60
-    assert generation(pool) == before, "retried on a rebuilt group: it would run out again"
+    # The broken group is rebuilt before the pool's next request, or by a health check that comes first (on a
+    # slow machine, before this line); a retry would have rebuilt it once more (see the last line).
+    assert generation(pool) in (before, before + 1), "retried on a rebuilt group: it would run out again"
     small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 8}
     response = post(url, small)
     assert response.status_code == 200, response.text
