@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 MAX_LORAS = 4
 """Adapters stacked on one request (their weight deltas are summed, as diffusers' ``set_adapters``)."""
@@ -91,7 +93,8 @@ def list_loras(sources: tuple[str, ...] | list[str], at_most: int = LISTED_AT_MO
     return sorted(names)
 
 
-def adapter_set_key(names: list[str] | tuple[str, ...]) -> str:
-    """The id Serve's multiplexed routing knows a request's adapters by (its ``multiplexed_model_id``): a
-    replica that served the same set last holds them on its GPUs, fused or a swap away."""
-    return "+".join(names)
+def adapter_set_key(loras: Iterable[Any]) -> str:
+    """The id Serve's multiplexed routing knows a request's adapters (its ``loras``, each with a ``name``) by,
+    its ``multiplexed_model_id``: a replica that served the same set last holds them on its GPUs, fused or a
+    swap away."""
+    return "+".join(lora.name for lora in loras)

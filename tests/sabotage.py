@@ -34,10 +34,10 @@ def adapters_on_one_rank(active: bool = True) -> Iterator[None]:
 
     original = LoraWeights.apply
 
-    def rank_zero_only(self, choices, clock=None):
+    def rank_zero_only(self, choices):
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return False
-        return original(self, choices, clock)
+        return original(self, choices)
 
     if active:
         LoraWeights.apply = rank_zero_only

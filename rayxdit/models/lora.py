@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,7 +251,6 @@ class LoraWeights:
         self.on_host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.counts = {"device_loads": 0, "host_loads": 0, "disk_loads": 0, "swaps": 0}
         """Adapters requests needed, by where they were found (device, host memory, disk), and swaps."""
-        self.swap_seconds = 0.0
 
     # ----- adapters -----------------------------------------------------------------------------------------
     def adapter(self, name: str) -> LoraAdapter:
@@ -318,7 +317,7 @@ class LoraWeights:
 
     # ----- the weights ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, choices: Sequence[LoraChoice], clock: Callable[[], float] | None = None) -> bool:
+    def apply(self, choices: Sequence[LoraChoice]) -> bool:
         """Bring the weights to ``choices`` (in order: updates are added one adapter after the other, as
         diffusers fuses several). Returns whether anything changed. Every adapter is read and checked before
         a weight changes."""
@@ -330,7 +329,6 @@ class LoraWeights:
                     self.counts["device_loads"] += 1
             return False
         adapters = [(self.adapter(name), scale) for name, scale in wanted]
-        started = clock() if clock else 0.0
         # Unknown after a failed update (None): every weight ever touched goes back.
         dirty = self.originals.keys() if self.applied is None else self.dirty
         self.applied = None
@@ -350,8 +348,6 @@ class LoraWeights:
                 module.weight.add_(layer.delta(module.weight.shape, scale).to(module.weight.dtype))
         self.applied = wanted
         self.counts["swaps"] += 1
-        if clock:
-            self.swap_seconds += clock() - started
         return True
 
     @property

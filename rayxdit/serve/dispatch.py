@@ -226,9 +226,7 @@ class Dispatcher:
         again."""
         handle = self.handles[pool.name]
         if request.loras:  # Serve prefers a replica that served these adapters last (they are on its GPUs)
-            handle = handle.options(
-                multiplexed_model_id=adapter_set_key([lora.name for lora in request.loras])
-            )
+            handle = handle.options(multiplexed_model_id=adapter_set_key(request.loras))
         response = handle.generate.remote(request, request_id, deadline, cost, report_progress)
         answer = asyncio.ensure_future(_awaited(response))
         answer.add_done_callback(quiet)

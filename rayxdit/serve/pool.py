@@ -194,7 +194,7 @@ class PoolReplica:
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
         if request.loras:
-            await self.note_adapters(adapter_set_key([lora.name for lora in request.loras]))
+            await self.note_adapters(adapter_set_key(request.loras))
         job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
         job.add_done_callback(quiet)  # a job cancelled with its caller ends in an error nobody reads
         reporter = asyncio.create_task(self._report_progress(request_id)) if report_progress else None
