@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -153,8 +154,16 @@ class Dispatcher:
         admission_deadline = arrived + min(timeout or longest, longest)
         tried: list[str] = []
         losses: dict[str, int] = {}  # replicas of each pool that died with this request
-        while True:
-            decision = await self.state.route.remote(model, cost, request_id, admission_deadline, tried)
+        for attempt in itertools.count():
+            # Each attempt holds its own reservation, by a key no client picks (request ids may be reused).
+            ticket = f"{request_id}#{attempt}"
+            try:
+                decision = await self.state.route.remote(model, cost, ticket, admission_deadline, tried)
+            except asyncio.CancelledError:
+                # The client left while the state routed it: the state may have admitted it already (or
+                # will: the two calls may arrive in either order; a finished ticket is never admitted).
+                self._release(ticket, None)
+                raise
             if decision["pool"] is None:
                 raise refusal(model, decision, request_id)
             pool = self.catalog.pools[decision["pool"]]
@@ -168,7 +177,7 @@ class Dispatcher:
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
                 result = await self._call_pool(
-                    pool, request, request_id, deadline, cost, warm, report_progress
+                    pool, request, request_id, ticket, deadline, cost, warm, report_progress
                 )
                 break
             except ReplicaDied:
@@ -182,11 +191,7 @@ class Dispatcher:
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
-                engine_s = None if result is None else engine_seconds(result.timings)
-                release = detached(
-                    lambda engine_s=engine_s: self.state.finish.remote(request_id, engine_s),
-                    f"releasing request {request_id}",
-                )
+                release = self._release(ticket, None if result is None else engine_seconds(result.timings))
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(release)
         info = {
@@ -206,11 +211,17 @@ class Dispatcher:
         }
         return result, info
 
+    def _release(self, ticket: str, engine_s: float | None) -> asyncio.Task:
+        """Tell the state that the attempt ``ticket`` left its pool: detached, so that a cancelled request
+        still reports it."""
+        return detached(lambda: self.state.finish.remote(ticket, engine_s), f"releasing {ticket}")
+
     async def _call_pool(
         self,
         pool: PoolConfig,
         request: GenerateRequest,
         request_id: str,
+        ticket: str,
         deadline: float,
         cost: float,
         warm: bool | None = False,
@@ -242,7 +253,7 @@ class Dispatcher:
                     response.cancel()
                     raise deadline_error(request_id)
                 try:
-                    gone = await self.state.renew.remote(request_id, pool.name, cost)
+                    gone = await self.state.renew.remote(ticket, pool.name, cost)
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue

@@ -117,8 +117,8 @@ class AppState:
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
         """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
         self.finished: OrderedDict[str, float] = OrderedDict()
-        """Requests finished within the last LEASE_S (by id, when): a renewal already on its way when its
-        request finished must not bring the reservation back."""
+        """Tickets finished within the last LEASE_S (when): a renewal or a routing call already on its way
+        when its request finished (or its client left) must not bring the reservation back."""
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
         self.published: dict[str, tuple[int, int, int]] = {}
@@ -205,12 +205,15 @@ class AppState:
             metrics.set_gauge("rayxdit_pool_replicas", load.starting_replicas, pool=name, state="starting")
 
     async def route(
-        self, model: str, cost: float, request_id: str, deadline: float, exclude: list[str]
+        self, model: str, cost: float, ticket: str, deadline: float, exclude: list[str]
     ) -> dict[str, Any]:
-        """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once (a lease of ``LEASE_S``,
-        renewed by the router); or ``{"pool": None, "retry_after_s"}`` when no pool can finish it before
-        ``deadline`` (seconds since the epoch), or ``{"pool": None}`` when every pool of ``model`` is
-        excluded (full or down)."""
+        """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
+        routing attempt of a request; a lease of ``LEASE_S``, renewed by the router); or ``{"pool": None,
+        "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since the epoch), or
+        ``{"pool": None}`` when every pool of ``model`` is excluded (full or down) or the ticket is already
+        finished (its client left while this call was on its way, and the router's release came first)."""
+        if ticket in self.finished:
+            return {"pool": None, "retry_after_s": None}
         self.arrived[model].append(time.monotonic())
         self.last_arrival[model] = time.monotonic()
         loads = self._loads()
@@ -221,8 +224,7 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[request_id] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S)
-        self.finished.pop(request_id, None)  # routed again (failover): it holds capacity again
+        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S)
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -240,12 +242,12 @@ class AppState:
         )
         return self.budget() - held
 
-    async def renew(self, request_id: str, pool: str, cost: float) -> bool:
-        """A router still waits for ``request_id`` on ``pool``: its reservation lives another ``LEASE_S``
-        (made anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not
-        even a starting one (its waiting requests should move)."""
-        if request_id not in self.finished:
-            self.reservations[request_id] = _Reservation(pool, cost, time.monotonic() + LEASE_S)
+    async def renew(self, ticket: str, pool: str, cost: float) -> bool:
+        """A router still waits for ``ticket`` on ``pool``: its reservation lives another ``LEASE_S`` (made
+        anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
+        starting one (its waiting requests should move)."""
+        if ticket not in self.finished:
+            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S)
         return self.gone_now(pool)
 
     def gone_now(self, pool: str) -> bool:
@@ -253,12 +255,12 @@ class AppState:
         now = time.monotonic()
         return not any(now - seen.seen <= STALE_AFTER_S for seen in self.replicas[pool].values())
 
-    async def finish(self, request_id: str, engine_s: float | None = None) -> None:
-        """The request left its pool; ``engine_s`` (the engine's encode + denoise + decode time) teaches the
-        pool's rate."""
-        held = self.reservations.pop(request_id, None)
+    async def finish(self, ticket: str, engine_s: float | None = None) -> None:
+        """The request's attempt ``ticket`` left its pool (or was abandoned while it was routed);
+        ``engine_s`` (the engine's encode + denoise + decode time) teaches the pool's rate."""
+        held = self.reservations.pop(ticket, None)
         now = time.monotonic()
-        self.finished[request_id] = now
+        self.finished[ticket] = now
         while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
             self.finished.popitem(last=False)
         if held is None or not engine_s or held.cost <= 0:

@@ -146,3 +146,24 @@ def test_a_lease_renewed_after_a_state_restart_counts_the_request_again(clock):
     assert app.loads()["small"].outstanding == 0
     app.renew("r1", "small", 2.0)  # a renewal already on its way when r1 finished
     assert app.loads()["small"].outstanding == 0, "a finished request came back"
+
+
+def test_a_request_abandoned_while_it_was_routed_is_never_counted(clock):
+    """The client left while the routing call was on its way: the router releases the attempt's ticket at
+    once, and the two calls may reach the state in either order. Either way nothing stays outstanding (a
+    phantom would hold capacity for LEASE_S, steering routing and admission meanwhile)."""
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    app.report("small", "a", ready=True)
+    later = time.time() + 600
+    assert app.route("m", 1.0, "r1#0", later, [])["pool"] == "small"  # routed, then released
+    app.finish("r1#0")
+    assert app.loads()["small"].outstanding == 0
+    app.finish("r2#0")  # released first...
+    assert app.route("m", 1.0, "r2#0", later, []) == {
+        "pool": None,
+        "retry_after_s": None,
+    }  # ...never admitted
+    assert app.loads()["small"].outstanding == 0
+    # A failover is a new attempt with a ticket of its own: it is admitted after the first one finished.
+    assert app.route("m", 1.0, "r2#1", later, ["big"])["pool"] == "small"
+    assert app.loads()["small"].outstanding == 1
