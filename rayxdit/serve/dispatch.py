@@ -39,6 +39,10 @@ RENEW_S = 2.0
 whether the pool still has replicas)."""
 
 
+STATE_RETRY_S = 0.5
+STATE_RESTART_S = 30.0
+"""A request whose routing call finds the state replica dead tries again every STATE_RETRY_S for this
+long (Serve restarts it within seconds), then answers 503."""
 REPLICA_LOSSES_RETRIED = 3
 """A request whose replica died is routed again with that pool still a candidate this many times."""
 REPLICA_LOSS_PAUSE_S = 1.0
@@ -67,6 +71,15 @@ def deadline_error(request_id: str) -> ApiError:
         "'timeout', or retry later)",
         "timeout_error",
         code="deadline_exceeded",
+    )
+
+
+def state_unavailable(request_id: str) -> ApiError:
+    return ApiError(
+        503,
+        f"request {request_id} could not be routed: the application's shared state is restarting; retry",
+        "service_unavailable",
+        code="state_unavailable",
     )
 
 
@@ -158,7 +171,7 @@ class Dispatcher:
             # Each attempt holds its own reservation, by a key no client picks (request ids may be reused).
             ticket = f"{request_id}#{attempt}"
             try:
-                decision = await self.state.route.remote(model, cost, ticket, admission_deadline, tried)
+                decision = await self._route(model, cost, ticket, admission_deadline, tried, request_id)
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
                 # will: the two calls may arrive in either order; a finished ticket is never admitted).
@@ -210,6 +223,29 @@ class Dispatcher:
             "timings": result.timings,
         }
         return result, info
+
+    async def _route(
+        self,
+        model: str,
+        cost: float,
+        ticket: str,
+        admission_deadline: float,
+        tried: list[str],
+        request_id: str,
+    ) -> dict[str, Any]:
+        """The state's routing decision. While the state replica restarts (killed, or its node lost: Serve
+        starts another within seconds, and routing recovers with the pools' next heartbeats) the call is
+        tried again every STATE_RETRY_S for up to STATE_RESTART_S, then the client gets 503."""
+        bound = time.monotonic() + STATE_RESTART_S
+        while True:
+            try:
+                return await self.state.route.remote(model, cost, ticket, admission_deadline, tried)
+            except (RayActorError, DeploymentUnavailableError) as error:
+                if time.monotonic() + STATE_RETRY_S > bound:
+                    logger.warning("request %s: the shared state is unavailable (%r)", request_id, error)
+                    raise state_unavailable(request_id) from None
+                logger.info("request %s: routing again, the shared state restarts (%r)", request_id, error)
+                await asyncio.sleep(STATE_RETRY_S)
 
     def _release(self, ticket: str, engine_s: float | None) -> asyncio.Task:
         """Tell the state that the attempt ``ticket`` left its pool: detached, so that a cancelled request
