@@ -39,6 +39,8 @@ IMPORT_TIME_RULES = {
     "request.py": TORCH_FREE,
     "limits.py": TORCH_FREE,
     "uploads.py": TORCH_FREE,
+    "loras.py": TORCH_FREE,
+    "retries.py": (*TORCH_FREE, "ray"),
 }
 """Rules on what a module imports when it is imported (not in functions, not for type checkers)."""
 ABOVE_THE_RUNTIME = ("cli.py", "serve", "batch")

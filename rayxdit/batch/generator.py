@@ -16,11 +16,14 @@ from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
 from rayxdit.config import WorkerGroupConfig
 from rayxdit.imaging import encode_video
 from rayxdit.request import GenerateRequest, RequestError, engine_seconds
+from rayxdit.retries import backoff_s
 from rayxdit.runtime.placement import group_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
 
 PLACEMENT_TIMEOUT_S = 1800
 PLACEMENT_PREFIX = "rayxdit-batch-"
+RETRY_BASE_S, RETRY_CAP_S = 2.0, 60.0
+"""A row whose worker group failed is tried again after 1-2 s, then 2-4 s, ... (at most 60 s; retries.py)."""
 
 
 class GroupGenerator:
@@ -62,6 +65,8 @@ class GroupGenerator:
                 return record(row, self.run_id, status=STATUS_INVALID, error=str(problem), attempts=attempt)
             except Exception as problem:  # a rank died or hung (GroupError), or a rebuild failed: retry
                 error = f"{type(problem).__name__}: {str(problem).strip().splitlines()[-1] if str(problem).strip() else ''}"
+                if attempt < self.max_attempts:  # spread out: a lost node fails many groups at once
+                    time.sleep(backoff_s(attempt, RETRY_BASE_S, RETRY_CAP_S))
                 continue
             path = output_path(self.output, row["id"], video=self.fps is not None)
             if self.fps is None:

@@ -24,6 +24,7 @@ from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
 from rayxdit.loras import adapter_set_key
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
+from rayxdit.retries import backoff_s
 from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
@@ -45,9 +46,10 @@ STATE_RESTART_S = 30.0
 long (Serve restarts it within seconds), then answers 503."""
 REPLICA_LOSSES_RETRIED = 3
 """A request whose replica died is routed again with that pool still a candidate this many times."""
-REPLICA_LOSS_PAUSE_S = 1.0
-"""The pause before routing it again: Serve's handles learn of a dead replica within about a second, and
-until they do they may pick it again."""
+REPLICA_LOSS_PAUSE_S, REPLICA_LOSS_CAP_S = 2.0, 8.0
+"""The pause before routing it again (``retries.backoff_s``: 1-2 s, then 2-4 s, then 4-8 s): Serve's handles
+learn of a dead replica within about a second, and until they do they may pick it again; replicas dying
+one after another (a node going) are not retried in lockstep by every router."""
 
 
 class PoolGone(Exception):
@@ -198,7 +200,9 @@ class Dispatcher:
                 if losses[pool.name] > REPLICA_LOSSES_RETRIED:
                     tried.append(pool.name)
                 else:  # give the handles a moment to learn of the death (else they may pick it again)
-                    await asyncio.sleep(REPLICA_LOSS_PAUSE_S)
+                    await asyncio.sleep(
+                        backoff_s(losses[pool.name], REPLICA_LOSS_PAUSE_S, REPLICA_LOSS_CAP_S)
+                    )
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             finally:
