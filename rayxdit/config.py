@@ -646,19 +646,113 @@ class PoolConfig(WorkerGroupConfig):
         return self.model_name or self.engine.model.rstrip("/").rsplit("/", 1)[-1]
 
 
+class ApiKey(BaseModel):
+    """An API key with the tenant it belongs to and that tenant's limits. Every key of one tenant shares
+    its limits (counted together, in the shared state, so every router replica agrees), and must declare
+    the same ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str | None = Field(default=None, min_length=1, description="The bearer token itself.")
+    key_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The token's SHA-256 in hex instead of the token (the config then holds no secret).",
+    )
+    tenant: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Who the key belongs to (usage, limits and jobs are counted per tenant); default: a "
+        "tenant of its own, named by the start of its hash.",
+    )
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="Requests admitted per minute (a sliding minute); none: no limit."
+    )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="Requests admitted and not finished at once; none: no limit."
+    )
+    gpu_seconds_per_hour: float | None = Field(
+        default=None,
+        gt=0,
+        description="GPU-seconds (ranks x engine time of the requests that finished) over a sliding hour; "
+        "none: no limit.",
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of 'key' and 'key_sha256'")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The key's SHA-256 (hex): how a presented token is matched, and what the state counts under."""
+        import hashlib
+
+        return self.key_sha256 or hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant or f"key-{self.digest[:12]}"
+
+    def limits(self) -> TenantLimits:
+        return TenantLimits(self.requests_per_minute, self.max_concurrent, self.gpu_seconds_per_hour)
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may use: ``None`` for no limit."""
+
+    requests_per_minute: int | None = None
+    max_concurrent: int | None = None
+    gpu_seconds_per_hour: float | None = None
+
+
 class RouterConfig(BaseModel):
     """The HTTP ingress."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_keys: list[str] = Field(
-        default_factory=list, description="Bearer tokens accepted; empty: no authentication."
+    api_keys: list[str | ApiKey] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted: plain strings (a tenant each, no limits) or objects with a "
+        "tenant and its limits (rayxdit.config.ApiKey); empty: no authentication.",
     )
     replicas: int = Field(
         default=1,
         ge=1,
         description="Ingress replicas; interchangeable: load and stored images are shared by all of them.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _tenants_agree(cls, keys: list[str | ApiKey]) -> list[str | ApiKey]:
+        limits: dict[str, TenantLimits] = {}
+        digests: set[str] = set()
+        for entry in keys:
+            key = entry if isinstance(entry, ApiKey) else ApiKey(key=entry)
+            if key.digest in digests:
+                raise ValueError(f"a key of tenant '{key.tenant_name}' is listed twice")
+            digests.add(key.digest)
+            known = limits.setdefault(key.tenant_name, key.limits())
+            if known != key.limits():
+                raise ValueError(
+                    f"the keys of tenant '{key.tenant_name}' declare different limits ({known} and "
+                    f"{key.limits()}); a tenant's limits are shared by its keys: declare them alike"
+                )
+        return keys
+
+    def keys(self) -> dict[str, ApiKey]:
+        """Every accepted key by its SHA-256 (hex), plain strings made objects."""
+        entries = (entry if isinstance(entry, ApiKey) else ApiKey(key=entry) for entry in self.api_keys)
+        return {key.digest: key for key in entries}
+
+    def tenant_limits(self) -> dict[str, TenantLimits]:
+        """Each tenant's limits (tenants without any left out)."""
+        return {
+            key.tenant_name: key.limits() for key in self.keys().values() if key.limits() != TenantLimits()
+        }
+
     image_ttl_s: float = Field(
         default=600.0, gt=0, description="How long response_format=url images stay fetchable."
     )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from typing import Any
 
@@ -85,9 +86,29 @@ def state_unavailable(request_id: str) -> ApiError:
     )
 
 
-def refusal(model: str, decision: dict[str, Any], request_id: str) -> ApiError:
-    """429 before any GPU work: every pool is full or down, or none can finish before the deadline."""
+LIMIT_MESSAGES = {
+    "rate_limited": "is over its requests_per_minute",
+    "concurrency_limited": "has max_concurrent requests running already",
+    "quota_exceeded": "has used its gpu_seconds_per_hour",
+}
+
+
+def refusal(model: str, decision: dict[str, Any], request_id: str, tenant: str | None = None) -> ApiError:
+    """429 before any GPU work: the tenant is over a limit, every pool is full or down, or none can finish
+    before the deadline."""
     wait = decision.get("retry_after_s")
+    limited = decision.get("limited")
+    if limited is not None:
+        metrics.inc("rayxdit_tenant_refusals", tenant=str(tenant), code=limited)
+        error = ApiError(
+            429,
+            f"request {request_id} refused: tenant '{tenant}' {LIMIT_MESSAGES[limited]}"
+            + (f"; retry in {math.ceil(wait)} s" if wait is not None else "; retry when one finishes"),
+            "rate_limit_error",
+            code=limited,
+        )
+        error.retry_after = None if wait is None else max(1.0, math.ceil(wait))
+        return error
     if wait is None:
         return ApiError(
             429,
@@ -158,10 +179,11 @@ class Dispatcher:
         timeout: float | None,
         labels: dict[str, str],
         report_progress: bool = False,
+        tenant: str | None = None,
     ) -> tuple[EncodedResult, dict[str, Any]]:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
-        filled in here."""
+        filled in here; ``tenant``: whose limits it counts against (None: nobody's)."""
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = time.time()
         pools = self.catalog.pools_by_model[model]
@@ -173,14 +195,16 @@ class Dispatcher:
             # Each attempt holds its own reservation, by a key no client picks (request ids may be reused).
             ticket = f"{request_id}#{attempt}"
             try:
-                decision = await self._route(model, cost, ticket, admission_deadline, tried, request_id)
+                decision = await self._route(
+                    model, cost, ticket, admission_deadline, tried, request_id, tenant, attempt > 0
+                )
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
                 # will: the two calls may arrive in either order; a finished ticket is never admitted).
                 self._release(ticket, None)
                 raise
             if decision["pool"] is None:
-                raise refusal(model, decision, request_id)
+                raise refusal(model, decision, request_id, tenant)
             pool = self.catalog.pools[decision["pool"]]
             labels["pool"] = pool.name
             choice = "fallback" if tried else "first"
@@ -192,7 +216,7 @@ class Dispatcher:
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
                 result = await self._call_pool(
-                    pool, request, request_id, ticket, deadline, cost, warm, report_progress
+                    pool, request, request_id, ticket, deadline, cost, warm, report_progress, tenant
                 )
                 break
             except ReplicaDied:
@@ -236,6 +260,8 @@ class Dispatcher:
         admission_deadline: float,
         tried: list[str],
         request_id: str,
+        tenant: str | None,
+        retry: bool,
     ) -> dict[str, Any]:
         """The state's routing decision. While the state replica restarts (killed, or its node lost: Serve
         starts another within seconds, and routing recovers with the pools' next heartbeats) the call is
@@ -243,7 +269,9 @@ class Dispatcher:
         bound = time.monotonic() + STATE_RESTART_S
         while True:
             try:
-                return await self.state.route.remote(model, cost, ticket, admission_deadline, tried)
+                return await self.state.route.remote(
+                    model, cost, ticket, admission_deadline, tried, tenant, retry
+                )
             except (RayActorError, DeploymentUnavailableError) as error:
                 if time.monotonic() + STATE_RETRY_S > bound:
                     logger.warning("request %s: the shared state is unavailable (%r)", request_id, error)
@@ -266,6 +294,7 @@ class Dispatcher:
         cost: float,
         warm: bool | None = False,
         report_progress: bool = False,
+        tenant: str | None = None,
     ) -> EncodedResult:
         """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
         the pool stops its ranks at their next step boundary, in the background, before its next request.
@@ -293,7 +322,7 @@ class Dispatcher:
                     response.cancel()
                     raise deadline_error(request_id)
                 try:
-                    gone = await self.state.renew.remote(ticket, pool.name, cost)
+                    gone = await self.state.renew.remote(ticket, pool.name, cost, tenant)
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue

@@ -53,10 +53,13 @@ class JobDriver:
         labels: dict[str, str],
         deliver: Deliver,
         request_id: str,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
-        """Create a job in the shared state and drive it from this replica; the job object, at once."""
+        """Create a job in the shared state and drive it from this replica; the job object, at once. Its
+        request counts against ``tenant``'s limits when it is routed (over one, the job fails with the
+        limit's code)."""
         job = await self.state.create_job.remote(kind, owner, model, fields)
-        drive = self._drive(job["id"], kind, model, request, resolved, timeout, dict(labels), deliver)
+        drive = self._drive(job["id"], kind, model, request, resolved, timeout, dict(labels), deliver, tenant)
         # A fresh context: the job outlives the HTTP request that created it, and must not be cancelled
         # with it.
         task = contextvars.Context().run(asyncio.create_task, drive)
@@ -76,11 +79,14 @@ class JobDriver:
         timeout: float | None,
         labels: dict[str, str],
         deliver: Deliver,
+        tenant: str | None = None,
     ) -> None:
         """Run a job to its end: its lease renewed meanwhile; stopped when it is cancelled; its result or its
         error stored in the shared state."""
         run = asyncio.create_task(
-            self.dispatcher.run(model, request, resolved, job_id, timeout, labels, report_progress=True)
+            self.dispatcher.run(
+                model, request, resolved, job_id, timeout, labels, report_progress=True, tenant=tenant
+            )
         )
         run.add_done_callback(quiet)  # a cancelled run may end in the pool call's cancellation error
         status = "failed"

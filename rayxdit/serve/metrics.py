@@ -66,6 +66,13 @@ SERVING_METRICS = (
         ("model", "pool", "choice"),
     ),
     MetricSpec(
+        "rayxdit_tenant_refusals",
+        "counter",
+        "Requests refused with 429 because their tenant was over a limit (router.api_keys), by code: "
+        "rate_limited, concurrency_limited, quota_exceeded.",
+        ("tenant", "code"),
+    ),
+    MetricSpec(
         "rayxdit_queue_wait_seconds",
         "histogram",
         "Seconds a request waited at its pool replica before its ranks started it.",

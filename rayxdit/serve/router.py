@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayxdit.config import ServeConfig
+from rayxdit.config import ApiKey, ServeConfig
 from rayxdit.limits import ModelCard
 from rayxdit.request import VIDEO_MEDIA_TYPES, EncodedResult
 from rayxdit.serve import metrics
@@ -107,23 +107,33 @@ class Ingress:
         self.state = state
         self.replica = replica
         self.jobs = JobDriver(state, dispatcher) if dispatcher is not None else None
+        self.keys = config.router.keys()
+
+    def caller(self, request: Request) -> ApiKey | None:
+        """The configured key the request carries, matched by its SHA-256 (the config may hold only
+        hashes); None without one."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return next((key for known, key in self.keys.items() if secrets.compare_digest(digest, known)), None)
 
     def authorized(self, request: Request) -> bool:
         """Whether the request carries one of the API keys (always, without keys)."""
-        keys = self.config.router.api_keys
-        if not keys:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and any(secrets.compare_digest(token, key) for key in keys)
+        return not self.keys or self.caller(request) is not None
 
     def authorize(self, request: Request) -> None:
-        if not self.authorized(request):
+        """401 unless the request carries a key (without keys: anyone); the key's tenant goes to
+        ``request.state.tenant`` (None without keys), whose limits the request counts against."""
+        key = self.caller(request) if self.keys else None
+        if self.keys and key is None:
             raise ApiError(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 "authentication_error",
                 code="invalid_api_key",
             )
+        request.state.tenant = None if key is None else key.tenant_name
 
     @staticmethod
     def owner(request: Request) -> str:
@@ -136,7 +146,13 @@ class Ingress:
     ) -> tuple[EncodedResult, dict[str, Any]]:
         model, request, resolved = validated_request(self.catalog, body, http, inputs)
         return await self.dispatcher.run(
-            model, request, resolved, http.state.request_id, body.timeout, http.state.labels
+            model,
+            request,
+            resolved,
+            http.state.request_id,
+            body.timeout,
+            http.state.labels,
+            tenant=http.state.tenant,
         )
 
     async def image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
@@ -169,6 +185,7 @@ class Ingress:
             http.state.labels,
             deliver,
             http.state.request_id,
+            http.state.tenant,
         )
 
     async def job(self, job_id: str, kind: str, http: Request, action: str = "get_job") -> Any:

@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
@@ -36,6 +36,7 @@ from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
+from rayxdit.serve.tenants import QUOTA_WINDOW_S, RATE_WINDOW_S, limit_refusal
 
 logger = logging.getLogger("ray.serve")
 HEARTBEAT_S = 1.0
@@ -66,6 +67,23 @@ class _Reservation:
     pool: str
     cost: float
     expires: float
+    tenant: str | None = None
+
+
+@dataclass
+class _TenantUse:
+    """A limited tenant's recent use (what ``tenants.limit_refusal`` reads)."""
+
+    admitted: deque[float] = field(default_factory=deque)
+    """When its requests were admitted, within the last RATE_WINDOW_S."""
+    spent: deque[tuple[float, float]] = field(default_factory=deque)
+    """(when, GPU-seconds) of its finished requests, within the last QUOTA_WINDOW_S."""
+
+    def trim(self, now: float) -> None:
+        while self.admitted and self.admitted[0] <= now - RATE_WINDOW_S:
+            self.admitted.popleft()
+        while self.spent and self.spent[0][0] <= now - QUOTA_WINDOW_S:
+            self.spent.popleft()
 
 
 class ImageStore:
@@ -132,6 +150,8 @@ class AppState:
             else None
         )
         router: RouterConfig = config.router
+        self.tenant_limits = router.tenant_limits()
+        self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
 
@@ -205,18 +225,37 @@ class AppState:
             metrics.set_gauge("rayxdit_pool_replicas", load.starting_replicas, pool=name, state="starting")
 
     async def route(
-        self, model: str, cost: float, ticket: str, deadline: float, exclude: list[str]
+        self,
+        model: str,
+        cost: float,
+        ticket: str,
+        deadline: float,
+        exclude: list[str],
+        tenant: str | None = None,
+        retry: bool = False,
     ) -> dict[str, Any]:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
         routing attempt of a request; a lease of ``LEASE_S``, renewed by the router); or ``{"pool": None,
         "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since the epoch), or
         ``{"pool": None}`` when every pool of ``model`` is excluded (full or down) or the ticket is already
-        finished (its client left while this call was on its way, and the router's release came first)."""
+        finished (its client left while this call was on its way, and the router's release came first), or
+        ``{"pool": None, "limited": code, "retry_after_s"}`` when ``tenant`` is over one of its limits
+        (``tenants.limit_refusal``; a ``retry`` after a failover is not counted again)."""
         if ticket in self.finished:
             return {"pool": None, "retry_after_s": None}
-        self.arrived[model].append(time.monotonic())
-        self.last_arrival[model] = time.monotonic()
+        now = time.monotonic()
+        self.arrived[model].append(now)
+        self.last_arrival[model] = now
         loads = self._loads()
+        limits = self.tenant_limits.get(tenant) if tenant is not None else None
+        if limits is not None and not retry:
+            use = self.tenant_use[tenant]
+            use.trim(now)
+            in_flight = sum(held.tenant == tenant for held in self.reservations.values())
+            refused = limit_refusal(limits, use.admitted, in_flight, use.spent, now)
+            if refused is not None:
+                code, wait = refused
+                return {"pool": None, "limited": code, "retry_after_s": wait}
         order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
@@ -224,7 +263,9 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S)
+        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S, tenant)
+        if limits is not None and not retry:
+            self.tenant_use[tenant].admitted.append(now)
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -242,12 +283,12 @@ class AppState:
         )
         return self.budget() - held
 
-    async def renew(self, ticket: str, pool: str, cost: float) -> bool:
+    async def renew(self, ticket: str, pool: str, cost: float, tenant: str | None = None) -> bool:
         """A router still waits for ``ticket`` on ``pool``: its reservation lives another ``LEASE_S`` (made
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
         starting one (its waiting requests should move)."""
         if ticket not in self.finished:
-            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S)
+            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S, tenant)
         return self.gone_now(pool)
 
     def gone_now(self, pool: str) -> bool:
@@ -263,9 +304,12 @@ class AppState:
         self.finished[ticket] = now
         while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
             self.finished.popitem(last=False)
-        if held is None or not engine_s or held.cost <= 0:
+        if held is None or not engine_s:
             return
-        self.fits[held.pool].add(held.cost, engine_s)
+        if held.tenant in self.tenant_limits:
+            self.tenant_use[held.tenant].spent.append((now, engine_s * self.pools[held.pool].ranks))
+        if held.cost > 0:
+            self.fits[held.pool].add(held.cost, engine_s)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: each model's arrivals per second, refused requests included (which the pools alone

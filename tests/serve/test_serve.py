@@ -37,6 +37,8 @@ pytestmark = pytest.mark.slow
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+METERED = {"Authorization": "Bearer metered-key"}
+"""A key of tenant 'metered': 2 requests a minute."""
 COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
 FAST_HEALTH = {"health_check_period_s": 2}
 SD15 = {**COMMON, "model": "tiny-sd15"}
@@ -109,7 +111,9 @@ CONFIG = ServeConfig(
             deployment_config=FAST_HEALTH,
         ),
     ],
-    router=RouterConfig(api_keys=[KEY], replicas=2),
+    router=RouterConfig(
+        api_keys=[KEY, {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2}], replicas=2
+    ),
     elastic=None,  # each pool scales on its own here; the elastic policy: tests/cluster/test_elastic.py
 )
 ROUTES = [
@@ -904,6 +908,24 @@ def test_an_image_prompt_gets_the_single_process_image(url):
     assert np.abs(served - single).max() <= 1
     plain = np.asarray(engine.generate(request.model_copy(update={"ip_adapter_scale": 0.0})).images[0])
     assert np.abs(served - plain.astype(np.int16)).max() > 10, "the image prompt must matter"
+
+
+def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_served(url, engine):
+    """Tenant 'metered' may send 2 requests a minute, counted in the shared state (two router replicas
+    here): its third is refused before any GPU work with the limit's code and when to retry; another key's
+    request is served meanwhile, and the admitted ones got the single-process image."""
+    body = {"prompt": "metered", "size": "36x36", "steps": 2}
+    admitted = [post(url, {**body, "seed": seed}, headers=METERED) for seed in (1, 2)]
+    assert [answer.status_code for answer in admitted] == [200, 200], admitted[-1].text
+    refused = post(url, {**body, "seed": 3}, headers=METERED)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limited" and "'metered'" in error["message"], error
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "rayxdit" not in refused.json()  # no pool ran it
+    assert post(url, {**body, "seed": 3}).status_code == 200  # another tenant: not limited
+    served = png_pixels(base64.b64decode(admitted[1].json()["data"][0]["b64_json"]))
+    assert np.abs(served - single_process_pixels(engine, {**body, "seed": 2})).max() <= 1
 
 
 # ----- honest counts, bounded answers, quiet logs -----------------------------------------------------------
