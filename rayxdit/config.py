@@ -708,6 +708,25 @@ class TenantLimits:
     gpu_seconds_per_hour: float | None = None
 
 
+def keys_by_digest(entries: list[Any]) -> dict[str, ApiKey]:
+    """API keys (strings, objects or their mappings) by SHA-256; ValueError when one is listed twice or the
+    keys of one tenant declare different limits."""
+    keys: dict[str, ApiKey] = {}
+    limits: dict[str, TenantLimits] = {}
+    for entry in entries:
+        key = ApiKey(key=entry) if isinstance(entry, str) else ApiKey.model_validate(entry)
+        if key.digest in keys:
+            raise ValueError(f"a key of tenant '{key.tenant_name}' is listed twice")
+        keys[key.digest] = key
+        known = limits.setdefault(key.tenant_name, key.limits())
+        if known != key.limits():
+            raise ValueError(
+                f"the keys of tenant '{key.tenant_name}' declare different limits ({known} and "
+                f"{key.limits()}); a tenant's limits are shared by its keys: declare them alike"
+            )
+    return keys
+
+
 class RouterConfig(BaseModel):
     """The HTTP ingress."""
 
@@ -724,34 +743,21 @@ class RouterConfig(BaseModel):
         description="Ingress replicas; interchangeable: load and stored images are shared by all of them.",
     )
 
+    api_keys_file: str | None = Field(
+        default=None,
+        description="A YAML or JSON file with more keys, a list in api_keys' shape (e.g. a mounted "
+        "Kubernetes secret): read at start and again within seconds of each change, without a restart.",
+    )
+
     @field_validator("api_keys")
     @classmethod
     def _tenants_agree(cls, keys: list[str | ApiKey]) -> list[str | ApiKey]:
-        limits: dict[str, TenantLimits] = {}
-        digests: set[str] = set()
-        for entry in keys:
-            key = entry if isinstance(entry, ApiKey) else ApiKey(key=entry)
-            if key.digest in digests:
-                raise ValueError(f"a key of tenant '{key.tenant_name}' is listed twice")
-            digests.add(key.digest)
-            known = limits.setdefault(key.tenant_name, key.limits())
-            if known != key.limits():
-                raise ValueError(
-                    f"the keys of tenant '{key.tenant_name}' declare different limits ({known} and "
-                    f"{key.limits()}); a tenant's limits are shared by its keys: declare them alike"
-                )
+        keys_by_digest(keys)
         return keys
 
     def keys(self) -> dict[str, ApiKey]:
-        """Every accepted key by its SHA-256 (hex), plain strings made objects."""
-        entries = (entry if isinstance(entry, ApiKey) else ApiKey(key=entry) for entry in self.api_keys)
-        return {key.digest: key for key in entries}
-
-    def tenant_limits(self) -> dict[str, TenantLimits]:
-        """Each tenant's limits (tenants without any left out)."""
-        return {
-            key.tenant_name: key.limits() for key in self.keys().values() if key.limits() != TenantLimits()
-        }
+        """The keys written in the config by their SHA-256 (hex), plain strings made objects."""
+        return keys_by_digest(self.api_keys)
 
     image_ttl_s: float = Field(
         default=600.0, gt=0, description="How long response_format=url images stay fetchable."

@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from rayxdit.config import PoolConfig
+from rayxdit.config import PoolConfig, TenantLimits
 from rayxdit.limits import ResolvedRequest
 from rayxdit.loras import adapter_set_key
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
@@ -180,10 +180,12 @@ class Dispatcher:
         labels: dict[str, str],
         report_progress: bool = False,
         tenant: str | None = None,
+        limits: TenantLimits | None = None,
     ) -> tuple[EncodedResult, dict[str, Any]]:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
-        filled in here; ``tenant``: whose limits it counts against (None: nobody's)."""
+        filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody)."""
+        metered = tenant if limits not in (None, TenantLimits()) else None
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = time.time()
         pools = self.catalog.pools_by_model[model]
@@ -196,7 +198,7 @@ class Dispatcher:
             ticket = f"{request_id}#{attempt}"
             try:
                 decision = await self._route(
-                    model, cost, ticket, admission_deadline, tried, request_id, tenant, attempt > 0
+                    model, cost, ticket, admission_deadline, tried, request_id, metered, limits, attempt > 0
                 )
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
@@ -216,7 +218,7 @@ class Dispatcher:
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
                 result = await self._call_pool(
-                    pool, request, request_id, ticket, deadline, cost, warm, report_progress, tenant
+                    pool, request, request_id, ticket, deadline, cost, warm, report_progress, metered
                 )
                 break
             except ReplicaDied:
@@ -261,6 +263,7 @@ class Dispatcher:
         tried: list[str],
         request_id: str,
         tenant: str | None,
+        limits: TenantLimits | None,
         retry: bool,
     ) -> dict[str, Any]:
         """The state's routing decision. While the state replica restarts (killed, or its node lost: Serve
@@ -270,7 +273,7 @@ class Dispatcher:
         while True:
             try:
                 return await self.state.route.remote(
-                    model, cost, ticket, admission_deadline, tried, tenant, retry
+                    model, cost, ticket, admission_deadline, tried, tenant, limits, retry
                 )
             except (RayActorError, DeploymentUnavailableError) as error:
                 if time.monotonic() + STATE_RETRY_S > bound:
@@ -294,7 +297,7 @@ class Dispatcher:
         cost: float,
         warm: bool | None = False,
         report_progress: bool = False,
-        tenant: str | None = None,
+        metered: str | None = None,
     ) -> EncodedResult:
         """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
         the pool stops its ranks at their next step boundary, in the background, before its next request.
@@ -322,7 +325,7 @@ class Dispatcher:
                     response.cancel()
                     raise deadline_error(request_id)
                 try:
-                    gone = await self.state.renew.remote(ticket, pool.name, cost, tenant)
+                    gone = await self.state.renew.remote(ticket, pool.name, cost, metered)
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from rayxdit.config import TenantLimits
 from rayxdit.limits import ResolvedRequest
 from rayxdit.request import EncodedResult, GenerateRequest
 from rayxdit.serve import metrics
@@ -54,12 +55,15 @@ class JobDriver:
         deliver: Deliver,
         request_id: str,
         tenant: str | None = None,
+        limits: TenantLimits | None = None,
     ) -> dict[str, Any]:
         """Create a job in the shared state and drive it from this replica; the job object, at once. Its
-        request counts against ``tenant``'s limits when it is routed (over one, the job fails with the
+        request counts against ``tenant``'s ``limits`` when it is routed (over one, the job fails with the
         limit's code)."""
         job = await self.state.create_job.remote(kind, owner, model, fields)
-        drive = self._drive(job["id"], kind, model, request, resolved, timeout, dict(labels), deliver, tenant)
+        drive = self._drive(
+            job["id"], kind, model, request, resolved, timeout, dict(labels), deliver, tenant, limits
+        )
         # A fresh context: the job outlives the HTTP request that created it, and must not be cancelled
         # with it.
         task = contextvars.Context().run(asyncio.create_task, drive)
@@ -80,12 +84,21 @@ class JobDriver:
         labels: dict[str, str],
         deliver: Deliver,
         tenant: str | None = None,
+        limits: TenantLimits | None = None,
     ) -> None:
         """Run a job to its end: its lease renewed meanwhile; stopped when it is cancelled; its result or its
         error stored in the shared state."""
         run = asyncio.create_task(
             self.dispatcher.run(
-                model, request, resolved, job_id, timeout, labels, report_progress=True, tenant=tenant
+                model,
+                request,
+                resolved,
+                job_id,
+                timeout,
+                labels,
+                report_progress=True,
+                tenant=tenant,
+                limits=limits,
             )
         )
         run.add_done_callback(quiet)  # a cancelled run may end in the pool call's cancellation error

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import time
 import uuid
 from typing import Annotated, Any
@@ -37,7 +36,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayxdit.config import ApiKey, ServeConfig
+from rayxdit.config import ApiKey, ServeConfig, TenantLimits
 from rayxdit.limits import ModelCard
 from rayxdit.request import VIDEO_MEDIA_TYPES, EncodedResult
 from rayxdit.serve import metrics
@@ -59,6 +58,7 @@ from rayxdit.serve.dispatch import Dispatcher
 from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, validated_request
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
+from rayxdit.serve.keys import KeyRing
 from rayxdit.serve.tasks import keep_cancellations_quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -107,33 +107,31 @@ class Ingress:
         self.state = state
         self.replica = replica
         self.jobs = JobDriver(state, dispatcher) if dispatcher is not None else None
-        self.keys = config.router.keys()
+        self.keys = KeyRing(config.router)
 
     def caller(self, request: Request) -> ApiKey | None:
-        """The configured key the request carries, matched by its SHA-256 (the config may hold only
-        hashes); None without one."""
+        """The accepted key the request carries (matched by its SHA-256); None without one."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        return next((key for known, key in self.keys.items() if secrets.compare_digest(digest, known)), None)
+        return self.keys.lookup(token)
 
     def authorized(self, request: Request) -> bool:
         """Whether the request carries one of the API keys (always, without keys)."""
-        return not self.keys or self.caller(request) is not None
+        return not self.keys.required or self.caller(request) is not None
 
     def authorize(self, request: Request) -> None:
-        """401 unless the request carries a key (without keys: anyone); the key's tenant goes to
-        ``request.state.tenant`` (None without keys), whose limits the request counts against."""
-        key = self.caller(request) if self.keys else None
-        if self.keys and key is None:
+        """401 unless the request carries a key (without keys: anyone); the key goes to
+        ``request.state.caller`` (None without keys): its tenant's limits are the request's."""
+        key = self.caller(request) if self.keys.required else None
+        if self.keys.required and key is None:
             raise ApiError(
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 "authentication_error",
                 code="invalid_api_key",
             )
-        request.state.tenant = None if key is None else key.tenant_name
+        request.state.caller = key
 
     @staticmethod
     def owner(request: Request) -> str:
@@ -145,6 +143,7 @@ class Ingress:
         self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None = None
     ) -> tuple[EncodedResult, dict[str, Any]]:
         model, request, resolved = validated_request(self.catalog, body, http, inputs)
+        tenant, limits = tenant_of(http.state.caller)
         return await self.dispatcher.run(
             model,
             request,
@@ -152,7 +151,8 @@ class Ingress:
             http.state.request_id,
             body.timeout,
             http.state.labels,
-            tenant=http.state.tenant,
+            tenant=tenant,
+            limits=limits,
         )
 
     async def image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
@@ -185,11 +185,16 @@ class Ingress:
             http.state.labels,
             deliver,
             http.state.request_id,
-            http.state.tenant,
+            *tenant_of(http.state.caller),
         )
 
     async def job(self, job_id: str, kind: str, http: Request, action: str = "get_job") -> Any:
         return await self.jobs.find(job_id, kind, self.owner(http), action)
+
+
+def tenant_of(key: ApiKey | None) -> tuple[str | None, TenantLimits | None]:
+    """Whom a request counts against: its key's tenant and that tenant's limits (nobody without keys)."""
+    return (None, None) if key is None else (key.tenant_name, key.limits())
 
 
 def ingress_of(request: Request) -> Ingress:

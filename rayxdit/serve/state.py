@@ -30,7 +30,7 @@ from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.jobs import JobStore
@@ -150,8 +150,8 @@ class AppState:
             else None
         )
         router: RouterConfig = config.router
-        self.tenant_limits = router.tenant_limits()
         self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
+        """Limited tenants' recent use (the router sends each request's tenant and its limits)."""
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
 
@@ -232,6 +232,7 @@ class AppState:
         deadline: float,
         exclude: list[str],
         tenant: str | None = None,
+        limits: TenantLimits | None = None,
         retry: bool = False,
     ) -> dict[str, Any]:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
@@ -239,7 +240,7 @@ class AppState:
         "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since the epoch), or
         ``{"pool": None}`` when every pool of ``model`` is excluded (full or down) or the ticket is already
         finished (its client left while this call was on its way, and the router's release came first), or
-        ``{"pool": None, "limited": code, "retry_after_s"}`` when ``tenant`` is over one of its limits
+        ``{"pool": None, "limited": code, "retry_after_s"}`` when ``tenant`` is over one of its ``limits``
         (``tenants.limit_refusal``; a ``retry`` after a failover is not counted again)."""
         if ticket in self.finished:
             return {"pool": None, "retry_after_s": None}
@@ -247,11 +248,11 @@ class AppState:
         self.arrived[model].append(now)
         self.last_arrival[model] = now
         loads = self._loads()
-        limits = self.tenant_limits.get(tenant) if tenant is not None else None
-        if limits is not None and not retry:
-            use = self.tenant_use[tenant]
+        metered = tenant if tenant is not None and limits not in (None, TenantLimits()) else None
+        if metered is not None and not retry:
+            use = self.tenant_use[metered]
             use.trim(now)
-            in_flight = sum(held.tenant == tenant for held in self.reservations.values())
+            in_flight = sum(held.tenant == metered for held in self.reservations.values())
             refused = limit_refusal(limits, use.admitted, in_flight, use.spent, now)
             if refused is not None:
                 code, wait = refused
@@ -263,9 +264,9 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S, tenant)
-        if limits is not None and not retry:
-            self.tenant_use[tenant].admitted.append(now)
+        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S, metered)
+        if metered is not None and not retry:
+            self.tenant_use[metered].admitted.append(now)
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -283,12 +284,13 @@ class AppState:
         )
         return self.budget() - held
 
-    async def renew(self, ticket: str, pool: str, cost: float, tenant: str | None = None) -> bool:
+    async def renew(self, ticket: str, pool: str, cost: float, metered: str | None = None) -> bool:
         """A router still waits for ``ticket`` on ``pool``: its reservation lives another ``LEASE_S`` (made
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
-        starting one (its waiting requests should move)."""
+        starting one (its waiting requests should move). ``metered``: the request's tenant, if it has
+        limits."""
         if ticket not in self.finished:
-            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S, tenant)
+            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S, metered)
         return self.gone_now(pool)
 
     def gone_now(self, pool: str) -> bool:
@@ -306,7 +308,7 @@ class AppState:
             self.finished.popitem(last=False)
         if held is None or not engine_s:
             return
-        if held.tenant in self.tenant_limits:
+        if held.tenant is not None:
             self.tenant_use[held.tenant].spent.append((now, engine_s * self.pools[held.pool].ranks))
         if held.cost > 0:
             self.fits[held.pool].add(held.cost, engine_s)

@@ -5,9 +5,11 @@ past validation would fail with a 500, not the 4xx these tests expect."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,10 +55,11 @@ CONFIG = ServeConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def url():
-    catalog = Catalog(CONFIG, model_cards(CONFIG))
-    app = build_ingress_app(Ingress(CONFIG, catalog, dispatcher=None, state=None, replica="ingress-test"))
+@contextlib.contextmanager
+def ingress_alone(config: ServeConfig) -> Iterator[str]:
+    """The ingress of ``config`` served by uvicorn on a local port (no dispatcher, no state): its URL."""
+    catalog = Catalog(config, model_cards(config))
+    app = build_ingress_app(Ingress(config, catalog, dispatcher=None, state=None, replica="ingress-test"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -65,9 +68,17 @@ def url():
     while not server.started:
         assert time.monotonic() < deadline, "the ingress did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def url():
+    with ingress_alone(CONFIG) as address:
+        yield address
 
 
 def post(url: str, body, path: str = "/v1/images/generations", headers=AUTH, **options):

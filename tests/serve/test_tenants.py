@@ -7,12 +7,17 @@ import hashlib
 import time
 
 import pytest
+import requests
+import yaml
 from pydantic import ValidationError
 
-from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
+from rayxdit.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TenantLimits
+from rayxdit.serve import keys as keys_module
 from rayxdit.serve import state as state_module
+from rayxdit.serve.keys import KeyRing
 from rayxdit.serve.state import AppState
 from rayxdit.serve.tenants import QUOTA_WINDOW_S, RATE_WINDOW_S, limit_refusal
+from tests.serve.test_ingress import ingress_alone
 from tests.serve.test_state import Sync
 
 
@@ -47,21 +52,19 @@ def clock(monkeypatch):
 POOL = PoolConfig(name="p", model="m", model_name="m", parallel="ulysses=2", route_min_cost=0)
 
 
-def app_with(*keys) -> Sync:
-    app = Sync(AppState(ServeConfig(pools=[POOL], router=RouterConfig(api_keys=list(keys)))))
+def ready_app() -> Sync:
+    app = Sync(AppState(ServeConfig(pools=[POOL])))
     app.report("p", "replica", ready=True)
     return app
 
 
 def test_the_state_counts_each_tenant_apart_and_a_failover_is_not_counted_again(clock):
-    app = app_with(
-        {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2},
-        "free-key",  # a plain string: a tenant of its own, no limits
-    )
+    app = ready_app()
     later = time.time() + 600
+    two_a_minute = TenantLimits(requests_per_minute=2)
 
-    def route(ticket: str, tenant: str | None, retry: bool = False) -> dict:
-        return app.route("m", 1.0, ticket, later, [], tenant, retry)
+    def route(ticket: str, tenant: str | None, limits=two_a_minute, retry: bool = False) -> dict:
+        return app.route("m", 1.0, ticket, later, [], tenant, limits, retry)
 
     assert route("a#0", "metered")["pool"] == "p"
     app.finish("a#0")
@@ -70,37 +73,34 @@ def test_the_state_counts_each_tenant_apart_and_a_failover_is_not_counted_again(
     assert route("b#0", "metered")["pool"] == "p"
     refused = route("c#0", "metered")
     assert refused == {"pool": None, "limited": "rate_limited", "retry_after_s": RATE_WINDOW_S}
-    assert route("d#0", "key-other")["pool"] == "p" and route("e#0", None)["pool"] == "p"  # others: unlimited
+    assert route("d#0", "other")["pool"] == "p"  # another tenant counts apart
+    assert route("e#0", "free", None)["pool"] == "p" and route("f#0", None, None)["pool"] == "p"
     clock[0] += RATE_WINDOW_S
     assert route("c#0", "metered")["pool"] == "p"  # the minute has passed
 
 
 def test_concurrency_counts_requests_in_flight_and_quota_the_gpu_seconds_of_finished_ones(clock):
-    app = app_with(
-        {"key": "k1-secret", "tenant": "team", "max_concurrent": 2, "gpu_seconds_per_hour": 50},
-        {
-            "key_sha256": hashlib.sha256(b"k2-secret").hexdigest(),
-            "tenant": "team",
-            "max_concurrent": 2,
-            "gpu_seconds_per_hour": 50,
-        },
-    )
+    app = ready_app()
     later = time.time() + 600
-    assert app.route("m", 1.0, "a#0", later, [], "team")["pool"] == "p"
-    assert app.route("m", 1.0, "b#0", later, [], "team")["pool"] == "p"
-    assert app.route("m", 1.0, "c#0", later, [], "team")["limited"] == "concurrency_limited"
+    team = TenantLimits(max_concurrent=2, gpu_seconds_per_hour=50)
+
+    def route(ticket: str, tenant: str = "team", limits: TenantLimits = team) -> dict:
+        return app.route("m", 1.0, ticket, later, [], tenant, limits, False)
+
+    assert route("a#0")["pool"] == "p" and route("b#0")["pool"] == "p"
+    assert route("c#0")["limited"] == "concurrency_limited"
     app.finish("a#0", engine_s=10.0)  # 2 ranks x 10 s
     app.finish("b#0", engine_s=5.0)  # 2 x 5 s: 30 GPU-seconds so far
-    assert app.route("m", 1.0, "c#0", later, [], "team")["pool"] == "p"
+    assert route("c#0")["pool"] == "p"
     app.finish("c#0", engine_s=10.0)  # 50: the hour's quota is used
-    refused = app.route("m", 1.0, "d#0", later, [], "team")
+    refused = route("d#0")
     assert refused["limited"] == "quota_exceeded" and refused["retry_after_s"] == QUOTA_WINDOW_S
     # A reservation that lapsed (its router died) no longer counts as in flight.
-    app2 = app_with({"key": "k3-secret", "tenant": "solo", "max_concurrent": 1})
-    assert app2.route("m", 1.0, "x#0", later, [], "solo")["pool"] == "p"
-    assert app2.route("m", 1.0, "y#0", later, [], "solo")["limited"] == "concurrency_limited"
+    solo = TenantLimits(max_concurrent=1)
+    assert route("x#0", "solo", solo)["pool"] == "p"
+    assert route("y#0", "solo", solo)["limited"] == "concurrency_limited"
     clock[0] += state_module.LEASE_S + 1
-    assert app2.route("m", 1.0, "y#0", later, [], "solo")["pool"] == "p"
+    assert route("y#0", "solo", solo)["pool"] == "p"
 
 
 def test_keys_name_their_tenant_and_a_tenants_keys_must_agree_on_its_limits():
@@ -119,7 +119,7 @@ def test_keys_name_their_tenant_and_a_tenants_keys_must_agree_on_its_limits():
     assert keys[hashlib.sha256(b"sk-two").hexdigest()].tenant_name == "acme"
     plain = keys[hashlib.sha256(b"plain-key").hexdigest()]
     assert plain.tenant_name.startswith("key-") and plain.limits() == TenantLimits()
-    assert router.tenant_limits() == {"acme": TenantLimits(requests_per_minute=10)}
+    assert keys[hashlib.sha256(b"sk-one").hexdigest()].limits() == TenantLimits(requests_per_minute=10)
     with pytest.raises(ValidationError, match="declare different limits"):
         RouterConfig(
             api_keys=[{"key": "a-key", "tenant": "t", "max_concurrent": 1}, {"key": "b-key", "tenant": "t"}]
@@ -130,3 +130,39 @@ def test_keys_name_their_tenant_and_a_tenants_keys_must_agree_on_its_limits():
         RouterConfig(api_keys=[{"tenant": "t"}])
     with pytest.raises(ValidationError):
         RouterConfig(api_keys=[{"key": "k", "requests_per_minute": 0}])
+
+
+def test_keys_in_a_file_are_reloaded_while_serving_and_a_bad_edit_locks_nobody_out(tmp_path, monkeypatch):
+    """A router whose keys live in a file (a mounted secret): over real HTTP, a key added to the file works
+    and a removed one gets 401 within KEYS_CHECK_S; a file that no longer parses leaves the keys as they
+    were; one that is bad at start fails the replica with the reason."""
+    monkeypatch.setattr(keys_module, "KEYS_CHECK_S", 0.2)  # the tests' clock; production checks every 2 s
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(["first-key", {"key": "team-key", "tenant": "team"}]))
+    tiny = PoolConfig(name="tiny", model="tiny-flux", parallel="ulysses=2", accelerator="cpu")
+    config = ServeConfig(pools=[tiny], router=RouterConfig(api_keys_file=str(keys_file)))
+
+    def models(url: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.get(url + "/v1/models", headers=headers, timeout=30).status_code
+
+    def until(url: str, key: str, status: int) -> float:
+        began = time.monotonic()
+        while models(url, key) != status:
+            assert time.monotonic() - began < 10, f"{key}: not {status} after 10 s"
+            time.sleep(0.05)
+        return time.monotonic() - began
+
+    with ingress_alone(config) as url:
+        assert models(url, "first-key") == 200 and models(url, "team-key") == 200
+        assert models(url, None) == 401 and models(url, "new-key") == 401
+        keys_file.write_text(yaml.safe_dump(["new-key", {"key": "team-key", "tenant": "team"}]))
+        assert until(url, "new-key", 200) < 10 and until(url, "first-key", 401) < 10
+        keys_file.write_text("- [unclosed")  # a bad edit: the keys stay as they were
+        time.sleep(0.5)
+        assert models(url, "new-key") == 200 and models(url, "first-key") == 401
+        keys_file.write_text("[]")  # an empty file: nobody gets in (a keys file always asks for a key)
+        until(url, "new-key", 401)
+    keys_file.write_text(yaml.safe_dump([{"key": "k", "tenant": "t", "requests_per_minute": 0}]))
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        KeyRing(config.router)
