@@ -665,6 +665,7 @@ class ApiKey(BaseModel):
         description="Who the key belongs to (usage, limits and jobs are counted per tenant); default: a "
         "tenant of its own, named by the start of its hash.",
     )
+    admin: bool = Field(default=False, description="Sees every tenant's usage at GET /v1/usage.")
     requests_per_minute: int | None = Field(
         default=None, ge=1, description="Requests admitted per minute (a sliding minute); none: no limit."
     )

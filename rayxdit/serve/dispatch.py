@@ -31,6 +31,7 @@ from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableErr
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import detached, quiet
+from rayxdit.serve.tenants import ANONYMOUS
 
 logger = logging.getLogger("ray.serve")
 DEADLINE_SLACK_S = 0.25
@@ -185,7 +186,7 @@ class Dispatcher:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
         filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody)."""
-        metered = tenant if limits not in (None, TenantLimits()) else None
+        metered = limits not in (None, TenantLimits())
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = time.time()
         pools = self.catalog.pools_by_model[model]
@@ -198,12 +199,12 @@ class Dispatcher:
             ticket = f"{request_id}#{attempt}"
             try:
                 decision = await self._route(
-                    model, cost, ticket, admission_deadline, tried, request_id, metered, limits, attempt > 0
+                    model, cost, ticket, admission_deadline, tried, request_id, tenant, limits, attempt > 0
                 )
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
                 # will: the two calls may arrive in either order; a finished ticket is never admitted).
-                self._release(ticket, None)
+                self._release(ticket)
                 raise
             if decision["pool"] is None:
                 raise refusal(model, decision, request_id, tenant)
@@ -218,7 +219,16 @@ class Dispatcher:
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
                 result = await self._call_pool(
-                    pool, request, request_id, ticket, deadline, cost, warm, report_progress, metered
+                    pool,
+                    request,
+                    request_id,
+                    ticket,
+                    deadline,
+                    cost,
+                    warm,
+                    report_progress,
+                    tenant,
+                    metered,
                 )
                 break
             except ReplicaDied:
@@ -234,7 +244,7 @@ class Dispatcher:
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
-                release = self._release(ticket, None if result is None else engine_seconds(result.timings))
+                release = self._release(ticket, result, tenant)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(release)
         info = {
@@ -282,10 +292,18 @@ class Dispatcher:
                 logger.info("request %s: routing again, the shared state restarts (%r)", request_id, error)
                 await asyncio.sleep(STATE_RETRY_S)
 
-    def _release(self, ticket: str, engine_s: float | None) -> asyncio.Task:
-        """Tell the state that the attempt ``ticket`` left its pool: detached, so that a cancelled request
-        still reports it."""
-        return detached(lambda: self.state.finish.remote(ticket, engine_s), f"releasing {ticket}")
+    def _release(
+        self, ticket: str, result: EncodedResult | None = None, tenant: str | None = None
+    ) -> asyncio.Task:
+        """Tell the state that the attempt ``ticket`` left its pool (with its engine time and GPU-seconds
+        when it ran): detached, so that a cancelled request still reports it."""
+        engine_s = None if result is None else engine_seconds(result.timings)
+        gpu_seconds = None if result is None else result.timings.get("gpu_seconds")
+        if gpu_seconds:
+            metrics.inc("rayxdit_tenant_gpu_seconds", gpu_seconds, tenant=tenant or ANONYMOUS)
+        return detached(
+            lambda: self.state.finish.remote(ticket, engine_s, gpu_seconds), f"releasing {ticket}"
+        )
 
     async def _call_pool(
         self,
@@ -297,7 +315,8 @@ class Dispatcher:
         cost: float,
         warm: bool | None = False,
         report_progress: bool = False,
-        metered: str | None = None,
+        tenant: str | None = None,
+        metered: bool = False,
     ) -> EncodedResult:
         """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
         the pool stops its ranks at their next step boundary, in the background, before its next request.
@@ -325,7 +344,7 @@ class Dispatcher:
                     response.cancel()
                     raise deadline_error(request_id)
                 try:
-                    gone = await self.state.renew.remote(ticket, pool.name, cost, metered)
+                    gone = await self.state.renew.remote(ticket, pool.name, cost, tenant, metered)
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue

@@ -73,6 +73,12 @@ SERVING_METRICS = (
         ("tenant", "code"),
     ),
     MetricSpec(
+        "rayxdit_tenant_gpu_seconds",
+        "counter",
+        "GPU-seconds of each tenant's finished requests (ranks x engine time; 'anonymous' without keys).",
+        ("tenant",),
+    ),
+    MetricSpec(
         "rayxdit_queue_wait_seconds",
         "histogram",
         "Seconds a request waited at its pool replica before its ranks started it.",

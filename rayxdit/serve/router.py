@@ -480,6 +480,19 @@ async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
     return ingress.catalog.listing()
 
 
+@api.get("/v1/usage")
+async def usage(ingress: IngressOf, request: Request) -> dict[str, Any]:
+    """What the caller's tenant cost since the state replica started: its requests and their GPU-seconds,
+    and its share of the pools' idle and start-up GPU-seconds (in proportion to its use of each pool).
+    An admin key (or a server without keys) sees every tenant, and what no tenant used (``unattributed``)."""
+    ingress.authorize(request)
+    caller: ApiKey | None = request.state.caller
+    everyone = caller is None or caller.admin
+    tenants = await ingress.state.usage.remote(None if everyone else caller.tenant_name)
+    shown = {name: {key: round(value, 4) for key, value in row.items()} for name, row in tenants.items()}
+    return {"object": "usage", "since": "the state replica's start", "tenants": shown}
+
+
 @api.get("/healthz")
 async def healthz(ingress: IngressOf) -> dict[str, Any]:
     """Liveness of this router replica (answers without asking anyone else)."""

@@ -36,7 +36,14 @@ from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
-from rayxdit.serve.tenants import QUOTA_WINDOW_S, RATE_WINDOW_S, limit_refusal
+from rayxdit.serve.tenants import (
+    ANONYMOUS,
+    QUOTA_WINDOW_S,
+    RATE_WINDOW_S,
+    attributed_usage,
+    limit_refusal,
+    no_usage,
+)
 
 logger = logging.getLogger("ray.serve")
 HEARTBEAT_S = 1.0
@@ -67,7 +74,9 @@ class _Reservation:
     pool: str
     cost: float
     expires: float
-    tenant: str | None = None
+    tenant: str = ANONYMOUS
+    metered: bool = False
+    """Whether its tenant has limits (then its requests in flight and GPU-seconds are counted)."""
 
 
 @dataclass
@@ -152,6 +161,10 @@ class AppState:
         router: RouterConfig = config.router
         self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
         """Limited tenants' recent use (the router sends each request's tenant and its limits)."""
+        self.used: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+        """tenant -> pool -> (requests finished, their GPU-seconds), since this replica started."""
+        self.held: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+        """pool -> (GPU-seconds its replicas were ready, were starting), from their heartbeats."""
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
 
@@ -159,7 +172,16 @@ class AppState:
     async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
         """A pool replica's heartbeat: starting (``ready`` False) or ready, and once up, how long its start
         took."""
-        self.replicas[pool][replica] = _Replica(ready, time.monotonic())
+        now = time.monotonic()
+        previous = self.replicas[pool].get(replica)
+        if previous is not None:  # the GPUs were held since its last heartbeat (a silence counts as gone)
+            held = min(now - previous.seen, STALE_AFTER_S) * self.pools[pool].ranks
+            while_ready, while_starting = self.held[pool]
+            if previous.ready:
+                self.held[pool] = (while_ready + held, while_starting)
+            else:
+                self.held[pool] = (while_ready, while_starting + held)
+        self.replicas[pool][replica] = _Replica(ready, now)
         if startup_s is not None:
             self.startups[pool] = startup_s
         if time.monotonic() - self.published_at >= GAUGE_REFRESH_S:  # gauges fade unless set again
@@ -248,11 +270,12 @@ class AppState:
         self.arrived[model].append(now)
         self.last_arrival[model] = now
         loads = self._loads()
-        metered = tenant if tenant is not None and limits not in (None, TenantLimits()) else None
-        if metered is not None and not retry:
-            use = self.tenant_use[metered]
+        tenant = tenant or ANONYMOUS
+        metered = limits not in (None, TenantLimits())
+        if metered and not retry:
+            use = self.tenant_use[tenant]
             use.trim(now)
-            in_flight = sum(held.tenant == metered for held in self.reservations.values())
+            in_flight = sum(held.metered and held.tenant == tenant for held in self.reservations.values())
             refused = limit_refusal(limits, use.admitted, in_flight, use.spent, now)
             if refused is not None:
                 code, wait = refused
@@ -264,9 +287,9 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, time.monotonic() + LEASE_S, metered)
-        if metered is not None and not retry:
-            self.tenant_use[metered].admitted.append(now)
+        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, metered)
+        if metered and not retry:
+            self.tenant_use[tenant].admitted.append(now)
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -284,13 +307,17 @@ class AppState:
         )
         return self.budget() - held
 
-    async def renew(self, ticket: str, pool: str, cost: float, metered: str | None = None) -> bool:
+    async def renew(
+        self, ticket: str, pool: str, cost: float, tenant: str | None = None, metered: bool = False
+    ) -> bool:
         """A router still waits for ``ticket`` on ``pool``: its reservation lives another ``LEASE_S`` (made
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
-        starting one (its waiting requests should move). ``metered``: the request's tenant, if it has
-        limits."""
+        starting one (its waiting requests should move). ``tenant``: whose it is; ``metered``: whether that
+        tenant has limits."""
         if ticket not in self.finished:
-            self.reservations[ticket] = _Reservation(pool, cost, time.monotonic() + LEASE_S, metered)
+            self.reservations[ticket] = _Reservation(
+                pool, cost, time.monotonic() + LEASE_S, tenant or ANONYMOUS, metered
+            )
         return self.gone_now(pool)
 
     def gone_now(self, pool: str) -> bool:
@@ -298,9 +325,12 @@ class AppState:
         now = time.monotonic()
         return not any(now - seen.seen <= STALE_AFTER_S for seen in self.replicas[pool].values())
 
-    async def finish(self, ticket: str, engine_s: float | None = None) -> None:
+    async def finish(
+        self, ticket: str, engine_s: float | None = None, gpu_seconds: float | None = None
+    ) -> None:
         """The request's attempt ``ticket`` left its pool (or was abandoned while it was routed);
-        ``engine_s`` (the engine's encode + denoise + decode time) teaches the pool's rate."""
+        ``engine_s`` (the engine's encode + denoise + decode time) teaches the pool's rate, and
+        ``gpu_seconds`` (the response's: ranks x engine time) is its tenant's use."""
         held = self.reservations.pop(ticket, None)
         now = time.monotonic()
         self.finished[ticket] = now
@@ -308,10 +338,19 @@ class AppState:
             self.finished.popitem(last=False)
         if held is None or not engine_s:
             return
-        if held.tenant is not None:
-            self.tenant_use[held.tenant].spent.append((now, engine_s * self.pools[held.pool].ranks))
+        if gpu_seconds:
+            requests, seconds = self.used[held.tenant].get(held.pool, (0, 0.0))
+            self.used[held.tenant][held.pool] = (requests + 1, seconds + gpu_seconds)
+            if held.metered:
+                self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
         if held.cost > 0:
             self.fits[held.pool].add(held.cost, engine_s)
+
+    async def usage(self, tenant: str | None = None) -> dict[str, dict[str, float]]:
+        """What each tenant cost since this replica started (``tenants.attributed_usage``), or only
+        ``tenant``'s."""
+        usage = attributed_usage(self.used, dict(self.held))
+        return usage if tenant is None else {tenant: usage.get(tenant, no_usage())}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: each model's arrivals per second, refused requests included (which the pools alone

@@ -49,3 +49,59 @@ def limit_refusal(
                 if total < limits.gpu_seconds_per_hour:
                     return "quota_exceeded", max(0.0, at + QUOTA_WINDOW_S - now)
     return None
+
+
+ANONYMOUS = "anonymous"
+"""The tenant of requests made without API keys."""
+UNATTRIBUTED = "unattributed"
+"""Where the held GPU-seconds of pools that no tenant used go (an admin sees them)."""
+
+
+def no_usage() -> dict[str, float]:
+    """A tenant's usage row before it used anything."""
+    return {
+        "requests": 0,
+        "gpu_seconds": 0.0,
+        "idle_gpu_seconds": 0.0,
+        "startup_gpu_seconds": 0.0,
+        "total_gpu_seconds": 0.0,
+    }
+
+
+def attributed_usage(
+    used: dict[str, dict[str, tuple[int, float]]], held: dict[str, tuple[float, float]]
+) -> dict[str, dict[str, float]]:
+    """What each tenant cost: its requests' GPU-seconds and, pool by pool, a share of the pool's idle and
+    start-up GPU-seconds in proportion to its use of the pool.
+
+    ``used``: tenant -> pool -> (requests, GPU-seconds of its finished requests); ``held``: pool ->
+    (GPU-seconds its replicas were ready, GPU-seconds they were starting). A pool's idle time is what its
+    ready replicas held beyond the requests' GPU-seconds. The pools nobody used go to ``UNATTRIBUTED``, so
+    that the idle and start-up shares of all entries sum to the pools' idle and start-up GPU-seconds."""
+    totals: dict[str, float] = {}
+    for pools in used.values():
+        for pool, (_, seconds) in pools.items():
+            totals[pool] = totals.get(pool, 0.0) + seconds
+    usage: dict[str, dict[str, float]] = {}
+
+    def entry(tenant: str) -> dict[str, float]:
+        return usage.setdefault(tenant, no_usage())
+
+    for tenant, pools in used.items():
+        for pool, (requests, seconds) in pools.items():
+            row = entry(tenant)
+            row["requests"] += requests
+            row["gpu_seconds"] += seconds
+            ready, starting = held.get(pool, (0.0, 0.0))
+            if totals[pool] > 0:
+                share = seconds / totals[pool]
+                row["idle_gpu_seconds"] += max(0.0, ready - totals[pool]) * share
+                row["startup_gpu_seconds"] += starting * share
+    for pool, (ready, starting) in held.items():
+        if totals.get(pool, 0.0) <= 0 and ready + starting > 0:
+            row = entry(UNATTRIBUTED)
+            row["idle_gpu_seconds"] += ready
+            row["startup_gpu_seconds"] += starting
+    for row in usage.values():
+        row["total_gpu_seconds"] = row["gpu_seconds"] + row["idle_gpu_seconds"] + row["startup_gpu_seconds"]
+    return usage

@@ -112,7 +112,11 @@ CONFIG = ServeConfig(
         ),
     ],
     router=RouterConfig(
-        api_keys=[KEY, {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2}], replicas=2
+        api_keys=[
+            {"key": KEY, "tenant": "ops", "admin": True},
+            {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2},
+        ],
+        replicas=2,
     ),
     elastic=None,  # each pool scales on its own here; the elastic policy: tests/cluster/test_elastic.py
 )
@@ -913,7 +917,9 @@ def test_an_image_prompt_gets_the_single_process_image(url):
 def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_served(url, engine):
     """Tenant 'metered' may send 2 requests a minute, counted in the shared state (two router replicas
     here): its third is refused before any GPU work with the limit's code and when to retry; another key's
-    request is served meanwhile, and the admitted ones got the single-process image."""
+    request is served meanwhile, and the admitted ones got the single-process image. /v1/usage shows the
+    tenant what it cost (its responses' GPU-seconds, plus its share of idle and start-up time); the admin
+    key sees every tenant."""
     body = {"prompt": "metered", "size": "36x36", "steps": 2}
     admitted = [post(url, {**body, "seed": seed}, headers=METERED) for seed in (1, 2)]
     assert [answer.status_code for answer in admitted] == [200, 200], admitted[-1].text
@@ -926,6 +932,15 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     assert post(url, {**body, "seed": 3}).status_code == 200  # another tenant: not limited
     served = png_pixels(base64.b64decode(admitted[1].json()["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, {**body, "seed": 2})).max() <= 1
+    usage = requests.get(url + "/v1/usage", headers=METERED, timeout=30).json()["tenants"]
+    assert list(usage) == ["metered"], usage  # a tenant sees its own usage only
+    row = usage["metered"]
+    spent = sum(answer.json()["rayxdit"]["gpu_seconds"] for answer in admitted)
+    assert row["requests"] == 2 and row["gpu_seconds"] == pytest.approx(spent, abs=1e-3), (row, spent)
+    shares = row["gpu_seconds"] + row["idle_gpu_seconds"] + row["startup_gpu_seconds"]
+    assert row["idle_gpu_seconds"] > 0 and row["total_gpu_seconds"] == pytest.approx(shares, abs=1e-3)
+    everyone = requests.get(url + "/v1/usage", headers=AUTH, timeout=30).json()["tenants"]
+    assert {"metered", "ops"} <= everyone.keys(), everyone
 
 
 # ----- honest counts, bounded answers, quiet logs -----------------------------------------------------------

@@ -16,7 +16,14 @@ from rayxdit.serve import keys as keys_module
 from rayxdit.serve import state as state_module
 from rayxdit.serve.keys import KeyRing
 from rayxdit.serve.state import AppState
-from rayxdit.serve.tenants import QUOTA_WINDOW_S, RATE_WINDOW_S, limit_refusal
+from rayxdit.serve.tenants import (
+    ANONYMOUS,
+    QUOTA_WINDOW_S,
+    RATE_WINDOW_S,
+    UNATTRIBUTED,
+    attributed_usage,
+    limit_refusal,
+)
 from tests.serve.test_ingress import ingress_alone
 from tests.serve.test_state import Sync
 
@@ -89,10 +96,10 @@ def test_concurrency_counts_requests_in_flight_and_quota_the_gpu_seconds_of_fini
 
     assert route("a#0")["pool"] == "p" and route("b#0")["pool"] == "p"
     assert route("c#0")["limited"] == "concurrency_limited"
-    app.finish("a#0", engine_s=10.0)  # 2 ranks x 10 s
-    app.finish("b#0", engine_s=5.0)  # 2 x 5 s: 30 GPU-seconds so far
+    app.finish("a#0", engine_s=10.0, gpu_seconds=20.0)  # 2 ranks x 10 s
+    app.finish("b#0", engine_s=5.0, gpu_seconds=10.0)  # 30 GPU-seconds so far
     assert route("c#0")["pool"] == "p"
-    app.finish("c#0", engine_s=10.0)  # 50: the hour's quota is used
+    app.finish("c#0", engine_s=10.0, gpu_seconds=20.0)  # 50: the hour's quota is used
     refused = route("d#0")
     assert refused["limited"] == "quota_exceeded" and refused["retry_after_s"] == QUOTA_WINDOW_S
     # A reservation that lapsed (its router died) no longer counts as in flight.
@@ -166,3 +173,58 @@ def test_keys_in_a_file_are_reloaded_while_serving_and_a_bad_edit_locks_nobody_o
     keys_file.write_text(yaml.safe_dump([{"key": "k", "tenant": "t", "requests_per_minute": 0}]))
     with pytest.raises(ConfigError, match="api_keys_file"):
         KeyRing(config.router)
+
+
+def test_idle_and_start_up_time_is_shared_in_proportion_to_use_and_nothing_is_lost():
+    used = {"a": {"small": (3, 30.0)}, "b": {"small": (1, 10.0), "big": (2, 80.0)}}
+    held = {"small": (100.0, 20.0), "big": (80.0, 40.0), "cold": (5.0, 15.0)}
+    usage = attributed_usage(used, held)
+    # small: 60 idle (100 held ready - 40 used), 20 starting; a used 3/4 of it, b 1/4.
+    assert usage["a"] == pytest.approx(
+        {
+            "requests": 3,
+            "gpu_seconds": 30,
+            "idle_gpu_seconds": 45,
+            "startup_gpu_seconds": 15,
+            "total_gpu_seconds": 90,
+        }
+    )
+    # b: a quarter of small's (15 idle, 5 start-up) and all of big's (0 idle: fully used, 40 start-up).
+    assert usage["b"]["idle_gpu_seconds"] == pytest.approx(15) and usage["b"]["startup_gpu_seconds"] == 45
+    assert usage[UNATTRIBUTED] == pytest.approx(
+        {
+            "requests": 0,
+            "gpu_seconds": 0,
+            "idle_gpu_seconds": 5,
+            "startup_gpu_seconds": 15,
+            "total_gpu_seconds": 20,
+        }
+    )
+    # Every held GPU-second is someone's: requests, idle or start-up.
+    assert sum(row["total_gpu_seconds"] for row in usage.values()) == pytest.approx(
+        sum(ready + starting for ready, starting in held.values())
+    )
+
+
+def test_the_state_integrates_held_time_from_heartbeats_and_attributes_it(clock):
+    app = Sync(AppState(ServeConfig(pools=[POOL])))  # 2 ranks
+    app.report("p", "r1", ready=False)
+    for _ in range(10):  # 10 s starting
+        clock[0] += 1
+        app.report("p", "r1", ready=False)
+    for _ in range(20):  # then 20 s ready
+        clock[0] += 1
+        app.report("p", "r1", ready=True)
+    later = time.time() + 600
+    assert app.route("m", 1.0, "a#0", later, [], "a", None, False)["pool"] == "p"
+    app.finish("a#0", engine_s=5.0, gpu_seconds=10.0)
+    assert app.route("m", 1.0, "b#0", later, [], None, None, False)["pool"] == "p"
+    app.finish("b#0", engine_s=2.5, gpu_seconds=5.0)
+    usage = app.usage()
+    # Held: starting 10 s x 2 ranks = 20 (the first ready heartbeat closes the last starting second...)
+    starting = sum(row["startup_gpu_seconds"] for row in usage.values())
+    idle = sum(row["idle_gpu_seconds"] for row in usage.values())
+    assert starting + idle + 15.0 == pytest.approx(60.0), usage  # 30 s x 2 ranks held in all
+    assert usage["a"]["gpu_seconds"] == 10 and usage[ANONYMOUS]["gpu_seconds"] == 5
+    assert usage["a"]["idle_gpu_seconds"] == pytest.approx(2 * usage[ANONYMOUS]["idle_gpu_seconds"])
+    assert app.usage("a") == {"a": usage["a"]} and app.usage("nobody")["nobody"]["requests"] == 0
