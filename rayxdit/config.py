@@ -511,6 +511,12 @@ class WorkerGroupConfig(BaseModel):
         "imported torch and the model stack once (a rank starts in about a second instead of re-importing "
         "them); false: each rank in its own actor process.",
     )
+    fork_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="With fork_ranks: a node's fork server that does not fork a rank within this long is "
+        "taken for frozen, killed and replaced (once), so a group (re)build never waits on it for ever.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -51,6 +51,9 @@ IDLE_EXIT_S = 900.0
 """A fork server with no living child exits after this long (its memory back; the next rank pays the import)."""
 SERVER_START_TIMEOUT_S = 600.0
 """How long a fork server may take to import the model stack (a cold node's disk, a network file system)."""
+FORK_TIMEOUT_S = 60.0
+"""How long a rank waits for its node's fork server to fork it (normally well under a second) before it
+takes the server for frozen (stopped, or stuck in the kernel), kills it and asks a new one (once)."""
 _PID = struct.Struct("!i")
 _LENGTH = struct.Struct("!I")
 
@@ -238,6 +241,10 @@ class NodeForkServer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
+                # A session of its own: when this actor exits (its server killed), Ray kills the actor's
+                # process group; the ranks the server forked must not go with it (each dies with its rank
+                # actor instead).
+                start_new_session=True,
             )
             line = self._process.stdout.readline()
             if line.strip() != b"ready":
@@ -247,6 +254,12 @@ class NodeForkServer:
                 )
             threading.Thread(target=self._exit_with, args=(self._process,), daemon=True).start()
         return self._path
+
+    def stop(self) -> None:
+        """Kill the server (a rank found it frozen): this actor goes with it, and the next rank on the node
+        starts a new pair. Ranks it forked run on."""
+        if self._process is not None:
+            self._process.kill()
 
     def _exit_with(self, process: subprocess.Popen) -> None:
         """The server gone (idle, or a crash): this actor goes too, its socket's directory with it, and the
@@ -269,14 +282,16 @@ def code_version() -> str:
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def fork_server_address() -> str:
-    """The socket of this node's fork server for this code (started, detached, if there is none)."""
+def fork_server() -> tuple[str, Any]:
+    """The socket of this node's fork server for this code (started, detached, if there is none) and the
+    actor that owns it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     name = f"rayxdit-forks-{node[:16]}-{code_version()}"
-    for attempt in range(2):
+    attempts = 5  # a server that just exited leaves its actor's name behind for a moment
+    for attempt in range(attempts):
         server = (
             ray.remote(NodeForkServer)
             .options(
@@ -293,28 +308,70 @@ def fork_server_address() -> str:
             .remote()
         )
         try:
-            return ray.get(server.address.remote(), timeout=SERVER_START_TIMEOUT_S)
+            return ray.get(server.address.remote(), timeout=SERVER_START_TIMEOUT_S), server
         except ray.exceptions.RayActorError:
-            if attempt:
+            if attempt == attempts - 1:
                 raise
+            time.sleep(0.5)
     raise AssertionError("unreachable")
 
 
+def _stop_server(server: Any) -> None:
+    """Kill a frozen fork server through its actor and wait until the actor is gone (its name free)."""
+    import ray
+
+    with contextlib.suppress(Exception):  # the actor exits with its server: the call may never answer
+        ray.get(server.stop.remote(), timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(server.__ray_ready__.remote(), timeout=1)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.2)
+    ray.kill(server, no_restart=True)
+
+
 # ----- the rank actor ----------------------------------------------------------------------------------------
+def _ask_for_fork(address: str, request: dict[str, Any], ends: tuple, timeout_s: float) -> bytes:
+    """Send the fork server ``request`` with the child's ends of the connections; its reply (the child's
+    pid). TimeoutError when the server does not answer within ``timeout_s``; another OSError when it is
+    gone (e.g. killed by a rank that found it frozen)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.settimeout(timeout_s)
+        server.connect(address)
+        payload = pickle.dumps(request)
+        data = _LENGTH.pack(len(payload)) + payload
+        sent = socket.send_fds(server, [data], [1, 2, *(end.fileno() for end in ends)])
+        server.sendall(data[sent:])  # a stream socket may take a long request in parts
+        reply = b""
+        while len(reply) < _PID.size:
+            chunk = server.recv(_PID.size - len(reply))
+            if not chunk:
+                raise ConnectionError("the node's fork server closed the connection without forking a rank")
+            reply += chunk
+    return reply
+
+
 class ForkedRank:
     """A rank as a Ray actor (placement, GPU, name, death as before) whose work runs in a forked child. Every
     :class:`RankWorker` method is forwarded: control methods (:data:`CONTROL_METHODS`) on a connection of their
     own, answered while a call runs."""
 
-    def __init__(self, rank: int, world_size: int, device_index: int, telemetry_pool: str | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device_index: int,
+        telemetry_pool: str | None = None,
+        fork_timeout_s: float = FORK_TIMEOUT_S,
+    ):
         self.rank = rank
         self.device_index = device_index
         self.telemetry_pool = telemetry_pool
         self.telemetry = None
-        calls, child_calls = socket.socketpair()
-        control, child_control = socket.socketpair()
-        self._lifeline, child_lifeline = socket.socketpair()
-        self._watched, server_watch = socket.socketpair()
         request = {
             "rank": rank,
             "world_size": world_size,
@@ -323,21 +380,32 @@ class ForkedRank:
             "env": dict(os.environ),
             "threads": max(1, int(float(os.environ.get("OMP_NUM_THREADS") or 1))),
         }
-        ends = (child_calls, child_control, child_lifeline, server_watch)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            server.connect(fork_server_address())
-            payload = pickle.dumps(request)
-            data = _LENGTH.pack(len(payload)) + payload
-            sent = socket.send_fds(server, [data], [1, 2, *(end.fileno() for end in ends)])
-            server.sendall(data[sent:])  # a stream socket may take a long request in parts
-            reply = b""
-            while len(reply) < _PID.size:
-                chunk = server.recv(_PID.size - len(reply))
-                if not chunk:
-                    raise RuntimeError("the node's fork server closed the connection without forking a rank")
-                reply += chunk
-        for end in ends:
-            end.close()
+        for attempt in range(2):
+            calls, child_calls = socket.socketpair()
+            control, child_control = socket.socketpair()
+            self._lifeline, child_lifeline = socket.socketpair()
+            self._watched, server_watch = socket.socketpair()
+            ends = (child_calls, child_control, child_lifeline, server_watch)
+            address, server = fork_server()
+            try:
+                reply = _ask_for_fork(address, request, ends, fork_timeout_s)
+                break
+            except OSError as error:  # TimeoutError among them
+                for end in (*ends, calls, control, self._lifeline, self._watched):
+                    end.close()
+                if isinstance(error, TimeoutError):
+                    problem = f"did not fork rank {rank} within {fork_timeout_s:.0f} s"
+                else:
+                    problem = f"failed to fork rank {rank} ({error!r})"
+                if attempt:
+                    raise RuntimeError(
+                        f"the node's fork server {problem}, twice (a new server too)"
+                    ) from None
+                print(f"the node's fork server {problem}: replacing it", file=sys.stderr)
+                _stop_server(server)  # also waits until a server another rank killed is gone
+            finally:
+                for end in ends:
+                    end.close()
         self.pid = _PID.unpack(reply)[0]
         self._calls = Connection(calls.detach())
         self._control = Connection(control.detach())

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayxdit.config import ConfigError, EngineConfig, WorkerGroupConfig
 from rayxdit.request import RequestError, RequestStopped
 from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
-from rayxdit.runtime.forked import ForkedRank
+from rayxdit.runtime.forked import FORK_TIMEOUT_S, ForkedRank
 from rayxdit.runtime.placement import never_placeable, rank_actor_options
 from rayxdit.runtime.rank_process import OUT_OF_MEMORY, is_out_of_memory
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
@@ -39,13 +39,16 @@ class RayExecutor(Executor):
         placement_group: PlacementGroup | None = None,
         telemetry_pool: str | None = None,
         fork_ranks: bool = True,
+        fork_timeout_s: float = FORK_TIMEOUT_S,
         **options: Any,
     ):
         """``telemetry_pool``: publish each rank's GPU (NVML) as gauges with this pool label. ``fork_ranks``:
-        each rank's work runs in a child of its node's fork server (:mod:`rayxdit.runtime.forked`)."""
+        each rank's work runs in a child of its node's fork server (:mod:`rayxdit.runtime.forked`), which
+        must fork it within ``fork_timeout_s``."""
         super().__init__(world_size, config, **options)
         self.telemetry_pool = telemetry_pool
         self.fork_ranks = fork_ranks
+        self.fork_timeout_s = fork_timeout_s
         self.rank_options = [dict(option) for option in rank_options]
         self.placement_group = placement_group or ray.util.get_current_placement_group()
         self.workers: list[ray.actor.ActorHandle] = []
@@ -63,6 +66,7 @@ class RayExecutor(Executor):
             placement_group,
             telemetry_pool=group.name,
             fork_ranks=group.fork_ranks,
+            fork_timeout_s=group.fork_timeout_s,
             name=name or group.name,
             collective_timeout_s=group.collective_timeout_s,
             call_timeout_s=group.request_timeout_s,
@@ -89,9 +93,10 @@ class RayExecutor(Executor):
                 options["runtime_env"] = {"env_vars": dict(self.env)}
             options["name"] = f"rayxdit-{self.name}-g{self.generation}-rank{rank}"
             # Ray has set CUDA_VISIBLE_DEVICES to the bundle's GPU: the rank's device index is 0.
+            forked = {"fork_timeout_s": self.fork_timeout_s} if self.fork_ranks else {}
             self.workers.append(
                 worker_class.options(**options).remote(
-                    rank, self.world_size, 0, telemetry_pool=self.telemetry_pool
+                    rank, self.world_size, 0, telemetry_pool=self.telemetry_pool, **forked
                 )
             )
 

@@ -259,3 +259,44 @@ def wait_until(predicate, timeout_s: float = 60) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def test_a_frozen_fork_server_is_replaced_and_the_group_starts_anyway(group, reference):
+    """The node's fork server frozen (SIGSTOP: as a process stuck in the kernel would be): a worker group
+    started now waits fork_timeout_s for it, then kills it and forks its ranks from a new server; the ranks
+    the old one forked run on. Without the timeout, the start would wait for ever."""
+    import psutil
+
+    sockets = [  # this cluster's servers (another test's cluster may have its own)
+        ray.get(ray.get_actor(actor["name"], namespace=actor["namespace"]).address.remote())
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("rayxdit-forks-")
+    ]
+    # The servers, not their children (forked, the ranks share their command line).
+    servers = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if any(path in (process.info["cmdline"] or []) for path in sockets)
+        and not any(path in process.parent().cmdline() for path in sockets)
+    ]
+    assert servers, "the group's ranks came from a fork server"
+    for server in servers:
+        server.suspend()
+    pg = placement_group(group_bundles(POOL), strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    frozen_out = RayExecutor.for_group(
+        POOL.model_copy(update={"fork_timeout_s": 3.0}), placement_group=pg, name="frozen-server"
+    )
+    try:
+        began = time.monotonic()
+        frozen_out.start()
+        assert np.abs(pixels(frozen_out.generate(REQUEST)) - reference).max() <= 1
+        assert time.monotonic() - began < 240
+        assert all(not server.is_running() or server.status() == psutil.STATUS_ZOMBIE for server in servers)
+        assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1  # the old server's ranks
+    finally:
+        for server in servers:
+            with contextlib.suppress(psutil.Error):
+                server.kill()
+        frozen_out.shutdown()
+        remove_placement_group(pg)
