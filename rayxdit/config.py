@@ -750,6 +750,13 @@ class RouterConfig(BaseModel):
         description="Ingress replicas; interchangeable: load and stored images are shared by all of them.",
     )
 
+    api_keys_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The name of an environment variable with more keys, a YAML or JSON list in api_keys' "
+        "shape (e.g. a Kubernetes secret given to the Ray pods as an environment variable); read when a "
+        "router replica starts.",
+    )
     api_keys_file: str | None = Field(
         default=None,
         description="A YAML or JSON file with more keys, a list in api_keys' shape (e.g. a mounted "

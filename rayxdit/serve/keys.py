@@ -1,6 +1,7 @@
-"""The API keys a router replica accepts: the config's ``router.api_keys`` and, when it names one,
-``router.api_keys_file``'s (e.g. a mounted Kubernetes secret), read again within ``KEYS_CHECK_S`` of a
-change, so that keys are added and revoked without a restart.
+"""The API keys a router replica accepts: the config's ``router.api_keys``, those of the environment
+variable ``router.api_keys_env`` names (read at start), and those of ``router.api_keys_file`` (e.g. a
+mounted Kubernetes secret), read again within ``KEYS_CHECK_S`` of a change, so that keys are added and
+revoked without a restart.
 
 Keys are held and matched by their SHA-256 only. A file that cannot be read or does not validate at a
 reload leaves the keys as they were (logged): a bad edit locks nobody out. At start it fails the replica,
@@ -12,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -26,13 +29,34 @@ KEYS_CHECK_S = 2.0
 """How often a request makes the replica look whether the keys file changed."""
 
 
+def keys_from_environment(name: str | None) -> list[Any]:
+    """The keys in environment variable ``name`` (a YAML or JSON list); ConfigError when it is not set or
+    not such a list (a router that should ask for keys must not start open)."""
+    if name is None:
+        return []
+    text = os.environ.get(name)
+    if text is None:
+        raise ConfigError(f"router.api_keys_env: the environment variable {name} is not set on this node")
+    try:
+        entries = yaml.safe_load(text) or []
+    except yaml.YAMLError as error:
+        raise ConfigError(f"router.api_keys_env: {name} is not YAML or JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"router.api_keys_env: {name} must hold a list of keys, as router.api_keys")
+    try:
+        keys_by_digest(entries)
+    except ValueError as error:
+        raise ConfigError(f"router.api_keys_env: {name}: {str(error).splitlines()[0]}") from None
+    return entries
+
+
 class KeyRing:
     """The accepted keys by digest (see the module docstring)."""
 
     def __init__(self, router: RouterConfig, clock: Callable[[], float] = time.monotonic):
-        self.written = list(router.api_keys)
+        self.written = list(router.api_keys) + keys_from_environment(router.api_keys_env)
         self.path = None if router.api_keys_file is None else Path(router.api_keys_file)
-        self.required = bool(self.written) or self.path is not None
+        self.required = bool(self.written) or self.path is not None or router.api_keys_env is not None
         """Whether requests need a key (a keys file, even an empty one, means yes)."""
         self.clock = clock
         self.keys = keys_by_digest(self.written)

@@ -228,3 +228,19 @@ def test_the_state_integrates_held_time_from_heartbeats_and_attributes_it(clock)
     assert usage["a"]["gpu_seconds"] == 10 and usage[ANONYMOUS]["gpu_seconds"] == 5
     assert usage["a"]["idle_gpu_seconds"] == pytest.approx(2 * usage[ANONYMOUS]["idle_gpu_seconds"])
     assert app.usage("a") == {"a": usage["a"]} and app.usage("nobody")["nobody"]["requests"] == 0
+
+
+def test_keys_from_an_environment_variable_join_the_configs_and_a_missing_one_fails_the_start(monkeypatch):
+    monkeypatch.setenv("RAYXDIT_TEST_KEYS", '["env-key", {"key": "env-team-key", "tenant": "team"}]')
+    ring = KeyRing(RouterConfig(api_keys=["written-key"], api_keys_env="RAYXDIT_TEST_KEYS"))
+    assert ring.lookup("env-key") is not None and ring.lookup("written-key") is not None
+    assert ring.lookup("env-team-key").tenant_name == "team" and ring.lookup("other") is None
+    monkeypatch.setenv("RAYXDIT_TEST_KEYS", "[]")
+    assert KeyRing(RouterConfig(api_keys_env="RAYXDIT_TEST_KEYS")).required  # empty, yet keys are asked for
+    for text in ("{not: a list}", '["dup", "dup"]'):
+        monkeypatch.setenv("RAYXDIT_TEST_KEYS", text)
+        with pytest.raises(ConfigError, match="RAYXDIT_TEST_KEYS"):
+            KeyRing(RouterConfig(api_keys_env="RAYXDIT_TEST_KEYS"))
+    monkeypatch.delenv("RAYXDIT_TEST_KEYS")
+    with pytest.raises(ConfigError, match="not set"):
+        KeyRing(RouterConfig(api_keys_env="RAYXDIT_TEST_KEYS"))
