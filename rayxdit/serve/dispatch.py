@@ -46,6 +46,9 @@ STATE_RETRY_S = 0.5
 STATE_RESTART_S = 30.0
 """A request whose routing call finds the state replica dead tries again every STATE_RETRY_S for this
 long (Serve restarts it within seconds), then answers 503."""
+GONE_RENEWALS = 2
+"""A waiting request is taken back from its pool once this many renewals in a row found it without a
+replica."""
 REPLICA_LOSSES_RETRIED = 3
 """A request whose replica died is routed again with that pool still a candidate this many times."""
 REPLICA_LOSS_PAUSE_S, REPLICA_LOSS_CAP_S = 2.0, 8.0
@@ -322,8 +325,8 @@ class Dispatcher:
         the pool stops its ranks at their next step boundary, in the background, before its next request.
 
         While it waits, the request renews its reservation in the shared state. A request still waiting for
-        a pool that had replicas when it was routed (``warm``) but has none now (the autoscaling policy gave
-        its GPUs to other pools, or its replica died), or for a cold pool that started no replica within
+        a pool that had replicas when it was routed (``warm``) but has none now (on GONE_RENEWALS renewals
+        in a row: the autoscaling policy gave its GPUs to other pools, or its replica died), or for a cold pool that started no replica within
         twice its start-up prior, is taken back and raises :class:`PoolGone`, for the caller to route it
         again."""
         handle = self.handles[pool.name]
@@ -334,6 +337,7 @@ class Dispatcher:
         answer.add_done_callback(quiet)
         began = time.monotonic()
         bound = began + max(0.0, deadline - time.time()) + DEADLINE_SLACK_S
+        seen_gone = 0  # consecutive renewals that found the pool without a replica
         try:
             while True:
                 remaining = bound - time.monotonic()
@@ -349,7 +353,10 @@ class Dispatcher:
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue
                 may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
-                if may_be_gone and gone:
+                seen_gone = seen_gone + 1 if gone else 0
+                # Twice in a row (a replica silent for STALE_AFTER_S + RENEW_S): one late heartbeat of a
+                # replica starved of CPU while it runs this very request must not take the request back.
+                if may_be_gone and seen_gone >= GONE_RENEWALS:
                     response.cancel()
                     raise PoolGone(pool.name)
         except asyncio.CancelledError:  # the client went away: the pool stops the ranks
