@@ -31,7 +31,7 @@ from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableErr
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import detached, quiet
-from rayxdit.serve.tenants import ANONYMOUS
+from rayxdit.serve.tenants import ANONYMOUS, has_limits
 
 logger = logging.getLogger("ray.serve")
 DEADLINE_SLACK_S = 0.25
@@ -189,7 +189,7 @@ class Dispatcher:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
         filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody)."""
-        metered = limits not in (None, TenantLimits())
+        counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = time.time()
         pools = self.catalog.pools_by_model[model]
@@ -231,7 +231,7 @@ class Dispatcher:
                     warm,
                     report_progress,
                     tenant,
-                    metered,
+                    counted,
                 )
                 break
             except ReplicaDied:

@@ -41,6 +41,7 @@ from rayxdit.serve.tenants import (
     QUOTA_WINDOW_S,
     RATE_WINDOW_S,
     attributed_usage,
+    has_limits,
     limit_refusal,
     no_usage,
 )
@@ -271,8 +272,8 @@ class AppState:
         self.last_arrival[model] = now
         loads = self._loads()
         tenant = tenant or ANONYMOUS
-        metered = limits not in (None, TenantLimits())
-        if metered and not retry:
+        counted = has_limits(limits)
+        if counted and not retry:
             use = self.tenant_use[tenant]
             use.trim(now)
             in_flight = sum(held.metered and held.tenant == tenant for held in self.reservations.values())
@@ -287,8 +288,8 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, metered)
-        if metered and not retry:
+        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, counted)
+        if counted and not retry:
             self.tenant_use[tenant].admitted.append(now)
         load = loads[pool.name]
         return {

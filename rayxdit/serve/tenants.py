@@ -18,6 +18,11 @@ QUOTA_WINDOW_S = 3600.0
 """``gpu_seconds_per_hour`` counts GPU-seconds over this sliding window."""
 
 
+def has_limits(limits: TenantLimits | None) -> bool:
+    """Whether a tenant with ``limits`` has any (then its requests are counted against them)."""
+    return limits is not None and limits != TenantLimits()
+
+
 def limit_refusal(
     limits: TenantLimits,
     admitted: Sequence[float],
