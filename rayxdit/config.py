@@ -749,7 +749,6 @@ class RouterConfig(BaseModel):
         ge=1,
         description="Ingress replicas; interchangeable: load and stored images are shared by all of them.",
     )
-
     api_keys_env: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -762,16 +761,6 @@ class RouterConfig(BaseModel):
         description="A YAML or JSON file with more keys, a list in api_keys' shape (e.g. a mounted "
         "Kubernetes secret): read at start and again within seconds of each change, without a restart.",
     )
-
-    @field_validator("api_keys")
-    @classmethod
-    def _tenants_agree(cls, keys: list[str | ApiKey]) -> list[str | ApiKey]:
-        keys_by_digest(keys)
-        return keys
-
-    def keys(self) -> dict[str, ApiKey]:
-        """The keys written in the config by their SHA-256 (hex), plain strings made objects."""
-        return keys_by_digest(self.api_keys)
 
     image_ttl_s: float = Field(
         default=600.0, gt=0, description="How long response_format=url images stay fetchable."
@@ -794,6 +783,12 @@ class RouterConfig(BaseModel):
         description="Bytes of finished jobs' results kept (oldest finished dropped first); a Wan video of 81 "
         "frames at 832x480 is about 60 MB of lossless frames.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _tenants_agree(cls, keys: list[str | ApiKey]) -> list[str | ApiKey]:
+        keys_by_digest(keys)
+        return keys
 
 
 class RoutingConfig(BaseModel):

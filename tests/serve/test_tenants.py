@@ -11,7 +11,7 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from rayxdit.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TenantLimits
+from rayxdit.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TenantLimits, keys_by_digest
 from rayxdit.serve import keys as keys_module
 from rayxdit.serve import state as state_module
 from rayxdit.serve.keys import KeyRing
@@ -122,7 +122,7 @@ def test_keys_name_their_tenant_and_a_tenants_keys_must_agree_on_its_limits():
             },
         ]
     )
-    keys = router.keys()
+    keys = keys_by_digest(router.api_keys)
     assert keys[hashlib.sha256(b"sk-two").hexdigest()].tenant_name == "acme"
     plain = keys[hashlib.sha256(b"plain-key").hexdigest()]
     assert plain.tenant_name.startswith("key-") and plain.limits() == TenantLimits()
