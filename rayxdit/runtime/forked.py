@@ -391,7 +391,7 @@ class ForkedRank:
                 reply = _ask_for_fork(address, request, ends, fork_timeout_s)
                 break
             except OSError as error:  # TimeoutError among them
-                for end in (*ends, calls, control, self._lifeline, self._watched):
+                for end in (calls, control, self._lifeline, self._watched):  # the child's: in `finally`
                     end.close()
                 if isinstance(error, TimeoutError):
                     problem = f"did not fork rank {rank} within {fork_timeout_s:.0f} s"
