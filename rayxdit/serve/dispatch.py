@@ -49,6 +49,8 @@ long (Serve restarts it within seconds), then answers 503."""
 GONE_RENEWALS = 2
 """A waiting request is taken back from its pool once this many renewals in a row found it without a
 replica."""
+RELEASE_WAIT_S = 0.5
+"""How long an answer waits for the state to count its request out (the release goes on detached)."""
 REPLICA_LOSSES_RETRIED = 3
 """A request whose replica died is routed again with that pool still a candidate this many times."""
 REPLICA_LOSS_PAUSE_S, REPLICA_LOSS_CAP_S = 2.0, 8.0
@@ -247,9 +249,11 @@ class Dispatcher:
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
+                # The answer waits for the release (a client's next request finds this one counted out),
+                # but not for long: a slow state must not hold an answer, nor a 504, past its time.
                 release = self._release(ticket, result, tenant)
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(release)
+                    await asyncio.wait({release}, timeout=RELEASE_WAIT_S)
         info = {
             "request_id": request_id,
             "router": self.replica,
@@ -338,17 +342,34 @@ class Dispatcher:
         began = time.monotonic()
         bound = began + max(0.0, deadline - time.time()) + DEADLINE_SLACK_S
         seen_gone = 0  # consecutive renewals that found the pool without a replica
+        # The renewal runs beside the wait, never in its way: a state replica slow to answer (its CPU
+        # shared with the ranks) must delay neither the answer nor the 504 at the deadline.
+        renewal: asyncio.Future | None = None
+        next_renewal = began + RENEW_S
         try:
             while True:
-                remaining = bound - time.monotonic()
-                done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(RENEW_S, remaining)))
-                if answer in done:
-                    return answer.result()
-                if time.monotonic() >= bound:
+                now = time.monotonic()
+                if now >= bound:
                     response.cancel()
                     raise deadline_error(request_id)
+                if renewal is None and now >= next_renewal:
+                    renewal = asyncio.ensure_future(
+                        _awaited(self.state.renew.remote(ticket, pool.name, cost, tenant, metered))
+                    )
+                    renewal.add_done_callback(quiet)
+                waiting = {answer} if renewal is None else {answer, renewal}
+                wake = bound if renewal is not None else min(bound, next_renewal)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                if answer in done:
+                    return answer.result()
+                if renewal is None or renewal not in done:
+                    continue
+                renewed, renewal = renewal, None
+                next_renewal = max(next_renewal + RENEW_S, time.monotonic())
                 try:
-                    gone = await self.state.renew.remote(ticket, pool.name, cost, tenant, metered)
+                    gone = renewed.result()
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue
@@ -372,5 +393,6 @@ class Dispatcher:
         except Exception as error:
             raise pool_error(error, request_id) from None
         finally:
-            if not answer.done():
-                answer.cancel()
+            for pending in (answer, renewal):
+                if pending is not None and not pending.done():
+                    pending.cancel()
