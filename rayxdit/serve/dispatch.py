@@ -30,7 +30,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
-from rayxdit.serve.tasks import detached, quiet
+from rayxdit.serve.tasks import ask_state, detached, quiet
 from rayxdit.serve.tenants import ANONYMOUS, has_limits
 
 logger = logging.getLogger("ray.serve")
@@ -42,10 +42,6 @@ RENEW_S = 2.0
 whether the pool still has replicas)."""
 
 
-STATE_RETRY_S = 0.5
-STATE_RESTART_S = 30.0
-"""A request whose routing call finds the state replica dead tries again every STATE_RETRY_S for this
-long (Serve restarts it within seconds), then answers 503."""
 GONE_RENEWALS = 2
 """A waiting request is taken back from its pool once this many renewals in a row found it without a
 replica."""
@@ -80,15 +76,6 @@ def deadline_error(request_id: str) -> ApiError:
         "'timeout', or retry later)",
         "timeout_error",
         code="deadline_exceeded",
-    )
-
-
-def state_unavailable(request_id: str) -> ApiError:
-    return ApiError(
-        503,
-        f"request {request_id} could not be routed: the application's shared state is restarting; retry",
-        "service_unavailable",
-        code="state_unavailable",
     )
 
 
@@ -251,7 +238,7 @@ class Dispatcher:
                 # the pool's count now: detached, so that a cancelled request still reports it.
                 # The answer waits for the release (a client's next request finds this one counted out),
                 # but not for long: a slow state must not hold an answer, nor a 504, past its time.
-                release = self._release(ticket, result, tenant)
+                release = self._release(ticket, result, tenant, pool.name, counted)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({release}, timeout=RELEASE_WAIT_S)
         info = {
@@ -283,33 +270,36 @@ class Dispatcher:
         limits: TenantLimits | None,
         retry: bool,
     ) -> dict[str, Any]:
-        """The state's routing decision. While the state replica restarts (killed, or its node lost: Serve
-        starts another within seconds, and routing recovers with the pools' next heartbeats) the call is
-        tried again every STATE_RETRY_S for up to STATE_RESTART_S, then the client gets 503."""
-        bound = time.monotonic() + STATE_RESTART_S
-        while True:
-            try:
-                return await self.state.route.remote(
-                    model, cost, ticket, admission_deadline, tried, tenant, limits, retry
-                )
-            except (RayActorError, DeploymentUnavailableError) as error:
-                if time.monotonic() + STATE_RETRY_S > bound:
-                    logger.warning("request %s: the shared state is unavailable (%r)", request_id, error)
-                    raise state_unavailable(request_id) from None
-                logger.info("request %s: routing again, the shared state restarts (%r)", request_id, error)
-                await asyncio.sleep(STATE_RETRY_S)
+        """The state's routing decision (sent again while the state replica restarts: routing recovers with
+        the pools' next heartbeats; ``tasks.ask_state``)."""
+        return await ask_state(
+            lambda: self.state.route.remote(
+                model, cost, ticket, admission_deadline, tried, tenant, limits, retry
+            ),
+            f"request {request_id}",
+        )
 
     def _release(
-        self, ticket: str, result: EncodedResult | None = None, tenant: str | None = None
+        self,
+        ticket: str,
+        result: EncodedResult | None = None,
+        tenant: str | None = None,
+        pool: str | None = None,
+        metered: bool = False,
     ) -> asyncio.Task:
-        """Tell the state that the attempt ``ticket`` left its pool (with its engine time and GPU-seconds
-        when it ran): detached, so that a cancelled request still reports it."""
+        """Tell the state that the attempt ``ticket`` left ``pool`` (with its engine time and GPU-seconds
+        when it ran, and whose it was: a restarted state replica did not admit it): detached, so that a
+        cancelled request still reports it, and sent again while the state restarts (usage stays exact)."""
         engine_s = None if result is None else engine_seconds(result.timings)
         gpu_seconds = None if result is None else result.timings.get("gpu_seconds")
         if gpu_seconds:
             metrics.inc("rayxdit_tenant_gpu_seconds", gpu_seconds, tenant=tenant or ANONYMOUS)
+        what = f"releasing {ticket}"
         return detached(
-            lambda: self.state.finish.remote(ticket, engine_s, gpu_seconds), f"releasing {ticket}"
+            lambda: ask_state(
+                lambda: self.state.finish.remote(ticket, engine_s, gpu_seconds, pool, tenant, metered), what
+            ),
+            what,
         )
 
     async def _call_pool(

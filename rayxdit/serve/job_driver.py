@@ -24,7 +24,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, shown_id
 from rayxdit.serve.dispatch import Dispatcher
 from rayxdit.serve.jobs import CANCELLED, COMPLETED
-from rayxdit.serve.tasks import quiet
+from rayxdit.serve.tasks import ask_state, quiet
 
 logger = logging.getLogger("ray.serve")
 RENEW_JOB_S = 0.5
@@ -60,7 +60,9 @@ class JobDriver:
         """Create a job in the shared state and drive it from this replica; the job object, at once. Its
         request counts against ``tenant``'s ``limits`` when it is routed (over one, the job fails with the
         limit's code)."""
-        job = await self.state.create_job.remote(kind, owner, model, fields)
+        job = await ask_state(
+            lambda: self.state.create_job.remote(kind, owner, model, fields), f"request {request_id}"
+        )
         drive = self._drive(
             job["id"], kind, model, request, resolved, timeout, dict(labels), deliver, tenant, limits
         )
@@ -121,7 +123,9 @@ class JobDriver:
                     return
             result, info = run.result()
             content, shown = await deliver(result, info)
-            stored = await self.state.complete_job.remote(job_id, content, shown)
+            stored = await ask_state(
+                lambda: self.state.complete_job.remote(job_id, content, shown), f"job {job_id}"
+            )
             status = COMPLETED if stored else "failed"
         except ApiError as error:
             await self._fail(job_id, error.code or error.kind, str(error))
@@ -136,14 +140,16 @@ class JobDriver:
 
     async def _fail(self, job_id: str, code: str, message: str) -> None:
         try:
-            await self.state.fail_job.remote(job_id, code, message)
+            await ask_state(lambda: self.state.fail_job.remote(job_id, code, message), f"job {job_id}")
         except Exception as error:  # the state replica restarted and lost the job: nobody can see it now
             logger.warning("job %s: its failure (%s) not stored: %r", job_id, code, error)
 
     async def find(self, job_id: str, kind: str, owner: str, action: str = "get_job") -> Any:
         """The caller's job of ``kind`` through the state's ``action`` (get_job, cancel_job, job_content);
         404 when it does not exist for the caller."""
-        found = await getattr(self.state, action).remote(job_id, owner, kind)
+        found = await ask_state(
+            lambda: getattr(self.state, action).remote(job_id, owner, kind), f"{kind} job {shown_id(job_id)}"
+        )
         if found is None:
             raise ApiError(
                 404, f"{kind} job {shown_id(job_id)} not found or expired", "invalid_request_error", "id"

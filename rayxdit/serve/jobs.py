@@ -15,17 +15,24 @@ Finished jobs and their results are kept ``ttl_s`` seconds within ``max_bytes``:
 oldest finished jobs go first (a client then gets 404, as after the TTL). Progress only grows: it comes from
 rank 0's step counter, capped at 99 until the result is stored. No Ray, no torch: the application's state
 replica holds one :class:`JobStore`, and tests drive it with their own clock.
+
+Each change is written through to the state's journal (``serve/durable.py``: a job's record as JSON, its
+result's bytes apart, once), and a store that starts reads them back: with a Redis journal a job outlives
+the state replica, its driver's next lease renewal finds it, and it runs on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+from rayxdit.serve.durable import Journal, MemoryJournal, pack_parts, unpack_parts
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
     "queued",
@@ -35,6 +42,12 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
     "cancelled",
 )
 UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
+logger = logging.getLogger("ray.serve")
+RECORD_FIELDS = (
+    *("id", "kind", "owner", "model", "created_at", "fields", "status", "progress"),
+    *("completed_at", "error", "result", "bytes"),
+)
+"""What a job's journal record holds (its lease is renewed afresh, its content kept apart)."""
 LEASE_S = 30.0
 """A job's driver (a router replica) not heard from for this long is gone: the job fails."""
 
@@ -91,12 +104,19 @@ class JobStore:
     """Every job of the application by id (see the module docstring). Methods take ``now`` (monotonic
     seconds) for tests; wall-clock times shown to clients come from ``time.time()``."""
 
-    def __init__(self, ttl_s: float, max_bytes: int, lease_s: float = LEASE_S):
+    RECORDS, CONTENT = "jobs", "job-content"
+    """The journal's spaces: each job's record (JSON), and a completed job's content (its parts packed)."""
+
+    def __init__(
+        self, ttl_s: float, max_bytes: int, lease_s: float = LEASE_S, journal: Journal | None = None
+    ):
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.lease_s = lease_s
+        self.journal = journal or MemoryJournal()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.bytes = 0
+        self._restore(time.monotonic())
 
     @staticmethod
     def _now(now: float | None) -> float:
@@ -118,6 +138,7 @@ class JobStore:
             lease_expires=now + self.lease_s,
         )
         self.jobs[job.id] = job
+        self._save(job, now)
         return job.public(self.ttl_s)
 
     def renew(self, job_id: str, now: float | None = None) -> str | None:
@@ -135,8 +156,10 @@ class JobStore:
         job = self.jobs.get(job_id)
         if job is None or job.finished or steps <= 0:
             return
-        job.status = IN_PROGRESS
-        job.progress = max(job.progress, min(99, math.floor(100 * step / steps)))
+        progress = max(job.progress, min(99, math.floor(100 * step / steps)))
+        if (job.status, job.progress) != (IN_PROGRESS, progress):
+            job.status, job.progress = IN_PROGRESS, progress
+            self._save(job, self._now(now))
 
     def complete(
         self,
@@ -146,11 +169,12 @@ class JobStore:
         now: float | None = None,
     ) -> bool:
         """Store the result; False (and the job failed) when it alone exceeds the byte budget, or nothing
-        happens because the job was cancelled meanwhile."""
+        happens because the job was cancelled meanwhile; True again for a job completed already (a report
+        sent again after the state replica that took it died)."""
         now = self._now(now)
         job = self.jobs.get(job_id)
-        if job is None or job.finished:
-            return False
+        if job is None or job.finished:  # completed already: the same report sent again
+            return job is not None and job.status == COMPLETED
         size = sum(len(part) for part in content) + (len(json.dumps(result)) if result else 0)
         if size > self.max_bytes:
             self._finish(
@@ -167,8 +191,9 @@ class JobStore:
         self._expire(now, room=size)
         job.content, job.result, job.bytes = content, result, size
         self.bytes += size
-        self._finish(job, COMPLETED, now)
+        self.journal.save(self.CONTENT, job.id, pack_parts(content), self.ttl_s)
         job.progress = 100
+        self._finish(job, COMPLETED, now)
         return True
 
     def fail(self, job_id: str, code: str, message: str, now: float | None = None) -> None:
@@ -228,10 +253,54 @@ class JobStore:
         job.completed_at = time.time()
         job.finished_at = now
         self.jobs.move_to_end(job.id)  # finished jobs are evicted in the order they finished
+        self._save(job, now)
 
     def _drop(self, job_id: str) -> None:
         job = self.jobs.pop(job_id)
         self.bytes -= job.bytes
+        self.journal.drop(self.RECORDS, job_id)
+        if job.content:
+            self.journal.drop(self.CONTENT, job_id)
+
+    def _save(self, job: Job, now: float) -> None:
+        """Write ``job``'s record through to the journal (a finished one expires with its TTL there too)."""
+        if not self.journal.durable:
+            return
+        record = {name: getattr(job, name) for name in RECORD_FIELDS}
+        ttl_s = None
+        if job.finished_at is not None:  # monotonic clocks differ between hosts: kept as an age
+            record["finished_wall"] = time.time() - (now - job.finished_at)
+            ttl_s = max(0.001, job.finished_at + self.ttl_s - now)
+        self.journal.save(self.RECORDS, job.id, json.dumps(record).encode(), ttl_s)
+
+    def _restore(self, now: float) -> None:
+        """The jobs the journal kept (none without a durable one): unfinished ones get a fresh lease (their
+        drivers renew it within a second, or it lapses as any other), finished ones their remaining TTL."""
+        records = self.journal.load(self.RECORDS)
+        if not records:
+            return
+        contents = self.journal.load(self.CONTENT)
+        jobs = []
+        for job_id, (value, _) in records.items():
+            record = json.loads(value)
+            finished_wall = record.pop("finished_wall", None)
+            job = Job(**record)
+            if finished_wall is not None:
+                job.finished_at = now - max(0.0, time.time() - finished_wall)
+            else:
+                job.lease_expires = now + self.lease_s
+            if job.status == COMPLETED:
+                if job_id not in contents:  # its result expired or was dropped first: the job goes too
+                    self.journal.drop(self.RECORDS, job_id)
+                    continue
+                job.content = unpack_parts(contents[job_id][0])
+            jobs.append(job)
+        # Unfinished first (by creation), then finished ones in the order they finished (evicted first).
+        jobs.sort(key=lambda job: (job.finished_at is not None, job.finished_at or job.created_at))
+        for job in jobs:
+            self.jobs[job.id] = job
+            self.bytes += job.bytes
+        logger.info("%d jobs read back from the state's journal", len(jobs))
 
     def _expire(self, now: float, room: int = 0) -> None:
         """Fail jobs whose driver is gone; drop finished jobs past the TTL, or the oldest finished ones

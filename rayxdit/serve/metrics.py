@@ -73,6 +73,13 @@ SERVING_METRICS = (
         ("tenant", "code"),
     ),
     MetricSpec(
+        "rayxdit_state_store_errors",
+        "counter",
+        "Writes of the shared state to its Redis (state.redis_url) that failed, by operation: the state "
+        "serves on from memory, but what changed meanwhile would not survive its restart.",
+        ("operation",),
+    ),
+    MetricSpec(
         "rayxdit_tenant_gpu_seconds",
         "counter",
         "GPU-seconds of each tenant's finished requests (ranks x engine time; 'anonymous' without keys).",

@@ -59,7 +59,7 @@ from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, va
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
-from rayxdit.serve.tasks import keep_cancellations_quiet
+from rayxdit.serve.tasks import ask_state, keep_cancellations_quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -160,7 +160,7 @@ class Ingress:
             return [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
         data = []
         for png in pngs:
-            key = await self.state.put_image.remote(png)
+            key = await ask_state(lambda png=png: self.state.put_image.remote(png), "storing an image")
             if key is None:
                 raise invalid(
                     "the image is larger than the router's image store (router.max_stored_bytes); "
@@ -377,7 +377,7 @@ async def generate_png(ingress: IngressOf, body: ImageGenerationRequest, request
 async def stored_image(ingress: IngressOf, image_id: str, request: Request) -> Response:
     """An image made with response_format=url (kept router.image_ttl_s), from any router replica."""
     ingress.authorize(request)
-    data = await ingress.state.get_image.remote(image_id)
+    data = await ask_state(lambda: ingress.state.get_image.remote(image_id), f"image {shown_id(image_id)}")
     if data is None:
         raise ApiError(
             404, f"image {shown_id(image_id)} not found or expired", "invalid_request_error", "image_id"
@@ -424,7 +424,8 @@ async def list_videos(ingress: IngressOf, request: Request, limit: int = 100) ->
     ingress.authorize(request)
     if not 1 <= limit <= 1000:
         raise invalid("limit must be within 1..1000", "limit")
-    data = await ingress.state.list_jobs.remote(ingress.owner(request), "video", limit)
+    owner = ingress.owner(request)
+    data = await ask_state(lambda: ingress.state.list_jobs.remote(owner, "video", limit), "listing videos")
     return {"object": "list", "data": data, "has_more": False}
 
 
@@ -482,15 +483,18 @@ async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
 
 @api.get("/v1/usage")
 async def usage(ingress: IngressOf, request: Request) -> dict[str, Any]:
-    """What the caller's tenant cost since the state replica started: its requests and their GPU-seconds,
+    """What the caller's tenant cost since usage is counted (the state replica's start; with state.redis_url,
+    the application's first start): its requests and their GPU-seconds,
     and its share of the pools' idle and start-up GPU-seconds (in proportion to its use of each pool).
     An admin key (or a server without keys) sees every tenant, and what no tenant used (``unattributed``)."""
     ingress.authorize(request)
     caller: ApiKey | None = request.state.caller
     everyone = caller is None or caller.admin
-    tenants = await ingress.state.usage.remote(None if everyone else caller.tenant_name)
+    tenant = None if everyone else caller.tenant_name
+    tenants = await ask_state(lambda: ingress.state.usage.remote(tenant), "usage")
+    since = await ask_state(lambda: ingress.state.usage_since.remote(), "usage")
     shown = {name: {key: round(value, 4) for key, value in row.items()} for name, row in tenants.items()}
-    return {"object": "usage", "since": "the state replica's start", "tenants": shown}
+    return {"object": "usage", "since": int(since), "tenants": shown}
 
 
 @api.get("/healthz")

@@ -22,6 +22,7 @@ If this replica restarts, routing recovers within a heartbeat; stored images and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from typing import Any
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.budget import BudgetCache
+from rayxdit.serve.durable import Journal, MemoryJournal, open_journal
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
@@ -62,6 +64,14 @@ GAUGE_REFRESH_S = 1.0
 gauge not set for two report intervals."""
 LEASE_S = 15.0
 """A reservation not renewed for this long is dropped: its router died (routers renew every 2 s)."""
+USAGE_SPACE = "usage"
+"""The journal's space of usage: ``totals`` (requests and GPU-seconds per tenant and pool, GPUs held per
+pool) and ``tenant:<name>`` (a limited tenant's rate and quota windows)."""
+USAGE_SAVE_S = 1.0
+"""Held GPU-seconds reach the journal at least this often (a restart loses at most this much of them)."""
+FINISHED_CLAIM_S = 600.0
+"""How long a finished attempt's report is remembered as counted (a report sent again comes within the
+router's STATE_RESTART_S)."""
 
 
 @dataclass
@@ -97,18 +107,29 @@ class _TenantUse:
 
 
 class ImageStore:
-    """Bytes by id, each kept ``ttl_s`` seconds, oldest evicted first beyond ``max_bytes``."""
+    """Bytes by id, each kept ``ttl_s`` seconds, oldest evicted first beyond ``max_bytes``; written through to
+    ``journal`` and read back from it (``durable``)."""
 
-    def __init__(self, ttl_s: float, max_bytes: int):
+    SPACE = "images"
+
+    def __init__(self, ttl_s: float, max_bytes: int, journal: Journal | None = None):
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
+        self.journal = journal or MemoryJournal()
         self.items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self.bytes = 0
+        now = time.monotonic()
+        kept = self.journal.load(self.SPACE)
+        for key, (data, left_s) in sorted(kept.items(), key=lambda item: item[1][1]):  # oldest first
+            self.items[key] = (data, now + min(left_s, ttl_s))
+            self.bytes += len(data)
+        self._evict(now)
 
     def _evict(self, now: float, room: int = 0) -> None:
         while self.items and (next(iter(self.items.values()))[1] < now or self.bytes + room > self.max_bytes):
-            data, _ = self.items.popitem(last=False)[1]
+            key, (data, _) = self.items.popitem(last=False)
             self.bytes -= len(data)
+            self.journal.drop(self.SPACE, key)
 
     def put(self, data: bytes, now: float | None = None) -> str | None:
         """Store ``data``; None if it alone exceeds the budget."""
@@ -119,6 +140,7 @@ class ImageStore:
         key = uuid.uuid4().hex
         self.items[key] = (data, now + self.ttl_s)
         self.bytes += len(data)
+        self.journal.save(self.SPACE, key, data, self.ttl_s)
         return key
 
     def get(self, key: str, now: float | None = None) -> bytes | None:
@@ -163,11 +185,17 @@ class AppState:
         self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
         """Limited tenants' recent use (the router sends each request's tenant and its limits)."""
         self.used: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
-        """tenant -> pool -> (requests finished, their GPU-seconds), since this replica started."""
+        """tenant -> pool -> (requests finished, their GPU-seconds), since ``since``."""
         self.held: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
         """pool -> (GPU-seconds its replicas were ready, were starting), from their heartbeats."""
-        self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes)
-        self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes)
+        self.since = time.time()
+        """Since when usage is counted (the wall-clock time): this replica's start, or with a durable journal
+        the first start of the application's state."""
+        self.journal = open_journal(config.state.resolved_redis_url(), config.state.key_prefix)
+        self.usage_saved_at = -math.inf
+        self._restore_usage()
+        self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes, self.journal)
+        self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
@@ -183,6 +211,8 @@ class AppState:
             else:
                 self.held[pool] = (while_ready, while_starting + held)
         self.replicas[pool][replica] = _Replica(ready, now)
+        if now - self.usage_saved_at >= USAGE_SAVE_S:
+            self._save_usage(now)
         if startup_s is not None:
             self.startups[pool] = startup_s
         if time.monotonic() - self.published_at >= GAUGE_REFRESH_S:  # gauges fade unless set again
@@ -291,6 +321,7 @@ class AppState:
         self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, counted)
         if counted and not retry:
             self.tenant_use[tenant].admitted.append(now)
+            self._save_tenant_use(tenant, now)
         load = loads[pool.name]
         return {
             "pool": pool.name,
@@ -327,31 +358,90 @@ class AppState:
         return not any(now - seen.seen <= STALE_AFTER_S for seen in self.replicas[pool].values())
 
     async def finish(
-        self, ticket: str, engine_s: float | None = None, gpu_seconds: float | None = None
+        self,
+        ticket: str,
+        engine_s: float | None = None,
+        gpu_seconds: float | None = None,
+        pool: str | None = None,
+        tenant: str | None = None,
+        metered: bool = False,
     ) -> None:
         """The request's attempt ``ticket`` left its pool (or was abandoned while it was routed);
         ``engine_s`` (the engine's encode + denoise + decode time) teaches the pool's rate, and
-        ``gpu_seconds`` (the response's: ranks x engine time) is its tenant's use."""
+        ``gpu_seconds`` (the response's: ranks x engine time) is its tenant's use. ``pool``, ``tenant`` and
+        ``metered`` say whose it was when this replica did not admit it (it restarted meanwhile); a report
+        sent again (its first call died with the previous replica) counts once."""
         held = self.reservations.pop(ticket, None)
         now = time.monotonic()
         self.finished[ticket] = now
         while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
             self.finished.popitem(last=False)
+        if held is None and pool is not None and pool in self.pools:
+            held = _Reservation(pool, 0.0, now, tenant or ANONYMOUS, metered)
         if held is None or not engine_s:
             return
-        if gpu_seconds:
+        if gpu_seconds and self.journal.claim("finished", ticket, FINISHED_CLAIM_S):
             requests, seconds = self.used[held.tenant].get(held.pool, (0, 0.0))
             self.used[held.tenant][held.pool] = (requests + 1, seconds + gpu_seconds)
             if held.metered:
                 self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
+                self._save_tenant_use(held.tenant, now)
+            self._save_usage(now)
         if held.cost > 0:
             self.fits[held.pool].add(held.cost, engine_s)
+
+    # ----- usage in the journal ---------------------------------------------------------------------------
+    def _save_usage(self, now: float) -> None:
+        """Usage totals through to the journal (on each counted request, and with heartbeats at most every
+        USAGE_SAVE_S: the held GPU-seconds grow with every one)."""
+        self.usage_saved_at = now
+        if self.journal.durable:
+            totals = {"since": self.since, "used": self.used, "held": self.held}
+            self.journal.save(USAGE_SPACE, "totals", json.dumps(totals).encode())
+
+    def _save_tenant_use(self, tenant: str, now: float) -> None:
+        """A limited tenant's windows through to the journal (as wall-clock times: monotonic clocks differ
+        between hosts), so that a restart neither resets its rate nor its quota."""
+        if not self.journal.durable:
+            return
+        use = self.tenant_use[tenant]
+        use.trim(now)
+        wall = time.time() - now
+        windows = {
+            "admitted": [wall + t for t in use.admitted],
+            "spent": [[wall + t, seconds] for t, seconds in use.spent],
+        }
+        self.journal.save(USAGE_SPACE, f"tenant:{tenant}", json.dumps(windows).encode(), QUOTA_WINDOW_S)
+
+    def _restore_usage(self) -> None:
+        kept = self.journal.load(USAGE_SPACE)
+        now = time.monotonic()
+        mono = now - time.time()  # wall-clock time + mono = monotonic time
+        for key, (value, _) in kept.items():
+            data = json.loads(value)
+            if key == "totals":
+                self.since = data["since"]
+                for tenant, pools in data["used"].items():
+                    self.used[tenant] = {pool: (int(n), float(s)) for pool, (n, s) in pools.items()}
+                for pool, (ready, starting) in data["held"].items():
+                    self.held[pool] = (float(ready), float(starting))
+            elif key.startswith("tenant:"):
+                use = self.tenant_use[key.removeprefix("tenant:")]
+                use.admitted.extend(mono + t for t in data["admitted"])
+                use.spent.extend((mono + t, seconds) for t, seconds in data["spent"])
+                use.trim(now)
+        if kept:
+            logger.info("usage since %s read back from the state's journal", time.ctime(self.since))
 
     async def usage(self, tenant: str | None = None) -> dict[str, dict[str, float]]:
         """What each tenant cost since this replica started (``tenants.attributed_usage``), or only
         ``tenant``'s."""
         usage = attributed_usage(self.used, dict(self.held))
         return usage if tenant is None else {tenant: usage.get(tenant, no_usage())}
+
+    async def usage_since(self) -> float:
+        """Since when usage is counted (seconds since the epoch)."""
+        return self.since
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: each model's arrivals per second, refused requests included (which the pools alone

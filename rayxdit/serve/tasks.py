@@ -1,16 +1,53 @@
-"""asyncio helpers of the serving layer: work that must outlive the request it came from, and futures
-whose errors are expected."""
+"""asyncio helpers of the serving layer: work that must outlive the request it came from, futures whose
+errors are expected, and calls to the application's state that ride out its restart."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+from rayxdit.serve.api import ApiError
 
 logger = logging.getLogger("ray.serve")
 _detached_tasks: set[asyncio.Task] = set()
+T = TypeVar("T")
+STATE_RETRY_S = 0.5
+STATE_RESTART_S = 30.0
+"""A call to the application's state that finds its replica dead (killed, or its node lost: Serve starts
+another within seconds) is sent again every STATE_RETRY_S for this long, then the client gets 503."""
+
+
+def state_unavailable(what: str) -> ApiError:
+    return ApiError(
+        503,
+        f"{what}: the application's shared state is restarting; retry",
+        "service_unavailable",
+        code="state_unavailable",
+    )
+
+
+async def ask_state(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``call()`` (a call to the state's handle), sent again while the state replica restarts; 503
+    ``state_unavailable`` (:func:`state_unavailable`, naming ``what``) after STATE_RESTART_S. A call the dying
+    replica may have carried out is sent again: the state's methods take that (a finished attempt is counted
+    once, a job completed again is a no-op)."""
+    bound = time.monotonic() + STATE_RESTART_S
+    while True:
+        try:
+            return await call()
+        except (RayActorError, DeploymentUnavailableError) as error:
+            if time.monotonic() + STATE_RETRY_S > bound:
+                logger.warning("%s: the shared state is unavailable (%r)", what, error)
+                raise state_unavailable(what) from None
+            logger.info("%s: sent again, the shared state restarts (%r)", what, error)
+            await asyncio.sleep(STATE_RETRY_S)
 
 
 def detached(call: Callable[[], Awaitable[Any]], what: str) -> asyncio.Task:

@@ -1,0 +1,168 @@
+"""The shared state's journal: with a real ``redis-server`` (``state.redis_url``) a state replica that starts
+again finds every job, stored image and tenant's usage; without one (the embedded default) it finds none,
+as the README says. Over HTTP, with the state replica killed mid-load: tests/serve/test_serve.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from rayxdit.config import ConfigError, PoolConfig, ServeConfig, StateConfig, TenantLimits
+from rayxdit.serve import durable
+from rayxdit.serve.durable import RedisJournal, pack_parts, unpack_parts
+from rayxdit.serve.state import AppState
+from tests.helpers import redis_server
+from tests.serve.test_state import Sync
+
+POOL = PoolConfig(name="p", model="m", model_name="m", parallel="ulysses=2", route_min_cost=0)
+LIMITED = TenantLimits(requests_per_minute=2)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with redis_server() as url:
+        yield url
+
+
+def config(redis_url: str | None, prefix: str) -> ServeConfig:
+    return ServeConfig(pools=[POOL], state=StateConfig(redis_url=redis_url, key_prefix=prefix))
+
+
+def fill(app: Sync) -> dict:
+    """A state's worth of what must survive: a stored image, jobs in each phase, two tenants' usage (one
+    limited, at its rate limit), GPU time held by the pool. What a restarted state must show of it."""
+    app.report("p", "r1", ready=True)
+    image = app.put_image(b"\x89PNG one image")
+    done = app.create_job("video", "owner", "m", {"size": "64x64"})
+    app.job_progress(done["id"], 3, 4)
+    app.complete_job(done["id"], [b"frame-1", b"", b"frame-3"], {"frames": 3})
+    running = app.create_job("video", "owner", "m", {"size": "32x32"})
+    app.job_progress(running["id"], 2, 5)
+    cancelled = app.create_job("image", "owner", "m", {})
+    app.cancel_job(cancelled["id"], "owner", "image")
+    later = time.time() + 600
+    for n in range(2):
+        ticket = f"limited-{n}#0"
+        assert app.route("m", 1.0, ticket, later, [], "acme", LIMITED, False)["pool"] == "p"
+        app.finish(ticket, engine_s=1.0, gpu_seconds=2.0)
+    assert app.route("m", 1.0, "limited-2#0", later, [], "acme", LIMITED, False)["limited"] == "rate_limited"
+    assert app.route("m", 1.0, "open#0", later, [], "other", None, False)["pool"] == "p"
+    app.finish("open#0", engine_s=3.0, gpu_seconds=6.0)
+    time.sleep(0.05)
+    app.report("p", "r1", ready=True)  # the pool's held time grows
+    return {
+        "image": image,
+        "jobs": {
+            job["id"]: (kind, app.get_job(job["id"], "owner", kind))
+            for job, kind in ((done, "video"), (running, "video"), (cancelled, "image"))
+        },
+        "content": app.job_content(done["id"], "owner", "video")[1],
+        "usage": app.usage(),
+        "since": app.usage_since(),
+    }
+
+
+def counted(usage: dict) -> dict:
+    """Usage without the idle time (which grows while the test runs)."""
+    return {
+        tenant: {k: v for k, v in row.items() if k not in ("idle_gpu_seconds", "total_gpu_seconds")}
+        for tenant, row in usage.items()
+    }
+
+
+def survived(app: Sync, before: dict) -> list[str]:
+    """What of ``before`` the state ``app`` lost (empty: nothing)."""
+    lost = []
+    if app.get_image(before["image"]) != b"\x89PNG one image":
+        lost.append("image")
+    for job_id, (kind, job) in before["jobs"].items():
+        if app.get_job(job_id, "owner", kind) != job:
+            lost.append(f"job {job['status']}")
+    done = next(job_id for job_id, (_, job) in before["jobs"].items() if job["status"] == "completed")
+    content = app.job_content(done, "owner", "video")
+    if content is None or content[1] != before["content"]:
+        lost.append("content")
+    if counted(app.usage()) != counted(before["usage"]):
+        lost.append("usage")
+    if app.usage_since() != before["since"]:
+        lost.append("since")
+    refused = app.route("m", 1.0, "limited-3#0", time.time() + 600, [], "acme", LIMITED, False)
+    if refused.get("limited") != "rate_limited":
+        lost.append("rate window")
+    return lost
+
+
+def test_a_state_started_again_with_redis_finds_everything_and_without_it_nothing(redis_url):
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    before = fill(Sync(AppState(config(redis_url, prefix))))
+    assert survived(Sync(AppState(config(redis_url, prefix))), before) == []
+    # The embedded default keeps all of it in the replica's memory: a new replica starts empty.
+    memory = config(None, prefix)
+    before = fill(Sync(AppState(memory)))
+    lost = survived(Sync(AppState(memory)), before)
+    assert lost == [
+        *("image", "job completed", "job in_progress", "job cancelled", "content"),
+        *("usage", "since", "rate window"),
+    ]
+
+
+def test_a_running_job_read_back_runs_on_and_its_driver_completes_it(redis_url):
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    first = Sync(AppState(config(redis_url, prefix)))
+    job = first.create_job("video", "owner", "m", {})
+    first.job_progress(job["id"], 1, 2)
+    second = Sync(AppState(config(redis_url, prefix)))
+    assert second.renew_job(job["id"]) == "in_progress"  # the driver's next renewal finds it
+    second.job_progress(job["id"], 2, 2)
+    assert second.complete_job(job["id"], [b"frame"], None)
+    assert second.complete_job(job["id"], [b"frame"], None)  # the same report sent again: still stored
+    third = Sync(AppState(config(redis_url, prefix)))
+    assert third.get_job(job["id"], "owner", "video")["status"] == "completed"
+    assert third.job_content(job["id"], "owner", "video")[1] == [b"frame"]
+    assert third.get_job(job["id"], "someone else", "video") is None
+
+
+def test_a_finished_request_reported_twice_across_a_restart_counts_once(redis_url):
+    """A router's release whose first call died with the state replica is sent to the next one; whether the
+    first one counted it or not, the usage counts it once (and a replica that did not admit it still counts
+    it, from the pool and tenant the release names)."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    first = Sync(AppState(config(redis_url, prefix)))
+    first.report("p", "r1", ready=True)
+    assert first.route("m", 1.0, "a#0", time.time() + 600, [], "acme", None, False)["pool"] == "p"
+    first.finish("a#0", 1.0, 2.0, "p", "acme", False)
+    second = Sync(AppState(config(redis_url, prefix)))
+    second.finish("a#0", 1.0, 2.0, "p", "acme", False)  # sent again after the restart
+    second.finish("b#0", 1.0, 4.0, "p", "acme", False)  # admitted by the first, finished after
+    usage = second.usage("acme")["acme"]
+    assert (usage["requests"], usage["gpu_seconds"]) == (2, 6.0)
+
+
+def test_an_unreachable_redis_fails_the_start_with_what_to_do_and_an_outage_later_degrades_only_durability(
+    redis_url, monkeypatch
+):
+    with pytest.raises(RuntimeError, match=r"127\.0\.0\.1 did not answer within 1 s.*state\.redis_url"):
+        RedisJournal("redis://127.0.0.1:1/0", "x", connect_s=1)
+    with redis_server() as url:
+        app = Sync(AppState(config(url, "outage")))
+        key = app.put_image(b"before")
+    # Redis gone: the state serves on from memory (the errors are logged and counted, not raised).
+    assert app.get_image(key) == b"before"
+    other = app.put_image(b"during")
+    assert app.get_image(other) == b"during"
+    job = app.create_job("video", "owner", "m", {})
+    assert app.complete_job(job["id"], [b"frame"], None)
+    with pytest.raises(ConfigError, match=r"\$RAYXDIT_TEST_REDIS.*not set"):
+        StateConfig(redis_url_env="RAYXDIT_TEST_REDIS").resolved_redis_url()
+    monkeypatch.setenv("RAYXDIT_TEST_REDIS", redis_url)
+    assert StateConfig(redis_url_env="RAYXDIT_TEST_REDIS").resolved_redis_url() == redis_url
+    with pytest.raises(ValueError, match="not both"):
+        StateConfig(redis_url=redis_url, redis_url_env="RAYXDIT_TEST_REDIS")
+
+
+def test_packed_parts_read_back_as_they_were():
+    for parts in ([], [b""], [b"a", b"", b"\x00" * 1000]):
+        assert unpack_parts(pack_parts(parts)) == parts
+    assert durable.MemoryJournal().claim("s", "k", 10) and not durable.MemoryJournal().load("s")
