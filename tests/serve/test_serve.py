@@ -25,12 +25,19 @@ import requests
 from PIL import Image
 from ray import serve
 
-from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, StateConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import FAST_SERVE_METRICS, cap_address_space, free_port, left_half_mask, random_png
+from tests.helpers import (
+    FAST_SERVE_METRICS,
+    cap_address_space,
+    free_port,
+    left_half_mask,
+    random_png,
+    redis_server,
+)
 from tests.lora_files import lora_source, lora_source_path
 
 pytestmark = pytest.mark.slow
@@ -42,6 +49,7 @@ METERED = {"Authorization": "Bearer metered-key"}
 COMMON = dict(model="tiny-flux", accelerator="gpu", cpus_per_rank=0.25)
 FAST_HEALTH = {"health_check_period_s": 2}
 SD15 = {**COMMON, "model": "tiny-sd15"}
+REDIS_PORT = free_port()
 CONFIG = ServeConfig(
     pools=[
         PoolConfig(
@@ -118,6 +126,8 @@ CONFIG = ServeConfig(
         ],
         replicas=2,
     ),
+    # A real redis-server (started by the url fixture): jobs, stored images and usage outlive the state.
+    state=StateConfig(redis_url=f"redis://127.0.0.1:{REDIS_PORT}/0"),
     elastic=None,  # each pool scales on its own here; the elastic policy: tests/cluster/test_elastic.py
 )
 ROUTES = [
@@ -156,11 +166,12 @@ def url():
         )
     port = free_port()
     lora_source()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
-    ray.shutdown()
+    with redis_server(REDIS_PORT):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+        serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -1088,10 +1099,17 @@ def log_sizes() -> dict[Path, int]:
     }
 
 
-def test_cancellations_and_a_state_restart_log_no_traceback(url):
-    """A video job deleted midway, 20 clients gone mid-request and the state replica restarted: the logs
-    (the serve terminal) say so in lines of their own, with no traceback."""
+def test_a_state_killed_mid_load_loses_no_job_image_or_usage_and_logs_no_traceback(url):
+    """With state.redis_url, the state replica killed while four images and a video job run, after a video
+    job deleted midway and 20 clients gone mid-request: every client still there gets its image (routers send
+    their calls to the state again while Serve restarts it), the video job runs on to completion, an image
+    stored before is still served, and usage counts each request once. The logs (the serve terminal) say so
+    in lines of their own, with no traceback. (Without Redis all that is lost: tests/serve/test_durable.py.)"""
     before = log_sizes()
+    stored = post(url, {"prompt": "kept", "size": "36x36", "steps": 2, "response_format": "url"})
+    assert stored.status_code == 200, stored.text
+    image_url = stored.json()["data"][0]["url"]
+    image = requests.get(image_url, headers=AUTH, timeout=30).content
     job = requests.post(url + "/v1/videos", json=LONG_VIDEO, headers=AUTH, timeout=30).json()
     poll_job(url, f"/v1/videos/{job['id']}", {"in_progress", "completed", "failed"})
     assert requests.delete(url + f"/v1/videos/{job['id']}", headers=AUTH, timeout=30).status_code == 200
@@ -1104,17 +1122,36 @@ def test_cancellations_and_a_state_restart_log_no_traceback(url):
     time.sleep(2)
     for client in clients:
         client.close()
-    (state,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#state#" in a["name"]]
-    ray.kill(ray.get_actor(state["name"], namespace=state["namespace"]), no_restart=True)
-    deadline = time.monotonic() + 120
-    while True:  # Serve restarts the state; routing recovers with the pools' next heartbeats
-        response = post(url, {"prompt": "after", "size": "36x36", "steps": 2})
-        if response.status_code == 200:
-            break
-        assert time.monotonic() < deadline, response.text
-        time.sleep(1)
     wait_idle("failover-2")
     wait_idle("wan-2")
+
+    def ops_usage() -> dict:
+        return requests.get(url + "/v1/usage", headers=AUTH, timeout=60).json()["tenants"]["ops"]
+
+    usage = ops_usage()
+    video = requests.post(url + "/v1/videos", json=VIDEO, headers=AUTH, timeout=30).json()
+    poll_job(url, f"/v1/videos/{video['id']}", {"in_progress", "completed", "failed"})
+    load = {"model": "tiny-failover", "prompt": "load", "size": "64x64", "steps": 8}
+    with ThreadPoolExecutor(4) as clients_pool:
+        answers = [clients_pool.submit(post, url, {**load, "seed": seed}) for seed in range(4)]
+        time.sleep(1)
+        (state,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#state#" in a["name"]]
+        ray.kill(ray.get_actor(state["name"], namespace=state["namespace"]), no_restart=True)
+        answers = [answer.result() for answer in answers]
+    assert [answer.status_code for answer in answers] == [200] * 4, [a.text for a in answers]
+    after = post(url, {"prompt": "after", "size": "36x36", "steps": 2})
+    assert after.status_code == 200, after.text
+    final = poll_job(url, f"/v1/videos/{video['id']}", {"completed", "failed", "cancelled"})[-1]
+    assert final["status"] == "completed", final
+    kept = requests.get(image_url, headers=AUTH, timeout=30)
+    assert kept.status_code == 200 and kept.content == image
+    wait_idle("failover-2")
+    wait_idle("wan-2")
+    used = ops_usage()
+    images = [*answers, after]
+    assert used["requests"] - usage["requests"] == len(images) + 1, (usage, used)  # and the video
+    spent = sum(answer.json()["rayxdit"]["gpu_seconds"] for answer in images)
+    assert used["gpu_seconds"] - usage["gpu_seconds"] >= spent - 1e-3, (usage, used, spent)
     time.sleep(3)  # the log monitor's lag
     text = our_tracebacks(log_tail(before))
     assert "Traceback" not in text and "never retrieved" not in text, text[text.find("Traceback") - 2000 :][
