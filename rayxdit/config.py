@@ -685,6 +685,13 @@ class ApiKey(BaseModel):
         description="GPU-seconds (ranks x engine time of the requests that finished) over a sliding hour; "
         "none: no limit.",
     )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="The tenant's share of contended GPUs relative to other tenants' (routing.queue_policy "
+        "fair_share): while several tenants have requests waiting, each gets GPU-seconds in proportion.",
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKey:
@@ -704,16 +711,19 @@ class ApiKey(BaseModel):
         return self.tenant or f"key-{self.digest[:12]}"
 
     def limits(self) -> TenantLimits:
-        return TenantLimits(self.requests_per_minute, self.max_concurrent, self.gpu_seconds_per_hour)
+        return TenantLimits(
+            self.requests_per_minute, self.max_concurrent, self.gpu_seconds_per_hour, self.weight
+        )
 
 
 @dataclass(frozen=True)
 class TenantLimits:
-    """What one tenant may use: ``None`` for no limit."""
+    """What one tenant may use (``None``: no limit), and its ``weight`` in the fair share of contended GPUs."""
 
     requests_per_minute: int | None = None
     max_concurrent: int | None = None
     gpu_seconds_per_hour: float | None = None
+    weight: float = 1.0
 
 
 def keys_by_digest(entries: list[Any]) -> dict[str, ApiKey]:
@@ -802,6 +812,13 @@ class RoutingConfig(BaseModel):
         description="A routing policy of rayxdit.serve.policies.ROUTING_POLICIES: finish_first (where the "
         "request finishes first, from measured service times and load; thresholds until measured) or "
         "thresholds (route_min_cost alone).",
+    )
+    queue_policy: str = Field(
+        default="fifo",
+        description="In which order requests waiting for a pool's replicas start (rayxdit.serve.fairness): "
+        "fifo (as they came, in Serve's queues) or fair_share (held in the application's state and let in "
+        "as replicas free up, in weighted fair order across tenants by GPU-seconds: a tenant flooding a "
+        "pool cannot push others back; needs the elastic policy or pools of a fixed size).",
     )
 
 

@@ -55,6 +55,10 @@ learn of a dead replica within about a second, and until they do they may pick i
 one after another (a node going) are not retried in lockstep by every router."""
 
 
+class TurnLost(Exception):
+    """The state forgot a request waiting in a pool's line (it restarted): route it again."""
+
+
 class PoolGone(Exception):
     """The pool a request waited for has no replica left; the request goes to another pool."""
 
@@ -210,6 +214,8 @@ class Dispatcher:
                 # After its replica died the pool may be down to a replacement not yet started, whose
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
+                if decision.get("let_in") is False:  # routing.queue_policy fair_share: wait in the line
+                    await self._wait_turn(pool, ticket, deadline, warm, request_id)
                 result = await self._call_pool(
                     pool,
                     request,
@@ -233,6 +239,8 @@ class Dispatcher:
                     )
             except (BackPressureError, DeploymentUnavailableError, PoolGone):
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
+            except TurnLost:
+                pass  # the state restarted while it waited: routed again, the pool still a candidate
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
@@ -301,6 +309,33 @@ class Dispatcher:
             ),
             what,
         )
+
+    async def _wait_turn(
+        self, pool: PoolConfig, ticket: str, deadline: float, warm: bool | None, request_id: str
+    ) -> None:
+        """Wait in ``pool``'s fair line until the state lets ``ticket`` in (each wait renews its
+        reservation); 504 at the deadline; :class:`PoolGone` when the pool has no replica left (as in
+        ``_call_pool``), :class:`TurnLost` when the state no longer knows the ticket (it restarted)."""
+        began = time.monotonic()
+        seen_gone = 0
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise deadline_error(request_id)
+            turn = await ask_state(
+                lambda remaining=remaining: self.state.wait_turn.remote(
+                    ticket, pool.name, min(RENEW_S, remaining)
+                ),
+                f"request {request_id}",
+            )
+            if turn == "go":
+                return
+            if turn == "lost":
+                raise TurnLost(pool.name)
+            seen_gone = seen_gone + 1 if turn == "gone" else 0
+            may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
+            if may_be_gone and seen_gone >= GONE_RENEWALS:
+                raise PoolGone(pool.name)
 
     async def _call_pool(
         self,

@@ -21,7 +21,7 @@ from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
 from rayxdit.serve.sizing import PoolDemand
-from rayxdit.serve.state import ARRIVALS_METRIC, QUIET_METRIC, STATE_DEPLOYMENT
+from rayxdit.serve.state import ARRIVALS_METRIC, QUIET_METRIC, STATE_DEPLOYMENT, WAITING_METRIC
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,19 +48,21 @@ class ElasticPolicy:
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
-        arrivals, quiet = state_metrics(contexts)
+        arrivals, quiet, waiting = state_metrics(contexts)
         demands = []
         for deployment, context in contexts.items():
             spec = self.specs.get(deployment.name)
             if spec is None:
                 continue
             metrics = context.aggregated_metrics or {}
+            # With the fair line (routing.queue_policy fair_share) requests wait in the state, not at Serve.
+            held_back = waiting.get(spec.name, 0.0)
             demands.append(
                 PoolDemand(
                     spec,
                     context.target_num_replicas,
-                    _count(context.total_num_requests),
-                    _count(context.total_queued_requests),
+                    _count(context.total_num_requests) + held_back,
+                    _count(context.total_queued_requests) + held_back,
                     context.capacity_adjusted_min_replicas,
                     context.capacity_adjusted_max_replicas,
                     _mean_of(metrics.get("seconds_per_cost")),
@@ -91,10 +93,13 @@ class ElasticPolicy:
         return decisions, {}
 
 
-def state_metrics(contexts: Mapping[Any, Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """Each model's arrivals per second and seconds since its last arrival, as the application's state
-    reports them (its custom autoscaling metrics); empty before the state has reported."""
-    found: dict[str, dict[str, float]] = {ARRIVALS_METRIC: {}, QUIET_METRIC: {}}
+def state_metrics(
+    contexts: Mapping[Any, Any],
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Each model's arrivals per second and seconds since its last arrival, and each pool's requests waiting
+    in its fair line, as the application's state reports them (its custom autoscaling metrics); empty
+    before the state has reported."""
+    found: dict[str, dict[str, float]] = {ARRIVALS_METRIC: {}, QUIET_METRIC: {}, WAITING_METRIC: {}}
     for deployment, context in contexts.items():
         if deployment.name != STATE_DEPLOYMENT:
             continue
@@ -103,7 +108,7 @@ def state_metrics(contexts: Mapping[Any, Any]) -> tuple[dict[str, float], dict[s
             values = [value for value in (per_replica or {}).values() if _finite(value)]
             if metric in found and values:
                 found[metric][model] = max(values)
-    return found[ARRIVALS_METRIC], found[QUIET_METRIC]
+    return found[ARRIVALS_METRIC], found[QUIET_METRIC], found[WAITING_METRIC]
 
 
 def _finite(value: Any) -> bool:

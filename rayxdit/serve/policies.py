@@ -1,4 +1,5 @@
-"""The decisions' tables: every routing and autoscaling policy by the name an application's config gives it.
+"""The decisions' tables: every routing, queue and autoscaling policy by the name an application's config gives
+it (the queue policies, ``fifo`` and ``fair_share``: ``serve/fairness.py``).
 
 A policy is a pure function of plain data (``serve/routing.py``, ``serve/sizing.py``), unit-tested alone.
 The application's state routes with ``ROUTING_POLICIES[config.routing.policy]``, Serve's autoscaling hook
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rayxdit.config import ConfigError, ServeConfig
+from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES
 from rayxdit.serve.layouts import CostAwarePolicy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
 from rayxdit.serve.sizing import PoolDemand, plan_replicas
@@ -77,8 +79,28 @@ def autoscaling_policy(name: str, options: Mapping[str, Any] | None = None) -> A
         raise ConfigError(f"elastic.policy_options for {name}: {error}") from None
 
 
+def check_queue_policy(config: ServeConfig) -> None:
+    """Refuse an unknown queue policy, and ``fair_share`` where Serve sizes a pool on its own: the requests
+    waiting in the state's line are invisible to Serve's per-pool autoscaling (the elastic policy reads
+    them from the state)."""
+    name = config.routing.queue_policy
+    if name not in QUEUE_POLICIES:
+        raise ConfigError(f"routing.queue_policy '{name}' is not one of {', '.join(QUEUE_POLICIES)}")
+    if name == FIFO or config.elastic is not None:
+        return
+    for pool in config.pools:
+        bounds = pool.serve_options().get("autoscaling_config", {})
+        if bounds.get("min_replicas") != bounds.get("max_replicas"):
+            raise ConfigError(
+                f"routing.queue_policy fair_share holds waiting requests in the application's state, where "
+                f"Serve's own autoscaling of pool {pool.name} cannot see them: use the elastic policy, or give "
+                "the pool a fixed size (min_replicas = max_replicas)"
+            )
+
+
 def check_policies(config: ServeConfig) -> None:
     """Refuse (ConfigError, one line) an application whose config names a policy no table holds."""
     routing_policy(config.routing.policy)
+    check_queue_policy(config)
     if config.elastic is not None:
         autoscaling_policy(config.elastic.policy, config.elastic.policy_options)

@@ -28,6 +28,7 @@ starts again from zero).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.durable import Journal, MemoryJournal, open_journal
+from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
@@ -62,9 +64,10 @@ STALE_AFTER_S = 5.0
 STATE_DEPLOYMENT = "state"
 """The name of the application's state deployment."""
 ARRIVALS_WINDOW_S = 20.0
-ARRIVALS_METRIC, QUIET_METRIC = "arrivals_per_s", "quiet_s"
+ARRIVALS_METRIC, QUIET_METRIC, WAITING_METRIC = "arrivals_per_s", "quiet_s", "waiting"
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
-second over the last minute, refused ones too; ``quiet_s.<model>``: seconds since its last arrival)."""
+second over the last minute, refused ones too; ``quiet_s.<model>``: seconds since its last arrival), and one
+per pool with ``routing.queue_policy`` fair_share (``waiting.<pool>``: requests waiting in its line)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
@@ -187,6 +190,14 @@ class AppState:
             if config.elastic is not None
             else None
         )
+        self.gated = config.routing.queue_policy == FAIR_SHARE
+        """Whether requests wait for a pool's replicas here, in a fair line (else in Serve's queues)."""
+        self.lines: dict[str, WaitingLine] = defaultdict(lambda: WaitingLine(FAIR_SHARE))
+        """Each pool's requests waiting for a replica (gated only)."""
+        self.let_in: dict[str, set[str]] = defaultdict(set)
+        """Each pool's tickets let through to its replicas, at most one per ready replica (gated only)."""
+        self.turns: dict[str, asyncio.Future] = {}
+        """Routers waiting for a ticket's turn (``wait_turn``)."""
         router: RouterConfig = config.router
         self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
         """Limited tenants' recent use (the router sends each request's tenant and its limits)."""
@@ -221,6 +232,8 @@ class AppState:
             self._save_usage(now)
         if startup_s is not None:
             self.startups[pool] = startup_s
+        if ready and self.gated:
+            self._let_in(pool)
         if time.monotonic() - self.published_at >= GAUGE_REFRESH_S:  # gauges fade unless set again
             self.published_at = time.monotonic()
             self.published.clear()
@@ -250,8 +263,8 @@ class AppState:
         for replicas in self.replicas.values():
             for name in [name for name, seen in replicas.items() if now - seen.seen > STALE_AFTER_S]:
                 del replicas[name]
-        for request_id in [rid for rid, held in self.reservations.items() if held.expires < now]:
-            del self.reservations[request_id]
+        for ticket in [ticket for ticket, held in self.reservations.items() if held.expires < now]:
+            self._leave(self.reservations.pop(ticket).pool, ticket)
         outstanding: dict[str, list[float]] = defaultdict(list)
         for held in self.reservations.values():
             outstanding[held.pool].append(held.cost)
@@ -329,11 +342,17 @@ class AppState:
             self.tenant_use[tenant].admitted.append(now)
             self._save_tenant_use(tenant, now)
         load = loads[pool.name]
-        return {
+        decision = {
             "pool": pool.name,
             "estimate_s": estimate,
             "warm": load.ready_replicas + load.starting_replicas > 0,
         }
+        if self.gated:  # it waits in the pool's line; its router asks for its turn (wait_turn)
+            weight = limits.weight if limits is not None else 1.0
+            self.lines[pool.name].push(ticket, tenant, cost * pool.ranks, weight)
+            self._let_in(pool.name)
+            decision["let_in"] = ticket in self.let_in[pool.name]
+        return decision
 
     def _free_ranks(self, loads: dict[str, PoolLoad]) -> float:
         """Ranks of the shared budget that no replica (ready or starting) holds."""
@@ -356,7 +375,53 @@ class AppState:
             self.reservations[ticket] = _Reservation(
                 pool, cost, time.monotonic() + LEASE_S, tenant or ANONYMOUS, metered
             )
+            if self.gated:  # it is on the pool's replicas (also after this replica restarted)
+                self.let_in[pool].add(ticket)
         return self.gone_now(pool)
+
+    # ----- the fair line (routing.queue_policy fair_share) ---------------------------------------------------
+    def _let_in(self, pool: str) -> None:
+        """Let the next waiting requests through to ``pool``, one per ready replica not taken."""
+        now = time.monotonic()
+        ready = sum(r.ready and now - r.seen <= STALE_AFTER_S for r in self.replicas[pool].values())
+        line, taken = self.lines[pool], self.let_in[pool]
+        while line and len(taken) < ready:
+            ticket = line.pop()
+            taken.add(ticket)
+            turn = self.turns.pop(ticket, None)
+            if turn is not None and not turn.done():
+                turn.set_result(True)
+
+    def _leave(self, pool: str, ticket: str) -> None:
+        """``ticket`` no longer waits for nor runs on ``pool``: the next one may go in."""
+        if not self.gated:
+            return
+        self.lines[pool].remove(ticket)
+        self.let_in[pool].discard(ticket)
+        turn = self.turns.pop(ticket, None)
+        if turn is not None and not turn.done():
+            turn.set_result(False)
+        self._let_in(pool)
+
+    async def wait_turn(self, ticket: str, pool: str, timeout_s: float) -> str:
+        """Wait up to ``timeout_s`` for ``ticket``'s turn on ``pool`` (renewing its reservation): ``go`` (call
+        the pool now), ``wait`` (ask again), ``gone`` (the pool has no replica left, not even a starting one)
+        or ``lost`` (this replica does not know the ticket: it restarted, or the lease lapsed; route again)."""
+        if ticket in self.let_in[pool]:
+            return "go"
+        held = self.reservations.get(ticket)
+        if held is None or ticket not in self.lines[pool]:
+            return "lost"
+        held.expires = time.monotonic() + LEASE_S
+        turn = self.turns.get(ticket)
+        if turn is None:
+            turn = self.turns[ticket] = asyncio.get_running_loop().create_future()
+        await asyncio.wait({turn}, timeout=max(0.0, timeout_s))
+        if ticket in self.let_in[pool]:
+            return "go"
+        if ticket not in self.lines[pool]:
+            return "lost"
+        return "gone" if self.gone_now(pool) else "wait"
 
     def gone_now(self, pool: str) -> bool:
         """Whether ``pool`` has no replica left, not even a starting one."""
@@ -380,6 +445,9 @@ class AppState:
         held = self.reservations.pop(ticket, None)
         now = time.monotonic()
         self.finished[ticket] = now
+        left = held.pool if held is not None else pool
+        if left is not None and left in self.pools:
+            self._leave(left, ticket)
         while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
             self.finished.popitem(last=False)
         if held is None and pool is not None and pool in self.pools:
@@ -461,6 +529,9 @@ class AppState:
             rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / ARRIVALS_WINDOW_S
             last = self.last_arrival.get(model)
             rates[f"{QUIET_METRIC}.{model}"] = now - last if last is not None else now - self.started
+        if self.gated:
+            for pool in self.pools:
+                rates[f"{WAITING_METRIC}.{pool}"] = float(len(self.lines[pool]))
         return rates
 
     async def readiness(self) -> dict[str, Any]:

@@ -20,7 +20,10 @@ QUOTA_WINDOW_S = 3600.0
 
 def has_limits(limits: TenantLimits | None) -> bool:
     """Whether a tenant with ``limits`` has any (then its requests are counted against them)."""
-    return limits is not None and limits != TenantLimits()
+    return limits is not None and any(
+        limit is not None
+        for limit in (limits.requests_per_minute, limits.max_concurrent, limits.gpu_seconds_per_hour)
+    )
 
 
 def limit_refusal(

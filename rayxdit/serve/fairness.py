@@ -1,0 +1,94 @@
+"""The order in which requests waiting for a pool's replicas start: first come first served, or a weighted
+fair share across tenants. Plain data, no Ray: the application's state orders each pool's waiting requests
+with a :class:`WaitingLine`, and the fleet simulator orders its pools' queues with the same class.
+
+**Fair share** is start-time fair queuing (Goyal, Vin and Cheng, SIGCOMM 1996) over each tenant's requests,
+the cost of a request being its GPU-seconds as the router estimates them (its cost units; one pool's ranks
+are the same for all). A request that arrives gets a start tag, the larger of the line's virtual time and
+its tenant's last finish tag, and a finish tag, its start tag plus its cost divided by the tenant's weight;
+the waiting request with the smallest start tag goes next (ties: the earlier arrival), and the virtual time
+becomes its start tag. So, while tenants have work waiting, each gets GPU time in proportion to its weight
+whatever it sends; a tenant that was idle comes back at the current virtual time (no credit saved up while
+away, so it cannot then take the pool for long); and a tenant alone gets all of it: no replica idles while
+anyone waits. With one tenant the order is the order of arrival.
+
+**First come first served** (``fifo``) orders by arrival alone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+FIFO, FAIR_SHARE = "fifo", "fair_share"
+QUEUE_POLICIES = (FIFO, FAIR_SHARE)
+"""The queue policies by name (``queue_policy`` of a pool)."""
+
+
+@dataclass(order=True)
+class _Entry:
+    start: float
+    arrival: int
+    key: Hashable = field(compare=False)
+    tenant: str = field(compare=False)
+
+
+@dataclass
+class WaitingLine:
+    """The requests waiting for one pool, in the order of ``policy``. ``key``: whatever identifies a request
+    to the caller (a routing ticket, a simulated request)."""
+
+    policy: str = FAIR_SHARE
+    virtual: float = 0.0
+    """The start tag of the request let in last."""
+    finish_tags: dict[str, float] = field(default_factory=dict)
+    """Each tenant's last finish tag (a tenant's requests start one after the other in virtual time)."""
+    _heap: list[_Entry] = field(default_factory=list)
+    _entries: dict[Hashable, _Entry] = field(default_factory=dict)
+    _arrivals: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        if self.policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue policy '{self.policy}' is not one of {', '.join(QUEUE_POLICIES)}")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def push(self, key: Hashable, tenant: str, cost: float, weight: float = 1.0) -> float:
+        """Add a waiting request of ``tenant`` (its ``weight``, > 0) costing ``cost``; its start tag."""
+        arrival = next(self._arrivals)
+        if self.policy == FIFO:
+            start = float(arrival)
+        else:
+            start = max(self.virtual, self.finish_tags.get(tenant, 0.0))
+            self.finish_tags[tenant] = start + max(cost, 0.0) / weight
+        entry = _Entry(start, arrival, key, tenant)
+        self._entries[key] = entry
+        heapq.heappush(self._heap, entry)
+        return start
+
+    def pop(self) -> Hashable | None:
+        """The request to start next (removed from the line), None if none waits."""
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+                self.virtual = max(self.virtual, entry.start) if self.policy == FAIR_SHARE else self.virtual
+                return entry.key
+        return None
+
+    def remove(self, key: Hashable) -> bool:
+        """Take a request out of the line (its client left, its deadline passed); whether it waited. Its
+        tenant keeps its finish tag: what a tenant sends and withdraws still counted against its share."""
+        return self._entries.pop(key, None) is not None
+
+    def waiting_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry in self._entries.values():
+            counts[entry.tenant] = counts.get(entry.tenant, 0) + 1
+        return counts

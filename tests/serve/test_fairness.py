@@ -1,0 +1,147 @@
+"""The waiting line's order: weighted fair share across tenants (start-time fair queuing) and first come
+first served; pure, as the state and the fleet simulator use it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rayxdit.config import ConfigError, PoolConfig, RoutingConfig, ServeConfig, TenantLimits
+from rayxdit.serve import state as state_module
+from rayxdit.serve.fairness import FAIR_SHARE, FIFO, WaitingLine
+from rayxdit.serve.policies import check_policies
+from rayxdit.serve.state import AppState
+from rayxdit.serve.tenants import has_limits
+from tests.serve.test_state import Sync
+
+
+def drain(line: WaitingLine) -> list:
+    order = []
+    while (key := line.pop()) is not None:
+        order.append(key)
+    return order
+
+
+def test_a_flooding_tenant_cannot_push_a_light_one_back_and_equal_weights_share_evenly():
+    line = WaitingLine(FAIR_SHARE)
+    for n in range(8):  # tenant A floods: 8 requests at once
+        line.push(f"a{n}", "a", cost=1.0)
+    line.push("b0", "b", cost=1.0)  # B's one request arrives after all of A's
+    order = drain(line)
+    assert order.index("b0") <= 1, order  # it goes next to A's first, not behind all eight
+    # Both flooding: they alternate, whoever arrived first.
+    for n in range(6):
+        line.push(f"a{n}", "a", cost=1.0)
+    for n in range(6):
+        line.push(f"b{n}", "b", cost=1.0)
+    order = drain(line)
+    assert [key[0] for key in order[2:10]] in (list("abababab"), list("babababa")), order
+
+
+def test_shares_follow_weights_and_costs_in_gpu_seconds():
+    line = WaitingLine(FAIR_SHARE)
+    for n in range(30):
+        line.push(f"a{n}", "a", cost=1.0, weight=2.0)  # twice B's weight
+        line.push(f"b{n}", "b", cost=1.0, weight=1.0)
+        line.push(f"c{n}", "c", cost=3.0, weight=1.0)  # requests 3x as large as B's
+    first = drain(line)[:30]
+    counts = {tenant: sum(key[0] == tenant for key in first) for tenant in "abc"}
+    # GPU time 2:1:1 => requests 2:1:1/3 => of 30: 18, 9, 3.
+    assert abs(counts["a"] - 18) <= 1 and abs(counts["b"] - 9) <= 1 and abs(counts["c"] - 3) <= 1, counts
+
+
+def test_an_idle_tenant_saves_no_credit_and_a_lone_tenant_gets_everything():
+    line = WaitingLine(FAIR_SHARE)
+    for n in range(10):  # A alone for a while: all of it goes to A, in order
+        line.push(f"a{n}", "a", cost=1.0)
+    assert drain(line) == [f"a{n}" for n in range(10)]
+    # B was idle all along: arriving now it starts at the line's virtual time, not ten requests ahead.
+    for n in range(4):
+        line.push(f"a{10 + n}", "a", cost=1.0)
+        line.push(f"b{n}", "b", cost=1.0)
+    order = drain(line)
+    assert [key[0] for key in order] in (list("abababab"), list("babababa")), order
+
+
+def test_first_come_first_served_and_removal():
+    line = WaitingLine(FIFO)
+    for n in range(5):
+        line.push(f"a{n}", "a", cost=1.0)
+    line.push("b0", "b", cost=1.0)
+    assert line.remove("a2") and not line.remove("a2") and "a2" not in line and len(line) == 5
+    assert line.waiting_by_tenant() == {"a": 4, "b": 1}
+    assert drain(line) == ["a0", "a1", "a3", "a4", "b0"]
+    with pytest.raises(ValueError, match="not one of fifo, fair_share"):
+        WaitingLine("lottery")
+
+
+# ----- the state's fair line (routing.queue_policy fair_share) -------------------------------------------
+POOL = PoolConfig(
+    name="p",
+    model="m",
+    model_name="m",
+    parallel="ulysses=2",
+    route_min_cost=0,
+    deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+)
+FAIR = ServeConfig(pools=[POOL], routing=RoutingConfig(queue_policy="fair_share"), elastic=None)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: now[0])
+    return now
+
+
+def routed(app: Sync, ticket: str, tenant: str, weight: float = 1.0) -> dict:
+    later = time.time() + 3600
+    return app.route("m", 1.0, ticket, later, [], tenant, TenantLimits(weight=weight), False)
+
+
+def test_the_state_lets_requests_in_one_per_ready_replica_in_fair_order(clock):
+    app = Sync(AppState(FAIR))
+    app.report("p", "r1", ready=True)
+    assert routed(app, "a0#0", "a")["let_in"] is True  # a free replica: in at once
+    for n in range(1, 5):
+        assert routed(app, f"a{n}#0", "a")["let_in"] is False  # the replica is taken: they wait
+    assert routed(app, "b0#0", "b")["let_in"] is False
+    assert app.wait_turn("b0#0", "p", 0) == "wait"
+    app.finish("a0#0", engine_s=1.0, gpu_seconds=2.0)
+    # B's one request goes before A's four that came first (A had its turn).
+    assert app.wait_turn("b0#0", "p", 0) == "go" and app.wait_turn("a1#0", "p", 0) == "wait"
+    app.report("p", "r2", ready=True)  # a second replica: the next in line goes in
+    assert app.wait_turn("a1#0", "p", 0) == "go" and app.wait_turn("a2#0", "p", 0) == "wait"
+    assert app.state.record_autoscaling_stats()["waiting.p"] == 3.0  # what the elastic policy adds to demand
+    # A client that leaves while it waits leaves the line; one whose router died lapses out of it.
+    app.finish("a2#0")
+    clock[0] += state_module.LEASE_S + 1
+    app.report("p", "r1", ready=True)
+    app.report("p", "r2", ready=True)
+    assert app.wait_turn("a3#0", "p", 0) == "lost"
+    # A restarted state knows no ticket: the router routes the request again.
+    assert Sync(AppState(FAIR)).wait_turn("a4#0", "p", 0) == "lost"
+
+
+def test_a_waiting_request_learns_that_its_pool_is_gone(clock):
+    app = Sync(AppState(FAIR))
+    app.report("p", "r1", ready=True)
+    routed(app, "a0#0", "a")
+    assert routed(app, "a1#0", "a")["let_in"] is False
+    clock[0] += state_module.STALE_AFTER_S + 1  # the replica stopped reporting (scaled down, died)
+    assert app.wait_turn("a1#0", "p", 0) == "gone"
+
+
+def test_fair_share_is_refused_where_serve_sizes_a_pool_on_its_own():
+    scaling = POOL.model_copy(
+        update={"deployment_config": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}
+    )
+    with pytest.raises(ConfigError, match=r"fair_share holds waiting requests.*pool p"):
+        check_policies(
+            ServeConfig(pools=[scaling], routing=RoutingConfig(queue_policy="fair_share"), elastic=None)
+        )
+    check_policies(ServeConfig(pools=[scaling], routing=RoutingConfig(queue_policy="fair_share")))  # elastic
+    with pytest.raises(ConfigError, match="'lottery' is not one of fifo, fair_share"):
+        check_policies(ServeConfig(pools=[POOL], routing=RoutingConfig(queue_policy="lottery")))
+    assert not has_limits(TenantLimits(weight=3.0))  # a weight is a share, not a limit
