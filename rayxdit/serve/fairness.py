@@ -33,6 +33,7 @@ class _Entry:
     arrival: int
     key: Hashable = field(compare=False)
     tenant: str = field(compare=False)
+    cost: float = field(compare=False, default=0.0)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class WaitingLine:
         else:
             start = max(self.virtual, self.finish_tags.get(tenant, 0.0))
             self.finish_tags[tenant] = start + max(cost, 0.0) / weight
-        entry = _Entry(start, arrival, key, tenant)
+        entry = _Entry(start, arrival, key, tenant, cost)
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
         return start
@@ -86,6 +87,17 @@ class WaitingLine:
         """Take a request out of the line (its client left, its deadline passed); whether it waited. Its
         tenant keeps its finish tag: what a tenant sends and withdraws still counted against its share."""
         return self._entries.pop(key, None) is not None
+
+    def ahead_of(self, tenant: str) -> tuple[int, float]:
+        """The requests (how many, their cost) that would start before one ``tenant`` sent now: what its
+        wait depends on. In fair order those of every tenant up to the start tag it would get (a tenant
+        flooding the line is ahead of a newcomer by at most about one request); first come first served:
+        all of them."""
+        if self.policy == FIFO:
+            return len(self._entries), sum(entry.cost for entry in self._entries.values())
+        start = max(self.virtual, self.finish_tags.get(tenant, 0.0))
+        ahead = [entry for entry in self._entries.values() if entry.start <= start]
+        return len(ahead), sum(entry.cost for entry in ahead)
 
     def waiting_by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -29,6 +29,7 @@ starts again from zero).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -330,7 +331,8 @@ class AppState:
             if refused is not None:
                 code, wait = refused
                 return {"pool": None, "limited": code, "retry_after_s": wait}
-        order = self.route_policy(self.specs[model], cost, loads, frozenset(exclude), self._free_ranks(loads))
+        seen = self._as_seen_by(tenant, loads) if self.gated else loads
+        order = self.route_policy(self.specs[model], cost, seen, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
@@ -349,10 +351,23 @@ class AppState:
         }
         if self.gated:  # it waits in the pool's line; its router asks for its turn (wait_turn)
             weight = limits.weight if limits is not None else 1.0
-            self.lines[pool.name].push(ticket, tenant, cost * pool.ranks, weight)
+            self.lines[pool.name].push(ticket, tenant, cost, weight)
             self._let_in(pool.name)
             decision["let_in"] = ticket in self.let_in[pool.name]
         return decision
+
+    def _as_seen_by(self, tenant: str, loads: dict[str, PoolLoad]) -> dict[str, PoolLoad]:
+        """Each pool's load as a request of ``tenant`` meets it in the fair lines: the requests running, and
+        of those waiting only the ones that would start before it (``WaitingLine.ahead_of``): where it
+        finishes first, and whether it can before its deadline, depend on those alone."""
+        seen = {}
+        for name, load in loads.items():
+            running = [self.reservations[t].cost for t in self.let_in[name] if t in self.reservations]
+            ahead, ahead_cost = self.lines[name].ahead_of(tenant)
+            seen[name] = dataclasses.replace(
+                load, outstanding=len(running) + ahead, outstanding_cost=sum(running) + ahead_cost
+            )
+        return seen
 
     def _free_ranks(self, loads: dict[str, PoolLoad]) -> float:
         """Ranks of the shared budget that no replica (ready or starting) holds."""

@@ -145,3 +145,23 @@ def test_fair_share_is_refused_where_serve_sizes_a_pool_on_its_own():
     with pytest.raises(ConfigError, match="'lottery' is not one of fifo, fair_share"):
         check_policies(ServeConfig(pools=[POOL], routing=RoutingConfig(queue_policy="lottery")))
     assert not has_limits(TenantLimits(weight=3.0))  # a weight is a share, not a limit
+
+
+@pytest.mark.parametrize("policy", ["fifo", "fair_share"])
+def test_admission_counts_only_the_work_a_request_waits_for(clock, policy):
+    """A's ten requests wait for the pool's one replica (10 s each, measured). B's request, with a 35 s
+    deadline: first come first served it would wait for all ten and is refused at once (429); in the fair
+    line it waits for the one running and at most one of A's, and is admitted."""
+    config = FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=policy)})
+    app = Sync(AppState(config))
+    app.report("p", "r1", ready=True)
+    for n in range(3):  # the pool's rate: 10 s per cost unit
+        routed(app, f"m{n}#0", "a")
+        app.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
+    for n in range(10):
+        assert routed(app, f"a{n}#0", "a")["pool"] == "p"
+    decision = app.route("m", 1.0, "b0#0", time.time() + 35, [], "b", TenantLimits(), False)
+    if policy == "fair_share":
+        assert decision["pool"] == "p" and decision["estimate_s"] <= 30, decision
+    else:
+        assert decision["pool"] is None and decision["retry_after_s"] > 0, decision
