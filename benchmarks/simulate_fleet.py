@@ -18,7 +18,9 @@ them, and says so:
   encoding and VAE decoding add the measured ``OVERHEAD_S``.
 - **Clients** want an answer within ``SLO_FACTOR`` times their request's single-GPU time and send that as
   the request's ``timeout``: a request that ends within it is *good*; one refused by admission is not.
-- **Replicas** run one request at a time; a pool's queue is FIFO; a new replica waits for free GPUs, then
+- **Replicas** run one request at a time; a pool's queue is ordered by the queue policy the application's
+  state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, or ``fair_share`` across the
+  requests' tenants; ``benchmarks/simulate_tenants.py``); a new replica waits for free GPUs, then
   ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
   ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of
@@ -54,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
+from rayxdit.serve.fairness import FAIR_SHARE, FIFO, WaitingLine  # noqa: E402
 from rayxdit.serve.policies import AUTOSCALING_POLICIES, ROUTING_POLICIES  # noqa: E402
 from rayxdit.serve.routing import (  # noqa: E402
     PoolLoad,
@@ -122,12 +125,13 @@ def cost_of(resolution: int, steps: int, cfg: bool) -> float:
     return resolution * resolution / 1e6 * steps * (2 if cfg else 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     arrival: float
     resolution: int
     steps: int
     cfg: bool
+    tenant: str = "default"
     start: float = -1.0
     end: float = -1.0
     shed: bool = False
@@ -156,7 +160,7 @@ class Pool:
     min_replicas: int
     max_replicas: int
     replicas: list[Replica] = field(default_factory=list)
-    queue: deque = field(default_factory=deque)
+    queue: WaitingLine = field(default_factory=lambda: WaitingLine(FIFO))
     fit: ServiceFit = field(default_factory=ServiceFit)
     demand: float = 0.0  # outstanding requests, averaged over LOOK_BACK_S
     waiting: float = 0.0  # of those, queued for a replica, averaged likewise
@@ -167,25 +171,40 @@ class Pool:
     queue_cost: float = 0.0
 
     def enqueue(self, request: Request) -> None:
-        self.queue.append(request)
+        self.queue.push(request, request.tenant, request.cost)
         self.queue_cost += request.cost
 
     def dequeue(self) -> Request:
-        request = self.queue.popleft()
+        request = self.queue.pop()
         self.queue_cost -= request.cost
         return request
 
-    def outstanding(self) -> tuple[int, float]:
-        """Requests queued or running, and their total cost (kept incrementally: queues get long)."""
+    def outstanding(self, tenant: str | None = None) -> tuple[int, float]:
+        """Requests queued or running, and their total cost (kept incrementally: queues get long); for a
+        request of ``tenant`` in a fair line, only those queued that would start before it (as the state
+        counts them)."""
         running = [r.request for r in self.replicas if r.request is not None]
+        if tenant is not None and self.queue.policy == FAIR_SHARE:
+            ahead, ahead_cost = self.queue.ahead_of(tenant)
+            return ahead + len(running), ahead_cost + sum(r.cost for r in running)
         return len(self.queue) + len(running), self.queue_cost + sum(r.cost for r in running)
 
 
 class Fleet:
     """One simulation: pools, replicas, queues, the clock."""
 
-    def __init__(self, policy: str, budget: int, startup_s: float, seed: int, scenario: str = "compounded"):
+    def __init__(
+        self,
+        policy: str,
+        budget: int,
+        startup_s: float,
+        seed: int,
+        scenario: str = "compounded",
+        queue_policy: str = FIFO,
+    ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
+        self.queue_policy = queue_policy
+        self.gpu_seconds_by_tenant: dict[str, float] = {}
         self.rng = random.Random(seed)
         self.now = 0.0
         self.events: list = []
@@ -211,7 +230,7 @@ class Fleet:
 
     def _pool(self, gpus: int, minimum: int, maximum: int, startup: float) -> Pool:
         spec = PoolSpec(f"p{gpus}", "flux", gpus, route_min_cost=THRESHOLDS[gpus], startup_s=startup)
-        pool = self.pools[spec.name] = Pool(spec, minimum, maximum)
+        pool = self.pools[spec.name] = Pool(spec, minimum, maximum, queue=WaitingLine(self.queue_policy))
         return pool
 
     def _static(self, replicas: dict[int, int]) -> None:
@@ -249,7 +268,7 @@ class Fleet:
         """Admission as the application's state decides it: the request's completion estimate on its pool
         (from the fleet's learned rates, whichever policy routed it) against the time its client gives it;
         only within the reach of the pool's measurements (``trusted_cost``)."""
-        loads = self._loads()
+        loads = self._loads(request.tenant)
         rates = service_rates([p.spec for p in self.pools.values()], loads)
         if rates is None:
             return False
@@ -284,14 +303,15 @@ class Fleet:
         self._push(self.now + TICK_S, "tick", None)
 
     # ----- serving ----------------------------------------------------------------------------------------
-    def _loads(self) -> dict[str, PoolLoad]:
-        """Exactly what the application's state hands routing."""
+    def _loads(self, tenant: str | None = None) -> dict[str, PoolLoad]:
+        """Exactly what the application's state hands routing (for a request of ``tenant``: as it sees the
+        fair lines)."""
         loads = {}
         for name, pool in self.pools.items():
             ready = sum(r.ready_at <= self.now and not r.draining for r in pool.replicas)
             # A replica waiting for GPUs has no process yet, so it does not report: not starting
             starting = sum(self.now < r.ready_at < math.inf for r in pool.replicas)
-            count, cost = pool.outstanding()
+            count, cost = pool.outstanding(tenant)
             overhead, rate = pool.fit.fitted or (0.0, None)
             loads[name] = PoolLoad(ready, starting, count, cost, rate, overhead, None)
         return loads
@@ -299,7 +319,7 @@ class Fleet:
     def _route(self, request: Request, exclude: frozenset[str] = frozenset()) -> Pool:
         specs = [pool.spec for pool in self.pools.values()]
         free = self.budget - self._gpus_held()
-        choice = self.routing(specs, request.cost, self._loads(), exclude, free)[0][0]
+        choice = self.routing(specs, request.cost, self._loads(request.tenant), exclude, free)[0][0]
         return self.pools[choice.name]
 
     def _dispatch(self, pool: Pool) -> None:
@@ -315,6 +335,9 @@ class Fleet:
                 )
                 self.gpu_seconds[pool.spec.name] = (
                     self.gpu_seconds.get(pool.spec.name, 0.0) + seconds * replica.gpus
+                )
+                self.gpu_seconds_by_tenant[request.tenant] = (
+                    self.gpu_seconds_by_tenant.get(request.tenant, 0.0) + seconds * replica.gpus
                 )
                 self._push(self.now + seconds, "done", replica)
 
