@@ -131,7 +131,7 @@ def summary(records: list[dict], tenant: str) -> dict[str, Any]:
 
 def run_phases(url: str, args: argparse.Namespace, ranks: int) -> dict[str, Any]:
     body = {
-        "prompt": "a lighthouse at dusk",
+        "prompt": "a lighthouse",
         "size": args.size,
         "steps": args.steps,
         "model": args.model_name,
