@@ -251,6 +251,7 @@ class PoolReplica:
     ) -> EncodedResult:
         """The request on the ranks, once more on a rebuilt group if the first attempt broke it."""
         last_error: BaseException | None = None
+        wasted = 0.0  # GPU-seconds of a failed first attempt: the request's tenant pays them too
         for attempt in (1, 2):
             if attempt == 2 and deadline is not None and time.time() >= deadline:
                 raise RequestStopped(DEADLINE)
@@ -264,7 +265,9 @@ class PoolReplica:
                 result.timings["ranks"] = self.pool.ranks
                 result.timings["attempts"] = attempt
                 gpu_seconds = self.pool.ranks * (engine_s or time.monotonic() - began)
-                result.timings["gpu_seconds"] = round(gpu_seconds, 4)
+                result.timings["gpu_seconds"] = round(gpu_seconds + wasted, 4)
+                if wasted:
+                    result.timings["failed_gpu_seconds"] = round(wasted, 4)
                 metrics.inc("rayxdit_gpu_seconds", gpu_seconds, **self.labels)
                 metrics.inc("rayxdit_images", len(result.pngs), **self.labels)
                 metrics.record_engine_timings(self.labels["model"], self.labels["pool"], result.timings)
@@ -274,8 +277,9 @@ class PoolReplica:
                 return result
             except GroupError as error:
                 # The GPUs were held whatever came of it: a failed attempt costs its wall time too.
-                wasted = self.pool.ranks * (time.monotonic() - began)
-                metrics.inc("rayxdit_gpu_seconds", wasted, **self.labels)
+                failed = self.pool.ranks * (time.monotonic() - began)
+                wasted += failed
+                metrics.inc("rayxdit_gpu_seconds", failed, **self.labels)
                 logger.warning("request %s: %s (attempt %d)", request_id, error, attempt)
                 if error.cause == OUT_OF_MEMORY:  # the same ranks would run out again: no second attempt
                     raise PoolOutOfMemoryError(f"{self.pool.name}: {error}") from None

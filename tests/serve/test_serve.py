@@ -422,7 +422,14 @@ def test_killing_a_rank_mid_request_fails_over_and_metrics_count_it_all(url, eng
     # The replica rebuilds its group in the same placement group and runs the request again (its deadline
     # allows it): the client sees a 200, from the second attempt.
     assert response.status_code == 200, response.text
-    assert response.json()["rayxdit"]["timings"]["attempts"] == 2
+    failover = response.json()["rayxdit"]
+    assert failover["timings"]["attempts"] == 2
+    # Its GPU-seconds (what its tenant is charged) include the failed attempt's.
+    engine_s = sum(failover["timings"][f"{stage}_s"] for stage in ("encode", "denoise", "decode"))
+    assert failover["timings"]["failed_gpu_seconds"] > 0
+    assert failover["gpu_seconds"] == pytest.approx(
+        2 * engine_s + failover["timings"]["failed_gpu_seconds"], abs=1e-3
+    )
     small = {"model": "tiny-failover", "prompt": "after", "size": "36x36", "steps": 3, "seed": 4}
     response = post(url, small)
     assert response.status_code == 200, response.text
