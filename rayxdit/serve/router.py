@@ -27,7 +27,7 @@ import math
 import re
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -482,19 +482,30 @@ async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
 
 
 @api.get("/v1/usage")
-async def usage(ingress: IngressOf, request: Request) -> dict[str, Any]:
+async def usage(
+    ingress: IngressOf, request: Request, by: Literal["tenant", "pool"] = "tenant"
+) -> dict[str, Any]:
     """What the caller's tenant cost since usage is counted (the state replica's start; with state.redis_url,
-    the application's first start): its requests and their GPU-seconds,
-    and its share of the pools' idle and start-up GPU-seconds (in proportion to its use of each pool).
-    An admin key (or a server without keys) sees every tenant, and what no tenant used (``unattributed``)."""
+    the application's first start): its requests and their GPU-seconds, and its share of the pools' idle and
+    start-up GPU-seconds (in proportion to its use of each pool). An admin key (or a server without keys)
+    sees every tenant, and what no tenant used (``unattributed``). ``?by=pool``: each tenant's rows pool by
+    pool, with each pool's model under ``pools``."""
     ingress.authorize(request)
     caller: ApiKey | None = request.state.caller
     everyone = caller is None or caller.admin
     tenant = None if everyone else caller.tenant_name
-    tenants = await ask_state(lambda: ingress.state.usage.remote(tenant), "usage")
+    tenants = await ask_state(lambda: ingress.state.usage.remote(tenant, by == "pool"), "usage")
     since = await ask_state(lambda: ingress.state.usage_since.remote(), "usage")
-    shown = {name: {key: round(value, 4) for key, value in row.items()} for name, row in tenants.items()}
-    return {"object": "usage", "since": int(since), "tenants": shown}
+
+    def rounded(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: rounded(value) if isinstance(value, dict) else round(value, 4) for key, value in row.items()
+        }
+
+    shown: dict[str, Any] = {"object": "usage", "since": int(since), "tenants": rounded(tenants)}
+    if by == "pool":
+        shown["pools"] = {name: pool.served_model_name for name, pool in ingress.catalog.pools.items()}
+    return shown
 
 
 @api.get("/healthz")

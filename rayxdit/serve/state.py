@@ -55,6 +55,7 @@ from rayxdit.serve.tenants import (
     has_limits,
     limit_refusal,
     no_usage,
+    usage_by_pool,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -522,9 +523,12 @@ class AppState:
         if kept:
             logger.info("usage since %s read back from the state's journal", time.ctime(self.since))
 
-    async def usage(self, tenant: str | None = None) -> dict[str, dict[str, float]]:
-        """What each tenant cost since this replica started (``tenants.attributed_usage``), or only
-        ``tenant``'s."""
+    async def usage(self, tenant: str | None = None, by_pool: bool = False) -> dict[str, Any]:
+        """What each tenant cost since ``since`` (``tenants.attributed_usage``), or only ``tenant``'s; with
+        ``by_pool``, pool by pool (``tenants.usage_by_pool``)."""
+        if by_pool:
+            usage: dict[str, Any] = usage_by_pool(self.used, dict(self.held))
+            return usage if tenant is None else {tenant: usage.get(tenant, {})}
         usage = attributed_usage(self.used, dict(self.held))
         return usage if tenant is None else {tenant: usage.get(tenant, no_usage())}
 

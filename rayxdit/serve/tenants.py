@@ -113,3 +113,16 @@ def attributed_usage(
     for row in usage.values():
         row["total_gpu_seconds"] = row["gpu_seconds"] + row["idle_gpu_seconds"] + row["startup_gpu_seconds"]
     return usage
+
+
+def usage_by_pool(
+    used: dict[str, dict[str, tuple[int, float]]], held: dict[str, tuple[float, float]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``attributed_usage`` pool by pool: tenant -> pool -> its row there (a pool's idle and start-up time is
+    shared among its own users, so each tenant's rows sum to its row of ``attributed_usage``)."""
+    by_pool: dict[str, dict[str, dict[str, float]]] = {}
+    for pool in {pool for pools in used.values() for pool in pools} | set(held):
+        users = {tenant: {pool: pools[pool]} for tenant, pools in used.items() if pool in pools}
+        for tenant, row in attributed_usage(users, {pool: held[pool]} if pool in held else {}).items():
+            by_pool.setdefault(tenant, {})[pool] = row
+    return by_pool

@@ -960,6 +960,10 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     assert row["idle_gpu_seconds"] >= 0 and row["total_gpu_seconds"] == pytest.approx(shares, abs=1e-3)
     everyone = requests.get(url + "/v1/usage", headers=AUTH, timeout=30).json()["tenants"]
     assert {"metered", "ops"} <= everyone.keys(), everyone
+    by_pool = requests.get(url + "/v1/usage?by=pool", headers=METERED, timeout=30).json()
+    assert set(by_pool["tenants"]["metered"]) == {"tiny-2"}, by_pool  # where its two requests ran
+    assert by_pool["pools"]["tiny-2"] == "tiny-2"  # the pool's model
+    assert by_pool["tenants"]["metered"]["tiny-2"]["requests"] == 2
 
 
 # ----- honest counts, bounded answers, quiet logs -----------------------------------------------------------

@@ -23,6 +23,7 @@ from rayxdit.serve.tenants import (
     UNATTRIBUTED,
     attributed_usage,
     limit_refusal,
+    usage_by_pool,
 )
 from tests.serve.test_ingress import ingress_alone
 from tests.serve.test_state import Sync
@@ -244,3 +245,14 @@ def test_keys_from_an_environment_variable_join_the_configs_and_a_missing_one_fa
     monkeypatch.delenv("RAYXDIT_TEST_KEYS")
     with pytest.raises(ConfigError, match="not set"):
         KeyRing(RouterConfig(api_keys_env="RAYXDIT_TEST_KEYS"))
+
+
+def test_usage_pool_by_pool_sums_to_each_tenants_usage():
+    used = {"a": {"small": (3, 30.0)}, "b": {"small": (1, 10.0), "big": (2, 80.0)}}
+    held = {"small": (100.0, 20.0), "big": (80.0, 40.0), "cold": (5.0, 15.0)}
+    totals, by_pool = attributed_usage(used, held), usage_by_pool(used, held)
+    assert set(by_pool["b"]) == {"small", "big"} and set(by_pool[UNATTRIBUTED]) == {"cold"}
+    for tenant, row in totals.items():
+        for key, value in row.items():
+            assert sum(pool[key] for pool in by_pool[tenant].values()) == pytest.approx(value), (tenant, key)
+    assert by_pool["a"]["small"]["idle_gpu_seconds"] == pytest.approx(45)
