@@ -71,14 +71,16 @@ def send(url: str, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
         response = requests.post(url + "/v1/images/generations", json=body, headers=headers, timeout=600)
         status = response.status_code
-        gpu_seconds = response.json()["rayxdit"]["gpu_seconds"] if status == 200 else 0.0
+        info = response.json()["rayxdit"] if status == 200 else {"gpu_seconds": 0.0, "timings": {}}
     except requests.RequestException as error:
-        status, gpu_seconds = f"error {type(error).__name__}", 0.0
+        status, info = f"error {type(error).__name__}", {"gpu_seconds": 0.0, "timings": {}}
+    engine_s = sum(info["timings"].get(f"{stage}_s", 0.0) for stage in ("encode", "denoise", "decode"))
     return {
         "tenant": tenant,
         "status": status,
         "seconds": time.monotonic() - began,
-        "gpu_seconds": gpu_seconds,
+        "engine_s": engine_s,
+        "gpu_seconds": info["gpu_seconds"],
     }
 
 
@@ -119,12 +121,15 @@ def usage(url: str) -> dict[str, dict]:
 def summary(records: list[dict], tenant: str) -> dict[str, Any]:
     mine = [r for r in records if r["tenant"] == tenant]
     ok = [r["seconds"] for r in mine if r["status"] == 200]
+    waits = [r["seconds"] - r["engine_s"] for r in mine if r["status"] == 200]
     return {
         "requests": len(mine),
         "ok": len(ok),
         "other": sorted({str(r["status"]) for r in mine if r["status"] != 200}),
         "p50_s": percentile(ok, 0.5),
         "p99_s": percentile(ok, 0.99),
+        "p50_wait_s": percentile(waits, 0.5),  # queueing and the serving path's hops: all but the engine
+        "p99_wait_s": percentile(waits, 0.99),
         "gpu_seconds": round(sum(r["gpu_seconds"] for r in mine), 3),
     }
 

@@ -46,7 +46,7 @@ GONE_RENEWALS = 2
 """A waiting request is taken back from its pool once this many renewals in a row found it without a
 replica."""
 RELEASE_WAIT_S = 0.5
-"""How long an answer waits for the state to count its request out (the release goes on detached)."""
+"""How long an image waits for the state to count its request out (the release goes on detached)."""
 REPLICA_LOSSES_RETRIED = 3
 """A request whose replica died is routed again with that pool still a candidate this many times."""
 REPLICA_LOSS_PAUSE_S, REPLICA_LOSS_CAP_S = 2.0, 8.0
@@ -178,13 +178,15 @@ class Dispatcher:
         report_progress: bool = False,
         tenant: str | None = None,
         limits: TenantLimits | None = None,
+        arrived: float | None = None,
     ) -> tuple[EncodedResult, dict[str, Any]]:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
-        filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody)."""
+        filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody); ``arrived``:
+        when the router took it (seconds since the epoch; default now), from which ``timeout`` counts."""
         counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
-        arrived = time.time()
+        arrived = arrived or time.time()
         pools = self.catalog.pools_by_model[model]
         longest = max(pool.request_timeout_s for pool in pools)
         admission_deadline = arrived + min(timeout or longest, longest)
@@ -244,11 +246,13 @@ class Dispatcher:
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
-                # The answer waits for the release (a client's next request finds this one counted out),
-                # but not for long: a slow state must not hold an answer, nor a 504, past its time.
+                # An image waits for its release (a client's next request finds this one counted out),
+                # but not for long: a slow state must not hold an answer past its time. An error (a 504
+                # at the deadline above all) does not wait.
                 release = self._release(ticket, result, tenant, pool.name, counted)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({release}, timeout=RELEASE_WAIT_S)
+                if result is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({release}, timeout=RELEASE_WAIT_S)
         info = {
             "request_id": request_id,
             "router": self.replica,

@@ -153,6 +153,7 @@ class Ingress:
             http.state.labels,
             tenant=tenant,
             limits=limits,
+            arrived=getattr(http.state, "arrived", None),
         )
 
     async def image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
@@ -231,6 +232,7 @@ async def _observe(request: Request, call_next):
     if request.method != "POST":
         return await call_next(request)
     began = time.monotonic()
+    request.state.arrived = time.time()  # a request's timeout counts from here, parsing included
     request.state.request_id = request_id_of(request)
     try:
         response = await call_next(request)
