@@ -32,3 +32,18 @@ def source_commit() -> str | None:
     if not head:
         return None
     return f"{head}-dirty" if changed else head
+
+
+def command_line() -> str:
+    """How this run was started, as a result records it: the interpreter's name and the arguments."""
+    import sys
+
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def write_result(path: Path, document: object) -> None:
+    """Write a result's JSON (its directory made if missing)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")

@@ -34,7 +34,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import source_commit  # noqa: E402
+from benchmarks import command_line, source_commit, write_result  # noqa: E402
 from benchmarks.bench_load import percentile  # noqa: E402
 
 KEYS = {"a": "tenant-a-key", "b": "tenant-b-key", "admin": "tenant-admin-key"}
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     document = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "device": f"cpu ({socket.gethostname()}, {__import__('os').cpu_count()} cores)",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
         "commit": source_commit() or None,
@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": "fifo" if "fifo" in runs else None,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    write_result(args.out, document)
     return 0
 
 

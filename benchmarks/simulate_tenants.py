@@ -19,14 +19,13 @@ Admission is the application's: a request whose completion estimate misses its d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import source_commit  # noqa: E402
+from benchmarks import command_line, source_commit, write_result  # noqa: E402
 from benchmarks.simulate_fleet import Fleet, Request, capacity_per_s, workload  # noqa: E402
 from rayxdit.serve.fairness import QUEUE_POLICIES  # noqa: E402
 
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     document = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "device": "simulation (no device): benchmarks/simulate_fleet.py's service times, compounded scenario",
         "commit": source_commit() or None,
         "gpus": args.gpus,
@@ -144,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    write_result(args.out, document)
     return 0
 
 
