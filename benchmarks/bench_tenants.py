@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import socket
 import sys
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     document = {
         "command": command_line(),
-        "device": f"cpu ({socket.gethostname()}, {__import__('os').cpu_count()} cores)",
+        "device": f"cpu ({socket.gethostname()}, {os.cpu_count()} cores)",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
         "commit": source_commit() or None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
