@@ -165,3 +165,32 @@ def test_admission_counts_only_the_work_a_request_waits_for(clock, policy):
         assert decision["pool"] == "p" and decision["estimate_s"] <= 30, decision
     else:
         assert decision["pool"] is None and decision["retry_after_s"] > 0, decision
+
+
+def test_a_light_tenant_waits_only_for_the_request_in_service_while_another_keeps_eight_in_flight(clock):
+    """The load test's pattern against the state alone: A keeps 8 requests in the system of one replica
+    (each finished one replaced at once), B sends one every third service. B always goes in at the next
+    completion: it waits for the request in service and nothing else."""
+    app = Sync(AppState(FAIR))
+    app.report("p", "r1", ready=True)
+    sent = iter(range(10_000))
+
+    def send(tenant: str) -> str:
+        ticket = f"{tenant}{next(sent)}#0"
+        routed(app, ticket, tenant)
+        return ticket
+
+    for _ in range(8):
+        send("a")
+    (running,) = app.state.let_in["p"]
+    b_waits, b_arrived = [], {}
+    for service in range(120):
+        if service % 3 == 1:
+            b_arrived[send("b")] = service
+        app.finish(running, engine_s=1.0, gpu_seconds=1.0)
+        if running.startswith("a"):
+            send("a")  # A's client sends its next at once
+        (running,) = app.state.let_in["p"]
+        if running in b_arrived:
+            b_waits.append(service - b_arrived.pop(running))
+    assert len(b_waits) == 40 and set(b_waits) == {0}, b_waits
