@@ -165,15 +165,21 @@ def run_phases(url: str, args: argparse.Namespace, ranks: int) -> dict[str, Any]
         for worker in workers:
             worker.join()
         wall = time.monotonic() - began
-        after = usage(url)
-        spent = {
-            tenant: round(
-                after.get(tenant, {}).get("gpu_seconds", 0.0)
-                - before.get(tenant, {}).get("gpu_seconds", 0.0),
-                3,
-            )
-            for tenant in ("a", "b")
-        }
+        answered = {t: sum(r["gpu_seconds"] for r in records if r["tenant"] == t) for t in ("a", "b")}
+        settle = time.monotonic() + 10  # a release may reach the state just after its answer left
+        while True:
+            after = usage(url)
+            spent = {
+                tenant: round(
+                    after.get(tenant, {}).get("gpu_seconds", 0.0)
+                    - before.get(tenant, {}).get("gpu_seconds", 0.0),
+                    3,
+                )
+                for tenant in ("a", "b")
+            }
+            if all(spent[t] >= answered[t] - 1e-3 for t in spent) or time.monotonic() > settle:
+                break
+            time.sleep(0.2)
         gpu_seconds = sum(r["gpu_seconds"] for r in records)
         phases[name] = {
             "wall_s": round(wall, 2),
