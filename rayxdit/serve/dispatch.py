@@ -55,6 +55,16 @@ learn of a dead replica within about a second, and until they do they may pick i
 one after another (a node going) are not retried in lockstep by every router."""
 
 
+def gone_for_good(pool: PoolConfig, seen_gone: int, warm: bool | None, began: float) -> bool:
+    """Whether a request waiting for ``pool`` since ``began`` (monotonic) should be taken back, the state
+    having found the pool without a replica ``seen_gone`` times in a row: a pool that had replicas when the
+    request was routed (``warm``), or a cold one that started none within twice its start-up prior, after
+    GONE_RENEWALS such answers (a replica silent for STALE_AFTER_S + RENEW_S: one late heartbeat of a replica
+    starved of CPU while it runs this very request must not take the request back)."""
+    may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
+    return bool(may_be_gone) and seen_gone >= GONE_RENEWALS
+
+
 class TurnLost(Exception):
     """The state forgot a request waiting in a pool's line (it restarted): route it again."""
 
@@ -337,8 +347,7 @@ class Dispatcher:
             if turn == "lost":
                 raise TurnLost(pool.name)
             seen_gone = seen_gone + 1 if turn == "gone" else 0
-            may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
-            if may_be_gone and seen_gone >= GONE_RENEWALS:
+            if gone_for_good(pool, seen_gone, warm, began):
                 raise PoolGone(pool.name)
 
     async def _call_pool(
@@ -402,11 +411,8 @@ class Dispatcher:
                 except Exception as error:  # the state replica restarting: the next renewal tells
                     logger.info("request %s: reservation not renewed (%r)", request_id, error)
                     continue
-                may_be_gone = warm or time.monotonic() - began > 2 * pool.startup_s
                 seen_gone = seen_gone + 1 if gone else 0
-                # Twice in a row (a replica silent for STALE_AFTER_S + RENEW_S): one late heartbeat of a
-                # replica starved of CPU while it runs this very request must not take the request back.
-                if may_be_gone and seen_gone >= GONE_RENEWALS:
+                if gone_for_good(pool, seen_gone, warm, began):
                     response.cancel()
                     raise PoolGone(pool.name)
         except asyncio.CancelledError:  # the client went away: the pool stops the ranks
