@@ -194,6 +194,12 @@ def open_journal(redis_url: str | None, prefix: str) -> Journal:
     return MemoryJournal() if redis_url is None else RedisJournal(redis_url, prefix)
 
 
+def wall_offset(now: float) -> float:
+    """What to add to a monotonic time to get the wall-clock time, ``now`` being the monotonic clock's
+    reading: what the journal keeps are wall-clock times, since monotonic clocks differ between hosts."""
+    return time.time() - now
+
+
 def pack_parts(parts: list[bytes]) -> bytes:
     """Several byte strings as one value (a job's frames), read back by :func:`unpack_parts`."""
     header = struct.pack(f"<I{len(parts)}Q", len(parts), *(len(part) for part in parts))

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayxdit.serve.durable import Journal, MemoryJournal, pack_parts, unpack_parts
+from rayxdit.serve.durable import Journal, MemoryJournal, pack_parts, unpack_parts, wall_offset
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
     "queued",
@@ -269,7 +269,7 @@ class JobStore:
         record = {name: getattr(job, name) for name in RECORD_FIELDS}
         ttl_s = None
         if job.finished_at is not None:  # monotonic clocks differ between hosts: kept as an age
-            record["finished_wall"] = time.time() - (now - job.finished_at)
+            record["finished_wall"] = job.finished_at + wall_offset(now)
             ttl_s = max(0.001, job.finished_at + self.ttl_s - now)
         self.journal.save(self.RECORDS, job.id, json.dumps(record).encode(), ttl_s)
 
@@ -286,7 +286,7 @@ class JobStore:
             finished_wall = record.pop("finished_wall", None)
             job = Job(**record)
             if finished_wall is not None:
-                job.finished_at = now - max(0.0, time.time() - finished_wall)
+                job.finished_at = min(now, finished_wall - wall_offset(now))
             else:
                 job.lease_expires = now + self.lease_s
             if job.status == COMPLETED:

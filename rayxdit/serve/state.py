@@ -42,7 +42,7 @@ from typing import Any
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.budget import BudgetCache
-from rayxdit.serve.durable import Journal, MemoryJournal, open_journal
+from rayxdit.serve.durable import Journal, MemoryJournal, open_journal, wall_offset
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
@@ -496,7 +496,7 @@ class AppState:
             return
         use = self.tenant_use[tenant]
         use.trim(now)
-        wall = time.time() - now
+        wall = wall_offset(now)
         windows = {
             "admitted": [wall + t for t in use.admitted],
             "spent": [[wall + t, seconds] for t, seconds in use.spent],
@@ -506,7 +506,7 @@ class AppState:
     def _restore_usage(self) -> None:
         kept = self.journal.load(USAGE_SPACE)
         now = time.monotonic()
-        mono = now - time.time()  # wall-clock time + mono = monotonic time
+        mono = -wall_offset(now)  # wall-clock time + mono = monotonic time
         for key, (value, _) in kept.items():
             data = json.loads(value)
             if key == "totals":
