@@ -57,29 +57,31 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     temp_dir = private_ray_temp_dir()
     dashboard, gcs = free_port(), free_port()
-    subprocess.run(
-        [
-            "ray",
-            "start",
-            "--head",
-            # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must not
-            # find this cluster through /tmp/ray/ray_current_cluster and join it.
-            f"--temp-dir={temp_dir}",
-            f"--port={gcs}",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=8",
-            "--num-gpus=8",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    stop_ray_cluster(gcs)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:  # also when the start itself fails or times out: a cluster left running slows every later test
+        subprocess.run(
+            [
+                "ray",
+                "start",
+                "--head",
+                # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must
+                # not find this cluster through /tmp/ray/ray_current_cluster and join it.
+                f"--temp-dir={temp_dir}",
+                f"--port={gcs}",
+                f"--dashboard-port={dashboard}",
+                "--num-cpus=8",
+                "--num-gpus=8",
+                "--include-dashboard=true",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        stop_ray_cluster(gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(

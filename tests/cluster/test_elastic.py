@@ -164,30 +164,30 @@ def cluster(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     temp_dir = private_ray_temp_dir()
-    subprocess.run(
-        [
-            "ray",
-            "start",
-            "--head",
-            # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must not
-            # find this cluster through /tmp/ray/ray_current_cluster and join it.
-            f"--temp-dir={temp_dir}",
-            f"--port={port}",
-            f"--autoscaling-config={config_path}",
-            "--num-cpus=4",
-            "--num-gpus=0",
-            "--disable-usage-stats",
-            f"--dashboard-port={free_port()}",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
-    ray.init(address=f"127.0.0.1:{port}", logging_level="warning")
-    http_port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
-    try:
+    try:  # also when the start itself fails or times out: a cluster left running slows every later test
+        subprocess.run(
+            [
+                "ray",
+                "start",
+                "--head",
+                # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must
+                # not find this cluster through /tmp/ray/ray_current_cluster and join it.
+                f"--temp-dir={temp_dir}",
+                f"--port={port}",
+                f"--autoscaling-config={config_path}",
+                "--num-cpus=4",
+                "--num-gpus=0",
+                "--disable-usage-stats",
+                f"--dashboard-port={free_port()}",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        ray.init(address=f"127.0.0.1:{port}", logging_level="warning")
+        http_port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
         yield f"http://127.0.0.1:{http_port}"
     finally:  # the whole cluster goes: no graceful Serve shutdown first (it waits on every replica)
         ray.shutdown()

@@ -167,10 +167,12 @@ def url():
         )
     port = free_port()
     lora_source()
-    with redis_server(REDIS_PORT):
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+    try:  # Ray goes also when the deployment fails: an instance left running slows every later test
+        with redis_server(REDIS_PORT):
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+    finally:
         serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
         ray.shutdown()
 
