@@ -1,4 +1,8 @@
+import contextlib
 import os
+import sys
+
+import pytest
 
 # Spawned ranks inherit this: keeps transformers' import-time notices (no torchvision) out of test logs.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -6,3 +10,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # CPUs (test_serve.py: 32) on a 2-core machine, and ~50 idle workers importing Ray cost ~90 CPU-seconds a
 # suite. Every cluster the tests start (ray.init, `ray start`, `rayxdit serve`) inherits this.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_behind():
+    """After each test module, this process is out of any Ray instance, whatever the module did: a test that
+    fails between its ``ray.init`` (or a benchmark's ``main``) and its shutdown would otherwise leave one,
+    and every later ``ray.init`` would fail ("called ray.init twice"), one failure becoming forty."""
+    yield
+    if "ray" not in sys.modules:  # nothing to do, and no Ray import for modules that never used it
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if "ray.serve" in sys.modules:
+        from ray import serve
+
+        with contextlib.suppress(Exception):  # this process's handles: left running, they start Ray again
+            serve.shutdown()
+    ray.shutdown()
