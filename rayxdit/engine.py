@@ -11,6 +11,7 @@ one ``Engine``; the executor then calls :meth:`Engine.generate` on every rank at
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from rayxdit.models.registry import load_adapter, load_controlnets, resolve_dtyp
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
-from rayxdit.request import GenerateRequest, GenerateResult, RequestError
+from rayxdit.request import GenerateRequest, GenerateResult, RequestError, preview_steps
 
 ADD_ON_ORDER = (
     "loras",
@@ -113,12 +114,15 @@ class Engine:
         output: str = "pil",
         progress: bool = False,
         control: StepControl = UNCONTROLLED,
+        on_preview: Callable[[int, list], None] | None = None,
     ) -> GenerateResult | None:
         """Collective: every rank of the group calls it with the same request; rank 0 returns the result.
 
         ``output="latent"`` returns the final latents instead of images (parity tests compare those).
         ``control`` is checked at every step boundary: when the group agrees to stop, every rank raises
-        :class:`~rayxdit.request.RequestStopped` at the same step.
+        :class:`~rayxdit.request.RequestStopped` at the same step. ``on_preview(index, images)`` gets, on the
+        driver, the request's ``partial_images`` previews as they are made (the standard loop; PipeFusion's
+        makes none); they change nothing of the final image.
         """
         adapter = self.adapter
         resolved = adapter.resolve(request)
@@ -141,6 +145,9 @@ class Engine:
             progress=progress,
             cache_threshold=adapter.cache_threshold_for(request),
         )
+        if on_preview is not None and request.partial_images and self.state.config.pipefusion == 1:
+            req.preview_steps = preview_steps(req.steps, request.partial_images)
+            req.preview = self._previewer(req, on_preview)
         adapter.prepare(req)
         device = self.state.device
         if device.type == "cuda":  # this request's peak, reported with its timings
@@ -167,6 +174,22 @@ class Engine:
         if device.type == "cuda":
             timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
+
+    def _previewer(self, req: RunningRequest, on_preview: Callable[[int, list], None]):
+        """The loop's preview hook: the predicted clean latents decoded by the ranks that decode (as the
+        final image is), the images handed to ``on_preview`` on the driver, numbered from 0."""
+        made = 0
+
+        def preview(latents: torch.Tensor) -> None:
+            nonlocal made
+            index, made = made, made + 1
+            if not self.adapter.decodes_here():
+                return
+            images = self.adapter.decode(latents, req)
+            if self.state.is_driver and images is not None:
+                on_preview(index, images)
+
+        return preview
 
 
 def _now(device: torch.device) -> float:

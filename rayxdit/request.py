@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
 MAX_IMAGES = 8
+MAX_PARTIAL_IMAGES = 3
+"""OpenAI's bound on ``partial_images``: previews a streamed request gets before its image."""
 MAX_FRAMES = 241
 MAX_CONTROLS = 4
 """ControlNet inputs per request (diffusers' MultiControlNet sums their residuals)."""
@@ -197,6 +199,13 @@ class GenerateRequest(BaseModel):
         description="First-Block Cache threshold for this request where the model runs with step caching "
         "(0: exact, no step skipped; default: the model's configured threshold).",
     )
+    partial_images: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="Previews of the image as it forms (a streamed request's partial images): the prediction "
+        "of the clean image decoded at evenly spaced steps (:func:`preview_steps`).",
+    )
     image: bytes | None = Field(
         default=None,
         description="An input image (encoded: PNG, JPEG, WebP) to start from (img2img), resized to the "
@@ -316,9 +325,21 @@ class EncodedResult:
     latents: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     frames_per_video: int = 1
+    partials: dict[int, bytes] = field(default_factory=dict)
+    """Partial images (PNG, by index) no progress poll fetched before the request ended: a streamed
+    request's caller sends them before the image."""
 
     def decode(self) -> GenerateResult:
         from PIL import Image
 
         images = [Image.open(io.BytesIO(data)) for data in self.pngs]
         return GenerateResult(images, self.latents, self.timings, self.frames_per_video)
+
+
+def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
+    """The steps (0-based) after which a request with ``partial_images`` previews makes them: evenly spaced
+    over its ``steps``, never the last (the image itself), distinct (fewer previews when steps are few)."""
+    if partial_images <= 0 or steps < 2:
+        return ()
+    spaced = {round((index + 1) * steps / (partial_images + 1)) - 1 for index in range(partial_images)}
+    return tuple(sorted(step for step in spaced if 0 <= step < steps - 1))

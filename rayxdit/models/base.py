@@ -34,7 +34,7 @@ from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import split_sizes
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
 from rayxdit.request import ControlInput, GenerateRequest, RequestError
-from rayxdit.schedulers import SAMPLERS, options_from, sampler
+from rayxdit.schedulers import FLOW, SAMPLERS, options_from, sampler
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
@@ -369,6 +369,20 @@ class DiffusionAdapter(ABC):
         if hasattr(scheduler, "scale_noise"):
             return scheduler.scale_noise(clean, timestep, noise)
         return scheduler.add_noise(clean, noise, timestep)
+
+    def predicted_clean(
+        self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, stepped: Any
+    ) -> torch.Tensor:
+        """This step's prediction of the clean latents (a preview's): what the sampler computed on the way
+        (``pred_original_sample``: Euler, DDIM, ...), else for a flow model the straight line back from
+        ``latents`` along the velocity ``prediction`` at the step's sigma; else the stepped latents."""
+        clean = getattr(stepped, "pred_original_sample", None)
+        if clean is not None:
+            return clean
+        index = getattr(scheduler, "step_index", None)
+        if self.family.prediction == FLOW and index and getattr(scheduler, "sigmas", None) is not None:
+            return latents - float(scheduler.sigmas[index - 1]) * prediction
+        return stepped.prev_sample
 
     def new_scheduler(self, req: RunningRequest) -> Any:
         """A fresh scheduler for one request: the checkpoint's own, or the sampler the request names

@@ -68,7 +68,13 @@ class StandardLoop:
             noise_prediction = guided_prediction(
                 predictions, state.axis("cfg"), adapter.uses_cfg(request), adapter.cfg_scale(request)
             )
-            latents = scheduler.step(noise_prediction, t, latents, return_dict=False)[0]
+            stepped = scheduler.step(noise_prediction, t, latents, return_dict=True)
+            if step in req.preview_steps and req.preview is not None:  # a streamed request's partial image
+                clean = adapter.predicted_clean(scheduler, latents, noise_prediction, stepped)
+                if mask is not None:
+                    clean = (1 - mask) * image + mask * clean
+                req.preview(gather_shards(clean, 1, sp, token_sizes))
+            latents = stepped.prev_sample
             if mask is not None:  # inpainting: what is kept is the image, noised to where the loop is
                 kept = image
                 if step < len(timesteps) - 1:

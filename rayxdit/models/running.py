@@ -9,6 +9,7 @@ cache's threshold; later per-request adapters and previews) add a field here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ class RunningRequest:
     """The input image (img2img, inpainting), set by the family's ``initial_latents``."""
     control_condition: Any = None
     """The conditioning ControlNets read (Flux: the prompt's, for either CFG branch), set when encoding."""
+    preview_steps: tuple[int, ...] = ()
+    """Steps after which the loop hands the prediction of the clean latents to ``preview`` (a streamed
+    request's partial images; :func:`~rayxdit.request.preview_steps`)."""
+    preview: Callable[[torch.Tensor], None] | None = None
+    """Called on every rank with the full predicted clean latents (the loop's layout) at ``preview_steps``."""
 
     @property
     def request(self) -> GenerateRequest:

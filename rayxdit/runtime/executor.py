@@ -349,13 +349,17 @@ class Executor(ABC):
             if not call.done():
                 call.cancel()
 
-    async def progress_async(self) -> dict[str, Any] | None:
-        """Rank 0's running request (its id, step and step count), None when idle or unreachable; answered
-        while the request runs, without touching it."""
+    async def progress_async(
+        self, previews_of: str | None = None, previews_from: int = 0
+    ) -> dict[str, Any] | None:
+        """Rank 0's running request (its id, step, step count, previews made; when it is ``previews_of``,
+        its partial images from ``previews_from`` on), None when idle or unreachable; answered while the
+        request runs, without touching it."""
         if self.broken:
             return None
         try:
-            return (await self._call_async("progress", (), {}, PING_TIMEOUT_S, [0]))[0]
+            arguments = (previews_of, previews_from)
+            return (await self._call_async("progress", arguments, {}, PING_TIMEOUT_S, [0]))[0]
         except Exception:
             return None
 

@@ -62,6 +62,8 @@ class RankWorker:
         self._lock = threading.Lock()  # cancel() and progress() run on another thread than generate()
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._progress: dict[str, Any] | None = None
+        self._previews: list[Any] = []  # the running request's partial images (PIL), encoded when asked for
+        self._fetched = 0  # of those, how many a progress poll handed out
         self._last: dict[str, Any] | None = None
         self.telemetry_pool = telemetry_pool
         self.publish_telemetry = publish_telemetry
@@ -133,7 +135,7 @@ class RankWorker:
         The request can be cancelled by its ``request_id`` (:meth:`cancel`) and stops past ``deadline``
         (seconds since the epoch): every rank raises :class:`~rayxdit.request.RequestStopped` at the same
         step boundary, leaving the group clean. :meth:`progress` tells its step meanwhile."""
-        from rayxdit.imaging import encode_result
+        from rayxdit.imaging import encode_png, encode_result
         from rayxdit.parallel.control import StepControl
 
         assert self.engine is not None, "load() first"
@@ -145,7 +147,9 @@ class RankWorker:
         )
         self._record_progress(request_id, 0, request.steps or 0)
         try:
-            result = self.engine.generate(request, output=output, progress=progress, control=control)
+            result = self.engine.generate(
+                request, output=output, progress=progress, control=control, on_preview=self._keep_preview
+            )
         except RequestStopped as stop:
             self._finished(request_id, stop.reason, stop.step)
             raise
@@ -153,7 +157,14 @@ class RankWorker:
             self._finished(request_id, "failed", None)
             raise
         self._finished(request_id, "done", request.steps)
-        return encode_result(result) if result is not None else None
+        if result is None:
+            return None
+        encoded = encode_result(result)
+        with self._lock:  # previews made after the last poll (the last one is a few steps from the end)
+            unfetched = dict(enumerate(self._previews))
+            fetched, self._previews = self._fetched, []
+        encoded.partials = {i: encode_png(image) for i, image in unfetched.items() if i >= fetched}
+        return encoded
 
     def cancel(self, request_id: str) -> None:
         """Control: stop ``request_id`` at the next step boundary the group agrees on (also when it has not
@@ -163,10 +174,28 @@ class RankWorker:
             while len(self._cancelled) > REMEMBERED_CANCELS:
                 self._cancelled.popitem(last=False)
 
-    def progress(self) -> dict[str, Any] | None:
-        """Control: the running request's id, step and step count (None when idle)."""
+    def progress(self, previews_of: str | None = None, previews_from: int = 0) -> dict[str, Any] | None:
+        """Control: the running request's id, step, step count and how many ``previews`` it made (None when
+        idle); when it is ``previews_of``, also ``partials``: its partial images from ``previews_from`` on,
+        as PNG bytes (encoded here, on the control thread, not in the denoising loop's way)."""
+        from rayxdit.imaging import encode_png
+
         with self._lock:
-            return dict(self._progress) if self._progress is not None else None
+            if self._progress is None:
+                return None
+            answer = {**self._progress, "previews": len(self._previews)}
+            mine = previews_of is not None and previews_of == self._progress["request_id"]
+            wanted = self._previews[previews_from:] if mine else []
+            if mine:
+                self._fetched = max(self._fetched, len(self._previews))
+        if mine:
+            answer["partials"] = [encode_png(image) for image in wanted]
+        return answer
+
+    def _keep_preview(self, index: int, images: list) -> None:
+        with self._lock:
+            if index == len(self._previews):  # the first image of the request's batch stands for it
+                self._previews.append(images[0])
 
     def last_request(self) -> dict[str, Any] | None:
         """Control: how the last request ended: its id, ``outcome`` (done, cancelled, deadline, failed) and
@@ -189,6 +218,8 @@ class RankWorker:
 
     def _record_progress(self, request_id: str, step: int, steps: int) -> None:
         with self._lock:
+            if self._progress is None or self._progress["request_id"] != request_id:
+                self._previews, self._fetched = [], 0
             self._progress = {"request_id": request_id, "step": step, "steps": steps}
 
     def compile_artifacts(self) -> tuple[str, bytes] | None:

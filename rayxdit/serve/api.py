@@ -10,7 +10,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rayxdit.loras import MAX_LORAS
-from rayxdit.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, GenerateRequest, LoraChoice, RequestError
+from rayxdit.request import (
+    MAX_IMAGES,
+    MAX_PARTIAL_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    GenerateRequest,
+    LoraChoice,
+    RequestError,
+)
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SCHEDULER_FIELD = Field(
@@ -122,6 +130,19 @@ class ImageGenerationRequest(BaseModel):
     ip_adapter_scale: float = Field(
         default=1.0, ge=0, le=4, description="The image prompt's weight (rayxdit)."
     )
+    stream: bool = Field(
+        default=False,
+        description="Answer as server-sent events, as OpenAI streams images: `partial_images` previews "
+        "(`image_generation.partial_image`, `image_edit.partial_image` for edits), then the image "
+        "(`...completed`), each as b64_json; n must be 1.",
+    )
+    partial_images: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="With stream: previews at evenly spaced steps, each the clean image as predicted there "
+        "(fewer when the request has few steps; none on PipeFusion pools).",
+    )
 
     _loras_text = field_validator("loras", mode="before")(_loras_from_text)
 
@@ -141,6 +162,7 @@ class ImageGenerationRequest(BaseModel):
                 cache_threshold=self.cache_threshold,
                 scheduler=self.scheduler,
                 loras=tuple(self.loras),
+                partial_images=self.partial_images if self.stream else 0,
             )
         except ValidationError as error:
             raise request_error_from(error) from None
@@ -165,7 +187,6 @@ class ImageEditRequest(ImageGenerationRequest):
     output_compression: int | None = Field(
         default=None, description="Accepted for OpenAI compatibility; ignored."
     )
-    stream: bool = Field(default=False, description="Streaming is not offered: false only.")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

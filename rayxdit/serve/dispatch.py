@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -81,6 +82,20 @@ class ReplicaDied(PoolGone):
 
 async def _awaited(response):
     return await response
+
+
+PartialSink = Callable[[int, bytes], None]
+"""Where a streamed request's partial images go as they come: ``(partial_image_index, png)``."""
+
+
+async def _streamed(response, on_partial: PartialSink) -> EncodedResult:
+    """A pool's streamed answer (``generate_stream``): its partial images to ``on_partial``, then the
+    result."""
+    async for item in response:
+        if isinstance(item, EncodedResult):
+            return item
+        on_partial(item["partial_image_index"], item["png"])
+    raise RuntimeError("the pool's stream ended without its result")
 
 
 def deadline_error(request_id: str) -> ApiError:
@@ -189,11 +204,14 @@ class Dispatcher:
         tenant: str | None = None,
         limits: TenantLimits | None = None,
         arrived: float | None = None,
+        on_partial: PartialSink | None = None,
     ) -> tuple[EncodedResult, dict[str, Any]]:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
         filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody); ``arrived``:
-        when the router took it (seconds since the epoch; default now), from which ``timeout`` counts."""
+        when the router took it (seconds since the epoch; default now), from which ``timeout`` counts;
+        ``on_partial``: a streamed request's partial images (a retried attempt makes them again from index
+        0: the sink keeps the first of each index)."""
         counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = arrived or time.time()
@@ -239,6 +257,7 @@ class Dispatcher:
                     report_progress,
                     tenant,
                     counted,
+                    on_partial,
                 )
                 break
             except ReplicaDied:
@@ -362,6 +381,7 @@ class Dispatcher:
         report_progress: bool = False,
         tenant: str | None = None,
         metered: bool = False,
+        on_partial: PartialSink | None = None,
     ) -> EncodedResult:
         """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
         the pool stops its ranks at their next step boundary, in the background, before its next request.
@@ -374,8 +394,12 @@ class Dispatcher:
         handle = self.handles[pool.name]
         if request.loras:  # Serve prefers a replica that served these adapters last (they are on its GPUs)
             handle = handle.options(multiplexed_model_id=adapter_set_key(request.loras))
-        response = handle.generate.remote(request, request_id, deadline, cost, report_progress)
-        answer = asyncio.ensure_future(_awaited(response))
+        if on_partial is None:
+            response = handle.generate.remote(request, request_id, deadline, cost, report_progress)
+            answer = asyncio.ensure_future(_awaited(response))
+        else:  # a streamed request: its partial images come as the pool makes them, then its result
+            response = handle.options(stream=True).generate_stream.remote(request, request_id, deadline, cost)
+            answer = asyncio.ensure_future(_streamed(response, on_partial))
         answer.add_done_callback(quiet)
         began = time.monotonic()
         bound = began + max(0.0, deadline - time.time()) + DEADLINE_SLACK_S

@@ -255,8 +255,6 @@ async def edit_inputs(catalog: Catalog, http: Request) -> tuple[ImageEditRequest
         else:
             fields[key] = value
     body: ImageEditRequest = validated_body(ImageEditRequest, flattened_loras(fields), form=True)
-    if body.stream:
-        raise invalid("stream: streaming is not offered", "stream")
     image, image_size = await upload(images[0], "image")
     mask = None
     if form.get("mask") is not None:

@@ -28,6 +28,8 @@ import contextvars
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -50,6 +52,9 @@ RATE_WINDOW_S = 60.0
 """The window of the request rate a replica reports to the autoscaling policy."""
 PROGRESS_EVERY_S = 0.5
 """How often a job's progress (rank 0's step) is pushed to the application's state."""
+PREVIEW_POLL_S = 0.1
+"""How often a streamed request's partial images are fetched from rank 0 while it runs (a Flux.1-dev step
+takes ~0.1 s on an H200; the poll is a control call, answered beside the loop)."""
 
 
 class PoolReplica:
@@ -206,6 +211,35 @@ class PoolReplica:
         finally:
             if reporter is not None:
                 reporter.cancel()
+
+    async def generate_stream(
+        self, request: GenerateRequest, request_id: str, deadline: float | None = None, cost: float = 0.0
+    ) -> AsyncIterator[dict[str, Any] | EncodedResult]:
+        """:meth:`generate` for a streamed request (Serve's streaming call): its partial images as rank 0
+        makes them (``{"partial_image_index", "png"}``; polled every PREVIEW_POLL_S), then the result.
+        Closing the stream (the client went away) stops the ranks at their next step, as for ``generate``."""
+        if request.loras:
+            await self.note_adapters(adapter_set_key(request.loras))
+        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
+        job.add_done_callback(quiet)
+        sent = 0
+        try:
+            while not job.done():
+                await asyncio.wait({job}, timeout=PREVIEW_POLL_S)
+                if job.done() or not self.lock.locked():
+                    continue
+                progress = await self.executor.progress_async(request_id, sent)
+                for png in (progress or {}).get("partials", ()):
+                    yield {"partial_image_index": sent, "png": png}
+                    sent += 1
+            result = job.result()
+            for index in sorted(index for index in result.partials if index >= sent):
+                yield {"partial_image_index": index, "png": result.partials[index]}
+            result.partials = {}
+            yield result
+        except (asyncio.CancelledError, GeneratorExit):
+            job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
+            raise
 
     async def _report_progress(self, job_id: str) -> None:
         """Push rank 0's step of ``job_id`` to the application's state while it runs."""

@@ -27,11 +27,12 @@ import math
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,7 +60,7 @@ from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, va
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
-from rayxdit.serve.tasks import ask_state, keep_cancellations_quiet
+from rayxdit.serve.tasks import ask_state, keep_cancellations_quiet, quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -156,6 +157,56 @@ class Ingress:
             arrived=getattr(http.state, "arrived", None),
         )
 
+    async def stream(
+        self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None, events: str
+    ) -> StreamingResponse:
+        """A streamed request (``stream: true``): server-sent events as OpenAI streams images, ``events``
+        naming them (``image_generation``, ``image_edit``): each partial image as the pool makes it, then
+        the image. The answer starts with the first event, so that what fails before it (a refusal, a
+        deadline, a failed pool) is the plain JSON error of an unstreamed request; a failure after it is
+        an ``error`` event. A client that closes the stream cancels the request: its ranks stop at the next
+        step."""
+        if body.n != 1:
+            raise invalid("n: a streamed request makes one image; send n=1 or stream=false", "n")
+        model, request, resolved = validated_request(self.catalog, body, http, inputs)
+        tenant, limits = tenant_of(http.state.caller)
+        partials: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        sent: set[int] = set()
+
+        def on_partial(index: int, png: bytes) -> None:
+            if index not in sent:  # a retried attempt makes them again
+                sent.add(index)
+                partials.put_nowait((index, png))
+
+        run = asyncio.ensure_future(
+            self.dispatcher.run(
+                model,
+                request,
+                resolved,
+                http.state.request_id,
+                body.timeout,
+                http.state.labels,
+                tenant=tenant,
+                limits=limits,
+                arrived=getattr(http.state, "arrived", None),
+                on_partial=on_partial,
+            )
+        )
+        run.add_done_callback(quiet)
+        size = f"{resolved.width}x{resolved.height}"
+        try:
+            first = await _next_partial(partials, run)
+        except BaseException:
+            run.cancel()
+            raise
+        if first is None:
+            run.result()  # an error before any event is an ordinary JSON error
+        return StreamingResponse(
+            _events(first, partials, run, events, size, http.state.request_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
     async def image_data(self, pngs: list[bytes], response_format: str, base_url: str) -> list[ImageData]:
         if response_format == "b64_json":
             return [ImageData(b64_json=base64.b64encode(png).decode()) for png in pngs]
@@ -191,6 +242,89 @@ class Ingress:
 
     async def job(self, job_id: str, kind: str, http: Request, action: str = "get_job") -> Any:
         return await self.jobs.find(job_id, kind, self.owner(http), action)
+
+
+async def _next_partial(
+    partials: asyncio.Queue[tuple[int, bytes]], run: asyncio.Future
+) -> tuple[int, bytes] | None:
+    """The next partial image of a streamed request, or None once it has ended (``run`` done) with none
+    left."""
+    if not partials.empty() or run.done():
+        return None if partials.empty() else partials.get_nowait()
+    waiting = asyncio.ensure_future(partials.get())
+    try:
+        await asyncio.wait({waiting, run}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+    if waiting.done() and not waiting.cancelled():
+        return waiting.result()
+    return None if partials.empty() else partials.get_nowait()
+
+
+def _event(kind: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def _events(
+    first: tuple[int, bytes] | None,
+    partials: asyncio.Queue[tuple[int, bytes]],
+    run: asyncio.Future,
+    events: str,
+    size: str,
+    request_id: str,
+) -> AsyncIterator[bytes]:
+    """A streamed request's events (OpenAI's fields; PNG, opaque), from its ``first`` partial image on."""
+    shape = {"size": size, "quality": "auto", "background": "opaque", "output_format": "png"}
+    try:
+        partial = first
+        while partial is not None:
+            index, png = partial
+            yield _event(
+                f"{events}.partial_image",
+                {
+                    "type": f"{events}.partial_image",
+                    "b64_json": base64.b64encode(png).decode(),
+                    "partial_image_index": index,
+                    "created_at": int(time.time()),
+                    **shape,
+                },
+            )
+            partial = await _next_partial(partials, run)
+        try:
+            result, info = run.result()
+        except ApiError as error:
+            payload = error_payload(str(error), error.kind, error.param, error.code)
+            yield _event("error", {"type": "error", **payload})
+            return
+        except Exception as error:  # pool_error renders every pool failure; anything else is ours
+            logger.error("request %s: stream failed: %r", request_id, error)
+            message = f"internal error in request {request_id}; the server log has the details"
+            yield _event("error", {"type": "error", **error_payload(message, "server_error")})
+            return
+        yield _event(
+            f"{events}.completed",
+            {
+                "type": f"{events}.completed",
+                "b64_json": base64.b64encode(result.pngs[0]).decode(),
+                "created_at": int(time.time()),
+                **shape,
+                "usage": NO_TOKENS,
+                "rayxdit": info,
+            },
+        )
+    finally:  # the client closed the stream (or it ended): a request still running stops
+        if not run.done():
+            run.cancel()
+
+
+NO_TOKENS = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+"""OpenAI's completed event has a token count (GPT image models'); diffusion has none."""
 
 
 def tenant_of(key: ApiKey | None) -> tuple[str | None, TenantLimits | None]:
@@ -302,6 +436,8 @@ async def images_generations(
     base = str(request.base_url).rstrip("/")
     inputs = await conditioning_inputs(ingress.catalog, body)
     if body.background or "respond-async" in request.headers.get("prefer", ""):
+        if body.stream:
+            raise invalid("stream: a background job is polled, not streamed; send one or the other", "stream")
         model, generate, resolved = validated_request(ingress.catalog, body, request, inputs)
 
         async def deliver(result: EncodedResult, info: dict[str, Any]):
@@ -315,6 +451,8 @@ async def images_generations(
         )
         location = f"{base}/v1/images/generations/{job['id']}"
         return JSONResponse(job, status_code=202, headers={"Location": location})
+    if body.stream:
+        return await ingress.stream(body, request, inputs, "image_generation")
     result, info = await ingress.generate(body, request, inputs)
     data = await ingress.image_data(result.pngs, body.response_format, base)
     return ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
@@ -352,6 +490,8 @@ async def images_edits(ingress: IngressOf, request: Request) -> ImageGenerationR
     ingress.authorize(request)
     request.state.labels = {"model": "", "pool": "", "size_class": ""}
     body, inputs = await edit_inputs(ingress.catalog, request)
+    if body.stream:
+        return await ingress.stream(body, request, inputs, "image_edit")
     result, info = await ingress.generate(body, request, inputs)
     base = str(request.base_url).rstrip("/")
     data = await ingress.image_data(result.pngs, body.response_format, base)
@@ -364,6 +504,8 @@ async def generate_png(ingress: IngressOf, body: ImageGenerationRequest, request
     ingress.authorize(request)
     if body.background:
         raise invalid("background jobs: POST /v1/images/generations", "background")
+    if body.stream:
+        raise invalid("stream: POST /v1/images/generations streams; this endpoint answers one PNG", "stream")
     result, info = await ingress.generate(body, request, await conditioning_inputs(ingress.catalog, body))
     headers = {
         "X-Rayxdit-Gpu-Seconds": str(info["gpu_seconds"]),

@@ -103,6 +103,7 @@ BAD = [
     ({"prompt": "x", "steps": 100000}, "steps"),
     ({"prompt": "x", "steps": "many"}, "steps"),
     ({"prompt": "x", "n": 100}, "n"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
     ({"prompt": "\x00\x00"}, "prompt"),
@@ -135,6 +136,19 @@ BAD = [
 def test_bad_input_gets_a_json_400_naming_the_field(url, body, param):
     for path in ("/v1/images/generations", "/v1/generate"):
         assert_refused(post(url, body, path), param)
+
+
+def test_streams_are_refused_where_they_cannot_be_made_before_any_work(url):
+    """One image per stream, OpenAI's 0-3 previews, no stream of a background job nor of the PNG endpoint."""
+    stream = {"prompt": "x", "stream": True}
+    for body, param in (
+        ({**stream, "n": 2}, "n"),
+        ({**stream, "partial_images": 4}, "partial_images"),
+        ({**stream, "partial_images": -1}, "partial_images"),
+        ({**stream, "background": True}, "stream"),
+    ):
+        assert_refused(post(url, body), param)
+    assert_refused(post(url, stream, "/v1/generate"), "stream")
 
 
 def test_bodies_that_are_no_json_object_get_a_json_400(url):
@@ -208,7 +222,8 @@ def test_edits_refuse_bad_uploads(url):
         ({"image": ("a.png", source)}, {**form, "size": "37x36"}, "size"),
         ({"image": ("a.png", source), "image[]": ("b.png", source)}, form, "image"),
         ({"mask": ("m.png", source)}, form, "image"),
-        ({"image": ("a.png", source)}, {**form, "stream": "true"}, "stream"),
+        ({"image": ("a.png", source)}, {**form, "stream": "true", "n": "2"}, "n"),  # one streamed image
+        ({"image": ("a.png", source)}, {**form, "stream": "true", "partial_images": "4"}, "partial_images"),
         ({"image": ("a.png", source)}, {**form, "colour": "red"}, "colour"),
         ({"image": ("a.png", source), "control_image": ("c.png", b"text")}, form, "control_image"),
         ({"image": ("a.png", source)}, {**form, "loras[0][name]": "nope"}, "loras"),  # OpenAI's client
