@@ -831,6 +831,88 @@ def test_openai_client_edits_an_image_and_the_pool_gives_the_single_process_resu
     assert np.abs(served - single).max() <= 1
 
 
+def test_a_streamed_image_shows_its_partial_images_then_the_unstreamed_image(url, engine, tmp_path):
+    """OpenAI's client streams: two partial images (PNGs of the size asked, unlike each other and the
+    image), then the completed image, equal to the unstreamed one of the same seed (and to one process's);
+    an edit streams likewise. A client that closes the stream after its first partial image stops the
+    request at a step boundary (rank 0 says cancelled, well before its last step), and the next image is
+    right."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    body = {"prompt": "a lighthouse", "size": "48x40", "steps": 6, "seed": 21}
+    events = list(
+        client.images.generate(
+            model="tiny-2",
+            prompt=body["prompt"],
+            size=body["size"],
+            stream=True,
+            partial_images=2,
+            extra_body={"steps": 6, "seed": 21},
+        )
+    )
+    kinds = [event.type for event in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    pictures = [png_pixels(base64.b64decode(event.b64_json)) for event in events]
+    assert all(picture.shape == (40, 48, 3) for picture in pictures)
+    first, second, final = pictures
+    assert np.abs(first - second).max() > 5 and np.abs(second - final).max() > 1, (
+        "previews must show progress"
+    )
+    unstreamed = post(url, {**body, "model": "tiny-2"})
+    assert unstreamed.status_code == 200, unstreamed.text
+    assert np.abs(final - png_pixels(base64.b64decode(unstreamed.json()["data"][0]["b64_json"]))).max() <= 1
+    assert np.abs(final - single_process_pixels(engine, body)).max() <= 1
+
+    source = random_png(40, 36, seed=1)
+    (tmp_path / "source.png").write_bytes(source)
+    with open(tmp_path / "source.png", "rb") as image:
+        edits = list(
+            client.images.edit(
+                model="tiny-2",
+                image=image,
+                prompt="a watercolor",
+                stream=True,
+                partial_images=1,
+                extra_body={"strength": 0.75, "steps": 4, "seed": 12},
+            )
+        )
+    assert [event.type for event in edits] == ["image_edit.partial_image", "image_edit.completed"]
+    request = GenerateRequest(
+        prompt="a watercolor", image=source, strength=0.75, width=40, height=36, steps=4, seed=12
+    )
+    single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert np.abs(png_pixels(base64.b64decode(edits[-1].b64_json)) - single).max() <= 1
+
+    wait_idle("failover-2")
+    long = {"prompt": "a long one", "size": "128x128", "seed": 2}
+    stream = client.images.generate(
+        model="tiny-failover",
+        stream=True,
+        partial_images=3,
+        **{k: long[k] for k in ("prompt", "size")},
+        extra_body={"steps": 80, "seed": 2},
+    )
+    assert next(iter(stream)).type == "image_generation.partial_image"
+    stream.close()
+    closed = time.monotonic()
+    wait_idle("failover-2", timeout_s=60)
+    last = ray.get(rank_actor("failover-2", 0).last_request.options(concurrency_group="control").remote())
+    assert last["outcome"] == "cancelled" and last["step"] < 80, last
+    assert time.monotonic() - closed < 30
+    after = {"prompt": "after a stream", "size": "36x36", "steps": 3, "seed": 4}
+    served = post(url, {**after, "model": "tiny-failover"})
+    assert served.status_code == 200, served.text
+    assert (
+        np.abs(
+            png_pixels(base64.b64decode(served.json()["data"][0]["b64_json"]))
+            - single_process_pixels(engine, after)
+        ).max()
+        <= 1
+    )
+
+
 def test_a_controlnet_request_gets_the_single_process_image(url):
     control = random_png(40, 36, seed=7)
     body = {
