@@ -13,6 +13,8 @@ overhead is what the client waited beyond it (HTTP, router, replica, Ray transfe
         --out benchmarks/results/serve-flux-dev-1xh200.json          # one GPU: NVML, GPU-seconds, metrics cost
     python benchmarks/bench_serve.py --parallel ulysses=1 --compile --restarts 3 --requests 3 \\
         --out benchmarks/results/serve-restart-flux-dev-1xh200.json   # a replica restarted on a warm node
+    python benchmarks/bench_serve.py --parallel ulysses=1 --compile --requests 3 --stream-ab 4 \\
+        --out benchmarks/results/serve-stream-flux-dev-1xh200.json    # what 3 streamed previews cost
 
 With ``--restarts N`` the pool warms its size up as part of its start (``warmup_sizes``: torch.compile runs
 before the replica reports ready), and after the timed requests the replica is killed N times: each time Serve starts a new one on the same
@@ -87,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         "on a node the replica never ran on; restarts alternate between the cluster's compile-artifact "
         "store emptied too (compile from scratch) and kept (compile from the artifacts)",
     )
+    parser.add_argument(
+        "--stream-ab",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="also time this many pairs of the same request unstreamed and streamed with --partial-images "
+        "previews (POST /v1/images/generations, b64_json; order alternating within pairs) in the last phase, "
+        "and report what streaming costs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--partial-images", type=int, default=3, help="with --stream-ab (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -104,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
-    # The restarts run once, in the last phase (the one whose record is kept).
+    # The streaming pairs and the restarts run once, in the last phase (the one whose record is kept).
     try:
         phases = [
-            serve_phase(pool, args, metrics_on, restarts=args.restarts if index == len(order) - 1 else 0)
+            serve_phase(pool, args, metrics_on, last=index == len(order) - 1)
             for index, metrics_on in enumerate(order)
         ]
     finally:
@@ -140,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     restart = phases[-1].get("restart")
     if restart:
         record["restart"] = restart
+    stream = phases[-1].get("stream")
+    if stream:
+        record["stream_overhead"] = stream
     if off:
         seconds_off = statistics.median(run["end_to_end_s"] for run in off)
         record["metrics_overhead"] = {
@@ -158,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['gpu_seconds_per_request']:.3f} GPU-seconds per request"
         + (f"; metrics cost {record['metrics_overhead']['pct']:+.2f}%" if off else "")
     )
+    if stream:
+        print(
+            f"streaming {stream['partial_images']} previews: {stream['streamed_s']:.3f} s vs "
+            f"{stream['unstreamed_s']:.3f} s unstreamed ({stream['pct']:+.2f}%), first preview after "
+            f"{stream['first_partial_s']:.3f} s"
+        )
     if restart:
         print(
             f"restart (median of {len(restart['restarts'])}): ready {restart['kill_to_ready_s']:.1f} s after the "
@@ -179,10 +202,12 @@ def leave_no_ray_behind() -> None:
         ray.shutdown()
 
 
-def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int) -> dict:
+def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) -> dict:
     """A fresh Ray instance and deployment; a warm-up request (torch.compile runs there), then
-    ``args.requests`` timed ones, with NVML sampled meanwhile and Ray's exported metrics scraped after; then
-    ``restarts`` replica restarts, timed."""
+    ``args.requests`` timed ones, with NVML sampled meanwhile and Ray's exported metrics scraped after; in
+    the ``last`` phase then ``args.stream_ab`` streaming pairs and ``args.restarts`` replica restarts,
+    timed."""
+    restarts = args.restarts if last else 0
     import ray
     from ray import serve
 
@@ -242,6 +267,9 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int)
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
     exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
+    stream = (
+        stream_phase(port, body, args.stream_ab, args.partial_images) if args.stream_ab and last else None
+    )
     restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
     if restart:
         # The restart phase holds Serve handles in this process: left running, they would start Ray again.
@@ -257,6 +285,52 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, restarts: int)
         "nvml_during_requests": nvml,
         "exported_metrics": exported,
         **({"restart": restart} if restart else {}),
+        **({"stream": stream} if stream else {}),
+    }
+
+
+def stream_phase(port: int, body: dict, pairs: int, partial_images: int) -> dict:
+    """``pairs`` pairs of one request through ``/v1/images/generations``, unstreamed and streamed with
+    ``partial_images`` previews (seeds alike within a pair; the order alternates, so that a drift cannot pass
+    for the cost): the medians of each, the cost in percent, and when the first preview arrived."""
+    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    unstreamed, streamed, first_partial, partials = [], [], [], []
+    for index in range(pairs):
+        request = {**body, "seed": 500 + index, "response_format": "b64_json"}
+        for streaming in (index % 2 == 1, index % 2 == 0):
+            begin = time.perf_counter()
+            if not streaming:
+                response = requests.post(url, json=request, timeout=1800)
+                response.raise_for_status()
+                assert response.json()["data"][0]["b64_json"]
+                unstreamed.append(time.perf_counter() - begin)
+                continue
+            events = []
+            streamed_body = {**request, "stream": True, "partial_images": partial_images}
+            with requests.post(url, json=streamed_body, timeout=1800, stream=True) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if line.startswith(b"data: "):
+                        events.append((time.perf_counter() - begin, json.loads(line[6:])["type"]))
+            streamed.append(time.perf_counter() - begin)
+            kinds = [kind for _, kind in events]
+            assert kinds[-1] == "image_generation.completed", kinds
+            partials.append(len(kinds) - 1)
+            first_partial.append(events[0][0])
+        print(
+            f"stream pair {index + 1}: {unstreamed[-1]:.3f} s unstreamed, {streamed[-1]:.3f} s streamed",
+            flush=True,
+        )
+    unstreamed_s, streamed_s = statistics.median(unstreamed), statistics.median(streamed)
+    return {
+        "partial_images": partial_images,
+        "partials_received": partials,
+        "unstreamed_s": round(unstreamed_s, 4),
+        "streamed_s": round(streamed_s, 4),
+        "pct": round(100 * (streamed_s - unstreamed_s) / unstreamed_s, 3),
+        "first_partial_s": round(statistics.median(first_partial), 4),
+        "method": f"medians of {pairs} unstreamed and {pairs} streamed requests (b64_json), pairs alternating "
+        "which goes first, one deployment, after its warm-up",
     }
 
 

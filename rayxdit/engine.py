@@ -176,8 +176,9 @@ class Engine:
         return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
 
     def _previewer(self, req: RunningRequest, on_preview: Callable[[int, list], None]):
-        """The loop's preview hook: the predicted clean latents decoded by the ranks that decode (as the
-        final image is), the images handed to ``on_preview`` on the driver, numbered from 0."""
+        """The loop's preview hook: the ranks that decode the image decode the predicted clean latents,
+        cheaply (:meth:`~rayxdit.models.base.DiffusionAdapter.preview`), and the driver hands the images to
+        ``on_preview``, numbered from 0."""
         made = 0
 
         def preview(latents: torch.Tensor) -> None:
@@ -185,7 +186,7 @@ class Engine:
             index, made = made, made + 1
             if not self.adapter.decodes_here():
                 return
-            images = self.adapter.decode(latents, req)
+            images = self.adapter.preview(latents, req)
             if self.state.is_driver and images is not None:
                 on_preview(index, images)
 

@@ -1,5 +1,6 @@
 """CPU smoke test of benchmarks/bench_serve.py: the GPU serving benchmark runs end to end on tiny-flux (one
-metrics-off and one metrics-on deployment), so it cannot rot between GPU sessions."""
+metrics-off and one metrics-on deployment, a restart, a streamed/unstreamed pair), so it cannot rot between GPU
+sessions."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
         "--restarts",
         "1",
         "--cold-cache",
+        "--stream-ab",
+        "1",
     ]
     argv += ["--out", str(out)]
     assert bench_serve.main(argv) == 0
@@ -48,3 +51,7 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
     assert on["exported_metrics"]["ray_rayxdit_images_total"] == 3
     assert on["exported_metrics"]["ray_rayxdit_gpu_seconds_total"] > 0
     assert record["phases"][0]["exported_metrics"] == {}
+    # One pair unstreamed/streamed: the 2-step request makes one of the 3 previews asked (never the last step).
+    stream = record["stream_overhead"]
+    assert stream["partials_received"] == [1] and stream["streamed_s"] > 0 and stream["unstreamed_s"] > 0
+    assert 0 < stream["first_partial_s"] <= stream["streamed_s"]
