@@ -64,6 +64,29 @@ def private_ray_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 
+def start_ray_head(temp_dir: str, gcs_port: int, env: dict[str, str], *options: str) -> None:
+    """``ray start --head`` of a cluster of its own: in ``temp_dir`` (a plain ``ray.init()`` elsewhere, a
+    test running beside this one, must not find it through /tmp/ray/ray_current_cluster and join it), its
+    GCS on ``gcs_port``, with ``options`` (resources, dashboard); stop it with :func:`stop_ray_cluster`."""
+    import subprocess
+
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--temp-dir={temp_dir}",
+            f"--port={gcs_port}",
+            "--disable-usage-stats",
+            *options,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+
 def stop_ray_cluster(gcs_port: int, timeout_s: float = 30) -> None:
     """Stop the Ray cluster whose GCS listens on ``gcs_port``, and only it: its GCS, every process started
     against it (raylets of every node, dashboards, monitors) and all of their descendants (agents,

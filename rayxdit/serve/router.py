@@ -38,8 +38,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayxdit.config import ApiKey, ServeConfig, TenantLimits
-from rayxdit.limits import ModelCard
-from rayxdit.request import VIDEO_MEDIA_TYPES, EncodedResult
+from rayxdit.limits import ModelCard, ResolvedRequest
+from rayxdit.request import VIDEO_MEDIA_TYPES, EncodedResult, GenerateRequest
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     RETRY_AFTER_S,
@@ -55,7 +55,7 @@ from rayxdit.serve.api import (
     shown_id,
 )
 from rayxdit.serve.catalog import Catalog
-from rayxdit.serve.dispatch import Dispatcher
+from rayxdit.serve.dispatch import Dispatcher, PartialSink
 from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, validated_request
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
@@ -144,6 +144,18 @@ class Ingress:
         self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None = None
     ) -> tuple[EncodedResult, dict[str, Any]]:
         model, request, resolved = validated_request(self.catalog, body, http, inputs)
+        return await self._run(body, http, model, request, resolved)
+
+    async def _run(
+        self,
+        body: ImageGenerationRequest,
+        http: Request,
+        model: str,
+        request: GenerateRequest,
+        resolved: ResolvedRequest,
+        on_partial: PartialSink | None = None,
+    ) -> tuple[EncodedResult, dict[str, Any]]:
+        """A validated request run by the dispatcher, on the caller's tenant, timed from its arrival."""
         tenant, limits = tenant_of(http.state.caller)
         return await self.dispatcher.run(
             model,
@@ -155,6 +167,7 @@ class Ingress:
             tenant=tenant,
             limits=limits,
             arrived=getattr(http.state, "arrived", None),
+            on_partial=on_partial,
         )
 
     async def stream(
@@ -169,7 +182,6 @@ class Ingress:
         if body.n != 1:
             raise invalid("n: a streamed request makes one image; send n=1 or stream=false", "n")
         model, request, resolved = validated_request(self.catalog, body, http, inputs)
-        tenant, limits = tenant_of(http.state.caller)
         partials: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         sent: set[int] = set()
 
@@ -178,20 +190,7 @@ class Ingress:
                 sent.add(index)
                 partials.put_nowait((index, png))
 
-        run = asyncio.ensure_future(
-            self.dispatcher.run(
-                model,
-                request,
-                resolved,
-                http.state.request_id,
-                body.timeout,
-                http.state.labels,
-                tenant=tenant,
-                limits=limits,
-                arrived=getattr(http.state, "arrived", None),
-                on_partial=on_partial,
-            )
-        )
+        run = asyncio.ensure_future(self._run(body, http, model, request, resolved, on_partial))
         run.add_done_callback(quiet)
         size = f"{resolved.width}x{resolved.height}"
         try:

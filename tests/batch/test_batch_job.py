@@ -25,7 +25,7 @@ from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
-from tests.helpers import free_port, private_ray_temp_dir, stop_ray_cluster
+from tests.helpers import free_port, private_ray_temp_dir, start_ray_head, stop_ray_cluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -58,26 +58,13 @@ def cluster(tmp_path_factory):
     temp_dir = private_ray_temp_dir()
     dashboard, gcs = free_port(), free_port()
     try:  # also when the start itself fails or times out: a cluster left running slows every later test
-        subprocess.run(
-            [
-                "ray",
-                "start",
-                "--head",
-                # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must
-                # not find this cluster through /tmp/ray/ray_current_cluster and join it.
-                f"--temp-dir={temp_dir}",
-                f"--port={gcs}",
-                f"--dashboard-port={dashboard}",
-                "--num-cpus=8",
-                "--num-gpus=8",
-                "--include-dashboard=true",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
+        options = [
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=8",
+            "--num-gpus=8",
+            "--include-dashboard=true",
+        ]
+        start_ray_head(temp_dir, gcs, env, *options)
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         stop_ray_cluster(gcs)

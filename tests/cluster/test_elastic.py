@@ -21,7 +21,6 @@ import base64
 import io
 import os
 import shutil
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,13 @@ from PIL import Image
 from ray import serve
 
 from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
-from tests.helpers import FAST_SERVE_METRICS, free_port, private_ray_temp_dir, stop_ray_cluster
+from tests.helpers import (
+    FAST_SERVE_METRICS,
+    free_port,
+    private_ray_temp_dir,
+    start_ray_head,
+    stop_ray_cluster,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -165,26 +170,8 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     temp_dir = private_ray_temp_dir()
     try:  # also when the start itself fails or times out: a cluster left running slows every later test
-        subprocess.run(
-            [
-                "ray",
-                "start",
-                "--head",
-                # A private temp dir: a plain `ray.init()` elsewhere (a test running beside this one) must
-                # not find this cluster through /tmp/ray/ray_current_cluster and join it.
-                f"--temp-dir={temp_dir}",
-                f"--port={port}",
-                f"--autoscaling-config={config_path}",
-                "--num-cpus=4",
-                "--num-gpus=0",
-                "--disable-usage-stats",
-                f"--dashboard-port={free_port()}",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
+        options = [f"--autoscaling-config={config_path}", "--num-cpus=4", "--num-gpus=0"]
+        start_ray_head(temp_dir, port, env, *options, f"--dashboard-port={free_port()}")
         ray.init(address=f"127.0.0.1:{port}", logging_level="warning")
         http_port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
