@@ -7,6 +7,7 @@ rayxdit serve                      # local Ray, tiny-flux on CPU, http://127.0.0
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -372,6 +373,8 @@ def _serve(args: argparse.Namespace) -> int:
     # systemd, docker and Kubernetes stop a service with SIGTERM: stop as Ctrl-C does (this replaces the
     # crash report ray.init installs for it).
     signal.signal(signal.SIGTERM, _interrupt)
+    # `kill -USR1 <pid>`: every thread's stack to stderr, for an operator whose server seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     for pool in config.pools:  # a pool that can never be placed is refused now, not left pending
         warning = check_placeable(pool, started_here)
         if warning:

@@ -184,7 +184,9 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
         server.send_signal(signal.SIGINT)
         try:
             code = server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # stuck: its threads' stacks into the log (SIGUSR1), then kill it
+            server.send_signal(signal.SIGUSR1)
+            time.sleep(3)
             server.kill()
             code = None
         log.close()

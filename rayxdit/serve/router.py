@@ -372,12 +372,24 @@ async def _observe(request: Request, call_next):
     except asyncio.CancelledError:  # the client went away (or Serve's request timeout fired)
         _account(request, "499", "cancelled", time.monotonic() - began)
         raise
+    except RuntimeError as error:
+        if str(error) != NO_RESPONSE:
+            raise
+        # Starlette's way of saying the endpoint ended without an answer: its client went away and Serve
+        # cancelled it. Raised on, it would end Serve's request task in an error that nobody reads, logged
+        # with a traceback ("Task exception was never retrieved") for an ordinary disconnect.
+        _account(request, "499", "cancelled", time.monotonic() - began)
+        return Response(status_code=499)
     # No X-Request-Id header here: Serve's proxy adds one to every answer (the client's id, else the one it
     # generated and handed on in the request's headers, which request_id_of takes).
     code = getattr(request.state, "error_code", None) or ("" if response.status_code < 400 else "error")
     seconds = None if getattr(request.state, "job", False) else time.monotonic() - began  # a job's answer
     _account(request, str(response.status_code), code, seconds)
     return response
+
+
+NO_RESPONSE = "No response returned."
+"""What Starlette's ``BaseHTTPMiddleware.call_next`` raises when the endpoint sent no response (cancelled)."""
 
 
 def _account(request: Request, status: str, code: str, seconds: float | None) -> None:
