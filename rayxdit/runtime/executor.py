@@ -63,6 +63,12 @@ FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "RAYXDIT_")
 NCCL, the allocator's options the process that allocates."""
 
 
+def _ignore_outcome(future: asyncio.Future) -> None:
+    """A detached call whose answer decides nothing: its error is read here, not logged as unread."""
+    if not future.cancelled():
+        future.exception()
+
+
 def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The variables of ``environ`` (default: this process's) that ranks must see."""
     environ = dict(os.environ if environ is None else environ)
@@ -333,10 +339,17 @@ class Executor(ABC):
             raise
 
     async def _stop_call(self, call: asyncio.Future, request_id: str) -> None:
-        """Stop a call whose caller went away and wait until every rank has left it."""
+        """Stop a call whose caller went away and wait until every rank has left it. The group is clean when
+        the call ends within ``cancel_grace_s`` (stopped at a step boundary, or finished first), however
+        slowly the ranks' control threads answer the cancel itself (on a loaded host one took over 10 s
+        while its ranks had stopped at once): only a call still running then marks the group broken."""
+        cancel = asyncio.ensure_future(
+            self._call_async("cancel", (request_id,), {}, PING_TIMEOUT_S, range(self.world_size))
+        )
+        cancel.add_done_callback(_ignore_outcome)
         try:
-            await self._call_async("cancel", (request_id,), {}, PING_TIMEOUT_S, range(self.world_size))
             await asyncio.wait_for(asyncio.shield(call), self.cancel_grace_s)
+            logger.info("worker group %s: request %s finished before it stopped", self.name, request_id)
         except RequestStopped:
             logger.info("worker group %s: request %s stopped on every rank", self.name, request_id)
         except Exception as error:  # no clean stop in time, or a rank failed meanwhile
@@ -348,6 +361,8 @@ class Executor(ABC):
         finally:
             if not call.done():
                 call.cancel()
+            if not cancel.done():
+                cancel.cancel()
 
     async def progress_async(
         self, previews_of: str | None = None, previews_from: int = 0
