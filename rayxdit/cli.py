@@ -373,6 +373,9 @@ def _serve(args: argparse.Namespace) -> int:
     # systemd, docker and Kubernetes stop a service with SIGTERM: stop as Ctrl-C does (this replaces the
     # crash report ray.init installs for it).
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C stops it, as the banner says, also when its parent left SIGINT ignored (a shell script's `&`, a
+    # harness): a full test-suite run handed it on ignored and the server sat on through Ctrl-C (seen twice).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # `kill -USR1 <pid>`: every thread's stack to stderr, for an operator whose server seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     for pool in config.pools:  # a pool that can never be placed is refused now, not left pending
