@@ -63,8 +63,10 @@ FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "RAYXDIT_")
 NCCL, the allocator's options the process that allocates."""
 
 
-def _ignore_outcome(future: asyncio.Future) -> None:
-    """A detached call whose answer decides nothing: its error is read here, not logged as unread."""
+def read_outcome(future: asyncio.Future) -> None:
+    """A done-callback marking a call's error as read, for calls whose error is decided elsewhere or not at
+    all (the other ranks' copy of the first rank's error; a cancel whose answer decides nothing): unread,
+    asyncio would log each with a traceback."""
     if not future.cancelled():
         future.exception()
 
@@ -346,7 +348,7 @@ class Executor(ABC):
         cancel = asyncio.ensure_future(
             self._call_async("cancel", (request_id,), {}, PING_TIMEOUT_S, range(self.world_size))
         )
-        cancel.add_done_callback(_ignore_outcome)
+        cancel.add_done_callback(read_outcome)
         try:
             await asyncio.wait_for(asyncio.shield(call), self.cancel_grace_s)
             logger.info("worker group %s: request %s finished before it stopped", self.name, request_id)

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayxdit.config import ConfigError, EngineConfig, WorkerGroupConfig
 from rayxdit.request import RequestError, RequestStopped
-from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method
+from rayxdit.runtime.executor import PING_TIMEOUT_S, Executor, GroupError, Method, read_outcome
 from rayxdit.runtime.forked import FORK_TIMEOUT_S, ForkedRank
 from rayxdit.runtime.placement import never_placeable, rank_actor_options
 from rayxdit.runtime.rank_process import OUT_OF_MEMORY, is_out_of_memory
@@ -171,7 +171,7 @@ class RayExecutor(Executor):
         ranks = list(ranks)
         futures = [asyncio.wrap_future(ref.future()) for ref in self._submit(method, args, kwargs, ranks)]
         for future in futures:  # every rank's error is read here or dropped on purpose, never left unread
-            future.add_done_callback(_read_error)
+            future.add_done_callback(read_outcome)
         rank_of = dict(zip(futures, ranks, strict=True))
         try:
             done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
@@ -189,13 +189,6 @@ class RayExecutor(Executor):
             for future in futures:
                 if not future.done():
                     future.cancel()  # stops waiting here; the ranks themselves are dealt with by the caller
-
-
-def _read_error(future: asyncio.Future) -> None:
-    """Mark a rank's error as read: after the first rank's error decides a call, the others' (the same
-    stop, or the same failure) are expected; unread, asyncio would print each with a traceback."""
-    if not future.cancelled():
-        future.exception()
 
 
 def cluster_nodes() -> list[dict[str, float]]:
