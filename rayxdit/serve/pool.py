@@ -198,10 +198,7 @@ class PoolReplica:
         # The job runs in a fresh context, detached from this Serve request: when Serve cancels the request
         # (the client went away) Ray cancels its child tasks recursively, which would cut the ranks' calls
         # mid-collective; the job instead stops them at a step boundary, all together.
-        if request.loras:
-            await self.note_adapters(adapter_set_key(request.loras))
-        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
-        job.add_done_callback(quiet)  # a job cancelled with its caller ends in an error nobody reads
+        job = await self._start(request, request_id, deadline, cost)
         reporter = asyncio.create_task(self._report_progress(request_id)) if report_progress else None
         try:
             return await asyncio.shield(job)
@@ -218,10 +215,7 @@ class PoolReplica:
         """:meth:`generate` for a streamed request (Serve's streaming call): its partial images as rank 0
         makes them (``{"partial_image_index", "png"}``; polled every PREVIEW_POLL_S), then the result.
         Closing the stream (the client went away) stops the ranks at their next step, as for ``generate``."""
-        if request.loras:
-            await self.note_adapters(adapter_set_key(request.loras))
-        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
-        job.add_done_callback(quiet)
+        job = await self._start(request, request_id, deadline, cost)
         sent = 0
         try:
             while not job.done():
@@ -240,6 +234,16 @@ class PoolReplica:
         except (asyncio.CancelledError, GeneratorExit):
             job.cancel()  # the job stops its ranks (or marks the group broken) before it releases the lock
             raise
+
+    async def _start(
+        self, request: GenerateRequest, request_id: str, deadline: float | None, cost: float
+    ) -> asyncio.Task:
+        """The request as a job of its own (see :meth:`generate`), its adapter set noted first."""
+        if request.loras:
+            await self.note_adapters(adapter_set_key(request.loras))
+        job = contextvars.Context().run(asyncio.create_task, self._run(request, request_id, deadline, cost))
+        job.add_done_callback(quiet)  # a job cancelled with its caller ends in an error nobody reads
+        return job
 
     async def _report_progress(self, job_id: str) -> None:
         """Push rank 0's step of ``job_id`` to the application's state while it runs."""
