@@ -633,9 +633,9 @@ def test_image_urls_work_through_any_router_replica_and_need_the_key(url):
 def test_a_request_no_pool_can_finish_in_time_is_refused_before_any_gpu_work(url):
     """Once the pool's rate is measured, a request whose expected completion is beyond its deadline gets
     429 at once, with a Retry-After from the estimate, and never reaches the ranks."""
-    measured = {"model": "tiny-failover", "prompt": "measured", "size": "256x256", "steps": 16, "seed": 1}
-    assert post(url, measured).status_code == 200  # a quarter of the cost below: the estimate is trusted
-    hopeless = {"model": "tiny-failover", "prompt": "hopeless", "size": "256x256", "steps": 60, "timeout": 1}
+    measured = {"model": "tiny-failover", "prompt": "measured", "size": "128x128", "steps": 16, "seed": 1}
+    assert post(url, measured).status_code == 200  # over a quarter of the cost below: the estimate is trusted
+    hopeless = {"model": "tiny-failover", "prompt": "hopeless", "size": "128x128", "steps": 60, "timeout": 1}
     began = time.monotonic()
     response = post(url, hopeless)
     assert response.status_code == 429, response.text
