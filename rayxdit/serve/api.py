@@ -287,6 +287,21 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
 
 
+class BatchCreateRequest(BaseModel):
+    """Body of ``POST /v1/batches`` (OpenAI's Batch API)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_file_id: str = Field(
+        max_length=128, description="A JSONL file uploaded with POST /v1/files, purpose=batch."
+    )
+    endpoint: str = Field(description="Where every line goes: /v1/images/generations.")
+    completion_window: str = Field(default="24h", description='"24h", as OpenAI.')
+    metadata: dict[str, str] | None = Field(
+        default=None, max_length=16, description="Up to 16 key-value pairs, shown with the batch."
+    )
+
+
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]

@@ -66,6 +66,19 @@ def gone_for_good(pool: PoolConfig, seen_gone: int, warm: bool | None, began: fl
     return bool(may_be_gone) and seen_gone >= GONE_RENEWALS
 
 
+class Busy(Exception):
+    """Background work (a batch's line) found no idle replica, or its tenant over a limit: try again after
+    ``wait_s``."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"no idle replica; again in {wait_s:.1f} s")
+        self.wait_s = wait_s
+
+
+BUSY_WAIT_S = 0.5
+"""How soon background work asks again for an idle replica."""
+
+
 class TurnLost(Exception):
     """The state forgot a request waiting in a pool's line (it restarted): route it again."""
 
@@ -205,13 +218,15 @@ class Dispatcher:
         limits: TenantLimits | None = None,
         arrived: float | None = None,
         on_partial: PartialSink | None = None,
+        background: bool = False,
     ) -> tuple[EncodedResult, dict[str, Any]]:
         """Route a validated request and run it on a pool (another pool if the first is full or gone);
         the result and what the response tells of it. ``labels``: the request's metric labels, its pool
         filled in here; ``tenant`` and its ``limits``: whom it counts against (None: nobody); ``arrived``:
         when the router took it (seconds since the epoch; default now), from which ``timeout`` counts;
         ``on_partial``: a streamed request's partial images (a retried attempt makes them again from index
-        0: the sink keeps the first of each index)."""
+        0: the sink keeps the first of each index); ``background``: only on an idle replica, else
+        :class:`Busy` (a batch's line)."""
         counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
         arrived = arrived or time.time()
@@ -225,7 +240,16 @@ class Dispatcher:
             ticket = f"{request_id}#{attempt}"
             try:
                 decision = await self._route(
-                    model, cost, ticket, admission_deadline, tried, request_id, tenant, limits, attempt > 0
+                    model,
+                    cost,
+                    ticket,
+                    admission_deadline,
+                    tried,
+                    request_id,
+                    tenant,
+                    limits,
+                    attempt > 0,
+                    background,
                 )
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
@@ -233,6 +257,8 @@ class Dispatcher:
                 self._release(ticket)
                 raise
             if decision["pool"] is None:
+                if background and (decision.get("busy") or "estimate_s" not in decision):
+                    raise Busy(max(BUSY_WAIT_S, decision.get("retry_after_s") or 0.0))
                 raise refusal(model, decision, request_id, tenant)
             pool = self.catalog.pools[decision["pool"]]
             labels["pool"] = pool.name
@@ -310,12 +336,13 @@ class Dispatcher:
         tenant: str | None,
         limits: TenantLimits | None,
         retry: bool,
+        background: bool = False,
     ) -> dict[str, Any]:
         """The state's routing decision (sent again while the state replica restarts: routing recovers with
         the pools' next heartbeats; ``tasks.ask_state``)."""
         return await ask_state(
             lambda: self.state.route.remote(
-                model, cost, ticket, admission_deadline, tried, tenant, limits, retry
+                model, cost, ticket, admission_deadline, tried, tenant, limits, retry, background
             ),
             f"request {request_id}",
         )

@@ -204,12 +204,24 @@ def validated_request(
     inputs: dict[str, Any] | None = None,
 ) -> tuple[str, GenerateRequest, ResolvedRequest]:
     """The model, the request (with ``inputs``: checked input images and their fields) and its resolved
-    sizes; 400 before any GPU work. Sets the request's metric labels; only served names become labels (a
-    client's typo must not make a new time series)."""
-    kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
+    sizes; 400 before any GPU work. Sets the request's metric labels (:func:`resolve`)."""
     http.state.labels = {"model": "", "pool": "", "size_class": ""}
+    model, request, resolved = resolve(catalog, body, inputs, http.state.labels)
+    return model, request, resolved
+
+
+def resolve(
+    catalog: Catalog,
+    body: ImageGenerationRequest | VideoGenerationRequest,
+    inputs: dict[str, Any] | None,
+    labels: dict[str, str],
+) -> tuple[str, GenerateRequest, ResolvedRequest]:
+    """:func:`validated_request` for a body that came without an HTTP request of its own (a batch's line),
+    its metric ``labels`` filled in: only served names become labels (a client's typo must not make a new
+    time series)."""
+    kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
     model = catalog.model_named(body.model, kind)
-    http.state.labels["model"] = model
+    labels["model"] = model
     limits = catalog.cards[model].limits
     seed = secrets.randbelow(2**31)
     try:
@@ -227,7 +239,7 @@ def validated_request(
     except RequestError as error:
         param = "frames" if error.param == "num_frames" else error.param
         raise invalid(str(error), param) from None
-    http.state.labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
+    labels["size_class"] = metrics.size_class(resolved.width, resolved.height)
     return model, request, resolved
 
 

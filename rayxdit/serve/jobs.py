@@ -196,6 +196,16 @@ class JobStore:
         self._finish(job, COMPLETED, now)
         return True
 
+    def update_fields(self, job_id: str, fields: dict[str, Any], now: float | None = None) -> bool:
+        """Change what the job object shows of it (a batch's counts and files: its driver reports them,
+        also once the batch is cancelled); False if the job is gone."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        job.fields.update(fields)
+        self._save(job, self._now(now))
+        return True
+
     def fail(self, job_id: str, code: str, message: str, now: float | None = None) -> None:
         job = self.jobs.get(job_id)
         if job is not None and not job.finished:

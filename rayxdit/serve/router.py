@@ -6,7 +6,8 @@ Endpoints: ``POST /v1/images/generations`` (OpenAI images API; with ``background
 ``GET``/``DELETE /v1/images/generations/{id}``), ``POST /v1/images/edits``, ``POST /v1/generate`` (returns
 the PNG itself), ``GET /v1/images/{id}.png`` (for ``response_format=url``), the OpenAI videos API
 (``POST /v1/videos`` creates a job; ``GET /v1/videos``, ``GET``/``DELETE /v1/videos/{id}``,
-``GET /v1/videos/{id}/content``), ``GET /v1/models``, ``GET /healthz``, ``GET /readyz`` and the OpenAPI
+``GET /v1/videos/{id}/content``), OpenAI's Files and Batch APIs (``/v1/files``, ``/v1/batches``: a
+batch's lines run on the pools' idle replicas, ``serve/batch_driver.py``), ``GET /v1/models``, ``GET /healthz``, ``GET /readyz`` and the OpenAPI
 docs at ``/docs``. Every error is ``{"error": {"message", "type", "param", "code"}}``.
 
 The endpoints are plain FastAPI functions over an :class:`Ingress` (``build_ingress_app``): the Serve
@@ -44,6 +45,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     RETRY_AFTER_S,
     ApiError,
+    BatchCreateRequest,
     ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -54,9 +56,11 @@ from rayxdit.serve.api import (
     request_error_from_validation,
     shown_id,
 )
+from rayxdit.serve.batch_driver import BatchDriver
+from rayxdit.serve.batches import COMPLETION_WINDOWS, ENDPOINTS, batch_object
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import Dispatcher, PartialSink
-from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, validated_request
+from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, read_form, validated_request
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
@@ -108,6 +112,9 @@ class Ingress:
         self.state = state
         self.replica = replica
         self.jobs = JobDriver(state, dispatcher) if dispatcher is not None else None
+        self.batches = (
+            BatchDriver(state, dispatcher, catalog, self.image_data) if dispatcher is not None else None
+        )
         self.keys = KeyRing(config.router)
 
     def caller(self, request: Request) -> ApiKey | None:
@@ -627,6 +634,145 @@ async def video_content(
 
     data = await asyncio.to_thread(encode_video, frames, format, job["fps"])
     return Response(data, media_type=VIDEO_MEDIA_TYPES[format])
+
+
+# ----- OpenAI's Files and Batch APIs ------------------------------------------------------------------------
+MAX_FILE_BYTES = 200 << 20
+"""Largest file accepted by ``POST /v1/files`` (OpenAI's limit for a batch's input); the state's store
+(``router.max_job_bytes``) may hold less."""
+
+
+def _not_found(what: str, name: str) -> ApiError:
+    return ApiError(404, f"{what} {shown_id(name)} not found or expired", "invalid_request_error", "id")
+
+
+@api.post("/v1/files")
+async def create_file(ingress: IngressOf, request: Request) -> dict[str, Any]:
+    """Upload a file (a multipart form: ``file`` and ``purpose``): a batch's input JSONL (``purpose=batch``)."""
+    ingress.authorize(request)
+    request.state.job = True  # no generation: its time is no request latency
+    if int(request.headers.get("content-length") or 0) > MAX_FILE_BYTES + (1 << 20):
+        raise invalid(f"the file is larger than {MAX_FILE_BYTES} bytes", "file")
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise invalid("send a multipart form with 'file' and 'purpose', as OpenAI's client does", "file")
+    form = await read_form(request, max_files=1)
+    purpose, upload = form.get("purpose"), form.get("file")
+    if purpose != "batch":
+        raise invalid("purpose: 'batch' (the files this server takes are batches' inputs)", "purpose")
+    if upload is None or isinstance(upload, str):
+        raise invalid("file: attach the JSONL file as 'file'", "file")
+    content = await upload.read(MAX_FILE_BYTES + 1)
+    if len(content) > MAX_FILE_BYTES:
+        raise invalid(f"the file is larger than {MAX_FILE_BYTES} bytes", "file")
+    owner, name = ingress.owner(request), (upload.filename or "input.jsonl")[:256]
+    created = await ask_state(
+        lambda: ingress.state.create_file.remote(owner, purpose, name, content), "storing a file"
+    )
+    if created is None:
+        raise invalid("the file is larger than the router's store (router.max_job_bytes)", "file")
+    return created
+
+
+@api.get("/v1/files")
+async def list_files(ingress: IngressOf, request: Request, purpose: str | None = None) -> dict[str, Any]:
+    """The caller's files, newest first."""
+    ingress.authorize(request)
+    owner = ingress.owner(request)
+    data = await ask_state(lambda: ingress.state.list_files.remote(owner, purpose), "listing files")
+    return {"object": "list", "data": data, "has_more": False}
+
+
+@api.get("/v1/files/{file_id}")
+async def get_file(ingress: IngressOf, file_id: str, request: Request) -> dict[str, Any]:
+    ingress.authorize(request)
+    owner = ingress.owner(request)
+    found = await ask_state(lambda: ingress.state.get_file.remote(file_id, owner), "reading a file")
+    if found is None:
+        raise _not_found("file", file_id)
+    return found
+
+
+@api.get("/v1/files/{file_id}/content", responses={200: {"content": {"application/octet-stream": {}}}})
+async def file_content(ingress: IngressOf, file_id: str, request: Request) -> Response:
+    """A file's bytes: a batch's input, or its output or error JSONL."""
+    ingress.authorize(request)
+    owner = ingress.owner(request)
+    content = await ask_state(lambda: ingress.state.file_content.remote(file_id, owner), "reading a file")
+    if content is None:
+        raise _not_found("file", file_id)
+    return Response(content, media_type="application/octet-stream")
+
+
+@api.delete("/v1/files/{file_id}")
+async def delete_file(ingress: IngressOf, file_id: str, request: Request) -> dict[str, Any]:
+    ingress.authorize(request)
+    owner = ingress.owner(request)
+    if not await ask_state(lambda: ingress.state.delete_file.remote(file_id, owner), "deleting a file"):
+        raise _not_found("file", file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@api.post("/v1/batches")
+async def create_batch(ingress: IngressOf, body: BatchCreateRequest, request: Request) -> dict[str, Any]:
+    """Run every line of an uploaded JSONL file (OpenAI's Batch API) on the online pools' idle replicas;
+    poll ``GET /v1/batches/{id}``, then read its ``output_file_id`` (and ``error_file_id``) with
+    ``GET /v1/files/{id}/content``."""
+    ingress.authorize(request)
+    request.state.job = True
+    if body.endpoint not in ENDPOINTS:
+        raise invalid(f"endpoint: one of {', '.join(ENDPOINTS)}", "endpoint")
+    if body.completion_window not in COMPLETION_WINDOWS:
+        raise invalid(f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}", "completion_window")
+    base = str(request.base_url).rstrip("/")
+    return await ingress.batches.start(
+        ingress.owner(request),
+        body.input_file_id,
+        body.endpoint,
+        body.completion_window,
+        body.metadata,
+        base,
+        *tenant_of(request.state.caller),
+    )
+
+
+@api.get("/v1/batches")
+async def list_batches(
+    ingress: IngressOf, request: Request, limit: int = 20, after: str | None = None
+) -> dict[str, Any]:
+    """The caller's batches, newest first (``after``: the last id of the previous page)."""
+    ingress.authorize(request)
+    if not 1 <= limit <= 100:
+        raise invalid("limit must be within 1..100", "limit")
+    owner = ingress.owner(request)
+    jobs = await ask_state(lambda: ingress.state.list_jobs.remote(owner, "batch", 10_000), "listing batches")
+    ids = [job["id"] for job in jobs]
+    start = ids.index(after) + 1 if after in ids else 0
+    page = [batch_object(job, time.time()) for job in jobs[start : start + limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + limit < len(jobs),
+    }
+
+
+@api.get("/v1/batches/{batch_id}")
+async def get_batch(ingress: IngressOf, batch_id: str, request: Request) -> dict[str, Any]:
+    ingress.authorize(request)
+    return batch_object(await ingress.job(batch_id, "batch", request), time.time())
+
+
+@api.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(ingress: IngressOf, batch_id: str, request: Request) -> dict[str, Any]:
+    """Cancel a batch: its lines under way stop at their ranks' next step boundary; the output and error
+    files then hold what finished (``cancelling``, then ``cancelled``). A finished batch stays as it is."""
+    ingress.authorize(request)
+    request.state.job = True
+    job = await ingress.job(batch_id, "batch", request)
+    if job["status"] in ("queued", "in_progress"):
+        job = await ingress.job(batch_id, "batch", request, "cancel_job")
+    return batch_object(job, time.time())
 
 
 @api.get("/v1/models")

@@ -231,6 +231,12 @@ def route(
     return sorted(estimates, key=lambda item: (blocked(item[0]), item[1], item[0].ranks))
 
 
+def idle_pools(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> list[PoolSpec]:
+    """The pools with a ready replica that no request runs on or waits for: where background work (a
+    batch's line) may go without an online request waiting behind more than it."""
+    return [pool for pool in pools if loads[pool.name].ready_replicas > loads[pool.name].outstanding]
+
+
 def retry_after(
     estimate: float | None, time_left: float, cost: float = 0.0, trusted_cost: float = math.inf
 ) -> float | None:

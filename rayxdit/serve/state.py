@@ -44,9 +44,10 @@ from rayxdit.serve import metrics
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.durable import Journal, MemoryJournal, open_journal, wall_offset
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
+from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.policies import routing_policy
-from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, retry_after
+from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, idle_pools, retry_after
 from rayxdit.serve.tenants import (
     ANONYMOUS,
     QUOTA_WINDOW_S,
@@ -215,6 +216,7 @@ class AppState:
         self._restore_usage()
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes, self.journal)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
+        self.files = FileStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
@@ -308,6 +310,7 @@ class AppState:
         tenant: str | None = None,
         limits: TenantLimits | None = None,
         retry: bool = False,
+        background: bool = False,
     ) -> dict[str, Any]:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
         routing attempt of a request; a lease of ``LEASE_S``, renewed by the router); or ``{"pool": None,
@@ -315,13 +318,24 @@ class AppState:
         ``{"pool": None}`` when every pool of ``model`` is excluded (full or down) or the ticket is already
         finished (its client left while this call was on its way, and the router's release came first), or
         ``{"pool": None, "limited": code, "retry_after_s"}`` when ``tenant`` is over one of its ``limits``
-        (``tenants.limit_refusal``; a ``retry`` after a failover is not counted again)."""
+        (``tenants.limit_refusal``; a ``retry`` after a failover is not counted again).
+
+        A ``background`` request (a batch's line) goes only to a pool with a ready replica that nothing else
+        runs on or waits for (:func:`~rayxdit.serve.routing.idle_pools`), else ``{"pool": None, "busy":
+        True}``: online requests never wait behind more than the one batch line a replica runs, and batch
+        lines are no arrivals to the autoscaling policies (they fill capacity that would idle)."""
         if ticket in self.finished:
             return {"pool": None, "retry_after_s": None}
         now = time.monotonic()
-        self.arrived[model].append(now)
-        self.last_arrival[model] = now
         loads = self._loads()
+        specs = self.specs[model]
+        if background:
+            specs = idle_pools(specs, loads)
+            if not specs:
+                return {"pool": None, "busy": True}
+        else:
+            self.arrived[model].append(now)
+            self.last_arrival[model] = now
         tenant = tenant or ANONYMOUS
         counted = has_limits(limits)
         if counted and not retry:
@@ -333,7 +347,7 @@ class AppState:
                 code, wait = refused
                 return {"pool": None, "limited": code, "retry_after_s": wait}
         seen = self._as_seen_by(tenant, loads) if self.gated else loads
-        order = self.route_policy(self.specs[model], cost, seen, frozenset(exclude), self._free_ranks(loads))
+        order = self.route_policy(specs, cost, seen, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
@@ -593,6 +607,9 @@ class AppState:
     ) -> bool:
         return self.jobs.complete(job_id, content, result)
 
+    async def update_job(self, job_id: str, fields: dict[str, Any]) -> bool:
+        return self.jobs.update_fields(job_id, fields)
+
     async def fail_job(self, job_id: str, code: str, message: str) -> None:
         self.jobs.fail(job_id, code, message)
 
@@ -609,3 +626,21 @@ class AppState:
 
     async def list_jobs(self, owner: str, kind: str, limit: int = 100) -> list[dict[str, Any]]:
         return self.jobs.list(owner, kind, limit)
+
+    # ----- files (see rayxdit.serve.files) -------------------------------------------------------------------
+    async def create_file(
+        self, owner: str, purpose: str, filename: str, content: bytes
+    ) -> dict[str, Any] | None:
+        return self.files.create(owner, purpose, filename, content)
+
+    async def get_file(self, file_id: str, owner: str) -> dict[str, Any] | None:
+        return self.files.get(file_id, owner)
+
+    async def file_content(self, file_id: str, owner: str) -> bytes | None:
+        return self.files.content(file_id, owner)
+
+    async def delete_file(self, file_id: str, owner: str) -> bool:
+        return self.files.delete(file_id, owner)
+
+    async def list_files(self, owner: str, purpose: str | None = None) -> list[dict[str, Any]]:
+        return self.files.list(owner, purpose)

@@ -1354,3 +1354,130 @@ def test_loras_per_request_equal_the_model_fused_at_load_and_leave_it_plain(url)
     assert response.status_code == 200, response.text
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     assert np.abs(served - expected[()]).max() <= 1
+
+
+# ----- OpenAI's Batch API on the online pools ---------------------------------------------------------------
+def batch_line(custom_id: str, body: dict) -> str:
+    return json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": "/v1/images/generations", "body": body}
+    )
+
+
+def finished_batch(client, batch_id: str, timeout_s: float = 240):
+    """The batch once it is no longer validating, running or finalizing (polled every 0.2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while (batch := client.batches.retrieve(batch_id)).status in ("validating", "in_progress", "finalizing"):
+        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status} after {timeout_s} s"
+        time.sleep(0.2)
+    return batch
+
+
+BATCH_LINES = 30
+"""Lines of the batch test (3 bad among them); a 200-line batch on CPU: benchmarks/bench_batch.py."""
+
+
+def test_a_batch_through_openais_client_answers_every_line_as_online_and_bad_lines_go_to_its_error_file(
+    url, engine
+):
+    """``files.create`` + ``batches.create`` (OpenAI's client) on a JSONL of 30 lines, 3 bad (not JSON,
+    no custom_id, a size the endpoint refuses): 27 answers with their custom_ids in input order, each image
+    the one process's (and the same request sent online gets the same), url lines as stored images; the 3
+    bad lines in the error file with the endpoint's own 400; the files listed, readable and deletable."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    bodies = {
+        f"fox-{i}": {
+            "model": "tiny-2",
+            "prompt": f"a fox number {i}",
+            "size": ("36x36", "40x36")[i % 2],
+            "steps": 2,
+            "seed": 100 + i,
+            **({"response_format": "url"} if i % 9 == 4 else {}),
+        }
+        for i in range(BATCH_LINES - 3)
+    }
+    lines = [batch_line(custom_id, body) for custom_id, body in bodies.items()]
+    lines.insert(5, "{not json")
+    lines.insert(11, json.dumps({"method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}}))
+    lines.insert(20, batch_line("odd-size", {"model": "tiny-2", "prompt": "a tree", "size": "37x36"}))
+    uploaded = client.files.create(file=("foxes.jsonl", "\n".join(lines).encode()), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    created = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+    )
+    assert created.status == "validating" and created.input_file_id == uploaded.id
+    batch = finished_batch(client, created.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == BATCH_LINES
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (BATCH_LINES - 3, 3)
+
+    answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [answer["custom_id"] for answer in answers] == list(bodies)  # every good line once, in order
+    for answer in answers:
+        body = bodies[answer["custom_id"]]
+        assert answer["response"]["status_code"] == 200 and answer["error"] is None
+        (item,) = answer["response"]["body"]["data"]
+        if body.get("response_format") == "url":
+            png = requests.get(item["url"], headers=AUTH, timeout=30).content
+        else:
+            png = base64.b64decode(item["b64_json"])
+        assert np.abs(png_pixels(png) - single_process_pixels(engine, body)).max() <= 1, answer["custom_id"]
+    online = post(url, bodies["fox-1"])
+    assert online.status_code == 200, online.text
+    batched = base64.b64decode(answers[1]["response"]["body"]["data"][0]["b64_json"])
+    assert (
+        np.abs(png_pixels(batched) - png_pixels(base64.b64decode(online.json()["data"][0]["b64_json"]))).max()
+        <= 1
+    )
+
+    failures = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [failure["custom_id"] for failure in failures] == [None, None, "odd-size"]
+    assert all(failure["response"]["status_code"] == 400 for failure in failures)
+    assert "multiple of 4" in failures[2]["response"]["body"]["error"]["message"]
+    assert {batch.output_file_id, batch.error_file_id, uploaded.id} <= {f.id for f in client.files.list()}
+    assert created.id in [listed.id for listed in client.batches.list()]
+    client.files.delete(uploaded.id)
+    assert requests.get(f"{url}/v1/files/{uploaded.id}", headers=AUTH, timeout=30).status_code == 404
+    # Another key's caller sees none of it.
+    other = {"Authorization": "Bearer metered-key"}
+    assert requests.get(f"{url}/v1/batches/{created.id}", headers=other, timeout=30).status_code == 404
+    assert (
+        requests.get(f"{url}/v1/files/{batch.output_file_id}", headers=other, timeout=30).status_code == 404
+    )
+
+
+def test_a_batch_cancelled_midway_stops_its_line_at_a_step_and_reports_its_counts(url):
+    """A batch of long lines cancelled while its first line runs: ``cancelling``, then ``cancelled`` within
+    seconds with its counts; the line under way stopped at a step boundary (rank 0 well before its last
+    step), and the next online request gets its image."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    pool, steps = "failover-2", 80
+    body = {"model": "tiny-failover", "prompt": "slow", "size": "128x128", "steps": steps}
+    data = "\n".join(batch_line(f"slow-{i}", {**body, "seed": i}) for i in range(4)).encode()
+    uploaded = client.files.create(file=("slow.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (progress := rank_progress(pool)) is None or progress["step"] < 2:
+        assert time.monotonic() < deadline, "the batch's first line never started"
+        time.sleep(0.2)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    last_step = progress["step"]
+    while (progress := rank_progress(pool)) is not None:
+        last_step = progress["step"]
+        time.sleep(0.1)
+    assert last_step < steps - 10, (
+        f"the ranks ran to step {last_step} of {steps}: the cancel did not stop them"
+    )
+    deadline = time.monotonic() + 30
+    while (batch := client.batches.retrieve(batch.id)).status == "cancelling":
+        assert time.monotonic() < deadline, "the batch never became cancelled"
+        time.sleep(0.2)
+    assert batch.status == "cancelled" and batch.cancelled_at is not None
+    assert batch.request_counts.total == 4 and batch.request_counts.completed == 0
+    after = post(url, {"model": "tiny-failover", "prompt": "next", "size": "36x36", "steps": 2, "seed": 3})
+    assert after.status_code == 200, after.text

@@ -1,0 +1,272 @@
+"""Driving a batch (OpenAI's Batch API) from the router replica that created it, on the online pools' idle
+replicas.
+
+A batch is a job of kind ``batch`` in the shared state (``serve/jobs.py``, ``serve/batches.py``): any router
+replica answers for it, and the one that created it drives it. It reads the input file, checks every line as
+its endpoint would (a line its endpoint would refuse goes to the error file; it never stops the batch), then
+runs the lines through the :class:`~rayxdit.serve.dispatch.Dispatcher` as *background* work: a line is
+admitted only onto a ready replica that no request runs on or waits for (``routing.idle_pools``), and waits
+otherwise. So an online request waits behind at most the one line a replica is running, the lines fill the
+gaps between online requests, and they never make a pool grow. The driver renews the batch's lease twice a
+second and learns there whether it was cancelled (through any router replica): its lines under way stop at
+their ranks' next step boundary, and the output and error files are written with what finished. Each line
+gets exactly one output or error line.
+
+A router replica that dies takes its batches' progress with it: their lease lapses and they fail
+(``driver_lost``), as jobs do; create the batch again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from rayxdit.config import TenantLimits
+from rayxdit.serve import metrics
+from rayxdit.serve.api import ApiError, ImageData, ImageGenerationRequest, ImageGenerationResponse, invalid
+from rayxdit.serve.batches import BatchLine, batch_object, error_line, jsonl, output_line, parse_lines
+from rayxdit.serve.catalog import Catalog
+from rayxdit.serve.dispatch import Busy, Dispatcher
+from rayxdit.serve.inputs import conditioning_inputs, resolve, validated_body
+from rayxdit.serve.job_driver import RENEW_JOB_S
+from rayxdit.serve.jobs import CANCELLED
+from rayxdit.serve.tasks import ask_state, quiet
+
+logger = logging.getLogger("ray.serve")
+LINES_IN_FLIGHT = 8
+"""A batch's lines asking for idle replicas at once (the state admits only as many as replicas idle)."""
+
+ImageStorer = Callable[[list[bytes], str, str], Awaitable[list[ImageData]]]
+"""``(pngs, response_format, base_url) -> data``: the images of an answer as the endpoint gives them."""
+
+
+class BatchDriver:
+    """Creates batches in the shared state and drives the ones this router replica created."""
+
+    def __init__(
+        self, state: DeploymentHandle, dispatcher: Dispatcher, catalog: Catalog, image_data: ImageStorer
+    ):
+        self.state = state
+        self.dispatcher = dispatcher
+        self.catalog = catalog
+        self.image_data = image_data
+        self.running: set[asyncio.Task] = set()
+
+    async def start(
+        self,
+        owner: str,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        base_url: str,
+        tenant: str | None,
+        limits: TenantLimits | None,
+    ) -> dict[str, Any]:
+        """Create the batch and drive it from this replica; the batch object, at once."""
+        found = await ask_state(lambda: self.state.get_file.remote(input_file_id, owner), "a batch's input")
+        if found is None or found["purpose"] != "batch":
+            raise invalid(
+                f"input_file_id: no file '{input_file_id[:64]}' of purpose 'batch' (upload it with POST "
+                "/v1/files, purpose=batch)",
+                "input_file_id",
+            )
+        fields = {
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "metadata": metadata,
+        }
+        job = await ask_state(lambda: self.state.create_job.remote("batch", owner, "", fields), "a batch")
+        drive = self._drive(job["id"], owner, input_file_id, endpoint, base_url, tenant, limits)
+        # A fresh context: the batch outlives the HTTP request that created it.
+        task = contextvars.Context().run(asyncio.create_task, drive)
+        task.add_done_callback(quiet)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        logger.info("batch %s: created from %s", job["id"], input_file_id)
+        return batch_object(job, time.time())
+
+    async def _drive(
+        self,
+        batch_id: str,
+        owner: str,
+        input_file_id: str,
+        endpoint: str,
+        base_url: str,
+        tenant: str | None,
+        limits: TenantLimits | None,
+    ) -> None:
+        began = time.monotonic()
+        status = "failed"
+        try:
+            content = await ask_state(lambda: self.state.file_content.remote(input_file_id, owner), batch_id)
+            if content is None:
+                await self._fail(batch_id, "input_file_gone", f"input file {input_file_id} was deleted")
+                return
+            lines, errors = parse_lines(content, endpoint)
+            runnable = []
+            for line in lines:
+                try:
+                    runnable.append((line, *await self._validated(line)))
+                except ApiError as error:
+                    errors.append(_error_line_of(line.custom_id, error))
+            run = _Run(batch_id, total=len(runnable) + len(errors))
+            run.failed = len(errors)
+            await self._update(batch_id, {"in_progress_at": int(time.time()), "request_counts": run.counts()})
+            await self.state.job_progress.remote(batch_id, 0, max(1, run.total))
+            outputs: dict[int, dict[str, Any]] = {}
+            queue = deque(runnable)
+            workers = [
+                asyncio.create_task(self._work(queue, outputs, errors, run, base_url, tenant, limits))
+                for _ in range(min(LINES_IN_FLIGHT, len(runnable)))
+            ]
+            cancelled = await self._supervise(batch_id, workers, run)
+            await self._update(batch_id, {"finalizing_at": int(time.time()), "request_counts": run.counts()})
+            files = await self._write_files(batch_id, owner, outputs, errors)
+            await self._update(batch_id, {**files, "request_counts": run.counts(), "finalized": True})
+            if cancelled:
+                status = CANCELLED
+                return
+            stored = await ask_state(lambda: self.state.complete_job.remote(batch_id, [], None), batch_id)
+            status = "completed" if stored else "failed"
+        except Exception as error:
+            logger.error("batch %s failed: %r", batch_id, error)
+            await self._fail(
+                batch_id, "server_error", f"internal error in batch {batch_id}; see the server log"
+            )
+        finally:
+            metrics.inc("rayxdit_jobs", model="", kind="batch", status=status)
+            logger.info("batch %s: %s after %.3f s", batch_id, status, time.monotonic() - began)
+
+    async def _validated(self, line: BatchLine) -> tuple[ImageGenerationRequest, str, Any, Any, dict]:
+        """A line's body checked as ``POST /v1/images/generations`` checks it (400s as the endpoint's)."""
+        body = validated_body(ImageGenerationRequest, line.body)
+        if body.stream:
+            raise invalid("stream: a batch's answers are its output file; send stream=false", "stream")
+        if body.background:
+            raise invalid("background: a batch's lines run in the background already", "background")
+        inputs = await conditioning_inputs(self.catalog, body)
+        labels = {"model": "", "pool": "", "size_class": ""}
+        model, request, resolved = resolve(self.catalog, body, inputs, labels)
+        return body, model, request, resolved, labels
+
+    async def _supervise(self, batch_id: str, workers: list[asyncio.Task], run: _Run) -> bool:
+        """Renew the batch's lease until its lines are done; True if it was cancelled (the lines under way
+        stopped)."""
+        reported = run.counts()
+        while workers and not all(worker.done() for worker in workers):
+            await asyncio.wait(workers, timeout=RENEW_JOB_S)
+            try:
+                now = await self.state.renew_job.remote(batch_id)
+            except Exception as error:  # the state replica restarting: the next renewal tells
+                logger.debug("batch %s: lease not renewed: %r", batch_id, error)
+                continue
+            if now in (None, CANCELLED):
+                for worker in workers:
+                    worker.cancel()  # each line under way: its ranks stop at the next step boundary
+                await asyncio.wait(workers)
+                return True
+            if run.counts() != reported:
+                reported = run.counts()
+                await self._update(batch_id, {"request_counts": reported})
+                await self.state.job_progress.remote(batch_id, run.completed + run.failed, max(1, run.total))
+        for worker in workers:
+            worker.result()  # a worker's own failure (not a line's) fails the batch
+        return False
+
+    async def _work(
+        self,
+        queue: deque,
+        outputs: dict[int, dict[str, Any]],
+        errors: list[dict[str, Any]],
+        run: _Run,
+        base_url: str,
+        tenant: str | None,
+        limits: TenantLimits | None,
+    ) -> None:
+        """Run lines off ``queue`` until it is empty, each on an idle replica (waiting for one)."""
+        while queue:
+            line, body, model, request, resolved, labels = queue.popleft()
+            request_id = f"{run.batch_id}:{line.index}"
+            while True:
+                try:
+                    result, info = await self.dispatcher.run(
+                        model,
+                        request,
+                        resolved,
+                        request_id,
+                        body.timeout,
+                        dict(labels),
+                        tenant=tenant,
+                        limits=limits,
+                        background=True,
+                    )
+                except Busy as busy:
+                    await asyncio.sleep(busy.wait_s)
+                    continue
+                except ApiError as error:
+                    errors.append(_error_line_of(line.custom_id, error))
+                    run.failed += 1
+                    break
+                data = await self.image_data(result.pngs, body.response_format, base_url)
+                answer = ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
+                outputs[line.index] = output_line(
+                    line.custom_id, request_id, answer.model_dump(exclude_none=True)
+                )
+                run.completed += 1
+                break
+
+    async def _write_files(
+        self, batch_id: str, owner: str, outputs: dict[int, dict[str, Any]], errors: list[dict[str, Any]]
+    ) -> dict[str, str | None]:
+        """The output file (answers in input order) and the error file (none when no line failed)."""
+        files: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
+        for name, lines in (
+            ("output", [outputs[index] for index in sorted(outputs)]),
+            ("error", errors),
+        ):
+            if not lines:
+                continue
+            created = await ask_state(
+                lambda name=name, lines=lines: self.state.create_file.remote(
+                    owner, "batch_output", f"{batch_id}_{name}.jsonl", jsonl(lines)
+                ),
+                batch_id,
+            )
+            if created is None:
+                raise RuntimeError(f"the {name} file exceeds the router's store (router.max_job_bytes)")
+            files[f"{name}_file_id"] = created["id"]
+        return files
+
+    async def _update(self, batch_id: str, fields: dict[str, Any]) -> None:
+        await ask_state(lambda: self.state.update_job.remote(batch_id, fields), batch_id)
+
+    async def _fail(self, batch_id: str, code: str, message: str) -> None:
+        try:
+            await ask_state(lambda: self.state.fail_job.remote(batch_id, code, message), batch_id)
+        except Exception as error:
+            logger.warning("batch %s: its failure (%s) not stored: %r", batch_id, code, error)
+
+
+class _Run:
+    """A batch's counts as its driver runs it."""
+
+    def __init__(self, batch_id: str, total: int):
+        self.batch_id = batch_id
+        self.total = total
+        self.completed = self.failed = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+
+def _error_line_of(custom_id: str, error: ApiError) -> dict[str, Any]:
+    return error_line(custom_id, error.status, error.code or error.kind, str(error), error.kind, error.param)

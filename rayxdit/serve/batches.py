@@ -1,0 +1,148 @@
+"""OpenAI's Batch API as plain data: a batch's input lines, its output and error lines, and the batch object.
+
+A batch is a job (``serve/jobs.py``) of kind ``batch`` whose ``fields`` hold what the batch object shows
+(endpoint, input file, counts, output and error files). Its life as OpenAI names it::
+
+    validating ──▶ in_progress ──▶ finalizing ──▶ completed
+         │              │  └──▶ cancelling ──▶ cancelled   (POST /v1/batches/{id}/cancel)
+         └──────────────┴─────────────────────▶ failed      (input unreadable, its driver lost)
+
+Each input line is ``{"custom_id", "method": "POST", "url": <the batch's endpoint>, "body": {...}}``. A line
+that is not one, or whose body its endpoint would refuse, goes to the error file with its ``custom_id`` and
+never stops the batch; every other line gets one output line, in input order. No Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from rayxdit.serve.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED
+
+ENDPOINTS = ("/v1/images/generations",)
+"""Endpoints a batch may run (OpenAI's images generations; edits take files, not JSON bodies)."""
+COMPLETION_WINDOWS = ("24h",)
+MAX_LINES = 50_000
+"""As OpenAI: at most this many requests in one batch."""
+CANCELLING_S = 60.0
+"""A cancelled batch shows ``cancelling`` until its driver has written its files, at most this long."""
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One input line that reads as a request: its position (0-based), ``custom_id`` and body."""
+
+    index: int
+    custom_id: str
+    body: dict[str, Any]
+
+
+def parse_lines(content: bytes, endpoint: str) -> tuple[list[BatchLine], list[dict[str, Any]]]:
+    """The input file's lines that read as requests to ``endpoint``, and an error line for every other
+    (unreadable JSON, no ``custom_id``, a repeated one, another method or URL, a body that is no object).
+    Blank lines are skipped. Bodies are checked by the endpoint's own validation later."""
+    lines: list[BatchLine] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError as error:
+            errors.append(error_line(None, 400, "invalid_line", f"line {number}: not JSON ({error})"))
+            continue
+        if not isinstance(item, dict):
+            errors.append(error_line(None, 400, "invalid_line", f"line {number}: not a JSON object"))
+            continue
+        custom_id = item.get("custom_id")
+        problem = None
+        if not isinstance(custom_id, str) or not custom_id:
+            custom_id, problem = None, "custom_id: a non-empty string is required"
+        elif custom_id in seen:
+            problem = f"custom_id '{custom_id[:64]}' is used by an earlier line; each line needs its own"
+        elif item.get("method", "POST") != "POST":
+            problem = "method: only POST"
+        elif item.get("url") != endpoint:
+            problem = f"url: this batch's lines go to {endpoint} (got {str(item.get('url'))[:64]!r})"
+        elif not isinstance(item.get("body"), dict):
+            problem = "body: a JSON object (the request the endpoint takes) is required"
+        if problem is not None:
+            errors.append(error_line(custom_id, 400, "invalid_line", f"line {number}: {problem}"))
+            continue
+        seen.add(custom_id)
+        lines.append(BatchLine(len(lines) + len(errors), custom_id, item["body"]))
+    return lines, errors
+
+
+def output_line(custom_id: str, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A line of the output file: the request's answer as the endpoint gives it."""
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
+
+
+def error_line(
+    custom_id: str | None,
+    status: int,
+    code: str | None,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+) -> dict[str, Any]:
+    """A line of the error file: the error answer the endpoint would have given the request."""
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": None, "body": {"error": error}},
+        "error": None,
+    }
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
+
+
+def batch_object(job: dict[str, Any], now_wall: float) -> dict[str, Any]:
+    """The batch object OpenAI's client reads, from the job object of a batch (``JobStore.public``)."""
+    status = {QUEUED: "validating", IN_PROGRESS: "in_progress", COMPLETED: "completed", FAILED: "failed"}.get(
+        job["status"], job["status"]
+    )
+    if job["status"] == IN_PROGRESS and job.get("finalizing_at"):
+        status = "finalizing"
+    ended = job.get("completed_at")
+    if job["status"] == CANCELLED:
+        finalized = job.get("finalized") or (ended is not None and now_wall - ended > CANCELLING_S)
+        status = "cancelled" if finalized else "cancelling"
+    error = job.get("error")
+    return {
+        "id": job["id"],
+        "object": "batch",
+        "endpoint": job["endpoint"],
+        "errors": None
+        if error is None
+        else {"object": "list", "data": [{"code": error["code"], "message": error["message"], "line": None}]},
+        "input_file_id": job["input_file_id"],
+        "completion_window": job["completion_window"],
+        "status": status,
+        "output_file_id": job.get("output_file_id"),
+        "error_file_id": job.get("error_file_id"),
+        "created_at": job["created_at"],
+        "in_progress_at": job.get("in_progress_at"),
+        "expires_at": job["created_at"] + 24 * 3600,
+        "finalizing_at": job.get("finalizing_at"),
+        "completed_at": ended if job["status"] == COMPLETED else None,
+        "failed_at": ended if job["status"] == FAILED else None,
+        "expired_at": None,
+        "cancelling_at": job.get("cancelling_at") or (ended if job["status"] == CANCELLED else None),
+        "cancelled_at": ended if status == "cancelled" else None,
+        "request_counts": job.get("request_counts") or {"total": 0, "completed": 0, "failed": 0},
+        "metadata": job.get("metadata"),
+        "model": job["model"] or None,
+    }
