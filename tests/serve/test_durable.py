@@ -1,5 +1,5 @@
 """The shared state's journal: with a real ``redis-server`` (``state.redis_url``) a state replica that starts
-again finds every job, stored image and tenant's usage; without one (the embedded default) it finds none,
+again finds every job, stored image, file (a batch's input and outputs) and tenant's usage; without one (the embedded default) it finds none,
 as the README says. Over HTTP, with the state replica killed mid-load: tests/serve/test_serve.py."""
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def fill(app: Sync) -> dict:
     limited, at its rate limit), GPU time held by the pool. What a restarted state must show of it."""
     app.report("p", "r1", ready=True)
     image = app.put_image(b"\x89PNG one image")
+    batch_input = app.create_file("owner", "batch", "in.jsonl", b'{"custom_id": "a"}\n')
     done = app.create_job("video", "owner", "m", {"size": "64x64"})
     app.job_progress(done["id"], 3, 4)
     app.complete_job(done["id"], [b"frame-1", b"", b"frame-3"], {"frames": 3})
@@ -54,6 +55,7 @@ def fill(app: Sync) -> dict:
     app.report("p", "r1", ready=True)  # the pool's held time grows
     return {
         "image": image,
+        "file": batch_input,
         "jobs": {
             job["id"]: (kind, app.get_job(job["id"], "owner", kind))
             for job, kind in ((done, "video"), (running, "video"), (cancelled, "image"))
@@ -77,6 +79,8 @@ def survived(app: Sync, before: dict) -> list[str]:
     lost = []
     if app.get_image(before["image"]) != b"\x89PNG one image":
         lost.append("image")
+    if app.file_content(before["file"]["id"], "owner") != b'{"custom_id": "a"}\n':
+        lost.append("file")
     for job_id, (kind, job) in before["jobs"].items():
         if app.get_job(job_id, "owner", kind) != job:
             lost.append(f"job {job['status']}")
@@ -103,7 +107,7 @@ def test_a_state_started_again_with_redis_finds_everything_and_without_it_nothin
     before = fill(Sync(AppState(memory)))
     lost = survived(Sync(AppState(memory)), before)
     assert lost == [
-        *("image", "job completed", "job in_progress", "job cancelled", "content"),
+        *("image", "file", "job completed", "job in_progress", "job cancelled", "content"),
         *("usage", "since", "rate window"),
     ]
 

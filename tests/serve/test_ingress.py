@@ -335,3 +335,34 @@ def test_401_names_its_scheme_and_oversized_headers_get_431(url):
     huge = {"X-Filler": "x" * (256 << 10)}
     assert_refused(post(url, {"prompt": "x"}, headers={**AUTH, **huge}), None, 431)
     assert requests.get(url + "/healthz", headers=huge, timeout=30).status_code == 431
+
+
+def test_files_and_batches_refuse_bad_input_before_any_state(url):
+    """OpenAI's Files and Batch APIs: what is wrong with the request itself is a 400 naming the field."""
+    assert_refused(
+        post(url, {"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}, "/v1/batches"), "endpoint"
+    )
+    assert_refused(
+        post(
+            url,
+            {"input_file_id": "file-1", "endpoint": "/v1/images/generations", "completion_window": "1h"},
+            "/v1/batches",
+        ),
+        "completion_window",
+    )
+    assert_refused(post(url, {"endpoint": "/v1/images/generations"}, "/v1/batches"), "input_file_id")
+    assert_refused(post(url, {"purpose": "batch"}, "/v1/files"), "file")  # JSON, not a form
+    upload = {"file": ("in.jsonl", b"{}\n")}
+    for purpose, param in (("fine-tune", "purpose"), ("batch_output", "purpose")):
+        response = requests.post(
+            url + "/v1/files", files=upload, data={"purpose": purpose}, headers=AUTH, timeout=60
+        )
+        assert_refused(response, param)
+    response = requests.post(
+        url + "/v1/files", data={"purpose": "batch"}, files={"x": ("a", b"")}, headers=AUTH, timeout=60
+    )
+    assert_refused(response, "file")
+    assert (
+        requests.post(url + "/v1/files", files=upload, data={"purpose": "batch"}, timeout=60).status_code
+        == 401
+    )

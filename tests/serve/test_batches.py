@@ -1,0 +1,109 @@
+"""The Batch API's pure parts: reading a batch's input lines, the batch object's states, the file store and
+the background routing rule (``routing.idle_pools``). End to end through OpenAI's client:
+tests/serve/test_serve.py."""
+
+from __future__ import annotations
+
+import json
+
+from rayxdit.serve.batches import CANCELLING_S, batch_object, parse_lines
+from rayxdit.serve.files import FileStore
+from rayxdit.serve.jobs import JobStore
+from rayxdit.serve.routing import PoolLoad, PoolSpec, idle_pools
+
+ENDPOINT = "/v1/images/generations"
+
+
+def line(custom_id, body=None, **item) -> bytes:
+    return json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body or {}, **item}
+    ).encode()
+
+
+def test_every_input_line_is_a_request_or_an_error_line_naming_its_problem():
+    content = b"\n".join(
+        [
+            line("a", {"prompt": "x"}),
+            b"",  # blank lines are skipped
+            b"{not json",
+            b"[1, 2]",
+            line(None),
+            line("a", {"prompt": "again"}),  # a repeated custom_id
+            line("b", method="GET"),
+            line("c", url="/v1/chat/completions"),
+            json.dumps({"custom_id": "d", "url": ENDPOINT, "body": "text"}).encode(),
+            line("e", {"prompt": "y"}),
+        ]
+    )
+    lines, errors = parse_lines(content, ENDPOINT)
+    assert [(item.custom_id, item.body) for item in lines] == [("a", {"prompt": "x"}), ("e", {"prompt": "y"})]
+    assert lines[0].index < lines[1].index
+    messages = [error["response"]["body"]["error"]["message"] for error in errors]
+    for expected in (
+        "not JSON",
+        "not a JSON object",
+        "custom_id",
+        "used by an earlier line",
+        "method",
+        "url",
+        "body",
+    ):
+        assert any(expected in message for message in messages), (expected, messages)
+    assert len(errors) == 7 and all(error["response"]["status_code"] == 400 for error in errors)
+    assert [error["custom_id"] for error in errors][-4:] == ["a", "b", "c", "d"]
+
+
+def test_a_batch_shows_openais_states_from_its_jobs():
+    store = JobStore(ttl_s=3600, max_bytes=1 << 20)
+    fields = {"endpoint": ENDPOINT, "input_file_id": "file-1", "completion_window": "24h", "metadata": None}
+    job = store.create("batch", "me", "", fields, now=0)
+    assert batch_object(job, 0)["status"] == "validating"
+    store.progress(job["id"], 0, 3, now=1)
+    assert batch_object(store.get(job["id"], "me", now=7), 0)["status"] == "in_progress"
+    store.update_fields(
+        job["id"], {"finalizing_at": 5, "request_counts": {"total": 3, "completed": 3, "failed": 0}}
+    )
+    shown = batch_object(store.get(job["id"], "me", now=7), 0)
+    assert shown["status"] == "finalizing" and shown["request_counts"]["completed"] == 3
+    store.complete(job["id"], [], None, now=6)
+    shown = batch_object(store.get(job["id"], "me", now=7), 0)
+    assert shown["status"] == "completed" and shown["completed_at"] is not None
+
+    cancelled = store.create("batch", "me", "", fields, now=10)
+    store.cancel(cancelled["id"], "me", "batch", now=11)
+    ended = store.get(cancelled["id"], "me", now=12)
+    assert batch_object(ended, ended["completed_at"])["status"] == "cancelling"  # its files not written yet
+    assert (
+        batch_object(ended, ended["completed_at"] + CANCELLING_S + 1)["status"] == "cancelled"
+    )  # driver gone
+    store.update_fields(cancelled["id"], {"finalized": True})
+    assert (
+        batch_object(store.get(cancelled["id"], "me", now=12), ended["completed_at"])["status"] == "cancelled"
+    )
+
+
+def test_files_belong_to_their_owner_expire_and_go_oldest_first_past_the_budget():
+    """(Kept across a state restart with Redis: tests/serve/test_durable.py.)"""
+    files = FileStore(ttl_s=100, max_bytes=1000)
+    first = files.create("me", "batch", "a.jsonl", b"x" * 400, now=0)
+    assert first["bytes"] == 400 and first["purpose"] == "batch" and first["object"] == "file"
+    assert files.get(first["id"], "someone else", now=1) is None  # others' files do not exist for a caller
+    assert files.content(first["id"], "me", now=1) == b"x" * 400
+    assert files.create("me", "batch", "huge.jsonl", b"x" * 1001, now=1) is None
+    second = files.create("me", "batch_output", "b.jsonl", b"y" * 700, now=2)  # the oldest goes to fit it
+    assert files.get(first["id"], "me", now=2) is None and [f["id"] for f in files.list("me", now=2)] == [
+        second["id"]
+    ]
+    assert files.content(second["id"], "me", now=200) is None  # past its TTL
+    third = files.create("me", "batch", "c.jsonl", b"z", now=300)
+    assert files.delete(third["id"], "me", now=301) and not files.delete(third["id"], "me", now=301)
+
+
+def test_background_work_goes_only_to_pools_with_a_replica_nothing_runs_on_or_waits_for():
+    pools = [PoolSpec(name=name, model="m", ranks=2) for name in ("busy", "idle", "cold")]
+    loads = {
+        "busy": PoolLoad(ready_replicas=2, starting_replicas=0, outstanding=2),
+        "idle": PoolLoad(ready_replicas=2, starting_replicas=0, outstanding=1),
+        "cold": PoolLoad(ready_replicas=0, starting_replicas=1, outstanding=0),
+    }
+    assert [pool.name for pool in idle_pools(pools, loads)] == ["idle"]
