@@ -33,7 +33,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, ImageData, ImageGenerationRequest, ImageGenerationResponse, invalid
 from rayxdit.serve.batches import BatchLine, batch_object, error_line, jsonl, output_line, parse_lines
 from rayxdit.serve.catalog import Catalog
-from rayxdit.serve.dispatch import Busy, Dispatcher
+from rayxdit.serve.dispatch import BUSY_WAIT_S, Busy, Dispatcher, Preempted
 from rayxdit.serve.inputs import conditioning_inputs, resolve, validated_body
 from rayxdit.serve.job_driver import RENEW_JOB_S
 from rayxdit.serve.jobs import CANCELLED
@@ -212,6 +212,10 @@ class BatchDriver:
                 except Busy as busy:
                     await asyncio.sleep(busy.wait_s)
                     continue
+                except Preempted:  # an online request took its replica: again later, from its first step
+                    run.preempted += 1
+                    await asyncio.sleep(BUSY_WAIT_S)
+                    continue
                 except ApiError as error:
                     errors.append(_error_line_of(line.custom_id, error))
                     run.failed += 1
@@ -263,6 +267,8 @@ class _Run:
         self.batch_id = batch_id
         self.total = total
         self.completed = self.failed = 0
+        self.preempted = 0
+        """Lines stopped for an online request (and run again)."""
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}

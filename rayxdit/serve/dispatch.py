@@ -75,6 +75,13 @@ class Busy(Exception):
         self.wait_s = wait_s
 
 
+class Preempted(Exception):
+    """An online request took the replica of this background work (a batch's line): its ranks stopped at a
+    step boundary; run it again later (the same seed makes the same image)."""
+
+
+PREEMPT_WAIT_S = 10.0
+"""How long one call waiting to hear of a preemption lasts (then another is made)."""
 BUSY_WAIT_S = 0.5
 """How soon background work asks again for an idle replica."""
 
@@ -284,6 +291,7 @@ class Dispatcher:
                     tenant,
                     counted,
                     on_partial,
+                    background,
                 )
                 break
             except ReplicaDied:
@@ -409,9 +417,12 @@ class Dispatcher:
         tenant: str | None = None,
         metered: bool = False,
         on_partial: PartialSink | None = None,
+        background: bool = False,
     ) -> EncodedResult:
         """The pool's answer, or 504 at ``deadline`` (plus DEADLINE_SLACK_S): the call is then cancelled and
         the pool stops its ranks at their next step boundary, in the background, before its next request.
+        ``background`` work (a batch's line) is cancelled so when an online request preempts it
+        (:class:`Preempted`).
 
         While it waits, the request renews its reservation in the shared state. A request still waiting for
         a pool that had replicas when it was routed (``warm``) but has none now (on GONE_RENEWALS renewals
@@ -435,8 +446,14 @@ class Dispatcher:
         # shared with the ranks) must delay neither the answer nor the 504 at the deadline.
         renewal: asyncio.Future | None = None
         next_renewal = began + RENEW_S
+        watch: asyncio.Future | None = None  # background work: hears of its preemption
         try:
             while True:
+                if background and watch is None:
+                    watch = asyncio.ensure_future(
+                        _awaited(self.state.wait_preempted.remote(ticket, PREEMPT_WAIT_S))
+                    )
+                    watch.add_done_callback(quiet)
                 now = time.monotonic()
                 if now >= bound:
                     response.cancel()
@@ -446,13 +463,18 @@ class Dispatcher:
                         _awaited(self.state.renew.remote(ticket, pool.name, cost, tenant, metered))
                     )
                     renewal.add_done_callback(quiet)
-                waiting = {answer} if renewal is None else {answer, renewal}
+                waiting = {answer} | {pending for pending in (renewal, watch) if pending is not None}
                 wake = bound if renewal is not None else min(bound, next_renewal)
                 done, _ = await asyncio.wait(
                     waiting, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
                 )
                 if answer in done:
                     return answer.result()
+                if watch is not None and watch in done:
+                    heard, watch = watch, None
+                    if not heard.exception() and heard.result():
+                        response.cancel()  # the ranks stop at their next step boundary
+                        raise Preempted(request_id)
                 if renewal is None or renewal not in done:
                     continue
                 renewed, renewal = renewal, None
@@ -469,7 +491,7 @@ class Dispatcher:
         except asyncio.CancelledError:  # the client went away: the pool stops the ranks
             response.cancel()
             raise
-        except (BackPressureError, DeploymentUnavailableError, PoolGone, ApiError):
+        except (BackPressureError, DeploymentUnavailableError, PoolGone, ApiError, Preempted):
             raise
         except RayActorError as error:  # the replica died with the request: route it again
             logger.warning(
@@ -479,6 +501,6 @@ class Dispatcher:
         except Exception as error:
             raise pool_error(error, request_id) from None
         finally:
-            for pending in (answer, renewal):
+            for pending in (answer, renewal, watch):
                 if pending is not None and not pending.done():
                     pending.cancel()

@@ -110,8 +110,14 @@ SERVING_METRICS = (
     MetricSpec(
         "rayxdit_jobs",
         "counter",
-        "Asynchronous jobs (videos, background images) by how they ended.",
+        "Asynchronous jobs (videos, background images, batches) by how they ended.",
         ("model", "kind", "status"),
+    ),
+    MetricSpec(
+        "rayxdit_batch_preemptions",
+        "counter",
+        "Batch lines stopped at a step for an online request that would have waited (run again later).",
+        ("pool",),
     ),
     MetricSpec(
         "rayxdit_gpu_seconds",

@@ -100,6 +100,8 @@ class _Reservation:
     tenant: str = ANONYMOUS
     metered: bool = False
     """Whether its tenant has limits (then its requests in flight and GPU-seconds are counted)."""
+    background: bool = False
+    """A batch's line: it gives its replica up to an online request that would wait (preempted)."""
 
 
 @dataclass
@@ -199,6 +201,10 @@ class AppState:
         """Each pool's requests waiting for a replica (gated only)."""
         self.let_in: dict[str, set[str]] = defaultdict(set)
         """Each pool's tickets let through to its replicas, at most one per ready replica (gated only)."""
+        self.preempted: set[str] = set()
+        """Batch lines preempted by online requests, until their drivers release them."""
+        self.preemptions: dict[str, asyncio.Future] = {}
+        """Drivers waiting to hear that their batch line is preempted (``wait_preempted``)."""
         self.turns: dict[str, asyncio.Future] = {}
         """Routers waiting for a ticket's turn (``wait_turn``)."""
         router: RouterConfig = config.router
@@ -354,11 +360,13 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, counted)
+        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, counted, background)
         if counted and not retry:
             self.tenant_use[tenant].admitted.append(now)
             self._save_tenant_use(tenant, now)
         load = loads[pool.name]
+        if not background:
+            self._preempt_for(pool.name, load.ready_replicas)
         decision = {
             "pool": pool.name,
             "estimate_s": estimate,
@@ -370,6 +378,33 @@ class AppState:
             self._let_in(pool.name)
             decision["let_in"] = ticket in self.let_in[pool.name]
         return decision
+
+    # ----- background work (a batch's lines) ---------------------------------------------------------------
+    def _preempt_for(self, pool: str, ready: int) -> None:
+        """An online request was admitted to ``pool``: while its online requests outnumber the replicas that
+        no batch line holds, the newest batch line there is preempted (the least work lost): its driver
+        stops it at the ranks' next step boundary and runs it again later (same seed: the same image), and
+        the online request takes the replica. So an online request waits behind a batch line for one step,
+        not for the line."""
+        held = [(ticket, r) for ticket, r in self.reservations.items() if r.pool == pool]
+        lines = [ticket for ticket, r in held if r.background and ticket not in self.preempted]
+        online = sum(not r.background for _, r in held)
+        while lines and online > ready - len(lines):
+            ticket = lines.pop()
+            self.preempted.add(ticket)
+            metrics.inc("rayxdit_batch_preemptions", pool=pool)
+            waiter = self.preemptions.pop(ticket, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+
+    async def wait_preempted(self, ticket: str, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the batch line ``ticket`` to be preempted; whether it was."""
+        if ticket not in self.preempted and ticket in self.reservations:
+            waiter = self.preemptions.get(ticket)
+            if waiter is None or waiter.done():
+                waiter = self.preemptions[ticket] = asyncio.get_running_loop().create_future()
+            await asyncio.wait({waiter}, timeout=max(0.0, timeout_s))
+        return ticket in self.preempted
 
     def _as_seen_by(self, tenant: str, loads: dict[str, PoolLoad]) -> dict[str, PoolLoad]:
         """Each pool's load as a request of ``tenant`` meets it in the fair lines: the requests running, and
@@ -473,6 +508,10 @@ class AppState:
         ``metered`` say whose it was when this replica did not admit it (it restarted meanwhile); a report
         sent again (its first call died with the previous replica) counts once."""
         held = self.reservations.pop(ticket, None)
+        self.preempted.discard(ticket)
+        waiter = self.preemptions.pop(ticket, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
         now = time.monotonic()
         self.finished[ticket] = now
         left = held.pool if held is not None else pool

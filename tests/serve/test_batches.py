@@ -5,11 +5,15 @@ tests/serve/test_serve.py."""
 from __future__ import annotations
 
 import json
+import time
 
+from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve.batches import CANCELLING_S, batch_object, parse_lines
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.routing import PoolLoad, PoolSpec, idle_pools
+from rayxdit.serve.state import AppState
+from tests.serve.test_state import Sync
 
 ENDPOINT = "/v1/images/generations"
 
@@ -107,3 +111,30 @@ def test_background_work_goes_only_to_pools_with_a_replica_nothing_runs_on_or_wa
         "cold": PoolLoad(ready_replicas=0, starting_replicas=1, outstanding=0),
     }
     assert [pool.name for pool in idle_pools(pools, loads)] == ["idle"]
+
+
+def test_an_online_request_that_would_wait_preempts_the_newest_batch_line():
+    """Batch lines fill idle replicas only; an online request that finds none free takes the newest line's
+    replica (its driver stops it at a step and runs it again), one line per waiting online request."""
+    pool = PoolConfig(name="small", model="m", model_name="m", parallel="ulysses=2", route_min_cost=0)
+    app = Sync(AppState(ServeConfig(pools=[pool], router=RouterConfig())))
+    app.report("small", "replica-a", ready=True)
+    app.report("small", "replica-b", ready=True)
+    later = time.time() + 600
+
+    def line(ticket):
+        return app.route("m", 1.0, ticket, later, [], None, None, False, True)
+
+    assert line("line-1#0")["pool"] == line("line-2#0")["pool"] == "small"
+    assert line("line-3#0") == {"pool": None, "busy": True}  # no idle replica left
+    assert app.wait_preempted("line-1#0", 0) is False
+    assert app.route("m", 1.0, "online-1#0", later, [])["pool"] == "small"
+    assert app.wait_preempted("line-2#0", 0) and not app.wait_preempted("line-1#0", 0)  # the newest
+    app.finish("line-2#0")  # its driver stopped it
+    assert line("line-2#1") == {"pool": None, "busy": True}  # the online request has that replica now
+    assert app.route("m", 1.0, "online-2#0", later, [])["pool"] == "small"
+    assert app.wait_preempted("line-1#0", 0)
+    app.finish("online-1#0")
+    app.finish("online-2#0")
+    app.finish("line-1#0")
+    assert line("line-1#1")["pool"] == "small"  # idle again: the batch goes on
