@@ -129,9 +129,9 @@ class BatchDriver:
                 for _ in range(min(LINES_IN_FLIGHT, len(runnable)))
             ]
             cancelled = await self._supervise(batch_id, workers, run)
-            await self._update(batch_id, {"finalizing_at": int(time.time()), "request_counts": run.counts()})
+            await self._update(batch_id, {"finalizing_at": int(time.time()), **run.report()})
             files = await self._write_files(batch_id, owner, outputs, errors)
-            await self._update(batch_id, {**files, "request_counts": run.counts(), "finalized": True})
+            await self._update(batch_id, {**files, **run.report(), "finalized": True})
             if cancelled:
                 status = CANCELLED
                 return
@@ -161,7 +161,7 @@ class BatchDriver:
     async def _supervise(self, batch_id: str, workers: list[asyncio.Task], run: _Run) -> bool:
         """Renew the batch's lease until its lines are done; True if it was cancelled (the lines under way
         stopped)."""
-        reported = run.counts()
+        reported = run.report()
         while workers and not all(worker.done() for worker in workers):
             await asyncio.wait(workers, timeout=RENEW_JOB_S)
             try:
@@ -174,9 +174,9 @@ class BatchDriver:
                     worker.cancel()  # each line under way: its ranks stop at the next step boundary
                 await asyncio.wait(workers)
                 return True
-            if run.counts() != reported:
-                reported = run.counts()
-                await self._update(batch_id, {"request_counts": reported})
+            if run.report() != reported:
+                reported = run.report()
+                await self._update(batch_id, reported)
                 await self.state.job_progress.remote(batch_id, run.completed + run.failed, max(1, run.total))
         for worker in workers:
             worker.result()  # a worker's own failure (not a line's) fails the batch
@@ -272,6 +272,10 @@ class _Run:
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+    def report(self) -> dict[str, Any]:
+        """What the batch object shows of the run: OpenAI's counts, and rayxdit's preemptions."""
+        return {"request_counts": self.counts(), "preemptions": self.preempted}
 
 
 def _error_line_of(custom_id: str, error: ApiError) -> dict[str, Any]:

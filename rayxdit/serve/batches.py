@@ -145,4 +145,5 @@ def batch_object(job: dict[str, Any], now_wall: float) -> dict[str, Any]:
         "request_counts": job.get("request_counts") or {"total": 0, "completed": 0, "failed": 0},
         "metadata": job.get("metadata"),
         "model": job["model"] or None,
+        "rayxdit": {"preemptions": job.get("preemptions", 0)},
     }
