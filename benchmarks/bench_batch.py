@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="each phase's length")
     parser.add_argument("--batch-lines", type=int, default=200, help="the batch's lines (3 of them bad)")
     parser.add_argument("--compare", type=int, default=5, help="batch images checked against online ones")
+    parser.add_argument(
+        "--batch-timeout", type=float, default=3600.0, help="seconds the batch may take before the run fails"
+    )
     args = parser.parse_args(argv)
 
     import ray
@@ -212,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         beside["batch_lines_done"] = during["request_counts"]["completed"]
         beside["batch_preemptions"] = during["rayxdit"]["preemptions"]
         print(f"online + batch: {json.dumps(beside)}", flush=True)
+        shown = time.monotonic()
         while (done := requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json())[
             "status"
         ] not in ("completed", "failed", "cancelled"):
+            if time.monotonic() - shown > 5:
+                shown = time.monotonic()
+                print(f"batch {done['status']}: {json.dumps(done['request_counts'])}", flush=True)
+            if time.monotonic() - began > args.batch_timeout:
+                raise TimeoutError(f"the batch did not end within {args.batch_timeout} s: {done}")
             time.sleep(0.5)
         batch_s = time.monotonic() - began
         outputs = requests.get(f"{url}/v1/files/{done['output_file_id']}/content", headers=AUTH, timeout=600)

@@ -195,8 +195,9 @@ class BatchDriver:
         """Run lines off ``queue`` until it is empty, each on an idle replica (waiting for one)."""
         while queue:
             line, body, model, request, resolved, labels = queue.popleft()
-            request_id = f"{run.batch_id}:{line.index}"
+            runs = 0  # a preempted line runs again under a new id: its first attempt's ticket is finished
             while True:
+                request_id = f"{run.batch_id}:{line.index}" + (f".{runs}" if runs else "")
                 try:
                     result, info = await self.dispatcher.run(
                         model,
@@ -214,6 +215,7 @@ class BatchDriver:
                     continue
                 except Preempted:  # an online request took its replica: again later, from its first step
                     run.preempted += 1
+                    runs += 1
                     await asyncio.sleep(BUSY_WAIT_S)
                     continue
                 except ApiError as error:
