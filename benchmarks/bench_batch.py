@@ -8,7 +8,9 @@ phases of ``--seconds`` each, with Poisson online arrivals at ``--load`` of that
 2. ``online + batch``: the same arrivals (same seed) while a batch of ``--batch-lines`` lines (OpenAI's Batch
    API: ``POST /v1/files``, ``POST /v1/batches``; 3 of its lines bad on purpose) runs on the same pool.
 
-Reported per phase: online p50/p99 (the bar: p99 with the batch at most 1.1x without), the pool's busy
+Each pair of phases is repeated ``--repeats`` times, alternating (each batch phase starts a new batch of
+the same file; all but the last are cancelled after their phase, the last runs to its end). Reported per
+phase, as medians of the repeats: online p50/p99 (the bar: p99 with the batch at most 1.1x without), the pool's busy
 fraction (GPU-seconds from ``GET /v1/usage`` over replica-seconds), the batch lines finished during the
 phase and the lines preempted by online requests. Then the batch runs to its end: its counts, and a few of
 its images compared with the same requests sent online (max pixel difference).
@@ -140,6 +142,17 @@ def phase(url: str, body: dict, rate: float, seconds: float, replicas_ranks: int
     }
 
 
+def median_phase(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number of a phase's repeats, as their median."""
+    merged: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and value is not None:
+            merged[key] = round(float(np.median([run[key] for run in runs])), 4)
+        else:
+            merged[key] = sorted({str(item) for run in runs for item in run[key]})
+    return merged
+
+
 def pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
@@ -155,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="64x64", help="every request's size")
     parser.add_argument("--steps", type=int, default=8, help="every request's steps")
     parser.add_argument("--load", type=float, default=0.5, help="online arrivals, a fraction of capacity")
-    parser.add_argument("--seconds", type=float, default=60.0, help="each phase's length")
+    parser.add_argument("--seconds", type=float, default=40.0, help="each phase's length")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="pairs of phases, alternating; medians reported"
+    )
     parser.add_argument("--batch-lines", type=int, default=200, help="the batch's lines (3 of them bad)")
     parser.add_argument("--compare", type=int, default=5, help="batch images checked against online ones")
     parser.add_argument(
@@ -189,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         capacity = args.replicas / service_s
         rate = args.load * capacity
         print(f"service {service_s:.3f} s; capacity {capacity:.2f}/s; online {rate:.2f}/s", flush=True)
-        alone = phase(url, body, rate, args.seconds, args.replicas * ranks)
-        print(f"online alone: {json.dumps(alone)}", flush=True)
-
         upload = requests.post(
             url + "/v1/files",
             files={"file": ("batch.jsonl", batch_input(body, args.batch_lines))},
@@ -199,22 +212,39 @@ def main(argv: list[str] | None = None) -> int:
             headers=AUTH,
             timeout=60,
         ).json()
-        batch = requests.post(
-            url + "/v1/batches",
-            json={
-                "input_file_id": upload["id"],
-                "endpoint": "/v1/images/generations",
-                "completion_window": "24h",
-            },
-            headers=AUTH,
-            timeout=60,
-        ).json()
-        began = time.monotonic()
-        beside = phase(url, body, rate, args.seconds, args.replicas * ranks)
-        during = requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json()
-        beside["batch_lines_done"] = during["request_counts"]["completed"]
-        beside["batch_preemptions"] = during["rayxdit"]["preemptions"]
-        print(f"online + batch: {json.dumps(beside)}", flush=True)
+
+        def start_batch() -> dict:
+            return requests.post(
+                url + "/v1/batches",
+                json={
+                    "input_file_id": upload["id"],
+                    "endpoint": "/v1/images/generations",
+                    "completion_window": "24h",
+                },
+                headers=AUTH,
+                timeout=60,
+            ).json()
+
+        alone_runs, beside_runs = [], []
+        for repeat in range(
+            args.repeats
+        ):  # alternating, so that a drift of the machine cannot pass for a cost
+            alone_runs.append(phase(url, body, rate, args.seconds, args.replicas * ranks))
+            print(f"online alone ({repeat + 1}): {json.dumps(alone_runs[-1])}", flush=True)
+            batch = start_batch()
+            began = time.monotonic()
+            beside = phase(url, body, rate, args.seconds, args.replicas * ranks)
+            during = requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json()
+            beside["batch_lines_done"] = during["request_counts"]["completed"]
+            beside["batch_preemptions"] = during["rayxdit"]["preemptions"]
+            beside_runs.append(beside)
+            print(f"online + batch ({repeat + 1}): {json.dumps(beside)}", flush=True)
+            if repeat < args.repeats - 1:  # the next pair starts without it; the last runs to its end
+                requests.post(f"{url}/v1/batches/{batch['id']}/cancel", headers=AUTH, timeout=60)
+                while requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json()[
+                    "status"
+                ] not in ("cancelled", "completed", "failed"):
+                    time.sleep(0.5)
         shown = time.monotonic()
         while (done := requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json())[
             "status"
@@ -241,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     import torch
 
+    alone, beside = median_phase(alone_runs), median_phase(beside_runs)
     ratio = beside["online_p99_s"] / alone["online_p99_s"] if alone["online_p99_s"] else None
     document = {
         "command": command_line(),
@@ -256,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "load": args.load,
             "seconds_per_phase": args.seconds,
+            "repeats": args.repeats,
             "batch_lines": args.batch_lines,
         },
         "service_s": round(service_s, 4),
         "online_rate_per_s": round(rate, 3),
         "baseline": "online alone",
         "phases": {"online alone": alone, "online + batch": beside},
+        "runs": {"online alone": alone_runs, "online + batch": beside_runs},
         "online_p99_ratio": None if ratio is None else round(ratio, 3),
         "bar": {"online_p99_ratio_at_most": P99_BAR, "met": ratio is not None and ratio <= P99_BAR},
         "batch": {

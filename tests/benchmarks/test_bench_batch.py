@@ -15,7 +15,20 @@ pytestmark = pytest.mark.slow
 
 def test_the_batch_benchmark_runs_both_phases_and_the_batch_to_its_end(tmp_path):
     out = tmp_path / "batch.json"
-    argv = ["--out", str(out), "--seconds", "3", "--batch-lines", "12", "--size", "36x36", "--steps", "2"]
+    argv = [
+        "--out",
+        str(out),
+        "--seconds",
+        "2",
+        "--batch-lines",
+        "12",
+        "--size",
+        "36x36",
+        "--steps",
+        "2",
+        "--repeats",
+        "2",
+    ]
     argv += ["--batch-timeout", "120"]  # a batch that stops progressing fails the test, never hangs it
     assert bench_batch.main([*argv, "--compare", "2"]) == 0
     document = json.loads(out.read_text())
