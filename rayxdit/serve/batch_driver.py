@@ -12,8 +12,11 @@ second and learns there whether it was cancelled (through any router replica): i
 their ranks' next step boundary, and the output and error files are written with what finished. Each line
 gets exactly one output or error line.
 
-A router replica that dies takes its batches' progress with it: their lease lapses and they fail
-(``driver_lost``), as jobs do; create the batch again.
+Each line's answer is kept in the state as it comes (with ``state.redis_url`` in Redis too). A router
+replica that dies leaves its batches' leases to lapse; another router replica adopts each (it looks on every
+health check Serve makes of it, every 10 s) and runs the lines without an answer: each line gets one answer
+in the files. Lines that were under way on the dead replica's watch run again (their first run's result
+was lost with it).
 """
 
 from __future__ import annotations
@@ -51,8 +54,14 @@ class BatchDriver:
     """Creates batches in the shared state and drives the ones this router replica created."""
 
     def __init__(
-        self, state: DeploymentHandle, dispatcher: Dispatcher, catalog: Catalog, image_data: ImageStorer
+        self,
+        state: DeploymentHandle,
+        dispatcher: Dispatcher,
+        catalog: Catalog,
+        image_data: ImageStorer,
+        replica: str = "",
     ):
+        self.replica = replica
         self.state = state
         self.dispatcher = dispatcher
         self.catalog = catalog
@@ -83,16 +92,44 @@ class BatchDriver:
             "input_file_id": input_file_id,
             "completion_window": completion_window,
             "metadata": metadata,
+            # What a replica that adopts the batch needs to run it as its creator would (never shown):
+            "_base_url": base_url,
+            "_tenant": tenant,
+            "_limits": None if limits is None else limits.model_dump(),
+            "_driver": self.replica,
         }
         job = await ask_state(lambda: self.state.create_job.remote("batch", owner, "", fields), "a batch")
-        drive = self._drive(job["id"], owner, input_file_id, endpoint, base_url, tenant, limits)
+        self._launch(job, owner)
+        logger.info("batch %s: created from %s", job["id"], input_file_id)
+        return batch_object(job, time.time())
+
+    async def adopt_orphans(self) -> None:
+        """Take over the batches whose driver (another router replica) died: each runs on here from the
+        lines that have no answer yet (the state grants each batch to one replica)."""
+        for batch_id in await self.state.orphaned_batches.remote():
+            adopted = await self.state.adopt_batch.remote(batch_id)
+            if adopted is not None:
+                job, owner = adopted
+                logger.warning("batch %s: its driver is gone; adopted, running its lines left", batch_id)
+                await self._update(batch_id, {"_driver": self.replica})
+                self._launch(job, owner)
+
+    def _launch(self, job: dict[str, Any], owner: str) -> None:
+        limits = job.get("_limits")
+        drive = self._drive(
+            job["id"],
+            owner,
+            job["input_file_id"],
+            job["endpoint"],
+            job["_base_url"],
+            job.get("_tenant"),
+            None if limits is None else TenantLimits(**limits),
+        )
         # A fresh context: the batch outlives the HTTP request that created it.
         task = contextvars.Context().run(asyncio.create_task, drive)
         task.add_done_callback(quiet)
         self.running.add(task)
         task.add_done_callback(self.running.discard)
-        logger.info("batch %s: created from %s", job["id"], input_file_id)
-        return batch_object(job, time.time())
 
     async def _drive(
         self,
@@ -118,20 +155,24 @@ class BatchDriver:
                     runnable.append((line, *await self._validated(line)))
                 except ApiError as error:
                     errors.append(_error_line_of(line.custom_id, error))
+            # Lines answered already (by a driver that died: this replica adopted the batch) are not run again.
+            answered = await ask_state(lambda: self.state.answered_batch_lines.remote(batch_id), batch_id)
             run = _Run(batch_id, total=len(runnable) + len(errors))
-            run.failed = len(errors)
-            await self._update(batch_id, {"in_progress_at": int(time.time()), "request_counts": run.counts()})
-            await self.state.job_progress.remote(batch_id, 0, max(1, run.total))
-            outputs: dict[int, dict[str, Any]] = {}
-            queue = deque(runnable)
+            run.completed = sum(ok for ok, _ in answered.values())
+            run.failed = len(errors) + len(answered) - run.completed
+            if not answered:
+                await self._update(batch_id, {"in_progress_at": int(time.time()), **run.report()})
+            await self.state.job_progress.remote(batch_id, len(answered), max(1, run.total))
+            queue = deque(item for item in runnable if item[0].index not in answered)
             workers = [
-                asyncio.create_task(self._work(queue, outputs, errors, run, base_url, tenant, limits))
-                for _ in range(min(LINES_IN_FLIGHT, len(runnable)))
+                asyncio.create_task(self._work(queue, run, base_url, tenant, limits))
+                for _ in range(min(LINES_IN_FLIGHT, len(queue)))
             ]
             cancelled = await self._supervise(batch_id, workers, run)
             await self._update(batch_id, {"finalizing_at": int(time.time()), **run.report()})
-            files = await self._write_files(batch_id, owner, outputs, errors)
+            files = await self._write_files(batch_id, owner, errors)
             await self._update(batch_id, {**files, **run.report(), "finalized": True})
+            await ask_state(lambda: self.state.drop_batch_lines.remote(batch_id), batch_id)
             if cancelled:
                 status = CANCELLED
                 return
@@ -185,8 +226,6 @@ class BatchDriver:
     async def _work(
         self,
         queue: deque,
-        outputs: dict[int, dict[str, Any]],
-        errors: list[dict[str, Any]],
         run: _Run,
         base_url: str,
         tenant: str | None,
@@ -219,31 +258,38 @@ class BatchDriver:
                     await asyncio.sleep(BUSY_WAIT_S)
                     continue
                 except ApiError as error:
-                    errors.append(_error_line_of(line.custom_id, error))
+                    await self._answer(run.batch_id, line.index, False, _error_line_of(line.custom_id, error))
                     run.failed += 1
                     break
                 data = await self.image_data(result.pngs, body.response_format, base_url)
                 answer = ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
-                outputs[line.index] = output_line(
-                    line.custom_id, request_id, answer.model_dump(exclude_none=True)
-                )
+                shown = output_line(line.custom_id, request_id, answer.model_dump(exclude_none=True))
+                await self._answer(run.batch_id, line.index, True, shown)
                 run.completed += 1
                 break
 
+    async def _answer(self, batch_id: str, index: int, ok: bool, line: dict[str, Any]) -> None:
+        """A line's answer, kept in the state at once (a replica that adopts the batch skips the line)."""
+        data = jsonl([line])
+        await ask_state(lambda: self.state.record_batch_line.remote(batch_id, index, ok, data), batch_id)
+
     async def _write_files(
-        self, batch_id: str, owner: str, outputs: dict[int, dict[str, Any]], errors: list[dict[str, Any]]
+        self, batch_id: str, owner: str, invalid_lines: list[dict[str, Any]]
     ) -> dict[str, str | None]:
-        """The output file (answers in input order) and the error file (none when no line failed)."""
+        """The output file (answers in input order) and the error file (``invalid_lines``, then the lines
+        that failed; none when no line failed), from the answers kept in the state."""
+        answered = await ask_state(lambda: self.state.answered_batch_lines.remote(batch_id), batch_id)
+        ordered = [answered[index] for index in sorted(answered)]
         files: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
-        for name, lines in (
-            ("output", [outputs[index] for index in sorted(outputs)]),
-            ("error", errors),
+        for name, content in (
+            ("output", b"".join(line for ok, line in ordered if ok)),
+            ("error", jsonl(invalid_lines) + b"".join(line for ok, line in ordered if not ok)),
         ):
-            if not lines:
+            if not content:
                 continue
             created = await ask_state(
-                lambda name=name, lines=lines: self.state.create_file.remote(
-                    owner, "batch_output", f"{batch_id}_{name}.jsonl", jsonl(lines)
+                lambda name=name, content=content: self.state.create_file.remote(
+                    owner, "batch_output", f"{batch_id}_{name}.jsonl", content
                 ),
                 batch_id,
             )

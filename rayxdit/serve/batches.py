@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from rayxdit.serve.durable import Journal, MemoryJournal
 from rayxdit.serve.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED
 
 ENDPOINTS = ("/v1/images/generations",)
@@ -145,5 +146,41 @@ def batch_object(job: dict[str, Any], now_wall: float) -> dict[str, Any]:
         "request_counts": job.get("request_counts") or {"total": 0, "completed": 0, "failed": 0},
         "metadata": job.get("metadata"),
         "model": job["model"] or None,
-        "rayxdit": {"preemptions": job.get("preemptions", 0)},
+        "rayxdit": {
+            "preemptions": job.get("preemptions", 0),
+            "adoptions": job.get("adoptions", 0),
+            "driver": job.get("_driver"),
+        },
     }
+
+
+class LineStore:
+    """The answers of a batch's lines as they finish, kept in the state (and its journal) until the batch's
+    files are written: a router replica that adopts a batch whose driver died runs only the lines without
+    one, and each line gets exactly one answer in the files."""
+
+    SPACE = "batch-lines"
+
+    def __init__(self, ttl_s: float, journal: Journal | None = None):
+        self.ttl_s = ttl_s
+        self.journal = journal or MemoryJournal()
+        self.lines: dict[str, dict[int, tuple[bool, bytes]]] = {}
+        for key, (value, _) in self.journal.load(self.SPACE).items():
+            batch_id, _, index = key.rpartition("/")
+            self.lines.setdefault(batch_id, {})[int(index)] = (value[:1] == b"1", value[1:])
+
+    def record(self, batch_id: str, index: int, ok: bool, line: bytes) -> None:
+        """Line ``index`` of ``batch_id`` answered (``ok``: an output line, else an error line); a repeat
+        (the same line reported again) keeps the first answer."""
+        kept = self.lines.setdefault(batch_id, {})
+        if index in kept:
+            return
+        kept[index] = (ok, line)
+        self.journal.save(self.SPACE, f"{batch_id}/{index}", (b"1" if ok else b"0") + line, self.ttl_s)
+
+    def answered(self, batch_id: str) -> dict[int, tuple[bool, bytes]]:
+        return dict(self.lines.get(batch_id, {}))
+
+    def drop(self, batch_id: str) -> None:
+        for index in self.lines.pop(batch_id, {}):
+            self.journal.drop(self.SPACE, f"{batch_id}/{index}")

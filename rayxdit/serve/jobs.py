@@ -49,7 +49,10 @@ RECORD_FIELDS = (
 )
 """What a job's journal record holds (its lease is renewed afresh, its content kept apart)."""
 LEASE_S = 30.0
-"""A job's driver (a router replica) not heard from for this long is gone: the job fails."""
+"""A job's driver (a router replica) not heard from for this long is gone: the job fails (a batch waits for
+another router replica to adopt it, ``ORPHAN_S``)."""
+ORPHAN_S = 300.0
+"""How long a batch whose driver is gone waits for another router replica to adopt it before it fails."""
 
 
 @dataclass
@@ -206,6 +209,28 @@ class JobStore:
         self._save(job, self._now(now))
         return True
 
+    def orphans(self, now: float | None = None) -> list[str]:
+        """Batches whose driver is gone (their lease lapsed), for another router replica to adopt."""
+        now = self._now(now)
+        self._expire(now)
+        return [
+            job.id
+            for job in self.jobs.values()
+            if job.kind == "batch" and not job.finished and job.lease_expires < now
+        ]
+
+    def adopt(self, job_id: str, now: float | None = None) -> tuple[dict[str, Any], str] | None:
+        """A router replica takes over the orphaned batch ``job_id``: its lease is the caller's now. The job
+        object and its owner; None if it is not orphaned (another replica was first, or it ended)."""
+        now = self._now(now)
+        job = self.jobs.get(job_id)
+        if job is None or job.finished or job.kind != "batch" or job.lease_expires >= now:
+            return None
+        job.lease_expires = now + self.lease_s
+        job.fields["adoptions"] = job.fields.get("adoptions", 0) + 1
+        self._save(job, now)
+        return job.public(self.ttl_s), job.owner
+
     def fail(self, job_id: str, code: str, message: str, now: float | None = None) -> None:
         job = self.jobs.get(job_id)
         if job is not None and not job.finished:
@@ -316,7 +341,8 @@ class JobStore:
         """Fail jobs whose driver is gone; drop finished jobs past the TTL, or the oldest finished ones
         while ``room`` more bytes would not fit."""
         for job in list(self.jobs.values()):
-            if not job.finished and job.lease_expires < now:
+            orphan_s = ORPHAN_S if job.kind == "batch" else 0.0  # a batch waits to be adopted
+            if not job.finished and job.lease_expires + orphan_s < now:
                 self._finish(
                     job,
                     FAILED,

@@ -64,7 +64,7 @@ from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, re
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
-from rayxdit.serve.tasks import ask_state, keep_cancellations_quiet, quiet
+from rayxdit.serve.tasks import ask_state, detached, keep_cancellations_quiet, quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -113,7 +113,9 @@ class Ingress:
         self.replica = replica
         self.jobs = JobDriver(state, dispatcher) if dispatcher is not None else None
         self.batches = (
-            BatchDriver(state, dispatcher, catalog, self.image_data) if dispatcher is not None else None
+            BatchDriver(state, dispatcher, catalog, self.image_data, replica)
+            if dispatcher is not None
+            else None
         )
         self.keys = KeyRing(config.router)
 
@@ -863,3 +865,9 @@ class Router:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_ingress_app(self.ingress)
+
+    async def check_health(self) -> None:
+        """Serve's health check of this replica (every ``health_check_period_s``, 10 s): also when it looks
+        for batches whose driver (another router replica) died, and adopts them; detached, so that the check
+        answers at once."""
+        detached(self.ingress.batches.adopt_orphans, "adopting batches whose driver died")

@@ -41,6 +41,7 @@ from typing import Any
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
+from rayxdit.serve.batches import LineStore
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.durable import Journal, MemoryJournal, open_journal, wall_offset
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
@@ -223,6 +224,7 @@ class AppState:
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes, self.journal)
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
         self.files = FileStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
+        self.batch_lines = LineStore(router.job_ttl_s, self.journal)
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
@@ -683,3 +685,19 @@ class AppState:
 
     async def list_files(self, owner: str, purpose: str | None = None) -> list[dict[str, Any]]:
         return self.files.list(owner, purpose)
+
+    # ----- batches (see rayxdit.serve.batch_driver) ---------------------------------------------------------
+    async def record_batch_line(self, batch_id: str, index: int, ok: bool, line: bytes) -> None:
+        self.batch_lines.record(batch_id, index, ok, line)
+
+    async def answered_batch_lines(self, batch_id: str) -> dict[int, tuple[bool, bytes]]:
+        return self.batch_lines.answered(batch_id)
+
+    async def drop_batch_lines(self, batch_id: str) -> None:
+        self.batch_lines.drop(batch_id)
+
+    async def orphaned_batches(self) -> list[str]:
+        return self.jobs.orphans()
+
+    async def adopt_batch(self, batch_id: str) -> tuple[dict[str, Any], str] | None:
+        return self.jobs.adopt(batch_id)

@@ -8,9 +8,9 @@ import json
 import time
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
-from rayxdit.serve.batches import CANCELLING_S, batch_object, parse_lines
+from rayxdit.serve.batches import CANCELLING_S, LineStore, batch_object, parse_lines
 from rayxdit.serve.files import FileStore
-from rayxdit.serve.jobs import JobStore
+from rayxdit.serve.jobs import ORPHAN_S, JobStore
 from rayxdit.serve.routing import PoolLoad, PoolSpec, idle_pools
 from rayxdit.serve.state import AppState
 from tests.serve.test_state import Sync
@@ -138,3 +138,28 @@ def test_an_online_request_that_would_wait_preempts_the_newest_batch_line():
     app.finish("online-2#0")
     app.finish("line-1#0")
     assert line("line-1#1")["pool"] == "small"  # idle again: the batch goes on
+
+
+def test_a_batch_whose_driver_is_gone_waits_to_be_adopted_once_and_keeps_its_answers():
+    """A batch's lapsed lease makes it an orphan (a video's fails at once); one replica adopts it; one that
+    nobody adopts within ORPHAN_S fails ``driver_lost``. Its lines' answers are kept, the first of each."""
+    store = JobStore(ttl_s=3600, max_bytes=1 << 20, lease_s=30)
+    fields = {"endpoint": ENDPOINT, "input_file_id": "file-1", "completion_window": "24h", "metadata": None}
+    batch = store.create("batch", "me", "", fields, now=0)
+    video = store.create("video", "me", "m", {}, now=0)
+    assert store.orphans(now=10) == []
+    assert store.orphans(now=31) == [batch["id"]]
+    assert store.get(video["id"], "me", now=31)["status"] == "failed"
+    adopted = store.adopt(batch["id"], now=32)
+    assert adopted is not None and adopted[1] == "me" and adopted[0]["adoptions"] == 1
+    assert store.adopt(batch["id"], now=33) is None and store.orphans(now=33) == []  # one replica has it
+    assert store.orphans(now=63) == [batch["id"]]  # that one died too
+    assert store.get(batch["id"], "me", now=62 + ORPHAN_S + 1)["status"] == "failed"
+
+    lines = LineStore(ttl_s=3600)
+    lines.record("b", 2, True, b"two\n")
+    lines.record("b", 0, False, b"zero\n")
+    lines.record("b", 2, True, b"again\n")  # a repeat keeps the first answer
+    assert lines.answered("b") == {2: (True, b"two\n"), 0: (False, b"zero\n")}
+    lines.drop("b")
+    assert lines.answered("b") == {}

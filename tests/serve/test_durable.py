@@ -36,6 +36,7 @@ def fill(app: Sync) -> dict:
     app.report("p", "r1", ready=True)
     image = app.put_image(b"\x89PNG one image")
     batch_input = app.create_file("owner", "batch", "in.jsonl", b'{"custom_id": "a"}\n')
+    app.record_batch_line("batch_1", 3, True, b'{"custom_id": "a"}\n')
     done = app.create_job("video", "owner", "m", {"size": "64x64"})
     app.job_progress(done["id"], 3, 4)
     app.complete_job(done["id"], [b"frame-1", b"", b"frame-3"], {"frames": 3})
@@ -81,6 +82,8 @@ def survived(app: Sync, before: dict) -> list[str]:
         lost.append("image")
     if app.file_content(before["file"]["id"], "owner") != b'{"custom_id": "a"}\n':
         lost.append("file")
+    if app.answered_batch_lines("batch_1") != {3: (True, b'{"custom_id": "a"}\n')}:
+        lost.append("batch line")
     for job_id, (kind, job) in before["jobs"].items():
         if app.get_job(job_id, "owner", kind) != job:
             lost.append(f"job {job['status']}")
@@ -107,7 +110,7 @@ def test_a_state_started_again_with_redis_finds_everything_and_without_it_nothin
     before = fill(Sync(AppState(memory)))
     lost = survived(Sync(AppState(memory)), before)
     assert lost == [
-        *("image", "file", "job completed", "job in_progress", "job cancelled", "content"),
+        *("image", "file", "batch line", "job completed", "job in_progress", "job cancelled", "content"),
         *("usage", "since", "rate window"),
     ]
 

@@ -1481,3 +1481,46 @@ def test_a_batch_cancelled_midway_stops_its_line_at_a_step_and_reports_its_count
     assert batch.request_counts.total == 4 and batch.request_counts.completed == 0
     after = post(url, {"model": "tiny-failover", "prompt": "next", "size": "36x36", "steps": 2, "seed": 3})
     assert after.status_code == 200, after.text
+
+
+def test_a_batch_whose_router_replica_dies_is_adopted_and_answers_each_line_once(url, engine):
+    """The router replica driving a batch killed mid-batch: its lease lapses, the other router replica
+    adopts it (on one of Serve's health checks) and runs the lines without an answer; the batch completes
+    with every line answered exactly once, in input order, each image the one process's."""
+    from openai import OpenAI
+
+    from rayxdit.serve.jobs import LEASE_S
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    bodies = {
+        f"owl-{i}": {
+            "model": "tiny-2",
+            "prompt": f"an owl {i}",
+            "size": "64x64",
+            "steps": 12,
+            "seed": 300 + i,
+        }
+        for i in range(10)
+    }
+    data = "\n".join(batch_line(custom_id, body) for custom_id, body in bodies.items()).encode()
+    uploaded = client.files.create(file=("owls.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (shown := client.batches.retrieve(batch.id)).request_counts.completed < 2:
+        assert time.monotonic() < deadline, f"the batch made no progress: {shown}"
+        time.sleep(0.2)
+    driver = shown.model_extra["rayxdit"]["driver"]
+    (killed,) = [actor for actor in router_replicas() if actor["name"].endswith(f"#{driver}")]
+    ray.kill(ray.get_actor(killed["name"], namespace=killed["namespace"]), no_restart=True)
+    batch = finished_batch(client, batch.id, timeout_s=LEASE_S + 180)
+    assert batch.status == "completed", batch
+    assert batch.model_extra["rayxdit"]["adoptions"] == 1 and batch.model_extra["rayxdit"]["driver"] != driver
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (10, 0)
+    answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [answer["custom_id"] for answer in answers] == list(bodies)  # each line once, in input order
+    for answer in answers[::3]:
+        png = base64.b64decode(answer["response"]["body"]["data"][0]["b64_json"])
+        expected = single_process_pixels(engine, bodies[answer["custom_id"]])
+        assert np.abs(png_pixels(png) - expected).max() <= 1, answer["custom_id"]
