@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -95,7 +96,7 @@ class BatchDriver:
             # What a replica that adopts the batch needs to run it as its creator would (never shown):
             "_base_url": base_url,
             "_tenant": tenant,
-            "_limits": None if limits is None else limits.model_dump(),
+            "_limits": None if limits is None else dataclasses.asdict(limits),
             "_driver": self.replica,
         }
         job = await ask_state(lambda: self.state.create_job.remote("batch", owner, "", fields), "a batch")
