@@ -1,8 +1,9 @@
 """A batch on the online pools' spare capacity, through real HTTP: does online traffic notice it?
 
 A local Ray instance serves one pool (``--model``, ``--parallel``, ``--replicas`` replicas). The online
-request's service time is measured first (sequential requests), which gives the pool's capacity; then two
-phases of ``--seconds`` each, with Poisson online arrivals at ``--load`` of that capacity:
+requests' service time is measured first (sequential requests, the mix's mean), which gives the pool's
+capacity; then two phases of ``--seconds`` each, with Poisson online arrivals at ``--load`` of that
+capacity, a mix of three requests in turn (the batch's shape, twice its steps, and with true CFG):
 
 1. ``online alone``: the baseline;
 2. ``online + batch``: the same arrivals (same seed) while a batch of ``--batch-lines`` lines (OpenAI's Batch
@@ -10,9 +11,9 @@ phases of ``--seconds`` each, with Poisson online arrivals at ``--load`` of that
 
 Each pair of phases is repeated ``--repeats`` times, alternating (each batch phase starts a new batch of
 the same file; all but the last are cancelled after their phase, the last runs to its end). Reported per
-phase, as medians of the repeats: online p50/p99 (the bar: p99 with the batch at most 1.1x without), the pool's busy
-fraction (GPU-seconds from ``GET /v1/usage`` over replica-seconds), the batch lines finished during the
-phase and the lines preempted by online requests. Then the batch runs to its end: its counts, and a few of
+phase, as medians of the repeats: online p50/p99 (the bar: p99 with the batch at most 1.1x without), the
+pool's busy fraction (GPU-seconds from ``GET /v1/usage`` over replica-seconds), the batch lines finished
+during the phase and the lines preempted by online requests. Then the batch runs to its end: its counts, and a few of
 its images compared with the same requests sent online (max pixel difference).
 
     python benchmarks/bench_batch.py --out benchmarks/results/batch-tiny-flux-cpu.json
@@ -83,8 +84,18 @@ def send(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def open_loop(url: str, body: dict, rate: float, seconds: float, seed: int) -> list[dict]:
-    """Poisson arrivals at ``rate`` per second for ``seconds``, each request in a thread of its own."""
+def online_mix(body: dict) -> list[dict]:
+    """The online requests, in turn: ``body``, twice its steps, and with true CFG (twice its work)."""
+    return [
+        body,
+        {**body, "steps": 2 * body["steps"]},
+        {**body, "negative_prompt": "blurry", "true_cfg_scale": 3.0},
+    ]
+
+
+def open_loop(url: str, bodies: list[dict], rate: float, seconds: float, seed: int) -> list[dict]:
+    """Poisson arrivals at ``rate`` per second for ``seconds``, each request in a thread of its own, the
+    ``bodies`` in turn."""
     rng = random.Random(seed)
     with ThreadPoolExecutor(64) as pool:
         futures, end, at = [], time.monotonic() + seconds, time.monotonic()
@@ -93,7 +104,9 @@ def open_loop(url: str, body: dict, rate: float, seconds: float, seed: int) -> l
             if at >= end:
                 break
             time.sleep(max(0.0, at - time.monotonic()))
-            futures.append(pool.submit(send, url, {**body, "seed": len(futures)}))
+            futures.append(
+                pool.submit(send, url, {**bodies[len(futures) % len(bodies)], "seed": len(futures)})
+            )
         return [future.result() for future in futures]
 
 
@@ -126,9 +139,9 @@ def batch_input(body: dict, lines: int) -> bytes:
     return "\n".join(out).encode()
 
 
-def phase(url: str, body: dict, rate: float, seconds: float, replicas_ranks: int) -> dict[str, Any]:
+def phase(url: str, bodies: list[dict], rate: float, seconds: float, replicas_ranks: int) -> dict[str, Any]:
     before = gpu_seconds(url)
-    records = open_loop(url, body, rate, seconds, seed=7)
+    records = open_loop(url, bodies, rate, seconds, seed=7)
     time.sleep(1.0)  # the last answers' usage reaches the state
     used = gpu_seconds(url) - before
     ok = [r["seconds"] for r in records if r["status"] == 200]
@@ -198,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         deploy(app_config(args), logging_config={"log_level": "WARNING"})
         for _ in range(3):  # warm: the first requests pay the ranks' first forward
             send(url, {**body, "seed": 0})
-        service = []
-        for index in range(6):
-            service.append(send(url, {**body, "seed": index})["seconds"])
-        service_s = float(np.median(service))
+        mix = online_mix(body)
+        service = [
+            float(np.median([send(url, {**shape, "seed": index})["seconds"] for index in range(3)]))
+            for shape in mix
+        ]
+        service_s = float(np.mean(service))  # the mix's mean: each shape as often
         capacity = args.replicas / service_s
         rate = args.load * capacity
         print(f"service {service_s:.3f} s; capacity {capacity:.2f}/s; online {rate:.2f}/s", flush=True)
@@ -229,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(
             args.repeats
         ):  # alternating, so that a drift of the machine cannot pass for a cost
-            alone_runs.append(phase(url, body, rate, args.seconds, args.replicas * ranks))
+            alone_runs.append(phase(url, mix, rate, args.seconds, args.replicas * ranks))
             print(f"online alone ({repeat + 1}): {json.dumps(alone_runs[-1])}", flush=True)
             batch = start_batch()
             began = time.monotonic()
-            beside = phase(url, body, rate, args.seconds, args.replicas * ranks)
+            beside = phase(url, mix, rate, args.seconds, args.replicas * ranks)
             during = requests.get(f"{url}/v1/batches/{batch['id']}", headers=AUTH, timeout=60).json()
             beside["batch_lines_done"] = during["request_counts"]["completed"]
             beside["batch_preemptions"] = during["rayxdit"]["preemptions"]
@@ -289,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_phase": args.seconds,
             "repeats": args.repeats,
             "batch_lines": args.batch_lines,
+            "online_mix": online_mix({"size": args.size, "steps": args.steps}),
         },
         "service_s": round(service_s, 4),
         "online_rate_per_s": round(rate, 3),
