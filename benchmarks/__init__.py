@@ -47,3 +47,56 @@ def write_result(path: Path, document: object) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def cpu_provenance() -> dict[str, object]:
+    """What a result run on this machine's CPU says of its making: the command, the device, the versions,
+    the commit and the date (the serving benchmarks on CPU; torch and Ray are imported here)."""
+    import datetime
+    import socket
+    import sys
+
+    import ray
+    import torch
+
+    return {
+        "command": command_line(),
+        "device": f"cpu ({socket.gethostname()}, {os.cpu_count()} cores)",
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
+        "commit": source_commit() or None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def poisson_arrivals(call, rate: float, seconds: float, seed: int) -> list:
+    """``call(index)`` at Poisson arrivals of ``rate`` per second for ``seconds``, each in a thread of its
+    own; their results in arrival order (an open loop: arrivals do not wait for answers)."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(seed)
+    with ThreadPoolExecutor(64) as pool:
+        futures, end, at = [], time.monotonic() + seconds, time.monotonic()
+        while True:
+            at += rng.expovariate(rate)
+            if at >= end:
+                break
+            time.sleep(max(0.0, at - time.monotonic()))
+            futures.append(pool.submit(call, len(futures)))
+        return [future.result() for future in futures]
+
+
+def start_local_serve() -> str:
+    """A local Ray instance (no dashboard) and Serve's HTTP proxy on a free loopback port: its URL."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(include_dashboard=False, logging_level="warning")
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    return f"http://127.0.0.1:{port}"

@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import io
 import json
-import os
-import random
-import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import command_line, source_commit, write_result  # noqa: E402
+from benchmarks import cpu_provenance, poisson_arrivals, start_local_serve, write_result  # noqa: E402
 from benchmarks.bench_load import percentile  # noqa: E402
 
 KEY = "bench-batch-key"
@@ -94,20 +89,10 @@ def online_mix(body: dict) -> list[dict]:
 
 
 def open_loop(url: str, bodies: list[dict], rate: float, seconds: float, seed: int) -> list[dict]:
-    """Poisson arrivals at ``rate`` per second for ``seconds``, each request in a thread of its own, the
-    ``bodies`` in turn."""
-    rng = random.Random(seed)
-    with ThreadPoolExecutor(64) as pool:
-        futures, end, at = [], time.monotonic() + seconds, time.monotonic()
-        while True:
-            at += rng.expovariate(rate)
-            if at >= end:
-                break
-            time.sleep(max(0.0, at - time.monotonic()))
-            futures.append(
-                pool.submit(send, url, {**bodies[len(futures) % len(bodies)], "seed": len(futures)})
-            )
-        return [future.result() for future in futures]
+    """Poisson arrivals at ``rate`` per second for ``seconds``, the ``bodies`` in turn."""
+    return poisson_arrivals(
+        lambda index: send(url, {**bodies[index % len(bodies)], "seed": index}), rate, seconds, seed
+    )
 
 
 def gpu_seconds(url: str) -> float:
@@ -200,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_name = args.model.rstrip("/").split("/")[-1]
     ranks = ParallelConfig.parse(args.parallel).world_size
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(include_dashboard=False, logging_level="warning")
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
+    url = start_local_serve()
     body = {"model": model_name, "prompt": "a lighthouse", "size": args.size, "steps": args.steps}
     try:
         deploy(app_config(args), logging_config={"log_level": "WARNING"})
@@ -284,16 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    import torch
-
     alone, beside = median_phase(alone_runs), median_phase(beside_runs)
     ratio = beside["online_p99_s"] / alone["online_p99_s"] if alone["online_p99_s"] else None
     document = {
-        "command": command_line(),
-        "device": f"cpu ({socket.gethostname()}, {os.cpu_count()} cores)",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
-        "commit": source_commit() or None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **cpu_provenance(),
         "workload": {
             "model": args.model,
             "parallel": args.parallel,

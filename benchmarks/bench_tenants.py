@@ -18,11 +18,7 @@ start in weighted fair order across tenants). Three phases each:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import random
-import socket
 import sys
 import threading
 import time
@@ -35,7 +31,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import command_line, source_commit, write_result  # noqa: E402
+from benchmarks import cpu_provenance, poisson_arrivals, start_local_serve, write_result  # noqa: E402
 from benchmarks.bench_load import percentile  # noqa: E402
 
 KEYS = {"a": "tenant-a-key", "b": "tenant-b-key", "admin": "tenant-admin-key"}
@@ -86,17 +82,10 @@ def send(url: str, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_loop(url: str, tenant: str, body: dict, rate: float, seconds: float, seed: int, out: list) -> None:
-    """Poisson arrivals at ``rate`` per second for ``seconds``, each request in a thread of its own."""
-    rng = random.Random(seed)
-    with ThreadPoolExecutor(64) as pool:
-        futures, end, at = [], time.monotonic() + seconds, time.monotonic()
-        while True:
-            at += rng.expovariate(rate)
-            if at >= end:
-                break
-            time.sleep(max(0.0, at - time.monotonic()))
-            futures.append(pool.submit(send, url, tenant, {**body, "seed": len(futures)}))
-        out.extend(future.result() for future in futures)
+    """Poisson arrivals at ``rate`` per second for ``seconds``."""
+    out.extend(
+        poisson_arrivals(lambda index: send(url, tenant, {**body, "seed": index}), rate, seconds, seed)
+    )
 
 
 def closed_loop(url: str, tenant: str, body: dict, concurrency: int, seconds: float, out: list) -> None:
@@ -236,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.model_name = args.model.rstrip("/").split("/")[-1]
     ranks = ParallelConfig.parse(args.parallel).world_size
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(include_dashboard=False, logging_level="warning")
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
+    url = start_local_serve()
     runs = {}
     try:
         for policy in args.policies:
@@ -260,14 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    import torch
-
     document = {
-        "command": command_line(),
-        "device": f"cpu ({socket.gethostname()}, {os.cpu_count()} cores)",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
-        "commit": source_commit() or None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **cpu_provenance(),
         "workload": {
             "model": args.model,
             "parallel": args.parallel,
