@@ -40,7 +40,7 @@ from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import BUSY_WAIT_S, Busy, Dispatcher, Preempted
 from rayxdit.serve.inputs import conditioning_inputs, resolve, validated_body
 from rayxdit.serve.job_driver import RENEW_JOB_S
-from rayxdit.serve.jobs import CANCELLED
+from rayxdit.serve.jobs import CANCELLED, TAKEN
 from rayxdit.serve.tasks import ask_state, quiet
 
 logger = logging.getLogger("ray.serve")
@@ -108,11 +108,10 @@ class BatchDriver:
         """Take over the batches whose driver (another router replica) died: each runs on here from the
         lines that have no answer yet (the state grants each batch to one replica)."""
         for batch_id in await self.state.orphaned_batches.remote():
-            adopted = await self.state.adopt_batch.remote(batch_id)
+            adopted = await self.state.adopt_batch.remote(batch_id, self.replica)
             if adopted is not None:
                 job, owner = adopted
                 logger.warning("batch %s: its driver is gone; adopted, running its lines left", batch_id)
-                await self._update(batch_id, {"_driver": self.replica})
                 self._launch(job, owner)
 
     def _launch(self, job: dict[str, Any], owner: str) -> None:
@@ -169,12 +168,15 @@ class BatchDriver:
                 asyncio.create_task(self._work(queue, run, base_url, tenant, limits))
                 for _ in range(min(LINES_IN_FLIGHT, len(queue)))
             ]
-            cancelled = await self._supervise(batch_id, workers, run)
+            stopped = await self._supervise(batch_id, workers, run)
+            if stopped == TAKEN:  # the adopter runs it on, and writes its files
+                status = TAKEN
+                return
             await self._update(batch_id, {"finalizing_at": int(time.time()), **run.report()})
             files = await self._write_files(batch_id, owner, errors)
             await self._update(batch_id, {**files, **run.report(), "finalized": True})
             await ask_state(lambda: self.state.drop_batch_lines.remote(batch_id), batch_id)
-            if cancelled:
+            if stopped == CANCELLED:
                 status = CANCELLED
                 return
             stored = await ask_state(lambda: self.state.complete_job.remote(batch_id, [], None), batch_id)
@@ -200,29 +202,30 @@ class BatchDriver:
         model, request, resolved = resolve(self.catalog, body, inputs, labels)
         return body, model, request, resolved, labels
 
-    async def _supervise(self, batch_id: str, workers: list[asyncio.Task], run: _Run) -> bool:
-        """Renew the batch's lease until its lines are done; True if it was cancelled (the lines under way
-        stopped)."""
+    async def _supervise(self, batch_id: str, workers: list[asyncio.Task], run: _Run) -> str | None:
+        """Renew the batch's lease until its lines are done; None then, else why the lines under way were
+        stopped: ``cancelled`` (or the batch gone), or ``taken`` (another replica adopted the batch while
+        this one could not renew its lease)."""
         reported = run.report()
         while workers and not all(worker.done() for worker in workers):
             await asyncio.wait(workers, timeout=RENEW_JOB_S)
             try:
-                now = await self.state.renew_job.remote(batch_id)
+                now = await self.state.renew_job.remote(batch_id, self.replica)
             except Exception as error:  # the state replica restarting: the next renewal tells
                 logger.debug("batch %s: lease not renewed: %r", batch_id, error)
                 continue
-            if now in (None, CANCELLED):
+            if now in (None, CANCELLED, TAKEN):
                 for worker in workers:
                     worker.cancel()  # each line under way: its ranks stop at the next step boundary
                 await asyncio.wait(workers)
-                return True
+                return TAKEN if now == TAKEN else CANCELLED
             if run.report() != reported:
                 reported = run.report()
                 await self._update(batch_id, reported)
                 await self.state.job_progress.remote(batch_id, run.completed + run.failed, max(1, run.total))
         for worker in workers:
             worker.result()  # a worker's own failure (not a line's) fails the batch
-        return False
+        return None
 
     async def _work(
         self,

@@ -42,6 +42,8 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
     "cancelled",
 )
 UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
+TAKEN = "taken"
+"""What a renewal tells a batch's driver that another router replica adopted its batch."""
 logger = logging.getLogger("ray.serve")
 RECORD_FIELDS = (
     *("id", "kind", "owner", "model", "created_at", "fields", "status", "progress"),
@@ -144,12 +146,16 @@ class JobStore:
         self._save(job, now)
         return job.public(self.ttl_s)
 
-    def renew(self, job_id: str, now: float | None = None) -> str | None:
-        """The driver's heartbeat: extends the lease; the job's status (``cancelled``: stop it), None if gone."""
+    def renew(self, job_id: str, now: float | None = None, driver: str | None = None) -> str | None:
+        """The driver's heartbeat: extends the lease; the job's status (``cancelled``: stop it), None if gone,
+        ``taken`` when ``driver`` is no longer the batch's driver (its lease had lapsed and another router
+        replica adopted it: stop, the adopter runs it)."""
         now = self._now(now)
         job = self.jobs.get(job_id)
         if job is None:
             return None
+        if driver is not None and job.fields.get("_driver") not in (None, driver):
+            return TAKEN
         if not job.finished:
             job.lease_expires = now + self.lease_s
         return job.status
@@ -219,7 +225,9 @@ class JobStore:
             if job.kind == "batch" and not job.finished and job.lease_expires < now
         ]
 
-    def adopt(self, job_id: str, now: float | None = None) -> tuple[dict[str, Any], str] | None:
+    def adopt(
+        self, job_id: str, now: float | None = None, driver: str | None = None
+    ) -> tuple[dict[str, Any], str] | None:
         """A router replica takes over the orphaned batch ``job_id``: its lease is the caller's now. The job
         object and its owner; None if it is not orphaned (another replica was first, or it ended)."""
         now = self._now(now)
@@ -228,6 +236,8 @@ class JobStore:
             return None
         job.lease_expires = now + self.lease_s
         job.fields["adoptions"] = job.fields.get("adoptions", 0) + 1
+        if driver is not None:  # at once: the previous driver, if alive after all, learns it on renewal
+            job.fields["_driver"] = driver
         self._save(job, now)
         return job.public(self.ttl_s), job.owner
 

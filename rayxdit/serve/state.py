@@ -637,8 +637,8 @@ class AppState:
     async def create_job(self, kind: str, owner: str, model: str, fields: dict[str, Any]) -> dict[str, Any]:
         return self.jobs.create(kind, owner, model, fields)
 
-    async def renew_job(self, job_id: str) -> str | None:
-        return self.jobs.renew(job_id)
+    async def renew_job(self, job_id: str, driver: str | None = None) -> str | None:
+        return self.jobs.renew(job_id, driver=driver)
 
     async def job_progress(self, job_id: str, step: int, steps: int) -> None:
         self.jobs.progress(job_id, step, steps)
@@ -699,5 +699,7 @@ class AppState:
     async def orphaned_batches(self) -> list[str]:
         return self.jobs.orphans()
 
-    async def adopt_batch(self, batch_id: str) -> tuple[dict[str, Any], str] | None:
-        return self.jobs.adopt(batch_id)
+    async def adopt_batch(
+        self, batch_id: str, driver: str | None = None
+    ) -> tuple[dict[str, Any], str] | None:
+        return self.jobs.adopt(batch_id, driver=driver)

@@ -10,7 +10,7 @@ import time
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
 from rayxdit.serve.batches import CANCELLING_S, LineStore, batch_object, parse_lines
 from rayxdit.serve.files import FileStore
-from rayxdit.serve.jobs import ORPHAN_S, JobStore
+from rayxdit.serve.jobs import ORPHAN_S, TAKEN, JobStore
 from rayxdit.serve.routing import PoolLoad, PoolSpec, idle_pools
 from rayxdit.serve.state import AppState
 from tests.serve.test_state import Sync
@@ -145,16 +145,20 @@ def test_a_batch_whose_driver_is_gone_waits_to_be_adopted_once_and_keeps_its_ans
     nobody adopts within ORPHAN_S fails ``driver_lost``. Its lines' answers are kept, the first of each."""
     store = JobStore(ttl_s=3600, max_bytes=1 << 20, lease_s=30)
     fields = {"endpoint": ENDPOINT, "input_file_id": "file-1", "completion_window": "24h", "metadata": None}
-    batch = store.create("batch", "me", "", fields, now=0)
+    batch = store.create("batch", "me", "", {**fields, "_driver": "router-a"}, now=0)
+    store.progress(batch["id"], 0, 5, now=0)
     video = store.create("video", "me", "m", {}, now=0)
     assert store.orphans(now=10) == []
     assert store.orphans(now=31) == [batch["id"]]
     assert store.get(video["id"], "me", now=31)["status"] == "failed"
-    adopted = store.adopt(batch["id"], now=32)
+    adopted = store.adopt(batch["id"], now=32, driver="router-b")
     assert adopted is not None and adopted[1] == "me" and adopted[0]["adoptions"] == 1
     assert store.adopt(batch["id"], now=33) is None and store.orphans(now=33) == []  # one replica has it
-    assert store.orphans(now=63) == [batch["id"]]  # that one died too
-    assert store.get(batch["id"], "me", now=62 + ORPHAN_S + 1)["status"] == "failed"
+    # The first driver was alive after all (it could not reach the state for a lease): it learns it lost it.
+    assert store.renew(batch["id"], now=33, driver="router-a") == TAKEN
+    assert store.renew(batch["id"], now=33, driver="router-b") == "in_progress"
+    assert store.orphans(now=64) == [batch["id"]]  # that one died too
+    assert store.get(batch["id"], "me", now=63 + ORPHAN_S + 1)["status"] == "failed"
 
     lines = LineStore(ttl_s=3600)
     lines.record("b", 2, True, b"two\n")
