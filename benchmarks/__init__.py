@@ -100,3 +100,18 @@ def start_local_serve() -> str:
     ray.init(include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     return f"http://127.0.0.1:{port}"
+
+
+def shared_cpu_pool(model: str, parallel: str, replicas: int = 1):
+    """The one pool ("shared") of a CPU serving benchmark: ``model`` at ``parallel``, a fixed ``replicas``,
+    a quarter CPU reserved per rank (the cores are shared by every process of the run)."""
+    from rayxdit.config import PoolConfig
+
+    return PoolConfig(
+        name="shared",
+        model=model,
+        parallel=parallel,
+        accelerator="cpu",
+        cpus_per_rank=0.25,
+        deployment_config={"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}},
+    )

@@ -37,7 +37,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import cpu_provenance, poisson_arrivals, start_local_serve, write_result  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cpu_provenance,
+    poisson_arrivals,
+    shared_cpu_pool,
+    start_local_serve,
+    write_result,
+)
 from benchmarks.bench_load import percentile  # noqa: E402
 
 KEY = "bench-batch-key"
@@ -47,18 +53,9 @@ BAD_LINES = 3
 
 
 def app_config(args: argparse.Namespace):
-    from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+    from rayxdit.config import RouterConfig, ServeConfig
 
-    pool = PoolConfig(
-        name="shared",
-        model=args.model,
-        parallel=args.parallel,
-        accelerator="cpu",
-        cpus_per_rank=0.25,
-        deployment_config={
-            "autoscaling_config": {"min_replicas": args.replicas, "max_replicas": args.replicas}
-        },
-    )
+    pool = shared_cpu_pool(args.model, args.parallel, args.replicas)
     return ServeConfig(
         pools=[pool],
         router=RouterConfig(api_keys=[{"key": KEY, "tenant": "ops", "admin": True}]),

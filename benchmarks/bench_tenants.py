@@ -31,7 +31,13 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import cpu_provenance, poisson_arrivals, start_local_serve, write_result  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cpu_provenance,
+    poisson_arrivals,
+    shared_cpu_pool,
+    start_local_serve,
+    write_result,
+)
 from benchmarks.bench_load import percentile  # noqa: E402
 
 KEYS = {"a": "tenant-a-key", "b": "tenant-b-key", "admin": "tenant-admin-key"}
@@ -39,16 +45,9 @@ P99_BAR, SHARE_BAR = 1.5, 0.10
 
 
 def app_config(args: argparse.Namespace, queue_policy: str):
-    from rayxdit.config import PoolConfig, RouterConfig, RoutingConfig, ServeConfig
+    from rayxdit.config import RouterConfig, RoutingConfig, ServeConfig
 
-    pool = PoolConfig(
-        name="shared",
-        model=args.model,
-        parallel=args.parallel,
-        accelerator="cpu",
-        cpus_per_rank=0.25,
-        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
-    )
+    pool = shared_cpu_pool(args.model, args.parallel)
     keys = [
         {"key": KEYS["a"], "tenant": "a"},
         {"key": KEYS["b"], "tenant": "b"},
