@@ -271,11 +271,8 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
         stream_phase(port, body, args.stream_ab, args.partial_images) if args.stream_ab and last else None
     )
     restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
-    if restart:
-        # The restart phase holds Serve handles in this process: left running, they would start Ray again.
-        serve.shutdown()
-    # Otherwise the phase's Ray instance goes whole (the GPUs' memory with its processes): Serve's graceful
-    # shutdown would only wait on every replica first (7 s on 2 cores).
+    # The phase's Ray instance goes whole (the GPUs' memory with its processes): Serve's graceful shutdown
+    # would only wait on every replica first (7 s on 2 cores).
     ray.shutdown()
     return {
         "metrics": metrics_on,
@@ -344,8 +341,10 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
 
     from rayxdit.serve.app import APP_NAME
 
-    handle = serve.get_deployment_handle(pool.name, app_name=APP_NAME)
-    cold = handle.startup.remote().result()
+    # One handle (one Serve router in this process), shut down at the end: left running, it would start Ray
+    # again after the phase's instance went.
+    startup = serve.get_deployment_handle(pool.name, app_name=APP_NAME).options(method_name="startup")
+    cold = startup.remote().result()
     each: list[dict] = []
     for index in range(restarts):
         mode = "warm node"
@@ -361,7 +360,7 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
         # replica may still answer (seen on 2 cores), and a call sent before Serve saw it die fails: again.
         while True:
             try:
-                started = handle.startup.remote().result(timeout_s=1800)
+                started = startup.remote().result(timeout_s=1800)
                 if started["replica"] != killed:
                     break
             except Exception:  # the killed replica's, until Serve has noticed
@@ -383,6 +382,7 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
             }
         )
         print(f"restart {index + 1} ({mode}): ready after {kill_to_ready} s, {started}", flush=True)
+    startup.shutdown()
     by_mode = {
         mode: {
             "kill_to_ready_s": statistics.median(r["kill_to_ready_s"] for r in runs_of_mode),

@@ -794,6 +794,20 @@ class RouterConfig(BaseModel):
         description="Bytes of finished jobs' results kept (oldest finished dropped first); a Wan video of 81 "
         "frames at 832x480 is about 60 MB of lossless frames.",
     )
+    lease_s: float = Field(
+        default=15.0,
+        ge=5.0,
+        description="How long the shared state keeps counting a request a router replica routed after the "
+        "replica's last renewal (every 2 s while it waits for its pool): a router that died stops holding "
+        "its requests' share of routing and admission after this.",
+    )
+    job_lease_s: float = Field(
+        default=30.0,
+        ge=2.0,
+        description="How long a job or batch whose router replica stopped renewing it (twice a second) is "
+        "still its: after this a job fails (driver_lost) and a batch is adopted by another router replica at "
+        "the next of Serve's health checks of it (every 10 s).",
+    )
 
     @field_validator("api_keys")
     @classmethod

@@ -50,9 +50,6 @@ RECORD_FIELDS = (
     *("completed_at", "error", "result", "bytes"),
 )
 """What a job's journal record holds (its lease is renewed afresh, its content kept apart)."""
-LEASE_S = 30.0
-"""A job's driver (a router replica) not heard from for this long is gone: the job fails (a batch waits for
-another router replica to adopt it, ``ORPHAN_S``)."""
 ORPHAN_S = 300.0
 """How long a batch whose driver is gone waits for another router replica to adopt it before it fails."""
 
@@ -112,12 +109,12 @@ class JobStore:
     RECORDS, CONTENT = "jobs", "job-content"
     """The journal's spaces: each job's record (JSON), and a completed job's content (its parts packed)."""
 
-    def __init__(
-        self, ttl_s: float, max_bytes: int, lease_s: float = LEASE_S, journal: Journal | None = None
-    ):
+    def __init__(self, ttl_s: float, max_bytes: int, lease_s: float, journal: Journal | None = None):
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.lease_s = lease_s
+        """A job's driver (a router replica) not heard from for this long is gone: the job fails (a batch waits
+        for another router replica to adopt it, ``ORPHAN_S``)."""
         self.journal = journal or MemoryJournal()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.bytes = 0

@@ -9,7 +9,7 @@ Router replicas are interchangeable, so what a later request needs lives here, n
   the wait after which it could. A reservation is a lease: the router renews it while it waits for the
   pool (every two seconds; :meth:`AppState.renew`), and it ends when the router reports the request
   finished, however it ended (with the engine's time when it ran: each pool's seconds per cost unit are
-  learned from them), or ``LEASE_S`` after its last renewal if that router died.
+  learned from them), or ``router.lease_s`` (15 s) after its last renewal if that router died.
 - **Images** made with ``response_format=url``: kept for a TTL within a byte budget, retrievable through any
   router replica.
 - **Jobs** (videos, background images; ``rayxdit.serve.jobs``): their status, progress (pushed by the pool
@@ -75,8 +75,6 @@ per pool with ``routing.queue_policy`` fair_share (``waiting.<pool>``: requests 
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
-LEASE_S = 15.0
-"""A reservation not renewed for this long is dropped: its router died (routers renew every 2 s)."""
 USAGE_SPACE = "usage"
 """The journal's space of usage: ``totals`` (requests and GPU-seconds per tenant and pool, GPUs held per
 pool) and ``tenant:<name>`` (a limited tenant's rate and quota windows)."""
@@ -182,7 +180,7 @@ class AppState:
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
         """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
         self.finished: OrderedDict[str, float] = OrderedDict()
-        """Tickets finished within the last LEASE_S (when): a renewal or a routing call already on its way
+        """Tickets finished within the last lease (when): a renewal or a routing call already on its way
         when its request finished (or its client left) must not bring the reservation back."""
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
@@ -209,6 +207,8 @@ class AppState:
         self.turns: dict[str, asyncio.Future] = {}
         """Routers waiting for a ticket's turn (``wait_turn``)."""
         router: RouterConfig = config.router
+        self.lease_s = router.lease_s
+        """A reservation not renewed for this long is dropped: its router died (routers renew every 2 s)."""
         self.tenant_use: dict[str, _TenantUse] = defaultdict(_TenantUse)
         """Limited tenants' recent use (the router sends each request's tenant and its limits)."""
         self.used: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
@@ -222,7 +222,7 @@ class AppState:
         self.usage_saved_at = -math.inf
         self._restore_usage()
         self.images = ImageStore(router.image_ttl_s, router.max_stored_bytes, self.journal)
-        self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
+        self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, router.job_lease_s, self.journal)
         self.files = FileStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
         self.batch_lines = LineStore(router.job_ttl_s, self.journal)
 
@@ -321,7 +321,7 @@ class AppState:
         background: bool = False,
     ) -> dict[str, Any]:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
-        routing attempt of a request; a lease of ``LEASE_S``, renewed by the router); or ``{"pool": None,
+        routing attempt of a request; a lease of ``router.lease_s``, renewed by the router); or ``{"pool": None,
         "retry_after_s"}`` when no pool can finish it before ``deadline`` (seconds since the epoch), or
         ``{"pool": None}`` when every pool of ``model`` is excluded (full or down) or the ticket is already
         finished (its client left while this call was on its way, and the router's release came first), or
@@ -362,7 +362,9 @@ class AppState:
         wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
-        self.reservations[ticket] = _Reservation(pool.name, cost, now + LEASE_S, tenant, counted, background)
+        self.reservations[ticket] = _Reservation(
+            pool.name, cost, now + self.lease_s, tenant, counted, background
+        )
         if counted and not retry:
             self.tenant_use[tenant].admitted.append(now)
             self._save_tenant_use(tenant, now)
@@ -434,13 +436,13 @@ class AppState:
     async def renew(
         self, ticket: str, pool: str, cost: float, tenant: str | None = None, metered: bool = False
     ) -> bool:
-        """A router still waits for ``ticket`` on ``pool``: its reservation lives another ``LEASE_S`` (made
+        """A router still waits for ``ticket`` on ``pool``: its reservation lives another lease (made
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
         starting one (its waiting requests should move). ``tenant``: whose it is; ``metered``: whether that
         tenant has limits."""
         if ticket not in self.finished:
             self.reservations[ticket] = _Reservation(
-                pool, cost, time.monotonic() + LEASE_S, tenant or ANONYMOUS, metered
+                pool, cost, time.monotonic() + self.lease_s, tenant or ANONYMOUS, metered
             )
             if self.gated:  # it is on the pool's replicas (also after this replica restarted)
                 self.let_in[pool].add(ticket)
@@ -479,7 +481,7 @@ class AppState:
         held = self.reservations.get(ticket)
         if held is None or ticket not in self.lines[pool]:
             return "lost"
-        held.expires = time.monotonic() + LEASE_S
+        held.expires = time.monotonic() + self.lease_s
         turn = self.turns.get(ticket)
         if turn is None:
             turn = self.turns[ticket] = asyncio.get_running_loop().create_future()
@@ -519,7 +521,7 @@ class AppState:
         left = held.pool if held is not None else pool
         if left is not None and left in self.pools:
             self._leave(left, ticket)
-        while self.finished and next(iter(self.finished.values())) < now - LEASE_S:
+        while self.finished and next(iter(self.finished.values())) < now - self.lease_s:
             self.finished.popitem(last=False)
         if held is None and pool is not None and pool in self.pools:
             held = _Reservation(pool, 0.0, now, tenant or ANONYMOUS, metered)

@@ -58,7 +58,7 @@ def test_every_input_line_is_a_request_or_an_error_line_naming_its_problem():
 
 
 def test_a_batch_shows_openais_states_from_its_jobs():
-    store = JobStore(ttl_s=3600, max_bytes=1 << 20)
+    store = JobStore(ttl_s=3600, max_bytes=1 << 20, lease_s=30)
     fields = {"endpoint": ENDPOINT, "input_file_id": "file-1", "completion_window": "24h", "metadata": None}
     job = store.create("batch", "me", "", fields, now=0)
     assert batch_object(job, 0)["status"] == "validating"

@@ -116,7 +116,7 @@ def test_the_state_lets_requests_in_one_per_ready_replica_in_fair_order(clock):
     assert app.state.record_autoscaling_stats()["waiting.p"] == 3.0  # what the elastic policy adds to demand
     # A client that leaves while it waits leaves the line; one whose router died lapses out of it.
     app.finish("a2#0")
-    clock[0] += state_module.LEASE_S + 1
+    clock[0] += app.state.lease_s + 1
     app.report("p", "r1", ready=True)
     app.report("p", "r2", ready=True)
     assert app.wait_turn("a3#0", "p", 0) == "lost"

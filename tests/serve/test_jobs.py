@@ -27,7 +27,7 @@ def test_a_job_goes_from_queued_through_progress_to_completed():
 
 
 def test_others_jobs_do_not_exist_for_a_caller():
-    store = JobStore(ttl_s=100, max_bytes=1000)
+    store = JobStore(ttl_s=100, max_bytes=1000, lease_s=30)
     job = store.create("video", "alice", "m", {})
     assert store.get(job["id"], "bob") is None and store.cancel(job["id"], "bob") is None
     assert store.list("bob", "video") == [] and [j["id"] for j in store.list("alice", "video")] == [job["id"]]
@@ -35,7 +35,7 @@ def test_others_jobs_do_not_exist_for_a_caller():
 
 
 def test_cancel_stops_an_unfinished_job_and_deletes_a_finished_one():
-    store = JobStore(ttl_s=100, max_bytes=1000)
+    store = JobStore(ttl_s=100, max_bytes=1000, lease_s=30)
     running = store.create("video", "", "m", {}, now=0)
     store.progress(running["id"], 2, 10, now=1)
     cancelled = store.cancel(running["id"], "", now=2)
@@ -81,7 +81,7 @@ def test_seconds_become_the_nearest_frame_count_the_model_takes(seconds, frames)
 
 def test_a_jobs_kind_is_part_of_its_address():
     """A video's endpoints do not reach an image job (nor cancel it), and the other way round."""
-    store = JobStore(ttl_s=100, max_bytes=1000)
+    store = JobStore(ttl_s=100, max_bytes=1000, lease_s=30)
     job = store.create("image", "", "m", {})
     assert store.get(job["id"], "", "video") is None and store.cancel(job["id"], "", "video") is None
     assert store.content(job["id"], "", "video") is None

@@ -126,6 +126,10 @@ CONFIG = ServeConfig(
             {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2},
         ],
         replicas=2,
+        # A dead router's batch is adopted 6 s after its last renewal (production: 30 s): the adoption test
+        # waits for it. Requests' reservations keep the default 15 s: the disconnect test tells a phantom
+        # (held that long) from a release (gone within seconds).
+        job_lease_s=6.0,
     ),
     # A real redis-server (started by the url fixture): jobs, stored images and usage outlive the state.
     state=StateConfig(redis_url=f"redis://127.0.0.1:{REDIS_PORT}/0"),
@@ -1105,7 +1109,7 @@ def test_disconnects_and_deadlines_leave_nothing_counted_and_admission_still_adm
     # Each is stopped at its deadline (504) or, once the pool's rate is known, refused up front (429).
     assert {answer.status_code for answer in answers} <= {504, 429}, [answer.text for answer in answers]
     wait_idle("failover-2")
-    # A phantom (a request counted after its client left) would stay until its lease lapses (LEASE_S, 15 s)
+    # A phantom (a request counted after its client left) would stay until its lease lapses (lease_s, 15 s)
     # or for ever; a released one goes within seconds, also with the other test worker loading the cores.
     assert seconds_until_nothing_outstanding(url, within_s=8) <= 8
     fine = {"model": "tiny-failover", "prompt": "fine", "size": "36x36", "steps": 3, "seed": 9, "timeout": 60}
@@ -1125,8 +1129,7 @@ def router_replicas() -> list[dict]:
 
 def test_a_router_killed_mid_request_holds_nothing_once_its_lease_lapses(url):
     """Every router replica killed while a request runs: nobody finishes or renews its reservation, which
-    lapses within the state's LEASE_S; Serve starts new routers, which serve."""
-    from rayxdit.serve.state import LEASE_S
+    lapses within the router's lease_s; Serve starts new routers, which serve."""
 
     body = {"model": "tiny-failover", "prompt": "orphan", "size": "128x128", "steps": 60, "seed": 1}
     client = send_and_abandon(url, body)
@@ -1145,7 +1148,7 @@ def test_a_router_killed_mid_request_holds_nothing_once_its_lease_lapses(url):
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    left = LEASE_S + 10 - (time.monotonic() - killed)
+    left = CONFIG.router.lease_s + 10 - (time.monotonic() - killed)
     assert seconds_until_nothing_outstanding(url, within_s=max(left, 5)) >= 0
     assert post(url, {"prompt": "after", "size": "36x36", "steps": 2}).status_code == 200
 
@@ -1489,8 +1492,6 @@ def test_a_batch_whose_router_replica_dies_is_adopted_and_answers_each_line_once
     with every line answered exactly once, in input order, each image the one process's."""
     from openai import OpenAI
 
-    from rayxdit.serve.jobs import LEASE_S
-
     client = OpenAI(base_url=url + "/v1", api_key=KEY)
     bodies = {
         f"owl-{i}": {
@@ -1514,7 +1515,7 @@ def test_a_batch_whose_router_replica_dies_is_adopted_and_answers_each_line_once
     driver = shown.model_extra["rayxdit"]["driver"]
     (killed,) = [actor for actor in router_replicas() if actor["name"].endswith(f"#{driver}")]
     ray.kill(ray.get_actor(killed["name"], namespace=killed["namespace"]), no_restart=True)
-    batch = finished_batch(client, batch.id, timeout_s=LEASE_S + 180)
+    batch = finished_batch(client, batch.id, timeout_s=CONFIG.router.job_lease_s + 180)
     assert batch.status == "completed", batch
     assert batch.model_extra["rayxdit"]["adoptions"] == 1 and batch.model_extra["rayxdit"]["driver"] != driver
     assert (batch.request_counts.completed, batch.request_counts.failed) == (10, 0)

@@ -71,9 +71,9 @@ def test_load_is_shared_admitted_at_once_and_recovers_from_lost_routers(clock):
     assert app.route("m", 1.0, "r4", later, ["small", "big"]) == {"pool": None, "retry_after_s": None}
     app.finish("r1")
     assert app.loads()["small"].outstanding == 1
-    clock[0] += state_module.LEASE_S - 1  # r2's router renews its lease while it waits...
+    clock[0] += app.state.lease_s - 1  # r2's router renews its lease while it waits...
     app.renew("r2", "small", 1.0)
-    clock[0] += state_module.LEASE_S - 1
+    clock[0] += app.state.lease_s - 1
     assert app.loads()["small"].outstanding == 1  # r2, renewed
     clock[0] += 2  # ...then dies: nobody renews, the reservation lapses
     assert app.loads()["small"].outstanding == 0
@@ -151,7 +151,7 @@ def test_a_lease_renewed_after_a_state_restart_counts_the_request_again(clock):
 def test_a_request_abandoned_while_it_was_routed_is_never_counted(clock):
     """The client left while the routing call was on its way: the router releases the attempt's ticket at
     once, and the two calls may reach the state in either order. Either way nothing stays outstanding (a
-    phantom would hold capacity for LEASE_S, steering routing and admission meanwhile)."""
+    phantom would hold capacity for the lease (15 s), steering routing and admission meanwhile)."""
     app = Sync(AppState(ServeConfig(pools=POOLS)))
     app.report("small", "a", ready=True)
     later = time.time() + 600

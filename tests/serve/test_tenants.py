@@ -107,7 +107,7 @@ def test_concurrency_counts_requests_in_flight_and_quota_the_gpu_seconds_of_fini
     solo = TenantLimits(max_concurrent=1)
     assert route("x#0", "solo", solo)["pool"] == "p"
     assert route("y#0", "solo", solo)["limited"] == "concurrency_limited"
-    clock[0] += state_module.LEASE_S + 1
+    clock[0] += app.state.lease_s + 1
     assert route("y#0", "solo", solo)["pool"] == "p"
 
 
