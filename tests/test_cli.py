@@ -1,4 +1,8 @@
-"""The ``rayxdit`` command as a user runs it: a real subprocess, real PNG files."""
+"""The ``rayxdit`` command with real arguments, real ranks and real PNG files. What only a process of its own
+shows (its exit status and stderr as the shell sees them, ``rayxdit serve``, ``--help``) runs as a real
+subprocess; the other cases call the command's ``main()`` in this process (:func:`command`), whose ranks fork
+from this process's forkserver, started once with the model stack: a process per case would import the model
+stack twice (itself and its own forkserver), ~9 s a case on 2 cores against ~1 s."""
 
 from __future__ import annotations
 
@@ -37,19 +41,30 @@ def rayxdit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def command(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """``rayxdit *args`` through its ``main()`` in this process: the exit status, stdout and stderr it gives
+    the shell (what :func:`rayxdit` returns for a process of its own)."""
+    from rayxdit import cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["rayxdit", *args], code, captured.out, captured.err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "parallel"),
     [("tiny-flux", "ulysses=2,ring=2"), ("tiny-sd3", "cfg=2,ulysses=2"), ("tiny-sdxl", "cfg=2,ring=2")],
 )
-def test_parallel_png_equals_single_rank_png(tmp_path, model, parallel):
+def test_parallel_png_equals_single_rank_png(tmp_path, capsys, model, parallel):
     from rayxdit.config import EngineConfig
     from rayxdit.engine import Engine
     from rayxdit.parallel.mesh import ParallelState
     from rayxdit.request import GenerateRequest
 
     parallel_png = tmp_path / "parallel.png"
-    done = rayxdit(*ARGS, "--model", model, "--parallel", parallel, "--out", str(parallel_png))
+    done = command(capsys, *ARGS, "--model", model, "--parallel", parallel, "--out", str(parallel_png))
     assert done.returncode == 0, done.stderr
     assert f"{ParallelConfig.parse(parallel)} on 4 rank(s)" in done.stderr
     # The single rank in this process (the CLI's own single-rank path is the default of every other test).
@@ -73,16 +88,14 @@ def test_parallel_png_equals_single_rank_png(tmp_path, model, parallel):
     ],
 )
 def test_invalid_parallel_exits_with_one_clear_line(parallel, message, tmp_path, capsys):
-    # The command's own main() in this process (a process of its own per case would import the model stack
-    # each time): the exit code and stderr it gives the shell. The next test runs the real process.
-    from rayxdit import cli
-
-    code = cli.main([*ARGS, "--model", "tiny-flux", "--parallel", parallel, "--out", str(tmp_path / "x.png")])
-    stderr = capsys.readouterr().err
-    assert code == 2
-    assert message in stderr
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
+    # The next test runs the real process.
+    done = command(
+        capsys, *ARGS, "--model", "tiny-flux", "--parallel", parallel, "--out", str(tmp_path / "x.png")
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "x.png").exists()
 
 
@@ -96,11 +109,11 @@ def test_pipefusion_on_a_unet_is_refused_up_front(tmp_path):
 
 
 @pytest.mark.slow
-def test_request_the_parallel_model_refuses_exits_with_one_clear_line(tmp_path):
+def test_request_the_parallel_model_refuses_exits_with_one_clear_line(tmp_path, capsys):
     """A check only the loaded model can make (SDXL: a band of rows per rank) still ends in one line."""
     out = tmp_path / "x.png"
-    done = rayxdit(
-        *ARGS[:3], "--model", "tiny-sdxl", "--height", "8", "--parallel", "ring=2", "--out", str(out)
+    done = command(
+        capsys, *ARGS[:3], "--model", "tiny-sdxl", "--height", "8", "--parallel", "ring=2", "--out", str(out)
     )
     assert done.returncode == 2, done.stderr
     assert "fewer than this group's 2 patch-parallel ranks; use height >= 16" in done.stderr
@@ -210,15 +223,15 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
 
 
 @pytest.mark.slow
-def test_wan_video_parallel_equals_single_rank(tmp_path):
+def test_wan_video_parallel_equals_single_rank(tmp_path, capsys):
     """Text-to-video: the animated PNG from ulysses=2,ring=2 equals the single rank's frames (written as a
     directory of PNGs) frame by frame."""
     video = ["generate", "--model", "tiny-wan", "--prompt", "a red fox", "--frames", "9", "--steps", "3"]
     frames, parallel = tmp_path / "frames", tmp_path / "parallel.png"
-    done = rayxdit(*video, "--out", str(frames))
+    done = command(capsys, *video, "--out", str(frames))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in frames.iterdir()) == [f"frame-{i:04d}.png" for i in range(9)]
-    done = rayxdit(*video, "--parallel", "ulysses=2,ring=2", "--out", str(parallel))
+    done = command(capsys, *video, "--parallel", "ulysses=2,ring=2", "--out", str(parallel))
     assert done.returncode == 0, done.stderr
     animation = Image.open(parallel)
     assert animation.n_frames == 9
@@ -231,7 +244,7 @@ def test_wan_video_parallel_equals_single_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(tmp_path):
+def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(tmp_path, capsys):
     """--image/--mask/--strength and --controlnet/--control-image on 2 ranks give the in-process engine's
     image; an edit's size defaults to the input image's; a file that is not an image is refused with one
     line."""
@@ -254,7 +267,9 @@ def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(
         "--strength",
         "0.9",
     ]
-    done = rayxdit(*edit, "--steps", "4", "--parallel", "ulysses=2", "--out", str(tmp_path / "out.png"))
+    done = command(
+        capsys, *edit, "--steps", "4", "--parallel", "ulysses=2", "--out", str(tmp_path / "out.png")
+    )
     assert done.returncode == 0, done.stderr
     served = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.int16)
     request = GenerateRequest(
@@ -282,7 +297,7 @@ def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(
         "--parallel",
         "ring=2",
     ]
-    done = rayxdit(*conditioned, "--out", str(tmp_path / "controlled.png"))
+    done = command(capsys, *conditioned, "--out", str(tmp_path / "controlled.png"))
     assert done.returncode == 0, done.stderr
     served = np.asarray(Image.open(tmp_path / "controlled.png").convert("RGB"), dtype=np.int16)
     request = GenerateRequest(
@@ -296,7 +311,7 @@ def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(
     single = Engine(config, ParallelState.single()).generate(request).images[0]
     assert np.abs(served - np.asarray(single, dtype=np.int16)).max() <= 1
     (tmp_path / "text.png").write_text("not an image")
-    bad = rayxdit("generate", "--prompt", "x", "--image", str(tmp_path / "text.png"))
+    bad = command(capsys, "generate", "--prompt", "x", "--image", str(tmp_path / "text.png"))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "rayxdit generate: error: --image"
     )
