@@ -170,11 +170,11 @@ def test_a_job_stopped_midway_and_rerun_writes_each_row_once_as_one_process_make
     )
     assert stopped.returncode == 0, stopped.stderr
     first_run: set[str] = set()
-    while True:  # actors die with the driver, asynchronously: wait until nothing new appears
-        time.sleep(3)
+    stable = 0
+    while stable < 3:  # actors die with the driver, asynchronously: wait until nothing new appears for 3 s
+        time.sleep(1)
         now = {p.name for p in (output / "images").glob("*.png")}
-        if now == first_run:
-            break
+        stable = stable + 1 if now == first_run else 0
         first_run = now
     valid = [row for row in rows if row["id"] not in INVALID]
     assert 3 <= len(first_run) < len(valid), "the job was not stopped midway"

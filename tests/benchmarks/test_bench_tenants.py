@@ -11,7 +11,7 @@ from benchmarks import bench_tenants
 
 def test_the_tenants_benchmark_runs_every_phase_and_loses_nothing(tmp_path):
     out = tmp_path / "tenants.json"
-    argv = ["--out", str(out), "--seconds", "3", "--b-rate", "1", "--concurrency", "2", "--size", "36x36"]
+    argv = ["--out", str(out), "--seconds", "2", "--b-rate", "1", "--concurrency", "2", "--size", "36x36"]
     assert bench_tenants.main([*argv, "--steps", "2", "--policies", "fair_share"]) == 0
     document = json.loads(out.read_text())
     assert {"command", "device", "versions", "commit", "workload", "bars", "runs"} <= document.keys()
