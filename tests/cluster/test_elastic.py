@@ -115,18 +115,19 @@ def serve_config_for_test():
                         "look_back_period_s": 3,
                         # Two cores start the rank processes: at most two 2-GPU replicas (production: 12).
                         **({"max_replicas": 2} if pool.ranks == 2 else {}),
-                        # The 8-GPU replica outlives the load's ups and downs (production: 600 s).
-                        "downscale_delay_s": 5 if pool.ranks == 8 else 4,
+                        # Replicas go 3 s after the policy says so (production: 600 s for the 8-GPU pool).
+                        "downscale_delay_s": 3,
                     },
                     "health_check_period_s": 2,
+                    "graceful_shutdown_wait_loop_s": 0.5,
                 },
             }
         )
         for pool in config.pools
         if pool.ranks != 4  # kept out to fit the test's time bound on 2 cores
     ]
-    # The replicas of a model go back 5 s after its last request (production: 60 s).
-    elastic = config.elastic.model_copy(update={"policy_options": {"idle_s": 5.0}})
+    # The replicas of a model go back 3 s after its last request (production: 60 s).
+    elastic = config.elastic.model_copy(update={"policy_options": {"idle_s": 3.0}})
     return config.model_copy(update={"pools": pools, "elastic": elastic})
 
 

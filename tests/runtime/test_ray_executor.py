@@ -30,7 +30,7 @@ POOL = WorkerGroupConfig(
     model="tiny-flux",
     parallel="ulysses=2",
     request_timeout_s=300,
-    collective_timeout_s=8,
+    collective_timeout_s=5,
     cpus_per_rank=0.5,
 )
 REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, seed=1)

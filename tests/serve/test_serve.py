@@ -68,7 +68,7 @@ CONFIG = ServeConfig(
                 "autoscaling_config": {
                     "max_replicas": 2,
                     "upscale_delay_s": 1,
-                    "downscale_delay_s": 5,
+                    "downscale_delay_s": 3,
                     "look_back_period_s": 3,
                 },
             },
