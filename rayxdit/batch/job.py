@@ -314,16 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     from rayxdit.batch.rows import STATUS_FAILED, STATUS_INVALID, STATUS_OK
     from rayxdit.config import ConfigError
     from rayxdit.runtime.executor import forwarded_env
+    from rayxdit.runtime.placement import never_placeable_here
     from rayxdit.runtime.ray_executor import check_placeable
 
     try:
         group, card = group_and_card(args)
+        started_here = args.address is None and "RAY_ADDRESS" not in os.environ
+        problem = never_placeable_here(group) if started_here else None
+        if problem:  # before a local Ray instance starts: it would have these cores and nothing more
+            raise ConfigError(f"worker group {group.name}: {problem}")
         ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
         if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < group.ranks:
             group = group.updated(accelerator="cpu", cpus_per_rank=args.cpus_per_rank or CPU_RANK_CPUS)
-        warning = check_placeable(
-            group, started_here=args.address is None and "RAY_ADDRESS" not in os.environ
-        )
+        warning = check_placeable(group, started_here=started_here)
         if warning:
             print(
                 f"rayxdit batch: warning: {warning} (unless an autoscaler adds such a node)", file=sys.stderr

@@ -7,6 +7,7 @@ so it asks for no resources of its own; each rank actor takes exactly its bundle
 from __future__ import annotations
 
 import math
+import os
 
 from rayxdit.config import WorkerGroupConfig
 
@@ -80,3 +81,13 @@ def never_placeable(
         fitting = max(0.25, math.floor(shown["CPU"] / group.ranks * 4) / 4)
         hint = f"set cpus_per_rank to {fitting:g} or less (batch: --cpus-per-rank {fitting:g}), or use fewer ranks"
     return f"a worker group needs {what}, but the largest node has {shown}: {hint}"
+
+
+def never_placeable_here(group: WorkerGroupConfig) -> str | None:
+    """:func:`never_placeable` against this machine's cores, for a local Ray instance not started yet: a
+    group of CPU ranks that can never fit is refused without starting Ray (a few seconds). Ray may count
+    fewer cores than the OS (cgroup limits), never more, so what passes here is checked again once Ray runs;
+    GPU ranks are left to that check (their GPUs are Ray's to detect)."""
+    if group.accelerator != "cpu" or any(set(bundle) - {"CPU"} for bundle in group_bundles(group)):
+        return None
+    return never_placeable(group, [{"CPU": float(os.cpu_count() or 1)}])

@@ -21,3 +21,22 @@ def test_cpu_group_bundles_and_replica_fits_bundle_zero():
         REPLICA_ACTOR_OPTIONS["num_cpus"] + rank_actor_options(group, 0)["num_cpus"]
         <= group_bundles(group)[0]["CPU"]
     )
+
+
+def test_a_local_group_of_cpu_ranks_that_can_never_fit_is_refused_before_ray_starts():
+    """``never_placeable_here`` (the batch command's check before it starts a local Ray instance): this
+    machine's cores bound CPU ranks; GPU ranks are left to the check against what Ray detects."""
+    import os
+
+    from rayxdit.config import WorkerGroupConfig
+    from rayxdit.runtime.placement import never_placeable_here
+
+    cores = os.cpu_count() or 1
+    fits = WorkerGroupConfig(
+        name="b", model="tiny-flux", parallel="ulysses=2", accelerator="cpu", cpus_per_rank=0.5
+    )
+    assert never_placeable_here(fits) is None
+    too_big = fits.model_copy(update={"cpus_per_rank": float(cores)})  # 2 ranks x all the cores
+    problem = never_placeable_here(too_big)
+    assert problem and "needs 2 ranks x" in problem and "--cpus-per-rank" in problem, problem
+    assert never_placeable_here(too_big.model_copy(update={"accelerator": "gpu"})) is None
