@@ -1,6 +1,7 @@
-"""CPU smoke test of benchmarks/bench_serve.py: the GPU serving benchmark runs end to end on tiny-flux (one
-metrics-off and one metrics-on deployment, a restart, a streamed/unstreamed pair), so it cannot rot between GPU
-sessions."""
+"""CPU smoke test of benchmarks/bench_serve.py: the GPU serving benchmark runs end to end on tiny-flux (a
+deployment, a restart, a streamed/unstreamed pair), so it cannot rot between GPU sessions. Its metrics A/B
+(``--metrics-ab``: the same phase again in a fresh Ray instance with ``RAYXDIT_METRICS=0``) is checked in its
+parts: the summary of both phases, and that the switch leaves rayxdit's metrics uncreated."""
 
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
         "2",
         "--requests",
         "2",
-        "--metrics-ab",
-        "--ab-rounds",
-        "1",
         "--restarts",
         "1",
         "--cold-cache",
@@ -34,9 +32,9 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
     assert bench_serve.main(argv) == 0
 
     (record,) = json.loads(out.read_text())
-    assert [phase["metrics"] for phase in record["phases"]] == [False, True]
-    assert {"command", "device", "versions", "date", "metrics_overhead"} <= record.keys()
-    on = record["phases"][1]
+    assert [phase["metrics"] for phase in record["phases"]] == [True]
+    assert {"command", "device", "versions", "date"} <= record.keys()
+    on = record["phases"][0]
     assert len(on["runs"]) == 2 and all(run["gpu_seconds"] > 0 for run in on["runs"])
     # 2 ranks x the engine's time, as the response says
     assert record["gpu_seconds_per_request"] == pytest.approx(2 * record["engine_seconds"], rel=0.05)
@@ -47,11 +45,50 @@ def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart
     assert warm["warmed_up"] == ["64x64"] and set(warm["weights"]) == {"model", "add_ons"}
     assert 0 < warm["timeline"]["total"] < warm["kill_to_ready_s"]
     assert restart["cold"]["timeline"]["warm_up"] > 0 and restart["first_request_s"] > 0
-    # The metrics-on phase exported rayxdit's counters (warm-up + 2 requests); the off phase nothing.
+    # The phase exported rayxdit's counters (warm-up + 2 requests).
     assert on["exported_metrics"]["ray_rayxdit_images_total"] == 3
     assert on["exported_metrics"]["ray_rayxdit_gpu_seconds_total"] > 0
-    assert record["phases"][0]["exported_metrics"] == {}
     # One pair unstreamed/streamed: the 2-step request makes one of the 3 previews asked (never the last step).
     stream = record["stream_overhead"]
     assert stream["partials_received"] == [1] and stream["streamed_s"] > 0 and stream["unstreamed_s"] > 0
     assert 0 < stream["first_partial_s"] <= stream["streamed_s"]
+
+
+def test_the_metrics_ab_summary_compares_the_medians_of_both_phases():
+    runs = lambda *seconds: [{"end_to_end_s": s} for s in seconds]  # noqa: E731
+    phases = [
+        {"metrics": False, "runs": runs(1.0, 1.2, 1.1)},
+        {"metrics": True, "runs": runs(1.3, 1.1)},
+        {"metrics": False, "runs": runs(0.9)},
+        {"metrics": True, "runs": runs(1.2)},
+    ]
+    overhead = bench_serve.metrics_overhead(phases)
+    assert overhead["end_to_end_s_metrics_off"] == 1.05 and overhead["end_to_end_s_metrics_on"] == 1.2
+    assert overhead["pct"] == pytest.approx(100 * 0.15 / 1.05, abs=1e-3)
+    assert "3 requests with metrics and 4 without" in overhead["method"] and "4 phases" in overhead["method"]
+
+
+def test_metrics_off_creates_none_of_rayxdits_metrics():
+    """What the A/B's off phase runs with: ``RAYXDIT_METRICS=0`` in the application's environment, and no
+    rayxdit metric is ever created (so none is exported), whatever is recorded."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from rayxdit.serve import metrics\n"
+        "for spec in metrics.SERVING_METRICS:\n"
+        "    tags = dict.fromkeys(spec.tags, 'x')\n"
+        "    metrics.inc(spec.name, 1.0, **tags); metrics.observe(spec.name, 1.0, **tags)\n"
+        "    metrics.set_gauge(spec.name, 1.0, **tags)\n"
+        "print(metrics.ENABLED, metrics.metric.cache_info().currsize)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAYXDIT_METRICS": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "0"]
