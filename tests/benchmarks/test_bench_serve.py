@@ -14,7 +14,7 @@ from benchmarks import bench_serve
 pytestmark = pytest.mark.slow
 
 
-def test_the_serving_benchmark_runs_with_and_without_metrics_and_times_a_restart(tmp_path):
+def test_the_serving_benchmark_runs_a_deployment_and_times_a_restart(tmp_path):
     out = tmp_path / "serve.json"
     argv = ["--model", "tiny-flux", "--parallel", "ulysses=2", "--accelerator", "cpu", "--size", "64"]
     argv += [
