@@ -19,6 +19,7 @@ from rayxdit.request import (
     LoraChoice,
     RequestError,
 )
+from rayxdit.uploads import MAX_UPLOAD_BYTES
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 SCHEDULER_FIELD = Field(
@@ -189,6 +190,36 @@ class ImageEditRequest(ImageGenerationRequest):
     )
 
 
+MAX_DATA_URL_CHARS = 4 * (MAX_UPLOAD_BYTES // 3) + 1024
+"""The longest base64 image (a data: URL) a JSON body may hold: an upload's bound, encoded."""
+
+
+class ImageReference(BaseModel):
+    """An input image of a JSON edit, as OpenAI's API takes one: ``{"image_url": "data:image/png;base64,..."}``
+    or ``{"file_id": "file-..."}`` (a file uploaded with POST /v1/files, purpose ``vision`` or ``user_data``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image_url: str | None = Field(
+        default=None, max_length=MAX_DATA_URL_CHARS, description="The image as a data: URL (base64)."
+    )
+    file_id: str | None = Field(default=None, max_length=128, description="An uploaded image file's id.")
+
+
+class ImageEditJsonRequest(ImageEditRequest):
+    """``POST /v1/images/edits`` as a JSON body (OpenAI's JSON form of it, and the lines of an edits batch):
+    the fields of the form, with the input image in ``images`` (one) and the mask as references to images
+    instead of file parts."""
+
+    images: list[ImageReference] = Field(
+        min_length=1, max_length=1, description="The image to edit (one): [{image_url} or {file_id}]."
+    )
+    mask: ImageReference | None = Field(
+        default=None,
+        description="White: repaint, black: keep; the image's size (rayxdit reads it as a form's).",
+    )
+
+
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WIDTHxHEIGHT"`` as (width, height); (None, None) for no size."""
     if size is None:
@@ -295,8 +326,15 @@ class BatchCreateRequest(BaseModel):
     input_file_id: str = Field(
         max_length=128, description="A JSONL file uploaded with POST /v1/files, purpose=batch."
     )
-    endpoint: str = Field(description="Where every line goes: /v1/images/generations.")
-    completion_window: str = Field(default="24h", description='"24h", as OpenAI.')
+    endpoint: str = Field(
+        description="Where every line goes: /v1/images/generations, /v1/images/edits or /v1/videos."
+    )
+    completion_window: str = Field(
+        default="24h",
+        max_length=16,
+        description='"24h", as OpenAI; rayxdit also takes other windows up to 168h ("90m", "30s"): lines not '
+        "run by then end in the error file as batch_expired.",
+    )
     metadata: dict[str, str] | None = Field(
         default=None, max_length=16, description="Up to 16 key-value pairs, shown with the batch."
     )

@@ -3,14 +3,16 @@ replicas.
 
 A batch is a job of kind ``batch`` in the shared state (``serve/jobs.py``, ``serve/batches.py``): any router
 replica answers for it, and the one that created it drives it. It reads the input file, checks every line as
-its endpoint would (a line its endpoint would refuse goes to the error file; it never stops the batch), then
+its endpoint would (image generations, JSON edits, videos; a line its endpoint would refuse goes to the error
+file; it never stops the batch), then
 runs the lines through the :class:`~rayxdit.serve.dispatch.Dispatcher` as *background* work: a line is
 admitted only onto a ready replica that no request runs on or waits for (``routing.idle_pools``), and waits
 otherwise. So an online request waits behind at most the one line a replica is running, the lines fill the
 gaps between online requests, and they never make a pool grow. The driver renews the batch's lease twice a
 second and learns there whether it was cancelled (through any router replica): its lines under way stop at
-their ranks' next step boundary, and the output and error files are written with what finished. Each line
-gets exactly one output or error line.
+their ranks' next step boundary, and the output and error files are written with what finished. So it is
+when the batch's completion window passes: the lines without an answer go to the error file as
+``batch_expired`` and the batch ends ``expired``. Each line gets exactly one output or error line.
 
 Each line's answer is kept in the state as it comes (with ``state.redis_url`` in Redis too). A router
 replica that dies leaves its batches' leases to lapse; another router replica adopts each (it looks on every
@@ -33,14 +35,38 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from rayxdit.config import TenantLimits
+from rayxdit.limits import ResolvedRequest
+from rayxdit.request import EncodedResult, GenerateRequest
 from rayxdit.serve import metrics
-from rayxdit.serve.api import ApiError, ImageData, ImageGenerationRequest, ImageGenerationResponse, invalid
-from rayxdit.serve.batches import BatchLine, batch_object, error_line, jsonl, output_line, parse_lines
+from rayxdit.serve.api import (
+    ApiError,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    VideoGenerationRequest,
+    invalid,
+)
+from rayxdit.serve.batches import (
+    BatchLine,
+    batch_object,
+    error_line,
+    expired_line,
+    jsonl,
+    output_line,
+    parse_lines,
+    window_seconds,
+)
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import BUSY_WAIT_S, Busy, Dispatcher, Preempted
-from rayxdit.serve.inputs import conditioning_inputs, resolve, validated_body
+from rayxdit.serve.inputs import (
+    conditioning_inputs,
+    json_edit_inputs,
+    resolve,
+    validated_body,
+    video_fields,
+)
 from rayxdit.serve.job_driver import RENEW_JOB_S
-from rayxdit.serve.jobs import CANCELLED, TAKEN
+from rayxdit.serve.jobs import CANCELLED, COMPLETED, TAKEN
 from rayxdit.serve.tasks import ask_state, quiet
 
 logger = logging.getLogger("ray.serve")
@@ -49,6 +75,22 @@ LINES_IN_FLIGHT = 8
 
 ImageStorer = Callable[[list[bytes], str, str], Awaitable[list[ImageData]]]
 """``(pngs, response_format, base_url) -> data``: the images of an answer as the endpoint gives them."""
+EXPIRED = "expired"
+"""Why a batch's lines under way were stopped: its completion window passed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LineWork:
+    """A batch's line checked as its endpoint checks it: the request to run, and ``answer(result, info)``:
+    the body its endpoint answers with (ApiError: the line fails as the endpoint would)."""
+
+    line: BatchLine
+    model: str
+    request: GenerateRequest
+    resolved: ResolvedRequest
+    labels: dict[str, str]
+    timeout: float | None
+    answer: Callable[[EncodedResult, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class BatchDriver:
@@ -124,6 +166,7 @@ class BatchDriver:
             job["_base_url"],
             job.get("_tenant"),
             None if limits is None else TenantLimits(**limits),
+            job["created_at"] + window_seconds(job["completion_window"]),
         )
         # A fresh context: the batch outlives the HTTP request that created it.
         task = contextvars.Context().run(asyncio.create_task, drive)
@@ -140,6 +183,7 @@ class BatchDriver:
         base_url: str,
         tenant: str | None,
         limits: TenantLimits | None,
+        expires_at: float,
     ) -> None:
         began = time.monotonic()
         status = "failed"
@@ -149,10 +193,10 @@ class BatchDriver:
                 await self._fail(batch_id, "input_file_gone", f"input file {input_file_id} was deleted")
                 return
             lines, errors = parse_lines(content, endpoint)
-            runnable = []
+            runnable: list[LineWork] = []
             for line in lines:
                 try:
-                    runnable.append((line, *await self._validated(line)))
+                    runnable.append(await self._validated(line, endpoint, owner, base_url))
                 except ApiError as error:
                     errors.append(_error_line_of(line.custom_id, error))
             # Lines answered already (by a driver that died: this replica adopted the batch) are not run again.
@@ -163,24 +207,30 @@ class BatchDriver:
             if not answered:
                 await self._update(batch_id, {"in_progress_at": int(time.time()), **run.report()})
             await self.state.job_progress.remote(batch_id, len(answered), max(1, run.total))
-            queue = deque(item for item in runnable if item[0].index not in answered)
+            queue = deque(work for work in runnable if work.line.index not in answered)
             workers = [
-                asyncio.create_task(self._work(queue, run, base_url, tenant, limits))
+                asyncio.create_task(self._work(queue, run, tenant, limits))
                 for _ in range(min(LINES_IN_FLIGHT, len(queue)))
             ]
-            stopped = await self._supervise(batch_id, workers, run)
+            stopped = await self._supervise(batch_id, workers, run, expires_at)
             if stopped == TAKEN:  # the adopter runs it on, and writes its files
                 status = TAKEN
                 return
             await self._update(batch_id, {"finalizing_at": int(time.time()), **run.report()})
-            files = await self._write_files(batch_id, owner, errors)
-            await self._update(batch_id, {**files, **run.report(), "finalized": True})
+            answered = await ask_state(lambda: self.state.answered_batch_lines.remote(batch_id), batch_id)
+            if stopped == EXPIRED:  # every line without an answer: batch_expired in the error file
+                unrun = [work.line for work in runnable if work.line.index not in answered]
+                errors += [expired_line(line.custom_id) for line in unrun]
+                run.failed += len(unrun)
+            files = await self._write_files(batch_id, owner, errors, answered)
+            ended = {"expired_at": int(time.time())} if stopped == EXPIRED else {}
+            await self._update(batch_id, {**files, **run.report(), **ended, "finalized": True})
             await ask_state(lambda: self.state.drop_batch_lines.remote(batch_id), batch_id)
             if stopped == CANCELLED:
                 status = CANCELLED
                 return
             stored = await ask_state(lambda: self.state.complete_job.remote(batch_id, [], None), batch_id)
-            status = "completed" if stored else "failed"
+            status = (stopped or "completed") if stored else "failed"
         except Exception as error:
             logger.error("batch %s failed: %r", batch_id, error)
             await self._fail(
@@ -190,34 +240,72 @@ class BatchDriver:
             metrics.inc("rayxdit_jobs", model="", kind="batch", status=status)
             logger.info("batch %s: %s after %.3f s", batch_id, status, time.monotonic() - began)
 
-    async def _validated(self, line: BatchLine) -> tuple[ImageGenerationRequest, str, Any, Any, dict]:
-        """A line's body checked as ``POST /v1/images/generations`` checks it (400s as the endpoint's)."""
-        body = validated_body(ImageGenerationRequest, line.body)
+    async def _validated(self, line: BatchLine, endpoint: str, owner: str, base_url: str) -> LineWork:
+        """A line's body checked as ``endpoint`` checks it (400s as the endpoint's), with how its answer is
+        shown: images as the images endpoints answer; a video stored as a completed video job, whose object
+        is the answer."""
+        labels = {"model": "", "pool": "", "size_class": ""}
+        if endpoint == "/v1/videos":
+            video = validated_body(VideoGenerationRequest, line.body)
+            model, request, resolved = resolve(self.catalog, video, None, labels)
+            fields = video_fields(self.catalog, model, video, resolved)
+
+            async def stored_video(result: EncodedResult, info: dict[str, Any]) -> dict[str, Any]:
+                job = await ask_state(
+                    lambda: self.state.store_completed_job.remote(
+                        "video", owner, model, fields, result.pngs, {"rayxdit": info}
+                    ),
+                    f"a video of batch line {line.custom_id}",
+                )
+                if job["status"] != COMPLETED:  # its frames exceed the store (router.max_job_bytes)
+                    raise ApiError(500, job["error"]["message"], "server_error", code=job["error"]["code"])
+                return job
+
+            return LineWork(line, model, request, resolved, labels, video.timeout, stored_video)
+        if endpoint == "/v1/images/edits":
+            body, inputs = await json_edit_inputs(self.catalog, line.body, self._file_reader(owner))
+        else:
+            body = validated_body(ImageGenerationRequest, line.body)
+            if body.background:
+                raise invalid("background: a batch's lines run in the background already", "background")
+            inputs = await conditioning_inputs(self.catalog, body)
         if body.stream:
             raise invalid("stream: a batch's answers are its output file; send stream=false", "stream")
-        if body.background:
-            raise invalid("background: a batch's lines run in the background already", "background")
-        inputs = await conditioning_inputs(self.catalog, body)
-        labels = {"model": "", "pool": "", "size_class": ""}
         model, request, resolved = resolve(self.catalog, body, inputs, labels)
-        return body, model, request, resolved, labels
 
-    async def _supervise(self, batch_id: str, workers: list[asyncio.Task], run: _Run) -> str | None:
+        async def images(result: EncodedResult, info: dict[str, Any]) -> dict[str, Any]:
+            data = await self.image_data(result.pngs, body.response_format, base_url)
+            answer = ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
+            return answer.model_dump(exclude_none=True)
+
+        return LineWork(line, model, request, resolved, labels, body.timeout, images)
+
+    def _file_reader(self, owner: str):
+        """Reads ``owner``'s uploaded files by id (an edit line's ``file_id`` images)."""
+        return lambda file_id: ask_state(
+            lambda: self.state.file_content.remote(file_id, owner), "reading a batch line's image"
+        )
+
+    async def _supervise(
+        self, batch_id: str, workers: list[asyncio.Task], run: _Run, expires_at: float
+    ) -> str | None:
         """Renew the batch's lease until its lines are done; None then, else why the lines under way were
-        stopped: ``cancelled`` (or the batch gone), or ``taken`` (another replica adopted the batch while
-        this one could not renew its lease)."""
+        stopped: ``cancelled`` (or the batch gone), ``taken`` (another replica adopted the batch while this
+        one could not renew its lease) or ``expired`` (its completion window, ``expires_at`` on the wall
+        clock, passed)."""
         reported = run.report()
         while workers and not all(worker.done() for worker in workers):
-            await asyncio.wait(workers, timeout=RENEW_JOB_S)
+            if time.time() >= expires_at:
+                await _stop(workers)
+                return EXPIRED
+            await asyncio.wait(workers, timeout=min(RENEW_JOB_S, max(0.0, expires_at - time.time())))
             try:
                 now = await self.state.renew_job.remote(batch_id, self.replica)
             except Exception as error:  # the state replica restarting: the next renewal tells
                 logger.debug("batch %s: lease not renewed: %r", batch_id, error)
                 continue
             if now in (None, CANCELLED, TAKEN):
-                for worker in workers:
-                    worker.cancel()  # each line under way: its ranks stop at the next step boundary
-                await asyncio.wait(workers)
+                await _stop(workers)
                 return TAKEN if now == TAKEN else CANCELLED
             if run.report() != reported:
                 reported = run.report()
@@ -229,30 +317,31 @@ class BatchDriver:
 
     async def _work(
         self,
-        queue: deque,
+        queue: deque[LineWork],
         run: _Run,
-        base_url: str,
         tenant: str | None,
         limits: TenantLimits | None,
     ) -> None:
         """Run lines off ``queue`` until it is empty, each on an idle replica (waiting for one)."""
         while queue:
-            line, body, model, request, resolved, labels = queue.popleft()
+            work = queue.popleft()
+            line = work.line
             runs = 0  # a preempted line runs again under a new id: its first attempt's ticket is finished
             while True:
                 request_id = f"{run.batch_id}:{line.index}" + (f".{runs}" if runs else "")
                 try:
                     result, info = await self.dispatcher.run(
-                        model,
-                        request,
-                        resolved,
+                        work.model,
+                        work.request,
+                        work.resolved,
                         request_id,
-                        body.timeout,
-                        dict(labels),
+                        work.timeout,
+                        dict(work.labels),
                         tenant=tenant,
                         limits=limits,
                         background=True,
                     )
+                    shown = output_line(line.custom_id, request_id, await work.answer(result, info))
                 except Busy as busy:
                     await asyncio.sleep(busy.wait_s)
                     continue
@@ -265,9 +354,6 @@ class BatchDriver:
                     await self._answer(run.batch_id, line.index, False, _error_line_of(line.custom_id, error))
                     run.failed += 1
                     break
-                data = await self.image_data(result.pngs, body.response_format, base_url)
-                answer = ImageGenerationResponse(created=int(time.time()), data=data, rayxdit=info)
-                shown = output_line(line.custom_id, request_id, answer.model_dump(exclude_none=True))
                 await self._answer(run.batch_id, line.index, True, shown)
                 run.completed += 1
                 break
@@ -278,11 +364,14 @@ class BatchDriver:
         await ask_state(lambda: self.state.record_batch_line.remote(batch_id, index, ok, data), batch_id)
 
     async def _write_files(
-        self, batch_id: str, owner: str, invalid_lines: list[dict[str, Any]]
+        self,
+        batch_id: str,
+        owner: str,
+        invalid_lines: list[dict[str, Any]],
+        answered: dict[int, tuple[bool, bytes]],
     ) -> dict[str, str | None]:
-        """The output file (answers in input order) and the error file (``invalid_lines``, then the lines
-        that failed; none when no line failed), from the answers kept in the state."""
-        answered = await ask_state(lambda: self.state.answered_batch_lines.remote(batch_id), batch_id)
+        """The output file (the ``answered`` lines that succeeded, in input order) and the error file
+        (``invalid_lines``, then the answered lines that failed; none when no line failed)."""
         ordered = [answered[index] for index in sorted(answered)]
         files: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
         for name, content in (
@@ -328,6 +417,13 @@ class _Run:
     def report(self) -> dict[str, Any]:
         """What the batch object shows of the run: OpenAI's counts, and rayxdit's preemptions."""
         return {"request_counts": self.counts(), "preemptions": self.preempted}
+
+
+async def _stop(workers: list[asyncio.Task]) -> None:
+    """Stop every line under way (its ranks stop at their next step boundary) and wait until they have."""
+    for worker in workers:
+        worker.cancel()
+    await asyncio.wait(workers)
 
 
 def _error_line_of(custom_id: str, error: ApiError) -> dict[str, Any]:

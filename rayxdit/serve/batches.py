@@ -4,6 +4,7 @@ A batch is a job (``serve/jobs.py``) of kind ``batch`` whose ``fields`` hold wha
 (endpoint, input file, counts, output and error files). Its life as OpenAI names it::
 
     validating ──▶ in_progress ──▶ finalizing ──▶ completed
+         │              │  │                  └──▶ expired     (its completion window passed)
          │              │  └──▶ cancelling ──▶ cancelled   (POST /v1/batches/{id}/cancel)
          └──────────────┴─────────────────────▶ failed      (input unreadable, its driver lost)
 
@@ -15,6 +16,7 @@ never stops the batch; every other line gets one output line, in input order. No
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,14 @@ from typing import Any
 from rayxdit.serve.durable import Journal, MemoryJournal
 from rayxdit.serve.jobs import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED
 
-ENDPOINTS = ("/v1/images/generations",)
-"""Endpoints a batch may run (OpenAI's images generations; edits take files, not JSON bodies)."""
-COMPLETION_WINDOWS = ("24h",)
+ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/videos")
+"""Endpoints a batch may run, as OpenAI's Batch API names them. An edit line's body is the JSON form of an
+edit (its image as ``{"image_url": <data: URL>}`` or ``{"file_id"}``); a video line's answer is the completed
+video's object (its content at ``GET /v1/videos/{id}/content``)."""
+WINDOW = re.compile(r"(\d{1,6})([smh])")
+MAX_WINDOW_S = 168 * 3600
+"""The longest completion window taken (OpenAI takes "24h" only; rayxdit any window up to a week)."""
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 MAX_LINES = 50_000
 """As OpenAI: at most this many requests in one batch."""
 CANCELLING_S = 60.0
@@ -106,6 +113,33 @@ def error_line(
     }
 
 
+def window_seconds(completion_window: str) -> int:
+    """A batch's completion window (``"24h"``, ``"90m"``, ``"30s"``) in seconds; ValueError for anything else
+    or a window outside 1 s..168 h."""
+    match = WINDOW.fullmatch(completion_window)
+    if match is None:
+        raise ValueError(
+            f'completion_window: "24h" (or another window such as "90m", "30s"), not {completion_window!r}'
+        )
+    seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if not 1 <= seconds <= MAX_WINDOW_S:
+        raise ValueError(
+            f"completion_window: between 1s and {MAX_WINDOW_S // 3600}h, not {completion_window!r}"
+        )
+    return seconds
+
+
+def expired_line(custom_id: str) -> dict[str, Any]:
+    """A line of the error file for a request the batch did not run within its completion window (OpenAI's
+    shape: no response, the error on the line)."""
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": "batch_expired", "message": EXPIRED_MESSAGE},
+    }
+
+
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
 
@@ -118,6 +152,9 @@ def batch_object(job: dict[str, Any], now_wall: float) -> dict[str, Any]:
     if job["status"] == IN_PROGRESS and job.get("finalizing_at"):
         status = "finalizing"
     ended = job.get("completed_at")
+    expired = job["status"] == COMPLETED and job.get("expired_at") is not None
+    if expired:
+        status = "expired"
     if job["status"] == CANCELLED:
         finalized = job.get("finalized") or (ended is not None and now_wall - ended > CANCELLING_S)
         status = "cancelled" if finalized else "cancelling"
@@ -136,11 +173,11 @@ def batch_object(job: dict[str, Any], now_wall: float) -> dict[str, Any]:
         "error_file_id": job.get("error_file_id"),
         "created_at": job["created_at"],
         "in_progress_at": job.get("in_progress_at"),
-        "expires_at": job["created_at"] + 24 * 3600,
+        "expires_at": job["created_at"] + window_seconds(job["completion_window"]),
         "finalizing_at": job.get("finalizing_at"),
-        "completed_at": ended if job["status"] == COMPLETED else None,
+        "completed_at": ended if job["status"] == COMPLETED and not expired else None,
         "failed_at": ended if job["status"] == FAILED else None,
-        "expired_at": None,
+        "expired_at": job.get("expired_at"),
         "cancelling_at": job.get("cancelling_at") or (ended if job["status"] == CANCELLED else None),
         "cancelled_at": ended if status == "cancelled" else None,
         "request_counts": job.get("request_counts") or {"total": 0, "completed": 0, "failed": 0},

@@ -19,9 +19,12 @@ from typing import Any
 
 from rayxdit.serve.durable import Journal, MemoryJournal
 
-PURPOSES = frozenset({"batch", "batch_output"})
-"""What a file is for: ``batch`` (a batch's input, uploaded by a client) or ``batch_output`` (a batch's
-output or error file, written by the application)."""
+UPLOAD_PURPOSES = frozenset({"batch", "vision", "user_data"})
+"""What a client uploads a file for: ``batch`` (a batch's input JSONL), ``vision`` or ``user_data`` (an image
+that a JSON edit, or an edits batch's line, names by ``file_id``)."""
+PURPOSES = UPLOAD_PURPOSES | {"batch_output"}
+"""What a file is for: what clients upload, or ``batch_output`` (a batch's output or error file, written by
+the application)."""
 
 
 @dataclass

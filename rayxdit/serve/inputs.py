@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -24,12 +25,15 @@ from rayxdit.request import GenerateRequest, RequestError, pair_controls
 from rayxdit.serve import metrics
 from rayxdit.serve.api import (
     ApiError,
+    ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageReference,
     VideoGenerationRequest,
     invalid,
     request_error_from,
     request_error_from_validation,
+    shown_id,
 )
 from rayxdit.serve.catalog import Catalog
 from rayxdit.uploads import MAX_UPLOAD_BYTES, check_mask, inspect_image, size_for
@@ -95,8 +99,24 @@ async def upload(file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
     if isinstance(file, str):
         raise invalid(f"{param}: send it as a file part of the form", param)
     data = await file.read(MAX_UPLOAD_BYTES + 1)
+    return data, await checked_image(data, param)
+
+
+def _base64_image(encoded: str, param: str) -> bytes:
+    """A base64 image (a data: URL too) as bytes; 400 when it is not base64."""
     try:
-        return data, await asyncio.to_thread(inspect_image, data, param)
+        return base64.b64decode(
+            encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded, validate=True
+        )
+    except ValueError:
+        raise invalid(f"{param}: not base64", param) from None
+
+
+async def checked_image(data: bytes, param: str) -> tuple[int, int]:
+    """The size of an image a client sent, decoded once off the event loop within the upload bounds; 400 for
+    anything that is not a usable image."""
+    try:
+        return await asyncio.to_thread(inspect_image, data, param)
     except RequestError as error:
         raise from_request_error(error) from None
 
@@ -107,16 +127,39 @@ async def image_field(encoded: str | None, file: Any, param: str) -> bytes | Non
         return (await upload(file, param))[0]
     if encoded is None:
         return None
-    try:
-        data = base64.b64decode(
-            encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded, validate=True
-        )
-        await asyncio.to_thread(inspect_image, data, param)
-    except RequestError as error:
-        raise from_request_error(error) from None
-    except ValueError:
-        raise invalid(f"{param}: not base64", param) from None
+    data = _base64_image(encoded, param)
+    await checked_image(data, param)
     return data
+
+
+FileReader = Callable[[str], Awaitable[bytes | None]]
+"""``file_id -> content``: the caller's uploaded file (None: it has none of that id)."""
+
+
+async def referenced_image(
+    reference: ImageReference, param: str, read_file: FileReader
+) -> tuple[bytes, tuple[int, int]]:
+    """The image a JSON body points at (OpenAI's ``{"image_url"}`` as a data: URL, or ``{"file_id"}``): its
+    bytes and size, checked as uploads are. URLs are not fetched: the server would reach wherever a client
+    points it."""
+    if (reference.image_url is None) == (reference.file_id is None):
+        raise invalid(f"{param}: give image_url (a data: URL) or file_id, one of them", param)
+    if reference.image_url is not None:
+        if not reference.image_url.startswith("data:"):
+            raise invalid(
+                f"{param}: this server fetches no URLs; send the image as a data: URL (base64), or upload it "
+                "(POST /v1/files, purpose=vision) and send its file_id",
+                param,
+            )
+        data = _base64_image(reference.image_url, param)
+    else:
+        found = await read_file(reference.file_id)
+        if found is None:
+            raise invalid(
+                f"{param}: no file '{shown_id(reference.file_id)}' (upload it with POST /v1/files)", param
+            )
+        data = found
+    return data, await checked_image(data, param)
 
 
 async def control_inputs(catalog: Catalog, body: ImageGenerationRequest, files: list[Any]) -> dict[str, Any]:
@@ -243,15 +286,30 @@ def resolve(
     return model, request, resolved
 
 
-async def edit_inputs(catalog: Catalog, http: Request) -> tuple[ImageEditRequest, dict[str, Any]]:
+async def edit_inputs(
+    catalog: Catalog, http: Request, read_file: FileReader
+) -> tuple[ImageEditRequest, dict[str, Any]]:
     """``POST /v1/images/edits``: the form's fields and its checked images (the input image, a mask of its
-    size, control images, an image prompt); the size defaults to the image's, fitted to the model."""
-    if not http.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise invalid("send a multipart form with an 'image' file, as OpenAI's client does")
+    size, control images, an image prompt), or the same as a JSON body (:func:`json_edit_inputs`); the size
+    defaults to the image's, fitted to the model."""
+    content_type = http.headers.get("content-type", "").lower()
     if int(http.headers.get("content-length") or 0) > MAX_EDIT_BODY_BYTES:
         raise invalid(
             f"the request is larger than {MAX_EDIT_BODY_BYTES} bytes (each image at most {MAX_UPLOAD_BYTES})",
             "image",
+        )
+    if content_type.startswith("application/json"):
+        try:
+            data = json.loads(await http.body())
+        except ValueError as error:
+            raise invalid(f"request body is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise invalid("request body must be a JSON object")
+        return await json_edit_inputs(catalog, data, read_file)
+    if not content_type.startswith("multipart/form-data"):
+        raise invalid(
+            "send a multipart form with an 'image' file, as OpenAI's client does, or a JSON body with "
+            '"images": [{"image_url": "data:image/png;base64,..."}]'
         )
     form = await read_form(http, max_files=8)
     images = form.getlist("image") + form.getlist("image[]")
@@ -267,18 +325,54 @@ async def edit_inputs(catalog: Catalog, http: Request) -> tuple[ImageEditRequest
         else:
             fields[key] = value
     body: ImageEditRequest = validated_body(ImageEditRequest, flattened_loras(fields), form=True)
-    image, image_size = await upload(images[0], "image")
-    mask = None
-    if form.get("mask") is not None:
-        mask, mask_size = await upload(form["mask"], "mask")
+    image = await upload(images[0], "image")
+    mask = None if form.get("mask") is None else await upload(form["mask"], "mask")
+    return await _edit(catalog, body, image, mask, form)
+
+
+async def json_edit_inputs(
+    catalog: Catalog, data: dict[str, Any], read_file: FileReader
+) -> tuple[ImageEditRequest, dict[str, Any]]:
+    """An edit sent as JSON (OpenAI's JSON form of ``POST /v1/images/edits``, and an edits batch's lines):
+    ``images`` (one) and ``mask`` as ``{"image_url": <data: URL>}`` or ``{"file_id"}``, control images and the
+    image prompt as base64; checked as the form is."""
+    body: ImageEditJsonRequest = validated_body(ImageEditJsonRequest, data)
+    image = await referenced_image(body.images[0], "images", read_file)
+    mask = None if body.mask is None else await referenced_image(body.mask, "mask", read_file)
+    return await _edit(catalog, body, image, mask)
+
+
+async def _edit(
+    catalog: Catalog,
+    body: ImageEditRequest,
+    image: tuple[bytes, tuple[int, int]],
+    mask: tuple[bytes, tuple[int, int]] | None,
+    form: Any = None,
+) -> tuple[ImageEditRequest, dict[str, Any]]:
+    """An edit's request fields and inputs: the mask fits the image, the size defaults to the image's."""
+    if mask is not None:
         try:
-            check_mask(mask_size, image_size)
+            check_mask(mask[1], image[1])
         except RequestError as error:
             raise invalid(str(error), "mask") from None
     model = body.model or catalog.default_model["image"]
     if body.size is None and model in catalog.cards:
-        width, height = size_for(image_size, catalog.cards[model].limits)
+        width, height = size_for(image[1], catalog.cards[model].limits)
         body = body.model_copy(update={"size": f"{width}x{height}"})
-    inputs = {"image": image, "mask": mask, "strength": body.strength}
+    inputs = {"image": image[0], "mask": None if mask is None else mask[0], "strength": body.strength}
     inputs |= await conditioning_inputs(catalog, body, form)
     return body, inputs
+
+
+def video_fields(
+    catalog: Catalog, model: str, body: VideoGenerationRequest, resolved: ResolvedRequest
+) -> dict:
+    """What a video job's object shows of its request (size, duration, frames, fps)."""
+    fps = catalog.cards[model].limits.fps
+    return {
+        "prompt": body.prompt,
+        "size": f"{resolved.width}x{resolved.height}",
+        "seconds": f"{resolved.frames / fps:g}",
+        "frames": resolved.frames,
+        "fps": fps,
+    }

@@ -57,10 +57,19 @@ from rayxdit.serve.api import (
     shown_id,
 )
 from rayxdit.serve.batch_driver import BatchDriver
-from rayxdit.serve.batches import COMPLETION_WINDOWS, ENDPOINTS, batch_object
+from rayxdit.serve.batches import ENDPOINTS, batch_object, window_seconds
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import Dispatcher, PartialSink
-from rayxdit.serve.inputs import conditioning_inputs, edit_inputs, read_body, read_form, validated_request
+from rayxdit.serve.files import UPLOAD_PURPOSES
+from rayxdit.serve.inputs import (
+    FileReader,
+    conditioning_inputs,
+    edit_inputs,
+    read_body,
+    read_form,
+    validated_request,
+    video_fields,
+)
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
@@ -148,6 +157,13 @@ class Ingress:
         """Whose jobs a caller sees: a digest of its API key (everyone's alike without keys)."""
         token = request.headers.get("authorization", "").partition(" ")[2]
         return hashlib.sha256(token.encode()).hexdigest()[:24] if token else ""
+
+    def file_reader(self, request: Request) -> FileReader:
+        """Reads the caller's uploaded files by id (a JSON edit's ``file_id`` images)."""
+        owner = self.owner(request)
+        return lambda file_id: ask_state(
+            lambda: self.state.file_content.remote(file_id, owner), "reading a file"
+        )
 
     async def generate(
         self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None = None
@@ -509,7 +525,7 @@ async def images_edits(ingress: IngressOf, request: Request) -> ImageGenerationR
     makes it inpainting. ``size`` defaults to the image's, fitted to the model's limits."""
     ingress.authorize(request)
     request.state.labels = {"model": "", "pool": "", "size_class": ""}
-    body, inputs = await edit_inputs(ingress.catalog, request)
+    body, inputs = await edit_inputs(ingress.catalog, request, ingress.file_reader(request))
     if body.stream:
         return await ingress.stream(body, request, inputs, "image_edit")
     result, info = await ingress.generate(body, request, inputs)
@@ -567,14 +583,7 @@ async def create_video(ingress: IngressOf, request: Request) -> dict[str, Any]:
     ingress.authorize(request)
     body: VideoGenerationRequest = await read_body(request, VideoGenerationRequest)
     model, generate, resolved = validated_request(ingress.catalog, body, request)
-    fps = ingress.catalog.cards[model].limits.fps
-    fields = {
-        "prompt": body.prompt,
-        "size": f"{resolved.width}x{resolved.height}",
-        "seconds": f"{resolved.frames / fps:g}",
-        "frames": resolved.frames,
-        "fps": fps,
-    }
+    fields = video_fields(ingress.catalog, model, body, resolved)
 
     async def deliver(result: EncodedResult, info: dict[str, Any]):
         return result.pngs, {"rayxdit": info}
@@ -650,7 +659,8 @@ def _not_found(what: str, name: str) -> ApiError:
 
 @api.post("/v1/files")
 async def create_file(ingress: IngressOf, request: Request) -> dict[str, Any]:
-    """Upload a file (a multipart form: ``file`` and ``purpose``): a batch's input JSONL (``purpose=batch``)."""
+    """Upload a file (a multipart form: ``file`` and ``purpose``): a batch's input JSONL (``purpose=batch``),
+    or an image for edits to name by ``file_id`` (``vision``, ``user_data``)."""
     ingress.authorize(request)
     request.state.job = True  # no generation: its time is no request latency
     if int(request.headers.get("content-length") or 0) > MAX_FILE_BYTES + (1 << 20):
@@ -659,8 +669,12 @@ async def create_file(ingress: IngressOf, request: Request) -> dict[str, Any]:
         raise invalid("send a multipart form with 'file' and 'purpose', as OpenAI's client does", "file")
     form = await read_form(request, max_files=1)
     purpose, upload = form.get("purpose"), form.get("file")
-    if purpose != "batch":
-        raise invalid("purpose: 'batch' (the files this server takes are batches' inputs)", "purpose")
+    if purpose not in UPLOAD_PURPOSES:
+        raise invalid(
+            "purpose: 'batch' (a batch's input JSONL), or 'vision' or 'user_data' (an image a JSON edit or an "
+            "edits batch's line names by file_id)",
+            "purpose",
+        )
     if upload is None or isinstance(upload, str):
         raise invalid("file: attach the JSONL file as 'file'", "file")
     content = await upload.read(MAX_FILE_BYTES + 1)
@@ -723,8 +737,10 @@ async def create_batch(ingress: IngressOf, body: BatchCreateRequest, request: Re
     request.state.job = True
     if body.endpoint not in ENDPOINTS:
         raise invalid(f"endpoint: one of {', '.join(ENDPOINTS)}", "endpoint")
-    if body.completion_window not in COMPLETION_WINDOWS:
-        raise invalid(f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}", "completion_window")
+    try:
+        window_seconds(body.completion_window)
+    except ValueError as error:
+        raise invalid(str(error), "completion_window") from None
     base = str(request.base_url).rstrip("/")
     return await ingress.batches.start(
         ingress.owner(request),

@@ -650,6 +650,21 @@ class AppState:
     ) -> bool:
         return self.jobs.complete(job_id, content, result)
 
+    async def store_completed_job(
+        self,
+        kind: str,
+        owner: str,
+        model: str,
+        fields: dict[str, Any],
+        content: list[bytes],
+        result: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A job made elsewhere (a batch's video line), stored completed at once: its object (``failed``,
+        with why, when its result exceeds the store)."""
+        job = self.jobs.create(kind, owner, model, fields)
+        self.jobs.complete(job["id"], content, result)
+        return self.jobs.get(job["id"], owner, kind)
+
     async def update_job(self, job_id: str, fields: dict[str, Any]) -> bool:
         return self.jobs.update_fields(job_id, fields)
 

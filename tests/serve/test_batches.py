@@ -7,8 +7,17 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
-from rayxdit.serve.batches import CANCELLING_S, LineStore, batch_object, parse_lines
+from rayxdit.serve.batches import (
+    CANCELLING_S,
+    LineStore,
+    batch_object,
+    expired_line,
+    parse_lines,
+    window_seconds,
+)
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import ORPHAN_S, TAKEN, JobStore
 from rayxdit.serve.routing import PoolLoad, PoolSpec, idle_pools
@@ -84,6 +93,35 @@ def test_a_batch_shows_openais_states_from_its_jobs():
     assert (
         batch_object(store.get(cancelled["id"], "me", now=12), ended["completed_at"])["status"] == "cancelled"
     )
+
+
+def test_completion_windows_read_as_seconds_and_an_expired_batch_shows_openais_expired_state():
+    assert window_seconds("24h") == 86400
+    assert (window_seconds("90m"), window_seconds("30s"), window_seconds("168h")) == (5400, 30, 168 * 3600)
+    for bad in ("24", "1d", "0s", "169h", " 24h", "24H", "1.5h", ""):
+        with pytest.raises(ValueError, match="completion_window"):
+            window_seconds(bad)
+
+    store = JobStore(ttl_s=3600, max_bytes=1 << 20, lease_s=30)
+    fields = {
+        "endpoint": "/v1/videos",
+        "input_file_id": "file-1",
+        "completion_window": "90m",
+        "metadata": None,
+    }
+    job = store.create("batch", "me", "", fields, now=0)
+    assert batch_object(job, 0)["expires_at"] == job["created_at"] + 5400
+    store.progress(job["id"], 1, 3, now=1)
+    store.update_fields(job["id"], {"finalizing_at": 5})
+    assert batch_object(store.get(job["id"], "me", now=1), 0)["status"] == "finalizing"
+    store.update_fields(job["id"], {"expired_at": 1234, "finalized": True})
+    store.complete(job["id"], [], None, now=2)
+    shown = batch_object(store.get(job["id"], "me", now=3), 0)
+    assert (shown["status"], shown["expired_at"], shown["completed_at"]) == ("expired", 1234, None)
+
+    expired = expired_line("row-7")  # OpenAI's shape: no response, the error on the line
+    assert expired["custom_id"] == "row-7" and expired["response"] is None
+    assert expired["error"]["code"] == "batch_expired" and expired["id"].startswith("batch_req_")
 
 
 def test_files_belong_to_their_owner_expire_and_go_oldest_first_past_the_budget():

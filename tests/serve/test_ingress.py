@@ -234,8 +234,36 @@ def test_edits_refuse_bad_uploads(url):
     for files, data, param in cases:
         assert_refused(edit(files, data), param)
     assert_refused(edit({"image": ("a.png", b"\x00" * (41 << 20))}), "image")
-    as_json = requests.post(url + "/v1/images/edits", json={"prompt": "x"}, headers=AUTH, timeout=30)
-    assert "multipart" in assert_refused(as_json, None)["message"]
+    as_text = requests.post(url + "/v1/images/edits", data="x", headers=AUTH, timeout=30)
+    assert "multipart" in assert_refused(as_text, None)["message"]
+
+
+def test_json_edits_refuse_bad_image_references(url):
+    """The JSON form of an edit (an edits batch's lines are one): ``images`` and ``mask`` as OpenAI's image
+    references, each checked as an upload is; URLs are not fetched."""
+    source = "data:image/png;base64," + base64.b64encode(random_png(40, 36, seed=1)).decode()
+    body = {"model": "tiny-2", "prompt": "x", "steps": 2, "images": [{"image_url": source}]}
+    mask = "data:image/png;base64," + base64.b64encode(left_half_mask(36, 36)).decode()
+    cases = [
+        ({"model": "tiny-2", "prompt": "x"}, "images"),
+        ({**body, "images": []}, "images"),
+        ({**body, "images": [{"image_url": source}] * 2}, "images"),
+        ({**body, "images": [{"image_url": "https://example.com/a.png"}]}, "images"),
+        ({**body, "images": [{"image_url": source, "file_id": "file-1"}]}, "images"),
+        ({**body, "images": [{}]}, "images"),
+        ({**body, "images": [{"image_url": "data:image/png;base64,@@"}]}, "images"),
+        ({**body, "images": [{"image_url": "data:image/png;base64,AAAA"}]}, "images"),  # no image
+        ({**body, "images": [{"url": source}]}, "images"),
+        ({**body, "mask": {"image_url": mask}}, "mask"),  # not the image's size
+        ({**body, "strength": 1.5}, "strength"),
+        ({**body, "size": "37x36"}, "size"),
+        ({**body, "stream": True, "n": 2}, "n"),
+    ]
+    for bad, param in cases:
+        response = post(url, bad, "/v1/images/edits")
+        error = assert_refused(response, param)
+        if "example.com" in str(bad):
+            assert "fetches no URLs" in error["message"], error
 
 
 def test_controlnet_and_image_prompt_fields_are_checked_against_the_pools(url):
@@ -345,11 +373,14 @@ def test_files_and_batches_refuse_bad_input_before_any_state(url):
     assert_refused(
         post(
             url,
-            {"input_file_id": "file-1", "endpoint": "/v1/images/generations", "completion_window": "1h"},
+            {"input_file_id": "file-1", "endpoint": "/v1/images/generations", "completion_window": "1d"},
             "/v1/batches",
         ),
         "completion_window",
     )
+    for window in ("0s", "169h", "24 h", "-1h"):
+        body = {"input_file_id": "file-1", "endpoint": "/v1/videos", "completion_window": window}
+        assert_refused(post(url, body, "/v1/batches"), "completion_window")
     assert_refused(post(url, {"endpoint": "/v1/images/generations"}, "/v1/batches"), "input_file_id")
     assert_refused(post(url, {"purpose": "batch"}, "/v1/files"), "file")  # JSON, not a form
     upload = {"file": ("in.jsonl", b"{}\n")}

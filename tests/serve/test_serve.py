@@ -1357,10 +1357,8 @@ def test_loras_per_request_equal_the_model_fused_at_load_and_leave_it_plain(url)
 
 
 # ----- OpenAI's Batch API on the online pools ---------------------------------------------------------------
-def batch_line(custom_id: str, body: dict) -> str:
-    return json.dumps(
-        {"custom_id": custom_id, "method": "POST", "url": "/v1/images/generations", "body": body}
-    )
+def batch_line(custom_id: str, body: dict, endpoint: str = "/v1/images/generations") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body})
 
 
 def finished_batch(client, batch_id: str, timeout_s: float = 240):
@@ -1522,3 +1520,131 @@ def test_a_batch_whose_router_replica_dies_is_adopted_and_answers_each_line_once
         png = base64.b64decode(answer["response"]["body"]["data"][0]["b64_json"])
         expected = single_process_pixels(engine, bodies[answer["custom_id"]])
         assert np.abs(png_pixels(png) - expected).max() <= 1, answer["custom_id"]
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+SMALL_VIDEO = {"model": "tiny-wan", "prompt": "a heron", "size": "96x64", "frames": 5, "steps": 6, "seed": 21}
+
+
+def test_batches_of_edits_and_videos_answer_each_line_as_their_endpoints_do(url, engine):
+    """An edits batch (JSON lines: the image as a data: URL or an uploaded file's id, a mask, one line
+    pointing at a remote URL) and a videos batch, run at once through OpenAI's client: each edit equals the
+    one process's (and the same JSON edit sent online); the video line's answer is a completed video object
+    whose frames are the one process's; the bad lines are in the error files with their endpoints' 400s."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    source, mask = random_png(40, 36, seed=1), left_half_mask(40, 36)
+    image_file = client.files.create(file=("source.png", source), purpose="vision")
+    edits = {
+        "painted": {"images": [{"image_url": data_url(source)}], "strength": 0.75, "steps": 4, "seed": 12},
+        "inpainted": {
+            "images": [{"file_id": image_file.id}],
+            "mask": {"image_url": data_url(mask)},
+            "strength": 1.0,
+            "steps": 3,
+            "seed": 4,
+        },
+        "remote": {"images": [{"image_url": "https://example.com/a.png"}], "steps": 3},
+    }
+    edit_lines = [
+        batch_line(name, {"model": "tiny-2", "prompt": name, **body}, "/v1/images/edits")
+        for name, body in edits.items()
+    ]
+    videos = [
+        batch_line("heron", SMALL_VIDEO, "/v1/videos"),
+        batch_line("odd", {**SMALL_VIDEO, "frames": 6}, "/v1/videos"),
+    ]
+    batches = {}
+    for endpoint, lines in (("/v1/images/edits", edit_lines), ("/v1/videos", videos)):
+        uploaded = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+        batches[endpoint] = client.batches.create(
+            input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h"
+        )
+    edited, filmed = (finished_batch(client, batch.id) for batch in batches.values())
+
+    assert edited.status == "completed", edited
+    assert (edited.request_counts.completed, edited.request_counts.failed) == (2, 1)
+    answers = {
+        answer["custom_id"]: png_pixels(base64.b64decode(answer["response"]["body"]["data"][0]["b64_json"]))
+        for answer in map(json.loads, client.files.content(edited.output_file_id).text.splitlines())
+    }
+    expected = {
+        "painted": GenerateRequest(
+            prompt="painted", image=source, strength=0.75, width=40, height=36, steps=4, seed=12
+        ),
+        "inpainted": GenerateRequest(
+            prompt="inpainted", image=source, mask=mask, strength=1.0, width=40, height=36, steps=3, seed=4
+        ),
+    }
+    assert list(answers) == list(expected)
+    for name, request in expected.items():
+        single = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+        assert answers[name].shape == (36, 40, 3), "the size defaults to the input image's"
+        assert np.abs(answers[name] - single).max() <= 1, name
+    online = post(url, {"model": "tiny-2", "prompt": "painted", **edits["painted"]}, "/v1/images/edits")
+    assert online.status_code == 200, online.text
+    online_pixels = png_pixels(base64.b64decode(online.json()["data"][0]["b64_json"]))
+    assert np.abs(online_pixels - answers["painted"]).max() <= 1
+    (remote,) = map(json.loads, client.files.content(edited.error_file_id).text.splitlines())
+    assert remote["custom_id"] == "remote" and remote["response"]["status_code"] == 400
+    assert remote["response"]["body"]["error"]["param"] == "images"
+
+    assert filmed.status == "completed", filmed
+    assert (filmed.request_counts.completed, filmed.request_counts.failed) == (1, 1)
+    (answer,) = map(json.loads, client.files.content(filmed.output_file_id).text.splitlines())
+    video = answer["response"]["body"]
+    assert answer["custom_id"] == "heron" and video["object"] == "video" and video["status"] == "completed"
+    assert (video["size"], video["frames"], video["model"]) == ("96x64", 5, "tiny-wan")
+    content = requests.get(f"{url}/v1/videos/{video['id']}/content?format=png", headers=AUTH, timeout=60)
+    assert content.status_code == 200, content.text
+    single = Engine(EngineConfig(model="tiny-wan"), ParallelState.single()).generate(
+        GenerateRequest(prompt="a heron", width=96, height=64, num_frames=5, steps=6, seed=21, guidance=5.0)
+    )
+    frames = apng_frames(content.content)
+    assert len(frames) == len(single.images) == 5
+    for index, (served, made) in enumerate(zip(frames, single.images, strict=True)):
+        assert np.abs(served - np.asarray(made, dtype=np.int16)).max() <= 1, f"frame {index}"
+    (odd,) = map(json.loads, client.files.content(filmed.error_file_id).text.splitlines())
+    assert odd["custom_id"] == "odd" and odd["response"]["body"]["error"]["param"] == "frames"
+
+
+def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(url):
+    """A batch of long lines with a 4 s window (rayxdit takes windows besides OpenAI's 24h): ``expired``
+    with ``expired_at``, the line under way stopped at a step boundary, every line in one of the files (those
+    not run as ``batch_expired``, OpenAI's shape), and the next online request gets its image."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY)
+    pool, steps = "failover-2", 80
+    body = {"model": "tiny-failover", "prompt": "slow", "size": "128x128", "steps": steps}
+    names = [f"slow-{i}" for i in range(5)]  # more than 4 s of work on one replica (each line takes seconds)
+    data = "\n".join(batch_line(name, {**body, "seed": i}) for i, name in enumerate(names)).encode()
+    uploaded = client.files.create(file=("slow.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="4s"
+    )
+    assert batch.expires_at == batch.created_at + 4
+    batch = finished_batch(client, batch.id, timeout_s=120)
+    assert batch.status == "expired" and batch.expired_at is not None, batch
+    assert batch.completed_at is None and batch.expired_at - batch.created_at <= 30
+    counts = batch.request_counts
+    assert counts.total == 5 and counts.completed + counts.failed == 5 and counts.failed >= 1
+    done = (
+        [] if batch.output_file_id is None else client.files.content(batch.output_file_id).text.splitlines()
+    )
+    expired = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert len(done) == counts.completed and len(expired) == counts.failed
+    assert (
+        sorted([json.loads(line)["custom_id"] for line in done] + [e["custom_id"] for e in expired]) == names
+    )
+    assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in expired), expired
+    deadline = time.monotonic() + 10  # a line takes longer: the one under way stopped at a step boundary
+    while (progress := rank_progress(pool)) is not None:
+        assert time.monotonic() < deadline, f"the ranks still run after the batch expired: {progress}"
+        time.sleep(0.1)
+    after = post(url, {"model": "tiny-failover", "prompt": "next", "size": "36x36", "steps": 2, "seed": 3})
+    assert after.status_code == 200, after.text
