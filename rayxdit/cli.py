@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 EXAMPLES = """examples:
   rayxdit generate --prompt "a lighthouse at dusk" --out lighthouse.png
   rayxdit generate --model tiny-flux --prompt "a cat" --parallel "ulysses=2,ring=2" --out cat.png
+  rayxdit generate --prompt "a cat" --steps 12 --preview 3 --out cat.png   # watch it form
   rayxdit generate --model black-forest-labs/FLUX.1-dev --prompt "a cat" --steps 28 \\
       --negative-prompt "blurry" --true-cfg-scale 4 --parallel "cfg=2,ulysses=4" --compile --out cat.png
 """
@@ -138,6 +139,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--preview",
+        type=int,
+        choices=range(4),
+        default=0,
+        metavar="N",
+        help="image models: watch it form: N (1-3) previews at evenly spaced steps, each the clean image as "
+        "predicted there, written beside --out as <name>.preview-<i>.png as soon as it is made and drawn in the "
+        "terminal when stderr is one (not on PipeFusion; default: 0, none)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("out.png"),
@@ -242,6 +253,24 @@ def _write_outputs(result, out: Path, fps: int) -> None:
         print(path)
 
 
+def _preview_writer(out: Path, previews: int):
+    """``on_preview(index, png)`` for ``--preview``: each preview written beside ``out`` and its path printed;
+    drawn in the terminal too when stderr is one (and NO_COLOR is not set)."""
+    from rayxdit.imaging import terminal_thumbnail
+
+    draw = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+
+    def on_preview(index: int, png: bytes) -> None:
+        path = out.with_name(f"{out.stem}.preview-{index}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        print(f"\npreview {index + 1} of {previews}: {path}", file=sys.stderr)
+        if draw:
+            print(terminal_thumbnail(png), file=sys.stderr)
+
+    return on_preview
+
+
 def _generate(args: argparse.Namespace) -> int:
     from rayxdit.config import engine_config_from_args
     from rayxdit.imaging import check_video_path
@@ -258,7 +287,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UsageError("--quantize fp8 needs an NVIDIA GPU with float8 tensor cores (Ada or Hopper)")
     request = _request_from_args(args)
     from rayxdit.runtime.cards import model_card
-    from rayxdit.runtime.local import run_local_group
+    from rayxdit.runtime.local import run_local_group, run_local_with_previews
 
     card = model_card(config.model)
     card.check_parallel(parallel)
@@ -275,7 +304,15 @@ def _generate(args: argparse.Namespace) -> int:
             "both cfg ranks compute the same branch",
             file=sys.stderr,
         )
-    (encoded,) = run_local_group(config, [request], progress=True)
+    if args.preview:
+        if card.limits.makes_video:
+            raise UsageError("--preview: image models only (a video's previews are not made)")
+        if parallel.pipefusion > 1:
+            print("note: PipeFusion makes no previews; --preview shows none", file=sys.stderr)
+        request = request.model_copy(update={"partial_images": args.preview})
+        encoded = run_local_with_previews(config, request, _preview_writer(args.out, args.preview), True)
+    else:
+        (encoded,) = run_local_group(config, [request], progress=True)
     result = encoded.decode()
     _write_outputs(result, args.out, args.fps)
     timings = ", ".join(

@@ -124,3 +124,20 @@ def save_video(frames: list[Image.Image], path: Path, fps: int = 16) -> list[Pat
         for frame in frames:
             writer.append_data(np.asarray(frame.convert("RGB")))
     return [path]
+
+
+def terminal_thumbnail(png: bytes, columns: int = 48) -> str:
+    """A PNG as lines of 24-bit-colour half blocks, at most ``columns`` wide: each character cell shows two
+    pixels, one above the other (a cell is about twice as tall as wide, so the picture keeps its shape)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    width = max(1, min(columns, image.width))
+    height = max(2, 2 * round(image.height * width / image.width / 2))
+    pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    lines = []
+    for top, bottom in zip(pixels[0::2], pixels[1::2], strict=True):
+        cells = (
+            f"\x1b[38;2;{a[0]};{a[1]};{a[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m\u2580"
+            for a, b in zip(top.tolist(), bottom.tolist(), strict=True)
+        )
+        lines.append("".join(cells) + "\x1b[0m")
+    return "\n".join(lines)

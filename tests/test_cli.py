@@ -243,6 +243,28 @@ def test_wan_video_parallel_equals_single_rank(tmp_path, capsys):
         assert np.abs(frame_a - frame_b).max() <= 1, f"frame {index} differs by more than 1/255"
 
 
+def test_preview_writes_each_partial_image_as_it_forms_and_leaves_the_image_as_it_is(tmp_path, capsys):
+    """--preview 2 on 2 ranks (rank 0 polled over its control pipe while the step loop runs): two previews
+    of the image's size, written as they are made, different from each other and from the image, which
+    equals the one made without previews; a video model is refused with one line."""
+    plain, watched = tmp_path / "plain.png", tmp_path / "watched.png"
+    form = [*ARGS[:-4], "--steps", "8", "--seed", "5", "--parallel", "ulysses=2"]
+    assert command(capsys, *form, "--out", str(plain)).returncode == 0
+    done = command(capsys, *form, "--preview", "2", "--out", str(watched))
+    assert done.returncode == 0, done.stderr
+    previews = [tmp_path / f"watched.preview-{i}.png" for i in range(2)]
+    assert [line for line in done.stderr.splitlines() if line.startswith("preview")] == [
+        f"preview {i + 1} of 2: {path}" for i, path in enumerate(previews)
+    ]
+    pixels = [np.asarray(Image.open(path), dtype=np.int16) for path in [*previews, watched, plain]]
+    assert all(image.shape == (40, 40, 3) for image in pixels)
+    assert np.abs(pixels[2] - pixels[3]).max() <= 1, "previews must not change the image"
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert np.abs(pixels[a] - pixels[b]).max() > 2, (a, b)
+    video = command(capsys, "generate", "--model", "tiny-wan", "--prompt", "x", "--preview", "1")
+    assert video.returncode == 2 and "--preview: image models only" in video.stderr
+
+
 @pytest.mark.slow
 def test_inpainting_and_controlnet_from_the_cli_equal_the_single_process_engine(tmp_path, capsys):
     """--image/--mask/--strength and --controlnet/--control-image on 2 ranks give the in-process engine's

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rayxdit.imaging import encode_png
+from rayxdit.imaging import encode_png, terminal_thumbnail
 
 
 @pytest.mark.parametrize("kind", ["noise", "smooth", "gray", "rgba"])
@@ -30,3 +30,15 @@ def test_smooth_images_are_compressed_noise_is_stored():
     noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     assert len(encode_png(smooth)) < smooth.nbytes / 20
     assert len(encode_png(noise)) > noise.nbytes
+
+
+def test_a_terminal_thumbnail_shows_two_pixels_a_cell_in_their_colours():
+    """Top half red, bottom half blue, 80x40: 20 cells wide, 5 rows (the shape kept), red over red on the
+    first rows and blue over blue on the last."""
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:20, :, 0] = 255
+    pixels[20:, :, 2] = 255
+    lines = terminal_thumbnail(encode_png(pixels), columns=20).split("\n")
+    assert len(lines) == 5 and all(line.count("\u2580") == 20 and line.endswith("\x1b[0m") for line in lines)
+    assert lines[0].startswith("\x1b[38;2;255;0;0m\x1b[48;2;255;0;0m")
+    assert lines[-1].startswith("\x1b[38;2;0;0;255m\x1b[48;2;0;0;255m")

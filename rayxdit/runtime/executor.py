@@ -366,6 +366,16 @@ class Executor(ABC):
             if not cancel.done():
                 cancel.cancel()
 
+    def progress(self, previews_of: str | None = None, previews_from: int = 0) -> dict[str, Any] | None:
+        """:meth:`progress_async` for a thread of its own while another thread waits on a call (the CLI's
+        previews)."""
+        if self.broken:
+            return None
+        try:
+            return self._call("progress", (previews_of, previews_from), {}, PING_TIMEOUT_S, [0])[0]
+        except Exception:
+            return None
+
     async def progress_async(
         self, previews_of: str | None = None, previews_from: int = 0
     ) -> dict[str, Any] | None:

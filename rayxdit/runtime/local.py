@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -236,3 +238,46 @@ def run_local_group(
     check_launchable(config.parallel.world_size)
     with LocalExecutor(config.parallel.world_size, config) as executor:
         return [executor.generate(request, output, progress) for request in requests]
+
+
+PREVIEW_POLL_S = 0.2
+"""How often :func:`run_local_with_previews` asks rank 0 for new previews."""
+
+
+def run_local_with_previews(
+    config: EngineConfig,
+    request: GenerateRequest,
+    on_preview: Callable[[int, bytes], None],
+    progress: bool = False,
+) -> EncodedResult:
+    """Run one request with ``request.partial_images`` previews on local ranks, handing each preview (a PNG,
+    numbered from 0) to ``on_preview`` as soon as rank 0 has made it (it is polled, as a pool replica polls
+    it for a streamed request); rank 0's result."""
+    check_launchable(config.parallel.world_size)
+    with LocalExecutor(config.parallel.world_size, config) as executor:
+        request_id = uuid.uuid4().hex
+        outcome: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                arguments = (request, "pil", progress, request_id, None)
+                outcome["result"] = executor.collective_rpc("generate", arguments)[0]
+            except BaseException as error:  # raised again in the caller's thread
+                outcome["error"] = error
+
+        call = threading.Thread(target=generate, name="rayxdit-generate", daemon=True)
+        call.start()
+        shown = 0
+        while call.is_alive():
+            call.join(PREVIEW_POLL_S)
+            answer = executor.progress(request_id, shown) or {}
+            for png in answer.get("partials", []):
+                on_preview(shown, png)
+                shown += 1
+        if "error" in outcome:
+            raise outcome["error"]
+        result: EncodedResult = outcome["result"]
+        for index in sorted(result.partials or {}):  # made after the last poll
+            if index >= shown:
+                on_preview(index, result.partials[index])
+        return result
