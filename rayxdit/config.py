@@ -241,6 +241,14 @@ class EngineConfig(BaseModel):
         "weights. Repeat the flag for several.",
         json_schema_extra=_option("--lora", "PATH[:SCALE]"),
     )
+    shard_weights: bool = Field(
+        default=False,
+        description="Spread the transformer's weights over the group's ranks (FSDP2: each rank keeps 1/N of "
+        "every block and gathers a block's weights just before it runs; exact): the transformer's share of each "
+        "GPU's memory falls to 1/N plus a block; text encoders and VAE stay whole. Transformers (Flux, SD3, "
+        "Wan); not with pipefusion, compile, quantize or lora_sources.",
+        json_schema_extra=_option("--shard-weights"),
+    )
     lora_sources: tuple[str, ...] = Field(
         default=(),
         description="Directories of LoRA adapters requests may name (loras: [{name, scale}]): an adapter is "
@@ -319,6 +327,22 @@ class EngineConfig(BaseModel):
                 "lora_sources with quantize: adapters are fused into the weights, which fp8 stores quantized; "
                 "serve adapters from a pool without quantize"
             )
+        if self.shard_weights:
+            others = [
+                name
+                for name, on in (
+                    ("pipefusion", self.parallel.pipefusion > 1),
+                    ("compile", self.compile),
+                    ("quantize", self.quantize is not None),
+                    ("lora_sources", bool(self.lora_sources)),
+                )
+                if on
+            ]
+            if others:
+                raise ValueError(
+                    f"shard_weights with {', '.join(others)}: not combined (PipeFusion's stages run different "
+                    "blocks; compiled, fp8 and per-request adapters are measured on whole weights only); drop one"
+                )
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
             raise ValueError(
                 "cache_threshold with pipefusion: PipeFusion's stale patches and step caching do not combine "

@@ -72,7 +72,9 @@ class Engine:
         self.state = state
         device, dtype = state.device, resolve_dtype(config.dtype, state.device)
         began = time.perf_counter()
-        adapter = self.adapter = load_adapter(config.model, device, dtype)
+        # Sharded weights reach the GPU a module's shard at a time: the whole transformer never does.
+        on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
+        adapter = self.adapter = load_adapter(config.model, device, dtype, on_host)
         built = _now(device)
         # In ADD_ON_ORDER.
         adapter.load_loras([parse_lora(lora) for lora in config.loras])
@@ -101,11 +103,14 @@ class Engine:
         )
         if config.cache_threshold > 0:
             adapter.enable_step_cache(config.cache_threshold)
+        if config.shard_weights:
+            adapter.shard_weights()
         if config.compile:
             adapter.compile()
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
         """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
-        (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache; compile is lazy)."""
+        (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
+        compile is lazy)."""
 
     @torch.inference_mode()
     def generate(

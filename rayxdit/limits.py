@@ -174,8 +174,11 @@ def check_parallel(
     supports_pipefusion: bool,
     num_heads: int,
     num_layers: int,
+    shard_weights: bool = False,
+    supports_sharded_weights: bool = False,
 ) -> None:
-    """Raise :class:`ConfigError` when ``config`` cannot split a model of these traits."""
+    """Raise :class:`ConfigError` when ``config`` cannot split a model of these traits (with
+    ``shard_weights``: spread its weights too)."""
     config.check_heads(num_heads)
     if config.pipefusion > 1 and not supports_pipefusion:
         raise ConfigError(
@@ -183,6 +186,13 @@ def check_parallel(
             f"{pipeline_class} with cfg, ring and ulysses"
         )
     config.check_layers(num_layers)
+    if shard_weights and not supports_sharded_weights:
+        raise ConfigError(
+            f"shard_weights: {pipeline_class}'s weights are not sharded (transformer families' are: Flux, SD3, "
+            "Wan; a UNet fits one GPU)"
+        )
+    if shard_weights and config.world_size == 1:
+        raise ConfigError("shard_weights spreads the weights over a group's ranks: give parallel 2+ ranks")
 
 
 @dataclass(frozen=True)
@@ -201,10 +211,19 @@ class ModelCard:
     guidance_is_cfg: bool = True
     """``guidance`` is the CFG scale (SD3, SDXL, Wan); False for guidance-distilled Flux."""
     supports_pipefusion: bool = False
+    supports_sharded_weights: bool = False
 
     def uses_cfg(self, request: GenerateRequest) -> bool:
         return uses_cfg(self.guidance_is_cfg, request, self.limits.default_guidance)
 
-    def check_parallel(self, config: ParallelConfig) -> None:
-        """Raise :class:`ConfigError` when ``config`` cannot split this model."""
-        check_parallel(config, self.pipeline_class, self.supports_pipefusion, self.num_heads, self.num_layers)
+    def check_parallel(self, config: ParallelConfig, shard_weights: bool = False) -> None:
+        """Raise :class:`ConfigError` when ``config`` cannot split this model (or spread its weights)."""
+        check_parallel(
+            config,
+            self.pipeline_class,
+            self.supports_pipefusion,
+            self.num_heads,
+            self.num_layers,
+            shard_weights,
+            self.supports_sharded_weights,
+        )

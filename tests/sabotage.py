@@ -45,3 +45,14 @@ def adapters_on_one_rank(active: bool = True) -> Iterator[None]:
         yield
     finally:
         LoraWeights.apply = original
+
+
+def lose_a_shard(model: torch.nn.Module) -> None:
+    """Under ``shard_weights``: rank 1's shard of the first sharded module's first weight is zeroed, so every
+    rank gathers a weight that is not the loaded one."""
+    from rayxdit.parallel.shard import shardable_modules
+
+    if torch.distributed.get_rank() == 1:
+        weight = next(shardable_modules(model)[0].parameters())
+        with torch.no_grad():
+            weight.to_local().zero_()

@@ -32,6 +32,7 @@ from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_
 from rayxdit.parallel.cfg import branches_for_rank
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.parallel.sequence import split_sizes
+from rayxdit.parallel.shard import shard_weights
 from rayxdit.parallel.spatial import RowBands, decode_bands, parallelize_vae_decoder
 from rayxdit.request import ControlInput, GenerateRequest, RequestError
 from rayxdit.schedulers import FLOW, SAMPLERS, options_from, sampler
@@ -82,6 +83,9 @@ class DiffusionAdapter(ABC):
 
     family: ClassVar[Family]
     """The family's traits as plain data (pipeline class, defaults, heads and blocks): :mod:`rayxdit.models.families`."""
+    weights_read_directly: ClassVar[tuple[str, ...]] = ()
+    """The transformer's children whose weights the adapter applies itself, not through their ``forward``:
+    they stay whole on every rank under ``shard_weights``."""
 
     def __init__(self, pipeline: Any, model_dir: str | None = None, limits: ModelLimits | None = None):
         self.pipeline = pipeline
@@ -277,6 +281,20 @@ class DiffusionAdapter(ABC):
 
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
+
+    def shard_weights(self) -> None:
+        """Spread the transformer's weights over the group's ranks (:mod:`rayxdit.parallel.shard`); after
+        :meth:`parallelize`. Collective."""
+        check_parallel(
+            self.state.config,
+            self.family.pipeline_class,
+            self.family.supports_pipefusion,
+            self.num_heads,
+            self.num_layers,
+            shard_weights=True,
+            supports_sharded_weights=self.family.supports_sharded_weights,
+        )
+        shard_weights(self.transformer, self.state.world, self.state.device, self.weights_read_directly)
 
     def compile(self, backend: str = "inductor") -> None:
         """torch.compile the transformer's repeated blocks (regional: one compile per block type).

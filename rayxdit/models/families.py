@@ -76,6 +76,9 @@ class Family:
     """Where the denoiser's config.json lives in the pipeline directory."""
     supports_pipefusion: bool = False
     """Whether the adapter implements the PipeFusion stage hooks (transformer blocks as pipeline stages)."""
+    supports_sharded_weights: bool = False
+    """Whether its transformer's weights can be spread over a group (``shard_weights``: transformers, whose
+    blocks every rank runs in the same order)."""
     guidance_is_cfg: bool = True
     """Families trained with CFG (SD3, SDXL, Wan): ``guidance`` is the CFG scale, on above 1, and an absent
     negative prompt is the family's empty one. Guidance-distilled Flux: CFG only as true CFG."""
@@ -114,6 +117,7 @@ class Family:
             limits=limits,
             guidance_is_cfg=self.guidance_is_cfg,
             supports_pipefusion=self.supports_pipefusion,
+            supports_sharded_weights=self.supports_sharded_weights,
         )
 
     def adapter_class(self) -> type:
@@ -129,6 +133,7 @@ FLUX = Family(
     "rayxdit.models.flux:FluxAdapter",
     ModelLimits(image_inputs=True),
     supports_pipefusion=True,
+    supports_sharded_weights=True,
     guidance_is_cfg=False,  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
@@ -138,6 +143,7 @@ FLUX_KONTEXT = Family(
     "FluxKontextPipeline",
     "rayxdit.models.flux:FluxKontextAdapter",
     ModelLimits(image_inputs=True, kontext_auto_resize=True),
+    supports_sharded_weights=True,
     guidance_is_cfg=False,
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
@@ -146,6 +152,7 @@ SD3 = Family(
     "StableDiffusion3Pipeline",
     "rayxdit.models.sd3:SD3Adapter",
     ModelLimits(default_steps=28, max_sequence_length=256, image_inputs=True, default_guidance=7.0),
+    supports_sharded_weights=True,
 )
 SDXL = Family(
     "StableDiffusionXLPipeline",
@@ -191,6 +198,7 @@ WAN = Family(
         max_frames=241,
         frame_multiple=4,
     ),
+    supports_sharded_weights=True,
 )
 
 FAMILIES: dict[str, Family] = {

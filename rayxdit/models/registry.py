@@ -53,9 +53,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_adapter(model: str, device: torch.device, dtype: torch.dtype) -> DiffusionAdapter:
+def load_adapter(
+    model: str, device: torch.device, dtype: torch.dtype, keep_on_host: tuple[str, ...] = ()
+) -> DiffusionAdapter:
     """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
-    in its family's adapter."""
+    in its family's adapter. Components named in ``keep_on_host`` stay in host memory (a transformer whose
+    weights are then sharded onto the device, never whole there)."""
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
@@ -71,5 +74,7 @@ def load_adapter(model: str, device: torch.device, dtype: torch.dtype) -> Diffus
     adapter = family_of(read_model_json(location, "model_index.json").get("_class_name", "?")).adapter_class()
     pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.to(device)
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name not in keep_on_host:
+            component.to(device)
     return adapter(pipeline, location if os.path.isdir(location) else None)

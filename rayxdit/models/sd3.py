@@ -124,6 +124,8 @@ class SD3Positions:
 class SD3Adapter(DiffusionAdapter):
     """``StableDiffusion3Pipeline``: SD3-medium, SD3.5 medium/large."""
 
+    weights_read_directly = ("pos_embed",)  # its patch embedding applied as a linear map
+
     family = SD3
 
     def _parallelize(self, state: ParallelState, attention: str) -> None:

@@ -94,6 +94,8 @@ class WanPositions:
 class WanAdapter(DiffusionAdapter):
     """``WanPipeline``: Wan 2.1 and Wan 2.2 text-to-video."""
 
+    weights_read_directly = ("patch_embedding",)  # its patch embedding applied as a linear map
+
     family = WAN
     supports_vae_bands = False  # a causal 3D VAE: rank 0 decodes
 

@@ -49,10 +49,11 @@ from rayxdit.engine import Engine
 from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState, build_parallel_state
+from rayxdit.parallel.shard import held_parameters, shardable_modules
 from rayxdit.request import ControlInput, GenerateRequest, LoraChoice, RequestError
 from tests.helpers import run_on_ranks
 from tests.lora_files import lora_source
-from tests.sabotage import adapters_on_one_rank, broken_ring_merge
+from tests.sabotage import adapters_on_one_rank, broken_ring_merge, lose_a_shard
 
 TOLERANCE = {
     "tiny-flux": 1e-5,
@@ -442,6 +443,16 @@ REQUESTS.update(
 TOLERANCE.update({model + LORAS: TOLERANCE[model] for model in ("tiny-flux", "tiny-sdxl", "tiny-wan")})
 
 
+# Weights spread over the group (``shard_weights``, rayxdit/parallel/shard.py): the model's requests, on
+# ranks that each hold 1/N of the transformer (checked from their own parameter storage) and gather a
+# block's weights before it runs. A model key ending in SHARDED is its preset served that way.
+SHARDED = "+sharded"
+REQUESTS.update({model + SHARDED: REQUESTS[model] for model in ("tiny-flux", "tiny-sd3", "tiny-wan")})
+TOLERANCE.update({model + SHARDED: TOLERANCE[model] for model in ("tiny-flux", "tiny-sd3", "tiny-wan")})
+HELD = "parameters held"
+SHARD_SABOTAGE = "a shard lost"
+
+
 def reference_scheduler(model: str, own, name: str):
     """The sampler ``name`` made as a diffusers user would, from the checkpoint's scheduler config (written
     out here, not read from rayxdit's table, so the table is checked too)."""
@@ -475,6 +486,8 @@ def engine_config(model: str, **options) -> EngineConfig:
     """A test model's engine: a preset, or a preset with ControlNets or an IP-Adapter beside it, or serving
     the test LoRA adapters."""
     model = model.removesuffix(SAMPLERS)
+    if model.endswith(SHARDED):
+        return EngineConfig(model=model.removesuffix(SHARDED), shard_weights=True, **options)
     if model.endswith(LORAS):
         return EngineConfig(model=model.removesuffix(LORAS), lora_sources=(lora_source(),), **options)
     if model == "tiny-flux-controlnets":
@@ -493,7 +506,7 @@ def _image(data: bytes) -> Image.Image:
 
 def diffusers_reference(model: str, request: GenerateRequest) -> torch.Tensor:
     """The final latents of diffusers' own pipeline, in the engine's latent layout."""
-    model = model.removesuffix(SAMPLERS).removesuffix(LORAS)
+    model = model.removesuffix(SAMPLERS).removesuffix(LORAS).removesuffix(SHARDED)
     adapter = load_adapter(engine_config(model).model, torch.device("cpu"), torch.float32)
     for lora in request.loras:
         path = Path(lora_source()) / f"{lora.name}.safetensors"
@@ -726,6 +739,16 @@ def _run_configs(worker, configs):
         state = build_parallel_state(ParallelConfig.parse(spec), torch.device("cpu"))
         # Warm-up longer than any request: PipeFusion then never uses stale keys/values and must be exact.
         engine = Engine(engine_config(model, parallel=state.config, warmup_steps=100), state)
+        if sabotage == SHARD_SABOTAGE:
+            lose_a_shard(engine.adapter.transformer)
+        if model.endswith(SHARDED):  # this rank's parameters, and the largest block's
+            blocks = [
+                sum(p.numel() for p in m.parameters()) for m in shardable_modules(engine.adapter.transformer)
+            ]
+            latents[(model, spec, sabotage, HELD)] = (
+                *held_parameters(engine.adapter.transformer),
+                max(blocks),
+            )
         with broken_ring_merge(sabotage is True), adapters_on_one_rank(sabotage == LORA_SABOTAGE):
             for request_name, request in REQUESTS[model].items():
                 if request.image is not None and state.config.pipefusion > 1:
@@ -793,6 +816,10 @@ CONFIGS = {
         ("tiny-wan" + LORAS, "ulysses=2", False),
         ("tiny-wan" + LORAS, "ring=2", False),
         ("tiny-wan" + LORAS, "cfg=2", False),
+        ("tiny-flux" + SHARDED, "ulysses=2", False),
+        ("tiny-flux" + SHARDED, "ulysses=2", SHARD_SABOTAGE),  # a rank's shard wrong must be caught
+        ("tiny-sd3" + SHARDED, "cfg=2", False),
+        ("tiny-wan" + SHARDED, "ring=2", False),
     ],
     4: [
         ("tiny-flux", "ulysses=4", False),
@@ -822,6 +849,7 @@ CONFIGS = {
         ("tiny-flux" + LORAS, "pipefusion=2,cfg=2", False),
         ("tiny-sdxl" + LORAS, "ring=4", False),
         ("tiny-wan" + LORAS, "cfg=2,ulysses=2", False),
+        ("tiny-flux" + SHARDED, "cfg=2,ring=2", False),
     ],
     8: [
         ("tiny-flux", "cfg=2,ring=2,ulysses=2", False),
@@ -836,6 +864,7 @@ CONFIGS = {
         ("tiny-sdxl-controlnet", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-flux" + SHARDED, "cfg=2,ring=2,ulysses=2", False),
         # Samplers and LoRA adapters not again: a sampler steps each rank's tokens alone and an adapter
         # updates each rank's weights alone, whatever the mesh; 2 and 4 ranks show them on every axis, and
         # each of their models' meshes is shown here (8 gloo ranks on 2 cores: ~25 ms a collective).
@@ -864,6 +893,9 @@ def test_single_rank_engine_equals_diffusers_pipeline(references):
 def test_parallel_configs_match_single_rank(world_size, references):
     latents = run_on_ranks(_run_configs, world_size, CONFIGS[world_size], timeout_s=900)
     for model, spec, sabotage in CONFIGS[world_size]:
+        if model.endswith(SHARDED):  # at most 1/N of the transformer, plus one block's worth of padding
+            held, total, block = latents[(model, spec, sabotage, HELD)]
+            assert held <= total / world_size + block, f"{model} {spec}: rank 0 holds {held} of {total}"
         for request_name, request in REQUESTS[model].items():
             if request.image is not None and "pipefusion" in spec:
                 continue
