@@ -249,6 +249,15 @@ class EngineConfig(BaseModel):
         "Wan); not with pipefusion, compile, quantize or lora_sources.",
         json_schema_extra=_option("--shard-weights"),
     )
+    offload: bool = Field(
+        default=False,
+        description="Keep the weights in host memory and bring each block to the GPU just before it runs "
+        "(diffusers' group offloading, a block at a time on a CUDA stream that overlaps the next block's copy "
+        "with compute; exact): a model larger than the GPU's memory runs on it, slower by the weights' copy "
+        "every step. Flux; meant for one-GPU pools (each rank keeps its own host copy); not with pipefusion, "
+        "shard_weights, compile, quantize or lora_sources.",
+        json_schema_extra=_option("--offload"),
+    )
     lora_sources: tuple[str, ...] = Field(
         default=(),
         description="Directories of LoRA adapters requests may name (loras: [{name, scale}]): an adapter is "
@@ -327,6 +336,24 @@ class EngineConfig(BaseModel):
                 "lora_sources with quantize: adapters are fused into the weights, which fp8 stores quantized; "
                 "serve adapters from a pool without quantize"
             )
+        if self.offload:
+            others = [
+                name
+                for name, on in (
+                    ("pipefusion", self.parallel.pipefusion > 1),
+                    ("shard_weights", self.shard_weights),
+                    ("compile", self.compile),
+                    ("quantize", self.quantize is not None),
+                    ("lora_sources", bool(self.lora_sources)),
+                )
+                if on
+            ]
+            if others:
+                raise ValueError(
+                    f"offload with {', '.join(others)}: not combined (PipeFusion's stages and sharded weights "
+                    "split the weights already; compiled, fp8 and per-request adapters are measured on weights "
+                    "kept on the GPU); drop one"
+                )
         if self.shard_weights:
             others = [
                 name

@@ -22,7 +22,7 @@ from rayxdit.models.catalog import component_location
 from rayxdit.models.loop import StandardLoop
 from rayxdit.models.lora import LoraWeights
 from rayxdit.models.pipefusion import PipeFusionLoop
-from rayxdit.models.registry import load_adapter, load_controlnets, resolve_dtype
+from rayxdit.models.registry import ALL_COMPONENTS, load_adapter, load_controlnets, resolve_dtype
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.control import UNCONTROLLED, StepControl
 from rayxdit.parallel.mesh import ParallelState
@@ -74,6 +74,8 @@ class Engine:
         began = time.perf_counter()
         # Sharded weights reach the GPU a module's shard at a time: the whole transformer never does.
         on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
+        if config.offload:
+            on_host = ALL_COMPONENTS
         adapter = self.adapter = load_adapter(config.model, device, dtype, on_host)
         built = _now(device)
         # In ADD_ON_ORDER.
@@ -105,6 +107,8 @@ class Engine:
             adapter.enable_step_cache(config.cache_threshold)
         if config.shard_weights:
             adapter.shard_weights()
+        if config.offload:
+            adapter.offload()
         if config.compile:
             adapter.compile()
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}

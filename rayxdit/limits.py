@@ -176,9 +176,11 @@ def check_parallel(
     num_layers: int,
     shard_weights: bool = False,
     supports_sharded_weights: bool = False,
+    offload: bool = False,
+    supports_offload: bool = False,
 ) -> None:
     """Raise :class:`ConfigError` when ``config`` cannot split a model of these traits (with
-    ``shard_weights``: spread its weights too)."""
+    ``shard_weights``: spread its weights too; with ``offload``: keep them in host memory)."""
     config.check_heads(num_heads)
     if config.pipefusion > 1 and not supports_pipefusion:
         raise ConfigError(
@@ -193,6 +195,8 @@ def check_parallel(
         )
     if shard_weights and config.world_size == 1:
         raise ConfigError("shard_weights spreads the weights over a group's ranks: give parallel 2+ ranks")
+    if offload and not supports_offload:
+        raise ConfigError(f"offload: {pipeline_class}'s weights are not offloaded (Flux's are)")
 
 
 @dataclass(frozen=True)
@@ -212,12 +216,16 @@ class ModelCard:
     """``guidance`` is the CFG scale (SD3, SDXL, Wan); False for guidance-distilled Flux."""
     supports_pipefusion: bool = False
     supports_sharded_weights: bool = False
+    supports_offload: bool = False
 
     def uses_cfg(self, request: GenerateRequest) -> bool:
         return uses_cfg(self.guidance_is_cfg, request, self.limits.default_guidance)
 
-    def check_parallel(self, config: ParallelConfig, shard_weights: bool = False) -> None:
-        """Raise :class:`ConfigError` when ``config`` cannot split this model (or spread its weights)."""
+    def check_parallel(
+        self, config: ParallelConfig, shard_weights: bool = False, offload: bool = False
+    ) -> None:
+        """Raise :class:`ConfigError` when ``config`` cannot split this model (or spread its weights, or
+        offload them)."""
         check_parallel(
             config,
             self.pipeline_class,
@@ -226,4 +234,6 @@ class ModelCard:
             self.num_layers,
             shard_weights,
             self.supports_sharded_weights,
+            offload,
+            self.supports_offload,
         )

@@ -282,6 +282,28 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
+    def offload(self) -> None:
+        """Keep the pipeline's weights in host memory, each block brought to the device just before it runs
+        (diffusers' group offloading; on a CUDA stream, the next block's copy overlaps this one's compute);
+        after :meth:`parallelize`."""
+        check_parallel(
+            self.state.config,
+            self.family.pipeline_class,
+            self.family.supports_pipefusion,
+            self.num_heads,
+            self.num_layers,
+            offload=True,
+            supports_offload=self.family.supports_offload,
+        )
+        device = self.state.device
+        self.pipeline.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=device.type == "cuda",
+        )
+
     def shard_weights(self) -> None:
         """Spread the transformer's weights over the group's ranks (:mod:`rayxdit.parallel.shard`); after
         :meth:`parallelize`. Collective."""

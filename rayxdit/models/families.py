@@ -76,6 +76,9 @@ class Family:
     """Where the denoiser's config.json lives in the pipeline directory."""
     supports_pipefusion: bool = False
     """Whether the adapter implements the PipeFusion stage hooks (transformer blocks as pipeline stages)."""
+    supports_offload: bool = False
+    """Whether its adapter runs every weighted module through its ``forward`` (offloading brings a module's
+    weights to the GPU on its forward hook): Flux's."""
     supports_sharded_weights: bool = False
     """Whether its transformer's weights can be spread over a group (``shard_weights``: transformers, whose
     blocks every rank runs in the same order)."""
@@ -118,6 +121,7 @@ class Family:
             guidance_is_cfg=self.guidance_is_cfg,
             supports_pipefusion=self.supports_pipefusion,
             supports_sharded_weights=self.supports_sharded_weights,
+            supports_offload=self.supports_offload,
         )
 
     def adapter_class(self) -> type:
@@ -134,6 +138,7 @@ FLUX = Family(
     ModelLimits(image_inputs=True),
     supports_pipefusion=True,
     supports_sharded_weights=True,
+    supports_offload=True,
     guidance_is_cfg=False,  # guidance-distilled: `guidance` is an input of the model, CFG is true CFG
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
@@ -144,6 +149,7 @@ FLUX_KONTEXT = Family(
     "rayxdit.models.flux:FluxKontextAdapter",
     ModelLimits(image_inputs=True, kontext_auto_resize=True),
     supports_sharded_weights=True,
+    supports_offload=True,
     guidance_is_cfg=False,
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,

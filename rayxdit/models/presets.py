@@ -206,7 +206,7 @@ def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: 
             torch.manual_seed(seed)
             module = factory()
         return module.to(device=device, dtype=dtype)
-    module = module.to_empty(device=device).to(dtype)
+    module = module.to(dtype).to_empty(device=device)  # allocated in ``dtype`` at once, never in float32
     _random_init_(module, torch.Generator(device).manual_seed(seed))
     return module
 

@@ -53,12 +53,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+ALL_COMPONENTS = ("*",)
+"""``keep_on_host`` for a pipeline all of whose components stay in host memory (weights offloaded)."""
+
+
 def load_adapter(
     model: str, device: torch.device, dtype: torch.dtype, keep_on_host: tuple[str, ...] = ()
 ) -> DiffusionAdapter:
     """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
-    in its family's adapter. Components named in ``keep_on_host`` stay in host memory (a transformer whose
-    weights are then sharded onto the device, never whole there)."""
+    in its family's adapter. Components named in ``keep_on_host`` (every one: :data:`ALL_COMPONENTS`) stay in
+    host memory: a transformer whose weights are then sharded onto the device, or offloaded weights."""
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
@@ -67,14 +71,15 @@ def load_adapter(
     transformers.utils.logging.disable_progress_bar()
     sizes = built_in_code(model)
     if sizes is not None:
-        pipeline = build_flux_pipeline(sizes, device, dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
-    location = resolve_model(model)
-    adapter = family_of(read_model_json(location, "model_index.json").get("_class_name", "?")).adapter_class()
-    pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
+        pipeline = build_flux_pipeline(sizes, torch.device("cpu") if keep_on_host else device, dtype)
+    else:
+        location = resolve_model(model)
+        pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     for name, component in pipeline.components.items():
-        if isinstance(component, torch.nn.Module) and name not in keep_on_host:
+        if isinstance(component, torch.nn.Module) and not {name, "*"} & set(keep_on_host):
             component.to(device)
-    return adapter(pipeline, location if os.path.isdir(location) else None)
+    if sizes is not None:
+        return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
+    family = family_of(read_model_json(location, "model_index.json").get("_class_name", "?"))
+    return family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
