@@ -336,6 +336,17 @@ def versions() -> dict:
     return info
 
 
+def gpu_provenance(script: str, argv: list[str] | None) -> dict:
+    """What a result run on this machine's GPU (or CPU) says of its making: the command (``script`` and its
+    arguments), the device, the versions (the commit among them) and the date."""
+    return {
+        "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
+        "device": device_name(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"

@@ -17,7 +17,6 @@ copies and adds the new updates (``swap``); an adapter not on the GPU is first c
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_flux import device_name, versions
+from benchmarks.bench_flux import device_name, gpu_provenance
 from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine, pick_device
 from rayxdit.parallel.mesh import ParallelState
@@ -172,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "benchmark": "lora",
-        "command": " ".join(
-            ["python", "benchmarks/bench_lora.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "device": device_name(),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **gpu_provenance("benchmarks/bench_lora.py", argv),
         "model": args.model,
         "size": args.size,
         "steps": args.steps,

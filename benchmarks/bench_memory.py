@@ -20,7 +20,6 @@ the limit is not applied and nothing is offloaded but the code path runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import write_result
-from benchmarks.bench_flux import device_name, versions
+from benchmarks.bench_flux import device_name, gpu_provenance
 from rayxdit.config import EngineConfig
 from rayxdit.engine import Engine, pick_device
 from rayxdit.parallel.mesh import ParallelState
@@ -121,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         result.pop("latents", None)
     record = {
         "benchmark": "memory",
-        "command": " ".join(
-            ["python", "benchmarks/bench_memory.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "device": device_name(),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **gpu_provenance("benchmarks/bench_memory.py", argv),
         "model": args.model,
         "size": args.size,
         "steps": args.steps,

@@ -336,46 +336,37 @@ class EngineConfig(BaseModel):
                 "lora_sources with quantize: adapters are fused into the weights, which fp8 stores quantized; "
                 "serve adapters from a pool without quantize"
             )
-        if self.offload:
-            others = [
-                name
-                for name, on in (
-                    ("pipefusion", self.parallel.pipefusion > 1),
-                    ("shard_weights", self.shard_weights),
-                    ("compile", self.compile),
-                    ("quantize", self.quantize is not None),
-                    ("lora_sources", bool(self.lora_sources)),
-                )
-                if on
-            ]
-            if others:
-                raise ValueError(
-                    f"offload with {', '.join(others)}: not combined (PipeFusion's stages and sharded weights "
-                    "split the weights already; compiled, fp8 and per-request adapters are measured on weights "
-                    "kept on the GPU); drop one"
-                )
-        if self.shard_weights:
-            others = [
-                name
-                for name, on in (
-                    ("pipefusion", self.parallel.pipefusion > 1),
-                    ("compile", self.compile),
-                    ("quantize", self.quantize is not None),
-                    ("lora_sources", bool(self.lora_sources)),
-                )
-                if on
-            ]
-            if others:
-                raise ValueError(
-                    f"shard_weights with {', '.join(others)}: not combined (PipeFusion's stages run different "
-                    "blocks; compiled, fp8 and per-request adapters are measured on whole weights only); drop one"
-                )
+        if self.offload and (
+            others := self._on("pipefusion", "shard_weights", "compile", "quantize", "lora_sources")
+        ):
+            raise ValueError(
+                f"offload with {', '.join(others)}: not combined (PipeFusion's stages and sharded weights split the "
+                "weights already; compiled, fp8 and per-request adapters are measured on weights kept on the GPU); "
+                "drop one"
+            )
+        if self.shard_weights and (others := self._on("pipefusion", "compile", "quantize", "lora_sources")):
+            raise ValueError(
+                f"shard_weights with {', '.join(others)}: not combined (PipeFusion's stages run different blocks; "
+                "compiled, fp8 and per-request adapters are measured on whole weights only); drop one"
+            )
         if self.cache_threshold > 0 and self.parallel.pipefusion > 1:
             raise ValueError(
                 "cache_threshold with pipefusion: PipeFusion's stale patches and step caching do not combine "
                 "exactly; use one of them"
             )
         return self
+
+    def _on(self, *names: str) -> list[str]:
+        """Which of the options ``names`` (``pipefusion``: a pipefusion degree above 1) are switched on."""
+        return [
+            name
+            for name in names
+            if (
+                self.parallel.pipefusion > 1
+                if name == "pipefusion"
+                else getattr(self, name) not in (False, None, ())
+            )
+        ]
 
     def replace(self, **changes: Any) -> EngineConfig:
         """A copy with ``changes``, validated like a new config."""

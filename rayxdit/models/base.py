@@ -24,7 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 from PIL import Image
 
-from rayxdit.config import ConfigError
+from rayxdit.config import ConfigError, ParallelConfig
 from rayxdit.limits import ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
 from rayxdit.models.families import Family
 from rayxdit.models.running import RunningRequest, SourceImage
@@ -265,13 +265,7 @@ class DiffusionAdapter(ABC):
         ``attention`` picks the GPU kernel of sequence-parallel attention; ``pipefusion_patches`` (0: one per
         stage) and ``warmup_steps`` (synchronous steps before stale keys/values are used) tune PipeFusion;
         ``vae_parallel`` splits the VAE decode into bands of rows over the sequence-parallel ranks."""
-        check_parallel(
-            state.config,
-            self.family.pipeline_class,
-            self.family.supports_pipefusion,
-            self.num_heads,
-            self.num_layers,
-        )
+        self._check_parallel(state.config)
         self.state = state
         self.pipefusion_patches = pipefusion_patches
         self.warmup_steps = warmup_steps
@@ -282,19 +276,23 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
-    def offload(self) -> None:
-        """Keep the pipeline's weights in host memory, each block brought to the device just before it runs
-        (diffusers' group offloading; on a CUDA stream, the next block's copy overlaps this one's compute);
-        after :meth:`parallelize`."""
+    def _check_parallel(self, config: ParallelConfig | None = None, **memory_modes: bool) -> None:
+        """:func:`~rayxdit.limits.check_parallel` for this model (the group's config by default), with the
+        memory modes asked for (``shard_weights``, ``offload`` and whether the family supports them)."""
         check_parallel(
-            self.state.config,
+            config or self.state.config,
             self.family.pipeline_class,
             self.family.supports_pipefusion,
             self.num_heads,
             self.num_layers,
-            offload=True,
-            supports_offload=self.family.supports_offload,
+            **memory_modes,
         )
+
+    def offload(self) -> None:
+        """Keep the pipeline's weights in host memory, each block brought to the device just before it runs
+        (diffusers' group offloading; on a CUDA stream, the next block's copy overlaps this one's compute);
+        after :meth:`parallelize`."""
+        self._check_parallel(offload=True, supports_offload=self.family.supports_offload)
         device = self.state.device
         self.pipeline.enable_group_offload(
             onload_device=device,
@@ -307,14 +305,8 @@ class DiffusionAdapter(ABC):
     def shard_weights(self) -> None:
         """Spread the transformer's weights over the group's ranks (:mod:`rayxdit.parallel.shard`); after
         :meth:`parallelize`. Collective."""
-        check_parallel(
-            self.state.config,
-            self.family.pipeline_class,
-            self.family.supports_pipefusion,
-            self.num_heads,
-            self.num_layers,
-            shard_weights=True,
-            supports_sharded_weights=self.family.supports_sharded_weights,
+        self._check_parallel(
+            shard_weights=True, supports_sharded_weights=self.family.supports_sharded_weights
         )
         shard_weights(self.transformer, self.state.world, self.state.device, self.weights_read_directly)
 

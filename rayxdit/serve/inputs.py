@@ -84,13 +84,18 @@ async def read_body(http: Request, schema: type[BaseModel]) -> Any:
         form = await read_form(http)
         data: Any = {name: value for name, value in form.items() if isinstance(value, str)}
         return validated_body(schema, data, form=True)
+    return validated_body(schema, await json_object(http))
+
+
+async def json_object(http: Request) -> dict[str, Any]:
+    """The request's JSON body, which must be an object; 400 otherwise."""
     try:
         data = json.loads(await http.body())
     except ValueError as error:
         raise invalid(f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise invalid("request body must be a JSON object")
-    return validated_body(schema, data)
+    return data
 
 
 async def upload(file: Any, param: str) -> tuple[bytes, tuple[int, int]]:
@@ -299,13 +304,7 @@ async def edit_inputs(
             "image",
         )
     if content_type.startswith("application/json"):
-        try:
-            data = json.loads(await http.body())
-        except ValueError as error:
-            raise invalid(f"request body is not valid JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise invalid("request body must be a JSON object")
-        return await json_edit_inputs(catalog, data, read_file)
+        return await json_edit_inputs(catalog, await json_object(http), read_file)
     if not content_type.startswith("multipart/form-data"):
         raise invalid(
             "send a multipart form with an 'image' file, as OpenAI's client does, or a JSON body with "
