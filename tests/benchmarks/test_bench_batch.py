@@ -27,7 +27,7 @@ def test_the_batch_benchmark_runs_both_phases_and_the_batch_to_its_end(tmp_path)
         "--steps",
         "2",
         "--repeats",
-        "2",
+        "1",
     ]
     argv += ["--batch-timeout", "120"]  # a batch that stops progressing fails the test, never hangs it
     assert bench_batch.main([*argv, "--compare", "2"]) == 0

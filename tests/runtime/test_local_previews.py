@@ -15,9 +15,9 @@ from rayxdit.runtime.local import PREVIEW_POLL_S, run_local_with_previews
 
 
 def test_previews_arrive_while_the_request_runs_and_in_order():
-    """One rank in this process, 200 steps: the first of three previews (made after step 50) is handed over
+    """One rank in this process, 140 steps: the first of three previews (made after step 35) is handed over
     well before the request ends; all three in order, PNGs of the request's size, and none repeated."""
-    request = GenerateRequest(prompt="a fox", width=64, height=64, steps=200, seed=2, partial_images=3)
+    request = GenerateRequest(prompt="a fox", width=64, height=64, steps=140, seed=2, partial_images=3)
     seen: list[tuple[int, float, tuple[int, int]]] = []
 
     def on_preview(index: int, png: bytes) -> None:
