@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per phase (median)")
     parser.add_argument("--memory-gib", type=float, default=24.0, help="the GPU budget of phases 2 and 3")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=("whole", "limited", "offload"),
+        default=["whole", "limited", "offload"],
+        help="which phases to run (default: all three)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -101,16 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     plain = EngineConfig(model=args.model)
     print(f"{device_name()}: {args.model}, {args.size}px, {args.steps} steps", flush=True)
-    whole = phase(plain, request, args.repeats, device)
+    skipped = {"skipped": "not asked for (--phases)"}
+    whole = phase(plain, request, args.repeats, device) if "whole" in args.phases else skipped
     print(f"whole: { ({k: v for k, v in whole.items() if k != 'latents'}) }", flush=True)
     limit = None
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         limit = min(1.0, args.memory_gib * 2**30 / total)
         torch.cuda.set_per_process_memory_fraction(limit, device)
-    limited = phase(plain, request, args.repeats, device) if limit is not None else {"skipped": "no GPU"}
+    limited = {"skipped": "no GPU"} if limit is None else skipped
+    if limit is not None and "limited" in args.phases:
+        limited = phase(plain, request, args.repeats, device)
     print(f"whole, limited: { ({k: v for k, v in limited.items() if k != 'latents'}) }", flush=True)
-    offloaded = phase(EngineConfig(model=args.model, offload=True), request, args.repeats, device)
+    offloaded = skipped
+    if "offload" in args.phases:
+        offloaded = phase(EngineConfig(model=args.model, offload=True), request, args.repeats, device)
     print(f"offload, limited: { ({k: v for k, v in offloaded.items() if k != 'latents'}) }", flush=True)
 
     same = None

@@ -180,14 +180,21 @@ TINY_FLUX = FluxSizes(
 
 
 def _random_init_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Deterministic random weights in place: N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
+    """Deterministic random weights in place: N(0, 1/fan_in) matrices, unit norm scales, zero biases. Host
+    weights are drawn on the GPU when there is one, a matrix at a time (a 12B model drawn on the CPU takes
+    minutes)."""
     import torch
 
+    on_gpu = generator.device.type == "cuda"
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim >= 2:
                 fan_in = math.prod(param.shape[1:])
-                param.normal_(0.0, fan_in**-0.5, generator=generator)
+                if param.device.type == "cpu" and on_gpu:
+                    drawn = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
+                    param.copy_(drawn.normal_(0.0, fan_in**-0.5, generator=generator))
+                else:
+                    param.normal_(0.0, fan_in**-0.5, generator=generator)
             elif name.endswith("bias"):
                 param.zero_()
             else:
@@ -207,7 +214,8 @@ def _build(factory: Callable[[], torch.nn.Module], device: torch.device, dtype: 
             module = factory()
         return module.to(device=device, dtype=dtype)
     module = module.to(dtype).to_empty(device=device)  # allocated in ``dtype`` at once, never in float32
-    _random_init_(module, torch.Generator(device).manual_seed(seed))
+    drawn_on = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
+    _random_init_(module, torch.Generator(drawn_on).manual_seed(seed))
     return module
 
 
