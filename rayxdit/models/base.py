@@ -25,7 +25,7 @@ from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 from PIL import Image
 
 from rayxdit.config import ConfigError, ParallelConfig
-from rayxdit.limits import ModelLimits, ResolvedRequest, cfg_scale, check_parallel, uses_cfg
+from rayxdit.limits import ModelLimits, ResolvedRequest, cfg_scale, uses_cfg
 from rayxdit.models.families import Family
 from rayxdit.models.running import RunningRequest, SourceImage
 from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_block_cache
@@ -276,23 +276,20 @@ class DiffusionAdapter(ABC):
     @abstractmethod
     def _parallelize(self, state: ParallelState, attention: str) -> None: ...
 
-    def _check_parallel(self, config: ParallelConfig | None = None, **memory_modes: bool) -> None:
-        """:func:`~rayxdit.limits.check_parallel` for this model (the group's config by default), with the
-        memory modes asked for (``shard_weights``, ``offload`` and whether the family supports them)."""
-        check_parallel(
-            config or self.state.config,
-            self.family.pipeline_class,
-            self.family.supports_pipefusion,
-            self.num_heads,
-            self.num_layers,
-            **memory_modes,
-        )
+    def _check_parallel(
+        self, config: ParallelConfig | None = None, shard_weights: bool = False, offload: bool = False
+    ) -> None:
+        """The model card's :meth:`~rayxdit.limits.ModelCard.check_parallel` (the family's traits, the
+        model's heads and blocks) for ``config`` (the group's by default) and the memory modes asked for."""
+        denoiser = getattr(self.pipeline, self.family.denoiser_subfolder)
+        card = self.family.card("", dict(denoiser.config), self.limits)
+        card.check_parallel(config or self.state.config, shard_weights, offload)
 
     def offload(self) -> None:
         """Keep the pipeline's weights in host memory, each block brought to the device just before it runs
         (diffusers' group offloading; on a CUDA stream, the next block's copy overlaps this one's compute);
         after :meth:`parallelize`."""
-        self._check_parallel(offload=True, supports_offload=self.family.supports_offload)
+        self._check_parallel(offload=True)
         device = self.state.device
         self.pipeline.enable_group_offload(
             onload_device=device,
@@ -305,9 +302,7 @@ class DiffusionAdapter(ABC):
     def shard_weights(self) -> None:
         """Spread the transformer's weights over the group's ranks (:mod:`rayxdit.parallel.shard`); after
         :meth:`parallelize`. Collective."""
-        self._check_parallel(
-            shard_weights=True, supports_sharded_weights=self.family.supports_sharded_weights
-        )
+        self._check_parallel(shard_weights=True)
         shard_weights(self.transformer, self.state.world, self.state.device, self.weights_read_directly)
 
     def compile(self, backend: str = "inductor") -> None:

@@ -67,7 +67,7 @@ from rayxdit.serve.inputs import (
 )
 from rayxdit.serve.job_driver import RENEW_JOB_S
 from rayxdit.serve.jobs import CANCELLED, COMPLETED, TAKEN
-from rayxdit.serve.tasks import ask_state, quiet
+from rayxdit.serve.tasks import ask_state, file_reader, quiet
 
 logger = logging.getLogger("ray.serve")
 LINES_IN_FLIGHT = 8
@@ -263,7 +263,7 @@ class BatchDriver:
 
             return LineWork(line, model, request, resolved, labels, video.timeout, stored_video)
         if endpoint == "/v1/images/edits":
-            body, inputs = await json_edit_inputs(self.catalog, line.body, self._file_reader(owner))
+            body, inputs = await json_edit_inputs(self.catalog, line.body, file_reader(self.state, owner))
         else:
             body = validated_body(ImageGenerationRequest, line.body)
             if body.background:
@@ -279,12 +279,6 @@ class BatchDriver:
             return answer.model_dump(exclude_none=True)
 
         return LineWork(line, model, request, resolved, labels, body.timeout, images)
-
-    def _file_reader(self, owner: str):
-        """Reads ``owner``'s uploaded files by id (an edit line's ``file_id`` images)."""
-        return lambda file_id: ask_state(
-            lambda: self.state.file_content.remote(file_id, owner), "reading a batch line's image"
-        )
 
     async def _supervise(
         self, batch_id: str, workers: list[asyncio.Task], run: _Run, expires_at: float

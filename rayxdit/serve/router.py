@@ -62,7 +62,6 @@ from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.dispatch import Dispatcher, PartialSink
 from rayxdit.serve.files import UPLOAD_PURPOSES
 from rayxdit.serve.inputs import (
-    FileReader,
     conditioning_inputs,
     edit_inputs,
     read_body,
@@ -73,7 +72,7 @@ from rayxdit.serve.inputs import (
 from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
-from rayxdit.serve.tasks import ask_state, detached, keep_cancellations_quiet, quiet
+from rayxdit.serve.tasks import ask_state, detached, file_reader, keep_cancellations_quiet, quiet
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -157,13 +156,6 @@ class Ingress:
         """Whose jobs a caller sees: a digest of its API key (everyone's alike without keys)."""
         token = request.headers.get("authorization", "").partition(" ")[2]
         return hashlib.sha256(token.encode()).hexdigest()[:24] if token else ""
-
-    def file_reader(self, request: Request) -> FileReader:
-        """Reads the caller's uploaded files by id (a JSON edit's ``file_id`` images)."""
-        owner = self.owner(request)
-        return lambda file_id: ask_state(
-            lambda: self.state.file_content.remote(file_id, owner), "reading a file"
-        )
 
     async def generate(
         self, body: ImageGenerationRequest, http: Request, inputs: dict[str, Any] | None = None
@@ -525,7 +517,9 @@ async def images_edits(ingress: IngressOf, request: Request) -> ImageGenerationR
     makes it inpainting. ``size`` defaults to the image's, fitted to the model's limits."""
     ingress.authorize(request)
     request.state.labels = {"model": "", "pool": "", "size_class": ""}
-    body, inputs = await edit_inputs(ingress.catalog, request, ingress.file_reader(request))
+    body, inputs = await edit_inputs(
+        ingress.catalog, request, file_reader(ingress.state, ingress.owner(request))
+    )
     if body.stream:
         return await ingress.stream(body, request, inputs, "image_edit")
     result, info = await ingress.generate(body, request, inputs)

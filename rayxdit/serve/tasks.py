@@ -33,6 +33,12 @@ def state_unavailable(what: str) -> ApiError:
     )
 
 
+def file_reader(state: Any, owner: str) -> Callable[[str], Awaitable[bytes | None]]:
+    """``file_id -> content`` of ``owner``'s uploaded files, read from the state's handle (a JSON edit's
+    ``file_id`` images; None for a file ``owner`` has not)."""
+    return lambda file_id: ask_state(lambda: state.file_content.remote(file_id, owner), "reading a file")
+
+
 async def ask_state(call: Callable[[], Awaitable[T]], what: str) -> T:
     """``call()`` (a call to the state's handle), sent again while the state replica restarts; 503
     ``state_unavailable`` (:func:`state_unavailable`, naming ``what``) after STATE_RESTART_S. A call the dying
