@@ -290,7 +290,7 @@ def _generate(args: argparse.Namespace) -> int:
     from rayxdit.runtime.local import run_local_group, run_local_with_previews
 
     card = model_card(config.model)
-    card.check_parallel(parallel, config.shard_weights, config.offload)
+    card.check_engine(config)
     request = _fit_to_image(request, card.limits)
     card.limits.resolve(request)
     if card.limits.makes_video:

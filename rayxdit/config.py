@@ -177,6 +177,14 @@ class EngineConfig(BaseModel):
         "a pool: a forgotten model must not silently become a random-weight preset.",
         json_schema_extra=_option("--model", "MODEL"),
     )
+    checkpoint: str | None = Field(
+        default=None,
+        description="A single-file fine-tune (.safetensors) whose weights replace the model's: Flux's "
+        "transformer in Black Forest Labs' layout, or a whole SDXL / SD 1.5 pipeline in the LDM layout, as "
+        "fine-tunes ship. The model (a diffusers directory, hub id or preset) gives the configs, text encoders "
+        "and what the file lacks.",
+        json_schema_extra=_option("--checkpoint", "FILE.safetensors"),
+    )
     parallel: ParallelConfig = Field(
         default_factory=ParallelConfig,
         description=PARALLEL_HELP + ".",
@@ -324,6 +332,15 @@ class EngineConfig(BaseModel):
         for lora in loras:
             parse_lora(lora)
         return loras
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _safetensors_only(cls, checkpoint: str | None) -> str | None:
+        if checkpoint is not None and not checkpoint.endswith(".safetensors"):
+            raise ValueError(
+                f"checkpoint {checkpoint!r}: give a .safetensors file (a pickled .ckpt runs code when read)"
+            )
+        return checkpoint
 
     @model_validator(mode="after")
     def _combinable(self) -> EngineConfig:

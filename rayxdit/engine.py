@@ -76,7 +76,7 @@ class Engine:
         on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
         if config.offload:
             on_host = ALL_COMPONENTS
-        adapter = self.adapter = load_adapter(config.model, device, dtype, on_host)
+        adapter = self.adapter = load_adapter(config.model, device, dtype, on_host, config.checkpoint)
         built = _now(device)
         # In ADD_ON_ORDER.
         adapter.load_loras([parse_lora(lora) for lora in config.loras])

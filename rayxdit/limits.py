@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayxdit.config import ConfigError, ParallelConfig
 from rayxdit.request import GenerateRequest, RequestError
+
+if TYPE_CHECKING:
+    from rayxdit.config import EngineConfig
 
 SETTINGS_FILE = "rayxdit.json"
 """A model directory may hold this file with serving defaults and limits (the fields of ModelLimits)."""
@@ -217,6 +220,7 @@ class ModelCard:
     supports_pipefusion: bool = False
     supports_sharded_weights: bool = False
     supports_offload: bool = False
+    supports_single_file: bool = False
 
     def uses_cfg(self, request: GenerateRequest) -> bool:
         return uses_cfg(self.guidance_is_cfg, request, self.limits.default_guidance)
@@ -237,3 +241,13 @@ class ModelCard:
             offload,
             self.supports_offload,
         )
+
+    def check_engine(self, engine: EngineConfig) -> None:
+        """Raise :class:`ConfigError` when ``engine`` cannot run this model: its split, its memory mode, or a
+        single-file checkpoint its family does not load."""
+        self.check_parallel(engine.parallel, engine.shard_weights, engine.offload)
+        if engine.checkpoint and not self.supports_single_file:
+            raise ConfigError(
+                f"checkpoint: {self.pipeline_class} models do not load from single files (Flux, Kontext, SDXL "
+                "and SD 1.5 do); give a diffusers directory as the model instead"
+            )

@@ -202,7 +202,7 @@ def group_and_card(args: argparse.Namespace):
 
     group = group_from_args(args)
     card = model_card(group.engine.model)
-    card.check_parallel(group.engine.parallel, group.engine.shard_weights, group.engine.offload)
+    card.check_engine(group.engine)
     return group, card
 
 

@@ -95,6 +95,10 @@ class Family:
     """Samplers of its prediction kind that its pipeline cannot step (see :mod:`rayxdit.schedulers`)."""
     checkpoint_defaults: Callable[[dict[str, Any]], dict[str, Any]] = no_checkpoint_defaults
     """Serving defaults a checkpoint implies by what it is (read from the denoiser's config)."""
+    single_file: str | None = None
+    """How a single-file checkpoint of the family is laid out (:mod:`rayxdit.models.single_file`):
+    ``flux_transformer`` (Black Forest Labs' transformer alone), ``ldm_pipeline`` (the whole pipeline in
+    the LDM layout), or None (not loadable from one file)."""
 
     def limits_for(
         self, denoiser_config: dict[str, Any], scheduler_config: dict[str, Any], model_dir: str | None
@@ -122,6 +126,7 @@ class Family:
             supports_pipefusion=self.supports_pipefusion,
             supports_sharded_weights=self.supports_sharded_weights,
             supports_offload=self.supports_offload,
+            supports_single_file=self.single_file is not None,
         )
 
     def adapter_class(self) -> type:
@@ -143,6 +148,7 @@ FLUX = Family(
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
     checkpoint_defaults=flux_checkpoint_defaults,
+    single_file="flux_transformer",
 )
 FLUX_KONTEXT = Family(
     "FluxKontextPipeline",
@@ -153,6 +159,7 @@ FLUX_KONTEXT = Family(
     guidance_is_cfg=False,
     layers_in=flux_blocks,
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
+    single_file="flux_transformer",
 )
 SD3 = Family(
     "StableDiffusion3Pipeline",
@@ -170,6 +177,7 @@ SDXL = Family(
     heads_in=unet_heads,
     layers_in=unet_levels,
     prediction=NOISE,
+    single_file="ldm_pipeline",
 )
 SD15 = Family(
     "StableDiffusionPipeline",
@@ -188,6 +196,7 @@ SD15 = Family(
     heads_in=unet_heads,
     layers_in=unet_levels,
     prediction=NOISE,  # SD 2.x's v-prediction is in its scheduler config, which every sampler keeps
+    single_file="ldm_pipeline",
 )
 WAN = Family(
     "WanPipeline",

@@ -533,8 +533,9 @@ def build_tiny_sd3(path: Path) -> None:
 
 def build_tiny_sdxl(path: Path) -> None:
     """StableDiffusionXLPipeline: SDXL's UNet layout in miniature (three levels, the first without attention,
-    two downsamplings, text-time added conditioning), 4 and 8 heads of 8, two CLIP encoders (32 + 32 = 64
-    cross-attention channels), a VAE of factor 2."""
+    two downsamplings, text-time added conditioning), 4 and 8 heads of 8, two CLIP encoders, the second wider
+    as SDXL's OpenCLIP bigG is than its CLIP-L (32 + 48 = 80 cross-attention channels; single-file loading
+    tells the two apart by width), a VAE of factor 2."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -544,7 +545,8 @@ def build_tiny_sdxl(path: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         text_encoder = CLIPTextModel(clip)
-        text_encoder_2 = CLIPTextModelWithProjection(clip)
+        wide = {**TINY_FLUX.clip, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48}
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(wide, tokenizer))
         unet = UNet2DConditionModel(
             sample_size=32,
             in_channels=4,
@@ -555,12 +557,12 @@ def build_tiny_sdxl(path: Path) -> None:
             layers_per_block=1,
             transformer_layers_per_block=(1, 1, 2),
             attention_head_dim=(2, 4, 8),
-            cross_attention_dim=64,
+            cross_attention_dim=32 + 48,
             norm_num_groups=8,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
+            projection_class_embeddings_input_dim=6 * 8 + 48,
         )
         vae = _vae_2d({**TINY_FLUX.vae, "shift_factor": None, "scaling_factor": 0.13025})
     pipeline = StableDiffusionXLPipeline(
@@ -717,7 +719,7 @@ IP_ADAPTER_PRESETS: dict[str, Callable[[Path], None]] = {
     "tiny-sdxl-ip-adapter": build_tiny_sdxl_ip_adapter,
 }
 """IP-Adapter presets (weights plus their image encoder)."""
-PRESET_VERSION = 3
+PRESET_VERSION = 4
 
 
 def materialize_preset(name: str, cache_dir: Path = CACHE_DIR) -> Path:

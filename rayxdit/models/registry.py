@@ -22,6 +22,7 @@ from rayxdit.models.catalog import (
 )
 from rayxdit.models.families import FLUX
 from rayxdit.models.presets import build_flux_pipeline
+from rayxdit.models.single_file import load_single_file_pipeline
 
 
 def load_controlnets(
@@ -58,11 +59,16 @@ ALL_COMPONENTS = ("*",)
 
 
 def load_adapter(
-    model: str, device: torch.device, dtype: torch.dtype, keep_on_host: tuple[str, ...] = ()
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_on_host: tuple[str, ...] = (),
+    checkpoint: str | None = None,
 ) -> DiffusionAdapter:
     """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
     in its family's adapter. Components named in ``keep_on_host`` (every one: :data:`ALL_COMPONENTS`) stay in
-    host memory: a transformer whose weights are then sharded onto the device, or offloaded weights."""
+    host memory: a transformer whose weights are then sharded onto the device, or offloaded weights. A
+    single-file ``checkpoint`` replaces the model's weights (:mod:`rayxdit.models.single_file`)."""
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
@@ -70,16 +76,21 @@ def load_adapter(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     sizes = built_in_code(model)
+    if sizes is not None and checkpoint:
+        raise ConfigError(f"checkpoint with {model}: a single file loads over a model's directory or hub id")
     if sizes is not None:
         pipeline = build_flux_pipeline(sizes, torch.device("cpu") if keep_on_host else device, dtype)
     else:
         location = resolve_model(model)
-        pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
+        family = family_of(read_model_json(location, "model_index.json").get("_class_name", "?"))
+        if checkpoint:
+            pipeline = load_single_file_pipeline(family, location, checkpoint, dtype)
+        else:
+            pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and not {name, "*"} & set(keep_on_host):
             component.to(device)
     if sizes is not None:
         return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
-    family = family_of(read_model_json(location, "model_index.json").get("_class_name", "?"))
     return family.adapter_class()(pipeline, location if os.path.isdir(location) else None)

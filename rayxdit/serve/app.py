@@ -76,7 +76,7 @@ def model_cards(config: ServeConfig) -> dict[str, ModelCard]:
         name = pool.served_model_name
         card = cards.setdefault(name, model_card(pool.engine.model))
         try:
-            card.check_parallel(pool.engine.parallel, pool.engine.shard_weights, pool.engine.offload)
+            card.check_engine(pool.engine)
         except ConfigError as error:
             raise ConfigError(f"pool {pool.name}: {error}") from None
     return cards
