@@ -78,8 +78,11 @@ def _write(root: Path) -> None:
 
 
 def lora_source_path() -> str:
-    """Where :func:`lora_source` writes the adapters (named by this file's contents), without writing them."""
-    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    """Where :func:`lora_source` writes the adapters (named by this file's contents and the presets' version,
+    whose shapes they fit), without writing them."""
+    from rayxdit.models.presets import PRESET_VERSION
+
+    version = hashlib.sha256(Path(__file__).read_bytes() + f"{PRESET_VERSION}".encode()).hexdigest()[:12]
     return str(Path(tempfile.gettempdir()) / f"rayxdit-test-loras-{version}")
 
 
