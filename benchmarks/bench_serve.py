@@ -101,6 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--partial-images", type=int, default=3, help="with --stream-ab (default: %(default)s)"
     )
+    parser.add_argument(
+        "--offload", action="store_true", help="the pool keeps its weights in host memory (offload)"
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="cap each rank's GPU memory (the pool's memory_gib)"
+    )
+    parser.add_argument(
+        "--memory-check",
+        metavar="SIZExN",
+        default=None,
+        help="in the last phase, first a request of SIZE px square x N images the ranks cannot hold (before "
+        "any is measured: its out-of-memory answer), then after the timed requests the pool's declared memory "
+        "(GET /v1/models), a request of SIZE x 1 and the first again (each answered or refused as measured), "
+        "and one more of --size: still served",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_rank=0.5,
         request_timeout_s=1800,
         warmup_sizes=[f"{args.size}x{args.size}"] if args.restarts else [],
+        offload=args.offload,
+        memory_gib=args.memory_gib,
     )
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
@@ -154,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     restart = phases[-1].get("restart")
     if restart:
         record["restart"] = restart
+    memory = phases[-1].get("memory")
+    if memory:
+        record["memory_check"] = memory
+        print("memory check: " + json.dumps(memory))
     stream = phases[-1].get("stream")
     if stream:
         record["stream_overhead"] = stream
@@ -245,6 +266,8 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
         "seed": 1,
     }
     print(f"metrics {'on' if metrics_on else 'off'}: deployed in {deploy_s:.1f} s; warm-up...", flush=True)
+    oversized = parse_oversized(args.memory_check) if args.memory_check and last else None
+    memory = {"first": answer_of(port, body, *oversized, seed=50)} if oversized else None
     begin = time.perf_counter()
     requests.post(url, json=body, timeout=1800).raise_for_status()
     warmup_s = time.perf_counter() - begin
@@ -278,6 +301,8 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     stream = (
         stream_phase(port, body, args.stream_ab, args.partial_images) if args.stream_ab and last else None
     )
+    if memory is not None:
+        memory.update(memory_phase(port, body, *oversized))
     restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
     # The phase's Ray instance goes whole (the GPUs' memory with its processes): Serve's graceful shutdown
     # would only wait on every replica first (7 s on 2 cores).
@@ -291,6 +316,47 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
         "exported_metrics": exported,
         **({"restart": restart} if restart else {}),
         **({"stream": stream} if stream else {}),
+        **({"memory": memory} if memory else {}),
+    }
+
+
+def parse_oversized(spec: str) -> tuple[int, int]:
+    """``--memory-check``'s ``SIZExN``."""
+    side, _, images = spec.lower().partition("x")
+    return int(side), int(images or 1)
+
+
+def answer_of(port: int, body: dict, side: int, images: int, seed: int) -> dict:
+    """One request of ``side`` px square x ``images`` through ``/v1/images/generations``: its status, error
+    code, and how long the answer took."""
+    request = {**body, "size": f"{side}x{side}", "n": images, "seed": seed}
+    begin = time.perf_counter()
+    response = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", json=request, timeout=1800)
+    answer = {
+        "size": request["size"],
+        "n": images,
+        "status": response.status_code,
+        "seconds": round(time.perf_counter() - begin, 3),
+    }
+    if response.status_code != 200:
+        error = response.json()["error"]
+        answer.update(code=error.get("code"), message=error["message"][:400])
+    print(json.dumps(answer), flush=True)
+    return answer
+
+
+def memory_phase(port: int, body: dict, side: int, images: int) -> dict:
+    """After the timed requests (the pool has measured its memory): what ``GET /v1/models`` declares, then a
+    request of ``side`` x 1, the first oversized request again, and one of the body's size (served: the
+    group survived every refusal and the out-of-memory answer)."""
+    listed = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()["data"]
+    declared = [pool["memory"] for model in listed for pool in model["pools"]]
+    width = int(body["size"].split("x")[0])
+    return {
+        "declared": declared,
+        "single": answer_of(port, body, side, 1, seed=51),
+        "again": answer_of(port, body, side, images, seed=52),
+        "after": answer_of(port, body, width, 1, seed=53),
     }
 
 

@@ -266,6 +266,14 @@ class EngineConfig(BaseModel):
         "shard_weights, compile, quantize or lora_sources.",
         json_schema_extra=_option("--offload"),
     )
+    memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on the GPU memory each rank may use, in GiB (torch's per-process memory fraction; "
+        "default: the whole GPU). A pool measures what its ranks hold and what a request adds, and refuses a "
+        "request that would not fit with a 400 naming the limit. CPU ranks have no such cap.",
+        json_schema_extra=_option("--memory-gib", "GIB"),
+    )
     lora_sources: tuple[str, ...] = Field(
         default=(),
         description="Directories of LoRA adapters requests may name (loras: [{name, scale}]): an adapter is "

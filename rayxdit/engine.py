@@ -64,6 +64,18 @@ def denoise(adapter: DiffusionAdapter, req: RunningRequest, conditions: dict[int
     return loop(adapter, req, conditions).run()
 
 
+def cap_memory(device: torch.device, memory_gib: float | None) -> float | None:
+    """What a rank on ``device`` may use, in GiB, capped at ``memory_gib`` through the caching allocator's
+    per-process fraction (an allocation past it fails as an out-of-memory error does). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if memory_gib is None or memory_gib >= total:
+        return total
+    torch.cuda.set_per_process_memory_fraction(memory_gib / total, device)
+    return memory_gib
+
+
 class Engine:
     """A loaded, parallelized model on one rank."""
 
@@ -72,6 +84,9 @@ class Engine:
         self.state = state
         device, dtype = state.device, resolve_dtype(config.dtype, state.device)
         began = time.perf_counter()
+        self.capacity_gib = cap_memory(device, config.memory_gib)
+        self.last_request: tuple[float, float] | None = None
+        """The last request's work (megapixels x frames x images) and this rank's peak during it (GiB)."""
         # Sharded weights reach the GPU a module's shard at a time: the whole transformer never does.
         on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
         if config.offload:
@@ -112,6 +127,7 @@ class Engine:
         if config.compile:
             adapter.compile()
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
+        self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
         (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
         compile is lazy)."""
@@ -178,11 +194,25 @@ class Engine:
         start = _now(device)
         images = adapter.decode(latents, req)
         timings["decode_s"] = _now(device) - start
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            work = resolved.width * resolved.height / 1e6 * resolved.frames * resolved.batch
+            self.last_request = (work, peak)
+            timings["peak_memory_gib"] = round(peak, 3)
         if not self.state.is_driver:
             return None
-        if device.type == "cuda":
-            timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         return GenerateResult(images=images, timings=timings, frames_per_video=req.frames)
+
+    def memory_report(self) -> dict[str, float] | None:
+        """This rank's memory in GiB: ``capacity_gib`` (what it may use), ``resident_gib`` (after the start),
+        and with the last request finished here, its ``work`` and ``peak_gib``. None on a CPU, which keeps no
+        allocator statistics."""
+        if self.resident_gib is None or self.capacity_gib is None:
+            return None
+        report = {"capacity_gib": self.capacity_gib, "resident_gib": self.resident_gib}
+        if self.last_request is not None:
+            report["work"], report["peak_gib"] = self.last_request
+        return report
 
     def _previewer(self, req: RunningRequest, on_preview: Callable[[int, list], None]):
         """The loop's preview hook: the ranks that decode the image decode the predicted clean latents,

@@ -121,6 +121,10 @@ class RankWorker:
         self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
         return self.engine.load_seconds
 
+    def memory(self) -> dict[str, float] | None:
+        """This rank's memory in GiB (:meth:`Engine.memory_report`; None on a CPU)."""
+        return self.engine.memory_report() if self.engine is not None else None
+
     def generate(
         self,
         request: GenerateRequest,

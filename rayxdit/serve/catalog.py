@@ -52,8 +52,10 @@ class Catalog:
         pools = self.pools_by_model.get(model or self.default_model[kind])
         return pools[0].engine if pools else None
 
-    def listing(self) -> dict[str, Any]:
-        """``GET /v1/models``: each model with its limits, adapters and pools."""
+    def listing(self, memory: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``GET /v1/models``: each model with its limits, adapters and pools (with each pool's ``memory``
+        as the state measured it: :meth:`~rayxdit.serve.state.ApplicationState.memory`)."""
+        memory = memory or {}
         data = []
         for name, pools in self.pools_by_model.items():
             limits = self.cards[name].limits
@@ -92,6 +94,7 @@ class Catalog:
                             "route_min_cost": pool.route_min_cost,
                             "min_replicas": pool.min_replicas,
                             "max_replicas": pool.max_replicas,
+                            "memory": memory.get(pool.name, {"per_rank": None, "max_megapixels": None}),
                         }
                         for pool in pools
                     ],

@@ -30,6 +30,7 @@ from rayxdit.retries import backoff_s
 from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
+from rayxdit.serve.memory import request_work
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import ask_state, detached, quiet
 from rayxdit.serve.tenants import ANONYMOUS, has_limits
@@ -169,6 +170,22 @@ def refusal(model: str, decision: dict[str, Any], request_id: str, tenant: str |
     return error
 
 
+def too_large_error(
+    model: str, resolved: ResolvedRequest, work: float, largest: float, request_id: str
+) -> ApiError:
+    """400 before any GPU work: no pool of ``model`` has ranks whose memory holds the request."""
+    frames = f" x {resolved.frames} frames" if resolved.frames > 1 else ""
+    images = f" x {resolved.batch} images" if resolved.batch > 1 else ""
+    return invalid(
+        f"request {request_id} is too large for the memory of the pools serving '{model}': "
+        f"{resolved.width}x{resolved.height}{frames}{images} is {work:.2f} megapixels, and the largest they "
+        f"hold is {largest:.2f} (measured per rank: GET /v1/models, pools[].memory); ask for a smaller size, "
+        "fewer images or frames",
+        "size",
+        code="request_too_large",
+    )
+
+
 def pool_error(error: Exception, request_id: str) -> ApiError:
     """What the client sees of a pool's failure: the request's own problem (400), a deadline (504) or a
     failed group (503) say what happened; anything else is a 500 naming the request id, details only in
@@ -236,6 +253,7 @@ class Dispatcher:
         :class:`Busy` (a batch's line)."""
         counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
+        work = request_work(resolved.width, resolved.height, resolved.frames, resolved.batch)
         arrived = arrived or time.time()
         pools = self.catalog.pools_by_model[model]
         longest = max(pool.request_timeout_s for pool in pools)
@@ -257,12 +275,15 @@ class Dispatcher:
                     limits,
                     attempt > 0,
                     background,
+                    work,
                 )
             except asyncio.CancelledError:
                 # The client left while the state routed it: the state may have admitted it already (or
                 # will: the two calls may arrive in either order; a finished ticket is never admitted).
                 self._release(ticket)
                 raise
+            if decision.get("too_large") is not None:
+                raise too_large_error(model, resolved, work, decision["too_large"], request_id)
             if decision["pool"] is None:
                 if background and (decision.get("busy") or "estimate_s" not in decision):
                     raise Busy(max(BUSY_WAIT_S, decision.get("retry_after_s") or 0.0))
@@ -306,6 +327,13 @@ class Dispatcher:
                 tried.append(pool.name)  # this pool is full, down or gone: the next candidate takes it
             except TurnLost:
                 pass  # the state restarted while it waited: routed again, the pool still a candidate
+            except ApiError as error:
+                if error.code == "out_of_memory":  # none as large goes to this pool again
+                    detached(
+                        lambda name=pool.name: self.state.out_of_memory.remote(name, work),
+                        f"out of memory in {pool.name}",
+                    )
+                raise
             finally:
                 # However the request ended (an answer, an error, its deadline, the client gone), it leaves
                 # the pool's count now: detached, so that a cancelled request still reports it.
@@ -345,12 +373,13 @@ class Dispatcher:
         limits: TenantLimits | None,
         retry: bool,
         background: bool = False,
+        work: float = 0.0,
     ) -> dict[str, Any]:
         """The state's routing decision (sent again while the state replica restarts: routing recovers with
         the pools' next heartbeats; ``tasks.ask_state``)."""
         return await ask_state(
             lambda: self.state.route.remote(
-                model, cost, ticket, admission_deadline, tried, tenant, limits, retry, background
+                model, cost, ticket, admission_deadline, tried, tenant, limits, retry, background, work
             ),
             f"request {request_id}",
         )

@@ -126,6 +126,14 @@ SERVING_METRICS = (
         ("model", "pool"),
     ),
     MetricSpec(
+        "rayxdit_rank_memory",
+        "gauge",
+        "A pool's memory per rank as its replicas measured it (GPU ranks): capacity_gib (what a rank may use), "
+        "resident_gib (weights and buffers), max_megapixels (the largest request, megapixels x frames x "
+        "images, it holds).",
+        ("pool", "kind"),
+    ),
+    MetricSpec(
         "rayxdit_group_rebuilds",
         "counter",
         "Worker groups rebuilt, by cause: rank_died, rank_hung, rank_error, out_of_memory, cancel_timeout.",

@@ -43,6 +43,7 @@ from rayxdit.runtime.rank_process import OUT_OF_MEMORY
 from rayxdit.runtime.ray_executor import RayExecutor
 from rayxdit.serve import metrics
 from rayxdit.serve.api import PoolOutOfMemoryError, PoolUnavailableError
+from rayxdit.serve.memory import MemoryProfile, profile_at_start
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 from rayxdit.serve.tasks import keep_cancellations_quiet, quiet
@@ -93,6 +94,9 @@ class PoolReplica:
         if sharing:
             artifacts["compile_artifacts"] = await self._share_artifacts(load_artifacts, "loaded_ranks")
         warm_up = await self._warm_up()
+        self.memory: MemoryProfile | None = None
+        """What its ranks hold and a request adds (GPU ranks; None on CPU): see :mod:`rayxdit.serve.memory`."""
+        await self._measure_memory(at_start=True)
         if sharing:
             artifacts["compile_artifacts"] += await self._share_artifacts(
                 publish_artifacts, "published_bytes"
@@ -141,6 +145,26 @@ class PoolReplica:
             logger.info("%s: warmed up %s in %.1f s", self.replica, size, time.monotonic() - begin)
         return round(time.monotonic() - began, 3)
 
+    async def _measure_memory(self, at_start: bool = False) -> None:
+        """Read the ranks' memory (after the start: what they hold and, with a warm-up, what its largest
+        size added; after a request: what it added). A report that fails costs the measurement, never the
+        start or the request."""
+        if not at_start and self.memory is None:
+            return  # CPU ranks: nothing to measure
+        try:
+            reports = await self.executor.collective_rpc_async("memory")
+        except Exception as error:
+            logger.warning("%s: no memory report: %r", self.replica, error)
+            return
+        if at_start:
+            self.memory = profile_at_start(reports)
+            if self.memory is not None:
+                logger.info("%s: memory per rank %s", self.replica, self.memory.describe())
+            return
+        for report in reports:
+            if report is not None and report.get("work"):
+                self.memory = self.memory.measured(report["work"], report["peak_gib"])
+
     def startup(self) -> dict[str, object]:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
         ``compile_artifacts`` when it compiles and warms up, ``warm_up``, ``total``), rank 0's split of
@@ -165,8 +189,13 @@ class PoolReplica:
         metrics.set_gauge("rayxdit_requests_waiting", self.waiting, pool=self.pool.name)
         metrics.set_gauge("rayxdit_requests_running", int(self.lock.locked()), pool=self.pool.name)
         ready = self.startup_s is not None and not self.executor.broken
+        memory = self.memory.describe() if getattr(self, "memory", None) is not None else None
+        if memory is not None:
+            for kind in ("capacity_gib", "resident_gib", "max_megapixels"):
+                if memory[kind] is not None:
+                    metrics.set_gauge("rayxdit_rank_memory", memory[kind], pool=self.pool.name, kind=kind)
         try:
-            await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s)
+            await self.state.report.remote(self.pool.name, self.replica, ready, self.startup_s, memory)
         except Exception as error:  # the state replica restarting: the next beat tells it
             logger.debug("heartbeat of %s failed: %r", self.replica, error)
 
@@ -312,6 +341,7 @@ class PoolReplica:
                 if cost > 0 and engine_s:
                     self.service.add(cost, engine_s)
                 self.finished.append(time.monotonic())
+                await self._measure_memory()
                 return result
             except GroupError as error:
                 # The GPUs were held whatever came of it: a failed attempt costs its wall time too.

@@ -789,9 +789,11 @@ async def cancel_batch(ingress: IngressOf, batch_id: str, request: Request) -> d
 
 @api.get("/v1/models")
 async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
-    """Models served, each with its pools (ranks, routing threshold, autoscaling bounds)."""
+    """Models served, each with its pools (ranks, routing threshold, autoscaling bounds, memory per rank as
+    measured)."""
     ingress.authorize(request)
-    return ingress.catalog.listing()
+    memory = await ask_state(lambda: ingress.state.memory.remote(), "the pools' memory")
+    return ingress.catalog.listing(memory)
 
 
 @api.get("/v1/usage")

@@ -135,6 +135,8 @@ class PoolLoad:
     """Measured replica start-up (None: not measured yet)."""
     trusted_cost: float = math.inf
     """Requests up to this cost may be refused on this pool's estimate (see ``ServiceFit.trusted_cost``)."""
+    max_work: float = math.inf
+    """The largest request (megapixels x frames x images) its ranks' memory holds (:mod:`~rayxdit.serve.memory`)."""
 
     @property
     def free(self) -> bool:

@@ -47,6 +47,7 @@ from rayxdit.serve.durable import Journal, MemoryJournal, open_journal, wall_off
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
+from rayxdit.serve.memory import MemoryProfile, pool_limit, too_large
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, idle_pools, retry_after
 from rayxdit.serve.tenants import (
@@ -89,6 +90,7 @@ router's STATE_RESTART_S)."""
 class _Replica:
     ready: bool
     seen: float
+    memory: MemoryProfile | None = None
 
 
 @dataclass
@@ -184,6 +186,8 @@ class AppState:
         when its request finished (or its client left) must not bring the reservation back."""
         self.fits: dict[str, ServiceFit] = defaultdict(ServiceFit)
         self.startups: dict[str, float] = {}
+        self.failed_work: dict[str, float] = {}
+        """Per pool, the smallest request (megapixels x frames x images) that ran out of its ranks' memory."""
         self.published: dict[str, tuple[int, int, int]] = {}
         self.published_at = -math.inf
         self.route_policy = routing_policy(config.routing.policy)
@@ -227,9 +231,16 @@ class AppState:
         self.batch_lines = LineStore(router.job_ttl_s, self.journal)
 
     # ----- load -----------------------------------------------------------------------------------------
-    async def report(self, pool: str, replica: str, ready: bool, startup_s: float | None = None) -> None:
-        """A pool replica's heartbeat: starting (``ready`` False) or ready, and once up, how long its start
-        took."""
+    async def report(
+        self,
+        pool: str,
+        replica: str,
+        ready: bool,
+        startup_s: float | None = None,
+        memory: dict[str, Any] | None = None,
+    ) -> None:
+        """A pool replica's heartbeat: starting (``ready`` False) or ready, once up how long its start took,
+        and what its ranks' memory holds (:meth:`MemoryProfile.describe`; None: not measured, CPU ranks)."""
         now = time.monotonic()
         previous = self.replicas[pool].get(replica)
         if previous is not None:  # the GPUs were held since its last heartbeat (a silence counts as gone)
@@ -239,7 +250,7 @@ class AppState:
                 self.held[pool] = (while_ready + held, while_starting)
             else:
                 self.held[pool] = (while_ready, while_starting + held)
-        self.replicas[pool][replica] = _Replica(ready, now)
+        self.replicas[pool][replica] = _Replica(ready, now, MemoryProfile.of(memory) if memory else None)
         if now - self.usage_saved_at >= USAGE_SAVE_S:
             self._save_usage(now)
         if startup_s is not None:
@@ -293,9 +304,33 @@ class AppState:
                 overhead_s=overhead,
                 startup_s=self.startups.get(name),
                 trusted_cost=self._trusted_cost(name),
+                max_work=self._max_work(name),
             )
         self._publish(loads)
         return loads
+
+    def _max_work(self, pool: str) -> float:
+        profiles = [r.memory for r in self.replicas[pool].values() if r.memory is not None]
+        return pool_limit(profiles, self.failed_work.get(pool, math.inf))
+
+    async def out_of_memory(self, pool: str, work: float) -> None:
+        """A request of ``work`` ran out of ``pool``'s ranks' memory: none as large goes there again."""
+        self.failed_work[pool] = min(self.failed_work.get(pool, math.inf), work)
+
+    async def memory(self) -> dict[str, dict[str, Any]]:
+        """Each pool's memory per rank, for ``GET /v1/models``: its tightest replica's profile
+        (:meth:`MemoryProfile.describe`, or None while none measured) and ``max_megapixels``, the largest
+        request (megapixels x frames x images) it takes (None: unlimited)."""
+        described = {}
+        for name in self.pools:
+            profiles = [r.memory for r in self.replicas[name].values() if r.memory is not None]
+            tightest = min(profiles, key=lambda profile: profile.max_work, default=None)
+            limit = self._max_work(name)
+            described[name] = {
+                "per_rank": tightest.describe() if tightest is not None else None,
+                "max_megapixels": round(limit, 3) if math.isfinite(limit) else None,
+            }
+        return described
 
     def _publish(self, loads: dict[str, PoolLoad]) -> None:
         """The application-wide gauges of each pool (only what changed: this runs per routing decision)."""
@@ -319,6 +354,7 @@ class AppState:
         limits: TenantLimits | None = None,
         retry: bool = False,
         background: bool = False,
+        work: float = 0.0,
     ) -> dict[str, Any]:
         """Where the request goes: ``{"pool", "estimate_s"}``, admitted at once under ``ticket`` (one per
         routing attempt of a request; a lease of ``router.lease_s``, renewed by the router); or ``{"pool": None,
@@ -331,12 +367,20 @@ class AppState:
         A ``background`` request (a batch's line) goes only to a pool with a ready replica that nothing else
         runs on or waits for (:func:`~rayxdit.serve.routing.idle_pools`), else ``{"pool": None, "busy":
         True}``: online requests never wait behind more than the one batch line a replica runs, and batch
-        lines are no arrivals to the autoscaling policies (they fill capacity that would idle)."""
+        lines are no arrivals to the autoscaling policies (they fill capacity that would idle).
+
+        A request of ``work`` (megapixels x frames x images) goes only to pools whose ranks hold it
+        (:mod:`rayxdit.serve.memory`); when none of the model's does, ``{"pool": None, "too_large":
+        largest}``, the largest work any of them holds."""
         if ticket in self.finished:
             return {"pool": None, "retry_after_s": None}
         now = time.monotonic()
         loads = self._loads()
         specs = self.specs[model]
+        holds = {spec.name: loads[spec.name].max_work for spec in specs}
+        if too_large(work, holds):
+            return {"pool": None, "too_large": max(holds.values())}
+        exclude = [*exclude, *(name for name, largest in holds.items() if work > largest)]
         if background:
             specs = idle_pools(specs, loads)
             if not specs:

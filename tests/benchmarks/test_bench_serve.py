@@ -27,6 +27,8 @@ def test_the_serving_benchmark_runs_a_deployment_and_times_a_restart(tmp_path):
         "--cold-cache",
         "--stream-ab",
         "1",
+        "--memory-check",
+        "64x2",
     ]
     argv += ["--out", str(out)]
     assert bench_serve.main(argv) == 0
@@ -52,6 +54,10 @@ def test_the_serving_benchmark_runs_a_deployment_and_times_a_restart(tmp_path):
     stream = record["stream_overhead"]
     assert stream["partials_received"] == [1] and stream["streamed_s"] > 0 and stream["unstreamed_s"] > 0
     assert 0 < stream["first_partial_s"] <= stream["streamed_s"]
+    # CPU ranks measure no memory: nothing declared, nothing refused, every answer an image.
+    memory = record["memory_check"]
+    assert memory["declared"] == [{"per_rank": None, "max_megapixels": None}]
+    assert [memory[key]["status"] for key in ("first", "single", "again", "after")] == [200] * 4
 
 
 def test_the_metrics_ab_summary_compares_the_medians_of_both_phases():

@@ -517,7 +517,9 @@ def rank_progress(pool: str) -> dict | None:
 def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, engine):
     """The pool's ranks capped (prlimit) 300 MB above their use: a request needing far more fails with a
     real allocation failure, answered 507 ``out_of_memory`` in one attempt (no rebuild loop); the next
-    request runs on a rebuilt group and gets its single-process image."""
+    request runs on a rebuilt group and gets its single-process image; the same large request again is a
+    400 ``request_too_large`` before any rank sees it (the pool learned it does not fit: /v1/models says how
+    large a request it takes)."""
     pool = "failover-2"
     before = generation(pool)
     pids = serve.get_deployment_handle(pool, app_name=APP_NAME).worker_pids.remote().result()
@@ -537,6 +539,16 @@ def test_a_pool_out_of_memory_answers_507_without_retrying_and_then_serves(url, 
     served = png_pixels(base64.b64decode(response.json()["data"][0]["b64_json"]))
     assert np.abs(served - single_process_pixels(engine, small)).max() <= 1
     assert generation(pool) == before + 1
+    again = post(url, {**big, "seed": 2})
+    assert again.status_code == 400, again.text
+    error = again.json()["error"]
+    assert (error["code"], error["param"]) == ("request_too_large", "size") and "2.10 megapixels" in error[
+        "message"
+    ]
+    assert generation(pool) == before + 1  # no rank ran it (it would have run out of memory again)
+    listed = requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]
+    (memory,) = [p["memory"] for m in listed for p in m["pools"] if p["name"] == pool]
+    assert memory["max_megapixels"] == pytest.approx(0.99 * 512 * 512 * 8 / 1e6, abs=1e-3), memory
 
 
 def test_a_request_whose_pools_only_replica_dies_with_it_gets_the_replacements_image(url, engine):
