@@ -326,10 +326,14 @@ def parse_oversized(spec: str) -> tuple[int, int]:
     return int(side), int(images or 1)
 
 
-def answer_of(port: int, body: dict, side: int, images: int, seed: int) -> dict:
+CHECK_STEPS = 4
+"""Steps of ``--memory-check``'s large requests: their memory is the same at any step count."""
+
+
+def answer_of(port: int, body: dict, side: int, images: int, seed: int, steps: int = CHECK_STEPS) -> dict:
     """One request of ``side`` px square x ``images`` through ``/v1/images/generations``: its status, error
     code, and how long the answer took."""
-    request = {**body, "size": f"{side}x{side}", "n": images, "seed": seed}
+    request = {**body, "size": f"{side}x{side}", "n": images, "seed": seed, "steps": steps}
     begin = time.perf_counter()
     response = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", json=request, timeout=1800)
     answer = {
@@ -356,7 +360,7 @@ def memory_phase(port: int, body: dict, side: int, images: int) -> dict:
         "declared": declared,
         "single": answer_of(port, body, side, 1, seed=51),
         "again": answer_of(port, body, side, images, seed=52),
-        "after": answer_of(port, body, width, 1, seed=53),
+        "after": answer_of(port, body, width, 1, seed=53, steps=body["steps"]),
     }
 
 
