@@ -35,14 +35,14 @@ def sample_value(name: str, info: Any) -> Any:
         return next(choice for choice in get_args(options[0]) if choice != default)
     if annotation is int:
         return default + 2
-    if annotation is float:
+    if annotation in (float, float | None):
         return 0.25
     if annotation is ParallelConfig:
         return ParallelConfig(cfg=2, ulysses=2)
     if get_origin(annotation) in (tuple, list):
         return ("one", "two:0.5")
     if annotation in (str, str | None, typing.Optional[str]):  # noqa: UP045 - either spelling
-        return "some/location" if name != "model" else "tiny-sdxl"
+        return {"model": "tiny-sdxl", "checkpoint": "fine-tune.safetensors"}.get(name, "some/location")
     raise AssertionError(f"no sample for {name}: {annotation}")
 
 
