@@ -297,7 +297,8 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
         )
         print(json.dumps(runs[-1]), flush=True)
     nvml = sampler.stop()
-    exported = scrape_rayxdit(metrics_port, images=args.requests + 1) if metrics_on else {}
+    made = args.requests + 1 + (memory["first"]["n"] if memory and memory["first"]["status"] == 200 else 0)
+    exported = scrape_rayxdit(metrics_port, images=made) if metrics_on else {}
     stream = (
         stream_phase(port, body, args.stream_ab, args.partial_images) if args.stream_ab and last else None
     )

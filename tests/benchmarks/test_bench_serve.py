@@ -47,8 +47,9 @@ def test_the_serving_benchmark_runs_a_deployment_and_times_a_restart(tmp_path):
     assert warm["warmed_up"] == ["64x64"] and set(warm["weights"]) == {"model", "add_ons"}
     assert 0 < warm["timeline"]["total"] < warm["kill_to_ready_s"]
     assert restart["cold"]["timeline"]["warm_up"] > 0 and restart["first_request_s"] > 0
-    # The phase exported rayxdit's counters (warm-up + 2 requests).
-    assert on["exported_metrics"]["ray_rayxdit_images_total"] == 3
+    # The phase exported rayxdit's counters (the memory check's first request of 2 images, the warm-up and
+    # 2 timed requests).
+    assert on["exported_metrics"]["ray_rayxdit_images_total"] == 5
     assert on["exported_metrics"]["ray_rayxdit_gpu_seconds_total"] > 0
     # One pair unstreamed/streamed: the 2-step request makes one of the 3 previews asked (never the last step).
     stream = record["stream_overhead"]

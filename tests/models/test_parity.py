@@ -847,10 +847,11 @@ CONFIGS = {
         ("tiny-sdxl-controlnet", "ring=4", False),
         ("tiny-wan", "ulysses=4", False),
         ("tiny-wan", "ulysses=2,ring=2", False),
-        # At 4 and 8 ranks every sampler class once (gloo is slow there on 2 cores): SD3's are the flow
-        # ones (Flux's and Wan's differ in the shift they are given, checked at 2 ranks), SDXL's the noise ones.
+        # Every family's offered samplers at 4 and 8 ranks too, each on a mesh of two axes.
+        ("tiny-flux" + SAMPLERS, "cfg=2,ulysses=2", False),
         ("tiny-sd3" + SAMPLERS, "ulysses=2,ring=2", False),
         ("tiny-sdxl" + SAMPLERS, "ring=4", False),
+        ("tiny-wan" + SAMPLERS, "ring=2,ulysses=2", False),
         ("tiny-flux" + LORAS, "ulysses=2,ring=2", False),
         ("tiny-flux" + LORAS, "pipefusion=2,cfg=2", False),
         ("tiny-sdxl" + LORAS, "ring=4", False),
@@ -871,9 +872,13 @@ CONFIGS = {
         ("tiny-sdxl-ip-adapter", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-wan", "cfg=2,ring=2,ulysses=2", False),
         ("tiny-flux" + SHARDED, "cfg=2,ring=2,ulysses=2", False),
-        # Samplers and LoRA adapters not again: a sampler steps each rank's tokens alone and an adapter
-        # updates each rank's weights alone, whatever the mesh; 2 and 4 ranks show them on every axis, and
-        # each of their models' meshes is shown here (8 gloo ranks on 2 cores: ~25 ms a collective).
+        ("tiny-flux" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sd3" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-sdxl" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        ("tiny-wan" + SAMPLERS, "cfg=2,ring=2,ulysses=2", False),
+        # LoRA adapters not again: an adapter updates each rank's weights alone, whatever the mesh; 2 and 4
+        # ranks show them on every axis, and each of their models' meshes is shown here (8 gloo ranks on 2
+        # cores: ~25 ms a collective).
     ],
 }
 
