@@ -21,6 +21,7 @@ hands it.
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -792,7 +793,10 @@ async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
     """Models served, each with its pools (ranks, routing threshold, autoscaling bounds, memory per rank as
     measured)."""
     ingress.authorize(request)
-    memory = await ask_state(lambda: ingress.state.memory.remote(), "the pools' memory")
+    memory = None  # the listing stands without the state (an ingress alone, a state gone for good)
+    if ingress.state is not None:
+        with contextlib.suppress(ApiError):
+            memory = await ask_state(lambda: ingress.state.memory.remote(), "the pools' memory")
     return ingress.catalog.listing(memory)
 
 
