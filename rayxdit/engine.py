@@ -127,10 +127,11 @@ class Engine:
         if config.compile:
             adapter.compile()
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
-        self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
         (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
         compile is lazy)."""
+        self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        """What the weights and buffers take on this rank's GPU after the start (None on a CPU)."""
 
     @torch.inference_mode()
     def generate(
