@@ -197,8 +197,7 @@ class Engine:
         timings["decode_s"] = _now(device) - start
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            work = resolved.width * resolved.height / 1e6 * resolved.frames * resolved.batch
-            self.last_request = (work, peak)
+            self.last_request = (resolved.work, peak)
             timings["peak_memory_gib"] = round(peak, 3)
         if not self.state.is_driver:
             return None

@@ -22,6 +22,12 @@ SETTINGS_FILE = "rayxdit.json"
 """A model directory may hold this file with serving defaults and limits (the fields of ModelLimits)."""
 
 
+def request_work(width: int, height: int, frames: int = 1, images: int = 1) -> float:
+    """Megapixels x frames x images: what a request's activation memory grows with, and (times its steps and
+    CFG branches) its routing cost."""
+    return width * height / 1e6 * frames * images
+
+
 @dataclass(frozen=True)
 class ResolvedRequest:
     """A request with the model's defaults filled in and its limits checked."""
@@ -35,6 +41,11 @@ class ResolvedRequest:
     @property
     def batch(self) -> int:
         return self.request.num_images
+
+    @property
+    def work(self) -> float:
+        """:func:`request_work` of this request."""
+        return request_work(self.width, self.height, self.frames, self.batch)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from rayxdit.retries import backoff_s
 from rayxdit.serve import metrics
 from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
 from rayxdit.serve.catalog import Catalog
-from rayxdit.serve.memory import request_work
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import ask_state, detached, quiet
 from rayxdit.serve.tenants import ANONYMOUS, has_limits
@@ -253,7 +252,7 @@ class Dispatcher:
         :class:`Busy` (a batch's line)."""
         counted = has_limits(limits)
         cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
-        work = request_work(resolved.width, resolved.height, resolved.frames, resolved.batch)
+        work = resolved.work
         arrived = arrived or time.time()
         pools = self.catalog.pools_by_model[model]
         longest = max(pool.request_timeout_s for pool in pools)

@@ -3,7 +3,7 @@
 A pool declares its memory per rank once it is up: the memory a rank may use (``capacity``: its GPU's, or
 the pool's ``memory_gib`` cap), what its weights and buffers take before any request (``resident``), and
 what a request adds on top, measured (``peak - resident`` of its warm-up, then of every request it serves).
-A request's activations grow with its **work**, megapixels x frames x images (latent tokens and the VAE's
+A request's activations grow with its **work**, megapixels x frames x images (``ResolvedRequest.work``) (latent tokens and the VAE's
 pixels are both proportional to it; an image's CFG branches run one after the other); the pool keeps the
 largest measured cost per unit of work, so its estimate of a larger request errs on the side of refusing.
 
@@ -26,11 +26,6 @@ HEADROOM = 0.92
 kernels' workspaces are not in a peak measured by ``max_memory_allocated``."""
 
 
-def request_work(width: int, height: int, frames: int = 1, images: int = 1) -> float:
-    """Megapixels x frames x images: what a request's activation memory grows with."""
-    return width * height / 1e6 * frames * images
-
-
 @dataclass(frozen=True)
 class MemoryProfile:
     """One pool replica's memory per rank, in GiB (the most any of its ranks holds)."""
@@ -40,7 +35,7 @@ class MemoryProfile:
     resident_gib: float
     """Weights and buffers before any request."""
     gib_per_work: float = 0.0
-    """Activations per unit of :func:`request_work`, the largest measured (0: nothing measured yet)."""
+    """Activations per unit of work (:func:`rayxdit.limits.request_work`), the largest measured (0: nothing measured yet)."""
     measured_work: float = 0.0
     """The largest request measured so far."""
 
@@ -50,6 +45,15 @@ class MemoryProfile:
         if self.gib_per_work <= 0:
             return math.inf
         return max(HEADROOM * self.capacity_gib - self.resident_gib, 0.0) / self.gib_per_work
+
+    def with_reports(self, reports: Iterable[dict[str, float] | None]) -> MemoryProfile:
+        """With what each rank reported of its last request (``work`` and ``peak_gib``; ranks that made none,
+        or report None, add nothing)."""
+        profile = self
+        for report in reports:
+            if report is not None and report.get("work"):
+                profile = profile.measured(report["work"], report["peak_gib"])
+        return profile
 
     def measured(self, work: float, peak_gib: float) -> MemoryProfile:
         """With a request of ``work`` that peaked at ``peak_gib`` on a rank."""
@@ -86,14 +90,10 @@ def profile_at_start(ranks: Iterable[dict[str, float] | None]) -> MemoryProfile 
     reports = list(ranks)
     if not reports or any(report is None for report in reports):
         return None
-    profile = MemoryProfile(
+    return MemoryProfile(
         capacity_gib=min(report["capacity_gib"] for report in reports),
         resident_gib=max(report["resident_gib"] for report in reports),
-    )
-    for report in reports:
-        if report.get("work"):
-            profile = profile.measured(report["work"], report["peak_gib"])
-    return profile
+    ).with_reports(reports)
 
 
 OUT_OF_MEMORY_MARGIN = 0.99

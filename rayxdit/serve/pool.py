@@ -75,6 +75,9 @@ class PoolReplica:
         self.timeline: dict[str, float] = {}
         """Seconds of each stage of this replica's start (see :meth:`startup`)."""
         self.warmed_up: list[str] = []
+        self.memory: MemoryProfile | None = None
+        """What its ranks hold and a request adds (GPU ranks; None on CPU, and until its start measured it):
+        see :mod:`rayxdit.serve.memory`."""
 
         async def adapters_served(key: str) -> str:  # the ranks load them; Serve learns where they are
             return key
@@ -94,8 +97,6 @@ class PoolReplica:
         if sharing:
             artifacts["compile_artifacts"] = await self._share_artifacts(load_artifacts, "loaded_ranks")
         warm_up = await self._warm_up()
-        self.memory: MemoryProfile | None = None
-        """What its ranks hold and a request adds (GPU ranks; None on CPU): see :mod:`rayxdit.serve.memory`."""
         await self._measure_memory(at_start=True)
         if sharing:
             artifacts["compile_artifacts"] += await self._share_artifacts(
@@ -161,9 +162,7 @@ class PoolReplica:
             if self.memory is not None:
                 logger.info("%s: memory per rank %s", self.replica, self.memory.describe())
             return
-        for report in reports:
-            if report is not None and report.get("work"):
-                self.memory = self.memory.measured(report["work"], report["peak_gib"])
+        self.memory = self.memory.with_reports(reports)
 
     def startup(self) -> dict[str, object]:
         """How this replica started: seconds by stage (``processes``, ``rendezvous``, ``weights``,
@@ -189,7 +188,7 @@ class PoolReplica:
         metrics.set_gauge("rayxdit_requests_waiting", self.waiting, pool=self.pool.name)
         metrics.set_gauge("rayxdit_requests_running", int(self.lock.locked()), pool=self.pool.name)
         ready = self.startup_s is not None and not self.executor.broken
-        memory = self.memory.describe() if getattr(self, "memory", None) is not None else None
+        memory = self.memory.describe() if self.memory is not None else None
         if memory is not None:
             for kind in ("capacity_gib", "resident_gib", "max_megapixels"):
                 if memory[kind] is not None:

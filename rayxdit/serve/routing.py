@@ -34,7 +34,7 @@ on 2x H200 (benchmarks/results/flux-dev-2xh200.json): 1.58x at 1024px, 1.78x at 
 def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
     """Megapixels x frames x steps x (2 when the model runs CFG for this request) x images (or videos)."""
     cfg_factor = 2 if uses_cfg else 1
-    return req.width * req.height / 1e6 * req.frames * req.steps * cfg_factor * req.batch
+    return req.work * req.steps * cfg_factor
 
 
 class ServiceFit:

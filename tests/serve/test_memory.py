@@ -10,14 +10,8 @@ import time
 import pytest
 
 from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
-from rayxdit.serve.memory import (
-    HEADROOM,
-    MemoryProfile,
-    pool_limit,
-    profile_at_start,
-    request_work,
-    too_large,
-)
+from rayxdit.limits import request_work
+from rayxdit.serve.memory import HEADROOM, MemoryProfile, pool_limit, profile_at_start, too_large
 from rayxdit.serve.state import AppState
 
 # Flux.1-dev on a 24 GiB cap as measured on the H200 with offload (benchmarks/results/memory-flux-dev-1xh200.json):
