@@ -131,14 +131,20 @@ def flux_from_original(state: dict[str, torch.Tensor], inner_dim: int) -> dict[s
     return converted
 
 
+def existing_file(path: str) -> Path:
+    """``path`` as a file that exists, or a ConfigError saying what to give."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"checkpoint {path}: no such file (give the path of a .safetensors file)")
+    return file
+
+
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file, or a ConfigError that says what is wrong with the path."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"checkpoint {path}: no such file (give the path of a .safetensors file)")
+    file = existing_file(path)
     try:
         return load_file(file)
     except (SafetensorError, OSError) as error:
@@ -177,20 +183,18 @@ def flux_transformer_from_file(path: str, base: str, dtype: torch.dtype) -> torc
 
 def load_single_file_pipeline(family: Any, base: str, path: str, dtype: torch.dtype) -> Any:
     """The base's pipeline with the single file's weights. ``family``: the base's
-    :class:`~rayxdit.models.families.Family`, whose ``single_file`` says how its files are laid out."""
+    :class:`~rayxdit.models.families.Family`, whose ``single_file`` says how its files are laid out (only
+    ``.safetensors`` paths reach here: ``EngineConfig.checkpoint`` refuses others)."""
     import diffusers
 
-    if not path.endswith(".safetensors"):
-        raise ConfigError(f"checkpoint {path}: only .safetensors files load (a pickled .ckpt runs code)")
     if family.single_file == "flux_transformer":
         transformer = flux_transformer_from_file(path, base, dtype)
         return diffusers.DiffusionPipeline.from_pretrained(base, transformer=transformer, dtype=dtype)
     if family.single_file == "ldm_pipeline":
-        if not Path(path).expanduser().is_file():
-            raise ConfigError(f"checkpoint {path}: no such file (give the path of a .safetensors file)")
+        file = existing_file(path)
         pipeline_class = getattr(diffusers, family.pipeline_class)
         try:
-            return pipeline_class.from_single_file(path, config=base, torch_dtype=dtype)
+            return pipeline_class.from_single_file(str(file), config=base, torch_dtype=dtype)
         except (ValueError, KeyError, RuntimeError) as error:
             raise ConfigError(f"checkpoint {path} does not load over {base}: {error}") from None
     raise ConfigError(
