@@ -76,6 +76,8 @@ def send(url: str, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
         "status": status,
         "seconds": time.monotonic() - began,
         "engine_s": engine_s,
+        "line_s": info["timings"].get("line_s", 0.0),
+        "route_s": info["timings"].get("route_s", 0.0),
         "gpu_seconds": info["gpu_seconds"],
     }
 
@@ -119,6 +121,10 @@ def summary(records: list[dict], tenant: str) -> dict[str, Any]:
         "p99_s": percentile(ok, 0.99),
         "p50_wait_s": percentile(waits, 0.5),  # queueing and the serving path's hops: all but the engine
         "p99_wait_s": percentile(waits, 0.99),
+        # Of the wait: in the pool's fair line (fair_share), and the router asking the state where to go.
+        "p50_line_s": percentile([r["line_s"] for r in mine if r["status"] == 200], 0.5),
+        "p99_line_s": percentile([r["line_s"] for r in mine if r["status"] == 200], 0.99),
+        "p99_route_s": percentile([r["route_s"] for r in mine if r["status"] == 200], 0.99),
         "gpu_seconds": round(sum(r["gpu_seconds"] for r in mine), 3),
     }
 

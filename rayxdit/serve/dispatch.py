@@ -259,9 +259,11 @@ class Dispatcher:
         admission_deadline = arrived + min(timeout or longest, longest)
         tried: list[str] = []
         losses: dict[str, int] = {}  # replicas of each pool that died with this request
+        routing_s = waiting_s = 0.0  # the router's part of a request's wait, summed over its attempts
         for attempt in itertools.count():
             # Each attempt holds its own reservation, by a key no client picks (request ids may be reused).
             ticket = f"{request_id}#{attempt}"
+            began = time.monotonic()
             try:
                 decision = await self._route(
                     model,
@@ -281,6 +283,7 @@ class Dispatcher:
                 # will: the two calls may arrive in either order; a finished ticket is never admitted).
                 self._release(ticket)
                 raise
+            routing_s += time.monotonic() - began
             if decision.get("too_large") is not None:
                 raise too_large_error(model, resolved, work, decision["too_large"], request_id)
             if decision["pool"] is None:
@@ -298,7 +301,11 @@ class Dispatcher:
                 # start-up the request waits out (as for a cold pool) instead of calling the pool gone.
                 warm = decision.get("warm") and not losses.get(pool.name)
                 if decision.get("let_in") is False:  # routing.queue_policy fair_share: wait in the line
-                    await self._wait_turn(pool, ticket, deadline, warm, request_id)
+                    began = time.monotonic()
+                    try:
+                        await self._wait_turn(pool, ticket, deadline, warm, request_id)
+                    finally:
+                        waiting_s += time.monotonic() - began
                 result = await self._call_pool(
                     pool,
                     request,
@@ -356,7 +363,7 @@ class Dispatcher:
             "steps": resolved.steps,
             **({"frames": resolved.frames} if resolved.frames > 1 else {}),
             "gpu_seconds": result.timings.get("gpu_seconds"),
-            "timings": result.timings,
+            "timings": {**result.timings, "route_s": round(routing_s, 4), "line_s": round(waiting_s, 4)},
         }
         return result, info
 
