@@ -179,13 +179,13 @@ class Pool:
         self.queue_cost -= request.cost
         return request
 
-    def outstanding(self, tenant: str | None = None) -> tuple[int, float]:
+    def outstanding(self, tenant: str | None = None, cost: float = 0.0) -> tuple[int, float]:
         """Requests queued or running, and their total cost (kept incrementally: queues get long); for a
-        request of ``tenant`` in a fair line, only those queued that would start before it (as the state
-        counts them)."""
+        request of ``tenant`` costing ``cost`` in a fair line, only those queued that would start before it
+        (as the state counts them)."""
         running = [r.request for r in self.replicas if r.request is not None]
         if tenant is not None and self.queue.policy == FAIR_SHARE:
-            ahead, ahead_cost = self.queue.ahead_of(tenant)
+            ahead, ahead_cost = self.queue.ahead_of(tenant, cost)
             return ahead + len(running), ahead_cost + sum(r.cost for r in running)
         return len(self.queue) + len(running), self.queue_cost + sum(r.cost for r in running)
 
@@ -303,23 +303,25 @@ class Fleet:
         self._push(self.now + TICK_S, "tick", None)
 
     # ----- serving ----------------------------------------------------------------------------------------
-    def _loads(self, tenant: str | None = None) -> dict[str, PoolLoad]:
-        """Exactly what the application's state hands routing (for a request of ``tenant``: as it sees the
-        fair lines)."""
+    def _loads(self, tenant: str | None = None, cost: float = 0.0) -> dict[str, PoolLoad]:
+        """Exactly what the application's state hands routing (for a request of ``tenant`` costing ``cost``:
+        as it sees the fair lines)."""
         loads = {}
         for name, pool in self.pools.items():
             ready = sum(r.ready_at <= self.now and not r.draining for r in pool.replicas)
             # A replica waiting for GPUs has no process yet, so it does not report: not starting
             starting = sum(self.now < r.ready_at < math.inf for r in pool.replicas)
-            count, cost = pool.outstanding(tenant)
+            count, queued_cost = pool.outstanding(tenant, cost)
             overhead, rate = pool.fit.fitted or (0.0, None)
-            loads[name] = PoolLoad(ready, starting, count, cost, rate, overhead, None)
+            loads[name] = PoolLoad(ready, starting, count, queued_cost, rate, overhead, None)
         return loads
 
     def _route(self, request: Request, exclude: frozenset[str] = frozenset()) -> Pool:
         specs = [pool.spec for pool in self.pools.values()]
         free = self.budget - self._gpus_held()
-        choice = self.routing(specs, request.cost, self._loads(request.tenant), exclude, free)[0][0]
+        choice = self.routing(specs, request.cost, self._loads(request.tenant, request.cost), exclude, free)[
+            0
+        ][0]
         return self.pools[choice.name]
 
     def _dispatch(self, pool: Pool) -> None:

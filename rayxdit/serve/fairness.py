@@ -8,9 +8,18 @@ are the same for all). A request that arrives gets a start tag, the larger of th
 its tenant's last finish tag, and a finish tag, its start tag plus its cost divided by the tenant's weight;
 the waiting request with the smallest start tag goes next (ties: the earlier arrival), and the virtual time
 becomes its start tag. So, while tenants have work waiting, each gets GPU time in proportion to its weight
-whatever it sends; a tenant that was idle comes back at the current virtual time (no credit saved up while
-away, so it cannot then take the pool for long); and a tenant alone gets all of it: no replica idles while
-anyone waits. With one tenant the order is the order of arrival.
+whatever it sends, and a tenant alone gets all of it: no replica idles while anyone waits. With one tenant
+the order is the order of arrival.
+
+A tenant that was below its share comes back with a bounded credit: its start tag may lie up to
+``burst`` of its own requests (their cost over its weight) before the virtual time, never before its own
+last finish tag. Plain start-time fair queuing saves no credit at all, so a light tenant's two requests a
+moment apart alternate with a flooding tenant's (its second waits for one of the flood's besides its
+first), where alone the second waits for the first only: its tail latency doubles under a flood it never
+competes with. With the credit, a burst of up to ``burst + 1`` requests from a tenant under its share goes
+as it would alone; a tenant at or above its share keeps its finish tags ahead of the virtual time and gets
+nothing from it, so shares under a sustained load are unchanged, and what a returning tenant can take
+ahead of the others is bounded by ``burst`` requests.
 
 **First come first served** (``fifo``) orders by arrival alone.
 """
@@ -19,12 +28,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 FIFO, FAIR_SHARE = "fifo", "fair_share"
 QUEUE_POLICIES = (FIFO, FAIR_SHARE)
 """The queue policies by name (``queue_policy`` of a pool)."""
+BURST_REQUESTS = 2.0
+"""A tenant under its share may start this many of its requests ahead of the line's virtual time."""
 
 
 @dataclass(order=True)
@@ -42,6 +54,8 @@ class WaitingLine:
     to the caller (a routing ticket, a simulated request)."""
 
     policy: str = FAIR_SHARE
+    burst: float = BURST_REQUESTS
+    """How many of its own requests a tenant under its share may start ahead of the virtual time."""
     virtual: float = 0.0
     """The start tag of the request let in last."""
     finish_tags: dict[str, float] = field(default_factory=dict)
@@ -66,12 +80,17 @@ class WaitingLine:
         if self.policy == FIFO:
             start = float(arrival)
         else:
-            start = max(self.virtual, self.finish_tags.get(tenant, 0.0))
+            start = self._start_tag(tenant, cost, weight)
             self.finish_tags[tenant] = start + max(cost, 0.0) / weight
         entry = _Entry(start, arrival, key, tenant, cost)
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
         return start
+
+    def _start_tag(self, tenant: str, cost: float, weight: float) -> float:
+        """The start tag a request of ``tenant`` costing ``cost`` gets now (fair share)."""
+        credit = self.burst * max(cost, 0.0) / weight
+        return max(self.virtual - credit, self.finish_tags.get(tenant, -math.inf))
 
     def pop(self) -> Hashable | None:
         """The request to start next (removed from the line), None if none waits."""
@@ -88,14 +107,14 @@ class WaitingLine:
         tenant keeps its finish tag: what a tenant sends and withdraws still counted against its share."""
         return self._entries.pop(key, None) is not None
 
-    def ahead_of(self, tenant: str) -> tuple[int, float]:
-        """The requests (how many, their cost) that would start before one ``tenant`` sent now: what its
-        wait depends on. In fair order those of every tenant up to the start tag it would get (a tenant
-        flooding the line is ahead of a newcomer by at most about one request); first come first served:
-        all of them."""
+    def ahead_of(self, tenant: str, cost: float = 0.0, weight: float = 1.0) -> tuple[int, float]:
+        """The requests (how many, their cost) that would start before one of ``tenant`` costing ``cost``
+        sent now: what its wait depends on. In fair order those of every tenant up to the start tag it would
+        get (a tenant flooding the line is ahead of a newcomer by at most about one request); first come
+        first served: all of them."""
         if self.policy == FIFO:
             return len(self._entries), sum(entry.cost for entry in self._entries.values())
-        start = max(self.virtual, self.finish_tags.get(tenant, 0.0))
+        start = self._start_tag(tenant, cost, weight)
         ahead = [entry for entry in self._entries.values() if entry.start <= start]
         return len(ahead), sum(entry.cost for entry in ahead)
 

@@ -398,7 +398,8 @@ class AppState:
             if refused is not None:
                 code, wait = refused
                 return {"pool": None, "limited": code, "retry_after_s": wait}
-        seen = self._as_seen_by(tenant, loads) if self.gated else loads
+        weight = limits.weight if limits is not None else 1.0
+        seen = self._as_seen_by(tenant, cost, weight, loads) if self.gated else loads
         order = self.route_policy(specs, cost, seen, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
@@ -421,7 +422,6 @@ class AppState:
             "warm": load.ready_replicas + load.starting_replicas > 0,
         }
         if self.gated:  # it waits in the pool's line; its router asks for its turn (wait_turn)
-            weight = limits.weight if limits is not None else 1.0
             self.lines[pool.name].push(ticket, tenant, cost, weight)
             self._let_in(pool.name)
             decision["let_in"] = ticket in self.let_in[pool.name]
@@ -454,14 +454,16 @@ class AppState:
             await asyncio.wait({waiter}, timeout=max(0.0, timeout_s))
         return ticket in self.preempted
 
-    def _as_seen_by(self, tenant: str, loads: dict[str, PoolLoad]) -> dict[str, PoolLoad]:
-        """Each pool's load as a request of ``tenant`` meets it in the fair lines: the requests running, and
+    def _as_seen_by(
+        self, tenant: str, cost: float, weight: float, loads: dict[str, PoolLoad]
+    ) -> dict[str, PoolLoad]:
+        """Each pool's load as a request of ``tenant`` costing ``cost`` meets it in the fair lines: the requests running, and
         of those waiting only the ones that would start before it (``WaitingLine.ahead_of``): where it
         finishes first, and whether it can before its deadline, depend on those alone."""
         seen = {}
         for name, load in loads.items():
             running = [self.reservations[t].cost for t in self.let_in[name] if t in self.reservations]
-            ahead, ahead_cost = self.lines[name].ahead_of(tenant)
+            ahead, ahead_cost = self.lines[name].ahead_of(tenant, cost, weight)
             seen[name] = dataclasses.replace(
                 load, outstanding=len(running) + ahead, outstanding_cost=sum(running) + ahead_cost
             )

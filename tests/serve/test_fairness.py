@@ -39,29 +39,51 @@ def test_a_flooding_tenant_cannot_push_a_light_one_back_and_equal_weights_share_
     assert [key[0] for key in order[2:10]] in (list("abababab"), list("babababa")), order
 
 
-def test_shares_follow_weights_and_costs_in_gpu_seconds():
-    line = WaitingLine(FAIR_SHARE)
-    for n in range(30):
+@pytest.mark.parametrize("burst", [0, 2])
+def test_shares_follow_weights_and_costs_in_gpu_seconds(burst):
+    """GPU time 2:1:1 => requests 2:1:1/3. Without credit (plain start-time fair queuing) from the first
+    request on; with it, each tenant's first ``burst`` requests may go early, and no more."""
+    line = WaitingLine(FAIR_SHARE, burst=burst)
+    for n in range(90):
         line.push(f"a{n}", "a", cost=1.0, weight=2.0)  # twice B's weight
         line.push(f"b{n}", "b", cost=1.0, weight=1.0)
         line.push(f"c{n}", "c", cost=3.0, weight=1.0)  # requests 3x as large as B's
-    first = drain(line)[:30]
-    counts = {tenant: sum(key[0] == tenant for key in first) for tenant in "abc"}
-    # GPU time 2:1:1 => requests 2:1:1/3 => of 30: 18, 9, 3.
-    assert abs(counts["a"] - 18) <= 1 and abs(counts["b"] - 9) <= 1 and abs(counts["c"] - 3) <= 1, counts
-
-
-def test_an_idle_tenant_saves_no_credit_and_a_lone_tenant_gets_everything():
-    line = WaitingLine(FAIR_SHARE)
-    for n in range(10):  # A alone for a while: all of it goes to A, in order
-        line.push(f"a{n}", "a", cost=1.0)
-    assert drain(line) == [f"a{n}" for n in range(10)]
-    # B was idle all along: arriving now it starts at the line's virtual time, not ten requests ahead.
-    for n in range(4):
-        line.push(f"a{10 + n}", "a", cost=1.0)
-        line.push(f"b{n}", "b", cost=1.0)
     order = drain(line)
-    assert [key[0] for key in order] in (list("abababab"), list("babababa")), order
+    for first, expected in ((30, {"a": 18, "b": 9, "c": 3}), (90, {"a": 54, "b": 27, "c": 9})):
+        counts = {tenant: sum(key[0] == tenant for key in order[:first]) for tenant in "abc"}
+        off = {tenant: abs(counts[tenant] - expected[tenant]) for tenant in "abc"}
+        assert max(off.values()) <= 1 + burst, (first, counts)
+
+
+def test_an_idle_tenant_saves_only_a_bounded_credit_and_a_lone_tenant_gets_everything():
+    for burst in (0, 2):
+        line = WaitingLine(FAIR_SHARE, burst=burst)
+        for n in range(10):  # A alone for a while: all of it goes to A, in order
+            line.push(f"a{n}", "a", cost=1.0)
+        assert drain(line) == [f"a{n}" for n in range(10)]
+        # B was idle all along: arriving now it starts at most `burst` requests before the line's virtual
+        # time (not ten requests ahead), then they alternate.
+        for n in range(6):
+            line.push(f"a{10 + n}", "a", cost=1.0)
+            line.push(f"b{n}", "b", cost=1.0)
+        tenants = "".join(key[0] for key in drain(line))
+        assert tenants == "b" * burst + "ba" * (6 - burst) + "a" * burst, (burst, tenants)
+
+
+def test_a_light_tenants_burst_goes_as_it_would_alone_while_another_floods():
+    """B (under its share) sends three requests a moment apart while A keeps eight waiting: all three go
+    before A's next, as they would with the pool to itself; without the credit they alternate with A's."""
+    for burst, expected in ((2, "bbbaaa"), (0, "bababa")):
+        line = WaitingLine(FAIR_SHARE, burst=burst)
+        for n in range(8):
+            line.push(f"a{n}", "a", cost=1.0)
+        for n in range(8, 28):  # A in steady state: one of its eight goes in, its client sends the next
+            line.pop()
+            line.push(f"a{n}", "a", cost=1.0)
+        line.pop()  # A's request in service when B's burst comes
+        for n in range(3):
+            line.push(f"b{n}", "b", cost=1.0)
+        assert "".join(key[0] for key in drain(line))[:6] == expected, burst
 
 
 def test_first_come_first_served_and_removal():
