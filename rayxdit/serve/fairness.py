@@ -15,8 +15,8 @@ A tenant that was below its share comes back with a bounded credit: its start ta
 ``burst`` of its own requests (their cost over its weight) before the virtual time, never before its own
 last finish tag. Plain start-time fair queuing saves no credit at all, so a light tenant's two requests a
 moment apart alternate with a flooding tenant's (its second waits for one of the flood's besides its
-first), where alone the second waits for the first only: its tail latency doubles under a flood it never
-competes with. With the credit, a burst of up to ``burst + 1`` requests from a tenant under its share goes
+first), where alone the second waits for the first only: its tail latency grows under a flood although
+it sends less than its share. With the credit, a burst of up to ``burst + 1`` requests from a tenant under its share goes
 as it would alone; a tenant at or above its share keeps its finish tags ahead of the virtual time and gets
 nothing from it, so shares under a sustained load are unchanged, and what a returning tenant can take
 ahead of the others is bounded by ``burst`` requests.
