@@ -107,7 +107,7 @@ class WaitingLine:
         tenant keeps its finish tag: what a tenant sends and withdraws still counted against its share."""
         return self._entries.pop(key, None) is not None
 
-    def ahead_of(self, tenant: str, cost: float = 0.0, weight: float = 1.0) -> tuple[int, float]:
+    def ahead_of(self, tenant: str, cost: float, weight: float = 1.0) -> tuple[int, float]:
         """The requests (how many, their cost) that would start before one of ``tenant`` costing ``cost``
         sent now: what its wait depends on. In fair order those of every tenant up to the start tag it would
         get (a tenant flooding the line is ahead of a newcomer by at most about one request); first come

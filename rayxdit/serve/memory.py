@@ -3,9 +3,10 @@
 A pool declares its memory per rank once it is up: the memory a rank may use (``capacity``: its GPU's, or
 the pool's ``memory_gib`` cap), what its weights and buffers take before any request (``resident``), and
 what a request adds on top, measured (``peak - resident`` of its warm-up, then of every request it serves).
-A request's activations grow with its **work**, megapixels x frames x images (``ResolvedRequest.work``) (latent tokens and the VAE's
-pixels are both proportional to it; an image's CFG branches run one after the other); the pool keeps the
-largest measured cost per unit of work, so its estimate of a larger request errs on the side of refusing.
+A request's activations grow with its **work** (``ResolvedRequest.work``), megapixels x frames x images
+(latent tokens and the VAE's pixels are both proportional to it; an image's CFG branches run one after the
+other); the pool keeps the largest measured cost per unit of work, so its estimate of a larger request errs
+on the side of refusing.
 
 A request whose work would take a rank past :data:`HEADROOM` of its capacity is refused before any GPU
 work (400 ``request_too_large``, naming the largest this model's pools hold), where an attempt would have
@@ -35,7 +36,8 @@ class MemoryProfile:
     resident_gib: float
     """Weights and buffers before any request."""
     gib_per_work: float = 0.0
-    """Activations per unit of work (:func:`rayxdit.limits.request_work`), the largest measured (0: nothing measured yet)."""
+    """Activations per unit of work (:func:`rayxdit.limits.request_work`), the largest measured (0: nothing
+    measured yet)."""
     measured_work: float = 0.0
     """The largest request measured so far."""
 
