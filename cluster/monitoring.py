@@ -263,7 +263,16 @@ ALERTS: list[tuple[str, str, str, str, str]] = [
         "or max by (node, gpu) (increase(ray_rayxdit_gpu_xid_errors[1h])) > 0",
         "0m",
         "critical",
-        "GPU {{ $labels.gpu }} on {{ $labels.node }} reported uncorrected ECC or Xid errors: drain the node",
+        "GPU {{ $labels.gpu }} on {{ $labels.node }} reported uncorrected ECC or Xid errors (rayxdit drains "
+        "the node itself when the fault is fatal: see RayxditNodeQuarantined)",
+    ),
+    (
+        "RayxditNodeQuarantined",
+        "max by (node) (ray_rayxdit_node_quarantined) == 1",
+        "0m",
+        "critical",
+        "node {{ $labels.node }} was taken out of service (drained) for failing hardware: `rayxdit "
+        "quarantine list` says why; fix or replace it, restart its Ray, then `rayxdit quarantine return`",
     ),
 ]
 

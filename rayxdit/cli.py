@@ -539,7 +539,82 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_serve(subparsers)
+    _add_quarantine(subparsers)
     return parser
+
+
+QUARANTINE_EPILOG = """examples:
+  rayxdit quarantine list                      # nodes out of service on the cluster of RAY_ADDRESS / auto
+  rayxdit quarantine return 4f2c...e1          # forget a node's record once its GPUs are fixed
+
+A node leaves service when its worker groups fail `quarantine.failures` times within `quarantine.window_s`
+(default 3 in 600 s) or a GPU reports a fatal fault (ECC, Xid): rayxdit drains it through Ray, as a spot
+notice would. Ray cannot undrain a node: after `return`, restart Ray on it (`ray stop; ray start
+--address=HEAD:6379`; under KubeRay delete its pod) and it takes work again.
+"""
+
+
+def _add_quarantine(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quarantine",
+        help="list the nodes taken out of service for failing hardware, or return one",
+        description="The nodes a running rayxdit application took out of service (drained) because their "
+        "GPUs kept failing; `return` forgets a node's record.",
+        epilog=QUARANTINE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=["list", "return"], help="list them, or return NODE")
+    parser.add_argument("node", nargs="?", default=None, help="the node id to return (from `list`)")
+    parser.add_argument(
+        "--address", default="auto", help="the Ray cluster running the application (default: %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_quarantine)
+
+
+def _quarantine(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import ray
+    from ray import serve
+
+    from rayxdit.serve.app import APP_NAME
+    from rayxdit.serve.state import STATE_DEPLOYMENT
+
+    if (args.action == "return") != (args.node is not None):
+        raise UsageError("give a NODE with `return` (and only with it): `rayxdit quarantine return NODE`")
+    try:
+        ray.init(address=args.address, logging_level="error")
+    except ConnectionError as error:
+        raise UsageError(f"no Ray cluster at --address {args.address} ({error})") from None
+    try:
+        state = serve.get_deployment_handle(STATE_DEPLOYMENT, app_name=APP_NAME)
+        if args.action == "list":
+            records = state.quarantined.remote().result(timeout_s=30)
+        else:
+            record = state.return_node.remote(args.node).result(timeout_s=30)
+            records = [] if record is None else [record]
+    except Exception as error:
+        raise UsageError(f"no rayxdit application answered on this cluster ({error!r})") from None
+    finally:
+        ray.shutdown()
+    if args.json:
+        print(json.dumps(records, indent=2))
+    elif args.action == "return" and not records:
+        print(f"node {args.node} is not quarantined")
+    elif not records:
+        print("no node is out of service")
+    for record in [] if args.json else records:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"]))
+        state_now = "alive, drained" if record["alive"] else "gone from the cluster"
+        verb = "returned" if args.action == "return" else "out of service"
+        print(f"{record['node']}  {verb} since {since} ({state_now})")
+        print(f"  GPUs {', '.join(record['gpus']) or '?'}; pools {', '.join(record['pools'])}")
+        print(f"  why: {record['reason']}")
+        if args.action == "return" and record["alive"]:
+            print("  Ray cannot undrain a node: restart Ray on it (ray stop; ray start --address=HEAD:6379)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -931,6 +931,24 @@ class ElasticConfig(BaseModel):
     )
 
 
+class QuarantineConfig(BaseModel):
+    """When failing hardware leaves service (``rayxdit.serve.quarantine``): its node is drained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="Take failing nodes out of service at all.")
+    failures: int = Field(
+        default=3,
+        ge=1,
+        description="Worker-group failures on one node (a rank died, hung or raised; a rebuild failed) within "
+        "window_s that take it out of service. A fatal GPU fault (uncorrected ECC, pending page retirement or "
+        "row remapping, a fatal Xid) does at once.",
+    )
+    window_s: float = Field(
+        default=600.0, gt=0, description="Seconds over which a node's group failures are counted."
+    )
+
+
 class StateConfig(BaseModel):
     """Where the application's shared state keeps what must outlive its replica (``rayxdit.serve.durable``)."""
 
@@ -990,6 +1008,7 @@ class ServeConfig(BaseModel):
         "scales on its own (Serve's per-deployment policy on its deployment_config).",
     )
     state: StateConfig = Field(default_factory=StateConfig)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     host: str = Field(default="127.0.0.1", description="HTTP bind address (rayxdit serve only).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (rayxdit serve only).")
 

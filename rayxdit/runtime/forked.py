@@ -445,6 +445,12 @@ class ForkedRank:
             self.telemetry = start_gpu_telemetry(self.device_index, self.telemetry_pool)
         return device
 
+    def gpu_health(self) -> dict[str, Any]:
+        """This rank's GPU and its NVML health (the telemetry runs in this actor, not in the child)."""
+        from rayxdit.runtime.telemetry import gpu_health
+
+        return gpu_health(self.telemetry, self.device_index)
+
 
 def _forwarder(method: str):
     def forward(self: ForkedRank, *args: Any, **kwargs: Any) -> Any:

@@ -105,13 +105,15 @@ def _sample(nvml: Any, handle: Any) -> dict[str, float]:
         "rayxdit_gpu_sm_clock_mhz": _field(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
         "rayxdit_gpu_clock_event_reasons": reasons,
         "rayxdit_gpu_throttled": None if reasons is None else float(int(reasons) & _TROUBLE_REASONS != 0),
-        "rayxdit_gpu_ecc_uncorrected_errors": _field(
-            lambda: nvml.nvmlDeviceGetTotalEccErrors(
-                handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
-            )
-        ),
+        "rayxdit_gpu_ecc_uncorrected_errors": _field(lambda: _ecc_uncorrected(nvml, handle)),
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _ecc_uncorrected(nvml: Any, handle: Any) -> float:
+    return nvml.nvmlDeviceGetTotalEccErrors(
+        handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+    )
 
 
 class GpuTelemetry:
@@ -129,6 +131,9 @@ class GpuTelemetry:
         }
         self.period_s = period_s
         self.xid_errors = 0
+        self.xids: list[int] = []
+        """The Xid of each critical event seen (the newest 64): the quarantine reads the fatal ones."""
+        self.ecc_at_start = _field(lambda: _ecc_uncorrected(nvml, self.handle)) or 0.0
         self.events = self._xid_events()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="rayxdit-gpu-telemetry", daemon=True)
@@ -157,10 +162,32 @@ class GpuTelemetry:
     def _count_xids(self) -> int:
         while True:
             try:
-                self.nvml.nvmlEventSetWait_v2(self.events, 0)
+                event = self.nvml.nvmlEventSetWait_v2(self.events, 0)
             except Exception:  # timeout: no more events
                 return self.xid_errors
             self.xid_errors += 1
+            self.xids = [*self.xids[-63:], int(getattr(event, "eventData", 0))]
+
+    def health(self) -> dict[str, Any]:
+        """What says whether this GPU can still be trusted (``rayxdit.serve.quarantine.fatal_gpu_faults``
+        decides): uncorrected ECC errors now and when the rank started, pages waiting to be retired, rows
+        waiting to be remapped or a remapping failure (Ampere and later), the Xids seen. Unsupported fields
+        are left out."""
+        nvml, handle = self.nvml, self.handle
+        report: dict[str, Any] = {"ecc_uncorrected_at_start": self.ecc_at_start, "xids": list(self.xids)}
+        ecc = _field(lambda: _ecc_uncorrected(nvml, handle))
+        if ecc is not None:
+            report["ecc_uncorrected"] = ecc
+        pending = _field(lambda: nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle))
+        if pending is not None:
+            report["retired_pages_pending"] = bool(pending)
+        try:
+            _, _, rows_pending, remapping_failed = nvml.nvmlDeviceGetRemappedRows(handle)
+            report["remapped_rows_pending"] = bool(rows_pending)
+            report["remapping_failed"] = bool(remapping_failed)
+        except Exception:  # NotSupported before Ampere
+            pass
+        return report
 
     def stop(self) -> None:
         self.stopped.set()
@@ -179,3 +206,8 @@ def start_gpu_telemetry(device_index: int, pool: str) -> GpuTelemetry | None:
     except Exception as error:
         logger.info("no GPU telemetry: %r", error)
         return None
+
+
+def gpu_health(telemetry: GpuTelemetry | None, device_index: int) -> dict[str, Any]:
+    """A rank's GPU (``gpu``: its physical index or UUID) and, with NVML, :meth:`GpuTelemetry.health`."""
+    return {"gpu": physical_gpu(device_index), **(telemetry.health() if telemetry is not None else {})}

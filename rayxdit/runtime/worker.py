@@ -121,6 +121,12 @@ class RankWorker:
         self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
         return self.engine.load_seconds
 
+    def gpu_health(self) -> dict[str, Any]:
+        """This rank's GPU and what NVML says of its health (:func:`rayxdit.runtime.telemetry.gpu_health`)."""
+        from rayxdit.runtime.telemetry import gpu_health
+
+        return gpu_health(self.telemetry, self.device_index)
+
     def memory(self) -> dict[str, float] | None:
         """This rank's memory in GiB (:meth:`Engine.memory_report`; None on a CPU)."""
         return self.engine.memory_report() if self.engine is not None else None

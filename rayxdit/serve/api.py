@@ -410,6 +410,12 @@ class PoolUnavailableError(RuntimeError):
     here, not beside the replica, so that the router can recognize it without importing the runtime."""
 
 
+class ReplicaQuarantinedError(RuntimeError):
+    """The replica's node left service for failing hardware (``rayxdit.serve.quarantine``) before or while
+    it ran the request, which did not run there again: the router routes it again, as for a replica that
+    died (the replica exits right after)."""
+
+
 def error_payload(
     message: str, kind: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

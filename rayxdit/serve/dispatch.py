@@ -28,7 +28,13 @@ from rayxdit.loras import adapter_set_key
 from rayxdit.request import EncodedResult, GenerateRequest, RequestError, RequestStopped, engine_seconds
 from rayxdit.retries import backoff_s
 from rayxdit.serve import metrics
-from rayxdit.serve.api import ApiError, PoolOutOfMemoryError, PoolUnavailableError, invalid
+from rayxdit.serve.api import (
+    ApiError,
+    PoolOutOfMemoryError,
+    PoolUnavailableError,
+    ReplicaQuarantinedError,
+    invalid,
+)
 from rayxdit.serve.catalog import Catalog
 from rayxdit.serve.routing import request_cost
 from rayxdit.serve.tasks import ask_state, detached, quiet
@@ -534,6 +540,9 @@ class Dispatcher:
             )
             raise ReplicaDied(pool.name) from None
         except Exception as error:
+            if isinstance(getattr(error, "cause", None), ReplicaQuarantinedError):  # it exits: as if it died
+                logger.warning("request %s: %s; routing it again", request_id, error.cause)
+                raise ReplicaDied(pool.name) from None
             raise pool_error(error, request_id) from None
         finally:
             for pending in (answer, renewal, watch):

@@ -85,6 +85,41 @@ class MemoryJournal:
         return True
 
 
+class ClusterJournal:
+    """Items in Ray's GCS key-value store (namespace ``<prefix>``), which lives as long as the cluster: for
+    records about the cluster itself (its quarantined nodes), which must outlive the state replica (a drained
+    node moves it) but mean nothing to another cluster. Without a TTL (items stay until dropped); Ray must be
+    initialized (it is in a Serve replica)."""
+
+    durable = True
+
+    def __init__(self, prefix: str = "rayxdit"):
+        from ray.experimental import internal_kv
+
+        self._kv = internal_kv
+        self.namespace = prefix
+
+    def _key(self, space: str, key: str = "") -> bytes:
+        return f"{space}:{key}".encode()
+
+    def save(self, space: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._kv._internal_kv_put(self._key(space, key), value, overwrite=True, namespace=self.namespace)
+
+    def drop(self, space: str, key: str) -> None:
+        self._kv._internal_kv_del(self._key(space, key), namespace=self.namespace)
+
+    def load(self, space: str) -> dict[str, tuple[bytes, float]]:
+        items = {}
+        for full in self._kv._internal_kv_list(self._key(space), namespace=self.namespace):
+            value = self._kv._internal_kv_get(full, namespace=self.namespace)
+            if value is not None:
+                items[full.decode().split(":", 1)[1]] = (value, math.inf)
+        return items
+
+    def claim(self, space: str, key: str, ttl_s: float) -> bool:
+        raise NotImplementedError("ClusterJournal keeps records, not claims")
+
+
 class RedisJournal:
     """Items as Redis keys ``<prefix>:<space>:<key>`` (expiring with their TTL), listed in the set
     ``<prefix>:<space>`` (members whose key expired are pruned when it is read back)."""

@@ -140,6 +140,31 @@ SERVING_METRICS = (
         ("pool", "cause"),
     ),
     MetricSpec(
+        "rayxdit_group_failures",
+        "counter",
+        "Worker-group failures a pool replica reported to the quarantine (a rank died, hung or raised; a "
+        "rebuild failed; a fatal GPU fault), by node: what rayxdit.serve.quarantine counts.",
+        ("pool", "node", "cause"),
+    ),
+    MetricSpec(
+        "rayxdit_quarantines",
+        "counter",
+        "Nodes taken out of service (drained) for failing hardware.",
+        ("node",),
+    ),
+    MetricSpec(
+        "rayxdit_quarantined_nodes",
+        "gauge",
+        "Nodes out of service now (`rayxdit quarantine list` names them).",
+        (),
+    ),
+    MetricSpec(
+        "rayxdit_node_quarantined",
+        "gauge",
+        "1 while the node is out of service, 0 once returned.",
+        ("node",),
+    ),
+    MetricSpec(
         "rayxdit_replica_start_seconds",
         "histogram",
         "Seconds of each stage of a pool replica's start: processes (rank processes up, imports done), "

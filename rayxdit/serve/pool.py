@@ -15,6 +15,10 @@ done with it:
   once if its deadline allows, else :class:`PoolUnavailableError` (HTTP 503).
 - **A rank runs out of memory**: the request is not retried (the same ranks would run out again):
   :class:`PoolOutOfMemoryError` (HTTP 507 ``out_of_memory``) at once; the group is rebuilt before the next.
+- **The hardware keeps failing**: every failure (and a fatal GPU fault the ranks' NVML reports, checked
+  between requests) is reported to the application's state, whose quarantine (``serve/quarantine.py``) may
+  take the node out of service. Then this replica runs nothing more: the request and those waiting for it
+  get :class:`ReplicaQuarantinedError` (the router routes them elsewhere), and it exits.
 
 ``check_health`` pings every rank also while a request runs: a rank that stops answering (frozen, hung)
 gets the group killed at once, so the running request fails over instead of waiting for its timeouts.
@@ -31,6 +35,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -42,8 +47,9 @@ from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.rank_process import OUT_OF_MEMORY
 from rayxdit.runtime.ray_executor import RayExecutor
 from rayxdit.serve import metrics
-from rayxdit.serve.api import PoolOutOfMemoryError, PoolUnavailableError
+from rayxdit.serve.api import PoolOutOfMemoryError, PoolUnavailableError, ReplicaQuarantinedError
 from rayxdit.serve.memory import MemoryProfile, profile_at_start
+from rayxdit.serve.quarantine import fatal_gpu_faults
 from rayxdit.serve.routing import ServiceFit
 from rayxdit.serve.state import HEARTBEAT_S
 from rayxdit.serve.tasks import keep_cancellations_quiet, quiet
@@ -56,6 +62,8 @@ PROGRESS_EVERY_S = 0.5
 PREVIEW_POLL_S = 0.1
 """How often a streamed request's partial images are fetched from rank 0 while it runs (a Flux.1-dev step
 takes ~0.1 s on an H200; the poll is a control call, answered beside the loop)."""
+EXIT_AFTER_S = 1.0
+"""A quarantined replica exits this long after it learned it: its answers to the requests it had get out."""
 
 
 class PoolReplica:
@@ -87,8 +95,14 @@ class PoolReplica:
         self.note_adapters = serve.multiplexed(max_num_models_per_replica=pool.engine.lora_resident)(
             adapters_served
         )
+        self.node = ray.get_runtime_context().get_node_id()  # STRICT_PACK: its ranks' node too
+        self.gpus: list[str] = []
+        """Its ranks' GPUs (physical index or UUID), named in failure reports."""
+        self.quarantined: str | None = None
+        """Why its node left service, once it did (see :meth:`_failed`)."""
         self.heartbeat = asyncio.create_task(self._heartbeat())  # "starting" while the model loads
         await asyncio.to_thread(self.executor.start)
+        await self._gpu_health()
         sharing = pool.engine.compile and pool.share_compile_artifacts and bool(pool.warmup_sizes)
         self.compile_report: dict[str, object] = {}
         """With compile and a warm-up: ranks that loaded the cluster's artifacts, bytes published, and rank
@@ -292,6 +306,45 @@ class PoolReplica:
     async def _rebuild(self, request_id: str | None = None) -> None:
         metrics.inc("rayxdit_group_rebuilds", pool=self.pool.name, cause=self.executor.broken_cause)
         await asyncio.to_thread(self.executor.rebuild, request_id)
+        await self._gpu_health()
+
+    async def _gpu_health(self) -> list[str]:
+        """Learn the ranks' GPUs (after a start or rebuild); the fatal faults their NVML reports."""
+        reports = await self.executor.collective_rpc_async("gpu_health")
+        self.gpus = [str(report.get("gpu", "?")) for report in reports]
+        return [fault for report in reports for fault in fatal_gpu_faults(report)]
+
+    async def _failed(self, cause: str, faults: list[str] | None = None) -> None:
+        """Report a failure of the group (or fatal GPU faults) to the quarantine; when its node leaves
+        service, this replica stops running requests and exits (Serve starts a replacement elsewhere)."""
+        try:
+            record = await self.state.group_failed.remote(
+                self.node, self.gpus, self.pool.name, cause, faults or []
+            )
+        except Exception as error:  # the state restarting: this failure goes uncounted
+            logger.warning("%s: failure not reported to the quarantine: %r", self.replica, error)
+            return
+        if record is None or self.quarantined is not None:
+            return
+        self.quarantined = record["reason"]
+        logger.error(
+            "%s: node %s left service (%s): exiting; Serve starts a replacement elsewhere",
+            self.replica,
+            self.node,
+            self.quarantined,
+        )
+        asyncio.get_running_loop().call_later(EXIT_AFTER_S, self._exit)
+
+    def _exit(self) -> None:
+        self.executor.abort()  # the ranks go at once, whatever Ray does next
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _refuse_if_quarantined(self, request_id: str) -> None:
+        if self.quarantined is not None:
+            raise ReplicaQuarantinedError(
+                f"{self.pool.name}: request {request_id} not run: node {self.node} left service "
+                f"({self.quarantined})"
+            )
 
     async def _run(
         self, request: GenerateRequest, request_id: str, deadline: float | None, cost: float
@@ -307,6 +360,7 @@ class PoolReplica:
         metrics.observe("rayxdit_queue_wait_seconds", time.monotonic() - arrived, **self.labels)
         metrics.set_gauge("rayxdit_requests_running", 1, pool=self.pool.name)
         try:
+            self._refuse_if_quarantined(request_id)
             return await self._attempts(request, request_id, deadline, cost)
         finally:
             metrics.set_gauge("rayxdit_requests_running", 0, pool=self.pool.name)
@@ -351,6 +405,7 @@ class PoolReplica:
                 if error.cause == OUT_OF_MEMORY:  # the same ranks would run out again: no second attempt
                     raise PoolOutOfMemoryError(f"{self.pool.name}: {error}") from None
                 last_error = error
+                await self._failed(error.cause)
             except (RequestStopped, asyncio.CancelledError):
                 raise
             except Exception as error:  # rebuild failed: let the health check replace the replica
@@ -358,9 +413,13 @@ class PoolReplica:
                     raise
                 logger.warning("request %s: rebuilding failed: %r", request_id, error)
                 last_error = error
+                await self._failed("rebuild_failed")
+            self._refuse_if_quarantined(request_id)  # never again on the same hardware
         raise PoolUnavailableError(f"{self.pool.name}: {last_error}")
 
     async def check_health(self) -> None:
+        if self.quarantined is not None:
+            raise RuntimeError(f"node {self.node} left service: {self.quarantined}")
         healthy = await self.executor.healthy()
         if self.lock.locked():
             if not healthy and not self.executor.broken:
@@ -370,10 +429,19 @@ class PoolReplica:
                 )
                 self.executor.abort()
             return
-        if healthy:
+        if healthy and self.pool.accelerator != "gpu":
             return
+        # The lock is free (checked above, nothing awaited since): taking it cannot wait on a request.
         async with self.lock:
-            await self._rebuild()
+            if healthy:  # a GPU can report a fatal fault (ECC, Xid) before any request fails on it
+                faults = await self._gpu_health()
+                if faults:
+                    await self._failed("gpu_fault", faults)
+                return
+            if not self.executor.broken:  # found unresponsive between requests: a failure of its own
+                await self._failed("rank_unresponsive")
+            if self.quarantined is None:
+                await self._rebuild()
 
     def worker_pids(self) -> list[int]:
         return self.executor.pids()

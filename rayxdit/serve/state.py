@@ -43,12 +43,13 @@ from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.batches import LineStore
 from rayxdit.serve.budget import BudgetCache
-from rayxdit.serve.durable import Journal, MemoryJournal, open_journal, wall_offset
+from rayxdit.serve.durable import ClusterJournal, Journal, MemoryJournal, open_journal, wall_offset
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.memory import MemoryProfile, pool_limit, too_large
 from rayxdit.serve.policies import routing_policy
+from rayxdit.serve.quarantine import QuarantineBook, node_is_alive
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, idle_pools, retry_after
 from rayxdit.serve.tenants import (
     ANONYMOUS,
@@ -229,6 +230,9 @@ class AppState:
         self.jobs = JobStore(router.job_ttl_s, router.max_job_bytes, router.job_lease_s, self.journal)
         self.files = FileStore(router.job_ttl_s, router.max_job_bytes, journal=self.journal)
         self.batch_lines = LineStore(router.job_ttl_s, self.journal)
+        # In Ray's GCS, not the journal: node ids mean something to this cluster only, and the records must
+        # outlive this replica also without a Redis (draining a node moves the replicas on it, this one too).
+        self.quarantine = QuarantineBook(config.quarantine, ClusterJournal(config.state.key_prefix))
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(
@@ -261,6 +265,26 @@ class AppState:
             self.published_at = time.monotonic()
             self.published.clear()
             self._loads()
+            self.quarantine.publish()
+
+    # ----- failing hardware (serve/quarantine.py) ---------------------------------------------------------
+    async def group_failed(
+        self, node: str, gpus: list[str], pool: str, cause: str, faults: list[str]
+    ) -> dict[str, Any] | None:
+        """A pool replica's worker group failed on ``node`` (or its GPUs report ``faults``): the node's
+        quarantine record when it is out of service (now or already), else None."""
+        record = self.quarantine.failed(node, gpus, pool, cause, faults)
+        return None if record is None else dataclasses.asdict(record)
+
+    async def quarantined(self) -> list[dict[str, Any]]:
+        """Nodes out of service, oldest first, each with ``alive``: still a live (drained) Ray node."""
+        return [{**record, "alive": node_is_alive(record["node"])} for record in self.quarantine.listing()]
+
+    async def return_node(self, node: str) -> dict[str, Any] | None:
+        """Forget ``node``'s quarantine (``rayxdit quarantine return``): its record (None: it had none),
+        with ``alive``: still a live Ray node, drained until its Ray restarts (Ray cannot undrain)."""
+        record = self.quarantine.give_back(node)
+        return None if record is None else {**dataclasses.asdict(record), "alive": node_is_alive(node)}
 
     async def loads(self) -> dict[str, PoolLoad]:
         """Every pool's replicas, outstanding requests and learned rates, as of now."""

@@ -1,0 +1,150 @@
+"""A real multi-node Ray cluster on this machine serving a rayxdit application, and a steady HTTP load on it.
+
+``ray.cluster_utils.Cluster`` runs real raylets as nodes: a head (the HTTP proxy, as behind a cloud load
+balancer that health-checks the proxies) and 2-GPU nodes (logical GPUs) added before the application, which
+its replicas take, then spare nodes added after it (where replacements go).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import ray
+import requests
+from PIL import Image
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from rayxdit.config import ServeConfig
+from rayxdit.serve.app import APP_NAME, build_app
+from tests.helpers import free_port, stop_ray_cluster
+
+STARTS = 2
+"""Tries at starting the cluster. A raylet that has not registered with the GCS 30 s after it started fails
+its node's start (a limit hard-coded in Ray's ``node.py``); on a loaded 2-core CI machine one did. The
+failed node's processes are orphans then, so a retry starts the whole cluster afresh."""
+NODE = {"num_cpus": 4, "num_gpus": 2}
+
+
+@dataclass
+class ServingCluster:
+    cluster: Cluster
+    nodes: dict[str, ray._private.node.Node]
+    """The nodes by test name (A, B, C, ...)."""
+    url: str
+
+    def names(self) -> dict[str, str]:
+        return {node.node_id: name for name, node in self.nodes.items()}
+
+    def replica_nodes(self, pool: str) -> list[str]:
+        """The node (by test name) of each living replica of ``pool``, sorted."""
+        names = self.names()
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        return sorted(names.get(a.node_id, "head") for a in actors if a.class_name.endswith(f":{pool}"))
+
+    def add(self, name: str) -> None:
+        self.nodes[name] = self.cluster.add_node(**NODE)
+        self.cluster.wait_for_nodes()
+
+
+def _start(config: ServeConfig, first: list[str], spare: list[str], head: dict) -> ServingCluster:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, **head})
+    try:
+        nodes = {name: cluster.add_node(**NODE) for name in first}
+        ray.init(address=cluster.address, logging_level="warning")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        for name in spare:
+            nodes[name] = cluster.add_node(**NODE)
+        cluster.wait_for_nodes()
+        return ServingCluster(cluster, nodes, f"http://127.0.0.1:{port}")
+    except BaseException:
+        stop(cluster)
+        raise
+
+
+def stop(cluster: Cluster) -> None:
+    """The whole cluster, also a node whose start failed: no graceful Serve shutdown first (it waits on every
+    replica)."""
+    gcs_port = int(cluster.address.rsplit(":", 1)[1])
+    ray.shutdown()
+    cluster.shutdown()
+    stop_ray_cluster(gcs_port)
+
+
+@contextmanager
+def serving_cluster(
+    config: ServeConfig, first: list[str], spare: list[str], head: dict | None = None
+) -> Iterator[ServingCluster]:
+    """The application on nodes ``first`` (its replicas' places), then ``spare`` nodes added; stopped after.
+    ``head``: more of the head's node arguments."""
+    for attempt in range(1, STARTS + 1):
+        try:
+            started = _start(config, first, spare, head or {})
+            break
+        except Exception as error:
+            if attempt == STARTS or "timed out during startup" not in str(error):
+                raise
+            warnings.warn(f"the cluster did not start ({error}); starting it afresh", stacklevel=1)
+    try:
+        yield started
+    finally:
+        stop(started.cluster)
+
+
+@dataclass
+class Load:
+    """``clients`` threads each sending one image request after another, every answer kept."""
+
+    url: str
+    clients: int = 3
+    tag: str = "load"
+    answers: list[tuple[float, float, int, str]] = field(default_factory=list)
+    """(began, ended, HTTP status or 0, what was wrong: empty when a PNG of the asked size came)."""
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def _client(self, index: int) -> None:
+        sent = 0
+        while not self.stopping.is_set():
+            size = ("64x64", "48x40")[sent % 2]
+            body = {"prompt": f"{self.tag} {index}", "size": size, "steps": 10, "seed": 100 * index + sent}
+            began = time.monotonic()
+            try:
+                response = requests.post(self.url + "/v1/images/generations", json=body, timeout=120)
+                status, wrong = response.status_code, ""
+                if status == 200:
+                    png = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+                    if png.format != "PNG" or "x".join(map(str, png.size)) != size:
+                        wrong = f"{png.format} {png.size}"
+                else:
+                    wrong = response.text[:300]
+            except requests.RequestException as error:
+                status, wrong = 0, repr(error)
+            self.answers.append((began, time.monotonic(), status, wrong))
+            sent += 1
+
+    @contextmanager
+    def running(self) -> Iterator[Load]:
+        with ThreadPoolExecutor(self.clients) as threads:
+            for index in range(self.clients):
+                threads.submit(self._client, index)
+            try:
+                yield self
+            finally:
+                self.stopping.set()
+
+    def lost(self, since: float = 0.0) -> list[tuple[float, float, int, str]]:
+        """Answers that were not a PNG of the asked size (times relative to ``since``)."""
+        return [
+            (round(b - since, 1), round(e - since, 1), s, w) for b, e, s, w in self.answers if s != 200 or w
+        ]
