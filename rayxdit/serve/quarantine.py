@@ -7,6 +7,9 @@ ranks' fatal GPU faults to the application's state, which keeps them here. The d
 (:func:`fatal_gpu_faults`: uncorrected ECC errors since the rank started, pages or rows waiting to be
 retired or remapped, a row remapping failure, an Xid in :data:`FATAL_XIDS`).
 
+The head node is never drained (the cluster's control plane, and a one-machine deployment's only node):
+its failures are counted and logged, and its groups rebuilt in place as before.
+
 Why a drain, and why of the whole node: Ray places bundles by resources and labels that are fixed when a
 node starts. It cannot take one GPU out (``GPU`` is a unit resource: the GCS refuses to resize it), nor
 relabel a node at run time. A drain (``DRAIN_NODE_REASON_PREEMPTION``, no deadline: the call a spot notice
@@ -80,11 +83,17 @@ class Failure:
 
 
 def should_quarantine(
-    failures: Sequence[Failure], node: str, now: float, config: QuarantineConfig, faults: Sequence[str] = ()
+    failures: Sequence[Failure],
+    node: str,
+    now: float,
+    config: QuarantineConfig,
+    faults: Sequence[str] = (),
+    head: bool = False,
 ) -> str | None:
     """Why ``node`` leaves service now (None: it stays): a fatal GPU fault at once, or ``config.failures``
-    failures on it within ``config.window_s``."""
-    if not config.enabled:
+    failures on it within ``config.window_s``. Never the ``head`` node: draining it would stop the cluster's
+    control plane with it (and a one-machine deployment's only node); its failures are only counted."""
+    if not config.enabled or head:
         return None
     if faults:
         return "; ".join(faults)
@@ -137,7 +146,7 @@ class QuarantineBook:
         metrics.inc("rayxdit_group_failures", pool=pool, node=node, cause=cause)
         if node in self.nodes:
             return self.nodes[node]
-        reason = should_quarantine(list(self.failures), node, now, self.config, faults)
+        reason = should_quarantine(list(self.failures), node, now, self.config, faults, node_is_head(node))
         if reason is None:
             return None
         on_node = [f for f in self.failures if f.node == node]
@@ -198,6 +207,19 @@ def drain_node(node: str, message: str) -> tuple[bool, str | None]:
         return bool(accepted), (rejection or None) if not accepted else None
     except Exception as error:  # the record and the failing replica's exit stand; the log says it
         return False, repr(error)
+
+
+def node_is_head(node: str) -> bool:
+    """Whether ``node`` is the cluster's head (False when Ray cannot tell)."""
+    try:
+        import ray
+
+        return any(
+            entry["NodeID"] == node and "node:__internal_head__" in entry["Resources"]
+            for entry in ray.nodes()
+        )
+    except Exception:
+        return False
 
 
 def node_is_alive(node: str) -> bool:

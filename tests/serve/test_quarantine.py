@@ -24,6 +24,8 @@ def test_a_node_leaves_after_n_failures_within_the_window_and_only_that_node():
     assert should_quarantine(failures("a", 1, 2, 61), "a", now, CONFIG) is None
     assert should_quarantine(failures("a", 1, 2) + failures("b", 3), "a", now, CONFIG) is None
     assert should_quarantine(failures("a", 1, 2, 3), "b", now, CONFIG) is None
+    # Never the head node (the control plane; a one-machine deployment's only node).
+    assert should_quarantine(failures("a", 1, 2, 3), "a", now, CONFIG, head=True) is None
     # A fatal fault at once; nothing at all when disabled.
     assert should_quarantine([], "a", now, CONFIG, ["GPU 0: Xid 79"]) == "GPU 0: Xid 79"
     off = QuarantineConfig(enabled=False, failures=1)
