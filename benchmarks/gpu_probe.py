@@ -1,5 +1,7 @@
 """Ceilings that explain the Flux numbers: attention kernel throughput at the exact shapes (whole sequence
-and ring blocks), a large GEMM, and NCCL bandwidth between the GPUs (all-to-all, point-to-point).
+and ring blocks), a large GEMM, and NCCL bandwidth between the GPUs (all-to-all, point-to-point); and each
+GPU's health as the quarantine reads it from NVML (a healthy GPU must show no fatal fault, or rayxdit would
+drain a good node).
 
     python benchmarks/gpu_probe.py [--out probe.json]
     python benchmarks/gpu_probe.py --small --out /tmp/probe.json      # CPU smoke: tiny shapes, gloo
@@ -147,6 +149,18 @@ def _bandwidth(worker, sequences: tuple[int, ...]) -> list[str] | None:
     return lines if rank == 0 else None
 
 
+def gpu_health() -> None:
+    """Each visible GPU's NVML health report and the fatal faults the quarantine would find in it."""
+    from rayxdit.runtime.telemetry import gpu_health_now
+    from rayxdit.serve.quarantine import fatal_gpu_faults
+
+    for index in range(max(1, torch.cuda.device_count())):
+        report = gpu_health_now(str(index))
+        faults = fatal_gpu_faults(report)
+        print(f"GPU {index} health {report}: fatal faults {faults or 'none'}", flush=True)
+        RESULTS.append({"probe": "gpu_health", "report": report, "fatal_faults": faults})
+
+
 def main(argv: list[str] | None = None) -> int:
     global SEQUENCES, GEMM
     parser = argparse.ArgumentParser(
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()} "
         f"{torch.cuda.device_count()}x {gpu}; NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}"
     )
+    gpu_health()
     attention_kernels()
     if torch.cuda.device_count() >= 2 or not torch.cuda.is_available():  # on CPU: gloo between 2 processes
         with LocalExecutor(2, call_timeout_s=300) as executor:

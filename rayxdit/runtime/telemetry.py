@@ -116,6 +116,38 @@ def _ecc_uncorrected(nvml: Any, handle: Any) -> float:
     )
 
 
+def read_health(nvml: Any, handle: Any, ecc_at_start: float, xids: list[int]) -> dict[str, Any]:
+    """What says whether a GPU can still be trusted (``rayxdit.serve.quarantine.fatal_gpu_faults`` decides):
+    uncorrected ECC errors now and at ``ecc_at_start``, pages waiting to be retired, rows waiting to be
+    remapped or a remapping failure (Ampere and later), the ``xids`` seen. Unsupported fields are left
+    out."""
+    report: dict[str, Any] = {"ecc_uncorrected_at_start": ecc_at_start, "xids": list(xids)}
+    ecc = _field(lambda: _ecc_uncorrected(nvml, handle))
+    if ecc is not None:
+        report["ecc_uncorrected"] = ecc
+    pending = _field(lambda: nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle))
+    if pending is not None:
+        report["retired_pages_pending"] = bool(pending)
+    try:
+        _, _, rows_pending, remapping_failed = nvml.nvmlDeviceGetRemappedRows(handle)
+        report["remapped_rows_pending"] = bool(rows_pending)
+        report["remapping_failed"] = bool(remapping_failed)
+    except Exception:  # NotSupported before Ampere
+        pass
+    return report
+
+
+def gpu_health_now(gpu: str = "0") -> dict[str, Any]:
+    """:func:`read_health` of ``gpu`` (index or UUID) read once, outside a rank (the GPU probe): ``{"gpu"}``
+    alone without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return {"gpu": gpu}
+    handle = _handle(nvml, gpu)
+    ecc = _field(lambda: _ecc_uncorrected(nvml, handle)) or 0.0
+    return {"gpu": gpu, **read_health(nvml, handle, ecc, [])}
+
+
 class GpuTelemetry:
     """A daemon thread publishing one GPU's NVML samples as Ray gauges every ``period_s``."""
 
@@ -169,25 +201,9 @@ class GpuTelemetry:
             self.xids = [*self.xids[-63:], int(getattr(event, "eventData", 0))]
 
     def health(self) -> dict[str, Any]:
-        """What says whether this GPU can still be trusted (``rayxdit.serve.quarantine.fatal_gpu_faults``
-        decides): uncorrected ECC errors now and when the rank started, pages waiting to be retired, rows
-        waiting to be remapped or a remapping failure (Ampere and later), the Xids seen. Unsupported fields
-        are left out."""
-        nvml, handle = self.nvml, self.handle
-        report: dict[str, Any] = {"ecc_uncorrected_at_start": self.ecc_at_start, "xids": list(self.xids)}
-        ecc = _field(lambda: _ecc_uncorrected(nvml, handle))
-        if ecc is not None:
-            report["ecc_uncorrected"] = ecc
-        pending = _field(lambda: nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle))
-        if pending is not None:
-            report["retired_pages_pending"] = bool(pending)
-        try:
-            _, _, rows_pending, remapping_failed = nvml.nvmlDeviceGetRemappedRows(handle)
-            report["remapped_rows_pending"] = bool(rows_pending)
-            report["remapping_failed"] = bool(remapping_failed)
-        except Exception:  # NotSupported before Ampere
-            pass
-        return report
+        """:func:`read_health` of this GPU, with the uncorrected ECC count when the rank started and the
+        Xids this sampler has seen."""
+        return read_health(self.nvml, self.handle, self.ecc_at_start, self.xids)
 
     def stop(self) -> None:
         self.stopped.set()

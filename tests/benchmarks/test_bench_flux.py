@@ -71,7 +71,8 @@ def test_gpu_probe_runs_at_tiny_shapes(tmp_path):
     out = tmp_path / "probe.json"
     assert gpu_probe.main(["--small", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert {r["probe"] for r in results} == {"attention", "gemm", "collective"}
+    assert {r["probe"] for r in results} == {"attention", "gemm", "collective", "gpu_health"}
+    assert [r["fatal_faults"] for r in results if r["probe"] == "gpu_health"] == [[]]
     assert any(r["probe"] == "attention" and "ms" in r for r in results)
 
 
