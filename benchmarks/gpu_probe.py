@@ -151,14 +151,24 @@ def _bandwidth(worker, sequences: tuple[int, ...]) -> list[str] | None:
 
 def gpu_health() -> None:
     """Each visible GPU's NVML health report and the fatal faults the quarantine would find in it."""
-    from rayxdit.runtime.telemetry import gpu_health_now
+    from rayxdit.runtime.telemetry import _nvml, gpu_health_now
     from rayxdit.serve.quarantine import fatal_gpu_faults
 
+    nvml = _nvml()
     for index in range(max(1, torch.cuda.device_count())):
         report = gpu_health_now(str(index))
         faults = fatal_gpu_faults(report)
-        print(f"GPU {index} health {report}: fatal faults {faults or 'none'}", flush=True)
-        RESULTS.append({"probe": "gpu_health", "report": report, "fatal_faults": faults})
+        xids = None  # whether this GPU delivers Xid events here (a container may not): the fatal-Xid check
+        if nvml is not None:
+            try:
+                events = nvml.nvmlEventSetCreate()
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)
+                xids = True
+            except Exception as error:
+                xids = repr(error)
+        print(f"GPU {index} health {report}: fatal faults {faults or 'none'}; Xid events {xids}", flush=True)
+        RESULTS.append({"probe": "gpu_health", "report": report, "fatal_faults": faults, "xid_events": xids})
 
 
 def main(argv: list[str] | None = None) -> int:
