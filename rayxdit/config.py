@@ -635,6 +635,19 @@ class PoolConfig(WorkerGroupConfig):
         default=None,
         description="Name clients use in the API's `model` field; default: the model's last path part.",
     )
+    model_version: str = Field(
+        default="1",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="The version of the model this pool serves (a fine-tune, a new checkpoint): requests may "
+        "pin one (`model_version` in the body), and GET /v1/models lists them.",
+    )
+    traffic_weight: float = Field(
+        default=100.0,
+        ge=0.0,
+        description="This version's share of its model's unpinned requests, relative to the other versions' "
+        "(e.g. 95 and 5 for a canary); every pool of one model and version gives the same. 0: pinned requests "
+        "only. Changed by deploying the config again, without restarting the pool's replicas.",
+    )
     route_min_cost: float = Field(
         default=0.0,
         ge=0.0,
@@ -718,6 +731,11 @@ class PoolConfig(WorkerGroupConfig):
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.engine.model.rstrip("/").rsplit("/", 1)[-1]
+
+    def for_replicas(self) -> PoolConfig:
+        """This pool as its replicas get it: without what only routes to it (``traffic_weight``), so that a
+        new weight (a rollout's next step) deploys without restarting them."""
+        return self.model_copy(update={"traffic_weight": 100.0})
 
 
 class ApiKey(BaseModel):
@@ -1012,6 +1030,18 @@ class ServeConfig(BaseModel):
     host: str = Field(default="127.0.0.1", description="HTTP bind address (rayxdit serve only).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (rayxdit serve only).")
 
+    def traffic_weights(self) -> dict[str, dict[str, float]]:
+        """Each model's versions by their ``traffic_weight``."""
+        weights: dict[str, dict[str, float]] = {}
+        for pool in self.pools:
+            weights.setdefault(pool.served_model_name, {})[pool.model_version] = pool.traffic_weight
+        return weights
+
+    def without_traffic_weights(self) -> ServeConfig:
+        """This config with every pool's ``traffic_weight`` at its default: what Serve's code version hashes
+        (the weights go to the router's ``user_config``, which Serve changes without a restart)."""
+        return self.model_copy(update={"pools": [pool.for_replicas() for pool in self.pools]})
+
     @model_validator(mode="after")
     def _unique_pool_names(self) -> ServeConfig:
         names = [pool.name for pool in self.pools]
@@ -1031,6 +1061,17 @@ class ServeConfig(BaseModel):
                     f"pools serving '{pool.served_model_name}' load different controlnets, IP-Adapters or "
                     "lora_sources: give them the same"
                 )
+        weights: dict[tuple[str, str], float] = {}
+        for pool in self.pools:
+            version = (pool.served_model_name, pool.model_version)
+            if weights.setdefault(version, pool.traffic_weight) != pool.traffic_weight:
+                raise ValueError(
+                    f"pools serving '{version[0]}' version {version[1]} give different traffic_weight: give "
+                    "every pool of one version the same"
+                )
+        for model in {model for model, _ in weights}:
+            if not any(weight > 0 for (name, _), weight in weights.items() if name == model):
+                raise ValueError(f"every version of '{model}' has traffic_weight 0: give one a share")
         if self.elastic is not None:
             fixed = [pool.name for pool in self.pools if "autoscaling_config" not in pool.serve_options()]
             if fixed:

@@ -37,6 +37,8 @@ class ResolvedRequest:
     width: int
     steps: int
     frames: int = 1
+    model_version: str | None = None
+    """The version of the model the request pins (None: the versions share it by their weights)."""
 
     @property
     def batch(self) -> int:

@@ -59,6 +59,11 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(
         default=None, description="A name from GET /v1/models; default: the first model."
     )
+    model_version: str | None = Field(
+        default=None,
+        description="Pin a version of the model (GET /v1/models lists them, rayxdit); default: the versions "
+        "share the requests by their traffic weights.",
+    )
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images.")
     size: str | None = Field(
         default=None, description='"WIDTHxHEIGHT", e.g. "1024x1024"; default: the model\'s.'
@@ -243,6 +248,11 @@ class VideoGenerationRequest(BaseModel):
     prompt: str = Field(description="What to film.", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
         default=None, description="A video model from GET /v1/models; default: the first one."
+    )
+    model_version: str | None = Field(
+        default=None,
+        description="Pin a version of the model (GET /v1/models lists them, rayxdit); default: the versions "
+        "share the requests by their traffic weights.",
     )
     size: str | None = Field(default=None, description='"WIDTHxHEIGHT"; default: the model\'s.')
     seconds: float | None = Field(

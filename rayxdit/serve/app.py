@@ -82,6 +82,11 @@ def model_cards(config: ServeConfig) -> dict[str, ModelCard]:
     return cards
 
 
+def router_user_config(config: ServeConfig) -> dict[str, Any]:
+    """What the router's replicas take without a restart (``Router.reconfigure``): the versions' weights."""
+    return {"traffic_weights": config.traffic_weights()}
+
+
 def fixed_size(replicas: int) -> dict[str, int]:
     """An autoscaling config that never scales: every deployment of the application has one, so that an
     application-level autoscaling policy sees all of them (and Serve warns about none)."""
@@ -107,7 +112,9 @@ def build_app(config: ServeConfig) -> Application:
         .bind(config)
     )
     pools = {
-        pool.name: serve.deployment(PoolReplica).options(**pool_deployment_options(pool)).bind(pool, state)
+        pool.name: serve.deployment(PoolReplica)
+        .options(**pool_deployment_options(pool))
+        .bind(pool.for_replicas(), state)
         for pool in config.pools
     }
     router = serve.deployment(Router).options(
@@ -115,6 +122,7 @@ def build_app(config: ServeConfig) -> Application:
         autoscaling_config=fixed_size(config.router.replicas),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
+        user_config=router_user_config(config),
     )
     return router.bind(config, pools, model_cards(config), state)
 
@@ -139,12 +147,16 @@ def application_document(
     """The rayxdit application as a Serve config entry (what ``serve run``/``serve deploy`` read from YAML),
     with the application-level autoscaling policy when ``config.elastic`` is set: the policy gets the same
     args, from which it knows every pool."""
-    args = config.model_dump(mode="json")
+    # The versions' traffic weights go to the router's user_config, not the args: Serve restarts every
+    # replica of an application whose args change (its code version hashes them), and changes a user_config
+    # in place (``Router.reconfigure``). A rollout's next weight restarts nothing.
+    args = config.without_traffic_weights().model_dump(mode="json")
     document: dict[str, Any] = {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": "rayxdit.serve.app:app_builder",
         "args": args,
+        "deployments": [{"name": "router", "user_config": router_user_config(config)}],
     }
     if config.elastic is not None:
         document["autoscaling_policy"] = {"policy_function": ELASTIC_POLICY, "policy_kwargs": {"app": args}}

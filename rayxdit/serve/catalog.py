@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from rayxdit.config import PoolConfig, ServeConfig
+from rayxdit.config import ConfigError, PoolConfig, ServeConfig
 from rayxdit.limits import ModelCard
 from rayxdit.loras import list_loras
 from rayxdit.serve.api import invalid
@@ -21,6 +21,10 @@ class Catalog:
         self.pools_by_model: dict[str, list[PoolConfig]] = defaultdict(list)
         for pool in config.pools:
             self.pools_by_model[pool.served_model_name].append(pool)
+        self.versions: dict[str, dict[str, float]] = defaultdict(dict)
+        """Each model's versions, by their ``traffic_weight`` (the same for every pool of a version)."""
+        for pool in config.pools:
+            self.versions[pool.served_model_name][pool.model_version] = pool.traffic_weight
         self.cards = cards
         videos = [name for name in self.pools_by_model if cards[name].limits.makes_video]
         images = [name for name in self.pools_by_model if name not in videos]
@@ -45,6 +49,30 @@ class Catalog:
                 "model_kind_mismatch",
             )
         return model
+
+    def set_weights(self, weights: dict[str, dict[str, float]]) -> None:
+        """New traffic weights for the versions of the models named (others keep theirs)."""
+        for model, versions in weights.items():
+            served = self.versions.get(model)
+            if served is None or set(versions) != set(served):
+                raise ConfigError(
+                    f"traffic_weights: '{model}' {sorted(versions)} are not the served versions "
+                    f"{sorted(served or {})}"
+                )
+            if any(weight < 0 for weight in versions.values()) or not any(versions.values()):
+                raise ConfigError(f"traffic_weights of '{model}': none negative, and one above 0")
+        for model, versions in weights.items():
+            self.versions[model] = {version: float(weight) for version, weight in versions.items()}
+
+    def version_named(self, model: str, requested: str | None) -> str | None:
+        """The version a request pins (None: it pins none); 400 when ``model`` has no such version."""
+        if requested is None or requested in self.versions[model]:
+            return requested
+        raise invalid(
+            f"model '{model}' has no version '{requested}'; served: {', '.join(sorted(self.versions[model]))}",
+            "model_version",
+            "model_version_not_found",
+        )
 
     def engine_of(self, model: str | None, kind: str = "image"):
         """The engine options every pool of ``model`` shares (its ControlNets and IP-Adapter); None for a
@@ -86,9 +114,19 @@ class Catalog:
                     "ip_adapter": pools[0].engine.ip_adapter,
                     "loras": list_loras(pools[0].engine.lora_sources),
                     **video,
+                    "versions": [
+                        {
+                            "version": version,
+                            "traffic_weight": weight,
+                            "traffic_share": round(weight / sum(self.versions[name].values()), 4),
+                            "pools": [pool.name for pool in pools if pool.model_version == version],
+                        }
+                        for version, weight in sorted(self.versions[name].items())
+                    ],
                     "pools": [
                         {
                             "name": pool.name,
+                            "model_version": pool.model_version,
                             "ranks": pool.ranks,
                             "parallel": str(pool.engine.parallel),
                             "route_min_cost": pool.route_min_cost,

@@ -36,7 +36,7 @@ from rayxdit.serve.api import (
     invalid,
 )
 from rayxdit.serve.catalog import Catalog
-from rayxdit.serve.routing import request_cost
+from rayxdit.serve.routing import pick_version, request_cost, version_draw
 from rayxdit.serve.tasks import ask_state, detached, quiet
 from rayxdit.serve.tenants import ANONYMOUS, has_limits
 
@@ -261,6 +261,11 @@ class Dispatcher:
         work = resolved.work
         arrived = arrived or time.time()
         pools = self.catalog.pools_by_model[model]
+        pinned = resolved.model_version
+        version = pinned or pick_version(self.catalog.versions[model], version_draw(request_id))
+        # The other versions' pools: never for a pinned request; for an unpinned one only when its version
+        # has no pool to take it (a version's weight is a share of the requests, not a reason to refuse one).
+        other_versions = [pool.name for pool in pools if pool.model_version != version]
         longest = max(pool.request_timeout_s for pool in pools)
         admission_deadline = arrived + min(timeout or longest, longest)
         tried: list[str] = []
@@ -276,7 +281,7 @@ class Dispatcher:
                     cost,
                     ticket,
                     admission_deadline,
-                    tried,
+                    [*tried, *other_versions],
                     request_id,
                     tenant,
                     limits,
@@ -292,6 +297,9 @@ class Dispatcher:
             routing_s += time.monotonic() - began
             if decision.get("too_large") is not None:
                 raise too_large_error(model, resolved, work, decision["too_large"], request_id)
+            if decision["pool"] is None and other_versions and not pinned:
+                other_versions = []  # its version cannot take it now: any version may
+                continue
             if decision["pool"] is None:
                 if background and (decision.get("busy") or "estimate_s" not in decision):
                     raise Busy(max(BUSY_WAIT_S, decision.get("retry_after_s") or 0.0))
@@ -360,6 +368,7 @@ class Dispatcher:
             "request_id": request_id,
             "router": self.replica,
             "pool": pool.name,
+            "model_version": pool.model_version,
             "ranks": pool.ranks,
             "cost": round(cost, 4),
             "estimate_s": None if decision["estimate_s"] is None else round(decision["estimate_s"], 3),

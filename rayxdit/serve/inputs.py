@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -269,6 +270,7 @@ def resolve(
     time series)."""
     kind = "video" if isinstance(body, VideoGenerationRequest) else "image"
     model = catalog.model_named(body.model, kind)
+    version = catalog.version_named(model, body.model_version)
     labels["model"] = model
     limits = catalog.cards[model].limits
     seed = secrets.randbelow(2**31)
@@ -282,7 +284,7 @@ def resolve(
                 request = GenerateRequest.model_validate({**request.model_dump(), **inputs})
             except ValidationError as error:
                 raise request_error_from(error) from None
-        resolved = limits.resolve(request)
+        resolved = dataclasses.replace(limits.resolve(request), model_version=version)
         check_loras(catalog, model, request)
     except RequestError as error:
         param = "frames" if error.param == "num_frames" else error.param

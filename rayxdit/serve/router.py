@@ -882,6 +882,12 @@ class Router:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_ingress_app(self.ingress)
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update (a deploy whose only change is this ``user_config``): the traffic weights
+        of the models' versions (``{"traffic_weights": {model: {version: weight}}}``), e.g. a canary's next
+        step. A model or version not served here is refused (the deploy fails, saying which)."""
+        self.ingress.catalog.set_weights(user_config.get("traffic_weights") or {})
+
     async def check_health(self) -> None:
         """Serve's health check of this replica (every ``health_check_period_s``, 10 s): also when it looks
         for batches whose driver (another router replica) died, and adopts them; detached, so that the check

@@ -31,6 +31,24 @@ SCALING_EXPONENT = 0.85
 on 2x H200 (benchmarks/results/flux-dev-2xh200.json): 1.58x at 1024px, 1.78x at 2048px, 1.98x with cfg=2."""
 
 
+def version_draw(request_id: str) -> float:
+    """Where in [0, 1) a request falls among its model's versions: a hash of its id, so that one request
+    (and a retried attempt of it) always goes to the same version, and the ids of many spread evenly."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2**64
+
+
+def pick_version(weights: Mapping[str, float], draw: float) -> str:
+    """The version an unpinned request goes to: ``draw`` (in [0, 1)) falls in one version's share of the
+    total weight, versions in sorted order (0-weight versions take none)."""
+    total = sum(weights.values())
+    edge = 0.0
+    for version in sorted(weights):
+        edge += weights[version] / total
+        if draw < edge and weights[version] > 0:
+            return version
+    return max(sorted(weights), key=lambda version: weights[version])  # float rounding at the top edge
+
+
 def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
     """Megapixels x frames x steps x (2 when the model runs CFG for this request) x images (or videos)."""
     cfg_factor = 2 if uses_cfg else 1

@@ -3,7 +3,15 @@ import pytest
 from rayxdit.limits import ModelLimits
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
-from rayxdit.serve.routing import PoolLoad, PoolSpec, adapter_tiers, request_cost, threshold_order
+from rayxdit.serve.routing import (
+    PoolLoad,
+    PoolSpec,
+    adapter_tiers,
+    pick_version,
+    request_cost,
+    threshold_order,
+    version_draw,
+)
 
 POOLS = [
     PoolSpec("p2", "m", 2, route_min_cost=0),
@@ -121,3 +129,14 @@ def test_adapter_tiers_prefer_holders_then_homes_and_open_up_after_the_patience(
     # Sets spread: 200 adapter sets over 6 replicas, none gets more than twice its share as a first home.
     firsts = [adapter_tiers(replicas, f"set{i}", 0.0, homes=1)[0][0] for i in range(200)]
     assert max(firsts.count(name) for name in everyone) < 2 * 200 / 6
+
+
+def test_versions_share_unpinned_requests_by_weight_and_a_request_keeps_its_version():
+    weights = {"1": 95.0, "2": 5.0}
+    picks = [pick_version(weights, version_draw(f"request-{i}")) for i in range(4000)]
+    assert abs(picks.count("2") / len(picks) - 0.05) < 0.01
+    assert pick_version(weights, version_draw("same id")) == pick_version(weights, version_draw("same id"))
+    # The shares' edges, in sorted version order; a 0-weight version takes none.
+    assert [pick_version(weights, draw) for draw in (0.0, 0.9499, 0.9501, 0.999999)] == ["1", "1", "2", "2"]
+    assert {pick_version({"1": 0.0, "2": 1.0}, draw) for draw in (0.0, 0.5, 0.999)} == {"2"}
+    assert {pick_version({"a": 50.0, "b": 0.0, "c": 50.0}, d) for d in (0.0, 0.49, 0.5, 0.99)} == {"a", "c"}
