@@ -24,7 +24,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from rayxdit.config import ServeConfig
+from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.serve.app import APP_NAME, build_app
 from tests.helpers import free_port, stop_ray_cluster
 
@@ -33,6 +33,19 @@ STARTS = 2
 its node's start (a limit hard-coded in Ray's ``node.py``); on a loaded 2-core CI machine one did. The
 failed node's processes are orphans then, so a retry starts the whole cluster afresh."""
 NODE = {"num_cpus": 4, "num_gpus": 2}
+
+
+def tiny_pool(**deployment_config) -> PoolConfig:
+    """The pool these tests serve: tiny-flux on 2 (logical) GPUs of one node, health-checked every 2 s,
+    ``deployment_config`` over that."""
+    return PoolConfig(
+        name="tiny-2",
+        model="tiny-flux",
+        parallel="ulysses=2",
+        accelerator="gpu",
+        cpus_per_rank=0.25,
+        deployment_config={"num_replicas": 2, "health_check_period_s": 2, **deployment_config},
+    )
 
 
 @dataclass

@@ -25,29 +25,20 @@ import ray
 from ray import serve
 from ray.core.generated import autoscaler_pb2
 
-from rayxdit.config import PoolConfig, ServeConfig
+from rayxdit.config import ServeConfig
 from rayxdit.serve.app import APP_NAME
-from tests.cluster.multinode import Load, serving_cluster
+from tests.cluster.multinode import Load, serving_cluster, tiny_pool
 
 pytestmark = pytest.mark.slow
 NOTICE_S = 30
 """The preemption notice: GCP gives 30 s, AWS 120 s."""
 GRACE_S = 8
 """The pool's ``graceful_shutdown_timeout_s``."""
-POOL = PoolConfig(
-    name="tiny-2",
-    model="tiny-flux",
-    parallel="ulysses=2",
-    accelerator="gpu",
-    cpus_per_rank=0.25,
-    deployment_config={
-        "num_replicas": 2,
-        # Its longest request takes a few seconds here: a draining replica may serve until this long before
-        # the node goes (Serve stops it then, or as soon as its replacement runs).
-        "graceful_shutdown_timeout_s": GRACE_S,
-        "health_check_period_s": 2,
-        "graceful_shutdown_wait_loop_s": 0.5,
-    },
+POOL = tiny_pool(
+    # Its longest request takes a few seconds here: a draining replica may serve until this long before the
+    # node goes (Serve stops it then, or as soon as its replacement runs).
+    graceful_shutdown_timeout_s=GRACE_S,
+    graceful_shutdown_wait_loop_s=0.5,
 )
 
 

@@ -26,18 +26,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from rayxdit.config import PoolConfig, QuarantineConfig, ServeConfig
-from tests.cluster.multinode import Load, ServingCluster, serving_cluster
+from rayxdit.config import QuarantineConfig, ServeConfig
+from tests.cluster.multinode import Load, ServingCluster, serving_cluster, tiny_pool
 
 pytestmark = pytest.mark.slow
-POOL = PoolConfig(
-    name="tiny-2",
-    model="tiny-flux",
-    parallel="ulysses=2",
-    accelerator="gpu",
-    cpus_per_rank=0.25,
-    deployment_config={"num_replicas": 2, "health_check_period_s": 2, "graceful_shutdown_timeout_s": 5},
-)
+POOL = tiny_pool(graceful_shutdown_timeout_s=5)
 CONFIG = ServeConfig(pools=[POOL], elastic=None, quarantine=QuarantineConfig(failures=2, window_s=300))
 
 
