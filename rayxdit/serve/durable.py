@@ -120,6 +120,14 @@ class ClusterJournal:
         raise NotImplementedError("ClusterJournal keeps records, not claims")
 
 
+def cluster_journal(prefix: str = "rayxdit") -> Journal:
+    """A :class:`ClusterJournal` where Ray runs (a Serve replica), else a :class:`MemoryJournal` (the state
+    built alone, in a unit test)."""
+    import ray
+
+    return ClusterJournal(prefix) if ray.is_initialized() else MemoryJournal()
+
+
 class RedisJournal:
     """Items as Redis keys ``<prefix>:<space>:<key>`` (expiring with their TTL), listed in the set
     ``<prefix>:<space>`` (members whose key expired are pruned when it is read back)."""

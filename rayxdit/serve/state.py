@@ -43,7 +43,7 @@ from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.batches import LineStore
 from rayxdit.serve.budget import BudgetCache
-from rayxdit.serve.durable import ClusterJournal, Journal, MemoryJournal, open_journal, wall_offset
+from rayxdit.serve.durable import Journal, MemoryJournal, cluster_journal, open_journal, wall_offset
 from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
@@ -232,7 +232,7 @@ class AppState:
         self.batch_lines = LineStore(router.job_ttl_s, self.journal)
         # In Ray's GCS, not the journal: node ids mean something to this cluster only, and the records must
         # outlive this replica also without a Redis (draining a node moves the replicas on it, this one too).
-        self.quarantine = QuarantineBook(config.quarantine, ClusterJournal(config.state.key_prefix))
+        self.quarantine = QuarantineBook(config.quarantine, cluster_journal(config.state.key_prefix))
 
     # ----- load -----------------------------------------------------------------------------------------
     async def report(
