@@ -70,7 +70,10 @@ class ServingCluster:
 
 
 def _start(config: ServeConfig, first: list[str], spare: list[str], head: dict) -> ServingCluster:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, **head})
+    # A dashboard port of its own: a dashboard still going from an earlier cluster (a failed start's, another
+    # module's) holds Ray's default 8265, and without a dashboard the state API (list_actors) fails.
+    head = {"num_cpus": 4, "num_gpus": 0, "dashboard_port": free_port(), **head}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         nodes = {name: cluster.add_node(**NODE) for name in first}
         ray.init(address=cluster.address, logging_level="warning")
