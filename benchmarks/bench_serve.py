@@ -47,9 +47,19 @@ from benchmarks.models import FLUX_DEV_RANDOM  # noqa: E402
 def free_port() -> int:
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago, for servers the tests start (Ray, Serve HTTP): drawn below Linux's
+    ephemeral range (32768+, where every outgoing connection, Ray's many among them, takes its local port:
+    one did take a port picked there before Serve bound it) and above Ray's worker ports (10002-19999)."""
+    import random
+
+    while True:
+        port = random.randint(20000, 32767)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def main(argv: list[str] | None = None) -> int:

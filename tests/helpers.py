@@ -17,10 +17,19 @@ from rayxdit.runtime.local import LocalExecutor
 
 
 def free_port() -> int:
-    """A port that was free a moment ago, for servers the tests start (Ray, Serve HTTP)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago, for servers the tests start (Ray, Serve HTTP): drawn below Linux's
+    ephemeral range (32768+, where every outgoing connection, Ray's many among them, takes its local port:
+    one did take a port picked there before Serve bound it) and above Ray's worker ports (10002-19999)."""
+    import random
+
+    while True:
+        port = random.randint(20000, 32767)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def run_on_ranks(function: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> Any:
