@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import resource
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,19 +16,10 @@ from rayxdit.runtime.local import LocalExecutor
 
 
 def free_port() -> int:
-    """A port that was free a moment ago, for servers the tests start (Ray, Serve HTTP): drawn below Linux's
-    ephemeral range (32768+, where every outgoing connection, Ray's many among them, takes its local port:
-    one did take a port picked there before Serve bound it) and above Ray's worker ports (10002-19999)."""
-    import random
+    """A port that was free a moment ago (:func:`benchmarks.bench_serve.free_port`: the one choice of it)."""
+    from benchmarks.bench_serve import free_port as choose
 
-    while True:
-        port = random.randint(20000, 32767)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+    return choose()
 
 
 def run_on_ranks(function: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> Any:
