@@ -27,9 +27,9 @@ from rayxdit.runtime.executor import Executor, GroupError, Method
 from rayxdit.runtime.rank_process import (
     FORK_SAFE_ENV,
     OUT_OF_MEMORY,
-    PRELOADED,
     Reply,
     check_fork_safe,
+    preloaded_modules,
     run_call,
     serve_rank,
 )
@@ -40,13 +40,13 @@ MAX_LOCAL_CPU_RANKS = 64
 
 def rank_context():
     """The multiprocessing context of rank processes: forks of a server that has imported the model stack
-    (:data:`~rayxdit.runtime.rank_process.PRELOADED`). The server imports nothing else and never touches a GPU,
+    (:func:`~rayxdit.runtime.rank_process.preloaded_modules`). The server imports nothing else and never touches a GPU,
     so a fork of it starts as clean as a spawned process (no CUDA context, no allocator or compile state)."""
     # The forkserver starts with this process's environment: it must import the model stack fork-safely.
     for name, value in FORK_SAFE_ENV.items():
         os.environ.setdefault(name, value)
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOADED))
+    context.set_forkserver_preload(list(preloaded_modules()))  # ImportErrors are skipped
     return context
 
 

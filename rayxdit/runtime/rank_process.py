@@ -4,7 +4,10 @@ side that sends the calls need not import the model stack to read the replies.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import os
 import threading
 import traceback
 from dataclasses import dataclass
@@ -21,6 +24,49 @@ PRELOADED = ("torch", "diffusers", "transformers", "rayxdit.engine", "rayxdit.ru
 """What a rank needs and takes seconds to import: imported once by a server process that ranks are forked
 from (the local executor's forkserver, a node's :mod:`fork server <rayxdit.runtime.forked>`), not by each
 rank."""
+COMPILER_MODULES = (
+    "torch._functorch.aot_autograd",
+    "torch._inductor.compile_fx",
+    "torch._inductor.codecache",
+    "torch._inductor.async_compile",
+    "triton",
+    "triton.compiler.compiler",
+    "torch._inductor.runtime.triton_heuristics",
+    "torch._inductor.codegen.triton",
+)
+"""torch.compile's modules, imported at a compiled model's first call: ~1.5 CPU-seconds of every rank's warm-up
+(even when every graph is found compiled in the cache), paid once by a GPU node's fork server instead (see
+:func:`preloaded_modules`). None of them initializes CUDA."""
+
+
+def preloaded_modules() -> tuple[str, ...]:
+    """What a fork server imports before its first fork: :data:`PRELOADED`, and on a node with a GPU (asked
+    through NVML: :data:`FORK_SAFE_ENV`) :data:`COMPILER_MODULES` too, which its ranks' warm-ups import
+    otherwise. A CPU node's server skips them (its ranks rarely compile; they would slow every server's start).
+    ``RAYXDIT_PRELOAD_COMPILER=1``/``0`` in the server's environment overrides that. A module this installation
+    lacks (Triton on a CPU build) is skipped where it is imported."""
+    import torch
+
+    setting = os.environ.get("RAYXDIT_PRELOAD_COMPILER", "auto")
+    compiler = torch.cuda.is_available() if setting == "auto" else setting == "1"
+    return PRELOADED + (COMPILER_MODULES if compiler else ())
+
+
+def preload(compiler: bool | None = None) -> None:
+    """Run by a fork server before its first fork: import :data:`PRELOADED` and, with the compiler (None: on a
+    node with a GPU, as :func:`preloaded_modules`), import :data:`COMPILER_MODULES` and compute inductor's key
+    of the torch installation (a hash of its source files, ~0.2-0.4 s, asked by every compile's cache lookup
+    and kept for the process: its forks inherit it)."""
+    modules = preloaded_modules() if compiler is None else PRELOADED + COMPILER_MODULES * compiler
+    for module in modules:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    if set(COMPILER_MODULES) <= set(modules):
+        from torch._inductor.codecache import torch_key
+
+        torch_key()
+
+
 FORK_SAFE_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 """The environment a fork server imports :data:`PRELOADED` in. diffusers asks ``torch.accelerator.is_available()``
 at import (``diffusers.utils.torch_utils``); torch answers through the CUDA runtime, which forbids CUDA in
