@@ -230,7 +230,10 @@ def _exit_when_closed(line: socket.socket) -> None:
 class NodeForkServer:
     """Owns one node's fork server process, started on the first request; the actor ends with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._env = dict(env or {})
+        """The variables its ranks are given by their executor (a server per set: what is imported reads some
+        at import, Hugging Face's offline switch for one, so the server imports with them)."""
         self._process: subprocess.Popen | None = None
         # In a directory only this user can enter (mkdtemp: mode 0700): whoever can connect can have code
         # run as this user, so no other local user may reach the socket.
@@ -241,6 +244,7 @@ class NodeForkServer:
         if self._process is None:  # once: the actor ends with its server (see _exit_with)
             env = {
                 **os.environ,
+                **self._env,
                 **FORK_SAFE_ENV,
                 "PYTHONPATH": os.pathsep.join(path for path in sys.path if path),
             }
@@ -277,27 +281,36 @@ class NodeForkServer:
         os._exit(0)
 
 
-def code_version() -> str:
-    """What a fork server's children run: the interpreter, the import path, this actor's runtime environment
-    and the newest change to rayxdit's files (a redeploy onto a running cluster gets a server of its own)."""
+def code_version(env: dict[str, str] | None = None) -> str:
+    """What a fork server's children run: the interpreter, the import path, this actor's runtime environment,
+    the variables the ranks are given (``env``) and the newest change to rayxdit's files (a redeploy onto a
+    running cluster gets a server of its own)."""
     import ray
 
     package = Path(__file__).resolve().parents[1]
     newest = max(path.stat().st_mtime_ns for path in package.rglob("*.py"))
     described = json.dumps(
-        [sys.executable, sys.path, ray.get_runtime_context().runtime_env, newest], sort_keys=True, default=str
+        [
+            sys.executable,
+            sys.path,
+            ray.get_runtime_context().runtime_env,
+            sorted((env or {}).items()),
+            newest,
+        ],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def fork_server() -> tuple[str, Any]:
-    """The socket of this node's fork server for this code (started, detached, if there is none) and the
-    actor that owns it."""
+def fork_server(env: dict[str, str] | None = None) -> tuple[str, Any]:
+    """The socket of this node's fork server for this code and ``env`` (started, detached, if there is none)
+    and the actor that owns it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    name = f"rayxdit-forks-{node[:16]}-{code_version()}"
+    name = f"rayxdit-forks-{node[:16]}-{code_version(env)}"
     attempts = 5  # a server that just exited leaves its actor's name behind for a moment
     for attempt in range(attempts):
         server = (
@@ -313,7 +326,7 @@ def fork_server() -> tuple[str, Any]:
                 # children into its group; the server must outlive the replica).
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             )
-            .remote()
+            .remote(env)
         )
         try:
             return ray.get(server.address.remote(), timeout=SERVER_START_TIMEOUT_S), server
@@ -375,7 +388,11 @@ class ForkedRank:
         device_index: int,
         telemetry_pool: str | None = None,
         fork_timeout_s: float = FORK_TIMEOUT_S,
+        env: dict[str, str] | None = None,
     ):
+        """``env``: variables the rank's process gets beyond this actor's (given here, not as the actor's
+        runtime environment: an actor with one of its own needs a worker process started for it, 0.4 s on
+        two laptop cores and more on a busy host, where one without takes an idle worker)."""
         self.rank = rank
         self.device_index = device_index
         self.telemetry_pool = telemetry_pool
@@ -385,7 +402,7 @@ class ForkedRank:
             "world_size": world_size,
             "device_index": device_index,
             "telemetry_pool": telemetry_pool,
-            "env": dict(os.environ),
+            "env": {**os.environ, **(env or {})},
             "threads": max(1, int(float(os.environ.get("OMP_NUM_THREADS") or 1))),
         }
         for attempt in range(2):
@@ -394,7 +411,7 @@ class ForkedRank:
             self._lifeline, child_lifeline = socket.socketpair()
             self._watched, server_watch = socket.socketpair()
             ends = (child_calls, child_control, child_lifeline, server_watch)
-            address, server = fork_server()
+            address, server = fork_server(env)
             try:
                 reply = _ask_for_fork(address, request, ends, fork_timeout_s)
                 break

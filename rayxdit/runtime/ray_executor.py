@@ -89,11 +89,11 @@ class RayExecutor(Executor):
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=bundle
                 )
-            if self.env:
+            forked = {"fork_timeout_s": self.fork_timeout_s, "env": dict(self.env)} if self.fork_ranks else {}
+            if self.env and not self.fork_ranks:
                 options["runtime_env"] = {"env_vars": dict(self.env)}
             options["name"] = f"rayxdit-{self.name}-g{self.generation}-rank{rank}"
             # Ray has set CUDA_VISIBLE_DEVICES to the bundle's GPU: the rank's device index is 0.
-            forked = {"fork_timeout_s": self.fork_timeout_s} if self.fork_ranks else {}
             self.workers.append(
                 worker_class.options(**options).remote(
                     rank, self.world_size, 0, telemetry_pool=self.telemetry_pool, **forked

@@ -276,6 +276,10 @@ class RankWorker:
         """Liveness: the rank's process id."""
         return os.getpid()
 
+    def environment(self, names: list[str]) -> dict[str, str | None]:
+        """What this rank's process sees of the variables ``names`` (what its executor forwarded)."""
+        return {name: os.environ.get(name) for name in names}
+
     def close(self) -> None:
         """Leave the process group (the process or actor ends right after)."""
         from rayxdit.parallel.mesh import destroy_distributed

@@ -49,6 +49,15 @@ def group():
     ray.shutdown()
 
 
+def fork_servers() -> list[str]:
+    """The names of the cluster's fork-server actors."""
+    return [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("rayxdit-forks-")
+    ]
+
+
 def pixels(result) -> np.ndarray:
     return np.asarray(result.decode().images[0], dtype=np.int16)
 
@@ -119,6 +128,30 @@ def test_a_forked_rank_lives_and_dies_with_its_actor(group, reference):
     group.rebuild()
     assert np.abs(pixels(group.generate(REQUEST)) - reference).max() <= 1
     assert set(group.pids()).isdisjoint(children)
+
+
+def test_forked_ranks_get_their_executors_variables_without_a_runtime_environment_of_their_own(group):
+    """The variables an executor forwards reach the forked rank processes (NCCL's, tokens, caches), through
+    the fork server (a server per set of them: some are read at import) rather than as the rank actors'
+    runtime environment, which would make Ray start a worker process for each actor."""
+    env = {"RAYXDIT_PROBE_MARK": "forwarded"}
+    servers_before = set(fork_servers())
+    forwarded = RayExecutor(2, None, [{"num_cpus": 0}] * 2, name="env-probe", env=env)
+    forwarded.start()
+    try:
+        seen = forwarded.collective_rpc("environment", (["RAYXDIT_PROBE_MARK"],))
+        actors = ray.get(
+            [
+                w.__ray_call__.remote(lambda self: ray.get_runtime_context().runtime_env.get("env_vars"))
+                for w in forwarded.workers
+            ]
+        )
+    finally:
+        forwarded.shutdown()
+        for name in set(fork_servers()) - servers_before:  # its own server: other tests freeze the group's
+            ray.kill(ray.get_actor(name, namespace="rayxdit"))
+    assert seen == [env, env]
+    assert actors == [None, None], "the rank actors were given a runtime environment of their own"
 
 
 def test_dead_rank_breaks_group_and_rebuild_recovers(group, reference):
