@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +22,16 @@ def free_port() -> int:
     from benchmarks.bench_serve import free_port as choose
 
     return choose()
+
+
+def fresh_python(code: str, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> str:
+    """Run ``code`` in a new interpreter (what a fresh process imports or inherits is the point of such a test)
+    and return what it printed; fails the test with its stderr when it exits with an error."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout_s, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def run_on_ranks(function: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> Any:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import ast
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import fresh_python
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rayxdit"
 ABOVE_ENGINE = ("rayxdit.runtime", "rayxdit.serve", "rayxdit.batch", "rayxdit.cli")
@@ -242,6 +242,5 @@ def test_a_router_replica_imports_no_model_stack():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(('rayxdit.models', "
         "'rayxdit.engine', 'rayxdit.runtime', 'rayxdit.parallel'))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    printed = fresh_python(code)
+    assert printed.strip() == "[]", printed

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from benchmarks import bench_serve
+from tests.helpers import fresh_python
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +80,6 @@ def test_metrics_off_creates_none_of_rayxdits_metrics():
     """What the A/B's off phase runs with: ``RAYXDIT_METRICS=0`` in the application's environment, and no
     rayxdit metric is ever created (so none is exported), whatever is recorded."""
     import os
-    import subprocess
-    import sys
 
     probe = (
         "from rayxdit.serve import metrics\n"
@@ -90,12 +89,4 @@ def test_metrics_off_creates_none_of_rayxdits_metrics():
         "    metrics.set_gauge(spec.name, 1.0, **tags)\n"
         "print(metrics.ENABLED, metrics.metric.cache_info().currsize)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "RAYXDIT_METRICS": "0"},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "0"]
+    assert fresh_python(probe, env={**os.environ, "RAYXDIT_METRICS": "0"}).split() == ["False", "0"]

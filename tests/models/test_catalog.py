@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from rayxdit.config import ConfigError
 from rayxdit.models.catalog import describe_model, family_of
 from rayxdit.models.families import FAMILIES
 from rayxdit.models.presets import materialize_preset
+from tests.helpers import fresh_python
 
 CARD_IN_A_FRESH_PROCESS = """
 import dataclasses, json, sys
@@ -44,11 +42,7 @@ def test_a_card_is_read_without_importing_torch_and_equals_the_loaded_models_tra
     models = ["tiny-flux", "tiny-sdxl", "tiny-wan"]
     for model in models:
         materialize_preset(model)
-    done = subprocess.run(
-        [sys.executable, "-c", CARD_IN_A_FRESH_PROCESS, *models], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = json.loads(fresh_python(CARD_IN_A_FRESH_PROCESS, *models))
     assert report["heavy"] == [], f"reading a card imported {report['heavy']}"
     adapter = Engine(EngineConfig(model="tiny-sdxl"), ParallelState.single()).adapter
     card = report["cards"]["tiny-sdxl"]

@@ -1,9 +1,7 @@
 """What a node's fork server imports before it forks ranks (rayxdit.runtime.rank_process.preload)."""
 
-import subprocess
-import sys
-
 from rayxdit.runtime import rank_process
+from tests.helpers import fresh_python
 
 
 def test_the_compiler_is_preloaded_on_gpu_nodes_unless_the_environment_says_otherwise(monkeypatch):
@@ -31,12 +29,5 @@ def test_a_preloaded_server_holds_the_compiler_and_its_cache_key_and_never_touch
         "    isinstance(cell.cell_contents, bytes) for cell in torch_key.__closure__)\n"
         "print(missing, bool(cached), torch.cuda.is_initialized())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[] True False", done.stdout
+    printed = fresh_python(probe, env={"PYTORCH_NVML_BASED_CUDA_CHECK": "1", "PATH": "/usr/bin:/bin"})
+    assert printed.strip().splitlines()[-1] == "[] True False", printed
