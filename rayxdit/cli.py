@@ -549,7 +549,8 @@ QUARANTINE_EPILOG = """examples:
 
 A node leaves service when its worker groups fail `quarantine.failures` times within `quarantine.window_s`
 (default 3 in 600 s) or a GPU reports a fatal fault (ECC, Xid): rayxdit drains it through Ray, as a spot
-notice would. Ray cannot undrain a node: after `return`, restart Ray on it (`ray stop; ray start
+notice would, and Serve moves its replicas off it (`list` counts those still there). Ray cannot undrain a
+node: after `return`, and once no replica is left on it, restart Ray on it (`ray stop; ray start
 --address=HEAD:6379`; under KubeRay delete its pod) and it takes work again.
 """
 
@@ -596,7 +597,11 @@ def _quarantine(args: argparse.Namespace) -> int:
             record = state.return_node.remote(args.node).result(timeout_s=30)
             records = [] if record is None else [record]
     except Exception as error:
+        ray.shutdown()
         raise UsageError(f"no rayxdit application answered on this cluster ({error!r})") from None
+    try:
+        for record in records:
+            record["replicas"] = serve_replicas_on(record["node"]) if record["alive"] else 0
     finally:
         ray.shutdown()
     if args.json:
@@ -612,9 +617,28 @@ def _quarantine(args: argparse.Namespace) -> int:
         print(f"{record['node']}  {verb} since {since} ({state_now})")
         print(f"  GPUs {', '.join(record['gpus']) or '?'}; pools {', '.join(record['pools'])}")
         print(f"  why: {record['reason']}")
+        if record["replicas"]:
+            print(
+                f"  {record['replicas']} Serve replica(s) still on it, moving off (each serves until its "
+                "replacement runs): restarting its Ray now would fail their requests"
+            )
         if args.action == "return" and record["alive"]:
-            print("  Ray cannot undrain a node: restart Ray on it (ray stop; ray start --address=HEAD:6379)")
+            print(
+                "  Ray cannot undrain a node: restart Ray on it (ray stop; ray start --address=HEAD:6379)"
+                + (", once `rayxdit quarantine list` shows no replica on it" if record["replicas"] else "")
+            )
     return 0
+
+
+def serve_replicas_on(node: str) -> int | None:
+    """How many Serve replicas still live on ``node`` (None when Ray's state API cannot say: no dashboard)."""
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000)
+    except Exception:
+        return None
+    return sum(actor.class_name.startswith("ServeReplica") for actor in actors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import requests
 from PIL import Image
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray.core.generated import autoscaler_pb2
 from ray.util.state import list_actors
 
 from rayxdit.config import PoolConfig, ServeConfig
@@ -63,6 +64,17 @@ class ServingCluster:
         names = self.names()
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
         return sorted(names.get(a.node_id, "head") for a in actors if a.class_name.endswith(f":{pool}"))
+
+    def give_notice(self, name: str, notice_s: float) -> None:
+        """A preemption notice for node ``name`` (Ray's drain API with a deadline, as a cloud's spot reclaim
+        reaches it through autoscaler v2): no new work goes there and Serve moves its replicas first."""
+        accepted, why = ray._raylet.GcsClient(address=self.cluster.address).drain_node(
+            self.nodes[name].node_id,
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "spot notice (test)",
+            int((time.time() + notice_s) * 1000),
+        )
+        assert accepted, why
 
     def add(self, name: str) -> None:
         self.nodes[name] = self.cluster.add_node(**NODE)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 from ray import serve
-from ray.core.generated import autoscaler_pb2
 
 from rayxdit.config import ServeConfig
 from rayxdit.serve.app import APP_NAME
@@ -60,13 +58,7 @@ def test_a_node_drained_on_notice_loses_no_request_and_its_replica_moves_first(c
     with Load(cluster.url, tag="spot").running() as load:
         time.sleep(5)
         notice = time.monotonic()
-        accepted, why = ray._raylet.GcsClient(address=cluster.cluster.address).drain_node(
-            cluster.nodes["B"].node_id,
-            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            "spot notice (test)",
-            int((time.time() + NOTICE_S) * 1000),
-        )
-        assert accepted, why
+        cluster.give_notice("B", NOTICE_S)
         while time.monotonic() < notice + NOTICE_S:
             serving.append((time.monotonic() - notice, serving_replicas()))
             time.sleep(0.5)

@@ -26,6 +26,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from rayxdit.cli import serve_replicas_on
 from rayxdit.config import QuarantineConfig, ServeConfig
 from tests.cluster.multinode import Load, ServingCluster, serving_cluster, tiny_pool
 
@@ -118,6 +119,7 @@ def test_a_node_failing_every_request_leaves_service_loses_nothing_and_comes_bac
     assert cluster.replica_nodes(POOL.name) == ["A", "B"]
     b = cluster.nodes["B"].node_id
     assert "no node is out of service" in rayxdit_quarantine(cluster, "list")
+    assert serve_replicas_on(b) >= 1  # what `list` counts on a drained node: B's pool replica, at least
     stop_failing, killed = threading.Event(), []
     failing = threading.Thread(target=failing_gpus, args=(cluster.nodes["B"], stop_failing, killed))
     with Load(cluster.url, tag="quarantine").running() as load:
@@ -137,13 +139,25 @@ def test_a_node_failing_every_request_leaves_service_loses_nothing_and_comes_bac
             stop_failing.set()
             failing.join()
         moved_after = time.monotonic() - began
+        # Serve moves every replica off the drained node (the router's and the state's too, if there); as an
+        # operator does, wait for `list` to show none left before restarting B's Ray (it would fail theirs).
+        left_b = wait_for(
+            lambda: json.loads(rayxdit_quarantine(cluster, "list", "--json"))[0]["replicas"] == 0, 120, 2.0
+        )
+        assert left_b, rayxdit_quarantine(cluster, "list")
         # B returned: Ray cannot undrain, so its Ray restarts (as an operator would, the GPU reset).
         returned = rayxdit_quarantine(cluster, "return", b)
         assert "returned" in returned and "restart Ray on it" in returned, returned
         assert "no node is out of service" in rayxdit_quarantine(cluster, "list")
         cluster.cluster.remove_node(cluster.nodes.pop("B"))
         cluster.add("B")  # B again, its Ray restarted
-        cluster.cluster.remove_node(cluster.nodes.pop("C"), allow_graceful=False)  # C lost: only B is free
+        # C reclaimed with notice (as a spot node is), so only B is free: Serve moves C's replicas (the pool's
+        # onto B; a router's, if there, anywhere) before it goes. Killed without notice, a router replica on
+        # it would fail its requests in flight (a documented 5xx), which is not what this test is about.
+        c = cluster.nodes["C"].node_id
+        cluster.give_notice("C", 120)
+        assert wait_for(lambda: serve_replicas_on(c) == 0, 120), "Serve left replicas on the reclaimed node"
+        cluster.cluster.remove_node(cluster.nodes.pop("C"), allow_graceful=False)
         back = wait_for(lambda: cluster.replica_nodes(POOL.name) == ["A", "B"], 120)
         assert back, cluster.replica_nodes(POOL.name)
         time.sleep(4)
