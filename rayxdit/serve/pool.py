@@ -439,6 +439,7 @@ class PoolReplica:
                     await self._failed("gpu_fault", faults)
                 return
             if not self.executor.broken:  # found unresponsive between requests: a failure of its own
+                self.executor.abort()  # its ranks go now; the rebuild's cause reads "aborted", not the last one
                 await self._failed("rank_unresponsive")
             if self.quarantined is None:
                 await self._rebuild()
