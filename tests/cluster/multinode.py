@@ -95,10 +95,26 @@ def _start(config: ServeConfig, first: list[str], spare: list[str], head: dict) 
         for name in spare:
             nodes[name] = cluster.add_node(**NODE)
         cluster.wait_for_nodes()
+        _wait_for_state_api()
         return ServingCluster(cluster, nodes, f"http://127.0.0.1:{port}")
     except BaseException:
         stop(cluster)
         raise
+
+
+def _wait_for_state_api(timeout_s: float = 60) -> None:
+    """Until the dashboard has registered in the GCS: the state API (list_actors) answers only then, and
+    on a loaded machine the dashboard can come up after Serve's application ("Could not read 'dashboard'
+    from GCS", seen once in the suite)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            list_actors(limit=1)
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def stop(cluster: Cluster) -> None:
