@@ -39,29 +39,34 @@ COMPILER_MODULES = (
 :func:`preloaded_modules`). None of them initializes CUDA."""
 
 
-def preloaded_modules() -> tuple[str, ...]:
-    """What a fork server imports before its first fork: :data:`PRELOADED`, and on a node with a GPU (asked
-    through NVML: :data:`FORK_SAFE_ENV`) :data:`COMPILER_MODULES` too, which its ranks' warm-ups import
-    otherwise. A CPU node's server skips them (its ranks rarely compile; they would slow every server's start).
-    ``RAYXDIT_PRELOAD_COMPILER=1``/``0`` in the server's environment overrides that. A module this installation
-    lacks (Triton on a CPU build) is skipped where it is imported."""
+def compiler_wanted() -> bool:
+    """Whether a fork server preloads :data:`COMPILER_MODULES`: on a node with a GPU (asked through NVML:
+    :data:`FORK_SAFE_ENV`), whose ranks' warm-ups import them otherwise; not on a CPU node (its ranks rarely
+    compile; they would slow every server's start). ``RAYXDIT_PRELOAD_COMPILER=1``/``0`` in the server's
+    environment overrides that."""
     import torch
 
     setting = os.environ.get("RAYXDIT_PRELOAD_COMPILER", "auto")
-    compiler = torch.cuda.is_available() if setting == "auto" else setting == "1"
-    return PRELOADED + (COMPILER_MODULES if compiler else ())
+    return torch.cuda.is_available() if setting == "auto" else setting == "1"
+
+
+def preloaded_modules() -> tuple[str, ...]:
+    """What a fork server imports before its first fork: :data:`PRELOADED`, and :data:`COMPILER_MODULES` where
+    :func:`compiler_wanted`. A module this installation lacks (Triton on a CPU build) is skipped where it is
+    imported."""
+    return PRELOADED + (COMPILER_MODULES if compiler_wanted() else ())
 
 
 def preload(compiler: bool | None = None) -> None:
-    """Run by a fork server before its first fork: import :data:`PRELOADED` and, with the compiler (None: on a
-    node with a GPU, as :func:`preloaded_modules`), import :data:`COMPILER_MODULES` and compute inductor's key
-    of the torch installation (a hash of its source files, ~0.2-0.4 s, asked by every compile's cache lookup
-    and kept for the process: its forks inherit it)."""
-    modules = preloaded_modules() if compiler is None else PRELOADED + COMPILER_MODULES * compiler
-    for module in modules:
+    """Run by a fork server before its first fork: import :data:`PRELOADED` and, with the compiler (None: where
+    :func:`compiler_wanted`), import :data:`COMPILER_MODULES` and compute inductor's key of the torch
+    installation (a hash of its source files, ~0.2-0.4 s, asked by every compile's cache lookup and kept for
+    the process: its forks inherit it)."""
+    compiler = compiler_wanted() if compiler is None else compiler
+    for module in PRELOADED + (COMPILER_MODULES if compiler else ()):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    if set(COMPILER_MODULES) <= set(modules):
+    if compiler:
         from torch._inductor.codecache import torch_key
 
         torch_key()
