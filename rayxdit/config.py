@@ -991,6 +991,13 @@ class StateConfig(BaseModel):
         pattern=r"^[A-Za-z0-9_.:-]+$",
         description="The prefix of every Redis key written: applications sharing a Redis give each its own.",
     )
+    usage_kept_days: float = Field(
+        default=7.0,
+        gt=0,
+        le=400,
+        description="How long usage is kept minute by minute for GET /v1/usage's time windows (start_time, "
+        "end_time, bucket_width); the totals since the first start are kept regardless.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StateConfig:

@@ -401,8 +401,9 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 def request_error_from_validation(first: dict[str, Any]) -> RequestError:
-    """A pydantic (or FastAPI) validation problem as a RequestError naming the body's field."""
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    """A pydantic (or FastAPI) validation problem as a RequestError naming the body's field (or the query's
+    or path's parameter: FastAPI's location says where it is, the name is what a client can act on)."""
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     if not location:
         return RequestError(f"request body: {first.get('msg')}")
     if first.get("type") == "extra_forbidden":

@@ -74,6 +74,7 @@ from rayxdit.serve.job_driver import JobDriver
 from rayxdit.serve.jobs import COMPLETED
 from rayxdit.serve.keys import KeyRing
 from rayxdit.serve.tasks import ask_state, detached, file_reader, keep_cancellations_quiet, quiet
+from rayxdit.serve.tenants import UsageQueryError, rows_by_model, usage_window_query
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger("ray.serve")
@@ -802,29 +803,63 @@ async def models(ingress: IngressOf, request: Request) -> dict[str, Any]:
 
 @api.get("/v1/usage")
 async def usage(
-    ingress: IngressOf, request: Request, by: Literal["tenant", "pool"] = "tenant"
+    ingress: IngressOf,
+    request: Request,
+    by: Literal["tenant", "pool", "model"] = "tenant",
+    start_time: float | None = None,
+    end_time: float | None = None,
+    bucket_width: Literal["1m", "1h", "1d"] | None = None,
 ) -> dict[str, Any]:
     """What the caller's tenant cost since usage is counted (the state replica's start; with state.redis_url,
     the application's first start): its requests and their GPU-seconds, and its share of the pools' idle and
     start-up GPU-seconds (in proportion to its use of each pool). An admin key (or a server without keys)
     sees every tenant, and what no tenant used (``unattributed``). ``?by=pool``: each tenant's rows pool by
-    pool, with each pool's model under ``pools``."""
+    pool, with each pool's model under ``pools``; ``?by=model``: model by model.
+
+    ``start_time`` (seconds since the epoch) with optional ``end_time`` (default: now) and ``bucket_width``
+    (``1m``, ``1h``, ``1d``; default: one bucket): the same rows for that time window, in ``buckets`` (each
+    with its ``start_time`` and ``end_time``; bounds widened to whole minutes, each bucket's idle and
+    start-up time shared among the tenants that used its pools then). Usage is kept minute by minute for
+    ``state.usage_kept_days``."""
     ingress.authorize(request)
     caller: ApiKey | None = request.state.caller
     everyone = caller is None or caller.admin
     tenant = None if everyone else caller.tenant_name
-    tenants = await ask_state(lambda: ingress.state.usage.remote(tenant, by == "pool"), "usage")
-    since = await ask_state(lambda: ingress.state.usage_since.remote(), "usage")
+    by_pool = by != "tenant"
+    shown: dict[str, Any] = {"object": "usage"}
+    if start_time is None and end_time is None and bucket_width is None:
+        rows = await ask_state(lambda: ingress.state.usage.remote(tenant, by_pool), "usage")
+        shown["tenants"] = usage_shown(rows, by, ingress.catalog)
+    else:
+        try:
+            start, end, width = usage_window_query(start_time, end_time, bucket_width, time.time())
+        except UsageQueryError as error:
+            raise invalid(str(error), error.param) from None
+        buckets = await ask_state(
+            lambda: ingress.state.usage_windows.remote(start, end, width, tenant, by_pool), "usage"
+        )
+        shown.update(start_time=start, end_time=end, bucket_width=bucket_width)
+        shown["buckets"] = [
+            {**bucket, "tenants": usage_shown(bucket["tenants"], by, ingress.catalog)} for bucket in buckets
+        ]
+    shown["since"] = int(await ask_state(lambda: ingress.state.usage_since.remote(), "usage"))
+    if by == "pool":
+        shown["pools"] = {name: pool.served_model_name for name, pool in ingress.catalog.pools.items()}
+    return shown
+
+
+def usage_shown(rows: dict[str, Any], by: str, catalog: Catalog) -> dict[str, Any]:
+    """The state's usage rows as ``/v1/usage`` shows them: model by model for ``by=model``, rounded."""
+    if by == "model":
+        pools = catalog.pools
+        rows = rows_by_model(rows, lambda pool: pools[pool].served_model_name if pool in pools else pool)
 
     def rounded(row: dict[str, Any]) -> dict[str, Any]:
         return {
             key: rounded(value) if isinstance(value, dict) else round(value, 4) for key, value in row.items()
         }
 
-    shown: dict[str, Any] = {"object": "usage", "since": int(since), "tenants": rounded(tenants)}
-    if by == "pool":
-        shown["pools"] = {name: pool.served_model_name for name, pool in ingress.catalog.pools.items()}
-    return shown
+    return rounded(rows)
 
 
 @api.get("/healthz")

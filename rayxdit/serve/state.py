@@ -55,10 +55,15 @@ from rayxdit.serve.tenants import (
     ANONYMOUS,
     QUOTA_WINDOW_S,
     RATE_WINDOW_S,
+    Held,
+    UsageMinute,
+    UsageWindows,
+    Used,
     attributed_usage,
     has_limits,
     limit_refusal,
     no_usage,
+    usage_buckets,
     usage_by_pool,
 )
 
@@ -79,12 +84,21 @@ GAUGE_REFRESH_S = 1.0
 gauge not set for two report intervals."""
 USAGE_SPACE = "usage"
 """The journal's space of usage: ``totals`` (requests and GPU-seconds per tenant and pool, GPUs held per
-pool) and ``tenant:<name>`` (a limited tenant's rate and quota windows)."""
+pool), ``minute:<start>`` (the same counts for one wall-clock minute, kept ``state.usage_kept_days``) and
+``tenant:<name>`` (a limited tenant's rate and quota windows)."""
 USAGE_SAVE_S = 1.0
 """Held GPU-seconds reach the journal at least this often (a restart loses at most this much of them)."""
 FINISHED_CLAIM_S = 600.0
 """How long a finished attempt's report is remembered as counted (a report sent again comes within the
 router's STATE_RESTART_S)."""
+
+
+def _usage_rows(used: Used, held: Held, tenant: str | None, by_pool: bool) -> dict[str, Any]:
+    """Every tenant's usage rows, or only ``tenant``'s (an empty row if it used nothing)."""
+    rows: dict[str, Any] = usage_by_pool(used, held) if by_pool else attributed_usage(used, held)
+    if tenant is None:
+        return rows
+    return {tenant: rows.get(tenant, {} if by_pool else no_usage())}
 
 
 @dataclass
@@ -220,6 +234,8 @@ class AppState:
         """tenant -> pool -> (requests finished, their GPU-seconds), since ``since``."""
         self.held: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
         """pool -> (GPU-seconds its replicas were ready, were starting), from their heartbeats."""
+        self.windows = UsageWindows(config.state.usage_kept_days * 86400)
+        """The same counts minute by minute, for usage by time window."""
         self.since = time.time()
         """Since when usage is counted (the wall-clock time): this replica's start, or with a durable journal
         the first start of the application's state."""
@@ -248,12 +264,15 @@ class AppState:
         now = time.monotonic()
         previous = self.replicas[pool].get(replica)
         if previous is not None:  # the GPUs were held since its last heartbeat (a silence counts as gone)
-            held = min(now - previous.seen, STALE_AFTER_S) * self.pools[pool].ranks
+            seconds = min(now - previous.seen, STALE_AFTER_S)
+            held = seconds * self.pools[pool].ranks
             while_ready, while_starting = self.held[pool]
             if previous.ready:
                 self.held[pool] = (while_ready + held, while_starting)
             else:
                 self.held[pool] = (while_ready, while_starting + held)
+            wall = time.time()
+            self.windows.add_held(wall - seconds, wall, pool, self.pools[pool].ranks, previous.ready)
         self.replicas[pool][replica] = _Replica(ready, now, MemoryProfile.of(memory) if memory else None)
         if now - self.usage_saved_at >= USAGE_SAVE_S:
             self._save_usage(now)
@@ -600,6 +619,7 @@ class AppState:
         if gpu_seconds and self.journal.claim("finished", ticket, FINISHED_CLAIM_S):
             requests, seconds = self.used[held.tenant].get(held.pool, (0, 0.0))
             self.used[held.tenant][held.pool] = (requests + 1, seconds + gpu_seconds)
+            self.windows.add_request(time.time(), held.tenant, held.pool, gpu_seconds)
             if held.metered:
                 self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
                 self._save_tenant_use(held.tenant, now)
@@ -612,9 +632,14 @@ class AppState:
         """Usage totals through to the journal (on each counted request, and with heartbeats at most every
         USAGE_SAVE_S: the held GPU-seconds grow with every one)."""
         self.usage_saved_at = now
+        self.windows.trim(time.time())
         if self.journal.durable:
             totals = {"since": self.since, "used": self.used, "held": self.held}
             self.journal.save(USAGE_SPACE, "totals", json.dumps(totals).encode())
+            for start in self.windows.changed:
+                minute = self.windows.minutes[start].to_json()
+                self.journal.save(USAGE_SPACE, f"minute:{start}", minute, self.windows.kept_s)
+        self.windows.changed.clear()
 
     def _save_tenant_use(self, tenant: str, now: float) -> None:
         """A limited tenant's windows through to the journal (as wall-clock times: monotonic clocks differ
@@ -642,6 +667,8 @@ class AppState:
                     self.used[tenant] = {pool: (int(n), float(s)) for pool, (n, s) in pools.items()}
                 for pool, (ready, starting) in data["held"].items():
                     self.held[pool] = (float(ready), float(starting))
+            elif key.startswith("minute:"):
+                self.windows.minutes[int(key.removeprefix("minute:"))] = UsageMinute.from_json(value)
             elif key.startswith("tenant:"):
                 use = self.tenant_use[key.removeprefix("tenant:")]
                 use.admitted.extend(mono + t for t in data["admitted"])
@@ -653,11 +680,21 @@ class AppState:
     async def usage(self, tenant: str | None = None, by_pool: bool = False) -> dict[str, Any]:
         """What each tenant cost since ``since`` (``tenants.attributed_usage``), or only ``tenant``'s; with
         ``by_pool``, pool by pool (``tenants.usage_by_pool``)."""
-        if by_pool:
-            usage: dict[str, Any] = usage_by_pool(self.used, dict(self.held))
-            return usage if tenant is None else {tenant: usage.get(tenant, {})}
-        usage = attributed_usage(self.used, dict(self.held))
-        return usage if tenant is None else {tenant: usage.get(tenant, no_usage())}
+        return _usage_rows(self.used, dict(self.held), tenant, by_pool)
+
+    async def usage_windows(
+        self, start: int, end: int, width: int | None, tenant: str | None = None, by_pool: bool = False
+    ) -> list[dict[str, Any]]:
+        """:meth:`usage` over time buckets from ``start`` to ``end`` (``tenants.usage_buckets``): each
+        bucket's idle and start-up time attributed to the tenants that used its pools in it. Minutes older
+        than ``state.usage_kept_days`` count nothing."""
+        buckets = []
+        for at, upto in usage_buckets(start, end, width):
+            used, held = self.windows.window(at, upto)
+            buckets.append(
+                {"start_time": at, "end_time": upto, "tenants": _usage_rows(used, held, tenant, by_pool)}
+            )
+        return buckets
 
     async def usage_since(self) -> float:
         """Since when usage is counted (seconds since the epoch)."""

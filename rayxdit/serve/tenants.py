@@ -8,7 +8,10 @@ so that every router replica applies the same counts. A refused request gets 429
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from rayxdit.config import TenantLimits
 
@@ -16,6 +19,12 @@ RATE_WINDOW_S = 60.0
 """``requests_per_minute`` counts admissions over this sliding window."""
 QUOTA_WINDOW_S = 3600.0
 """``gpu_seconds_per_hour`` counts GPU-seconds over this sliding window."""
+MINUTE_S = 60
+"""Usage by time window is counted a wall-clock minute at a time: the finest window a caller can ask for."""
+BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
+"""The widths of ``GET /v1/usage``'s time buckets (those of OpenAI's usage API)."""
+MAX_BUCKETS = 1440
+"""The most buckets one ``GET /v1/usage`` answers with (a day of minutes, as OpenAI's usage API allows)."""
 
 
 def has_limits(limits: TenantLimits | None) -> bool:
@@ -126,3 +135,145 @@ def usage_by_pool(
         for tenant, row in attributed_usage(users, {pool: held[pool]} if pool in held else {}).items():
             by_pool.setdefault(tenant, {})[pool] = row
     return by_pool
+
+
+Used = dict[str, dict[str, tuple[int, float]]]
+"""tenant -> pool -> (requests finished, their GPU-seconds)."""
+Held = dict[str, tuple[float, float]]
+"""pool -> (GPU-seconds its replicas were ready, GPU-seconds they were starting)."""
+
+
+@dataclass
+class UsageMinute:
+    """What one wall-clock minute counted: requests finished in it, GPU time its pools held in it."""
+
+    used: Used = field(default_factory=dict)
+    held: Held = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"used": self.used, "held": self.held}).encode()
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> UsageMinute:
+        data = json.loads(text)
+        used = {
+            t: {p: (int(n), float(s)) for p, (n, s) in pools.items()} for t, pools in data["used"].items()
+        }
+        held = {pool: (float(ready), float(starting)) for pool, (ready, starting) in data["held"].items()}
+        return cls(used, held)
+
+
+class UsageWindows:
+    """Usage minute by minute (minutes of the wall clock, so that windows mean the same on every host and
+    across restarts), kept ``kept_s``: the same counts as the totals, for ``GET /v1/usage``'s time windows.
+    ``changed``: the minutes changed since the owner last wrote them to its journal."""
+
+    def __init__(self, kept_s: float):
+        self.kept_s = kept_s
+        self.minutes: dict[int, UsageMinute] = {}
+        self.changed: set[int] = set()
+
+    def _minute(self, at: float) -> UsageMinute:
+        start = int(at // MINUTE_S) * MINUTE_S
+        self.changed.add(start)
+        return self.minutes.setdefault(start, UsageMinute())
+
+    def add_request(self, at: float, tenant: str, pool: str, gpu_seconds: float) -> None:
+        """A request of ``tenant`` finished on ``pool`` at ``at`` (seconds since the epoch)."""
+        used = self._minute(at).used.setdefault(tenant, {})
+        requests, seconds = used.get(pool, (0, 0.0))
+        used[pool] = (requests + 1, seconds + gpu_seconds)
+
+    def add_held(self, start: float, end: float, pool: str, gpus: int, ready: bool) -> None:
+        """``pool`` held ``gpus`` from ``start`` to ``end`` (seconds since the epoch), ready or starting;
+        split at the minutes' boundaries."""
+        at = start
+        while at < end:
+            upto = min(end, (math.floor(at / MINUTE_S) + 1) * MINUTE_S)
+            minute = self._minute(at)
+            while_ready, while_starting = minute.held.get(pool, (0.0, 0.0))
+            held = (upto - at) * gpus
+            minute.held[pool] = (
+                (while_ready + held, while_starting) if ready else (while_ready, while_starting + held)
+            )
+            at = upto
+
+    def trim(self, now: float) -> None:
+        """Forget the minutes older than ``kept_s`` (their journal entries expire on their own)."""
+        for start in [start for start in self.minutes if start < now - self.kept_s - MINUTE_S]:
+            del self.minutes[start]
+            self.changed.discard(start)
+
+    def window(self, start: float, end: float) -> tuple[Used, Held]:
+        """What the minutes from ``start`` up to ``end`` counted, summed (minute-aligned bounds)."""
+        used: Used = {}
+        held: Held = {}
+        for at, minute in self.minutes.items():
+            if not start <= at < end:
+                continue
+            for tenant, pools in minute.used.items():
+                row = used.setdefault(tenant, {})
+                for pool, (requests, seconds) in pools.items():
+                    total_requests, total_seconds = row.get(pool, (0, 0.0))
+                    row[pool] = (total_requests + requests, total_seconds + seconds)
+            for pool, (ready, starting) in minute.held.items():
+                total_ready, total_starting = held.get(pool, (0.0, 0.0))
+                held[pool] = (total_ready + ready, total_starting + starting)
+        return used, held
+
+
+def usage_buckets(start: int, end: int, width: int | None) -> list[tuple[int, int]]:
+    """The time buckets of a usage query from ``start`` to ``end`` (minute-aligned, ``start`` < ``end``):
+    ``width`` seconds each from ``start`` (the last one cut at ``end``), or one bucket when None."""
+    if width is None:
+        return [(start, end)]
+    return [(at, min(at + width, end)) for at in range(start, end, width)]
+
+
+class UsageQueryError(ValueError):
+    """A time window ``GET /v1/usage`` cannot answer: ``param`` names the query parameter at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def usage_window_query(
+    start_time: float | None, end_time: float | None, bucket_width: str | None, now: float
+) -> tuple[int, int, int | None]:
+    """``GET /v1/usage``'s time window checked: ``(start, end, width_s)`` with the bounds widened to whole
+    minutes (``end``: ``now`` if not given; width None: one bucket). Raises :class:`UsageQueryError`."""
+    if start_time is None:
+        raise UsageQueryError(
+            "start_time", "start_time (seconds since the epoch) is needed with end_time or bucket_width"
+        )
+    end_time = now if end_time is None else end_time
+    if end_time <= start_time:
+        raise UsageQueryError(
+            "end_time", f"end_time ({end_time:.0f}) must come after start_time ({start_time:.0f})"
+        )
+    start = int(start_time // MINUTE_S) * MINUTE_S
+    end = math.ceil(end_time / MINUTE_S) * MINUTE_S
+    width = None if bucket_width is None else BUCKET_WIDTHS.get(bucket_width)
+    if bucket_width is not None and width is None:
+        raise UsageQueryError(
+            "bucket_width", f"bucket_width {bucket_width!r} is not one of {', '.join(BUCKET_WIDTHS)}"
+        )
+    if width is not None and (count := math.ceil((end - start) / width)) > MAX_BUCKETS:
+        raise UsageQueryError(
+            "bucket_width",
+            f"{count} buckets of {bucket_width}: at most {MAX_BUCKETS} per query (a wider bucket_width or a "
+            "shorter window)",
+        )
+    return start, end, width
+
+
+def rows_by_model(by_pool: dict[str, dict[str, dict[str, float]]], model_of: Callable[[str], str]):
+    """``usage_by_pool``'s rows summed model by model: tenant -> model -> row."""
+    by_model: dict[str, dict[str, dict[str, float]]] = {}
+    for tenant, pools in by_pool.items():
+        for pool, row in pools.items():
+            total = by_model.setdefault(tenant, {}).setdefault(model_of(pool), no_usage())
+            for key, value in row.items():
+                total[key] += value
+    return by_model

@@ -63,8 +63,15 @@ def fill(app: Sync) -> dict:
         },
         "content": app.job_content(done["id"], "owner", "video")[1],
         "usage": app.usage(),
+        "windows": app.usage_windows(*recent_minutes(), 60),
         "since": app.usage_since(),
     }
+
+
+def recent_minutes() -> tuple[int, int]:
+    """A usage window of whole minutes around now."""
+    minute = int(time.time() // 60) * 60
+    return minute - 120, minute + 120
 
 
 def counted(usage: dict) -> dict:
@@ -93,6 +100,9 @@ def survived(app: Sync, before: dict) -> list[str]:
         lost.append("content")
     if counted(app.usage()) != counted(before["usage"]):
         lost.append("usage")
+    windows = app.usage_windows(*recent_minutes(), 60)
+    if [counted(w["tenants"]) for w in windows] != [counted(w["tenants"]) for w in before["windows"]]:
+        lost.append("usage windows")
     if app.usage_since() != before["since"]:
         lost.append("since")
     refused = app.route("m", 1.0, "limited-3#0", time.time() + 600, [], "acme", LIMITED, False)
@@ -111,7 +121,7 @@ def test_a_state_started_again_with_redis_finds_everything_and_without_it_nothin
     lost = survived(Sync(AppState(memory)), before)
     assert lost == [
         *("image", "file", "batch line", "job completed", "job in_progress", "job cancelled", "content"),
-        *("usage", "since", "rate window"),
+        *("usage", "usage windows", "since", "rate window"),
     ]
 
 

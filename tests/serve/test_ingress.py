@@ -397,3 +397,17 @@ def test_files_and_batches_refuse_bad_input_before_any_state(url):
         requests.post(url + "/v1/files", files=upload, data={"purpose": "batch"}, timeout=60).status_code
         == 401
     )
+
+
+def test_usage_windows_refuse_a_bad_query_naming_the_parameter_before_any_state(url):
+    """A usage window the state could not answer is a 400 at the ingress (this one has no state)."""
+    for query, param in (
+        ("end_time=100", "start_time"),
+        ("start_time=200&end_time=100", "end_time"),
+        ("start_time=0&end_time=172800&bucket_width=1m", "bucket_width"),
+        ("start_time=0&bucket_width=1w", "bucket_width"),
+        ("start_time=yesterday", "start_time"),
+    ):
+        answer = requests.get(url + "/v1/usage?" + query, headers=AUTH, timeout=30)
+        assert answer.status_code == 400, (query, answer.text)
+        assert answer.json()["error"]["param"] == param, (query, answer.json())

@@ -1046,6 +1046,7 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     tenant what it cost (its responses' GPU-seconds, plus its share of idle and start-up time); the admin
     key sees every tenant."""
     body = {"prompt": "metered", "size": "36x36", "steps": 2}
+    began = time.time()
     admitted = [post(url, {**body, "seed": seed}, headers=METERED) for seed in (1, 2)]
     assert [answer.status_code for answer in admitted] == [200, 200], admitted[-1].text
     refused = post(url, {**body, "seed": 3}, headers=METERED)
@@ -1076,6 +1077,16 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     assert set(by_pool["tenants"]["metered"]) == {"tiny-2"}, by_pool  # where its two requests ran
     assert by_pool["pools"]["tiny-2"] == "tiny-2"  # the pool's model
     assert by_pool["tenants"]["metered"]["tiny-2"]["requests"] == 2
+    by_model = requests.get(url + "/v1/usage?by=model", headers=METERED, timeout=30).json()["tenants"]
+    assert by_model["metered"]["tiny-2"]["requests"] == 2, by_model  # the pool's model: its only pool
+    # By time window: minute buckets since the test began hold the two requests and their GPU-seconds.
+    windows = requests.get(
+        url + "/v1/usage", params={"start_time": began, "bucket_width": "1m"}, headers=METERED, timeout=30
+    ).json()
+    assert windows["start_time"] <= began < windows["start_time"] + 60 <= windows["end_time"], windows
+    rows = [bucket["tenants"]["metered"] for bucket in windows["buckets"]]
+    assert sum(row["requests"] for row in rows) == 2, windows
+    assert sum(row["gpu_seconds"] for row in rows) == pytest.approx(spent, abs=1e-3), (windows, spent)
 
 
 # ----- honest counts, bounded answers, quiet logs -----------------------------------------------------------

@@ -18,12 +18,18 @@ from rayxdit.serve.keys import KeyRing
 from rayxdit.serve.state import AppState
 from rayxdit.serve.tenants import (
     ANONYMOUS,
+    MINUTE_S,
     QUOTA_WINDOW_S,
     RATE_WINDOW_S,
     UNATTRIBUTED,
+    UsageMinute,
+    UsageQueryError,
+    UsageWindows,
     attributed_usage,
     limit_refusal,
+    rows_by_model,
     usage_by_pool,
+    usage_window_query,
 )
 from tests.serve.test_ingress import ingress_alone
 from tests.serve.test_state import Sync
@@ -256,3 +262,92 @@ def test_usage_pool_by_pool_sums_to_each_tenants_usage():
         for key, value in row.items():
             assert sum(pool[key] for pool in by_pool[tenant].values()) == pytest.approx(value), (tenant, key)
     assert by_pool["a"]["small"]["idle_gpu_seconds"] == pytest.approx(45)
+
+
+def test_usage_windows_split_held_time_at_minutes_and_sum_to_what_they_counted():
+    windows = UsageWindows(kept_s=3600)
+    windows.add_held(90.0, 150.0, "p", 2, ready=True)  # 30 s in minute 60, 30 s in minute 120
+    windows.add_held(170.0, 185.0, "p", 2, ready=False)  # 10 s in minute 120, 5 s in minute 180
+    windows.add_request(100.0, "a", "p", 8.0)
+    windows.add_request(130.0, "b", "p", 4.0)
+    assert windows.minutes[60].held == {"p": (60.0, 0.0)}
+    assert windows.minutes[120].held == {"p": (60.0, 20.0)} and windows.minutes[180].held == {
+        "p": (0.0, 10.0)
+    }
+    used, held = windows.window(60, 240)
+    assert used == {"a": {"p": (1, 8.0)}, "b": {"p": (1, 4.0)}} and held == {"p": (120.0, 30.0)}
+    used, held = windows.window(120, 180)  # one minute: b's request and the time held in it
+    assert used == {"b": {"p": (1, 4.0)}} and held == {"p": (60.0, 20.0)}
+    assert UsageMinute.from_json(windows.minutes[120].to_json()) == windows.minutes[120]
+    assert windows.changed == {60, 120, 180}
+    windows.trim(now=60 + 3600 + 2 * MINUTE_S)  # minute 60 is past what is kept
+    assert sorted(windows.minutes) == [120, 180] and windows.changed == {120, 180}
+
+
+def test_a_usage_window_is_widened_to_whole_minutes_and_a_bad_one_names_its_parameter():
+    assert usage_window_query(125.0, 250.0, None, now=1000.0) == (120, 300, None)
+    assert usage_window_query(0.0, None, "1m", now=150.0) == (0, 180, 60)  # end: now
+    assert usage_window_query(0.0, 86400.0, "1h", now=0.0) == (0, 86400, 3600)
+    for query, param in (
+        ((None, 100.0, None), "start_time"),
+        ((200.0, 100.0, None), "end_time"),
+        ((0.0, 100.0, "1w"), "bucket_width"),
+        ((0.0, 2 * 86400.0, "1m"), "bucket_width"),  # 2880 buckets of a minute: too many
+    ):
+        with pytest.raises(UsageQueryError) as error:
+            usage_window_query(*query, now=0.0)
+        assert error.value.param == param, (query, str(error.value))
+
+
+def test_the_state_counts_usage_by_minute_as_it_counts_the_totals(clock, monkeypatch):
+    """Held time from heartbeats and finished requests, counted minute by minute on the wall clock: a window
+    over everything equals the totals, the minutes' buckets sum to them, and a bucket before the requests
+    shares its idle time with nobody (unattributed)."""
+    wall = [60 * 1000 + 30.0]  # half a minute in: the heartbeats straddle minutes
+    monkeypatch.setattr(state_module.time, "time", lambda: wall[0] + clock[0] - 1000.0)
+    app = Sync(AppState(ServeConfig(pools=[POOL])))  # 2 ranks
+    app.report("p", "r1", ready=False)
+    for second in range(100):  # 10 s starting, then ready
+        clock[0] += 1
+        app.report("p", "r1", ready=second >= 10)
+    later = time.time() + 600
+    for ticket, tenant, seconds in (("a#0", "a", 10.0), ("b#0", None, 5.0), ("a#1", "a", 6.0)):
+        assert app.route("m", 1.0, ticket, later, [], tenant, None, False)["pool"] == "p"
+        app.finish(ticket, engine_s=seconds / 2, gpu_seconds=seconds)
+    clock[0] += 1
+    app.report("p", "r1", ready=True)
+    totals = app.usage()
+    (everything,) = app.usage_windows(60 * 999, 60 * 1003, None)
+    assert everything["tenants"].keys() == totals.keys()
+    for tenant, row in totals.items():
+        assert everything["tenants"][tenant] == pytest.approx(row), tenant
+    buckets = app.usage_windows(60 * 999, 60 * 1003, 60)
+    assert [(b["start_time"], b["end_time"]) for b in buckets] == [
+        (60 * m, 60 * m + 60) for m in range(999, 1003)
+    ]
+    summed: dict = {}
+    for bucket in buckets:
+        for tenant, row in bucket["tenants"].items():
+            for key, value in row.items():
+                summed.setdefault(tenant, {}).setdefault(key, 0.0)
+                summed[tenant][key] += value
+    for tenant in ("a", ANONYMOUS):  # what the requests used lands whole in the minute they finished
+        assert summed[tenant]["gpu_seconds"] == pytest.approx(totals[tenant]["gpu_seconds"])
+        assert summed[tenant]["requests"] == totals[tenant]["requests"]
+    held = sum(row["total_gpu_seconds"] for bucket in buckets for row in bucket["tenants"].values())
+    assert held == pytest.approx(sum(row["total_gpu_seconds"] for row in totals.values()))  # 101 s x 2
+    # Minute 1000 held 30 s of the pool (2 ranks): 11 s starting (the first ready heartbeat closes the
+    # last starting second), 19 s ready, and no request: nobody's to share.
+    assert buckets[0]["tenants"] == {} and list(buckets[1]["tenants"]) == [UNATTRIBUTED]
+    first = buckets[1]["tenants"][UNATTRIBUTED]
+    assert (first["startup_gpu_seconds"], first["idle_gpu_seconds"]) == pytest.approx((22.0, 38.0))
+    assert list(app.usage_windows(60 * 999, 60 * 1003, None, "a")[0]["tenants"]) == ["a"]
+
+
+def test_usage_model_by_model_sums_each_models_pools():
+    by_pool = usage_by_pool(
+        {"a": {"small": (3, 30.0), "big": (1, 40.0)}}, {"small": (50.0, 0.0), "big": (60.0, 0.0)}
+    )
+    by_model = rows_by_model(by_pool, {"small": "flux", "big": "flux"}.get)
+    assert by_model["a"]["flux"]["requests"] == 4
+    assert by_model["a"]["flux"]["total_gpu_seconds"] == pytest.approx(110.0)
