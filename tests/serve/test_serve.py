@@ -126,6 +126,8 @@ CONFIG = ServeConfig(
         api_keys=[
             {"key": KEY, "tenant": "ops", "admin": True},
             {"key": "metered-key", "tenant": "metered", "requests_per_minute": 2},
+            {"key": "one-at-a-time-key", "tenant": "one-at-a-time", "max_concurrent": 1},
+            {"key": "tiny-quota-key", "tenant": "tiny-quota", "gpu_seconds_per_hour": 0.001},
         ],
         replicas=2,
         # A dead router's batch is adopted 6 s after its last renewal (production: 30 s): the adoption test
@@ -1043,8 +1045,10 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     """Tenant 'metered' may send 2 requests a minute, counted in the shared state (two router replicas
     here): its third is refused before any GPU work with the limit's code and when to retry; another key's
     request is served meanwhile, and the admitted ones got the single-process image. /v1/usage shows the
-    tenant what it cost (its responses' GPU-seconds, plus its share of idle and start-up time); the admin
-    key sees every tenant."""
+    tenant what it cost (its responses' GPU-seconds, plus its share of idle and start-up time), pool by pool,
+    model by model and in minute buckets; the admin key sees every tenant. The other two limits answer the
+    same way with their codes: a second request of a one-at-a-time tenant while its first runs, and a
+    request past a tenant's hourly GPU-seconds."""
     body = {"prompt": "metered", "size": "36x36", "steps": 2}
     began = time.time()
     admitted = [post(url, {**body, "seed": seed}, headers=METERED) for seed in (1, 2)]
@@ -1077,6 +1081,24 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     assert set(by_pool["tenants"]["metered"]) == {"tiny-2"}, by_pool  # where its two requests ran
     assert by_pool["pools"]["tiny-2"] == "tiny-2"  # the pool's model
     assert by_pool["tenants"]["metered"]["tiny-2"]["requests"] == 2
+    # The other two limits, over HTTP as well: a second request while the first runs, and one past the
+    # hour's GPU-seconds (the first request's spend is over the tiny quota).
+    one_at_a_time = {"Authorization": "Bearer one-at-a-time-key"}
+    with ThreadPoolExecutor(1) as running:
+        first = running.submit(post, url, {**body, "size": "96x96", "steps": 30}, headers=one_at_a_time)
+        time.sleep(1.0)  # admitted (it counts from its routing on), and seconds from its answer
+        assert not first.done(), "the first request ended before the second was sent: nothing was tested"
+        second = post(url, body, headers=one_at_a_time)
+        assert first.result().status_code == 200, first.result().text
+    assert second.status_code == 429 and second.json()["error"]["code"] == "concurrency_limited", second.text
+    assert int(second.headers["Retry-After"]) >= 1
+    quota = {"Authorization": "Bearer tiny-quota-key"}
+    assert post(url, body, headers=quota).status_code == 200
+    settle = time.monotonic() + 10  # the spend counts once its release reached the state
+    while (over := post(url, body, headers=quota)).status_code == 200 and time.monotonic() < settle:
+        time.sleep(0.2)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded", over.text
+    assert 1 <= int(over.headers["Retry-After"]) <= 3600
     by_model = requests.get(url + "/v1/usage?by=model", headers=METERED, timeout=30).json()["tenants"]
     assert by_model["metered"]["tiny-2"]["requests"] == 2, by_model  # the pool's model: its only pool
     # By time window: minute buckets since the test began hold the two requests and their GPU-seconds.
