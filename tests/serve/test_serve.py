@@ -31,6 +31,7 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
 from rayxdit.serve.app import APP_NAME, build_app
+from rayxdit.serve.tenants import ANONYMOUS
 from tests.helpers import (
     FAST_SERVE_METRICS,
     cap_address_space,
@@ -1337,6 +1338,52 @@ def test_a_state_killed_mid_load_loses_no_job_image_or_usage_and_logs_no_traceba
     time.sleep(3)  # the log monitor's lag
     ours = our_tracebacks(log_tail(before))
     assert not ours, f"{len(ours)} traceback(s) through rayxdit's code, the last:\n" + ours[-1][-6000:]
+
+
+def test_without_redis_a_killed_state_loses_what_the_readme_says_and_every_client_gets_an_answer(url, engine):
+    """The same kill with the embedded default (no state.redis_url), in an application of its own on the
+    same cluster: what README's "The state store" says is lost is lost (a stored image and a background job
+    answer 404, usage starts again from zero), and no client is left hanging: a request running through
+    the kill gets its image, and the next one its single-process image."""
+    name = "rayxdit-no-redis"
+    config = ServeConfig(
+        pools=[PoolConfig(name="no-redis-1", parallel="single", deployment_config=FAST_HEALTH, **COMMON)],
+        elastic=None,
+    )
+    serve.run(build_app(config), name=name, route_prefix="/no-redis")
+    base = url + "/no-redis"
+    try:
+        stored = post(base, {"prompt": "kept?", "size": "36x36", "steps": 2, "response_format": "url"})
+        assert stored.status_code == 200, stored.text
+        image_url = stored.json()["data"][0]["url"]
+        assert requests.get(image_url, timeout=30).status_code == 200
+        job = post(base, {"prompt": "a long job", "size": "128x128", "steps": 200, "background": True}).json()
+        poll_job(base, f"/v1/images/generations/{job['id']}", {"in_progress"})
+        assert requests.get(base + "/v1/usage", timeout=30).json()["tenants"][ANONYMOUS]["requests"] == 1
+        body = {"prompt": "through the kill", "size": "36x36", "steps": 3, "seed": 9}
+        with ThreadPoolExecutor(1) as clients:
+            running = clients.submit(post, base, body)  # waits behind the job: the pool has one replica
+            time.sleep(1)
+            (state,) = [
+                actor
+                for actor in ray.util.list_named_actors(all_namespaces=True)
+                if "#state#" in actor["name"] and name in actor["name"]
+            ]
+            ray.kill(ray.get_actor(state["name"], namespace=state["namespace"]), no_restart=True)
+            answered = running.result()
+        assert answered.status_code == 200, answered.text  # behind a job the new state does not know of
+        served = png_pixels(base64.b64decode(answered.json()["data"][0]["b64_json"]))
+        assert np.abs(served - single_process_pixels(engine, body)).max() <= 1
+        gone = requests.get(base + f"/v1/images/generations/{job['id']}", headers=AUTH, timeout=30)
+        assert gone.status_code == 404, gone.text
+        assert requests.get(image_url, timeout=30).status_code == 404
+        settle = time.monotonic() + 10  # the answer's release reaches the new state within a second
+        while (usage := requests.get(base + "/v1/usage", timeout=30).json()["tenants"]) == {}:
+            assert time.monotonic() < settle, "the request after the kill never counted"
+            time.sleep(0.2)
+        assert usage[ANONYMOUS]["requests"] == 1, usage  # only the request after the kill
+    finally:
+        serve.delete(name)
 
 
 def test_probes_see_a_bare_status_and_answers_cut_long_ids_short(url):
