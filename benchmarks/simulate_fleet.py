@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
-from rayxdit.serve.fairness import FAIR_SHARE, FIFO, WaitingLine  # noqa: E402
+from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES, WaitingLine  # noqa: E402
 from rayxdit.serve.policies import AUTOSCALING_POLICIES, ROUTING_POLICIES  # noqa: E402
 from rayxdit.serve.routing import (  # noqa: E402
     PoolLoad,
@@ -135,6 +135,9 @@ class Request:
     start: float = -1.0
     end: float = -1.0
     shed: bool = False
+    expired: bool = False
+    """Still waiting at its deadline: it left the line then (the router answers 504), not good."""
+    pool: str = ""
 
     @property
     def cost(self) -> float:
@@ -173,6 +176,14 @@ class Pool:
     def enqueue(self, request: Request) -> None:
         self.queue.push(request, request.tenant, request.cost)
         self.queue_cost += request.cost
+        request.pool = self.spec.name
+
+    def withdraw(self, request: Request) -> bool:
+        """Take a waiting request out of the line (its deadline passed); whether it waited here."""
+        if not self.queue.remove(request):
+            return False
+        self.queue_cost -= request.cost
+        return True
 
     def dequeue(self) -> Request:
         request = self.queue.pop()
@@ -184,7 +195,7 @@ class Pool:
         request of ``tenant`` costing ``cost`` in a fair line, only those queued that would start before it
         (as the state counts them)."""
         running = [r.request for r in self.replicas if r.request is not None]
-        if tenant is not None and self.queue.policy == FAIR_SHARE:
+        if tenant is not None and self.queue.policy != FIFO:
             ahead, ahead_cost = self.queue.ahead_of(tenant, cost)
             return ahead + len(running), ahead_cost + sum(r.cost for r in running)
         return len(self.queue) + len(running), self.queue_cost + sum(r.cost for r in running)
@@ -201,9 +212,12 @@ class Fleet:
         seed: int,
         scenario: str = "compounded",
         queue_policy: str = FIFO,
+        expire_at_deadline: bool = False,
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
         self.queue_policy = queue_policy
+        self.expire_at_deadline = expire_at_deadline
+        """Whether a request still waiting at its deadline leaves the line (production's 504)."""
         self.gpu_seconds_by_tenant: dict[str, float] = {}
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -262,7 +276,16 @@ class Fleet:
             request.shed = True
             return
         pool.enqueue(request)
+        if self.expire_at_deadline:
+            self._push(request.arrival + request.slo, "deadline", request)
         self._dispatch(pool)
+
+    def _on_deadline(self, request: Request) -> None:
+        """A request still waiting at its deadline leaves the line, as the router answers 504 then (one
+        running runs on here: the ranks would stop at the next step boundary, freeing the replica a little
+        earlier than this model does)."""
+        if request.start < 0 and self.pools[request.pool].withdraw(request):
+            request.expired = True
 
     def _refused(self, pool: Pool, request: Request) -> bool:
         """Admission as the application's state decides it: the request's completion estimate on its pool
@@ -494,9 +517,11 @@ def simulate(
     startup: float,
     seed: int,
     scenario: str = "compounded",
+    queue_policy: str = FIFO,
+    expire_at_deadline: bool = False,
 ) -> dict:
     """One run; ``load`` is a fraction of capacity, or a name of VARYING."""
-    fleet = Fleet(policy, budget, startup, seed, scenario)
+    fleet = Fleet(policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline)
     capacity = capacity_per_s(budget)
     phase_changes = 0
     if isinstance(load, str):
@@ -524,11 +549,14 @@ def simulate(
         "scenario": scenario,
         "startup_s": startup,
         "policy": policy,
+        "queue_policy": queue_policy,
+        "expire_at_deadline": expire_at_deadline,
         "gpus": budget,
         "offered_load": load,
         "requests": len(counted),
         "finished": len(finished),
         "shed": sum(r.shed for r in counted),
+        "expired": sum(r.expired for r in counted),
         "p50_s": q(0.5),
         "p95_s": q(0.95),
         "p99_s": q(0.99),
@@ -606,10 +634,16 @@ def compare(results: list[dict]) -> list[dict]:
     1.1x its p99 (steady loads); p50 at least 30% below the best's (varying loads)."""
     cells: dict[tuple, dict[str, dict]] = {}
     for result in results:
-        key = (result["scenario"], result["startup_s"], result["gpus"], result["offered_load"])
+        key = (
+            result["scenario"],
+            result["startup_s"],
+            result["gpus"],
+            result["offered_load"],
+            result.get("queue_policy", FIFO),
+        )
         cells.setdefault(key, {})[result["policy"]] = result
     rows = []
-    for (scenario, startup, gpus, load), by_policy in cells.items():
+    for (scenario, startup, gpus, load, queue_policy), by_policy in cells.items():
         statics = [by_policy[name] for name in STATIC if name in by_policy]
         elastic = by_policy.get(ELASTIC)
         if not statics or elastic is None:
@@ -626,6 +660,7 @@ def compare(results: list[dict]) -> list[dict]:
                 "startup_s": startup,
                 "gpus": gpus,
                 "offered_load": load,
+                "queue_policy": queue_policy,
                 "best_static": best["policy"],
                 "best_good_fraction": best["good_fraction"],
                 "elastic_good_fraction": elastic["good_fraction"],
@@ -664,9 +699,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=600.0, help="arrivals before this are not counted")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="simulations run at once (processes)")
+    parser.add_argument(
+        "--queue-policies",
+        nargs="+",
+        default=[FIFO],
+        choices=QUEUE_POLICIES,
+        help="the order of each pool's waiting requests (routing.queue_policy), every fleet under each; "
+        "the elastic fleet is compared with the static ones under the same",
+    )
+    parser.add_argument(
+        "--expire-at-deadline",
+        action="store_true",
+        help="a request still waiting at its deadline leaves the line, as the router's 504 takes it out in "
+        "production (needed for shortest_first, where a large request can wait without end; it changes "
+        "the elastic fleet's moves too: README, Elastic scaling)",
+    )
     args = parser.parse_args(argv)
     jobs = [
-        (policy, budget, load, args.duration_s, args.warmup_s, startup, args.seed, scenario)
+        (
+            policy,
+            budget,
+            load,
+            args.duration_s,
+            args.warmup_s,
+            startup,
+            args.seed,
+            scenario,
+            queue_policy,
+            args.expire_at_deadline,
+        )
+        for queue_policy in args.queue_policies
         for scenario in args.scenarios
         for startup in args.startup_s
         for budget in args.fleets
@@ -682,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         load = result["offered_load"]
         shown = load if isinstance(load, str) else f"{load:.0%}"
         print(
-            f"{result['scenario']:10s} {result['startup_s']:4.0f}s {result['gpus']:3d} GPUs {shown:>11s} "
+            f"{result['queue_policy']:14s} {result['scenario']:10s} {result['startup_s']:4.0f}s {result['gpus']:3d} GPUs {shown:>11s} "
             f"{result['policy']:18s} p50 {result['p50_s']} p99 {result['p99_s']} good {result['good_fraction']:.3f} "
             f"starts/h {result['replica_starts_per_hour']}",
             flush=True,
@@ -693,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in comparison:
         if not (row["goodput_bar_met"] and row["latency_bar_met"]):
             print(
-                f"  missed: {row['scenario']} {row['startup_s']:.0f}s {row['gpus']} GPUs {row['offered_load']}: "
+                f"  missed: {row['queue_policy']} {row['scenario']} {row['startup_s']:.0f}s {row['gpus']} GPUs "
+                f"{row['offered_load']}: "
                 f"good {row['elastic_good_fraction']} vs {row['best_static']} {row['best_good_fraction']}, "
                 f"p50 {row['elastic_p50_s']} vs {row['best_p50_s']}, p99 {row['elastic_p99_s']} vs {row['best_p99_s']}",
                 flush=True,

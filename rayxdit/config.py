@@ -915,9 +915,11 @@ class RoutingConfig(BaseModel):
     queue_policy: str = Field(
         default="fifo",
         description="In which order requests waiting for a pool's replicas start (rayxdit.serve.fairness): "
-        "fifo (as they came, in Serve's queues) or fair_share (held in the application's state and let in "
+        "fifo (as they came, in Serve's queues), fair_share (held in the application's state and let in "
         "as replicas free up, in weighted fair order across tenants by GPU-seconds: a tenant flooding a "
-        "pool cannot push others back; needs the elastic policy or pools of a fixed size).",
+        "pool cannot push others back) or shortest_first (held likewise, the cheapest first: under an "
+        "overload the most requests stay within their deadlines); the last two need the elastic policy or "
+        "pools of a fixed size.",
     )
 
 

@@ -55,7 +55,8 @@ class ElasticPolicy:
             if spec is None:
                 continue
             metrics = context.aggregated_metrics or {}
-            # With the fair line (routing.queue_policy fair_share) requests wait in the state, not at Serve.
+            # With a line in the state (routing.queue_policy fair_share, shortest_first) requests wait
+            # there, not at Serve.
             held_back = waiting.get(spec.name, 0.0)
             demands.append(
                 PoolDemand(

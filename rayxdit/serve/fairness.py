@@ -22,6 +22,14 @@ nothing from it, so shares under a sustained load are unchanged, and what a retu
 ahead of the others is bounded by ``burst`` requests.
 
 **First come first served** (``fifo``) orders by arrival alone.
+
+**Shortest first** (``shortest_first``) starts the cheapest waiting request first (ties: the earlier
+arrival), whoever sent it. Under an overload it keeps the most requests within their deadlines: a
+request's deadline grows with its cost, so a large request waits behind the small ones it would otherwise
+make late, and admission, which counts only what would start before a request, refuses at once the large
+ones that could not make it, where first come first served lets the large requests crowd out the small
+ones. A large request can wait until its deadline (then it leaves the line with a 504) for as long as
+smaller ones keep coming; below saturation the line is short and the order hardly matters.
 """
 
 from __future__ import annotations
@@ -32,9 +40,12 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-FIFO, FAIR_SHARE = "fifo", "fair_share"
-QUEUE_POLICIES = (FIFO, FAIR_SHARE)
-"""The queue policies by name (``queue_policy`` of a pool)."""
+FIFO, FAIR_SHARE, SHORTEST_FIRST = "fifo", "fair_share", "shortest_first"
+QUEUE_POLICIES = (FIFO, FAIR_SHARE, SHORTEST_FIRST)
+"""The queue policies by name (``routing.queue_policy``)."""
+LINE_POLICIES = (FAIR_SHARE, SHORTEST_FIRST)
+"""The queue policies whose order the application's state keeps: requests wait in its line, not in Serve's
+queues (``fifo`` leaves the order to Serve's queues)."""
 BURST_REQUESTS = 2.0
 """A tenant under its share may start this many of its requests ahead of the line's virtual time."""
 
@@ -79,6 +90,8 @@ class WaitingLine:
         arrival = next(self._arrivals)
         if self.policy == FIFO:
             start = float(arrival)
+        elif self.policy == SHORTEST_FIRST:
+            start = max(cost, 0.0)
         else:
             start = self._start_tag(tenant, cost, weight)
             self.finish_tags[tenant] = start + max(cost, 0.0) / weight
@@ -110,11 +123,11 @@ class WaitingLine:
     def ahead_of(self, tenant: str, cost: float, weight: float = 1.0) -> tuple[int, float]:
         """The requests (how many, their cost) that would start before one of ``tenant`` costing ``cost``
         sent now: what its wait depends on. In fair order those of every tenant up to the start tag it would
-        get (a tenant flooding the line is ahead of a newcomer by at most about one request); first come
-        first served: all of them."""
+        get (a tenant flooding the line is ahead of a newcomer by at most about one request); shortest first:
+        those costing no more; first come first served: all of them."""
         if self.policy == FIFO:
             return len(self._entries), sum(entry.cost for entry in self._entries.values())
-        start = self._start_tag(tenant, cost, weight)
+        start = max(cost, 0.0) if self.policy == SHORTEST_FIRST else self._start_tag(tenant, cost, weight)
         ahead = [entry for entry in self._entries.values() if entry.start <= start]
         return len(ahead), sum(entry.cost for entry in ahead)
 

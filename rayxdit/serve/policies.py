@@ -80,9 +80,9 @@ def autoscaling_policy(name: str, options: Mapping[str, Any] | None = None) -> A
 
 
 def check_queue_policy(config: ServeConfig) -> None:
-    """Refuse an unknown queue policy, and ``fair_share`` where Serve sizes a pool on its own: the requests
-    waiting in the state's line are invisible to Serve's per-pool autoscaling (the elastic policy reads
-    them from the state)."""
+    """Refuse an unknown queue policy, and one whose line the state keeps (``fair_share``,
+    ``shortest_first``) where Serve sizes a pool on its own: the requests waiting in the state's line are
+    invisible to Serve's per-pool autoscaling (the elastic policy reads them from the state)."""
     name = config.routing.queue_policy
     if name not in QUEUE_POLICIES:
         raise ConfigError(f"routing.queue_policy '{name}' is not one of {', '.join(QUEUE_POLICIES)}")
@@ -92,7 +92,7 @@ def check_queue_policy(config: ServeConfig) -> None:
         bounds = pool.serve_options().get("autoscaling_config", {})
         if bounds.get("min_replicas") != bounds.get("max_replicas"):
             raise ConfigError(
-                f"routing.queue_policy fair_share holds waiting requests in the application's state, where "
+                f"routing.queue_policy {name} holds waiting requests in the application's state, where "
                 f"Serve's own autoscaling of pool {pool.name} cannot see them: use the elastic policy, or give "
                 "the pool a fixed size (min_replicas = max_replicas)"
             )

@@ -44,7 +44,7 @@ from rayxdit.serve import metrics
 from rayxdit.serve.batches import LineStore
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.durable import Journal, MemoryJournal, cluster_journal, open_journal, wall_offset
-from rayxdit.serve.fairness import FAIR_SHARE, WaitingLine
+from rayxdit.serve.fairness import LINE_POLICIES, WaitingLine
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.memory import MemoryProfile, pool_limit, too_large
@@ -213,9 +213,10 @@ class AppState:
             if config.elastic is not None
             else None
         )
-        self.gated = config.routing.queue_policy == FAIR_SHARE
-        """Whether requests wait for a pool's replicas here, in a fair line (else in Serve's queues)."""
-        self.lines: dict[str, WaitingLine] = defaultdict(lambda: WaitingLine(FAIR_SHARE))
+        queue_policy = config.routing.queue_policy
+        self.gated = queue_policy in LINE_POLICIES
+        """Whether requests wait for a pool's replicas here, in its line (else in Serve's queues)."""
+        self.lines: dict[str, WaitingLine] = defaultdict(lambda: WaitingLine(queue_policy))
         """Each pool's requests waiting for a replica (gated only)."""
         self.let_in: dict[str, set[str]] = defaultdict(set)
         """Each pool's tickets let through to its replicas, at most one per ready replica (gated only)."""
@@ -537,7 +538,7 @@ class AppState:
                 self.let_in[pool].add(ticket)
         return self.gone_now(pool)
 
-    # ----- the fair line (routing.queue_policy fair_share) ---------------------------------------------------
+    # ----- the line (routing.queue_policy fair_share, shortest_first) -----------------------------------------------
     def _let_in(self, pool: str) -> None:
         """Let the next waiting requests through to ``pool``, one per ready replica not taken."""
         now = time.monotonic()

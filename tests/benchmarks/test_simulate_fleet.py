@@ -50,3 +50,32 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     assert rows[1.0]["best_good_fraction"] == max(
         results[(name, 1.0)]["good_fraction"] for name in simulate_fleet.STATIC
     )
+
+
+def test_in_an_overload_shortest_first_keeps_more_requests_good_and_expired_ones_leave_the_line(tmp_path):
+    """The simulator under both queue policies at 120% of capacity: shortest first keeps more requests
+    within their deadlines than first come first served, for the elastic fleet as for a static one; a
+    request still waiting at its deadline leaves the line (expired, not good), as the router's 504 takes it
+    out in production; the comparison pairs fleets under the same queue policy."""
+    out = tmp_path / "simulate.json"
+    argv = ["--out", str(out), "--fleets", "8", "--loads", "1.2", "--varying", "--scenarios", "compounded"]
+    argv += ["--startup-s", "60", "--duration-s", "2400", "--warmup-s", "300", "--workers", "1"]
+    argv += [
+        "--policies",
+        "all-2gpu",
+        "elastic",
+        "--queue-policies",
+        "fifo",
+        "shortest_first",
+        "--expire-at-deadline",
+    ]
+    assert simulate_fleet.main(argv) == 0
+    document = json.loads(out.read_text())
+    results = {(r["policy"], r["queue_policy"]): r for r in document["results"]}
+    for policy in ("all-2gpu", "elastic"):
+        fifo, shortest = results[(policy, "fifo")], results[(policy, "shortest_first")]
+        assert shortest["good_fraction"] > fifo["good_fraction"] + 0.05, (policy, fifo, shortest)
+        for result in (fifo, shortest):
+            assert result["finished"] + result["shed"] + result["expired"] == result["requests"], result
+    assert results[("all-2gpu", "shortest_first")]["expired"] > 0  # large requests behind small ones
+    assert {row["queue_policy"] for row in document["comparison"]} == {"fifo", "shortest_first"}

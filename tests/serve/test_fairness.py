@@ -1,5 +1,5 @@
-"""The waiting line's order: weighted fair share across tenants (start-time fair queuing) and first come
-first served; pure, as the state and the fleet simulator use it."""
+"""The waiting line's order: weighted fair share across tenants (start-time fair queuing), shortest first
+and first come first served; pure, as the state and the fleet simulator use it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from rayxdit.config import ConfigError, PoolConfig, RoutingConfig, ServeConfig, TenantLimits
 from rayxdit.serve import state as state_module
-from rayxdit.serve.fairness import FAIR_SHARE, FIFO, WaitingLine
+from rayxdit.serve.fairness import FAIR_SHARE, FIFO, SHORTEST_FIRST, WaitingLine
 from rayxdit.serve.policies import check_policies
 from rayxdit.serve.state import AppState
 from rayxdit.serve.tenants import has_limits
@@ -216,3 +216,46 @@ def test_a_light_tenant_waits_only_for_the_request_in_service_while_another_keep
         if running in b_arrived:
             b_waits.append(service - b_arrived.pop(running))
     assert len(b_waits) == 40 and set(b_waits) == {0}, b_waits
+
+
+def test_shortest_first_starts_the_cheapest_and_counts_only_what_costs_no_more():
+    line = WaitingLine(SHORTEST_FIRST)
+    for key, cost in (("large", 5.0), ("small", 1.0), ("mid", 2.0), ("small-later", 1.0), ("cfg", 2.0)):
+        line.push(key, "anyone", cost)
+    assert line.ahead_of("b", 1.0) == (2, 2.0)  # the two small ones: a new small one waits for them only
+    assert line.ahead_of("b", 4.0) == (4, 6.0)  # a large one waits for all but the larger one
+    assert drain(line) == ["small", "small-later", "mid", "cfg", "large"]  # ties: the earlier arrival
+
+
+def test_in_an_overload_shortest_first_admits_the_small_request_fifo_would_refuse_and_refuses_a_large_one(
+    clock,
+):
+    """One replica at 10 s per cost unit, ten requests of cost 3 waiting (300 s of work). A small request
+    (cost 0.5) with a 40 s deadline: first come first served it would wait for all of them (refused, 429);
+    shortest first it waits for the one running only, is admitted and goes in at the next completion. A
+    request of cost 4 with a 200 s deadline waits for all ten there: refused at once, not let go late."""
+    config = FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=SHORTEST_FIRST)})
+    app = Sync(AppState(config))
+    app.report("p", "r1", ready=True)
+    for n in range(3):  # the pool's rate: 10 s per cost unit
+        routed(app, f"m{n}#0", "a")
+        app.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
+    for n in range(10):
+        assert (
+            app.route("m", 3.0, f"a{n}#0", time.time() + 3600, [], "a", TenantLimits(), False)["pool"] == "p"
+        )
+    small = app.route("m", 0.5, "b0#0", time.time() + 40, [], "b", TenantLimits(), False)
+    assert small["pool"] == "p" and small["let_in"] is False, small
+    large = app.route("m", 4.0, "c0#0", time.time() + 200, [], "c", TenantLimits(), False)
+    assert large["pool"] is None and large["retry_after_s"] > 0, large
+    (running,) = app.state.let_in["p"]
+    app.finish(running, engine_s=30.0, gpu_seconds=60.0)
+    assert app.wait_turn("b0#0", "p", 0) == "go"
+    fifo = Sync(AppState(FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=FIFO)})))
+    fifo.report("p", "r1", ready=True)
+    for n in range(3):
+        routed(fifo, f"m{n}#0", "a")
+        fifo.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
+    for n in range(10):
+        fifo.route("m", 3.0, f"a{n}#0", time.time() + 3600, [], "a", TenantLimits(), False)
+    assert fifo.route("m", 0.5, "b0#0", time.time() + 40, [], "b", TenantLimits(), False)["pool"] is None
