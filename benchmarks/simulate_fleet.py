@@ -19,8 +19,9 @@ them, and says so:
 - **Clients** want an answer within ``SLO_FACTOR`` times their request's single-GPU time and send that as
   the request's ``timeout``: a request that ends within it is *good*; one refused by admission is not.
 - **Replicas** run one request at a time; a pool's queue is ordered by the queue policy the application's
-  state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, or ``fair_share`` across the
-  requests' tenants; ``benchmarks/simulate_tenants.py``); a new replica waits for free GPUs, then
+  state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, ``fair_share`` across the
+  requests' tenants (``benchmarks/simulate_tenants.py``), or ``shortest_first``: ``--queue-policies``); with
+  ``--expire-at-deadline`` a request still waiting at its deadline leaves it, as the router's 504 does; a new replica waits for free GPUs, then
   ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
   ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of

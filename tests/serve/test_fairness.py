@@ -169,19 +169,27 @@ def test_fair_share_is_refused_where_serve_sizes_a_pool_on_its_own():
     assert not has_limits(TenantLimits(weight=3.0))  # a weight is a share, not a limit
 
 
-@pytest.mark.parametrize("policy", ["fifo", "fair_share"])
-def test_admission_counts_only_the_work_a_request_waits_for(clock, policy):
-    """A's ten requests wait for the pool's one replica (10 s each, measured). B's request, with a 35 s
-    deadline: first come first served it would wait for all ten and is refused at once (429); in the fair
-    line it waits for the one running and at most one of A's, and is admitted."""
-    config = FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=policy)})
-    app = Sync(AppState(config))
+def busy_pool(policy: str, cost: float) -> Sync:
+    """A state under ``policy`` whose pool has one replica, measured at 10 s per cost unit, running one of
+    tenant A's ten requests of ``cost`` while the other nine wait."""
+    app = Sync(AppState(FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=policy)})))
     app.report("p", "r1", ready=True)
     for n in range(3):  # the pool's rate: 10 s per cost unit
         routed(app, f"m{n}#0", "a")
         app.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
     for n in range(10):
-        assert routed(app, f"a{n}#0", "a")["pool"] == "p"
+        assert (
+            app.route("m", cost, f"a{n}#0", time.time() + 3600, [], "a", TenantLimits(), False)["pool"] == "p"
+        )
+    return app
+
+
+@pytest.mark.parametrize("policy", ["fifo", "fair_share"])
+def test_admission_counts_only_the_work_a_request_waits_for(clock, policy):
+    """A's ten requests wait for the pool's one replica (10 s each, measured). B's request, with a 35 s
+    deadline: first come first served it would wait for all ten and is refused at once (429); in the fair
+    line it waits for the one running and at most one of A's, and is admitted."""
+    app = busy_pool(policy, cost=1.0)
     decision = app.route("m", 1.0, "b0#0", time.time() + 35, [], "b", TenantLimits(), False)
     if policy == "fair_share":
         assert decision["pool"] == "p" and decision["estimate_s"] <= 30, decision
@@ -234,16 +242,7 @@ def test_in_an_overload_shortest_first_admits_the_small_request_fifo_would_refus
     (cost 0.5) with a 40 s deadline: first come first served it would wait for all of them (refused, 429);
     shortest first it waits for the one running only, is admitted and goes in at the next completion. A
     request of cost 4 with a 200 s deadline waits for all ten there: refused at once, not let go late."""
-    config = FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=SHORTEST_FIRST)})
-    app = Sync(AppState(config))
-    app.report("p", "r1", ready=True)
-    for n in range(3):  # the pool's rate: 10 s per cost unit
-        routed(app, f"m{n}#0", "a")
-        app.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
-    for n in range(10):
-        assert (
-            app.route("m", 3.0, f"a{n}#0", time.time() + 3600, [], "a", TenantLimits(), False)["pool"] == "p"
-        )
+    app = busy_pool(SHORTEST_FIRST, cost=3.0)
     small = app.route("m", 0.5, "b0#0", time.time() + 40, [], "b", TenantLimits(), False)
     assert small["pool"] == "p" and small["let_in"] is False, small
     large = app.route("m", 4.0, "c0#0", time.time() + 200, [], "c", TenantLimits(), False)
@@ -251,11 +250,5 @@ def test_in_an_overload_shortest_first_admits_the_small_request_fifo_would_refus
     (running,) = app.state.let_in["p"]
     app.finish(running, engine_s=30.0, gpu_seconds=60.0)
     assert app.wait_turn("b0#0", "p", 0) == "go"
-    fifo = Sync(AppState(FAIR.model_copy(update={"routing": RoutingConfig(queue_policy=FIFO)})))
-    fifo.report("p", "r1", ready=True)
-    for n in range(3):
-        routed(fifo, f"m{n}#0", "a")
-        fifo.finish(f"m{n}#0", engine_s=10.0, gpu_seconds=20.0)
-    for n in range(10):
-        fifo.route("m", 3.0, f"a{n}#0", time.time() + 3600, [], "a", TenantLimits(), False)
+    fifo = busy_pool(FIFO, cost=3.0)
     assert fifo.route("m", 0.5, "b0#0", time.time() + 40, [], "b", TenantLimits(), False)["pool"] is None
