@@ -60,11 +60,14 @@ from rayxdit.serve.tenants import (
     UsageWindows,
     Used,
     attributed_usage,
+    count_held,
+    count_used,
     has_limits,
     limit_refusal,
     no_usage,
     usage_buckets,
     usage_by_pool,
+    usage_from_json,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -267,11 +270,7 @@ class AppState:
         if previous is not None:  # the GPUs were held since its last heartbeat (a silence counts as gone)
             seconds = min(now - previous.seen, STALE_AFTER_S)
             held = seconds * self.pools[pool].ranks
-            while_ready, while_starting = self.held[pool]
-            if previous.ready:
-                self.held[pool] = (while_ready + held, while_starting)
-            else:
-                self.held[pool] = (while_ready, while_starting + held)
+            count_held(self.held, pool, held if previous.ready else 0.0, 0.0 if previous.ready else held)
             wall = time.time()
             self.windows.add_held(wall - seconds, wall, pool, self.pools[pool].ranks, previous.ready)
         self.replicas[pool][replica] = _Replica(ready, now, MemoryProfile.of(memory) if memory else None)
@@ -618,8 +617,7 @@ class AppState:
         if held is None or not engine_s:
             return
         if gpu_seconds and self.journal.claim("finished", ticket, FINISHED_CLAIM_S):
-            requests, seconds = self.used[held.tenant].get(held.pool, (0, 0.0))
-            self.used[held.tenant][held.pool] = (requests + 1, seconds + gpu_seconds)
+            count_used(self.used, held.tenant, held.pool, 1, gpu_seconds)
             self.windows.add_request(time.time(), held.tenant, held.pool, gpu_seconds)
             if held.metered:
                 self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
@@ -664,10 +662,9 @@ class AppState:
             data = json.loads(value)
             if key == "totals":
                 self.since = data["since"]
-                for tenant, pools in data["used"].items():
-                    self.used[tenant] = {pool: (int(n), float(s)) for pool, (n, s) in pools.items()}
-                for pool, (ready, starting) in data["held"].items():
-                    self.held[pool] = (float(ready), float(starting))
+                used, held = usage_from_json(data)
+                self.used.update(used)
+                self.held.update(held)
             elif key.startswith("minute:"):
                 self.windows.minutes[int(key.removeprefix("minute:"))] = UsageMinute.from_json(value)
             elif key.startswith("tenant:"):

@@ -143,6 +143,26 @@ Held = dict[str, tuple[float, float]]
 """pool -> (GPU-seconds its replicas were ready, GPU-seconds they were starting)."""
 
 
+def count_used(used: Used, tenant: str, pool: str, requests: int, gpu_seconds: float) -> None:
+    """Add ``requests`` of ``tenant`` on ``pool`` and their GPU-seconds to ``used``."""
+    row = used.setdefault(tenant, {})
+    total_requests, total_seconds = row.get(pool, (0, 0.0))
+    row[pool] = (total_requests + requests, total_seconds + gpu_seconds)
+
+
+def count_held(held: Held, pool: str, ready_s: float, starting_s: float) -> None:
+    """Add GPU-seconds ``pool`` held ready and starting to ``held``."""
+    total_ready, total_starting = held.get(pool, (0.0, 0.0))
+    held[pool] = (total_ready + ready_s, total_starting + starting_s)
+
+
+def usage_from_json(data: dict) -> tuple[Used, Held]:
+    """``used`` and ``held`` as a journal's JSON holds them (lists for tuples)."""
+    used = {t: {p: (int(n), float(s)) for p, (n, s) in pools.items()} for t, pools in data["used"].items()}
+    held = {pool: (float(ready), float(starting)) for pool, (ready, starting) in data["held"].items()}
+    return used, held
+
+
 @dataclass
 class UsageMinute:
     """What one wall-clock minute counted: requests finished in it, GPU time its pools held in it."""
@@ -155,12 +175,7 @@ class UsageMinute:
 
     @classmethod
     def from_json(cls, text: bytes | str) -> UsageMinute:
-        data = json.loads(text)
-        used = {
-            t: {p: (int(n), float(s)) for p, (n, s) in pools.items()} for t, pools in data["used"].items()
-        }
-        held = {pool: (float(ready), float(starting)) for pool, (ready, starting) in data["held"].items()}
-        return cls(used, held)
+        return cls(*usage_from_json(json.loads(text)))
 
 
 class UsageWindows:
@@ -180,9 +195,7 @@ class UsageWindows:
 
     def add_request(self, at: float, tenant: str, pool: str, gpu_seconds: float) -> None:
         """A request of ``tenant`` finished on ``pool`` at ``at`` (seconds since the epoch)."""
-        used = self._minute(at).used.setdefault(tenant, {})
-        requests, seconds = used.get(pool, (0, 0.0))
-        used[pool] = (requests + 1, seconds + gpu_seconds)
+        count_used(self._minute(at).used, tenant, pool, 1, gpu_seconds)
 
     def add_held(self, start: float, end: float, pool: str, gpus: int, ready: bool) -> None:
         """``pool`` held ``gpus`` from ``start`` to ``end`` (seconds since the epoch), ready or starting;
@@ -190,12 +203,8 @@ class UsageWindows:
         at = start
         while at < end:
             upto = min(end, (math.floor(at / MINUTE_S) + 1) * MINUTE_S)
-            minute = self._minute(at)
-            while_ready, while_starting = minute.held.get(pool, (0.0, 0.0))
             held = (upto - at) * gpus
-            minute.held[pool] = (
-                (while_ready + held, while_starting) if ready else (while_ready, while_starting + held)
-            )
+            count_held(self._minute(at).held, pool, held if ready else 0.0, 0.0 if ready else held)
             at = upto
 
     def trim(self, now: float) -> None:
@@ -212,13 +221,10 @@ class UsageWindows:
             if not start <= at < end:
                 continue
             for tenant, pools in minute.used.items():
-                row = used.setdefault(tenant, {})
                 for pool, (requests, seconds) in pools.items():
-                    total_requests, total_seconds = row.get(pool, (0, 0.0))
-                    row[pool] = (total_requests + requests, total_seconds + seconds)
+                    count_used(used, tenant, pool, requests, seconds)
             for pool, (ready, starting) in minute.held.items():
-                total_ready, total_starting = held.get(pool, (0.0, 0.0))
-                held[pool] = (total_ready + ready, total_starting + starting)
+                count_held(held, pool, ready, starting)
         return used, held
 
 
