@@ -582,8 +582,13 @@ class AppState:
         return "gone" if self.gone_now(pool) else "wait"
 
     def gone_now(self, pool: str) -> bool:
-        """Whether ``pool`` has no replica left, not even a starting one."""
+        """Whether ``pool`` has no replica left, not even a starting one. Never within STALE_AFTER_S of
+        this replica's start: a state replica that restarted knows no replica until their next heartbeats
+        reach it (through handles that learn of it a moment later), and a pool it has not heard of yet is
+        unknown, not gone (calling it gone would take back the requests waiting on its replicas)."""
         now = time.monotonic()
+        if now - self.started <= STALE_AFTER_S:
+            return False
         return not any(now - seen.seen <= STALE_AFTER_S for seen in self.replicas[pool].values())
 
     async def finish(

@@ -134,6 +134,19 @@ def test_a_pool_left_without_replicas_is_gone_so_its_waiting_requests_move(clock
     assert app.renew("r2", "small", 1.0) is True and app.renew("r1", "big", 1.0) is True
 
 
+def test_a_restarted_state_calls_no_pool_gone_before_it_could_hear_its_replicas(clock):
+    """A new state replica knows no replica: the renewals of requests waiting on a pool's replicas through
+    the restart must not hear "gone" before that pool's heartbeats could reach it (it would take them back
+    and refuse them with a 429); a pool still silent after STALE_AFTER_S is gone."""
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    assert app.renew("r1", "small", 1.0) is False
+    assert app.wait_turn("r1", "small", 0.0) != "gone"
+    clock[0] += state_module.STALE_AFTER_S / 2
+    assert app.renew("r1", "small", 1.0) is False
+    clock[0] += state_module.STALE_AFTER_S
+    assert app.renew("r1", "small", 1.0) is True
+
+
 def test_a_lease_renewed_after_a_state_restart_counts_the_request_again(clock):
     """The state replica restarted (its reservations lost): the next renewal of a request still waiting
     makes its reservation anew, so admission sees it again within one renewal."""
