@@ -21,7 +21,8 @@ them, and says so:
 - **Replicas** run one request at a time; a pool's queue is ordered by the queue policy the application's
   state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, ``fair_share`` across the
   requests' tenants (``benchmarks/simulate_tenants.py``), or ``shortest_first``: ``--queue-policies``); with
-  ``--expire-at-deadline`` a request still waiting at its deadline leaves it, as the router's 504 does; a new replica waits for free GPUs, then
+  a request still waiting at its deadline leaves it, as the router's 504 does (``--no-expire-at-deadline``:
+  it waits on); a new replica waits for free GPUs, then
   ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
   ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of
@@ -58,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES, WaitingLine  # noqa: E402
-from rayxdit.serve.policies import AUTOSCALING_POLICIES, ROUTING_POLICIES  # noqa: E402
+from rayxdit.serve.policies import ROUTING_POLICIES, autoscaling_policy  # noqa: E402
 from rayxdit.serve.routing import (  # noqa: E402
     PoolLoad,
     PoolSpec,
@@ -67,7 +68,7 @@ from rayxdit.serve.routing import (  # noqa: E402
     retry_after,
     service_rates,
 )
-from rayxdit.serve.sizing import PoolDemand  # noqa: E402
+from rayxdit.serve.sizing import ArrivalCosts, PoolDemand  # noqa: E402
 
 STEPS = 28
 SINGLE_GPU_S = {
@@ -213,7 +214,8 @@ class Fleet:
         seed: int,
         scenario: str = "compounded",
         queue_policy: str = FIFO,
-        expire_at_deadline: bool = False,
+        expire_at_deadline: bool = True,
+        policy_options: dict | None = None,
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
         self.queue_policy = queue_policy
@@ -230,10 +232,13 @@ class Fleet:
         self.held_gpu_seconds = 0.0  # GPUs held by replicas (starting or ready), integrated over time
         self.held_since = 0.0
         self.arrived: deque[float] = deque()  # arrival times of the last minute
+        self.arrival_costs = ArrivalCosts()  # their mean cost, as the application's state keeps it
         self.pools: dict[str, Pool] = {}
         layout, routing, sizing = LAYOUTS[policy]
         self.routing = ROUTING_POLICIES[routing]
-        self.sizing = AUTOSCALING_POLICIES[sizing]() if sizing else None
+        # The options an application's elastic.policy_options would give the elastic fleet's policy.
+        options = policy_options if sizing == "cost_aware" else None
+        self.sizing = autoscaling_policy(sizing, options) if sizing else None
         if layout:
             self._static({gpus: count * budget // 8 for gpus, count in layout.items()})
         else:  # elastic: every size, sized by the policy, one 2-GPU replica to start
@@ -272,6 +277,7 @@ class Fleet:
 
     def _on_arrival(self, request: Request) -> None:
         self.arrived.append(self.now)
+        self.arrival_costs.add(self.now, request.cost)
         pool = self._route(request)
         if self._refused(pool, request):
             request.shed = True
@@ -413,6 +419,7 @@ class Fleet:
                     startup_s=self.startup_s,  # as its replicas measure it
                     arrivals=self._arrival_rate(),  # as the application's state counts them
                     quiet_s=self.now - (self.arrived[-1] if self.arrived else 0.0),
+                    arrival_cost=self.arrival_costs.mean(self.now),
                 )
             )
         plan = self.sizing(demands, self.budget, self.now)
@@ -435,7 +442,7 @@ class Fleet:
         """Requests arrived (refused ones too) per second over the last minute."""
         while self.arrived and self.arrived[0] < self.now - 60.0:
             self.arrived.popleft()
-        return len(self.arrived) / 60.0
+        return len(self.arrived) / min(60.0, max(1.0, self.now))  # over the time counted, as the state
 
     def _rate(self, pool: Pool) -> float:
         """Requests finished per second over the last minute (as replicas report it)."""
@@ -519,10 +526,11 @@ def simulate(
     seed: int,
     scenario: str = "compounded",
     queue_policy: str = FIFO,
-    expire_at_deadline: bool = False,
+    expire_at_deadline: bool = True,
+    policy_options: dict | None = None,
 ) -> dict:
     """One run; ``load`` is a fraction of capacity, or a name of VARYING."""
-    fleet = Fleet(policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline)
+    fleet = Fleet(policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline, policy_options)
     capacity = capacity_per_s(budget)
     phase_changes = 0
     if isinstance(load, str):
@@ -552,6 +560,11 @@ def simulate(
         "policy": policy,
         "queue_policy": queue_policy,
         "expire_at_deadline": expire_at_deadline,
+        **(
+            {"policy_options": policy_options}
+            if policy_options and LAYOUTS[policy][2] == "cost_aware"
+            else {}
+        ),
         "gpus": budget,
         "offered_load": load,
         "requests": len(counted),
@@ -710,10 +723,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--expire-at-deadline",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="a request still waiting at its deadline leaves the line, as the router's 504 takes it out in "
-        "production (needed for shortest_first, where a large request can wait without end; it changes "
-        "the elastic fleet's moves too: README, Elastic scaling)",
+        "production (needed for shortest_first, where a large request can wait without end); "
+        "--no-expire-at-deadline keeps every admitted request in line until it runs (the model of the "
+        "results before 2026-12-04)",
+    )
+    parser.add_argument(
+        "--policy-options",
+        type=json.loads,
+        default=None,
+        help="the elastic fleet's elastic.policy_options as JSON, e.g. '{\"peak_window_s\": 0}' "
+        "(default: the policy's own defaults)",
     )
     args = parser.parse_args(argv)
     jobs = [
@@ -728,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             scenario,
             queue_policy,
             args.expire_at_deadline,
+            args.policy_options,
         )
         for queue_policy in args.queue_policies
         for scenario in args.scenarios

@@ -21,7 +21,13 @@ from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
 from rayxdit.serve.sizing import PoolDemand
-from rayxdit.serve.state import ARRIVALS_METRIC, QUIET_METRIC, STATE_DEPLOYMENT, WAITING_METRIC
+from rayxdit.serve.state import (
+    ARRIVAL_COST_METRIC,
+    ARRIVALS_METRIC,
+    QUIET_METRIC,
+    STATE_DEPLOYMENT,
+    WAITING_METRIC,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,7 +54,7 @@ class ElasticPolicy:
         self.last_plan: dict[str, int] | None = None
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
-        arrivals, quiet, waiting = state_metrics(contexts)
+        reported = state_metrics(contexts)
         demands = []
         for deployment, context in contexts.items():
             spec = self.specs.get(deployment.name)
@@ -57,7 +63,7 @@ class ElasticPolicy:
             metrics = context.aggregated_metrics or {}
             # With a line in the state (routing.queue_policy fair_share, shortest_first) requests wait
             # there, not at Serve.
-            held_back = waiting.get(spec.name, 0.0)
+            held_back = reported[WAITING_METRIC].get(spec.name, 0.0)
             demands.append(
                 PoolDemand(
                     spec,
@@ -71,8 +77,9 @@ class ElasticPolicy:
                     _mean_of(metrics.get("mean_cost")),
                     _sum_of(metrics.get("requests_per_s")),
                     _mean_of(metrics.get("startup_s")) or spec.startup_s,
-                    arrivals.get(spec.model),
-                    quiet.get(spec.model),
+                    reported[ARRIVALS_METRIC].get(spec.model),
+                    reported[QUIET_METRIC].get(spec.model),
+                    reported[ARRIVAL_COST_METRIC].get(spec.model),
                 )
             )
         budget = self.budget()
@@ -94,13 +101,13 @@ class ElasticPolicy:
         return decisions, {}
 
 
-def state_metrics(
-    contexts: Mapping[Any, Any],
-) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Each model's arrivals per second and seconds since its last arrival, and each pool's requests waiting
-    in its fair line, as the application's state reports them (its custom autoscaling metrics); empty
+def state_metrics(contexts: Mapping[Any, Any]) -> dict[str, dict[str, float]]:
+    """The application's state's custom autoscaling metrics by name: per model its arrivals per second
+    (``ARRIVALS_METRIC``), their mean cost (``ARRIVAL_COST_METRIC``) and the seconds since its last
+    arrival (``QUIET_METRIC``), per pool the requests waiting in its line (``WAITING_METRIC``); each empty
     before the state has reported."""
-    found: dict[str, dict[str, float]] = {ARRIVALS_METRIC: {}, QUIET_METRIC: {}, WAITING_METRIC: {}}
+    names = (ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, WAITING_METRIC)
+    found: dict[str, dict[str, float]] = {name: {} for name in names}
     for deployment, context in contexts.items():
         if deployment.name != STATE_DEPLOYMENT:
             continue
@@ -109,7 +116,7 @@ def state_metrics(
             values = [value for value in (per_replica or {}).values() if _finite(value)]
             if metric in found and values:
                 found[metric][model] = max(values)
-    return found[ARRIVALS_METRIC], found[QUIET_METRIC], found[WAITING_METRIC]
+    return found
 
 
 def _finite(value: Any) -> bool:

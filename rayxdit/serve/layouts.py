@@ -21,9 +21,15 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   over ``HORIZON_STARTUPS`` start-ups exceeds the latency its transition adds; where it does not, a step
   on the way may (on a full fleet, a quarter of the 2-GPU replicas becoming 8-GPU ones while the rest
   carry the load, where swapping every replica at once would leave the demand waiting out a start-up):
-  the step of the best net gain is taken. A layout that cannot carry the demand is left at once. After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow
-  alternation of load causes one change per phase, or two where the first is partial, not a change at
-  every tick).
+  the step of the best net gain is taken. A change that would leave the demand without the capacity to
+  carry it while its replicas start is not made by choice (``GAP_REQUESTS``): the requests of that gap
+  would miss their deadlines; only a layout that cannot carry the demand itself is left that way, at once.
+  After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow alternation of
+  load causes one change per phase, or two where the first is partial, not a change at every tick).
+- **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
+  most capacity where none does), so that a load that fell and comes back finds its capacity in place, not
+  a start-up away; and a layout that cannot carry the demand is replaced by one that carries
+  ``OVERLOAD_MARGIN`` times it, so that a rise is met with one change, not one per minute of it.
 
 Multiple models share the budget in proportion to the GPUs their demand needs, each at least one replica
 of its smallest pool while it has traffic. Everything here is a pure function of plain data except
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +59,15 @@ IDLE_S = 60.0
 """A model with no arrival and nothing outstanding for this long has no demand: its replicas go back."""
 MIN_GAIN = 0.1
 """A change must also save at least this fraction of the expected response time."""
+OVERLOAD_MARGIN = 1.25
+"""A layout that cannot carry its demand is replaced by one that carries this much more than the demand
+seen (while a load rises, what was counted lags what is coming)."""
+PEAK_WINDOW_S = 3600.0
+"""A layout must carry the busiest demand of this long a window (``CostAwarePolicy.peak_window_s``)."""
+GAP_REQUESTS = 1.0
+"""A change that leaves its model less capacity than its demand while the new replicas start is not made
+(unless the layout in place cannot carry the demand either) when this many requests or more are expected
+to arrive in that gap: they would wait a start-up, past any deadline of a request that takes seconds."""
 
 
 def erlang_c(servers: int, offered: float) -> float:
@@ -114,10 +129,17 @@ def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]
 
 
 def best_layout(
-    members: Sequence[PoolDemand], seconds: Mapping[str, float], arrivals: float, ranks: float
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    ranks: float,
+    peak: float = 0.0,
 ) -> dict[str, int]:
     """The layout of one model with the lowest expected response time at ``arrivals`` per second within
-    ``ranks`` (fewer ranks on a tie); in an overload, the one of the most capacity. No demand: minimums."""
+    ``ranks`` (fewer ranks on a tie) among those that also carry ``peak`` arrivals per second below
+    MAX_UTILIZATION (the busiest demand of a recent window: a load that came back would find the capacity
+    in place, not a start-up away); where none does, the one of the most capacity (in an overload,
+    admission then refuses what would miss its deadline). No demand: minimums."""
     if arrivals <= EPSILON:
         return {pool.spec.name: pool.min_replicas for pool in members}
     by_name = {pool.spec.name: pool for pool in members}
@@ -126,10 +148,20 @@ def best_layout(
         return sum(count * by_name[name].spec.ranks for name, count in counts.items())
 
     candidates = layouts(members, ranks)
-    feasible = [c for c in candidates if response_time(c, seconds, arrivals) < math.inf]
+    feasible = [c for c in candidates if response_time(c, seconds, max(arrivals, peak)) < math.inf]
     if not feasible:
         return max(candidates, key=lambda c: (capacity(c, seconds), -ranks_of(c)))
     return min(feasible, key=lambda c: (round(response_time(c, seconds, arrivals), 3), ranks_of(c)))
+
+
+def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, float], peak: float) -> list:
+    """The layouts of ``candidates`` that carry ``peak`` arrivals per second below MAX_UTILIZATION; where
+    none does, those of the most capacity (within a hair)."""
+    if not candidates:
+        return []
+    most = max(capacity(c, seconds) for c in candidates)
+    needed = min(peak / MAX_UTILIZATION, most * (1 - 1e-9))
+    return [c for c in candidates if capacity(c, seconds) >= needed]
 
 
 def transition_cost(
@@ -157,8 +189,12 @@ def transition_cost(
     before = response_time(current, seconds, arrivals, limit=1.0)
     if during < math.inf:
         return arrivals * startup * max(0.0, during - max(before, 0.0) if before < math.inf else during)
-    # What stays cannot carry the demand: the shortfall piles up for the start-up and waits half of it.
+    # What stays cannot carry the demand: the shortfall piles up for the start-up and waits half of it,
+    # which loses them (a client's deadline is seconds, a start-up a minute or more), unless hardly any
+    # would arrive in the gap.
     shortfall = max(0.0, arrivals - capacity(staying, seconds))
+    if shortfall * startup >= GAP_REQUESTS:
+        return math.inf
     return shortfall * startup * startup / 2 + arrivals * startup * min(seconds.values())
 
 
@@ -202,8 +238,16 @@ def best_move(
     if direct > 0:
         return dict(target), direct
     best, best_net = dict(current), 0.0
+    # Steps toward the target first: where one of those pays, the best of them; else any layout that
+    # pays (the target may lie beyond a gap no step toward it avoids, as an 8-GPU replica does on a node
+    # of 2-GPU ones: a 4-GPU one beside them may still pay).
     steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
     for candidate in steps:
+        if (gained := net(candidate)) > best_net:
+            best, best_net = dict(candidate), gained
+    if best_net > 0:
+        return best, best_net
+    for candidate in (c for c in candidates if c != current and c != target and c not in steps):
         if (gained := net(candidate)) > best_net:
             best, best_net = dict(candidate), gained
     return best, best_net
@@ -247,15 +291,24 @@ class CostAwarePolicy:
     """After a change, hold the layout this many start-ups (unless it cannot carry the demand)."""
     horizon_startups: float = HORIZON_STARTUPS
     """A change must pay for itself within this many start-ups."""
+    peak_window_s: float = PEAK_WINDOW_S
+    """A layout must carry the busiest (smoothed) demand of this window below MAX_UTILIZATION: a load that
+    fell for a while and comes back finds its capacity in place instead of a start-up away, on a full
+    fleet with nothing serving meanwhile. 0: size for the demand now alone (the light hours of a varying
+    load get larger, faster replicas, and each rise pays a start-up)."""
 
     demand: dict[str, float] = field(default_factory=dict)
     """Smoothed arrivals per second, by model."""
+    observed: dict[str, float] = field(default_factory=dict)
+    """The last unsmoothed arrival rate, by model."""
     outstanding: dict[str, float] = field(default_factory=dict)
     last_tick: float | None = None
     changed_at: dict[str, float] = field(default_factory=dict)
     """When each model's layout last changed."""
     busy_at: dict[str, float] = field(default_factory=dict)
     """When each model last had an arrival or something outstanding."""
+    peaks: dict[str, deque[tuple[float, float]]] = field(default_factory=lambda: defaultdict(deque))
+    """Per model, the demand's sliding maximum over ``peak_window_s``: (time, demand), decreasing."""
     planned: dict[str, int] = field(default_factory=dict)
     """This policy's last decision per pool: what it holds to (Serve applies a decision only after the pool's
     upscale/downscale delay, so the targets it reports lag behind, and returning those would undo it)."""
@@ -278,6 +331,7 @@ class CostAwarePolicy:
             if holding > EPSILON and observed <= EPSILON:
                 observed = holding / max(1.0, elapsed or 1.0)  # queued before anything finished
         self.outstanding[model] = holding
+        self.observed[model] = observed
         quiet = [pool.quiet_s for pool in members if pool.quiet_s is not None and math.isfinite(pool.quiet_s)]
         if quiet and holding <= EPSILON:  # the state knows when the last request came
             self.busy_at[model] = max(self.busy_at.get(model, -math.inf), now - min(quiet))
@@ -294,6 +348,19 @@ class CostAwarePolicy:
             weight = 1 - math.exp(-elapsed / constant)
             self.demand[model] = previous + weight * (observed - previous)
         return self.demand[model]
+
+    def peak(self, model: str, demand: float, now: float) -> float:
+        """The busiest ``demand`` of ``model`` within the last ``peak_window_s`` (a sliding maximum; 0 when
+        the window is 0)."""
+        if self.peak_window_s <= 0:
+            return 0.0
+        window = self.peaks[model]
+        while window and window[-1][1] <= demand:
+            window.pop()
+        window.append((now, demand))
+        while window[0][0] < now - self.peak_window_s:
+            window.popleft()
+        return window[0][1]
 
     def __call__(self, pools: Sequence[PoolDemand], budget: float, now: float) -> dict[str, int]:
         # No accelerator bounds CPU pools (their budget is infinite): the pools' own maximums do.
@@ -321,7 +388,8 @@ class CostAwarePolicy:
     def _decide(self, model, members, current, ranks, seconds, arrivals, free_ranks, now) -> dict[str, int]:
         """The layout to hold from now: the best one at once where ``current`` cannot carry the demand (or
         there is none), else the move of the best net gain if one pays for itself, else ``current``."""
-        target = best_layout(members, seconds, arrivals, ranks)
+        peak = self.peak(model, arrivals, now)
+        target = best_layout(members, seconds, arrivals, ranks, peak)
         if target == current:
             return current
         if arrivals <= EPSILON and not any(current.values()):
@@ -331,6 +399,12 @@ class CostAwarePolicy:
         before = response_time(current, seconds, arrivals, limit=1.0)
         if before == math.inf or free_ranks < 0:
             # Overloaded, no replica, or more than the budget holds (some would never start): change now.
+            # A load still rising has outrun its smoothed estimate (and the state's one-minute count lags
+            # a step of load too): the new layout must carry OVERLOAD_MARGIN times the higher of the two,
+            # or a rise met with a layout sized for its first minute needs a second change, and on a full
+            # fleet a second start-up without capacity.
+            rising = OVERLOAD_MARGIN * max(arrivals, self.observed.get(model, 0.0))
+            target = best_layout(members, seconds, arrivals, ranks, max(peak, rising))
             self.changed_at[model] = now
             return target
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
@@ -339,10 +413,11 @@ class CostAwarePolicy:
         startup = max(pool.startup_s for pool in members)
         if now - self.changed_at.get(model, -math.inf) < self.dwell_startups * startup:
             return current
+        # Steps too must carry the window's peak (the most capacity where nothing does).
         move, net = best_move(
             current,
             target,
-            layouts(members, ranks),
+            carrying(layouts(members, ranks), seconds, max(arrivals, peak)),
             members,
             seconds,
             arrivals,

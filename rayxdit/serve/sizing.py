@@ -32,9 +32,9 @@ and bounds.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rayxdit.serve.routing import SCALING_EXPONENT, PoolLoad, PoolSpec, service_rates
 
@@ -69,19 +69,24 @@ class PoolDemand:
     counts them (None: unknown; a policy then infers it from what the pools finish and hold)."""
     quiet_s: float | None = None
     """Seconds since the model's last request arrived, as the application's state knows it (None: unknown)."""
+    arrival_cost: float | None = None
+    """Mean cost of the model's arrivals over the last ARRIVAL_COST_WINDOW_S (None: unknown; the pools' own mean costs, weighted by what each
+    finishes, stand in: under an overload they are what admission and deadlines let through)."""
 
 
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
     """Each pool's service time of a typical request of its model: its rate (measured, else extrapolated,
     else relative to one rank) times the model's mean request cost (1 if unmeasured). The model's mean is
-    its pools' means weighted by the requests each finishes: routing sends the large requests to the large
-    pools, so each pool's own mean is not the model's."""
+    that of its arrivals where the state reports it (``arrival_cost``), else its pools' means weighted by
+    the requests each finishes: routing sends the large requests to the large pools, so each pool's own
+    mean is not the model's."""
     specs = [pool.spec for pool in pools]
     loads = {pool.spec.name: PoolLoad(seconds_per_cost=pool.seconds_per_cost) for pool in pools}
     rates = service_rates(specs, loads) or {s.name: s.ranks**-SCALING_EXPONENT for s in specs}
     costs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    arriving = {pool.spec.model: pool.arrival_cost for pool in pools if pool.arrival_cost}
     for pool in pools:
-        if pool.mean_cost:
+        if pool.mean_cost and pool.spec.model not in arriving:
             costs[pool.spec.model].append((pool.mean_cost, pool.throughput))
     mean_cost = {}
     for model, values in costs.items():
@@ -91,10 +96,39 @@ def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
             if weight > EPSILON
             else sum(cost for cost, _ in values) / len(values)
         )
+    mean_cost.update(arriving)
     return {
         pool.spec.name: pool.overhead_s + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
         for pool in pools
     }
+
+
+ARRIVAL_COST_WINDOW_S = 600.0
+"""The mean cost of a model's arrivals is taken over this long a window: a mix of requests changes over
+minutes, and one minute of a mix with a few large requests swings the typical request's time by half."""
+
+
+@dataclass
+class ArrivalCosts:
+    """The mean cost of a model's arrivals over the last ``window_s`` (a sliding window; the application's
+    state keeps one per model, and the fleet simulator one per fleet)."""
+
+    window_s: float = ARRIVAL_COST_WINDOW_S
+    arrivals: deque[tuple[float, float]] = field(default_factory=deque)
+    total: float = 0.0
+
+    def add(self, now: float, cost: float) -> None:
+        self.arrivals.append((now, cost))
+        self.total += cost
+
+    def mean(self, now: float) -> float | None:
+        """The window's mean cost (None: no arrival in it)."""
+        while self.arrivals and self.arrivals[0][0] < now - self.window_s:
+            self.total -= self.arrivals.popleft()[1]
+        if not self.arrivals:
+            self.total = 0.0  # no drift from the running sum's rounding
+            return None
+        return max(0.0, self.total) / len(self.arrivals)
 
 
 TARGET_UTILIZATION = 0.8

@@ -51,6 +51,7 @@ from rayxdit.serve.memory import MemoryProfile, pool_limit, too_large
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.quarantine import QuarantineBook, node_is_alive
 from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, idle_pools, retry_after
+from rayxdit.serve.sizing import ArrivalCosts
 from rayxdit.serve.tenants import (
     ANONYMOUS,
     QUOTA_WINDOW_S,
@@ -78,10 +79,17 @@ STALE_AFTER_S = 5.0
 STATE_DEPLOYMENT = "state"
 """The name of the application's state deployment."""
 ARRIVALS_WINDOW_S = 20.0
-ARRIVALS_METRIC, QUIET_METRIC, WAITING_METRIC = "arrivals_per_s", "quiet_s", "waiting"
+ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, WAITING_METRIC = (
+    "arrivals_per_s",
+    "arrival_cost",
+    "quiet_s",
+    "waiting",
+)
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
-second over the last minute, refused ones too; ``quiet_s.<model>``: seconds since its last arrival), and one
-per pool with ``routing.queue_policy`` fair_share (``waiting.<pool>``: requests waiting in its line)."""
+second over the last minute, refused ones too; ``arrival_cost.<model>``: their mean cost over
+``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``:
+seconds since its last arrival), and one per pool with a line in the state (``routing.queue_policy``
+fair_share, shortest_first; ``waiting.<pool>``: requests waiting in its line)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
@@ -198,6 +206,7 @@ class AppState:
         self.started = time.monotonic()
         self.last_arrival: dict[str, float] = {}
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
+        self.arrival_costs: dict[str, ArrivalCosts] = defaultdict(ArrivalCosts)
         """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
         self.finished: OrderedDict[str, float] = OrderedDict()
         """Tickets finished within the last lease (when): a renewal or a routing call already on its way
@@ -430,6 +439,7 @@ class AppState:
                 return {"pool": None, "busy": True}
         else:
             self.arrived[model].append(now)
+            self.arrival_costs[model].add(now, cost)
             self.last_arrival[model] = now
         tenant = tenant or ANONYMOUS
         counted = has_limits(limits)
@@ -704,15 +714,22 @@ class AppState:
         return self.since
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's hook: each model's arrivals per second, refused requests included (which the pools alone
-        cannot see), and seconds since its last arrival; the sizing policy reads them."""
+        """Serve's hook: each model's arrivals per second and their mean cost, refused requests included
+        (which the pools alone cannot see: what they finish is what routing, admission and deadlines let
+        through, the large requests more than the small ones under an overload), and seconds since its
+        last arrival; the sizing policy reads them."""
         now = time.monotonic()
         rates = {}
         for model in self.specs:
             times = self.arrived[model]
             while times and times[0] < now - ARRIVALS_WINDOW_S:
                 times.popleft()
-            rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / ARRIVALS_WINDOW_S
+            # Over the time counted: a replica started less than a window ago has not seen a whole one.
+            rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / min(
+                ARRIVALS_WINDOW_S, max(HEARTBEAT_S, now - self.started)
+            )
+            if (mean_cost := self.arrival_costs[model].mean(now)) is not None:
+                rates[f"{ARRIVAL_COST_METRIC}.{model}"] = mean_cost
             last = self.last_arrival.get(model)
             rates[f"{QUIET_METRIC}.{model}"] = now - last if last is not None else now - self.started
         if self.gated:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,9 +10,11 @@ import pytest
 from rayxdit.serve.layouts import (
     DWELL_STARTUPS,
     IDLE_S,
+    MAX_UTILIZATION,
     CostAwarePolicy,
     best_layout,
     best_move,
+    capacity,
     erlang_c,
     layouts,
     response_time,
@@ -19,7 +22,7 @@ from rayxdit.serve.layouts import (
     transition_cost,
 )
 from rayxdit.serve.routing import PoolSpec
-from rayxdit.serve.sizing import PoolDemand
+from rayxdit.serve.sizing import ArrivalCosts, PoolDemand, typical_seconds
 
 SECONDS = {"p2": 2.5, "p4": 1.6, "p8": 1.0}
 """A typical request on each pool: 8 GPUs are 2.5x as fast as 2, so they serve 0.62x as much per GPU."""
@@ -61,15 +64,30 @@ def test_a_change_that_must_wait_for_gpus_costs_the_start_up():
     members = pools()
     # Room to start the new replica beside the old ones: nothing waits.
     assert transition_cost({"p2": 1}, {"p2": 1, "p8": 1}, members, SECONDS, 0.2, free_ranks=8) == 0
-    # A full budget: the 2-GPU replicas go first and the demand waits out the start-up.
+    # A full budget: the 2-GPU replicas go first and the demand waits out the start-up, past any deadline:
+    # 12 requests in the gap, never worth it.
     full = transition_cost({"p2": 4, "p8": 0}, {"p2": 0, "p8": 1}, members, SECONDS, 0.2, free_ranks=0)
-    assert full > 0.2 * 60 * 60 / 2 * 0.99
+    assert full == math.inf
+    # Hardly any request in the gap (one every ten minutes): priced as the wait of those that come.
+    rare = transition_cost({"p2": 4, "p8": 0}, {"p2": 0, "p8": 1}, members, SECONDS, 1 / 600, free_ranks=0)
+    assert 0 < rare < math.inf
+
+
+def test_a_node_of_small_replicas_at_light_load_grows_a_larger_one_beside_them_not_a_gap():
+    """One 8-GPU node with a 2-GPU replica at 0.25 requests/s: an 8-GPU replica would serve fastest, but
+    on a full node it starts only once the 2-GPU replica is gone (15 requests in the gap); a 4-GPU replica
+    beside it needs no gap and pays at once. Sabotage check: with the gap priced as a wait again, the
+    policy swaps to the 8-GPU replica."""
+    policy = CostAwarePolicy()
+    first = policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=0.0)
+    assert first["p8"] == 0 and first["p4"] == 1 and first["p2"] >= 1
+    assert best_layout(pools(), SECONDS, arrivals=0.25, ranks=8) == {"p2": 0, "p4": 0, "p8": 1}
 
 
 def test_the_policy_holds_its_decision_while_serve_applies_it_and_returns_gpus_when_idle():
     policy = CostAwarePolicy()
     first = policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=0.0)
-    assert first == {"p2": 0, "p4": 0, "p8": 1}  # light load, a change that pays
+    assert first == {"p2": 2, "p4": 1, "p8": 0}  # light load, a change that pays (and leaves no gap)
     # Serve still reports the old target (its upscale delay): the policy keeps to its own decision.
     assert policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=2.0) == first
     # Heavier load within the dwell after a change: held, unless the layout cannot carry it.
@@ -187,3 +205,86 @@ def test_an_unbounded_budget_is_bounded_by_the_pools_maximums():
     plan = policy(pools((1, 0, 0), arrivals=0.5), budget=math.inf, now=0.0)
     assert all(isinstance(count, int) for count in plan.values())
     assert plan["p2"] <= 4 and plan["p4"] <= 2 and plan["p8"] <= 1 and any(plan.values())
+
+
+def run_policy(policy, rates, plan, now=0.0, budget=8, demands=pools):
+    """Tick the policy every 2 s through ``rates`` ((seconds, arrivals per second) phases) from ``plan``;
+    the plans it made, with their times."""
+    made = []
+    for seconds, rate in rates:
+        for _ in range(int(seconds / 2)):
+            if demands is pools:
+                current = pools(tuple(plan.get(name, 0) for name in ("p2", "p4", "p8")), arrivals=rate)
+            else:
+                current = demands(plan, arrivals=rate, budget=budget)
+            plan = policy(current, budget=budget, now=now)
+            made.append((now, plan))
+            now += 2.0
+    return made
+
+
+def test_after_a_busy_spell_the_layout_keeps_the_capacity_it_needed_for_the_peak_window():
+    """64 GPUs: ten minutes at 10 requests/s (the 2-GPU replicas' load), then 2/s: a layout sized for the
+    light load alone (mostly 8-GPU replicas) would meet the next rise with less than the busy spell's
+    capacity and a start-up to wait, so for ``peak_window_s`` the fleet keeps a layout that carries the
+    busy spell below MAX_UTILIZATION; after it, the light load gets larger replicas. With the window at 0
+    it moves as soon as the light load's estimate has fallen. Sabotage check: with the peak ignored
+    (window 0 as the default), the first assertion fails."""
+    busy, light = (600.0, 10.0), (3600.0, 2.0)
+    start = {"p2": 32, "p4": 0, "p8": 0}
+    kept = run_policy(CostAwarePolicy(), [busy, light, (1800.0, 2.0)], start, budget=64, demands=fleet)
+    window = [plan for now, plan in kept if 600 <= now < 600 + 3500]
+    assert all(capacity(plan, SECONDS) >= 10.0 / MAX_UTILIZATION for plan in window)
+    assert capacity(kept[-1][1], SECONDS) < 10.0 / MAX_UTILIZATION and kept[-1][1]["p8"] > 1
+    eager = run_policy(CostAwarePolicy(peak_window_s=0), [busy, light], start, budget=64, demands=fleet)
+    assert any(capacity(plan, SECONDS) < 10.0 / MAX_UTILIZATION for now, plan in eager if now < 600 + 900)
+
+
+def test_a_rise_beyond_the_layout_is_met_with_one_change_sized_past_the_demand_counted_so_far():
+    """One node whose 8-GPU replica serves 0.15 requests/s; then the load climbs to 0.9/s over two minutes
+    (the 2-GPU replicas' 88%; the 8-GPU replica carries 0.65/s). Once the replica cannot carry the demand,
+    it is left at once for a layout that carries OVERLOAD_MARGIN times what was counted: the 2-GPU
+    replicas, in one change, not a 2+2+4 layout sized for the count so far that the rest of the rise
+    overloads a minute later (each change a start-up without capacity on a full node). Sabotage check:
+    with the margin at 1, the 2+2+4 layout is chosen."""
+    seconds = {"p2": 3.9, "p4": 2.17, "p8": 1.55}  # the simulator's typical request on Flux.1-dev
+
+    def node(plan, counted):
+        return [
+            PoolDemand(
+                PoolSpec(name, "flux", gpus, startup_s=60.0),
+                replicas=plan.get(name, 0),
+                outstanding=0.0,
+                max_replicas=8 // gpus,
+                seconds_per_cost=seconds[name],
+                mean_cost=1.0,
+                startup_s=60.0,
+                arrivals=counted,
+            )
+            for name, gpus in (("p2", 2), ("p4", 4), ("p8", 8))
+        ]
+
+    policy, plan, now, changes = CostAwarePolicy(), {"p2": 0, "p4": 0, "p8": 1}, 0.0, []
+    for _ in range(int(3600 / 2) + int(600 / 2)):
+        rising = max(0.0, min(1.0, (now - 3600.0) / 120.0))
+        new = policy(node(plan, 0.15 + (0.9 - 0.15) * rising), budget=8, now=now)
+        if new != plan:
+            changes.append((now, new))
+        plan, now = new, now + 2.0
+    assert [change for when, change in changes if when >= 3600] == [{"p2": 4, "p4": 0, "p8": 0}], changes
+
+
+def test_the_typical_request_is_what_arrives_not_what_the_pools_finished():
+    """Under deadlines the small requests expire first, so the pools finish the large ones: their mean
+    cost (4) says the typical request takes four times what arrives (mean 1). The state's arrival cost
+    decides where it is reported; the finished requests' mean only stands in without it."""
+    finished_large = [dataclasses.replace(pool, mean_cost=4.0, throughput=0.1) for pool in pools()]
+    assert typical_seconds(finished_large)["p2"] == pytest.approx(4 * SECONDS["p2"])
+    reported = [dataclasses.replace(pool, arrival_cost=1.0) for pool in finished_large]
+    assert typical_seconds(reported)["p2"] == pytest.approx(SECONDS["p2"])
+    window = ArrivalCosts(window_s=600.0)
+    assert window.mean(0.0) is None
+    for now, cost in ((0.0, 1.0), (100.0, 3.0), (650.0, 5.0)):
+        window.add(now, cost)
+    assert window.mean(650.0) == pytest.approx(4.0)  # the first left the window
+    assert window.mean(2000.0) is None
