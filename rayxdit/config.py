@@ -940,7 +940,9 @@ class ElasticConfig(BaseModel):
         default_factory=dict,
         description="Knobs of the sizing policy, passed to it as they are: cost_aware takes idle_s (seconds "
         "without a request before a model's replicas go back; 60), dwell_startups (start-ups a new layout is "
-        "held; 3) and horizon_startups (start-ups within which a change must pay for itself; 10).",
+        "held; 3), horizon_startups (start-ups within which a change must pay for itself; 10) and "
+        "peak_window_s (seconds over which the busiest demand must stay carried; 3600; 0: size for the "
+        "demand now alone).",
     )
 
     budget_ranks: int | None = Field(
