@@ -147,21 +147,20 @@ def best_layout(
     def ranks_of(counts: Mapping[str, int]) -> int:
         return sum(count * by_name[name].spec.ranks for name, count in counts.items())
 
-    candidates = layouts(members, ranks)
-    feasible = [c for c in candidates if response_time(c, seconds, max(arrivals, peak)) < math.inf]
-    if not feasible:
-        return max(candidates, key=lambda c: (capacity(c, seconds), -ranks_of(c)))
+    feasible = carrying(layouts(members, ranks), seconds, max(arrivals, peak))
+    # In an overload none is faster (every response time is infinite): the fewest ranks of the most capacity.
     return min(feasible, key=lambda c: (round(response_time(c, seconds, arrivals), 3), ranks_of(c)))
 
 
 def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, float], peak: float) -> list:
-    """The layouts of ``candidates`` that carry ``peak`` arrivals per second below MAX_UTILIZATION; where
-    none does, those of the most capacity (within a hair)."""
+    """The layouts of ``candidates`` that carry ``peak`` arrivals per second below MAX_UTILIZATION (those
+    whose :func:`response_time` there is finite); where none does, those of the most capacity (within a
+    hair)."""
     if not candidates:
         return []
     most = max(capacity(c, seconds) for c in candidates)
     needed = min(peak / MAX_UTILIZATION, most * (1 - 1e-9))
-    return [c for c in candidates if capacity(c, seconds) >= needed]
+    return [c for c in candidates if capacity(c, seconds) > needed]
 
 
 def transition_cost(
@@ -241,15 +240,14 @@ def best_move(
     # Steps toward the target first: where one of those pays, the best of them; else any layout that
     # pays (the target may lie beyond a gap no step toward it avoids, as an 8-GPU replica does on a node
     # of 2-GPU ones: a 4-GPU one beside them may still pay).
-    steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
-    for candidate in steps:
-        if (gained := net(candidate)) > best_net:
-            best, best_net = dict(candidate), gained
-    if best_net > 0:
-        return best, best_net
-    for candidate in (c for c in candidates if c != current and c != target and c not in steps):
-        if (gained := net(candidate)) > best_net:
-            best, best_net = dict(candidate), gained
+    others = [c for c in candidates if c != current and c != target]
+    steps = [c for c in others if toward(current, target, c)]
+    for group in (steps, [c for c in others if c not in steps]):
+        for candidate in group:
+            if (gained := net(candidate)) > best_net:
+                best, best_net = dict(candidate), gained
+        if best_net > 0:
+            break
     return best, best_net
 
 

@@ -70,8 +70,9 @@ class PoolDemand:
     quiet_s: float | None = None
     """Seconds since the model's last request arrived, as the application's state knows it (None: unknown)."""
     arrival_cost: float | None = None
-    """Mean cost of the model's arrivals over the last ARRIVAL_COST_WINDOW_S (None: unknown; the pools' own mean costs, weighted by what each
-    finishes, stand in: under an overload they are what admission and deadlines let through)."""
+    """Mean cost of the model's arrivals over the last ARRIVAL_COST_WINDOW_S, as the state counts them
+    (None: unknown; the pools' own mean costs, weighted by what each finishes, stand in: under an
+    overload they are what admission and deadlines let through)."""
 
 
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:

@@ -86,10 +86,10 @@ ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, WAITING_METRIC = (
     "waiting",
 )
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
-second over the last minute, refused ones too; ``arrival_cost.<model>``: their mean cost over
-``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``:
-seconds since its last arrival), and one per pool with a line in the state (``routing.queue_policy``
-fair_share, shortest_first; ``waiting.<pool>``: requests waiting in its line)."""
+second over the last ARRIVALS_WINDOW_S, refused ones too; ``arrival_cost.<model>``: their mean cost over
+``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``: seconds since its last arrival), and one per pool
+with a line in the state (``routing.queue_policy`` fair_share, shortest_first; ``waiting.<pool>``: requests
+waiting in its line)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
@@ -206,8 +206,9 @@ class AppState:
         self.started = time.monotonic()
         self.last_arrival: dict[str, float] = {}
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
-        self.arrival_costs: dict[str, ArrivalCosts] = defaultdict(ArrivalCosts)
         """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
+        self.arrival_costs: dict[str, ArrivalCosts] = defaultdict(ArrivalCosts)
+        """The mean cost of each model's arrivals (refused ones too) over sizing.ARRIVAL_COST_WINDOW_S."""
         self.finished: OrderedDict[str, float] = OrderedDict()
         """Tickets finished within the last lease (when): a renewal or a routing call already on its way
         when its request finished (or its client left) must not bring the reservation back."""
@@ -547,7 +548,7 @@ class AppState:
                 self.let_in[pool].add(ticket)
         return self.gone_now(pool)
 
-    # ----- the line (routing.queue_policy fair_share, shortest_first) -----------------------------------------------
+    # ----- the line (routing.queue_policy fair_share, shortest_first) -------------------------------------
     def _let_in(self, pool: str) -> None:
         """Let the next waiting requests through to ``pool``, one per ready replica not taken."""
         now = time.monotonic()
