@@ -20,8 +20,8 @@ them, and says so:
   the request's ``timeout``: a request that ends within it is *good*; one refused by admission is not.
 - **Replicas** run one request at a time; a pool's queue is ordered by the queue policy the application's
   state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, ``fair_share`` across the
-  requests' tenants (``benchmarks/simulate_tenants.py``), or ``shortest_first``: ``--queue-policies``); with
-  a request still waiting at its deadline leaves it, as the router's 504 does (``--no-expire-at-deadline``:
+  requests' tenants (``benchmarks/simulate_tenants.py``), or ``shortest_first``: ``--queue-policies``); a
+  request still waiting at its deadline leaves it, as the router's 504 does (``--no-expire-at-deadline``:
   it waits on); a new replica waits for free GPUs, then
   ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
