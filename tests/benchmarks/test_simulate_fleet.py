@@ -54,6 +54,11 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     assert rows[1.0]["best_good_fraction"] == max(
         results[(name, 1.0)]["good_fraction"] for name in simulate_fleet.STATIC
     )
+    # The varying load's p50 bound: a schedule of static layouts, one per window, never worse than the best.
+    assert rows["alternating"]["oracle_p50_s"] <= rows["alternating"]["best_p50_s"]
+    assert len(rows["alternating"]["oracle_layouts"]) == 5  # 600 s windows from 600 s to 3600 s
+    assert set(rows["alternating"]["oracle_layouts"]) <= set(simulate_fleet.STATIC)
+    assert all("_windows" not in result for result in document["results"])
 
 
 def test_in_an_overload_shortest_first_keeps_more_requests_good_and_expired_ones_leave_the_line(tmp_path):
@@ -82,3 +87,20 @@ def test_in_an_overload_shortest_first_keeps_more_requests_good_and_expired_ones
             assert result["finished"] + result["shed"] + result["expired"] == result["requests"], result
     assert results[("all-2gpu", "shortest_first")]["expired"] > 0  # large requests behind small ones
     assert {row["queue_policy"] for row in document["comparison"]} == {"fifo", "shortest_first"}
+
+
+def test_the_oracle_bound_picks_a_layout_per_window_within_the_goodput_allowance():
+    """The p50 bound of a varying load: per window the layout of the most requests within the limit, as long
+    as the whole run keeps its good fraction within 0.01 of the best static layout's. Here the fast layout
+    would give a p50 of 1 s, but in the second window it finishes only 2 of 6 requests in time; the best
+    static layout (slow) keeps all 10 good, so the second window must stay slow and the bound is 3 s."""
+    fast = {1: (4, 4, [1.0] * 4), 2: (6, 2, [1.0, 1.0, 9.0, 9.0, 9.0, 9.0])}
+    slow = {1: (4, 4, [3.0] * 4), 2: (6, 6, [3.0] * 6)}
+    bound = simulate_fleet.oracle_p50({"fast": fast, "slow": slow})
+    assert bound == {"p50_s": 3.0, "layouts": ["fast", "slow"]}
+    # Where the fast layout's second window keeps its requests good, it is the bound throughout.
+    fast[2] = (6, 6, [1.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    assert simulate_fleet.oracle_p50({"fast": fast, "slow": slow}) == {
+        "p50_s": 1.0,
+        "layouts": ["fast", "fast"],
+    }
