@@ -562,9 +562,7 @@ def simulate(
     window = duration - warmup
     good = sum(r.end - r.arrival <= r.slo for r in finished)
     hours = fleet.now / 3600
-    windows = (
-        {WINDOWS_KEY: by_window(counted)} if isinstance(load, str) and LAYOUTS[policy][0] is not None else {}
-    )
+    windows = {WINDOWS_KEY: by_window(counted)} if isinstance(load, str) else {}
     return {
         "scenario": scenario,
         "startup_s": startup,
@@ -627,8 +625,8 @@ ORACLE_WINDOW_S = 600.0
 """The windows of a varying load in which the oracle bound may pick another static layout (they fall on the
 phases of the alternating load and the burst; the diurnal load's swing gets twelve)."""
 WINDOWS_KEY = "_windows"
-"""A static fleet's per-window outcomes under a varying load, kept in memory for :func:`oracle_p50` and left
-out of the JSON."""
+"""A fleet's per-window outcomes under a varying load, kept in memory for :func:`oracle_p50` and the
+comparison's ``good_by_window``, and left out of the JSON."""
 
 
 def by_window(requests: list[Request]) -> dict[int, tuple[int, int, list[float]]]:
@@ -751,8 +749,16 @@ def compare(results: list[dict]) -> list[dict]:
         oracle = None
         if isinstance(load, str):
             latency_ok = (elastic["p50_s"] or math.inf) <= 0.7 * (best["p50_s"] or math.inf)
-            if all(WINDOWS_KEY in r for r in statics):
+            if all(WINDOWS_KEY in r for r in (*statics, elastic)):
                 oracle = oracle_p50({r["policy"]: r[WINDOWS_KEY] for r in statics})
+                # Where the elastic fleet's goodput goes: each window's good fraction beside the best's.
+                oracle["good_by_window"] = {
+                    name: [
+                        round(good / max(1, count), 3)
+                        for _, (count, good, _) in sorted(r[WINDOWS_KEY].items())
+                    ]
+                    for name, r in (("elastic", elastic), ("best_static", best))
+                }
         else:
             latency_ok = best["good_fraction"] < 0.9 or (elastic["p99_s"] or math.inf) <= 1.1 * best["p99_s"]
         rows.append(
@@ -776,6 +782,7 @@ def compare(results: list[dict]) -> list[dict]:
                         "oracle_p50_s": oracle["p50_s"],
                         "oracle_layouts": oracle["layouts"],
                         "p50_bar_within_oracle": oracle["p50_s"] <= 0.7 * (best["p50_s"] or math.inf),
+                        "good_by_window": oracle["good_by_window"],
                     }
                     if oracle
                     else {}

@@ -58,6 +58,8 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     assert rows["alternating"]["oracle_p50_s"] <= rows["alternating"]["best_p50_s"]
     assert len(rows["alternating"]["oracle_layouts"]) == 5  # 600 s windows from 600 s to 3600 s
     assert set(rows["alternating"]["oracle_layouts"]) <= set(simulate_fleet.STATIC)
+    by_window = rows["alternating"]["good_by_window"]
+    assert set(by_window) == {"elastic", "best_static"} and all(len(v) == 5 for v in by_window.values())
     assert all("_windows" not in result for result in document["results"])
 
 
