@@ -5,7 +5,8 @@ It calls the production decisions unchanged, by name from the tables the applica
 (``rayxdit.serve.policies``): a routing policy (``finish_first``: where a request finishes first, from
 loads built as the application's state builds them, service times learned online with ``ServiceFit``;
 ``thresholds``: the configured cost thresholds), admission (``routing.retry_after``: a request that would
-miss its deadline is refused at once, 429, and counts as not good) and, for elastic fleets, a sizing policy
+miss its deadline, or with ``typical_wait`` (the default, as in production) wait for a replica longer than the
+typical arrival can, is refused at once, 429, and counts as not good) and, for elastic fleets, a sizing policy
 (``cost_aware``, or the older ``load_aware`` for comparison). The rest is a model of the machinery around
 them, and says so:
 
@@ -69,12 +70,15 @@ from benchmarks import source_commit  # noqa: E402
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES, WaitingLine  # noqa: E402
 from rayxdit.serve.policies import ROUTING_POLICIES, autoscaling_policy  # noqa: E402
 from rayxdit.serve.routing import (  # noqa: E402
+    ADMISSIONS,
     PoolLoad,
     PoolSpec,
     ServiceFit,
+    Slacks,
     completion_estimate,
     retry_after,
     service_rates,
+    waiting_time,
 )
 from rayxdit.serve.sizing import ArrivalCosts, PoolDemand  # noqa: E402
 
@@ -224,9 +228,13 @@ class Fleet:
         queue_policy: str = FIFO,
         expire_at_deadline: bool = True,
         policy_options: dict | None = None,
+        admission: str = ADMISSIONS[0],
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
         self.queue_policy = queue_policy
+        self.admission = admission
+        """``routing.admission``: ``typical_wait`` (the default) or ``deadline``."""
+        self.slacks = Slacks()  # the arrivals' slack, as the application's state keeps it
         self.expire_at_deadline = expire_at_deadline
         """Whether a request still waiting at its deadline leaves the line (production's 504)."""
         self.gpu_seconds_by_tenant: dict[str, float] = {}
@@ -305,13 +313,23 @@ class Fleet:
     def _refused(self, pool: Pool, request: Request) -> bool:
         """Admission as the application's state decides it: the request's completion estimate on its pool
         (from the fleet's learned rates, whichever policy routed it) against the time its client gives it;
-        only within the reach of the pool's measurements (``trusted_cost``)."""
+        with ``typical_wait`` also its wait for a replica against the typical arrival's slack; only within
+        the reach of the pool's measurements (``trusted_cost``)."""
         loads = self._loads(request.tenant)
         rates = service_rates([p.spec for p in self.pools.values()], loads)
         if rates is None:
             return False
-        estimate = completion_estimate(pool.spec, loads[pool.spec.name], request.cost, rates[pool.spec.name])
-        return retry_after(estimate, request.slo, request.cost, self._trusted(pool)) is not None
+        load = loads[pool.spec.name]
+        estimate = completion_estimate(pool.spec, load, request.cost, rates[pool.spec.name])
+        waiting, typical = 0.0, None
+        if self.admission == "typical_wait":
+            self.slacks.add(self.now, request.slo - (load.overhead_s + request.cost * rates[pool.spec.name]))
+            waiting = waiting_time(pool.spec, load, request.cost, estimate, rates)
+            typical = self.slacks.typical(self.now)
+        return (
+            retry_after(estimate, request.slo, request.cost, self._trusted(pool), waiting, typical)
+            is not None
+        )
 
     def _trusted(self, pool: Pool) -> float:
         measured = [p.fit.trusted_cost for p in self.pools.values() if p.fit.weight]
@@ -536,9 +554,12 @@ def simulate(
     queue_policy: str = FIFO,
     expire_at_deadline: bool = True,
     policy_options: dict | None = None,
+    admission: str = ADMISSIONS[0],
 ) -> dict:
     """One run; ``load`` is a fraction of capacity, or a name of VARYING."""
-    fleet = Fleet(policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline, policy_options)
+    fleet = Fleet(
+        policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline, policy_options, admission
+    )
     capacity = capacity_per_s(budget)
     phase_changes = 0
     if isinstance(load, str):
@@ -568,6 +589,7 @@ def simulate(
         "startup_s": startup,
         "policy": policy,
         "queue_policy": queue_policy,
+        "admission": admission,
         "expire_at_deadline": expire_at_deadline,
         **(
             {"policy_options": policy_options}
@@ -736,10 +758,11 @@ def compare(results: list[dict]) -> list[dict]:
             result["gpus"],
             result["offered_load"],
             result.get("queue_policy", FIFO),
+            result.get("admission", "deadline"),
         )
         cells.setdefault(key, {})[result["policy"]] = result
     rows = []
-    for (scenario, startup, gpus, load, queue_policy), by_policy in cells.items():
+    for (scenario, startup, gpus, load, queue_policy, admission), by_policy in cells.items():
         statics = [by_policy[name] for name in STATIC if name in by_policy]
         elastic = by_policy.get(ELASTIC)
         if not statics or elastic is None:
@@ -768,6 +791,7 @@ def compare(results: list[dict]) -> list[dict]:
                 "gpus": gpus,
                 "offered_load": load,
                 "queue_policy": queue_policy,
+                "admission": admission,
                 "best_static": best["policy"],
                 "best_good_fraction": best["good_fraction"],
                 "elastic_good_fraction": elastic["good_fraction"],
@@ -834,6 +858,15 @@ def main(argv: list[str] | None = None) -> int:
         "results before 2026-12-04)",
     )
     parser.add_argument(
+        "--admissions",
+        nargs="+",
+        default=[ADMISSIONS[0]],
+        choices=ADMISSIONS,
+        help="routing.admission, every fleet under each: typical_wait (the default: also refuse what would "
+        "wait longer than the typical arrival can) or deadline (refuse only what would miss its own "
+        "deadline: the model of the results before 2026-12-04's second run)",
+    )
+    parser.add_argument(
         "--policy-options",
         type=json.loads,
         default=None,
@@ -854,7 +887,9 @@ def main(argv: list[str] | None = None) -> int:
             queue_policy,
             args.expire_at_deadline,
             args.policy_options,
+            admission,
         )
+        for admission in args.admissions
         for queue_policy in args.queue_policies
         for scenario in args.scenarios
         for startup in args.startup_s

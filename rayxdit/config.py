@@ -921,6 +921,15 @@ class RoutingConfig(BaseModel):
         "overload the most requests stay within their deadlines); the last two need the elastic policy or "
         "pools of a fixed size.",
     )
+    admission: Literal["typical_wait", "deadline"] = Field(
+        default="typical_wait",
+        description="Which requests are refused at once (429 with Retry-After) rather than queued: deadline "
+        "(those expected to miss their own deadline) or typical_wait (those too, and any request that would "
+        "wait for a replica longer than the model's typical request can, the median over ten minutes of "
+        "arrivals of what each could wait and still make its deadline: in an overload the line stays as "
+        "long as the typical request tolerates, not filled by the most lenient requests while every typical "
+        "one is refused).",
+    )
 
 
 class ElasticConfig(BaseModel):

@@ -16,10 +16,12 @@ application's (``serve/state.py`` keeps it), never one router replica's. The fle
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rayxdit.config import PoolConfig
 from rayxdit.limits import ResolvedRequest
@@ -258,15 +260,79 @@ def idle_pools(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> list
 
 
 def retry_after(
-    estimate: float | None, time_left: float, cost: float = 0.0, trusted_cost: float = math.inf
+    estimate: float | None,
+    time_left: float,
+    cost: float = 0.0,
+    trusted_cost: float = math.inf,
+    waiting_s: float = 0.0,
+    typical_slack_s: float | None = None,
 ) -> float | None:
     """Admission control: None admits a request (of ``cost``) expected to finish in ``estimate`` seconds with
     ``time_left`` before its deadline, and any request beyond the cost its pool's estimate can be trusted
     for; otherwise the seconds after which its queue should have drained enough for it (the
-    ``Retry-After`` of a 429)."""
-    if estimate is None or estimate <= time_left or cost > trusted_cost:
+    ``Retry-After`` of a 429).
+
+    With ``typical_slack_s`` (admission ``typical_wait``: :class:`Slacks`), a request that would wait
+    ``waiting_s`` for a replica, longer than the typical request of its model can wait and still make its
+    deadline, is refused too, however lenient its own deadline: in an overload the line then stays as long
+    as the typical request tolerates, instead of filling with the requests that tolerate the most (the
+    large ones, whose deadlines are longest in seconds) while every typical request behind them is
+    refused."""
+    if estimate is None or cost > trusted_cost:
         return None
-    return float(max(1, math.ceil(estimate - time_left)))
+    over = estimate - time_left
+    if typical_slack_s is not None:
+        over = max(over, waiting_s - typical_slack_s)
+    if over <= 0:
+        return None
+    return float(max(1, math.ceil(over)))
+
+
+def waiting_time(
+    pool: PoolSpec, load: PoolLoad, cost: float, estimate: float | None, rates: Mapping[str, float] | None
+) -> float:
+    """Seconds of ``estimate`` that a request of ``cost`` would spend waiting for a replica of ``pool``
+    (its own service taken out); 0 where nothing is estimated, and for a pool with no ready replica, whose
+    wait is a start-up (the deadline alone judges that one)."""
+    if estimate is None or rates is None or load.ready_replicas == 0:
+        return 0.0
+    return max(0.0, estimate - (load.overhead_s + cost * rates[pool.name]))
+
+
+ADMISSIONS = ("typical_wait", "deadline")
+"""``routing.admission``: ``deadline`` refuses what would miss its own deadline; ``typical_wait`` also what
+would wait longer than the typical request can (:func:`retry_after`)."""
+SLACK_WINDOW_S = 600.0
+"""The typical request's slack is the median over this long a window of arrivals."""
+
+
+@dataclass
+class Slacks:
+    """How long a model's arriving requests could wait for a replica and still make their deadlines (their
+    time left less their own service), over the last ``window_s``: the median is the *typical slack*. Only
+    requests that could make their deadline at all count (a timeout shorter than the request's own service
+    says nothing about how long a servable request can wait). One per model in the application's state
+    (and per fleet in the simulator)."""
+
+    window_s: float = SLACK_WINDOW_S
+    arrivals: deque[tuple[float, float]] = field(default_factory=deque)
+    ordered: list[float] = field(default_factory=list)
+
+    def add(self, now: float, slack: float) -> None:
+        self._trim(now)
+        if slack >= 0:
+            self.arrivals.append((now, slack))
+            bisect.insort(self.ordered, slack)
+
+    def typical(self, now: float) -> float | None:
+        """The window's median slack (None: no servable arrival in it)."""
+        self._trim(now)
+        return self.ordered[len(self.ordered) // 2] if self.ordered else None
+
+    def _trim(self, now: float) -> None:
+        while self.arrivals and self.arrivals[0][0] < now - self.window_s:
+            _, slack = self.arrivals.popleft()
+            del self.ordered[bisect.bisect_left(self.ordered, slack)]
 
 
 ADAPTER_PATIENCE_S = 0.3

@@ -50,7 +50,16 @@ from rayxdit.serve.jobs import JobStore
 from rayxdit.serve.memory import MemoryProfile, pool_limit, too_large
 from rayxdit.serve.policies import routing_policy
 from rayxdit.serve.quarantine import QuarantineBook, node_is_alive
-from rayxdit.serve.routing import PoolLoad, PoolSpec, ServiceFit, idle_pools, retry_after
+from rayxdit.serve.routing import (
+    PoolLoad,
+    PoolSpec,
+    ServiceFit,
+    Slacks,
+    idle_pools,
+    retry_after,
+    service_rates,
+    waiting_time,
+)
 from rayxdit.serve.sizing import ArrivalCosts
 from rayxdit.serve.tenants import (
     ANONYMOUS,
@@ -219,6 +228,11 @@ class AppState:
         self.published: dict[str, tuple[int, int, int]] = {}
         self.published_at = -math.inf
         self.route_policy = routing_policy(config.routing.policy)
+        self.typical_wait = config.routing.admission == "typical_wait"
+        """Whether admission also refuses what would wait longer than the typical request can
+        (``routing.retry_after``)."""
+        self.slacks: dict[str, Slacks] = defaultdict(Slacks)
+        """How long each model's arriving requests could wait and make their deadlines (typical_wait)."""
         # Cold pools that the shared budget has no room for are routed to last (routing.route): only an
         # elastic application shares a budget; pools that scale on their own compete in Serve's placement.
         self.budget = (
@@ -458,7 +472,16 @@ class AppState:
         if not order:
             return {"pool": None, "retry_after_s": None}
         pool, estimate = order[0]
-        wait = retry_after(estimate, deadline - time.time(), cost, loads[pool.name].trusted_cost)
+        time_left = deadline - time.time()
+        waiting, typical = 0.0, None
+        if self.typical_wait and not background:
+            rates = service_rates(specs, seen)
+            load = seen[pool.name]
+            if rates is not None and not retry:  # a failover's retry is the same arrival, counted once
+                self.slacks[model].add(now, time_left - (load.overhead_s + cost * rates[pool.name]))
+            waiting = waiting_time(pool, load, cost, estimate, rates)
+            typical = self.slacks[model].typical(now)
+        wait = retry_after(estimate, time_left, cost, loads[pool.name].trusted_cost, waiting, typical)
         if wait is not None:
             return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
         self.reservations[ticket] = _Reservation(

@@ -63,32 +63,42 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     assert all("_windows" not in result for result in document["results"])
 
 
-def test_in_an_overload_shortest_first_keeps_more_requests_good_and_expired_ones_leave_the_line(tmp_path):
-    """The simulator under both queue policies at 120% of capacity: shortest first keeps more requests
-    within their deadlines than first come first served, for the elastic fleet as for a static one; a
-    request still waiting at its deadline leaves the line (expired, not good), as the router's 504 takes it
-    out in production; the comparison pairs fleets under the same queue policy."""
+def test_in_an_overload_shortest_first_and_typical_wait_admission_keep_more_requests_good(tmp_path):
+    """The simulator under both queue policies and both admissions at 120% of capacity. With admission by
+    deadline alone, shortest first keeps more requests within their deadlines than first come first
+    served, for the elastic fleet as for a static one; admission by the typical request's wait does most
+    of that under first come first served too (the line no longer fills with lenient large requests while
+    the typical ones are refused). A request still waiting at its deadline leaves the line (expired, not
+    good), as the router's 504 takes it out in production; the comparison pairs fleets under the same
+    queue policy and admission."""
     out = tmp_path / "simulate.json"
     argv = ["--out", str(out), "--fleets", "8", "--loads", "1.2", "--varying", "--scenarios", "compounded"]
     argv += ["--startup-s", "60", "--duration-s", "2400", "--warmup-s", "300", "--workers", "1"]
-    argv += [
-        "--policies",
-        "all-2gpu",
-        "elastic",
-        "--queue-policies",
-        "fifo",
-        "shortest_first",
-    ]
+    argv += ["--policies", "all-2gpu", "elastic", "--queue-policies", "fifo", "shortest_first"]
+    argv += ["--admissions", "deadline", "typical_wait"]
     assert simulate_fleet.main(argv) == 0
     document = json.loads(out.read_text())
-    results = {(r["policy"], r["queue_policy"]): r for r in document["results"]}
+    results = {(r["policy"], r["queue_policy"], r["admission"]): r for r in document["results"]}
     for policy in ("all-2gpu", "elastic"):
-        fifo, shortest = results[(policy, "fifo")], results[(policy, "shortest_first")]
+        fifo, shortest = (
+            results[(policy, "fifo", "deadline")],
+            results[(policy, "shortest_first", "deadline")],
+        )
         assert shortest["good_fraction"] > fifo["good_fraction"] + 0.05, (policy, fifo, shortest)
-        for result in (fifo, shortest):
+        typical = results[(policy, "fifo", "typical_wait")]
+        assert typical["good_fraction"] > fifo["good_fraction"] + 0.05, (policy, fifo, typical)
+        # The typical (1024px) requests are no longer crowded out by the lenient large ones.
+        assert typical["good_fraction_by_class"]["1024px"] > fifo["good_fraction_by_class"]["1024px"] + 0.05
+        for result in (fifo, shortest, typical):
             assert result["finished"] + result["shed"] + result["expired"] == result["requests"], result
-    assert results[("all-2gpu", "shortest_first")]["expired"] > 0  # large requests behind small ones
-    assert {row["queue_policy"] for row in document["comparison"]} == {"fifo", "shortest_first"}
+    assert (
+        results[("all-2gpu", "shortest_first", "deadline")]["expired"] > 0
+    )  # large requests behind small ones
+    assert {(row["queue_policy"], row["admission"]) for row in document["comparison"]} == {
+        (queue, admission)
+        for queue in ("fifo", "shortest_first")
+        for admission in ("deadline", "typical_wait")
+    }
 
 
 def test_the_oracle_bound_picks_a_layout_per_window_within_the_goodput_allowance():

@@ -9,10 +9,12 @@ from rayxdit.serve.routing import (
     PoolLoad,
     PoolSpec,
     ServiceFit,
+    Slacks,
     completion_estimate,
     retry_after,
     route,
     service_rates,
+    waiting_time,
 )
 from rayxdit.serve.sizing import PoolDemand, plan_replicas
 
@@ -86,6 +88,31 @@ def test_rates_are_measured_else_extrapolated_by_gpus_else_thresholds_decide():
 def test_admission_refuses_what_cannot_finish_before_its_deadline():
     assert retry_after(10.0, 30.0) is None and retry_after(None, 0.0) is None
     assert retry_after(42.2, 30.0) == 13.0
+    # typical_wait: a wait beyond the typical arrival's slack is refused however lenient the request.
+    assert retry_after(10.0, 30.0, waiting_s=6.0, typical_slack_s=4.5) == 2.0
+    assert retry_after(10.0, 30.0, waiting_s=4.0, typical_slack_s=4.5) is None
+    assert retry_after(10.0, 30.0, cost=9.0, trusted_cost=8.0, waiting_s=60.0, typical_slack_s=0.0) is None
+    assert retry_after(42.2, 30.0, waiting_s=6.0, typical_slack_s=4.5) == 13.0  # the larger overrun
+
+
+def test_the_typical_slack_is_the_median_of_the_servable_arrivals_of_the_window():
+    slacks = Slacks(window_s=60.0)
+    assert slacks.typical(0.0) is None
+    for at, slack in enumerate([5.0, 1.0, 9.0, -3.0, 4.0]):  # a timeout shorter than the service: ignored
+        slacks.add(float(at), slack)
+    assert slacks.typical(5.0) == 5.0  # of 1, 4, 5, 9
+    assert slacks.typical(61.5) == 9.0  # 5 and 1 left the window: 4, 9
+    assert slacks.typical(200.0) is None
+
+
+def test_the_wait_for_a_replica_leaves_out_the_service_and_a_cold_pools_start_up():
+    spec = PoolSpec("p2", "flux", 2)
+    busy = PoolLoad(1, outstanding=3, outstanding_cost=3.0, overhead_s=0.5)
+    estimate = completion_estimate(spec, busy, 1.0, 2.0)
+    assert waiting_time(spec, busy, 1.0, estimate, {"p2": 2.0}) == pytest.approx(estimate - 2.5)
+    cold = PoolLoad(0, outstanding=1, outstanding_cost=1.0)
+    assert waiting_time(spec, cold, 1.0, completion_estimate(spec, cold, 1.0, 2.0), {"p2": 2.0}) == 0.0
+    assert waiting_time(spec, busy, 1.0, None, None) == 0.0
 
 
 def demand(spec: PoolSpec, replicas: int, outstanding: float, min_replicas=0, max_replicas=4, queued=None):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rayxdit.config import PoolConfig, RouterConfig, ServeConfig
+from rayxdit.config import PoolConfig, RouterConfig, RoutingConfig, ServeConfig
 from rayxdit.serve import state as state_module
 from rayxdit.serve.state import AppState, ImageStore
 
@@ -103,6 +103,34 @@ def test_rates_are_learned_from_finished_requests_and_admission_refuses_what_can
     # mostly overhead; taken proportionally they would make this one look far slower than it is).
     admitted = app.route("m", 100.0, "r4", time.time() + 30, [])
     assert admitted["pool"] == "big" and admitted["estimate_s"] == pytest.approx(150.0)
+
+
+@pytest.mark.parametrize("admission", ["typical_wait", "deadline"])
+def test_a_lenient_request_is_refused_behind_a_line_the_typical_request_could_not_wait_out(clock, admission):
+    """``routing.admission: typical_wait`` (the default): once the line is longer than the model's typical
+    arrival could wait and still make its deadline, a request with all the time in the world is refused too
+    (429 with Retry-After), so that in an overload the line does not fill with lenient requests while every
+    typical one is refused. ``deadline`` admits it (it would make its own deadline)."""
+    app = Sync(AppState(ServeConfig(pools=POOLS[:1], routing=RoutingConfig(admission=admission))))
+    app.report("small", "a", ready=True)
+    app.route("m", 1.0, "probe", time.time() + 600, [])
+    app.finish("probe", engine_s=2.0)  # 2 s per cost unit
+    # Typical requests: 2 s of service with 6 s to their deadline, so each could wait 4 s. The fourth
+    # would wait 5 s behind the three admitted on the one replica: refused by its own deadline.
+    decisions = [app.route("m", 1.0, f"t{i}", time.time() + 6, []) for i in range(4)]
+    assert [decision["pool"] for decision in decisions] == ["small", "small", "small", None]
+    lenient = app.route("m", 1.0, "lenient", time.time() + 600, [])  # would wait 5 s, finish in 7 s
+    if admission == "typical_wait":
+        # 5 s of wait against the typical 4 s (a hair less: their deadlines are counted from the clock)
+        assert lenient["pool"] is None and lenient["retry_after_s"] in (1.0, 2.0), lenient
+        assert lenient["estimate_s"] == pytest.approx(7.0)
+        assert app.loads()["small"].outstanding == 3  # it holds nothing
+    else:
+        assert lenient["pool"] == "small" and app.loads()["small"].outstanding == 4
+    # A cold pool's wait is a start-up: only the request's own deadline judges it.
+    app.report("small", "a", ready=False)
+    clock[0] += app.state.lease_s + state_module.STALE_AFTER_S
+    assert app.route("m", 1.0, "cold", time.time() + 600, [])["pool"] == "small"
 
 
 def test_readiness_needs_a_ready_replica_unless_every_pool_scales_from_zero(clock):
