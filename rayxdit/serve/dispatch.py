@@ -142,8 +142,9 @@ LIMIT_MESSAGES = {
 
 
 def refusal(model: str, decision: dict[str, Any], request_id: str, tenant: str | None = None) -> ApiError:
-    """429 before any GPU work: the tenant is over a limit, every pool is full or down, or none can finish
-    before the deadline."""
+    """429 before any GPU work: the tenant is over a limit, every pool is full or down, none can finish
+    before the deadline, or the line is longer than the model's typical request can wait (``overloaded``,
+    admission ``typical_wait``)."""
     wait = decision.get("retry_after_s")
     limited = decision.get("limited")
     if limited is not None:
@@ -164,6 +165,17 @@ def refusal(model: str, decision: dict[str, Any], request_id: str, tenant: str |
             "rate_limit_error",
             code="capacity",
         )
+    if decision.get("overloaded"):
+        error = ApiError(
+            429,
+            f"'{model}' is overloaded: request {request_id} would wait {decision['waiting_s']:.0f} s for a "
+            f"replica, longer than its typical request can ({decision['typical_wait_s']:.0f} s); retry in "
+            f"{wait:.0f} s",
+            "rate_limit_error",
+            code="overloaded",
+        )
+        error.retry_after = wait
+        return error
     error = ApiError(
         429,
         f"no pool serving '{model}' can finish request {request_id} before its deadline (expected in "

@@ -483,7 +483,10 @@ class AppState:
             typical = self.slacks[model].typical(now)
         wait = retry_after(estimate, time_left, cost, loads[pool.name].trusted_cost, waiting, typical)
         if wait is not None:
-            return {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
+            refused = {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
+            if estimate <= time_left:  # it would make its deadline: the line is what refused it
+                refused.update(overloaded=True, waiting_s=waiting, typical_wait_s=typical)
+            return refused
         self.reservations[ticket] = _Reservation(
             pool.name, cost, now + self.lease_s, tenant, counted, background
         )

@@ -10,6 +10,7 @@ import pytest
 
 from rayxdit.config import PoolConfig, RouterConfig, RoutingConfig, ServeConfig
 from rayxdit.serve import state as state_module
+from rayxdit.serve.dispatch import refusal
 from rayxdit.serve.state import AppState, ImageStore
 
 POOLS = [
@@ -123,7 +124,14 @@ def test_a_lenient_request_is_refused_behind_a_line_the_typical_request_could_no
     if admission == "typical_wait":
         # 5 s of wait against the typical 4 s (a hair less: their deadlines are counted from the clock)
         assert lenient["pool"] is None and lenient["retry_after_s"] in (1.0, 2.0), lenient
-        assert lenient["estimate_s"] == pytest.approx(7.0)
+        assert lenient["estimate_s"] == pytest.approx(7.0) and lenient["overloaded"]
+        error = refusal("m", lenient, "lenient")
+        assert (
+            error.status == 429
+            and error.code == "overloaded"
+            and error.retry_after == lenient["retry_after_s"]
+        )
+        assert "would wait 5 s for a replica, longer than its typical request can (4 s)" in str(error), error
         assert app.loads()["small"].outstanding == 3  # it holds nothing
     else:
         assert lenient["pool"] == "small" and app.loads()["small"].outstanding == 4
