@@ -75,10 +75,9 @@ from rayxdit.serve.routing import (  # noqa: E402
     PoolSpec,
     ServiceFit,
     Slacks,
+    admit,
     completion_estimate,
-    retry_after,
     service_rates,
-    waiting_time,
 )
 from rayxdit.serve.sizing import ArrivalCosts, PoolDemand  # noqa: E402
 
@@ -294,8 +293,8 @@ class Fleet:
     def _on_arrival(self, request: Request) -> None:
         self.arrived.append(self.now)
         self.arrival_costs.add(self.now, request.cost)
-        pool = self._route(request)
-        if self._refused(pool, request):
+        pool = self._admitted(request)
+        if pool is None:
             request.shed = True
             return
         pool.enqueue(request)
@@ -310,26 +309,31 @@ class Fleet:
         if request.start < 0 and self.pools[request.pool].withdraw(request):
             request.expired = True
 
-    def _refused(self, pool: Pool, request: Request) -> bool:
-        """Admission as the application's state decides it: the request's completion estimate on its pool
-        (from the fleet's learned rates, whichever policy routed it) against the time its client gives it;
-        with ``typical_wait`` also its wait for a replica against the typical arrival's slack; only within
-        the reach of the pool's measurements (``trusted_cost``)."""
-        loads = self._loads(request.tenant)
-        rates = service_rates([p.spec for p in self.pools.values()], loads)
+    def _admitted(self, request: Request) -> Pool | None:
+        """Routing and admission as the application's state does them (``routing.admit`` over the routing
+        order), or None: refused. Every fleet's admission compares completion estimates from the fleet's
+        learned rates, whichever policy routed it (a static fleet's thresholds included), with the time the
+        client gives the request, and with ``typical_wait`` also its wait against the typical arrival's
+        slack; only within the reach of the pool's measurements (``trusted_cost``)."""
+        specs = [pool.spec for pool in self.pools.values()]
+        loads = self._loads(request.tenant, request.cost)
+        order = self.routing(specs, request.cost, loads, frozenset(), self.budget - self._gpus_held())
+        rates = service_rates(specs, loads)
         if rates is None:
-            return False
-        load = loads[pool.spec.name]
-        estimate = completion_estimate(pool.spec, load, request.cost, rates[pool.spec.name])
-        waiting, typical = 0.0, None
+            return self.pools[order[0][0].name]
+        order = [
+            (spec, completion_estimate(spec, loads[spec.name], request.cost, rates[spec.name]))
+            for spec, _ in order
+        ]
+        typical = None
         if self.admission == "typical_wait":
-            self.slacks.add(self.now, request.slo - (load.overhead_s + request.cost * rates[pool.spec.name]))
-            waiting = waiting_time(pool.spec, load, request.cost, estimate, rates)
+            first = order[0][0]
+            service = loads[first.name].overhead_s + request.cost * rates[first.name]
+            self.slacks.add(self.now, request.slo - service)
             typical = self.slacks.typical(self.now)
-        return (
-            retry_after(estimate, request.slo, request.cost, self._trusted(pool), waiting, typical)
-            is not None
-        )
+        trusted = {name: self._trusted(pool) for name, pool in self.pools.items()}
+        spec, _, refused, _ = admit(order, loads, request.cost, request.slo, trusted, rates, typical)
+        return None if refused is not None else self.pools[spec.name]
 
     def _trusted(self, pool: Pool) -> float:
         measured = [p.fit.trusted_cost for p in self.pools.values() if p.fit.weight]

@@ -347,6 +347,13 @@ class CostAwarePolicy:
             self.demand[model] = previous + weight * (observed - previous)
         return self.demand[model]
 
+    @staticmethod
+    def _adds_capacity(
+        current: Mapping[str, int], target: Mapping[str, int], seconds: Mapping[str, float]
+    ) -> bool:
+        """Whether ``target`` serves at least MIN_GAIN more than ``current`` (worth a start-up in an overload)."""
+        return capacity(target, seconds) >= (1 + MIN_GAIN) * capacity(current, seconds)
+
     def peak(self, model: str, demand: float, now: float) -> float:
         """The busiest ``demand`` of ``model`` within the last ``peak_window_s`` (a sliding maximum; 0 when
         the window is 0)."""
@@ -403,6 +410,15 @@ class CostAwarePolicy:
             # fleet a second start-up without capacity.
             rising = OVERLOAD_MARGIN * max(arrivals, self.observed.get(model, 0.0))
             target = best_layout(members, seconds, arrivals, ranks, max(peak, rising))
+            if (
+                free_ranks >= 0
+                and any(current.values())
+                and not self._adds_capacity(current, target, seconds)
+            ):
+                # Overloaded either way (layouts of as much capacity, as 2- and 4-GPU replicas of equal
+                # efficiency are): a change would only take capacity away for a start-up, and the estimate
+                # wavering between them would swap them back and forth.
+                return current
             self.changed_at[model] = now
             return target
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them

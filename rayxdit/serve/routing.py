@@ -299,6 +299,39 @@ def waiting_time(
     return max(0.0, estimate - (load.overhead_s + cost * rates[pool.name]))
 
 
+def admit(
+    order: Sequence[tuple[PoolSpec, float | None]],
+    loads: Mapping[str, PoolLoad],
+    cost: float,
+    time_left: float,
+    trusted_costs: Mapping[str, float],
+    rates: Mapping[str, float] | None,
+    typical_slack_s: float | None = None,
+) -> tuple[PoolSpec, float | None, float | None, float]:
+    """Admission over the routing ``order`` (best first, from :func:`route`): ``(pool, its estimate, the
+    Retry-After of a refusal or None, the request's wait for a replica there)``. The first pool, where
+    :func:`retry_after` admits the request there; where only the typical wait refuses it (it would make its
+    deadline there), the first pool further down the order with a ready replica that admits it (a shorter
+    line to a slower replica: in time, and not behind a line the typical request could not wait out); else
+    refused, with the first pool's Retry-After."""
+    first: tuple[PoolSpec, float | None, float | None, float] | None = None
+    for pool, estimate in order:
+        load = loads.get(pool.name, PoolLoad())
+        if first is not None and load.ready_replicas == 0:
+            continue  # a cold pool further down: its replica may never start where the first could not
+        waiting = waiting_time(pool, load, cost, estimate, rates)
+        refused = retry_after(estimate, time_left, cost, trusted_costs[pool.name], waiting, typical_slack_s)
+        if refused is None:
+            return pool, estimate, None, waiting
+        if first is None:
+            first = (pool, estimate, refused, waiting)
+            if estimate is None or estimate > time_left:
+                break  # its own deadline refused it on the pool that finishes it first: on every pool
+    if first is None:
+        raise ValueError("admission needs at least one pool in the routing order")
+    return first
+
+
 ADMISSIONS = ("typical_wait", "deadline")
 """``routing.admission``: ``deadline`` refuses what would miss its own deadline; ``typical_wait`` also what
 would wait longer than the typical request can (:func:`retry_after`)."""

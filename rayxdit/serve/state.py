@@ -55,10 +55,9 @@ from rayxdit.serve.routing import (
     PoolSpec,
     ServiceFit,
     Slacks,
+    admit,
     idle_pools,
-    retry_after,
     service_rates,
-    waiting_time,
 )
 from rayxdit.serve.sizing import ArrivalCosts
 from rayxdit.serve.tenants import (
@@ -471,17 +470,17 @@ class AppState:
         order = self.route_policy(specs, cost, seen, frozenset(exclude), self._free_ranks(loads))
         if not order:
             return {"pool": None, "retry_after_s": None}
-        pool, estimate = order[0]
         time_left = deadline - time.time()
-        waiting, typical = 0.0, None
+        rates, typical = None, None
         if self.typical_wait and not background:
             rates = service_rates(specs, seen)
-            load = seen[pool.name]
+            first, _ = order[0]
             if rates is not None and not retry:  # a failover's retry is the same arrival, counted once
-                self.slacks[model].add(now, time_left - (load.overhead_s + cost * rates[pool.name]))
-            waiting = waiting_time(pool, load, cost, estimate, rates)
+                service = seen[first.name].overhead_s + cost * rates[first.name]
+                self.slacks[model].add(now, time_left - service)
             typical = self.slacks[model].typical(now)
-        wait = retry_after(estimate, time_left, cost, loads[pool.name].trusted_cost, waiting, typical)
+        trusted = {name: load.trusted_cost for name, load in loads.items()}
+        pool, estimate, wait, waiting = admit(order, seen, cost, time_left, trusted, rates, typical)
         if wait is not None:
             refused = {"pool": None, "retry_after_s": wait, "estimate_s": estimate}
             if estimate <= time_left:  # it would make its deadline: the line is what refused it

@@ -288,3 +288,35 @@ def test_the_typical_request_is_what_arrives_not_what_the_pools_finished():
         window.add(now, cost)
     assert window.mean(650.0) == pytest.approx(4.0)  # the first left the window
     assert window.mean(2000.0) is None
+
+
+def test_an_overload_no_layout_carries_much_better_keeps_its_replicas():
+    """One node overloaded at 102% of its 2-GPU replicas' capacity. Where the layout of the most capacity
+    serves only 1% more (4-GPU replicas as efficient per GPU as 2-GPU ones, as in the `seeds` scenario),
+    a change would only take the node's capacity away for a start-up, and an estimate wavering between
+    such layouts would swap them back and forth (seen in the simulator: a change every few seconds for
+    minutes): the replicas stay. Where it serves half as much again, it is taken at once. Sabotage check:
+    without the capacity test, the first case changes."""
+
+    def node(plan, counted, seconds):
+        return [
+            PoolDemand(
+                PoolSpec(name, "flux", gpus, startup_s=180.0),
+                replicas=plan.get(name, 0),
+                outstanding=0.0,
+                max_replicas=8 // gpus,
+                seconds_per_cost=seconds[name],
+                mean_cost=1.0,
+                startup_s=180.0,
+                arrivals=counted,
+            )
+            for name, gpus in (("p2", 2), ("p4", 4))
+        ]
+
+    start = {"p2": 4, "p4": 0}
+    for p4_seconds, changes in ((0.99, False), (0.66, True)):
+        seconds = {"p2": 2.0, "p4": p4_seconds}
+        policy, plan = CostAwarePolicy(), dict(start)
+        for tick in range(300):
+            plan = policy(node(plan, 2.04, seconds), budget=8, now=2.0 * tick)
+        assert (plan != start) == changes, (p4_seconds, plan)
