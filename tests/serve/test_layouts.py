@@ -207,6 +207,24 @@ def test_an_unbounded_budget_is_bounded_by_the_pools_maximums():
     assert plan["p2"] <= 4 and plan["p4"] <= 2 and plan["p8"] <= 1 and any(plan.values())
 
 
+def node_pools(plan, counted, seconds, startup_s=60.0) -> list[PoolDemand]:
+    """One 8-GPU node's pools, one per entry of ``seconds`` (a typical request's seconds on it), holding
+    ``plan``, with ``counted`` arrivals per second."""
+    return [
+        PoolDemand(
+            PoolSpec(name, "flux", int(name[1:]), startup_s=startup_s),
+            replicas=plan.get(name, 0),
+            outstanding=0.0,
+            max_replicas=8 // int(name[1:]),
+            seconds_per_cost=seconds[name],
+            mean_cost=1.0,
+            startup_s=startup_s,
+            arrivals=counted,
+        )
+        for name in seconds
+    ]
+
+
 def run_policy(policy, rates, plan, now=0.0, budget=8, demands=pools):
     """Tick the policy every 2 s through ``rates`` ((seconds, arrivals per second) phases) from ``plan``;
     the plans it made, with their times."""
@@ -250,19 +268,7 @@ def test_a_rise_beyond_the_layout_is_met_with_one_change_sized_past_the_demand_c
     seconds = {"p2": 3.9, "p4": 2.17, "p8": 1.55}  # the simulator's typical request on Flux.1-dev
 
     def node(plan, counted):
-        return [
-            PoolDemand(
-                PoolSpec(name, "flux", gpus, startup_s=60.0),
-                replicas=plan.get(name, 0),
-                outstanding=0.0,
-                max_replicas=8 // gpus,
-                seconds_per_cost=seconds[name],
-                mean_cost=1.0,
-                startup_s=60.0,
-                arrivals=counted,
-            )
-            for name, gpus in (("p2", 2), ("p4", 4), ("p8", 8))
-        ]
+        return node_pools(plan, counted, seconds)
 
     policy, plan, now, changes = CostAwarePolicy(), {"p2": 0, "p4": 0, "p8": 1}, 0.0, []
     for _ in range(int(3600 / 2) + int(600 / 2)):
@@ -298,25 +304,10 @@ def test_an_overload_no_layout_carries_much_better_keeps_its_replicas():
     minutes): the replicas stay. Where it serves half as much again, it is taken at once. Sabotage check:
     without the capacity test, the first case changes."""
 
-    def node(plan, counted, seconds):
-        return [
-            PoolDemand(
-                PoolSpec(name, "flux", gpus, startup_s=180.0),
-                replicas=plan.get(name, 0),
-                outstanding=0.0,
-                max_replicas=8 // gpus,
-                seconds_per_cost=seconds[name],
-                mean_cost=1.0,
-                startup_s=180.0,
-                arrivals=counted,
-            )
-            for name, gpus in (("p2", 2), ("p4", 4))
-        ]
-
     start = {"p2": 4, "p4": 0}
     for p4_seconds, changes in ((0.99, False), (0.66, True)):
         seconds = {"p2": 2.0, "p4": p4_seconds}
         policy, plan = CostAwarePolicy(), dict(start)
         for tick in range(300):
-            plan = policy(node(plan, 2.04, seconds), budget=8, now=2.0 * tick)
+            plan = policy(node_pools(plan, 2.04, seconds, startup_s=180.0), budget=8, now=2.0 * tick)
         assert (plan != start) == changes, (p4_seconds, plan)
