@@ -30,3 +30,24 @@ def no_ray_left_behind():
         with contextlib.suppress(Exception):  # this process's handles: left running, they start Ray again
             serve.shutdown()
     ray.shutdown()
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Once pytest has reported, leave with its exit status without the interpreter's teardown: after a
+    suite of 432 tests passed in a fresh clone (2026-12-04), the interpreter crashed with SIGSEGV while
+    tearing down (native threads of the libraries the suite loaded, torch's and Ray's, outliving the
+    modules they call into), which turned a green run red. Every Ray instance is shut down per module
+    above, and nothing of ours runs at exit. ``RAYXDIT_TEST_TEARDOWN=1`` keeps the teardown (to look for
+    the crash)."""
+    if _EXIT_STATUS and os.environ.get("RAYXDIT_TEST_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
