@@ -78,6 +78,7 @@ from rayxdit.serve.routing import (  # noqa: E402
     admit,
     completion_estimate,
     service_rates,
+    service_time,
 )
 from rayxdit.serve.sizing import ArrivalCosts, PoolDemand  # noqa: E402
 
@@ -321,15 +322,19 @@ class Fleet:
         rates = service_rates(specs, loads)
         if rates is None:
             return self.pools[order[0][0].name]
+        # A policy that routes by thresholds estimates nothing: admission estimates what it routed.
         order = [
             (spec, completion_estimate(spec, loads[spec.name], request.cost, rates[spec.name]))
-            for spec, _ in order
+            if estimate is None
+            else (spec, estimate)
+            for spec, estimate in order
         ]
         typical = None
         if self.admission == "typical_wait":
             first = order[0][0]
-            service = loads[first.name].overhead_s + request.cost * rates[first.name]
-            self.slacks.add(self.now, request.slo - service)
+            self.slacks.add(
+                self.now, request.slo - service_time(first, loads[first.name], request.cost, rates)
+            )
             typical = self.slacks.typical(self.now)
         trusted = {name: self._trusted(pool) for name, pool in self.pools.items()}
         spec, _, refused, _ = admit(order, loads, request.cost, request.slo, trusted, rates, typical)

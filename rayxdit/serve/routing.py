@@ -296,7 +296,12 @@ def waiting_time(
     wait is a start-up (the deadline alone judges that one)."""
     if estimate is None or rates is None or load.ready_replicas == 0:
         return 0.0
-    return max(0.0, estimate - (load.overhead_s + cost * rates[pool.name]))
+    return max(0.0, estimate - service_time(pool, load, cost, rates))
+
+
+def service_time(pool: PoolSpec, load: PoolLoad, cost: float, rates: Mapping[str, float]) -> float:
+    """Seconds a request of ``cost`` runs on a replica of ``pool`` (its overhead plus the cost at its rate)."""
+    return load.overhead_s + cost * rates[pool.name]
 
 
 def admit(

@@ -58,6 +58,7 @@ from rayxdit.serve.routing import (
     admit,
     idle_pools,
     service_rates,
+    service_time,
 )
 from rayxdit.serve.sizing import ArrivalCosts
 from rayxdit.serve.tenants import (
@@ -476,8 +477,7 @@ class AppState:
             rates = service_rates(specs, seen)
             first, _ = order[0]
             if rates is not None and not retry:  # a failover's retry is the same arrival, counted once
-                service = seen[first.name].overhead_s + cost * rates[first.name]
-                self.slacks[model].add(now, time_left - service)
+                self.slacks[model].add(now, time_left - service_time(first, seen[first.name], cost, rates))
             typical = self.slacks[model].typical(now)
         trusted = {name: load.trusted_cost for name, load in loads.items()}
         pool, estimate, wait, waiting = admit(order, seen, cost, time_left, trusted, rates, typical)
