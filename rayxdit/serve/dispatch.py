@@ -166,23 +166,19 @@ def refusal(model: str, decision: dict[str, Any], request_id: str, tenant: str |
             code="capacity",
         )
     if decision.get("overloaded"):
-        error = ApiError(
-            429,
+        message = (
             f"'{model}' is overloaded: request {request_id} would wait {decision['waiting_s']:.0f} s for a "
             f"replica, longer than its typical request can ({decision['typical_wait_s']:.0f} s); retry in "
-            f"{wait:.0f} s",
-            "rate_limit_error",
-            code="overloaded",
+            f"{wait:.0f} s"
         )
-        error.retry_after = wait
-        return error
-    error = ApiError(
-        429,
-        f"no pool serving '{model}' can finish request {request_id} before its deadline (expected in "
-        f"{decision['estimate_s']:.0f} s); retry in {wait:.0f} s, or send a larger 'timeout'",
-        "rate_limit_error",
-        code="deadline_unreachable",
-    )
+        code = "overloaded"
+    else:
+        message = (
+            f"no pool serving '{model}' can finish request {request_id} before its deadline (expected in "
+            f"{decision['estimate_s']:.0f} s); retry in {wait:.0f} s, or send a larger 'timeout'"
+        )
+        code = "deadline_unreachable"
+    error = ApiError(429, message, "rate_limit_error", code=code)
     error.retry_after = wait
     return error
 
