@@ -80,7 +80,7 @@ from rayxdit.serve.routing import (  # noqa: E402
     service_rates,
     service_time,
 )
-from rayxdit.serve.sizing import ArrivalCosts, PoolDemand  # noqa: E402
+from rayxdit.serve.sizing import ArrivalCosts, PoolDemand, arrival_rate  # noqa: E402
 
 STEPS = 28
 SINGLE_GPU_S = {
@@ -455,6 +455,7 @@ class Fleet:
                     arrivals=self._arrival_rate(),  # as the application's state counts them
                     quiet_s=self.now - (self.arrived[-1] if self.arrived else 0.0),
                     arrival_cost=self.arrival_costs.mean(self.now),
+                    arrivals_counted_s=self.now,  # the state starts with the fleet
                 )
             )
         plan = self.sizing(demands, self.budget, self.now)
@@ -474,10 +475,8 @@ class Fleet:
                 self._remove_replica(pool)
 
     def _arrival_rate(self) -> float:
-        """Requests arrived (refused ones too) per second over the last minute."""
-        while self.arrived and self.arrived[0] < self.now - 60.0:
-            self.arrived.popleft()
-        return len(self.arrived) / min(60.0, max(1.0, self.now))  # over the time counted, as the state
+        """Requests arrived (refused ones too) per second, as the application's state counts them."""
+        return arrival_rate(self.arrived, self.now)
 
     def _rate(self, pool: Pool) -> float:
         """Requests finished per second over the last minute (as replicas report it)."""

@@ -24,6 +24,7 @@ from rayxdit.serve.sizing import PoolDemand
 from rayxdit.serve.state import (
     ARRIVAL_COST_METRIC,
     ARRIVALS_METRIC,
+    COUNTED_METRIC,
     QUIET_METRIC,
     STATE_DEPLOYMENT,
     WAITING_METRIC,
@@ -80,6 +81,8 @@ class ElasticPolicy:
                     reported[ARRIVALS_METRIC].get(spec.model),
                     reported[QUIET_METRIC].get(spec.model),
                     reported[ARRIVAL_COST_METRIC].get(spec.model),
+                    # Not reported yet: no count to trust (the policy sizes by the queue meanwhile).
+                    reported[COUNTED_METRIC].get(spec.model, 0.0),
                 )
             )
         budget = self.budget()
@@ -103,10 +106,10 @@ class ElasticPolicy:
 
 def state_metrics(contexts: Mapping[Any, Any]) -> dict[str, dict[str, float]]:
     """The application's state's custom autoscaling metrics by name: per model its arrivals per second
-    (``ARRIVALS_METRIC``), their mean cost (``ARRIVAL_COST_METRIC``) and the seconds since its last
-    arrival (``QUIET_METRIC``), per pool the requests waiting in its line (``WAITING_METRIC``); each empty
+    (``ARRIVALS_METRIC``), their mean cost (``ARRIVAL_COST_METRIC``), the seconds since its last
+    arrival (``QUIET_METRIC``) and how long it has counted them (``COUNTED_METRIC``), per pool the requests waiting in its line (``WAITING_METRIC``); each empty
     before the state has reported."""
-    names = (ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, WAITING_METRIC)
+    names = (ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, COUNTED_METRIC, WAITING_METRIC)
     found: dict[str, dict[str, float]] = {name: {} for name in names}
     for deployment, context in contexts.items():
         if deployment.name != STATE_DEPLOYMENT:

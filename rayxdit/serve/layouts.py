@@ -29,7 +29,13 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
   most capacity where none does), so that a load that fell and comes back finds its capacity in place, not
   a start-up away; and a layout that cannot carry the demand is replaced by one that carries
-  ``OVERLOAD_MARGIN`` times it, so that a rise is met with one change, not one per minute of it.
+  ``OVERLOAD_MARGIN`` times it, so that a rise is met with one change, not one per minute of it: one
+  started in free GPUs beside the replicas in place where such a one carries it (they serve meanwhile).
+
+- **Before it knows enough** (:func:`informed`: no pool of the model has a measured or configured service
+  time, or its arrivals have not been counted over a whole ``sizing.ARRIVALS_WINDOW_S``), the model is
+  sized by its queue (:func:`by_queue`, a replica per request held), and its demand enters no peak: a
+  layout chosen on a guess would be held for the hour.
 
 Multiple models share the budget in proportion to the GPUs their demand needs, each at least one replica
 of its smallest pool while it has traffic. Everything here is a pure function of plain data except
@@ -42,10 +48,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rayxdit.serve.sizing import EPSILON, PoolDemand, typical_seconds
+from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, EPSILON, PoolDemand, typical_seconds
 
 MAX_UTILIZATION = 0.85
 """A layout busier than this at the expected demand is not a candidate (queues grow without bound near 1)."""
@@ -134,12 +140,14 @@ def best_layout(
     arrivals: float,
     ranks: float,
     peak: float = 0.0,
+    reachable: Callable[[Mapping[str, int]], bool] | None = None,
 ) -> dict[str, int]:
     """The layout of one model with the lowest expected response time at ``arrivals`` per second within
     ``ranks`` (fewer ranks on a tie) among those that also carry ``peak`` arrivals per second below
     MAX_UTILIZATION (the busiest demand of a recent window: a load that came back would find the capacity
     in place, not a start-up away); where none does, the one of the most capacity (in an overload,
-    admission then refuses what would miss its deadline). No demand: minimums."""
+    admission then refuses what would miss its deadline). With ``reachable``, only the layouts it accepts
+    where any of those qualify. No demand: minimums."""
     if arrivals <= EPSILON:
         return {pool.spec.name: pool.min_replicas for pool in members}
     by_name = {pool.spec.name: pool for pool in members}
@@ -148,6 +156,8 @@ def best_layout(
         return sum(count * by_name[name].spec.ranks for name, count in counts.items())
 
     feasible = carrying(layouts(members, ranks), seconds, max(arrivals, peak))
+    if reachable is not None:
+        feasible = [c for c in feasible if reachable(c)] or feasible
     # In an overload none is faster (every response time is infinite): the fewest ranks of the most capacity.
     return min(feasible, key=lambda c: (round(response_time(c, seconds, arrivals), 3), ranks_of(c)))
 
@@ -161,6 +171,31 @@ def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, floa
     most = max(capacity(c, seconds) for c in candidates)
     needed = min(peak / MAX_UTILIZATION, most * (1 - 1e-9))
     return [c for c in candidates if capacity(c, seconds) > needed]
+
+
+def informed(members: Sequence[PoolDemand]) -> bool:
+    """Whether the policy knows enough of a model to judge its layouts: a service time (measured by a
+    replica, or configured as the pool's prior) and an arrival rate counted over a whole window. Before
+    either, its estimates are a guess (unmeasured, a pool serves one cost unit per second per rank, ten
+    times slower than Flux on an H200) or noise (three requests in a state's first second), and a layout
+    chosen on them is held for an hour: the busiest demand of the last hour bounds every later layout,
+    and on a full node a layout is not swapped through a gap without capacity."""
+    timed = any(pool.seconds_per_cost or pool.spec.seconds_per_cost for pool in members)
+    return timed and min(pool.arrivals_counted_s for pool in members) >= ARRIVALS_WINDOW_S
+
+
+def by_queue(members: Sequence[PoolDemand], current: Mapping[str, int], ranks: float) -> dict[str, int]:
+    """The layout of a model the policy cannot judge yet (see :func:`informed`): a replica per request it
+    holds (Serve's own default, one ongoing request per replica), the missing ones of its smallest pool
+    within ``ranks``; never fewer than in place (nothing says fewer would do)."""
+    holding = sum(pool.outstanding for pool in members if math.isfinite(pool.outstanding))
+    smallest = min(members, key=lambda pool: pool.spec.ranks)
+    name = smallest.spec.name
+    others = sum(count for pool_name, count in current.items() if pool_name != name)
+    used = sum(current.get(pool.spec.name, 0) * pool.spec.ranks for pool in members if pool is not smallest)
+    room = int(max(0.0, ranks - used) // smallest.spec.ranks)
+    grown = min(smallest.max_replicas, room, math.ceil(holding - EPSILON) - others)
+    return {**current, name: max(smallest.min_replicas, current.get(name, 0), grown)}
 
 
 def transition_cost(
@@ -339,7 +374,12 @@ class CostAwarePolicy:
             self.demand[model] = 0.0  # idle, not a lull: nothing to keep replicas for
             return 0.0
         previous = self.demand.get(model)
-        if previous is None or elapsed is None:
+        if (
+            previous is None
+            or elapsed is None
+            or min(p.arrivals_counted_s for p in members) < ARRIVALS_WINDOW_S
+        ):
+            # A count over part of a window is not smoothed: the first whole one starts the estimate.
             self.demand[model] = observed
         else:
             constant = RISE_S if observed > previous else FALL_S
@@ -393,6 +433,8 @@ class CostAwarePolicy:
     def _decide(self, model, members, current, ranks, seconds, arrivals, free_ranks, now) -> dict[str, int]:
         """The layout to hold from now: the best one at once where ``current`` cannot carry the demand (or
         there is none), else the move of the best net gain if one pays for itself, else ``current``."""
+        if arrivals > EPSILON and not informed(members):
+            return by_queue(members, current, ranks)  # its demand kept out of the peak too: noise
         peak = self.peak(model, arrivals, now)
         target = best_layout(members, seconds, arrivals, ranks, peak)
         if target == current:
@@ -409,7 +451,14 @@ class CostAwarePolicy:
             # or a rise met with a layout sized for its first minute needs a second change, and on a full
             # fleet a second start-up without capacity.
             rising = OVERLOAD_MARGIN * max(arrivals, self.observed.get(model, 0.0))
-            target = best_layout(members, seconds, arrivals, ranks, max(peak, rising))
+
+            def beside(candidate: Mapping[str, int]) -> bool:
+                # Started in free GPUs beside the replicas in place, which serve meanwhile: where such a
+                # layout carries the load, not one that must first remove them (one 2-GPU replica swapped
+                # for an 8-GPU one serves nothing for a start-up, and every arrival of it misses).
+                return transition_cost(current, candidate, members, seconds, arrivals, free_ranks) == 0.0
+
+            target = best_layout(members, seconds, arrivals, ranks, max(peak, rising), beside)
             if (
                 free_ranks >= 0
                 and any(current.values())

@@ -73,6 +73,9 @@ class PoolDemand:
     """Mean cost of the model's arrivals over the last ARRIVAL_COST_WINDOW_S, as the state counts them
     (None: unknown; the pools' own mean costs, weighted by what each finishes, stand in: under an
     overload they are what admission and deadlines let through)."""
+    arrivals_counted_s: float = math.inf
+    """How long the state has counted the model's arrivals (its replica's uptime): ``arrivals`` is a
+    whole window's count only from ARRIVALS_WINDOW_S on."""
 
 
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
@@ -102,6 +105,23 @@ def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
         pool.spec.name: pool.overhead_s + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
         for pool in pools
     }
+
+
+ARRIVALS_WINDOW_S = 20.0
+"""A model's arrival rate is counted over this long a window (the application's state's
+``arrivals_per_s.<model>``, and the fleet simulator's)."""
+
+
+def arrival_rate(times: deque[float], now: float, window_s: float = ARRIVALS_WINDOW_S) -> float:
+    """Arrivals per second over the last ``window_s``, from their times (oldest first; those older than
+    the window are dropped from ``times``). Always over the whole window, also while less of it has passed
+    since counting began: one request in a state's first second is not a rate of one per second, and the
+    ``cost_aware`` policy keeps the busiest demand of an hour (its layouts must carry it), so a count over
+    a second would hold a fleet sized for noise for that hour. A new count starts low and reaches the rate
+    within the window, as a rise of load does."""
+    while times and times[0] < now - window_s:
+        times.popleft()
+    return len(times) / window_s
 
 
 ARRIVAL_COST_WINDOW_S = 600.0

@@ -60,7 +60,7 @@ from rayxdit.serve.routing import (
     service_rates,
     service_time,
 )
-from rayxdit.serve.sizing import ArrivalCosts
+from rayxdit.serve.sizing import ArrivalCosts, arrival_rate
 from rayxdit.serve.tenants import (
     ANONYMOUS,
     QUOTA_WINDOW_S,
@@ -87,16 +87,17 @@ STALE_AFTER_S = 5.0
 """A replica not heard from for this long is gone (scaled down, or dead)."""
 STATE_DEPLOYMENT = "state"
 """The name of the application's state deployment."""
-ARRIVALS_WINDOW_S = 20.0
-ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, WAITING_METRIC = (
+ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, COUNTED_METRIC, WAITING_METRIC = (
     "arrivals_per_s",
     "arrival_cost",
     "quiet_s",
+    "counted_s",
     "waiting",
 )
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
-second over the last ARRIVALS_WINDOW_S, refused ones too; ``arrival_cost.<model>``: their mean cost over
-``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``: seconds since its last arrival), and one per pool
+second over the last ``sizing.ARRIVALS_WINDOW_S``, refused ones too; ``arrival_cost.<model>``: their mean cost over
+``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``: seconds since its last arrival; ``counted_s.<model>``:
+how long it has counted them, its uptime), and one per pool
 with a line in the state (``routing.queue_policy`` fair_share, shortest_first; ``waiting.<pool>``: requests
 waiting in its line)."""
 GAUGE_REFRESH_S = 1.0
@@ -215,7 +216,7 @@ class AppState:
         self.started = time.monotonic()
         self.last_arrival: dict[str, float] = {}
         self.arrived: dict[str, deque[float]] = defaultdict(deque)
-        """When each model's requests of the last ARRIVALS_WINDOW_S arrived (refused ones too)."""
+        """When each model's requests of the last ``sizing.ARRIVALS_WINDOW_S`` arrived (refused ones too)."""
         self.arrival_costs: dict[str, ArrivalCosts] = defaultdict(ArrivalCosts)
         """The mean cost of each model's arrivals (refused ones too) over sizing.ARRIVAL_COST_WINDOW_S."""
         self.finished: OrderedDict[str, float] = OrderedDict()
@@ -747,13 +748,8 @@ class AppState:
         now = time.monotonic()
         rates = {}
         for model in self.specs:
-            times = self.arrived[model]
-            while times and times[0] < now - ARRIVALS_WINDOW_S:
-                times.popleft()
-            # Over the time counted: a replica started less than a window ago has not seen a whole one.
-            rates[f"{ARRIVALS_METRIC}.{model}"] = len(times) / min(
-                ARRIVALS_WINDOW_S, max(HEARTBEAT_S, now - self.started)
-            )
+            rates[f"{ARRIVALS_METRIC}.{model}"] = arrival_rate(self.arrived[model], now)
+            rates[f"{COUNTED_METRIC}.{model}"] = now - self.started
             if (mean_cost := self.arrival_costs[model].mean(now)) is not None:
                 rates[f"{ARRIVAL_COST_METRIC}.{model}"] = mean_cost
             last = self.last_arrival.get(model)

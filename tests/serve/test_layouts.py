@@ -14,15 +14,17 @@ from rayxdit.serve.layouts import (
     CostAwarePolicy,
     best_layout,
     best_move,
+    by_queue,
     capacity,
     erlang_c,
+    informed,
     layouts,
     response_time,
     toward,
     transition_cost,
 )
 from rayxdit.serve.routing import PoolSpec
-from rayxdit.serve.sizing import ArrivalCosts, PoolDemand, typical_seconds
+from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, ArrivalCosts, PoolDemand, typical_seconds
 
 SECONDS = {"p2": 2.5, "p4": 1.6, "p8": 1.0}
 """A typical request on each pool: 8 GPUs are 2.5x as fast as 2, so they serve 0.62x as much per GPU."""
@@ -82,6 +84,32 @@ def test_a_node_of_small_replicas_at_light_load_grows_a_larger_one_beside_them_n
     first = policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=0.0)
     assert first["p8"] == 0 and first["p4"] == 1 and first["p2"] >= 1
     assert best_layout(pools(), SECONDS, arrivals=0.25, ranks=8) == {"p2": 0, "p4": 0, "p8": 1}
+
+
+def test_before_it_has_a_service_time_and_a_whole_window_of_arrivals_the_policy_sizes_by_the_queue():
+    """Unmeasured, a pool's service time is a guess (a cost unit per second per rank), and a rate counted
+    over a state's first seconds is noise: a layout chosen on either is held for an hour (the hour's peak
+    bounds the layouts, and a full node is not swapped through a gap). Meanwhile a replica per request
+    held, of the smallest pool; never fewer than in place. Once both are known, the policy judges."""
+    unmeasured = [
+        dataclasses.replace(pool, seconds_per_cost=None, outstanding=pool.replicas * 1.5)
+        for pool in pools((2, 0, 0), arrivals=1.0)
+    ]
+    assert not informed(unmeasured)
+    # 3 requests held (running or queued) on 2 replicas: a third one, not the budget's worth of them.
+    assert CostAwarePolicy()(unmeasured, budget=8, now=5.0) == {"p2": 3, "p4": 0, "p8": 0}
+    # A rate counted for 5 s of a 20 s window, even with service times measured: the same.
+    young = [
+        dataclasses.replace(pool, arrivals_counted_s=5.0, outstanding=0.0)
+        for pool in pools((2, 0, 0), arrivals=0.1)
+    ]
+    assert not informed(young)
+    assert CostAwarePolicy()(young, budget=8, now=5.0) == {"p2": 2, "p4": 0, "p8": 0}  # none held: kept
+    assert by_queue(young, {"p2": 2, "p4": 0, "p8": 0}, ranks=2) == {"p2": 2, "p4": 0, "p8": 0}
+    # Both known: the light load gets its faster replica at once (free GPUs, no gap).
+    grown = [dataclasses.replace(pool, arrivals_counted_s=ARRIVALS_WINDOW_S) for pool in young]
+    assert informed(grown)
+    assert CostAwarePolicy()(grown, budget=8, now=30.0) != {"p2": 2, "p4": 0, "p8": 0}
 
 
 def test_the_policy_holds_its_decision_while_serve_applies_it_and_returns_gpus_when_idle():
@@ -311,3 +339,14 @@ def test_an_overload_no_layout_carries_much_better_keeps_its_replicas():
         for tick in range(300):
             plan = policy(node_pools(plan, 2.04, seconds, startup_s=180.0), budget=8, now=2.0 * tick)
         assert (plan != start) == changes, (p4_seconds, plan)
+
+
+def test_an_overload_is_met_beside_the_replicas_in_place_where_that_carries_it():
+    """One 2-GPU replica of an 8-GPU node overloaded (0.5/s on 2.8 s requests). One 8-GPU replica would
+    carry it fastest, but only once the 2-GPU one made room: a start-up with nothing serving, every
+    arrival of it missed. Replicas started in the six free GPUs carry it while the one in place serves."""
+    seconds = {"p2": 2.8, "p4": 1.46, "p8": 0.81}
+    assert best_layout(node_pools({"p2": 1}, 0.5, seconds), seconds, 0.5, 8, 0.625)["p8"] == 1
+    plan = CostAwarePolicy()(node_pools({"p2": 1}, 0.5, seconds), budget=8, now=100.0)
+    assert plan["p2"] >= 1 and plan["p8"] == 0
+    assert capacity(plan, seconds) * MAX_UTILIZATION > 0.5

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from rayxdit.config import PoolConfig, RouterConfig, RoutingConfig, ServeConfig
+from rayxdit.serve import sizing
 from rayxdit.serve import state as state_module
 from rayxdit.serve.dispatch import refusal
 from rayxdit.serve.state import AppState, ImageStore
@@ -218,10 +219,11 @@ def test_a_request_abandoned_while_it_was_routed_is_never_counted(clock):
     assert app.loads()["small"].outstanding == 1
 
 
-def test_the_state_reports_arrivals_over_the_time_it_counted_and_their_mean_cost(clock):
-    """The sizing policy reads the arrival rate and the arrivals' mean cost from the state. A state replica
-    up for 2 s that saw 3 requests reports 1.5/s, not 3 over a whole window (a restarted state that
-    under-reported the load let the policy size for a tenth of it); the mean cost is over every arrival of
+def test_the_state_reports_arrivals_over_a_whole_window_how_long_it_counted_and_their_mean_cost(clock):
+    """The sizing policy reads the arrival rate, how long it was counted and the arrivals' mean cost from
+    the state. A state replica up for 2 s that saw 3 requests reports them over a whole window, not 1.5/s
+    (a count over a second is noise, and the policy keeps the busiest demand of an hour), and that it has
+    counted 2 s (the policy trusts a rate from a whole window on); the mean cost is over every arrival of
     the window, refused ones too, not what the pools finished (under an overload, what admission and
     deadlines let through)."""
     app = Sync(AppState(ServeConfig(pools=POOLS)))
@@ -230,10 +232,12 @@ def test_the_state_reports_arrivals_over_the_time_it_counted_and_their_mean_cost
     for ticket, cost in (("a", 1.0), ("b", 1.0), ("c", 4.0)):
         app.route("m", cost, ticket, later, [])
     stats = app.state.record_autoscaling_stats()
-    assert stats["arrivals_per_s.m"] == pytest.approx(1.5)
+    assert stats["arrivals_per_s.m"] == pytest.approx(3 / sizing.ARRIVALS_WINDOW_S)
+    assert stats["counted_s.m"] == pytest.approx(2.0, abs=0.5)
     assert stats["arrival_cost.m"] == pytest.approx(2.0)
-    clock[0] += state_module.ARRIVALS_WINDOW_S * 10  # long after: the rate falls to 0, the cost is kept
+    clock[0] += sizing.ARRIVALS_WINDOW_S * 10  # long after: the rate falls to 0, the cost is kept
     app.route("m", 1.0, "d", later + 9999, [])
     stats = app.state.record_autoscaling_stats()
-    assert stats["arrivals_per_s.m"] == pytest.approx(1 / state_module.ARRIVALS_WINDOW_S)
+    assert stats["arrivals_per_s.m"] == pytest.approx(1 / sizing.ARRIVALS_WINDOW_S)
+    assert stats["counted_s.m"] >= sizing.ARRIVALS_WINDOW_S
     assert stats["arrival_cost.m"] == pytest.approx(7.0 / 4)
