@@ -107,8 +107,8 @@ class ElasticPolicy:
 def state_metrics(contexts: Mapping[Any, Any]) -> dict[str, dict[str, float]]:
     """The application's state's custom autoscaling metrics by name: per model its arrivals per second
     (``ARRIVALS_METRIC``), their mean cost (``ARRIVAL_COST_METRIC``), the seconds since its last
-    arrival (``QUIET_METRIC``) and how long it has counted them (``COUNTED_METRIC``), per pool the requests waiting in its line (``WAITING_METRIC``); each empty
-    before the state has reported."""
+    arrival (``QUIET_METRIC``) and how long it has counted them (``COUNTED_METRIC``), per pool the requests
+    waiting in its line (``WAITING_METRIC``); each empty before the state has reported."""
     names = (ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, COUNTED_METRIC, WAITING_METRIC)
     found: dict[str, dict[str, float]] = {name: {} for name in names}
     for deployment, context in contexts.items():

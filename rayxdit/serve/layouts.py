@@ -181,7 +181,12 @@ def informed(members: Sequence[PoolDemand]) -> bool:
     chosen on them is held for an hour: the busiest demand of the last hour bounds every later layout,
     and on a full node a layout is not swapped through a gap without capacity."""
     timed = any(pool.seconds_per_cost or pool.spec.seconds_per_cost for pool in members)
-    return timed and min(pool.arrivals_counted_s for pool in members) >= ARRIVALS_WINDOW_S
+    return timed and counted_whole(members)
+
+
+def counted_whole(members: Sequence[PoolDemand]) -> bool:
+    """Whether the model's arrival rate is a whole ``sizing.ARRIVALS_WINDOW_S``'s count."""
+    return min(pool.arrivals_counted_s for pool in members) >= ARRIVALS_WINDOW_S
 
 
 def by_queue(members: Sequence[PoolDemand], current: Mapping[str, int], ranks: float) -> dict[str, int]:
@@ -374,11 +379,7 @@ class CostAwarePolicy:
             self.demand[model] = 0.0  # idle, not a lull: nothing to keep replicas for
             return 0.0
         previous = self.demand.get(model)
-        if (
-            previous is None
-            or elapsed is None
-            or min(p.arrivals_counted_s for p in members) < ARRIVALS_WINDOW_S
-        ):
+        if previous is None or elapsed is None or not counted_whole(members):
             # A count over part of a window is not smoothed: the first whole one starts the estimate.
             self.demand[model] = observed
         else:

@@ -95,11 +95,10 @@ ARRIVALS_METRIC, ARRIVAL_COST_METRIC, QUIET_METRIC, COUNTED_METRIC, WAITING_METR
     "waiting",
 )
 """The state's custom autoscaling metrics, one of each per model (``arrivals_per_s.<model>``: arrivals per
-second over the last ``sizing.ARRIVALS_WINDOW_S``, refused ones too; ``arrival_cost.<model>``: their mean cost over
-``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``: seconds since its last arrival; ``counted_s.<model>``:
-how long it has counted them, its uptime), and one per pool
-with a line in the state (``routing.queue_policy`` fair_share, shortest_first; ``waiting.<pool>``: requests
-waiting in its line)."""
+second over the last ``sizing.ARRIVALS_WINDOW_S``, refused ones too; ``arrival_cost.<model>``: their mean
+cost over ``sizing.ARRIVAL_COST_WINDOW_S``; ``quiet_s.<model>``: seconds since its last arrival;
+``counted_s.<model>``: how long it has counted them, its uptime), and one per pool with a line in the state
+(``routing.queue_policy`` fair_share, shortest_first; ``waiting.<pool>``: requests waiting in its line)."""
 GAUGE_REFRESH_S = 1.0
 """Gauges are set again at least this often (on the replicas' heartbeats): Ray's metrics agent drops a
 gauge not set for two report intervals."""
