@@ -20,7 +20,7 @@ from rayxdit.config import ElasticConfig, ServeConfig
 from rayxdit.serve.budget import BudgetCache
 from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
-from rayxdit.serve.sizing import PoolDemand
+from rayxdit.serve.sizing import LastMeasured, PoolDemand
 from rayxdit.serve.state import (
     ARRIVAL_COST_METRIC,
     ARRIVALS_METRIC,
@@ -32,6 +32,9 @@ from rayxdit.serve.state import (
 
 logger = logging.getLogger("ray.serve")
 
+MEASURED_METRICS = ("seconds_per_cost", "overhead_s", "mean_cost", "startup_s")
+"""A pool replica's custom metrics that measure its pool (0: not yet), kept after its replicas are gone."""
+
 
 class ElasticPolicy:
     """The application-level ``autoscaling_policy`` of a rayxdit application (Serve 2.60 instantiates it
@@ -39,8 +42,10 @@ class ElasticPolicy:
 
     ``app``: the application's own args (the ``ServeConfig``), from which it knows every pool's size (also
     of pools with no replica), the sizing policy (``elastic.policy``) and the budget
-    (``elastic.budget_ranks``; default: the GPUs the cluster has now: set it on autoscaling clusters). Pools report their measured rate and mean request cost as custom
-    autoscaling metrics; the router and state deployments keep their fixed size."""
+    (``elastic.budget_ranks``; default: the GPUs the cluster has now: set it on autoscaling clusters). Pools
+    report their measured rate, mean request cost and start-up as custom autoscaling metrics, which it
+    keeps for a pool whose replicas are gone (:class:`~rayxdit.serve.sizing.LastMeasured`); the router and
+    state deployments keep their fixed size."""
 
     def __init__(self, app: dict[str, Any]):
         config = ServeConfig.model_validate(app)
@@ -53,6 +58,9 @@ class ElasticPolicy:
         self.policy = autoscaling_policy(elastic.policy, elastic.policy_options)
         self.policy_name = elastic.policy
         self.last_plan: dict[str, int] | None = None
+        self.measured = LastMeasured()
+        self.last_demands: list[PoolDemand] = []
+        """What the policy was handed at the last tick (for logs and tests)."""
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict]]:
         reported = state_metrics(contexts)
@@ -65,6 +73,9 @@ class ElasticPolicy:
             # With a line in the state (routing.queue_policy fair_share, shortest_first) requests wait
             # there, not at Serve.
             held_back = reported[WAITING_METRIC].get(spec.name, 0.0)
+            measured = self.measured.fill(
+                spec.name, {name: _mean_of(metrics.get(name)) for name in MEASURED_METRICS}
+            )
             demands.append(
                 PoolDemand(
                     spec,
@@ -73,11 +84,11 @@ class ElasticPolicy:
                     _count(context.total_queued_requests) + held_back,
                     context.capacity_adjusted_min_replicas,
                     context.capacity_adjusted_max_replicas,
-                    _mean_of(metrics.get("seconds_per_cost")),
-                    _mean_of(metrics.get("overhead_s")) or 0.0,
-                    _mean_of(metrics.get("mean_cost")),
+                    measured["seconds_per_cost"],
+                    measured["overhead_s"] or 0.0,
+                    measured["mean_cost"],
                     _sum_of(metrics.get("requests_per_s")),
-                    _mean_of(metrics.get("startup_s")) or spec.startup_s,
+                    measured["startup_s"] or spec.startup_s,
                     reported[ARRIVALS_METRIC].get(spec.model),
                     reported[QUIET_METRIC].get(spec.model),
                     reported[ARRIVAL_COST_METRIC].get(spec.model),
@@ -85,6 +96,7 @@ class ElasticPolicy:
                     reported[COUNTED_METRIC].get(spec.model, 0.0),
                 )
             )
+        self.last_demands = demands
         budget = self.budget()
         try:
             plan = self.policy(demands, budget, time.monotonic())

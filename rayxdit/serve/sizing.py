@@ -78,6 +78,23 @@ class PoolDemand:
     whole window's count only from ARRIVALS_WINDOW_S on."""
 
 
+@dataclass
+class LastMeasured:
+    """Per pool, what its replicas last measured (``seconds_per_cost``, ``overhead_s``, ``mean_cost``,
+    ``startup_s``): a pool whose replicas are all gone (an 8-GPU pool given back for a busy hour) reports
+    nothing, and its configured prior would otherwise stand in for its measured speed and start-up exactly
+    when the policy weighs starting it again. The fleet simulator's pools keep what they measured, as this
+    does; a new controller starts from the priors again."""
+
+    values: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def fill(self, pool: str, reported: Mapping[str, float | None]) -> dict[str, float | None]:
+        """``reported`` (None: nothing reported now) with each missing value replaced by the pool's last."""
+        kept = self.values.setdefault(pool, {})
+        kept.update({name: value for name, value in reported.items() if value is not None})
+        return {name: kept.get(name) for name in reported}
+
+
 def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
     """Each pool's service time of a typical request of its model: its rate (measured, else extrapolated,
     else relative to one rank) times the model's mean request cost (1 if unmeasured). The model's mean is

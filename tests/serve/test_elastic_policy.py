@@ -236,3 +236,57 @@ def test_near_equal_plans_do_not_flap():
     assert steady == {"p2": 0, "p4": 0, "p8": 1}
     fresh = plan_replicas([demand(SMALL, 0, 0), demand(MEDIUM, 0, 1.6), demand(BIG, 0, 0, max_replicas=1)], 8)
     assert fresh == {"p2": 0, "p4": 2, "p8": 0}, "without a replica in place, the ideal plan"
+
+
+def test_the_adapter_keeps_a_pools_measurements_after_its_replicas_are_gone():
+    """Serve's contexts carry no metric of a pool without replicas: an 8-GPU pool given back must still be
+    priced at the speed and start-up its replicas measured, not at its configured prior (180 s here)."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.config import AutoscalingContext
+
+    from rayxdit.serve.elastic import ElasticPolicy
+
+    app = {
+        "pools": [
+            {"name": "p2", "model": "tiny-flux", "parallel": "ulysses=2", "startup_s": 180.0},
+            {"name": "p8", "model": "tiny-flux", "parallel": "ulysses=4,ring=2", "startup_s": 180.0},
+        ],
+        "elastic": {"budget_ranks": 8},
+    }
+
+    def contexts(p8_replicas: int, p8_metrics: dict) -> dict:
+        found = {}
+        for name, replicas, metrics in (("p2", 1, {}), ("p8", p8_replicas, p8_metrics)):
+            deployment = DeploymentID(name=name, app_name="rayxdit")
+            found[deployment] = AutoscalingContext(
+                deployment_id=deployment,
+                deployment_name=name,
+                app_name="rayxdit",
+                current_num_replicas=replicas,
+                target_num_replicas=replicas,
+                running_replicas=[],
+                total_num_requests=0.0,
+                total_queued_requests=0.0,
+                aggregated_metrics=metrics,
+                raw_metrics=None,
+                capacity_adjusted_min_replicas=0,
+                capacity_adjusted_max_replicas=4,
+                policy_state={},
+                last_scale_up_time=None,
+                last_scale_down_time=None,
+                current_time=None,
+                config=None,
+            )
+        return found
+
+    policy = ElasticPolicy(app)
+    measured = {"seconds_per_cost": 0.03, "overhead_s": 0.2, "mean_cost": 30.0, "startup_s": 35.0}
+    policy(contexts(1, {name: {"replica-1": value} for name, value in measured.items()}))
+    policy(contexts(0, {}))  # its replica gone: nothing reported
+    p2, p8 = sorted(policy.last_demands, key=lambda demand: demand.spec.ranks)
+    assert (p8.seconds_per_cost, p8.overhead_s, p8.mean_cost, p8.startup_s) == (0.03, 0.2, 30.0, 35.0)
+    assert (p2.seconds_per_cost, p2.startup_s) == (None, 180.0)  # never measured: its prior
+    # A new report replaces what was kept; a replica still starting (0: not measured yet) does not.
+    policy(contexts(1, {"seconds_per_cost": {"replica-2": 0.02}, "startup_s": {"replica-2": 0.0}}))
+    _, p8 = sorted(policy.last_demands, key=lambda demand: demand.spec.ranks)
+    assert (p8.seconds_per_cost, p8.startup_s) == (0.02, 35.0)
