@@ -753,11 +753,20 @@ POLICIES = tuple(LAYOUTS)
 STATIC = tuple(name for name, (layout, _, _) in LAYOUTS.items() if layout)
 
 
+GOOD_TIE = 0.001
+"""Static layouts whose good fractions differ by less than this are tied (a request in a thousand: within a
+run's noise). The latency bars are read against the fastest of the tied ones, so that a layout a hair
+better in goodput and twice as slow (seed 2: all-2-GPU 100.0% with p99 12.1 s against all-4-GPU 99.93%
+with 6.3 s, `seeds` 20% on one node) does not set a bar the elastic fleet meets too easily."""
+
+
 def compare(results: list[dict]) -> list[dict]:
     """For every (scenario, start-up, fleet, load): the elastic fleet against the best static layout (the
     one of the highest good fraction, the lower p99 on a tie), and whether it meets the bars the elastic
     policy is held to: good fraction at least the best's - 0.01; where the best's is >= 0.9, p99 at most
-    1.1x its p99 (steady loads); p50 at least 30% below the best's (varying loads)."""
+    1.1x the p99 of the fastest static layout tied with it (``GOOD_TIE``; steady loads); p50 at least 30%
+    below the lowest p50 of those (varying loads). ``latency_bar_static`` names the layout that sets the
+    latency bar, ``latency_bar_s`` the bar."""
     cells: dict[tuple, dict[str, dict]] = {}
     for result in results:
         key = (
@@ -777,9 +786,12 @@ def compare(results: list[dict]) -> list[dict]:
             continue
         best = max(statics, key=lambda r: (r["good_fraction"], -(r["p99_s"] or math.inf)))
         good_ok = elastic["good_fraction"] >= best["good_fraction"] - 0.01
+        tied = [r for r in statics if r["good_fraction"] >= best["good_fraction"] - GOOD_TIE]
         oracle = None
         if isinstance(load, str):
-            latency_ok = (elastic["p50_s"] or math.inf) <= 0.7 * (best["p50_s"] or math.inf)
+            fastest = min(tied, key=lambda r: r["p50_s"] or math.inf)
+            bar = 0.7 * (fastest["p50_s"] or math.inf)
+            latency_ok = (elastic["p50_s"] or math.inf) <= bar
             if all(WINDOWS_KEY in r for r in (*statics, elastic)):
                 oracle = oracle_p50({r["policy"]: r[WINDOWS_KEY] for r in statics})
                 # Where the elastic fleet's goodput goes: each window's good fraction beside the best's.
@@ -791,7 +803,9 @@ def compare(results: list[dict]) -> list[dict]:
                     for name, r in (("elastic", elastic), ("best_static", best))
                 }
         else:
-            latency_ok = best["good_fraction"] < 0.9 or (elastic["p99_s"] or math.inf) <= 1.1 * best["p99_s"]
+            fastest = min(tied, key=lambda r: r["p99_s"] or math.inf)
+            bar = 1.1 * (fastest["p99_s"] or math.inf)
+            latency_ok = best["good_fraction"] < 0.9 or (elastic["p99_s"] or math.inf) <= bar
         rows.append(
             {
                 "scenario": scenario,
@@ -809,11 +823,13 @@ def compare(results: list[dict]) -> list[dict]:
                 "elastic_p99_s": elastic["p99_s"],
                 "goodput_bar_met": good_ok,
                 "latency_bar_met": latency_ok,
+                "latency_bar_static": fastest["policy"],
+                "latency_bar_s": round(bar, 3) if math.isfinite(bar) else None,
                 **(
                     {
                         "oracle_p50_s": oracle["p50_s"],
                         "oracle_layouts": oracle["layouts"],
-                        "p50_bar_within_oracle": oracle["p50_s"] <= 0.7 * (best["p50_s"] or math.inf),
+                        "p50_bar_within_oracle": oracle["p50_s"] <= bar,
                         "good_by_window": oracle["good_by_window"],
                     }
                     if oracle

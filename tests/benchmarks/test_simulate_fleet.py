@@ -116,3 +116,43 @@ def test_the_oracle_bound_picks_a_layout_per_window_within_the_goodput_allowance
         "p50_s": 1.0,
         "layouts": ["fast", "fast"],
     }
+
+
+def test_the_latency_bar_is_the_fastest_static_layout_tied_on_goodput():
+    """A static layout a hair better in goodput (within GOOD_TIE) and twice as slow must not set the bar:
+    seed 2 of the grid had all-2-GPU at 100.0% with p99 12.1 s beside all-4-GPU at 99.93% with 6.3 s."""
+
+    def run(policy: str, good: float, p50: float, p99: float, load=0.2) -> dict:
+        return {
+            "scenario": "seeds",
+            "startup_s": 60.0,
+            "gpus": 8,
+            "offered_load": load,
+            "policy": policy,
+            "good_fraction": good,
+            "p50_s": p50,
+            "p99_s": p99,
+        }
+
+    statics = [
+        run("all-2gpu", 1.0, 2.4, 12.1),
+        run("all-4gpu", 0.9993, 1.3, 6.3),
+        run("all-8gpu", 0.99, 0.8, 5.0),
+    ]
+    (row,) = simulate_fleet.compare([*statics, run("elastic", 1.0, 1.5, 8.0)])
+    assert row["best_static"] == "all-2gpu" and row["goodput_bar_met"]
+    assert row["latency_bar_static"] == "all-4gpu" and row["latency_bar_s"] == 6.93
+    assert not row["latency_bar_met"]  # 8.0 s: within 1.1x all-2-GPU's 12.1 s, not all-4-GPU's 6.3 s
+    (row,) = simulate_fleet.compare([*statics, run("elastic", 1.0, 1.5, 6.5)])
+    assert row["latency_bar_met"]
+    # Outside the tie (all-8-GPU, 1 point below), a faster layout sets no bar.
+    (row,) = simulate_fleet.compare([*statics[::2], run("elastic", 1.0, 1.5, 8.0)])
+    assert row["latency_bar_static"] == "all-2gpu" and row["latency_bar_met"]
+    # Varying loads: the p50 bar likewise, 30% below the tied layouts' lowest p50.
+    varying = [{**r, "offered_load": "alternating"} for r in (*statics, run("elastic", 1.0, 1.0, 8.0))]
+    (row,) = simulate_fleet.compare(varying)
+    assert (
+        row["latency_bar_static"] == "all-4gpu"
+        and row["latency_bar_s"] == 0.91
+        and not row["latency_bar_met"]
+    )
