@@ -23,7 +23,9 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   carry the load, where swapping every replica at once would leave the demand waiting out a start-up):
   the step of the best net gain is taken. A change that would leave the demand without the capacity to
   carry it while its replicas start is not made by choice (``GAP_REQUESTS``): the requests of that gap
-  would miss their deadlines; only a layout that cannot carry the demand itself is left that way, at once.
+  would miss their deadlines; only a layout that cannot carry the demand itself is left that way, and only
+  as far as the change loses fewer requests than the overload would over the same horizon
+  (:func:`least_lost`: a full fleet a few percent over its capacity swaps a replica, not all of them).
   After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow alternation of
   load causes one change per phase, or two where the first is partial, not a change at every tick).
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
@@ -237,6 +239,59 @@ def transition_cost(
     return shortfall * startup * startup / 2 + arrivals * startup * min(seconds.values())
 
 
+def requests_lost(
+    current: Mapping[str, int],
+    candidate: Mapping[str, int],
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    free_ranks: float,
+    horizon_s: float,
+) -> float:
+    """Requests that arrive beyond the capacity serving them over the next ``horizon_s`` if ``candidate``
+    replaces ``current`` now (``candidate`` = ``current``: staying as is), at ``arrivals`` per second: while
+    the new replicas start, the replicas in place serve (where the free ranks hold the new ones beside
+    them) or only those that stay; after it, ``candidate``'s. A fluid count: under an overload, admission
+    refuses about what arrives beyond the capacity, and a start-up without capacity loses what arrives in
+    it (its requests would wait past any deadline of a request that takes seconds)."""
+    by_name = {pool.spec.name: pool for pool in members}
+    added = {name: max(0, count - current.get(name, 0)) for name, count in candidate.items()}
+    serving, gap_s = candidate, 0.0
+    if any(added.values()):
+        gap_s = min(horizon_s, max(by_name[name].startup_s for name, count in added.items() if count))
+        added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
+        staying = {name: min(count, candidate.get(name, 0)) for name, count in current.items()}
+        serving = current if added_ranks <= free_ranks else staying
+
+    def beyond(layout: Mapping[str, int]) -> float:
+        return max(0.0, arrivals - capacity(layout, seconds))
+
+    return beyond(serving) * gap_s + beyond(candidate) * (horizon_s - gap_s)
+
+
+def least_lost(
+    current: Mapping[str, int],
+    target: Mapping[str, int],
+    candidates: Sequence[Mapping[str, int]],
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    free_ranks: float,
+    horizon_s: float,
+) -> dict[str, int]:
+    """Where ``current`` is overloaded: of staying, ``target`` and the steps toward it among ``candidates``,
+    the one that loses the fewest requests over ``horizon_s`` (:func:`requests_lost`); on a tie the layout
+    in place, then ``target``. A full fleet a few percent over its capacity (a 20 s count of Poisson noise
+    reads so) swaps a replica or two, where swapping every replica would leave nothing serving for a
+    start-up; one far over it swaps what the gap's loss repays."""
+    steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
+    options = [dict(current), dict(target), *(dict(c) for c in steps)]
+    return min(
+        options,
+        key=lambda c: requests_lost(current, c, members, seconds, arrivals, free_ranks, horizon_s),
+    )
+
+
 def toward(current: Mapping[str, int], target: Mapping[str, int], candidate: Mapping[str, int]) -> bool:
     """Whether ``candidate`` lies between ``current`` and ``target`` in every pool: a step on the way."""
     return all(
@@ -388,13 +443,6 @@ class CostAwarePolicy:
             self.demand[model] = previous + weight * (observed - previous)
         return self.demand[model]
 
-    @staticmethod
-    def _adds_capacity(
-        current: Mapping[str, int], target: Mapping[str, int], seconds: Mapping[str, float]
-    ) -> bool:
-        """Whether ``target`` serves at least MIN_GAIN more than ``current`` (worth a start-up in an overload)."""
-        return capacity(target, seconds) >= (1 + MIN_GAIN) * capacity(current, seconds)
-
     def peak(self, model: str, demand: float, now: float) -> float:
         """The busiest ``demand`` of ``model`` within the last ``peak_window_s`` (a sliding maximum; 0 when
         the window is 0)."""
@@ -446,7 +494,8 @@ class CostAwarePolicy:
         # estimate near MAX_UTILIZATION wavers: that would flip a layout sized close to it back and forth.
         before = response_time(current, seconds, arrivals, limit=1.0)
         if before == math.inf or free_ranks < 0:
-            # Overloaded, no replica, or more than the budget holds (some would never start): change now.
+            # Overloaded, no replica, or more than the budget holds (some would never start): change now
+            # (an overloaded layout only as far as the change pays in requests, below).
             # A load still rising has outrun its smoothed estimate (and the state's one-minute count lags
             # a step of load too): the new layout must carry OVERLOAD_MARGIN times the higher of the two,
             # or a rise met with a layout sized for its first minute needs a second change, and on a full
@@ -460,15 +509,25 @@ class CostAwarePolicy:
                 return transition_cost(current, candidate, members, seconds, arrivals, free_ranks) == 0.0
 
             target = best_layout(members, seconds, arrivals, ranks, max(peak, rising), beside)
-            if (
-                free_ranks >= 0
-                and any(current.values())
-                and not self._adds_capacity(current, target, seconds)
-            ):
-                # Overloaded either way (layouts of as much capacity, as 2- and 4-GPU replicas of equal
-                # efficiency are): a change would only take capacity away for a start-up, and the estimate
-                # wavering between them would swap them back and forth.
-                return current
+            if free_ranks >= 0 and any(current.values()):
+                # Where the change must first remove replicas, it is made as far as it loses fewer
+                # requests than the overload would: a 20 s count a few percent over the capacity (Poisson
+                # noise) is worth a replica or two swapped, not a fleet swapped through a start-up; and
+                # layouts of about as much capacity (2- and 4-GPU replicas of equal efficiency) are not
+                # swapped at all, nor back and forth as the estimate wavers between them.
+                horizon_s = self.horizon_startups * max(pool.startup_s for pool in members)
+                target = least_lost(
+                    current,
+                    target,
+                    layouts(members, ranks),
+                    members,
+                    seconds,
+                    arrivals,
+                    free_ranks,
+                    horizon_s,
+                )
+                if target == current:
+                    return current
             self.changed_at[model] = now
             return target
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them

@@ -19,6 +19,7 @@ from rayxdit.serve.layouts import (
     erlang_c,
     informed,
     layouts,
+    requests_lost,
     response_time,
     toward,
     transition_cost,
@@ -325,20 +326,45 @@ def test_the_typical_request_is_what_arrives_not_what_the_pools_finished():
 
 
 def test_an_overload_no_layout_carries_much_better_keeps_its_replicas():
-    """One node overloaded at 102% of its 2-GPU replicas' capacity. Where the layout of the most capacity
+    """One node overloaded at 120% of its 2-GPU replicas' capacity. Where the layout of the most capacity
     serves only 1% more (4-GPU replicas as efficient per GPU as 2-GPU ones, as in the `seeds` scenario),
-    a change would only take the node's capacity away for a start-up, and an estimate wavering between
-    such layouts would swap them back and forth (seen in the simulator: a change every few seconds for
-    minutes): the replicas stay. Where it serves half as much again, it is taken at once. Sabotage check:
-    without the capacity test, the first case changes."""
+    a change would only take the node's capacity away for a start-up (it loses more requests in that gap
+    than the overload does over the horizon), and an estimate wavering between such layouts would swap them
+    back and forth (seen in the simulator: a change every few seconds for minutes): the replicas stay.
+    Where it serves half as much again, it is taken at once (a 4-GPU replica first, in place of two 2-GPU
+    ones, which repays its gap)."""
 
     start = {"p2": 4, "p4": 0}
     for p4_seconds, changes in ((0.99, False), (0.66, True)):
         seconds = {"p2": 2.0, "p4": p4_seconds}
         policy, plan = CostAwarePolicy(), dict(start)
         for tick in range(300):
-            plan = policy(node_pools(plan, 2.04, seconds, startup_s=180.0), budget=8, now=2.0 * tick)
+            plan = policy(node_pools(plan, 2.4, seconds, startup_s=180.0), budget=8, now=2.0 * tick)
         assert (plan != start) == changes, (p4_seconds, plan)
+
+
+def test_an_overload_of_a_full_fleet_swaps_as_many_replicas_as_the_gap_repays():
+    """64 GPUs as eight 8-GPU replicas (8 requests/s) and a demand counted 2.5% over that: a 20 s count
+    of Poisson arrivals reads so a few times an hour (seen in the simulator: 137 arrivals against 98
+    expected). All-2-GPU carries 60% more, but swapping all of them leaves nothing serving for a start-up
+    (8.2 x 60 requests lost, against the overload's 0.2 x 600 over the horizon): one 8-GPU replica becomes
+    four 2-GPU ones. At 12/s the overload loses more than most of the swap does: all but one go. Sabotage
+    check: with the target taken at once (the rule before), the first case swaps seven of the eight."""
+    current = {"p2": 0, "p4": 0, "p8": 8}
+    horizon_s = 10 * 60.0
+    members = fleet(current)
+    spike = CostAwarePolicy()(fleet(current, arrivals=8.2), budget=64, now=1000.0)
+    assert spike == {"p2": 4, "p4": 0, "p8": 7}, spike
+    staying = requests_lost(current, current, members, SECONDS, 8.2, 0, horizon_s)
+    swapped = requests_lost(current, {"p2": 32, "p4": 0, "p8": 0}, members, SECONDS, 8.2, 0, horizon_s)
+    assert staying == pytest.approx(0.2 * horizon_s) and swapped == pytest.approx(8.2 * 60)
+    assert requests_lost(current, spike, members, SECONDS, 8.2, 0, horizon_s) < staying
+    rise = CostAwarePolicy()(fleet(current, arrivals=12.0), budget=64, now=1000.0)
+    assert rise["p8"] <= 1 and capacity(rise, SECONDS) > 12.0, rise
+    # Beside free GPUs nothing stops serving: the start-up loses only the overload's own excess.
+    assert requests_lost(current, {**current, "p2": 4}, members, SECONDS, 8.2, 8, horizon_s) == pytest.approx(
+        0.2 * 60
+    )
 
 
 def test_an_overload_is_met_beside_the_replicas_in_place_where_that_carries_it():
