@@ -280,16 +280,19 @@ def least_lost(
     horizon_s: float,
 ) -> dict[str, int]:
     """Where ``current`` is overloaded: of staying, ``target`` and the steps toward it among ``candidates``,
-    the one that loses the fewest requests over ``horizon_s`` (:func:`requests_lost`); on a tie the layout
-    in place, then ``target``. A full fleet a few percent over its capacity (a 20 s count of Poisson noise
+    the one that loses the fewest requests over ``horizon_s`` (:func:`requests_lost`), where it loses at
+    least ``MIN_GAIN`` fewer than staying; on a tie ``target``. A full fleet a few percent over its capacity (a 20 s count of Poisson noise
     reads so) swaps a replica or two, where swapping every replica would leave nothing serving for a
     start-up; one far over it swaps what the gap's loss repays."""
     steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
-    options = [dict(current), dict(target), *(dict(c) for c in steps)]
-    return min(
-        options,
-        key=lambda c: requests_lost(current, c, members, seconds, arrivals, free_ranks, horizon_s),
-    )
+
+    def lost(candidate: Mapping[str, int]) -> float:
+        return requests_lost(current, candidate, members, seconds, arrivals, free_ranks, horizon_s)
+
+    best = min([dict(target), *(dict(c) for c in steps)], key=lost)
+    # A change must save MIN_GAIN of what staying loses: measured service times waver (a pool's typical
+    # request is fitted online), and two layouts within that of each other would be swapped back and forth.
+    return best if lost(best) < (1 - MIN_GAIN) * lost(current) else dict(current)
 
 
 def toward(current: Mapping[str, int], target: Mapping[str, int], candidate: Mapping[str, int]) -> bool:
