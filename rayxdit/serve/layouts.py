@@ -281,9 +281,9 @@ def least_lost(
 ) -> dict[str, int]:
     """Where ``current`` is overloaded: of staying, ``target`` and the steps toward it among ``candidates``,
     the one that loses the fewest requests over ``horizon_s`` (:func:`requests_lost`), where it loses at
-    least ``MIN_GAIN`` fewer than staying; on a tie ``target``. A full fleet a few percent over its capacity (a 20 s count of Poisson noise
-    reads so) swaps a replica or two, where swapping every replica would leave nothing serving for a
-    start-up; one far over it swaps what the gap's loss repays."""
+    least ``MIN_GAIN`` fewer than staying; on a tie ``target``. A full fleet a few percent over its capacity
+    (a 20 s count of Poisson noise reads so) swaps a replica or two, where swapping every replica would
+    leave nothing serving for a start-up; one far over it swaps what the gap's loss repays."""
     steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
 
     def lost(candidate: Mapping[str, int]) -> float:

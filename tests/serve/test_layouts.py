@@ -19,6 +19,7 @@ from rayxdit.serve.layouts import (
     erlang_c,
     informed,
     layouts,
+    least_lost,
     requests_lost,
     response_time,
     toward,
@@ -376,3 +377,22 @@ def test_an_overload_is_met_beside_the_replicas_in_place_where_that_carries_it()
     plan = CostAwarePolicy()(node_pools({"p2": 1}, 0.5, seconds), budget=8, now=100.0)
     assert plan["p2"] >= 1 and plan["p8"] == 0
     assert capacity(plan, seconds) * MAX_UTILIZATION > 0.5
+
+
+def test_an_overload_is_not_swapped_for_a_layout_a_wavering_measurement_puts_a_little_ahead():
+    """A node of four 2-GPU replicas at 115% of their capacity, 20 s start-ups. Measured, two 4-GPU
+    replicas serve 12% more (service times are fitted online, and in the `seeds` scenario the two pools are
+    equally efficient, so such a lead comes and goes): swapping loses 57 requests over the horizon against
+    staying's 60, less than the MIN_GAIN a change must save, so the replicas stay (the simulator swapped
+    all-2-GPU for all-4-GPU and back within minutes). A layout that serves half as much again is taken.
+    Sabotage check: without the margin, the first case swaps."""
+    current, horizon_s = {"p2": 4, "p4": 0}, 200.0
+    for p4_seconds, swaps in ((2.0 / 2.24, False), (0.66, True)):
+        seconds = {"p2": 2.0, "p4": p4_seconds}
+        members = node_pools(current, 2.3, seconds, startup_s=20.0)
+        target = {"p2": 0, "p4": 2}
+        staying = requests_lost(current, current, members, seconds, 2.3, 0, horizon_s)
+        swapped = requests_lost(current, target, members, seconds, 2.3, 0, horizon_s)
+        assert (swapped < staying) and staying == pytest.approx(60.0)
+        chosen = least_lost(current, target, layouts(members, 8), members, seconds, 2.3, 0, horizon_s)
+        assert (chosen != current) == swaps, (p4_seconds, chosen)
