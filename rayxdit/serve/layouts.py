@@ -205,6 +205,22 @@ def by_queue(members: Sequence[PoolDemand], current: Mapping[str, int], ranks: f
     return {**current, name: max(smallest.min_replicas, current.get(name, 0), grown)}
 
 
+def transition(
+    current: Mapping[str, int], target: Mapping[str, int], members: Sequence[PoolDemand], free_ranks: float
+) -> tuple[dict[str, int], float, bool]:
+    """What a change from ``current`` to ``target`` keeps serving while it happens: the replicas that stay,
+    the start-up of its slowest new replica (0 when it only removes), and whether the free ranks hold the
+    new replicas beside the old ones (which then serve until the new ones are up)."""
+    by_name = {pool.spec.name: pool for pool in members}
+    staying = {name: min(count, target.get(name, 0)) for name, count in current.items()}
+    added = {name: max(0, count - current.get(name, 0)) for name, count in target.items()}
+    if not any(added.values()):
+        return staying, 0.0, True
+    startup = max(by_name[name].startup_s for name, count in added.items() if count)
+    added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
+    return staying, startup, added_ranks <= free_ranks
+
+
 def transition_cost(
     current: Mapping[str, int],
     target: Mapping[str, int],
@@ -217,14 +233,10 @@ def transition_cost(
     start: replicas that go stop serving at once; those that come serve after their start-up, and where the
     free ranks cannot hold them they wait for the leaving ones. Meanwhile the demand runs on what stays (an
     overload there costs every arrival its whole start-up)."""
-    by_name = {pool.spec.name: pool for pool in members}
-    staying = {name: min(count, target.get(name, 0)) for name, count in current.items()}
-    added = {name: max(0, count - current.get(name, 0)) for name, count in target.items()}
-    if not any(added.values()):
+    staying, startup, beside = transition(current, target, members, free_ranks)
+    if startup == 0.0:
         return 0.0  # only removals: nothing waits
-    startup = max(by_name[name].startup_s for name, count in added.items() if count)
-    added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
-    if added_ranks <= free_ranks:
+    if beside:
         return 0.0  # the new replicas start beside the old ones, which go once they are up
     during = response_time(staying, seconds, arrivals, limit=1.0)
     before = response_time(current, seconds, arrivals, limit=1.0)
@@ -254,14 +266,9 @@ def requests_lost(
     them) or only those that stay; after it, ``candidate``'s. A fluid count: under an overload, admission
     refuses about what arrives beyond the capacity, and a start-up without capacity loses what arrives in
     it (its requests would wait past any deadline of a request that takes seconds)."""
-    by_name = {pool.spec.name: pool for pool in members}
-    added = {name: max(0, count - current.get(name, 0)) for name, count in candidate.items()}
-    serving, gap_s = candidate, 0.0
-    if any(added.values()):
-        gap_s = min(horizon_s, max(by_name[name].startup_s for name, count in added.items() if count))
-        added_ranks = sum(count * by_name[name].spec.ranks for name, count in added.items())
-        staying = {name: min(count, candidate.get(name, 0)) for name, count in current.items()}
-        serving = current if added_ranks <= free_ranks else staying
+    staying, startup, beside = transition(current, candidate, members, free_ranks)
+    gap_s = min(horizon_s, startup)
+    serving = current if beside else staying
 
     def beyond(layout: Mapping[str, int]) -> float:
         return max(0.0, arrivals - capacity(layout, seconds))
