@@ -167,6 +167,7 @@ class BatchDriver:
             job.get("_tenant"),
             None if limits is None else TenantLimits(**limits),
             job["created_at"] + window_seconds(job["completion_window"]),
+            job.get("adoptions", 0),
         )
         # A fresh context: the batch outlives the HTTP request that created it.
         task = contextvars.Context().run(asyncio.create_task, drive)
@@ -184,6 +185,7 @@ class BatchDriver:
         tenant: str | None,
         limits: TenantLimits | None,
         expires_at: float,
+        adoptions: int = 0,
     ) -> None:
         began = time.monotonic()
         status = "failed"
@@ -201,7 +203,7 @@ class BatchDriver:
                     errors.append(_error_line_of(line.custom_id, error))
             # Lines answered already (by a driver that died: this replica adopted the batch) are not run again.
             answered = await ask_state(lambda: self.state.answered_batch_lines.remote(batch_id), batch_id)
-            run = _Run(batch_id, total=len(runnable) + len(errors))
+            run = _Run(batch_id, total=len(runnable) + len(errors), adoptions=adoptions)
             run.completed = sum(ok for ok, _ in answered.values())
             run.failed = len(errors) + len(answered) - run.completed
             if not answered:
@@ -322,7 +324,7 @@ class BatchDriver:
             line = work.line
             runs = 0  # a preempted line runs again under a new id: its first attempt's ticket is finished
             while True:
-                request_id = f"{run.batch_id}:{line.index}" + (f".{runs}" if runs else "")
+                request_id = run.request_id(line.index, runs)
                 try:
                     result, info = await self.dispatcher.run(
                         work.model,
@@ -398,12 +400,21 @@ class BatchDriver:
 class _Run:
     """A batch's counts as its driver runs it."""
 
-    def __init__(self, batch_id: str, total: int):
+    def __init__(self, batch_id: str, total: int, adoptions: int = 0):
         self.batch_id = batch_id
         self.total = total
+        self.adoptions = adoptions
         self.completed = self.failed = 0
         self.preempted = 0
         """Lines stopped for an online request (and run again)."""
+
+    def request_id(self, index: int, runs: int) -> str:
+        """The id line ``index`` runs under on its ``runs``-th run (after preemptions) by this driver. An
+        adopter's ids differ from the dead driver's (``@adoptions``): a line the dead driver ran to its end
+        without recording the answer is run again, and under its old id the state would take it for the
+        late routing call of a finished request and never admit it."""
+        adopted = f"@{self.adoptions}" if self.adoptions else ""
+        return f"{self.batch_id}:{index}{adopted}" + (f".{runs}" if runs else "")
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}

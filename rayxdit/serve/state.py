@@ -439,9 +439,9 @@ class AppState:
         A request of ``work`` (megapixels x frames x images) goes only to pools whose ranks hold it
         (:mod:`rayxdit.serve.memory`); when none of the model's does, ``{"pool": None, "too_large":
         largest}``, the largest work any of them holds."""
-        if ticket in self.finished:
-            return {"pool": None, "retry_after_s": None}
         now = time.monotonic()
+        if self._finished_lately(ticket, now):
+            return {"pool": None, "retry_after_s": None}
         loads = self._loads()
         specs = self.specs[model]
         holds = {spec.name: loads[spec.name].max_work for spec in specs}
@@ -565,13 +565,19 @@ class AppState:
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
         starting one (its waiting requests should move). ``tenant``: whose it is; ``metered``: whether that
         tenant has limits."""
-        if ticket not in self.finished:
+        if not self._finished_lately(ticket, time.monotonic()):
             self.reservations[ticket] = _Reservation(
                 pool, cost, time.monotonic() + self.lease_s, tenant or ANONYMOUS, metered
             )
             if self.gated:  # it is on the pool's replicas (also after this replica restarted)
                 self.let_in[pool].add(ticket)
         return self.gone_now(pool)
+
+    def _finished_lately(self, ticket: str, now: float) -> bool:
+        """Whether ``ticket`` finished within the last lease (its late routing call or renewal must not
+        admit it again). Older is a new attempt that happens to reuse a key: as new, never refused for good
+        (``finished`` is trimmed only as requests finish, and none may finish meanwhile)."""
+        return self.finished.get(ticket, -math.inf) >= now - self.lease_s
 
     # ----- the line (routing.queue_policy fair_share, shortest_first) -------------------------------------
     def _let_in(self, pool: str) -> None:
@@ -648,6 +654,7 @@ class AppState:
             waiter.set_result(False)
         now = time.monotonic()
         self.finished[ticket] = now
+        self.finished.move_to_end(ticket)
         left = held.pool if held is not None else pool
         if left is not None and left in self.pools:
             self._leave(left, ticket)

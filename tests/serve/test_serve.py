@@ -1610,6 +1610,10 @@ def test_a_batch_whose_router_replica_dies_is_adopted_and_answers_each_line_once
     assert (batch.request_counts.completed, batch.request_counts.failed) == (10, 0)
     answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
     assert [answer["custom_id"] for answer in answers] == list(bodies)  # each line once, in input order
+    # The adopter runs lines under ids of its own: under the dead driver's, a line that driver finished
+    # without recording its answer is refused by the state as a finished request's late call.
+    run_by = [answer["response"]["request_id"].partition("@")[2][:1] for answer in answers]
+    assert set(run_by) == {"", "1"}, run_by
     for answer in answers[::3]:
         png = base64.b64decode(answer["response"]["body"]["data"][0]["b64_json"])
         expected = single_process_pixels(engine, bodies[answer["custom_id"]])

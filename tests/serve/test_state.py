@@ -219,6 +219,25 @@ def test_a_request_abandoned_while_it_was_routed_is_never_counted(clock):
     assert app.loads()["small"].outstanding == 1
 
 
+def test_a_key_finished_over_a_lease_ago_is_a_new_attempt_even_when_nothing_else_finishes(clock):
+    """A late routing call or renewal of a finished ticket is refused for one lease; after that the key is
+    a new attempt (a batch line run again by the driver that adopted its batch): refusing it for as long
+    as no other request finishes (which trims the finished keys) left that line waiting for ever."""
+    app = Sync(AppState(ServeConfig(pools=POOLS)))
+    app.report("small", "a", ready=True)
+    later = time.time() + 600
+    assert app.route("m", 1.0, "line-3#0", later, [], background=True)["pool"] == "small"
+    app.finish("line-3#0")
+    clock[0] += app.state.lease_s / 2
+    assert app.route("m", 1.0, "line-3#0", later, [], background=True)["pool"] is None  # a late call
+    app.renew("line-3#0", "small", 1.0)
+    assert app.loads()["small"].outstanding == 0
+    clock[0] += app.state.lease_s / 2 + 1
+    app.report("small", "a", ready=True)
+    assert app.route("m", 1.0, "line-3#0", later, [], background=True)["pool"] == "small"
+    assert app.loads()["small"].outstanding == 1
+
+
 def test_the_state_reports_arrivals_over_a_whole_window_how_long_it_counted_and_their_mean_cost(clock):
     """The sizing policy reads the arrival rate, how long it was counted and the arrivals' mean cost from
     the state. A state replica up for 2 s that saw 3 requests reports them over a whole window, not 1.5/s
