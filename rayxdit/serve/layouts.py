@@ -8,10 +8,10 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   (a lull of a few minutes is no reason to give up the replicas a busy hour needs).
 - **Capacity and latency**: each pool's replicas serve a typical request in the pool's measured time; a
   layout's capacity is the sum of its replicas' rates, and its expected response time is an M/M/c
-  estimate: Erlang C's queueing delay over all its replicas, plus a service time between the fastest
-  replica's (a light load always finds it free, as finish-first routing sends it there) and the
-  capacity-weighted one (a heavy load keeps every replica busy). A layout over ``MAX_UTILIZATION`` is not
-  a candidate: it would queue into collapse.
+  estimate: Erlang C's queueing delay over all its replicas, plus the mean service time finish-first
+  routing gives (:func:`mean_service`: the fastest replicas take the arrivals while one is free, slower
+  ones what overflows them; a light load is served by the fastest, a heavy one by all in proportion to
+  their rates). A layout over ``MAX_UTILIZATION`` is not a candidate: it would queue into collapse.
 - **The best layout** is the one with the lowest expected response time, fewer GPUs on a tie; with no
   layout under ``MAX_UTILIZATION`` (overload), the one of the most capacity: admission then refuses what
   would miss its deadline (``routing.retry_after``), so the admitted requests stay good.
@@ -27,12 +27,17 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   as far as the change loses fewer requests than the overload would over the same horizon
   (:func:`least_lost`: a full fleet a few percent over its capacity swaps a replica, not all of them).
   After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow alternation of
-  load causes one change per phase, or two where the first is partial, not a change at every tick).
+  load causes one change per phase, or two where the first is partial, not a change at every tick); and
+  while the last count runs ``MIN_GAIN`` above the smoothed demand (a rise), no change is made for latency:
+  it would be judged on a load already gone by.
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
   most capacity where none does), so that a load that fell and comes back finds its capacity in place, not
   a start-up away; and a layout that cannot carry the demand is replaced by one that carries
   ``OVERLOAD_MARGIN`` times it, so that a rise is met with one change, not one per minute of it: one
   started in free GPUs beside the replicas in place where such a one carries it (they serve meanwhile).
+  Until the policy has seen a whole window of a model, the busy hour may be in the part not seen: the
+  capacity in place is kept within ``MIN_GAIN`` (a light first half hour swapped for fewer, faster
+  replicas would pay the start-ups back, through a gap on a full fleet, when the load rose).
 
 - **Before it knows enough** (:func:`informed`: no pool of the model has a measured or configured service
   time, or its arrivals have not been counted over a whole ``sizing.ARRIVALS_WINDOW_S``), the model is
@@ -93,6 +98,35 @@ def erlang_c(servers: int, offered: float) -> float:
     return last / (total + last)
 
 
+def erlang_b(servers: int, offered: float) -> float:
+    """Probability that an arrival finds all ``servers`` busy in a loss system with ``offered`` Erlangs."""
+    blocked = 1.0
+    for k in range(1, servers + 1):
+        blocked = offered * blocked / (k + offered * blocked)
+    return blocked
+
+
+def mean_service(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float) -> float:
+    """Mean service seconds of a typical request at ``arrivals`` per second under finish-first routing: the
+    fastest replicas take the arrivals while one of them is free, the next-fastest what overflows them, and
+    so on (Erlang's loss formula per pool, fastest first); what overflows them all waits, and goes to the
+    replica that frees first (capacity-weighted). A light load is served by the fastest replicas, a heavy
+    one by all in proportion to their rates; between the two, a slow replica beside a fast one takes far
+    more than a straight line between those limits says (two 2-GPU replicas beside a 4-GPU one at 40% load
+    serve 40% of the requests, not 15%)."""
+    classes = sorted((seconds[name], count) for name, count in counts.items() if count > 0)
+    rate = capacity(counts, seconds)
+    if arrivals <= EPSILON:
+        return classes[0][0]
+    overflow, busy = arrivals, 0.0
+    for service, servers in classes:
+        blocked = erlang_b(servers, overflow * service)
+        busy += overflow * (1 - blocked) * service
+        overflow *= blocked
+    busy += overflow * sum(count for _, count in classes) / rate
+    return busy / arrivals
+
+
 def capacity(counts: Mapping[str, int], seconds: Mapping[str, float]) -> float:
     """Typical requests per second the replicas of ``counts`` serve together."""
     return sum(count / seconds[name] for name, count in counts.items() if count > 0)
@@ -108,13 +142,10 @@ def response_time(
     if servers == 0:
         return math.inf if arrivals > EPSILON else 0.0
     rate = capacity(counts, seconds)
-    fastest = min(seconds[name] for name, count in counts.items() if count > 0)
-    utilization = arrivals / rate
-    if utilization >= limit:
+    if arrivals / rate >= limit:
         return math.inf
     waiting = erlang_c(servers, arrivals * servers / rate) / max(rate - arrivals, EPSILON)
-    service = (1 - utilization) * fastest + utilization * servers / rate
-    return waiting + service
+    return waiting + mean_service(counts, seconds, arrivals)
 
 
 def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]:
@@ -412,6 +443,8 @@ class CostAwarePolicy:
     """When each model last had an arrival or something outstanding."""
     peaks: dict[str, deque[tuple[float, float]]] = field(default_factory=lambda: defaultdict(deque))
     """Per model, the demand's sliding maximum over ``peak_window_s``: (time, demand), decreasing."""
+    started_at: dict[str, float] = field(default_factory=dict)
+    """When each model was first judged (its peak window is whole ``peak_window_s`` later)."""
     planned: dict[str, int] = field(default_factory=dict)
     """This policy's last decision per pool: what it holds to (Serve applies a decision only after the pool's
     upscale/downscale delay, so the targets it reports lag behind, and returning those would undo it)."""
@@ -495,6 +528,11 @@ class CostAwarePolicy:
         if arrivals > EPSILON and not informed(members):
             return by_queue(members, current, ranks)  # its demand kept out of the peak too: noise
         peak = self.peak(model, arrivals, now)
+        if now - self.started_at.setdefault(model, now) < self.peak_window_s and any(current.values()):
+            # A window not seen whole may hold a busier hour than the part seen: the capacity in place
+            # is kept within MIN_GAIN until it has been (its return would cost a start-up, on a full
+            # fleet one without capacity).
+            peak = max(peak, (1 - MIN_GAIN) * MAX_UTILIZATION * capacity(current, seconds))
         target = best_layout(members, seconds, arrivals, ranks, peak)
         if target == current:
             return current
@@ -545,6 +583,12 @@ class CostAwarePolicy:
             return target
         startup = max(pool.startup_s for pool in members)
         if now - self.changed_at.get(model, -math.inf) < self.dwell_startups * startup:
+            return current
+        if self.observed.get(model, 0.0) > (1 + MIN_GAIN) * arrivals:
+            # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
+            # judged on it is made for a load already gone by (64 GPUs turned to fewer, faster replicas at
+            # the start of a rise swapped back through start-ups a minute later). It waits for the estimate
+            # to catch up; a rise the layout cannot carry is met above, as an overload.
             return current
         # Steps too must carry the window's peak (the most capacity where nothing does).
         move, net = best_move(

@@ -20,6 +20,7 @@ from rayxdit.serve.layouts import (
     informed,
     layouts,
     least_lost,
+    mean_service,
     requests_lost,
     response_time,
     toward,
@@ -62,6 +63,24 @@ def test_light_load_gets_the_fastest_replica_and_heavy_load_the_most_capacity():
     assert heavy == {"p2": 4, "p4": 0, "p8": 0}  # 1.6/s capacity: anything larger is beyond 85% busy
     assert response_time({"p8": 1}, SECONDS, 1.2) == math.inf
     assert best_layout(members, SECONDS, arrivals=0.0, ranks=8) == {"p2": 0, "p4": 0, "p8": 0}
+
+
+def test_slow_replicas_beside_a_fast_one_take_what_overflows_it_and_a_uniform_layout_replaces_them():
+    """Finish-first routing sends an arrival to the fastest free replica: at 40% load the 4-GPU replica
+    of a mixed node is busy often, and its two 2-GPU neighbours serve about 40% of the requests (the p50 of
+    the `seeds` scenario's mixed node was the 2-GPU time). Read as a straight line from the fastest
+    replica's time to the capacity-weighted one, the mixed node was within MIN_GAIN of two 4-GPU replicas
+    and kept for hours (p99 10.8 s against 7.2 s). Sabotage check: with that line back, no move."""
+    seeds = {"p2": 3.5, "p4": 1.95, "p8": 1.08}  # 2 and 4 GPUs equally efficient, plus overheads
+    mixed = {"p2": 2, "p4": 1, "p8": 0}
+    assert mean_service(mixed, seeds, 1e-9) == pytest.approx(1.95)  # light: the fastest alone
+    assert mean_service(mixed, seeds, 0.4) == pytest.approx(2.6, abs=0.02)  # 42% on the 2-GPU ones
+    assert mean_service({"p4": 2}, seeds, 0.4) == pytest.approx(1.95)
+    # At 0.3/s: the 4-GPU replica left alone for the start-up carries the load meanwhile.
+    members = pools((2, 1, 0), arrivals=0.3)
+    uniform = {"p2": 0, "p4": 2, "p8": 0}
+    move, gain = best_move(mixed, uniform, [mixed, uniform], members, seeds, 0.3, free_ranks=0)
+    assert move == uniform and gain > 0
 
 
 def test_a_change_that_must_wait_for_gpus_costs_the_start_up():
@@ -144,6 +163,36 @@ def test_a_slow_alternation_changes_the_layout_once_per_phase():
             plan, now = new, now + 2.0
     assert changes <= 4, f"{changes} changes over 4 phases"
     assert now > DWELL_STARTUPS * 60
+
+
+def test_a_fresh_policy_keeps_the_capacity_in_place_until_it_has_seen_a_whole_peak_window():
+    """A full node of two 2-GPU replicas and a 4-GPU one at a light 0.25/s: two 4-GPU replicas would
+    serve it faster with 12% less capacity. In the policy's first hour the busy hour may still be to come
+    (the `compounded` alternating load on one node: the light phase swapped to them, the heavy one swapped
+    back through two start-ups without capacity, 0.8 points of goodput below all-2-GPU), so the capacity in
+    place is kept within MIN_GAIN; once a whole window has shown only the light load, the change is made.
+    Sabotage check: without the rule the swap comes at the first judgement."""
+    policy = CostAwarePolicy()
+    mixed = {"p2": 2, "p4": 1, "p8": 0}
+    now = 0.0
+    while now < policy.peak_window_s:
+        assert policy(pools((2, 1, 0), arrivals=0.25), budget=8, now=now) == mixed, now
+        now += 10.0
+    later = policy(pools((2, 1, 0), arrivals=0.25), budget=8, now=now + 10.0)
+    assert later != mixed and capacity(later, SECONDS) < capacity(mixed, SECONDS)
+
+
+def test_a_change_for_latency_waits_while_a_rising_load_outruns_its_smoothed_estimate():
+    """A node of two 2-GPU replicas and a 4-GPU one as its load jumps from 0.12 to 0.6/s: while the smoothed
+    demand climbs through 0.2-0.35/s (where two 4-GPU replicas would serve faster) the count already says
+    0.6/s (where they would not), so no change is made. Sabotage check: without the wait, the node swaps
+    two ticks into the rise."""
+    policy = CostAwarePolicy(peak_window_s=0)  # the first window's rule aside: this is about the rise
+    mixed = {"p2": 2, "p4": 1, "p8": 0}
+    assert policy(pools((2, 1, 0), arrivals=0.12), budget=8, now=0.0) == mixed
+    for tick in range(1, 61):
+        assert policy(pools((2, 1, 0), arrivals=0.6), budget=8, now=2.0 * tick) == mixed, tick
+    assert policy.demand["flux"] == pytest.approx(0.6, abs=0.01)  # caught up: judged at 0.6/s from here
 
 
 def fleet(replicas: dict[str, int], arrivals: float | None = None, budget: int = 64) -> list[PoolDemand]:
