@@ -565,10 +565,9 @@ class AppState:
         anew if this replica restarted meanwhile). Returns whether ``pool`` has no replica left, not even a
         starting one (its waiting requests should move). ``tenant``: whose it is; ``metered``: whether that
         tenant has limits."""
-        if not self._finished_lately(ticket, time.monotonic()):
-            self.reservations[ticket] = _Reservation(
-                pool, cost, time.monotonic() + self.lease_s, tenant or ANONYMOUS, metered
-            )
+        now = time.monotonic()
+        if not self._finished_lately(ticket, now):
+            self.reservations[ticket] = _Reservation(pool, cost, now + self.lease_s, tenant or ANONYMOUS, metered)
             if self.gated:  # it is on the pool's replicas (also after this replica restarted)
                 self.let_in[pool].add(ticket)
         return self.gone_now(pool)
