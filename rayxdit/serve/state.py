@@ -567,7 +567,9 @@ class AppState:
         tenant has limits."""
         now = time.monotonic()
         if not self._finished_lately(ticket, now):
-            self.reservations[ticket] = _Reservation(pool, cost, now + self.lease_s, tenant or ANONYMOUS, metered)
+            self.reservations[ticket] = _Reservation(
+                pool, cost, now + self.lease_s, tenant or ANONYMOUS, metered
+            )
             if self.gated:  # it is on the pool's replicas (also after this replica restarted)
                 self.let_in[pool].add(ticket)
         return self.gone_now(pool)
