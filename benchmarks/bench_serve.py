@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -126,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         "(GET /v1/models), a request of SIZE x 1 and the first again (each answered or refused as measured), "
         "and one more of --size: still served",
     )
+    parser.add_argument(
+        "--runtime-env",
+        action="store_true",
+        help="give the deployment its environment as a job runtime_env (as `rayxdit serve` on a cluster "
+        "joined with --address), not in this process's environment, which the Ray it starts inherits (as "
+        "`rayxdit serve` starting its own Ray): Ray then starts every worker (replicas, ranks) through its "
+        "runtime-environment agent",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # Off, on, off, on: a drift over the run (clocks, heat) cannot pass for the metrics' cost.
     order = [False, True] * args.ab_rounds if args.metrics_ab else [True]
     # The streaming pairs and the restarts run once, in the last phase (the one whose record is kept).
+    environ = dict(os.environ)  # the phases set variables for the Ray they start; the caller's come back
     try:
         phases = [
             serve_phase(pool, args, metrics_on, last=index == len(order) - 1)
@@ -153,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     finally:
         leave_no_ray_behind()
+        os.environ.clear()
+        os.environ.update(environ)
     on = [run for phase in phases if phase["metrics"] for run in phase["runs"]]
     off = [run for phase in phases if not phase["metrics"] for run in phase["runs"]]
     median = {key: statistics.median(run[key] for run in on) for key in on[0]}
@@ -255,11 +267,15 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     from rayxdit.serve.app import APP_NAME, build_app
 
     env = {"RAYXDIT_METRICS": "1" if metrics_on else "0"}
+    if not args.runtime_env:  # as `rayxdit serve` starting its own Ray: every Ray worker inherits it
+        os.environ.update(env)
     metrics_port = free_port()
+    if restarts:  # Serve's actors record no task events unless asked (read by its controller at import)
+        os.environ["RAY_SERVE_ENABLE_TASK_EVENTS"] = "1"
     ray.init(
-        include_dashboard=False,
+        include_dashboard=bool(restarts),  # the restarts read Ray's task events through its state API
         logging_level="warning",
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env} if args.runtime_env else None,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 2000},
     )
@@ -458,6 +474,7 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
                 raise TimeoutError(f"no replica of {pool.name} replaced {killed} within 1800 s")
             time.sleep(0.2)
         kill_to_ready = round(time.perf_counter() - begin, 2)
+        ready_at_ms = time.time() * 1000
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
         begin = time.perf_counter()
         url = f"http://127.0.0.1:{port}/v1/generate"
@@ -468,9 +485,10 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
                 "kill_to_ready_s": kill_to_ready,
                 "first_request_s": round(time.perf_counter() - begin, 3),
                 **started,
+                "serve": serve_side_start_or_why_not(pool.name, started["replica"], ready_at_ms),
             }
         )
-        print(f"restart {index + 1} ({mode}): ready after {kill_to_ready} s, {started}", flush=True)
+        print(f"restart {index + 1} ({mode}): ready after {kill_to_ready} s, {each[-1]}", flush=True)
     startup.shutdown()
     by_mode = {
         mode: {
@@ -485,12 +503,79 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
     }
     return {
         "kill_to_ready_s": statistics.median(r["kill_to_ready_s"] for r in each),
+        # Serve's start of the replica (its actor created) until the client's call reached the new replica
+        "serve_start_to_ready_s": statistics.median(
+            [r["serve"]["created_to_ready_s"] for r in each if "created_to_ready_s" in r["serve"]] or [None]
+        ),
         "warm_start_s": statistics.median(r["timeline"]["total"] for r in each),
         "first_request_s": statistics.median(r["first_request_s"] for r in each),
         "steady_request_s": statistics.median(run["end_to_end_s"] for run in runs),
         "by_mode": by_mode,
         "cold": cold,
         "restarts": each,
+    }
+
+
+def serve_side_start_or_why_not(deployment: str, replica: str, ready_at_ms: float) -> dict:
+    """:func:`serve_side_start`, or why Ray's state API could not tell (the restart's own timings stand)."""
+    try:
+        return serve_side_start(deployment, replica, ready_at_ms)
+    except Exception as error:
+        return {"error": repr(error)}
+
+
+def serve_side_start(deployment: str, replica: str, ready_at_ms: float) -> dict:
+    """What Ray's task events say about a replica's start around its own timeline: when Serve created its
+    actor, when that actor's worker ran its constructor (a Ray worker process started and the deployment's
+    module imported in between) and when its rank actors' workers ran theirs; ``ready_at_ms``: when the
+    client's call first reached the new replica. Seconds from the actor's creation."""
+    import ray
+    from ray.util.state import list_tasks
+
+    (name,) = [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::") and actor["name"].endswith(f"#{deployment}#{replica}")
+    ]
+    actor_id = ray.get_actor(name, namespace="serve")._actor_id.hex()
+
+    def creation(task) -> dict[str, float]:
+        return {event["state"]: event["created_ms"] for event in task.events}
+
+    # Task events reach the state API within a second or so of happening
+    deadline = time.monotonic() + 30
+    while True:
+        (task,) = list_tasks(
+            filters=[("actor_id", "=", actor_id), ("type", "=", "ACTOR_CREATION_TASK")], detail=True
+        ) or [None]
+        if task is not None and "FINISHED" in creation(task):
+            break
+        if time.monotonic() > deadline:
+            return {"error": "no creation task events for the replica's actor within 30 s"}
+        time.sleep(0.5)
+    events = creation(task)
+    created = events["PENDING_ARGS_AVAIL"]
+    # The deployment's own constructor runs in the replica's first call, after Serve's actor is up
+    (initialize,) = [
+        creation(call)
+        for call in list_tasks(filters=[("actor_id", "=", actor_id)], detail=True)
+        if call.name.endswith("initialize_and_get_metadata")
+    ] or [{}]
+    ranks = [
+        creation(rank)
+        for rank in list_tasks(filters=[("type", "=", "ACTOR_CREATION_TASK")], detail=True, limit=10_000)
+        if rank.name.endswith(("ForkedRank.__init__", "RankWorker.__init__"))
+        and rank.creation_time_ms >= created
+    ]
+    since = lambda ms: round((ms - created) / 1000, 3) if ms else None  # noqa: E731
+    return {
+        "placed_s": since(events.get("PENDING_NODE_ASSIGNMENT", created)),
+        "actor_running_s": since(events["RUNNING"]),  # a worker process started for Serve's replica actor
+        "actor_ready_s": since(events["FINISHED"]),  # its constructor: the deployment's module imported
+        "constructor_running_s": since(initialize.get("RUNNING")),  # the controller asked it to initialize
+        "constructor_done_s": since(initialize.get("FINISHED")),
+        "rank_actors_running_s": [since(rank.get("RUNNING")) for rank in ranks],
+        "created_to_ready_s": since(ready_at_ms),  # the client's call reached the new replica
     }
 
 

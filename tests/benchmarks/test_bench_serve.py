@@ -48,6 +48,15 @@ def test_the_serving_benchmark_runs_a_deployment_and_times_a_restart(tmp_path):
     assert warm["warmed_up"] == ["64x64"] and set(warm["weights"]) == {"model", "add_ons"}
     assert 0 < warm["timeline"]["total"] < warm["kill_to_ready_s"]
     assert restart["cold"]["timeline"]["warm_up"] > 0 and restart["first_request_s"] > 0
+    # Serve's side of it, from Ray's task events: its actor up, then the deployment's constructor, in which
+    # the two rank actors started, then the first call that reached it.
+    serve = warm["serve"]
+    assert 0 < serve["actor_running_s"] <= serve["actor_ready_s"] <= serve["constructor_running_s"], serve
+    assert len(serve["rank_actors_running_s"]) == 2, serve
+    assert serve["constructor_running_s"] < min(serve["rank_actors_running_s"]), serve
+    assert (
+        max(serve["rank_actors_running_s"]) < serve["created_to_ready_s"] == restart["serve_start_to_ready_s"]
+    )
     # The phase exported rayxdit's counters (the memory check's first request of 2 images, the warm-up and
     # 2 timed requests).
     assert on["exported_metrics"]["ray_rayxdit_images_total"] == 5
