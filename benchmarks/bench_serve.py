@@ -575,6 +575,7 @@ def serve_side_start(deployment: str, replica: str, ready_at_ms: float) -> dict:
         "constructor_running_s": since(initialize.get("RUNNING")),  # the controller asked it to initialize
         "constructor_done_s": since(initialize.get("FINISHED")),
         "rank_actors_running_s": [since(rank.get("RUNNING")) for rank in ranks],
+        "rank_actors_ready_s": [since(rank.get("FINISHED")) for rank in ranks],  # forked by then
         "created_to_ready_s": since(ready_at_ms),  # the client's call reached the new replica
     }
 
