@@ -174,13 +174,15 @@ def best_layout(
     ranks: float,
     peak: float = 0.0,
     reachable: Callable[[Mapping[str, int]], bool] | None = None,
+    candidates: Sequence[Mapping[str, int]] | None = None,
 ) -> dict[str, int]:
     """The layout of one model with the lowest expected response time at ``arrivals`` per second within
     ``ranks`` (fewer ranks on a tie) among those that also carry ``peak`` arrivals per second below
     MAX_UTILIZATION (the busiest demand of a recent window: a load that came back would find the capacity
     in place, not a start-up away); where none does, the one of the most capacity (in an overload,
     admission then refuses what would miss its deadline). With ``reachable``, only the layouts it accepts
-    where any of those qualify. No demand: minimums."""
+    where any of those qualify. ``candidates``: :func:`layouts` of ``members`` within ``ranks``, where the
+    caller has them already. No demand: minimums."""
     if arrivals <= EPSILON:
         return {pool.spec.name: pool.min_replicas for pool in members}
     by_name = {pool.spec.name: pool for pool in members}
@@ -188,7 +190,9 @@ def best_layout(
     def ranks_of(counts: Mapping[str, int]) -> int:
         return sum(count * by_name[name].spec.ranks for name, count in counts.items())
 
-    feasible = carrying(layouts(members, ranks), seconds, max(arrivals, peak))
+    if candidates is None:
+        candidates = layouts(members, ranks)
+    feasible = carrying(candidates, seconds, max(arrivals, peak))
     if reachable is not None:
         feasible = [c for c in feasible if reachable(c)] or feasible
     # In an overload none is faster (every response time is infinite): the fewest ranks of the most capacity.
@@ -533,7 +537,8 @@ class CostAwarePolicy:
             # is kept within MIN_GAIN until it has been (its return would cost a start-up, on a full
             # fleet one without capacity).
             peak = max(peak, (1 - MIN_GAIN) * MAX_UTILIZATION * capacity(current, seconds))
-        target = best_layout(members, seconds, arrivals, ranks, peak)
+        candidates = layouts(members, ranks)
+        target = best_layout(members, seconds, arrivals, ranks, peak, candidates=candidates)
         if target == current:
             return current
         if arrivals <= EPSILON and not any(current.values()):
@@ -556,7 +561,9 @@ class CostAwarePolicy:
                 # for an 8-GPU one serves nothing for a start-up, and every arrival of it misses).
                 return transition_cost(current, candidate, members, seconds, arrivals, free_ranks) == 0.0
 
-            target = best_layout(members, seconds, arrivals, ranks, max(peak, rising), beside)
+            target = best_layout(
+                members, seconds, arrivals, ranks, max(peak, rising), beside, candidates=candidates
+            )
             if free_ranks >= 0 and any(current.values()):
                 # Where the change must first remove replicas, it is made as far as it loses fewer
                 # requests than the overload would: a 20 s count a few percent over the capacity (Poisson
@@ -567,7 +574,7 @@ class CostAwarePolicy:
                 target = least_lost(
                     current,
                     target,
-                    layouts(members, ranks),
+                    candidates,
                     members,
                     seconds,
                     arrivals,
@@ -594,7 +601,7 @@ class CostAwarePolicy:
         move, net = best_move(
             current,
             target,
-            carrying(layouts(members, ranks), seconds, max(arrivals, peak)),
+            carrying(candidates, seconds, max(arrivals, peak)),
             members,
             seconds,
             arrivals,
