@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = never_placeable_here(group) if started_here else None
         if problem:  # before a local Ray instance starts: it would have these cores and nothing more
             raise ConfigError(f"worker group {group.name}: {problem}")
-        ray.init(address=args.address, logging_level="warning", runtime_env={"env_vars": forwarded_env()})
+        # A Ray started here inherits this environment (a runtime_env would start every worker through Ray's
+        # agent, a slower start: see `rayxdit serve`); a cluster's job gets the variables its ranks need.
+        runtime_env = None if started_here else {"env_vars": forwarded_env()}
+        ray.init(address=args.address, logging_level="warning", runtime_env=runtime_env)
         if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < group.ranks:
             group = group.updated(accelerator="cpu", cpus_per_rank=args.cpus_per_rank or CPU_RANK_CPUS)
         warning = check_placeable(group, started_here=started_here)
