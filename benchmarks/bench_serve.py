@@ -529,15 +529,9 @@ def serve_side_start(deployment: str, replica: str, ready_at_ms: float) -> dict:
     actor, when that actor's worker ran its constructor (a Ray worker process started and the deployment's
     module imported in between) and when its rank actors' workers ran theirs; ``ready_at_ms``: when the
     client's call first reached the new replica. Seconds from the actor's creation."""
-    import ray
     from ray.util.state import list_tasks
 
-    (name,) = [
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith("SERVE_REPLICA::") and actor["name"].endswith(f"#{deployment}#{replica}")
-    ]
-    actor_id = ray.get_actor(name, namespace="serve")._actor_id.hex()
+    actor_id = replica_actor(deployment, replica)[0]._actor_id.hex()
 
     def creation(task) -> dict[str, float]:
         return {event["state"]: event["created_ms"] for event in task.events}
@@ -602,13 +596,23 @@ def kill_replica(deployment: str) -> str:
     """Kill the one running replica of ``deployment`` (its rank actors die with it, their owner); its id."""
     import ray
 
+    actor, tag = replica_actor(deployment)
+    ray.kill(actor, no_restart=True)
+    return tag
+
+
+def replica_actor(deployment: str, tag: str | None = None) -> tuple:
+    """The actor of the one running replica of ``deployment`` (of id ``tag`` where given) and its id."""
+    import ray
+
     (replica,) = [
         actor
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]
+        if actor["name"].startswith("SERVE_REPLICA::")
+        and f"#{deployment}#" in actor["name"]
+        and (tag is None or actor["name"].endswith(f"#{tag}"))
     ]
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    return replica["name"].rsplit("#", 1)[-1]
+    return ray.get_actor(replica["name"], namespace=replica["namespace"]), replica["name"].rsplit("#", 1)[-1]
 
 
 class NvmlSampler:
