@@ -226,6 +226,16 @@ class EngineConfig(BaseModel):
         "exchange and synchronized GroupNorm statistics). Off: rank 0 decodes alone (the same image).",
         json_schema_extra=_option("--no-vae-parallel"),
     )
+    host_copy: bool = Field(
+        default=True,
+        description="Keep one copy of the model's weights per node in shared memory (/dev/shm, or "
+        "RAYXDIT_HOST_COPY_DIR), written by the first rank that reads the checkpoint, and start later ranks on "
+        "that node from it: parallel reads into pinned buffers instead of the checkpoint (exact: the same "
+        "tensors). Least recently used copies are evicted when a new one would leave less than a quarter of "
+        "the node's memory available. Models from a directory or hub id, and Flux single files; not with "
+        "shard_weights or offload.",
+        json_schema_extra=_option("--no-host-copy"),
+    )
     quantize: Literal["fp8"] | None = Field(
         default=None,
         description="fp8: torchao float8 dynamic activations with per-row weight scales in the transformer "

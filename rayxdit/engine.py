@@ -91,7 +91,9 @@ class Engine:
         on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
         if config.offload:
             on_host = ALL_COMPONENTS
-        adapter = self.adapter = load_adapter(config.model, device, dtype, on_host, config.checkpoint)
+        adapter = self.adapter = load_adapter(
+            config.model, device, dtype, on_host, config.checkpoint, host_copy=config.host_copy
+        )
         built = _now(device)
         # In ADD_ON_ORDER.
         adapter.load_loras([parse_lora(lora) for lora in config.loras])
@@ -129,7 +131,10 @@ class Engine:
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
         """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
         (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
-        compile is lazy)."""
+        compile is lazy), and ``host_copy`` where the weights came from the node's host copy (part of
+        ``model``)."""
+        if adapter.host_copy_s is not None:
+            self.load_seconds["host_copy"] = adapter.host_copy_s
         self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         """What the weights and buffers take on this rank's GPU after the start (None on a CPU)."""
 

@@ -100,6 +100,9 @@ class DiffusionAdapter(ABC):
         self.step_cache: FirstBlockCache | None = None
         self.cache_threshold = 0.0
         """The step cache's threshold for requests that send none (see :meth:`cache_threshold_for`)."""
+        self.host_copy_s: float | None = None
+        """Seconds the weights took from the node's host copy (:mod:`rayxdit.models.host_copy`); None when they
+        were read from the checkpoint or built."""
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property

@@ -7,6 +7,8 @@ family's adapter, and ControlNets beside it. Naming a model and reading its card
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import torch
 
@@ -20,7 +22,8 @@ from rayxdit.models.catalog import (
     read_model_json,
     resolve_model,
 )
-from rayxdit.models.families import FLUX
+from rayxdit.models.families import FLUX, Family
+from rayxdit.models.host_copy import copy_key, read_copy, snapshot, write_in_background
 from rayxdit.models.presets import build_flux_pipeline
 from rayxdit.models.single_file import load_single_file_pipeline
 
@@ -64,33 +67,68 @@ def load_adapter(
     dtype: torch.dtype,
     keep_on_host: tuple[str, ...] = (),
     checkpoint: str | None = None,
+    host_copy: bool = False,
 ) -> DiffusionAdapter:
     """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
     in its family's adapter. Components named in ``keep_on_host`` (every one: :data:`ALL_COMPONENTS`) stay in
     host memory: a transformer whose weights are then sharded onto the device, or offloaded weights. A
-    single-file ``checkpoint`` replaces the model's weights (:mod:`rayxdit.models.single_file`)."""
+    single-file ``checkpoint`` replaces the model's weights (:mod:`rayxdit.models.single_file`).
+    ``host_copy``: read the weights from this node's host copy where it has one, and write one where it has
+    not (:mod:`rayxdit.models.host_copy`)."""
     import diffusers
     import transformers
-    from diffusers import DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     sizes = built_in_code(model)
     if sizes is not None and checkpoint:
         raise ConfigError(f"checkpoint with {model}: a single file loads over a model's directory or hub id")
+    host_copy_s = None
     if sizes is not None:
         pipeline = build_flux_pipeline(sizes, torch.device("cpu") if keep_on_host else device, dtype)
     else:
         location = resolve_model(model)
         family = family_of(read_model_json(location, "model_index.json").get("_class_name", "?"))
-        if checkpoint:
-            pipeline = load_single_file_pipeline(family, location, checkpoint, dtype)
+        # Whole modules on the device only, and single files that load as modules over the model's directory.
+        copied = (
+            host_copy and not keep_on_host and (not checkpoint or family.single_file == "flux_transformer")
+        )
+        key = copy_key(location, checkpoint, dtype) if copied else None
+        began = time.perf_counter()
+        pipeline = _from_host_copy(location, key, device, dtype) if key else None
+        if pipeline is not None:
+            host_copy_s = round(time.perf_counter() - began, 3)
         else:
-            pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype)
+            pipeline = _from_checkpoint(family, location, checkpoint, dtype)
+            if key:
+                write_in_background(
+                    key, snapshot(pipeline), f"{model}{f' + {checkpoint}' if checkpoint else ''}"
+                )
     pipeline.set_progress_bar_config(disable=True)
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and not {name, "*"} & set(keep_on_host):
             component.to(device)
     if sizes is not None:
         return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
-    return family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
+    adapter = family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
+    adapter.host_copy_s = host_copy_s
+    return adapter
+
+
+def _from_checkpoint(family: Family, location: str, checkpoint: str | None, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+
+    if checkpoint:
+        return load_single_file_pipeline(family, location, checkpoint, dtype)
+    return DiffusionPipeline.from_pretrained(location, dtype=dtype)
+
+
+def _from_host_copy(location: str, key: str, device: torch.device, dtype: torch.dtype) -> Any | None:
+    """The pipeline with its modules from the node's host copy ``key`` and the rest (tokenizers, scheduler)
+    from the model's directory; None when the node has no such copy."""
+    from diffusers import DiffusionPipeline
+
+    modules = read_copy(key, device)
+    if modules is None:
+        return None
+    return DiffusionPipeline.from_pretrained(location, dtype=dtype, **modules)

@@ -1,0 +1,458 @@
+"""A node's host copy of a model's weights: written once, in shared memory, by the first rank on a node that
+loads the model from its checkpoint; read by every later rank on that node in large parallel transfers.
+
+Why: a replica started again on a node (a rebuild, an elastic reshape) read its checkpoint through diffusers'
+``from_pretrained`` each time, 6.9-7.6 s for Flux.1-dev's 32 GB even from the page cache (H200,
+``serve-restart-checkpoint-flux-dev-1xh200.json``): tensor by tensor into pageable memory, then to the GPU.
+Here the tensors of every module of the pipeline lie in one file per module in a RAM file system
+(``/dev/shm``), and a rank reads them with many threads into pinned buffers and from there into one
+allocation per module on its device. The modules are built on the meta device from their saved configs and
+given the copy's tensors; the rest of the pipeline (tokenizers, scheduler: small files) comes from the
+model's directory as before, through ``from_pretrained`` with the modules passed in.
+
+Plain files, not Ray's object store: a forked rank is not a Ray worker, and ``models/`` never imports Ray.
+Files outlive the processes that wrote them (a node keeps its copies across replica restarts and fork
+server restarts) and are evicted least recently used first when a new copy would not fit in the memory the
+node can spare. A copy is keyed by the model's files (names, sizes, modification times), the checkpoint, the
+dtype and the versions of the libraries that build the modules: a changed checkpoint is never served from
+a stale copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+"""Bumped when the layout of a copy changes: older copies are never read."""
+DEFAULT_DIR = "/dev/shm/rayxdit-weights"
+DIR_ENV = "RAYXDIT_HOST_COPY_DIR"
+"""Where a node keeps its copies (default :data:`DEFAULT_DIR`; a RAM file system, or the copy is a disk read)."""
+SPARE_FRACTION = 0.25
+"""Of the node's memory, what a new copy must leave available (the ranks' own host memory, the page cache)."""
+ALIGN = 4096
+"""Every tensor starts at a multiple of this in its file (and so in its device buffer: aligned for any dtype)."""
+CHUNK = 16 << 20
+"""Bytes per read: large enough for full-speed transfers, small enough that the pinned buffers stay cheap
+(16 threads x 2 x 16 MB: ~0.25 s to pin; 64 MB buffers took 0.94 s on the H200 host)."""
+MAX_THREADS = 16
+
+
+def host_copy_dir() -> Path:
+    return Path(os.environ.get(DIR_ENV, DEFAULT_DIR))
+
+
+def copy_key(location: str, checkpoint: str | None, dtype: torch.dtype) -> str:
+    """The name of a model's copy: changes with any file of the model's directory (name, size, modification
+    time), with the checkpoint, the dtype and the libraries that build its modules."""
+    import diffusers
+    import transformers
+
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            [FORMAT, str(dtype), torch.__version__, diffusers.__version__, transformers.__version__]
+        ).encode()
+    )
+    for path in [os.path.realpath(location), *([os.path.realpath(checkpoint)] if checkpoint else [])]:
+        digest.update(path.encode())
+        for file in sorted(_files(path)):
+            stat = os.stat(file)
+            digest.update(f"{os.path.relpath(file, path)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _files(path: str) -> Iterator[str]:
+    if os.path.isfile(path):
+        yield path
+        return
+    for root, _, names in os.walk(path, followlinks=True):
+        for name in names:
+            yield os.path.join(root, name)
+
+
+# ----- writing ------------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    names: list[str]
+    """Every name the tensor has in its module (a tied weight has several) ..."""
+    kinds: list[str]
+    """... and whether each is a ``parameter`` or a ``buffer``."""
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    requires_grad: bool
+
+
+def _layout(module: torch.nn.Module) -> tuple[list[_Entry], list[torch.Tensor], int]:
+    """Every parameter and buffer of ``module`` (persistent or not), once per tensor, laid out in one file."""
+    entries: dict[int, _Entry] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    offset = 0
+    named = [("parameter", item) for item in module.named_parameters(remove_duplicate=False)]
+    named += [("buffer", item) for item in module.named_buffers(remove_duplicate=False)]
+    for kind, (name, tensor) in named:
+        if tensor is None:
+            continue
+        if id(tensor) in entries:
+            entries[id(tensor)].names.append(name)
+            entries[id(tensor)].kinds.append(kind)
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[id(tensor)] = _Entry(
+            [name],
+            [kind],
+            offset,
+            nbytes,
+            str(tensor.dtype).removeprefix("torch."),
+            list(tensor.shape),
+            bool(tensor.requires_grad),
+        )
+        # Detached: the module's .to(device) swaps its parameters' data, not this tensor's.
+        tensors[id(tensor)] = tensor.detach().contiguous()
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return list(entries.values()), list(tensors.values()), offset
+
+
+@dataclass
+class _ModuleCopy:
+    component: str
+    module: str
+    cls: str
+    entries: list[_Entry]
+    tensors: list[torch.Tensor]
+    size: int
+    config: Any
+    """The module's config as it was loaded: the copy's module is built from it."""
+
+
+def snapshot(pipeline: Any) -> list[_ModuleCopy]:
+    """What :func:`write_copy` writes, taken from a pipeline still in host memory (call before it moves to the
+    device: the tensors are held, not copied)."""
+    copies = []
+    for component, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            entries, tensors, size = _layout(module)
+            if any(t.device.type != "cpu" for t in tensors):
+                return []  # built on a device already: nothing in host memory to keep
+            cls = type(module)
+            copies.append(
+                _ModuleCopy(
+                    component, cls.__module__, cls.__qualname__, entries, tensors, size, module.config
+                )
+            )
+    return copies
+
+
+def spare_bytes(directory: Path) -> int:
+    """What a new copy may take on this node: the memory available beyond :data:`SPARE_FRACTION` of the
+    total, and no more than the file system holding the copies has free."""
+    meminfo = {}
+    with contextlib.suppress(OSError), open("/proc/meminfo") as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            meminfo[name] = int(value.split()[0]) * 1024
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if "MemAvailable" not in meminfo:
+        return free
+    return min(free, meminfo["MemAvailable"] - int(SPARE_FRACTION * meminfo["MemTotal"]))
+
+
+def copies_to_evict(copies: list[tuple[str, int, float]], needed: int, spare: int) -> list[str] | None:
+    """Which copies (key, bytes, last used) to delete, least recently used first, so that ``needed`` bytes fit
+    in ``spare`` plus what they free; None when even all of them would not make room."""
+    chosen: list[str] = []
+    for key, size, _ in sorted(copies, key=lambda copy: copy[2]):
+        if needed <= spare:
+            break
+        chosen.append(key)
+        spare += size
+    return chosen if needed <= spare else None
+
+
+def _existing_copies(directory: Path) -> list[tuple[str, int, float]]:
+    copies = []
+    for manifest in directory.glob("*/manifest.json"):
+        with contextlib.suppress(OSError):
+            size = sum(file.stat().st_size for file in manifest.parent.iterdir())
+            copies.append((manifest.parent.name, size, manifest.stat().st_mtime))
+    return copies
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path, key: str) -> Iterator[bool]:
+    """Whether this process may write ``key`` (one writer per copy per node: the lock goes with its process)."""
+    with open(directory / f"{key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: int | None = None) -> bool:
+    """Write a model's copy under :func:`host_copy_dir` (whole, or not at all: a half-written copy is never
+    read). False when another process writes it, it exists, or the node cannot spare the memory."""
+    directory = host_copy_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    final, partial = directory / key, directory / f"{key}.partial"
+    began = time.perf_counter()
+    with _writer_lock(directory, key) as mine:
+        if not mine or (final / "manifest.json").exists():
+            return False
+        shutil.rmtree(partial, ignore_errors=True)  # a writer that died before it finished
+        needed = sum(copy.size for copy in copies)
+        evict = copies_to_evict(_existing_copies(directory), needed, spare_bytes(directory))
+        if evict is None:
+            logger.warning(
+                "no host copy of %s: it needs %.1f GiB, this node can spare %.1f GiB",
+                description,
+                needed / 2**30,
+                spare_bytes(directory) / 2**30,
+            )
+            return False
+        for old in evict:
+            logger.info("evicting the host copy %s (least recently used) for %s", old, description)
+            shutil.rmtree(directory / old, ignore_errors=True)
+        partial.mkdir(mode=0o700)
+        for copy in copies:
+            _write_tensors(partial / f"{copy.component}.bin", copy, threads or _threads())
+        manifest = {
+            "format": FORMAT,
+            "model": description,
+            "modules": [
+                {
+                    "component": copy.component,
+                    "module": copy.module,
+                    "cls": copy.cls,
+                    "size": copy.size,
+                    "entries": [entry.__dict__ for entry in copy.entries],
+                }
+                for copy in copies
+            ],
+        }
+        (partial / "configs.pickle").write_bytes(
+            pickle.dumps({copy.component: copy.config for copy in copies})
+        )
+        (partial / "manifest.json").write_text(json.dumps(manifest))
+        os.rename(partial, final)
+    seconds = time.perf_counter() - began
+    logger.info("wrote the host copy of %s: %.1f GiB in %.1f s", description, needed / 2**30, seconds)
+    return True
+
+
+def write_in_background(key: str, copies: list[_ModuleCopy], description: str) -> threading.Thread:
+    """:func:`write_copy` on a daemon thread: the start that read the checkpoint does not wait for it (its
+    host tensors are held until written)."""
+
+    def write() -> None:
+        try:
+            write_copy(key, copies, description)
+        except Exception:  # a full disk, a removed directory: the next start reads the checkpoint, as before
+            logger.exception("could not write the host copy of %s", description)
+        finally:
+            copies.clear()
+
+    thread = threading.Thread(target=write, name=f"host-copy-{key[:8]}", daemon=True)
+    _WRITERS.append(thread)
+    thread.start()
+    return thread
+
+
+_WRITERS: list[threading.Thread] = []
+
+
+def wait_for_writes(timeout_s: float | None = None) -> None:
+    """Wait until this process's copies in the background are written (or failed)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for thread in list(_WRITERS):
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    _WRITERS[:] = [thread for thread in _WRITERS if thread.is_alive()]
+
+
+def _threads() -> int:
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def _parallel(work: Callable[[list[Any]], None], items: list[Any], threads: int) -> None:
+    """``work`` on ``threads`` threads, each given every ``threads``-th item; the first error is raised."""
+    errors: list[BaseException] = []
+
+    def run(mine: list[Any]) -> None:
+        try:
+            work(mine)
+        except BaseException as error:  # re-raised by the caller
+            errors.append(error)
+
+    workers = [
+        threading.Thread(target=run, args=(items[k::threads],)) for k in range(min(threads, len(items)))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+
+
+def _write_tensors(path: Path, copy: _ModuleCopy, threads: int) -> None:
+    flat = torch.zeros(0, dtype=torch.uint8)
+    with open(path, "wb") as file:
+        os.ftruncate(file.fileno(), copy.size)
+        fd = file.fileno()
+        for entry, tensor in zip(copy.entries, copy.tensors, strict=True):
+            flat = tensor.reshape(-1).view(torch.uint8)
+            view = memoryview(flat.numpy())
+
+            def write(mine: list[tuple[int, int]], view=view, base=entry.offset) -> None:
+                for start, length in mine:
+                    os.pwrite(fd, view[start : start + length], base + start)
+
+            spans = [(start, min(CHUNK, entry.nbytes - start)) for start in range(0, entry.nbytes, CHUNK)]
+            _parallel(write, spans, threads)
+    del flat
+
+
+# ----- reading ------------------------------------------------------------------------------------------------
+def read_copy(
+    key: str, device: torch.device, threads: int | None = None
+) -> dict[str, torch.nn.Module] | None:
+    """The modules of copy ``key`` on ``device``, or None when this node has no such copy (or a module no longer
+    builds the way it was saved: then the caller loads the checkpoint)."""
+    folder = host_copy_dir() / key
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        configs = pickle.loads((folder / "configs.pickle").read_bytes())
+    except (OSError, ValueError, pickle.UnpicklingError):
+        return None
+    if manifest.get("format") != FORMAT:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(folder / "manifest.json")  # used now: the last to be evicted
+    began = time.perf_counter()
+    specs = manifest["modules"]
+    skeletons = [_skeleton(spec, configs[spec["component"]]) for spec in specs]
+    files = [(folder / f"{spec['component']}.bin", spec["size"]) for spec in specs]
+    buffers = _read_files(files, device, threads or _threads())
+    modules = {}
+    for spec, module, buffer in zip(specs, skeletons, buffers, strict=True):
+        if not _fill(module, spec["entries"], buffer):
+            logger.warning(
+                "the host copy %s does not fit %s any more: reading the checkpoint", key, spec["cls"]
+            )
+            return None
+        modules[spec["component"]] = module.eval()
+    seconds, size = time.perf_counter() - began, sum(spec["size"] for spec in specs)
+    logger.info(
+        "read %s from the node's host copy: %.1f GiB in %.2f s (%.1f GB/s)",
+        manifest["model"],
+        size / 2**30,
+        seconds,
+        size / max(seconds, 1e-9) / 1e9,
+    )
+    return modules
+
+
+def _skeleton(spec: dict[str, Any], config: Any) -> torch.nn.Module:
+    """The module's class built from its config on the meta device: no memory, no initialization."""
+    cls = getattr(importlib.import_module(spec["module"]), spec["cls"])
+    with torch.device("meta"):
+        if hasattr(cls, "_from_config"):  # transformers
+            return cls._from_config(config)
+        return cls.from_config(config)
+
+
+def _read_files(files: list[tuple[Path, int]], device: torch.device, threads: int) -> list[torch.Tensor]:
+    """Each file's bytes in one buffer on ``device``. On a GPU, threads read chunks into pinned buffers and
+    copy each to the GPU on their own stream, two buffers each so that a read overlaps the previous chunk's
+    copy (a pageable copy of the same file ran at ~6 GB/s on the H200 host, ~17 GB/s this way)."""
+    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _, size in files]
+    fds = [os.open(path, os.O_RDONLY) for path, _ in files]
+    spans = [
+        (index, start, min(CHUNK, size - start))
+        for index, (_, size) in enumerate(files)
+        for start in range(0, size, CHUNK)
+    ]
+    try:
+        if device.type != "cuda":  # straight into the buffers, which are the weights' own memory
+            targets = [memoryview(buffer.numpy()) for buffer in buffers]
+
+            def read_host(mine: list[tuple[int, int, int]]) -> None:
+                for index, start, length in mine:
+                    _read_exactly(fds[index], targets[index][start : start + length], start)
+
+            _parallel(read_host, spans, threads)
+            return buffers
+
+        def read_to_device(mine: list[tuple[int, int, int]]) -> None:
+            stream = torch.cuda.Stream(device)
+            staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            done: list[torch.cuda.Event | None] = [None, None]
+            for count, (index, start, length) in enumerate(mine):
+                slot = count % 2
+                if done[slot] is not None:
+                    done[slot].synchronize()  # its previous copy has left the pinned buffer
+                _read_exactly(fds[index], memoryview(staging[slot].numpy())[:length], start)
+                with torch.cuda.stream(stream):
+                    buffers[index][start : start + length].copy_(staging[slot][:length], non_blocking=True)
+                    done[slot] = torch.cuda.Event()
+                    done[slot].record(stream)
+            stream.synchronize()
+
+        _parallel(read_to_device, spans, threads)
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
+        if empty_host_cache is not None:  # the pinned buffers back to the system (torch >= 2.12)
+            empty_host_cache()
+        return buffers
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _read_exactly(fd: int, target: memoryview, offset: int) -> None:
+    while len(target):
+        got = os.preadv(fd, [target], offset)
+        if got <= 0:
+            raise OSError(f"host copy truncated at byte {offset}")
+        target, offset = target[got:], offset + got
+
+
+def _fill(module: torch.nn.Module, entries: list[dict[str, Any]], buffer: torch.Tensor) -> bool:
+    """Give every parameter and buffer of the skeleton its tensor, a view of ``buffer`` (tied weights share
+    one); False when the names differ from the saved ones."""
+    expected = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    expected |= {name for name, tensor in module.named_buffers(remove_duplicate=False) if tensor is not None}
+    if expected != {name for entry in entries for name in entry["names"]}:
+        return False
+    for entry in entries:
+        dtype = getattr(torch, entry["dtype"])
+        view = buffer[entry["offset"] : entry["offset"] + entry["nbytes"]].view(dtype).view(entry["shape"])
+        parameter = torch.nn.Parameter(view, requires_grad=entry["requires_grad"])
+        for name, kind in zip(entry["names"], entry["kinds"], strict=True):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if kind == "parameter":
+                owner._parameters[leaf] = parameter
+            else:
+                owner._buffers[leaf] = view
+    return True
