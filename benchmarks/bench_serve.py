@@ -96,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cold-cache",
         action="store_true",
-        help="with --restarts: empty this node's compile caches (inductor, Triton) before each restart, as "
-        "on a node the replica never ran on; restarts alternate between the cluster's compile-artifact "
-        "store emptied too (compile from scratch) and kept (compile from the artifacts)",
+        help="with --restarts: empty this node's compile caches (inductor, Triton) and host copies of weights "
+        "before each restart, as on a node the replica never ran on; restarts alternate between the cluster's "
+        "compile-artifact store emptied too (compile from scratch) and kept (compile from the artifacts)",
+    )
+    parser.add_argument(
+        "--host-copy-ab",
+        action="store_true",
+        help="with --restarts on a warm node: restarts alternate between the node's host copy of the weights "
+        "kept (the weights from it) and emptied (read from the checkpoint, as without one), the copy's gain "
+        "measured in one run; meaningful for a model read from a directory (a recipe's weights are drawn)",
     )
     parser.add_argument(
         "--stream-ab",
@@ -330,7 +337,11 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     )
     if memory is not None:
         memory.update(memory_phase(port, body, *oversized))
-    restart = restart_phase(pool, port, body, runs, restarts, args.cold_cache) if restarts else None
+    restart = (
+        restart_phase(pool, port, body, runs, restarts, args.cold_cache, args.host_copy_ab)
+        if restarts
+        else None
+    )
     # The phase's Ray instance goes whole (the GPUs' memory with its processes): Serve's graceful shutdown
     # would only wait on every replica first (7 s on 2 cores).
     ray.shutdown()
@@ -438,12 +449,16 @@ def stream_phase(port: int, body: dict, pairs: int, partial_images: int) -> dict
     }
 
 
-def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, cold_cache: bool) -> dict:
+def restart_phase(
+    pool, port: int, body: dict, runs: list[dict], restarts: int, cold_cache: bool, host_copy_ab: bool = False
+) -> dict:
     """Kill the pool's replica ``restarts`` times; each time Serve starts a new one on the same node (the
-    inductor cache and the page cache warm, unless ``cold_cache``). Times each kill until the new replica
+    inductor cache, the page cache and the node's host copy of the weights warm, unless ``cold_cache``; with
+    ``host_copy_ab`` every other restart finds the host copy gone). Times each kill until the new replica
     answers (Serve routes to a replica only once its start, warm-up included, is done), then one request."""
     from ray import serve
 
+    from rayxdit.models.host_copy import existing_copies, remove_copies, wait_for_writes
     from rayxdit.serve.app import APP_NAME
 
     # One handle (one Serve router in this process), shut down at the end: left running, it would start Ray
@@ -453,9 +468,18 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
     each: list[dict] = []
     for index in range(restarts):
         mode = "warm node"
+        if host_copy_ab:
+            mode = "warm node, no host copy" if index % 2 == 1 else "warm node, host copy"
         if cold_cache:
             from_artifacts = index % 2 == 1
             mode = "cold cache, artifacts" if from_artifacts else "cold cache, no artifacts"
+        wait_for_writes()  # a copy written in this process (a CPU run's local ranks) is whole or absent
+        if cold_cache or mode == "warm node, no host copy":
+            remove_copies()
+        elif host_copy_ab:  # the replica before wrote it in the background: wait until it is whole
+            deadline = time.perf_counter() + 300
+            while not existing_copies() and time.perf_counter() < deadline:
+                time.sleep(0.5)
         if cold_cache:
             dirs = cold.get("compile", {}).get("cache", {}).get("dirs", [])  # none without compile
             empty_compile_caches(dirs, keep_artifact_store=from_artifacts)
@@ -484,6 +508,7 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
                 "mode": mode,
                 "kill_to_ready_s": kill_to_ready,
                 "first_request_s": round(time.perf_counter() - begin, 3),
+                "weights_from": "host copy" if "host_copy" in started["weights"] else "checkpoint or built",
                 **started,
                 "serve": serve_side_start_or_why_not(pool.name, started["replica"], ready_at_ms),
             }
@@ -493,6 +518,10 @@ def restart_phase(pool, port: int, body: dict, runs: list[dict], restarts: int, 
     by_mode = {
         mode: {
             "kill_to_ready_s": statistics.median(r["kill_to_ready_s"] for r in runs_of_mode),
+            "serve_start_to_ready_s": statistics.median(
+                [r["serve"]["created_to_ready_s"] for r in runs_of_mode if "created_to_ready_s" in r["serve"]]
+                or [None]
+            ),
             "start_s": statistics.median(r["timeline"]["total"] for r in runs_of_mode),
             "warm_up_s": statistics.median(r["timeline"]["warm_up"] for r in runs_of_mode),
             "first_request_s": statistics.median(r["first_request_s"] for r in runs_of_mode),

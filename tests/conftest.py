@@ -1,6 +1,9 @@
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +13,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # CPUs (test_serve.py: 32) on a 2-core machine, and ~50 idle workers importing Ray cost ~90 CPU-seconds a
 # suite. Every cluster the tests start (ray.init, `ray start`, `rayxdit serve`) inherits this.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# The nodes' host copies of weights (rayxdit.models.host_copy) of one test session, and only of it: every rank
+# any test starts (spawned, forked, Ray actors) inherits this, and nothing lingers in /dev/shm afterwards.
+_HOST_COPIES = None
+if "RAYXDIT_HOST_COPY_DIR" not in os.environ:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    _HOST_COPIES = os.environ["RAYXDIT_HOST_COPY_DIR"] = tempfile.mkdtemp(prefix="rayxdit-host-copies-", dir=shm)
+    atexit.register(shutil.rmtree, _HOST_COPIES, True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,6 +57,8 @@ def pytest_unconfigure(config):
     modules they call into), which turned a green run red. Every Ray instance is shut down per module
     above, and nothing of ours runs at exit. ``RAYXDIT_TEST_TEARDOWN=1`` keeps the teardown (to look for
     the crash)."""
+    if _HOST_COPIES is not None:  # os._exit below skips atexit
+        shutil.rmtree(_HOST_COPIES, ignore_errors=True)
     if _EXIT_STATUS and os.environ.get("RAYXDIT_TEST_TEARDOWN") != "1":
         sys.stdout.flush()
         sys.stderr.flush()

@@ -189,7 +189,21 @@ def copies_to_evict(copies: list[tuple[str, int, float]], needed: int, spare: in
     return chosen if needed <= spare else None
 
 
-def _existing_copies(directory: Path) -> list[tuple[str, int, float]]:
+def remove_copies() -> int:
+    """Delete every copy this node keeps (as on a node that never served a model); how many there were. A
+    rank reading one keeps what it has open."""
+    directory = host_copy_dir()
+    removed = 0
+    for folder in directory.glob("*") if directory.is_dir() else []:
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def existing_copies(directory: Path | None = None) -> list[tuple[str, int, float]]:
+    """The whole copies a node keeps: (key, bytes, last used)."""
+    directory = directory or host_copy_dir()
     copies = []
     for manifest in directory.glob("*/manifest.json"):
         with contextlib.suppress(OSError):
@@ -222,7 +236,7 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
             return False
         shutil.rmtree(partial, ignore_errors=True)  # a writer that died before it finished
         needed = sum(copy.size for copy in copies)
-        evict = copies_to_evict(_existing_copies(directory), needed, spare_bytes(directory))
+        evict = copies_to_evict(existing_copies(directory), needed, spare_bytes(directory))
         if evict is None:
             logger.warning(
                 "no host copy of %s: it needs %.1f GiB, this node can spare %.1f GiB",
