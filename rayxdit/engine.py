@@ -19,6 +19,7 @@ import torch
 from rayxdit.config import EngineConfig, parse_lora
 from rayxdit.models.base import DiffusionAdapter
 from rayxdit.models.catalog import component_location
+from rayxdit.models.host_copy import own_storage
 from rayxdit.models.loop import StandardLoop
 from rayxdit.models.lora import LoraWeights
 from rayxdit.models.pipefusion import PipeFusionLoop
@@ -117,6 +118,8 @@ class Engine:
             adapter.load_ip_adapter(component_location(config.ip_adapter), config.ip_adapter_image_encoder)
         if config.quantize:
             adapter.quantize(config.quantize)
+            if adapter.host_copy_s is not None:  # the unquantized weights' buffer goes
+                own_storage(adapter.transformer)
         adapter.parallelize(
             state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
         )

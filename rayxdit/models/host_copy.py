@@ -443,6 +443,20 @@ def _read_files(files: list[tuple[Path, int]], device: torch.device, threads: in
             os.close(fd)
 
 
+def own_storage(module: torch.nn.Module) -> None:
+    """Give every plain tensor of ``module`` memory of its own. A module read from a host copy views one
+    buffer per module; once quantization has replaced most of its weights, the few left (norms, biases,
+    embedders) would keep the whole unquantized buffer alive: copied out, they let it go."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if type(parameter.data) is torch.Tensor:
+                parameter.data = parameter.data.clone()
+        for owner in module.modules():
+            for name, tensor in owner._buffers.items():
+                if type(tensor) is torch.Tensor:
+                    owner._buffers[name] = tensor.clone()
+
+
 def _read_exactly(fd: int, target: memoryview, offset: int) -> None:
     while len(target):
         got = os.preadv(fd, [target], offset)
