@@ -18,7 +18,9 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 _HOST_COPIES = None
 if "RAYXDIT_HOST_COPY_DIR" not in os.environ:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    _HOST_COPIES = os.environ["RAYXDIT_HOST_COPY_DIR"] = tempfile.mkdtemp(prefix="rayxdit-host-copies-", dir=shm)
+    _HOST_COPIES = os.environ["RAYXDIT_HOST_COPY_DIR"] = tempfile.mkdtemp(
+        prefix="rayxdit-host-copies-", dir=shm
+    )
     atexit.register(shutil.rmtree, _HOST_COPIES, True)
 
 
