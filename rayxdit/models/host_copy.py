@@ -275,22 +275,25 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
     return True
 
 
-def write_in_background(key: str, copies: list[_ModuleCopy], description: str) -> threading.Thread:
-    """:func:`write_copy` on a daemon thread: the start that read the checkpoint does not wait for it (its
-    host tensors are held until written)."""
+def keep_copy(key: str, copies: list[_ModuleCopy], description: str, background: bool) -> None:
+    """:func:`write_copy`, on a daemon thread when ``background`` (the start that read the checkpoint does not
+    wait; its host tensors are held until written). A failure (a full disk, a removed directory) is logged:
+    the next start reads the checkpoint, as without a copy."""
 
     def write() -> None:
         try:
             write_copy(key, copies, description)
-        except Exception:  # a full disk, a removed directory: the next start reads the checkpoint, as before
+        except Exception:
             logger.exception("could not write the host copy of %s", description)
         finally:
             copies.clear()
 
+    if not background:
+        write()
+        return
     thread = threading.Thread(target=write, name=f"host-copy-{key[:8]}", daemon=True)
     _WRITERS.append(thread)
     thread.start()
-    return thread
 
 
 _WRITERS: list[threading.Thread] = []

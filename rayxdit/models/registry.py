@@ -23,7 +23,7 @@ from rayxdit.models.catalog import (
     resolve_model,
 )
 from rayxdit.models.families import FLUX, Family
-from rayxdit.models.host_copy import copy_key, read_copy, snapshot, write_in_background
+from rayxdit.models.host_copy import copy_key, keep_copy, read_copy, snapshot
 from rayxdit.models.presets import build_flux_pipeline
 from rayxdit.models.single_file import load_single_file_pipeline
 
@@ -93,7 +93,7 @@ def load_adapter(
         copied = (
             host_copy and not keep_on_host and (not checkpoint or family.single_file == "flux_transformer")
         )
-        key = copy_key(location, checkpoint, dtype) if copied else None
+        key = copy_key(_local_files(location), checkpoint, dtype) if copied else None
         began = time.perf_counter()
         pipeline = _from_host_copy(location, key, device, dtype) if key else None
         if pipeline is not None:
@@ -101,9 +101,9 @@ def load_adapter(
         else:
             pipeline = _from_checkpoint(family, location, checkpoint, dtype)
             if key:
-                write_in_background(
-                    key, snapshot(pipeline), f"{model}{f' + {checkpoint}' if checkpoint else ''}"
-                )
+                # On a CPU the pipeline keeps these very tensors: written before anything (a LoRA) changes them.
+                name = f"{model}{f' + {checkpoint}' if checkpoint else ''}"
+                keep_copy(key, snapshot(pipeline), name, background=device.type != "cpu")
     pipeline.set_progress_bar_config(disable=True)
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and not {name, "*"} & set(keep_on_host):
@@ -113,6 +113,16 @@ def load_adapter(
     adapter = family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
     adapter.host_copy_s = host_copy_s
     return adapter
+
+
+def _local_files(location: str) -> str:
+    """The directory a model's files are in: a hub id's snapshot in the local cache (fetched as
+    ``from_pretrained`` would; its path names the revision), so that the copy's key follows the files."""
+    if os.path.isdir(location):
+        return location
+    from diffusers import DiffusionPipeline
+
+    return str(DiffusionPipeline.download(location))
 
 
 def _from_checkpoint(family: Family, location: str, checkpoint: str | None, dtype: torch.dtype) -> Any:

@@ -20,7 +20,9 @@ from rayxdit.models.host_copy import (
     copies_to_evict,
     copy_key,
     existing_copies,
+    keep_copy,
     own_storage,
+    read_copy,
     snapshot,
     wait_for_writes,
     write_copy,
@@ -29,6 +31,7 @@ from rayxdit.models.presets import materialize_preset
 from rayxdit.models.registry import load_adapter
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest
+from tests.lora_files import lora_source
 
 REQUEST = GenerateRequest(prompt="a lighthouse at dusk", width=64, height=64, steps=2, seed=7)
 
@@ -167,3 +170,56 @@ def test_own_storage_lets_the_copy_buffer_go(copies):
     own_storage(transformer)
     assert shared() == []
     assert torch.equal(read.generate(REQUEST, output="latent").latents, before)
+
+
+def hub_snapshot(cache: Path, repo: str, revision: str, files: Path) -> Path:
+    """A model in huggingface_hub's cache layout, as a download leaves it (``refs/main`` names the snapshot)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, folder / "snapshots" / revision)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return folder / "snapshots" / revision
+
+
+def test_a_hub_model_is_copied_by_its_revision(copies, tmp_path, monkeypatch):
+    """A hub id is keyed by the snapshot its files are in: a new revision is read, and copied, again."""
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    hub_snapshot(cache, "acme/tiny-flux", "a" * 40, materialize_preset("tiny-flux"))
+    loaded = start("acme/tiny-flux")
+    assert "host_copy" not in loaded.load_seconds and len(existing_copies()) == 1
+    assert start("acme/tiny-flux").load_seconds["host_copy"] > 0
+    hub_snapshot(cache, "acme/tiny-flux", "b" * 40, materialize_preset("tiny-flux"))  # a new revision
+    assert "host_copy" not in start("acme/tiny-flux").load_seconds
+    assert len(existing_copies()) == 2
+
+
+def test_a_lora_fused_at_load_stays_out_of_the_copy(copies):
+    """On a CPU the pipeline keeps the very tensors the copy is written from: written before the LoRA is fused
+    into them, the copy is the plain model's."""
+    fused = start("tiny-flux", loras=(f"{lora_source()}/tiny-flux/ink.safetensors:0.8",))
+    assert len(existing_copies()) == 1
+    read, plain = start("tiny-flux"), in_own_memory(start("tiny-flux", host_copy=False))
+    assert read.load_seconds["host_copy"] > 0
+    assert_same_modules(read, plain)
+    latents = read.generate(REQUEST, output="latent").latents
+    assert torch.equal(latents, plain.generate(REQUEST, output="latent").latents)
+    assert not torch.equal(latents, fused.generate(REQUEST, output="latent").latents)
+
+
+def test_a_copy_written_in_the_background_reads_back_whole(copies):
+    """A GPU start's path: the copy written on a thread while the start goes on, then read by the next."""
+    pipeline = load_adapter("tiny-flux", torch.device("cpu"), torch.float32).pipeline
+    keep_copy("k", snapshot(pipeline), "tiny-flux", background=True)
+    wait_for_writes()
+    modules = read_copy("k", torch.device("cpu"))
+    components = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
+    assert modules is not None and modules.keys() == components.keys()
+    for name, module in components.items():
+        mine, theirs = tensors(module), tensors(modules[name])
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
