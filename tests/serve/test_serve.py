@@ -224,8 +224,10 @@ def test_a_replica_warms_up_before_it_takes_traffic(url):
     assert started["warmed_up"] == ["36x36"], started
     timeline = started["timeline"]
     assert set(timeline) == {"processes", "rendezvous", "weights", "warm_up", "total"}, timeline
-    assert set(started["weights"]) == {"model", "add_ons"}
-    assert sum(started["weights"].values()) <= timeline["weights"], (started, timeline)
+    parts = started["weights"]  # host_copy (part of model): the weights came from the node's host copy
+    assert {"model", "add_ons"} <= set(parts) <= {"model", "add_ons", "host_copy"}, parts
+    assert parts["model"] + parts["add_ons"] <= timeline["weights"], (started, timeline)
+    assert parts.get("host_copy", 0) <= parts["model"]
     assert (
         timeline["warm_up"] > 0 and sum(v for k, v in timeline.items() if k != "total") <= timeline["total"]
     )
