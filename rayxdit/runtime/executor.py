@@ -204,12 +204,15 @@ class Executor(ABC):
         self.broken = False
         self.timeline = {stage: round(seconds, 3) for stage, seconds in timeline.items()}
         logger.info(
-            "worker group %s generation %d up in %.1f s on %s (%s)",
+            "worker group %s generation %d up in %.1f s on %s (%s)%s",
             self.name,
             self.generation,
             time.perf_counter() - begin,
             self.devices,
             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.timeline.items()),
+            f"; weights from the node's host copy in {self.load_parts['host_copy']:.1f} s"
+            if "host_copy" in self.load_parts
+            else "",
         )
 
     def _rendezvous_host(self) -> str | None:
