@@ -92,8 +92,17 @@ class Engine:
         on_host = ("transformer",) if config.shard_weights and device.type == "cuda" else ()
         if config.offload:
             on_host = ALL_COMPONENTS
+        # Weights from the node's host copy may arrive while the engine is set up and warmed up, unless an
+        # add-on reads or changes their values as it loads (LoRAs fused at load, per-request LoRAs, fp8).
+        changed_at_load = bool(config.loras or config.lora_sources or config.quantize)
         adapter = self.adapter = load_adapter(
-            config.model, device, dtype, on_host, config.checkpoint, host_copy=config.host_copy
+            config.model,
+            device,
+            dtype,
+            on_host,
+            config.checkpoint,
+            host_copy=config.host_copy,
+            defer_weights=not changed_at_load,
         )
         built = _now(device)
         # In ADD_ON_ORDER.
@@ -118,7 +127,7 @@ class Engine:
             adapter.load_ip_adapter(component_location(config.ip_adapter), config.ip_adapter_image_encoder)
         if config.quantize:
             adapter.quantize(config.quantize)
-            if adapter.host_copy_s is not None:  # the unquantized weights' buffer goes
+            if adapter.weights_arriving is not None:  # the unquantized weights' buffer goes
                 own_storage(adapter.transformer)
         adapter.parallelize(
             state, config.attention, config.pipefusion_patches, config.warmup_steps, config.vae_parallel
@@ -134,12 +143,21 @@ class Engine:
         self.load_seconds = {"model": round(built - began, 3), "add_ons": round(_now(device) - built, 3)}
         """Seconds of this engine's start: ``model`` (weights read or built, on the device), ``add_ons``
         (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
-        compile is lazy), and ``host_copy`` where the weights came from the node's host copy (part of
-        ``model``)."""
-        if adapter.host_copy_s is not None:
-            self.load_seconds["host_copy"] = adapter.host_copy_s
+        compile is lazy), and ``host_copy`` where the weights came from the node's host copy: the seconds of its
+        read, once it is done (:meth:`weights_ready`; it may go on after the engine is built)."""
+        if adapter.weights_arriving is not None and adapter.weights_arriving.seconds is not None:
+            self.load_seconds["host_copy"] = adapter.weights_arriving.seconds
         self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         """What the weights and buffers take on this rank's GPU after the start (None on a CPU)."""
+
+    def weights_ready(self) -> float | None:
+        """Wait until every weight is in place (a read from the node's host copy may still be filling them);
+        the read's seconds, or None when the weights did not come from a host copy."""
+        read = self.adapter.weights_arriving
+        if read is None:
+            return None
+        self.load_seconds["host_copy"] = read.wait()
+        return read.seconds
 
     @torch.inference_mode()
     def generate(
@@ -149,6 +167,7 @@ class Engine:
         progress: bool = False,
         control: StepControl = UNCONTROLLED,
         on_preview: Callable[[int, list], None] | None = None,
+        warm_up: bool = False,
     ) -> GenerateResult | None:
         """Collective: every rank of the group calls it with the same request; rank 0 returns the result.
 
@@ -156,8 +175,12 @@ class Engine:
         ``control`` is checked at every step boundary: when the group agrees to stop, every rank raises
         :class:`~rayxdit.request.RequestStopped` at the same step. ``on_preview(index, images)`` gets, on the
         driver, the request's ``partial_images`` previews as they are made (the standard loop; PipeFusion's
-        makes none); they change nothing of the final image.
+        makes none); they change nothing of the final image. ``warm_up``: a request whose output is thrown away
+        (a replica's warm-up, which compiles): it may run while weights are still arriving from the node's
+        host copy; every other request waits for them (:meth:`weights_ready`).
         """
+        if not warm_up:
+            self.weights_ready()
         adapter = self.adapter
         resolved = adapter.resolve(request)
         timings: dict[str, float] = {}

@@ -27,6 +27,7 @@ from PIL import Image
 from rayxdit.config import ConfigError, ParallelConfig
 from rayxdit.limits import ModelLimits, ResolvedRequest, cfg_scale, uses_cfg
 from rayxdit.models.families import Family
+from rayxdit.models.host_copy import CopyRead
 from rayxdit.models.running import RunningRequest, SourceImage
 from rayxdit.models.step_cache import BLOCK_LISTS, FirstBlockCache, apply_first_block_cache
 from rayxdit.parallel.cfg import branches_for_rank
@@ -100,9 +101,10 @@ class DiffusionAdapter(ABC):
         self.step_cache: FirstBlockCache | None = None
         self.cache_threshold = 0.0
         """The step cache's threshold for requests that send none (see :meth:`cache_threshold_for`)."""
-        self.host_copy_s: float | None = None
-        """Seconds the weights took from the node's host copy (:mod:`rayxdit.models.host_copy`); None when they
-        were read from the checkpoint or built."""
+        self.weights_arriving: CopyRead | None = None
+        """The weights' read from the node's host copy (:mod:`rayxdit.models.host_copy`), which may still be
+        filling them (its ``wait()`` returns once they are in place); None when they were read from the
+        checkpoint or built."""
 
     # ----- facts about the model --------------------------------------------------------------------------
     @property

@@ -311,14 +311,15 @@ def _threads() -> int:
     return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
-def _parallel(work: Callable[[list[Any]], None], items: list[Any], threads: int) -> None:
-    """``work`` on ``threads`` threads, each given every ``threads``-th item; the first error is raised."""
+def _in_parallel(work: Callable[[list[Any]], None], items: list[Any], threads: int) -> Callable[[], None]:
+    """Start ``work`` on ``threads`` threads, each given every ``threads``-th item; returns what joins them
+    (and raises the first error)."""
     errors: list[BaseException] = []
 
     def run(mine: list[Any]) -> None:
         try:
             work(mine)
-        except BaseException as error:  # re-raised by the caller
+        except BaseException as error:  # re-raised by the join
             errors.append(error)
 
     workers = [
@@ -326,10 +327,14 @@ def _parallel(work: Callable[[list[Any]], None], items: list[Any], threads: int)
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+
+    def join() -> None:
+        for worker in workers:
+            worker.join()
+        if errors:
+            raise errors[0]
+
+    return join
 
 
 def _write_tensors(path: Path, copy: _ModuleCopy, threads: int) -> None:
@@ -346,16 +351,41 @@ def _write_tensors(path: Path, copy: _ModuleCopy, threads: int) -> None:
                     os.pwrite(fd, view[start : start + length], base + start)
 
             spans = [(start, min(CHUNK, entry.nbytes - start)) for start in range(0, entry.nbytes, CHUNK)]
-            _parallel(write, spans, threads)
+            _in_parallel(write, spans, threads)()
     del flat
 
 
 # ----- reading ------------------------------------------------------------------------------------------------
-def read_copy(
-    key: str, device: torch.device, threads: int | None = None
-) -> dict[str, torch.nn.Module] | None:
-    """The modules of copy ``key`` on ``device``, or None when this node has no such copy (or a module no longer
-    builds the way it was saved: then the caller loads the checkpoint)."""
+@dataclass
+class CopyRead:
+    """A copy's modules on the device, their tensors still arriving until :meth:`wait` returns."""
+
+    modules: dict[str, torch.nn.Module]
+    finish: Callable[[], None]
+    began: float
+    description: str
+    size: int
+    seconds: float | None = None
+
+    def wait(self) -> float:
+        """Wait until every tensor is in place (a read that failed raises here); the read's seconds."""
+        if self.seconds is None:
+            self.finish()
+            self.seconds = round(time.perf_counter() - self.began, 3)
+            logger.info(
+                "read %s from the node's host copy: %.1f GiB in %.2f s (%.1f GB/s)",
+                self.description,
+                self.size / 2**30,
+                self.seconds,
+                self.size / max(self.seconds, 1e-9) / 1e9,
+            )
+        return self.seconds
+
+
+def read_copy(key: str, device: torch.device, threads: int | None = None) -> CopyRead | None:
+    """Start reading copy ``key`` onto ``device``: its modules, built and given their (still empty) tensors,
+    while threads fill them; :meth:`CopyRead.wait` before their values are used. None when this node has no
+    such copy, or a module no longer builds the way it was saved (then the caller loads the checkpoint)."""
     folder = host_copy_dir() / key
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -368,26 +398,35 @@ def read_copy(
         os.utime(folder / "manifest.json")  # used now: the last to be evicted
     began = time.perf_counter()
     specs = manifest["modules"]
-    skeletons = [_skeleton(spec, configs[spec["component"]]) for spec in specs]
-    files = [(folder / f"{spec['component']}.bin", spec["size"]) for spec in specs]
-    buffers = _read_files(files, device, threads or _threads())
+    buffers = [torch.empty(spec["size"], dtype=torch.uint8, device=device) for spec in specs]
     modules = {}
-    for spec, module, buffer in zip(specs, skeletons, buffers, strict=True):
+    for spec, buffer in zip(specs, buffers, strict=True):
+        module = _skeleton(spec, configs[spec["component"]])
         if not _fill(module, spec["entries"], buffer):
             logger.warning(
                 "the host copy %s does not fit %s any more: reading the checkpoint", key, spec["cls"]
             )
             return None
         modules[spec["component"]] = module.eval()
-    seconds, size = time.perf_counter() - began, sum(spec["size"] for spec in specs)
-    logger.info(
-        "read %s from the node's host copy: %.1f GiB in %.2f s (%.1f GB/s)",
-        manifest["model"],
-        size / 2**30,
-        seconds,
-        size / max(seconds, 1e-9) / 1e9,
-    )
-    return modules
+    # A module with integer tensors (CLIP's position ids) is read before this returns: a warm-up that ran on
+    # half-read indices could index out of range, which on a GPU ends its CUDA context. Floating-point weights
+    # may arrive later: a warm-up on them computes numbers that are thrown away.
+    threads = threads or _threads()
+    now = [
+        i for i, spec in enumerate(specs) if not all(_floating(entry["dtype"]) for entry in spec["entries"])
+    ]
+    later = [i for i in range(len(specs)) if i not in now]
+    for part in (now, later):
+        files = [folder / f"{specs[i]['component']}.bin" for i in part]
+        finish = _start_reading(files, [buffers[i] for i in part], device, threads)
+        if part is now:
+            finish()
+    size = sum(spec["size"] for spec in specs)
+    return CopyRead(modules, finish, began, manifest["model"], size)
+
+
+def _floating(dtype: str) -> bool:
+    return getattr(torch, dtype).is_floating_point
 
 
 def _skeleton(spec: dict[str, Any], config: Any) -> torch.nn.Module:
@@ -399,51 +438,53 @@ def _skeleton(spec: dict[str, Any], config: Any) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def _read_files(files: list[tuple[Path, int]], device: torch.device, threads: int) -> list[torch.Tensor]:
-    """Each file's bytes in one buffer on ``device``. On a GPU, threads read chunks into pinned buffers and
-    copy each to the GPU on their own stream, two buffers each so that a read overlaps the previous chunk's
-    copy (a pageable copy of the same file ran at ~6 GB/s on the H200 host, ~17 GB/s this way)."""
-    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _, size in files]
-    fds = [os.open(path, os.O_RDONLY) for path, _ in files]
+def _start_reading(
+    files: list[Path], buffers: list[torch.Tensor], device: torch.device, threads: int
+) -> Callable[[], None]:
+    """Fill each buffer with its file's bytes on ``threads`` threads; returns what waits for them. On a GPU,
+    each thread reads chunks into pinned buffers and copies each to the GPU on its own stream, two buffers
+    each so that a read overlaps the previous chunk's copy (a pageable copy of a tmpfs file ran at ~6 GB/s on
+    the H200 host, ~17 GB/s this way)."""
+    fds = [os.open(path, os.O_RDONLY) for path in files]
     spans = [
-        (index, start, min(CHUNK, size - start))
-        for index, (_, size) in enumerate(files)
-        for start in range(0, size, CHUNK)
+        (index, start, min(CHUNK, buffer.numel() - start))
+        for index, buffer in enumerate(buffers)
+        for start in range(0, buffer.numel(), CHUNK)
     ]
-    try:
-        if device.type != "cuda":  # straight into the buffers, which are the weights' own memory
-            targets = [memoryview(buffer.numpy()) for buffer in buffers]
 
-            def read_host(mine: list[tuple[int, int, int]]) -> None:
-                for index, start, length in mine:
-                    _read_exactly(fds[index], targets[index][start : start + length], start)
+    def read_host(mine: list[tuple[int, int, int]]) -> None:  # straight into the weights' own memory
+        targets = [memoryview(buffer.numpy()) for buffer in buffers]
+        for index, start, length in mine:
+            _read_exactly(fds[index], targets[index][start : start + length], start)
 
-            _parallel(read_host, spans, threads)
-            return buffers
+    def read_to_device(mine: list[tuple[int, int, int]]) -> None:
+        stream = torch.cuda.Stream(device)
+        staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done: list[torch.cuda.Event | None] = [None, None]
+        for count, (index, start, length) in enumerate(mine):
+            slot = count % 2
+            if done[slot] is not None:
+                done[slot].synchronize()  # its previous copy has left the pinned buffer
+            _read_exactly(fds[index], memoryview(staging[slot].numpy())[:length], start)
+            with torch.cuda.stream(stream):
+                buffers[index][start : start + length].copy_(staging[slot][:length], non_blocking=True)
+                done[slot] = torch.cuda.Event()
+                done[slot].record(stream)
+        stream.synchronize()  # in place for every stream from here on
 
-        def read_to_device(mine: list[tuple[int, int, int]]) -> None:
-            stream = torch.cuda.Stream(device)
-            staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            done: list[torch.cuda.Event | None] = [None, None]
-            for count, (index, start, length) in enumerate(mine):
-                slot = count % 2
-                if done[slot] is not None:
-                    done[slot].synchronize()  # its previous copy has left the pinned buffer
-                _read_exactly(fds[index], memoryview(staging[slot].numpy())[:length], start)
-                with torch.cuda.stream(stream):
-                    buffers[index][start : start + length].copy_(staging[slot][:length], non_blocking=True)
-                    done[slot] = torch.cuda.Event()
-                    done[slot].record(stream)
-            stream.synchronize()
+    finish = _in_parallel(read_to_device if device.type == "cuda" else read_host, spans, threads)
 
-        _parallel(read_to_device, spans, threads)
+    def wait() -> None:
+        try:
+            finish()
+        finally:
+            for fd in fds:
+                os.close(fd)
         empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
-        if empty_host_cache is not None:  # the pinned buffers back to the system (torch >= 2.12)
+        if device.type == "cuda" and empty_host_cache is not None:  # pinned buffers back (torch >= 2.12)
             empty_host_cache()
-        return buffers
-    finally:
-        for fd in fds:
-            os.close(fd)
+
+    return wait
 
 
 def own_storage(module: torch.nn.Module) -> None:

@@ -7,7 +7,6 @@ family's adapter, and ControlNets beside it. Naming a model and reading its card
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import torch
@@ -68,22 +67,25 @@ def load_adapter(
     keep_on_host: tuple[str, ...] = (),
     checkpoint: str | None = None,
     host_copy: bool = False,
+    defer_weights: bool = False,
 ) -> DiffusionAdapter:
     """Load a pipeline with diffusers' own ``from_pretrained`` (or build a recipe on the device) and wrap it
     in its family's adapter. Components named in ``keep_on_host`` (every one: :data:`ALL_COMPONENTS`) stay in
     host memory: a transformer whose weights are then sharded onto the device, or offloaded weights. A
     single-file ``checkpoint`` replaces the model's weights (:mod:`rayxdit.models.single_file`).
     ``host_copy``: read the weights from this node's host copy where it has one, and write one where it has
-    not (:mod:`rayxdit.models.host_copy`)."""
+    not (:mod:`rayxdit.models.host_copy`). ``defer_weights``: return while the copy's tensors are still
+    arriving, with :attr:`DiffusionAdapter.weights_arriving` set (wait on it before the weights' values count)."""
     import diffusers
     import transformers
+    from diffusers import DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     sizes = built_in_code(model)
     if sizes is not None and checkpoint:
         raise ConfigError(f"checkpoint with {model}: a single file loads over a model's directory or hub id")
-    host_copy_s = None
+    read = None
     if sizes is not None:
         pipeline = build_flux_pipeline(sizes, torch.device("cpu") if keep_on_host else device, dtype)
     else:
@@ -94,10 +96,12 @@ def load_adapter(
             host_copy and not keep_on_host and (not checkpoint or family.single_file == "flux_transformer")
         )
         key = copy_key(_local_files(location), checkpoint, dtype) if copied else None
-        began = time.perf_counter()
-        pipeline = _from_host_copy(location, key, device, dtype) if key else None
-        if pipeline is not None:
-            host_copy_s = round(time.perf_counter() - began, 3)
+        read = read_copy(key, device) if key else None
+        if read is not None:
+            if not defer_weights:
+                read.wait()
+            # The rest (tokenizers, scheduler) from the model's directory, given the modules.
+            pipeline = DiffusionPipeline.from_pretrained(location, dtype=dtype, **read.modules)
         else:
             pipeline = _from_checkpoint(family, location, checkpoint, dtype)
             if key:
@@ -111,7 +115,7 @@ def load_adapter(
     if sizes is not None:
         return FLUX.adapter_class()(pipeline, limits=built_in_limits(sizes))
     adapter = family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
-    adapter.host_copy_s = host_copy_s
+    adapter.weights_arriving = read
     return adapter
 
 
@@ -131,14 +135,3 @@ def _from_checkpoint(family: Family, location: str, checkpoint: str | None, dtyp
     if checkpoint:
         return load_single_file_pipeline(family, location, checkpoint, dtype)
     return DiffusionPipeline.from_pretrained(location, dtype=dtype)
-
-
-def _from_host_copy(location: str, key: str, device: torch.device, dtype: torch.dtype) -> Any | None:
-    """The pipeline with its modules from the node's host copy ``key`` and the rest (tokenizers, scheduler)
-    from the model's directory; None when the node has no such copy."""
-    from diffusers import DiffusionPipeline
-
-    modules = read_copy(key, device)
-    if modules is None:
-        return None
-    return DiffusionPipeline.from_pretrained(location, dtype=dtype, **modules)

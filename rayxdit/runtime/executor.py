@@ -210,7 +210,7 @@ class Executor(ABC):
             time.perf_counter() - begin,
             self.devices,
             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.timeline.items()),
-            f"; weights from the node's host copy in {self.load_parts['host_copy']:.1f} s"
+            f"; weights from the node's host copy ({self.load_parts['host_copy']:.1f} s)"
             if "host_copy" in self.load_parts
             else "",
         )
@@ -321,12 +321,14 @@ class Executor(ABC):
         output: str = "pil",
         request_id: str | None = None,
         deadline: float | None = None,
+        warm_up: bool = False,
     ) -> EncodedResult:
         """:meth:`generate` for asyncio owners (Serve replicas), stoppable: past ``deadline`` (seconds since
         the epoch) every rank stops at a step boundary and :class:`RequestStopped` is raised; if the awaiting
         task is cancelled (the client went away), the ranks are stopped the same way before the cancellation
         propagates, so the group is clean (or, if they do not stop within ``cancel_grace_s``, broken) by the
-        time the caller can issue another call."""
+        time the caller can issue another call. ``warm_up``: a warm-up, whose output is thrown away, may run on
+        weights still arriving from the node's host copy (:meth:`RankWorker.generate`)."""
         request_id = request_id or uuid.uuid4().hex
         timeout = self.call_timeout_s
         if deadline is not None:
@@ -334,7 +336,7 @@ class Executor(ABC):
             timeout = bound if timeout is None else min(timeout, bound)
         call = asyncio.ensure_future(
             self.collective_rpc_async(
-                "generate", (request, output, False, request_id, deadline), timeout=timeout
+                "generate", (request, output, False, request_id, deadline, warm_up), timeout=timeout
             )
         )
         try:

@@ -121,6 +121,12 @@ class RankWorker:
         self.engine = Engine(config, build_parallel_state(config.parallel, device, self.collective_timeout_s))
         return self.engine.load_seconds
 
+    def weights_ready(self) -> float | None:
+        """Collective: wait until this rank's weights are all in place (:meth:`Engine.weights_ready`); the
+        seconds of their read from the node's host copy, or None when they did not come from one."""
+        assert self.engine is not None, "load() first"
+        return self.engine.weights_ready()
+
     def gpu_health(self) -> dict[str, Any]:
         """This rank's GPU and what NVML says of its health (:func:`rayxdit.runtime.telemetry.gpu_health`)."""
         from rayxdit.runtime.telemetry import gpu_health
@@ -138,13 +144,15 @@ class RankWorker:
         progress: bool = False,
         request_id: str | None = None,
         deadline: float | None = None,
+        warm_up: bool = False,
     ) -> EncodedResult | None:
         """Collective: every rank gets the same request; rank 0 returns the PNG-encoded result (or, with
         ``output="latent"``, the final latents), the others None.
 
         The request can be cancelled by its ``request_id`` (:meth:`cancel`) and stops past ``deadline``
         (seconds since the epoch): every rank raises :class:`~rayxdit.request.RequestStopped` at the same
-        step boundary, leaving the group clean. :meth:`progress` tells its step meanwhile."""
+        step boundary, leaving the group clean. :meth:`progress` tells its step meanwhile. ``warm_up``: its
+        output is thrown away, so it may run on weights still arriving (:meth:`Engine.generate`)."""
         from rayxdit.imaging import encode_png, encode_result
         from rayxdit.parallel.control import StepControl
 
@@ -158,7 +166,12 @@ class RankWorker:
         self._record_progress(request_id, 0, request.steps or 0)
         try:
             result = self.engine.generate(
-                request, output=output, progress=progress, control=control, on_preview=self._keep_preview
+                request,
+                output=output,
+                progress=progress,
+                control=control,
+                on_preview=self._keep_preview,
+                warm_up=warm_up,
             )
         except RequestStopped as stop:
             self._finished(request_id, stop.reason, stop.step)

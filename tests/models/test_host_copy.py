@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def copies(tmp_path, monkeypatch) -> Path:
 
 
 def start(model: str, **options) -> Engine:
+    """An engine with its weights in place (read from a host copy, they may arrive after it is built)."""
     engine = Engine(EngineConfig(model=model, **options), ParallelState.single())
+    engine.weights_ready()
     wait_for_writes()
     return engine
 
@@ -217,9 +220,33 @@ def test_a_copy_written_in_the_background_reads_back_whole(copies):
     pipeline = load_adapter("tiny-flux", torch.device("cpu"), torch.float32).pipeline
     keep_copy("k", snapshot(pipeline), "tiny-flux", background=True)
     wait_for_writes()
-    modules = read_copy("k", torch.device("cpu"))
+    read = read_copy("k", torch.device("cpu"))
+    assert read is not None and read.wait() > 0
+    modules = read.modules
     components = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
-    assert modules is not None and modules.keys() == components.keys()
+    assert modules.keys() == components.keys()
     for name, module in components.items():
         mine, theirs = tensors(module), tensors(modules[name])
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+
+
+def test_a_warm_up_runs_while_the_weights_arrive_and_the_first_request_waits_for_them(copies, monkeypatch):
+    """A replica's warm-up (its output thrown away) runs while the copy's read goes on; a request waits for
+    the read, so it gets the model's own image. The transformer's read is held here until the warm-up is done:
+    the warm-up's output shows its weights were not in place (what a request that did not wait would get)."""
+    reference = in_own_memory(start("tiny-flux")).generate(REQUEST, output="latent").latents
+    read_exactly, warmed_up = host_copy._read_exactly, threading.Event()
+
+    def held(fd: int, *args) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("transformer.bin"):
+            assert warmed_up.wait(60)
+        read_exactly(fd, *args)
+
+    monkeypatch.setattr(host_copy, "_read_exactly", held)
+    engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
+    assert engine.adapter.weights_arriving.seconds is None  # still reading
+    early = engine.generate(REQUEST, output="latent", warm_up=True).latents
+    warmed_up.set()
+    assert not torch.equal(early, reference)
+    assert torch.equal(engine.generate(REQUEST, output="latent").latents, reference)
+    assert engine.load_seconds["host_copy"] > 0

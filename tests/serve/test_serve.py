@@ -223,7 +223,9 @@ def test_a_replica_warms_up_before_it_takes_traffic(url):
     started = serve.get_deployment_handle("tiny-4", app_name=APP_NAME).startup.remote().result()
     assert started["warmed_up"] == ["36x36"], started
     timeline = started["timeline"]
-    assert set(timeline) == {"processes", "rendezvous", "weights", "warm_up", "total"}, timeline
+    assert set(timeline) == {"processes", "rendezvous", "weights", "warm_up", "weights_wait", "total"}, (
+        timeline
+    )
     parts = started["weights"]  # host_copy (part of model): the weights came from the node's host copy
     assert {"model", "add_ons"} <= set(parts) <= {"model", "add_ons", "host_copy"}, parts
     assert parts["model"] + parts["add_ons"] <= timeline["weights"], (started, timeline)
