@@ -16,6 +16,11 @@ server restarts) and are evicted least recently used first when a new copy would
 node can spare. A copy is keyed by the model's files (names, sizes, modification times), the checkpoint, the
 dtype and the versions of the libraries that build the modules: a changed checkpoint is never served from
 a stale copy.
+
+A replica's warm-up needs the weights' shapes, not their values (it compiles; its image is thrown away), so
+:func:`read_copy` returns once the modules are built and their buffers allocated, while the threads fill
+them: the warm-up runs meanwhile, and everything else waits (:meth:`CopyRead.wait`). A copy's directory must
+belong to this user and be writable by no one else (a copy holds pickled configs): another's is ignored.
 """
 
 from __future__ import annotations
@@ -57,6 +62,15 @@ MAX_THREADS = 16
 
 def host_copy_dir() -> Path:
     return Path(os.environ.get(DIR_ENV, DEFAULT_DIR))
+
+
+def _trusted(directory: Path) -> bool:
+    """Whether ``directory`` is this user's and writable by no one else (its copies' configs are unpickled)."""
+    stat = directory.stat()
+    if stat.st_uid == os.getuid() and not stat.st_mode & 0o022:
+        return True
+    logger.warning("ignoring the host copies in %s: not this user's, or writable by others", directory)
+    return False
 
 
 def copy_key(location: str, checkpoint: str | None, dtype: torch.dtype) -> str:
@@ -229,6 +243,8 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
     read). False when another process writes it, it exists, or the node cannot spare the memory."""
     directory = host_copy_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _trusted(directory):
+        return False
     final, partial = directory / key, directory / f"{key}.partial"
     began = time.perf_counter()
     with _writer_lock(directory, key) as mine:
@@ -388,6 +404,8 @@ def read_copy(key: str, device: torch.device, threads: int | None = None) -> Cop
     such copy, or a module no longer builds the way it was saved (then the caller loads the checkpoint)."""
     folder = host_copy_dir() / key
     try:
+        if not _trusted(folder.parent):
+            return None
         manifest = json.loads((folder / "manifest.json").read_text())
         configs = pickle.loads((folder / "configs.pickle").read_bytes())
     except (OSError, ValueError, pickle.UnpicklingError):

@@ -250,3 +250,15 @@ def test_a_warm_up_runs_while_the_weights_arrive_and_the_first_request_waits_for
     assert not torch.equal(early, reference)
     assert torch.equal(engine.generate(REQUEST, output="latent").latents, reference)
     assert engine.load_seconds["host_copy"] > 0
+
+
+def test_copies_in_a_directory_others_can_write_are_ignored(copies):
+    """A copy's configs are unpickled: a directory anyone could have written is neither read nor written."""
+    start("tiny-flux")
+    assert len(existing_copies()) == 1
+    copies.chmod(0o777)
+    assert "host_copy" not in start("tiny-flux").load_seconds  # read from the checkpoint
+    ((key, _, _),) = existing_copies()
+    shutil.rmtree(copies / key)
+    start("tiny-flux")
+    assert existing_copies() == []  # and not written there either
