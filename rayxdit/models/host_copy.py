@@ -226,6 +226,15 @@ def existing_copies(directory: Path | None = None) -> list[tuple[str, int, float
     return copies
 
 
+def _remove_abandoned(directory: Path) -> None:
+    """Delete the half-written copies whose writer is gone (nobody holds their lock): a replica killed while
+    it wrote one would otherwise leave its memory taken until the same model is copied again."""
+    for partial in directory.glob("*.partial"):
+        with _writer_lock(directory, partial.name.removesuffix(".partial")) as abandoned:
+            if abandoned:
+                shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _writer_lock(directory: Path, key: str) -> Iterator[bool]:
     """Whether this process may write ``key`` (one writer per copy per node: the lock goes with its process)."""
@@ -250,7 +259,8 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
     with _writer_lock(directory, key) as mine:
         if not mine or (final / "manifest.json").exists():
             return False
-        shutil.rmtree(partial, ignore_errors=True)  # a writer that died before it finished
+        shutil.rmtree(partial, ignore_errors=True)  # this copy's writer that died before it finished
+        _remove_abandoned(directory)  # and other copies' (their locks are free)
         needed = sum(copy.size for copy in copies)
         evict = copies_to_evict(existing_copies(directory), needed, spare_bytes(directory))
         if evict is None:

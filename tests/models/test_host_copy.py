@@ -262,3 +262,15 @@ def test_copies_in_a_directory_others_can_write_are_ignored(copies):
     shutil.rmtree(copies / key)
     start("tiny-flux")
     assert existing_copies() == []  # and not written there either
+
+
+def test_a_half_written_copy_whose_writer_died_is_removed_by_the_next_writer(copies):
+    pipeline = load_adapter("tiny-flux", torch.device("cpu"), torch.float32).pipeline
+    copies.mkdir(parents=True)
+    for name in ("dead", "writing"):
+        (copies / f"{name}.partial").mkdir()
+        (copies / f"{name}.partial" / "transformer.bin").write_bytes(b"\0" * 4096)
+    with open(copies / "writing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # its writer is still at it
+        assert write_copy("k", snapshot(pipeline), "tiny-flux")
+    assert not (copies / "dead.partial").exists() and (copies / "writing.partial").exists()
