@@ -230,8 +230,9 @@ class EngineConfig(BaseModel):
         default=True,
         description="Keep one copy of the model's weights per node in shared memory (/dev/shm, or "
         "RAYXDIT_HOST_COPY_DIR), written by the first rank that reads the checkpoint, and start later ranks on "
-        "that node from it: parallel reads into pinned buffers instead of the checkpoint (exact: the same "
-        "tensors). Least recently used copies are evicted when a new one would leave less than a quarter of "
+        "that node from it: parallel reads into pinned buffers, behind a pool's warm-up, instead of the "
+        "checkpoint (exact: the same tensors; requests wait for them). Least recently used copies are evicted "
+        "when a new one would leave less than a quarter of "
         "the node's memory available. Models from a directory or hub id, and Flux single files; not with "
         "shard_weights or offload.",
         json_schema_extra=_option("--no-host-copy"),
