@@ -584,12 +584,22 @@ def serve_side_start(deployment: str, replica: str, ready_at_ms: float) -> dict:
         for call in list_tasks(filters=[("actor_id", "=", actor_id)], detail=True)
         if call.name.endswith("initialize_and_get_metadata")
     ] or [{}]
-    ranks = [
-        creation(rank)
-        for rank in list_tasks(filters=[("type", "=", "ACTOR_CREATION_TASK")], detail=True, limit=10_000)
-        if rank.name.endswith(("ForkedRank.__init__", "RankWorker.__init__"))
-        and rank.creation_time_ms >= created
-    ]
+
+    def rank_creations() -> list[dict[str, float]]:
+        return [
+            creation(rank)
+            for rank in list_tasks(filters=[("type", "=", "ACTOR_CREATION_TASK")], detail=True, limit=10_000)
+            if rank.name.endswith(("ForkedRank.__init__", "RankWorker.__init__"))
+            and rank.creation_time_ms >= created
+        ]
+
+    # A worker's events reach the state API in batches: one rank's RUNNING was seen to arrive after its
+    # FINISHED (a 2-core machine, 2026-12-04). Wait a little for every rank's pair.
+    deadline = time.monotonic() + 10
+    ranks = rank_creations()
+    while not all({"RUNNING", "FINISHED"} <= rank.keys() for rank in ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        ranks = rank_creations()
     since = lambda ms: round((ms - created) / 1000, 3) if ms else None  # noqa: E731
     return {
         "placed_s": since(events.get("PENDING_NODE_ASSIGNMENT", created)),
