@@ -145,8 +145,8 @@ class Engine:
         (LoRAs, ControlNets, IP-Adapter, quantization, parallel processors, step cache, sharded weights;
         compile is lazy), and ``host_copy`` where the weights came from the node's host copy: the seconds of its
         read, once it is done (:meth:`weights_ready`; it may go on after the engine is built)."""
-        if adapter.weights_arriving is not None and adapter.weights_arriving.seconds is not None:
-            self.load_seconds["host_copy"] = adapter.weights_arriving.seconds
+        if changed_at_load:  # load_adapter waited for the host copy's read: its seconds
+            self.weights_ready()
         self.resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         """What the weights and buffers take on this rank's GPU after the start (None on a CPU)."""
 

@@ -247,7 +247,7 @@ def _writer_lock(directory: Path, key: str) -> Iterator[bool]:
         yield True
 
 
-def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: int | None = None) -> bool:
+def write_copy(key: str, copies: list[_ModuleCopy], description: str) -> bool:
     """Write a model's copy under :func:`host_copy_dir` (whole, or not at all: a half-written copy is never
     read). False when another process writes it, it exists, or the node cannot spare the memory."""
     directory = host_copy_dir()
@@ -261,14 +261,14 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
             return False
         shutil.rmtree(partial, ignore_errors=True)  # this copy's writer that died before it finished
         _remove_abandoned(directory)  # and other copies' (their locks are free)
-        needed = sum(copy.size for copy in copies)
-        evict = copies_to_evict(existing_copies(directory), needed, spare_bytes(directory))
+        needed, spare = sum(copy.size for copy in copies), spare_bytes(directory)
+        evict = copies_to_evict(existing_copies(directory), needed, spare)
         if evict is None:
             logger.warning(
                 "no host copy of %s: it needs %.1f GiB, this node can spare %.1f GiB",
                 description,
                 needed / 2**30,
-                spare_bytes(directory) / 2**30,
+                spare / 2**30,
             )
             return False
         for old in evict:
@@ -276,7 +276,7 @@ def write_copy(key: str, copies: list[_ModuleCopy], description: str, threads: i
             shutil.rmtree(directory / old, ignore_errors=True)
         partial.mkdir(mode=0o700)
         for copy in copies:
-            _write_tensors(partial / f"{copy.component}.bin", copy, threads or _threads())
+            _write_tensors(partial / f"{copy.component}.bin", copy)
         manifest = {
             "format": FORMAT,
             "model": description,
@@ -325,12 +325,10 @@ def keep_copy(key: str, copies: list[_ModuleCopy], description: str, background:
 _WRITERS: list[threading.Thread] = []
 
 
-def wait_for_writes(timeout_s: float | None = None) -> None:
+def wait_for_writes() -> None:
     """Wait until this process's copies in the background are written (or failed)."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    for thread in list(_WRITERS):
-        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    _WRITERS[:] = [thread for thread in _WRITERS if thread.is_alive()]
+    while _WRITERS:
+        _WRITERS.pop().join()
 
 
 def _threads() -> int:
@@ -363,22 +361,28 @@ def _in_parallel(work: Callable[[list[Any]], None], items: list[Any], threads: i
     return join
 
 
-def _write_tensors(path: Path, copy: _ModuleCopy, threads: int) -> None:
-    flat = torch.zeros(0, dtype=torch.uint8)
+def _spans(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """``(index, start, length)``: pieces of at most :data:`CHUNK` bytes of each of ``sizes``, in order."""
+    return [
+        (index, start, min(CHUNK, size - start))
+        for index, size in enumerate(sizes)
+        for start in range(0, size, CHUNK)
+    ]
+
+
+def _write_tensors(path: Path, copy: _ModuleCopy) -> None:
+    """The module's tensors at their offsets in one file, in pieces written by :func:`_threads` threads."""
+    views = [memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) for tensor in copy.tensors]
     with open(path, "wb") as file:
         os.ftruncate(file.fileno(), copy.size)
-        fd = file.fileno()
-        for entry, tensor in zip(copy.entries, copy.tensors, strict=True):
-            flat = tensor.reshape(-1).view(torch.uint8)
-            view = memoryview(flat.numpy())
 
-            def write(mine: list[tuple[int, int]], view=view, base=entry.offset) -> None:
-                for start, length in mine:
-                    os.pwrite(fd, view[start : start + length], base + start)
+        def write(mine: list[tuple[int, int, int]]) -> None:
+            for index, start, length in mine:
+                os.pwrite(
+                    file.fileno(), views[index][start : start + length], copy.entries[index].offset + start
+                )
 
-            spans = [(start, min(CHUNK, entry.nbytes - start)) for start in range(0, entry.nbytes, CHUNK)]
-            _in_parallel(write, spans, threads)()
-    del flat
+        _in_parallel(write, _spans([entry.nbytes for entry in copy.entries]), _threads())()
 
 
 # ----- reading ------------------------------------------------------------------------------------------------
@@ -408,7 +412,7 @@ class CopyRead:
         return self.seconds
 
 
-def read_copy(key: str, device: torch.device, threads: int | None = None) -> CopyRead | None:
+def read_copy(key: str, device: torch.device) -> CopyRead | None:
     """Start reading copy ``key`` onto ``device``: its modules, built and given their (still empty) tensors,
     while threads fill them; :meth:`CopyRead.wait` before their values are used. None when this node has no
     such copy, or a module no longer builds the way it was saved (then the caller loads the checkpoint)."""
@@ -439,14 +443,13 @@ def read_copy(key: str, device: torch.device, threads: int | None = None) -> Cop
     # A module with integer tensors (CLIP's position ids) is read before this returns: a warm-up that ran on
     # half-read indices could index out of range, which on a GPU ends its CUDA context. Floating-point weights
     # may arrive later: a warm-up on them computes numbers that are thrown away.
-    threads = threads or _threads()
     now = [
         i for i, spec in enumerate(specs) if not all(_floating(entry["dtype"]) for entry in spec["entries"])
     ]
     later = [i for i in range(len(specs)) if i not in now]
     for part in (now, later):
         files = [folder / f"{specs[i]['component']}.bin" for i in part]
-        finish = _start_reading(files, [buffers[i] for i in part], device, threads)
+        finish = _start_reading(files, [buffers[i] for i in part], device)
         if part is now:
             finish()
     size = sum(spec["size"] for spec in specs)
@@ -467,18 +470,13 @@ def _skeleton(spec: dict[str, Any], config: Any) -> torch.nn.Module:
 
 
 def _start_reading(
-    files: list[Path], buffers: list[torch.Tensor], device: torch.device, threads: int
+    files: list[Path], buffers: list[torch.Tensor], device: torch.device
 ) -> Callable[[], None]:
-    """Fill each buffer with its file's bytes on ``threads`` threads; returns what waits for them. On a GPU,
+    """Fill each buffer with its file's bytes on :func:`_threads` threads; returns what waits for them. On a GPU,
     each thread reads chunks into pinned buffers and copies each to the GPU on its own stream, two buffers
     each so that a read overlaps the previous chunk's copy (a pageable copy of a tmpfs file ran at ~6 GB/s on
     the H200 host, ~17 GB/s this way)."""
     fds = [os.open(path, os.O_RDONLY) for path in files]
-    spans = [
-        (index, start, min(CHUNK, buffer.numel() - start))
-        for index, buffer in enumerate(buffers)
-        for start in range(0, buffer.numel(), CHUNK)
-    ]
 
     def read_host(mine: list[tuple[int, int, int]]) -> None:  # straight into the weights' own memory
         targets = [memoryview(buffer.numpy()) for buffer in buffers]
@@ -500,7 +498,8 @@ def _start_reading(
                 done[slot].record(stream)
         stream.synchronize()  # in place for every stream from here on
 
-    finish = _in_parallel(read_to_device if device.type == "cuda" else read_host, spans, threads)
+    spans = _spans([buffer.numel() for buffer in buffers])
+    finish = _in_parallel(read_to_device if device.type == "cuda" else read_host, spans, _threads())
 
     def wait() -> None:
         try:
