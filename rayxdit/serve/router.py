@@ -827,7 +827,8 @@ async def usage(
     tenant = None if everyone else caller.tenant_name
     by_pool = by != "tenant"
     shown: dict[str, Any] = {"object": "usage"}
-    if start_time is None and end_time is None and bucket_width is None:
+    windowed = not (start_time is None and end_time is None and bucket_width is None)
+    if not windowed:
         ask = lambda: ingress.state.usage.remote(tenant, by_pool)  # noqa: E731
     else:
         try:  # a bad window is refused before anything is asked
@@ -840,7 +841,7 @@ async def usage(
     found, since = await asyncio.gather(
         ask_state(ask, "usage"), ask_state(lambda: ingress.state.usage_since.remote(), "usage")
     )
-    if "start_time" in shown:
+    if windowed:
         shown["buckets"] = [
             {**bucket, "tenants": usage_shown(bucket["tenants"], by, ingress.catalog)} for bucket in found
         ]
