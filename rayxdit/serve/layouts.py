@@ -11,9 +11,12 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   estimate: Erlang C's queueing delay over all its replicas, plus the mean service time finish-first
   routing gives (:func:`mean_service`: the fastest replicas take the arrivals while one is free, slower
   ones what overflows them; a light load is served by the fastest, a heavy one by all in proportion to
-  their rates). A layout over ``MAX_UTILIZATION`` is not a candidate: it would queue into collapse.
+  their rates). A layout over ``MAX_UTILIZATION`` is not a candidate (it would queue into collapse),
+  unless it has so many replicas that an arrival rarely waits longer than a typical request takes
+  (:func:`carries`, ``WAIT_TAIL``): replicas that share one line keep its waits short at a utilization
+  where a few would queue for long.
 - **The best layout** is the one with the lowest expected response time, fewer GPUs on a tie; with no
-  layout under ``MAX_UTILIZATION`` (overload), the one of the most capacity: admission then refuses what
+  layout that carries the demand (overload), the one of the most capacity: admission then refuses what
   would miss its deadline (``routing.retry_after``), so the admitted requests stay good.
 - **Changing costs.** A change starts replicas that serve nothing for their start-up (measured per pool:
   ``PoolDemand.startup_s``), and where the budget has no room for them until other replicas go, the
@@ -21,7 +24,8 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   over ``HORIZON_STARTUPS`` start-ups exceeds the latency its transition adds; where it does not, a step
   on the way may (on a full fleet, a quarter of the 2-GPU replicas becoming 8-GPU ones while the rest
   carry the load, where swapping every replica at once would leave the demand waiting out a start-up):
-  the step of the best net gain is taken. A change that would leave the demand without the capacity to
+  the step of the best net gain is taken (where the best layout saves ``MIN_GAIN``, a step toward it
+  needs only save something itself: each of a full fleet's steps is small). A change that would leave the demand without the capacity to
   carry it while its replicas start is not made by choice (``GAP_REQUESTS``): the requests of that gap
   would miss their deadlines; only a layout that cannot carry the demand itself is left that way, and only
   as far as the change loses fewer requests than the overload would over the same horizon
@@ -61,7 +65,15 @@ from dataclasses import dataclass, field
 from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, EPSILON, PoolDemand, typical_seconds
 
 MAX_UTILIZATION = 0.85
-"""A layout busier than this at the expected demand is not a candidate (queues grow without bound near 1)."""
+"""A layout busier than this at the expected demand is not a candidate (queues grow without bound near 1),
+unless its replicas are many enough that its waits stay short (``WAIT_TAIL``)."""
+WAIT_TAIL = 0.05
+"""A layout over MAX_UTILIZATION is still a candidate where an arrival waits longer than a typical request's
+service with at most this probability (Erlang C's tail): many replicas share one line and keep its waits
+short at a utilization where a few would queue for long (sixteen 4-GPU replicas at 86% busy: 4.7%; four
+2-GPU replicas at 85%: 38%). Found in the ``seeds`` scenario, where 2- and 4-GPU replicas are about as
+efficient per GPU: on 64 GPUs at 80% load the fleet kept its 2-GPU replicas (p99 12.3 s) beside an
+all-4-GPU layout that carries the load at 85-87% busy (6.9 s), as those were over MAX_UTILIZATION."""
 HORIZON_STARTUPS = 10.0
 """A change must pay for itself within this many start-ups of its slowest new replica."""
 DWELL_STARTUPS = 3.0
@@ -133,19 +145,36 @@ def capacity(counts: Mapping[str, int], seconds: Mapping[str, float]) -> float:
 
 
 def response_time(
-    counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float, limit: float = MAX_UTILIZATION
+    counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float, candidate: bool = True
 ) -> float:
     """Expected seconds from arrival to answer of a typical request with ``arrivals`` per second on the
-    replicas of ``counts`` (infinite when they cannot carry it below ``limit`` utilization: a candidate
-    must stay below MAX_UTILIZATION; the layout in place is judged up to 1, where its queue grows)."""
+    replicas of ``counts``: infinite for a ``candidate`` that does not :func:`carry <carries>` them (the
+    layout in place, ``candidate=False``, is judged up to utilization 1, where its queue grows)."""
     servers = sum(count for count in counts.values() if count > 0)
     if servers == 0:
         return math.inf if arrivals > EPSILON else 0.0
     rate = capacity(counts, seconds)
-    if arrivals / rate >= limit:
+    if arrivals >= rate or (candidate and not carries(counts, seconds, arrivals)):
         return math.inf
     waiting = erlang_c(servers, arrivals * servers / rate) / max(rate - arrivals, EPSILON)
     return waiting + mean_service(counts, seconds, arrivals)
+
+
+def carries(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: float) -> bool:
+    """Whether the replicas of ``counts`` carry ``arrivals`` per second as a candidate layout must: below
+    MAX_UTILIZATION, or above it with replicas so many that an arrival waits longer than a typical request's
+    service with at most WAIT_TAIL probability (M/M/c: Erlang C times ``exp(-(capacity - arrivals) * s)``)."""
+    servers = sum(count for count in counts.values() if count > 0)
+    if servers == 0:
+        return arrivals <= EPSILON
+    rate = capacity(counts, seconds)
+    if arrivals < MAX_UTILIZATION * rate:
+        return True
+    if arrivals >= rate:
+        return False
+    typical = servers / rate  # a replica's mean service time
+    waits_long = erlang_c(servers, arrivals * typical) * math.exp(-(rate - arrivals) * typical)
+    return waits_long <= WAIT_TAIL
 
 
 def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]:
@@ -177,10 +206,10 @@ def best_layout(
     candidates: Sequence[Mapping[str, int]] | None = None,
 ) -> dict[str, int]:
     """The layout of one model with the lowest expected response time at ``arrivals`` per second within
-    ``ranks`` (fewer ranks on a tie) among those that also carry ``peak`` arrivals per second below
-    MAX_UTILIZATION (the busiest demand of a recent window: a load that came back would find the capacity
-    in place, not a start-up away); where none does, the one of the most capacity (in an overload,
-    admission then refuses what would miss its deadline). With ``reachable``, only the layouts it accepts
+    ``ranks`` (fewer ranks on a tie) among those that also :func:`carry <carries>` ``peak`` arrivals per
+    second (the busiest demand of a recent window: a load that came back would find the capacity in place,
+    not a start-up away); where none does, the one of the most capacity (in an overload, admission then
+    refuses what would miss its deadline). With ``reachable``, only the layouts it accepts
     where any of those qualify. ``candidates``: :func:`layouts` of ``members`` within ``ranks``, where the
     caller has them already. No demand: minimums."""
     if arrivals <= EPSILON:
@@ -200,14 +229,15 @@ def best_layout(
 
 
 def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, float], peak: float) -> list:
-    """The layouts of ``candidates`` that carry ``peak`` arrivals per second below MAX_UTILIZATION (those
-    whose :func:`response_time` there is finite); where none does, those of the most capacity (within a
-    hair)."""
+    """The layouts of ``candidates`` that carry ``peak`` arrivals per second (:func:`carries`); where none
+    does, those of the most capacity (within a hair)."""
     if not candidates:
         return []
+    found = [c for c in candidates if carries(c, seconds, peak)]
+    if found:
+        return found
     most = max(capacity(c, seconds) for c in candidates)
-    needed = min(peak / MAX_UTILIZATION, most * (1 - 1e-9))
-    return [c for c in candidates if capacity(c, seconds) > needed]
+    return [c for c in candidates if capacity(c, seconds) > most * (1 - 1e-9)]
 
 
 def informed(members: Sequence[PoolDemand]) -> bool:
@@ -273,8 +303,8 @@ def transition_cost(
         return 0.0  # only removals: nothing waits
     if beside:
         return 0.0  # the new replicas start beside the old ones, which go once they are up
-    during = response_time(staying, seconds, arrivals, limit=1.0)
-    before = response_time(current, seconds, arrivals, limit=1.0)
+    during = response_time(staying, seconds, arrivals, candidate=False)
+    before = response_time(current, seconds, arrivals, candidate=False)
     if during < math.inf:
         return arrivals * startup * max(0.0, during - max(before, 0.0) if before < math.inf else during)
     # What stays cannot carry the demand: the shortfall piles up for the start-up and waits half of it,
@@ -361,14 +391,17 @@ def best_move(
     ``arrivals`` over ``horizon_startups`` start-ups, less :func:`transition_cost`): ``target`` itself if
     that pays; else the step on the way to it (a layout between the two in every pool) that gains the
     most, as when a full fleet turns a quarter of its small replicas into large ones while the rest carry
-    the load. Only changes that save at least ``MIN_GAIN`` of the expected response time count; none pays:
-    ``current`` with a net of 0."""
-    before = response_time(current, seconds, arrivals, limit=1.0)
+    the load. Only changes that save at least ``MIN_GAIN`` of the expected response time count, and a step
+    toward a ``target`` that does so needs only save something itself (on 64 GPUs, each step of two 2-GPU
+    replicas turned into a 4-GPU one saves a few percent, and the whole change, through a gap, does not
+    pay: the fleet stayed where it was for hours); none pays: ``current`` with a net of 0."""
+    before = response_time(current, seconds, arrivals, candidate=False)
     startup = max(pool.startup_s for pool in members)
+    worth_going = response_time(target, seconds, arrivals) < (1 - MIN_GAIN) * before
 
-    def net(candidate: Mapping[str, int]) -> float:
+    def net(candidate: Mapping[str, int], step: bool = False) -> float:
         after = response_time(candidate, seconds, arrivals)
-        if not after < (1 - MIN_GAIN) * before:
+        if not after < (before if step and worth_going else (1 - MIN_GAIN) * before):
             return -math.inf
         gain = arrivals * (before - after) * horizon_startups * startup
         return gain - transition_cost(current, candidate, members, seconds, arrivals, free_ranks)
@@ -382,9 +415,9 @@ def best_move(
     # of 2-GPU ones: a 4-GPU one beside them may still pay).
     others = [c for c in candidates if c != current and c != target]
     steps = [c for c in others if toward(current, target, c)]
-    for group in (steps, [c for c in others if c not in steps]):
+    for group, step in ((steps, True), ([c for c in others if c not in steps], False)):
         for candidate in group:
-            if (gained := net(candidate)) > best_net:
+            if (gained := net(candidate, step)) > best_net:
                 best, best_net = dict(candidate), gained
         if best_net > 0:
             break
@@ -430,7 +463,7 @@ class CostAwarePolicy:
     horizon_startups: float = HORIZON_STARTUPS
     """A change must pay for itself within this many start-ups."""
     peak_window_s: float = PEAK_WINDOW_S
-    """A layout must carry the busiest (smoothed) demand of this window below MAX_UTILIZATION: a load that
+    """A layout must carry the busiest (smoothed) demand of this window (:func:`carries`): a load that
     fell for a while and comes back finds its capacity in place instead of a start-up away, on a full
     fleet with nothing serving meanwhile. 0: size for the demand now alone (the light hours of a varying
     load get larger, faster replicas, and each rise pays a start-up)."""
@@ -545,7 +578,7 @@ class CostAwarePolicy:
             return target
         # The layout in place is left at once only when its queue grows (utilization 1), not when an
         # estimate near MAX_UTILIZATION wavers: that would flip a layout sized close to it back and forth.
-        before = response_time(current, seconds, arrivals, limit=1.0)
+        before = response_time(current, seconds, arrivals, candidate=False)
         if before == math.inf or free_ranks < 0:
             # Overloaded, no replica, or more than the budget holds (some would never start): change now
             # (an overloaded layout only as far as the change pays in requests, below).
