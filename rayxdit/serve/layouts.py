@@ -31,7 +31,9 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   as far as the change loses fewer requests than the overload would over the same horizon
   (:func:`least_lost`: a full fleet a few percent over its capacity swaps a replica, not all of them).
   After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow alternation of
-  load causes one change per phase, or two where the first is partial, not a change at every tick); and
+  load causes one change per phase, or two where the first is partial, not a change at every tick), except
+  that a step further toward the layout the last step was heading for waits only for that step's replicas
+  (one start-up); and
   while the last count runs ``MIN_GAIN`` above the smoothed demand (a rise), no change is made for latency:
   it would be judged on a load already gone by.
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
@@ -482,6 +484,9 @@ class CostAwarePolicy:
     """Per model, the demand's sliding maximum over ``peak_window_s``: (time, demand), decreasing."""
     started_at: dict[str, float] = field(default_factory=dict)
     """When each model was first judged (its peak window is whole ``peak_window_s`` later)."""
+    heading: dict[str, dict[str, int] | None] = field(default_factory=dict)
+    """Per model, the best layout the last change stepped toward (None: the last change reached its
+    target, or was not a step)."""
     planned: dict[str, int] = field(default_factory=dict)
     """This policy's last decision per pool: what it holds to (Serve applies a decision only after the pool's
     upscale/downscale delay, so the targets it reports lag behind, and returning those would undo it)."""
@@ -616,13 +621,17 @@ class CostAwarePolicy:
                 )
                 if target == current:
                     return current
-            self.changed_at[model] = now
+            self.changed_at[model], self.heading[model] = now, None
             return target
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
-            self.changed_at[model] = now
+            self.changed_at[model], self.heading[model] = now, None
             return target
         startup = max(pool.startup_s for pool in members)
-        if now - self.changed_at.get(model, -math.inf) < self.dwell_startups * startup:
+        since_change = now - self.changed_at.get(model, -math.inf)
+        # The dwell holds a layout against a change back; a step further toward the layout the last step
+        # was heading for waits only for that step's replicas to be up (one start-up).
+        onward = self.heading.get(model) == target and since_change >= startup
+        if since_change < self.dwell_startups * startup and not onward:
             return current
         if self.observed.get(model, 0.0) > (1 + MIN_GAIN) * arrivals:
             # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
@@ -641,7 +650,10 @@ class CostAwarePolicy:
             free_ranks,
             self.horizon_startups,
         )
-        if net > 0:
+        if net > 0 and (
+            not onward or since_change >= self.dwell_startups * startup or toward(current, target, move)
+        ):
             self.changed_at[model] = now
+            self.heading[model] = target if move != target else None
             return move
         return current

@@ -275,6 +275,27 @@ def test_steps_toward_a_layout_worth_going_to_need_not_each_save_min_gain():
     assert (1 - MIN_GAIN) * before < response_time(move, SEEDS_SECONDS, 6.8) < before
 
 
+def test_a_step_toward_the_same_layout_follows_after_one_start_up_not_the_dwell():
+    """The same fleet as above, run by the policy: its first step turns four 2-GPU replicas into two 4-GPU
+    ones; the next step toward all-4-GPU comes once those are up (one start-up), not after the dwell of
+    DWELL_STARTUPS, which holds a layout against a change back. With 180 s start-ups and the dwell between
+    steps, the `seeds` fleet at 80% took 74 minutes to reach mostly 4-GPU replicas (p99 12.1 s against
+    all-4-GPU's 6.9 s; 9.2 s now). Sabotage check: with the full dwell between steps, no second step at 61 s."""
+
+    def seeds_fleet(current: dict[str, int]) -> list[PoolDemand]:
+        return [
+            dataclasses.replace(pool, seconds_per_cost=SEEDS_SECONDS[pool.spec.name])
+            for pool in fleet(current, arrivals=6.8)
+        ]
+
+    policy = CostAwarePolicy()
+    first = policy(seeds_fleet({"p2": 32, "p4": 0, "p8": 0}), budget=64, now=0.0)
+    assert first == {"p2": 28, "p4": 2, "p8": 0}
+    assert policy(seeds_fleet(first), budget=64, now=30.0) == first  # its replicas are still starting
+    second = policy(seeds_fleet(first), budget=64, now=61.0)
+    assert second["p4"] > first["p4"] and toward(first, {"p2": 0, "p4": 16, "p8": 0}, second)
+
+
 def test_a_layout_near_max_utilization_is_not_left_at_once():
     """Sixteen 4-GPU replicas at 88% of their capacity: no longer a candidate (above MAX_UTILIZATION), but
     their queue does not grow, so they are changed only if a change pays, within the dwell rules; at 100%
