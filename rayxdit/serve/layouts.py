@@ -32,8 +32,8 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   (:func:`least_lost`: a full fleet a few percent over its capacity swaps a replica, not all of them).
   After a change, the layout holds for ``DWELL_STARTUPS`` start-ups (hysteresis: a slow alternation of
   load causes one change per phase, or two where the first is partial, not a change at every tick), except
-  that a step further toward the layout the last step was heading for waits only for that step's replicas
-  (one start-up); and
+  that a further step on the way to the layout the last step was heading for waits only for that step's
+  replicas (one start-up); and
   while the last count runs ``MIN_GAIN`` above the smoothed demand (a rise), no change is made for latency:
   it would be judged on a load already gone by.
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
@@ -628,10 +628,13 @@ class CostAwarePolicy:
             return target
         startup = max(pool.startup_s for pool in members)
         since_change = now - self.changed_at.get(model, -math.inf)
-        # The dwell holds a layout against a change back; a step further toward the layout the last step
-        # was heading for waits only for that step's replicas to be up (one start-up).
-        onward = self.heading.get(model) == target and since_change >= startup
-        if since_change < self.dwell_startups * startup and not onward:
+        # The dwell holds a layout against a change back; a further step on the way to the layout the last
+        # step was heading for waits only for that step's replicas to be up (one start-up). On the way, not
+        # to the very same layout: the best layout judged at each tick wavers between neighbours (sixteen
+        # 4-GPU replicas, or fifteen and two 2-GPU ones) as the estimates do.
+        heading = self.heading.get(model)
+        dwelling = since_change < self.dwell_startups * startup
+        if dwelling and (heading is None or since_change < startup):
             return current
         if self.observed.get(model, 0.0) > (1 + MIN_GAIN) * arrivals:
             # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
@@ -650,9 +653,7 @@ class CostAwarePolicy:
             free_ranks,
             self.horizon_startups,
         )
-        if net > 0 and (
-            not onward or since_change >= self.dwell_startups * startup or toward(current, target, move)
-        ):
+        if net > 0 and (not dwelling or toward(current, heading, move)):
             self.changed_at[model] = now
             self.heading[model] = target if move != target else None
             return move
