@@ -72,7 +72,7 @@ unless its replicas are many enough that its waits stay short (``WAIT_TAIL``).""
 WAIT_TAIL = 0.05
 """A layout over MAX_UTILIZATION is still a candidate where an arrival waits longer than a typical request's
 service with at most this probability (Erlang C's tail): many replicas share one line and keep its waits
-short at a utilization where a few would queue for long (sixteen 4-GPU replicas at 86% busy: 4.7%; four
+short at a utilization where a few would queue for long (sixteen 4-GPU replicas at 86% busy: 4.9%; four
 2-GPU replicas at 85%: 38%). Found in the ``seeds`` scenario, where 2- and 4-GPU replicas are about as
 efficient per GPU: on 64 GPUs at 80% load the fleet kept its 2-GPU replicas (p99 12.3 s) beside an
 all-4-GPU layout that carries the load at 85-87% busy (6.9 s), as those were over MAX_UTILIZATION."""

@@ -243,7 +243,7 @@ SEEDS_SECONDS = {"p2": 3.77, "p4": 1.98, "p8": 1.24}
 
 def test_many_replicas_carry_a_load_above_max_utilization_where_few_do_not():
     """Sixteen 4-GPU replicas at 86% busy keep their waits short (an arrival waits longer than a typical
-    request's service 4.9% of the time); two at 86% do not (57%). On 64 GPUs at that load, the all-4-GPU
+    request's service 4.9% of the time); two at 86% do not (60%). On 64 GPUs at that load, the all-4-GPU
     layout serves a typical request in 2.4 s against all-2-GPU's 3.9 s, and is the best layout. Sabotage
     check: with the cap at MAX_UTILIZATION alone (the tail clause removed), all-2-GPU was chosen."""
     arrivals = 0.86 * capacity({"p4": 16}, SEEDS_SECONDS)
