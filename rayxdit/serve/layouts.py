@@ -25,8 +25,9 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   on the way may (on a full fleet, a quarter of the 2-GPU replicas becoming 8-GPU ones while the rest
   carry the load, where swapping every replica at once would leave the demand waiting out a start-up):
   the step of the best net gain is taken (where the best layout saves ``MIN_GAIN``, a step toward it
-  needs only save something itself: each of a full fleet's steps is small). A change that would leave the demand without the capacity to
-  carry it while its replicas start is not made by choice (``GAP_REQUESTS``): the requests of that gap
+  needs only save something itself: each of a full fleet's steps is small). A change that would leave the
+  demand without the capacity to carry it while its replicas start is not made by choice
+  (``GAP_REQUESTS``): the requests of that gap
   would miss their deadlines; only a layout that cannot carry the demand itself is left that way, and only
   as far as the change loses fewer requests than the overload would over the same horizon
   (:func:`least_lost`: a full fleet a few percent over its capacity swaps a replica, not all of them).
