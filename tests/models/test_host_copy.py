@@ -8,8 +8,10 @@ import fcntl
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -232,23 +234,35 @@ def test_a_copy_written_in_the_background_reads_back_whole(copies):
 
 def test_a_warm_up_runs_while_the_weights_arrive_and_the_first_request_waits_for_them(copies, monkeypatch):
     """A replica's warm-up (its output thrown away) runs while the copy's read goes on; a request waits for
-    the read, so it gets the model's own image. The transformer's read is held here until the warm-up is done:
-    the warm-up's output shows its weights were not in place (what a request that did not wait would get)."""
+    the read, so it gets the model's own image. The transformer's read is held here until after the next
+    request has started: the warm-up's output shows its weights were not in place, and the request's that it
+    waited. The bytes not yet read are set to garbage first: a fresh allocation may hold whatever was freed
+    there, and once held the same weights, freed a moment before (the warm-up then matched the reference:
+    seen once in a full run). Sabotage check: without the wait in ``Engine.generate``, the request's image is
+    the garbage's."""
     reference = in_own_memory(start("tiny-flux")).generate(REQUEST, output="latent").latents
-    read_exactly, warmed_up = host_copy._read_exactly, threading.Event()
+    read_exactly, released = host_copy._read_exactly, threading.Event()
 
-    def held(fd: int, *args) -> None:
+    def held(fd: int, target: memoryview, offset: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith("transformer.bin"):
-            assert warmed_up.wait(60)
-        read_exactly(fd, *args)
+            numpy.frombuffer(target, dtype=numpy.uint8)[:] = 0xFF  # NaN in every float, until read
+            assert released.wait(60)
+        read_exactly(fd, target, offset)
 
     monkeypatch.setattr(host_copy, "_read_exactly", held)
     engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
     assert engine.adapter.weights_arriving.seconds is None  # still reading
     early = engine.generate(REQUEST, output="latent", warm_up=True).latents
-    warmed_up.set()
     assert not torch.equal(early, reference)
-    assert torch.equal(engine.generate(REQUEST, output="latent").latents, reference)
+    answered: dict[str, torch.Tensor] = {}
+    request = threading.Thread(
+        target=lambda: answered.update(latents=engine.generate(REQUEST, output="latent").latents)
+    )
+    request.start()
+    time.sleep(0.5)  # the request is under way (or, not waiting, done) before the read may go on
+    released.set()
+    request.join(60)
+    assert torch.equal(answered["latents"], reference)
     assert engine.load_seconds["host_copy"] > 0
 
 
