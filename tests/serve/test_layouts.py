@@ -198,14 +198,19 @@ def test_a_change_for_latency_waits_while_a_rising_load_outruns_its_smoothed_est
     assert policy.demand["flux"] == pytest.approx(0.6, abs=0.01)  # caught up: judged at 0.6/s from here
 
 
-def fleet(replicas: dict[str, int], arrivals: float | None = None, budget: int = 64) -> list[PoolDemand]:
+def fleet(
+    replicas: dict[str, int],
+    arrivals: float | None = None,
+    budget: int = 64,
+    seconds: dict[str, float] = SECONDS,
+) -> list[PoolDemand]:
     return [
         PoolDemand(
             PoolSpec(name, "flux", gpus, startup_s=60.0),
             replicas=replicas.get(name, 0),
             outstanding=0.0,
             max_replicas=budget // gpus,
-            seconds_per_cost=SECONDS[name],
+            seconds_per_cost=seconds[name],
             mean_cost=1.0,
             startup_s=60.0,
             arrivals=arrivals,
@@ -286,10 +291,7 @@ def test_a_further_step_on_the_way_follows_after_one_start_up_not_the_dwell():
     policy that headed for a neighbour of it."""
 
     def seeds_fleet(current: dict[str, int]) -> list[PoolDemand]:
-        return [
-            dataclasses.replace(pool, seconds_per_cost=SEEDS_SECONDS[pool.spec.name])
-            for pool in fleet(current, arrivals=6.8)
-        ]
+        return fleet(current, arrivals=6.8, seconds=SEEDS_SECONDS)
 
     policy = CostAwarePolicy()
     first = policy(seeds_fleet({"p2": 32, "p4": 0, "p8": 0}), budget=64, now=0.0)
