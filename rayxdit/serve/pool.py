@@ -83,6 +83,8 @@ class PoolReplica:
         self.timeline: dict[str, float] = {}
         """Seconds of each stage of this replica's start (see :meth:`startup`)."""
         self.warmed_up: list[str] = []
+        self.weights_split: dict[str, float] = {}
+        """Rank 0's split of the start's ``weights`` stage, with the host copy's read (see :meth:`startup`)."""
         self.memory: MemoryProfile | None = None
         """What its ranks hold and a request adds (GPU ranks; None on CPU, and until its start measured it):
         see :mod:`rayxdit.serve.memory`."""
@@ -111,7 +113,7 @@ class PoolReplica:
         if sharing:
             artifacts["compile_artifacts"] = await self._share_artifacts(load_artifacts, "loaded_ranks")
         warm_up = await self._warm_up()
-        weights_wait = await self._weights_ready()
+        weights_wait, host_copy_read = await self._weights_ready()
         await self._measure_memory(at_start=True)
         if sharing:
             artifacts["compile_artifacts"] += await self._share_artifacts(
@@ -129,6 +131,10 @@ class PoolReplica:
             "warm_up": warm_up,
             "weights_wait": weights_wait,
             "total": round(self.startup_s, 3),
+        }
+        self.weights_split = {
+            **self.executor.load_parts,
+            **({"host_copy": host_copy_read} if host_copy_read is not None else {}),
         }
         for stage, seconds in self.timeline.items():
             metrics.observe("rayxdit_replica_start_seconds", seconds, pool=pool.name, stage=stage)
@@ -163,15 +169,13 @@ class PoolReplica:
             logger.info("%s: warmed up %s in %.1f s", self.replica, size, time.monotonic() - begin)
         return round(time.monotonic() - began, 3)
 
-    async def _weights_ready(self) -> float:
+    async def _weights_ready(self) -> tuple[float, float | None]:
         """Wait until every rank's weights are in place (a read from the node's host copy goes on behind the
-        warm-up) before the replica reports ready; the seconds waited. The read's own time joins rank 0's
-        split of ``weights`` as ``host_copy``."""
+        warm-up) before the replica reports ready: the seconds waited, and rank 0's read of the host copy
+        (None: its weights did not come from one)."""
         began = time.monotonic()
         read_s = (await self.executor.collective_rpc_async("weights_ready"))[0]
-        if read_s is not None:
-            self.executor.load_parts["host_copy"] = read_s
-        return round(time.monotonic() - began, 3)
+        return round(time.monotonic() - began, 3), read_s
 
     async def _measure_memory(self, at_start: bool = False) -> None:
         """Read the ranks' memory (after the start: what they hold and, with a warm-up, what its largest
@@ -201,7 +205,7 @@ class PoolReplica:
         return {
             "replica": self.replica,
             "timeline": self.timeline,
-            "weights": self.executor.load_parts,
+            "weights": self.weights_split,
             "warmed_up": list(self.warmed_up),
             **({"compile": self.compile_report} if self.compile_report else {}),
         }
