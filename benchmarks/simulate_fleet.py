@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
+from rayxdit.models.families import FLUX_ATTENTION_COST  # noqa: E402
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES, WaitingLine  # noqa: E402
 from rayxdit.serve.policies import ROUTING_POLICIES, autoscaling_policy  # noqa: E402
 from rayxdit.serve.routing import (  # noqa: E402
@@ -77,6 +78,7 @@ from rayxdit.serve.routing import (  # noqa: E402
     Slacks,
     admit,
     completion_estimate,
+    sample_cost,
     service_rates,
     service_time,
 )
@@ -136,7 +138,8 @@ def service_s(scenario: str, gpus: int, resolution: int, steps: int, cfg: bool) 
 
 
 def cost_of(resolution: int, steps: int, cfg: bool) -> float:
-    return resolution * resolution / 1e6 * steps * (2 if cfg else 1)
+    """What the router prices a request at (Flux's attention term included), as production does."""
+    return sample_cost(resolution * resolution / 1e6, steps, cfg, FLUX_ATTENTION_COST)
 
 
 @dataclass(eq=False)

@@ -88,6 +88,11 @@ class ModelLimits:
     default_scheduler: str | None = None
     """The name of the checkpoint's own sampler, which a request naming none runs (None: a scheduler of
     the checkpoint's that is not in the list; it still runs by default)."""
+    attention_cost_per_megapixel: float = 0.0
+    """How much dearer a denoising step gets per megapixel of one sample's sequence (width x height x frames),
+    from attention's quadratic part: routing prices a step of ``s`` such megapixels at ``s x (1 + a x s) / (1
+    + a)`` cost units (one unit: a step of a one-megapixel image). 0: linear in pixels (families not
+    measured); Flux's is measured (:data:`rayxdit.models.families.FLUX`)."""
 
     @property
     def makes_video(self) -> bool:

@@ -137,10 +137,14 @@ class Family:
 
 FLUX_SAMPLERS_EXCLUDED = ("heun",)
 """Flux's pipelines hand the scheduler custom sigmas, which flow-matching Heun's ``set_timesteps`` refuses."""
+FLUX_ATTENTION_COST = 0.117
+"""Flux's :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel`, from one H200 (compiled, 28 steps,
+benchmarks/results/flux-dev-2xh200.json): 3.736 s at 1024px, 19.831 s at 2048px, 5.31 times as long for 4
+times the pixels. Kontext's transformer is Flux's (its references' tokens are not counted)."""
 FLUX = Family(
     "FluxPipeline",
     "rayxdit.models.flux:FluxAdapter",
-    ModelLimits(image_inputs=True),
+    ModelLimits(image_inputs=True, attention_cost_per_megapixel=FLUX_ATTENTION_COST),
     supports_pipefusion=True,
     supports_sharded_weights=True,
     supports_offload=True,
@@ -153,7 +157,9 @@ FLUX = Family(
 FLUX_KONTEXT = Family(
     "FluxKontextPipeline",
     "rayxdit.models.flux:FluxKontextAdapter",
-    ModelLimits(image_inputs=True, kontext_auto_resize=True),
+    ModelLimits(
+        image_inputs=True, kontext_auto_resize=True, attention_cost_per_megapixel=FLUX_ATTENTION_COST
+    ),
     supports_sharded_weights=True,
     supports_offload=True,
     guidance_is_cfg=False,

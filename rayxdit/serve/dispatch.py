@@ -265,7 +265,10 @@ class Dispatcher:
         0: the sink keeps the first of each index); ``background``: only on an idle replica, else
         :class:`Busy` (a batch's line)."""
         counted = has_limits(limits)
-        cost = request_cost(resolved, self.catalog.cards[model].uses_cfg(resolved.request))
+        card = self.catalog.cards[model]
+        cost = request_cost(
+            resolved, card.uses_cfg(resolved.request), card.limits.attention_cost_per_megapixel
+        )
         work = resolved.work
         arrived = arrived or time.time()
         pools = self.catalog.pools_by_model[model]

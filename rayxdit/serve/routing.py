@@ -9,7 +9,8 @@ measured its rate is extrapolated from a measured pool of the same model by GPU 
 pool's configured prior. With nothing known at all, the configured cost thresholds decide, as before
 (``route_min_cost``: cheap requests to small pools, expensive ones to big pools, free pools first).
 
-Cost is megapixels x steps x (2 with CFG) x images: proportional to transformer work. Load is the whole
+Cost is megapixels x steps x (2 with CFG) x images, each megapixel dearer by the model's attention term
+(:func:`sample_cost`): proportional to transformer work. Load is the whole
 application's (``serve/state.py`` keeps it), never one router replica's. The fleet simulator
 (``benchmarks/simulate_fleet.py``) calls these same functions.
 """
@@ -51,10 +52,23 @@ def pick_version(weights: Mapping[str, float], draw: float) -> str:
     return max(sorted(weights), key=lambda version: weights[version])  # float rounding at the top edge
 
 
-def request_cost(req: ResolvedRequest, uses_cfg: bool) -> float:
-    """Megapixels x frames x steps x (2 when the model runs CFG for this request) x images (or videos)."""
-    cfg_factor = 2 if uses_cfg else 1
-    return req.work * req.steps * cfg_factor
+def sample_cost(megapixels: float, steps: int, uses_cfg: bool, attention_per_megapixel: float) -> float:
+    """One image's (or video's: ``megapixels`` is width x height x frames) cost in cost units, a unit being
+    one step of a one-megapixel image: megapixel-steps (x 2 with CFG), each megapixel dearer by the model's
+    attention term ``(1 + a x megapixels) / (1 + a)``. Attention grows with the square of the sequence, the
+    rest of a step linearly: with Flux's measured ``a`` a 2048px image costs 5.3 1024px ones, as it takes, not
+    4 (which made a pool's fitted rate follow its share of 2048px requests). Normalised at one megapixel so
+    that thresholds and priors written in megapixel-steps keep their meaning."""
+    quadratic = (1 + attention_per_megapixel * megapixels) / (1 + attention_per_megapixel)
+    return megapixels * quadratic * steps * (2 if uses_cfg else 1)
+
+
+def request_cost(req: ResolvedRequest, uses_cfg: bool, attention_per_megapixel: float) -> float:
+    """:func:`sample_cost` of each of a request's images (or videos), summed; ``uses_cfg``: whether the model
+    runs CFG for this request; ``attention_per_megapixel``: its
+    :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel`."""
+    megapixels = req.width * req.height / 1e6 * req.frames
+    return sample_cost(megapixels, req.steps, uses_cfg, attention_per_megapixel) * req.batch
 
 
 class ServiceFit:
@@ -65,7 +79,7 @@ class ServiceFit:
 
     MEAN_FORGET = 0.99
     """The request mix changes slowly and varies a lot from one request to the next (a 2048px image costs
-    four 1024px ones): its mean cost is averaged over about a hundred requests, not ten."""
+    five 1024px ones): its mean cost is averaged over about a hundred requests, not ten."""
 
     def __init__(self, forget: float = 0.9):
         self.forget = forget
@@ -172,15 +186,37 @@ def service_rates(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> d
     }
     rates: dict[str, float] = {}
     for pool in pools:
-        if known[pool.name]:
-            rates[pool.name] = known[pool.name]
-            continue
-        anchors = [other for other in pools if other.model == pool.model and known[other.name]]
-        if not anchors:
+        anchor = _anchor(pool, pools, known)
+        if anchor is None:
             return None
-        anchor = min(anchors, key=lambda other: abs(math.log(other.ranks / pool.ranks)))
         rates[pool.name] = known[anchor.name] * (anchor.ranks / pool.ranks) ** SCALING_EXPONENT
     return rates
+
+
+def service_overheads(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> dict[str, float]:
+    """Each pool's fixed seconds per request (text encoding, decoding): measured where measured; else that of
+    the pool its rate is extrapolated from (:func:`service_rates`), as those steps do not shrink with the
+    GPUs. Without it an unmeasured pool looked faster than its GPU count makes it by the whole overhead: on
+    64 GPUs at 120% load a fit of 0.4 s overhead on the 2-GPU pool made 4-GPU replicas look 2.0 times as
+    fast, not 1.8, and the fleet started two it then kept, losing 5 points of goodput."""
+    known = {
+        pool.name: (loads.get(pool.name, PoolLoad()).seconds_per_cost or pool.seconds_per_cost)
+        for pool in pools
+    }
+    overheads = {}
+    for pool in pools:
+        anchor = _anchor(pool, pools, known) or pool
+        overheads[pool.name] = loads.get(anchor.name, PoolLoad()).overhead_s
+    return overheads
+
+
+def _anchor(pool: PoolSpec, pools: Sequence[PoolSpec], known: Mapping[str, float | None]) -> PoolSpec | None:
+    """The pool whose measured (or configured) rate ``pool``'s is read from: itself if known, else the known
+    pool of its model nearest in GPU count; None if none is known."""
+    if known[pool.name]:
+        return pool
+    anchors = [other for other in pools if other.model == pool.model and known[other.name]]
+    return min(anchors, key=lambda other: abs(math.log(other.ranks / pool.ranks)), default=None)
 
 
 def completion_estimate(pool: PoolSpec, load: PoolLoad, cost: float, seconds_per_cost: float) -> float:

@@ -36,7 +36,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rayxdit.serve.routing import SCALING_EXPONENT, PoolLoad, PoolSpec, service_rates
+from rayxdit.serve.routing import SCALING_EXPONENT, PoolLoad, PoolSpec, service_overheads, service_rates
 
 EPSILON = 1e-6
 
@@ -102,8 +102,12 @@ def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
     the requests each finishes: routing sends the large requests to the large pools, so each pool's own
     mean is not the model's."""
     specs = [pool.spec for pool in pools]
-    loads = {pool.spec.name: PoolLoad(seconds_per_cost=pool.seconds_per_cost) for pool in pools}
+    loads = {
+        pool.spec.name: PoolLoad(seconds_per_cost=pool.seconds_per_cost, overhead_s=pool.overhead_s)
+        for pool in pools
+    }
     rates = service_rates(specs, loads) or {s.name: s.ranks**-SCALING_EXPONENT for s in specs}
+    overheads = service_overheads(specs, loads)
     costs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     arriving = {pool.spec.model: pool.arrival_cost for pool in pools if pool.arrival_cost}
     for pool in pools:
@@ -119,7 +123,8 @@ def typical_seconds(pools: Sequence[PoolDemand]) -> dict[str, float]:
         )
     mean_cost.update(arriving)
     return {
-        pool.spec.name: pool.overhead_s + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
+        pool.spec.name: overheads[pool.spec.name]
+        + rates[pool.spec.name] * mean_cost.get(pool.spec.model, 1.0)
         for pool in pools
     }
 

@@ -446,6 +446,22 @@ def test_the_typical_request_is_what_arrives_not_what_the_pools_finished():
     assert window.mean(2000.0) is None
 
 
+def test_an_unmeasured_pool_takes_the_overhead_of_the_pool_its_rate_is_read_from():
+    """Encoding and decoding do not shrink with the GPUs: a 4-GPU pool extrapolated from a 2-GPU one that
+    measured 0.4 s of them is 2**0.85 = 1.8 times as fast in its loop and as slow in them, not 2.0 times as
+    fast overall (which made an overloaded 64-GPU fleet start 4-GPU replicas of less capacity)."""
+    measured_small = [
+        dataclasses.replace(pool, seconds_per_cost=0.1, overhead_s=0.4, mean_cost=30.0)
+        if pool.spec.ranks == 2
+        else dataclasses.replace(pool, seconds_per_cost=None, mean_cost=None)
+        for pool in pools()
+    ]
+    seconds = typical_seconds(measured_small)
+    assert seconds["p2"] == pytest.approx(0.4 + 3.0)
+    assert seconds["p4"] == pytest.approx(0.4 + 3.0 * 2**-0.85)
+    assert seconds["p2"] / seconds["p4"] < 2**0.85
+
+
 def test_an_overload_no_layout_carries_much_better_keeps_its_replicas():
     """One node overloaded at 120% of its 2-GPU replicas' capacity. Where the layout of the most capacity
     serves only 1% more (4-GPU replicas as efficient per GPU as 2-GPU ones, as in the `seeds` scenario),

@@ -1,6 +1,10 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from rayxdit.limits import ModelLimits
+from rayxdit.models.families import FLUX, FLUX_KONTEXT
 from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.serve.api import ImageGenerationRequest
 from rayxdit.serve.routing import (
@@ -9,6 +13,7 @@ from rayxdit.serve.routing import (
     adapter_tiers,
     pick_version,
     request_cost,
+    sample_cost,
     threshold_order,
     version_draw,
 )
@@ -34,8 +39,26 @@ def resolved(size=1024, steps=28, cfg=False, n=1):
 
 
 def test_cost_counts_pixels_steps_cfg_and_images():
-    assert request_cost(resolved(), uses_cfg=False) == pytest.approx(1024 * 1024 / 1e6 * 28)
-    assert request_cost(resolved(cfg=True, n=2), uses_cfg=True) == pytest.approx(4 * 1024 * 1024 / 1e6 * 28)
+    assert request_cost(resolved(), False, 0.0) == pytest.approx(1024 * 1024 / 1e6 * 28)
+    assert request_cost(resolved(cfg=True, n=2), True, 0.0) == pytest.approx(4 * 1024 * 1024 / 1e6 * 28)
+    # A cost unit is a step of a one-megapixel image whatever the attention term; smaller ones cost less.
+    assert sample_cost(1.0, 1, False, 0.117) == pytest.approx(1.0)
+    assert sample_cost(0.25, 1, False, 0.117) < 0.25 < sample_cost(0.25, 1, False, 0.0) + 1e-9
+
+
+def test_flux_s_attention_term_prices_2048px_as_it_was_measured_to_take():
+    """A 2048px image took 5.31 times a 1024px one on one H200, not 4: the cost routing and the fitted
+    service times count in must say so (else a pool's rate follows its share of 2048px requests)."""
+    runs = json.loads((Path(__file__).parents[2] / "benchmarks/results/flux-dev-2xh200.json").read_text())
+    single = {
+        run["resolution"]: run["seconds"]
+        for run in runs
+        if run["impl"] == "single" and run["compile"] and not run["cfg"]
+    }
+    attention = FLUX.limits.attention_cost_per_megapixel
+    priced = request_cost(resolved(2048), False, attention) / request_cost(resolved(1024), False, attention)
+    assert priced == pytest.approx(single[2048] / single[1024], rel=0.01)
+    assert FLUX_KONTEXT.limits.attention_cost_per_megapixel == attention
 
 
 def test_whether_a_request_runs_cfg_is_the_family_s_call():
