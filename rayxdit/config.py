@@ -665,16 +665,15 @@ class PoolConfig(WorkerGroupConfig):
         description="Until the pools of a model are measured (and without a seconds_per_cost prior), "
         "requests costing at least this much (cost units: megapixels x steps x CFG factor x images, a step "
         "of a one-megapixel image being one, larger ones dearer by the model's attention term) prefer this "
-        "pool; "
-        "the pool with the highest threshold not above a request's cost wins. Afterwards requests go "
+        "pool; the pool with the highest threshold not above a request's cost wins. Afterwards requests go "
         "where they finish first.",
     )
     seconds_per_cost: float | None = Field(
         default=None,
         gt=0,
         description="Prior of this pool's service time per cost unit (seconds per step of a one-megapixel "
-        "image), used "
-        "for routing and autoscaling until the pool is measured (e.g. 0.09 for FLUX.1-dev on 2 H200).",
+        "image), used for routing and autoscaling until the pool is measured (e.g. 0.09 for FLUX.1-dev on 2 "
+        "H200).",
     )
     startup_s: float = Field(
         default=60.0,

@@ -45,7 +45,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
 """The Serve configs shipped with the package (``serve_configs/`` in the repository links here)."""
 DEFAULT_CONFIG_FILE = CONFIG_DIR / "local-cpu.yaml"
 """``rayxdit serve`` with no config: tiny-flux on CPU, a 2-rank pool for small requests and a 4-rank pool
-for requests of at least 0.45 cost units (256x256 at 8 steps and up: :func:`~rayxdit.serve.routing.sample_cost`)."""
+for requests of at least 0.45 cost units (256x256 at 8 steps and up; :func:`~rayxdit.serve.routing.sample_cost`
+prices them)."""
 
 
 def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:

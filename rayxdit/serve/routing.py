@@ -180,10 +180,7 @@ class PoolLoad:
 def service_rates(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> dict[str, float] | None:
     """Seconds per cost unit of each pool: measured where measured; else extrapolated from the measured
     (or configured) pool of the same model nearest in GPU count; None if some pool's model has neither."""
-    known = {
-        pool.name: (loads.get(pool.name, PoolLoad()).seconds_per_cost or pool.seconds_per_cost)
-        for pool in pools
-    }
+    known = _known_rates(pools, loads)
     rates: dict[str, float] = {}
     for pool in pools:
         anchor = _anchor(pool, pools, known)
@@ -199,15 +196,20 @@ def service_overheads(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) 
     GPUs. Without it an unmeasured pool looked faster than its GPU count makes it by the whole overhead: on
     64 GPUs at 120% load a fit of 0.4 s overhead on the 2-GPU pool made 4-GPU replicas look 2.0 times as
     fast, not 1.8, and the fleet started two it then kept, losing 5 points of goodput."""
-    known = {
-        pool.name: (loads.get(pool.name, PoolLoad()).seconds_per_cost or pool.seconds_per_cost)
-        for pool in pools
-    }
+    known = _known_rates(pools, loads)
     overheads = {}
     for pool in pools:
         anchor = _anchor(pool, pools, known) or pool
         overheads[pool.name] = loads.get(anchor.name, PoolLoad()).overhead_s
     return overheads
+
+
+def _known_rates(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> dict[str, float | None]:
+    """Each pool's measured seconds per cost unit, else its configured prior, else None."""
+    return {
+        pool.name: (loads.get(pool.name, PoolLoad()).seconds_per_cost or pool.seconds_per_cost)
+        for pool in pools
+    }
 
 
 def _anchor(pool: PoolSpec, pools: Sequence[PoolSpec], known: Mapping[str, float | None]) -> PoolSpec | None:
