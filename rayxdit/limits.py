@@ -111,6 +111,12 @@ class ModelLimits:
             raise ValueError(f"{SETTINGS_FILE}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         if isinstance(overrides.get("schedulers"), list):  # JSON has no tuples
             overrides = {**overrides, "schedulers": tuple(overrides["schedulers"])}
+        attention = overrides.get("attention_cost_per_megapixel", 0.0)
+        if isinstance(attention, bool) or not isinstance(attention, int | float) or attention < 0:
+            raise ValueError(
+                f"{SETTINGS_FILE}: attention_cost_per_megapixel must be a number >= 0 (0: a request's cost "
+                f"linear in its pixels), got {attention!r}"
+            )
         return ModelLimits(**{**self.__dict__, **overrides})
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:

@@ -61,6 +61,13 @@ def test_flux_s_attention_term_prices_2048px_as_it_was_measured_to_take():
     assert FLUX_KONTEXT.limits.attention_cost_per_megapixel == attention
 
 
+def test_a_model_s_settings_may_set_its_attention_term_but_not_a_negative_one():
+    assert ModelLimits().updated({"attention_cost_per_megapixel": 0.2}).attention_cost_per_megapixel == 0.2
+    for bad in (-0.1, "0.1", True):
+        with pytest.raises(ValueError, match="attention_cost_per_megapixel must be a number >= 0"):
+            ModelLimits().updated({"attention_cost_per_megapixel": bad})
+
+
 def test_whether_a_request_runs_cfg_is_the_family_s_call():
     from rayxdit.models.flux import FluxAdapter
     from rayxdit.models.sd3 import SD3Adapter
