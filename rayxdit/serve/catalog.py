@@ -110,6 +110,8 @@ class Catalog:
                     "schedulers": list(limits.schedulers),
                     "default_scheduler": limits.default_scheduler,
                     "kind": "video" if limits.makes_video else "image",
+                    # What a request's `cost` (in its response) and the pools' `route_min_cost` count in.
+                    "attention_cost_per_megapixel": limits.attention_cost_per_megapixel,
                     "controlnets": list(pools[0].engine.controlnets),
                     "ip_adapter": pools[0].engine.ip_adapter,
                     "loras": list_loras(pools[0].engine.lora_sources),
