@@ -1,0 +1,228 @@
+"""The attention term of a model's request cost, measured: one denoising step's time at two sizes.
+
+Routing prices a step of ``s`` megapixels (width x height x frames / 1e6) at ``s x (1 + a x s) / (1 + a)`` cost
+units (``rayxdit.serve.routing.sample_cost``): attention grows with the square of the sequence, the rest of a
+step linearly. With step times ``t1`` and ``t2`` at ``m1`` and ``m2`` megapixels, ``r = (t2 / m2) / (t1 / m1)``
+and ``a = (r - 1) / (m2 - r x m1)``. This times each model's transformer alone (batch 1, 512 text tokens,
+seeded random weights of the real architecture: speed does not depend on their values), compiled with
+``compile_repeated_blocks`` as the pools serve it, the median of repeats; Flux.1-dev runs beside as the
+baseline, whose term is declared from ``bench_flux.py``'s 28-step loops (``FLUX_ATTENTION_COST``).
+
+    python benchmarks/bench_attention_cost.py --out benchmarks/results/attention-cost-1xh200.json
+    python benchmarks/bench_attention_cost.py --preset tiny --out /tmp/smoke.json  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import write_result  # noqa: E402
+from benchmarks.bench_flux import gpu_provenance  # noqa: E402
+from benchmarks.models import FLUX_DEV  # noqa: E402
+from rayxdit.models.families import FAMILIES  # noqa: E402
+from rayxdit.models.presets import TINY_FLUX  # noqa: E402
+
+TEXT_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A transformer to time: its family (whose declared term the result is set beside), its diffusers
+    class and config, and the two sizes (width, height, frames) it is timed at."""
+
+    name: str
+    pipeline_class: str
+    transformer_class: str
+    config: dict
+    sizes: tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+WAN_14B = dict(  # Wan-AI/Wan2.1-T2V-14B-Diffusers' transformer
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+TINY_WAN = {**WAN_14B, "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 32, "freq_dim": 32}
+TINY_WAN.update(ffn_dim=64, num_layers=1, in_channels=8, out_channels=8, rope_max_seq_len=32)
+
+PRESETS = {
+    "gpu": [
+        Subject("flux-dev", "FluxPipeline", "FluxTransformer2DModel", FLUX_DEV.transformer,
+                ((1024, 1024, 1), (2048, 2048, 1))),
+        Subject("wan2.1-t2v-14b", "WanPipeline", "WanTransformer3DModel", WAN_14B,
+                ((832, 480, 81), (1280, 720, 81))),
+    ],
+    "tiny": [
+        Subject("tiny-flux", "FluxPipeline", "FluxTransformer2DModel", TINY_FLUX.transformer,
+                ((64, 64, 1), (128, 128, 1))),
+        Subject("tiny-wan", "WanPipeline", "WanTransformer3DModel", TINY_WAN, ((32, 32, 5), (64, 64, 5))),
+    ],
+}  # fmt: skip
+
+
+def megapixels(size: tuple[int, int, int]) -> float:
+    width, height, frames = size
+    return width * height * frames / 1e6
+
+
+def attention_term(m1: float, t1: float, m2: float, t2: float) -> float:
+    """The ``a`` that prices the two measured steps as they took (see the module docstring)."""
+    ratio = (t2 / m2) / (t1 / m1)
+    return (ratio - 1) / (m2 - ratio * m1)
+
+
+def inputs(subject: Subject, size: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> dict:
+    """The transformer's inputs for one image (or video) of ``size``, as its pipeline makes them."""
+    width, height, frames = size
+    config = subject.config
+    if subject.transformer_class == "FluxTransformer2DModel":
+        rows, columns = height // 16, width // 16  # VAE 8x, then 2x2 patches packed into channels
+        ids = torch.stack(
+            torch.meshgrid(*(torch.arange(float(n)) for n in (1, rows, columns)), indexing="ij"), -1
+        ).reshape(-1, 3)
+        return dict(
+            hidden_states=torch.randn(1, rows * columns, config["in_channels"], device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(
+                1, TEXT_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype
+            ),
+            pooled_projections=torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype),
+            timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+            img_ids=ids.to(device=device, dtype=dtype),
+            txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype),
+            guidance=torch.full((1,), 3.5, device=device, dtype=dtype)
+            if config.get("guidance_embeds")
+            else None,
+            return_dict=False,
+        )
+    latent_frames = (frames - 1) // 4 + 1  # the VAE's 4x in time, 8x in space
+    return dict(
+        hidden_states=torch.randn(
+            1, config["in_channels"], latent_frames, height // 8, width // 8, device=device, dtype=dtype
+        ),
+        timestep=torch.full((1,), 500, device=device, dtype=torch.long),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config["text_dim"], device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_subject(
+    subject: Subject, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> dict:
+    import diffusers
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = getattr(diffusers, subject.transformer_class)(**subject.config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=True)
+    rows = []
+    for size in subject.sizes:
+        feed = inputs(subject, size, device, dtype)
+        with torch.inference_mode():
+            for _ in range(args.warmup_steps):
+                model(**feed)
+            synchronize(device)
+            repeats = []
+            for _ in range(args.repeats):
+                began = time.perf_counter()
+                for _ in range(args.steps):
+                    model(**feed)
+                synchronize(device)
+                repeats.append((time.perf_counter() - began) / args.steps)
+        rows.append(
+            {
+                "size": "x".join(map(str, size)),
+                "megapixels": round(megapixels(size), 4),
+                "seconds_per_step": round(statistics.median(repeats), 5),
+                "repeats_s": [round(seconds, 5) for seconds in repeats],
+            }
+        )
+        print(f"{subject.name} {rows[-1]['size']}: {rows[-1]['seconds_per_step']:.4f} s a step", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    (first, second) = rows
+    measured = attention_term(
+        first["megapixels"], first["seconds_per_step"], second["megapixels"], second["seconds_per_step"]
+    )
+    return {
+        "model": subject.name,
+        "pipeline_class": subject.pipeline_class,
+        "steps": rows,
+        "time_ratio": round(second["seconds_per_step"] / first["seconds_per_step"], 4),
+        "pixel_ratio": round(second["megapixels"] / first["megapixels"], 4),
+        "attention_cost_per_megapixel": round(measured, 5),
+        "declared": FAMILIES[subject.pipeline_class].limits.attention_cost_per_megapixel,
+        "compile": args.compile,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="gpu", help="gpu: the real architectures"
+    )
+    parser.add_argument("--models", nargs="*", help="names of the preset's subjects (default: all)")
+    parser.add_argument("--steps", type=int, default=3, help="transformer calls per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per size (median)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed calls first (compiles)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager (default on CPU)")
+    parser.add_argument("--out", type=Path, required=True, help="where the result JSON goes")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        args.compile = False
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    subjects = [s for s in PRESETS[args.preset] if not args.models or s.name in args.models]
+    if not subjects:
+        parser.error(f"--models: none of {args.models} in preset {args.preset}")
+    results = [time_subject(subject, args, device, dtype) for subject in subjects]
+    document = {
+        **gpu_provenance("benchmarks/bench_attention_cost.py", argv),
+        "dtype": str(dtype).removeprefix("torch."),
+        "text_tokens": TEXT_TOKENS,
+        "results": results,
+    }
+    write_result(args.out, document)
+    for result in results:
+        print(
+            f"{result['model']}: {result['time_ratio']}x the time for {result['pixel_ratio']}x the pixels, "
+            f"attention term {result['attention_cost_per_megapixel']} (declared {result['declared']})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
