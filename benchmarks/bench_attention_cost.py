@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import write_result  # noqa: E402
 from benchmarks.bench_flux import gpu_provenance  # noqa: E402
-from benchmarks.models import FLUX_DEV  # noqa: E402
+from benchmarks.models import FLUX_DEV, WAN_14B  # noqa: E402
 from rayxdit.models.families import FAMILIES  # noqa: E402
 from rayxdit.models.presets import TINY_FLUX  # noqa: E402
 
@@ -47,21 +47,6 @@ class Subject:
     sizes: tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
-WAN_14B = dict(  # Wan-AI/Wan2.1-T2V-14B-Diffusers' transformer
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 TINY_WAN = {**WAN_14B, "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 32, "freq_dim": 32}
 TINY_WAN.update(ffn_dim=64, num_layers=1, in_channels=8, out_channels=8, rope_max_seq_len=32)
 

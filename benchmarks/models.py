@@ -64,3 +64,20 @@ FLUX_DEV = FluxSizes(
 
 FLUX_DEV_RANDOM = "benchmarks.models:FLUX_DEV"
 """The model name of the random full-size Flux.1-dev, as configs and command lines take it."""
+
+WAN_14B = dict(
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers' transformer (WanTransformer3DModel), as served by wan-8gpu.yaml.
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
