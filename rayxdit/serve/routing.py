@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rayxdit.config import PoolConfig
-from rayxdit.limits import ResolvedRequest
+from rayxdit.limits import ResolvedRequest, request_work
 
 TRUST_FACTOR = 4.0
 """Admission refuses only on estimates within this factor of the largest request cost a pool has measured."""
@@ -67,7 +67,7 @@ def request_cost(req: ResolvedRequest, uses_cfg: bool, attention_per_megapixel: 
     """:func:`sample_cost` of each of a request's images (or videos), summed; ``uses_cfg``: whether the model
     runs CFG for this request; ``attention_per_megapixel``: its
     :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel`."""
-    megapixels = req.width * req.height / 1e6 * req.frames
+    megapixels = request_work(req.width, req.height, req.frames)  # one sample's
     return sample_cost(megapixels, req.steps, uses_cfg, attention_per_megapixel) * req.batch
 
 
