@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import write_result  # noqa: E402
-from benchmarks.bench_flux import gpu_provenance  # noqa: E402
+from benchmarks.bench_flux import gpu_provenance, synchronize  # noqa: E402
 from benchmarks.models import FLUX_DEV, WAN_14B  # noqa: E402
+from rayxdit.limits import request_work  # noqa: E402
 from rayxdit.models.families import FAMILIES  # noqa: E402
 from rayxdit.models.presets import TINY_FLUX  # noqa: E402
 
@@ -63,11 +64,6 @@ PRESETS = {
         Subject("tiny-wan", "WanPipeline", "WanTransformer3DModel", TINY_WAN, ((32, 32, 5), (64, 64, 5))),
     ],
 }  # fmt: skip
-
-
-def megapixels(size: tuple[int, int, int]) -> float:
-    width, height, frames = size
-    return width * height * frames / 1e6
 
 
 def attention_term(m1: float, t1: float, m2: float, t2: float) -> float:
@@ -110,11 +106,6 @@ def inputs(subject: Subject, size: tuple[int, int, int], device: torch.device, d
     )
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_subject(
     subject: Subject, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> dict:
@@ -147,7 +138,7 @@ def time_subject(
         rows.append(
             {
                 "size": "x".join(map(str, size)),
-                "megapixels": round(megapixels(size), 4),
+                "megapixels": round(request_work(*size), 4),
                 "seconds_per_step": round(statistics.median(repeats), 5),
                 "repeats_s": [round(seconds, 5) for seconds in repeats],
             }

@@ -123,7 +123,7 @@ def profile_denoise(
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         begin = time.perf_counter()
         denoise(adapter, running(adapter, req), conditions)
-        _synchronize(device)
+        synchronize(device)
         wall_ms = 1000 * (time.perf_counter() - begin)
     from torch.autograd import DeviceType
 
@@ -185,7 +185,8 @@ def sdpa_context(attention: str):
     return nullcontext() if chosen is None else sdpa_kernel([chosen])
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer's edges on a GPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -257,7 +258,7 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
         with torch.inference_mode(), sdpa_context(job.attention if job.impl == "single" else "auto"):
             begin = time.perf_counter()
             denoise(adapter, running(adapter, warm), conditions)
-            _synchronize(device)
+            synchronize(device)
             warmup_s = time.perf_counter() - begin
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -270,7 +271,7 @@ def _run_job(worker, job: Job, settings: Settings) -> list[dict] | None:
                 for _ in range(settings.repeats):
                     begin = time.perf_counter()
                     latents = denoise(adapter, run, conditions)
-                    _synchronize(device)
+                    synchronize(device)
                     repeats.append(time.perf_counter() - begin)
                 cache = adapter.step_cache
                 skipped = (cache.skipped_steps, [round(c, 4) for c in cache.changes]) if threshold else None
