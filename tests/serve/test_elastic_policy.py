@@ -3,6 +3,10 @@ many replicas each pool gets within the shared budget."""
 
 from __future__ import annotations
 
+import heapq
+import random
+import statistics
+
 import pytest
 
 from rayxdit.serve.routing import (
@@ -51,6 +55,45 @@ def test_queued_work_moves_requests_to_the_pool_that_finishes_them_first():
     assert completion_estimate(BIG, busy_big["p8"], 29.4, RATES["p8"]) == pytest.approx(
         29.4 * RATES["p8"] * 3.5
     )
+
+
+def estimate_errors(replicas: int, utilization: float, arrivals: int = 20000) -> list[float]:
+    """``replicas`` replicas of one pool serving one line first come first served, Poisson arrivals at
+    ``utilization``, a denoising mix (70% one unit, 20% two (true CFG), 10% 4.6 (2048 px), one second a
+    unit, no randomness in a request's time): for each arrival that finds every replica busy, its
+    completion estimate from what the application's state knows (requests outstanding and their cost) less
+    the time it really took."""
+    rng = random.Random(1)
+    costs = [1.0] * 7 + [2.0] * 2 + [4.6]
+    rate = utilization * replicas / statistics.mean(costs)
+    free_at, outstanding, now, errors = [0.0] * replicas, [], 0.0, []
+    for _ in range(arrivals):
+        now += rng.expovariate(rate)
+        outstanding = [(finish, cost) for finish, cost in outstanding if finish > now]
+        cost = rng.choice(costs)
+        load = PoolLoad(
+            replicas, outstanding=len(outstanding), outstanding_cost=sum(c for _, c in outstanding)
+        )
+        estimate = completion_estimate(SMALL, load, cost, 1.0)
+        finish = max(now, heapq.heappop(free_at)) + cost
+        heapq.heappush(free_at, finish)
+        if load.outstanding >= replicas:
+            errors.append(estimate - (finish - now))
+        outstanding.append((finish, cost))
+    return errors
+
+
+@pytest.mark.parametrize("replicas", [2, 4, 8])
+def test_the_wait_for_a_busy_pool_is_the_nearest_end_of_a_running_request_then_the_line(replicas):
+    """A line of replicas frees its first one when the running request nearest its end finishes, not when
+    an average one does. Read as "each running request half done", four replicas' estimates ran a whole
+    mean request (1.56 s here) long, and admission refused requests that would have made their deadlines
+    (the fleet simulator's one-node all-2-GPU fleet at 60% load: 97.3% good, 98.8% with this). Sabotage
+    check: with ``n - c/2`` requests ahead spread over the replicas again, the median error is 0.6-1.1 s and
+    this fails."""
+    for utilization in (0.6, 0.8):
+        errors = estimate_errors(replicas, utilization)
+        assert abs(statistics.median(errors)) <= 0.25 * 1.56, (utilization, statistics.median(errors))
 
 
 def test_a_cold_pool_counts_its_start_up_and_half_of_it_while_one_starts():
