@@ -88,10 +88,9 @@ def test_the_wait_for_a_busy_pool_is_the_nearest_end_of_a_running_request_then_t
     """A line of replicas frees its first one when the running request nearest its end finishes, not when
     an average one does. Read as "each running request half done", four replicas' estimates ran 0.95 s long
     in the median (a mean request takes 1.56 s here), and admission refused requests that would have made
-    their deadlines
-    (the fleet simulator's one-node all-2-GPU fleet at 60% load: 97.3% good, 98.8% with this). Sabotage
-    check: with ``n - c/2`` requests ahead spread over the replicas again, the median error is 0.6-1.1 s and
-    this fails."""
+    their deadlines (the fleet simulator's one-node all-2-GPU fleet at 60% load: 97.3% good, 98.8% with
+    this). Sabotage check: with ``n - c/2`` requests ahead spread over the replicas again, the median error
+    is 0.6-1.1 s and this fails."""
     for utilization in (0.6, 0.8):
         errors = estimate_errors(replicas, utilization)
         assert abs(statistics.median(errors)) <= 0.25 * 1.56, (utilization, statistics.median(errors))
