@@ -31,7 +31,7 @@ from benchmarks.bench_flux import gpu_provenance, synchronize  # noqa: E402
 from benchmarks.models import FLUX_DEV, WAN_14B  # noqa: E402
 from rayxdit.limits import request_work  # noqa: E402
 from rayxdit.models.families import FAMILIES  # noqa: E402
-from rayxdit.models.presets import TINY_FLUX  # noqa: E402
+from rayxdit.models.presets import TINY_FLUX, TINY_WAN_TRANSFORMER  # noqa: E402
 
 TEXT_TOKENS = 512
 
@@ -48,9 +48,6 @@ class Subject:
     sizes: tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
-TINY_WAN = {**WAN_14B, "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 32, "freq_dim": 32}
-TINY_WAN.update(ffn_dim=64, num_layers=1, in_channels=8, out_channels=8, rope_max_seq_len=32)
-
 PRESETS = {
     "gpu": [
         Subject("flux-dev", "FluxPipeline", "FluxTransformer2DModel", FLUX_DEV.transformer,
@@ -61,7 +58,8 @@ PRESETS = {
     "tiny": [
         Subject("tiny-flux", "FluxPipeline", "FluxTransformer2DModel", TINY_FLUX.transformer,
                 ((64, 64, 1), (128, 128, 1))),
-        Subject("tiny-wan", "WanPipeline", "WanTransformer3DModel", TINY_WAN, ((32, 32, 5), (64, 64, 5))),
+        Subject("tiny-wan", "WanPipeline", "WanTransformer3DModel", TINY_WAN_TRANSFORMER,
+                ((32, 32, 5), (64, 64, 5))),
     ],
 }  # fmt: skip
 

@@ -630,6 +630,23 @@ def build_tiny_sd15(path: Path) -> None:
     _save_preset(pipeline, path, limits)
 
 
+TINY_WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=8,
+    attention_head_dim=8,
+    in_channels=8,
+    out_channels=8,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+"""tiny-wan's transformer (``WanTransformer3DModel`` keywords; the benchmarks' CPU smoke runs time it too)."""
+
+
 def build_tiny_wan(path: Path) -> None:
     """WanPipeline (Wan 2.1 text-to-video layout): 2 blocks of 8 heads of 8 with RMS QK-norm across heads and
     3D rotary embeddings, a UMT5 text encoder, a causal 3D VAE (8x spatial, 4x temporal) and UniPC flow
@@ -653,20 +670,7 @@ def build_tiny_wan(path: Path) -> None:
                 decoder_start_token_id=0,
             )
         )
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=8,
-            attention_head_dim=8,
-            in_channels=8,
-            out_channels=8,
-            text_dim=32,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
+        transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
         vae = AutoencoderKLWan(
             base_dim=8,
             z_dim=8,
