@@ -3,8 +3,8 @@
 Routing prices a step of ``s`` megapixels (width x height x frames / 1e6) at ``s x (1 + a x s) / (1 + a)`` cost
 units (``rayxdit.serve.routing.sample_cost``): attention grows with the square of the sequence, the rest of a
 step linearly. With step times ``t1`` and ``t2`` at ``m1`` and ``m2`` megapixels, ``r = (t2 / m2) / (t1 / m1)``
-and ``a = (r - 1) / (m2 - r x m1)``. This times each model's transformer alone (batch 1, 512 text tokens,
-seeded random weights of the real architecture: speed does not depend on their values), compiled with
+and ``a = (r - 1) / (m2 - r x m1)``. This times each model's transformer alone (batch 1, the text tokens its
+pipeline feeds it: 512 for Flux and Wan, 77 CLIP + 256 T5 for SD3; seeded random weights of the real architecture: speed does not depend on their values), compiled with
 ``compile_repeated_blocks`` as the pools serve it, the median of repeats; Flux.1-dev runs beside as the
 baseline, whose term is declared from ``bench_flux.py``'s 28-step loops (``FLUX_ATTENTION_COST``).
 
@@ -28,30 +28,32 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import write_result  # noqa: E402
 from benchmarks.bench_flux import gpu_provenance, synchronize  # noqa: E402
-from benchmarks.models import FLUX_DEV, WAN_14B  # noqa: E402
+from benchmarks.models import FLUX_DEV, SD35_LARGE, WAN_14B  # noqa: E402
 from rayxdit.limits import request_work  # noqa: E402
 from rayxdit.models.families import FAMILIES  # noqa: E402
-from rayxdit.models.presets import TINY_FLUX, TINY_WAN_TRANSFORMER  # noqa: E402
-
-TEXT_TOKENS = 512
+from rayxdit.models.presets import TINY_FLUX, TINY_SD3_TRANSFORMER, TINY_WAN_TRANSFORMER  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Subject:
     """A transformer to time: its family (whose declared term the result is set beside), its diffusers
-    class and config, and the two sizes (width, height, frames) it is timed at."""
+    class and config, the two sizes (width, height, frames) it is timed at and the text tokens it attends to
+    beside the image's (a constant share of each step, so it shapes the measured term a little)."""
 
     name: str
     pipeline_class: str
     transformer_class: str
     config: dict
     sizes: tuple[tuple[int, int, int], tuple[int, int, int]]
+    text_tokens: int = 512
 
 
 PRESETS = {
     "gpu": [
         Subject("flux-dev", "FluxPipeline", "FluxTransformer2DModel", FLUX_DEV.transformer,
                 ((1024, 1024, 1), (2048, 2048, 1))),
+        Subject("sd3.5-large", "StableDiffusion3Pipeline", "SD3Transformer2DModel", SD35_LARGE,
+                ((1024, 1024, 1), (2048, 2048, 1)), text_tokens=77 + 256),
         Subject("wan2.1-t2v-14b", "WanPipeline", "WanTransformer3DModel", WAN_14B,
                 ((832, 480, 81), (1280, 720, 81))),
     ],
@@ -60,6 +62,8 @@ PRESETS = {
                 ((64, 64, 1), (128, 128, 1))),
         Subject("tiny-wan", "WanPipeline", "WanTransformer3DModel", TINY_WAN_TRANSFORMER,
                 ((32, 32, 5), (64, 64, 5))),
+        Subject("tiny-sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel", TINY_SD3_TRANSFORMER,
+                ((64, 64, 1), (128, 128, 1)), text_tokens=16 + 13),
     ],
 }  # fmt: skip
 
@@ -82,15 +86,27 @@ def inputs(subject: Subject, size: tuple[int, int, int], device: torch.device, d
         return dict(
             hidden_states=torch.randn(1, rows * columns, config["in_channels"], device=device, dtype=dtype),
             encoder_hidden_states=torch.randn(
-                1, TEXT_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype
+                1, subject.text_tokens, config["joint_attention_dim"], device=device, dtype=dtype
             ),
             pooled_projections=torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype),
             timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
             img_ids=ids.to(device=device, dtype=dtype),
-            txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype),
+            txt_ids=torch.zeros(subject.text_tokens, 3, device=device, dtype=dtype),
             guidance=torch.full((1,), 3.5, device=device, dtype=dtype)
             if config.get("guidance_embeds")
             else None,
+            return_dict=False,
+        )
+    if subject.transformer_class == "SD3Transformer2DModel":
+        return dict(
+            hidden_states=torch.randn(
+                1, config["in_channels"], height // 8, width // 8, device=device, dtype=dtype
+            ),
+            encoder_hidden_states=torch.randn(
+                1, subject.text_tokens, config["joint_attention_dim"], device=device, dtype=dtype
+            ),
+            pooled_projections=torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype),
+            timestep=torch.full((1,), 500.0, device=device, dtype=dtype),
             return_dict=False,
         )
     latent_frames = (frames - 1) // 4 + 1  # the VAE's 4x in time, 8x in space
@@ -99,7 +115,9 @@ def inputs(subject: Subject, size: tuple[int, int, int], device: torch.device, d
             1, config["in_channels"], latent_frames, height // 8, width // 8, device=device, dtype=dtype
         ),
         timestep=torch.full((1,), 500, device=device, dtype=torch.long),
-        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, config["text_dim"], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(
+            1, subject.text_tokens, config["text_dim"], device=device, dtype=dtype
+        ),
         return_dict=False,
     )
 
@@ -152,6 +170,7 @@ def time_subject(
     return {
         "model": subject.name,
         "pipeline_class": subject.pipeline_class,
+        "text_tokens": subject.text_tokens,
         "steps": rows,
         "time_ratio": round(second["seconds_per_step"] / first["seconds_per_step"], 4),
         "pixel_ratio": round(second["megapixels"] / first["megapixels"], 4),
@@ -182,14 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     subjects = [s for s in PRESETS[args.preset] if not args.models or s.name in args.models]
     if not subjects:
         parser.error(f"--models: none of {args.models} in preset {args.preset}")
-    results = [time_subject(subject, args, device, dtype) for subject in subjects]
     document = {
         **gpu_provenance("benchmarks/bench_attention_cost.py", argv),
         "dtype": str(dtype).removeprefix("torch."),
-        "text_tokens": TEXT_TOKENS,
-        "results": results,
+        "results": [],
     }
-    write_result(args.out, document)
+    results = document["results"]
+    for subject in subjects:
+        results.append(time_subject(subject, args, device, dtype))
+        write_result(args.out, document)  # after each subject: a run cut short keeps what it measured
     for result in results:
         print(
             f"{result['model']}: {result['time_ratio']}x the time for {result['pixel_ratio']}x the pixels, "

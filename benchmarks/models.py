@@ -81,3 +81,20 @@ WAN_14B = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
+
+SD35_LARGE = dict(
+    # stabilityai/stable-diffusion-3.5-large's transformer (SD3Transformer2DModel): 38 MMDiT blocks of 38 heads
+    # of 64, RMS QK-norm, no dual-attention blocks (those are 3.5 Medium's).
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)

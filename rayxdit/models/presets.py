@@ -467,6 +467,24 @@ def build_tiny_sdxl_ip_adapter(path: Path) -> None:
     save_file(weights, str(path / "ip-adapter_sdxl.safetensors"))
 
 
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=8,
+    joint_attention_dim=64,
+    caption_projection_dim=64,
+    pooled_projection_dim=64,
+    out_channels=16,
+    pos_embed_max_size=64,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+"""tiny-sd3's transformer (``SD3Transformer2DModel`` keywords; the benchmarks' CPU smoke runs time it too)."""
+
+
 def build_tiny_sd3(path: Path) -> None:
     """StableDiffusion3Pipeline: 2 MMDiT blocks (the first with SD3.5's dual attention, RMS QK-norm), 8 heads
     of 8, three text encoders (two CLIP, one T5), 16 CLIP + 13 T5 = 29 text tokens, and SD3's 16 latent
@@ -493,21 +511,7 @@ def build_tiny_sd3(path: Path) -> None:
                 decoder_start_token_id=0,
             )
         )
-        transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=8,
-            joint_attention_dim=64,
-            caption_projection_dim=64,
-            pooled_projection_dim=64,
-            out_channels=16,
-            pos_embed_max_size=64,
-            dual_attention_layers=(0,),
-            qk_norm="rms_norm",
-        )
+        transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
         vae = _vae_2d({**TINY_FLUX.vae, "latent_channels": 16})  # as SD3's: 16 latent channels
     pipeline = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

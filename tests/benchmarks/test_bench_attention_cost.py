@@ -1,4 +1,4 @@
-"""CPU smoke test of bench_attention_cost.py: both subjects (a Flux and a Wan transformer, tiny) are timed at
+"""CPU smoke test of bench_attention_cost.py: every subject (a Flux, a Wan and an SD3 transformer, tiny) are timed at
 their two sizes and the result names what a committed GPU result must; the attention term's arithmetic
 reproduces Flux's declared term from the single-H200 times it was read from."""
 
@@ -19,7 +19,7 @@ def test_the_attention_term_prices_the_two_measured_steps_as_they_took():
     assert bench_attention_cost.attention_term(1.0, 1.0, 4.0, 4.0) == 0.0  # linear: no term
 
 
-def test_bench_attention_cost_times_both_subjects_on_cpu(tmp_path):
+def test_bench_attention_cost_times_every_subject_on_cpu(tmp_path):
     out = tmp_path / "attention.json"
     argv = ["--preset", "tiny", "--steps", "1", "--repeats", "2", "--warmup-steps", "1", "--out", str(out)]
     assert bench_attention_cost.main(argv) == 0
@@ -27,8 +27,9 @@ def test_bench_attention_cost_times_both_subjects_on_cpu(tmp_path):
     assert document["command"].startswith("python benchmarks/bench_attention_cost.py --preset tiny")
     assert "rayxdit_commit" in document["versions"] and document["device"].startswith("cpu")
     results = {result["model"]: result for result in document["results"]}
-    assert set(results) == {"tiny-flux", "tiny-wan"}
-    assert results["tiny-flux"]["declared"] == FLUX_ATTENTION_COST and results["tiny-wan"]["declared"] == 0.0
+    assert set(results) == {"tiny-flux", "tiny-wan", "tiny-sd3"}
+    assert results["tiny-flux"]["declared"] == FLUX_ATTENTION_COST
+    assert [results[name]["text_tokens"] for name in ("tiny-flux", "tiny-sd3")] == [512, 29]
     for result in results.values():
         assert [len(step["repeats_s"]) for step in result["steps"]] == [2, 2]
         assert all(step["seconds_per_step"] > 0 for step in result["steps"])
