@@ -52,10 +52,10 @@ PRESETS = {
     "gpu": [
         Subject("flux-dev", "FluxPipeline", "FluxTransformer2DModel", FLUX_DEV.transformer,
                 ((1024, 1024, 1), (2048, 2048, 1))),
-        Subject("sd3.5-large", "StableDiffusion3Pipeline", "SD3Transformer2DModel", SD35_LARGE,
-                ((1024, 1024, 1), (2048, 2048, 1)), text_tokens=77 + 256),
         Subject("wan2.1-t2v-14b", "WanPipeline", "WanTransformer3DModel", WAN_14B,
                 ((832, 480, 81), (1280, 720, 81))),
+        Subject("sd3.5-large", "StableDiffusion3Pipeline", "SD3Transformer2DModel", SD35_LARGE,
+                ((1024, 1024, 1), (2048, 2048, 1)), text_tokens=77 + 256),
     ],
     "tiny": [
         Subject("tiny-flux", "FluxPipeline", "FluxTransformer2DModel", TINY_FLUX.transformer,
