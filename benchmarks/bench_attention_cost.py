@@ -4,9 +4,11 @@ Routing prices a step of ``s`` megapixels (width x height x frames / 1e6) at ``s
 units (``rayxdit.serve.routing.sample_cost``): attention grows with the square of the sequence, the rest of a
 step linearly. With step times ``t1`` and ``t2`` at ``m1`` and ``m2`` megapixels, ``r = (t2 / m2) / (t1 / m1)``
 and ``a = (r - 1) / (m2 - r x m1)``. This times each model's transformer alone (batch 1, the text tokens its
-pipeline feeds it: 512 for Flux and Wan, 77 CLIP + 256 T5 for SD3; seeded random weights of the real architecture: speed does not depend on their values), compiled with
-``compile_repeated_blocks`` as the pools serve it, the median of repeats; Flux.1-dev runs beside as the
-baseline, whose term is declared from ``bench_flux.py``'s 28-step loops (``FLUX_ATTENTION_COST``).
+pipeline feeds it: 512 for Flux and Wan, 77 CLIP + 256 T5 for SD3; seeded random weights of the real
+architecture: speed does not depend on their values), compiled with ``compile_repeated_blocks`` as the pools
+serve it, the median of repeats; Flux.1-dev runs beside as the baseline, whose term is declared from
+``bench_flux.py``'s 28-step loops (``FLUX_ATTENTION_COST``). The JSON is written after each model, so a run
+cut short keeps the models it finished.
 
     python benchmarks/bench_attention_cost.py --out benchmarks/results/attention-cost-1xh200.json
     python benchmarks/bench_attention_cost.py --preset tiny --out /tmp/smoke.json  # CPU smoke
