@@ -142,6 +142,10 @@ def cost_of(resolution: int, steps: int, cfg: bool) -> float:
     return sample_cost(resolution * resolution / 1e6, steps, cfg, FLUX_ATTENTION_COST)
 
 
+ELASTIC_ROUTING = "finish_first"
+"""The elastic fleets' routing policy unless ``--elastic-routing`` names another."""
+
+
 @dataclass(eq=False)
 class Request:
     arrival: float
@@ -232,6 +236,7 @@ class Fleet:
         expire_at_deadline: bool = True,
         policy_options: dict | None = None,
         admission: str = ADMISSIONS[0],
+        elastic_routing: str = ELASTIC_ROUTING,
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
         self.queue_policy = queue_policy
@@ -254,7 +259,7 @@ class Fleet:
         self.arrival_costs = ArrivalCosts()  # their mean cost, as the application's state keeps it
         self.pools: dict[str, Pool] = {}
         layout, routing, sizing = LAYOUTS[policy]
-        self.routing = ROUTING_POLICIES[routing]
+        self.routing = ROUTING_POLICIES[elastic_routing if sizing else routing]
         # The options an application's elastic.policy_options would give the elastic fleet's policy.
         options = policy_options if sizing == "cost_aware" else None
         self.sizing = autoscaling_policy(sizing, options) if sizing else None
@@ -566,10 +571,21 @@ def simulate(
     expire_at_deadline: bool = True,
     policy_options: dict | None = None,
     admission: str = ADMISSIONS[0],
+    elastic_routing: str = ELASTIC_ROUTING,
 ) -> dict:
-    """One run; ``load`` is a fraction of capacity, or a name of VARYING."""
+    """One run; ``load`` is a fraction of capacity, or a name of VARYING; ``elastic_routing``: the routing
+    policy of an elastic fleet (static ones route within one pool, or by thresholds)."""
     fleet = Fleet(
-        policy, budget, startup, seed, scenario, queue_policy, expire_at_deadline, policy_options, admission
+        policy,
+        budget,
+        startup,
+        seed,
+        scenario,
+        queue_policy,
+        expire_at_deadline,
+        policy_options,
+        admission,
+        elastic_routing,
     )
     capacity = capacity_per_s(budget)
     phase_changes = 0
@@ -607,6 +623,7 @@ def simulate(
             if policy_options and LAYOUTS[policy][2] == "cost_aware"
             else {}
         ),
+        **({"routing": elastic_routing} if elastic_routing != ELASTIC_ROUTING and LAYOUTS[policy][2] else {}),
         "gpus": budget,
         "offered_load": load,
         "requests": len(counted),
@@ -900,6 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the elastic fleet's elastic.policy_options as JSON, e.g. '{\"peak_window_s\": 0}' "
         "(default: the policy's own defaults)",
     )
+    parser.add_argument(
+        "--elastic-routing",
+        default=ELASTIC_ROUTING,
+        choices=sorted(ROUTING_POLICIES),
+        help="routing.policy of the elastic fleets (default finish_first; line_priced: a request cheaper than "
+        "a pool's line charged its wait there twice); the static ones keep theirs",
+    )
     args = parser.parse_args(argv)
     jobs = [
         (
@@ -915,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
             args.expire_at_deadline,
             args.policy_options,
             admission,
+            args.elastic_routing,
         )
         for admission in args.admissions
         for queue_policy in args.queue_policies

@@ -922,8 +922,10 @@ class RoutingConfig(BaseModel):
     policy: str = Field(
         default="finish_first",
         description="A routing policy of rayxdit.serve.policies.ROUTING_POLICIES: finish_first (where the "
-        "request finishes first, from measured service times and load; thresholds until measured) or "
-        "thresholds (route_min_cost alone).",
+        "request finishes first, from measured service times and load; thresholds until measured), "
+        "line_priced (finish_first, a request cheaper than the mean of a pool's line charged its wait "
+        "there twice, so the fast pools' lines stay for the large requests; not yet the default: see "
+        "README, Elastic scaling) or thresholds (route_min_cost alone).",
     )
     queue_policy: str = Field(
         default="fifo",

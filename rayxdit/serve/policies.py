@@ -16,7 +16,7 @@ from typing import Any
 from rayxdit.config import ConfigError, ServeConfig
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES
 from rayxdit.serve.layouts import CostAwarePolicy
-from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
+from rayxdit.serve.routing import PoolLoad, PoolSpec, route, route_pricing_lines, threshold_order
 from rayxdit.serve.sizing import PoolDemand, plan_replicas
 
 RoutingPolicy = Callable[
@@ -45,6 +45,7 @@ def by_thresholds(
 
 ROUTING_POLICIES: dict[str, RoutingPolicy] = {
     "finish_first": route,
+    "line_priced": route_pricing_lines,
     "thresholds": by_thresholds,
 }
 """Routing policies by name (``routing.policy`` in the application's config)."""

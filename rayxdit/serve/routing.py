@@ -273,9 +273,11 @@ def route(
     loads: Mapping[str, PoolLoad],
     exclude: frozenset[str] = frozenset(),
     free_ranks: float = math.inf,
+    price_lines: bool = False,
 ) -> list[tuple[PoolSpec, float | None]]:
     """The pools of one model to try, best first, each with its completion estimate (seconds; None while
     nothing is known and thresholds decide). Excluded pools (full or down for this request) never.
+    ``price_lines``: order by the estimate plus :func:`line_price` (the estimates returned stay as they are).
 
     ``free_ranks``: ranks of the shared budget that no replica holds. A cold pool whose replica would not
     fit there comes last whatever its estimate: its start-up would first wait for other pools to drain (on
@@ -295,7 +297,47 @@ def route(
         (pool, completion_estimate(pool, loads.get(pool.name, PoolLoad()), cost, rates[pool.name]))
         for pool in candidates
     ]
-    return sorted(estimates, key=lambda item: (blocked(item[0]), item[1], item[0].ranks))
+
+    def preference(item: tuple[PoolSpec, float]) -> tuple:
+        pool, estimate = item
+        load = loads.get(pool.name, PoolLoad())
+        priced = line_price(pool, load, cost, estimate, rates) if price_lines else 0.0
+        return (blocked(pool), estimate + priced, pool.ranks)
+
+    return sorted(estimates, key=preference)
+
+
+def route_pricing_lines(
+    pools: Sequence[PoolSpec],
+    cost: float,
+    loads: Mapping[str, PoolLoad],
+    exclude: frozenset[str] = frozenset(),
+    free_ranks: float = math.inf,
+) -> list[tuple[PoolSpec, float | None]]:
+    """:func:`route` with each pool's :func:`line_price` added to its estimate (``routing.policy:
+    line_priced``)."""
+    return route(pools, cost, loads, exclude, free_ranks, price_lines=True)
+
+
+def line_price(
+    pool: PoolSpec, load: PoolLoad, cost: float, estimate: float, rates: Mapping[str, float]
+) -> float:
+    """What a request of ``cost`` is charged beyond its completion estimate for joining ``pool``: its wait
+    there once more where it is cheaper than the mean request the pool holds, else nothing.
+
+    Finish-first routing is each request's own best, and each joins a fast pool's line while that still
+    finishes it sooner; but every request in that line delays the ones that come after, and the fast
+    replicas save the most for the large requests. A cheap request gains little from them (a 1024px image:
+    0.9 s on a 4-GPU replica against a 2-GPU one) and lengthens the line the large ones wait in (a 2048px
+    image: 4.9 s). Charged its wait twice, it takes a free slower replica unless the fast pool finishes it
+    sooner even then; requests at least as costly as the line's mean judge by the estimate alone. Found in
+    the fleet simulator (64 GPUs, 60% load, 2-, 4- and 8-GPU replicas): the 1024px requests queued on the
+    4-GPU pool (p90 2.41 s against its 1.66 s service) and the 2048px ones waited behind them (p90 8.19 s
+    against 6.74 s alone), which set the fleet's p99. Charging every request its wait twice sent 2048px
+    images to a slower pool instead, and the p99 of other fleets rose (docs/elastic-history.md)."""
+    if load.outstanding <= 0 or cost >= load.outstanding_cost / load.outstanding:
+        return 0.0
+    return waiting_time(pool, load, cost, estimate, rates)
 
 
 def idle_pools(pools: Sequence[PoolSpec], loads: Mapping[str, PoolLoad]) -> list[PoolSpec]:

@@ -9,6 +9,8 @@ import statistics
 
 import pytest
 
+from rayxdit.models.families import FLUX
+from rayxdit.serve.policies import ROUTING_POLICIES
 from rayxdit.serve.routing import (
     PoolLoad,
     PoolSpec,
@@ -17,6 +19,7 @@ from rayxdit.serve.routing import (
     completion_estimate,
     retry_after,
     route,
+    sample_cost,
     service_rates,
     waiting_time,
 )
@@ -55,6 +58,26 @@ def test_queued_work_moves_requests_to_the_pool_that_finishes_them_first():
     assert completion_estimate(BIG, busy_big["p8"], 29.4, RATES["p8"]) == pytest.approx(
         29.4 * RATES["p8"] * 3.5
     )
+
+
+def test_line_priced_routing_leaves_a_fast_pools_line_to_the_large_requests():
+    """Under ``routing.policy: line_priced``, a 1024px request that a busy 4-GPU pool would finish 0.2 s
+    sooner than an idle 2-GPU replica, behind requests dearer on average than it, takes the idle replica:
+    its wait there is charged twice (``routing.line_price``); ``finish_first`` sends it into the line. A
+    2048px request, for which the 4-GPU replicas save 4.6 s, still joins their line, and so does a 1024px one
+    behind 1024px ones. Sabotage check: without the charge the first goes to the 4-GPU pool and this fails."""
+    line_priced = ROUTING_POLICIES["line_priced"]
+    image, large = 29.4, sample_cost(4.194304, 28, False, FLUX.limits.attention_cost_per_megapixel)
+    running = [image, image, 2 * image, large]  # four 4-GPU replicas busy, a 2048px image among them
+    busy_fast = loads(p2=PoolLoad(1), p4=PoolLoad(4, outstanding=4, outstanding_cost=sum(running)))
+    order = line_priced([SMALL, MEDIUM], image, busy_fast)
+    assert [pool.name for pool, _ in order] == ["p2", "p4"]
+    assert route([SMALL, MEDIUM], image, busy_fast)[0][0].name == "p4"  # finish_first: into the line
+    estimates = {pool.name: estimate for pool, estimate in order}
+    assert estimates["p4"] < estimates["p2"]  # the estimates themselves are unchanged: admission reads them
+    assert line_priced([SMALL, MEDIUM], large, busy_fast)[0][0].name == "p4"
+    alike = loads(p2=PoolLoad(1), p4=PoolLoad(4, outstanding=4, outstanding_cost=4 * image))
+    assert line_priced([SMALL, MEDIUM], image, alike)[0][0].name == "p4"
 
 
 def estimate_errors(replicas: int, utilization: float, arrivals: int = 20000) -> list[float]:
