@@ -9,6 +9,7 @@ sizes the pools with ``AUTOSCALING_POLICIES[config.elastic.policy]`` (``serve/el
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from rayxdit.config import ConfigError, ServeConfig
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES
 from rayxdit.serve.layouts import CostAwarePolicy
-from rayxdit.serve.routing import PoolLoad, PoolSpec, route, route_pricing_lines, threshold_order
+from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
 from rayxdit.serve.sizing import PoolDemand, plan_replicas
 
 RoutingPolicy = Callable[
@@ -45,7 +46,7 @@ def by_thresholds(
 
 ROUTING_POLICIES: dict[str, RoutingPolicy] = {
     "finish_first": route,
-    "line_priced": route_pricing_lines,
+    "line_priced": functools.partial(route, price_lines=True),  # finish_first plus routing.line_price
     "thresholds": by_thresholds,
 }
 """Routing policies by name (``routing.policy`` in the application's config)."""

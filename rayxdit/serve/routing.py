@@ -307,18 +307,6 @@ def route(
     return sorted(estimates, key=preference)
 
 
-def route_pricing_lines(
-    pools: Sequence[PoolSpec],
-    cost: float,
-    loads: Mapping[str, PoolLoad],
-    exclude: frozenset[str] = frozenset(),
-    free_ranks: float = math.inf,
-) -> list[tuple[PoolSpec, float | None]]:
-    """:func:`route` with each pool's :func:`line_price` added to its estimate (``routing.policy:
-    line_priced``)."""
-    return route(pools, cost, loads, exclude, free_ranks, price_lines=True)
-
-
 def line_price(
     pool: PoolSpec, load: PoolLoad, cost: float, estimate: float, rates: Mapping[str, float]
 ) -> float:
