@@ -2,9 +2,10 @@
 reach, in every scaling scenario the measurements allow.
 
 It calls the production decisions unchanged, by name from the tables the application uses
-(``rayxdit.serve.policies``): a routing policy (``finish_first``: where a request finishes first, from
-loads built as the application's state builds them, service times learned online with ``ServiceFit``;
-``thresholds``: the configured cost thresholds), admission (``routing.retry_after``: a request that would
+(``rayxdit.serve.policies``): a routing policy (``line_priced``: where a request finishes first, from
+loads built as the application's state builds them, service times learned online with ``ServiceFit``, a
+request cheaper than the mean of a pool's line charged its wait there twice; ``finish_first``: the same
+without that charge; ``thresholds``: the configured cost thresholds), admission (``routing.retry_after``: a request that would
 miss its deadline, or with ``typical_wait`` (the default, as in production) wait for a replica longer than the
 typical arrival can, is refused at once, 429, and counts as not good) and, for elastic fleets, a sizing policy
 (``cost_aware``, or the older ``load_aware`` for comparison). The rest is a model of the machinery around
@@ -52,11 +53,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import heapq
 import json
 import math
 import random
 import sys
+import time
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -142,7 +145,7 @@ def cost_of(resolution: int, steps: int, cfg: bool) -> float:
     return sample_cost(resolution * resolution / 1e6, steps, cfg, FLUX_ATTENTION_COST)
 
 
-ELASTIC_ROUTING = "finish_first"
+ELASTIC_ROUTING = "line_priced"
 """The elastic fleets' routing policy unless ``--elastic-routing`` names another."""
 
 
@@ -159,14 +162,14 @@ class Request:
     expired: bool = False
     """Still waiting at its deadline: it left the line then (the router answers 504), not good."""
     pool: str = ""
+    cost: float = field(init=False)
+    """What the router prices it at (fixed at arrival; a 64-GPU run reads it millions of times)."""
+    slo: float = field(init=False)
+    """The seconds its client gives it: ``SLO_FACTOR`` x its single-GPU time."""
 
-    @property
-    def cost(self) -> float:
-        return cost_of(self.resolution, self.steps, self.cfg)
-
-    @property
-    def slo(self) -> float:
-        return SLO_FACTOR * service_s("compounded", 1, self.resolution, self.steps, self.cfg)
+    def __post_init__(self) -> None:
+        self.cost = cost_of(self.resolution, self.steps, self.cfg)
+        self.slo = SLO_FACTOR * service_s("compounded", 1, self.resolution, self.steps, self.cfg)
 
 
 @dataclass
@@ -766,8 +769,8 @@ LAYOUTS: dict[str, tuple[dict[int, int] | None, str, str | None]] = {
     "all-4gpu": ({4: 2}, "thresholds", None),
     "all-8gpu": ({8: 1}, "thresholds", None),
     "static thresholds": ({2: 2, 4: 1}, "thresholds", None),
-    ELASTIC: (None, "finish_first", "cost_aware"),
-    "elastic load_aware": (None, "finish_first", "load_aware"),
+    ELASTIC: (None, ELASTIC_ROUTING, "cost_aware"),
+    "elastic load_aware": (None, ELASTIC_ROUTING, "load_aware"),
 }
 POLICIES = tuple(LAYOUTS)
 STATIC = tuple(name for name, (layout, _, _) in LAYOUTS.items() if layout)
@@ -921,8 +924,9 @@ def main(argv: list[str] | None = None) -> int:
         "--elastic-routing",
         default=ELASTIC_ROUTING,
         choices=sorted(ROUTING_POLICIES),
-        help="routing.policy of the elastic fleets (default finish_first; line_priced: a request cheaper than "
-        "a pool's line charged its wait there twice); the static ones keep theirs",
+        help="routing.policy of the elastic fleets (default line_priced, as in production: a request cheaper "
+        "than a pool's line charged its wait there twice; finish_first: without that charge); the static ones "
+        "keep theirs",
     )
     args = parser.parse_args(argv)
     jobs = [
@@ -949,11 +953,19 @@ def main(argv: list[str] | None = None) -> int:
         for load in [*args.loads, *args.varying]
         for policy in args.policies
     ]
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
-            results = list(pool.map(_run, jobs, chunksize=1))
-    else:
-        results = [_run(job) for job in jobs]
+    with ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+        runs = pool.map(_run, jobs, chunksize=1) if pool else map(_run, jobs)
+        results = []
+        started = time.monotonic()
+        for result in runs:  # a full grid takes hours on two cores: say how far it is
+            results.append(result)
+            elapsed = time.monotonic() - started
+            left = elapsed / len(results) * (len(jobs) - len(results))
+            print(
+                f"[{len(results)}/{len(jobs)}] {elapsed / 60:.1f} min, ~{left / 60:.0f} min left",
+                file=sys.stderr,
+                flush=True,
+            )
     for result in results:
         load = result["offered_load"]
         shown = load if isinstance(load, str) else f"{load:.0%}"

@@ -920,12 +920,13 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field(
-        default="finish_first",
-        description="A routing policy of rayxdit.serve.policies.ROUTING_POLICIES: finish_first (where the "
-        "request finishes first, from measured service times and load; thresholds until measured), "
-        "line_priced (finish_first, a request cheaper than the mean of a pool's line charged its wait "
-        "there twice, so the fast pools' lines stay for the large requests; not yet the default: see "
-        "README, Elastic scaling) or thresholds (route_min_cost alone).",
+        default="line_priced",
+        description="A routing policy of rayxdit.serve.policies.ROUTING_POLICIES: line_priced (where the "
+        "request finishes first, from measured service times and load, with a request cheaper than the "
+        "mean of a pool's line charged its wait there twice, so the fast pools' lines stay for the large "
+        "requests; thresholds until measured), finish_first (the same without that charge: the default "
+        "until the simulator's grids ran with line_priced, kept for comparison) or thresholds "
+        "(route_min_cost alone).",
     )
     queue_policy: str = Field(
         default="fifo",

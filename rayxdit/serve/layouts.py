@@ -59,6 +59,7 @@ simulator and Serve's hook run the same object).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict, deque
@@ -168,9 +169,13 @@ def carries(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: f
     MAX_UTILIZATION, or above it with replicas so many that an arrival waits longer than a typical request's
     service with at most WAIT_TAIL probability (M/M/c: Erlang C times ``exp(-(capacity - arrivals) * s)``)."""
     servers = sum(count for count in counts.values() if count > 0)
+    return _carries(servers, capacity(counts, seconds), arrivals)
+
+
+def _carries(servers: int, rate: float, arrivals: float) -> bool:
+    """:func:`carries` for a layout of ``servers`` replicas serving ``rate`` typical requests per second."""
     if servers == 0:
         return arrivals <= EPSILON
-    rate = capacity(counts, seconds)
     if arrivals < MAX_UTILIZATION * rate:
         return True
     if arrivals >= rate:
@@ -183,20 +188,31 @@ def carries(counts: Mapping[str, int], seconds: Mapping[str, float], arrivals: f
 def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]:
     """Every layout of one model's pools within ``ranks`` and each pool's bounds: any count of the larger
     pools, the smallest pool filling what is left (up to its maximum)."""
-    ordered = sorted(members, key=lambda pool: pool.spec.ranks)
-    smallest, larger = ordered[0], ordered[1:]
-    choices = [range(pool.min_replicas, pool.max_replicas + 1) for pool in larger]
+    bounds = tuple(
+        (pool.spec.name, pool.spec.ranks, pool.min_replicas, pool.max_replicas) for pool in members
+    )
+    # Fresh dicts: callers may keep and change what they pick; the enumeration itself is cached (a 64-GPU
+    # fleet's has 153 layouts, enumerated on every autoscaling tick).
+    return [dict(zip(names, counts, strict=True)) for names, counts in _layouts(bounds, ranks)]
+
+
+@functools.lru_cache(maxsize=256)
+def _layouts(
+    bounds: tuple[tuple[str, int, int, int], ...], ranks: float
+) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+    """:func:`layouts` over (name, ranks, min, max) per pool, as (pool names, counts) pairs."""
+    ordered = sorted(bounds, key=lambda pool: pool[1])
+    (smallest, smallest_ranks, smallest_min, smallest_max), larger = ordered[0], ordered[1:]
+    names = (*(name for name, _, _, _ in larger), smallest)
+    choices = [range(low, high + 1) for _, _, low, high in larger]
     found = []
     for combination in itertools.product(*choices):
-        used = sum(count * pool.spec.ranks for count, pool in zip(combination, larger, strict=True))
+        used = sum(count * size for count, (_, size, _, _) in zip(combination, larger, strict=True))
         if used > ranks and any(combination):
             continue
-        room = max(0, int((ranks - used) // smallest.spec.ranks))
-        fill = max(smallest.min_replicas, min(smallest.max_replicas, room))
-        counts = {pool.spec.name: count for count, pool in zip(combination, larger, strict=True)}
-        counts[smallest.spec.name] = fill
-        found.append(counts)
-    return found or [{pool.spec.name: pool.min_replicas for pool in members}]
+        room = max(0, int((ranks - used) // smallest_ranks))
+        found.append((names, (*combination, max(smallest_min, min(smallest_max, room)))))
+    return tuple(found) or ((tuple(name for name, _, _, _ in bounds), tuple(low for _, _, low, _ in bounds)),)
 
 
 def best_layout(
@@ -236,11 +252,13 @@ def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, floa
     does, those of the most capacity (within a hair)."""
     if not candidates:
         return []
-    found = [c for c in candidates if carries(c, seconds, peak)]
+    # Each candidate's capacity once (a 64-GPU fleet judges 153 layouts every tick).
+    sized = [(c, sum(count for count in c.values() if count > 0), capacity(c, seconds)) for c in candidates]
+    found = [c for c, servers, rate in sized if _carries(servers, rate, peak)]
     if found:
         return found
-    most = max(capacity(c, seconds) for c in candidates)
-    return [c for c in candidates if capacity(c, seconds) > most * (1 - 1e-9)]
+    most = max(rate for _, _, rate in sized)
+    return [c for c, _, rate in sized if rate > most * (1 - 1e-9)]
 
 
 def informed(members: Sequence[PoolDemand]) -> bool:
