@@ -393,7 +393,8 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or http_options.get("port") or config.port
     # This environment reaches every Serve replica (below), and the executors forward it to the ranks: a gated
     # model's HF_TOKEN works on a cluster joined with --address too.
-    env = {**SERVE_ENV, **forwarded_env()}
+    serve_env = {name: os.environ.get(name, value) for name, value in SERVE_ENV.items()}  # the user's win
+    env = {**serve_env, **forwarded_env()}
     started_here = args.address is None and not os.environ.get("RAY_ADDRESS")  # Ray reads "" as unset too
     if args.metrics_port is not None and not started_here:
         raise UsageError(
@@ -412,7 +413,7 @@ def _serve(args: argparse.Namespace) -> int:
     # replica's restart on an H200 host, Serve's start to ready: 14.7 s with one, 10.6 s without; README "How
     # long a replica takes to start"). A cluster joined by address gets it as one.
     if started_here:
-        os.environ.update(SERVE_ENV)
+        os.environ.update(serve_env)
     runtime_env = None if started_here else {"env_vars": env}
     ray.init(address=args.address, logging_level="warning", runtime_env=runtime_env, **metrics)
     # systemd, docker and Kubernetes stop a service with SIGTERM: stop as Ctrl-C does (this replaces the
@@ -432,7 +433,14 @@ def _serve(args: argparse.Namespace) -> int:
         "enable_access_log": args.log_level in ("debug", "info"),
     }
     logging.getLogger("ray.serve").setLevel(args.log_level.upper())  # this process's own Serve messages
-    serve.start(http_options={**http_options, "host": host, "port": port}, logging_config=logging_config)
+    try:
+        serve.start(http_options={**http_options, "host": host, "port": port}, logging_config=logging_config)
+    except (ray.exceptions.RayActorError, TimeoutError) as error:
+        raise UsageError(
+            f"Ray Serve's HTTP proxy did not start ({type(error).__name__}; its log is in Ray's session "
+            "directory, logs/serve/proxy_*.log); on a machine busy with other work give it longer, e.g. "
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=120 rayxdit serve"
+        ) from error
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
         + ", ".join(f"{pool.name} ({pool.ranks} ranks, {pool.engine.parallel})" for pool in config.pools),
@@ -489,9 +497,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-SERVE_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
+SERVE_ENV = {
+    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+}
 """Serve's handles probe a replica's queue within 0.1 s and warn when it takes longer, which a busy machine
-(models loading on every core) does: the probe only orders replicas, so give it a second."""
+(models loading on every core) does: the probe only orders replicas, so give it a second. Serve's
+controller gives its HTTP proxy 5 s to say it is ready, and kills it after three misses, and ``serve.start``
+then fails with the proxy's ActorDiedError: seen on two busy cores (a simulation on both, 2026-12-05), where
+the proxy's start took longer. Nothing is served before it is ready, so waiting longer costs nothing."""
 READY_TIMEOUT_S = 1800.0
 """How long `rayxdit serve` waits for every model to have a ready replica (loading a large model)."""
 
