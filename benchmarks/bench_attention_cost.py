@@ -5,7 +5,7 @@ units (``rayxdit.serve.routing.sample_cost``): attention grows with the square o
 step linearly. With step times ``t1`` and ``t2`` at ``m1`` and ``m2`` megapixels, ``r = (t2 / m2) / (t1 / m1)``
 and ``a = (r - 1) / (m2 - r x m1)``. This times each model's transformer alone (batch 1, the text tokens its
 pipeline feeds it: 512 for Flux and Wan, 77 CLIP + 256 T5 for SD3; seeded random weights of the real
-architecture: speed does not depend on their values), compiled with ``compile_repeated_blocks`` as the pools
+architecture: speed does not depend on their values), compiled block by block (``compile_repeated_blocks``) as the pools
 serve it, the median of repeats; Flux.1-dev runs beside as the baseline, whose term is declared from
 ``bench_flux.py``'s 28-step loops (``FLUX_ATTENTION_COST``). The JSON is written after each model, so a run
 cut short keeps the models it finished.
@@ -32,6 +32,7 @@ from benchmarks import write_result  # noqa: E402
 from benchmarks.bench_flux import gpu_provenance, synchronize  # noqa: E402
 from benchmarks.models import FLUX_DEV, SD35_LARGE, WAN_14B  # noqa: E402
 from rayxdit.limits import request_work  # noqa: E402
+from rayxdit.models.base import compile_repeated_blocks  # noqa: E402
 from rayxdit.models.families import FAMILIES  # noqa: E402
 from rayxdit.models.presets import TINY_FLUX, TINY_SD3_TRANSFORMER, TINY_WAN_TRANSFORMER  # noqa: E402
 
@@ -138,7 +139,7 @@ def time_subject(
     finally:
         torch.set_default_dtype(default)
     if args.compile:
-        model.compile_repeated_blocks(fullgraph=True)
+        compile_repeated_blocks(model, fullgraph=True)
     rows = []
     for size in subject.sizes:
         feed = inputs(subject, size, device, dtype)

@@ -320,7 +320,7 @@ class DiffusionAdapter(ABC):
         # PipeFusion's buffered attention runs outside the graph (one break per block).
         fullgraph = self.state.axis("pipefusion").size == 1
         options = {"options": {"reorder_for_peak_memory": False}} if backend == "inductor" else {}
-        self.transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=backend, **options)
+        compile_repeated_blocks(self.transformer, fullgraph=fullgraph, backend=backend, **options)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -590,3 +590,30 @@ class DiffusionAdapter(ABC):
         """Conditioning of the branches this rank computes (one branch per rank under cfg parallelism)."""
         branches = branches_for_rank(self.state.axis("cfg"), self.uses_cfg(req.request))
         return {branch: self.encode(req, branch) for branch in branches}
+
+
+def repeated_block_types(model: torch.nn.Module) -> set[str]:
+    """The class names of ``model``'s repeated blocks: those diffusers declares (``_repeated_blocks``), else
+    (SD3's transformer in diffusers 0.42 declares none) the classes of the blocks in its top-level
+    ModuleLists of more than one block (``transformer_blocks``), not of lists deeper down (an attention's
+    ``to_out`` is a Linear and a Dropout)."""
+    declared = getattr(model, "_repeated_blocks", None)
+    if declared:
+        return set(declared)
+    return {
+        type(block).__name__
+        for child in model.children()
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 1
+        for block in child
+    }
+
+
+def compile_repeated_blocks(model: torch.nn.Module, **options: Any) -> None:
+    """torch.compile each repeated block of ``model`` in place (regional compilation: one graph per block
+    type, as diffusers' ``compile_repeated_blocks``, which refuses a model that declares no block types)."""
+    types = repeated_block_types(model)
+    if not types:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile")
+    for module in model.modules():
+        if type(module).__name__ in types:
+            module.compile(**options)

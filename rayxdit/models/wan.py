@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
 from rayxdit.limits import ModelLimits
-from rayxdit.models.base import DiffusionAdapter, begin_at
+from rayxdit.models.base import DiffusionAdapter, begin_at, compile_repeated_blocks
 from rayxdit.models.families import WAN
 from rayxdit.models.running import RunningRequest
 from rayxdit.parallel.attention import SequenceParallelAttention
@@ -115,7 +115,7 @@ class WanAdapter(DiffusionAdapter):
     def compile(self, backend: str = "inductor") -> None:
         """torch.compile every block of both experts (attention is one custom op: no graph breaks)."""
         for model in self.denoisers:
-            model.compile_repeated_blocks(fullgraph=True, backend=backend)
+            compile_repeated_blocks(model, fullgraph=True, backend=backend)
 
     def encode(self, req: RunningRequest, branch: int) -> WanCondition:
         request = req.request

@@ -28,3 +28,19 @@ def test_compiled_flux_traces_each_block_type_once_and_keeps_the_image():
     assert (two_images[:1] - plain).abs().max() <= 1e-5  # batched GEMMs sum in another order
     # Double- and single-stream blocks at batch 1, then again at batch 2 (a new shape): no stride recompile.
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+
+
+def test_compiled_sd3_traces_its_one_block_type_and_keeps_the_image():
+    """diffusers (0.42) declares no repeated blocks for SD3's transformer, and its ``compile_repeated_blocks``
+    refuses such a model: a pool with ``compile: true`` failed to start. Its blocks are found in its
+    ``transformer_blocks`` list instead, one graph for them all (the last block, context_pre_only, included:
+    dynamo guards on it and traces it once more)."""
+    torch._dynamo.reset()
+    engine = Engine(EngineConfig(model="tiny-sd3"), ParallelState.single())
+    request = GenerateRequest(prompt="a fox", width=64, height=64, steps=2, seed=1, num_images=1)
+    plain = engine.generate(request, output="latent").latents
+    engine.adapter.compile(backend="eager")
+    counters.clear()
+    compiled = engine.generate(request, output="latent").latents
+    assert torch.equal(compiled, plain)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
