@@ -204,6 +204,11 @@ SD15 = Family(
     prediction=NOISE,  # SD 2.x's v-prediction is in its scheduler config, which every sampler keeps
     single_file="ldm_pipeline",
 )
+WAN_ATTENTION_COST = 0.0388
+"""Wan 2.1 T2V 14B's :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel` (megapixels of all
+frames: width x height x frames / 1e6), from one H100 (its transformer compiled, bf16, 512 text tokens;
+benchmarks/results/attention-cost-1xh100.json): a step 2.83 s at 832x480x81, 11.28 s at 1280x720x81, 3.99
+times as long for 2.31 times the pixels. A 720p job costs 3.99 480p ones, not 2.31."""
 WAN = Family(
     "WanPipeline",
     "rayxdit.models.wan:WanAdapter",
@@ -218,6 +223,7 @@ WAN = Family(
         default_frames=81,
         max_frames=241,
         frame_multiple=4,
+        attention_cost_per_megapixel=WAN_ATTENTION_COST,
     ),
     supports_sharded_weights=True,
 )

@@ -159,13 +159,14 @@ def test_the_latency_bar_is_the_fastest_static_layout_tied_on_goodput():
 
 
 def test_the_elastic_fleets_routing_policy_is_chosen_by_name_and_recorded(tmp_path):
-    """``--elastic-routing line_priced`` routes the elastic fleet with that entry of the policy table (and
-    says so in each of its results); the default runs write no such field, as the committed grids have none."""
+    """``--elastic-routing finish_first`` routes the elastic fleet with that entry of the policy table (and
+    says so in each of its results); the default (``line_priced``) runs write no such field, as the committed
+    grids have none."""
     out = tmp_path / "simulate.json"
     argv = ["--out", str(out), "--fleets", "8", "--loads", "0.6", "--varying", "--scenarios", "compounded"]
     argv += ["--startup-s", "60", "--duration-s", "1200", "--warmup-s", "300", "--workers", "1"]
-    argv += ["--policies", "elastic", "all-2gpu", "--elastic-routing", "line_priced"]
+    argv += ["--policies", "elastic", "all-2gpu", "--elastic-routing", "finish_first"]
     assert simulate_fleet.main(argv) == 0
     results = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["elastic"]["routing"] == "line_priced" and "routing" not in results["all-2gpu"]
+    assert results["elastic"]["routing"] == "finish_first" and "routing" not in results["all-2gpu"]
     assert results["elastic"]["finished"] > 0

@@ -291,11 +291,11 @@ def test_models_health_and_docs_answer_without_any_pool(url):
         "tiny-wan": [2],
     }
     assert {m["id"]: m["kind"] for m in models}["tiny-wan"] == "video"
-    # The cost unit's attention term: Flux's measured one, 0 (linear) for a family not measured.
+    # The cost unit's attention term: the family's measured one (Flux's, Wan's; 0, linear, where unmeasured).
     assert {m["id"]: m["attention_cost_per_megapixel"] for m in models} == {
         "tiny-2": 0.117,
         "tiny-4": 0.117,
-        "tiny-wan": 0.0,
+        "tiny-wan": 0.0388,
     }
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
     assert {m["id"]: m["loras"] for m in models} == {
