@@ -167,10 +167,21 @@ FLUX_KONTEXT = Family(
     excluded_samplers=FLUX_SAMPLERS_EXCLUDED,
     single_file="flux_transformer",
 )
+SD3_ATTENTION_COST = 0.201
+"""SD3's :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel`, SD3.5-Large's transformer on one
+H100 (compiled, bf16, 77 + 256 text tokens; benchmarks/results/attention-cost-1xh100.json): a step 0.0696 s
+at 1024px, 0.424 s at 2048px, 6.09 times as long for 4 times the pixels. SD3 Medium's share of attention
+differs: a model directory's ``rayxdit.json`` may set its own."""
 SD3 = Family(
     "StableDiffusion3Pipeline",
     "rayxdit.models.sd3:SD3Adapter",
-    ModelLimits(default_steps=28, max_sequence_length=256, image_inputs=True, default_guidance=7.0),
+    ModelLimits(
+        default_steps=28,
+        max_sequence_length=256,
+        image_inputs=True,
+        default_guidance=7.0,
+        attention_cost_per_megapixel=SD3_ATTENTION_COST,
+    ),
     supports_sharded_weights=True,
 )
 SDXL = Family(
@@ -204,11 +215,11 @@ SD15 = Family(
     prediction=NOISE,  # SD 2.x's v-prediction is in its scheduler config, which every sampler keeps
     single_file="ldm_pipeline",
 )
-WAN_ATTENTION_COST = 0.0388
+WAN_ATTENTION_COST = 0.0387
 """Wan 2.1 T2V 14B's :attr:`~rayxdit.limits.ModelLimits.attention_cost_per_megapixel` (megapixels of all
 frames: width x height x frames / 1e6), from one H100 (its transformer compiled, bf16, 512 text tokens;
-benchmarks/results/attention-cost-1xh100.json): a step 2.83 s at 832x480x81, 11.28 s at 1280x720x81, 3.99
-times as long for 2.31 times the pixels. A 720p job costs 3.99 480p ones, not 2.31."""
+benchmarks/results/attention-cost-1xh100.json): a step 2.82 s at 832x480x81, 11.23 s at 1280x720x81, 3.98
+times as long for 2.31 times the pixels. A 720p job costs 3.98 480p ones, not 2.31."""
 WAN = Family(
     "WanPipeline",
     "rayxdit.models.wan:WanAdapter",

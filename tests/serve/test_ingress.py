@@ -295,7 +295,7 @@ def test_models_health_and_docs_answer_without_any_pool(url):
     assert {m["id"]: m["attention_cost_per_megapixel"] for m in models} == {
         "tiny-2": 0.117,
         "tiny-4": 0.117,
-        "tiny-wan": 0.0388,
+        "tiny-wan": 0.0387,
     }
     assert {m["id"]: m["controlnets"] for m in models}["tiny-2"] == ["tiny-flux-controlnet"]
     assert {m["id"]: m["loras"] for m in models} == {
