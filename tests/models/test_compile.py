@@ -12,18 +12,25 @@ from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import GenerateRequest
 
+REQUEST = GenerateRequest(prompt="a fox", width=64, height=64, steps=2, seed=1, num_images=1)
+
+
+def plain_then_compiled(model: str) -> tuple[Engine, torch.Tensor, torch.Tensor]:
+    """``model``'s engine, REQUEST's latents from it plain, then compiled with dynamo's eager backend (the
+    counters cleared before the compiled run)."""
+    torch._dynamo.reset()
+    engine = Engine(EngineConfig(model=model), ParallelState.single())
+    plain = engine.generate(REQUEST, output="latent").latents
+    engine.adapter.compile(backend="eager")
+    counters.clear()
+    return engine, plain, engine.generate(REQUEST, output="latent").latents
+
 
 def test_compiled_flux_traces_each_block_type_once_and_keeps_the_image():
     """Flux's single-stream blocks return views of their joined sequence; without standard strides every
     block but the first would be traced again (three graphs, not two)."""
-    torch._dynamo.reset()
-    engine = Engine(EngineConfig(model="tiny-flux"), ParallelState.single())
-    request = GenerateRequest(prompt="a fox", width=64, height=64, steps=2, seed=1, num_images=1)
-    plain = engine.generate(request, output="latent").latents
-    engine.adapter.compile(backend="eager")
-    counters.clear()
-    compiled = engine.generate(request, output="latent").latents
-    two_images = engine.generate(request.model_copy(update={"num_images": 2}), output="latent").latents
+    engine, plain, compiled = plain_then_compiled("tiny-flux")
+    two_images = engine.generate(REQUEST.model_copy(update={"num_images": 2}), output="latent").latents
     assert torch.equal(compiled, plain)
     assert (two_images[:1] - plain).abs().max() <= 1e-5  # batched GEMMs sum in another order
     # Double- and single-stream blocks at batch 1, then again at batch 2 (a new shape): no stride recompile.
@@ -35,12 +42,6 @@ def test_compiled_sd3_traces_its_one_block_type_and_keeps_the_image():
     refuses such a model: a pool with ``compile: true`` failed to start. Its blocks are found in its
     ``transformer_blocks`` list instead, one graph for them all (the last block, context_pre_only, included:
     dynamo guards on it and traces it once more)."""
-    torch._dynamo.reset()
-    engine = Engine(EngineConfig(model="tiny-sd3"), ParallelState.single())
-    request = GenerateRequest(prompt="a fox", width=64, height=64, steps=2, seed=1, num_images=1)
-    plain = engine.generate(request, output="latent").latents
-    engine.adapter.compile(backend="eager")
-    counters.clear()
-    compiled = engine.generate(request, output="latent").latents
+    _, plain, compiled = plain_then_compiled("tiny-sd3")
     assert torch.equal(compiled, plain)
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
