@@ -260,3 +260,29 @@ def test_the_state_reports_arrivals_over_a_whole_window_how_long_it_counted_and_
     assert stats["arrivals_per_s.m"] == pytest.approx(1 / sizing.ARRIVALS_WINDOW_S)
     assert stats["counted_s.m"] >= sizing.ARRIVALS_WINDOW_S
     assert stats["arrival_cost.m"] == pytest.approx(7.0 / 4)
+
+
+@pytest.mark.parametrize("policy", ["line_priced", "finish_first"])
+def test_the_state_routes_by_the_configured_policy_and_line_priced_is_the_default(clock, policy):
+    """The state routes with ``ROUTING_POLICIES[routing.policy]``; the default, ``line_priced``, sends a
+    cheap request to an idle slow replica rather than into a fast pool's line of dearer requests, which
+    ``finish_first`` joins (it finishes there a little sooner). Its estimate is the pool's own either way."""
+    config = (
+        ServeConfig(pools=POOLS)
+        if policy == "line_priced"
+        else ServeConfig(pools=POOLS, routing=RoutingConfig(policy=policy))
+    )
+    assert config.routing.policy == policy
+    app = Sync(AppState(config))
+    app.report("small", "a", ready=True)
+    app.report("big", "b", ready=True)
+    later = time.time() + 600
+    app.route("m", 1.0, "probe-small", later, ["big"])
+    app.finish("probe-small", engine_s=2.0)  # 2 s per cost unit
+    app.route("m", 1.0, "probe-big", later, ["small"])
+    app.finish("probe-big", engine_s=0.2)  # 0.2 s per cost unit: ten times as fast
+    assert app.route("m", 10.0, "dear", later, [])["pool"] == "big"  # 2 s there, 20 s on the small one
+    cheap = app.route("m", 1.0, "cheap", later, [])
+    # On the big pool: a wait for the dear one, then 0.2 s, under the small pool's 2 s; charged that wait
+    # again (cheaper than the line's mean of 10), over it.
+    assert cheap["pool"] == ("small" if policy == "line_priced" else "big"), cheap
