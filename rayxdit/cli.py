@@ -436,10 +436,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={**http_options, "host": host, "port": port}, logging_config=logging_config)
     except (ray.exceptions.RayActorError, TimeoutError) as error:
+        # serve.start waits 60 s for the proxy (Serve's HTTP_PROXY_TIMEOUT, not configurable); the
+        # controller's own ready check (SERVE_ENV) was given 30 s of that.
         raise UsageError(
-            f"Ray Serve's HTTP proxy did not start ({type(error).__name__}; its log is in Ray's session "
-            "directory, logs/serve/proxy_*.log); on a machine busy with other work give it longer, e.g. "
-            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=120 rayxdit serve"
+            f"Ray Serve's HTTP proxy did not start within Serve's 60 s ({type(error).__name__}; its log is in "
+            "Ray's session directory, logs/serve/); the machine is likely too busy (is another job using "
+            "every core?): free some cores and start again"
         ) from error
     print(
         f"rayxdit: deploying {len(config.pools)} pool(s): "
