@@ -44,11 +44,11 @@ Under a varying load each comparison row also gives the **oracle bound** of the 
 :func:`oracle_p50`): the lowest p50 a schedule of the static layouts reaches when it may switch layout every
 ``ORACLE_WINDOW_S`` for free, knowing what is coming, while the run's good fraction stays within 0.01 of
 the best static layout's. No policy that resizes beats it, so where it is above 0.7x the best static p50
-(``p50_bar_within_oracle`` false) the p50 bar is out of reach of resizing itself. Under a varying load
-the elastic fleet also runs as ``elastic demand-known``: its policy told the load's true rate at every tick
-(where the real one counts arrivals for 20 s and smooths the count), nothing of what comes next. Where even
-that misses the goodput bar (``goodput_bar_within_demand_known`` false), the requests are lost to the
-start-ups from the layout the lighter load was served with, not to an estimate that lags or wavers.
+(``p50_bar_within_oracle`` false) the p50 bar is out of reach of resizing itself. Under the stepped loads
+(``alternating``, ``burst``) the elastic fleet also runs as ``elastic rise-known``: its policy told each step
+up at the first tick after it (where the real one counts arrivals for 20 s and smooths the count), nothing
+of what comes next. Where even that misses the goodput bar (``goodput_bar_within_rise_known`` false), the
+requests are lost to the start-ups from the layout the light load was served with, not to a rise seen late.
 
     python benchmarks/simulate_fleet.py --out benchmarks/results/simulate-fleet.json
 """
@@ -268,7 +268,8 @@ class Fleet:
         self.arrival_costs = ArrivalCosts()  # their mean cost, as the application's state keeps it
         self.pools: dict[str, Pool] = {}
         self.told_rate: Callable[[float], float] | None = None
-        """``DEMAND_KNOWN``: the load's rate over time, told to the policy at every tick."""
+        """``RISE_KNOWN``: the load's rate over time, told to the policy at each step up."""
+        self.told = 0.0  # the rate told at the last tick
         layout, routing, sizing = LAYOUTS[policy]
         self.routing = ROUTING_POLICIES[elastic_routing if sizing else routing]
         # The options an application's elastic.policy_options would give the elastic fleet's policy.
@@ -454,8 +455,11 @@ class Fleet:
     def _autoscale(self) -> None:
         alpha = TICK_S / LOOK_BACK_S
         arrivals = self._arrival_rate()  # as the application's state counts them
-        if self.told_rate is not None:  # the policy's estimate replaced by the truth
-            arrivals = self.sizing.demand[MODEL] = self.told_rate(self.now)
+        if self.told_rate is not None:
+            rate = self.told_rate(self.now)
+            if rate > self.told * (1 + 1e-9):  # a step up since the last tick: the policy knows it now
+                arrivals = self.sizing.demand[MODEL] = rate
+            self.told = rate
         demands = []
         for pool in self.pools.values():
             pool.demand += alpha * (pool.outstanding()[0] - pool.demand)
@@ -607,10 +611,10 @@ def simulate(
         rate, phase_changes = varying_load(load, capacity, duration)
     else:
         rate = load * capacity
-    if policy == DEMAND_KNOWN:
-        if not callable(rate):
-            raise ValueError(f"{DEMAND_KNOWN!r} is told a varying load's rate ({VARYING}), not {load!r}")
-        fleet.told_rate = rate
+    if policy == RISE_KNOWN:
+        if load not in STEPPED:
+            raise ValueError(f"{RISE_KNOWN!r} is told the steps of a stepped load ({STEPPED}), not {load!r}")
+        fleet.told_rate, fleet.told = rate, rate(0.0)
     requests = workload(rate, duration, seed)
     fleet.run(requests, until=duration * 3)
     fleet._account_held()
@@ -778,11 +782,13 @@ def by_phase(requests: list[Request]) -> dict[str, dict]:
 
 
 ELASTIC = "elastic"
-DEMAND_KNOWN = "elastic demand-known"
-"""The elastic fleet told a varying load's true rate at every tick: the policy's demand set to it, where the
-real one counts arrivals for 20 s and smooths the count (a rise is seen at once, no Poisson noise). It does
-not know what comes next. Not a policy to run: where even it misses the goodput bar, what loses the requests
-is the start-ups from the layout the lighter load was served with, not the estimate."""
+RISE_KNOWN = "elastic rise-known"
+"""The elastic fleet told each step up of a stepped load (``STEPPED``) at the first tick after it: the policy's
+demand set to the new rate at once, where the real one counts arrivals for 20 s and smooths them. It does not
+know what comes next. Not a policy to run: where even it misses the goodput bar, what loses the requests is
+the start-ups from the layout the light load was served with, not how late the rise was seen."""
+STEPPED = ("alternating", "burst")
+"""The varying loads that change in steps (``diurnal`` rises smoothly: no moment to be told of)."""
 LAYOUTS: dict[str, tuple[dict[int, int] | None, str, str | None]] = {
     # name: (static replicas per GPU count, per 8 GPUs; or None: elastic), routing policy, sizing policy
     "all-2gpu": ({2: 4}, "thresholds", None),
@@ -791,7 +797,7 @@ LAYOUTS: dict[str, tuple[dict[int, int] | None, str, str | None]] = {
     "static thresholds": ({2: 2, 4: 1}, "thresholds", None),
     ELASTIC: (None, ELASTIC_ROUTING, "cost_aware"),
     "elastic load_aware": (None, ELASTIC_ROUTING, "load_aware"),
-    DEMAND_KNOWN: (None, ELASTIC_ROUTING, "cost_aware"),
+    RISE_KNOWN: (None, ELASTIC_ROUTING, "cost_aware"),
 }
 POLICIES = tuple(LAYOUTS)
 STATIC = tuple(name for name, (layout, _, _) in LAYOUTS.items() if layout)
@@ -810,9 +816,9 @@ def compare(results: list[dict]) -> list[dict]:
     policy is held to: good fraction at least the best's - 0.01; where the best's is >= 0.9, p99 at most
     1.1x the p99 of the fastest static layout tied with it (``GOOD_TIE``; steady loads); p50 at least 30%
     below the lowest p50 of those (varying loads). ``latency_bar_static`` names the layout that sets the
-    latency bar, ``latency_bar_s`` the bar. Where the cell has a ``DEMAND_KNOWN`` run, its good fraction
-    and whether it meets the goodput bar (``goodput_bar_within_demand_known``): false says that knowing the
-    demand exactly would not have kept the requests the elastic fleet lost."""
+    latency bar, ``latency_bar_s`` the bar. Where the cell has a ``RISE_KNOWN`` run, its good fraction and
+    whether it meets the goodput bar (``goodput_bar_within_rise_known``): false says that seeing each rise
+    at once would not have kept the requests the elastic fleet lost."""
     cells: dict[tuple, dict[str, dict]] = {}
     for result in results:
         key = (
@@ -830,7 +836,7 @@ def compare(results: list[dict]) -> list[dict]:
         elastic = by_policy.get(ELASTIC)
         if not statics or elastic is None:
             continue
-        told = by_policy.get(DEMAND_KNOWN)
+        told = by_policy.get(RISE_KNOWN)
         best = max(statics, key=lambda r: (r["good_fraction"], -(r["p99_s"] or math.inf)))
         good_ok = elastic["good_fraction"] >= best["good_fraction"] - 0.01
         tied = [r for r in statics if r["good_fraction"] >= best["good_fraction"] - GOOD_TIE]
@@ -884,8 +890,8 @@ def compare(results: list[dict]) -> list[dict]:
                 ),
                 **(
                     {
-                        "demand_known_good_fraction": told["good_fraction"],
-                        "goodput_bar_within_demand_known": told["good_fraction"]
+                        "rise_known_good_fraction": told["good_fraction"],
+                        "goodput_bar_within_rise_known": told["good_fraction"]
                         >= best["good_fraction"] - 0.01,
                     }
                     if told
@@ -985,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
         for budget in args.fleets
         for load in [*args.loads, *args.varying]
         for policy in args.policies
-        if policy != DEMAND_KNOWN or load in VARYING
+        if policy != RISE_KNOWN or load in STEPPED
     ]
     with ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.map(_run, jobs, chunksize=1) if pool else map(_run, jobs)
