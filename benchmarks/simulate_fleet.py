@@ -44,12 +44,11 @@ Under a varying load each comparison row also gives the **oracle bound** of the 
 :func:`oracle_p50`): the lowest p50 a schedule of the static layouts reaches when it may switch layout every
 ``ORACLE_WINDOW_S`` for free, knowing what is coming, while the run's good fraction stays within 0.01 of
 the best static layout's. No policy that resizes beats it, so where it is above 0.7x the best static p50
-(``p50_bar_within_oracle`` false) the p50 bar is out of reach of resizing itself. Under a varying load
-the elastic fleet also runs as ``elastic rise-known``: wherever the load's true rate is above its policy's
-estimate (a rise the real policy sees only as its 20 s count and smoothed estimate catch up), the policy is
-told the true rate at that tick; it knows nothing of what comes next. Where even that misses the goodput bar
-(``goodput_bar_within_rise_known`` false), the requests are lost to the start-ups from the layout the lighter
-load was served with, not to a rise seen late.
+(``p50_bar_within_oracle`` false) the p50 bar is out of reach of resizing itself. Under the stepped loads
+(``alternating``, ``burst``) the elastic fleet also runs as ``elastic rise-known``: its policy told each step
+up at the first tick after it (where the real one counts arrivals for 20 s and smooths the count), nothing
+of what comes next. Where even that misses the goodput bar (``goodput_bar_within_rise_known`` false), the
+requests are lost to the start-ups from the layout the light load was served with, not to a rise seen late.
 
     python benchmarks/simulate_fleet.py --out benchmarks/results/simulate-fleet.json
 """
@@ -269,7 +268,8 @@ class Fleet:
         self.arrival_costs = ArrivalCosts()  # their mean cost, as the application's state keeps it
         self.pools: dict[str, Pool] = {}
         self.told_rate: Callable[[float], float] | None = None
-        """``RISE_KNOWN``: the load's rate over time, told to the policy wherever it is above its estimate."""
+        """``RISE_KNOWN``: the load's rate over time, told to the policy at each step up."""
+        self.told = 0.0  # the rate told at the last tick
         layout, routing, sizing = LAYOUTS[policy]
         self.routing = ROUTING_POLICIES[elastic_routing if sizing else routing]
         # The options an application's elastic.policy_options would give the elastic fleet's policy.
@@ -455,10 +455,11 @@ class Fleet:
     def _autoscale(self) -> None:
         alpha = TICK_S / LOOK_BACK_S
         arrivals = self._arrival_rate()  # as the application's state counts them
-        if self.told_rate is not None and self.sizing.demand.get(MODEL) is not None:
+        if self.told_rate is not None:
             rate = self.told_rate(self.now)
-            if rate > self.sizing.demand[MODEL]:  # a rise the estimate has not caught up with: told now
+            if rate > self.told * (1 + 1e-9):  # a step up since the last tick: the policy knows it now
                 arrivals = self.sizing.demand[MODEL] = rate
+            self.told = rate
         demands = []
         for pool in self.pools.values():
             pool.demand += alpha * (pool.outstanding()[0] - pool.demand)
@@ -611,9 +612,9 @@ def simulate(
     else:
         rate = load * capacity
     if policy == RISE_KNOWN:
-        if not callable(rate):
-            raise ValueError(f"{RISE_KNOWN!r} is told the rises of a varying load ({VARYING}), not {load!r}")
-        fleet.told_rate = rate
+        if load not in STEPPED:
+            raise ValueError(f"{RISE_KNOWN!r} is told the steps of a stepped load ({STEPPED}), not {load!r}")
+        fleet.told_rate, fleet.told = rate, rate(0.0)
     requests = workload(rate, duration, seed)
     fleet.run(requests, until=duration * 3)
     fleet._account_held()
@@ -782,13 +783,12 @@ def by_phase(requests: list[Request]) -> dict[str, dict]:
 
 ELASTIC = "elastic"
 RISE_KNOWN = "elastic rise-known"
-"""The elastic fleet whose policy's demand estimate is never below a varying load's true rate: at each tick
-where the rate is above it (a rise the real policy sees only as its 20 s count and smoothed estimate catch
-up), the estimate is set to the rate; elsewhere it is the policy's own (the smoothed count, whose over-read
-the one-node fleets' layouts count on: told the true rate at every tick, tried at ddfc206, the fleet met 10
-of 36 varying cells' goodput bar against 14). It knows nothing of what comes next. Not a policy to run:
-where even it misses the goodput bar, what loses the requests is the start-ups from the layout the lighter
-load was served with, not a rise seen late."""
+"""The elastic fleet told each step up of a stepped load (``STEPPED``) at the first tick after it: the policy's
+demand set to the new rate at once, where the real one counts arrivals for 20 s and smooths them. It does not
+know what comes next. Not a policy to run: where even it misses the goodput bar, what loses the requests is
+the start-ups from the layout the light load was served with, not how late the rise was seen."""
+STEPPED = ("alternating", "burst")
+"""The varying loads that change in steps (``diurnal`` rises smoothly: no moment to be told of)."""
 LAYOUTS: dict[str, tuple[dict[int, int] | None, str, str | None]] = {
     # name: (static replicas per GPU count, per 8 GPUs; or None: elastic), routing policy, sizing policy
     "all-2gpu": ({2: 4}, "thresholds", None),
@@ -991,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
         for budget in args.fleets
         for load in [*args.loads, *args.varying]
         for policy in args.policies
-        if policy != RISE_KNOWN or load in VARYING
+        if policy != RISE_KNOWN or load in STEPPED
     ]
     with ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.map(_run, jobs, chunksize=1) if pool else map(_run, jobs)

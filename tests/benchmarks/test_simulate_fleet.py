@@ -61,7 +61,7 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     by_window = rows["alternating"]["good_by_window"]
     assert set(by_window) == {"elastic", "best_static"} and all(len(v) == 5 for v in by_window.values())
     assert all("_windows" not in result for result in document["results"])
-    # A varying load's row says whether the fleet told each rise at once meets the goodput bar; a steady
+    # A stepped load's row says whether the fleet told each rise at once meets the goodput bar; a steady
     # load has no such run.
     assert (simulate_fleet.RISE_KNOWN, 0.2) not in results
     told = results[(simulate_fleet.RISE_KNOWN, "alternating")]["good_fraction"]
@@ -182,9 +182,9 @@ def test_the_elastic_fleets_routing_policy_is_chosen_by_name_and_recorded(tmp_pa
 
 
 def test_the_rise_known_fleet_is_told_a_step_up_at_the_next_tick_and_the_elastic_one_counts_it():
-    """``elastic rise-known`` (the comparison's explanation of a goodput miss under a varying load) is the
-    elastic fleet whose policy learns a rise of the load at the first autoscaling tick after it; the elastic
-    fleet itself sees it only as its 20 s count and smoothed estimate catch up."""
+    """``elastic rise-known`` (the comparison's explanation of a goodput miss under a stepped load) is the
+    elastic fleet whose policy learns a step up of the load at the first autoscaling tick after it; the
+    elastic fleet itself sees it only as its 20 s count and smoothed estimate catch up."""
 
     def rate(t: float) -> float:
         return 0.2 if t < 100.0 else 1.0
@@ -194,7 +194,7 @@ def test_the_rise_known_fleet_is_told_a_step_up_at_the_next_tick_and_the_elastic
     for policy in (simulate_fleet.RISE_KNOWN, simulate_fleet.ELASTIC):
         fleet = simulate_fleet.Fleet(policy, 8, 60.0, seed=1)
         if policy == simulate_fleet.RISE_KNOWN:
-            fleet.told_rate = rate
+            fleet.told_rate, fleet.told = rate, rate(0.0)
         fleet.run([simulate_fleet.Request(r.arrival, r.resolution, r.steps, r.cfg) for r in requests], 103.0)
         demand[policy] = fleet.sizing.demand[simulate_fleet.MODEL]
     assert demand[simulate_fleet.RISE_KNOWN] > 0.99  # told at 100 s; the lower count pulls it slowly since
