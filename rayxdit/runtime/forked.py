@@ -122,7 +122,9 @@ def _serve_requests(listener: socket.socket) -> None:
                 if watch is not None:
                     children[watch] = pid
                     living.add(pid)
-            except Exception:  # one failed request (a fork refused, a peer gone) is that request's failure
+            except ConnectionError as error:  # the rank actor went away mid-request: expected, one line
+                print(f"fork server: a rank request ended early: {error}", flush=True)
+            except Exception:  # one failed request (a fork refused) is that request's failure
                 import traceback
 
                 traceback.print_exc()
@@ -192,7 +194,18 @@ def _fork_rank(
             os._exit(code)
     for fd in (stdout, stderr, calls, control, lifeline):
         os.close(fd)
-    connection.sendall(_PID.pack(pid))
+    try:
+        connection.sendall(_PID.pack(pid))
+    except OSError:
+        # The rank actor went away before it learnt its rank's pid (seen: its replica removed by a downscale
+        # while the rank started). The child has nobody to serve: it goes now (unreaped, its pid is still
+        # ours), and so does its watch.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(watch)
+        raise ConnectionError(
+            f"the rank actor went away before it learnt its rank's pid ({pid}, killed)"
+        ) from None
     return socket.socket(fileno=watch), pid
 
 
