@@ -369,6 +369,15 @@ def _stop_server(server: Any) -> None:
 
 
 # ----- the rank actor ----------------------------------------------------------------------------------------
+def send_fork_request(server: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+    """Send the fork server ``request`` on the connected ``server`` with the child's six descriptors ``fds``
+    (its stdout, stderr, calls, control, lifeline, and the server's watch on the rank actor)."""
+    payload = pickle.dumps(request)
+    data = _LENGTH.pack(len(payload)) + payload
+    sent = socket.send_fds(server, [data], fds)
+    server.sendall(data[sent:])  # a stream socket may take a long request in parts
+
+
 def _ask_for_fork(address: str, request: dict[str, Any], ends: tuple, timeout_s: float) -> bytes:
     """Send the fork server ``request`` with the child's ends of the connections; its reply (the child's
     pid). TimeoutError when the server does not answer within ``timeout_s``; another OSError when it is
@@ -376,10 +385,7 @@ def _ask_for_fork(address: str, request: dict[str, Any], ends: tuple, timeout_s:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.settimeout(timeout_s)
         server.connect(address)
-        payload = pickle.dumps(request)
-        data = _LENGTH.pack(len(payload)) + payload
-        sent = socket.send_fds(server, [data], [1, 2, *(end.fileno() for end in ends)])
-        server.sendall(data[sent:])  # a stream socket may take a long request in parts
+        send_fork_request(server, request, [1, 2, *(end.fileno() for end in ends)])
         reply = b""
         while len(reply) < _PID.size:
             chunk = server.recv(_PID.size - len(reply))

@@ -19,15 +19,10 @@ from rayxdit.runtime.rank_process import FORK_SAFE_ENV
 
 
 def _send_request(address: str, request: dict, ends: list[socket.socket], devnull: int) -> socket.socket:
-    """What ``forked._ask_for_fork`` sends (the child's output to /dev/null); the connection, reply unread."""
-    import pickle
-
+    """What a rank actor sends (the child's output to /dev/null); the connection, its reply unread."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.connect(address)
-    payload = pickle.dumps(request)
-    data = forked._LENGTH.pack(len(payload)) + payload
-    sent = socket.send_fds(server, [data], [devnull, devnull, *(end.fileno() for end in ends)])
-    server.sendall(data[sent:])
+    forked.send_fork_request(server, request, [devnull, devnull, *(end.fileno() for end in ends)])
     return server
 
 
