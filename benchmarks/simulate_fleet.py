@@ -269,7 +269,6 @@ class Fleet:
         self.pools: dict[str, Pool] = {}
         self.told_rate: Callable[[float], float] | None = None
         """``RISE_KNOWN``: the load's rate over time, told to the policy at each step up."""
-        self.told = 0.0  # the rate told at the last tick
         layout, routing, sizing = LAYOUTS[policy]
         self.routing = ROUTING_POLICIES[elastic_routing if sizing else routing]
         # The options an application's elastic.policy_options would give the elastic fleet's policy.
@@ -457,9 +456,8 @@ class Fleet:
         arrivals = self._arrival_rate()  # as the application's state counts them
         if self.told_rate is not None:
             rate = self.told_rate(self.now)
-            if rate > self.told * (1 + 1e-9):  # a step up since the last tick: the policy knows it now
+            if rate > self.told_rate(self.now - TICK_S):  # a step up since the last tick: the policy knows it
                 arrivals = self.sizing.demand[MODEL] = rate
-            self.told = rate
         demands = []
         for pool in self.pools.values():
             pool.demand += alpha * (pool.outstanding()[0] - pool.demand)
@@ -614,7 +612,7 @@ def simulate(
     if policy == RISE_KNOWN:
         if load not in STEPPED:
             raise ValueError(f"{RISE_KNOWN!r} is told the steps of a stepped load ({STEPPED}), not {load!r}")
-        fleet.told_rate, fleet.told = rate, rate(0.0)
+        fleet.told_rate = rate
     requests = workload(rate, duration, seed)
     fleet.run(requests, until=duration * 3)
     fleet._account_held()

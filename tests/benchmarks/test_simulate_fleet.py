@@ -194,7 +194,7 @@ def test_the_rise_known_fleet_is_told_a_step_up_at_the_next_tick_and_the_elastic
     for policy in (simulate_fleet.RISE_KNOWN, simulate_fleet.ELASTIC):
         fleet = simulate_fleet.Fleet(policy, 8, 60.0, seed=1)
         if policy == simulate_fleet.RISE_KNOWN:
-            fleet.told_rate, fleet.told = rate, rate(0.0)
+            fleet.told_rate = rate
         fleet.run([simulate_fleet.Request(r.arrival, r.resolution, r.steps, r.cfg) for r in requests], 103.0)
         demand[policy] = fleet.sizing.demand[simulate_fleet.MODEL]
     assert demand[simulate_fleet.RISE_KNOWN] > 0.99  # told at 100 s; the lower count pulls it slowly since
