@@ -45,6 +45,12 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   Until the policy has seen a whole window of a model, the busy hour may be in the part not seen: the
   capacity in place is kept within ``MIN_GAIN`` (a light first half hour swapped for fewer, faster
   replicas would pay the start-ups back, through a gap on a full fleet, when the load rose).
+- **A sustained rise** (``TREND_WINDOW_S``, 15 minutes): where the counts of the last window rise steadily
+  (:func:`sustained_rise`: a day's ramp, not a step of load nor noise), every layout must carry the demand
+  the rise brings within the horizon, and the layout in place is changed, as for an overload, once the
+  demand it brings within ``TREND_SOON_STARTUPS`` start-ups is beyond its capacity: on a full fleet of
+  large replicas a ramp met at the count's overload is swapped a replica at a time, each swap a start-up
+  without the capacity it takes away.
 
 - **Before it knows enough** (:func:`informed`: no pool of the model has a measured or configured service
   time, or its arrivals have not been counted over a whole ``sizing.ARRIVALS_WINDOW_S``), the model is
@@ -97,6 +103,19 @@ GAP_REQUESTS = 1.0
 """A change that leaves its model less capacity than its demand while the new replicas start is not made
 (unless the layout in place cannot carry the demand either) when this many requests or more are expected
 to arrive in that gap: they would wait a start-up, past any deadline of a request that takes seconds."""
+TREND_WINDOW_S = 900.0
+"""A sustained rise is read over this long a window of counts (``CostAwarePolicy.trend_window_s``)."""
+TREND_PARTS = 6
+"""A sustained rise is read from the mean count of each of this many equal parts of the trend window."""
+TREND_SIGMAS = 2.0
+"""The rise from the window's first part to its last must exceed this many standard deviations of the
+difference of two such means (Poisson counts) to be read as a trend and not noise."""
+TREND_SPREAD = 0.45
+"""No step between neighbouring parts may hold this share of the rise or more: a step of load (the
+alternating load's) puts at least half its rise between two parts, a ramp (a day's rise) spreads it."""
+TREND_SOON_STARTUPS = 3.0
+"""With a sustained rise, the layout in place is changed as if overloaded once the demand the trend brings
+within this many start-ups is beyond its capacity: the new replicas are up before the load is."""
 
 
 def erlang_c(servers: int, offered: float) -> float:
@@ -275,6 +294,37 @@ def informed(members: Sequence[PoolDemand]) -> bool:
 def counted_whole(members: Sequence[PoolDemand]) -> bool:
     """Whether the model's arrival rate is a whole ``sizing.ARRIVALS_WINDOW_S``'s count."""
     return min(pool.arrivals_counted_s for pool in members) >= ARRIVALS_WINDOW_S
+
+
+def sustained_rise(counts: Sequence[tuple[float, float]], window_s: float) -> float:
+    """The slope (arrivals per second, per second) of a rise sustained over the last ``window_s`` of
+    ``counts`` ((time, counted arrivals per second) at each tick, oldest first), 0 where there is none: the
+    mean count of each of ``TREND_PARTS`` parts of the window, the rise from the first part to the last
+    beyond ``TREND_SIGMAS`` of its Poisson noise, and spread over the parts (no step between neighbouring
+    parts holds ``TREND_SPREAD`` of it). A step of load is not a trend (a fleet that read one as a rise going
+    on for minutes swapped its replicas through start-ups for a load that never came), nor is a count's
+    noise; a day's rise is. Less than a whole window of counts: 0."""
+    if not counts or counts[-1][0] - counts[0][0] < 0.95 * window_s:
+        return 0.0
+    start, end = counts[-1][0] - window_s, counts[-1][0]
+    part_s = window_s / TREND_PARTS
+    sums, sizes = [0.0] * TREND_PARTS, [0] * TREND_PARTS
+    for time_s, count in counts:
+        if time_s < start:
+            continue
+        index = min(TREND_PARTS - 1, int((time_s - start) / part_s))
+        sums[index] += count
+        sizes[index] += 1
+    if not all(sizes):
+        return 0.0
+    means = [total / size for total, size in zip(sums, sizes, strict=True)]
+    rise = means[-1] - means[0]
+    # Each part's mean is about that part's count over its length: Poisson, variance rate / length.
+    noise = math.sqrt(2 * max(means[0], EPSILON) / part_s)
+    steps = [later - earlier for earlier, later in itertools.pairwise(means)]
+    if rise <= TREND_SIGMAS * noise or max(steps) >= TREND_SPREAD * rise:
+        return 0.0
+    return rise / (end - start - part_s)
 
 
 def by_queue(members: Sequence[PoolDemand], current: Mapping[str, int], ranks: float) -> dict[str, int]:
@@ -489,6 +539,12 @@ class CostAwarePolicy:
     fleet with nothing serving meanwhile. 0: size for the demand now alone (the light hours of a varying
     load get larger, faster replicas, and each rise pays a start-up)."""
 
+    trend_window_s: float = TREND_WINDOW_S
+    """Read a sustained rise of the counts over this long a window (:func:`sustained_rise`) and size for it
+    ahead: every layout must carry the demand the rise brings within ``horizon_startups`` start-ups, and the
+    layout in place is changed as if overloaded once the demand it brings within ``TREND_SOON_STARTUPS``
+    start-ups is beyond its capacity. 0: no trend read (the policy before 2026-12-05)."""
+
     demand: dict[str, float] = field(default_factory=dict)
     """Smoothed arrivals per second, by model."""
     observed: dict[str, float] = field(default_factory=dict)
@@ -501,6 +557,8 @@ class CostAwarePolicy:
     """When each model last had an arrival or something outstanding."""
     peaks: dict[str, deque[tuple[float, float]]] = field(default_factory=lambda: defaultdict(deque))
     """Per model, the demand's sliding maximum over ``peak_window_s``: (time, demand), decreasing."""
+    counts: dict[str, deque[tuple[float, float]]] = field(default_factory=lambda: defaultdict(deque))
+    """Per model, (time, counted arrivals per second) of the last ``trend_window_s``."""
     started_at: dict[str, float] = field(default_factory=dict)
     """When each model was first judged (its peak window is whole ``peak_window_s`` later)."""
     heading: dict[str, dict[str, int] | None] = field(default_factory=dict)
@@ -547,6 +605,16 @@ class CostAwarePolicy:
             self.demand[model] = previous + weight * (observed - previous)
         return self.demand[model]
 
+    def rise(self, model: str, now: float) -> float:
+        """The model's sustained rise (:func:`sustained_rise`) over ``trend_window_s``, its last count kept."""
+        if self.trend_window_s <= 0:
+            return 0.0
+        counts = self.counts[model]
+        counts.append((now, self.observed.get(model, 0.0)))
+        while counts and counts[0][0] < now - self.trend_window_s:
+            counts.popleft()
+        return sustained_rise(counts, self.trend_window_s)
+
     def peak(self, model: str, demand: float, now: float) -> float:
         """The busiest ``demand`` of ``model`` within the last ``peak_window_s`` (a sliding maximum; 0 when
         the window is 0)."""
@@ -589,6 +657,10 @@ class CostAwarePolicy:
         if arrivals > EPSILON and not informed(members):
             return by_queue(members, current, ranks)  # its demand kept out of the peak too: noise
         peak = self.peak(model, arrivals, now)
+        startup = max(pool.startup_s for pool in members)
+        rise = self.rise(model, now)
+        # A day's rise: every layout must carry what it brings within the horizon a change pays in.
+        peak = max(peak, arrivals + rise * self.horizon_startups * startup)
         if now - self.started_at.setdefault(model, now) < self.peak_window_s and any(current.values()):
             # A window not seen whole may hold a busier hour than the part seen: the capacity in place
             # is kept within MIN_GAIN until it has been (its return would cost a start-up, on a full
@@ -603,6 +675,17 @@ class CostAwarePolicy:
         # The layout in place is left at once only when its queue grows (utilization 1), not when an
         # estimate near MAX_UTILIZATION wavers: that would flip a layout sized close to it back and forth.
         before = response_time(current, seconds, arrivals, candidate=False)
+        soon = arrivals + rise * TREND_SOON_STARTUPS * startup
+        if (
+            rise
+            and before < math.inf
+            and any(current.values())
+            and response_time(current, seconds, soon, candidate=False) == math.inf
+        ):
+            # The rise outruns the layout within a few start-ups: change now, as for an overload of the
+            # demand it brings (on a full fleet, swapped a replica at a time, each a start-up without the
+            # capacity it takes away: begun when the count reaches the capacity, the last swaps came after).
+            arrivals, before = soon, math.inf
         if before == math.inf or free_ranks < 0:
             # Overloaded, no replica, or more than the budget holds (some would never start): change now
             # (an overloaded layout only as far as the change pays in requests, below).
@@ -645,7 +728,6 @@ class CostAwarePolicy:
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
             self.changed_at[model], self.heading[model] = now, None
             return target
-        startup = max(pool.startup_s for pool in members)
         since_change = now - self.changed_at.get(model, -math.inf)
         # The dwell holds a layout against a change back; a further step on the way to the layout the last
         # step was heading for waits only for that step's replicas to be up (one start-up). On the way, not

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
+from collections import deque
 
 import pytest
 
@@ -26,11 +28,12 @@ from rayxdit.serve.layouts import (
     mean_service,
     requests_lost,
     response_time,
+    sustained_rise,
     toward,
     transition_cost,
 )
 from rayxdit.serve.routing import PoolSpec
-from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, ArrivalCosts, PoolDemand, typical_seconds
+from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, ArrivalCosts, PoolDemand, arrival_rate, typical_seconds
 
 SECONDS = {"p2": 2.5, "p4": 1.6, "p8": 1.0}
 """A typical request on each pool: 8 GPUs are 2.5x as fast as 2, so they serve 0.62x as much per GPU."""
@@ -532,3 +535,79 @@ def test_an_overload_is_not_swapped_for_a_layout_a_wavering_measurement_puts_a_l
         assert (swapped < staying) and staying == pytest.approx(60.0)
         chosen = least_lost(current, target, layouts(members, 8), members, seconds, 2.3, 0, horizon_s)
         assert (chosen != current) == swaps, (p4_seconds, chosen)
+
+
+def sliding_counts(rate_at, seconds: float, seed: int, window_s: float = 900.0):
+    """Poisson arrivals at ``rate_at(t)`` per second (thinned from its maximum over the run), counted as
+    the application's state counts them (the last 20 s) at each 2 s tick from the first whole count;
+    yields (now, the last ``window_s`` of (time, count))."""
+    rng, peak = random.Random(seed), max(rate_at(t) for t in range(int(seconds)))
+    arrivals, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(peak)
+        if rng.random() < rate_at(t) / peak:
+            arrivals.append(t)
+    times, counts, index = deque(), deque(), 0
+    for tick in range(1, int(seconds / 2)):
+        now = 2.0 * tick
+        while index < len(arrivals) and arrivals[index] <= now:
+            times.append(arrivals[index])
+            index += 1
+        if now < ARRIVALS_WINDOW_S:
+            continue  # a count over part of a window: the policy judges nothing on it
+        counts.append((now, arrival_rate(times, now)))
+        while counts[0][0] < now - window_s:
+            counts.popleft()
+        yield now, counts
+
+
+def test_a_sustained_rise_is_a_ramp_of_the_counts_not_a_step_or_their_noise():
+    """The counts of a day's rise (2 -> 8 requests/s over an hour, as on 64 GPUs) read as a rise of about
+    its slope at most ticks; a steady 6.5/s at under 2% of them; a step of load (the alternating load's) never, wherever
+    it falls in the window; less than a whole window, never. Sabotage check: without the spread test (a
+    step's rise between two parts) the steady stream reads as rising at 108 of 3590 ticks (and the next
+    test's step is acted on as a rise)."""
+    ramp = [
+        sustained_rise(counts, 900.0)
+        for now, counts in sliding_counts(lambda t: 2.0 + 6.0 * min(t, 3600.0) / 3600.0, 3600.0, seed=2)
+        if now >= 900.0
+    ]
+    read = sorted(slope for slope in ramp if slope > 0)
+    assert len(read) > 0.5 * len(ramp)
+    assert read[len(read) // 2] == pytest.approx(6.0 / 3600.0, rel=0.25)
+    steady = [sustained_rise(counts, 900.0) for _, counts in sliding_counts(lambda t: 6.5, 7200.0, seed=1)]
+    assert sum(slope > 0 for slope in steady) < 0.02 * len(steady)  # 30 of 3590 ticks: two sigmas' noise
+    for step_at in range(0, 900, 25):
+        counts = [(float(t), 2.0 if t < step_at else 7.0) for t in range(0, 902, 2)]
+        assert sustained_rise(counts, 900.0) == 0.0, step_at
+    assert sustained_rise([(float(t), 2.0 + 0.01 * t) for t in range(0, 800, 2)], 900.0) == 0.0
+
+
+def test_a_fleet_reading_a_sustained_rise_starts_its_replicas_before_the_count_reaches_its_capacity():
+    """64 GPUs of eight 8-GPU replicas (8 requests/s) under a load rising 0.004 requests/s every second.
+    Reading the rise (``trend_window_s``), the fleet starts its first 2-GPU replicas while the count is
+    still half a request per second below the 8-GPU replicas' capacity, so that they are up when the load
+    is; without it, only once the count has passed that capacity (each later swap a start-up behind the
+    load). A step to just below the capacity moves neither differently. Sabotage check: without the early
+    change (the trend read but not acted on), the first assertion fails."""
+
+    def first_small_replicas(window_s: float, rate_at) -> float:
+        policy, plan, now = CostAwarePolicy(trend_window_s=window_s), {"p2": 0, "p4": 0, "p8": 8}, 0.0
+        while now < 3600.0:
+            plan = policy(fleet(plan, arrivals=rate_at(now)), budget=64, now=now)
+            if plan["p2"]:
+                return rate_at(now)
+            now += 2.0
+        return math.inf
+
+    def ramp(t: float) -> float:
+        return 2.0 + max(0.0, t - 600.0) * 0.004
+
+    capacity_in_place = capacity({"p8": 8}, SECONDS)
+    assert first_small_replicas(900.0, ramp) < capacity_in_place - 0.4
+    assert first_small_replicas(0.0, ramp) > capacity_in_place
+
+    def step(t: float) -> float:
+        return 2.0 if t < 1200.0 else 7.5
+
+    assert first_small_replicas(900.0, step) == first_small_replicas(0.0, step)
