@@ -591,9 +591,9 @@ def test_a_fleet_reading_a_sustained_rise_starts_its_replicas_before_the_count_r
     load). A step to just below the capacity moves neither differently. Sabotage check: without the early
     change (the trend read but not acted on), the first assertion fails."""
 
-    def first_small_replicas(window_s: float, rate_at) -> float:
+    def first_small_replicas(window_s: float, rate_at, until: float = 3600.0) -> float:
         policy, plan, now = CostAwarePolicy(trend_window_s=window_s), {"p2": 0, "p4": 0, "p8": 8}, 0.0
-        while now < 3600.0:
+        while now < until:
             plan = policy(fleet(plan, arrivals=rate_at(now)), budget=64, now=now)
             if plan["p2"]:
                 return rate_at(now)
@@ -610,4 +610,5 @@ def test_a_fleet_reading_a_sustained_rise_starts_its_replicas_before_the_count_r
     def step(t: float) -> float:
         return 2.0 if t < 1200.0 else 7.5
 
-    assert first_small_replicas(900.0, step) == first_small_replicas(0.0, step)
+    # Until every trend window that holds the step (those ending by 2100 s) has been read.
+    assert first_small_replicas(900.0, step, until=2400.0) == first_small_replicas(0.0, step, until=2400.0)
