@@ -50,7 +50,9 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   the rise brings within the horizon, and the layout in place is changed, as for an overload, once the
   demand it brings within ``TREND_SOON_STARTUPS`` start-ups is beyond its capacity: on a full fleet of
   large replicas a ramp met at the count's overload is swapped a replica at a time, each swap a start-up
-  without the capacity it takes away.
+  without the capacity it takes away. Before that, a change the rise will need is made while the
+  replicas that stay through its start-up still carry the load (:func:`ahead_of_rise`: when made a
+  start-up later it would lose more requests than the Poisson noise of a start-up's arrivals).
 
 - **Before it knows enough** (:func:`informed`: no pool of the model has a measured or configured service
   time, or its arrivals have not been counted over a whole ``sizing.ARRIVALS_WINDOW_S``), the model is
@@ -395,21 +397,76 @@ def requests_lost(
     arrivals: float,
     free_ranks: float,
     horizon_s: float,
+    rise: float = 0.0,
+    delay_s: float = 0.0,
 ) -> float:
     """Requests that arrive beyond the capacity serving them over the next ``horizon_s`` if ``candidate``
-    replaces ``current`` now (``candidate`` = ``current``: staying as is), at ``arrivals`` per second: while
-    the new replicas start, the replicas in place serve (where the free ranks hold the new ones beside
-    them) or only those that stay; after it, ``candidate``'s. A fluid count: under an overload, admission
-    refuses about what arrives beyond the capacity, and a start-up without capacity loses what arrives in
-    it (its requests would wait past any deadline of a request that takes seconds)."""
+    replaces ``current`` after ``delay_s`` (``candidate`` = ``current``: staying as is), at ``arrivals`` per
+    second rising by ``rise`` per second: until the change, ``current`` serves; while the new replicas
+    start, the replicas in place (where the free ranks hold the new ones beside them) or only those that
+    stay; after it, ``candidate``'s. A fluid count: under an overload, admission refuses about what arrives
+    beyond the capacity, and a start-up without capacity loses what arrives in it (its requests would wait
+    past any deadline of a request that takes seconds)."""
     staying, startup, beside = transition(current, candidate, members, free_ranks)
-    gap_s = min(horizon_s, startup)
-    serving = current if beside else staying
+    change_s = min(horizon_s, delay_s)
+    up_s = min(horizon_s, change_s + startup)
 
-    def beyond(layout: Mapping[str, int]) -> float:
-        return max(0.0, arrivals - capacity(layout, seconds))
+    def beyond(layout: Mapping[str, int], start_s: float, end_s: float) -> float:
+        # The integral of max(0, arrivals + rise * t - capacity) over [start_s, end_s].
+        over = arrivals - capacity(layout, seconds)
+        if rise <= 0:
+            return max(0.0, over) * (end_s - start_s)
+        start_s = max(start_s, -over / rise)  # when the rise passes the capacity
+        if start_s >= end_s:
+            return 0.0
+        return over * (end_s - start_s) + rise / 2 * (end_s**2 - start_s**2)
 
-    return beyond(serving) * gap_s + beyond(candidate) * (horizon_s - gap_s)
+    return (
+        beyond(current, 0.0, change_s)
+        + beyond(current if beside else staying, change_s, up_s)
+        + beyond(candidate, up_s, horizon_s)
+    )
+
+
+def ahead_of_rise(
+    current: Mapping[str, int],
+    target: Mapping[str, int],
+    candidates: Sequence[Mapping[str, int]],
+    members: Sequence[PoolDemand],
+    seconds: Mapping[str, float],
+    arrivals: float,
+    rise: float,
+    free_ranks: float,
+    horizon_s: float,
+) -> dict[str, int]:
+    """While the demand rises by ``rise`` per second: ``target`` or the step toward it that loses the fewest
+    requests over ``horizon_s`` (:func:`requests_lost`) if made now, where that saves, against the best of
+    them made a start-up later and against staying, ``MIN_GAIN`` of the loss and more than the Poisson noise
+    of a start-up's arrivals (a fluid count's smaller differences are noise, and a rise read from noise
+    then swaps nothing); else ``current`` (waiting costs nothing yet). On a full fleet a change takes
+    capacity away for a start-up, and a rising load makes that gap dearer by the minute: one node of two
+    2-GPU replicas and a 4-GPU one met a day's rise at its capacity, where the 4-GPU replica's swap left
+    half the load unserved for a start-up; made while the replicas that stay still carried the load, it
+    lost nothing."""
+    options = [
+        dict(target),
+        *(dict(c) for c in candidates if c not in (current, target) and toward(current, target, c)),
+    ]
+    startup = max(pool.startup_s for pool in members)
+
+    def lost(candidate: Mapping[str, int], delay_s: float) -> float:
+        return requests_lost(
+            current, candidate, members, seconds, arrivals, free_ranks, horizon_s, rise, delay_s
+        )
+
+    now = min(options, key=lambda candidate: lost(candidate, 0.0))
+    lost_now = lost(now, 0.0)
+    # Against waiting a start-up, and against staying: a rise, extrapolated, must not swap replicas
+    # through a start-up that loses more than the rise itself would.
+    later = min(min(lost(candidate, startup) for candidate in options), lost(current, 0.0))
+    saved = later - lost_now
+    noise = math.sqrt(max(arrivals, 0.0) * startup)
+    return now if saved >= max(GAP_REQUESTS, noise) and saved >= MIN_GAIN * later else dict(current)
 
 
 def least_lost(
@@ -675,6 +732,32 @@ class CostAwarePolicy:
         # The layout in place is left at once only when its queue grows (utilization 1), not when an
         # estimate near MAX_UTILIZATION wavers: that would flip a layout sized close to it back and forth.
         before = response_time(current, seconds, arrivals, candidate=False)
+        since_change = now - self.changed_at.get(model, -math.inf)
+        # The dwell holds a layout against a change back; a further step on the way to the layout the last
+        # step was heading for waits only for that step's replicas to be up (one start-up). On the way, not
+        # to the very same layout: the best layout judged at each tick wavers between neighbours (sixteen
+        # 4-GPU replicas, or fifteen and two 2-GPU ones) as the estimates do.
+        heading = self.heading.get(model)
+        dwelling = since_change < self.dwell_startups * startup
+        held = dwelling and (heading is None or since_change < startup)
+        if rise and before < math.inf and any(current.values()) and free_ranks >= 0 and not held:
+            # A rising load on a layout that carries it: made ahead, a change that takes capacity away
+            # for a start-up loses nothing it would lose later.
+            move = ahead_of_rise(
+                current,
+                target,
+                candidates,
+                members,
+                seconds,
+                arrivals,
+                rise,
+                free_ranks,
+                self.horizon_startups * startup,
+            )
+            if move != current and (not dwelling or toward(current, heading, move)):
+                self.changed_at[model] = now
+                self.heading[model] = target if move != target else None
+                return move
         soon = arrivals + rise * TREND_SOON_STARTUPS * startup
         if (
             rise
@@ -728,14 +811,7 @@ class CostAwarePolicy:
         if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
             self.changed_at[model], self.heading[model] = now, None
             return target
-        since_change = now - self.changed_at.get(model, -math.inf)
-        # The dwell holds a layout against a change back; a further step on the way to the layout the last
-        # step was heading for waits only for that step's replicas to be up (one start-up). On the way, not
-        # to the very same layout: the best layout judged at each tick wavers between neighbours (sixteen
-        # 4-GPU replicas, or fifteen and two 2-GPU ones) as the estimates do.
-        heading = self.heading.get(model)
-        dwelling = since_change < self.dwell_startups * startup
-        if dwelling and (heading is None or since_change < startup):
+        if held:
             return current
         if self.observed.get(model, 0.0) > (1 + MIN_GAIN) * arrivals:
             # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
