@@ -448,25 +448,28 @@ def ahead_of_rise(
     2-GPU replicas and a 4-GPU one met a day's rise at its capacity, where the 4-GPU replica's swap left
     half the load unserved for a start-up; made while the replicas that stay still carried the load, it
     lost nothing."""
-    options = [
-        dict(target),
-        *(dict(c) for c in candidates if c not in (current, target) and toward(current, target, c)),
-    ]
+    now = least_lost(current, target, candidates, members, seconds, arrivals, free_ranks, horizon_s, rise)
+    if now == current:
+        return now  # a rise, extrapolated, must not swap replicas through a start-up losing more than it
     startup = max(pool.startup_s for pool in members)
 
-    def lost(candidate: Mapping[str, int], delay_s: float) -> float:
+    def lost(candidate: Mapping[str, int], delay_s: float = 0.0) -> float:
         return requests_lost(
             current, candidate, members, seconds, arrivals, free_ranks, horizon_s, rise, delay_s
         )
 
-    now = min(options, key=lambda candidate: lost(candidate, 0.0))
-    lost_now = lost(now, 0.0)
-    # Against waiting a start-up, and against staying: a rise, extrapolated, must not swap replicas
-    # through a start-up that loses more than the rise itself would.
-    later = min(min(lost(candidate, startup) for candidate in options), lost(current, 0.0))
-    saved = later - lost_now
+    later = min(lost(current), *(lost(step, startup) for step in on_the_way(current, target, candidates)))
+    saved = later - lost(now)
     noise = math.sqrt(max(arrivals, 0.0) * startup)
     return now if saved >= max(GAP_REQUESTS, noise) and saved >= MIN_GAIN * later else dict(current)
+
+
+def on_the_way(
+    current: Mapping[str, int], target: Mapping[str, int], candidates: Sequence[Mapping[str, int]]
+) -> list[dict[str, int]]:
+    """``target`` and the steps toward it among ``candidates`` (layouts between it and ``current``)."""
+    steps = (c for c in candidates if c not in (current, target) and toward(current, target, c))
+    return [dict(target), *(dict(step) for step in steps)]
 
 
 def least_lost(
@@ -478,18 +481,19 @@ def least_lost(
     arrivals: float,
     free_ranks: float,
     horizon_s: float,
+    rise: float = 0.0,
 ) -> dict[str, int]:
-    """Where ``current`` is overloaded: of staying, ``target`` and the steps toward it among ``candidates``,
-    the one that loses the fewest requests over ``horizon_s`` (:func:`requests_lost`), where it loses at
-    least ``MIN_GAIN`` fewer than staying; on a tie ``target``. A full fleet a few percent over its capacity
+    """Where ``current`` is overloaded (or will be, the demand rising by ``rise`` per second): of staying,
+    ``target`` and the steps toward it among ``candidates``, the one that loses the fewest requests over
+    ``horizon_s`` (:func:`requests_lost`), where it loses at least ``MIN_GAIN`` fewer than staying; on a
+    tie ``target``. A full fleet a few percent over its capacity
     (a 20 s count of Poisson noise reads so) swaps a replica or two, where swapping every replica would
     leave nothing serving for a start-up; one far over it swaps what the gap's loss repays."""
-    steps = [c for c in candidates if c != current and c != target and toward(current, target, c)]
 
     def lost(candidate: Mapping[str, int]) -> float:
-        return requests_lost(current, candidate, members, seconds, arrivals, free_ranks, horizon_s)
+        return requests_lost(current, candidate, members, seconds, arrivals, free_ranks, horizon_s, rise)
 
-    best = min([dict(target), *(dict(c) for c in steps)], key=lost)
+    best = min(on_the_way(current, target, candidates), key=lost)
     # A change must save MIN_GAIN of what staying loses: measured service times waver (a pool's typical
     # request is fitted online), and two layouts within that of each other would be swapped back and forth.
     return best if lost(best) < (1 - MIN_GAIN) * lost(current) else dict(current)
