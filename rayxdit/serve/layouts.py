@@ -486,9 +486,9 @@ def least_lost(
     """Where ``current`` is overloaded (or will be, the demand rising by ``rise`` per second): of staying,
     ``target`` and the steps toward it among ``candidates``, the one that loses the fewest requests over
     ``horizon_s`` (:func:`requests_lost`), where it loses at least ``MIN_GAIN`` fewer than staying; on a
-    tie ``target``. A full fleet a few percent over its capacity
-    (a 20 s count of Poisson noise reads so) swaps a replica or two, where swapping every replica would
-    leave nothing serving for a start-up; one far over it swaps what the gap's loss repays."""
+    tie ``target``. A full fleet a few percent over its capacity (a 20 s count of Poisson noise reads so)
+    swaps a replica or two, where swapping every replica would leave nothing serving for a start-up; one
+    far over it swaps what the gap's loss repays."""
 
     def lost(candidate: Mapping[str, int]) -> float:
         return requests_lost(current, candidate, members, seconds, arrivals, free_ranks, horizon_s, rise)
@@ -759,9 +759,7 @@ class CostAwarePolicy:
                 self.horizon_startups * startup,
             )
             if move != current and (not dwelling or toward(current, heading, move)):
-                self.changed_at[model] = now
-                self.heading[model] = target if move != target else None
-                return move
+                return self._stepped(model, now, target, move)
         soon = arrivals + rise * TREND_SOON_STARTUPS * startup
         if (
             rise
@@ -835,7 +833,14 @@ class CostAwarePolicy:
             self.horizon_startups,
         )
         if net > 0 and (not dwelling or toward(current, heading, move)):
-            self.changed_at[model] = now
-            self.heading[model] = target if move != target else None
-            return move
+            return self._stepped(model, now, target, move)
         return current
+
+    def _stepped(
+        self, model: str, now: float, target: dict[str, int], move: dict[str, int]
+    ) -> dict[str, int]:
+        """``move``, a change made now toward ``target`` (the target itself, or a step the next may follow
+        within the dwell)."""
+        self.changed_at[model] = now
+        self.heading[model] = target if move != target else None
+        return move
