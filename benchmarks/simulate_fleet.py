@@ -810,15 +810,8 @@ better in goodput and twice as slow (seed 2: all-2-GPU 100.0% with p99 12.1 s ag
 with 6.3 s, `seeds` 20% on one node) does not set a bar the elastic fleet meets too easily."""
 
 
-def compare(results: list[dict]) -> list[dict]:
-    """For every (scenario, start-up, fleet, load): the elastic fleet against the best static layout (the
-    one of the highest good fraction, the lower p99 on a tie), and whether it meets the bars the elastic
-    policy is held to: good fraction at least the best's - 0.01; where the best's is >= 0.9, p99 at most
-    1.1x the p99 of the fastest static layout tied with it (``GOOD_TIE``; steady loads); p50 at least 30%
-    below the lowest p50 of those (varying loads). ``latency_bar_static`` names the layout that sets the
-    latency bar, ``latency_bar_s`` the bar. Where the cell has a ``RISE_KNOWN`` run, its good fraction and
-    whether it meets the goodput bar (``goodput_bar_within_rise_known``): false says that seeing each rise
-    at once would not have kept the requests the elastic fleet lost."""
+def _cells(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The runs by cell (scenario, start-up, fleet, load, queue policy, admission), then by policy."""
     cells: dict[tuple, dict[str, dict]] = {}
     for result in results:
         key = (
@@ -830,35 +823,90 @@ def compare(results: list[dict]) -> list[dict]:
             result.get("admission", "deadline"),
         )
         cells.setdefault(key, {})[result["policy"]] = result
+    return cells
+
+
+def _bars(statics: list[dict], varying: bool) -> tuple[dict, dict, float]:
+    """A cell's best static layout (the highest good fraction, the lower p99 on a tie), the fastest
+    layout tied with it on goodput (``GOOD_TIE``; by p50 under a varying load, else by p99), and the
+    latency bar it sets: 0.7x its p50 (varying), 1.1x its p99 (steady)."""
+    best = max(statics, key=lambda r: (r["good_fraction"], -(r["p99_s"] or math.inf)))
+    tied = [r for r in statics if r["good_fraction"] >= best["good_fraction"] - GOOD_TIE]
+    if varying:
+        fastest = min(tied, key=lambda r: r["p50_s"] or math.inf)
+        return best, fastest, 0.7 * (fastest["p50_s"] or math.inf)
+    fastest = min(tied, key=lambda r: r["p99_s"] or math.inf)
+    return best, fastest, 1.1 * (fastest["p99_s"] or math.inf)
+
+
+def _meets(result: dict, best: dict, bar: float) -> tuple[bool, bool]:
+    """Whether ``result`` meets a cell's goodput bar (the best static layout's good fraction - 0.01) and
+    its latency bar (``bar``, from :func:`_bars`: on the p50 under a varying load; on the p99 under a
+    steady one, where the best layout's good fraction is at least 0.9, else met)."""
+    good_ok = result["good_fraction"] >= best["good_fraction"] - 0.01
+    if isinstance(result["offered_load"], str):
+        return good_ok, (result["p50_s"] or math.inf) <= bar
+    return good_ok, best["good_fraction"] < 0.9 or (result["p99_s"] or math.inf) <= bar
+
+
+def bars_by_policy(results: list[dict]) -> dict[str, dict[str, int]]:
+    """Every policy of the run held to the bars the elastic fleet is held to (:func:`compare`), cell by
+    cell: the steady cells where it meets both, the varying cells where it meets both, the goodput bar and
+    the p50 bar, and how many of each there are. What an operator who picks one static layout
+    gets across the loads: each is the best layout at some loads and far from it at others."""
+    counts: dict[str, dict[str, int]] = {}
+    for (*_, load, _queue_policy, _admission), by_policy in _cells(results).items():
+        statics = [by_policy[name] for name in STATIC if name in by_policy]
+        if not statics:
+            continue
+        best, _, bar = _bars(statics, varying=isinstance(load, str))
+        for policy, result in by_policy.items():
+            good_ok, latency_ok = _meets(result, best, bar)
+            count = counts.setdefault(
+                policy,
+                dict.fromkeys(
+                    ("steady_both", "steady", "varying_both", "varying_goodput", "varying_p50", "varying"), 0
+                ),
+            )
+            if isinstance(load, str):
+                count["varying"] += 1
+                count["varying_both"] += good_ok and latency_ok
+                count["varying_goodput"] += good_ok
+                count["varying_p50"] += latency_ok
+            else:
+                count["steady"] += 1
+                count["steady_both"] += good_ok and latency_ok
+    return counts
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """For every (scenario, start-up, fleet, load): the elastic fleet against the best static layout (the
+    one of the highest good fraction, the lower p99 on a tie), and whether it meets the bars the elastic
+    policy is held to: good fraction at least the best's - 0.01; where the best's is >= 0.9, p99 at most
+    1.1x the p99 of the fastest static layout tied with it (``GOOD_TIE``; steady loads); p50 at least 30%
+    below the lowest p50 of those (varying loads). ``latency_bar_static`` names the layout that sets the
+    latency bar, ``latency_bar_s`` the bar. Where the cell has a ``RISE_KNOWN`` run, its good fraction and
+    whether it meets the goodput bar (``goodput_bar_within_rise_known``): false says that seeing each rise
+    at once would not have kept the requests the elastic fleet lost."""
     rows = []
-    for (scenario, startup, gpus, load, queue_policy, admission), by_policy in cells.items():
+    for (scenario, startup, gpus, load, queue_policy, admission), by_policy in _cells(results).items():
         statics = [by_policy[name] for name in STATIC if name in by_policy]
         elastic = by_policy.get(ELASTIC)
         if not statics or elastic is None:
             continue
         told = by_policy.get(RISE_KNOWN)
-        best = max(statics, key=lambda r: (r["good_fraction"], -(r["p99_s"] or math.inf)))
-        good_ok = elastic["good_fraction"] >= best["good_fraction"] - 0.01
-        tied = [r for r in statics if r["good_fraction"] >= best["good_fraction"] - GOOD_TIE]
+        best, fastest, bar = _bars(statics, varying=isinstance(load, str))
+        good_ok, latency_ok = _meets(elastic, best, bar)
         oracle = None
-        if isinstance(load, str):
-            fastest = min(tied, key=lambda r: r["p50_s"] or math.inf)
-            bar = 0.7 * (fastest["p50_s"] or math.inf)
-            latency_ok = (elastic["p50_s"] or math.inf) <= bar
-            if all(WINDOWS_KEY in r for r in (*statics, elastic)):
-                oracle = oracle_p50({r["policy"]: r[WINDOWS_KEY] for r in statics})
-                # Where the elastic fleet's goodput goes: each window's good fraction beside the best's.
-                oracle["good_by_window"] = {
-                    name: [
-                        round(good / max(1, count), 3)
-                        for _, (count, good, _) in sorted(r[WINDOWS_KEY].items())
-                    ]
-                    for name, r in (("elastic", elastic), ("best_static", best))
-                }
-        else:
-            fastest = min(tied, key=lambda r: r["p99_s"] or math.inf)
-            bar = 1.1 * (fastest["p99_s"] or math.inf)
-            latency_ok = best["good_fraction"] < 0.9 or (elastic["p99_s"] or math.inf) <= bar
+        if isinstance(load, str) and all(WINDOWS_KEY in r for r in (*statics, elastic)):
+            oracle = oracle_p50({r["policy"]: r[WINDOWS_KEY] for r in statics})
+            # Where the elastic fleet's goodput goes: each window's good fraction beside the best's.
+            oracle["good_by_window"] = {
+                name: [
+                    round(good / max(1, count), 3) for _, (count, good, _) in sorted(r[WINDOWS_KEY].items())
+                ]
+                for name, r in (("elastic", elastic), ("best_static", best))
+            }
         rows.append(
             {
                 "scenario": scenario,
@@ -891,8 +939,7 @@ def compare(results: list[dict]) -> list[dict]:
                 **(
                     {
                         "rise_known_good_fraction": told["good_fraction"],
-                        "goodput_bar_within_rise_known": told["good_fraction"]
-                        >= best["good_fraction"] - 0.01,
+                        "goodput_bar_within_rise_known": _meets(told, best, bar)[0],
                     }
                     if told
                     else {}
@@ -1020,6 +1067,14 @@ def main(argv: list[str] | None = None) -> int:
         result.pop(WINDOWS_KEY, None)
     met = sum(row["goodput_bar_met"] and row["latency_bar_met"] for row in comparison)
     print(f"elastic meets both bars in {met} of {len(comparison)} cells", flush=True)
+    held_to_the_bars = bars_by_policy(results)
+    for policy, count in held_to_the_bars.items():
+        print(
+            f"  {policy:18s} held to the same bars: steady both {count['steady_both']} of {count['steady']}, "
+            f"varying both {count['varying_both']}, goodput {count['varying_goodput']}, "
+            f"p50 {count['varying_p50']} of {count['varying']}",
+            flush=True,
+        )
     for row in comparison:
         if not (row["goodput_bar_met"] and row["latency_bar_met"]):
             print(
@@ -1057,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
         "capacity_per_s": {str(b): round(capacity_per_s(b), 4) for b in args.fleets},
         "results": results,
         "comparison": comparison,
+        "bars_by_policy": held_to_the_bars,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1))

@@ -61,6 +61,14 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
     by_window = rows["alternating"]["good_by_window"]
     assert set(by_window) == {"elastic", "best_static"} and all(len(v) == 5 for v in by_window.values())
     assert all("_windows" not in result for result in document["results"])
+    # Every policy held to the elastic fleet's bars, cell by cell: the elastic counts are the rows'.
+    held = document["bars_by_policy"]
+    assert set(held) == set(simulate_fleet.POLICIES)
+    elastic = held["elastic"]
+    steady_rows = [rows[0.2], rows[1.0]]
+    assert elastic["steady"] == 2 and elastic["varying"] == 1 and held["elastic rise-known"]["steady"] == 0
+    assert elastic["steady_both"] == sum(r["goodput_bar_met"] and r["latency_bar_met"] for r in steady_rows)
+    assert elastic["varying_goodput"] == rows["alternating"]["goodput_bar_met"]
     # A stepped load's row says whether the fleet told each rise at once meets the goodput bar; a steady
     # load has no such run.
     assert (simulate_fleet.RISE_KNOWN, 0.2) not in results
@@ -165,6 +173,49 @@ def test_the_latency_bar_is_the_fastest_static_layout_tied_on_goodput():
         and row["latency_bar_s"] == 0.91
         and not row["latency_bar_met"]
     )
+
+
+def test_each_static_layout_is_held_to_the_bars_the_elastic_fleet_is_held_to():
+    """``bars_by_policy``: the one static layout an operator would pick meets the bars at some loads only.
+    Two steady cells (20%: all-8-GPU fastest at the best goodput; 100%: all-2-GPU the only one good enough)
+    and a varying one, where the p50 bar is 30% below the fastest tied layout's p50."""
+
+    def run(policy: str, load, good: float, p50: float, p99: float) -> dict:
+        return {
+            "scenario": "compounded",
+            "startup_s": 60.0,
+            "gpus": 8,
+            "offered_load": load,
+            "policy": policy,
+            "good_fraction": good,
+            "p50_s": p50,
+            "p99_s": p99,
+        }
+
+    runs = [
+        run("all-2gpu", 0.2, 1.0, 2.5, 11.6),
+        run("all-8gpu", 0.2, 1.0, 1.1, 5.8),
+        run("elastic", 0.2, 1.0, 1.1, 6.0),  # within 1.1x 5.8 s
+        run("all-2gpu", 1.0, 0.89, 4.5, 14.7),
+        run("all-8gpu", 1.0, 0.59, 6.2, 10.4),  # faster, but 30 points less good
+        run("elastic", 1.0, 0.885, 4.5, 14.7),  # under 0.9 good: no p99 bar
+        run("all-2gpu", "burst", 0.97, 2.5, 11.9),
+        run("all-8gpu", "burst", 0.88, 2.1, 8.8),
+        run("elastic", "burst", 0.965, 1.7, 12.8),  # good within 0.01, p50 at most 0.7 x 2.5 s
+    ]
+    held = simulate_fleet.bars_by_policy(runs)
+    assert held["all-2gpu"] == {
+        "steady_both": 1, "steady": 2, "varying_both": 0, "varying_goodput": 1, "varying_p50": 0, "varying": 1
+    }  # fmt: skip
+    assert held["all-8gpu"] == {
+        "steady_both": 1, "steady": 2, "varying_both": 0, "varying_goodput": 0, "varying_p50": 0, "varying": 1
+    }  # fmt: skip
+    assert held["elastic"] == {
+        "steady_both": 2, "steady": 2, "varying_both": 1, "varying_goodput": 1, "varying_p50": 1, "varying": 1
+    }  # fmt: skip
+    # The same verdicts as compare's rows for the elastic fleet.
+    rows = simulate_fleet.compare(runs)
+    assert sum(r["goodput_bar_met"] and r["latency_bar_met"] for r in rows) == 3
 
 
 def test_the_elastic_fleets_routing_policy_is_chosen_by_name_and_recorded(tmp_path):
