@@ -135,21 +135,26 @@ def test_the_oracle_bound_picks_a_layout_per_window_within_the_goodput_allowance
     }
 
 
+def one_run(policy: str, load, good: float, p50: float, p99: float) -> dict:
+    """A simulated run's record as ``compare`` reads it (one 8-GPU node, ``seeds``, 60 s start-ups)."""
+    return {
+        "scenario": "seeds",
+        "startup_s": 60.0,
+        "gpus": 8,
+        "offered_load": load,
+        "policy": policy,
+        "good_fraction": good,
+        "p50_s": p50,
+        "p99_s": p99,
+    }
+
+
 def test_the_latency_bar_is_the_fastest_static_layout_tied_on_goodput():
     """A static layout a hair better in goodput (within GOOD_TIE) and twice as slow must not set the bar:
     seed 2 of the grid had all-2-GPU at 100.0% with p99 12.1 s beside all-4-GPU at 99.93% with 6.3 s."""
 
-    def run(policy: str, good: float, p50: float, p99: float, load=0.2) -> dict:
-        return {
-            "scenario": "seeds",
-            "startup_s": 60.0,
-            "gpus": 8,
-            "offered_load": load,
-            "policy": policy,
-            "good_fraction": good,
-            "p50_s": p50,
-            "p99_s": p99,
-        }
+    def run(policy: str, good: float, p50: float, p99: float) -> dict:
+        return one_run(policy, 0.2, good, p50, p99)
 
     statics = [
         run("all-2gpu", 1.0, 2.4, 12.1),
@@ -180,28 +185,16 @@ def test_each_static_layout_is_held_to_the_bars_the_elastic_fleet_is_held_to():
     Two steady cells (20%: all-8-GPU fastest at the best goodput; 100%: all-2-GPU the only one good enough)
     and a varying one, where the p50 bar is 30% below the fastest tied layout's p50."""
 
-    def run(policy: str, load, good: float, p50: float, p99: float) -> dict:
-        return {
-            "scenario": "compounded",
-            "startup_s": 60.0,
-            "gpus": 8,
-            "offered_load": load,
-            "policy": policy,
-            "good_fraction": good,
-            "p50_s": p50,
-            "p99_s": p99,
-        }
-
     runs = [
-        run("all-2gpu", 0.2, 1.0, 2.5, 11.6),
-        run("all-8gpu", 0.2, 1.0, 1.1, 5.8),
-        run("elastic", 0.2, 1.0, 1.1, 6.0),  # within 1.1x 5.8 s
-        run("all-2gpu", 1.0, 0.89, 4.5, 14.7),
-        run("all-8gpu", 1.0, 0.59, 6.2, 10.4),  # faster, but 30 points less good
-        run("elastic", 1.0, 0.885, 4.5, 14.7),  # under 0.9 good: no p99 bar
-        run("all-2gpu", "burst", 0.97, 2.5, 11.9),
-        run("all-8gpu", "burst", 0.88, 2.1, 8.8),
-        run("elastic", "burst", 0.965, 1.7, 12.8),  # good within 0.01, p50 at most 0.7 x 2.5 s
+        one_run("all-2gpu", 0.2, 1.0, 2.5, 11.6),
+        one_run("all-8gpu", 0.2, 1.0, 1.1, 5.8),
+        one_run("elastic", 0.2, 1.0, 1.1, 6.0),  # within 1.1x 5.8 s
+        one_run("all-2gpu", 1.0, 0.89, 4.5, 14.7),
+        one_run("all-8gpu", 1.0, 0.59, 6.2, 10.4),  # faster, but 30 points less good
+        one_run("elastic", 1.0, 0.885, 4.5, 14.7),  # under 0.9 good: no p99 bar
+        one_run("all-2gpu", "burst", 0.97, 2.5, 11.9),
+        one_run("all-8gpu", "burst", 0.88, 2.1, 8.8),
+        one_run("elastic", "burst", 0.965, 1.7, 12.8),  # good within 0.01, p50 at most 0.7 x 2.5 s
     ]
     held = simulate_fleet.bars_by_policy(runs)
     assert held["all-2gpu"] == {
