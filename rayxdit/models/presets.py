@@ -247,8 +247,8 @@ def _vae_2d(sizes: dict[str, Any]):
     )
 
 
-def _save_preset(pipeline, path: Path, limits: dict[str, Any]) -> None:
-    """``save_pretrained`` plus the preset's serving limits (``rayxdit.json``)."""
+def save_with_limits(pipeline, path: Path, limits: dict[str, Any]) -> None:
+    """``save_pretrained`` plus the model's serving limits (``rayxdit.json``), which its card reads back."""
     pipeline.save_pretrained(path)
     (path / SETTINGS_FILE).write_text(json.dumps(limits, indent=2))
 
@@ -289,9 +289,12 @@ def build_flux_pipeline(
         torch.manual_seed(0)
         for seed, (name, factory) in enumerate(factories.items()):
             if default_init:
-                modules[name] = factory().to(device=device, dtype=dtype)
+                module = factory().to(device=device, dtype=dtype)
             else:
-                modules[name] = _build(factory, device, dtype, seed)
+                module = _build(factory, device, dtype, seed)
+            # In inference mode, as from_pretrained leaves a module: T5's dropout (0.1) would otherwise make a
+            # recipe's prompt embeddings random draws of their own, different per call and per rank.
+            modules[name] = module.eval()
     options = {key: value for key, value in sizes.scheduler.items() if key != "_class_name"}
     scheduler = FlowMatchEulerDiscreteScheduler(**options)
     return FluxPipeline(
@@ -316,7 +319,7 @@ TINY_FLUX_SCHNELL = replace(
 
 def build_tiny_flux(path: Path) -> None:
     """The tiny Flux, saved with ``save_pretrained`` (plus its serving limits) into ``path``."""
-    _save_preset(build_flux_pipeline(TINY_FLUX, default_init=True), path, TINY_FLUX.limits)
+    save_with_limits(build_flux_pipeline(TINY_FLUX, default_init=True), path, TINY_FLUX.limits)
 
 
 def build_tiny_flux_schnell(path: Path) -> None:
@@ -332,7 +335,7 @@ def build_tiny_flux_kontext(path: Path) -> None:
 
     flux = build_flux_pipeline(TINY_FLUX, default_init=True)
     limits = {**TINY_FLUX.limits, "kontext_auto_resize": False}
-    _save_preset(FluxKontextPipeline(**flux.components), path, limits)
+    save_with_limits(FluxKontextPipeline(**flux.components), path, limits)
 
 
 def build_tiny_flux_controlnet(path: Path) -> None:
@@ -532,7 +535,7 @@ def build_tiny_sd3(path: Path) -> None:
         size_multiple=4,
         max_sequence_length=13,
     )
-    _save_preset(pipeline, path, limits)
+    save_with_limits(pipeline, path, limits)
 
 
 def build_tiny_sdxl(path: Path) -> None:
@@ -585,7 +588,7 @@ def build_tiny_sdxl(path: Path) -> None:
         ),
     )
     limits = dict(default_height=64, default_width=64, default_steps=8, max_side=256, size_multiple=8)
-    _save_preset(pipeline, path, limits)
+    save_with_limits(pipeline, path, limits)
 
 
 def build_tiny_sd15(path: Path) -> None:
@@ -631,7 +634,7 @@ def build_tiny_sd15(path: Path) -> None:
         requires_safety_checker=False,
     )
     limits = dict(default_height=64, default_width=64, default_steps=8, max_side=256, size_multiple=8)
-    _save_preset(pipeline, path, limits)
+    save_with_limits(pipeline, path, limits)
 
 
 TINY_WAN_TRANSFORMER = dict(
@@ -703,7 +706,7 @@ def build_tiny_wan(path: Path) -> None:
         size_multiple=16,
         max_sequence_length=16,
     )
-    _save_preset(pipeline, path, limits)
+    save_with_limits(pipeline, path, limits)
 
 
 PRESETS: dict[str, Callable[[Path], None]] = {

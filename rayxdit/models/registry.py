@@ -7,6 +7,9 @@ family's adapter, and ControlNets beside it. Naming a model and reading its card
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +26,7 @@ from rayxdit.models.catalog import (
 )
 from rayxdit.models.families import FLUX, Family
 from rayxdit.models.host_copy import copy_key, keep_copy, read_copy, snapshot
-from rayxdit.models.presets import build_flux_pipeline
+from rayxdit.models.presets import FluxSizes, build_flux_pipeline, save_with_limits
 from rayxdit.models.single_file import load_single_file_pipeline
 
 
@@ -117,6 +120,39 @@ def load_adapter(
     adapter = family.adapter_class()(pipeline, location if os.path.isdir(location) else None)
     adapter.weights_arriving = read
     return adapter
+
+
+def check_export(model: str, path: Path) -> FluxSizes:
+    """The recipe :func:`export_recipe` would write, or a ConfigError saying why it would not."""
+    sizes = built_in_code(model)
+    if sizes is None:
+        raise ConfigError(
+            f"model '{model}' is not a recipe built in code (package.module:NAME); presets, directories and "
+            "hub ids are diffusers directories already"
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} exists and is not an empty directory: name a new one")
+    return sizes
+
+
+def export_recipe(model: str, path: Path, device: torch.device, dtype: torch.dtype) -> int:
+    """Write the recipe ``model`` (``package.module:NAME``) as a diffusers directory at ``path`` with its serving
+    limits, and return the bytes written: the very weights the recipe draws on ``device`` in ``dtype``, so
+    ``--model path`` there serves the images ``--model model`` does, but from a checkpoint (what a restart
+    reads, what a node's host copy holds). Written beside ``path`` and renamed into place at the end, so an
+    interrupted export leaves no directory that looks whole."""
+    sizes = check_export(model, path)
+    pipeline = build_flux_pipeline(sizes, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        save_with_limits(pipeline, staging, sizes.limits)
+        if path.exists():
+            path.rmdir()  # empty, checked above
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
 def _local_files(location: str) -> str:

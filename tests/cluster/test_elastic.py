@@ -135,16 +135,47 @@ def gpu_nodes() -> int:
     return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
 
 
+def what_holds_gpu_nodes() -> str:
+    """What the autoscaler sees of each GPU node (its status, the resources in use, how long it has been
+    idle, and Ray's own account of its activity), and the actors alive on it: what a timed-out wait for a
+    node's release prints."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address
+    status = get_cluster_status(gcs)
+    lines = []
+    for node in [*status.active_nodes, *status.idle_nodes]:
+        usage = {  # placement groups' bundle resources left out: the actors name their owners
+            item.resource_name: round(item.used, 3)
+            for item in node.resource_usage.usage
+            if item.used and "_group_" not in item.resource_name
+        }
+        activity = [line for line in node.node_activity if not line.startswith("Resource:")]
+        if not any(item.resource_name == "GPU" for item in node.resource_usage.usage):
+            continue
+        alive_here = [("node_id", "=", node.node_id), ("state", "=", "ALIVE")]
+        actors = list_actors(address=gcs, filters=alive_here, limit=1000)
+        lines.append(
+            f"node {node.node_id[:8]} {node.node_status}: in use {usage}, idle "
+            f"{node.resource_usage.idle_time_ms / 1000:.0f} s, activity {activity}, actors "
+            f"{sorted(actor.class_name for actor in actors)}"
+        )
+    return "\n".join(lines)
+
+
 def running_replicas(deployment: str) -> int:
     status = serve.status().applications[APP_NAME].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
 
 
-def wait_for(predicate, what: str, timeout: float = DEADLINE_S) -> None:
+def wait_for(predicate, what: str, timeout: float = DEADLINE_S, explain=None) -> None:
+    """Wait for ``predicate``; on time-out the failure says ``explain()`` too, when given."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            detail = f"\n{explain()}" if explain else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
         time.sleep(1)
 
 
@@ -262,6 +293,6 @@ def test_the_elastic_policy_moves_gpus_with_the_load_and_nodes_follow(cluster):
 
     # Load stops: the policy returns the GPUs, then the idle node goes back.
     wait_for(lambda: running_replicas("flux-dev-8gpu") == 0, "the 8-GPU pool to scale back to zero")
-    wait_for(lambda: gpu_nodes() == 1, "the idle 8-GPU node to be released")
+    wait_for(lambda: gpu_nodes() == 1, "the idle 8-GPU node to be released", explain=what_holds_gpu_nodes)
     wait_for(lambda: running_replicas("flux-dev-2gpu") == 1, "the 2-GPU pool to return to its minimum")
     assert outcome(mixed_request(0))[0] == "ok"
