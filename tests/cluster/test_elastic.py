@@ -157,7 +157,7 @@ def what_holds_gpu_nodes() -> str:
         alive_here = [("node_id", "=", node.node_id), ("state", "=", "ALIVE")]
         actors = list_actors(address=gcs, filters=alive_here, limit=1000)
         lines.append(
-            f"node {node.node_id[:8]} {node.node_status}: in use {usage}, idle "
+            f"node {node.node_id} {node.node_status}: in use {usage}, idle "
             f"{node.resource_usage.idle_time_ms / 1000:.0f} s, activity {activity}, actors "
             f"{sorted(actor.class_name for actor in actors)}"
         )
