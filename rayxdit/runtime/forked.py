@@ -15,7 +15,8 @@ Lifetimes, so that a rank still lives and dies as one Ray actor:
   server, which watches the same actor, kills it too (which reaches a stopped process as well);
 - the child dies: the rank actor exits at once, and Ray reports the rank dead as before (``rank_died``);
 - the server process exits with its actor, or after :data:`IDLE_EXIT_S` without children, and the actor
-  with it (the next rank on the node starts a new pair, paying the import once).
+  with it (the next rank on the node starts a new pair, paying the import once): an idle node holds no
+  server, so the autoscaler can release it.
 
 The server is keyed by the code it runs (interpreter, import path, runtime environment, the newest change
 to rayxdit's files): a new version deployed onto a running cluster gets its own server, never forks of the old
@@ -53,8 +54,13 @@ from rayxdit.runtime.rank_process import (
 )
 from rayxdit.runtime.worker import CONTROL_METHODS, RankWorker
 
-IDLE_EXIT_S = 900.0
-"""A fork server with no living child exits after this long (its memory back; the next rank pays the import)."""
+IDLE_EXIT_S = 60.0
+"""A fork server with no living child exits after this long (``RAYXDIT_FORK_SERVER_IDLE_S`` sets it on a node's
+environment). Its actor is a leased Ray worker, and a node with one is busy in the autoscaler's eyes: a GPU
+node whose last replica left is released only once its server has gone too (with 900 s, the autoscaler's idle
+timeout began a quarter of an hour late). A reshape's new replicas follow the ones they replace within
+seconds and find the server; a rank on a node idle for longer pays the import again (~6-25 s)."""
+IDLE_ENV = "RAYXDIT_FORK_SERVER_IDLE_S"
 SERVER_START_TIMEOUT_S = 600.0
 """How long a fork server may take to import the model stack (a cold node's disk, a network file system)."""
 FORK_TIMEOUT_S = 60.0
@@ -91,12 +97,12 @@ def serve_forks(path: str) -> None:
     listener.bind(path)
     listener.listen(64)
     try:
-        _serve_requests(listener)
+        _serve_requests(listener, float(os.environ.get(IDLE_ENV, IDLE_EXIT_S)))
     finally:  # the socket's private directory goes with the server (its actor may have been killed)
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
-def _serve_requests(listener: socket.socket) -> None:
+def _serve_requests(listener: socket.socket, idle_exit_s: float) -> None:
     print("ready", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after this line: what the server prints goes to the actor's log
     children: dict[socket.socket, int] = {}  # each child's watch on its rank actor -> the child's pid
@@ -130,7 +136,7 @@ def _serve_requests(listener: socket.socket) -> None:
                 traceback.print_exc()
         if children:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > IDLE_EXIT_S:
+        elif time.monotonic() - idle_since > idle_exit_s:
             return
 
 
@@ -323,7 +329,7 @@ def fork_server(env: dict[str, str] | None = None) -> tuple[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    name = f"rayxdit-forks-{node[:16]}-{code_version(env)}"
+    name = f"rayxdit-forks-{node}-{code_version(env)}"  # the whole id: fake test nodes share a long prefix
     attempts = 5  # a server that just exited leaves its actor's name behind for a moment
     for attempt in range(attempts):
         server = (

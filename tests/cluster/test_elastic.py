@@ -12,7 +12,8 @@ Shown: the head has no GPUs, so the 2-GPU pool's replica makes the autoscaler ad
 the autoscaler's maximum, 24 GPUs) give the pools more replicas, the 8-GPU one among them; its placement
 group waits (STRICT_PACK) until the autoscaler adds a second node, and once it is up requests move to it
 (they finish first there). No request is lost: each answers 200 with a valid PNG of its size, or a
-deliberate 429/504. When the load stops the pools shrink back and the idle node is released.
+deliberate 429/504. When the load stops the pools shrink back and the idle node is released: its fork server
+(a Ray actor, which keeps a node busy for the autoscaler) leaves once no rank of its node lives.
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ def cluster(tmp_path_factory):
         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        # Each node's fork server (a leased worker: its node busy) leaves 5 s after its last rank (production:
+        # 60 s), so the idle node goes within the test's time (the fork servers are named by whole node ids:
+        # each fake node has its own, as real nodes do).
+        "RAYXDIT_FORK_SERVER_IDLE_S": "5",
         **FAST_SERVE_METRICS,
         "TRANSFORMERS_VERBOSITY": "error",
     }

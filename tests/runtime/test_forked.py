@@ -65,3 +65,41 @@ def test_a_rank_actor_gone_before_its_pid_costs_one_line_and_its_child_and_the_s
     while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{child}"), f"the abandoned child {child} lives on"
+
+
+def test_a_server_whose_ranks_are_gone_exits_after_its_idle_window_so_its_node_can_go():
+    """A fork server's actor keeps its node busy for Ray's autoscaler: the server must leave once no rank of
+    the node has lived for its idle window (here 2 s), and not while one lives."""
+    directory = tempfile.mkdtemp(prefix="rayxdit-forks-test-")
+    address = os.path.join(directory, "server.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rayxdit.runtime.forked", address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **FORK_SAFE_ENV, forked.IDLE_ENV: "2"},
+    )
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        assert server.stdout.readline().strip() == b"ready"
+        asking = _send_request(address, {"env": dict(os.environ)}, [mine for _, mine in pairs], devnull)
+        asking.settimeout(60)
+        assert forked._PID.unpack(asking.recv(forked._PID.size))[0] > 0
+        asking.close()
+        for _, mine in pairs:  # sent: the server and the child hold them now
+            mine.close()
+        time.sleep(7)  # past the window (the server looks every 5 s): the rank actor still holds its watch
+        assert server.poll() is None, "the server left while a rank of its node lived"
+        pairs[-1][0].close()  # the rank actor goes
+        assert server.wait(timeout=30) == 0
+        assert not os.path.exists(directory), "the server's socket directory outlived it"
+    finally:
+        for theirs, _ in pairs:
+            theirs.close()
+        os.close(devnull)
+        if server.poll() is None:
+            server.kill()
+        _, log = server.communicate(timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert "Traceback" not in log.decode(errors="replace")
