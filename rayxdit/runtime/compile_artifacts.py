@@ -30,6 +30,8 @@ logger = logging.getLogger("rayxdit.runtime")
 
 STORE_NAME = "rayxdit-compile-artifacts"
 STORE_NAMESPACE = "rayxdit"
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The resource only Ray's head node has (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``)."""
 STORE_BUDGET_BYTES = 2 * 2**30
 """The store drops the least recently used engine's blobs beyond this (a Flux.1-dev rank's: 7.5 MiB)."""
 
@@ -63,12 +65,16 @@ class ArtifactStore:
 
 
 def artifact_store() -> ray.actor.ActorHandle:
-    """The cluster's store, started by the first replica that asks (it outlives every replica)."""
+    """The cluster's store, started by the first replica that asks (it outlives every replica), on the head
+    node: a detached actor is a leased worker for good, and Ray's autoscaler never releases a node that holds
+    one (on the GPU node of the first replica that asked, as Ray's default placement put it, that node was
+    bought for good). Pinned as Ray Train pins its state actor."""
     return ArtifactStore.options(
         name=STORE_NAME,
         namespace=STORE_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
+        resources={HEAD_NODE_RESOURCE: 0.001},
         # Not in the placement group of the replica that asks first (Serve's capture it children, as the rank
         # actors must be): that group goes with the replica, and would take the store with it.
         scheduling_strategy="DEFAULT",

@@ -78,3 +78,36 @@ def test_a_node_drained_on_notice_loses_no_request_and_its_replica_moves_first(c
     before_stop = [(at, n) for at, n in serving if at < NOTICE_S - GRACE_S - 1]
     assert min(n for _, n in before_stop) >= 2, f"fewer than two replicas served before B's stop: {serving}"
     assert cluster.replica_nodes(POOL.name) == ["A", "C"]
+
+
+def test_the_compile_artifact_store_lives_on_the_head_whichever_node_asks(cluster):
+    """The store is a detached actor (a leased worker for good: a node holding it is never idle to Ray's
+    autoscaler), so it must not land on the GPU node of the replica that asks first."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.state import get_actor
+
+    from rayxdit.runtime.compile_artifacts import artifact_store
+
+    @ray.remote(num_cpus=0)
+    def ask() -> str:
+        return artifact_store()._actor_id.hex()
+
+    @ray.remote(num_cpus=3)
+    class Busy:  # the head over half used: Ray's default placement looks beyond it then
+        def ready(self) -> bool:
+            return True
+
+    head = ray.get_runtime_context().get_node_id()  # this driver's: the head's
+    busy = Busy.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(busy.ready.remote(), timeout=60)
+    on_a = NodeAffinitySchedulingStrategy(cluster.nodes["A"].node_id, soft=False)
+    try:
+        store = ray.get(ask.options(scheduling_strategy=on_a).remote(), timeout=60)
+    finally:
+        ray.kill(busy)
+    deadline = time.monotonic() + 60
+    while (actor := get_actor(store)) is None or actor.state != "ALIVE":
+        assert time.monotonic() < deadline, f"the store never came up: {actor}"
+        time.sleep(0.5)
+    assert cluster.names().get(actor.node_id, "head") == "head"
