@@ -25,13 +25,12 @@ import ray
 
 from rayxdit.config import EngineConfig
 from rayxdit.runtime.executor import Executor
+from rayxdit.runtime.placement import ON_THE_HEAD
 
 logger = logging.getLogger("rayxdit.runtime")
 
 STORE_NAME = "rayxdit-compile-artifacts"
 STORE_NAMESPACE = "rayxdit"
-HEAD_NODE_RESOURCE = "node:__internal_head__"
-"""The resource only Ray's head node has (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``)."""
 STORE_BUDGET_BYTES = 2 * 2**30
 """The store drops the least recently used engine's blobs beyond this (a Flux.1-dev rank's: 7.5 MiB)."""
 
@@ -66,15 +65,14 @@ class ArtifactStore:
 
 def artifact_store() -> ray.actor.ActorHandle:
     """The cluster's store, started by the first replica that asks (it outlives every replica), on the head
-    node: a detached actor is a leased worker for good, and Ray's autoscaler never releases a node that holds
-    one (on the GPU node of the first replica that asked, as Ray's default placement put it, that node was
-    bought for good). Pinned as Ray Train pins its state actor."""
+    node (:data:`~rayxdit.runtime.placement.ON_THE_HEAD`: placed by Ray's default, it could land on the GPU
+    node of the first replica that asked, which then stayed bought for good)."""
     return ArtifactStore.options(
         name=STORE_NAME,
         namespace=STORE_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-        resources={HEAD_NODE_RESOURCE: 0.001},
+        **ON_THE_HEAD,
         # Not in the placement group of the replica that asks first (Serve's capture it children, as the rank
         # actors must be): that group goes with the replica, and would take the store with it.
         scheduling_strategy="DEFAULT",

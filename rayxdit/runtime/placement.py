@@ -14,6 +14,13 @@ from rayxdit.config import WorkerGroupConfig
 REPLICA_ACTOR_OPTIONS: dict[str, float] = {"num_cpus": 0}
 """The replica only drives its ranks; it must fit in bundle 0 beside rank 0."""
 
+ON_THE_HEAD: dict = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+"""Actor options for what serves the whole cluster (the state, the routers, the compile-artifact store): on
+Ray's head node (the resource only it has; Ray Train pins its state actor so), never on a GPU node. An actor
+is a leased worker, and Ray's autoscaler does not release a node that holds one: the state replica that Serve
+spread onto a GPU node (seen: onto the node a drain then took) kept that node bought, and a head that dies
+takes the cluster's control store with it anyway."""
+
 
 def rank_resources(group: WorkerGroupConfig) -> dict[str, float]:
     """What one rank needs: a GPU (and CPU slots) on GPU groups, CPU slots on CPU groups."""

@@ -33,7 +33,7 @@ from ray.serve import Application
 from rayxdit.config import ConfigError, PoolConfig, ServeConfig, describe_validation_error
 from rayxdit.limits import ModelCard
 from rayxdit.runtime.cards import model_card
-from rayxdit.runtime.placement import REPLICA_ACTOR_OPTIONS, group_bundles
+from rayxdit.runtime.placement import ON_THE_HEAD, REPLICA_ACTOR_OPTIONS, group_bundles
 from rayxdit.serve.policies import check_policies
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.replica_router import ROUTER_CLASS
@@ -105,7 +105,7 @@ def build_app(config: ServeConfig) -> Application:
             # Serve's default 30 s mean on top would read a model's quiet seconds ~15 s short and delay
             # idle replicas' return by as much; the window's maximum is the quiet time as it is now.
             autoscaling_config={**fixed_size(1), "aggregation_function": "max"},
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options=ON_THE_HEAD,
             max_ongoing_requests=10000,
             # Heartbeats every second from every pool replica: not worth an access-log line each.
             logging_config={"enable_access_log": False},
@@ -121,7 +121,7 @@ def build_app(config: ServeConfig) -> Application:
     router = serve.deployment(Router).options(
         name="router",
         autoscaling_config=fixed_size(config.router.replicas),
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=ON_THE_HEAD,
         max_ongoing_requests=1000,
         user_config=router_user_config(config),
     )

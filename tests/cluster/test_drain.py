@@ -80,9 +80,9 @@ def test_a_node_drained_on_notice_loses_no_request_and_its_replica_moves_first(c
     assert cluster.replica_nodes(POOL.name) == ["A", "C"]
 
 
-def test_the_compile_artifact_store_lives_on_the_head_whichever_node_asks(cluster):
-    """The store is a detached actor (a leased worker for good: a node holding it is never idle to Ray's
-    autoscaler), so it must not land on the GPU node of the replica that asks first."""
+def test_the_clusters_own_actors_live_on_the_head_not_on_gpu_nodes(cluster):
+    """The compile-artifact store (detached, asked for first from a GPU node), the state and the routers: an
+    actor keeps its node busy for Ray's autoscaler, so none may hold a GPU node that could otherwise go."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from ray.util.state import get_actor
@@ -111,3 +111,5 @@ def test_the_compile_artifact_store_lives_on_the_head_whichever_node_asks(cluste
         assert time.monotonic() < deadline, f"the store never came up: {actor}"
         time.sleep(0.5)
     assert cluster.names().get(actor.node_id, "head") == "head"
+    assert cluster.replica_nodes("state") == ["head"]  # Serve spread it onto node B before
+    assert set(cluster.replica_nodes("router")) == {"head"}
