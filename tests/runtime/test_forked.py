@@ -26,7 +26,8 @@ def _send_request(address: str, request: dict, ends: list[socket.socket], devnul
     return server
 
 
-def test_a_rank_actor_gone_before_its_pid_costs_one_line_and_its_child_and_the_server_forks_on():
+def _start_server(**env: str) -> tuple[subprocess.Popen, str]:
+    """A fork server as its actor starts one (``env`` added), and its socket's path in a directory of its own."""
     directory = tempfile.mkdtemp(prefix="rayxdit-forks-test-")  # short: a UNIX socket's path has 108 bytes
     address = os.path.join(directory, "server.sock")
     server = subprocess.Popen(
@@ -34,8 +35,14 @@ def test_a_rank_actor_gone_before_its_pid_costs_one_line_and_its_child_and_the_s
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, **FORK_SAFE_ENV},
+        env={**os.environ, **FORK_SAFE_ENV, **env},
     )
+    return server, address
+
+
+def test_a_rank_actor_gone_before_its_pid_costs_one_line_and_its_child_and_the_server_forks_on():
+    server, address = _start_server()
+    directory = os.path.dirname(address)
     devnull = os.open(os.devnull, os.O_WRONLY)
     pairs = [socket.socketpair() for _ in range(8)]
     try:
@@ -70,15 +77,8 @@ def test_a_rank_actor_gone_before_its_pid_costs_one_line_and_its_child_and_the_s
 def test_a_server_whose_ranks_are_gone_exits_after_its_idle_window_so_its_node_can_go():
     """A fork server's actor keeps its node busy for Ray's autoscaler: the server must leave once no rank of
     the node has lived for its idle window (here 2 s), and not while one lives."""
-    directory = tempfile.mkdtemp(prefix="rayxdit-forks-test-")
-    address = os.path.join(directory, "server.sock")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rayxdit.runtime.forked", address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **FORK_SAFE_ENV, forked.IDLE_ENV: "2"},
-    )
+    server, address = _start_server(**{forked.IDLE_ENV: "2"})
+    directory = os.path.dirname(address)
     devnull = os.open(os.devnull, os.O_WRONLY)
     pairs = [socket.socketpair() for _ in range(4)]
     try:
