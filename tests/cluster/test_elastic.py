@@ -147,14 +147,14 @@ def what_holds_gpu_nodes() -> str:
     status = get_cluster_status(gcs)
     lines = []
     for node in [*status.active_nodes, *status.idle_nodes]:
+        if not any(item.resource_name == "GPU" for item in node.resource_usage.usage):
+            continue
         usage = {  # placement groups' bundle resources left out: the actors name their owners
             item.resource_name: round(item.used, 3)
             for item in node.resource_usage.usage
             if item.used and "_group_" not in item.resource_name
         }
         activity = [line for line in node.node_activity if not line.startswith("Resource:")]
-        if not any(item.resource_name == "GPU" for item in node.resource_usage.usage):
-            continue
         alive_here = [("node_id", "=", node.node_id), ("state", "=", "ALIVE")]
         actors = list_actors(address=gcs, filters=alive_here, limit=1000)
         lines.append(
