@@ -24,8 +24,13 @@ them, and says so:
   state uses (``rayxdit.serve.fairness.WaitingLine``: first come first served, ``fair_share`` across the
   requests' tenants (``benchmarks/simulate_tenants.py``), or ``shortest_first``: ``--queue-policies``); a
   request still waiting at its deadline leaves it, as the router's 504 does (``--no-expire-at-deadline``:
-  it waits on); a new replica waits for free GPUs, then
-  ``--startup-s`` (load and warm-up) before it serves; a removed replica first finishes its request.
+  it waits on); a new replica waits for free GPUs, then starts before it serves: ``--startup-s`` on a
+  *cold* node (one the model has not run on: a new VM's boot, the model stack's import, the checkpoint's
+  read, a compile), or, with ``--warm-startup-s``, that on a *warm* node (one that has run the model: its
+  host copy of the weights and fork server in place) for a pool that has started a replica before (its
+  compile artifacts in the cluster's store). Nodes are 8 GPUs and fill in order; the policy prices a
+  pool's start at the mean of its replicas' measured start-ups, as the application's does. A removed
+  replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
   ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of
   agreeing decisions, as Serve applies an application-level policy's decisions.
@@ -138,6 +143,15 @@ MODEL = "flux"
 """The one model every simulated pool serves."""
 THRESHOLDS = {2: 0.0, 4: 45.0, 8: 100.0}
 """As in serve_configs/flux-dev-8gpu.yaml."""
+NODE_GPUS = 8
+"""GPUs per node (``cluster/aws-p5.yaml``'s p5.48xlarge): a fleet of 64 GPUs is eight nodes."""
+WARM_STARTUP_S = 20.0
+"""``--warm-startup-s``'s default: a replica's start on a node that has run the model, for a pool whose
+compile artifacts exist. Measured for a 1-GPU Flux.1-dev replica from Serve's creation to ready: 8.5-9.1 s
+(H200, ``serve-restart-hostcopy-overlap-flux-dev-1xh200.json``) and 9.3-9.9 s (H100 on a slow host,
+``serve-restart-export-flux-dev-1xh100.json``); 2-, 4- and 8-GPU replicas add a process group's rendezvous
+and as many ranks reading the host copy at once, unmeasured (no multi-GPU machine lent): about twice the
+1-GPU figure stands for them."""
 
 
 def service_s(scenario: str, gpus: int, resolution: int, steps: int, cfg: bool) -> float:
@@ -185,6 +199,7 @@ class Replica:
     ready_at: float = math.inf  # inf while waiting for GPUs
     request: Request | None = None
     draining: bool = False
+    startup_s: float | None = None  # how long its start took (None while waiting for GPUs)
 
 
 @dataclass
@@ -200,6 +215,7 @@ class Pool:
     finished: deque = field(default_factory=deque)  # completion times, for the request rate
     decision: int = 0
     decision_since: float = 0.0
+    measured_startup_s: float | None = None  # the mean start-up its replicas last reported
 
     queue_cost: float = 0.0
 
@@ -246,8 +262,15 @@ class Fleet:
         policy_options: dict | None = None,
         admission: str = ADMISSIONS[0],
         elastic_routing: str = ELASTIC_ROUTING,
+        warm_startup_s: float | None = None,
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
+        self.warm_startup_s = warm_startup_s
+        """A start on a warm node, for a pool started before (None: every start takes ``startup_s``)."""
+        self.warm_gpus = 0
+        """GPUs of the nodes the model has run on (nodes fill in order)."""
+        self.started_pools: set[str] = set()
+        """Pools with a replica that finished its start: their compile artifacts are in the store."""
         self.queue_policy = queue_policy
         self.admission = admission
         """``routing.admission``: ``typical_wait`` (the default) or ``deadline``."""
@@ -379,8 +402,30 @@ class Fleet:
         self._dispatch(pool)
 
     def _on_ready(self, replica: Replica) -> None:
-        if replica in self.pools[replica.pool].replicas:
-            self._dispatch(self.pools[replica.pool])
+        pool = self.pools[replica.pool]
+        if replica in pool.replicas:
+            self._started(pool)
+            self._dispatch(pool)
+
+    def _started(self, pool: Pool) -> None:
+        """A replica of ``pool`` is up: its pool's artifacts exist, its node is warm, and the pool reports the
+        mean start-up of its replicas (kept when they are gone, as ``sizing.LastMeasured`` keeps it)."""
+        self.started_pools.add(pool.spec.name)
+        held = self._gpus_held()
+        self.warm_gpus = max(self.warm_gpus, min(self.budget, -(-held // NODE_GPUS) * NODE_GPUS))
+        measured = [r.startup_s for r in pool.replicas if r.ready_at <= self.now and r.startup_s is not None]
+        if measured:
+            pool.measured_startup_s = sum(measured) / len(measured)
+
+    def _startup_of(self, pool: Pool, replica: Replica) -> float:
+        """How long ``replica`` takes to start, its GPUs just found: warm where its pool has started before
+        and the GPUs held with it fit the nodes the model has run on."""
+        warm = (
+            self.warm_startup_s is not None
+            and pool.spec.name in self.started_pools
+            and self._gpus_held() + replica.gpus <= self.warm_gpus
+        )
+        return self.warm_startup_s if warm else self.startup_s
 
     def _on_tick(self, _) -> None:
         self._autoscale()
@@ -438,7 +483,11 @@ class Fleet:
 
     def _add_replica(self, pool: Pool, ready_at: float = math.inf) -> None:
         self._account_held()
-        pool.replicas.append(Replica(pool.spec.name, pool.spec.ranks, ready_at))
+        replica = Replica(pool.spec.name, pool.spec.ranks, ready_at)
+        pool.replicas.append(replica)
+        if ready_at == 0.0:  # in place when the run begins: it started cold, before
+            replica.startup_s = self.startup_s
+            self._started(pool)
         self.replica_starts += ready_at > 0
         self._start_waiting()
 
@@ -447,8 +496,9 @@ class Fleet:
         for pool in self.pools.values():
             for replica in pool.replicas:
                 if replica.ready_at == math.inf and self._gpus_held() + replica.gpus <= self.budget:
+                    replica.startup_s = self._startup_of(pool, replica)
                     self._account_held()
-                    replica.ready_at = self.now + self.startup_s
+                    replica.ready_at = self.now + replica.startup_s
                     self._push(replica.ready_at, "ready", replica)
 
     def _autoscale(self) -> None:
@@ -475,7 +525,8 @@ class Fleet:
                     overhead_s=overhead,
                     mean_cost=pool.fit.mean_cost,
                     throughput=self._rate(pool),
-                    startup_s=self.startup_s,  # as its replicas measure it
+                    # As its replicas measured it (the pool's prior, the cold start-up, until one has).
+                    startup_s=pool.measured_startup_s or self.startup_s,
                     arrivals=arrivals,
                     quiet_s=self.now - (self.arrived[-1] if self.arrived else 0.0),
                     arrival_cost=self.arrival_costs.mean(self.now),
@@ -588,9 +639,11 @@ def simulate(
     policy_options: dict | None = None,
     admission: str = ADMISSIONS[0],
     elastic_routing: str = ELASTIC_ROUTING,
+    warm_startup_s: float | None = None,
 ) -> dict:
     """One run; ``load`` is a fraction of capacity, or a name of VARYING; ``elastic_routing``: the routing
-    policy of an elastic fleet (static ones route within one pool, or by thresholds)."""
+    policy of an elastic fleet (static ones route within one pool, or by thresholds); ``startup`` a start on
+    a cold node, ``warm_startup_s`` on a warm one (None: as on a cold one)."""
     fleet = Fleet(
         policy,
         budget,
@@ -602,6 +655,7 @@ def simulate(
         policy_options,
         admission,
         elastic_routing,
+        warm_startup_s,
     )
     capacity = capacity_per_s(budget)
     phase_changes = 0
@@ -634,6 +688,7 @@ def simulate(
     return {
         "scenario": scenario,
         "startup_s": startup,
+        **({"warm_startup_s": warm_startup_s} if warm_startup_s is not None else {}),
         "policy": policy,
         "queue_policy": queue_policy,
         "admission": admission,
@@ -911,6 +966,7 @@ def compare(results: list[dict]) -> list[dict]:
             {
                 "scenario": scenario,
                 "startup_s": startup,
+                **({"warm_startup_s": elastic["warm_startup_s"]} if "warm_startup_s" in elastic else {}),
                 "gpus": gpus,
                 "offered_load": load,
                 "queue_policy": queue_policy,
@@ -967,7 +1023,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", type=float, nargs="*", default=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
     parser.add_argument("--varying", nargs="*", default=list(VARYING), choices=VARYING, help="varying loads")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--startup-s", type=float, nargs="+", default=[60.0, 180.0], help="replica start-ups")
+    parser.add_argument(
+        "--startup-s",
+        type=float,
+        nargs="+",
+        default=[60.0, 180.0],
+        help="a replica's start on a cold node (one the model has not run on), each a grid of its own",
+    )
+    parser.add_argument(
+        "--warm-startup-s",
+        type=float,
+        default=WARM_STARTUP_S,
+        help=f"a replica's start on a warm node (one the model has run on) for a pool started before "
+        f"(default {WARM_STARTUP_S:g}: about twice the measured 1-GPU restart)",
+    )
+    parser.add_argument(
+        "--every-start-cold",
+        action="store_true",
+        help="every start takes --startup-s, on whatever node (the model of the results before 2026-12-06)",
+    )
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--duration-s", type=float, default=7200.0, help="simulated arrivals window")
     parser.add_argument("--warmup-s", type=float, default=600.0, help="arrivals before this are not counted")
@@ -1030,6 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
             args.policy_options,
             admission,
             args.elastic_routing,
+            None if args.every_start_cold else args.warm_startup_s,
         )
         for admission in args.admissions
         for queue_policy in args.queue_policies
