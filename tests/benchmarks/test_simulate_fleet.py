@@ -5,6 +5,7 @@ serves with the largest replicas, at heavy load it has the most capacity, and it
 from __future__ import annotations
 
 import json
+import math
 
 from benchmarks import simulate_fleet
 
@@ -243,3 +244,37 @@ def test_the_rise_known_fleet_is_told_a_step_up_at_the_next_tick_and_the_elastic
         demand[policy] = fleet.sizing.demand[simulate_fleet.MODEL]
     assert demand[simulate_fleet.RISE_KNOWN] > 0.99  # told at 100 s; the lower count pulls it slowly since
     assert demand[simulate_fleet.ELASTIC] < 0.5
+
+
+def test_a_start_is_warm_only_for_a_pool_started_before_on_a_node_the_model_has_run_on():
+    """The cold node's start-up for a pool's first replica and for GPUs beyond the nodes used so far, the warm
+    node's otherwise; a pool reports the mean of what its replicas measured, kept when they are gone."""
+    fleet = simulate_fleet.Fleet("elastic", 16, 60.0, 1, warm_startup_s=20.0)  # two nodes, a 2-GPU replica
+
+    def start(pool: str) -> float:
+        fleet._add_replica(fleet.pools[pool])
+        return fleet.pools[pool].replicas[-1].ready_at - fleet.now
+
+    def up(pool: str) -> None:
+        fleet.now = max(fleet.now, *(r.ready_at for r in fleet.pools[pool].replicas))
+        fleet._on_ready(fleet.pools[pool].replicas[-1])
+
+    assert start("p2") == 20.0  # the first node has run the model, and the 2-GPU pool has started
+    assert start("p4") == 60.0  # never started: it compiles
+    up("p4")  # 2 + 2 + 4 GPUs: the first node full
+    assert start("p2") == 60.0  # started before, but on the second node, where the model never ran
+    up("p2")
+    assert fleet.pools["p2"].measured_startup_s == (60.0 + 20.0 + 60.0) / 3  # the first one started cold
+    assert start("p4") == 20.0  # the second node is warm now
+    assert start("p4") == math.inf  # 2 GPUs free: it waits for 4
+    fleet._remove_replica(fleet.pools["p2"])  # an idle 2-GPU replica goes: the GPUs are a warm node's
+    assert fleet.pools["p4"].replicas[-1].ready_at - fleet.now == 20.0
+    up("p4")
+    assert fleet.pools["p4"].measured_startup_s == (60.0 + 20.0 + 20.0) / 3
+    fleet.pools["p4"].replicas.clear()
+    fleet._started(fleet.pools["p4"])
+    assert fleet.pools["p4"].measured_startup_s == (60.0 + 20.0 + 20.0) / 3  # kept with its replicas gone
+
+    cold = simulate_fleet.Fleet("elastic", 16, 60.0, 1)  # the model before: every start cold
+    cold._add_replica(cold.pools["p2"])
+    assert cold.pools["p2"].replicas[-1].ready_at == 60.0
