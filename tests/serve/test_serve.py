@@ -1090,7 +1090,8 @@ def test_a_tenant_over_its_limit_gets_429_naming_it_while_other_tenants_are_serv
     # hour's GPU-seconds (the first request's spend is over the tiny quota).
     one_at_a_time = {"Authorization": "Bearer one-at-a-time-key"}
     with ThreadPoolExecutor(1) as running:
-        first = running.submit(post, url, {**body, "size": "96x96", "steps": 30}, headers=one_at_a_time)
+        # 150 steps: seconds of work on any day of this machine (30 ended within the second below on a fast one).
+        first = running.submit(post, url, {**body, "size": "96x96", "steps": 150}, headers=one_at_a_time)
         time.sleep(1.0)  # admitted (it counts from its routing on), and seconds from its answer
         assert not first.done(), "the first request ended before the second was sent: nothing was tested"
         second = post(url, body, headers=one_at_a_time)
