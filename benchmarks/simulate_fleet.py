@@ -55,7 +55,8 @@ up at the first tick after it (where the real one counts arrivals for 20 s and s
 of what comes next. Where even that misses the goodput bar (``goodput_bar_within_rise_known`` false), the
 requests are lost to the start-ups from the layout the light load was served with, not to a rise seen late.
 
-    python benchmarks/simulate_fleet.py --out benchmarks/results/simulate-fleet.json
+    python benchmarks/simulate_fleet.py --out benchmarks/results/simulate-fleet-warm-nodes.json
+    python benchmarks/simulate_fleet.py --every-start-cold --out benchmarks/results/simulate-fleet.json
 """
 
 from __future__ import annotations
