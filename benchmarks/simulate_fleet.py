@@ -32,8 +32,9 @@ them, and says so:
   pool's start at the mean of its replicas' measured start-ups, as the application's does. A removed
   replica first finishes its request.
 - **Serve's autoscaler around the policy**: a tick every ``TICK_S``, outstanding requests averaged over
-  ``LOOK_BACK_S``, scale-ups after ``UPSCALE_DELAY_S`` and scale-downs after ``DOWNSCALE_DELAY_S`` of
-  agreeing decisions, as Serve applies an application-level policy's decisions.
+  ``LOOK_BACK_S``, and each pool's target moved by Serve's delay logic (:func:`serve_delay`): an elastic
+  application's pools have none (``config.ELASTIC_DELAYS``: the policy is the hysteresis); ``--serve-delays-s``
+  gives others.
 
 Fleets of 8 and 64 GPUs; open-loop Poisson arrivals at 20% to 120% of capacity (the fleet as 2-GPU replicas,
 its most images per GPU in the measured scenario, on the request mix), and four shapes of varying load:
@@ -80,6 +81,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import source_commit  # noqa: E402
+from rayxdit.config import ELASTIC_DELAYS  # noqa: E402
 from rayxdit.models.families import FLUX_ATTENTION_COST  # noqa: E402
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES, WaitingLine  # noqa: E402
 from rayxdit.serve.policies import ROUTING_POLICIES, autoscaling_policy  # noqa: E402
@@ -138,7 +140,10 @@ MIX = [  # (weight, resolution, steps, true CFG)
 SLO_FACTOR = 2.0
 """A request is good if it ends within twice its time on one GPU (compiled); its client sends that as its
 ``timeout``, so admission refuses it at once when no pool can finish it in time."""
-TICK_S, LOOK_BACK_S, UPSCALE_DELAY_S, DOWNSCALE_DELAY_S = 2.0, 30.0, 5.0, 30.0
+TICK_S, LOOK_BACK_S = 2.0, 30.0
+UPSCALE_DELAY_S, DOWNSCALE_DELAY_S = ELASTIC_DELAYS["upscale_delay_s"], ELASTIC_DELAYS["downscale_delay_s"]
+"""Serve's delays on the elastic policy's decisions: an elastic application's defaults (none; until
+2026-12-06 the simulator took 5 and 30 s, and held a decision that changed within them back again)."""
 POOL_SIZES = (2, 4, 8)
 MODEL = "flux"
 """The one model every simulated pool serves."""
@@ -215,7 +220,10 @@ class Pool:
     waiting: float = 0.0  # of those, queued for a replica, averaged likewise
     finished: deque = field(default_factory=deque)  # completion times, for the request rate
     decision: int = 0
-    decision_since: float = 0.0
+    """Serve's target (its ``target_num_replicas``): the policy's last decision once Serve's delay let it."""
+    wanted: tuple[int, float] | None = None
+    """The direction (+1 up, -1 down) the policy has wanted the target moved in, and since when (Serve's
+    delay counts from then)."""
     measured_startup_s: float | None = None  # the mean start-up its replicas last reported
 
     queue_cost: float = 0.0
@@ -248,6 +256,30 @@ class Pool:
         return len(self.queue) + len(running), self.queue_cost + sum(r.cost for r in running)
 
 
+def serve_delay(
+    desired: int,
+    target: int,
+    wanted: tuple[int, float] | None,
+    now: float,
+    upscale_s: float,
+    downscale_s: float,
+) -> tuple[int, tuple[int, float] | None]:
+    """Serve's target after a policy's decision at ``now``, and (direction, since when) a change of it has
+    been wanted (``ray.serve.autoscaling_policy._apply_delay_logic``, which the tests hold this to): a change
+    applies once the policy has wanted the target moved the same way for that direction's delay, to the
+    number it wants then; a scale-down stops at one replica on its way to zero."""
+    if desired == target:
+        return target, None
+    direction = 1 if desired > target else -1
+    if direction < 0 and target > 1:
+        desired = max(1, desired)
+    if wanted is None or wanted[0] != direction:
+        wanted = (direction, now)
+    if now - wanted[1] + 1e-6 >= (upscale_s if direction > 0 else downscale_s):
+        return desired, None
+    return target, wanted
+
+
 class Fleet:
     """One simulation: pools, replicas, queues, the clock."""
 
@@ -264,8 +296,11 @@ class Fleet:
         admission: str = ADMISSIONS[0],
         elastic_routing: str = ELASTIC_ROUTING,
         warm_startup_s: float | None = None,
+        serve_delays_s: tuple[float, float] = (UPSCALE_DELAY_S, DOWNSCALE_DELAY_S),
     ):
         self.policy, self.budget, self.startup_s, self.scenario = policy, budget, startup_s, scenario
+        self.upscale_delay_s, self.downscale_delay_s = serve_delays_s
+        """Serve's delays on the sizing policy's decisions (:func:`serve_delay`)."""
         self.warm_startup_s = warm_startup_s
         """A start on a warm node, for a pool started before (None: every start takes ``startup_s``)."""
         self.warm_gpus = 0
@@ -536,15 +571,21 @@ class Fleet:
             )
         plan = self.sizing(demands, self.budget, self.now)
         for pool in self.pools.values():
-            target = plan[pool.spec.name]
-            if not pool.replicas and pool.queue:  # Serve's cold-start path: a queue always gets a replica
-                target = max(1, target)
-            if target != pool.decision:
-                pool.decision, pool.decision_since = target, self.now
+            if pool.queue and not any(r.ready_at <= self.now for r in pool.replicas):
+                # Serve's cold start: a deployment with requests and no running replica gets one, whatever
+                # the policy wants, until one runs.
+                pool.decision, pool.wanted = max(1, pool.decision), None
+            else:
+                pool.decision, pool.wanted = serve_delay(
+                    plan[pool.spec.name],
+                    pool.decision,
+                    pool.wanted,
+                    self.now,
+                    self.upscale_delay_s,
+                    self.downscale_delay_s,
+                )
+            target = pool.decision
             current = sum(not r.draining for r in pool.replicas)
-            delay = UPSCALE_DELAY_S if target > current else DOWNSCALE_DELAY_S
-            if target == current or self.now - pool.decision_since < delay:
-                continue
             for _ in range(target - current):
                 self._add_replica(pool)
             for _ in range(current - target):
@@ -641,10 +682,12 @@ def simulate(
     admission: str = ADMISSIONS[0],
     elastic_routing: str = ELASTIC_ROUTING,
     warm_startup_s: float | None = None,
+    serve_delays_s: tuple[float, float] = (UPSCALE_DELAY_S, DOWNSCALE_DELAY_S),
 ) -> dict:
     """One run; ``load`` is a fraction of capacity, or a name of VARYING; ``elastic_routing``: the routing
     policy of an elastic fleet (static ones route within one pool, or by thresholds); ``startup`` a start on
-    a cold node, ``warm_startup_s`` on a warm one (None: as on a cold one)."""
+    a cold node, ``warm_startup_s`` on a warm one (None: as on a cold one); ``serve_delays_s``: Serve's
+    upscale and downscale delays on the elastic policy's decisions."""
     fleet = Fleet(
         policy,
         budget,
@@ -657,6 +700,7 @@ def simulate(
         admission,
         elastic_routing,
         warm_startup_s,
+        tuple(serve_delays_s),
     )
     capacity = capacity_per_s(budget)
     phase_changes = 0
@@ -700,6 +744,11 @@ def simulate(
             else {}
         ),
         **({"routing": elastic_routing} if elastic_routing != ELASTIC_ROUTING and LAYOUTS[policy][2] else {}),
+        **(
+            {"serve_delays_s": list(serve_delays_s)}
+            if tuple(serve_delays_s) != (UPSCALE_DELAY_S, DOWNSCALE_DELAY_S) and LAYOUTS[policy][2]
+            else {}
+        ),
         "gpus": budget,
         "offered_load": load,
         "requests": len(counted),
@@ -1043,6 +1092,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every start takes --startup-s, on whatever node (the model of the results before 2026-12-06)",
     )
+    parser.add_argument(
+        "--serve-delays-s",
+        type=float,
+        nargs=2,
+        default=[UPSCALE_DELAY_S, DOWNSCALE_DELAY_S],
+        metavar=("UP", "DOWN"),
+        help="Serve's upscale and downscale delays on the elastic policy's decisions (default: an elastic "
+        "application's, none; the simulator before 2026-12-06 took 5 and 30 s)",
+    )
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--duration-s", type=float, default=7200.0, help="simulated arrivals window")
     parser.add_argument("--warmup-s", type=float, default=600.0, help="arrivals before this are not counted")
@@ -1106,6 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             admission,
             args.elastic_routing,
             None if args.every_start_cold else args.warm_startup_s,
+            tuple(args.serve_delays_s),
         )
         for admission in args.admissions
         for queue_policy in args.queue_policies
@@ -1182,8 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
         "autoscaler": {
             "tick_s": TICK_S,
             "look_back_s": LOOK_BACK_S,
-            "upscale_delay_s": UPSCALE_DELAY_S,
-            "downscale_delay_s": DOWNSCALE_DELAY_S,
+            "upscale_delay_s": args.serve_delays_s[0],
+            "downscale_delay_s": args.serve_delays_s[1],
         },
         "capacity_per_s": {str(b): round(capacity_per_s(b), 4) for b in args.fleets},
         "results": results,

@@ -495,6 +495,14 @@ DEFAULT_DEPLOYMENT_CONFIG: dict[str, Any] = {
 is bought for it until a request needs it) and ``graceful_shutdown_timeout_s`` to the pool's
 ``request_timeout_s`` (in-flight requests finish before a replica goes away on scale-down)."""
 
+ELASTIC_DELAYS: dict[str, float] = {"upscale_delay_s": 0.0, "downscale_delay_s": 0.0}
+"""Serve's delays for the pools of an elastic application, unless a pool's ``deployment_config`` sets them.
+The elastic policy is the hysteresis (it holds a layout ``dwell_startups`` start-ups and lets its demand
+estimate fall over minutes), and Serve applies a delay after it, to every decision: a swap's new replicas
+wait for the GPUs of the replicas it removes, so a ``downscale_delay_s`` of 300 s (the shipped configs'
+before 2026-12-06) kept a burst's 2-GPU replicas waiting 300 s behind it, and 30 s cost a simulated 64-GPU
+fleet 1 point of a burst run's goodput (``benchmarks/simulate_fleet.py``)."""
+
 RAYXDIT_DEPLOYMENT_KEYS = (
     "name",
     "placement_group_bundles",
@@ -715,10 +723,13 @@ class PoolConfig(WorkerGroupConfig):
         _check_serve_options(self.name, self.serve_options())
         return self
 
-    def serve_options(self) -> dict[str, Any]:
+    def serve_options(self, elastic: bool = False) -> dict[str, Any]:
         """This pool's Serve options: ``deployment_config`` over the defaults (without the options that
-        follow from the pool's placement; see ``serve.app.pool_deployment_options``)."""
+        follow from the pool's placement; see ``serve.app.pool_deployment_options``); ``elastic``: of an
+        elastic application, whose policy's decisions Serve applies without delay (``ELASTIC_DELAYS``)."""
         defaults = copy.deepcopy(DEFAULT_DEPLOYMENT_CONFIG)
+        if elastic:
+            defaults["autoscaling_config"].update(ELASTIC_DELAYS)
         defaults["graceful_shutdown_timeout_s"] = self.request_timeout_s
         fixed_size = self.deployment_config.get("num_replicas") not in (None, "auto")
         if fixed_size or self.deployment_config.get("autoscaling_config", {}) is None:

@@ -22,6 +22,7 @@ From a Serve config YAML (``serve run`` / ``serve deploy``)::
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ from rayxdit.config import ConfigError, PoolConfig, ServeConfig, describe_valida
 from rayxdit.limits import ModelCard
 from rayxdit.runtime.cards import model_card
 from rayxdit.runtime.placement import ON_THE_HEAD, REPLICA_ACTOR_OPTIONS, group_bundles
-from rayxdit.serve.policies import check_policies
+from rayxdit.serve.policies import check_policies, delayed_swaps
 from rayxdit.serve.pool import PoolReplica
 from rayxdit.serve.replica_router import ROUTER_CLASS
 from rayxdit.serve.router import Router
 from rayxdit.serve.state import STATE_DEPLOYMENT, AppState
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "rayxdit"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
@@ -49,16 +52,18 @@ for requests of at least 0.45 cost units (256x256 at 8 steps and up; :func:`~ray
 prices them)."""
 
 
-def pool_deployment_options(pool: PoolConfig) -> dict[str, Any]:
+def pool_deployment_options(pool: PoolConfig, elastic: bool = False) -> dict[str, Any]:
     """Serve options of a pool's deployment: the pool's ``serve_options()`` (its ``deployment_config`` over
-    the defaults) plus what follows from the pool itself: a placement group of one bundle per rank, the
-    replica actor in bundle 0 asking for nothing, one request at a time."""
+    the defaults; ``elastic``: the pool of an elastic application, ``config.ELASTIC_DELAYS``) plus what
+    follows from the pool itself: a placement group of one bundle per rank, the replica actor in bundle 0
+    asking for nothing, one request at a time."""
+    options = pool.serve_options(elastic)
     return {
-        **pool.serve_options(),
+        **options,
         "name": pool.name,
         "placement_group_bundles": group_bundles(pool),
         "placement_group_strategy": pool.placement_strategy,
-        "ray_actor_options": {**pool.serve_options().get("ray_actor_options", {}), **REPLICA_ACTOR_OPTIONS},
+        "ray_actor_options": {**options.get("ray_actor_options", {}), **REPLICA_ACTOR_OPTIONS},
         "max_ongoing_requests": 1,
         # Pools serving adapters per request route to where a request's adapters are (serve/replica_router.py).
         **(
@@ -97,6 +102,8 @@ def fixed_size(replicas: int) -> dict[str, int]:
 def build_app(config: ServeConfig) -> Application:
     """The application: the shared state, one deployment per pool, the router in front."""
     check_policies(config)
+    for line in delayed_swaps(config):
+        logger.warning(line)
     state = (
         serve.deployment(AppState)
         .options(
@@ -114,7 +121,7 @@ def build_app(config: ServeConfig) -> Application:
     )
     pools = {
         pool.name: serve.deployment(PoolReplica)
-        .options(**pool_deployment_options(pool))
+        .options(**pool_deployment_options(pool, elastic=config.elastic is not None))
         .bind(pool.for_replicas(), state)
         for pool in config.pools
     }

@@ -611,6 +611,8 @@ class CostAwarePolicy:
     observed: dict[str, float] = field(default_factory=dict)
     """The last unsmoothed arrival rate, by model."""
     outstanding: dict[str, float] = field(default_factory=dict)
+    idle: set[str] = field(default_factory=set)
+    """Models with no arrival and nothing outstanding for ``idle_s``: their demand is 0 for that reason."""
     last_tick: float | None = None
     changed_at: dict[str, float] = field(default_factory=dict)
     """When each model's layout last changed."""
@@ -653,9 +655,13 @@ class CostAwarePolicy:
             self.busy_at[model] = max(self.busy_at.get(model, -math.inf), now - min(quiet))
         elif observed > EPSILON or holding > EPSILON:
             self.busy_at[model] = now
+        else:
+            self.busy_at.setdefault(model, now)  # nothing yet: idle once idle_s pass from the first tick
         if holding <= EPSILON and now - self.busy_at.get(model, now) >= self.idle_s:
             self.demand[model] = 0.0  # idle, not a lull: nothing to keep replicas for
+            self.idle.add(model)
             return 0.0
+        self.idle.discard(model)
         previous = self.demand.get(model)
         if previous is None or elapsed is None or not counted_whole(members):
             # A count over part of a window is not smoothed: the first whole one starts the estimate.
@@ -810,7 +816,12 @@ class CostAwarePolicy:
                     return current
             self.changed_at[model], self.heading[model] = now, None
             return target
-        if arrivals <= EPSILON:  # idle for IDLE_S: return the replicas, nothing waits for them
+        if arrivals <= EPSILON:
+            if model not in self.idle:
+                # Nothing counted yet (a first tick, before any arrival) is not idleness: a fleet that
+                # returned its replicas then started them again for the first request.
+                return current
+            # Idle for IDLE_S: return the replicas, nothing waits for them.
             self.changed_at[model], self.heading[model] = now, None
             return target
         if held:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rayxdit.config import ConfigError, ServeConfig
+from rayxdit.config import ELASTIC_DELAYS, ConfigError, ServeConfig
 from rayxdit.serve.fairness import FIFO, QUEUE_POLICIES
 from rayxdit.serve.layouts import CostAwarePolicy
 from rayxdit.serve.routing import PoolLoad, PoolSpec, route, threshold_order
@@ -98,6 +98,26 @@ def check_queue_policy(config: ServeConfig) -> None:
                 f"Serve's own autoscaling of pool {pool.name} cannot see them: use the elastic policy, or give "
                 "the pool a fixed size (min_replicas = max_replicas)"
             )
+
+
+def delayed_swaps(config: ServeConfig) -> list[str]:
+    """One line per pool of an elastic application whose ``deployment_config`` sets a Serve delay (the
+    default there is none: ``config.ELASTIC_DELAYS``): Serve holds each of the policy's decisions that
+    long, and a swap's new replicas wait for the GPUs of the replicas it removes."""
+    if config.elastic is None:
+        return []
+    lines = []
+    for pool in config.pools:
+        autoscaling = pool.deployment_config.get("autoscaling_config") or {}
+        delays = {key: autoscaling[key] for key in ELASTIC_DELAYS if autoscaling.get(key)}
+        if delays:
+            given = ", ".join(f"{key} {value}" for key, value in delays.items())
+            lines.append(
+                f"pool {pool.name}: {given} delays each elastic decision that long (a swap's new replicas "
+                "wait for the GPUs of the ones it removes, and the policy holds its layouts on its own: "
+                "elastic.policy_options dwell_startups); leave them out unless Serve must lag the policy"
+            )
+    return lines
 
 
 def check_policies(config: ServeConfig) -> None:

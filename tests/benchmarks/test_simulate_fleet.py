@@ -278,3 +278,32 @@ def test_a_start_is_warm_only_for_a_pool_started_before_on_a_node_the_model_has_
     cold = simulate_fleet.Fleet("elastic", 16, 60.0, 1)  # the model before: every start cold
     cold._add_replica(cold.pools["p2"])
     assert cold.pools["p2"].replicas[-1].ready_at == 60.0
+
+
+def test_the_simulated_serve_delay_is_serves_own():
+    """The simulator moves a pool's target as Serve 2.60 moves it after an application-level policy
+    (``_apply_delay_logic``, run here beside it): a change waits for the direction's delay, counted from the
+    first tick that wanted the target moved that way, and lands on the number wanted then; a scale-down
+    stops at one on its way to zero. Random decisions, delays of 0 and more."""
+    import random
+
+    from ray.serve.autoscaling_policy import _apply_delay_logic
+    from ray.serve.config import AutoscalingConfig
+
+    rng = random.Random(3)
+    for upscale_s, downscale_s in [(0.0, 0.0), (5.0, 30.0), (10.0, 4.0)]:
+        config = AutoscalingConfig(
+            min_replicas=0, max_replicas=20, upscale_delay_s=upscale_s, downscale_delay_s=downscale_s
+        )
+        theirs, state, ours, wanted = 3, {}, 3, None
+        now, moves, desired = 1000.0, 0, 3
+        for _ in range(3000):
+            now += simulate_fleet.TICK_S
+            # Runs of the same wish (as a policy holds a decision) with jumps between them.
+            desired = rng.randint(0, 8) if rng.random() < 0.05 else desired
+            before = theirs
+            theirs, state = _apply_delay_logic(desired, theirs, config, state, _now=now)
+            ours, wanted = simulate_fleet.serve_delay(desired, ours, wanted, now, upscale_s, downscale_s)
+            assert ours == theirs, (upscale_s, downscale_s, now, desired)
+            moves += theirs != before
+        assert moves > 50, moves  # the target moved often, both ways

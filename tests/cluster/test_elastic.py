@@ -4,8 +4,8 @@ Ray's fake multi-node provider (``FakeMultiNodeProvider``, loaded as an ``extern
 2.60 wheel lacks the ``fake_multinode`` defaults file) starts real raylets as "nodes" when the autoscaler
 (v2) asks for them. The cluster config is derived from ``cluster/aws-p5.yaml`` (same node types, GPU count
 and worker bounds; a short idle timeout) and the Serve config from ``serve_configs/flux-dev-8gpu.yaml``
-(same pools, sizes, bounds and application-level elastic policy; tiny-flux instead of FLUX.1-dev, short
-delays), deployed the way ``rayxdit serve`` deploys it.
+(same pools, sizes, bounds, application-level elastic policy and Serve's delays, none; tiny-flux instead
+of FLUX.1-dev, a short load window), deployed the way ``rayxdit serve`` deploys it.
 
 Shown: the head has no GPUs, so the 2-GPU pool's replica makes the autoscaler add an 8-GPU node. The
 8-GPU pool starts at zero replicas. A bounded mixed burst of requests makes the elastic policy (its budget:
@@ -110,14 +110,12 @@ def serve_config_for_test():
                 "deployment_config": {
                     **pool.deployment_config,
                     "autoscaling_config": {
+                        # Serve's delays as shipped: none (config.ELASTIC_DELAYS), the policy decides.
                         **pool.deployment_config["autoscaling_config"],
-                        "upscale_delay_s": 1,
                         # What the policy reads of the pools' load: a 3 s window (production: 30 s).
                         "look_back_period_s": 3,
                         # Two cores start the rank processes: at most two 2-GPU replicas (production: 12).
                         **({"max_replicas": 2} if pool.ranks == 2 else {}),
-                        # Replicas go 3 s after the policy says so (production: 600 s for the 8-GPU pool).
-                        "downscale_delay_s": 3,
                     },
                     "health_check_period_s": 2,
                     "graceful_shutdown_wait_loop_s": 0.5,

@@ -57,11 +57,14 @@ def test_serve_options_pass_through_and_are_validated_by_serve():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_serve_config_validates(path):
+    from rayxdit.serve.policies import delayed_swaps
+
     config, _ = load_serve_file(path)
     for pool in config.pools:
         options = pool_deployment_options(pool)
         assert len(options["placement_group_bundles"]) == pool.ranks
         assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
+    assert delayed_swaps(config) == [], "a shipped elastic config makes Serve lag its policy"
 
 
 def test_flux_config_has_2_4_8_gpu_pools_that_fit_8_gpu_nodes():
@@ -96,6 +99,37 @@ def test_the_elastic_policy_refuses_pools_it_cannot_size():
     with pytest.raises(ValueError, match="fixed num_replicas"):
         ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})])
     ServeConfig(pools=[PoolConfig(name="f", model="m", deployment_config={"num_replicas": 2})], elastic=None)
+
+
+def test_serve_applies_the_elastic_policys_decisions_without_delay_unless_a_pool_says_otherwise():
+    """The elastic policy is the hysteresis; Serve's delay on top held a swap's new replicas back for as long
+    as the removed ones stayed (the shipped configs' 300-600 s downscale delays)."""
+    from rayxdit.config import DEFAULT_DEPLOYMENT_CONFIG, ServeConfig
+    from rayxdit.serve.policies import delayed_swaps
+
+    plain = PoolConfig(name="plain", model="m", deployment_config={"autoscaling_config": {"max_replicas": 2}})
+    lagged = PoolConfig(
+        name="lagged", model="m", deployment_config={"autoscaling_config": {"downscale_delay_s": 300}}
+    )
+    elastic = ServeConfig(pools=[plain, lagged])
+    options = pool_deployment_options(plain, elastic=True)["autoscaling_config"]
+    assert (options["upscale_delay_s"], options["downscale_delay_s"], options["max_replicas"]) == (
+        0.0,
+        0.0,
+        2,
+    )
+    kept = pool_deployment_options(lagged, elastic=True)["autoscaling_config"]
+    assert (kept["upscale_delay_s"], kept["downscale_delay_s"]) == (0.0, 300)
+    (line,) = delayed_swaps(elastic)
+    assert line.startswith("pool lagged: downscale_delay_s 300 delays each elastic decision")
+    # A pool sized by Serve's own per-deployment policy keeps Serve's delays.
+    alone = pool_deployment_options(plain)["autoscaling_config"]
+    defaults = DEFAULT_DEPLOYMENT_CONFIG["autoscaling_config"]
+    assert (alone["upscale_delay_s"], alone["downscale_delay_s"]) == (
+        defaults["upscale_delay_s"],
+        defaults["downscale_delay_s"],
+    )
+    assert delayed_swaps(ServeConfig(pools=[plain, lagged], elastic=None)) == []
 
 
 def test_wan_config_fits_8_gpu_nodes_and_wan_14b_heads():

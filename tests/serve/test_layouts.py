@@ -147,14 +147,29 @@ def test_the_policy_holds_its_decision_while_serve_applies_it_and_returns_gpus_w
     # Serve still reports the old target (its upscale delay): the policy keeps to its own decision.
     assert policy(pools((1, 0, 0), arrivals=0.25), budget=8, now=2.0) == first
     # Heavier load within the dwell after a change: held, unless the layout cannot carry it.
-    assert policy(pools((0, 0, 1), arrivals=0.5), budget=8, now=30.0) == first
+    assert policy(pools((2, 1, 0), arrivals=0.5), budget=8, now=30.0) == first
     # An overload is met within a minute (the demand estimate rises with a 20 s time constant).
-    plans = [policy(pools((0, 0, 1), arrivals=2.0), budget=8, now=32.0 + 2 * tick) for tick in range(30)]
+    plans = [policy(pools((2, 1, 0), arrivals=2.0), budget=8, now=32.0 + 2 * tick) for tick in range(30)]
     assert plans[-1] == {"p2": 4, "p4": 0, "p8": 0} and plans[0] == first
     # No arrival and nothing outstanding for IDLE_S: the replicas go back, dwell or not.
     for now in (100.0, 100.0 + IDLE_S / 2, 101.0 + IDLE_S):
         plan = policy(pools((4, 0, 0), arrivals=0.0), budget=8, now=now)
     assert plan == {"p2": 0, "p4": 0, "p8": 0}
+
+
+def test_nothing_counted_yet_is_not_idleness():
+    """A fleet's first ticks, before its first request is counted, keep the replicas in place (the policy
+    returned them at the first tick, and Serve started them again for the first request: with Serve's
+    delays gone, a start wasted per deployment); ``idle_s`` of nothing from then on returns them."""
+    policy = CostAwarePolicy()
+    for now in (0.0, 2.0, IDLE_S / 2):
+        assert policy(pools((1, 0, 0), arrivals=0.0), budget=8, now=now) == {"p2": 1, "p4": 0, "p8": 0}
+    assert policy(pools((1, 0, 0), arrivals=0.0), budget=8, now=IDLE_S) == {"p2": 0, "p4": 0, "p8": 0}
+    # A model that had traffic is idle idle_s after its last arrival, not after its first judgement.
+    policy = CostAwarePolicy()
+    policy(pools((1, 0, 0), arrivals=0.2), budget=8, now=0.0)
+    assert policy(pools((1, 0, 0), arrivals=0.0), budget=8, now=10.0) != {"p2": 0, "p4": 0, "p8": 0}
+    assert policy(pools((1, 0, 0), arrivals=0.0), budget=8, now=IDLE_S + 1) == {"p2": 0, "p4": 0, "p8": 0}
 
 
 def test_a_slow_alternation_changes_the_layout_once_per_phase():
