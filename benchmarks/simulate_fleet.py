@@ -97,7 +97,7 @@ from rayxdit.serve.routing import (  # noqa: E402
     service_rates,
     service_time,
 )
-from rayxdit.serve.sizing import ArrivalCosts, PoolDemand, arrival_rate  # noqa: E402
+from rayxdit.serve.sizing import ArrivalCosts, LastMeasured, PoolDemand, arrival_rate  # noqa: E402
 
 STEPS = 28
 SINGLE_GPU_S = {
@@ -224,7 +224,6 @@ class Pool:
     wanted: tuple[int, float] | None = None
     """The direction (+1 up, -1 down) the policy has wanted the target moved in, and since when (Serve's
     delay counts from then)."""
-    measured_startup_s: float | None = None  # the mean start-up its replicas last reported
 
     queue_cost: float = 0.0
 
@@ -307,6 +306,8 @@ class Fleet:
         """GPUs of the nodes the model has run on (nodes fill in order)."""
         self.started_pools: set[str] = set()
         """Pools with a replica that finished its start: their compile artifacts are in the store."""
+        self.measured = LastMeasured()
+        """What each pool's replicas last reported of their start-up, as the application keeps it."""
         self.queue_policy = queue_policy
         self.admission = admission
         """``routing.admission``: ``typical_wait`` (the default) or ``deadline``."""
@@ -444,14 +445,22 @@ class Fleet:
             self._dispatch(pool)
 
     def _started(self, pool: Pool) -> None:
-        """A replica of ``pool`` is up: its pool's artifacts exist, its node is warm, and the pool reports the
-        mean start-up of its replicas (kept when they are gone, as ``sizing.LastMeasured`` keeps it)."""
+        """A replica of ``pool`` is up: its pool's compile artifacts exist and its node is warm."""
         self.started_pools.add(pool.spec.name)
         held = self._gpus_held()
         self.warm_gpus = max(self.warm_gpus, min(self.budget, -(-held // NODE_GPUS) * NODE_GPUS))
-        measured = [r.startup_s for r in pool.replicas if r.ready_at <= self.now and r.startup_s is not None]
-        if measured:
-            pool.measured_startup_s = sum(measured) / len(measured)
+
+    def _measured_startup(self, pool: Pool) -> float | None:
+        """The pool's start-up as the application reads it at a tick: the mean its running replicas report
+        (a removed or draining one reports nothing), the last such mean while none runs
+        (``sizing.LastMeasured``, as ``serve/elastic.py`` keeps it)."""
+        running = [
+            r.startup_s
+            for r in pool.replicas
+            if r.ready_at <= self.now and not r.draining and r.startup_s is not None
+        ]
+        reported = {"startup_s": sum(running) / len(running) if running else None}
+        return self.measured.fill(pool.spec.name, reported)["startup_s"]
 
     def _startup_of(self, pool: Pool, replica: Replica) -> float:
         """How long ``replica`` takes to start, its GPUs just found: warm where its pool has started before
@@ -562,7 +571,7 @@ class Fleet:
                     mean_cost=pool.fit.mean_cost,
                     throughput=self._rate(pool),
                     # As its replicas measured it (the pool's prior, the cold start-up, until one has).
-                    startup_s=pool.measured_startup_s or self.startup_s,
+                    startup_s=self._measured_startup(pool) or self.startup_s,
                     arrivals=arrivals,
                     quiet_s=self.now - (self.arrived[-1] if self.arrived else 0.0),
                     arrival_cost=self.arrival_costs.mean(self.now),

@@ -248,7 +248,8 @@ def test_the_rise_known_fleet_is_told_a_step_up_at_the_next_tick_and_the_elastic
 
 def test_a_start_is_warm_only_for_a_pool_started_before_on_a_node_the_model_has_run_on():
     """The cold node's start-up for a pool's first replica and for GPUs beyond the nodes used so far, the warm
-    node's otherwise; a pool reports the mean of what its replicas measured, kept when they are gone."""
+    node's otherwise; a pool reports the mean of what its running replicas measured, the last such mean when
+    none runs."""
     fleet = simulate_fleet.Fleet("elastic", 16, 60.0, 1, warm_startup_s=20.0)  # two nodes, a 2-GPU replica
 
     def start(pool: str) -> float:
@@ -264,16 +265,18 @@ def test_a_start_is_warm_only_for_a_pool_started_before_on_a_node_the_model_has_
     up("p4")  # 2 + 2 + 4 GPUs: the first node full
     assert start("p2") == 60.0  # started before, but on the second node, where the model never ran
     up("p2")
-    assert fleet.pools["p2"].measured_startup_s == (60.0 + 20.0 + 60.0) / 3  # the first one started cold
+    p2, p4 = fleet.pools["p2"], fleet.pools["p4"]
+    assert fleet._measured_startup(p2) == (60.0 + 20.0 + 60.0) / 3  # the first one started cold
     assert start("p4") == 20.0  # the second node is warm now
     assert start("p4") == math.inf  # 2 GPUs free: it waits for 4
-    fleet._remove_replica(fleet.pools["p2"])  # an idle 2-GPU replica goes: the GPUs are a warm node's
-    assert fleet.pools["p4"].replicas[-1].ready_at - fleet.now == 20.0
+    fleet._remove_replica(p2)  # an idle 2-GPU replica goes: the GPUs are a warm node's
+    assert p4.replicas[-1].ready_at - fleet.now == 20.0
+    # The pool reports what its running replicas measured, now two of the three.
+    assert fleet._measured_startup(p2) == sum(r.startup_s for r in p2.replicas) / 2
     up("p4")
-    assert fleet.pools["p4"].measured_startup_s == (60.0 + 20.0 + 20.0) / 3
-    fleet.pools["p4"].replicas.clear()
-    fleet._started(fleet.pools["p4"])
-    assert fleet.pools["p4"].measured_startup_s == (60.0 + 20.0 + 20.0) / 3  # kept with its replicas gone
+    assert fleet._measured_startup(p4) == (60.0 + 20.0 + 20.0) / 3
+    p4.replicas.clear()
+    assert fleet._measured_startup(p4) == (60.0 + 20.0 + 20.0) / 3  # kept with its replicas gone
 
     cold = simulate_fleet.Fleet("elastic", 16, 60.0, 1)  # the model before: every start cold
     cold._add_replica(cold.pools["p2"])
