@@ -501,7 +501,7 @@ The elastic policy is the hysteresis (it holds a layout ``dwell_startups`` start
 estimate fall over minutes), and Serve applies a delay after it, to every decision: a swap's new replicas
 wait for the GPUs of the replicas it removes, so a ``downscale_delay_s`` of 300 s (the shipped configs'
 before 2026-12-06) would keep a burst's 2-GPU replicas waiting 300 s behind it, and 30 s cost a simulated
-64-GPU fleet 0.6-0.9 points of a burst run's goodput (``benchmarks/simulate_fleet.py``)."""
+64-GPU fleet 0.6-1.0 points of a burst run's goodput (``benchmarks/simulate_fleet.py``)."""
 
 RAYXDIT_DEPLOYMENT_KEYS = (
     "name",
