@@ -5,7 +5,19 @@ import pytest
 from rayxdit.config import ConfigError, PoolConfig
 from rayxdit.serve.app import DEFAULT_CONFIG_FILE, default_config, load_serve_file, pool_deployment_options
 
-CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "serve_configs"
+SERVE_FILES = sorted(
+    [
+        *CONFIGS.glob("*.yaml"),
+        # The benchmarks' own Serve configs (bench_load's pools), beside their workloads.
+        *(
+            path
+            for path in (REPO / "benchmarks" / "workloads").glob("*.yaml")
+            if "applications:" in path.read_text()
+        ),
+    ]
+)
 
 
 def test_the_embedded_default_is_the_shipped_local_yaml():
@@ -55,7 +67,7 @@ def test_serve_options_pass_through_and_are_validated_by_serve():
             PoolConfig(name="b", model="m", deployment_config=bad)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SERVE_FILES, ids=lambda p: p.name)
 def test_every_serve_config_validates(path):
     from rayxdit.serve.policies import delayed_swaps
 
