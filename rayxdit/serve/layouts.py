@@ -35,8 +35,8 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   load causes one change per phase, or two where the first is partial, not a change at every tick), except
   that a further step on the way to the layout the last step was heading for waits only for that step's
   replicas (one start-up); and
-  while the last count runs ``MIN_GAIN`` above the smoothed demand (a rise), no change is made for latency:
-  it would be judged on a load already gone by.
+  while the last count runs ``MIN_GAIN`` and ``RISE_SIGMAS`` of its noise above the smoothed demand (a rise,
+  :func:`outruns`), no change is made for latency: it would be judged on a load already gone by.
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
   most capacity where none does), so that a load that fell and comes back finds its capacity in place, not
   a start-up away; and a layout that cannot carry the demand is replaced by one that carries
@@ -115,6 +115,10 @@ difference of two such means (Poisson counts) to be read as a trend and not nois
 TREND_SPREAD = 0.45
 """No step between neighbouring parts may hold this share of the rise or more: a step of load (the
 alternating load's) puts at least half its rise between two parts, a ramp (a day's rise) spreads it."""
+RISE_SIGMAS = 1.0
+"""The last count reads as a rise (no change for latency meanwhile) only where it runs ``MIN_GAIN`` and this
+many standard deviations of a ``sizing.ARRIVALS_WINDOW_S`` count's Poisson noise above the smoothed demand
+(:func:`outruns`)."""
 TREND_SOON_STARTUPS = 3.0
 """With a sustained rise, the layout in place is changed as if overloaded once the demand the trend brings
 within this many start-ups is beyond its capacity: the new replicas are up before the load is."""
@@ -327,6 +331,17 @@ def sustained_rise(counts: Sequence[tuple[float, float]], window_s: float) -> fl
     if rise <= TREND_SIGMAS * noise or max(steps) >= TREND_SPREAD * rise:
         return 0.0
     return rise / (end - start - part_s)
+
+
+def outruns(counted: float, demand: float) -> bool:
+    """Whether a count of ``counted`` arrivals per second over ``sizing.ARRIVALS_WINDOW_S`` says the load is
+    rising past its smoothed estimate ``demand``: above it by ``MIN_GAIN`` and by ``RISE_SIGMAS`` standard
+    deviations of such a count's Poisson noise. At a light load the noise is most of the count (0.1
+    requests/s: two arrivals in 20 s, give or take 1.4), and the 10% alone read a third of the counts as a
+    rise: a fleet with free GPUs held one small replica through a whole light phase and into the heavy one
+    after it (bench_load's alternating run on 16 cores), waiting for an estimate to catch up with noise."""
+    noise = math.sqrt(max(demand, 0.0) / ARRIVALS_WINDOW_S)
+    return counted > (1 + MIN_GAIN) * demand + RISE_SIGMAS * noise
 
 
 def by_queue(members: Sequence[PoolDemand], current: Mapping[str, int], ranks: float) -> dict[str, int]:
@@ -855,7 +870,7 @@ class CostAwarePolicy:
             return target
         if held:
             return current
-        if self.observed.get(model, 0.0) > (1 + MIN_GAIN) * arrivals:
+        if outruns(self.observed.get(model, 0.0), arrivals):
             # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
             # judged on it is made for a load already gone by (64 GPUs turned to fewer, faster replicas at
             # the start of a rise swapped back through start-ups a minute later). It waits for the estimate

@@ -27,6 +27,7 @@ from rayxdit.serve.layouts import (
     layouts,
     least_lost,
     mean_service,
+    outruns,
     requests_lost,
     response_time,
     serves_more,
@@ -216,6 +217,33 @@ def test_a_change_for_latency_waits_while_a_rising_load_outruns_its_smoothed_est
     for tick in range(1, 61):
         assert policy(pools((2, 1, 0), arrivals=0.6), budget=8, now=2.0 * tick) == mixed, tick
     assert policy.demand["flux"] == pytest.approx(0.6, abs=0.01)  # caught up: judged at 0.6/s from here
+
+
+def test_a_light_loads_count_noise_is_not_a_rise_that_holds_a_change_for_latency():
+    """One 2-GPU replica on a node, 0.1 requests/s: one arrival counted in the first 20 s, then counts of two
+    and three arrivals per 20 s window. The count is 0.1-0.15/s against an estimate starting at 0.05/s and
+    climbing with its 20 s constant: 10% above it every tick for 16 s, but within one Poisson deviation of a
+    20 s count (three arrivals where one to two were expected), so the faster replica starts at the first
+    whole window. Sabotage check: with the 10% alone (the rule before) it starts 16 s later; on bench_load's
+    16-core alternating run that rule held the one replica through the whole 80 s light phase."""
+    assert not outruns(0.15, 0.1)  # three arrivals in 20 s where two were expected: noise
+    assert outruns(0.25, 0.1)  # five: a rise
+    assert outruns(0.6, 0.34)  # 12 where 6.8 were expected (the rise of the test above)
+    policy = CostAwarePolicy(peak_window_s=0)
+    alone = {"p2": 1, "p4": 0, "p8": 0}
+    for tick in range(1, 10):  # the first window, counted in part
+        young = [
+            dataclasses.replace(pool, arrivals_counted_s=2.0 * tick)
+            for pool in pools((1, 0, 0), arrivals=0.05)
+        ]
+        assert policy(young, budget=8, now=2.0 * tick) == alone
+    changed_at = None
+    for tick in range(10, 40):
+        layout = policy(pools((1, 0, 0), arrivals=(0.1, 0.15)[tick % 2]), budget=8, now=2.0 * tick)
+        if layout != alone:
+            changed_at = 2.0 * tick
+            break
+    assert changed_at == 20.0 and layout["p4"] + layout["p8"] >= 1, (changed_at, layout)
 
 
 def fleet(
