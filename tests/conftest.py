@@ -1,5 +1,4 @@
 import atexit
-import contextlib
 import os
 import shutil
 import sys
@@ -37,11 +36,11 @@ def no_ray_left_behind():
     if not ray.is_initialized():
         return
     if "ray.serve" in sys.modules:
-        from ray import serve
+        from tests.helpers import leave_ray_with_serve
 
-        with contextlib.suppress(Exception):  # this process's handles: left running, they start Ray again
-            serve.shutdown()
-    ray.shutdown()
+        leave_ray_with_serve()
+    else:
+        ray.shutdown()
 
 
 _EXIT_STATUS: list[int] = []

@@ -98,6 +98,22 @@ def start_ray_head(temp_dir: str, gcs_port: int, env: dict[str, str], *options: 
     )
 
 
+def leave_ray_with_serve() -> None:
+    """This process out of its Ray instance and the Serve application on it, without Serve's graceful
+    shutdown: the instance goes whole, replicas and all (``serve.shutdown()`` waits for every replica to
+    drain: 5 to 9 s at a test module's end). This process's Serve handles are shut down first: left
+    running, they would start Ray again."""
+    import ray
+    from ray.serve import context
+
+    client = context._global_client  # set by serve.start/run in this process, else None
+    if client is not None:
+        with contextlib.suppress(Exception):  # a handle of an instance already gone
+            client.shutdown_cached_handles()
+    context._disconnect()
+    ray.shutdown()
+
+
 def stop_ray_cluster(gcs_port: int, timeout_s: float = 30) -> None:
     """Stop the Ray cluster whose GCS listens on ``gcs_port``, and only it: its GCS, every process started
     against it (raylets of every node, dashboards, monitors) and all of their descendants (agents,

@@ -31,7 +31,7 @@ from ray.util.state import list_actors
 from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.serve.app import APP_NAME
 from rayxdit.serve.app import deploy as deploy_config
-from tests.helpers import free_port
+from tests.helpers import free_port, leave_ray_with_serve
 from tests.lora_files import lora_source
 
 pytestmark = pytest.mark.slow
@@ -76,8 +76,7 @@ def url():
         deploy(95, 5)
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        leave_ray_with_serve()
 
 
 def generate(url: str, body: dict) -> tuple[int, dict]:

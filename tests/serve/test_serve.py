@@ -36,6 +36,7 @@ from tests.helpers import (
     FAST_SERVE_METRICS,
     cap_address_space,
     free_port,
+    leave_ray_with_serve,
     left_half_mask,
     random_png,
     redis_server,
@@ -182,8 +183,7 @@ def url():
             serve.run(build_app(CONFIG), name=APP_NAME, route_prefix="/")
             yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()  # also this process's Serve handles: left running, they would start Ray again
-        ray.shutdown()
+        leave_ray_with_serve()
 
 
 @pytest.fixture(scope="module")
