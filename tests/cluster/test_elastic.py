@@ -264,14 +264,20 @@ def test_the_elastic_policy_moves_gpus_with_the_load_and_nodes_follow(cluster):
 
     seen = {"pending": False, "max_gpu_nodes": 0, "replicas": set()}
     stop = threading.Event()
+    began = time.monotonic()
+    # (s since the load began, 2-GPU and 8-GPU replicas running, GPU nodes, a placement group pending)
+    timeline: list[tuple[float, int, int, int, bool]] = []
 
     def watch():
         while not stop.is_set():
-            seen["max_gpu_nodes"] = max(seen["max_gpu_nodes"], gpu_nodes())
-            seen["pending"] |= any(
-                pg["state"] == "PENDING" for pg in ray.util.placement_group_table().values()
-            )
-            seen["replicas"].add((running_replicas("flux-dev-2gpu"), running_replicas("flux-dev-8gpu")))
+            nodes = gpu_nodes()
+            seen["max_gpu_nodes"] = max(seen["max_gpu_nodes"], nodes)
+            pending = any(pg["state"] == "PENDING" for pg in ray.util.placement_group_table().values())
+            seen["pending"] |= pending
+            replicas = (running_replicas("flux-dev-2gpu"), running_replicas("flux-dev-8gpu"))
+            seen["replicas"].add(replicas)
+            if not timeline or timeline[-1][1:] != (*replicas, nodes, pending):
+                timeline.append((round(time.monotonic() - began, 1), *replicas, nodes, pending))
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -287,6 +293,12 @@ def test_the_elastic_policy_moves_gpus_with_the_load_and_nodes_follow(cluster):
     finally:
         stop.set()
         watcher.join()
+        # Where the time went (the policy acts on whole 20 s counts of a closed-loop load, the autoscaler on
+        # pending placement groups): printed, as pytest shows a failed test's output.
+        print(
+            f"{len(results)} requests in {time.monotonic() - began:.0f} s; (s, 2-GPU, 8-GPU, GPU nodes, pending):"
+        )
+        print(timeline)
     lost = [detail for kind, detail in results if kind == "lost"]
     assert not lost, f"{len(lost)} of {len(results)} requests lost: {lost[:3]}"
     assert ("ok", "flux-dev-8gpu") in results, "the 8-GPU pool never served a request"
@@ -295,7 +307,9 @@ def test_the_elastic_policy_moves_gpus_with_the_load_and_nodes_follow(cluster):
     assert any(small + big > 1 for small, big in seen["replicas"]), seen["replicas"]
 
     # Load stops: the policy returns the GPUs, then the idle node goes back.
+    stopped = time.monotonic()
     wait_for(lambda: running_replicas("flux-dev-8gpu") == 0, "the 8-GPU pool to scale back to zero")
     wait_for(lambda: gpu_nodes() == 1, "the idle 8-GPU node to be released", explain=what_holds_gpu_nodes)
     wait_for(lambda: running_replicas("flux-dev-2gpu") == 1, "the 2-GPU pool to return to its minimum")
+    print(f"back to one 2-GPU replica on one node {time.monotonic() - stopped:.0f} s after the load stopped")
     assert outcome(mixed_request(0))[0] == "ok"
