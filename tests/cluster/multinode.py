@@ -28,7 +28,7 @@ from ray.util.state import list_actors
 
 from rayxdit.config import PoolConfig, ServeConfig
 from rayxdit.serve.app import APP_NAME, build_app
-from tests.helpers import free_port, stop_ray_cluster
+from tests.helpers import free_port, leave_ray_with_serve, stop_ray_cluster
 
 STARTS = 2
 """Tries at starting the cluster. A raylet that has not registered with the GCS 30 s after it started fails
@@ -131,7 +131,7 @@ def stop(cluster: Cluster) -> None:
     """The whole cluster, also a node whose start failed: no graceful Serve shutdown first (it waits on every
     replica)."""
     gcs_port = int(cluster.address.rsplit(":", 1)[1])
-    ray.shutdown()
+    leave_ray_with_serve()
     cluster.shutdown()
     stop_ray_cluster(gcs_port)
 

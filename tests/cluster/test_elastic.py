@@ -38,6 +38,7 @@ from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
 from tests.helpers import (
     FAST_SERVE_METRICS,
     free_port,
+    leave_ray_with_serve,
     private_ray_temp_dir,
     start_ray_head,
     stop_ray_cluster,
@@ -212,7 +213,7 @@ def cluster(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
         yield f"http://127.0.0.1:{http_port}"
     finally:  # the whole cluster goes: no graceful Serve shutdown first (it waits on every replica)
-        ray.shutdown()
+        leave_ray_with_serve()
         stop_ray_cluster(port)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
