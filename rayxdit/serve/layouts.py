@@ -374,6 +374,16 @@ def transition(
     return staying, startup, added_ranks <= free_ranks
 
 
+def only_adds(
+    current: Mapping[str, int], candidate: Mapping[str, int], members: Sequence[PoolDemand], free_ranks: float
+) -> bool:
+    """Whether a change from ``current`` to ``candidate`` removes no replica and starts its new ones in free
+    ranks (beside those in place, which serve meanwhile)."""
+    if any(candidate.get(name, 0) < count for name, count in current.items()):
+        return False
+    return transition(current, candidate, members, free_ranks)[2]
+
+
 def transition_cost(
     current: Mapping[str, int],
     target: Mapping[str, int],
@@ -874,8 +884,20 @@ class CostAwarePolicy:
             # A rising load: the smoothed demand lags the last count (RISE_S), and a change for latency
             # judged on it is made for a load already gone by (64 GPUs turned to fewer, faster replicas at
             # the start of a rise swapped back through start-ups a minute later). It waits for the estimate
-            # to catch up; a rise the layout cannot carry is met above, as an overload.
-            return current
+            # to catch up; a rise the layout cannot carry is met above, as an overload. Only replicas added
+            # in free GPUs beside those in place are not held: they take nothing away, and a rise is what
+            # they serve (a closed-loop population, a batch of N clients, raises its count with each
+            # replica added and held the next one back ~45 s per step).
+            def adds_only(candidate: Mapping[str, int]) -> bool:
+                return only_adds(current, candidate, members, free_ranks)
+
+            candidates = [candidate for candidate in candidates if adds_only(candidate)]
+            if not candidates:
+                return current
+            if not adds_only(target):
+                target = best_layout(members, seconds, arrivals, ranks, peak, adds_only, candidates=candidates)
+            if target == current or not adds_only(target):
+                return current
         # Steps too must carry the window's peak (the most capacity where nothing does).
         move, net = best_move(
             current,

@@ -219,6 +219,38 @@ def test_a_change_for_latency_waits_while_a_rising_load_outruns_its_smoothed_est
     assert policy.demand["flux"] == pytest.approx(0.6, abs=0.01)  # caught up: judged at 0.6/s from here
 
 
+def test_replicas_added_in_free_gpus_beside_those_in_place_are_not_held_by_a_rise():
+    """Two 2-GPU replicas with the budget's other 20 GPUs free, and 8-GPU replicas slower per request than
+    they are (tiny-flux's 8 ranks on 2 CPU cores): at 0.2/s the two carry the load alone; the load steps to
+    0.9/s, beyond their capacity of 0.8/s. The 8-GPU replicas start beside them on the first tick where the
+    smoothed estimate makes them pay (8 s in), though the count still outruns it: nothing is taken away while
+    they start. Sabotage check: holding every change while the count outruns the estimate (the rule before)
+    starts them 20 s in; the elastic cluster test's closed-loop load (4 clients, whose count rises with each
+    replica added) waited ~45 s for them that way."""
+    seconds = {**SECONDS, "p8": 6.0}
+
+    def fleet_of(layout: dict[str, int], arrivals: float) -> list[PoolDemand]:
+        return [
+            dataclasses.replace(pool, seconds_per_cost=seconds[pool.spec.name], max_replicas=2)
+            for pool in pools((layout["p2"], 0, layout["p8"]), arrivals=arrivals)
+            if pool.spec.name != "p4"
+        ]
+
+    policy = CostAwarePolicy(peak_window_s=0)
+    layout = policy(fleet_of({"p2": 2, "p8": 0}, 0.2), budget=24, now=0.0)
+    for tick in range(1, 200):  # past the dwell
+        layout = policy(fleet_of(layout, 0.2), budget=24, now=2.0 * tick)
+    assert layout == {"p2": 2, "p8": 0}
+    step = 400.0
+    for tick in range(0, 30):
+        now = step + 2.0 * tick
+        changed = policy(fleet_of(layout, 0.9), budget=24, now=now)
+        if changed != layout:
+            break
+    assert outruns(0.9, policy.demand["flux"]), "the count still ran ahead of the estimate"
+    assert changed == {"p2": 2, "p8": 2} and now - step <= 10.0, (now - step, changed)
+
+
 def test_a_light_loads_count_noise_is_not_a_rise_that_holds_a_change_for_latency():
     """One 2-GPU replica on a node, 0.1 requests/s: one arrival counted in the first 20 s, then counts of two
     and three arrivals per 20 s window. The count is 0.1-0.15/s against an estimate starting at 0.05/s and
