@@ -895,7 +895,9 @@ class CostAwarePolicy:
             if not candidates:
                 return current
             if not adds_only(target):
-                target = best_layout(members, seconds, arrivals, ranks, peak, adds_only, candidates=candidates)
+                target = best_layout(
+                    members, seconds, arrivals, ranks, peak, adds_only, candidates=candidates
+                )
             if target == current or not adds_only(target):
                 return current
         # Steps too must carry the window's peak (the most capacity where nothing does).
