@@ -89,7 +89,7 @@ def test_a_server_whose_ranks_are_gone_exits_after_its_idle_window_so_its_node_c
         asking.close()
         for _, mine in pairs:  # sent: the server and the child hold them now
             mine.close()
-        time.sleep(7)  # past the window (the server looks every 5 s): the rank actor still holds its watch
+        time.sleep(4)  # past the window (the server looks every 1 s): the rank actor still holds its watch
         assert server.poll() is None, "the server left while a rank of its node lived"
         pairs[-1][0].close()  # the rank actor goes
         assert server.wait(timeout=30) == 0
