@@ -36,7 +36,9 @@ A *layout* is a replica count per pool. For each model it is judged on the deman
   that a further step on the way to the layout the last step was heading for waits only for that step's
   replicas (one start-up); and
   while the last count runs ``MIN_GAIN`` and ``RISE_SIGMAS`` of its noise above the smoothed demand (a rise,
-  :func:`outruns`), no change is made for latency: it would be judged on a load already gone by.
+  :func:`outruns`), no change is made for latency: it would be judged on a load already gone by; except
+  replicas added in free ranks beside those in place, removing none (:func:`only_adds`): they take nothing
+  away, and a closed-loop population's count rises with each one added.
 - **The busiest demand of the last hour** (``PEAK_WINDOW_S``) bounds the layouts: each must carry it (the
   most capacity where none does), so that a load that fell and comes back finds its capacity in place, not
   a start-up away; and a layout that cannot carry the demand is replaced by one that carries
