@@ -91,13 +91,14 @@ def start_local_serve() -> str:
     """A local Ray instance (no dashboard) and Serve's HTTP proxy on a free loopback port: its URL."""
     import socket
 
-    import ray
     from ray import serve
+
+    from rayxdit.runtime.ray_start import init_ray
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(include_dashboard=False, logging_level="warning")
+    init_ray(include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     return f"http://127.0.0.1:{port}"
 

@@ -259,13 +259,14 @@ def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[s
     import ray
     from ray import serve
 
+    from rayxdit.runtime.ray_start import init_ray
     from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
 
     config, _ = load_serve_file(args.config)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_gpus=args.logical_gpus, include_dashboard=False, logging_level="warning")
+    init_ray(num_gpus=args.logical_gpus, include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     url = f"http://127.0.0.1:{port}"
     results = []

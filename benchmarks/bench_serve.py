@@ -270,6 +270,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     from ray import serve
 
     from rayxdit.config import ServeConfig
+    from rayxdit.runtime.ray_start import init_ray
     from rayxdit.runtime.telemetry import sample_gpu
     from rayxdit.serve.app import APP_NAME, build_app
 
@@ -279,7 +280,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     metrics_port = free_port()
     if restarts:  # Serve's actors record no task events unless asked (read by its controller at import)
         os.environ["RAY_SERVE_ENABLE_TASK_EVENTS"] = "1"
-    ray.init(
+    init_ray(
         include_dashboard=bool(restarts),  # the restarts read Ray's task events through its state API
         logging_level="warning",
         runtime_env={"env_vars": env} if args.runtime_env else None,

@@ -384,6 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from rayxdit.runtime.executor import forwarded_env
     from rayxdit.runtime.ray_executor import check_placeable
+    from rayxdit.runtime.ray_start import init_ray
     from rayxdit.serve.app import APP_NAME, default_config, deploy, load_serve_file
 
     if args.config is not None and not args.config.is_file():
@@ -415,7 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
     if started_here:
         os.environ.update(serve_env)
     runtime_env = None if started_here else {"env_vars": env}
-    ray.init(address=args.address, logging_level="warning", runtime_env=runtime_env, **metrics)
+    init_ray(address=args.address, logging_level="warning", runtime_env=runtime_env, **metrics)
     # systemd, docker and Kubernetes stop a service with SIGTERM: stop as Ctrl-C does (this replaces the
     # crash report ray.init installs for it).
     signal.signal(signal.SIGTERM, _interrupt)

@@ -21,6 +21,7 @@ from rayxdit.request import GenerateRequest, RequestError
 from rayxdit.runtime.executor import GroupError
 from rayxdit.runtime.placement import group_bundles
 from rayxdit.runtime.ray_executor import RayExecutor
+from rayxdit.runtime.ray_start import init_ray
 from tests.helpers import cap_address_space
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ REQUEST = GenerateRequest(prompt="a green bird", height=36, width=36, steps=3, s
 
 @pytest.fixture(scope="module")
 def group():
-    ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, logging_level="warning")
+    init_ray(num_cpus=4, num_gpus=8, include_dashboard=False, logging_level="warning")
     pg = placement_group(group_bundles(POOL), strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=60)
     group = RayExecutor.for_group(POOL, placement_group=pg, name="test")

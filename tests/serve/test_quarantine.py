@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from rayxdit.config import QuarantineConfig
+from rayxdit.runtime.ray_start import init_ray
 from rayxdit.serve.durable import ClusterJournal, MemoryJournal
 from rayxdit.serve.quarantine import Failure, QuarantineBook, fatal_gpu_faults, should_quarantine
 
@@ -72,7 +73,7 @@ def test_the_book_quarantines_once_and_returning_forgets_the_failures():
 
 
 def test_records_outlive_the_state_in_the_clusters_gcs():
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
+    init_ray(num_cpus=1, include_dashboard=False, logging_level="error")
     try:
         config = QuarantineConfig(failures=1)
         book = QuarantineBook(config, ClusterJournal("q-test"))

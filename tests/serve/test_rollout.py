@@ -23,12 +23,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import ray
 import requests
 from ray import serve
 from ray.util.state import list_actors
 
 from rayxdit.config import PoolConfig, ServeConfig
+from rayxdit.runtime.ray_start import init_ray
 from rayxdit.serve.app import APP_NAME
 from rayxdit.serve.app import deploy as deploy_config
 from tests.helpers import free_port, leave_ray_with_serve
@@ -69,7 +69,7 @@ def deploy(v1_weight: float | None, v2_weight: float, v2_replicas: int = 1) -> N
 
 @pytest.fixture(scope="module")
 def url():
-    ray.init(num_cpus=8, num_gpus=2, logging_level="warning")
+    init_ray(num_cpus=8, num_gpus=2, logging_level="warning")
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

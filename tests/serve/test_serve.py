@@ -30,6 +30,7 @@ from rayxdit.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, 
 from rayxdit.engine import Engine
 from rayxdit.parallel.mesh import ParallelState
 from rayxdit.request import ControlInput, GenerateRequest
+from rayxdit.runtime.ray_start import init_ray
 from rayxdit.serve.app import APP_NAME, build_app
 from rayxdit.serve.tenants import ANONYMOUS
 from tests.helpers import (
@@ -167,7 +168,7 @@ def url():
     with pytest.MonkeyPatch.context() as patch:
         for name, value in FAST_SERVE_METRICS.items():
             patch.setenv(name, value)
-        ray.init(
+        init_ray(
             num_cpus=32,
             num_gpus=24,
             include_dashboard=False,
