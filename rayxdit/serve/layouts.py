@@ -890,17 +890,12 @@ class CostAwarePolicy:
             # in free GPUs beside those in place are not held: they take nothing away, and a rise is what
             # they serve (a closed-loop population, a batch of N clients, raises its count with each
             # replica added and held the next one back ~45 s per step).
-            def adds_only(candidate: Mapping[str, int]) -> bool:
-                return only_adds(current, candidate, members, free_ranks)
-
-            candidates = [candidate for candidate in candidates if adds_only(candidate)]
-            if not candidates:
-                return current
-            if not adds_only(target):
-                target = best_layout(
-                    members, seconds, arrivals, ranks, peak, adds_only, candidates=candidates
-                )
-            if target == current or not adds_only(target):
+            candidates = [c for c in candidates if only_adds(current, c, members, free_ranks)]
+            if target not in candidates:
+                if not candidates:
+                    return current
+                target = best_layout(members, seconds, arrivals, ranks, peak, candidates=candidates)
+            if target == current:
                 return current
         # Steps too must carry the window's peak (the most capacity where nothing does).
         move, net = best_move(
