@@ -56,7 +56,7 @@ def test_a_node_drained_on_notice_loses_no_request_and_its_replica_moves_first(c
     assert cluster.replica_nodes(POOL.name) == ["A", "B"]
     serving: list[tuple[float, int]] = []  # seconds after the notice, replicas taking traffic
     with Load(cluster.url, tag="spot").running() as load:
-        time.sleep(5)
+        time.sleep(3)
         notice = time.monotonic()
         cluster.give_notice("B", NOTICE_S)
         while time.monotonic() < notice + NOTICE_S:
@@ -64,7 +64,7 @@ def test_a_node_drained_on_notice_loses_no_request_and_its_replica_moves_first(c
             time.sleep(0.5)
         cluster.cluster.remove_node(cluster.nodes["B"], allow_graceful=False)  # preempted at the deadline
         killed = time.monotonic()
-        time.sleep(5)
+        time.sleep(3)
 
     answers = load.answers
     print(f"{len(answers)} requests, {sum(notice <= b < killed for b, *_ in answers)} sent during the notice")

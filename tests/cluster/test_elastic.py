@@ -57,7 +57,7 @@ def fake_cluster_config(cloud: dict, gcs_address: str) -> dict:
         "cluster_name": "rayxdit-elastic-test",
         "max_workers": cloud["max_workers"],
         "upscaling_speed": cloud["upscaling_speed"],
-        "idle_timeout_minutes": 0.1,
+        "idle_timeout_minutes": 0.05,
         "provider": {
             "type": "external",
             "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
@@ -196,10 +196,10 @@ def cluster(tmp_path_factory):
         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        # Each node's fork server (a leased worker: its node busy) leaves 5 s after its last rank (production:
+        # Each node's fork server (a leased worker: its node busy) leaves 2 s after its last rank (production:
         # 60 s), so the idle node goes within the test's time (the fork servers are named by whole node ids:
         # each fake node has its own, as real nodes do).
-        "RAYXDIT_FORK_SERVER_IDLE_S": "5",
+        "RAYXDIT_FORK_SERVER_IDLE_S": "2",
         **FAST_SERVE_METRICS,
         "TRANSFORMERS_VERBOSITY": "error",
     }

@@ -123,7 +123,7 @@ def test_a_node_failing_every_request_leaves_service_loses_nothing_and_comes_bac
     stop_failing, killed = threading.Event(), []
     failing = threading.Thread(target=failing_gpus, args=(cluster.nodes["B"], stop_failing, killed))
     with Load(cluster.url, tag="quarantine").running() as load:
-        time.sleep(4)
+        time.sleep(2)
         began = time.monotonic()
         failing.start()
         try:
@@ -134,7 +134,7 @@ def test_a_node_failing_every_request_leaves_service_loses_nothing_and_comes_bac
             assert moved, cluster.replica_nodes(POOL.name)
             # The state's gauges (its counters may have gone with its process: the drain moved it if on B).
             gauges_while_out = wait_for(lambda: quarantine_gauges(cluster, b), 30)
-            time.sleep(3)
+            time.sleep(2)
         finally:
             stop_failing.set()
             failing.join()
@@ -160,7 +160,7 @@ def test_a_node_failing_every_request_leaves_service_loses_nothing_and_comes_bac
         cluster.cluster.remove_node(cluster.nodes.pop("C"), allow_graceful=False)
         back = wait_for(lambda: cluster.replica_nodes(POOL.name) == ["A", "B"], 120)
         assert back, cluster.replica_nodes(POOL.name)
-        time.sleep(4)
+        time.sleep(2)
 
     record = listed[0]
     print(

@@ -162,7 +162,7 @@ def test_a_canary_then_a_full_rollout_under_load_fails_no_request(url):
     with Load(url) as load:
         time.sleep(3)
         deploy(50, 50)  # a new weight: no pool replica restarts
-        time.sleep(5)
+        time.sleep(3)
         assert replica_actors() == before
         shares_at_half = Counter(version for _, version, _ in load.answers[-30:])
         deploy(0, 100)  # version 1 takes no more requests
@@ -176,7 +176,7 @@ def test_a_canary_then_a_full_rollout_under_load_fails_no_request(url):
             replica_actors()["fox-v1"] or len(replica_actors()["fox-v2"]) < 2
         ):
             time.sleep(1)
-        time.sleep(5)
+        time.sleep(3)
     after = replica_actors()
     failed = [answer for answer in load.answers if answer[0] != 200]
     print(
