@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayxdit.runtime.executor import forwarded_env
     from rayxdit.runtime.placement import never_placeable_here
     from rayxdit.runtime.ray_executor import check_placeable
+    from rayxdit.runtime.ray_start import init_ray
 
     try:
         group, card = group_and_card(args)
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         # A Ray started here inherits this environment (a runtime_env would start every worker through Ray's
         # agent, a slower start: see `rayxdit serve`); a cluster's job gets the variables its ranks need.
         runtime_env = None if started_here else {"env_vars": forwarded_env()}
-        ray.init(address=args.address, logging_level="warning", runtime_env=runtime_env)
+        # A local start is tried again once where Ray's raylet never registered (`init_ray`).
+        init_ray(address=args.address, logging_level="warning", runtime_env=runtime_env)
         if args.accelerator is None and ray.cluster_resources().get("GPU", 0) < group.ranks:
             group = group.updated(accelerator="cpu", cpus_per_rank=args.cpus_per_rank or CPU_RANK_CPUS)
         warning = check_placeable(group, started_here=started_here)
