@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +88,9 @@ def poisson_arrivals(call, rate: float, seconds: float, seed: int) -> list:
         return [future.result() for future in futures]
 
 
-def start_local_serve() -> str:
-    """A local Ray instance (no dashboard) and Serve's HTTP proxy on a free loopback port: its URL."""
+def start_local_serve(**ray_options: Any) -> str:
+    """A local Ray instance (no dashboard; ``ray_options`` more of ``ray.init``'s arguments) and Serve's HTTP
+    proxy on a free loopback port: its URL."""
     import socket
 
     from ray import serve
@@ -98,7 +100,7 @@ def start_local_serve() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    init_ray(include_dashboard=False, logging_level="warning")
+    init_ray(include_dashboard=False, logging_level="warning", **ray_options)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     return f"http://127.0.0.1:{port}"
 

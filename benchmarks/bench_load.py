@@ -254,21 +254,14 @@ def static_layout(config, layout: str):
 
 def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[str, Any]]:
     """Deploy ``--config`` on a local Ray instance, elastic then static; a record for each."""
-    import socket
-
     import ray
     from ray import serve
 
-    from rayxdit.runtime.ray_start import init_ray
+    from benchmarks import start_local_serve
     from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
 
     config, _ = load_serve_file(args.config)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    init_ray(num_gpus=args.logical_gpus, include_dashboard=False, logging_level="warning")
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
+    url = start_local_serve(num_gpus=args.logical_gpus)
     results = []
     variants = [("elastic", config)]
     if args.static_layout:
