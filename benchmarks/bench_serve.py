@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         "`rayxdit serve` starting its own Ray): Ray then starts every worker (replicas, ranks) through its "
         "runtime-environment agent",
     )
+    parser.add_argument(
+        "--no-worker-preload",
+        dest="worker_preload",
+        action="store_false",
+        help="Ray's workers import nothing ahead (by default they import Serve's replica module and ours as "
+        "they start, as in a Ray that `rayxdit serve` starts: config.SERVING_WORKER_PRELOAD)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_split_s": {k: median[k] for k in ("encode_s", "denoise_s", "decode_s")},
         "peak_memory_gib": median.get("peak_memory_gib"),
         "phases": phases,
+        "worker_preload": args.worker_preload,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": device_name(),
         "versions": versions(),
@@ -269,7 +277,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     import ray
     from ray import serve
 
-    from rayxdit.config import ServeConfig
+    from rayxdit.config import ServeConfig, worker_preload_env
     from rayxdit.runtime.ray_start import init_ray
     from rayxdit.runtime.telemetry import sample_gpu
     from rayxdit.serve.app import APP_NAME, build_app
@@ -280,6 +288,10 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     metrics_port = free_port()
     if restarts:  # Serve's actors record no task events unless asked (read by its controller at import)
         os.environ["RAY_SERVE_ENABLE_TASK_EVENTS"] = "1"
+    if args.worker_preload:  # as `rayxdit serve` starting its own Ray
+        os.environ.update(worker_preload_env())
+    else:
+        os.environ.pop("RAY_preload_python_modules", None)
     init_ray(
         include_dashboard=bool(restarts),  # the restarts read Ray's task events through its state API
         logging_level="warning",

@@ -503,6 +503,24 @@ wait for the GPUs of the replicas it removes, so a ``downscale_delay_s`` of 300 
 before 2026-12-06) would keep a burst's 2-GPU replicas waiting 300 s behind it, and 30 s cost a simulated
 64-GPU fleet 0.6-1.0 points of a burst run's goodput (``benchmarks/simulate_fleet.py``)."""
 
+SERVING_WORKER_PRELOAD = ("ray.serve._private.replica", "rayxdit.serve.pool")
+"""What every Ray worker process of a node serving rayxdit imports as it starts, before Ray gives it an actor
+(Ray's ``preload_python_modules``; see :func:`worker_preload_env`): Serve's replica actor and the pool
+replica's module, which imports the rank actors' too. A pool replica's actor then runs its constructor as
+soon as it is given an idle worker, and so do its rank actors: on an H100 host (2026-12-07), from Serve's
+creation of a restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s without, the actor's own
+start (its worker running to Serve's replica ready) 0.3 s against 2.3 s, its rank actor's 0.1-0.2 s against
+0.7-1.1 s (``benchmarks/results/serve-restart-preload-*``). A worker Ray starts for an actor when none is
+idle pays the import there instead (on two CPU cores, a replica's ready 0.2 s later)."""
+
+
+def worker_preload_env() -> dict[str, str]:
+    """The environment of a node's ``ray start`` (or of a process starting its own Ray) that makes its workers
+    import :data:`SERVING_WORKER_PRELOAD` as they start; a value already set wins (an empty one: none)."""
+    name = "RAY_preload_python_modules"
+    return {name: os.environ.get(name, ",".join(SERVING_WORKER_PRELOAD))}
+
+
 RAYXDIT_DEPLOYMENT_KEYS = (
     "name",
     "placement_group_bundles",
