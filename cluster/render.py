@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from rayxdit.config import SERVING_WORKER_PRELOAD
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import monitoring
 
@@ -21,6 +23,10 @@ HERE = Path(__file__).resolve().parent
 SERVE_CONFIG = "serve_configs/flux-dev-8gpu.yaml"
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 PINNED = '"torch==2.11.0" "ray[serve,data]==2.60.0" "diffusers==0.42.1" "transformers==5.17.0"'
+PRELOAD_ENV = {"RAY_preload_python_modules": ",".join(SERVING_WORKER_PRELOAD)}
+"""Every node's Ray workers import Serve's replica module and rayxdit's pool as they start: a replica (and its
+rank actors) started in an idle worker runs at once (rayxdit.config.SERVING_WORKER_PRELOAD)."""
+PRELOAD = " ".join(f"{name}={value}" for name, value in PRELOAD_ENV.items())
 GPU_WORKER = "gpu8"
 """Every GPU worker type is one 8-GPU machine: pools of 2, 4 and 8 GPUs pack onto it with STRICT_PACK."""
 
@@ -152,13 +158,13 @@ def render(name: str) -> dict:
         "worker_setup_commands": [],
         "head_start_ray_commands": [
             "ray stop",
-            "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 "
+            f"ulimit -n 65536; {PRELOAD} ray start --head --port=6379 --object-manager-port=8076 "
             f"--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0 {METRICS_FLAG}",
             f"serve deploy ~/rayxdit/{SERVE_CONFIG}",
         ],
         "worker_start_ray_commands": [
             "ray stop",
-            f"ulimit -n 65536; ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076 {METRICS_FLAG}",
+            f"ulimit -n 65536; {PRELOAD} ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076 {METRICS_FLAG}",
         ],
     }
 
@@ -216,6 +222,7 @@ def render_rayservice() -> dict:
                                 {
                                     "name": "ray-head",
                                     "image": KUBERAY_IMAGE,
+                                    "env": [{"name": k, "value": v} for k, v in PRELOAD_ENV.items()],
                                     "ports": ports,
                                     "readinessProbe": READINESS_PROBE,
                                     "resources": {
@@ -240,6 +247,7 @@ def render_rayservice() -> dict:
                                     {
                                         "name": "ray-worker",
                                         "image": KUBERAY_IMAGE,
+                                        "env": [{"name": k, "value": v} for k, v in PRELOAD_ENV.items()],
                                         "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
                                         "readinessProbe": READINESS_PROBE,
                                         "resources": {

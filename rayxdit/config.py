@@ -510,7 +510,7 @@ replica's module, which imports the rank actors' too. A pool replica's actor the
 soon as it is given an idle worker, and so do its rank actors: on an H100 host (2026-12-07), from Serve's
 creation of a restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s without, the actor's own
 start (its worker running to Serve's replica ready) 0.3 s against 2.3 s, its rank actor's 0.1-0.2 s against
-0.7-1.1 s (``benchmarks/results/serve-restart-preload-*``). A worker Ray starts for an actor when none is
+0.7-1.1 s (``benchmarks/results/serve-restart-workerpreload-*``). A worker Ray starts for an actor when none is
 idle pays the import there instead (on two CPU cores, a replica's ready 0.2 s later)."""
 
 

@@ -147,7 +147,9 @@ names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"]
 rank = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
 own = ray.get(rank.__ray_call__.remote(lambda self: ray.get_runtime_context().runtime_env))
 seen = ray.get(rank.environment.remote(["HF_TOKEN"]))["HF_TOKEN"]  # in the rank's own process
-print(json.dumps([own, seen]))
+# What the rank actor's worker imported before it was given the actor (the actor itself imports neither).
+preloaded = ray.get(rank.__ray_call__.remote(lambda self: sorted(set(sys.modules) & {"ray.serve._private.replica"})))
+print(json.dumps([own, seen, preloaded]))
 """
 
 
@@ -156,7 +158,8 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
     """README's first command: `rayxdit serve` with no config (local Ray, tiny-flux on CPU). A gated
     model's HF_TOKEN set for it reaches the ranks' processes, and no actor gets a runtime environment for it
     (the Ray started here inherits it: a runtime_env would have Ray start every replica's and rank's worker
-    through its agent, a slower start)."""
+    through its agent, a slower start). Its Ray's workers import Serve's replica module as they start
+    (config.SERVING_WORKER_PRELOAD), before they are given an actor."""
     import signal
     import time
 
@@ -197,8 +200,9 @@ def test_serve_default_answers_curl_with_a_png(tmp_path):
             env={**os.environ, "RAY_AUTH_MODE": "token"},
         )
         assert probe.returncode == 0, probe.stderr[-2000:]
-        own, seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        own, seen, preloaded = json.loads(probe.stdout.strip().splitlines()[-1])
         assert seen == "hf_rayxdit_test_token"
+        assert preloaded == ["ray.serve._private.replica"], "a rank actor's worker imported nothing ahead"
         assert not own.get("env_vars"), own
     finally:
         server.send_signal(signal.SIGINT)
