@@ -507,10 +507,10 @@ SERVING_WORKER_PRELOAD = ("ray.serve._private.replica", "rayxdit.serve.pool")
 """What every Ray worker process of a node serving rayxdit imports as it starts, before Ray gives it an actor
 (Ray's ``preload_python_modules``; see :func:`worker_preload_env`): Serve's replica actor and the pool
 replica's module, which imports the rank actors' too. A pool replica's actor then runs its constructor as
-soon as it is given an idle worker, and so do its rank actors: on an H100 host (2026-12-07), from Serve's
-creation of a restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s without, the actor's own
-start (its worker running to Serve's replica ready) 0.3 s against 2.3 s, its rank actor's 0.1-0.2 s against
-0.7-1.1 s (``benchmarks/results/serve-restart-workerpreload-*``). A worker Ray starts for an actor when none is
+soon as it is given an idle worker, and so do its rank actors: on two H100 hosts (2026-12-07, each arm
+order once), from Serve's creation of a restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s
+without, and 5.1-5.6 s against 6.8-7.7 s; the rank actor's start 0.1-0.2 s against 0.6-1.1 s
+(``benchmarks/results/serve-restart-workerpreload-*``). A worker Ray starts for an actor when none is
 idle pays the import there instead (on two CPU cores, a replica's ready 0.2 s later)."""
 
 
