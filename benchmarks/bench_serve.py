@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-worker-preload",
         dest="worker_preload",
         action="store_false",
-        help="Ray's workers import nothing ahead (by default they import Serve's replica module and ours as "
-        "they start, as in a Ray that `rayxdit serve` starts: config.SERVING_WORKER_PRELOAD)",
+        help="Ray's workers import nothing ahead (by default they import Serve's replica module as they start, "
+        "as in a Ray that `rayxdit serve` starts: config.SERVING_WORKER_PRELOAD)",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -24,8 +24,8 @@ SERVE_CONFIG = "serve_configs/flux-dev-8gpu.yaml"
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 PINNED = '"torch==2.11.0" "ray[serve,data]==2.60.0" "diffusers==0.42.1" "transformers==5.17.0"'
 PRELOAD_ENV = {"RAY_preload_python_modules": ",".join(SERVING_WORKER_PRELOAD)}
-"""Every node's Ray workers import Serve's replica module and rayxdit's pool as they start: a replica (and its
-rank actors) started in an idle worker runs at once (rayxdit.config.SERVING_WORKER_PRELOAD)."""
+"""Every node's Ray workers import Serve's replica module as they start: a replica started in an idle worker
+runs its constructor soon after (rayxdit.config.SERVING_WORKER_PRELOAD)."""
 PRELOAD = " ".join(f"{name}={value}" for name, value in PRELOAD_ENV.items())
 GPU_WORKER = "gpu8"
 """Every GPU worker type is one 8-GPU machine: pools of 2, 4 and 8 GPUs pack onto it with STRICT_PACK."""

@@ -503,14 +503,17 @@ wait for the GPUs of the replicas it removes, so a ``downscale_delay_s`` of 300 
 before 2026-12-06) would keep a burst's 2-GPU replicas waiting 300 s behind it, and 30 s cost a simulated
 64-GPU fleet 0.6-1.0 points of a burst run's goodput (``benchmarks/simulate_fleet.py``)."""
 
-SERVING_WORKER_PRELOAD = ("ray.serve._private.replica", "rayxdit.serve.pool")
+SERVING_WORKER_PRELOAD = ("ray.serve._private.replica",)
 """What every Ray worker process of a node serving rayxdit imports as it starts, before Ray gives it an actor
-(Ray's ``preload_python_modules``; see :func:`worker_preload_env`): Serve's replica actor and the pool
-replica's module, which imports the rank actors' too. A pool replica's actor then runs its constructor as
-soon as it is given an idle worker, and so do its rank actors: on two H100 hosts (2026-12-07, each arm
-order once), from Serve's creation of a restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s
-without, and 5.1-5.6 s against 6.8-7.7 s; the rank actor's start 0.1-0.2 s against 0.6-1.1 s
-(``benchmarks/results/serve-restart-workerpreload-*``). A worker Ray starts for an actor when none is
+(Ray's ``preload_python_modules``; see :func:`worker_preload_env`): Serve's replica actor, ~80% of what a
+pool replica's worker imported before its constructor ran (0.78-0.85 of 0.98-1.05 CPU-s on the development machine).
+A replica's actor then runs its constructor soon after it is given an idle worker: measured with rayxdit's
+pool module preloaded too, on two H100 hosts (2026-12-07, each arm order once), from Serve's creation of a
+restarted replica's actor to ready 6.4-7.5 s against 9.9-12.0 s without, and 5.1-5.6 s against 6.8-7.7 s
+(``benchmarks/results/serve-restart-workerpreload-*``). rayxdit's own modules are not preloaded: a worker
+that sat idle while rayxdit's files changed on disk (a new version put onto a running cluster, which the
+fork servers' code version is there for) would run the old code in a new replica, or a mix of old and new
+modules. Ray's modules change only with a restart of Ray. A worker Ray starts for an actor when none is
 idle pays the import there instead (on two CPU cores, a replica's ready 0.2 s later)."""
 
 
