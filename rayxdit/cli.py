@@ -355,7 +355,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to join (e.g. auto or ray://head:10001); default: start a local Ray instance",
+        help="Ray cluster to join (e.g. auto or ray://head:10001); its nodes' `ray start` should set "
+        "RAY_preload_python_modules=ray.serve._private.replica (a replica then skips importing it: 1.3-2.3 s on H100 "
+        "hosts; cluster/README.md); "
+        "default: start a local Ray instance, which gets it",
     )
     parser.add_argument(
         "--metrics-port",
