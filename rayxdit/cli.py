@@ -418,9 +418,9 @@ def _serve(args: argparse.Namespace) -> int:
     # long a replica takes to start"). A cluster joined by address gets it as one.
     if started_here:
         os.environ.update(serve_env)
-        # Its workers import Serve's replica module as they start, before any is given an actor: a replica
-        # restarted on H100 hosts was ready 1.5-4.2 s sooner (config.SERVING_WORKER_PRELOAD). A cluster's
-        # nodes get it from their `ray start` (cluster/).
+        # Its workers import Serve's replica module as they start, before any is given an actor (with the
+        # pool's module too, a replica restarted on H100 hosts was ready 1.5-4.2 s sooner; what is preloaded
+        # and why: config.SERVING_WORKER_PRELOAD). A cluster's nodes get it from their `ray start` (cluster/).
         os.environ.update(worker_preload_env())
     runtime_env = None if started_here else {"env_vars": env}
     init_ray(address=args.address, logging_level="warning", runtime_env=runtime_env, **metrics)
