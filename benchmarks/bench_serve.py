@@ -277,7 +277,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     import ray
     from ray import serve
 
-    from rayxdit.config import ServeConfig, worker_preload_env
+    from rayxdit.config import WORKER_PRELOAD_VARIABLE, ServeConfig, worker_preload_env
     from rayxdit.runtime.ray_start import init_ray
     from rayxdit.runtime.telemetry import sample_gpu
     from rayxdit.serve.app import APP_NAME, build_app
@@ -291,7 +291,7 @@ def serve_phase(pool, args: argparse.Namespace, metrics_on: bool, last: bool) ->
     if args.worker_preload:  # as `rayxdit serve` starting its own Ray
         os.environ.update(worker_preload_env())
     else:
-        os.environ.pop("RAY_preload_python_modules", None)
+        os.environ.pop(WORKER_PRELOAD_VARIABLE, None)
     init_ray(
         include_dashboard=bool(restarts),  # the restarts read Ray's task events through its state API
         logging_level="warning",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from rayxdit.config import SERVING_WORKER_PRELOAD
+from rayxdit.config import worker_preload_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import monitoring
@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 SERVE_CONFIG = "serve_configs/flux-dev-8gpu.yaml"
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 PINNED = '"torch==2.11.0" "ray[serve,data]==2.60.0" "diffusers==0.42.1" "transformers==5.17.0"'
-PRELOAD_ENV = {"RAY_preload_python_modules": ",".join(SERVING_WORKER_PRELOAD)}
+PRELOAD_ENV = worker_preload_env({})  # the shipped default, whatever this shell sets
 """Every node's Ray workers import Serve's replica module as they start: a replica started in an idle worker
 runs its constructor soon after (rayxdit.config.SERVING_WORKER_PRELOAD)."""
 PRELOAD = " ".join(f"{name}={value}" for name, value in PRELOAD_ENV.items())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -517,11 +518,15 @@ modules. Ray's modules change only with a restart of Ray. A worker Ray starts fo
 idle pays the import there instead (on two CPU cores, a replica's ready 0.2 s later)."""
 
 
-def worker_preload_env() -> dict[str, str]:
+WORKER_PRELOAD_VARIABLE = "RAY_preload_python_modules"
+"""Ray's setting of the modules its workers import as they start, read by a node's raylet at its start."""
+
+
+def worker_preload_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment of a node's ``ray start`` (or of a process starting its own Ray) that makes its workers
-    import :data:`SERVING_WORKER_PRELOAD` as they start; a value already set wins (an empty one: none)."""
-    name = "RAY_preload_python_modules"
-    return {name: os.environ.get(name, ",".join(SERVING_WORKER_PRELOAD))}
+    import :data:`SERVING_WORKER_PRELOAD` as they start; a value already set in ``environ`` wins (an empty
+    one: none)."""
+    return {WORKER_PRELOAD_VARIABLE: environ.get(WORKER_PRELOAD_VARIABLE, ",".join(SERVING_WORKER_PRELOAD))}
 
 
 RAYXDIT_DEPLOYMENT_KEYS = (
