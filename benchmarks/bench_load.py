@@ -252,6 +252,19 @@ def static_layout(config, layout: str):
     return config.model_copy(update={"pools": pools, "elastic": None})
 
 
+def with_policy_options(config, options: dict[str, Any]):
+    """``config`` with ``options`` over its elastic policy's ``policy_options``; a knob the policy does not
+    take, or a bad value, fails here with the config's error, not later in Serve's controller."""
+    from rayxdit.serve.policies import autoscaling_policy
+
+    if config.elastic is None:
+        raise SystemExit("--policy-options: the config has no elastic policy to pass them to")
+    merged = {**config.elastic.policy_options, **options}
+    autoscaling_policy(config.elastic.policy, merged)
+    elastic = config.elastic.model_copy(update={"policy_options": merged})
+    return config.model_copy(update={"elastic": elastic})
+
+
 def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[str, Any]]:
     """Deploy ``--config`` on a local Ray instance, elastic then static; a record for each."""
     import ray
@@ -261,6 +274,8 @@ def run_local(args: argparse.Namespace, workload: dict[str, Any]) -> list[dict[s
     from rayxdit.serve.app import APP_NAME, deploy, load_serve_file
 
     config, _ = load_serve_file(args.config)
+    if args.policy_options:
+        config = with_policy_options(config, args.policy_options)
     url = start_local_serve(num_gpus=args.logical_gpus)
     results = []
     variants = [("elastic", config)]
@@ -308,7 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the baseline run: this fixed layout (replicas per pool, no autoscaling) instead of per-pool "
         "autoscaling",
     )
+    parser.add_argument(
+        "--policy-options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="knobs of the elastic policy over the config's elastic.policy_options, e.g. "
+        '\'{"peak_window_s": 0, "fall_s": 15}\': a workload whose phases last minutes, not hours, with '
+        "the policy's time constants scaled to it",
+    )
     args = parser.parse_args(argv)
+    if args.url and args.policy_options:
+        parser.error("--policy-options applies to the local deployment; a running one has its config's")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         parser.error("--url must be loopback: this script generates load, it is not a remote client")
     workload = yaml.safe_load(args.workload.read_text())
@@ -325,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "workload": workload,
         "config": None if args.url else str(args.config),
+        "policy_options": args.policy_options,
         "runs": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

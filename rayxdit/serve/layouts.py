@@ -93,7 +93,7 @@ HORIZON_STARTUPS = 10.0
 DWELL_STARTUPS = 3.0
 """After a change, hold the layout this many start-ups (unless it cannot carry the demand)."""
 RISE_S, FALL_S = 20.0, 300.0
-"""Time constants of the demand estimate going up and going down."""
+"""Time constants of the demand estimate going up and going down (``CostAwarePolicy.fall_s``)."""
 IDLE_S = 60.0
 """A model with no arrival and nothing outstanding for this long has no demand: its replicas go back."""
 MIN_GAIN = 0.1
@@ -656,6 +656,10 @@ class CostAwarePolicy:
     fleet with nothing serving meanwhile. 0: size for the demand now alone (the light hours of a varying
     load get larger, faster replicas, and each rise pays a start-up)."""
 
+    fall_s: float = FALL_S
+    """Time constant of the demand estimate going down: a lull shorter than this is no reason to give up the
+    replicas a busy spell needed (it rises with ``RISE_S``). With ``peak_window_s`` it sets how soon after a
+    busy spell a fleet turns to fewer, faster replicas."""
     trend_window_s: float = TREND_WINDOW_S
     """Read a sustained rise of the counts over this long a window (:func:`sustained_rise`) and size for it
     ahead: every layout must carry the demand the rise brings within ``horizon_startups`` start-ups, and the
@@ -664,6 +668,7 @@ class CostAwarePolicy:
 
     demand: dict[str, float] = field(default_factory=dict)
     """Smoothed arrivals per second, by model."""
+
     observed: dict[str, float] = field(default_factory=dict)
     """The last unsmoothed arrival rate, by model."""
     outstanding: dict[str, float] = field(default_factory=dict)
@@ -686,6 +691,16 @@ class CostAwarePolicy:
     planned: dict[str, int] = field(default_factory=dict)
     """This policy's last decision per pool: what it holds to (Serve applies a decision only after the pool's
     upscale/downscale delay, so the targets it reports lag behind, and returning those would undo it)."""
+
+    def __post_init__(self) -> None:
+        # Checked once at deploy, not at the first tick in Serve's controller (a zero fall_s divides by 0).
+        knobs = ("idle_s", "dwell_startups", "horizon_startups", "peak_window_s", "fall_s", "trend_window_s")
+        for knob in knobs:
+            value = getattr(self, knob)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{knob} must be a number of 0 or more, not {value!r}")
+        if self.fall_s == 0:
+            raise ValueError("fall_s must be above 0 (seconds; 1 follows the count almost at once)")
 
     def arrivals(self, model: str, members: Sequence[PoolDemand], now: float) -> float:
         """The model's smoothed arrival rate: as the application's state counts it (refused requests too),
@@ -723,7 +738,7 @@ class CostAwarePolicy:
             # A count over part of a window is not smoothed: the first whole one starts the estimate.
             self.demand[model] = observed
         else:
-            constant = RISE_S if observed > previous else FALL_S
+            constant = RISE_S if observed > previous else self.fall_s
             weight = 1 - math.exp(-elapsed / constant)
             self.demand[model] = previous + weight * (observed - previous)
         return self.demand[model]

@@ -77,7 +77,7 @@ def autoscaling_policy(name: str, options: Mapping[str, Any] | None = None) -> A
         raise ConfigError(f"elastic.policy '{name}' is not one of {', '.join(AUTOSCALING_POLICIES)}")
     try:
         return AUTOSCALING_POLICIES[name](**(options or {}))
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"elastic.policy_options for {name}: {error}") from None
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.bench_load import arrivals, by_phase, phases, static_layout
+from benchmarks.bench_load import arrivals, by_phase, phases, static_layout, with_policy_options
+from rayxdit.config import ConfigError
 from rayxdit.serve.app import load_serve_file
 
 WORKLOADS = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads"
@@ -58,3 +59,16 @@ def test_the_static_layout_fixes_each_named_pool_and_drops_the_others():
     assert scaling["min_replicas"] == scaling["max_replicas"] == 2
     with pytest.raises(SystemExit, match="names no pool"):
         static_layout(config, "tiny-9=1")
+
+
+def test_policy_options_go_over_the_configs_and_a_bad_one_is_refused_before_anything_starts():
+    config, _ = load_serve_file(WORKLOADS / "cpu-pools.yaml")
+    scaled = with_policy_options(config, {"peak_window_s": 0, "fall_s": 15})
+    assert scaled.elastic.policy_options == {"peak_window_s": 0, "fall_s": 15}
+    assert scaled.pools == config.pools and config.elastic.policy_options == {}
+    with pytest.raises(ConfigError, match="fall_s"):
+        with_policy_options(config, {"fall_s": 0})
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'peak_window'"):
+        with_policy_options(config, {"peak_window": 0})
+    with pytest.raises(SystemExit, match="no elastic policy"):
+        with_policy_options(static_layout(config, "tiny-2=2"), {"fall_s": 15})

@@ -10,6 +10,7 @@ from collections import deque
 
 import pytest
 
+from rayxdit.config import ConfigError
 from rayxdit.serve.layouts import (
     DWELL_STARTUPS,
     IDLE_S,
@@ -35,6 +36,7 @@ from rayxdit.serve.layouts import (
     toward,
     transition_cost,
 )
+from rayxdit.serve.policies import autoscaling_policy
 from rayxdit.serve.routing import PoolSpec
 from rayxdit.serve.sizing import ARRIVALS_WINDOW_S, ArrivalCosts, PoolDemand, arrival_rate, typical_seconds
 
@@ -486,6 +488,33 @@ def test_after_a_busy_spell_the_layout_keeps_the_capacity_it_needed_for_the_peak
     assert not carries(kept[-1][1], SECONDS, 10.0) and kept[-1][1]["p8"] > 1
     eager = run_policy(CostAwarePolicy(peak_window_s=0), [busy, light], start, budget=64, demands=fleet)
     assert any(not carries(plan, SECONDS, 10.0) for now, plan in eager if now < 600 + 900)
+
+
+def test_fall_s_sets_how_soon_after_a_busy_spell_the_light_layout_comes():
+    """The same busy spell and light hour, no peak window: with the demand estimate falling over 300 s (the
+    default) the fleet turns to larger replicas over four minutes into the light load; with ``fall_s`` 20 as
+    soon as the dwell after its last change allows (3 start-ups of 60 s). Sabotage check: with ``fall_s``
+    ignored (the constant used), the second assertion fails (248 s both)."""
+    busy, light = (600.0, 10.0), (1800.0, 2.0)
+    start = {"p2": 32, "p4": 0, "p8": 0}
+
+    def first_light_layout(policy) -> float:
+        made = run_policy(policy, [busy, light], start, budget=64, demands=fleet)
+        return next(now for now, plan in made if now >= 600 and not carries(plan, SECONDS, 10.0)) - 600
+
+    slow = first_light_layout(CostAwarePolicy(peak_window_s=0))
+    quick = first_light_layout(CostAwarePolicy(peak_window_s=0, fall_s=20))
+    assert slow > 240
+    assert quick <= 3 * 60 + 2
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"fall_s": 0}, "fall_s"), ({"peak_window_s": -1}, "peak_window_s"), ({"idle_s": "60"}, "idle_s")],
+)
+def test_a_bad_policy_option_is_refused_at_deploy_naming_it(options, named):
+    with pytest.raises(ConfigError, match=f"elastic.policy_options for cost_aware: {named}"):
+        autoscaling_policy("cost_aware", options)
 
 
 def test_a_rise_beyond_the_layout_is_met_with_one_change_sized_past_the_demand_counted_so_far():
