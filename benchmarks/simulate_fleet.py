@@ -322,8 +322,11 @@ class Fleet:
         self.done: list[Request] = []
         self.gpu_seconds: dict[str, float] = {}
         self.replica_starts = 0
-        self.held_gpu_seconds = 0.0  # GPUs held by replicas (starting or ready), integrated over time
+        self.held_gpu_seconds = (
+            0.0  # GPUs held by replicas (starting or ready), integrated over `counted_span`
+        )
         self.held_since = 0.0
+        self.counted_span = (0.0, math.inf)  # the span whose arrivals are counted (after the warm-up)
         self.arrived: deque[float] = deque()  # arrival times of the last minute
         self.arrival_costs = ArrivalCosts()  # their mean cost, as the application's state keeps it
         self.pools: dict[str, Pool] = {}
@@ -522,8 +525,10 @@ class Fleet:
         return sum(r.gpus for pool in self.pools.values() for r in pool.replicas if r.ready_at < math.inf)
 
     def _account_held(self) -> None:
-        """Integrate the GPUs replicas hold up to now (call before any change of them)."""
-        self.held_gpu_seconds += self._gpus_held() * (self.now - self.held_since)
+        """Integrate the GPUs replicas hold up to now within ``counted_span`` (call before any change of them)."""
+        start, end = self.counted_span
+        overlap = min(self.now, end) - max(self.held_since, start)
+        self.held_gpu_seconds += self._gpus_held() * max(0.0, overlap)
         self.held_since = self.now
 
     def _add_replica(self, pool: Pool, ready_at: float = math.inf) -> None:
@@ -722,6 +727,9 @@ def simulate(
             raise ValueError(f"{RISE_KNOWN!r} is told the steps of a stepped load ({STEPPED}), not {load!r}")
         fleet.told_rate = rate
     requests = workload(rate, duration, seed)
+    # GPU-hours over the span whose arrivals count: a static fleet stops when its last request ends, an
+    # elastic one ticks on and gives its replicas back, so the whole run's clock is not comparable.
+    fleet.counted_span = (warmup, duration)
     fleet.run(requests, until=duration * 3)
     fleet._account_held()
     counted = [r for r in requests if r.arrival >= warmup]
@@ -770,9 +778,7 @@ def simulate(
         "throughput_per_s": round(len(finished) / window, 4),
         "goodput_per_s": round(good / window, 4),
         "good_fraction": round(good / max(1, len(counted)), 4),
-        "goodput_per_gpu_hour": round(
-            good / max(1e-9, fleet.held_gpu_seconds / 3600) * (window / fleet.now), 2
-        ),
+        "goodput_per_gpu_hour": round(good / max(1e-9, fleet.held_gpu_seconds / 3600), 2),
         "good_fraction_by_class": good_by_class(counted),
         **({"by_phase": by_phase(counted)} if load == "alternating" else {}),
         "gpu_seconds_by_pool": {k: round(v, 1) for k, v in sorted(fleet.gpu_seconds.items())},

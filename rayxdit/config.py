@@ -1004,7 +1004,9 @@ class ElasticConfig(BaseModel):
         "without a request before a model's replicas go back; 60), dwell_startups (start-ups a new layout is "
         "held; 3), horizon_startups (start-ups within which a change must pay for itself; 10) and "
         "peak_window_s (seconds over which the busiest demand must stay carried; 3600; 0: size for the "
-        "demand now alone), fall_s (the time constant in seconds of the demand estimate going down; 300) "
+        "demand now alone), give_back (replicas that buy less than this fraction of the expected response "
+        "time go back; 0: every layout fills the model's share of the budget), fall_s (the time constant in "
+        "seconds of the demand estimate going down; 300) "
         "and trend_window_s (seconds of counts a sustained rise is read from, to size for it ahead; 900; 0: "
         "none read).",
     )

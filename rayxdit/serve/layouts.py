@@ -212,20 +212,21 @@ def _carries(servers: int, rate: float, arrivals: float) -> bool:
     return waits_long <= WAIT_TAIL
 
 
-def layouts(members: Sequence[PoolDemand], ranks: float) -> list[dict[str, int]]:
+def layouts(members: Sequence[PoolDemand], ranks: float, fill: bool = True) -> list[dict[str, int]]:
     """Every layout of one model's pools within ``ranks`` and each pool's bounds: any count of the larger
-    pools, the smallest pool filling what is left (up to its maximum)."""
+    pools, the smallest pool filling what is left (up to its maximum); without ``fill``, also every
+    smaller count of the smallest pool (down to its minimum): layouts that leave part of ``ranks`` free."""
     bounds = tuple(
         (pool.spec.name, pool.spec.ranks, pool.min_replicas, pool.max_replicas) for pool in members
     )
     # Fresh dicts: callers may keep and change what they pick; the enumeration itself is cached (a 64-GPU
-    # fleet's has 153 layouts, enumerated on every autoscaling tick).
-    return [dict(zip(names, counts, strict=True)) for names, counts in _layouts(bounds, ranks)]
+    # fleet's has 153 layouts filled, enumerated on every autoscaling tick).
+    return [dict(zip(names, counts, strict=True)) for names, counts in _layouts(bounds, ranks, fill)]
 
 
 @functools.lru_cache(maxsize=256)
 def _layouts(
-    bounds: tuple[tuple[str, int, int, int], ...], ranks: float
+    bounds: tuple[tuple[str, int, int, int], ...], ranks: float, fill: bool = True
 ) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     """:func:`layouts` over (name, ranks, min, max) per pool, as (pool names, counts) pairs."""
     ordered = sorted(bounds, key=lambda pool: pool[1])
@@ -238,7 +239,9 @@ def _layouts(
         if used > ranks and any(combination):
             continue
         room = max(0, int((ranks - used) // smallest_ranks))
-        found.append((names, (*combination, max(smallest_min, min(smallest_max, room)))))
+        most = max(smallest_min, min(smallest_max, room))
+        for count in range(most if fill else smallest_min, most + 1):
+            found.append((names, (*combination, count)))
     return tuple(found) or ((tuple(name for name, _, _, _ in bounds), tuple(low for _, _, low, _ in bounds)),)
 
 
@@ -250,9 +253,11 @@ def best_layout(
     peak: float = 0.0,
     reachable: Callable[[Mapping[str, int]], bool] | None = None,
     candidates: Sequence[Mapping[str, int]] | None = None,
+    give_back: float = 0.0,
 ) -> dict[str, int]:
     """The layout of one model with the lowest expected response time at ``arrivals`` per second within
-    ``ranks`` (fewer ranks on a tie) among those that also :func:`carry <carries>` ``peak`` arrivals per
+    ``ranks`` (fewer ranks on a tie; with ``give_back``, the fewest ranks within that fraction of the
+    lowest) among those that also :func:`carry <carries>` ``peak`` arrivals per
     second (the busiest demand of a recent window: a load that came back would find the capacity in place,
     not a start-up away); where none does, the one of the most capacity (in an overload, admission then
     refuses what would miss its deadline). With ``reachable``, only the layouts it accepts
@@ -271,7 +276,12 @@ def best_layout(
     if reachable is not None:
         feasible = [c for c in feasible if reachable(c)] or feasible
     # In an overload none is faster (every response time is infinite): the fewest ranks of the most capacity.
-    return min(feasible, key=lambda c: (round(response_time(c, seconds, arrivals), 3), ranks_of(c)))
+    timed = [(round(response_time(c, seconds, arrivals), 3), ranks_of(c), c) for c in feasible]
+    fastest = min(time for time, _, _ in timed)
+    if give_back > 0 and fastest < math.inf:
+        near = [(ranks, time, c) for time, ranks, c in timed if time <= fastest * (1 + give_back)]
+        return min(near, key=lambda item: item[:2])[2]
+    return min(timed, key=lambda item: item[:2])[2]
 
 
 def carrying(candidates: Sequence[Mapping[str, int]], seconds: Mapping[str, float], peak: float) -> list:
@@ -656,6 +666,13 @@ class CostAwarePolicy:
     fleet with nothing serving meanwhile. 0: size for the demand now alone (the light hours of a varying
     load get larger, faster replicas, and each rise pays a start-up)."""
 
+    give_back: float = 0.0
+    """Replicas that buy less than this fraction of the expected response time go back: the layout is the
+    one of the fewest GPUs within it of the fastest, and replicas beyond it are removed (nothing starts, the
+    peak window's demand stays carried). 0, the default: every layout fills the model's share of the budget,
+    the smallest pool taking what the larger ones leave, whatever the load. 0.02 holds fewer GPUs in light
+    hours; the replicas a rise needs are then started in the free GPUs, where they take nothing away while
+    they start but are not there when the rise comes."""
     fall_s: float = FALL_S
     """Time constant of the demand estimate going down: a lull shorter than this is no reason to give up the
     replicas a busy spell needed (it rises with ``RISE_S``). With ``peak_window_s`` it sets how soon after a
@@ -694,7 +711,15 @@ class CostAwarePolicy:
 
     def __post_init__(self) -> None:
         # Checked once at deploy, not at the first tick in Serve's controller (a zero fall_s divides by 0).
-        knobs = ("idle_s", "dwell_startups", "horizon_startups", "peak_window_s", "fall_s", "trend_window_s")
+        knobs = (
+            "idle_s",
+            "dwell_startups",
+            "horizon_startups",
+            "peak_window_s",
+            "give_back",
+            "fall_s",
+            "trend_window_s",
+        )
         for knob in knobs:
             value = getattr(self, knob)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -804,8 +829,10 @@ class CostAwarePolicy:
             # is kept within MIN_GAIN until it has been (its return would cost a start-up, on a full
             # fleet one without capacity).
             peak = max(peak, (1 - MIN_GAIN) * MAX_UTILIZATION * capacity(current, seconds))
-        candidates = layouts(members, ranks)
-        target = best_layout(members, seconds, arrivals, ranks, peak, candidates=candidates)
+        candidates = layouts(members, ranks, fill=not self.give_back)
+        target = best_layout(
+            members, seconds, arrivals, ranks, peak, candidates=candidates, give_back=self.give_back
+        )
         if target == current:
             return current
         if arrivals <= EPSILON and not any(current.values()):
@@ -909,9 +936,16 @@ class CostAwarePolicy:
             if target not in candidates:
                 if not candidates:
                     return current
-                target = best_layout(members, seconds, arrivals, ranks, peak, candidates=candidates)
+                target = best_layout(
+                    members, seconds, arrivals, ranks, peak, candidates=candidates, give_back=self.give_back
+                )
             if target == current:
                 return current
+        if self.give_back and all(target.get(name, 0) <= count for name, count in current.items()):
+            # Replicas that buy too little latency go back (the target carries the peak window's demand):
+            # a removal starts nothing, so it need not pay for a start-up, only wait out the dwell.
+            self.changed_at[model], self.heading[model] = now, None
+            return target
         # Steps too must carry the window's peak (the most capacity where nothing does).
         move, net = best_move(
             current,

@@ -31,7 +31,16 @@ def test_a_short_simulation_writes_every_policy_and_the_elastic_fleet_follows_th
         } <= result.keys()
         assert result["finished"] + result["shed"] <= result["requests"]
         assert result["p50_s"] <= result["p99_s"]
+    # Goodput per GPU-hour over the counted span (600-3600 s): a static fleet holds all 8 GPUs through it.
+    # Before 2026-12-07 the whole run's clock divided it, and an elastic fleet, whose run ticks on after
+    # the load, read up to 3x lower than a static fleet serving as well. Sabotage-checked: that fails here.
+    static = results[("all-2gpu", 0.2)]
+    good = static["good_fraction"] * static["requests"]
+    assert math.isclose(static["goodput_per_gpu_hour"], good / (8 * 3000 / 3600), rel_tol=0.01)
     light = results[("elastic", 0.2)]
+    assert light["goodput_per_gpu_hour"] >= 0.99 * static["goodput_per_gpu_hour"] * (
+        light["good_fraction"] / static["good_fraction"]
+    )
     # At 20% load on one node the policy grows a 4-GPU replica beside the 2-GPU ones (an 8-GPU one would
     # start only once they were gone: a minute without capacity, its requests lost), and loses nothing.
     assert light["gpu_seconds_by_pool"].get("p4", 0) > light["gpu_seconds_by_pool"].get("p2", 0)

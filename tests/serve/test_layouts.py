@@ -508,9 +508,48 @@ def test_fall_s_sets_how_soon_after_a_busy_spell_the_light_layout_comes():
     assert quick <= 3 * 60 + 2
 
 
+def test_layouts_fill_the_share_unless_told_not_to():
+    """By default every layout fills the ranks with its smallest pool (a light load holds the whole share);
+    without ``fill`` the smaller counts of the smallest pool are layouts too."""
+    members = fleet({}, budget=16)
+    filled = layouts(members, 16)
+    assert {"p2": 6, "p4": 1, "p8": 0} in filled and {"p2": 2, "p4": 1, "p8": 0} not in filled
+    assert all(sum(int(n[1:]) * c for n, c in layout.items()) == 16 for layout in filled)
+    spare = layouts(members, 16, fill=False)
+    assert {"p2": 2, "p4": 1, "p8": 0} in spare and {"p2": 0, "p4": 0, "p8": 1} in spare
+    assert all(layout in spare for layout in filled)
+
+
+def test_give_back_holds_fewer_gpus_in_light_hours_and_the_capacity_a_rise_needs():
+    """64 GPUs: ten light minutes (1 request/s), ten heavy (10/s, the 2-GPU replicas' load), twenty light
+    again, the peak window off and the estimate falling over 20 s. By default the fleet holds all 64 GPUs
+    throughout; with ``give_back`` 0.02 it holds half of them in the light hours, all the heavy phase needs
+    while it lasts, and gives them back once the load has fallen. Sabotage check: with the knob ignored
+    (the layouts filled and nothing removed), the first assertion fails."""
+    phases = [(600.0, 1.0), (600.0, 10.0), (1200.0, 1.0)]
+    start = {"p2": 4, "p4": 0, "p8": 0}
+    options = {"peak_window_s": 0, "fall_s": 20}
+
+    def gpus(plan) -> int:
+        return sum(int(name[1:]) * count for name, count in plan.items())
+
+    filled = run_policy(CostAwarePolicy(**options), phases, start, budget=64, demands=fleet)
+    frugal = run_policy(CostAwarePolicy(give_back=0.02, **options), phases, start, budget=64, demands=fleet)
+    assert max(gpus(plan) for now, plan in frugal if now < 600) <= 32
+    assert all(gpus(plan) == 64 for _, plan in filled)
+    heavy = [plan for now, plan in frugal if 700 <= now < 1200]
+    assert heavy and all(carries(plan, SECONDS, 10.0) for plan in heavy)
+    assert gpus(frugal[-1][1]) <= 32 and not carries(frugal[-1][1], SECONDS, 10.0)
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
-    [({"fall_s": 0}, "fall_s"), ({"peak_window_s": -1}, "peak_window_s"), ({"idle_s": "60"}, "idle_s")],
+    [
+        ({"fall_s": 0}, "fall_s"),
+        ({"peak_window_s": -1}, "peak_window_s"),
+        ({"idle_s": "60"}, "idle_s"),
+        ({"give_back": -0.1}, "give_back"),
+    ],
 )
 def test_a_bad_policy_option_is_refused_at_deploy_naming_it(options, named):
     with pytest.raises(ConfigError, match=f"elastic.policy_options for cost_aware: {named}"):
