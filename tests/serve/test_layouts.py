@@ -521,12 +521,12 @@ def test_layouts_fill_the_share_unless_told_not_to():
 
 
 def test_give_back_holds_fewer_gpus_in_light_hours_and_the_capacity_a_rise_needs():
-    """64 GPUs: ten light minutes (1 request/s), ten heavy (10/s, the 2-GPU replicas' load), twenty light
+    """64 GPUs: five light minutes (1 request/s), five heavy (10/s, the 2-GPU replicas' load), ten light
     again, the peak window off and the estimate falling over 20 s. By default the fleet holds all 64 GPUs
     throughout; with ``give_back`` 0.02 it holds half of them in the light hours, all the heavy phase needs
     while it lasts, and gives them back once the load has fallen. Sabotage check: with the knob ignored
     (the layouts filled and nothing removed), the first assertion fails."""
-    phases = [(600.0, 1.0), (600.0, 10.0), (1200.0, 1.0)]
+    phases = [(300.0, 1.0), (300.0, 10.0), (600.0, 1.0)]
     start = {"p2": 4, "p4": 0, "p8": 0}
     options = {"peak_window_s": 0, "fall_s": 20}
 
@@ -535,9 +535,9 @@ def test_give_back_holds_fewer_gpus_in_light_hours_and_the_capacity_a_rise_needs
 
     filled = run_policy(CostAwarePolicy(**options), phases, start, budget=64, demands=fleet)
     frugal = run_policy(CostAwarePolicy(give_back=0.02, **options), phases, start, budget=64, demands=fleet)
-    assert max(gpus(plan) for now, plan in frugal if now < 600) <= 32
+    assert max(gpus(plan) for now, plan in frugal if now < 300) <= 32
     assert all(gpus(plan) == 64 for _, plan in filled)
-    heavy = [plan for now, plan in frugal if 700 <= now < 1200]
+    heavy = [plan for now, plan in frugal if 400 <= now < 600]
     assert heavy and all(carries(plan, SECONDS, 10.0) for plan in heavy)
     assert gpus(frugal[-1][1]) <= 32 and not carries(frugal[-1][1], SECONDS, 10.0)
 
