@@ -322,9 +322,8 @@ class Fleet:
         self.done: list[Request] = []
         self.gpu_seconds: dict[str, float] = {}
         self.replica_starts = 0
-        self.held_gpu_seconds = (
-            0.0  # GPUs held by replicas (starting or ready), integrated over `counted_span`
-        )
+        # GPUs held by replicas (starting or ready), integrated over `counted_span`.
+        self.held_gpu_seconds = 0.0
         self.held_since = 0.0
         self.counted_span = (0.0, math.inf)  # the span whose arrivals are counted (after the warm-up)
         self.arrived: deque[float] = deque()  # arrival times of the last minute
