@@ -15,7 +15,9 @@ replica that starts reads the journal back. Two journals:
   never the service.
 
 ``claim`` makes a retried report count once: a router whose call to a dying replica failed sends it again to
-the next one, which may be the first to hear of it or not.
+the next one, which may be the first to hear of it or not. What the claim counts is saved with it, in one step
+(a replica killed between the two would leave a claim whose count is lost: the report sent again would find it
+claimed).
 
 Values are bytes; what they mean is the caller's (JSON for records, raw bytes for images and frames). Nothing
 is unpickled: a Redis an attacker can write to must not run code here.
@@ -27,6 +29,7 @@ import logging
 import math
 import struct
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from rayxdit.serve import metrics
@@ -37,6 +40,9 @@ CONNECT_S = 30.0
 SOCKET_TIMEOUT_S = 2.0
 """A Redis call that takes longer fails (and is logged) rather than holding the state's event loop."""
 LOAD_BATCH = 256
+
+Item = tuple[str, str, bytes, float | None]
+"""What :meth:`Journal.save` takes, as one tuple: ``(space, key, value, ttl_s)``."""
 
 
 class Journal(Protocol):
@@ -53,8 +59,10 @@ class Journal(Protocol):
         """Every item of ``space`` still kept: key -> (value, seconds it is still kept; inf: no TTL)."""
         ...
 
-    def claim(self, space: str, key: str, ttl_s: float) -> bool:
-        """True the first time ``key`` is claimed within ``ttl_s``; False for a repeat."""
+    def claim(self, space: str, key: str, ttl_s: float, saving: Sequence[Item] = ()) -> bool:
+        """True the first time ``key`` is claimed within ``ttl_s``, and then ``saving`` is saved with the
+        claim in one step (a writer killed midway has done both or neither); False for a repeat, nothing
+        saved."""
         ...
 
 
@@ -75,7 +83,7 @@ class MemoryJournal:
     def load(self, space: str) -> dict[str, tuple[bytes, float]]:
         return {}
 
-    def claim(self, space: str, key: str, ttl_s: float) -> bool:
+    def claim(self, space: str, key: str, ttl_s: float, saving: Sequence[Item] = ()) -> bool:
         now = time.monotonic()
         if len(self._claims) > 10_000:  # bounded: forget the expired ones
             self._claims = {k: until for k, until in self._claims.items() if until > now}
@@ -116,7 +124,7 @@ class ClusterJournal:
                 items[full.decode().split(":", 1)[1]] = (value, math.inf)
         return items
 
-    def claim(self, space: str, key: str, ttl_s: float) -> bool:
+    def claim(self, space: str, key: str, ttl_s: float, saving: Sequence[Item] = ()) -> bool:
         raise NotImplementedError("ClusterJournal keeps records, not claims")
 
 
@@ -126,6 +134,20 @@ def cluster_journal(prefix: str = "rayxdit") -> Journal:
     import ray
 
     return ClusterJournal(prefix) if ray.is_initialized() else MemoryJournal()
+
+
+CLAIM_AND_SAVE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+for item = 0, (#KEYS - 1) / 2 - 1 do
+  local key, index = KEYS[2 + 2 * item], KEYS[3 + 2 * item]
+  local value, ttl_ms, member = ARGV[2 + 3 * item], tonumber(ARGV[3 + 3 * item]), ARGV[4 + 3 * item]
+  if ttl_ms > 0 then redis.call('SET', key, value, 'PX', ttl_ms) else redis.call('SET', key, value) end
+  redis.call('SADD', index, member)
+end
+return 1
+"""
+"""RedisJournal.claim: KEYS = the claim, then each item's key and its space's index; ARGV = the claim's TTL
+(ms), then each item's value, TTL (ms; 0: none) and key."""
 
 
 class RedisJournal:
@@ -156,6 +178,7 @@ class RedisJournal:
                     ) from None
                 time.sleep(0.5)
         self._failing = False
+        self._claim_and_save = self.client.register_script(CLAIM_AND_SAVE)
 
     def _key(self, space: str, key: str) -> str:
         return f"{self.prefix}:{space}:{key}"
@@ -222,9 +245,15 @@ class RedisJournal:
             self.client.srem(self._index(space), *gone)
         return found
 
-    def claim(self, space: str, key: str, ttl_s: float) -> bool:
+    def claim(self, space: str, key: str, ttl_s: float, saving: Sequence[Item] = ()) -> bool:
+        # One Lua script: Redis runs it whole, whenever the client that sent it dies.
+        keys = [self._key(f"claim:{space}", key)]
+        args: list[bytes | str | int] = [max(1, int(ttl_s * 1000))]
+        for item_space, item_key, value, item_ttl_s in saving:
+            keys += [self._key(item_space, item_key), self._index(item_space)]
+            args += [value, 0 if item_ttl_s is None else max(1, int(item_ttl_s * 1000)), item_key]
         try:
-            claimed = self.client.set(self._key(f"claim:{space}", key), b"1", nx=True, px=int(ttl_s * 1000))
+            claimed = self._claim_and_save(keys=keys, args=args)
             self._recovered()
             return bool(claimed)
         except self._errors as error:

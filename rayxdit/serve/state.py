@@ -43,7 +43,14 @@ from rayxdit.config import PoolConfig, RouterConfig, ServeConfig, TenantLimits
 from rayxdit.serve import metrics
 from rayxdit.serve.batches import LineStore
 from rayxdit.serve.budget import BudgetCache
-from rayxdit.serve.durable import Journal, MemoryJournal, cluster_journal, open_journal, wall_offset
+from rayxdit.serve.durable import (
+    Item,
+    Journal,
+    MemoryJournal,
+    cluster_journal,
+    open_journal,
+    wall_offset,
+)
 from rayxdit.serve.fairness import LINE_POLICIES, WaitingLine
 from rayxdit.serve.files import FileStore
 from rayxdit.serve.jobs import JobStore
@@ -665,35 +672,64 @@ class AppState:
             held = _Reservation(pool, 0.0, now, tenant or ANONYMOUS, metered)
         if held is None or not engine_s:
             return
-        if gpu_seconds and self.journal.claim("finished", ticket, FINISHED_CLAIM_S):
-            count_used(self.used, held.tenant, held.pool, 1, gpu_seconds)
-            self.windows.add_request(time.time(), held.tenant, held.pool, gpu_seconds)
-            if held.metered:
-                self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
-                self._save_tenant_use(held.tenant, now)
-            self._save_usage(now)
+        if gpu_seconds:
+            self._count_finished(ticket, held, gpu_seconds, now)
         if held.cost > 0:
             self.fits[held.pool].add(held.cost, engine_s)
 
+    def _count_finished(self, ticket: str, held: _Reservation, gpu_seconds: float, now: float) -> None:
+        """Count the finished attempt ``ticket`` in its tenant's usage, unless it was counted before (its
+        report sent again after the replica that counted it died). The counts go to the journal with the
+        ticket's claim, in one step: a replica killed midway has counted it for good or not at all (saved
+        after the claim, its count was lost when the replica died between the two)."""
+        wall = time.time()
+        count_used(self.used, held.tenant, held.pool, 1, gpu_seconds)
+        self.windows.add_request(wall, held.tenant, held.pool, gpu_seconds)
+        if held.metered:
+            self.tenant_use[held.tenant].spent.append((now, gpu_seconds))
+        saving = self._usage_items(now, held.tenant if held.metered else None)
+        if self.journal.claim("finished", ticket, FINISHED_CLAIM_S, saving):
+            self.usage_saved_at = now
+            self.windows.changed.clear()
+            return
+        count_used(self.used, held.tenant, held.pool, -1, -gpu_seconds)  # counted before: undone
+        self.windows.add_request(wall, held.tenant, held.pool, -gpu_seconds, requests=-1)
+        if held.metered:
+            self.tenant_use[held.tenant].spent.remove((now, gpu_seconds))
+
     # ----- usage in the journal ---------------------------------------------------------------------------
     def _save_usage(self, now: float) -> None:
-        """Usage totals through to the journal (on each counted request, and with heartbeats at most every
-        USAGE_SAVE_S: the held GPU-seconds grow with every one)."""
+        """Usage totals through to the journal (with heartbeats at most every USAGE_SAVE_S: the held
+        GPU-seconds grow with every one; a counted request saves them with its claim)."""
+        for space, key, value, ttl_s in self._usage_items(now):
+            self.journal.save(space, key, value, ttl_s)
         self.usage_saved_at = now
-        self.windows.trim(time.time())
-        if self.journal.durable:
-            totals = {"since": self.since, "used": self.used, "held": self.held}
-            self.journal.save(USAGE_SPACE, "totals", json.dumps(totals).encode())
-            for start in self.windows.changed:
-                minute = self.windows.minutes[start].to_json()
-                self.journal.save(USAGE_SPACE, f"minute:{start}", minute, self.windows.kept_s)
         self.windows.changed.clear()
 
-    def _save_tenant_use(self, tenant: str, now: float) -> None:
-        """A limited tenant's windows through to the journal (as wall-clock times: monotonic clocks differ
-        between hosts), so that a restart neither resets its rate nor its quota."""
+    def _usage_items(self, now: float, tenant: str | None = None) -> list[Item]:
+        """What the journal keeps of the usage totals and the minutes changed since they were last saved
+        (and of limited ``tenant``'s windows); none without a durable journal."""
+        self.windows.trim(time.time())
         if not self.journal.durable:
-            return
+            return []
+        totals = {"since": self.since, "used": self.used, "held": self.held}
+        items: list[Item] = [(USAGE_SPACE, "totals", json.dumps(totals).encode(), None)]
+        for start in self.windows.changed:
+            minute = self.windows.minutes[start].to_json()
+            items.append((USAGE_SPACE, f"minute:{start}", minute, self.windows.kept_s))
+        if tenant is not None:
+            items.append(self._tenant_use_item(tenant, now))
+        return items
+
+    def _save_tenant_use(self, tenant: str, now: float) -> None:
+        """A limited tenant's windows through to the journal, so that a restart neither resets its rate nor
+        its quota."""
+        if self.journal.durable:
+            self.journal.save(*self._tenant_use_item(tenant, now))
+
+    def _tenant_use_item(self, tenant: str, now: float) -> Item:
+        """What the journal keeps of a limited tenant's windows (as wall-clock times: monotonic clocks differ
+        between hosts)."""
         use = self.tenant_use[tenant]
         use.trim(now)
         wall = wall_offset(now)
@@ -701,7 +737,7 @@ class AppState:
             "admitted": [wall + t for t in use.admitted],
             "spent": [[wall + t, seconds] for t, seconds in use.spent],
         }
-        self.journal.save(USAGE_SPACE, f"tenant:{tenant}", json.dumps(windows).encode(), QUOTA_WINDOW_S)
+        return (USAGE_SPACE, f"tenant:{tenant}", json.dumps(windows).encode(), QUOTA_WINDOW_S)
 
     def _restore_usage(self) -> None:
         kept = self.journal.load(USAGE_SPACE)

@@ -193,9 +193,10 @@ class UsageWindows:
         self.changed.add(start)
         return self.minutes.setdefault(start, UsageMinute())
 
-    def add_request(self, at: float, tenant: str, pool: str, gpu_seconds: float) -> None:
-        """A request of ``tenant`` finished on ``pool`` at ``at`` (seconds since the epoch)."""
-        count_used(self._minute(at).used, tenant, pool, 1, gpu_seconds)
+    def add_request(self, at: float, tenant: str, pool: str, gpu_seconds: float, requests: int = 1) -> None:
+        """A request of ``tenant`` finished on ``pool`` at ``at`` (seconds since the epoch); -1 request and
+        minus its GPU-seconds take it back."""
+        count_used(self._minute(at).used, tenant, pool, requests, gpu_seconds)
 
     def add_held(self, start: float, end: float, pool: str, gpus: int, ready: bool) -> None:
         """``pool`` held ``gpus`` from ``start`` to ``end`` (seconds since the epoch), ready or starting;
