@@ -694,8 +694,8 @@ class AppState:
             return
         count_used(self.used, held.tenant, held.pool, -1, -gpu_seconds)  # counted before: undone
         self.windows.add_request(wall, held.tenant, held.pool, -gpu_seconds, requests=-1)
-        if held.metered:
-            self.tenant_use[held.tenant].spent.remove((now, gpu_seconds))
+        if held.metered:  # the entry appended above (trimming only drops the oldest)
+            self.tenant_use[held.tenant].spent.pop()
 
     # ----- usage in the journal ---------------------------------------------------------------------------
     def _save_usage(self, now: float) -> None:

@@ -176,7 +176,9 @@ async def count(redis_url, prefix):
 asyncio.run(count(*sys.argv[1:]))
 """
 """A state replica's work for the test below, in a process of its own: finished requests reported one after
-another on one event loop (each number printed before its report), metered, until the process is killed."""
+another on one event loop (each number printed before its report), metered, until the process is killed. A
+script of its own rather than this module's ``config``: importing this module (torch through tests.helpers)
+takes ~4 s a process, the state's ~1 s."""
 
 
 def test_a_state_killed_while_it_counts_loses_no_request_and_counts_none_twice(redis_url):
