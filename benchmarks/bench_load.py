@@ -201,9 +201,21 @@ def run_workload(url: str, workload: dict[str, Any], api_key: str | None, sample
     done = threading.Event()
 
     def sampler(start: float) -> None:
+        last = None
         while not done.wait(1.0):
-            samples.append({"t_s": round(time.perf_counter() - start, 1), **sample()})
+            counts = sample()
+            at = round(time.perf_counter() - start, 1)
+            samples.append({"t_s": at, **counts})
+            if counts != last:  # the policy at work, as it happens (a run lasts minutes)
+                print(f"  {at:7.1f} s  replicas {counts}", flush=True)
+                last = counts
 
+    spans = phases(workload)
+    print(
+        f"sending {len(schedule)} requests over {spans[-1][1]:.0f} s: "
+        + ", ".join(f"{rate:g}/s for {end - start:.0f} s" for start, end, rate in spans),
+        flush=True,
+    )
     begin = time.perf_counter()
     if sample is not None:
         threading.Thread(target=sampler, args=(begin,), daemon=True).start()
@@ -216,7 +228,7 @@ def run_workload(url: str, workload: dict[str, Any], api_key: str | None, sample
         records = list(clients.map(lambda item: timed(*item), schedule))
     wall = time.perf_counter() - begin
     done.set()
-    summary = summarize(records, workload["slo_s"], wall, phases(workload))
+    summary = summarize(records, workload["slo_s"], wall, spans)
     return {"summary": summary, "requests": records, "replicas": samples}
 
 
